@@ -1,0 +1,1 @@
+pub use ordo_proto as proto;
