@@ -1,1 +1,19 @@
+//! Ordo: one replica of one shard group (storage, raft driver, KV state machine, gRPC), and the
+//! client the CLI uses. See ARCHITECTURE.md for the map.
+
 pub use ordo_proto as proto;
+
+pub mod client;
+pub mod driver;
+pub mod error;
+pub mod keys;
+pub mod limits;
+pub mod logging;
+pub mod node;
+pub mod service;
+pub mod sm;
+pub mod snapshot;
+pub mod storage;
+pub mod transport;
+pub mod txn;
+pub mod validate;

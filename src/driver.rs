@@ -1,0 +1,707 @@
+//! The raft driver of one replica: the only owner of its `RawNode`.
+//!
+//! One loop on a dedicated thread ticks, takes messages from a bounded inbox (up to
+//! `DRIVER_BATCH_MAX` at a time, so proposals that arrive together share one fsync) and handles
+//! each `Ready` in raft-rs's order:
+//! 1. send the leader's messages (they need not wait for its own disk),
+//! 2. install a snapshot if raft accepted one,
+//! 3. append entries and the hard state, then **one** `flush` (fsync) for the whole Ready,
+//! 4. send the messages that had to wait for that flush (votes, append responses),
+//! 5. apply committed entries (effects + applied index in one sled transaction) and answer the
+//!    proposals and reads waiting for them,
+//! 6. advance, and do the same for the light ready.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ordo_proto::v1::{StatusResponse, TxnRequest, TxnResponse};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::prelude::*;
+use raft::{RawNode, StateRole};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::limits::*;
+use crate::sm::{Apply, StateMachine};
+use crate::storage::{RaftStore, SnapshotFile};
+use crate::transport::Transport;
+
+/// Entry payload tag: the rest is a prost-encoded `TxnRequest`. A tag leaves room for other
+/// command kinds (slot ownership, migrations) without ambiguity.
+const CMD_TXN: u8 = 1;
+
+pub enum Msg {
+    Propose {
+        txn: TxnRequest,
+        resp: oneshot::Sender<Result<TxnResponse>>,
+    },
+    /// A linearizable read barrier: answered once the state machine has applied everything
+    /// committed before the read arrived (ReadIndex).
+    Read {
+        resp: oneshot::Sender<Result<()>>,
+    },
+    Raft(Box<Message>),
+    /// A snapshot streamed from the leader, verified and stored at `path`; `msg` is its MsgSnapshot.
+    SnapshotReceived {
+        msg: Box<Message>,
+        path: PathBuf,
+    },
+    SnapshotSent {
+        to: u64,
+        ok: bool,
+    },
+    Unreachable {
+        to: u64,
+    },
+    Status {
+        with_digest: bool,
+        resp: oneshot::Sender<Result<StatusResponse>>,
+    },
+}
+
+/// What request handlers may read without asking the driver.
+#[derive(Default)]
+pub struct Shared {
+    pub leader_id: AtomicU64,
+    pub term: AtomicU64,
+    /// 1 when this replica is the leader.
+    pub is_leader: AtomicU64,
+}
+
+pub struct DriverConfig {
+    pub node_id: u64,
+    pub group_id: u64,
+    pub applied: u64,
+    pub snap_dir: PathBuf,
+    pub compact_log_entries: u64,
+}
+
+struct PendingRead {
+    ctx: u64,
+    waiters: Vec<oneshot::Sender<Result<()>>>,
+    since: Instant,
+}
+
+pub struct Driver {
+    cfg: DriverConfig,
+    raw: RawNode<RaftStore>,
+    db: sled::Db,
+    sm: Arc<StateMachine>,
+    inbox: mpsc::Receiver<Msg>,
+    transport: Transport,
+    shared: Arc<Shared>,
+    /// Proposals in flight by log index, with the term they were proposed in.
+    proposals: BTreeMap<u64, (u64, oneshot::Sender<Result<TxnResponse>>)>,
+    /// Reads that arrived since the last ReadIndex was issued.
+    reads_new: Vec<oneshot::Sender<Result<()>>>,
+    /// Reads whose ReadIndex is in flight.
+    reads_in_flight: Vec<PendingRead>,
+    /// Reads whose index is known, waiting for the state machine to reach it.
+    reads_ready: Vec<(u64, Vec<oneshot::Sender<Result<()>>>)>,
+    next_read_ctx: u64,
+    /// Snapshots received and waiting for raft to accept them, by (index, term).
+    staged: HashMap<(u64, u64), PathBuf>,
+    snapshots_installed: u64,
+    snapshots_sent: u64,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+fn encode_cmd(txn: &TxnRequest) -> Vec<u8> {
+    let mut data = Vec::with_capacity(1 + txn.encoded_len());
+    data.push(CMD_TXN);
+    txn.encode(&mut data).expect("vec has room");
+    data
+}
+
+fn decode_cmd(data: &[u8]) -> std::result::Result<TxnRequest, String> {
+    match data.split_first() {
+        Some((&CMD_TXN, rest)) => TxnRequest::decode(rest).map_err(|e| e.to_string()),
+        Some((tag, _)) => Err(format!("unknown command tag {tag}")),
+        None => Err("empty command".into()),
+    }
+}
+
+pub fn raft_config(id: u64, applied: u64) -> raft::Config {
+    raft::Config {
+        id,
+        election_tick: ELECTION_TICKS,
+        heartbeat_tick: HEARTBEAT_TICKS,
+        applied,
+        max_size_per_msg: RAFT_MSG_BYTES_MAX,
+        max_inflight_msgs: RAFT_INFLIGHT_MSGS_MAX,
+        pre_vote: true,
+        check_quorum: true,
+        read_only_option: raft::ReadOnlyOption::Safe,
+        max_committed_size_per_ready: 16 * RAFT_MSG_BYTES_MAX,
+        ..Default::default()
+    }
+}
+
+impl Driver {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: DriverConfig,
+        store: RaftStore,
+        db: sled::Db,
+        sm: Arc<StateMachine>,
+        inbox: mpsc::Receiver<Msg>,
+        transport: Transport,
+        shared: Arc<Shared>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Driver> {
+        let logger = crate::logging::raft_logger(cfg.group_id, cfg.node_id);
+        let config = raft_config(cfg.node_id, cfg.applied);
+        config
+            .validate()
+            .map_err(|e| Error::InvalidArgument(format!("raft config: {e}")))?;
+        let raw = RawNode::new(&config, store, &logger)
+            .map_err(|e| Error::Storage(format!("raft could not start: {e}")))?;
+        Ok(Driver {
+            cfg,
+            raw,
+            db,
+            sm,
+            inbox,
+            transport,
+            shared,
+            proposals: BTreeMap::new(),
+            reads_new: Vec::new(),
+            reads_in_flight: Vec::new(),
+            reads_ready: Vec::new(),
+            next_read_ctx: 1,
+            staged: HashMap::new(),
+            snapshots_installed: 0,
+            snapshots_sent: 0,
+            stop,
+        })
+    }
+
+    /// Runs until every inbox sender is gone (the node is shutting down) or the replica finds
+    /// corruption. Pending requests are then failed, never left hanging.
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.changed() => break,
+                _ = tick.tick() => {
+                    self.raw.tick();
+                    self.expire();
+                }
+                msg = self.inbox.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.handle(msg);
+                    for _ in 1..DRIVER_BATCH_MAX {
+                        match self.inbox.try_recv() {
+                            Ok(msg) => self.handle(msg),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if let Err(e) = self.after_batch() {
+                tracing::error!(node = self.cfg.node_id, group = self.cfg.group_id, error = %e, "replica stops");
+                break;
+            }
+            if let Some(c) = self.raw.store().corruption() {
+                tracing::error!(node = self.cfg.node_id, group = self.cfg.group_id, corruption = %c,
+                    "replica stops: it will not campaign or serve from a log it cannot read");
+                break;
+            }
+        }
+        self.fail_all(|| {
+            Error::Unavailable(
+                "the replica stopped before this request completed; its outcome is unknown".into(),
+            )
+        });
+        if let Err(e) = self.db.flush() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::info!(
+            node = self.cfg.node_id,
+            group = self.cfg.group_id,
+            "raft driver stopped"
+        );
+    }
+
+    fn not_leader(&self) -> Error {
+        let leader_id = self.raw.raft.leader_id;
+        Error::NotLeader {
+            group: self.cfg.group_id,
+            leader_id,
+            leader_addr: self.transport.addr_of(leader_id).unwrap_or_default(),
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Propose { txn, resp } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = resp.send(Err(self.not_leader()));
+                } else if self.proposals.len() >= PENDING_PROPOSALS_MAX {
+                    let _ = resp.send(Err(Error::Unavailable(format!(
+                        "leader overloaded: {PENDING_PROPOSALS_MAX} proposals in flight; retry with backoff"
+                    ))));
+                } else {
+                    match self.raw.propose(vec![], encode_cmd(&txn)) {
+                        Ok(()) => {
+                            let index = self.raw.raft.raft_log.last_index();
+                            self.proposals.insert(index, (self.raw.raft.term, resp));
+                        }
+                        Err(e) => {
+                            let _ = resp.send(Err(Error::Unavailable(format!(
+                                "proposal refused by raft ({e}); nothing was written, retry"
+                            ))));
+                        }
+                    }
+                }
+            }
+            Msg::Read { resp } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = resp.send(Err(self.not_leader()));
+                } else if self.pending_reads() >= PENDING_READS_MAX {
+                    let _ = resp.send(Err(Error::Unavailable(
+                        "too many reads waiting; retry with backoff".into(),
+                    )));
+                } else {
+                    self.reads_new.push(resp);
+                }
+            }
+            Msg::Raft(m) => {
+                if let Err(e) = self.raw.step(*m) {
+                    tracing::debug!(error = %e, "raft message ignored");
+                }
+            }
+            Msg::SnapshotReceived { msg, path } => {
+                let meta = msg.get_snapshot().get_metadata();
+                self.staged.insert((meta.index, meta.term), path);
+                if let Err(e) = self.raw.step(*msg) {
+                    tracing::warn!(error = %e, "snapshot message refused by raft");
+                }
+            }
+            Msg::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    raft::SnapshotStatus::Finish
+                } else {
+                    raft::SnapshotStatus::Failure
+                };
+                if ok {
+                    self.snapshots_sent += 1;
+                }
+                self.raw.report_snapshot(to, status);
+            }
+            Msg::Unreachable { to } => self.raw.report_unreachable(to),
+            Msg::Status { with_digest, resp } => {
+                let _ = resp.send(self.status(with_digest));
+            }
+        }
+    }
+
+    fn pending_reads(&self) -> usize {
+        self.reads_new.len()
+            + self
+                .reads_in_flight
+                .iter()
+                .map(|r| r.waiters.len())
+                .sum::<usize>()
+            + self.reads_ready.iter().map(|r| r.1.len()).sum::<usize>()
+    }
+
+    fn after_batch(&mut self) -> Result<()> {
+        // One ReadIndex for every read that arrived in this batch. A new leader must first commit
+        // an entry of its own term; until then raft-rs would drop the request, so keep them.
+        if !self.reads_new.is_empty() && self.raw.raft.commit_to_current_term() {
+            let ctx = self.next_read_ctx;
+            self.next_read_ctx += 1;
+            self.raw.read_index(ctx.to_be_bytes().to_vec());
+            self.reads_in_flight.push(PendingRead {
+                ctx,
+                waiters: std::mem::take(&mut self.reads_new),
+                since: Instant::now(),
+            });
+        }
+        if self.raw.store().take_snapshot_wanted() {
+            self.build_snapshot()?;
+        }
+        self.on_ready()?;
+        self.publish();
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        let r = &self.raw.raft;
+        self.shared.leader_id.store(r.leader_id, Ordering::Relaxed);
+        self.shared.term.store(r.term, Ordering::Relaxed);
+        self.shared
+            .is_leader
+            .store((r.state == StateRole::Leader) as u64, Ordering::Relaxed);
+        if r.state != StateRole::Leader {
+            // Reads accepted while leader cannot complete elsewhere: fail them so clients retry.
+            let err = self.not_leader();
+            for tx in self.reads_new.drain(..) {
+                let _ = tx.send(Err(err.clone_not_leader()));
+            }
+            // A read index in flight may never be confirmed now. Reads whose index is already
+            // known stay: that index was confirmed by a quorum and remains a correct bound.
+            for r in self.reads_in_flight.drain(..) {
+                for tx in r.waiters {
+                    let _ = tx.send(Err(err.clone_not_leader()));
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                let meta = m.get_snapshot().get_metadata();
+                match self.raw.store().latest_snapshot() {
+                    Some(s) if s.metadata.index == meta.index => {
+                        self.transport.send_snapshot(m, s.path.clone())
+                    }
+                    _ => {
+                        tracing::warn!(
+                            to = m.to,
+                            index = meta.index,
+                            "snapshot file is gone; raft will ask again"
+                        );
+                        self.raw
+                            .report_snapshot(m.to, raft::SnapshotStatus::Failure);
+                    }
+                }
+            } else {
+                self.transport.send(m);
+            }
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<()> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        self.send(rd.take_messages());
+
+        let mut must_flush = false;
+        if !rd.snapshot().is_empty() {
+            let meta = rd.snapshot().get_metadata().clone();
+            self.install_snapshot(&meta)?;
+        }
+        if !rd.entries().is_empty() {
+            self.raw.mut_store().append(rd.entries())?;
+            must_flush = true;
+        }
+        if let Some(hs) = rd.hs() {
+            self.raw.mut_store().set_hard_state(hs)?;
+            must_flush = true;
+        }
+        if must_flush || rd.must_sync() {
+            self.db.flush()?;
+        }
+        for rs in rd.take_read_states() {
+            self.read_index_known(&rs.request_ctx, rs.index);
+        }
+        self.send(rd.take_persisted_messages());
+        self.apply(rd.take_committed_entries())?;
+
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit)?;
+        }
+        self.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.release_reads();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    fn read_index_known(&mut self, ctx: &[u8], index: u64) {
+        let Ok(ctx) = <[u8; 8]>::try_from(ctx) else {
+            return;
+        };
+        let ctx = u64::from_be_bytes(ctx);
+        if let Some(pos) = self.reads_in_flight.iter().position(|r| r.ctx == ctx) {
+            let r = self.reads_in_flight.swap_remove(pos);
+            self.reads_ready.push((index, r.waiters));
+        }
+    }
+
+    fn release_reads(&mut self) {
+        let applied = self.sm.applied_index();
+        self.reads_ready.retain_mut(|(index, waiters)| {
+            if *index <= applied {
+                for tx in waiters.drain(..) {
+                    let _ = tx.send(Ok(()));
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let mut batch: Vec<Apply> = Vec::with_capacity(entries.len());
+        let mut terms: HashMap<u64, u64> = HashMap::new();
+        for e in entries {
+            terms.insert(e.index, e.term);
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    if e.data.is_empty() {
+                        batch.push(Apply {
+                            index: e.index,
+                            txn: None,
+                        });
+                        continue;
+                    }
+                    match decode_cmd(&e.data) {
+                        Ok(txn) => batch.push(Apply {
+                            index: e.index,
+                            txn: Some(txn),
+                        }),
+                        Err(why) => {
+                            // Every replica decodes the same bytes the same way, so skipping is
+                            // deterministic; it can only mean a bug, so say so loudly.
+                            tracing::error!(
+                                index = e.index,
+                                why,
+                                "committed entry does not decode; applied as a no-op"
+                            );
+                            batch.push(Apply {
+                                index: e.index,
+                                txn: None,
+                            });
+                        }
+                    }
+                }
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
+                    self.apply_batch(std::mem::take(&mut batch), &terms)?;
+                    self.apply_conf_change(&e)?;
+                    self.apply_batch(
+                        vec![Apply {
+                            index: e.index,
+                            txn: None,
+                        }],
+                        &terms,
+                    )?;
+                }
+            }
+        }
+        self.apply_batch(batch, &terms)
+    }
+
+    fn apply_batch(&mut self, batch: Vec<Apply>, terms: &HashMap<u64, u64>) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let results = self.sm.apply(&batch)?;
+        let mut results = results.into_iter().peekable();
+        for a in &batch {
+            let result = match results.peek() {
+                Some((i, _)) if *i == a.index => results.next().map(|r| r.1),
+                _ => None,
+            };
+            if let Some((term, tx)) = self.proposals.remove(&a.index) {
+                if terms.get(&a.index) == Some(&term) {
+                    let _ = tx
+                        .send(result.ok_or_else(|| {
+                            Error::Storage("entry applied without a result".into())
+                        }));
+                } else {
+                    let _ = tx.send(Err(Error::Unavailable(
+                        "leadership changed and this write was replaced in the log: it was NOT applied; retry".into(),
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_conf_change(&mut self, e: &Entry) -> Result<()> {
+        let cs = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+            let mut cc = ConfChangeV2::default();
+            cc.merge_from_bytes(&e.data)
+                .map_err(|err| Error::Corruption(format!("conf change at {}: {err}", e.index)))?;
+            self.raw.apply_conf_change(&cc)
+        } else {
+            let mut cc = ConfChange::default();
+            cc.merge_from_bytes(&e.data)
+                .map_err(|err| Error::Corruption(format!("conf change at {}: {err}", e.index)))?;
+            self.raw.apply_conf_change(&cc)
+        }
+        .map_err(|err| Error::Storage(format!("conf change at {}: {err}", e.index)))?;
+        tracing::info!(node = self.cfg.node_id, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+        self.raw.mut_store().set_conf_state(&cs)
+    }
+
+    fn install_snapshot(&mut self, meta: &SnapshotMetadata) -> Result<()> {
+        let path = self
+            .staged
+            .remove(&(meta.index, meta.term))
+            .ok_or_else(|| {
+                Error::Storage(format!(
+                    "raft accepted snapshot {}/{} but its file is not staged",
+                    meta.index, meta.term
+                ))
+            })?;
+        let started = Instant::now();
+        let items = self.sm.install_snapshot(&path, meta.index)?;
+        self.raw.mut_store().apply_snapshot(meta)?;
+        self.db.flush()?;
+        self.sm.finish_install()?;
+        self.snapshots_installed += 1;
+        self.raw.mut_store().set_latest_snapshot(SnapshotFile {
+            metadata: meta.clone(),
+            path,
+        });
+        self.staged.clear();
+        tracing::info!(
+            node = self.cfg.node_id,
+            index = meta.index,
+            items,
+            ms = started.elapsed().as_millis() as u64,
+            "caught up from a snapshot"
+        );
+        Ok(())
+    }
+
+    fn build_snapshot(&mut self) -> Result<()> {
+        let applied = self.sm.applied_index();
+        let term = raft::Storage::term(self.raw.store(), applied)
+            .map_err(|e| Error::Storage(format!("term of applied index {applied}: {e}")))?;
+        let started = Instant::now();
+        let (index, path, records) = self.sm.build_snapshot(&self.cfg.snap_dir, term)?;
+        let mut metadata = SnapshotMetadata::default();
+        metadata.index = index;
+        metadata.term = term;
+        metadata.set_conf_state(self.raw.store().conf_state().clone());
+        let old = self.raw.store().latest_snapshot().map(|s| s.path.clone());
+        self.raw.mut_store().set_latest_snapshot(SnapshotFile {
+            metadata,
+            path: path.clone(),
+        });
+        if let Some(old) = old.filter(|o| *o != path) {
+            // A transfer still reading it keeps its open handle.
+            let _ = std::fs::remove_file(old);
+        }
+        tracing::info!(
+            node = self.cfg.node_id,
+            index,
+            records,
+            ms = started.elapsed().as_millis() as u64,
+            "built snapshot"
+        );
+        Ok(())
+    }
+
+    fn maybe_compact(&mut self) -> Result<()> {
+        let applied = self.sm.applied_index();
+        let first = self.raw.store().first_index_now();
+        if applied + 1 - first.min(applied + 1) <= self.cfg.compact_log_entries {
+            return Ok(());
+        }
+        // Keep the newest half so a follower slightly behind still catches up from the log.
+        let to = applied - self.cfg.compact_log_entries / 2;
+        let removed = self.raw.mut_store().compact(to)?;
+        tracing::debug!(node = self.cfg.node_id, to, removed, "compacted raft log");
+        Ok(())
+    }
+
+    /// Fails requests whose wait has no end in sight, and forgets those whose client left.
+    fn expire(&mut self) {
+        let timeout = Duration::from_millis(READ_INDEX_TIMEOUT_MS);
+        self.reads_in_flight.retain_mut(|r| {
+            if r.since.elapsed() < timeout {
+                return true;
+            }
+            for tx in r.waiters.drain(..) {
+                let _ = tx.send(Err(Error::Unavailable(
+                    "read index timed out (leader could not confirm it still leads); retry".into(),
+                )));
+            }
+            false
+        });
+        self.proposals.retain(|_, (_, tx)| !tx.is_closed());
+    }
+
+    fn fail_all(&mut self, err: impl Fn() -> Error) {
+        for (_, (_, tx)) in std::mem::take(&mut self.proposals) {
+            let _ = tx.send(Err(err()));
+        }
+        for tx in self.reads_new.drain(..) {
+            let _ = tx.send(Err(err()));
+        }
+        for r in self.reads_in_flight.drain(..) {
+            for tx in r.waiters {
+                let _ = tx.send(Err(err()));
+            }
+        }
+        for (_, ws) in self.reads_ready.drain(..) {
+            for tx in ws {
+                let _ = tx.send(Err(err()));
+            }
+        }
+    }
+
+    fn status(&self, with_digest: bool) -> Result<StatusResponse> {
+        let r = &self.raw.raft;
+        let (items, data_digest) = if with_digest {
+            self.sm.digest()?
+        } else {
+            (0, 0)
+        };
+        Ok(StatusResponse {
+            node_id: self.cfg.node_id,
+            group_id: self.cfg.group_id,
+            leader_id: r.leader_id,
+            role: format!("{:?}", r.state),
+            term: r.term,
+            commit_index: r.raft_log.committed,
+            applied_index: self.sm.applied_index(),
+            first_index: self.raw.store().first_index_now(),
+            last_index: self.raw.store().last_index_now(),
+            voters: self.raw.store().conf_state().voters.clone(),
+            snapshots_installed: self.snapshots_installed,
+            snapshots_sent: self.snapshots_sent,
+            items,
+            data_digest,
+        })
+    }
+}
+
+impl Error {
+    fn clone_not_leader(&self) -> Error {
+        match self {
+            Error::NotLeader {
+                group,
+                leader_id,
+                leader_addr,
+            } => Error::NotLeader {
+                group: *group,
+                leader_id: *leader_id,
+                leader_addr: leader_addr.clone(),
+            },
+            other => Error::Unavailable(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_round_trip_and_unknown_tags_are_refused() {
+        let txn = TxnRequest::default();
+        assert_eq!(decode_cmd(&encode_cmd(&txn)).unwrap(), txn);
+        assert!(decode_cmd(&[9, 1, 2])
+            .unwrap_err()
+            .contains("unknown command tag 9"));
+        assert!(decode_cmd(&[]).is_err());
+    }
+}

@@ -1,0 +1,81 @@
+//! Errors shaped by who handles them, and their one mapping to gRPC statuses.
+
+use ordo_proto::v1::{error_detail, ErrorDetail};
+use prost::Message;
+use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request breaks a limit or is malformed; nothing was changed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// This replica is not the leader; the client should go to `leader_addr` (when known).
+    #[error("not the leader of group {group}; leader is {}", leader_desc(*.leader_id, .leader_addr))]
+    NotLeader {
+        group: u64,
+        leader_id: u64,
+        leader_addr: String,
+    },
+    /// Temporarily cannot serve (no leader, overloaded, leadership changed mid-request). The
+    /// message says whether the request may have taken effect.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Stored data failed its checksum or could not be decoded.
+    #[error("corruption: {0}")]
+    Corruption(String),
+    /// The storage engine failed.
+    #[error("storage: {0}")]
+    Storage(String),
+    /// The node is shutting down.
+    #[error("node is shutting down")]
+    Shutdown,
+}
+
+fn leader_desc(id: u64, addr: &str) -> String {
+    match (id, addr) {
+        (0, _) => "unknown (no leader elected yet)".to_string(),
+        (id, "") => format!("node {id} (address unknown)"),
+        (id, addr) => format!("node {id} at {addr}"),
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let msg = e.to_string();
+        match e {
+            Error::InvalidArgument(_) => Status::invalid_argument(msg),
+            Error::NotLeader {
+                leader_id,
+                leader_addr,
+                ..
+            } => {
+                let detail = ErrorDetail {
+                    kind: Some(error_detail::Kind::NotLeader(error_detail::NotLeader {
+                        leader_id,
+                        leader_addr,
+                    })),
+                };
+                Status::with_details(Code::Unavailable, msg, detail.encode_to_vec().into())
+            }
+            Error::Unavailable(_) | Error::Shutdown => Status::unavailable(msg),
+            Error::Corruption(_) => Status::data_loss(msg),
+            Error::Storage(_) => Status::internal(msg),
+        }
+    }
+}
+
+/// Reads the typed detail a node attached to an error status, if any.
+pub fn detail_of(status: &Status) -> Option<error_detail::Kind> {
+    if status.details().is_empty() {
+        return None;
+    }
+    ErrorDetail::decode(status.details()).ok()?.kind
+}

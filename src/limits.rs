@@ -1,0 +1,58 @@
+//! Every bound Ordo enforces, in one place. Network input is checked against these before it can
+//! change anything; internal queues use them so that memory stays bounded under overload.
+
+/// Longest shard key (the order ID). Shard keys are also hashed and copied into every data key.
+pub const SHARD_KEY_BYTES_MAX: usize = 256;
+/// Longest item key inside one shard key.
+pub const KEY_BYTES_MAX: usize = 4 * 1024;
+/// Largest value of one item.
+pub const VALUE_BYTES_MAX: usize = 1024 * 1024;
+/// Most ops (compares + success + failure) in one `Txn`.
+pub const TXN_OPS_MAX: usize = 128;
+/// Largest total payload (keys + values) of one `Txn`: one raft entry, so it is bounded well below
+/// the peer message limit.
+pub const TXN_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Largest gRPC message a node decodes from a client.
+pub const CLIENT_MESSAGE_BYTES_MAX: usize = TXN_BYTES_MAX + 1024 * 1024;
+/// Largest gRPC message a node decodes from a peer (a raft batch or a snapshot chunk).
+pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Most items one `Scan` page returns.
+pub const SCAN_LIMIT_MAX: u32 = 1000;
+
+/// Bounded mailbox of a group's raft driver (proposals, reads, peer messages).
+pub const DRIVER_INBOX_MAX: usize = 8192;
+/// Most inbox messages the driver takes before it handles a Ready: proposals that arrive together
+/// share one log append and one fsync.
+pub const DRIVER_BATCH_MAX: usize = 512;
+/// Bounded queue of raft messages waiting to go to one peer; beyond it messages are dropped
+/// (raft retransmits) rather than buffered without limit.
+pub const PEER_QUEUE_MAX: usize = 4096;
+/// Most raft messages in one `RaftBatch` frame.
+pub const PEER_BATCH_MESSAGES_MAX: usize = 256;
+/// Snapshot chunk size on the wire.
+pub const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
+/// Proposals in flight on one leader; beyond it clients get `UNAVAILABLE` (overloaded) at once.
+pub const PENDING_PROPOSALS_MAX: usize = 65_536;
+/// Linearizable reads waiting for their read index; beyond it clients get `UNAVAILABLE`.
+pub const PENDING_READS_MAX: usize = 65_536;
+
+/// Raft timing, in driver ticks.
+pub const TICK_MS: u64 = 100;
+pub const ELECTION_TICKS: usize = 10;
+pub const HEARTBEAT_TICKS: usize = 1;
+/// A ReadIndex that has not completed after this long is failed with `UNAVAILABLE` (a leader
+/// that has not yet committed in its term silently drops read requests in raft-rs).
+pub const READ_INDEX_TIMEOUT_MS: u64 = 2_000;
+/// Raft-rs flow control: bytes of entries per append message, and appends in flight per follower.
+pub const RAFT_MSG_BYTES_MAX: u64 = 1024 * 1024;
+pub const RAFT_INFLIGHT_MSGS_MAX: usize = 256;
+/// Default number of applied entries kept in the log before it is compacted.
+pub const COMPACT_LOG_ENTRIES_DEFAULT: u64 = 10_000;
+
+/// Slots of the hash ring until the config server assigns a count (issue #3).
+pub const SLOT_COUNT_DEFAULT: u32 = 4096;
+
+const _: () = assert!(VALUE_BYTES_MAX + KEY_BYTES_MAX + SHARD_KEY_BYTES_MAX < TXN_BYTES_MAX);
+const _: () = assert!(TXN_BYTES_MAX < CLIENT_MESSAGE_BYTES_MAX);
+const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < PEER_MESSAGE_BYTES_MAX);
+const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX);

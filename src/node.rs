@@ -1,0 +1,228 @@
+//! Starting and stopping one replica: storage, raft driver thread, transport and gRPC server.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ordo_proto::v1::kv_server::KvServer;
+use ordo_proto::v1::peer_server::PeerServer;
+use tokio::sync::{mpsc, watch};
+
+use crate::driver::{Driver, DriverConfig, Shared};
+use crate::limits::*;
+use crate::service::{KvService, PeerService, Replica};
+use crate::sm::StateMachine;
+use crate::storage::RaftStore;
+
+/// How long a graceful stop waits for in-flight requests before closing connections.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub group: u64,
+    /// Address to listen on; port 0 picks a free one.
+    pub listen: String,
+    /// Every replica of the group, this one included: id → address.
+    pub peers: BTreeMap<u64, String>,
+    pub data_dir: PathBuf,
+    pub compact_log_entries: u64,
+    pub slot_count: u32,
+}
+
+/// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
+pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .with_context(|| format!("peer {part:?} is not of the form <id>=<host:port>"))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .with_context(|| format!("peer id {id:?} is not a number"))?;
+        if id == 0 {
+            bail!("peer id 0 is reserved (it means \"no node\" in raft)");
+        }
+        if peers.insert(id, addr.trim().to_string()).is_some() {
+            bail!("peer id {id} is listed twice");
+        }
+    }
+    if peers.is_empty() {
+        bail!("--peers is empty; list every replica of the group as <id>=<host:port>,...");
+    }
+    Ok(peers)
+}
+
+pub struct Node {
+    pub addr: SocketAddr,
+    pub replica: Arc<Replica>,
+    stop_tx: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    driver: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Node {
+    pub async fn start(cfg: NodeConfig) -> anyhow::Result<Node> {
+        if !cfg.peers.contains_key(&cfg.id) {
+            bail!(
+                "--peers must include this node's own id {} (peers: {:?})",
+                cfg.id,
+                cfg.peers.keys().collect::<Vec<_>>()
+            );
+        }
+        let db_dir = cfg.data_dir.join("db");
+        let snap_dir = cfg.data_dir.join("snap");
+        std::fs::create_dir_all(&snap_dir)
+            .with_context(|| format!("creating {}", snap_dir.display()))?;
+        let db = sled::Config::new().path(&db_dir).open().with_context(|| {
+            format!(
+                "opening sled at {} (is another node using this data dir?)",
+                db_dir.display()
+            )
+        })?;
+
+        let opened = StateMachine::open(&db, cfg.id, cfg.slot_count)?;
+        let sm = Arc::new(opened.sm);
+        let voters: Vec<u64> = cfg.peers.keys().copied().collect();
+        let mut store = RaftStore::open(&db, cfg.id, &voters)?;
+        if opened.interrupted_install {
+            store.reset_to_empty()?;
+        }
+        // Entries are applied only after they are on disk and committed, so an applied index
+        // above the stored commit only means the commit update had not been flushed yet.
+        if sm.applied_index() > store.hard_state().commit {
+            store.set_commit(sm.applied_index())?;
+        }
+        db.flush()?;
+        let applied = sm.applied_index();
+        tracing::info!(node = cfg.id, group = cfg.group, applied, last_index = store.last_index_now(),
+            term = store.hard_state().term, data_dir = %cfg.data_dir.display(), "opened storage");
+
+        let listener = tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .with_context(|| format!("binding {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+
+        let (driver_tx, driver_rx) = mpsc::channel(DRIVER_INBOX_MAX);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared::default());
+        let transport = crate::transport::Transport::new(
+            tokio::runtime::Handle::current(),
+            cfg.group,
+            cfg.id,
+            cfg.peers.clone(),
+            driver_tx.clone(),
+        );
+        let driver = Driver::new(
+            DriverConfig {
+                node_id: cfg.id,
+                group_id: cfg.group,
+                applied,
+                snap_dir: snap_dir.clone(),
+                compact_log_entries: cfg.compact_log_entries,
+            },
+            store,
+            db,
+            sm.clone(),
+            driver_rx,
+            transport,
+            shared.clone(),
+            stop_rx.clone(),
+        )?;
+        let driver = std::thread::Builder::new()
+            .name(format!("raft-g{}-n{}", cfg.group, cfg.id))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .expect("driver runtime");
+                rt.block_on(driver.run());
+            })?;
+
+        let replica = Arc::new(Replica {
+            node_id: cfg.id,
+            group_id: cfg.group,
+            driver: driver_tx,
+            sm,
+            shared,
+            peers: cfg.peers.clone(),
+            snap_dir,
+            receiving_snapshot: AtomicBool::new(false),
+            stop: stop_rx.clone(),
+        });
+        let kv = KvServer::new(KvService(replica.clone()))
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
+        let peer = PeerServer::new(PeerService(replica.clone()))
+            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
+        let mut stop_server = stop_rx;
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(kv)
+                .add_service(peer)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = stop_server.changed().await;
+                    },
+                ),
+        );
+        tracing::info!(node = cfg.id, group = cfg.group, %addr, peers = ?cfg.peers, "node serving");
+        Ok(Node {
+            addr,
+            replica,
+            stop_tx,
+            server,
+            driver: Some(driver),
+        })
+    }
+
+    /// Stops serving, fails what is still waiting (clients see UNAVAILABLE, never a hang), flushes
+    /// storage and returns when the driver thread has exited.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop_tx.send(true);
+        match tokio::time::timeout(SHUTDOWN_GRACE, &mut self.server).await {
+            Ok(_) => {}
+            Err(_) => {
+                tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; closing them");
+                self.server.abort();
+            }
+        }
+        if let Some(d) = self.driver.take() {
+            let _ = tokio::task::spawn_blocking(move || d.join()).await;
+        }
+        tracing::info!(
+            node = self.replica.node_id,
+            group = self.replica.group_id,
+            "node stopped"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peers_parse_and_bad_lists_say_why() {
+        let p = parse_peers("1=127.0.0.1:7001, 2=127.0.0.1:7002").unwrap();
+        assert_eq!(p[&2], "127.0.0.1:7002");
+        for (bad, needle) in [
+            ("", "empty"),
+            ("1:7001", "form"),
+            ("x=a", "not a number"),
+            ("0=a", "reserved"),
+            ("1=a,1=b", "twice"),
+        ] {
+            let msg = parse_peers(bad).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{bad:?}: {msg}");
+        }
+    }
+}

@@ -1,0 +1,330 @@
+//! The gRPC services of a node: `ordo.v1.Kv` for clients and `ordo.v1.Peer` for replicas. Thin:
+//! validation is `validate.rs`, decisions are the driver's and the state machine's.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ordo_proto::v1::kv_server::Kv;
+use ordo_proto::v1::peer_server::Peer;
+use ordo_proto::v1::*;
+use protobuf::Message as _;
+use raft::prelude::{Message as RaftMessage, MessageType};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::driver::{Msg, Shared};
+use crate::error::{Error, Result};
+use crate::sm::StateMachine;
+use crate::{snapshot, validate};
+
+/// How long a request waits for its write to commit or its read index before giving up.
+const REQUEST_WAIT_MAX: Duration = Duration::from_secs(10);
+
+/// One replica as the services see it: a mailbox to its driver and read access to its state.
+pub struct Replica {
+    pub node_id: u64,
+    pub group_id: u64,
+    pub driver: mpsc::Sender<Msg>,
+    pub sm: Arc<StateMachine>,
+    pub shared: Arc<Shared>,
+    pub peers: BTreeMap<u64, String>,
+    pub snap_dir: PathBuf,
+    pub receiving_snapshot: AtomicBool,
+    pub stop: watch::Receiver<bool>,
+}
+
+impl Replica {
+    fn not_leader(&self) -> Error {
+        let leader_id = self.shared.leader_id.load(Ordering::Relaxed);
+        Error::NotLeader {
+            group: self.group_id,
+            leader_id,
+            leader_addr: self.peers.get(&leader_id).cloned().unwrap_or_default(),
+        }
+    }
+
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T>>) -> Msg,
+        what: &str,
+    ) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.driver.try_send(make(tx)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                Error::Unavailable(format!("node overloaded: the raft inbox is full; {what} was not started, retry with backoff"))
+            }
+            mpsc::error::TrySendError::Closed(_) => Error::Shutdown,
+        })?;
+        match tokio::time::timeout(REQUEST_WAIT_MAX, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::Unavailable(format!(
+                "the replica stopped during the {what}; its outcome is unknown"
+            ))),
+            Err(_) => Err(Error::Unavailable(format!(
+                "{what} did not complete within {}s (no quorum?); its outcome is unknown",
+                REQUEST_WAIT_MAX.as_secs()
+            ))),
+        }
+    }
+
+    pub async fn propose(&self, txn: TxnRequest) -> Result<TxnResponse> {
+        if self.shared.is_leader.load(Ordering::Relaxed) == 0 {
+            return Err(self.not_leader());
+        }
+        self.ask(|resp| Msg::Propose { txn, resp }, "write").await
+    }
+
+    /// Waits until a read started now would see every write acknowledged before it.
+    pub async fn read_barrier(&self) -> Result<()> {
+        if self.shared.is_leader.load(Ordering::Relaxed) == 0 {
+            return Err(self.not_leader());
+        }
+        self.ask(|resp| Msg::Read { resp }, "linearizable read")
+            .await
+    }
+
+    pub async fn status(&self, with_digest: bool) -> Result<StatusResponse> {
+        self.ask(|resp| Msg::Status { with_digest, resp }, "status")
+            .await
+    }
+}
+
+#[derive(Clone)]
+pub struct KvService(pub Arc<Replica>);
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let r = req.into_inner();
+        let stale = validate::check_get(&r)?;
+        if !stale {
+            self.0.read_barrier().await?;
+        }
+        Ok(Response::new(
+            match self.0.sm.get(&r.shard_key, &r.key)? {
+                Some((version, value)) => GetResponse {
+                    found: true,
+                    value,
+                    version,
+                },
+                None => GetResponse::default(),
+            },
+        ))
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let txn = validate::put_as_txn(req.into_inner())?;
+        let resp = self.0.propose(txn).await?;
+        Ok(Response::new(validate::put_response(resp)))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<DeleteRequest>,
+    ) -> Result<Response<DeleteResponse>, Status> {
+        let txn = validate::delete_as_txn(req.into_inner())?;
+        let resp = self.0.propose(txn).await?;
+        Ok(Response::new(validate::delete_response(resp)))
+    }
+
+    async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
+        let r = req.into_inner();
+        let (stale, limit) = validate::check_scan(&r)?;
+        if !stale {
+            self.0.read_barrier().await?;
+        }
+        let (items, next_key) = self
+            .0
+            .sm
+            .scan(&r.shard_key, &r.start_key, &r.end_key, limit)?;
+        Ok(Response::new(ScanResponse { items, next_key }))
+    }
+
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let txn = req.into_inner();
+        validate::check_txn(&txn)?;
+        Ok(Response::new(self.0.propose(txn).await?))
+    }
+}
+
+#[derive(Clone)]
+pub struct PeerService(pub Arc<Replica>);
+
+fn refuse(msg: String) -> Status {
+    tracing::warn!("refused peer message: {msg}");
+    Status::invalid_argument(msg)
+}
+
+impl PeerService {
+    fn check_addressing(&self, group_id: u64, to: u64) -> Result<(), Status> {
+        if group_id != self.0.group_id || to != self.0.node_id {
+            return Err(refuse(format!(
+                "message for group {group_id} node {to} reached group {} node {}",
+                self.0.group_id, self.0.node_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// Checks and decodes a whole frame before any of it is delivered: a bad frame changes nothing.
+    fn decode_batch(&self, b: &RaftBatch) -> Result<Vec<RaftMessage>, Status> {
+        self.check_addressing(b.group_id, b.to)?;
+        let mut h = crc32fast::Hasher::new();
+        for m in &b.messages {
+            h.update(m);
+        }
+        if h.finalize() != b.crc32 {
+            return Err(refuse(format!(
+                "raft batch from node {}: crc32 mismatch",
+                b.from
+            )));
+        }
+        b.messages
+            .iter()
+            .map(|bytes| {
+                let mut m = RaftMessage::default();
+                m.merge_from_bytes(bytes).map_err(|e| {
+                    refuse(format!(
+                        "raft message from node {} does not decode: {e}",
+                        b.from
+                    ))
+                })?;
+                if m.to != self.0.node_id || m.from != b.from {
+                    return Err(refuse(format!(
+                        "raft message from {} to {} inside a frame from {} to {}",
+                        m.from, m.to, b.from, b.to
+                    )));
+                }
+                Ok(m)
+            })
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for PeerService {
+    async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<RaftDone>, Status> {
+        let mut stream = req.into_inner();
+        let mut stop = self.0.stop.clone();
+        loop {
+            let batch = tokio::select! {
+                b = stream.message() => b?,
+                _ = stop.changed() => None,
+            };
+            let Some(batch) = batch else { break };
+            for m in self.decode_batch(&batch)? {
+                if self.0.driver.send(Msg::Raft(Box::new(m))).await.is_err() {
+                    return Err(Status::unavailable("replica is shutting down"));
+                }
+            }
+        }
+        Ok(Response::new(RaftDone {}))
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<Streaming<SnapshotChunk>>,
+    ) -> Result<Response<SnapshotDone>, Status> {
+        if self.0.receiving_snapshot.swap(true, Ordering::AcqRel) {
+            return Err(Status::unavailable(
+                "a snapshot transfer is already in progress on this replica",
+            ));
+        }
+        let result = self.receive_snapshot(req.into_inner()).await;
+        self.0.receiving_snapshot.store(false, Ordering::Release);
+        result.map(Response::new)
+    }
+
+    async fn status(
+        &self,
+        req: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(
+            self.0.status(req.into_inner().with_data_digest).await?,
+        ))
+    }
+}
+
+impl PeerService {
+    async fn receive_snapshot(
+        &self,
+        mut stream: Streaming<SnapshotChunk>,
+    ) -> Result<SnapshotDone, Status> {
+        let io = |e: std::io::Error| Status::internal(format!("writing received snapshot: {e}"));
+        tokio::fs::create_dir_all(&self.0.snap_dir)
+            .await
+            .map_err(io)?;
+        let tmp = self.0.snap_dir.join("incoming.snap.tmp");
+        let mut file = tokio::fs::File::create(&tmp).await.map_err(io)?;
+        let mut msg: Option<RaftMessage> = None;
+        let mut expect_seq = 0u64;
+        loop {
+            let Some(chunk) = stream.message().await? else {
+                return Err(refuse("snapshot stream ended before its last chunk".into()));
+            };
+            self.check_addressing(chunk.group_id, chunk.to)?;
+            if chunk.seq != expect_seq {
+                return Err(refuse(format!(
+                    "snapshot chunk {} arrived where {expect_seq} was expected",
+                    chunk.seq
+                )));
+            }
+            snapshot::verify_chunk(chunk.seq, &chunk.message, &chunk.data, chunk.crc32)
+                .map_err(|e| refuse(e.to_string()))?;
+            if chunk.seq == 0 {
+                let mut m = RaftMessage::default();
+                m.merge_from_bytes(&chunk.message)
+                    .map_err(|e| refuse(format!("snapshot message does not decode: {e}")))?;
+                if m.get_msg_type() != MessageType::MsgSnapshot || m.to != self.0.node_id {
+                    return Err(refuse(format!(
+                        "first snapshot chunk carries {:?} to {}",
+                        m.get_msg_type(),
+                        m.to
+                    )));
+                }
+                msg = Some(m);
+            }
+            file.write_all(&chunk.data).await.map_err(io)?;
+            expect_seq += 1;
+            if chunk.last {
+                break;
+            }
+        }
+        file.sync_all().await.map_err(io)?;
+        drop(file);
+        let msg = msg.expect("chunk 0 was checked");
+        let meta = msg.get_snapshot().get_metadata();
+        let (index, term) = snapshot::verify_file(&tmp).map_err(|e| refuse(e.to_string()))?;
+        if (index, term) != (meta.index, meta.term) {
+            return Err(refuse(format!(
+                "snapshot file holds {index}/{term} but its message says {}/{}",
+                meta.index, meta.term
+            )));
+        }
+        let path = self
+            .0
+            .snap_dir
+            .join(format!("in-{index:020}-{term:020}.snap"));
+        tokio::fs::rename(&tmp, &path).await.map_err(io)?;
+        tracing::info!(
+            node = self.0.node_id,
+            from = msg.from,
+            index,
+            term,
+            "received snapshot"
+        );
+        self.0
+            .driver
+            .send(Msg::SnapshotReceived {
+                msg: Box::new(msg),
+                path,
+            })
+            .await
+            .map_err(|_| Status::unavailable("replica is shutting down"))?;
+        Ok(SnapshotDone {})
+    }
+}

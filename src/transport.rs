@@ -1,0 +1,294 @@
+//! Raft messages between replicas over the `ordo.v1.Peer` gRPC service.
+//!
+//! Each peer has one bounded queue and one task that keeps a client stream open to it, packing
+//! queued messages into checksummed `RaftBatch` frames. A full queue drops messages (raft
+//! retransmits; an unbounded buffer would not survive a slow peer). A broken connection is
+//! reported to raft as unreachable and retried with backoff. Snapshots go on their own stream.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ordo_proto::v1::peer_client::PeerClient;
+use ordo_proto::v1::{RaftBatch, SnapshotChunk};
+use protobuf::Message as _;
+use raft::prelude::Message;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::driver::Msg;
+use crate::limits::*;
+use crate::snapshot::chunk_crc;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+pub struct Transport {
+    peers: BTreeMap<u64, String>,
+    queues: BTreeMap<u64, mpsc::Sender<Message>>,
+    group_id: u64,
+    node_id: u64,
+    driver: mpsc::Sender<Msg>,
+    rt: tokio::runtime::Handle,
+}
+
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+fn peer_client(ch: Channel) -> PeerClient<Channel> {
+    PeerClient::new(ch)
+        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX)
+}
+
+impl Transport {
+    /// `peers` maps every replica of the group (this one included) to its address.
+    pub fn new(
+        rt: tokio::runtime::Handle,
+        group_id: u64,
+        node_id: u64,
+        peers: BTreeMap<u64, String>,
+        driver: mpsc::Sender<Msg>,
+    ) -> Transport {
+        let mut queues = BTreeMap::new();
+        for (&id, addr) in &peers {
+            if id == node_id {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+            rt.spawn(peer_loop(
+                group_id,
+                node_id,
+                id,
+                addr.clone(),
+                rx,
+                driver.clone(),
+            ));
+            queues.insert(id, tx);
+        }
+        Transport {
+            peers,
+            queues,
+            group_id,
+            node_id,
+            driver,
+            rt,
+        }
+    }
+
+    pub fn addr_of(&self, id: u64) -> Option<String> {
+        self.peers.get(&id).cloned()
+    }
+
+    pub fn send(&self, m: Message) {
+        let to = m.to;
+        match self.queues.get(&to) {
+            Some(q) => {
+                if q.try_send(m).is_err() {
+                    tracing::debug!(
+                        to,
+                        "peer queue full or closed; message dropped (raft will retransmit)"
+                    );
+                }
+            }
+            None => tracing::warn!(to, "no address for raft peer; message dropped"),
+        }
+    }
+
+    pub fn send_snapshot(&self, m: Message, path: PathBuf) {
+        let to = m.to;
+        let Some(addr) = self.addr_of(to) else {
+            tracing::warn!(to, "no address for snapshot receiver");
+            return;
+        };
+        let (group_id, from, driver) = (self.group_id, self.node_id, self.driver.clone());
+        self.rt.spawn(async move {
+            let started = std::time::Instant::now();
+            let result = stream_snapshot(group_id, from, &addr, m, path).await;
+            match &result {
+                Ok(bytes) => tracing::info!(
+                    to,
+                    bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "snapshot sent"
+                ),
+                Err(e) => {
+                    tracing::warn!(to, error = %e, "snapshot transfer failed; raft will retry")
+                }
+            }
+            let _ = driver
+                .send(Msg::SnapshotSent {
+                    to,
+                    ok: result.is_ok(),
+                })
+                .await;
+        });
+    }
+}
+
+async fn peer_loop(
+    group_id: u64,
+    from: u64,
+    to: u64,
+    addr: String,
+    mut rx: mpsc::Receiver<Message>,
+    driver: mpsc::Sender<Msg>,
+) {
+    let mut backoff = RECONNECT_BACKOFF_MIN;
+    // The first message of a batch, held across reconnects.
+    let mut first: Option<Message> = None;
+    loop {
+        let m = match first.take() {
+            Some(m) => m,
+            None => match rx.recv().await {
+                Some(m) => m,
+                None => return, // the node is shutting down
+            },
+        };
+        let channel = match endpoint(&addr) {
+            Ok(e) => e.connect().await,
+            Err(e) => {
+                tracing::error!(to, addr, error = %e, "bad peer address");
+                return;
+            }
+        };
+        let channel = match channel {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(to, addr, error = %e, "peer unreachable");
+                let _ = driver.try_send(Msg::Unreachable { to });
+                // Drop what queued up meanwhile: raft will resend what still matters.
+                while rx.try_recv().is_ok() {}
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        let (frames_tx, frames_rx) = mpsc::channel::<RaftBatch>(64);
+        let mut client = peer_client(channel);
+        let call = tokio::spawn(async move {
+            client
+                .raft(tokio_stream::wrappers::ReceiverStream::new(frames_rx))
+                .await
+        });
+        let mut next = Some(m);
+        loop {
+            let m = match next.take() {
+                Some(m) => m,
+                None => match rx.recv().await {
+                    Some(m) => m,
+                    None => return,
+                },
+            };
+            let mut msgs = vec![m];
+            while msgs.len() < PEER_BATCH_MESSAGES_MAX {
+                match rx.try_recv() {
+                    Ok(m) => msgs.push(m),
+                    Err(_) => break,
+                }
+            }
+            let encoded: Vec<bytes::Bytes> = msgs
+                .iter()
+                .map(|m| m.write_to_bytes().expect("raft message encodes").into())
+                .collect();
+            let mut h = crc32fast::Hasher::new();
+            for e in &encoded {
+                h.update(e);
+            }
+            let frame = RaftBatch {
+                group_id,
+                from,
+                to,
+                messages: encoded,
+                crc32: h.finalize(),
+            };
+            if frames_tx.send(frame).await.is_err() {
+                // The stream ended: keep the first message for the next connection.
+                first = msgs.into_iter().next();
+                break;
+            }
+            backoff = RECONNECT_BACKOFF_MIN;
+        }
+        match call.await {
+            Ok(Err(status)) => tracing::debug!(to, %status, "raft stream to peer ended"),
+            Ok(Ok(_)) => {}
+            Err(e) => tracing::debug!(to, error = %e, "raft stream task failed"),
+        }
+        let _ = driver.try_send(Msg::Unreachable { to });
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+    }
+}
+
+async fn stream_snapshot(
+    group_id: u64,
+    from: u64,
+    addr: &str,
+    m: Message,
+    path: PathBuf,
+) -> anyhow::Result<u64> {
+    let to = m.to;
+    let channel = endpoint(addr)?.connect().await?;
+    let mut file = tokio::fs::File::open(&path).await?;
+    let message: bytes::Bytes = m.write_to_bytes()?.into();
+    let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);
+    let mut client = peer_client(channel);
+    let call = tokio::spawn(async move {
+        client
+            .install_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let mut seq = 0u64;
+    let mut sent = 0u64;
+    loop {
+        let mut buf = vec![0u8; SNAPSHOT_CHUNK_BYTES];
+        let mut n = 0;
+        while n < buf.len() {
+            let r = file.read(&mut buf[n..]).await?;
+            if r == 0 {
+                break;
+            }
+            n += r;
+        }
+        buf.truncate(n);
+        let last = n < SNAPSHOT_CHUNK_BYTES;
+        let msg = if seq == 0 {
+            message.clone()
+        } else {
+            bytes::Bytes::new()
+        };
+        let chunk = SnapshotChunk {
+            group_id,
+            from,
+            to,
+            crc32: chunk_crc(&msg, &buf),
+            message: msg,
+            seq,
+            data: buf.into(),
+            last,
+        };
+        sent += chunk.data.len() as u64;
+        if tx.send(chunk).await.is_err() {
+            break;
+        }
+        seq += 1;
+        if last {
+            break;
+        }
+    }
+    drop(tx);
+    call.await??;
+    Ok(sent)
+}

@@ -1,0 +1,375 @@
+//! The edge of the KV API: every client request is checked against `limits.rs` here, and
+//! `Put`/`Delete` are turned into the `Txn`s the state machine applies. Nothing unchecked gets
+//! past this module, so a bad request can never reach the raft log.
+
+use ordo_proto::v1::{
+    compare, txn_op, txn_op_result, Compare, Consistency, DeleteRequest, DeleteResponse,
+    GetRequest, GetResponse, PutRequest, PutResponse, ScanRequest, TxnOp, TxnRequest, TxnResponse,
+};
+
+use crate::error::{Error, Result};
+use crate::limits::*;
+
+fn invalid(msg: String) -> Error {
+    Error::InvalidArgument(msg)
+}
+
+pub fn check_shard_key(sk: &[u8]) -> Result<()> {
+    if sk.is_empty() {
+        return Err(invalid(
+            "shard_key is empty; every item needs a shard key (the order ID)".into(),
+        ));
+    }
+    if sk.len() > SHARD_KEY_BYTES_MAX {
+        return Err(invalid(format!(
+            "shard_key is {} bytes; the limit is {SHARD_KEY_BYTES_MAX} bytes",
+            sk.len()
+        )));
+    }
+    Ok(())
+}
+
+pub fn check_key(key: &[u8]) -> Result<()> {
+    if key.len() > KEY_BYTES_MAX {
+        return Err(invalid(format!(
+            "key is {} bytes; the limit is {KEY_BYTES_MAX} bytes",
+            key.len()
+        )));
+    }
+    Ok(())
+}
+
+fn check_value(value: &[u8]) -> Result<()> {
+    if value.len() > VALUE_BYTES_MAX {
+        return Err(invalid(format!(
+            "value is {} bytes; the limit is {VALUE_BYTES_MAX} bytes",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether a read asked for a stale (any-replica) read.
+pub fn check_consistency(raw: i32) -> Result<bool> {
+    match Consistency::try_from(raw) {
+        Ok(Consistency::Linearizable) => Ok(false),
+        Ok(Consistency::Stale) => Ok(true),
+        Err(_) => Err(invalid(format!(
+            "consistency {raw} is unknown; use 0 (LINEARIZABLE) or 1 (STALE)"
+        ))),
+    }
+}
+
+pub fn check_get(r: &GetRequest) -> Result<bool> {
+    check_shard_key(&r.shard_key)?;
+    check_key(&r.key)?;
+    check_consistency(r.consistency)
+}
+
+/// Checks a scan and returns `(stale, limit)`.
+pub fn check_scan(r: &ScanRequest) -> Result<(bool, usize)> {
+    check_shard_key(&r.shard_key)?;
+    check_key(&r.start_key)?;
+    check_key(&r.end_key)?;
+    if !r.end_key.is_empty() && r.end_key < r.start_key {
+        return Err(invalid("scan end_key sorts before start_key".into()));
+    }
+    if r.limit > SCAN_LIMIT_MAX {
+        return Err(invalid(format!(
+            "scan limit {} is above the maximum page of {SCAN_LIMIT_MAX} items; page with next_key",
+            r.limit
+        )));
+    }
+    let limit = if r.limit == 0 {
+        SCAN_LIMIT_MAX
+    } else {
+        r.limit
+    };
+    Ok((check_consistency(r.consistency)?, limit as usize))
+}
+
+fn check_compare(c: &Compare) -> Result<()> {
+    check_shard_key(&c.shard_key)?;
+    check_key(&c.key)?;
+    check_value(&c.value)?;
+    let target = compare::Target::try_from(c.target).map_err(|_| {
+        invalid(format!(
+            "compare target {} is unknown; use VERSION, VALUE or EXISTS",
+            c.target
+        ))
+    })?;
+    let op = compare::Op::try_from(c.op).map_err(|_| {
+        invalid(format!(
+            "compare op {} is unknown; use EQUAL, NOT_EQUAL, LESS or GREATER",
+            c.op
+        ))
+    })?;
+    if target == compare::Target::Exists
+        && !matches!(op, compare::Op::Equal | compare::Op::NotEqual)
+    {
+        return Err(invalid(
+            "an EXISTS compare takes only EQUAL or NOT_EQUAL".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn check_op(op: &TxnOp) -> Result<()> {
+    match op.op.as_ref() {
+        Some(txn_op::Op::Put(p)) => {
+            check_shard_key(&p.shard_key)?;
+            check_key(&p.key)?;
+            check_value(&p.value)?;
+            if p.if_version.is_some() {
+                return Err(invalid("if_version is not allowed on an op inside a Txn; add a VERSION compare instead".into()));
+            }
+        }
+        Some(txn_op::Op::Delete(d)) => {
+            check_shard_key(&d.shard_key)?;
+            check_key(&d.key)?;
+            if d.if_version.is_some() {
+                return Err(invalid("if_version is not allowed on an op inside a Txn; add a VERSION compare instead".into()));
+            }
+        }
+        Some(txn_op::Op::Get(g)) => {
+            check_shard_key(&g.shard_key)?;
+            check_key(&g.key)?;
+            check_consistency(g.consistency)?;
+        }
+        None => return Err(invalid("a TxnOp has no put, delete or get".into())),
+    }
+    Ok(())
+}
+
+fn op_bytes(op: &TxnOp) -> usize {
+    match op.op.as_ref() {
+        Some(txn_op::Op::Put(p)) => p.shard_key.len() + p.key.len() + p.value.len(),
+        Some(txn_op::Op::Delete(d)) => d.shard_key.len() + d.key.len(),
+        Some(txn_op::Op::Get(g)) => g.shard_key.len() + g.key.len(),
+        None => 0,
+    }
+}
+
+pub fn check_txn(t: &TxnRequest) -> Result<()> {
+    let ops = t.compares.len() + t.success.len() + t.failure.len();
+    if ops > TXN_OPS_MAX {
+        return Err(invalid(format!(
+            "txn has {ops} compares and ops; the limit is {TXN_OPS_MAX}"
+        )));
+    }
+    for c in &t.compares {
+        check_compare(c)?;
+    }
+    for op in t.success.iter().chain(&t.failure) {
+        check_op(op)?;
+    }
+    let bytes: usize = t
+        .compares
+        .iter()
+        .map(|c| c.shard_key.len() + c.key.len() + c.value.len())
+        .sum::<usize>()
+        + t.success
+            .iter()
+            .chain(&t.failure)
+            .map(op_bytes)
+            .sum::<usize>();
+    if bytes > TXN_BYTES_MAX {
+        return Err(invalid(format!(
+            "txn carries {bytes} bytes of keys and values; the limit is {TXN_BYTES_MAX} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn version_compare(shard_key: &bytes::Bytes, key: &bytes::Bytes, version: u64) -> Compare {
+    Compare {
+        shard_key: shard_key.clone(),
+        key: key.clone(),
+        target: compare::Target::Version as i32,
+        op: compare::Op::Equal as i32,
+        version,
+        ..Default::default()
+    }
+}
+
+fn get_op(shard_key: &bytes::Bytes, key: &bytes::Bytes) -> TxnOp {
+    TxnOp {
+        op: Some(txn_op::Op::Get(GetRequest {
+            shard_key: shard_key.clone(),
+            key: key.clone(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A checked `Put` as the `Txn` that applies it: the optional version compare, the put, and on a
+/// failed compare a get that reports the current version.
+pub fn put_as_txn(r: PutRequest) -> Result<TxnRequest> {
+    check_shard_key(&r.shard_key)?;
+    check_key(&r.key)?;
+    check_value(&r.value)?;
+    let mut txn = TxnRequest {
+        header: r.header,
+        ..Default::default()
+    };
+    if let Some(v) = r.if_version {
+        txn.compares.push(version_compare(&r.shard_key, &r.key, v));
+        txn.failure.push(get_op(&r.shard_key, &r.key));
+    }
+    txn.success.push(TxnOp {
+        op: Some(txn_op::Op::Put(PutRequest {
+            if_version: None,
+            header: None,
+            ..r
+        })),
+    });
+    Ok(txn)
+}
+
+pub fn delete_as_txn(r: DeleteRequest) -> Result<TxnRequest> {
+    check_shard_key(&r.shard_key)?;
+    check_key(&r.key)?;
+    let mut txn = TxnRequest {
+        header: r.header,
+        ..Default::default()
+    };
+    if let Some(v) = r.if_version {
+        txn.compares.push(version_compare(&r.shard_key, &r.key, v));
+        txn.failure.push(get_op(&r.shard_key, &r.key));
+    }
+    txn.success.push(TxnOp {
+        op: Some(txn_op::Op::Delete(DeleteRequest {
+            if_version: None,
+            header: None,
+            ..r
+        })),
+    });
+    Ok(txn)
+}
+
+fn first_result(resp: &TxnResponse) -> Option<&txn_op_result::Result> {
+    resp.results.first().and_then(|r| r.result.as_ref())
+}
+
+pub fn put_response(resp: TxnResponse) -> PutResponse {
+    match first_result(&resp) {
+        Some(txn_op_result::Result::Put(p)) => p.clone(),
+        Some(txn_op_result::Result::Get(GetResponse { version, .. })) => PutResponse {
+            succeeded: false,
+            version: *version,
+        },
+        other => unreachable!("a put txn answered {other:?}"),
+    }
+}
+
+pub fn delete_response(resp: TxnResponse) -> DeleteResponse {
+    match first_result(&resp) {
+        Some(txn_op_result::Result::Delete(d)) => d.clone(),
+        Some(txn_op_result::Result::Get(GetResponse { version, .. })) => DeleteResponse {
+            succeeded: false,
+            deleted: false,
+            prev_version: *version,
+        },
+        other => unreachable!("a delete txn answered {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn b(n: usize) -> bytes::Bytes {
+        vec![b'x'; n].into()
+    }
+
+    #[test]
+    fn limits_are_named_in_errors() {
+        let cases: Vec<(Result<TxnRequest>, &str)> = vec![
+            (
+                put_as_txn(PutRequest {
+                    shard_key: b(0),
+                    ..Default::default()
+                }),
+                "shard_key is empty",
+            ),
+            (
+                put_as_txn(PutRequest {
+                    shard_key: b(257),
+                    ..Default::default()
+                }),
+                "limit is 256 bytes",
+            ),
+            (
+                put_as_txn(PutRequest {
+                    shard_key: b(1),
+                    key: b(4097),
+                    ..Default::default()
+                }),
+                "limit is 4096 bytes",
+            ),
+            (
+                put_as_txn(PutRequest {
+                    shard_key: b(1),
+                    value: b(VALUE_BYTES_MAX + 1),
+                    ..Default::default()
+                }),
+                "limit is 1048576 bytes",
+            ),
+        ];
+        for (r, needle) in cases {
+            let msg = r.unwrap_err().to_string();
+            assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+        }
+        assert!(put_as_txn(PutRequest {
+            shard_key: b(256),
+            key: b(4096),
+            value: b(VALUE_BYTES_MAX),
+            ..Default::default()
+        })
+        .is_ok());
+    }
+
+    #[test]
+    fn txn_op_count_and_enums_are_checked() {
+        let op = get_op(&b(1), &b(1));
+        let t = TxnRequest {
+            success: vec![op.clone(); 129],
+            ..Default::default()
+        };
+        assert!(check_txn(&t)
+            .unwrap_err()
+            .to_string()
+            .contains("limit is 128"));
+        let t = TxnRequest {
+            success: vec![op; 128],
+            ..Default::default()
+        };
+        assert!(check_txn(&t).is_ok());
+        let mut c = version_compare(&b(1), &b(1), 0);
+        c.target = 9;
+        assert!(check_txn(&TxnRequest {
+            compares: vec![c],
+            ..Default::default()
+        })
+        .unwrap_err()
+        .to_string()
+        .contains("target 9"));
+        let mut c = version_compare(&b(1), &b(1), 0);
+        c.target = compare::Target::Exists as i32;
+        c.op = compare::Op::Less as i32;
+        assert!(check_txn(&TxnRequest {
+            compares: vec![c],
+            ..Default::default()
+        })
+        .is_err());
+        assert!(check_txn(&TxnRequest {
+            success: vec![TxnOp { op: None }],
+            ..Default::default()
+        })
+        .is_err());
+        assert!(check_consistency(5)
+            .unwrap_err()
+            .to_string()
+            .contains("consistency 5"));
+    }
+}
