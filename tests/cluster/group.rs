@@ -1,0 +1,252 @@
+//! Acceptance tests of one replicated shard group made of real `ordo node` processes.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt};
+
+use crate::harness::{wait_for, ProcGroup};
+
+/// Writes `count` distinct items with `concurrency` requests in flight; returns what was acknowledged.
+async fn write_items(
+    g: &ProcGroup,
+    prefix: &str,
+    count: usize,
+    concurrency: usize,
+) -> BTreeMap<String, u64> {
+    let client = g.client();
+    let acked: Vec<(String, u64)> = stream::iter(0..count)
+        .map(|i| {
+            let client = client.clone();
+            let sk = format!("{prefix}-{i}");
+            async move {
+                let r = client
+                    .put(sk.clone(), "", format!("value of {sk}"), None)
+                    .await;
+                (
+                    sk,
+                    r.unwrap_or_else(|e| panic!("put {i} failed: {e}")).version,
+                )
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    acked.into_iter().collect()
+}
+
+async fn assert_all_present(g: &ProcGroup, acked: &BTreeMap<String, u64>) {
+    let client = g.client();
+    let missing: Vec<String> = stream::iter(acked.iter())
+        .map(|(sk, version)| {
+            let client = client.clone();
+            async move {
+                let r = client
+                    .get(sk.clone(), "", false)
+                    .await
+                    .unwrap_or_else(|e| panic!("get {sk}: {e}"));
+                let ok = r.found
+                    && r.version >= *version
+                    && r.value.as_ref() == format!("value of {sk}").as_bytes();
+                (!ok).then(|| {
+                    format!(
+                        "{sk} (acked v{version}, read found={} v{})",
+                        r.found, r.version
+                    )
+                })
+            }
+        })
+        .buffer_unordered(16)
+        .filter_map(|x| async move { x })
+        .collect()
+        .await;
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged writes are missing or wrong: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}
+
+/// Acceptance 1: 1,000 puts, kill -9 the leader, a new leader serves within 3 s, everything
+/// acknowledged reads back with its version, and the killed node catches up on restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_kill_new_leader_serves_and_old_leader_catches_up() {
+    let mut g = ProcGroup::start(3, 10_000);
+    let leader = g.leader(Duration::from_secs(20)).await;
+    let acked = write_items(&g, "order", 1000, 16).await;
+    assert_eq!(acked.len(), 1000);
+    assert!(acked.values().all(|&v| v == 1));
+
+    g.kill(leader);
+    let killed_at = Instant::now();
+    let client = g.client();
+    // The first write that succeeds after the kill was served by the new leader.
+    wait_for(
+        Duration::from_secs(10),
+        "a write after the leader was killed",
+        || {
+            let client = client.clone();
+            async move {
+                client
+                    .put("after-kill", "", "value of after-kill", None)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    let unavailable = killed_at.elapsed();
+    let new_leader = g.leader(Duration::from_secs(5)).await;
+    assert_ne!(new_leader, leader);
+    eprintln!(
+        "unavailable for {unavailable:?} after killing leader {leader}; new leader {new_leader}"
+    );
+    assert!(
+        unavailable < Duration::from_secs(3),
+        "new leader took {unavailable:?} to serve (limit 3 s)"
+    );
+
+    assert_all_present(&g, &acked).await;
+
+    g.restart(leader);
+    let (applied, items, _) = g.converged(Duration::from_secs(30)).await;
+    assert_eq!(
+        items, 1001,
+        "every replica holds the 1,000 items and the one written after the kill"
+    );
+    let s = g.status(leader, false).await.unwrap();
+    assert!(
+        s.applied_index >= applied,
+        "restarted node caught up to {applied}"
+    );
+}
+
+/// Acceptance 2: a replica down while 10,000+ entries are written and the log is compacted
+/// rejoins through a snapshot and ends with data identical to the leader's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lagging_replica_rejoins_through_a_snapshot() {
+    let mut g = ProcGroup::start(3, 1_000);
+    let leader = g.leader(Duration::from_secs(20)).await;
+    let down = if leader == 3 { 2 } else { 3 };
+    write_items(&g, "early", 100, 8).await;
+    let before = g.status(down, false).await.unwrap();
+    g.kill(down);
+
+    let acked = write_items(&g, "while-down", 10_000, 64).await;
+    let leader_now = g.leader(Duration::from_secs(5)).await;
+    let s = g.status(leader_now, false).await.unwrap();
+    assert!(
+        s.first_index > before.last_index + 1,
+        "the leader's log must be compacted past what the down replica has (first {} vs its last {})",
+        s.first_index,
+        before.last_index
+    );
+
+    g.restart(down);
+    let (_, items, _) = g.converged(Duration::from_secs(60)).await;
+    assert_eq!(items, 10_100);
+    let s = g.status(down, false).await.unwrap();
+    assert!(
+        s.snapshots_installed >= 1,
+        "replica {down} should have caught up from a snapshot: {s:?}"
+    );
+    assert_all_present(&g, &acked).await;
+}
+
+/// Acceptance 3: 8 clients × 100 compare-and-set increments of one counter end at exactly 800.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_cas_increments_are_exact() {
+    let g = ProcGroup::start(3, 10_000);
+    g.leader(Duration::from_secs(20)).await;
+    let client = g.client();
+    let conflicts = Arc::new(Mutex::new(0u64));
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let client = client.clone();
+            let conflicts = conflicts.clone();
+            tokio::spawn(async move {
+                for _ in 0..100 {
+                    loop {
+                        let cur = client.get("counter", "", false).await.expect("get counter");
+                        let n: u64 = if cur.found {
+                            std::str::from_utf8(&cur.value).unwrap().parse().unwrap()
+                        } else {
+                            0
+                        };
+                        let r = client
+                            .put("counter", "", (n + 1).to_string(), Some(cur.version))
+                            .await
+                            .expect("cas put");
+                        if r.succeeded {
+                            break;
+                        }
+                        *conflicts.lock().unwrap() += 1;
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let end = client.get("counter", "", false).await.unwrap();
+    assert_eq!(std::str::from_utf8(&end.value).unwrap(), "800");
+    assert_eq!(end.version, 800);
+    eprintln!(
+        "800 increments with {} lost compare-and-set races",
+        conflicts.lock().unwrap()
+    );
+}
+
+/// Acceptance 4: kill -9 all three nodes mid-load, restart them: every acknowledged write is present.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn whole_group_killed_mid_load_loses_nothing_acknowledged() {
+    let mut g = ProcGroup::start(3, 500);
+    g.leader(Duration::from_secs(20)).await;
+    let client = g.client().with_timeout(Duration::from_secs(2));
+    let acked: Arc<Mutex<BTreeMap<String, u64>>> = Default::default();
+    let writers: Vec<_> = (0..16)
+        .map(|w| {
+            let client = client.clone();
+            let acked = acked.clone();
+            tokio::spawn(async move {
+                for i in 0.. {
+                    let sk = format!("w{w}-{i}");
+                    match client
+                        .put(sk.clone(), "", format!("value of {sk}"), None)
+                        .await
+                    {
+                        Ok(r) => {
+                            acked.lock().unwrap().insert(sk, r.version);
+                        }
+                        // The group is being killed: stop at the first failure.
+                        Err(_) => return,
+                    }
+                }
+            })
+        })
+        .collect();
+    wait_for(Duration::from_secs(30), "2,000 acknowledged writes", || {
+        let n = acked.lock().unwrap().len();
+        async move { (n >= 2000).then_some(()) }
+    })
+    .await;
+    for id in [1, 2, 3] {
+        g.kill(id);
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    for id in [1, 2, 3] {
+        g.restart(id);
+    }
+    g.leader(Duration::from_secs(20)).await;
+    assert_all_present(&g, &acked).await;
+    eprintln!(
+        "{} acknowledged writes survived kill -9 of the whole group",
+        acked.len()
+    );
+}

@@ -1,0 +1,6 @@
+//! Cluster tests: whole shard groups as real processes (kill -9, restart) and in-process nodes.
+//! One test binary with modules, so the `ordo` binary and the harness are built once.
+
+mod bad_input;
+mod group;
+mod harness;
