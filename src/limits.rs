@@ -36,10 +36,12 @@ pub const PENDING_PROPOSALS_MAX: usize = 65_536;
 /// Linearizable reads waiting for their read index; beyond it clients get `UNAVAILABLE`.
 pub const PENDING_READS_MAX: usize = 65_536;
 
-/// Raft timing, in driver ticks.
-pub const TICK_MS: u64 = 100;
+/// Raft timing, in driver ticks. Elections time out after 0.5–1 s (raft-rs randomises within
+/// [election, 2 × election) ticks), so a dead leader is replaced in about a second; heartbeats go
+/// every 100 ms, well inside that, so a busy 2-core machine does not trigger needless elections.
+pub const TICK_MS: u64 = 50;
 pub const ELECTION_TICKS: usize = 10;
-pub const HEARTBEAT_TICKS: usize = 1;
+pub const HEARTBEAT_TICKS: usize = 2;
 /// A ReadIndex that has not completed after this long is failed with `UNAVAILABLE` (a leader
 /// that has not yet committed in its term silently drops read requests in raft-rs).
 pub const READ_INDEX_TIMEOUT_MS: u64 = 2_000;
