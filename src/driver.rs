@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ordo_proto::v1::{StatusResponse, TxnRequest, TxnResponse};
-use prost::Message as _;
+use ordo_proto::v1::StatusResponse;
 use protobuf::Message as _;
 use raft::prelude::*;
 use raft::{RawNode, StateRole};
@@ -26,18 +25,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::limits::*;
-use crate::sm::{Apply, StateMachine};
+use crate::sm::{Apply, Command, Outcome, StateMachine};
 use crate::storage::{RaftStore, SnapshotFile};
 use crate::transport::Transport;
 
-/// Entry payload tag: the rest is a prost-encoded `TxnRequest`. A tag leaves room for other
-/// command kinds (slot ownership, migrations) without ambiguity.
-const CMD_TXN: u8 = 1;
-
 pub enum Msg {
     Propose {
-        txn: TxnRequest,
-        resp: oneshot::Sender<Result<TxnResponse>>,
+        cmd: Command,
+        resp: oneshot::Sender<Result<Outcome>>,
     },
     /// A linearizable read barrier: answered once the state machine has applied everything
     /// committed before the read arrived (ReadIndex).
@@ -95,7 +90,7 @@ pub struct Driver {
     transport: Transport,
     shared: Arc<Shared>,
     /// Proposals in flight by log index, with the term they were proposed in.
-    proposals: BTreeMap<u64, (u64, oneshot::Sender<Result<TxnResponse>>)>,
+    proposals: BTreeMap<u64, (u64, oneshot::Sender<Result<Outcome>>)>,
     /// Reads that arrived since the last ReadIndex was issued.
     reads_new: Vec<oneshot::Sender<Result<()>>>,
     /// Reads whose ReadIndex is in flight.
@@ -108,21 +103,6 @@ pub struct Driver {
     snapshots_installed: u64,
     snapshots_sent: u64,
     stop: tokio::sync::watch::Receiver<bool>,
-}
-
-fn encode_cmd(txn: &TxnRequest) -> Vec<u8> {
-    let mut data = Vec::with_capacity(1 + txn.encoded_len());
-    data.push(CMD_TXN);
-    txn.encode(&mut data).expect("vec has room");
-    data
-}
-
-fn decode_cmd(data: &[u8]) -> std::result::Result<TxnRequest, String> {
-    match data.split_first() {
-        Some((&CMD_TXN, rest)) => TxnRequest::decode(rest).map_err(|e| e.to_string()),
-        Some((tag, _)) => Err(format!("unknown command tag {tag}")),
-        None => Err("empty command".into()),
-    }
 }
 
 pub fn raft_config(id: u64, applied: u64) -> raft::Config {
@@ -239,7 +219,7 @@ impl Driver {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Propose { txn, resp } => {
+            Msg::Propose { cmd, resp } => {
                 if self.raw.raft.state != StateRole::Leader {
                     let _ = resp.send(Err(self.not_leader()));
                 } else if self.proposals.len() >= PENDING_PROPOSALS_MAX {
@@ -247,7 +227,7 @@ impl Driver {
                         "leader overloaded: {PENDING_PROPOSALS_MAX} proposals in flight; retry with backoff"
                     ))));
                 } else {
-                    match self.raw.propose(vec![], encode_cmd(&txn)) {
+                    match self.raw.propose(vec![], cmd.encode()) {
                         Ok(()) => {
                             let index = self.raw.raft.raft_log.last_index();
                             self.proposals.insert(index, (self.raw.raft.term, resp));
@@ -455,14 +435,14 @@ impl Driver {
                     if e.data.is_empty() {
                         batch.push(Apply {
                             index: e.index,
-                            txn: None,
+                            cmd: None,
                         });
                         continue;
                     }
-                    match decode_cmd(&e.data) {
-                        Ok(txn) => batch.push(Apply {
+                    match Command::decode(&e.data) {
+                        Ok(cmd) => batch.push(Apply {
                             index: e.index,
-                            txn: Some(txn),
+                            cmd: Some(cmd),
                         }),
                         Err(why) => {
                             // Every replica decodes the same bytes the same way, so skipping is
@@ -474,7 +454,7 @@ impl Driver {
                             );
                             batch.push(Apply {
                                 index: e.index,
-                                txn: None,
+                                cmd: None,
                             });
                         }
                     }
@@ -485,7 +465,7 @@ impl Driver {
                     self.apply_batch(
                         vec![Apply {
                             index: e.index,
-                            txn: None,
+                            cmd: None,
                         }],
                         &terms,
                     )?;
@@ -508,10 +488,9 @@ impl Driver {
             };
             if let Some((term, tx)) = self.proposals.remove(&a.index) {
                 if terms.get(&a.index) == Some(&term) {
-                    let _ = tx
-                        .send(result.ok_or_else(|| {
-                            Error::Storage("entry applied without a result".into())
-                        }));
+                    let _ = tx.send(result.unwrap_or_else(|| {
+                        Err(Error::Storage("entry applied without a result".into()))
+                    }));
                 } else {
                     let _ = tx.send(Err(Error::Unavailable(
                         "leadership changed and this write was replaced in the log: it was NOT applied; retry".into(),
@@ -670,6 +649,7 @@ impl Driver {
             snapshots_sent: self.snapshots_sent,
             items,
             data_digest,
+            ..Default::default()
         })
     }
 }
@@ -688,20 +668,5 @@ impl Error {
             },
             other => Error::Unavailable(other.to_string()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn commands_round_trip_and_unknown_tags_are_refused() {
-        let txn = TxnRequest::default();
-        assert_eq!(decode_cmd(&encode_cmd(&txn)).unwrap(), txn);
-        assert!(decode_cmd(&[9, 1, 2])
-            .unwrap_err()
-            .contains("unknown command tag 9"));
-        assert!(decode_cmd(&[]).is_err());
     }
 }

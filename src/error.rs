@@ -16,6 +16,13 @@ pub enum Error {
         leader_id: u64,
         leader_addr: String,
     },
+    /// This group does not own the slot (at the map version it knows): the router refreshes its
+    /// map and retries at the owner. Nothing was changed.
+    #[error("slot {slot} is not owned by this group (its ownership is at map version {map_version}); refresh the shard map")]
+    WrongShard { slot: u32, map_version: u64 },
+    /// The request is valid but the state does not allow it; the message says what to change.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// Temporarily cannot serve (no leader, overloaded, leadership changed mid-request). The
     /// message says whether the request may have taken effect.
     #[error("{0}")]
@@ -65,6 +72,15 @@ impl From<Error> for Status {
                 };
                 Status::with_details(Code::Unavailable, msg, detail.encode_to_vec().into())
             }
+            Error::WrongShard { map_version, .. } => {
+                let detail = ErrorDetail {
+                    kind: Some(error_detail::Kind::WrongShard(error_detail::WrongShard {
+                        map_version,
+                    })),
+                };
+                Status::with_details(Code::FailedPrecondition, msg, detail.encode_to_vec().into())
+            }
+            Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::Unavailable(_) | Error::Shutdown => Status::unavailable(msg),
             Error::Corruption(_) => Status::data_loss(msg),
             Error::Storage(_) => Status::internal(msg),

@@ -18,7 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::driver::{Msg, Shared};
 use crate::error::{Error, Result};
-use crate::sm::StateMachine;
+use crate::sm::{Command, Outcome, StateMachine};
 use crate::{snapshot, validate};
 
 /// How long a request waits for its write to commit or its read index before giving up.
@@ -71,11 +71,23 @@ impl Replica {
         }
     }
 
-    pub async fn propose(&self, txn: TxnRequest) -> Result<TxnResponse> {
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome> {
         if self.shared.is_leader.load(Ordering::Relaxed) == 0 {
             return Err(self.not_leader());
         }
-        self.ask(|resp| Msg::Propose { txn, resp }, "write").await
+        self.ask(|resp| Msg::Propose { cmd, resp }, "write").await
+    }
+
+    /// Proposes a checked transaction. Slots this group does not own are refused here already
+    /// (cheap), and again when the entry is applied (authoritative: ownership may change between).
+    pub async fn propose_txn(&self, txn: TxnRequest) -> Result<TxnResponse> {
+        for sk in crate::sm::shard_keys(&txn) {
+            self.sm.check_owned(sk)?;
+        }
+        match self.propose(Command::Txn(txn)).await? {
+            Outcome::Txn(r) => Ok(r),
+            other => unreachable!("a txn produced {other:?}"),
+        }
     }
 
     /// Waits until a read started now would see every write acknowledged before it.
@@ -104,6 +116,7 @@ impl Kv for KvService {
         if !stale {
             self.0.read_barrier().await?;
         }
+        self.0.sm.check_owned(&r.shard_key)?;
         Ok(Response::new(
             match self.0.sm.get(&r.shard_key, &r.key)? {
                 Some((version, value)) => GetResponse {
@@ -118,7 +131,7 @@ impl Kv for KvService {
 
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let txn = validate::put_as_txn(req.into_inner())?;
-        let resp = self.0.propose(txn).await?;
+        let resp = self.0.propose_txn(txn).await?;
         Ok(Response::new(validate::put_response(resp)))
     }
 
@@ -127,7 +140,7 @@ impl Kv for KvService {
         req: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         let txn = validate::delete_as_txn(req.into_inner())?;
-        let resp = self.0.propose(txn).await?;
+        let resp = self.0.propose_txn(txn).await?;
         Ok(Response::new(validate::delete_response(resp)))
     }
 
@@ -137,6 +150,7 @@ impl Kv for KvService {
         if !stale {
             self.0.read_barrier().await?;
         }
+        self.0.sm.check_owned(&r.shard_key)?;
         let (items, next_key) = self
             .0
             .sm
@@ -147,7 +161,7 @@ impl Kv for KvService {
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let txn = req.into_inner();
         validate::check_txn(&txn)?;
-        Ok(Response::new(self.0.propose(txn).await?))
+        Ok(Response::new(self.0.propose_txn(txn).await?))
     }
 }
 
@@ -243,9 +257,34 @@ impl Peer for PeerService {
         &self,
         req: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
-        Ok(Response::new(
-            self.0.status(req.into_inner().with_data_digest).await?,
-        ))
+        let mut s = self.0.status(req.into_inner().with_data_digest).await?;
+        let o = self.0.sm.ownership();
+        s.map_version = o.map_version;
+        s.owned_slots = o.count(self.0.sm.slot_count());
+        s.peers = self.0.peers.iter().map(|(k, v)| (*k, v.clone())).collect();
+        Ok(Response::new(s))
+    }
+
+    async fn set_ownership(
+        &self,
+        req: Request<SetOwnershipRequest>,
+    ) -> Result<Response<SetOwnershipResponse>, Status> {
+        let r = req.into_inner();
+        if r.group_id != self.0.group_id {
+            return Err(Status::invalid_argument(format!(
+                "ownership for group {} sent to a replica of group {}",
+                r.group_id, self.0.group_id
+            )));
+        }
+        if r.slots.len() > r.slot_count as usize {
+            return Err(Status::invalid_argument(
+                "more slots listed than the map has",
+            ));
+        }
+        match self.0.propose(Command::SetOwnership(r)).await? {
+            Outcome::Ownership(o) => Ok(Response::new(o)),
+            other => unreachable!("an ownership change produced {other:?}"),
+        }
     }
 }
 

@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
-use ordo_proto::v1::{Item, TxnRequest, TxnResponse};
+use ordo_proto::v1::{
+    txn_op, Item, SetOwnershipRequest, SetOwnershipResponse, TxnRequest, TxnResponse,
+};
+use prost::Message as _;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::Transactional;
 
@@ -19,6 +22,8 @@ use crate::txn::{self, ItemView};
 
 const APPLIED_KEY: &[u8] = b"applied_index";
 const SLOT_COUNT_KEY: &[u8] = b"slot_count";
+/// `map_version u64 BE | bitset of owned slots`; absent = standalone (owns every slot).
+const OWNERSHIP_KEY: &[u8] = b"ownership";
 /// Present while a snapshot is being installed: a restart that finds it knows the data tree is
 /// partial and starts over from an empty replica.
 const INSTALLING_KEY: &[u8] = b"installing_snapshot";
@@ -29,13 +34,131 @@ pub struct StateMachine {
     meta: sled::Tree,
     slot_count: u32,
     applied: AtomicU64,
+    /// Notified with the applied index after every apply (watchers of the shard map use it).
+    applied_tx: tokio::sync::watch::Sender<u64>,
+    ownership: RwLock<Ownership>,
     view: RwLock<()>,
 }
 
-/// One committed entry to apply: its index and, for a client command, the transaction.
+/// Entry payload tags: the rest is a prost message of the command's kind.
+const CMD_TXN: u8 = 1;
+const CMD_SET_OWNERSHIP: u8 = 2;
+
+/// A command in the raft log.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Txn(TxnRequest),
+    SetOwnership(SetOwnershipRequest),
+}
+
+impl Command {
+    pub fn encode(&self) -> Vec<u8> {
+        let (tag, len) = match self {
+            Command::Txn(t) => (CMD_TXN, t.encoded_len()),
+            Command::SetOwnership(o) => (CMD_SET_OWNERSHIP, o.encoded_len()),
+        };
+        let mut data = Vec::with_capacity(1 + len);
+        data.push(tag);
+        match self {
+            Command::Txn(t) => t.encode(&mut data),
+            Command::SetOwnership(o) => o.encode(&mut data),
+        }
+        .expect("vec has room");
+        data
+    }
+
+    pub fn decode(data: &[u8]) -> std::result::Result<Command, String> {
+        match data.split_first() {
+            Some((&CMD_TXN, rest)) => TxnRequest::decode(rest)
+                .map(Command::Txn)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_SET_OWNERSHIP, rest)) => SetOwnershipRequest::decode(rest)
+                .map(Command::SetOwnership)
+                .map_err(|e| e.to_string()),
+            Some((tag, _)) => Err(format!("unknown command tag {tag}")),
+            None => Err("empty command".into()),
+        }
+    }
+}
+
+/// What applying a command produced.
+#[derive(Debug)]
+pub enum Outcome {
+    Txn(TxnResponse),
+    Ownership(SetOwnershipResponse),
+}
+
+/// The slots this replica's group owns, as of a map version.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ownership {
+    pub map_version: u64,
+    /// `None`: standalone, never managed by a config server, owns every slot.
+    pub slots: Option<Vec<bool>>,
+}
+
+impl Ownership {
+    pub fn owns(&self, slot: u32) -> bool {
+        self.slots
+            .as_ref()
+            .is_none_or(|s| s.get(slot as usize).copied().unwrap_or(false))
+    }
+
+    pub fn count(&self, slot_count: u32) -> u32 {
+        match &self.slots {
+            None => slot_count,
+            Some(s) => s.iter().filter(|b| **b).count() as u32,
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let slots = self
+            .slots
+            .as_ref()
+            .expect("standalone ownership is never stored");
+        let mut out = self.map_version.to_be_bytes().to_vec();
+        out.extend(slots.chunks(8).map(|c| {
+            c.iter()
+                .enumerate()
+                .fold(0u8, |b, (i, on)| b | ((*on as u8) << i))
+        }));
+        out
+    }
+
+    fn decode(raw: &[u8], slot_count: u32) -> Result<Ownership> {
+        let want = 8 + (slot_count as usize).div_ceil(8);
+        if raw.len() != want {
+            return Err(Error::Corruption(format!(
+                "tree meta, ownership: {} bytes, expected {want}",
+                raw.len()
+            )));
+        }
+        let slots = (0..slot_count as usize)
+            .map(|s| raw[8 + s / 8] & (1 << (s % 8)) != 0)
+            .collect();
+        Ok(Ownership {
+            map_version: u64::from_be_bytes(raw[..8].try_into().unwrap()),
+            slots: Some(slots),
+        })
+    }
+}
+
+/// One committed entry to apply: its index and its command (`None` for raft's own entries).
 pub struct Apply {
     pub index: u64,
-    pub txn: Option<TxnRequest>,
+    pub cmd: Option<Command>,
+}
+
+/// Every shard key a transaction touches.
+pub fn shard_keys(t: &TxnRequest) -> impl Iterator<Item = &[u8]> {
+    t.compares.iter().map(|c| c.shard_key.as_ref()).chain(
+        t.success.iter().chain(&t.failure).filter_map(|op| {
+            Some(match op.op.as_ref()? {
+                txn_op::Op::Put(p) => p.shard_key.as_ref(),
+                txn_op::Op::Delete(d) => d.shard_key.as_ref(),
+                txn_op::Op::Get(g) => g.shard_key.as_ref(),
+            })
+        }),
+    )
 }
 
 struct TxView<'a> {
@@ -83,6 +206,16 @@ fn read_u64(raw: Option<sled::IVec>, what: &str) -> Result<u64> {
     }
 }
 
+fn load_ownership(meta: &sled::Tree, slot_count: u32) -> Result<Ownership> {
+    match meta.get(OWNERSHIP_KEY)? {
+        Some(raw) => Ownership::decode(&raw, slot_count),
+        None => Ok(Ownership {
+            map_version: 0,
+            slots: None,
+        }),
+    }
+}
+
 /// What `open` found.
 pub struct Opened {
     pub sm: StateMachine,
@@ -114,6 +247,7 @@ impl StateMachine {
             meta.remove(INSTALLING_KEY)?;
         }
         let applied = read_u64(meta.get(APPLIED_KEY)?, "applied_index")?;
+        let ownership = load_ownership(&meta, slot_count)?;
         Ok(Opened {
             sm: StateMachine {
                 node_id,
@@ -121,6 +255,8 @@ impl StateMachine {
                 meta,
                 slot_count,
                 applied: AtomicU64::new(applied),
+                applied_tx: tokio::sync::watch::channel(applied).0,
+                ownership: RwLock::new(ownership),
                 view: RwLock::new(()),
             },
             interrupted_install,
@@ -131,36 +267,168 @@ impl StateMachine {
         self.applied.load(Ordering::Acquire)
     }
 
-    /// Applies committed entries in order, in one sled transaction with the applied index.
-    /// Returns the response of each entry that carried a transaction.
-    pub fn apply(&self, batch: &[Apply]) -> Result<Vec<(u64, TxnResponse)>> {
+    /// Applies committed entries in order. Runs of transactions go into one sled transaction
+    /// with the applied index; an ownership change is applied on its own (it must look at the
+    /// data already written). Returns the outcome of every entry that carried a command; a
+    /// refused command (e.g. a slot this group does not own) is an `Err` outcome with no effects.
+    pub fn apply(&self, batch: &[Apply]) -> Result<Vec<(u64, Result<Outcome>)>> {
+        let mut out = Vec::with_capacity(batch.len());
+        let mut run_start = 0;
+        for (i, a) in batch.iter().enumerate() {
+            if let Some(Command::SetOwnership(req)) = &a.cmd {
+                self.apply_txns(&batch[run_start..i], &mut out)?;
+                let r = self.apply_ownership(a.index, req)?;
+                out.push((a.index, r));
+                run_start = i + 1;
+            }
+        }
+        self.apply_txns(&batch[run_start..], &mut out)?;
+        if let Some(last) = batch.last() {
+            self.applied_tx.send_replace(last.index);
+        }
+        Ok(out)
+    }
+
+    fn apply_txns(&self, batch: &[Apply], out: &mut Vec<(u64, Result<Outcome>)>) -> Result<()> {
         let Some(last) = batch.last() else {
-            return Ok(vec![]);
+            return Ok(());
         };
+        let ownership = self.ownership.read().unwrap().clone();
         let _w = self.view.write().unwrap();
-        let out = (&self.data, &self.meta)
+        let results = (&self.data, &self.meta)
             .transaction(|(data, meta)| {
                 let mut view = TxView {
                     data,
                     slot_count: self.slot_count,
                 };
-                let mut out = Vec::with_capacity(batch.len());
+                let mut results = Vec::with_capacity(batch.len());
                 for a in batch {
-                    if let Some(t) = &a.txn {
-                        let r = txn::evaluate(&mut view, t)
-                            .map_err(ConflictableTransactionError::Abort)?;
-                        out.push((a.index, r));
-                    }
+                    let Some(Command::Txn(t)) = &a.cmd else {
+                        continue;
+                    };
+                    let unowned = shard_keys(t)
+                        .map(|sk| ordo_proto::slot_of(sk, self.slot_count))
+                        .find(|slot| !ownership.owns(*slot));
+                    let r = match unowned {
+                        Some(slot) => Err(Error::WrongShard {
+                            slot,
+                            map_version: ownership.map_version,
+                        }),
+                        None => Ok(Outcome::Txn(
+                            txn::evaluate(&mut view, t)
+                                .map_err(ConflictableTransactionError::Abort)?,
+                        )),
+                    };
+                    results.push((a.index, r));
                 }
                 meta.insert(APPLIED_KEY, &last.index.to_be_bytes())?;
-                Ok(out)
+                Ok(results)
             })
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Abort(e) => e,
                 sled::transaction::TransactionError::Storage(e) => Error::from(e),
             })?;
         self.applied.store(last.index, Ordering::Release);
-        Ok(out)
+        out.extend(results);
+        Ok(())
+    }
+
+    /// Whether any item is stored in `slot`.
+    fn slot_has_data(&self, slot: u32) -> Result<bool> {
+        let mut range = self
+            .data
+            .range(keys::slot_start(slot)..keys::slot_start(slot + 1));
+        Ok(range.next().transpose()?.is_some())
+    }
+
+    fn apply_ownership(&self, index: u64, req: &SetOwnershipRequest) -> Result<Result<Outcome>> {
+        let current = self.ownership.read().unwrap().clone();
+        let refuse = |msg: String| -> Result<Result<Outcome>> {
+            self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+            self.applied.store(index, Ordering::Release);
+            Ok(Err(Error::FailedPrecondition(msg)))
+        };
+        if req.slot_count != self.slot_count {
+            return refuse(format!(
+                "the map has {} slots but this group was created with {}",
+                req.slot_count, self.slot_count
+            ));
+        }
+        if current.slots.is_some() && req.map_version < current.map_version {
+            return refuse(format!(
+                "ownership for map version {} is older than this group's {}",
+                req.map_version, current.map_version
+            ));
+        }
+        let mut slots = vec![false; self.slot_count as usize];
+        for &s in &req.slots {
+            match slots.get_mut(s as usize) {
+                Some(b) => *b = true,
+                None => {
+                    return refuse(format!(
+                        "slot {s} is out of range (slot count {})",
+                        self.slot_count
+                    ))
+                }
+            }
+        }
+        // A slot may leave only empty: moving data arrives with online resharding.
+        for slot in 0..self.slot_count {
+            if current.owns(slot) && !slots[slot as usize] && self.slot_has_data(slot)? {
+                return refuse(format!("slot {slot} still holds data here; moving data between groups arrives with online resharding"));
+            }
+        }
+        let next = Ownership {
+            map_version: req.map_version,
+            slots: Some(slots),
+        };
+        let owned = next.count(self.slot_count);
+        {
+            let _w = self.view.write().unwrap();
+            let mut batch = sled::Batch::default();
+            batch.insert(OWNERSHIP_KEY, next.encode());
+            batch.insert(APPLIED_KEY, &index.to_be_bytes());
+            self.meta.apply_batch(batch)?;
+            *self.ownership.write().unwrap() = next;
+        }
+        self.applied.store(index, Ordering::Release);
+        tracing::info!(
+            node = self.node_id,
+            map_version = req.map_version,
+            owned,
+            "slot ownership changed"
+        );
+        Ok(Ok(Outcome::Ownership(SetOwnershipResponse {
+            map_version: req.map_version,
+            owned_slots: owned,
+        })))
+    }
+
+    pub fn ownership(&self) -> Ownership {
+        self.ownership.read().unwrap().clone()
+    }
+
+    /// Refuses a request for a shard key whose slot this group does not own.
+    pub fn check_owned(&self, shard_key: &[u8]) -> Result<()> {
+        let slot = ordo_proto::slot_of(shard_key, self.slot_count);
+        let o = self.ownership.read().unwrap();
+        if o.owns(slot) {
+            Ok(())
+        } else {
+            Err(Error::WrongShard {
+                slot,
+                map_version: o.map_version,
+            })
+        }
+    }
+
+    pub fn slot_count(&self) -> u32 {
+        self.slot_count
+    }
+
+    /// Notified with the applied index after each apply.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied_tx.subscribe()
     }
 
     fn read_guard(&self) -> RwLockReadGuard<'_, ()> {
@@ -253,6 +521,7 @@ impl StateMachine {
         let _w = self.view.write().unwrap();
         self.meta.insert(INSTALLING_KEY, &index.to_be_bytes())?;
         self.data.clear()?;
+        self.meta.remove(OWNERSHIP_KEY)?;
         let mut reader = snapshot::Reader::open(path)?;
         let mut batch = sled::Batch::default();
         let mut in_batch = 0;
@@ -283,6 +552,8 @@ impl StateMachine {
         self.data.apply_batch(batch)?;
         self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
         self.applied.store(index, Ordering::Release);
+        *self.ownership.write().unwrap() = load_ownership(&self.meta, self.slot_count)?;
+        self.applied_tx.send_replace(index);
         tracing::info!(node = self.node_id, index, items, "installed snapshot");
         Ok(items)
     }
@@ -314,8 +585,8 @@ mod tests {
     use super::*;
     use ordo_proto::v1::{txn_op, PutRequest, TxnOp};
 
-    fn put(sk: &str, k: &str, v: &str) -> TxnRequest {
-        TxnRequest {
+    fn put(sk: &str, k: &str, v: &str) -> Command {
+        Command::Txn(TxnRequest {
             success: vec![TxnOp {
                 op: Some(txn_op::Op::Put(PutRequest {
                     shard_key: sk.as_bytes().to_vec().into(),
@@ -325,7 +596,7 @@ mod tests {
                 })),
             }],
             ..Default::default()
-        }
+        })
     }
 
     #[test]
@@ -336,11 +607,11 @@ mod tests {
         let batch: Vec<Apply> = (0..30)
             .map(|i| Apply {
                 index: i + 1,
-                txn: Some(put("order-7", &format!("items/{i:02}"), "x")),
+                cmd: Some(put("order-7", &format!("items/{i:02}"), "x")),
             })
             .chain(std::iter::once(Apply {
                 index: 31,
-                txn: None,
+                cmd: None,
             }))
             .collect();
         assert_eq!(sm.apply(&batch).unwrap().len(), 30);
@@ -359,7 +630,7 @@ mod tests {
         let sm2 = StateMachine::open(&db2, 2, 64).unwrap().sm;
         sm2.apply(&[Apply {
             index: 1,
-            txn: Some(put("stale", "", "gone after install")),
+            cmd: Some(put("stale", "", "gone after install")),
         }])
         .unwrap();
         assert_eq!(sm2.install_snapshot(&path, 31).unwrap(), 30);
@@ -377,7 +648,7 @@ mod tests {
             let sm = StateMachine::open(&db, 1, 64).unwrap().sm;
             sm.apply(&[Apply {
                 index: 5,
-                txn: Some(put("o", "", "v")),
+                cmd: Some(put("o", "", "v")),
             }])
             .unwrap();
             sm.meta.insert(INSTALLING_KEY, &9u64.to_be_bytes()).unwrap();
@@ -397,5 +668,114 @@ mod tests {
         StateMachine::open(&db, 1, 64).unwrap();
         let err = StateMachine::open(&db, 1, 128).err().unwrap().to_string();
         assert!(err.contains("64 slots"), "{err}");
+    }
+
+    fn own(version: u64, slots: &[u32]) -> Command {
+        Command::SetOwnership(SetOwnershipRequest {
+            group_id: 1,
+            map_version: version,
+            slot_count: 64,
+            slots: slots.to_vec(),
+        })
+    }
+
+    #[test]
+    fn ownership_gates_writes_and_slots_leave_only_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let sm = StateMachine::open(&db, 1, 64).unwrap().sm;
+        let slot = ordo_proto::slot_of(b"order-1", 64);
+        let other: Vec<u32> = (0..64).filter(|s| *s != slot).collect();
+        // Standalone: owns every slot.
+        assert!(sm.check_owned(b"order-1").is_ok());
+        let r = sm
+            .apply(&[
+                Apply {
+                    index: 1,
+                    cmd: Some(own(1, &other)),
+                },
+                Apply {
+                    index: 2,
+                    cmd: Some(put("order-1", "", "x")),
+                },
+            ])
+            .unwrap();
+        assert!(matches!(
+            r[0].1,
+            Ok(Outcome::Ownership(SetOwnershipResponse {
+                owned_slots: 63,
+                ..
+            }))
+        ));
+        assert!(
+            matches!(r[1].1, Err(Error::WrongShard { slot: s, map_version: 1 }) if s == slot),
+            "{:?}",
+            r[1]
+        );
+        assert!(
+            sm.get(b"order-1", b"").unwrap().is_none(),
+            "a refused write changes nothing"
+        );
+        assert_eq!(
+            sm.applied_index(),
+            2,
+            "a refused entry is still applied (as nothing)"
+        );
+
+        let all: Vec<u32> = (0..64).collect();
+        sm.apply(&[
+            Apply {
+                index: 3,
+                cmd: Some(own(2, &all)),
+            },
+            Apply {
+                index: 4,
+                cmd: Some(put("order-1", "", "x")),
+            },
+        ])
+        .unwrap();
+        assert!(sm.get(b"order-1", b"").unwrap().is_some());
+        // The slot holds data now: it cannot leave, and older map versions are refused.
+        let r = sm
+            .apply(&[
+                Apply {
+                    index: 5,
+                    cmd: Some(own(3, &other)),
+                },
+                Apply {
+                    index: 6,
+                    cmd: Some(own(1, &all)),
+                },
+            ])
+            .unwrap();
+        assert!(
+            matches!(&r[0].1, Err(Error::FailedPrecondition(m)) if m.contains("still holds data")),
+            "{:?}",
+            r[0]
+        );
+        assert!(
+            matches!(&r[1].1, Err(Error::FailedPrecondition(m)) if m.contains("older")),
+            "{:?}",
+            r[1]
+        );
+        assert_eq!(sm.ownership().map_version, 2);
+
+        // Ownership survives a restart.
+        drop(sm);
+        let sm = StateMachine::open(&db, 1, 64).unwrap().sm;
+        assert_eq!(sm.ownership().count(64), 64);
+        assert_eq!(sm.ownership().map_version, 2);
+    }
+
+    #[test]
+    fn commands_round_trip_and_unknown_tags_are_refused() {
+        let cmd = own(4, &[1, 2, 3]);
+        assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
+        let cmd = put("o", "k", "v");
+        assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
+        assert!(Command::decode(&[9, 1, 2])
+            .unwrap_err()
+            .contains("unknown command tag 9"));
+        assert!(Command::decode(&[]).is_err());
     }
 }
