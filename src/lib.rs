@@ -17,3 +17,5 @@ pub mod storage;
 pub mod transport;
 pub mod txn;
 pub mod validate;
+pub mod meta;
+pub mod playground;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ordo_proto::v1::cluster_server::ClusterServer;
 use ordo_proto::v1::kv_server::KvServer;
 use ordo_proto::v1::peer_server::PeerServer;
 use tokio::sync::{mpsc, watch};
@@ -32,6 +33,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub compact_log_entries: u64,
     pub slot_count: u32,
+    /// Serve `ordo.v1.Cluster` (a config server: this group is the meta group) instead of `ordo.v1.Kv`.
+    pub config_server: bool,
 }
 
 /// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
@@ -155,9 +158,18 @@ impl Node {
             receiving_snapshot: AtomicBool::new(false),
             stop: stop_rx.clone(),
         });
-        let kv = KvServer::new(KvService(replica.clone()))
-            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX);
+        let kv = (!cfg.config_server).then(|| {
+            KvServer::new(KvService(replica.clone()))
+                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+        });
+        let cluster = cfg.config_server.then(|| {
+            ClusterServer::new(ordo_config::ConfigService::new(Arc::new(
+                crate::meta::ReplicaMapStore {
+                    replica: replica.clone(),
+                },
+            )))
+        });
         let peer = PeerServer::new(PeerService(replica.clone()))
             .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
             .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
@@ -165,8 +177,9 @@ impl Node {
         let server = tokio::spawn(
             tonic::transport::Server::builder()
                 .tcp_nodelay(true)
-                .add_service(kv)
                 .add_service(peer)
+                .add_optional_service(kv)
+                .add_optional_service(cluster)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     async move {

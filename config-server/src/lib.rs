@@ -1,1 +1,378 @@
-//! The config server lands with the cluster issue (#3); this crate only reserves its place in the workspace.
+//! The config server: the versioned shard map and the operations that change it, served as
+//! `ordo.v1.Cluster`. Its state lives in a meta group replicated by the same raft engine as the
+//! shard groups; this crate reaches it only through the `MapStore` trait, which the root package
+//! implements, so the map logic here knows nothing of sled or raft.
+//!
+//! Every change is: compute the next map (pure, `map.rs`), make the groups agree (install
+//! ownership on their leaders), then compare-and-set the map; one change at a time.
+
+pub mod map;
+pub mod nodes;
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use ordo_proto::v1::cluster_server::Cluster;
+use ordo_proto::v1::*;
+use tonic::{Request, Response, Status};
+
+use crate::map::MapError;
+
+/// Where the shard map is kept.
+#[tonic::async_trait]
+pub trait MapStore: Send + Sync + 'static {
+    /// The stored map (version 0 when none) and a token for `save`. A linearizable load goes
+    /// through the meta leader (and fails with not-leader elsewhere); otherwise this replica answers.
+    async fn load(&self, linearizable: bool) -> Result<(ShardMap, u64), Status>;
+    /// Stores `map` only if nothing was stored since the load that returned `token`.
+    async fn save(&self, token: u64, map: &ShardMap) -> Result<bool, Status>;
+    /// Ticks whenever this replica applies something (the map may have changed).
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
+    /// Addresses of the meta group's replicas.
+    fn config_addrs(&self) -> Vec<String>;
+}
+
+pub struct ConfigService<S> {
+    store: Arc<S>,
+    /// One map change at a time on this replica (the CAS in `save` covers leader changes).
+    admin: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<S> Clone for ConfigService<S> {
+    fn clone(&self) -> Self {
+        ConfigService {
+            store: self.store.clone(),
+            admin: self.admin.clone(),
+        }
+    }
+}
+
+impl From<MapError> for Status {
+    fn from(e: MapError) -> Status {
+        match e {
+            MapError::Invalid(m) => Status::invalid_argument(m),
+            MapError::Refused(m) => Status::failed_precondition(m),
+        }
+    }
+}
+
+impl<S: MapStore> ConfigService<S> {
+    pub fn new(store: Arc<S>) -> Self {
+        ConfigService {
+            store,
+            admin: Default::default(),
+        }
+    }
+
+    async fn load(&self, linearizable: bool) -> Result<(ShardMap, u64), Status> {
+        let (mut map, token) = self.store.load(linearizable).await?;
+        map.config_addrs = self.store.config_addrs();
+        Ok((map, token))
+    }
+
+    async fn load_initialized(&self) -> Result<(ShardMap, u64), Status> {
+        let (map, token) = self.load(true).await?;
+        if map.version == 0 {
+            return Err(Status::failed_precondition(
+                "the cluster is not initialized: run `ordoctl init` first",
+            ));
+        }
+        Ok((map, token))
+    }
+
+    async fn commit(&self, token: u64, map: &ShardMap) -> Result<(), Status> {
+        if !self.store.save(token, map).await? {
+            return Err(Status::aborted("the shard map changed concurrently (a meta leader change?); nothing was committed, retry"));
+        }
+        tracing::info!(
+            version = map.version,
+            groups = map.groups.len(),
+            "shard map committed"
+        );
+        Ok(())
+    }
+
+    async fn init(&self, req: InitClusterRequest) -> Result<ShardMap, Status> {
+        let _admin = self.admin.lock().await;
+        let (current, token) = self.load(true).await?;
+        if current.version != 0 {
+            return Err(Status::failed_precondition(format!(
+                "the cluster is already initialized (map version {}, {} groups); use `ordoctl group add` to grow it",
+                current.version,
+                current.groups.len()
+            )));
+        }
+        map::check_specs(&req.groups, &[])?;
+        let mut groups = Vec::new();
+        for spec in &req.groups {
+            groups.push(nodes::resolve_group(spec).await?);
+        }
+        let next = map::initial_map(req.slot_count, groups, self.store.config_addrs())?;
+        let owned = map::slots_by_group(&next);
+        let mut installed: Vec<&Group> = Vec::new();
+        for g in &next.groups {
+            if let Err(e) =
+                nodes::set_ownership(g, next.version, next.slot_count, owned[&g.id].clone()).await
+            {
+                self.roll_back_init(&installed, &next).await;
+                return Err(Status::new(
+                    e.code(),
+                    format!("init failed, nothing kept: group {}: {}", g.id, e.message()),
+                ));
+            }
+            installed.push(g);
+        }
+        if let Err(e) = self.commit(token, &next).await {
+            self.roll_back_init(&installed, &next).await;
+            return Err(e);
+        }
+        Ok(next)
+    }
+
+    /// Leaves the groups owning nothing (they own nothing in any committed map either).
+    async fn roll_back_init(&self, installed: &[&Group], next: &ShardMap) {
+        for g in installed {
+            if let Err(e) = nodes::set_ownership(g, next.version, next.slot_count, vec![]).await {
+                tracing::error!(group = g.id, error = %e, "could not roll back ownership after a failed init");
+            }
+        }
+    }
+
+    async fn add(&self, spec: GroupSpec) -> Result<ShardMap, Status> {
+        let _admin = self.admin.lock().await;
+        let (current, token) = self.load_initialized().await?;
+        map::check_specs(std::slice::from_ref(&spec), &current.groups)?;
+        let group = nodes::resolve_group(&spec).await?;
+        let next = map::add_group(&current, group.clone());
+        // From now on the group serves exactly what the map gives it: nothing, yet.
+        nodes::set_ownership(&group, next.version, next.slot_count, vec![]).await?;
+        self.commit(token, &next).await?;
+        Ok(next)
+    }
+
+    async fn remove(&self, id: u64) -> Result<ShardMap, Status> {
+        let _admin = self.admin.lock().await;
+        let (current, token) = self.load_initialized().await?;
+        let next = map::remove_group(&current, id)?;
+        self.commit(token, &next).await?;
+        Ok(next)
+    }
+
+    /// Donors give the slots up first, then the map commits, then the recipient takes them: at no
+    /// point do two groups own a slot.
+    async fn move_slots(&self, slots: Vec<u32>, to: u64) -> Result<ShardMap, Status> {
+        let _admin = self.admin.lock().await;
+        let (current, token) = self.load_initialized().await?;
+        let (next, donors) = map::move_slots(&current, &slots, to)?;
+        let before = map::slots_by_group(&current);
+        let after = map::slots_by_group(&next);
+        let group = |id: u64| {
+            next.groups
+                .iter()
+                .find(|g| g.id == id)
+                .expect("group in map")
+                .clone()
+        };
+        let mut done: Vec<u64> = Vec::new();
+        for &donor in donors.keys() {
+            if let Err(e) = nodes::set_ownership(
+                &group(donor),
+                next.version,
+                next.slot_count,
+                after[&donor].clone(),
+            )
+            .await
+            {
+                for &d in &done {
+                    let _ = nodes::set_ownership(
+                        &group(d),
+                        next.version,
+                        next.slot_count,
+                        before[&d].clone(),
+                    )
+                    .await;
+                }
+                return Err(Status::new(
+                    e.code(),
+                    format!(
+                        "group {donor} refused to give up the slots: {}; nothing moved",
+                        e.message()
+                    ),
+                ));
+            }
+            done.push(donor);
+        }
+        if let Err(e) = self.commit(token, &next).await {
+            for &d in &done {
+                let _ = nodes::set_ownership(
+                    &group(d),
+                    next.version,
+                    next.slot_count,
+                    before[&d].clone(),
+                )
+                .await;
+            }
+            return Err(e);
+        }
+        nodes::set_ownership(&group(to), next.version, next.slot_count, after[&to].clone()).await.map_err(|e| {
+            Status::unavailable(format!(
+                "map version {} is committed but group {to} did not take its slots yet ({}); run `ordoctl status` and retry the move of the remaining slots",
+                next.version,
+                e.message()
+            ))
+        })?;
+        Ok(next)
+    }
+
+    async fn group_status(id: u64, replicas: &[Replica], slots: u32) -> GroupStatus {
+        let statuses =
+            futures::future::join_all(replicas.iter().map(|r| nodes::status(&r.addr))).await;
+        let mut leader_id = 0;
+        let replicas = replicas
+            .iter()
+            .zip(statuses)
+            .map(|(r, st)| match st {
+                Ok(st) => {
+                    if st.role == "Leader" {
+                        leader_id = st.node_id;
+                    }
+                    ReplicaStatus {
+                        node_id: st.node_id,
+                        addr: r.addr.clone(),
+                        reachable: true,
+                        role: st.role,
+                        term: st.term,
+                        applied_index: st.applied_index,
+                        items: st.items,
+                        error: String::new(),
+                    }
+                }
+                Err(e) => ReplicaStatus {
+                    node_id: r.node_id,
+                    addr: r.addr.clone(),
+                    error: e.message().to_string(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        GroupStatus {
+            id,
+            leader_id,
+            slots,
+            replicas,
+        }
+    }
+}
+
+type MapStream = Pin<Box<dyn Stream<Item = Result<ShardMap, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<S: MapStore> Cluster for ConfigService<S> {
+    async fn get_shard_map(
+        &self,
+        req: Request<GetShardMapRequest>,
+    ) -> Result<Response<ShardMap>, Status> {
+        Ok(Response::new(
+            self.load(req.into_inner().linearizable).await?.0,
+        ))
+    }
+
+    type WatchShardMapStream = MapStream;
+
+    async fn watch_shard_map(
+        &self,
+        req: Request<WatchShardMapRequest>,
+    ) -> Result<Response<MapStream>, Status> {
+        let mut last = req.into_inner().after_version;
+        let svc = self.clone();
+        let mut changes = self.store.changes();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tokio::spawn(async move {
+            loop {
+                match svc.load(false).await {
+                    Ok((map, _)) if map.version > last => {
+                        last = map.version;
+                        if tx.send(Ok(map)).await.is_err() {
+                            return; // the watcher left
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn init_cluster(
+        &self,
+        req: Request<InitClusterRequest>,
+    ) -> Result<Response<ShardMap>, Status> {
+        Ok(Response::new(self.init(req.into_inner()).await?))
+    }
+
+    async fn add_group(&self, req: Request<AddGroupRequest>) -> Result<Response<ShardMap>, Status> {
+        let spec = req
+            .into_inner()
+            .group
+            .ok_or_else(|| Status::invalid_argument("add_group needs a group"))?;
+        Ok(Response::new(self.add(spec).await?))
+    }
+
+    async fn remove_group(
+        &self,
+        req: Request<RemoveGroupRequest>,
+    ) -> Result<Response<ShardMap>, Status> {
+        Ok(Response::new(self.remove(req.into_inner().id).await?))
+    }
+
+    async fn move_slots(
+        &self,
+        req: Request<MoveSlotsRequest>,
+    ) -> Result<Response<ShardMap>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(
+            ConfigService::move_slots(self, r.slots, r.to_group).await?,
+        ))
+    }
+
+    async fn get_cluster_status(
+        &self,
+        _req: Request<GetClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatus>, Status> {
+        let (map, _) = self.load(false).await?;
+        let counts: BTreeMap<u64, u32> = map::slots_by_group(&map)
+            .into_iter()
+            .map(|(g, s)| (g, s.len() as u32))
+            .collect();
+        let groups = futures::future::join_all(map.groups.iter().map(|g| {
+            Self::group_status(g.id, &g.replicas, counts.get(&g.id).copied().unwrap_or(0))
+        }))
+        .await;
+        let meta_replicas: Vec<Replica> = map
+            .config_addrs
+            .iter()
+            .map(|a| Replica {
+                node_id: 0,
+                addr: a.clone(),
+            })
+            .collect();
+        let meta = Self::group_status(0, &meta_replicas, 0).await;
+        Ok(Response::new(ClusterStatus {
+            map: Some(map),
+            groups,
+            meta: Some(meta),
+        }))
+    }
+}

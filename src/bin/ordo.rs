@@ -1,12 +1,12 @@
-//! `ordo`: the server binary. `ordo node` runs one replica of a shard group; `ordo playground`
-//! runs a whole local group in one process.
+//! `ordo`: the server binary. `node` runs one replica of a shard group, `config` one config
+//! server, `router` a query router, and `playground` a whole local cluster in one process.
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
 use ordo::node::{parse_peers, Node, NodeConfig};
+use ordo::playground::{Playground, PlaygroundConfig};
 
 #[derive(Parser)]
 #[command(
@@ -26,7 +26,7 @@ enum Cmd {
         /// This replica's raft id (non-zero, unique in the group).
         #[arg(long)]
         id: u64,
-        /// The shard group this replica belongs to.
+        /// The shard group this replica belongs to (1 or more; 0 is the config servers' group).
         #[arg(long, default_value_t = 1)]
         group: u64,
         /// Address to serve clients and peers on.
@@ -42,15 +42,40 @@ enum Cmd {
         #[arg(long, default_value_t = COMPACT_LOG_ENTRIES_DEFAULT)]
         compact_log_entries: u64,
     },
-    /// Run a local group of replicas in this process, for trying Ordo out.
+    /// Run one config server: a replica of the meta group that keeps the shard map.
+    Config {
+        /// This replica's raft id in the meta group.
+        #[arg(long)]
+        id: u64,
+        #[arg(long)]
+        listen: String,
+        /// Every config replica: `1=host:port,2=host:port,3=host:port`.
+        #[arg(long)]
+        peers: String,
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Run a query router: stateless, serves ordo.v1.Kv and forwards to the owning groups.
+    Router {
+        #[arg(long)]
+        listen: String,
+        /// Config server addresses: `host:port,host:port,...`.
+        #[arg(long)]
+        config: String,
+    },
+    /// Run a whole local cluster in this process: 3 config replicas, groups × replicas nodes, one router.
     Playground {
         /// Where the playground keeps its data; starting again with the same dir brings it back.
         #[arg(long, default_value = "./ordo-data")]
         dir: PathBuf,
-        /// Replicas in the group.
+        /// Shard groups (1 to 9).
+        #[arg(long, default_value_t = 3)]
+        groups: u64,
+        /// Replicas per group (1 to 7).
         #[arg(long, default_value_t = 3)]
         replicas: u64,
-        /// Replica i listens on 127.0.0.1:<port + i>.
+        /// The router listens on 127.0.0.1:<port>, config replica i on <port + i>, replica r of
+        /// group g on <port + 10g + r>.
         #[arg(long, default_value_t = 7000)]
         port: u16,
     },
@@ -71,6 +96,26 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
+fn node_config(
+    id: u64,
+    group: u64,
+    listen: String,
+    peers: &str,
+    data_dir: PathBuf,
+    compact: u64,
+) -> anyhow::Result<NodeConfig> {
+    Ok(NodeConfig {
+        id,
+        group,
+        listen,
+        peers: parse_peers(peers)?,
+        data_dir,
+        compact_log_entries: compact,
+        slot_count: SLOT_COUNT_DEFAULT,
+        config_server: group == 0,
+    })
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     ordo::logging::init();
@@ -83,68 +128,88 @@ async fn main() -> anyhow::Result<()> {
             data_dir,
             compact_log_entries,
         } => {
-            let peers = parse_peers(&peers)?;
-            let node = Node::start(NodeConfig {
+            anyhow::ensure!(
+                group != 0,
+                "group 0 is the config servers' meta group: run `ordo config` for it"
+            );
+            let node = Node::start(node_config(
                 id,
                 group,
                 listen,
-                peers,
+                &peers,
                 data_dir,
                 compact_log_entries,
-                slot_count: SLOT_COUNT_DEFAULT,
-            })
+            )?)
             .await?;
             wait_for_signal().await;
             tracing::info!("stopping");
             node.shutdown().await;
         }
+        Cmd::Config {
+            id,
+            listen,
+            peers,
+            data_dir,
+        } => {
+            let node = Node::start(node_config(
+                id,
+                0,
+                listen,
+                &peers,
+                data_dir,
+                COMPACT_LOG_ENTRIES_DEFAULT,
+            )?)
+            .await?;
+            wait_for_signal().await;
+            tracing::info!("stopping");
+            node.shutdown().await;
+        }
+        Cmd::Router { listen, config } => {
+            let config_addrs: Vec<String> = config
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+            let router = ordo_router::Router::start(ordo_router::RouterConfig {
+                listen,
+                config_addrs,
+            })
+            .await?;
+            println!("router serving on {}", router.addr);
+            wait_for_signal().await;
+            tracing::info!("stopping");
+            router.shutdown().await;
+        }
         Cmd::Playground {
             dir,
+            groups,
             replicas,
             port,
         } => {
-            anyhow::ensure!(
-                (1..=7).contains(&replicas),
-                "--replicas must be between 1 and 7"
-            );
-            let peers: std::collections::BTreeMap<u64, String> = (1..=replicas)
-                .map(|i| (i, format!("127.0.0.1:{}", port as u64 + i)))
-                .collect();
-            let mut nodes = Vec::new();
-            for (&id, addr) in &peers {
-                let node = Node::start(NodeConfig {
-                    id,
-                    group: 1,
-                    listen: addr.clone(),
-                    peers: peers.clone(),
-                    data_dir: dir.join(format!("group-1/node-{id}")),
-                    compact_log_entries: COMPACT_LOG_ENTRIES_DEFAULT,
-                    slot_count: SLOT_COUNT_DEFAULT,
-                })
-                .await
-                .with_context(|| format!("starting replica {id} on {addr}"))?;
-                nodes.push(node);
-            }
-            let endpoints: Vec<&str> = peers.values().map(String::as_str).collect();
-            let endpoints = endpoints.join(",");
+            let cfg = PlaygroundConfig {
+                groups,
+                replicas,
+                port: Some(port),
+                ..PlaygroundConfig::new(&dir)
+            };
+            let pg = Playground::start(cfg).await?;
+            let r = pg.router_addr();
+            println!("Ordo playground: {groups} shard groups x {replicas} replicas, 3 config replicas; data in {}", dir.display());
             println!(
-                "Ordo playground: group 1 with {replicas} replicas, data in {}",
-                dir.display()
+                "Router: {r}    Config servers: {}",
+                pg.config_addrs.join(",")
             );
             println!("Try:");
-            println!("  cargo run --release --bin ordoctl -- --endpoint {endpoints} put order-1 \"\" created");
             println!(
-                "  cargo run --release --bin ordoctl -- --endpoint {endpoints} get order-1 \"\""
+                "  cargo run --release --bin ordoctl -- --endpoint {r} put order-1 \"\" created"
             );
-            println!(
-                "Ctrl-C stops it; starting again with --dir {} brings the same data back.",
-                dir.display()
-            );
+            println!("  cargo run --release --bin ordoctl -- --endpoint {r} get order-1 \"\"");
+            println!("  cargo run --release --bin ordoctl -- --endpoint {r} status");
+            println!("Ctrl-C stops it; starting again with --dir {} brings the same cluster and data back.", dir.display());
             wait_for_signal().await;
             tracing::info!("stopping the playground");
-            for n in nodes {
-                n.shutdown().await;
-            }
+            pg.shutdown().await;
         }
     }
     Ok(())

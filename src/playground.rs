@@ -1,0 +1,203 @@
+//! A whole cluster in one process: 3 config replicas (the meta group), `groups` × `replicas`
+//! shard-group nodes and one router, all on loopback with real gRPC between them. The README's
+//! run command, and the in-process cluster of the tests.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ordo_proto::v1::cluster_client::ClusterClient;
+use ordo_proto::v1::{GetShardMapRequest, GroupSpec, InitClusterRequest, ShardMap};
+use tonic::Code;
+
+use crate::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
+use crate::node::{Node, NodeConfig};
+
+pub const META_REPLICAS: u64 = 3;
+/// How long start-up waits for the meta group and the groups to elect leaders and accept the map.
+const READY_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug)]
+pub struct PlaygroundConfig {
+    pub dir: PathBuf,
+    pub groups: u64,
+    pub replicas: u64,
+    /// Router on `port`, config replica i on `port + i`, replica r of group g on `port + 10g + r`.
+    /// `None` picks free ports (tests).
+    pub port: Option<u16>,
+    pub compact_log_entries: u64,
+}
+
+impl PlaygroundConfig {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        PlaygroundConfig {
+            dir: dir.into(),
+            groups: 3,
+            replicas: 3,
+            port: Some(7000),
+            compact_log_entries: COMPACT_LOG_ENTRIES_DEFAULT,
+        }
+    }
+}
+
+pub struct Playground {
+    pub router: ordo_router::Router,
+    pub meta: Vec<Node>,
+    /// Group id → its replicas.
+    pub groups: BTreeMap<u64, Vec<Node>>,
+    pub config_addrs: Vec<String>,
+}
+
+fn addr_for(port: Option<u16>, offset: u64) -> anyhow::Result<String> {
+    Ok(match port {
+        Some(p) => {
+            let p = p as u64 + offset;
+            if p > u16::MAX as u64 {
+                bail!("port {p} is out of range; pick a lower --port");
+            }
+            format!("127.0.0.1:{p}")
+        }
+        None => format!(
+            "127.0.0.1:{}",
+            std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port()
+        ),
+    })
+}
+
+async fn start_group(
+    cfg: &PlaygroundConfig,
+    group: u64,
+    peers: &BTreeMap<u64, String>,
+    name: &str,
+) -> anyhow::Result<Vec<Node>> {
+    let mut nodes = Vec::new();
+    for (&id, addr) in peers {
+        let node = Node::start(NodeConfig {
+            id,
+            group,
+            listen: addr.clone(),
+            peers: peers.clone(),
+            data_dir: cfg.dir.join(format!("{name}/node-{id}")),
+            compact_log_entries: cfg.compact_log_entries,
+            slot_count: SLOT_COUNT_DEFAULT,
+            config_server: group == 0,
+        })
+        .await
+        .with_context(|| format!("starting {name} replica {id} on {addr}"))?;
+        nodes.push(node);
+    }
+    Ok(nodes)
+}
+
+/// Asks the config servers for the map, and creates the cluster when there is none yet. Retries
+/// while leaders are being elected, within `READY_WAIT`.
+async fn ensure_initialized(
+    config_addrs: &[String],
+    specs: Vec<GroupSpec>,
+) -> anyhow::Result<ShardMap> {
+    let started = Instant::now();
+    let mut last_err = String::new();
+    while started.elapsed() < READY_WAIT {
+        for addr in config_addrs {
+            let Ok(ch) = crate::transport::endpoint(addr)?.connect().await else {
+                continue;
+            };
+            let mut c = ClusterClient::new(ch);
+            let map = match c
+                .get_shard_map(GetShardMapRequest { linearizable: true })
+                .await
+            {
+                Ok(m) => m.into_inner(),
+                Err(e) => {
+                    last_err = format!("{addr}: {}", e.message());
+                    continue;
+                }
+            };
+            if map.version > 0 {
+                return Ok(map);
+            }
+            match c
+                .init_cluster(InitClusterRequest {
+                    slot_count: SLOT_COUNT_DEFAULT,
+                    groups: specs.clone(),
+                })
+                .await
+            {
+                Ok(m) => return Ok(m.into_inner()),
+                Err(e) if matches!(e.code(), Code::Unavailable | Code::Aborted) => {
+                    last_err = format!("{addr}: {}", e.message())
+                }
+                Err(e) => bail!("initializing the cluster failed: {}", e.message()),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the cluster did not become ready within {READY_WAIT:?}; last error: {last_err}")
+}
+
+impl Playground {
+    pub async fn start(cfg: PlaygroundConfig) -> anyhow::Result<Playground> {
+        if !(1..=9).contains(&cfg.groups) {
+            bail!("--groups must be between 1 and 9");
+        }
+        if !(1..=7).contains(&cfg.replicas) {
+            bail!("--replicas must be between 1 and 7");
+        }
+        let meta_peers: BTreeMap<u64, String> = (1..=META_REPLICAS)
+            .map(|i| Ok((i, addr_for(cfg.port, i)?)))
+            .collect::<anyhow::Result<_>>()?;
+        let meta = start_group(&cfg, 0, &meta_peers, "meta").await?;
+        let mut groups = BTreeMap::new();
+        let mut specs = Vec::new();
+        for g in 1..=cfg.groups {
+            let peers: BTreeMap<u64, String> = (1..=cfg.replicas)
+                .map(|r| Ok((r, addr_for(cfg.port, 10 * g + r)?)))
+                .collect::<anyhow::Result<_>>()?;
+            specs.push(GroupSpec {
+                id: g,
+                addrs: peers.values().cloned().collect(),
+            });
+            groups.insert(
+                g,
+                start_group(&cfg, g, &peers, &format!("group-{g}")).await?,
+            );
+        }
+        let config_addrs: Vec<String> = meta_peers.values().cloned().collect();
+        let map = ensure_initialized(&config_addrs, specs).await?;
+        if map.groups.len() as u64 != cfg.groups {
+            tracing::warn!(in_map = map.groups.len(), asked = cfg.groups, "this data dir holds a cluster with a different number of groups; the stored map wins");
+        }
+        let router = ordo_router::Router::start(ordo_router::RouterConfig {
+            listen: addr_for(cfg.port, 0)?,
+            config_addrs: config_addrs.clone(),
+        })
+        .await
+        .context("starting the router")?;
+        Ok(Playground {
+            router,
+            meta,
+            groups,
+            config_addrs,
+        })
+    }
+
+    pub fn router_addr(&self) -> String {
+        self.router.addr.to_string()
+    }
+
+    /// Stops the router first (no new requests), then the groups, then the config servers.
+    pub async fn shutdown(self) {
+        self.router.shutdown().await;
+        for (_, nodes) in self.groups {
+            for n in nodes {
+                n.shutdown().await;
+            }
+        }
+        for n in self.meta {
+            n.shutdown().await;
+        }
+    }
+}
