@@ -1,1 +1,260 @@
-//! The router lands with the cluster issue (#3); this crate only reserves its place in the workspace.
+//! Ordo's query router: a stateless gRPC front door that caches the shard map, hashes each
+//! request's shard key to its slot and group, and forwards the request to that group's leader.
+//!
+//! # What it serves
+//! One tonic server with `ordo.v1.Kv` (Get/Put/Delete/Scan/Txn) and `ordo.v1.Cluster`.
+//!
+//! # Shard map
+//! [`Router::start`] fetches the map from the config servers (any replica), then a background
+//! task follows `WatchShardMap` on any reachable config replica and installs each newer version.
+//! A `WrongShard` answer also refreshes it (linearizably, from the config leader). The map lives
+//! in a `tokio::sync::watch` cell of `Arc<ShardMap>`; routing is
+//! `slot_owner[slot_of(shard_key, slot_count)]` → group → replicas. Until the cluster is
+//! initialized (map version 0) Kv requests get `UNAVAILABLE`.
+//!
+//! # Forwarding and retries
+//! Each Kv request goes to the cached leader of its group (initially the first replica) over a
+//! pooled, lazily connected channel, stamped with the map version used. Node errors:
+//! - `UNAVAILABLE` + `NotLeader`: go to the named leader (at once the first time), or to the next
+//!   replica when none is named;
+//! - `UNAVAILABLE` without details, or a transport error: next replica;
+//! - `FAILED_PRECONDITION` + `WrongShard`: refresh the map, retry at the new owner;
+//! - anything else: returned to the client unchanged (code, message, details).
+//!
+//! At most 12 attempts, backoff 10 ms doubling to 250 ms, all within the request's deadline (its
+//! `grpc-timeout`, default 10 s, at most 60 s). When they are spent the client gets
+//! `UNAVAILABLE` saying what was tried; it carries no details, so a client never mistakes the
+//! router for a node and follows a node's leader hint past it.
+//!
+//! A `Txn` must touch one group; cross-group transactions are refused with
+//! `FAILED_PRECONDITION` until two-phase commit lands.
+
+mod cluster;
+mod config;
+mod deadline;
+mod kv;
+mod map;
+mod pool;
+mod retry;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use ordo_proto::v1::cluster_server::ClusterServer;
+use ordo_proto::v1::kv_server::KvServer;
+use ordo_proto::v1::ShardMap;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::cluster::ClusterService;
+use crate::config::ConfigClient;
+use crate::kv::KvService;
+use crate::map::{Leaders, MapCell};
+use crate::pool::{Pool, MESSAGE_BYTES_MAX};
+
+/// How long [`Router::start`] keeps trying to reach a config server by default.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long [`Router::shutdown`] lets open requests finish before it aborts them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Where the router listens and where it finds the config servers.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// `host:port` to listen on; port 0 picks a free port (see [`Router::addr`]).
+    pub listen: String,
+    /// Config server addresses (`host:port` or `http://host:port`; an entry may hold several,
+    /// comma-separated).
+    pub config_addrs: Vec<String>,
+}
+
+/// Knobs that are rarely changed; [`Router::start`] uses the defaults.
+#[derive(Debug, Clone)]
+pub struct RouterOptions {
+    /// How long start-up keeps trying to fetch the shard map before it fails.
+    pub start_timeout: Duration,
+    /// Follow `WatchShardMap` in the background (the normal case). With `false` the router
+    /// learns a new map only from a `wrong shard` answer, which tests use to hold a stale map.
+    pub follow_map_updates: bool,
+}
+
+/// Counters of routing events since the router started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RouterStats {
+    /// `wrong shard` answers from nodes (each one makes the router refresh its map).
+    pub wrong_shard: u64,
+    /// `not leader` answers that named the leader, which the router then followed.
+    pub redirects: u64,
+}
+
+/// The live counters behind [`RouterStats`].
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) wrong_shard: AtomicU64,
+    pub(crate) redirects: AtomicU64,
+}
+
+impl Default for RouterOptions {
+    fn default() -> Self {
+        RouterOptions {
+            start_timeout: DEFAULT_START_TIMEOUT,
+            follow_map_updates: true,
+        }
+    }
+}
+
+/// State shared by the services and the background watcher.
+pub(crate) struct Shared {
+    pub(crate) map: MapCell,
+    pub(crate) leaders: Leaders,
+    pub(crate) pool: Arc<Pool>,
+    pub(crate) config: ConfigClient,
+    /// Serialises map refreshes (see `config::refresh_map`).
+    pub(crate) refresh_lock: tokio::sync::Mutex<()>,
+    /// Turns true when the router stops (ends the router's own watch streams).
+    pub(crate) stop: watch::Receiver<bool>,
+    pub(crate) counters: Counters,
+}
+
+impl Shared {
+    /// Installs `map` if it is newer than the cached one.
+    pub(crate) fn install_map(&self, map: ShardMap, source: &str) {
+        self.config.learn(&map);
+        if self.map.install(map, source).is_some() {
+            self.leaders.retain_groups(&self.map.current());
+        }
+    }
+}
+
+/// A running router.
+pub struct Router {
+    /// The address it listens on (the real port when `listen` asked for port 0).
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+    stop_tx: watch::Sender<bool>,
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
+    watcher: Option<JoinHandle<()>>,
+}
+
+impl Router {
+    /// Binds `cfg.listen`, fetches the shard map from the config servers (trying for up to
+    /// [`DEFAULT_START_TIMEOUT`]), starts following map updates and serves.
+    pub async fn start(cfg: RouterConfig) -> anyhow::Result<Router> {
+        Router::start_with_options(cfg, RouterOptions::default()).await
+    }
+
+    /// [`Router::start`] with explicit [`RouterOptions`].
+    pub async fn start_with_options(
+        cfg: RouterConfig,
+        opts: RouterOptions,
+    ) -> anyhow::Result<Router> {
+        let pool = Arc::new(Pool::default());
+        let config = ConfigClient::new(&cfg.config_addrs, pool.clone())?;
+        let listener = tokio::net::TcpListener::bind(&cfg.listen)
+            .await
+            .with_context(|| format!("router: cannot listen on {}", cfg.listen))?;
+        let addr = listener.local_addr()?;
+
+        let initial = config.fetch_initial(opts.start_timeout).await?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            map: MapCell::new(),
+            leaders: Leaders::default(),
+            pool,
+            config,
+            refresh_lock: tokio::sync::Mutex::new(()),
+            stop: stop_rx.clone(),
+            counters: Counters::default(),
+        });
+        shared.install_map(initial, "start");
+        if shared.map.current().version == 0 {
+            tracing::warn!(
+                "the cluster is not initialized yet (map version 0): run `ordoctl init`"
+            );
+        }
+
+        let watcher = opts
+            .follow_map_updates
+            .then(|| tokio::spawn(config::watch_maps(shared.clone())));
+        let kv = KvServer::new(KvService(shared.clone()))
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX);
+        let cluster = ClusterServer::new(ClusterService(shared.clone()))
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX);
+        let mut stop = stop_rx;
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .tcp_nodelay(true)
+                .add_service(kv)
+                .add_service(cluster)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                ),
+        );
+        tracing::info!(
+            %addr,
+            config = ?shared.config.addrs(),
+            map_version = shared.map.current().version,
+            "router serving"
+        );
+        Ok(Router {
+            addr,
+            shared,
+            stop_tx,
+            server: Some(server),
+            watcher,
+        })
+    }
+
+    /// The version of the cached shard map (0 = cluster not initialized).
+    pub fn map_version(&self) -> u64 {
+        self.shared.map.current().version
+    }
+
+    /// Routing counters since start.
+    pub fn stats(&self) -> RouterStats {
+        let c = &self.shared.counters;
+        RouterStats {
+            wrong_shard: c.wrong_shard.load(Ordering::Relaxed),
+            redirects: c.redirects.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops accepting requests, lets open ones finish for at most [`SHUTDOWN_GRACE`], then
+    /// aborts what is left.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop_tx.send(true);
+        if let Some(w) = self.watcher.take() {
+            w.abort();
+        }
+        if let Some(mut server) = self.server.take() {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => tracing::warn!("router server ended with an error: {e}"),
+                Ok(Err(e)) => tracing::warn!("router server task failed: {e}"),
+                Err(_) => {
+                    tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; aborting them");
+                    server.abort();
+                }
+            }
+        }
+        tracing::info!(addr = %self.addr, "router stopped");
+    }
+}
+
+impl Drop for Router {
+    /// A router dropped without [`Router::shutdown`] still stops: the server drains in the
+    /// background and the watcher ends.
+    fn drop(&mut self) {
+        let _ = self.stop_tx.send(true);
+        if let Some(w) = self.watcher.take() {
+            w.abort();
+        }
+    }
+}

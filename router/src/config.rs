@@ -1,0 +1,385 @@
+//! Talking to the config servers: the first map at start, unary calls with leader-following
+//! retries (map refreshes and the proxied `Cluster` RPCs), and the background map watcher.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::bail;
+use ordo_proto::v1::cluster_client::ClusterClient;
+use ordo_proto::v1::{GetShardMapRequest, ShardMap, WatchShardMapRequest};
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::pool::{canonical_addr, Pool, MESSAGE_BYTES_MAX};
+use crate::retry::{backoff, classify, describe, pass_through, Action, MAX_ATTEMPTS};
+use crate::Shared;
+
+/// Most config addresses remembered (given ones plus those the map advertises).
+const CONFIG_ADDRS_MAX: usize = 64;
+/// Longest wait for one config server's answer while starting.
+const START_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Watcher reconnect backoff.
+const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Longest wait for a config server to accept a watch stream.
+const WATCH_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The config replicas and which of them led last.
+pub(crate) struct ConfigClient {
+    addrs: Mutex<Vec<String>>,
+    leader: Mutex<Option<String>>,
+    next: AtomicUsize,
+    pool: Arc<Pool>,
+}
+
+impl ConfigClient {
+    /// Checks and normalises the user's config addresses.
+    pub(crate) fn new(given: &[String], pool: Arc<Pool>) -> anyhow::Result<ConfigClient> {
+        let mut addrs: Vec<String> = Vec::new();
+        for raw in given {
+            // `--config a,b` may arrive as one string.
+            for part in raw.split(',').filter(|p| !p.trim().is_empty()) {
+                match canonical_addr(part) {
+                    Ok(a) if !addrs.contains(&a) => addrs.push(a),
+                    Ok(_) => {}
+                    Err(e) => bail!("invalid config server address {e}"),
+                }
+            }
+        }
+        if addrs.is_empty() {
+            bail!("no config server given: pass --config <addr,...>");
+        }
+        Ok(ConfigClient {
+            addrs: Mutex::new(addrs),
+            leader: Mutex::new(None),
+            next: AtomicUsize::new(0),
+            pool,
+        })
+    }
+
+    pub(crate) fn addrs(&self) -> Vec<String> {
+        self.addrs.lock().unwrap().clone()
+    }
+
+    /// Adds the config replicas a map advertises to the addresses tried.
+    pub(crate) fn learn(&self, map: &ShardMap) {
+        let mut addrs = self.addrs.lock().unwrap();
+        for raw in &map.config_addrs {
+            if addrs.len() >= CONFIG_ADDRS_MAX {
+                break;
+            }
+            if let Ok(a) = canonical_addr(raw) {
+                if !addrs.contains(&a) {
+                    tracing::debug!(addr = %a, "learnt config server address from the shard map");
+                    addrs.push(a);
+                }
+            }
+        }
+    }
+
+    fn client(&self, addr: &str) -> Result<ClusterClient<Channel>, String> {
+        Ok(ClusterClient::new(self.pool.channel(addr)?)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX))
+    }
+
+    /// The first map: asks each address in turn (any replica may answer) until one does, for at
+    /// most `timeout`. The error names every address and how it failed.
+    pub(crate) async fn fetch_initial(&self, timeout: Duration) -> anyhow::Result<ShardMap> {
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let addrs = self.addrs();
+        let mut failures: Vec<String> = vec!["not tried".to_string(); addrs.len()];
+        let mut round = 0;
+        loop {
+            for (i, addr) in addrs.iter().enumerate() {
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                if remaining.is_zero() {
+                    break;
+                }
+                let wait = remaining.min(START_ATTEMPT_TIMEOUT);
+                let mut client = match self.client(addr) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        failures[i] = e;
+                        continue;
+                    }
+                };
+                let mut request = Request::new(GetShardMapRequest {
+                    linearizable: false,
+                });
+                request.set_timeout(wait);
+                match tokio::time::timeout(wait, client.get_shard_map(request)).await {
+                    Ok(Ok(resp)) => {
+                        let map = resp.into_inner();
+                        tracing::info!(config = %addr, version = map.version, "fetched the shard map");
+                        return Ok(map);
+                    }
+                    Ok(Err(status)) => failures[i] = describe(&status),
+                    Err(_) => failures[i] = format!("no answer within {wait:?}"),
+                }
+                tracing::debug!(config = %addr, error = %failures[i], "config server unreachable");
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                let each: Vec<String> = addrs
+                    .iter()
+                    .zip(&failures)
+                    .map(|(a, f)| format!("{a}: {f}"))
+                    .collect();
+                bail!(
+                    "no config server reachable within {timeout:?}: {}",
+                    each.join("; ")
+                );
+            }
+            tokio::time::sleep(backoff(round).min(remaining)).await;
+            round += 1;
+        }
+    }
+
+    /// Sends `req` with `rpc` to the config leader: tries the last known leader first, follows
+    /// not-leader hints, rotates on UNAVAILABLE and transport errors, at most [`MAX_ATTEMPTS`]
+    /// attempts before `deadline`. Any other error comes back unchanged.
+    pub(crate) async fn call<Req, Resp, F, Fut>(
+        &self,
+        what: &str,
+        req: Req,
+        deadline: Instant,
+        rpc: F,
+    ) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(ClusterClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        let mut hint: Option<String> = None;
+        let mut followed_hint = false;
+        loop {
+            let addr = match hint.take() {
+                Some(a) => a,
+                None => self.target(),
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(Status::deadline_exceeded(format!(
+                    "config server {what}: deadline reached after {attempts} attempt(s) over {:.1?}",
+                    started.elapsed()
+                )));
+            }
+            let status = match self.client(&addr) {
+                Err(e) => Status::unavailable(e),
+                Ok(client) => {
+                    let mut request = Request::new(req.clone());
+                    request.set_timeout(remaining);
+                    match tokio::time::timeout(remaining, rpc(client, request)).await {
+                        Ok(Ok(resp)) => {
+                            *self.leader.lock().unwrap() = Some(addr);
+                            return Ok(resp.into_inner());
+                        }
+                        Ok(Err(status)) => status,
+                        Err(_) => {
+                            return Err(Status::deadline_exceeded(format!(
+                                "config server {what}: {addr} did not answer within the deadline \
+                                 ({} attempt(s) over {:.1?}); the outcome of a change is unknown",
+                                attempts + 1,
+                                started.elapsed()
+                            )))
+                        }
+                    }
+                }
+            };
+            attempts += 1;
+            let delay = match classify(&status) {
+                Action::Fail | Action::Refresh { .. } => return Err(pass_through(status)),
+                Action::Redirect(leader) => {
+                    *self.leader.lock().unwrap() = Some(leader.clone());
+                    hint = Some(leader);
+                    if followed_hint {
+                        backoff(attempts - 1)
+                    } else {
+                        followed_hint = true;
+                        Duration::ZERO
+                    }
+                }
+                Action::Rotate => {
+                    self.rotate(&addr);
+                    backoff(attempts - 1)
+                }
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if attempts >= MAX_ATTEMPTS || delay >= remaining {
+                let why = if attempts >= MAX_ATTEMPTS {
+                    String::new()
+                } else {
+                    " (the deadline left no time for another)".to_string()
+                };
+                tracing::warn!(
+                    what,
+                    attempts,
+                    last = %addr,
+                    error = %describe(&status),
+                    "config server call failed"
+                );
+                return Err(Status::unavailable(format!(
+                    "config server {what}: {attempts} attempts over {:.1?} failed{why}; \
+                     last error from {addr}: {}",
+                    started.elapsed(),
+                    describe(&status)
+                )));
+            }
+            tracing::debug!(what, %addr, attempts, ?delay, error = %describe(&status), "retrying config server call");
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+
+    /// The known leader, else the next address in turn.
+    fn target(&self) -> String {
+        if let Some(l) = self.leader.lock().unwrap().clone() {
+            return l;
+        }
+        let addrs = self.addrs.lock().unwrap();
+        addrs[self.next.load(Ordering::Relaxed) % addrs.len()].clone()
+    }
+
+    fn rotate(&self, failed: &str) {
+        let mut leader = self.leader.lock().unwrap();
+        if leader.as_deref().is_some_and(|l| l != failed) {
+            return; // someone found another leader meanwhile
+        }
+        *leader = None;
+        let addrs = self.addrs.lock().unwrap();
+        let next = match addrs.iter().position(|a| a == failed) {
+            Some(i) => i + 1,
+            None => self.next.load(Ordering::Relaxed) + 1,
+        };
+        self.next.store(next % addrs.len(), Ordering::Relaxed);
+    }
+
+    /// The address the watcher uses for its `attempt`-th stream: rotates through every known
+    /// config replica so one dead replica cannot stop updates.
+    fn watch_target(&self, attempt: usize) -> String {
+        let addrs = self.addrs.lock().unwrap();
+        addrs[attempt % addrs.len()].clone()
+    }
+}
+
+/// Follows `WatchShardMap` on any reachable config replica for as long as the router runs,
+/// installing every newer map. Reconnects with backoff (50 ms doubling to 1 s), rotating
+/// addresses; the backoff starts over once a stream delivered a map.
+pub(crate) async fn watch_maps(shared: Arc<Shared>) {
+    let mut delay = WATCH_BACKOFF_MIN;
+    let mut attempt = 0usize;
+    loop {
+        let addr = shared.config.watch_target(attempt);
+        attempt = attempt.wrapping_add(1);
+        let after_version = shared.map.current().version;
+        match shared.config.client(&addr) {
+            Err(e) => tracing::warn!(config = %addr, "cannot watch the shard map: {e}"),
+            Ok(mut client) => {
+                let open = client.watch_shard_map(WatchShardMapRequest { after_version });
+                match tokio::time::timeout(WATCH_OPEN_TIMEOUT, open).await {
+                    Err(_) => {
+                        tracing::debug!(config = %addr, "watch stream not accepted in time")
+                    }
+                    Ok(Err(status)) => {
+                        tracing::debug!(config = %addr, error = %describe(&status), "cannot watch the shard map")
+                    }
+                    Ok(Ok(resp)) => {
+                        tracing::debug!(config = %addr, after_version, "watching the shard map");
+                        let mut stream = resp.into_inner();
+                        loop {
+                            match stream.message().await {
+                                Ok(Some(map)) => {
+                                    delay = WATCH_BACKOFF_MIN;
+                                    shared.install_map(map, &format!("watch {addr}"));
+                                }
+                                Ok(None) => {
+                                    tracing::debug!(config = %addr, "shard map watch ended");
+                                    break;
+                                }
+                                Err(status) => {
+                                    tracing::debug!(config = %addr, error = %describe(&status), "shard map watch broke");
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(WATCH_BACKOFF_MAX);
+    }
+}
+
+/// Fetches the latest map from the config leader (`linearizable`) and installs it. Concurrent
+/// refreshes wait for one another and skip the fetch when a newer map than `used_version` arrived
+/// meanwhile, so a burst of `WrongShard` answers costs one config round trip.
+pub(crate) async fn refresh_map(
+    shared: &Shared,
+    used_version: u64,
+    deadline: Instant,
+) -> Result<(), String> {
+    let work = async {
+        let _one_at_a_time = shared.refresh_lock.lock().await;
+        if shared.map.current().version > used_version {
+            return Ok(());
+        }
+        let map = shared
+            .config
+            .call(
+                "GetShardMap",
+                GetShardMapRequest { linearizable: true },
+                deadline,
+                |mut c, r| async move { c.get_shard_map(r).await },
+            )
+            .await
+            .map_err(|s| format!("map refresh failed: {}", describe(&s)))?;
+        shared.install_map(map, "refresh");
+        Ok(())
+    };
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(r) => r,
+        Err(_) => Err("map refresh did not finish before the deadline".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_checked_split_and_deduplicated() {
+        let pool = Arc::new(Pool::default());
+        let err = ConfigClient::new(&[], pool.clone()).err().unwrap();
+        assert_eq!(
+            err.to_string(),
+            "no config server given: pass --config <addr,...>"
+        );
+        let err = ConfigClient::new(&[" , ".into()], pool.clone())
+            .err()
+            .unwrap();
+        assert!(err.to_string().starts_with("no config server given"));
+        assert!(ConfigClient::new(&["https://a:1".into()], pool.clone()).is_err());
+        let c = ConfigClient::new(&["a:1,http://b:2".into(), "a:1".into()], pool.clone()).unwrap();
+        assert_eq!(c.addrs(), ["a:1", "b:2"]);
+        c.learn(&ShardMap {
+            config_addrs: vec!["b:2".into(), "c:3".into()],
+            ..Default::default()
+        });
+        assert_eq!(c.addrs(), ["a:1", "b:2", "c:3"]);
+        assert_eq!(c.target(), "a:1");
+        c.rotate("a:1");
+        assert_eq!(c.target(), "b:2");
+        *c.leader.lock().unwrap() = Some("c:3".into());
+        c.rotate("b:2");
+        assert_eq!(c.target(), "c:3");
+    }
+}
