@@ -1,11 +1,16 @@
-//! The Ordo client: one handle over a list of node addresses that finds the leader by itself.
+//! The Ordo clients: handles over a list of addresses that find the leader by themselves.
 //!
-//! Nodes answer a request they cannot serve because they are not the leader with `Unavailable`
-//! and an [`ErrorDetail`] naming the leader when they know it. [`Client`] follows that hint (or
-//! tries the next address when there is none), backs off between attempts, remembers the leader
-//! for the next call, and gives up after a bounded number of attempts or when the per-call
-//! deadline runs out. Every other error is handed back unchanged as a [`tonic::Status`], so callers
-//! can inspect its code and details.
+//! [`Client`] speaks the `ordo.v1.Kv` service (to the nodes of a shard group, or to a router);
+//! [`ClusterClient`] speaks the `ordo.v1.Cluster` service (to config servers, or to a router,
+//! which proxies it).
+//!
+//! A server answers a request it cannot serve because it is not the leader with `Unavailable`
+//! and an [`ErrorDetail`] naming the leader when it knows it. Both clients follow that hint (or
+//! try the next address when there is none), back off between attempts, remember the leader for
+//! the next call, and give up after a bounded number of attempts or when the per-call deadline
+//! runs out. Every other error is handed back unchanged as a [`tonic::Status`], so callers can
+//! inspect its code and details. The machinery lives in one place, `Core::call`, which is generic
+//! over the RPC: each client only says how to make its call on a [`Channel`].
 //!
 //! Channels are created lazily (nothing connects until the first request) and cached per address.
 
@@ -16,10 +21,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
+use ordo_proto::v1::cluster_client::ClusterClient as ClusterStub;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{
-    error_detail, Consistency, DeleteRequest, DeleteResponse, ErrorDetail, GetRequest, GetResponse,
-    PutRequest, PutResponse, ScanRequest, ScanResponse, TxnRequest, TxnResponse,
+    error_detail, AddGroupRequest, ClusterStatus, Consistency, DeleteRequest, DeleteResponse,
+    ErrorDetail, GetClusterStatusRequest, GetRequest, GetResponse, GetShardMapRequest,
+    InitClusterRequest, MoveSlotsRequest, PutRequest, PutResponse, RemoveGroupRequest, ScanRequest,
+    ScanResponse, ShardMap, TxnRequest, TxnResponse, WatchShardMapRequest,
 };
 use prost::Message;
 use tokio::time::Instant;
@@ -62,12 +70,37 @@ const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// an error its outcome is unknown: read the item back before acting on it.
 #[derive(Clone)]
 pub struct Client {
+    core: Core,
+}
+
+/// A client of the `ordo.v1.Cluster` service over the addresses of config servers or routers.
+///
+/// Same construction, sharing and retry policy as [`Client`]: reads and writes follow
+/// `NotLeader` hints to the meta leader and retry plain `Unavailable` answers.
+///
+/// # Write outcomes
+///
+/// As with [`Client`], a write that failed with a plain `Unavailable` may have been applied, so
+/// its retry may fail because of its own first attempt: `init_cluster` then reports that the
+/// cluster is already initialized, `add_group` that the group exists, `remove_group` that it does
+/// not. `move_slots` is idempotent. When a write returns an error, read the map back with
+/// `get_shard_map(true)` before acting on it.
+#[derive(Clone)]
+pub struct ClusterClient {
+    core: Core,
+}
+
+/// The address list, channel cache, remembered leader and retry policy behind both clients.
+///
+/// Cheap to clone; clones share the cache and the routing state.
+#[derive(Clone)]
+struct Core {
     shared: Arc<Shared>,
     timeout: Duration,
     max_attempts: u32,
 }
 
-/// State shared by all clones of one [`Client`].
+/// State shared by all clones of one client.
 struct Shared {
     /// The user's addresses, normalised and deduplicated, in the order given.
     endpoints: Vec<String>,
@@ -95,64 +128,65 @@ enum Retry {
     Fail,
 }
 
-impl Client {
-    /// Creates a client over `endpoints` (`host:port` or `http://host:port`).
-    ///
-    /// Nothing connects here, so this needs no runtime and succeeds even when no node is up yet;
-    /// connection failures surface (and are retried) on the first request.
-    pub fn connect(endpoints: Vec<String>) -> anyhow::Result<Client> {
-        let mut normalised: Vec<String> = Vec::with_capacity(endpoints.len());
-        for raw in &endpoints {
-            let addr = normalize_addr(raw)?;
-            // Validate now so that a typo fails at startup rather than on every request.
-            Endpoint::from_shared(addr.clone())
-                .with_context(|| format!("invalid endpoint address {raw:?}"))?;
-            if !normalised.contains(&addr) {
-                normalised.push(addr);
+/// The accessors and builders both clients share, delegating to their [`Core`].
+macro_rules! common_client_api {
+    ($client:ident) => {
+        impl $client {
+            /// Creates a client over `endpoints` (`host:port` or `http://host:port`).
+            ///
+            /// Nothing connects here, so this needs no runtime and succeeds even when no server
+            /// is up yet; connection failures surface (and are retried) on the first request.
+            pub fn connect(endpoints: Vec<String>) -> anyhow::Result<$client> {
+                Ok($client {
+                    core: Core::new(endpoints)?,
+                })
+            }
+
+            /// Sets the overall deadline of each call, retries and backoff included.
+            pub fn with_timeout(mut self, timeout: Duration) -> $client {
+                self.core.timeout = timeout;
+                self
+            }
+
+            /// Sets the most attempts (first try included, at least 1) one call makes; default
+            /// [`MAX_ATTEMPTS`].
+            pub fn with_max_attempts(mut self, attempts: u32) -> $client {
+                self.core.max_attempts = attempts.max(1);
+                self
+            }
+
+            /// The per-call deadline.
+            pub fn timeout(&self) -> Duration {
+                self.core.timeout
+            }
+
+            /// The normalised addresses this client was created with.
+            pub fn endpoints(&self) -> &[String] {
+                &self.core.shared.endpoints
+            }
+
+            /// The leader address learnt from the last calls, if any.
+            pub fn leader(&self) -> Option<String> {
+                self.core.leader()
             }
         }
-        if normalised.is_empty() {
-            bail!("no endpoint given");
-        }
-        Ok(Client {
-            shared: Arc::new(Shared {
-                endpoints: normalised,
-                channels: Mutex::new(HashMap::new()),
-                routing: Mutex::new(Routing::default()),
-            }),
-            timeout: DEFAULT_TIMEOUT,
-            max_attempts: MAX_ATTEMPTS,
-        })
-    }
+    };
+}
 
-    /// Sets the overall deadline of each call, retries and backoff included.
-    pub fn with_timeout(mut self, timeout: Duration) -> Client {
-        self.timeout = timeout;
-        self
-    }
+common_client_api!(Client);
+common_client_api!(ClusterClient);
 
-    /// Sets the most attempts (first try included, at least 1) one call makes; default
-    /// [`MAX_ATTEMPTS`].
-    pub fn with_max_attempts(mut self, attempts: u32) -> Client {
-        self.max_attempts = attempts.max(1);
-        self
-    }
+/// A Kv stub on `channel`.
+fn kv(channel: Channel) -> KvClient<Channel> {
+    KvClient::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
+}
 
-    /// The per-call deadline.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
+/// A Cluster stub on `channel`.
+fn cluster(channel: Channel) -> ClusterStub<Channel> {
+    ClusterStub::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
+}
 
-    /// The normalised addresses this client was created with.
-    pub fn endpoints(&self) -> &[String] {
-        &self.shared.endpoints
-    }
-
-    /// The leader address learnt from the last calls, if any.
-    pub fn leader(&self) -> Option<String> {
-        self.shared.routing.lock().unwrap().leader.clone()
-    }
-
+impl Client {
     /// Reads one item. With `stale`, any replica may answer from its local state, which may lag
     /// behind acknowledged writes; otherwise the read is linearizable.
     pub async fn get(
@@ -167,7 +201,8 @@ impl Client {
             key: key.into(),
             consistency: consistency(stale) as i32,
         };
-        self.call(req, stale, |mut kv, r| async move { kv.get(r).await })
+        self.core
+            .call(req, stale, |ch, r| async move { kv(ch).get(r).await })
             .await
     }
 
@@ -188,7 +223,8 @@ impl Client {
             value: value.into(),
             if_version,
         };
-        self.call(req, false, |mut kv, r| async move { kv.put(r).await })
+        self.core
+            .call(req, false, |ch, r| async move { kv(ch).put(r).await })
             .await
     }
 
@@ -206,7 +242,8 @@ impl Client {
             key: key.into(),
             if_version,
         };
-        self.call(req, false, |mut kv, r| async move { kv.delete(r).await })
+        self.core
+            .call(req, false, |ch, r| async move { kv(ch).delete(r).await })
             .await
     }
 
@@ -229,18 +266,145 @@ impl Client {
             limit,
             consistency: consistency(stale) as i32,
         };
-        self.call(req, stale, |mut kv, r| async move { kv.scan(r).await })
+        self.core
+            .call(req, stale, |ch, r| async move { kv(ch).scan(r).await })
             .await
     }
 
     /// Runs a transaction: checks `compares`, then runs the success or the failure ops atomically.
     /// See the type's documentation about the outcome of a write that returned an error.
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, Status> {
-        self.call(req, false, |mut kv, r| async move { kv.txn(r).await })
+        self.core
+            .call(req, false, |ch, r| async move { kv(ch).txn(r).await })
+            .await
+    }
+}
+
+impl ClusterClient {
+    /// The shard map. Without `linearizable`, any config replica (or a router's cache) answers
+    /// with the version it has, which may lag; with it, the meta leader answers with its latest.
+    pub async fn get_shard_map(&self, linearizable: bool) -> Result<ShardMap, Status> {
+        let req = GetShardMapRequest { linearizable };
+        self.core
+            .call(req, !linearizable, |ch, r| async move {
+                cluster(ch).get_shard_map(r).await
+            })
             .await
     }
 
-    /// Sends `req` with `rpc`, following leader hints and retrying as described on [`Client`].
+    /// Creates the cluster: spreads `slot_count` slots evenly over the groups. All or nothing;
+    /// refused on an initialized cluster. See the type's documentation about write outcomes.
+    pub async fn init_cluster(&self, req: InitClusterRequest) -> Result<ShardMap, Status> {
+        self.core
+            .call(req, false, |ch, r| async move {
+                cluster(ch).init_cluster(r).await
+            })
+            .await
+    }
+
+    /// Registers a running group; it owns no slots until slots are moved to it.
+    pub async fn add_group(&self, req: AddGroupRequest) -> Result<ShardMap, Status> {
+        self.core
+            .call(
+                req,
+                false,
+                |ch, r| async move { cluster(ch).add_group(r).await },
+            )
+            .await
+    }
+
+    /// Unregisters group `id`, which must own no slots.
+    pub async fn remove_group(&self, id: u64) -> Result<ShardMap, Status> {
+        let req = RemoveGroupRequest { id };
+        self.core
+            .call(req, false, |ch, r| async move {
+                cluster(ch).remove_group(r).await
+            })
+            .await
+    }
+
+    /// Moves `slots` to group `to`.
+    pub async fn move_slots(&self, slots: Vec<u32>, to: u64) -> Result<ShardMap, Status> {
+        let req = MoveSlotsRequest {
+            slots,
+            to_group: to,
+        };
+        self.core
+            .call(req, false, |ch, r| async move {
+                cluster(ch).move_slots(r).await
+            })
+            .await
+    }
+
+    /// The map plus each replica's live state (groups and config replicas).
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, Status> {
+        self.core
+            .call(GetClusterStatusRequest {}, false, |ch, r| async move {
+                cluster(ch).get_cluster_status(r).await
+            })
+            .await
+    }
+
+    /// Streams the shard map: the current one (or only versions above `after_version` when it
+    /// is not 0), then every newer version as it is committed.
+    ///
+    /// Not retried: one attempt on the remembered leader or the next address, bounded by the
+    /// client's timeout until the stream is established (the stream itself has no deadline). A
+    /// retryable failure moves the client on to the next address, so a caller that watches in a
+    /// loop re-calls this with the last version it saw and reaches another server.
+    pub async fn watch_shard_map(
+        &self,
+        after_version: u64,
+    ) -> Result<tonic::Streaming<ShardMap>, Status> {
+        let addr = self.core.target();
+        let mut stub = cluster(self.core.channel(&addr)?);
+        let req = WatchShardMapRequest { after_version };
+        match tokio::time::timeout(self.core.timeout, stub.watch_shard_map(req)).await {
+            Ok(Ok(resp)) => Ok(resp.into_inner()),
+            Ok(Err(status)) => {
+                self.core.reroute(&addr, classify(&status), &mut false);
+                Err(status)
+            }
+            Err(_elapsed) => {
+                self.core.reroute(&addr, Retry::Rotate, &mut false);
+                Err(deadline_exceeded(self.core.timeout, 1))
+            }
+        }
+    }
+}
+
+impl Core {
+    fn new(endpoints: Vec<String>) -> anyhow::Result<Core> {
+        let mut normalised: Vec<String> = Vec::with_capacity(endpoints.len());
+        for raw in &endpoints {
+            let addr = normalize_addr(raw)?;
+            // Validate now so that a typo fails at startup rather than on every request.
+            Endpoint::from_shared(addr.clone())
+                .with_context(|| format!("invalid endpoint address {raw:?}"))?;
+            if !normalised.contains(&addr) {
+                normalised.push(addr);
+            }
+        }
+        if normalised.is_empty() {
+            bail!("no endpoint given");
+        }
+        Ok(Core {
+            shared: Arc::new(Shared {
+                endpoints: normalised,
+                channels: Mutex::new(HashMap::new()),
+                routing: Mutex::new(Routing::default()),
+            }),
+            timeout: DEFAULT_TIMEOUT,
+            max_attempts: MAX_ATTEMPTS,
+        })
+    }
+
+    fn leader(&self) -> Option<String> {
+        self.shared.routing.lock().unwrap().leader.clone()
+    }
+
+    /// Sends `req` with `rpc` (which makes the call on the channel it is given), following leader
+    /// hints and retrying as described on [`Client`].
     ///
     /// `stale` marks a read any replica may serve: a successful answer then says nothing about
     /// who leads, and with a single address the user asked for that replica specifically, so
@@ -248,7 +412,7 @@ impl Client {
     async fn call<Req, Resp, F, Fut>(&self, req: Req, stale: bool, rpc: F) -> Result<Resp, Status>
     where
         Req: Clone,
-        F: Fn(KvClient<Channel>, tonic::Request<Req>) -> Fut,
+        F: Fn(Channel, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
         let deadline = Instant::now() + self.timeout;
@@ -265,13 +429,12 @@ impl Client {
             if remaining.is_zero() {
                 return Err(deadline_exceeded(self.timeout, attempt));
             }
-            let kv =
-                KvClient::new(self.channel(&addr)?).max_decoding_message_size(RESPONSE_BYTES_MAX);
+            let channel = self.channel(&addr)?;
             let mut request = tonic::Request::new(req.clone());
             // Tells the server how long we wait, so it can drop work nobody will read.
             request.set_timeout(remaining);
             // The header alone does not bound the wait on our side (e.g. a stalled connection).
-            let status = match tokio::time::timeout(remaining, rpc(kv, request)).await {
+            let status = match tokio::time::timeout(remaining, rpc(channel, request)).await {
                 Ok(Ok(resp)) => {
                     if !stale {
                         self.shared.routing.lock().unwrap().leader = Some(addr);
@@ -547,7 +710,7 @@ mod tests {
 
     #[test]
     fn rerouting_follows_hints_and_rotates() {
-        let c = Client::connect(vec!["a:1".into(), "b:1".into(), "c:1".into()]).unwrap();
+        let c = Core::new(vec!["a:1".into(), "b:1".into(), "c:1".into()]).unwrap();
         assert_eq!(c.target(), "http://a:1");
         let mut redirected = false;
         c.reroute(
@@ -586,9 +749,11 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(2));
     }
 
-    /// A scripted node: answers every request according to `reply` and counts the calls.
+    /// A scripted node serving both Kv and Cluster: answers every request according to `reply`
+    /// and counts the calls.
     mod fake {
         use super::*;
+        use ordo_proto::v1::cluster_server::{Cluster, ClusterServer};
         use ordo_proto::v1::kv_server::{Kv, KvServer};
         use std::sync::atomic::{AtomicUsize, Ordering};
         use tonic::{Request, Response};
@@ -605,6 +770,7 @@ mod tests {
             pub reply: Mutex<Reply>,
             pub calls: AtomicUsize,
             pub consistency: Mutex<Option<i32>>,
+            pub linearizable: Mutex<Option<bool>>,
         }
 
         impl Node {
@@ -660,6 +826,82 @@ mod tests {
             }
         }
 
+        /// A map of `version` whose slots `0..owners.len()` belong to `owners`.
+        pub fn map(version: u64, owners: Vec<u64>) -> ShardMap {
+            ShardMap {
+                version,
+                slot_count: owners.len() as u32,
+                slot_owner: owners,
+                ..ShardMap::default()
+            }
+        }
+
+        #[tonic::async_trait]
+        impl Cluster for Svc {
+            async fn get_shard_map(
+                &self,
+                r: Request<GetShardMapRequest>,
+            ) -> Result<Response<ShardMap>, Status> {
+                *self.0.linearizable.lock().unwrap() = Some(r.get_ref().linearizable);
+                self.0.answer(map(1, vec![1, 2]))
+            }
+
+            type WatchShardMapStream =
+                tokio_stream::Iter<std::vec::IntoIter<Result<ShardMap, Status>>>;
+
+            async fn watch_shard_map(
+                &self,
+                r: Request<WatchShardMapRequest>,
+            ) -> Result<Response<Self::WatchShardMapStream>, Status> {
+                let after = r.get_ref().after_version;
+                self.0.answer(tokio_stream::iter(vec![
+                    Ok(map(after + 1, vec![1])),
+                    Ok(map(after + 2, vec![2])),
+                ]))
+            }
+
+            async fn init_cluster(
+                &self,
+                r: Request<InitClusterRequest>,
+            ) -> Result<Response<ShardMap>, Status> {
+                let r = r.into_inner();
+                let first = r.groups.first().map_or(0, |g| g.id);
+                self.0.answer(map(1, vec![first; r.slot_count as usize]))
+            }
+
+            async fn add_group(
+                &self,
+                _: Request<AddGroupRequest>,
+            ) -> Result<Response<ShardMap>, Status> {
+                self.0.answer(map(2, vec![]))
+            }
+
+            async fn remove_group(
+                &self,
+                r: Request<RemoveGroupRequest>,
+            ) -> Result<Response<ShardMap>, Status> {
+                self.0.answer(map(r.get_ref().id, vec![]))
+            }
+
+            async fn move_slots(
+                &self,
+                r: Request<MoveSlotsRequest>,
+            ) -> Result<Response<ShardMap>, Status> {
+                let r = r.into_inner();
+                self.0.answer(map(3, vec![r.to_group; r.slots.len()]))
+            }
+
+            async fn get_cluster_status(
+                &self,
+                _: Request<GetClusterStatusRequest>,
+            ) -> Result<Response<ClusterStatus>, Status> {
+                self.0.answer(ClusterStatus {
+                    map: Some(map(7, vec![])),
+                    ..ClusterStatus::default()
+                })
+            }
+        }
+
         /// Starts a node on a free port; returns its `host:port` and its state.
         pub async fn start(reply: Reply) -> (String, Arc<Node>) {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -668,11 +910,12 @@ mod tests {
                 reply: Mutex::new(reply),
                 calls: AtomicUsize::new(0),
                 consistency: Mutex::new(None),
+                linearizable: Mutex::new(None),
             });
-            let service = KvServer::new(Svc(node.clone()));
             tokio::spawn(
                 tonic::transport::Server::builder()
-                    .add_service(service)
+                    .add_service(KvServer::new(Svc(node.clone())))
+                    .add_service(ClusterServer::new(Svc(node.clone())))
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
             );
             (addr, node)
@@ -746,5 +989,95 @@ mod tests {
             Some(Consistency::Stale as i32)
         );
         assert_eq!(c.leader(), None);
+    }
+
+    #[tokio::test]
+    async fn cluster_calls_follow_the_meta_leader() {
+        let (b, node_b) = fake::start(fake::Reply::Serve).await;
+        let (a, node_a) = fake::start(fake::Reply::NotLeader(b.clone())).await;
+        let c = ClusterClient::connect(vec![a]).unwrap();
+        let map = c
+            .init_cluster(InitClusterRequest {
+                slot_count: 4,
+                groups: vec![ordo_proto::v1::GroupSpec {
+                    id: 9,
+                    addrs: vec!["x:1".into()],
+                }],
+            })
+            .await
+            .unwrap();
+        assert_eq!((map.version, map.slot_owner), (1, vec![9; 4]));
+        assert_eq!(c.leader(), Some(format!("http://{b}")));
+        assert_eq!((node_a.calls(), node_b.calls()), (1, 1));
+        // The remembered leader serves the other calls directly.
+        let map = c.move_slots(vec![0, 1, 2], 5).await.unwrap();
+        assert_eq!(map.slot_owner, [5, 5, 5]);
+        assert_eq!(c.remove_group(4).await.unwrap().version, 4);
+        assert_eq!(
+            c.add_group(AddGroupRequest::default())
+                .await
+                .unwrap()
+                .version,
+            2
+        );
+        assert_eq!(c.cluster_status().await.unwrap().map.unwrap().version, 7);
+        assert_eq!(c.get_shard_map(true).await.unwrap().version, 1);
+        assert_eq!(*node_b.linearizable.lock().unwrap(), Some(true));
+        assert_eq!((node_a.calls(), node_b.calls()), (1, 6));
+    }
+
+    #[tokio::test]
+    async fn cluster_errors_keep_their_code_and_attempts_are_bounded() {
+        let (a, node_a) = fake::start(fake::Reply::Invalid).await;
+        let c = ClusterClient::connect(vec![a])
+            .unwrap()
+            .with_max_attempts(3);
+        let err = c.remove_group(1).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(node_a.calls(), 1);
+        *node_a.reply.lock().unwrap() = fake::Reply::Unavailable;
+        let err = c.cluster_status().await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert_eq!(node_a.calls(), 4);
+    }
+
+    #[tokio::test]
+    async fn map_reads_from_one_replica_stay_there_unless_linearizable() {
+        let (b, node_b) = fake::start(fake::Reply::Serve).await;
+        let (a, node_a) = fake::start(fake::Reply::NotLeader(b.clone())).await;
+        let c = ClusterClient::connect(vec![a]).unwrap();
+        let err = c.get_shard_map(false).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert_eq!((node_a.calls(), node_b.calls()), (1, 0));
+        c.get_shard_map(true).await.unwrap();
+        assert_eq!((node_a.calls(), node_b.calls()), (2, 1));
+        assert_eq!(c.leader(), Some(format!("http://{b}")));
+    }
+
+    #[tokio::test]
+    async fn watch_streams_maps_and_is_not_retried() {
+        let (a, node_a) = fake::start(fake::Reply::Unavailable).await;
+        let (b, node_b) = fake::start(fake::Reply::Serve).await;
+        let c = ClusterClient::connect(vec![a, b]).unwrap();
+        // One attempt only, but the failure moves the client on to the next address.
+        let err = c.watch_shard_map(5).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert_eq!((node_a.calls(), node_b.calls()), (1, 0));
+        let mut stream = c.watch_shard_map(5).await.unwrap();
+        assert_eq!(stream.message().await.unwrap().unwrap().version, 6);
+        assert_eq!(stream.message().await.unwrap().unwrap().version, 7);
+        assert!(stream.message().await.unwrap().is_none());
+        assert_eq!((node_a.calls(), node_b.calls()), (1, 1));
+    }
+
+    #[test]
+    fn cluster_client_is_built_like_the_kv_client() {
+        let c = ClusterClient::connect(vec!["a:1".into(), "http://a:1/".into()])
+            .unwrap()
+            .with_timeout(Duration::from_secs(2));
+        assert_eq!(c.endpoints(), ["http://a:1"]);
+        assert_eq!(c.timeout(), Duration::from_secs(2));
+        assert_eq!(c.leader(), None);
+        assert!(ClusterClient::connect(vec![]).is_err());
     }
 }

@@ -14,6 +14,8 @@ use crate::workload::Op;
 
 /// Significant decimal digits the latency histograms keep (0.1% relative error).
 const SIGFIG: u8 = 3;
+/// Highest latency the histograms track, in microseconds (one hour); longer ones count as this.
+const LATENCY_US_MAX: u64 = 3_600 * 1_000_000;
 
 /// Results of one op type: latencies of the successful requests, failures by gRPC code.
 #[derive(Clone, Debug)]
@@ -27,8 +29,10 @@ pub struct OpStats {
 impl OpStats {
     pub fn new() -> OpStats {
         OpStats {
-            // Auto-resizing, so no latency is ever out of range.
-            latency_us: Histogram::new(SIGFIG).expect("valid histogram precision"),
+            // Fixed bounds: `saturating_record` clamps rather than resizes, so the range must be
+            // set up front.
+            latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, SIGFIG)
+                .expect("valid histogram bounds"),
             errors: BTreeMap::new(),
         }
     }
@@ -47,7 +51,7 @@ impl OpStats {
     pub fn merge(&mut self, other: &OpStats) {
         self.latency_us
             .add(&other.latency_us)
-            .expect("auto-resizing histograms of equal precision merge");
+            .expect("histograms of equal bounds merge");
         for (code, n) in &other.errors {
             *self.errors.entry(code.clone()).or_default() += n;
         }

@@ -1,27 +1,38 @@
 //! `ordoctl`: the command-line client of Ordo.
 //!
-//! A thin layer over [`ordo::client::Client`]: it parses arguments, makes one call (or a series of
-//! scan pages) and prints the answer. All networking, leader following and retrying live in the
-//! client.
+//! A thin layer over [`ordo::client::Client`] (data commands) and [`ordo::client::ClusterClient`]
+//! (admin commands: `init`, `status`, `map`, `group add|remove`, `move-slots`): it parses
+//! arguments, makes one call (or a series of scan pages) and prints the answer. All networking,
+//! leader following and retrying live in the clients.
 //!
 //! Exit codes: 0 success, 1 error (bad arguments or a failed call), 2 a condition did not hold
 //! (`put`/`delete` with `--if-version`, or a `txn` whose compares failed).
 
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
-use ordo::client::Client;
+use ordo::client::{normalize_addr, Client, ClusterClient};
 use ordo::proto::v1::{
-    compare, txn_op, txn_op_result, Compare, DeleteRequest, DeleteResponse, GetRequest,
-    GetResponse, Item, PutRequest, PutResponse, TxnOp, TxnRequest,
+    compare, txn_op, txn_op_result, AddGroupRequest, ClusterStatus, Compare, DeleteRequest,
+    DeleteResponse, GetRequest, GetResponse, GroupSpec, GroupStatus, InitClusterRequest, Item,
+    PutRequest, PutResponse, ReplicaStatus, ShardMap, TxnOp, TxnRequest,
 };
 use tonic::Code;
 
 /// Syntax of one `--compare`, repeated in help and error messages.
 const COMPARE_SYNTAX: &str = "\"<shard_key> <key> version|value|exists =|!=|<|> <operand>\"";
+/// Syntax of one `init --group`.
+const GROUP_SYNTAX: &str = "<id>=<addr>,<addr>,... (e.g. 1=10.0.0.1:7001,10.0.0.2:7001)";
+/// Syntax of `move-slots --slots`.
+const SLOTS_SYNTAX: &str = "comma-separated slots and inclusive ranges, e.g. 0-511,600,700-701";
+/// Most slots one `--slots` list may name; far above any cluster's slot count, it only keeps a
+/// typo such as `0-4000000000` from allocating gigabytes.
+const SLOTS_MAX: usize = 1 << 20;
+
 /// Syntax of one `--success`/`--failure` op.
 const OP_SYNTAX: &str = "\"put <shard_key> <key> <value>\", \"delete <shard_key> <key>\" or \
                          \"get <shard_key> <key>\"";
@@ -35,14 +46,19 @@ const OP_SYNTAX: &str = "\"put <shard_key> <key> <value>\", \"delete <shard_key>
 Keys and values are UTF-8 strings; write the empty key (an order's root item) as \"\". Put \
 arguments that start with '-' after `--`.
 
+Data commands take node or router addresses; admin commands (init, status, map, group, \
+move-slots) take config server or router addresses (--config is an alias of --endpoint).
+
 Exit codes: 0 success, 1 error, 2 a condition did not hold (--if-version, txn compares)."
 )]
 struct Cli {
-    /// Node addresses (host:port or http://host:port), comma-separated or repeated. The leader is
+    /// Server addresses (host:port or http://host:port), comma-separated or repeated: nodes or
+    /// routers for data commands, config servers or routers for admin commands. The leader is
     /// found from any of them.
     #[arg(
         long,
         short = 'e',
+        visible_alias = "config",
         env = "ORDO_ENDPOINT",
         value_delimiter = ',',
         global = true
@@ -76,6 +92,81 @@ enum Command {
     /// Compare, then run the success or the failure ops atomically. Exits with 2 when the
     /// compares did not hold (the failure ops ran).
     Txn(TxnArgs),
+    /// Create the cluster: spread the slots evenly over the given shard groups.
+    Init(InitArgs),
+    /// Show the shard map and the live state of every replica (groups and config servers).
+    Status,
+    /// Show the shard map: groups, their replicas and the slot ranges they own.
+    Map(MapArgs),
+    /// Register or unregister shard groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Move slots to another group (until online resharding lands, only slots holding no data).
+    MoveSlots(MoveSlotsArgs),
+}
+
+#[derive(Args, Debug)]
+#[command(after_help = "\
+Example:
+  ordoctl --config cfg1:7000 init --slots 4096 \\
+      --group 1=a1:7001,a2:7001,a3:7001 --group 2=b1:7001,b2:7001,b3:7001")]
+struct InitArgs {
+    /// Number of slots the shard keys are hashed into; fixed for the life of the cluster.
+    #[arg(long, value_name = "N")]
+    slots: u32,
+    /// One shard group: <id>=<addr>,<addr>,... (its replicas' addresses). Repeat per group.
+    #[arg(long = "group", value_name = "ID=ADDRS", value_parser = parse_group_spec)]
+    groups: Vec<GroupSpec>,
+}
+
+#[derive(Args, Debug)]
+struct MapArgs {
+    /// Let any config replica (or a router's cache) answer; it may lag behind the latest map.
+    #[arg(long)]
+    stale: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum GroupCommand {
+    /// Register a running shard group; it owns no slots until slots are moved to it.
+    Add(GroupAddArgs),
+    /// Unregister a group that owns no slots.
+    Remove(GroupRemoveArgs),
+}
+
+#[derive(Args, Debug)]
+struct GroupAddArgs {
+    /// The new group's id (0 is the config group's).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    id: u64,
+    /// The group's replica addresses, comma-separated or repeated.
+    #[arg(long, value_name = "ADDRS", value_delimiter = ',', required = true)]
+    replicas: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+struct GroupRemoveArgs {
+    /// The group's id.
+    #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    id: u64,
+}
+
+#[derive(Args, Debug)]
+struct MoveSlotsArgs {
+    /// The slots: comma-separated slots and inclusive ranges, e.g. 0-511,600,700-701.
+    #[arg(long, value_name = "SLOTS", value_parser = parse_slot_list)]
+    slots: SlotList,
+    /// The group that will own them.
+    #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    to: u64,
+}
+
+/// The parsed `--slots` of `move-slots` (a newtype so that clap takes the whole list as one value).
+#[derive(Clone, Debug)]
+struct SlotList(Vec<u32>);
+
+fn parse_slot_list(s: &str) -> Result<SlotList, String> {
+    parse_slot_ranges(s).map(SlotList)
 }
 
 // Keys and values are UTF-8 strings on the command line; the empty key (an order's root item) is
@@ -202,34 +293,84 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
-    if cli.endpoint.is_empty() {
-        return Err(anyhow::anyhow!(
-            "no endpoint: pass --endpoint <addr>[,<addr>...] or set ORDO_ENDPOINT"
-        )
-        .into());
-    }
-    let client = Client::connect(cli.endpoint)?.with_timeout(cli.timeout);
-    let json = cli.json;
-    match cli.command {
+    let Cli {
+        endpoint,
+        timeout,
+        json,
+        command,
+    } = cli;
+    // Built inside each arm, so that admin commands check their arguments before needing any
+    // address.
+    let kv = |endpoint: Vec<String>| -> anyhow::Result<Client> {
+        if endpoint.is_empty() {
+            anyhow::bail!("no endpoint: pass --endpoint <addr>[,<addr>...] or set ORDO_ENDPOINT");
+        }
+        Ok(Client::connect(endpoint)?.with_timeout(timeout))
+    };
+    let admin = |endpoint: Vec<String>| -> anyhow::Result<ClusterClient> {
+        if endpoint.is_empty() {
+            anyhow::bail!(
+                "no endpoint: pass --config <config server or router addr>[,<addr>...] or set \
+                 ORDO_ENDPOINT"
+            );
+        }
+        Ok(ClusterClient::connect(endpoint)?.with_timeout(timeout))
+    };
+    match command {
         Command::Get(a) => {
-            let resp = client.get(a.shard_key, a.key, a.stale).await?;
+            let resp = kv(endpoint)?.get(a.shard_key, a.key, a.stale).await?;
             println!("{}", render_get(&resp, json));
             Ok(())
         }
         Command::Put(a) => {
-            let resp = client
+            let resp = kv(endpoint)?
                 .put(a.shard_key, a.key, a.value, a.if_version)
                 .await?;
             println!("{}", render_put(&resp, json));
             condition(resp.succeeded)
         }
         Command::Delete(a) => {
-            let resp = client.delete(a.shard_key, a.key, a.if_version).await?;
+            let resp = kv(endpoint)?
+                .delete(a.shard_key, a.key, a.if_version)
+                .await?;
             println!("{}", render_delete(&resp, json));
             condition(resp.succeeded)
         }
-        Command::Scan(a) => scan(&client, a, json).await,
-        Command::Txn(a) => txn(&client, a, json).await,
+        Command::Scan(a) => scan(&kv(endpoint)?, a, json).await,
+        Command::Txn(a) => txn(&kv(endpoint)?, a, json).await,
+        Command::Init(a) => {
+            let req = init_request(a.slots, a.groups).map_err(anyhow::Error::msg)?;
+            let map = admin(endpoint)?.init_cluster(req).await?;
+            println!("{}", render_map_change(&map, json));
+            Ok(())
+        }
+        Command::Status => {
+            let status = admin(endpoint)?.cluster_status().await?;
+            println!("{}", render_status(&status, json));
+            Ok(())
+        }
+        Command::Map(a) => {
+            let map = admin(endpoint)?.get_shard_map(!a.stale).await?;
+            println!("{}", render_map(&map, json));
+            Ok(())
+        }
+        Command::Group(GroupCommand::Add(a)) => {
+            let group = group_spec(a.id, &a.replicas).map_err(anyhow::Error::msg)?;
+            let req = AddGroupRequest { group: Some(group) };
+            let map = admin(endpoint)?.add_group(req).await?;
+            println!("{}", render_map_change(&map, json));
+            Ok(())
+        }
+        Command::Group(GroupCommand::Remove(a)) => {
+            let map = admin(endpoint)?.remove_group(a.id).await?;
+            println!("{}", render_map_change(&map, json));
+            Ok(())
+        }
+        Command::MoveSlots(a) => {
+            let map = admin(endpoint)?.move_slots(a.slots.0, a.to).await?;
+            println!("{}", render_map_change(&map, json));
+            Ok(())
+        }
     }
 }
 
@@ -630,6 +771,438 @@ fn parse_op(s: &str) -> Result<TxnOp, String> {
     Ok(TxnOp { op: Some(op) })
 }
 
+// ---- Cluster admin ---------------------------------------------------------------------------
+
+/// A group's spec from its id and replica addresses (kept as typed, trimmed). Refuses id 0 (the
+/// config group's), no address, an invalid address and an address listed twice (`a:1` and
+/// `http://a:1` are the same address).
+fn group_spec(id: u64, addrs: &[String]) -> Result<GroupSpec, String> {
+    if id == 0 {
+        return Err("group id 0 is reserved for the config group".into());
+    }
+    if addrs.iter().all(|a| a.trim().is_empty()) {
+        return Err(format!("group {id} has no replica address"));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(addrs.len());
+    for raw in addrs {
+        let addr = raw.trim();
+        if addr.is_empty() {
+            return Err(format!("group {id}: empty address in the list"));
+        }
+        let canonical = canonical_addr(addr).map_err(|e| format!("group {id}: {e}"))?;
+        if !seen.insert(canonical) {
+            return Err(format!("group {id}: address {addr} is listed twice"));
+        }
+        out.push(addr.to_string());
+    }
+    Ok(GroupSpec { id, addrs: out })
+}
+
+/// The one spelling of `addr` used to find duplicates (`http://host:port`), if it is valid.
+fn canonical_addr(addr: &str) -> Result<String, String> {
+    let canonical = normalize_addr(addr).map_err(|e| format!("{e:#}"))?;
+    tonic::transport::Endpoint::from_shared(canonical.clone())
+        .map_err(|e| format!("invalid address {addr:?}: {e}"))?;
+    Ok(canonical)
+}
+
+/// Parses one `init --group`: `<id>=<addr>,<addr>,...`.
+fn parse_group_spec(s: &str) -> Result<GroupSpec, String> {
+    let fail = |what: String| format!("{what} in --group {s:?}; expected {GROUP_SYNTAX}");
+    let Some((id, addrs)) = s.split_once('=') else {
+        return Err(fail("no '='".into()));
+    };
+    let id: u64 = id
+        .trim()
+        .parse()
+        .map_err(|_| fail(format!("group id {:?} is not a number", id.trim())))?;
+    let addrs: Vec<String> = addrs.split(',').map(str::to_string).collect();
+    group_spec(id, &addrs).map_err(fail)
+}
+
+/// The InitCluster request, refusing what the config server would refuse anyway and is cheaper
+/// to catch here: no slots, no groups, a group id given twice, an address in two groups.
+fn init_request(slot_count: u32, groups: Vec<GroupSpec>) -> Result<InitClusterRequest, String> {
+    if slot_count == 0 {
+        return Err("--slots must be positive".into());
+    }
+    if groups.is_empty() {
+        return Err(format!(
+            "no groups: pass --group {GROUP_SYNTAX} once per shard group"
+        ));
+    }
+    let mut ids = HashSet::new();
+    // Canonical address -> the group that lists it.
+    let mut owners: BTreeMap<String, u64> = BTreeMap::new();
+    for g in &groups {
+        if !ids.insert(g.id) {
+            return Err(format!("group id {} is given twice", g.id));
+        }
+        for addr in &g.addrs {
+            let canonical = canonical_addr(addr)?;
+            if let Some(other) = owners.insert(canonical, g.id) {
+                return Err(if other == g.id {
+                    format!("group {}: address {addr} is listed twice", g.id)
+                } else {
+                    format!(
+                        "address {addr} is listed in group {other} and in group {}",
+                        g.id
+                    )
+                });
+            }
+        }
+    }
+    Ok(InitClusterRequest { slot_count, groups })
+}
+
+/// Parses `0-511,600,700-701` (inclusive ranges) into the slots in the order given. Refuses
+/// reversed ranges, a slot named twice, empty elements and more than [`SLOTS_MAX`] slots.
+fn parse_slot_ranges(s: &str) -> Result<Vec<u32>, String> {
+    let fail = |what: String| format!("{what} in --slots {s:?}; expected {SLOTS_SYNTAX}");
+    let number = |t: &str| -> Result<u32, String> {
+        t.trim()
+            .parse()
+            .map_err(|_| fail(format!("{:?} is not a slot number", t.trim())))
+    };
+    let mut slots = Vec::new();
+    let mut seen = HashSet::new();
+    for part in s.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            return Err(fail("empty element".into()));
+        }
+        let (lo, hi) = match part.split_once('-') {
+            Some((lo, hi)) => (number(lo)?, number(hi)?),
+            None => {
+                let n = number(part)?;
+                (n, n)
+            }
+        };
+        if lo > hi {
+            return Err(fail(format!(
+                "reversed range {part} (did you mean {hi}-{lo}?)"
+            )));
+        }
+        if (hi - lo) as usize + 1 > SLOTS_MAX - slots.len() {
+            return Err(fail(format!("more than {SLOTS_MAX} slots")));
+        }
+        for slot in lo..=hi {
+            if !seen.insert(slot) {
+                return Err(fail(format!("slot {slot} is named twice")));
+            }
+            slots.push(slot);
+        }
+    }
+    Ok(slots)
+}
+
+/// Slots as sorted, comma-separated inclusive ranges: `[3, 0, 1, 2, 7]` -> `0-3,7`.
+fn compress_ranges(slots: &[u32]) -> String {
+    let mut sorted = slots.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out = String::new();
+    let mut i = 0;
+    while i < sorted.len() {
+        let start = sorted[i];
+        let mut end = start;
+        while i + 1 < sorted.len() && sorted[i + 1] == end + 1 {
+            i += 1;
+            end = sorted[i];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            let _ = write!(out, "{start}");
+        } else {
+            let _ = write!(out, "{start}-{end}");
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The slots each group owns: the map's groups in their order (with no slots when they own
+/// none), then owners the map does not list, ascending (0 = unassigned).
+fn slots_by_group(map: &ShardMap) -> Vec<(u64, Vec<u32>)> {
+    let mut owned: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+    for (slot, owner) in map.slot_owner.iter().enumerate() {
+        owned.entry(*owner).or_default().push(slot as u32);
+    }
+    let mut out: Vec<(u64, Vec<u32>)> = map
+        .groups
+        .iter()
+        .map(|g| (g.id, owned.remove(&g.id).unwrap_or_default()))
+        .collect();
+    out.extend(owned);
+    out
+}
+
+/// `group 3`, or what an owner missing from the map's groups is.
+fn group_label(map: &ShardMap, id: u64) -> String {
+    if map.groups.iter().any(|g| g.id == id) {
+        format!("group {id}")
+    } else if id == 0 {
+        "unassigned".into()
+    } else {
+        format!("group {id} (not registered)")
+    }
+}
+
+/// `map version N, S slots, G groups`, plus a hint when the cluster is not initialized.
+fn map_header(map: &ShardMap) -> String {
+    let mut out = format!(
+        "map version {}, {} slots, {} groups",
+        map.version,
+        map.slot_count,
+        map.groups.len()
+    );
+    if map.version == 0 {
+        out.push_str("\ncluster not initialized (run ordoctl init)");
+    }
+    out
+}
+
+/// What `init`, `group add|remove` and `move-slots` print: the new version and the slot count of
+/// every group.
+fn render_map_change(map: &ShardMap, json: bool) -> String {
+    if json {
+        return json_shard_map(map);
+    }
+    let rows: Vec<Vec<String>> = slots_by_group(map)
+        .into_iter()
+        .map(|(id, slots)| vec![group_label(map, id), format!("slots {}", slots.len())])
+        .collect();
+    let mut out = map_header(map);
+    for line in align(&rows) {
+        out.push('\n');
+        out.push_str(&line);
+    }
+    out
+}
+
+/// What `map` prints: the header, each group with its slot ranges and replicas, the config
+/// replicas.
+fn render_map(map: &ShardMap, json: bool) -> String {
+    if json {
+        return json_shard_map(map);
+    }
+    let sections = slots_by_group(map);
+    let heads: Vec<Vec<String>> = sections
+        .iter()
+        .map(|(id, slots)| {
+            let ranges = if slots.is_empty() {
+                "-".to_string()
+            } else {
+                compress_ranges(slots)
+            };
+            vec![
+                group_label(map, *id),
+                format!("slots {}", slots.len()),
+                ranges,
+            ]
+        })
+        .collect();
+    let replicas = |id: u64| {
+        map.groups
+            .iter()
+            .filter(move |g| g.id == id)
+            .flat_map(|g| &g.replicas)
+    };
+    let replica_rows: Vec<Vec<String>> = sections
+        .iter()
+        .flat_map(|(id, _)| replicas(*id))
+        .map(|r| vec![node_label(r.node_id), r.addr.clone()])
+        .collect();
+    let heads = align(&heads);
+    let mut replica_lines = align(&replica_rows).into_iter();
+    let mut out = map_header(map);
+    for ((id, _), head) in sections.iter().zip(heads) {
+        let _ = write!(out, "\n{head}");
+        for _ in replicas(*id) {
+            let _ = write!(out, "\n  {}", replica_lines.next().unwrap_or_default());
+        }
+    }
+    if !map.config_addrs.is_empty() {
+        let _ = write!(out, "\nconfig  {}", map.config_addrs.join(", "));
+    }
+    out
+}
+
+/// What `status` prints: the map header, then each group and the config group with one line
+/// per replica.
+fn render_status(status: &ClusterStatus, json: bool) -> String {
+    if json {
+        return json_cluster_status(status);
+    }
+    let map = status.map.clone().unwrap_or_default();
+    let mut sections: Vec<(Vec<String>, &[ReplicaStatus])> = status
+        .groups
+        .iter()
+        .map(|g| {
+            let head = vec![
+                format!("group {}", g.id),
+                leader_cell(g.leader_id),
+                format!("slots {}", g.slots),
+            ];
+            (head, &g.replicas[..])
+        })
+        .collect();
+    match &status.meta {
+        Some(meta) => sections.push((
+            vec!["config".into(), leader_cell(meta.leader_id)],
+            &meta.replicas[..],
+        )),
+        None => sections.push((vec!["config".into(), "(not reported)".into()], &[])),
+    }
+    let heads: Vec<Vec<String>> = sections.iter().map(|(h, _)| h.clone()).collect();
+    let rows: Vec<Vec<String>> = sections
+        .iter()
+        .flat_map(|(_, replicas)| replicas.iter().map(replica_row))
+        .collect();
+    let mut rows = align(&rows).into_iter();
+    let mut out = map_header(&map);
+    for ((_, replicas), head) in sections.iter().zip(align(&heads)) {
+        let _ = write!(out, "\n{head}");
+        for _ in replicas.iter() {
+            let _ = write!(out, "\n  {}", rows.next().unwrap_or_default());
+        }
+    }
+    out
+}
+
+fn leader_cell(leader_id: u64) -> String {
+    if leader_id == 0 {
+        "leader none".into()
+    } else {
+        format!("leader {leader_id}")
+    }
+}
+
+/// `node 7`; `node ?` when the id is not known yet.
+fn node_label(node_id: u64) -> String {
+    if node_id == 0 {
+        "node ?".into()
+    } else {
+        format!("node {node_id}")
+    }
+}
+
+/// One replica line of `status`. An unreachable replica has no state to show, only the error.
+fn replica_row(r: &ReplicaStatus) -> Vec<String> {
+    let mut row = vec![node_label(r.node_id), r.addr.clone()];
+    if !r.reachable {
+        row.push(if r.error.is_empty() {
+            "unreachable".into()
+        } else {
+            format!("unreachable: {}", r.error)
+        });
+        return row;
+    }
+    row.push(if r.role.is_empty() {
+        "?".into()
+    } else {
+        r.role.clone()
+    });
+    row.push(format!("term {}", r.term));
+    row.push(format!("applied {}", r.applied_index));
+    row.push(format!("items {}", r.items));
+    row
+}
+
+/// Joins each row's cells with two spaces, padding every cell but a row's last to the widest
+/// cell of its column (last cells, which may be long error messages, do not widen a column).
+fn align(rows: &[Vec<String>]) -> Vec<String> {
+    let mut widths: Vec<usize> = Vec::new();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate().take(row.len().saturating_sub(1)) {
+            if widths.len() <= i {
+                widths.push(0);
+            }
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    rows.iter()
+        .map(|row| {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i > 0 {
+                    line.push_str("  ");
+                }
+                line.push_str(cell);
+                if i + 1 < row.len() {
+                    let pad = widths[i].saturating_sub(cell.chars().count());
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            line.trim_end().to_string()
+        })
+        .collect()
+}
+
+/// `[a,b,...]` with each element rendered by `f`.
+fn json_list<T>(items: &[T], f: impl Fn(&T) -> String) -> String {
+    let parts: Vec<String> = items.iter().map(f).collect();
+    format!("[{}]", parts.join(","))
+}
+
+fn json_shard_map(m: &ShardMap) -> String {
+    let groups = json_list(&m.groups, |g| {
+        let replicas = json_list(&g.replicas, |r| {
+            format!(
+                "{{\"node_id\":{},\"addr\":{}}}",
+                r.node_id,
+                json_str(&r.addr)
+            )
+        });
+        format!("{{\"id\":{},\"replicas\":{replicas}}}", g.id)
+    });
+    format!(
+        "{{\"version\":{},\"slot_count\":{},\"groups\":{groups},\"slot_owner\":{},\
+         \"config_addrs\":{}}}",
+        m.version,
+        m.slot_count,
+        json_list(&m.slot_owner, u64::to_string),
+        json_list(&m.config_addrs, |a| json_str(a)),
+    )
+}
+
+fn json_replica_status(r: &ReplicaStatus) -> String {
+    format!(
+        "{{\"node_id\":{},\"addr\":{},\"reachable\":{},\"role\":{},\"term\":{},\
+         \"applied_index\":{},\"items\":{},\"error\":{}}}",
+        r.node_id,
+        json_str(&r.addr),
+        r.reachable,
+        json_str(&r.role),
+        r.term,
+        r.applied_index,
+        r.items,
+        json_str(&r.error)
+    )
+}
+
+fn json_group_status(g: &GroupStatus) -> String {
+    format!(
+        "{{\"id\":{},\"leader_id\":{},\"slots\":{},\"replicas\":{}}}",
+        g.id,
+        g.leader_id,
+        g.slots,
+        json_list(&g.replicas, json_replica_status)
+    )
+}
+
+fn json_cluster_status(s: &ClusterStatus) -> String {
+    format!(
+        "{{\"map\":{},\"groups\":{},\"meta\":{}}}",
+        s.map.as_ref().map_or("null".into(), json_shard_map),
+        json_list(&s.groups, json_group_status),
+        s.meta.as_ref().map_or("null".into(), json_group_status)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -892,5 +1465,364 @@ mod tests {
         assert_eq!(shell_word("item-7"), "item-7");
         assert_eq!(shell_word("a b"), "'a b'");
         assert_eq!(shell_word("it's"), "'it'\\''s'");
+    }
+
+    // ---- Cluster admin ----
+
+    use ordo::proto::v1::{Group, Replica};
+
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn admin_commands_parse() {
+        let cli = Cli::try_parse_from([
+            "ordoctl",
+            "--config",
+            "c1:7000,c2:7000",
+            "init",
+            "--slots",
+            "4096",
+            "--group",
+            "1=a1:1,a2:1,a3:1",
+            "--group",
+            "2=b1:1",
+        ])
+        .unwrap();
+        assert_eq!(cli.endpoint, ["c1:7000", "c2:7000"]);
+        let Command::Init(a) = cli.command else {
+            panic!("not init")
+        };
+        assert_eq!(a.slots, 4096);
+        assert_eq!(a.groups.len(), 2);
+        assert_eq!(a.groups[0].addrs, ["a1:1", "a2:1", "a3:1"]);
+
+        let cli = Cli::try_parse_from(["ordoctl", "status", "--json", "-e", "r:1"]).unwrap();
+        assert!(cli.json && matches!(cli.command, Command::Status));
+        let cli = Cli::try_parse_from(["ordoctl", "map", "--stale"]).unwrap();
+        assert!(matches!(cli.command, Command::Map(MapArgs { stale: true })));
+        let cli = Cli::try_parse_from([
+            "ordoctl",
+            "group",
+            "add",
+            "--id",
+            "3",
+            "--replicas",
+            "x:1,y:1",
+        ])
+        .unwrap();
+        let Command::Group(GroupCommand::Add(a)) = cli.command else {
+            panic!("not group add")
+        };
+        assert_eq!((a.id, a.replicas), (3, strings(&["x:1", "y:1"])));
+        let cli = Cli::try_parse_from(["ordoctl", "group", "remove", "3"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Group(GroupCommand::Remove(GroupRemoveArgs { id: 3 }))
+        ));
+        let cli = Cli::try_parse_from(["ordoctl", "move-slots", "--slots", "0-3,9", "--to", "2"])
+            .unwrap();
+        let Command::MoveSlots(a) = cli.command else {
+            panic!("not move-slots")
+        };
+        assert_eq!((a.slots.0, a.to), (vec![0, 1, 2, 3, 9], 2));
+
+        for bad in [
+            &["ordoctl", "move-slots", "--slots", "5-3", "--to", "2"][..],
+            &["ordoctl", "move-slots", "--slots", "1", "--to", "0"],
+            &["ordoctl", "group", "remove", "0"],
+            &["ordoctl", "group", "add", "--id", "0", "--replicas", "x:1"],
+            &["ordoctl", "group", "add", "--id", "4"],
+            &["ordoctl", "init", "--slots", "8", "--group", "1"],
+            &["ordoctl", "init", "--group", "1=a:1"],
+        ] {
+            assert!(Cli::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn group_specs_parse() {
+        let g = parse_group_spec("7=a:1, b:1 ,http://c:1").unwrap();
+        assert_eq!(g.id, 7);
+        assert_eq!(g.addrs, ["a:1", "b:1", "http://c:1"]);
+        for (input, what) in [
+            ("7", "no '='"),
+            ("x=a:1", "is not a number"),
+            ("-1=a:1", "is not a number"),
+            ("0=a:1", "reserved for the config group"),
+            ("7=", "has no replica address"),
+            ("7=a:1,,b:1", "empty address"),
+            ("7=a:1,a:1", "a:1 is listed twice"),
+            ("7=a:1,http://a:1/", "listed twice"),
+            ("7=https://a:1", "TLS"),
+            ("7=a b:1", "invalid address"),
+        ] {
+            let err = parse_group_spec(input).unwrap_err();
+            assert!(err.contains(what), "{input:?}: {err}");
+            assert!(err.contains(GROUP_SYNTAX), "{input:?}: {err}");
+        }
+        assert!(group_spec(3, &strings(&["x:1", "y:1"])).is_ok());
+        assert!(group_spec(3, &strings(&[]))
+            .unwrap_err()
+            .contains("no replica"));
+        assert!(group_spec(3, &strings(&[""]))
+            .unwrap_err()
+            .contains("no replica"));
+    }
+
+    #[test]
+    fn init_is_checked_locally() {
+        let g = |s: &str| parse_group_spec(s).unwrap();
+        let req = init_request(4096, vec![g("1=a:1,a:2"), g("2=b:1")]).unwrap();
+        assert_eq!(req.slot_count, 4096);
+        assert_eq!(req.groups.len(), 2);
+        for (slots, groups, what) in [
+            (0, vec![g("1=a:1")], "--slots must be positive"),
+            (16, vec![], "no groups"),
+            (
+                16,
+                vec![g("1=a:1"), g("1=b:1")],
+                "group id 1 is given twice",
+            ),
+            (
+                16,
+                vec![g("1=a:1"), g("2=b:1,http://a:1")],
+                "listed in group 1 and in group 2",
+            ),
+        ] {
+            let err = init_request(slots, groups).unwrap_err();
+            assert!(err.contains(what), "{err}");
+        }
+    }
+
+    #[test]
+    fn slot_ranges_parse() {
+        let slots = parse_slot_ranges("0-511,600,700-701").unwrap();
+        assert_eq!(slots.len(), 515);
+        assert_eq!(slots[..2], [0, 1]);
+        assert_eq!(slots[511..], [511, 600, 700, 701]);
+        assert_eq!(parse_slot_ranges(" 9 , 3-3 ").unwrap(), [9, 3]);
+        assert_eq!(parse_slot_ranges("4294967295").unwrap(), [u32::MAX]);
+        for (input, what) in [
+            ("5-3", "reversed range 5-3"),
+            ("", "empty element"),
+            ("1,,2", "empty element"),
+            ("1,", "empty element"),
+            ("x", "not a slot number"),
+            ("1-", "not a slot number"),
+            ("-1", "not a slot number"),
+            ("1-2-3", "not a slot number"),
+            ("4294967296", "not a slot number"),
+            ("0-3,2", "slot 2 is named twice"),
+            ("7,7", "slot 7 is named twice"),
+            ("0-4294967295", "more than"),
+        ] {
+            let err = parse_slot_ranges(input).unwrap_err();
+            assert!(err.contains(what), "{input:?}: {err}");
+            assert!(err.contains(SLOTS_SYNTAX), "{input:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn slot_ranges_compress() {
+        assert_eq!(compress_ranges(&[]), "");
+        assert_eq!(compress_ranges(&(0..=1365).collect::<Vec<_>>()), "0-1365");
+        assert_eq!(compress_ranges(&[10, 5, 1, 2, 3, 9, 3]), "1-3,5,9-10");
+        assert_eq!(
+            compress_ranges(&[u32::MAX - 1, u32::MAX]),
+            "4294967294-4294967295"
+        );
+        // Compression and parsing are inverses.
+        let slots = parse_slot_ranges("0-511,600,700-701").unwrap();
+        assert_eq!(compress_ranges(&slots), "0-511,600,700-701");
+    }
+
+    fn sample_map() -> ShardMap {
+        let replica = |node_id, addr: &str| Replica {
+            node_id,
+            addr: addr.into(),
+        };
+        ShardMap {
+            version: 3,
+            slot_count: 8,
+            groups: vec![
+                Group {
+                    id: 1,
+                    replicas: vec![replica(11, "a1:7001"), replica(12, "a2:7001")],
+                },
+                Group {
+                    id: 2,
+                    replicas: vec![replica(21, "b1:7001")],
+                },
+                Group {
+                    id: 10,
+                    replicas: vec![replica(0, "c1:7001")],
+                },
+            ],
+            slot_owner: vec![1, 1, 1, 2, 2, 1, 2, 2],
+            config_addrs: strings(&["m1:7000", "m2:7000"]),
+        }
+    }
+
+    #[test]
+    fn maps_render() {
+        let map = sample_map();
+        assert_eq!(
+            render_map_change(&map, false),
+            "map version 3, 8 slots, 3 groups\n\
+             group 1   slots 4\n\
+             group 2   slots 4\n\
+             group 10  slots 0"
+        );
+        assert_eq!(
+            render_map(&map, false),
+            "map version 3, 8 slots, 3 groups\n\
+             group 1   slots 4  0-2,5\n\
+             \x20 node 11  a1:7001\n\
+             \x20 node 12  a2:7001\n\
+             group 2   slots 4  3-4,6-7\n\
+             \x20 node 21  b1:7001\n\
+             group 10  slots 0  -\n\
+             \x20 node ?   c1:7001\n\
+             config  m1:7000, m2:7000"
+        );
+        // Owners the groups do not list still show up.
+        let odd = ShardMap {
+            version: 4,
+            slot_count: 3,
+            groups: vec![],
+            slot_owner: vec![0, 5, 5],
+            config_addrs: vec![],
+        };
+        assert_eq!(
+            render_map(&odd, false),
+            "map version 4, 3 slots, 0 groups\n\
+             unassigned                slots 1  0\n\
+             group 5 (not registered)  slots 2  1-2"
+        );
+        assert_eq!(
+            render_map_change(&ShardMap::default(), false),
+            "map version 0, 0 slots, 0 groups\ncluster not initialized (run ordoctl init)"
+        );
+        let small = ShardMap {
+            version: 1,
+            slot_count: 2,
+            groups: vec![Group {
+                id: 1,
+                replicas: vec![Replica {
+                    node_id: 1,
+                    addr: "a\"b".into(),
+                }],
+            }],
+            slot_owner: vec![1, 1],
+            config_addrs: strings(&["m:1"]),
+        };
+        assert_eq!(
+            render_map(&small, true),
+            "{\"version\":1,\"slot_count\":2,\"groups\":[{\"id\":1,\"replicas\":\
+             [{\"node_id\":1,\"addr\":\"a\\\"b\"}]}],\"slot_owner\":[1,1],\
+             \"config_addrs\":[\"m:1\"]}"
+        );
+        assert_eq!(render_map_change(&small, true), render_map(&small, true));
+    }
+
+    fn sample_status() -> ClusterStatus {
+        let up = |node_id, addr: &str, role: &str, term, applied_index, items| ReplicaStatus {
+            node_id,
+            addr: addr.into(),
+            reachable: true,
+            role: role.into(),
+            term,
+            applied_index,
+            items,
+            error: String::new(),
+        };
+        ClusterStatus {
+            map: Some(sample_map()),
+            groups: vec![
+                GroupStatus {
+                    id: 1,
+                    leader_id: 11,
+                    slots: 4,
+                    replicas: vec![
+                        up(11, "a1:7001", "leader", 5, 1200, 340),
+                        ReplicaStatus {
+                            node_id: 12,
+                            addr: "a2:7001".into(),
+                            error: "connection refused".into(),
+                            ..ReplicaStatus::default()
+                        },
+                    ],
+                },
+                GroupStatus {
+                    id: 2,
+                    leader_id: 0,
+                    slots: 4,
+                    replicas: vec![up(21, "b1:7001", "candidate", 12, 7, 0)],
+                },
+            ],
+            meta: Some(GroupStatus {
+                id: 0,
+                leader_id: 1,
+                slots: 0,
+                replicas: vec![up(1, "m1:7000", "leader", 2, 30, 0)],
+            }),
+        }
+    }
+
+    #[test]
+    fn status_renders_as_a_table() {
+        assert_eq!(
+            render_status(&sample_status(), false),
+            "map version 3, 8 slots, 3 groups\n\
+             group 1  leader 11    slots 4\n\
+             \x20 node 11  a1:7001  leader     term 5   applied 1200  items 340\n\
+             \x20 node 12  a2:7001  unreachable: connection refused\n\
+             group 2  leader none  slots 4\n\
+             \x20 node 21  b1:7001  candidate  term 12  applied 7     items 0\n\
+             config   leader 1\n\
+             \x20 node 1   m1:7000  leader     term 2   applied 30    items 0"
+        );
+        let bare = ClusterStatus::default();
+        assert_eq!(
+            render_status(&bare, false),
+            "map version 0, 0 slots, 0 groups\n\
+             cluster not initialized (run ordoctl init)\n\
+             config  (not reported)"
+        );
+    }
+
+    #[test]
+    fn status_renders_as_json() {
+        let mut status = sample_status();
+        status.map = None;
+        status.groups.truncate(1);
+        status.meta = None;
+        assert_eq!(
+            render_status(&status, true),
+            "{\"map\":null,\"groups\":[{\"id\":1,\"leader_id\":11,\"slots\":4,\"replicas\":[\
+             {\"node_id\":11,\"addr\":\"a1:7001\",\"reachable\":true,\"role\":\"leader\",\
+             \"term\":5,\"applied_index\":1200,\"items\":340,\"error\":\"\"},\
+             {\"node_id\":12,\"addr\":\"a2:7001\",\"reachable\":false,\"role\":\"\",\
+             \"term\":0,\"applied_index\":0,\"items\":0,\"error\":\"connection refused\"}]}],\
+             \"meta\":null}"
+        );
+        let full = render_status(&sample_status(), true);
+        assert!(full.starts_with("{\"map\":{\"version\":3,"), "{full}");
+        assert!(full.ends_with("\"error\":\"\"}]}}"), "{full}");
+    }
+
+    #[test]
+    fn align_pads_all_but_the_last_cell() {
+        let rows = vec![
+            strings(&["a", "bb", "c"]),
+            strings(&["aaa", "b", "a very long last cell"]),
+            strings(&["x"]),
+        ];
+        assert_eq!(
+            align(&rows),
+            ["a    bb  c", "aaa  b   a very long last cell", "x"]
+        );
     }
 }
