@@ -24,6 +24,7 @@ async fn single_node() -> (tempfile::TempDir, Node) {
         data_dir: dir.path().to_path_buf(),
         compact_log_entries: COMPACT_LOG_ENTRIES_DEFAULT,
         slot_count: SLOT_COUNT_DEFAULT,
+        config_server: false,
     })
     .await
     .unwrap();

@@ -4,3 +4,5 @@
 mod bad_input;
 mod group;
 mod harness;
+mod playground;
+mod sharded;
