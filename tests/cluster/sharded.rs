@@ -341,3 +341,161 @@ async fn two_routers_and_a_router_restart_lose_nothing() {
     restarted.shutdown().await;
     pg.shutdown().await;
 }
+
+/// One single-replica raft group in this process (`group` 0 = a config server).
+async fn lone_node(dir: &std::path::Path, group: u64) -> ordo::node::Node {
+    let addr = format!("127.0.0.1:{}", crate::harness::free_port());
+    ordo::node::Node::start(ordo::node::NodeConfig {
+        id: 1,
+        group,
+        listen: addr.clone(),
+        peers: BTreeMap::from([(1, addr)]),
+        data_dir: dir.join(format!("group-{group}")),
+        compact_log_entries: ordo::limits::COMPACT_LOG_ENTRIES_DEFAULT,
+        slot_count: ordo::limits::SLOT_COUNT_DEFAULT,
+        config_server: group == 0,
+    })
+    .await
+    .unwrap()
+}
+
+fn spec(id: u64, addrs: &[&str]) -> ordo_proto::v1::GroupSpec {
+    ordo_proto::v1::GroupSpec {
+        id,
+        addrs: addrs.iter().map(|a| a.to_string()).collect(),
+    }
+}
+
+/// Bad input at init: overlapping, unreachable and mislabelled addresses, a group id used twice,
+/// and an init on an initialized cluster each get an error that says what to fix, and leave no
+/// trace (map version 0, the groups' ownership untouched); then a good init goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn init_refuses_bad_input_and_is_all_or_nothing() {
+    use ordo_proto::v1::InitClusterRequest;
+    let dir = tempfile::tempdir().unwrap();
+    let meta = lone_node(dir.path(), 0).await;
+    let g1 = lone_node(dir.path(), 1).await;
+    let g2 = lone_node(dir.path(), 2).await;
+    let (m, a1, a2) = (
+        meta.addr.to_string(),
+        g1.addr.to_string(),
+        g2.addr.to_string(),
+    );
+    for addr in [&m, &a1, &a2] {
+        wait_for(
+            Duration::from_secs(10),
+            "a single replica to lead",
+            || async {
+                node_status(addr, false)
+                    .await
+                    .filter(|s| s.leader_id != 0)
+                    .map(|_| ())
+            },
+        )
+        .await;
+    }
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let init = |slot_count: u32, groups: Vec<ordo_proto::v1::GroupSpec>| {
+        let m = m.clone();
+        async move {
+            cluster(&m)
+                .await
+                .init_cluster(InitClusterRequest { slot_count, groups })
+                .await
+        }
+    };
+    let slots = ordo::limits::SLOT_COUNT_DEFAULT;
+    let refused: [(u32, Vec<ordo_proto::v1::GroupSpec>, Code, &str); 6] = [
+        (
+            slots,
+            vec![spec(1, &[&a1]), spec(2, &[&a1])],
+            Code::FailedPrecondition,
+            "is listed for group 2 and group 1",
+        ),
+        (
+            slots,
+            vec![spec(1, &[&a1]), spec(1, &[&a2])],
+            Code::FailedPrecondition,
+            "used twice",
+        ),
+        (
+            slots,
+            vec![spec(1, &[&a1]), spec(2, &[&dead])],
+            Code::FailedPrecondition,
+            "start it or fix the address",
+        ),
+        (
+            slots,
+            vec![spec(1, &[&a2]), spec(2, &[&a1])],
+            Code::FailedPrecondition,
+            "is a replica of group 2, not group 1",
+        ),
+        (slots, vec![], Code::InvalidArgument, "no groups given"),
+        (
+            64,
+            vec![spec(1, &[&a1]), spec(2, &[&a2])],
+            Code::FailedPrecondition,
+            "the map has 64 slots but this group was created with",
+        ),
+    ];
+    for (slot_count, groups, code, says) in refused {
+        let what = format!("{slot_count} slots, {groups:?}");
+        let e = init(slot_count, groups).await.expect_err(&what);
+        assert_eq!(e.code(), code, "{what}: {e:?}");
+        assert!(
+            e.message().contains(says),
+            "{what}: {:?} should say {says:?}",
+            e.message()
+        );
+        assert_eq!(
+            shard_map(&m).await.version,
+            0,
+            "a refused init left a map behind"
+        );
+        for a in [&a1, &a2] {
+            let s = node_status(a, false).await.unwrap();
+            assert_eq!(
+                (s.map_version, s.owned_slots),
+                (0, slots),
+                "{a} still standalone after {what}"
+            );
+        }
+    }
+
+    let map = init(slots, vec![spec(1, &[&a1]), spec(2, &[&a2])])
+        .await
+        .expect("a good init")
+        .into_inner();
+    assert_eq!(
+        (map.version, map.slot_count, map.groups.len()),
+        (1, slots, 2)
+    );
+    let owned: Vec<u32> = [&a1, &a2]
+        .iter()
+        .map(|a| async move { node_status(a, false).await.unwrap().owned_slots })
+        .collect::<futures::stream::FuturesOrdered<_>>()
+        .collect()
+        .await;
+    assert_eq!(
+        owned,
+        [slots / 2, slots / 2],
+        "each group installed its half of the slots"
+    );
+
+    let e = init(slots, vec![spec(1, &[&a1]), spec(2, &[&a2])])
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().contains("already initialized"),
+        "{}",
+        e.message()
+    );
+    assert_eq!(shard_map(&m).await, map, "a second init changed nothing");
+    for n in [g1, g2, meta] {
+        n.shutdown().await;
+    }
+}
