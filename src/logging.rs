@@ -3,13 +3,16 @@
 
 use std::fmt::Write as _;
 
-/// Installs the process-wide subscriber: `RUST_LOG` if set, `info` otherwise.
+/// Installs the process-wide subscriber: `RUST_LOG` if set, `info` otherwise. Logs go to stderr,
+/// so that what a command prints for people or scripts (the playground's addresses) stays
+/// readable on stdout.
 pub fn init() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,raft=warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
         .try_init();
 }
 

@@ -1107,8 +1107,8 @@ fn replica_row(r: &ReplicaStatus) -> Vec<String> {
         r.role.clone()
     });
     row.push(format!("term {}", r.term));
+    // No item count: replicas report it only when asked for a data digest, which costs a scan.
     row.push(format!("applied {}", r.applied_index));
-    row.push(format!("items {}", r.items));
     row
 }
 
@@ -1172,14 +1172,13 @@ fn json_shard_map(m: &ShardMap) -> String {
 fn json_replica_status(r: &ReplicaStatus) -> String {
     format!(
         "{{\"node_id\":{},\"addr\":{},\"reachable\":{},\"role\":{},\"term\":{},\
-         \"applied_index\":{},\"items\":{},\"error\":{}}}",
+         \"applied_index\":{},\"error\":{}}}",
         r.node_id,
         json_str(&r.addr),
         r.reachable,
         json_str(&r.role),
         r.term,
         r.applied_index,
-        r.items,
         json_str(&r.error)
     )
 }
@@ -1777,12 +1776,12 @@ mod tests {
             render_status(&sample_status(), false),
             "map version 3, 8 slots, 3 groups\n\
              group 1  leader 11    slots 4\n\
-             \x20 node 11  a1:7001  leader     term 5   applied 1200  items 340\n\
+             \x20 node 11  a1:7001  leader     term 5   applied 1200\n\
              \x20 node 12  a2:7001  unreachable: connection refused\n\
              group 2  leader none  slots 4\n\
-             \x20 node 21  b1:7001  candidate  term 12  applied 7     items 0\n\
+             \x20 node 21  b1:7001  candidate  term 12  applied 7\n\
              config   leader 1\n\
-             \x20 node 1   m1:7000  leader     term 2   applied 30    items 0"
+             \x20 node 1   m1:7000  leader     term 2   applied 30"
         );
         let bare = ClusterStatus::default();
         assert_eq!(
@@ -1803,9 +1802,9 @@ mod tests {
             render_status(&status, true),
             "{\"map\":null,\"groups\":[{\"id\":1,\"leader_id\":11,\"slots\":4,\"replicas\":[\
              {\"node_id\":11,\"addr\":\"a1:7001\",\"reachable\":true,\"role\":\"leader\",\
-             \"term\":5,\"applied_index\":1200,\"items\":340,\"error\":\"\"},\
+             \"term\":5,\"applied_index\":1200,\"error\":\"\"},\
              {\"node_id\":12,\"addr\":\"a2:7001\",\"reachable\":false,\"role\":\"\",\
-             \"term\":0,\"applied_index\":0,\"items\":0,\"error\":\"connection refused\"}]}],\
+             \"term\":0,\"applied_index\":0,\"error\":\"connection refused\"}]}],\
              \"meta\":null}"
         );
         let full = render_status(&sample_status(), true);
