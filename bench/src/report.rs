@@ -1,59 +1,78 @@
 //! Recording results while the load runs, and turning them into the final table and JSON.
 //!
-//! Each task owns a [`Recorder`] (no sharing, no locks on the hot path); at the end they are
-//! merged and summarised into a [`Report`], which prints as a table and serialises as JSON.
+//! Each task owns a [`Recorder`] (no sharing on the hot path for the totals); per-second results
+//! go into one shared [`Timeline`] (a short lock per request). At the end the recorders are
+//! merged and summarised into a [`Report`], which prints as a table, serialises as JSON and feeds
+//! the plot.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
-use tonic::Code;
+use serde::Serialize;
 
 use crate::workload::Op;
 
 /// Significant decimal digits the latency histograms keep (0.1% relative error).
 const SIGFIG: u8 = 3;
+/// The per-second histograms are coarser (1%): there are many of them.
+const TIMELINE_SIGFIG: u8 = 2;
 /// Highest latency the histograms track, in microseconds (one hour); longer ones count as this.
 const LATENCY_US_MAX: u64 = 3_600 * 1_000_000;
+/// The percentiles of the distribution plot and of the JSON `percentiles`.
+pub const SPECTRUM: [f64; 13] = [
+    0.0, 10.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 100.0,
+];
 
-/// Results of one op type: latencies of the successful requests, failures by gRPC code.
+fn histogram(sigfig: u8) -> Histogram<u64> {
+    // Fixed bounds: `saturating_record` clamps rather than resizes.
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, sigfig).expect("valid histogram bounds")
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Results of one op type.
 #[derive(Clone, Debug)]
 pub struct OpStats {
-    /// Microseconds per successful request.
+    /// Microseconds per successful request: from the intended start in open loop (corrected for
+    /// coordinated omission), the service time in closed loop.
     pub latency_us: Histogram<u64>,
-    /// Failed requests by gRPC code name (`Unavailable`, `DeadlineExceeded`, ...).
+    /// Microseconds per successful request from when it was actually sent.
+    pub service_us: Histogram<u64>,
+    /// Failed requests by kind (gRPC code name or bench outcome, see `ops`).
     pub errors: BTreeMap<String, u64>,
 }
 
 impl OpStats {
     pub fn new() -> OpStats {
         OpStats {
-            // Fixed bounds: `saturating_record` clamps rather than resizes, so the range must be
-            // set up front.
-            latency_us: Histogram::new_with_bounds(1, LATENCY_US_MAX, SIGFIG)
-                .expect("valid histogram bounds"),
+            latency_us: histogram(SIGFIG),
+            service_us: histogram(SIGFIG),
             errors: BTreeMap::new(),
         }
     }
 
-    pub fn record_ok(&mut self, latency: Duration) {
-        let us = u64::try_from(latency.as_micros())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        self.latency_us.saturating_record(us);
+    pub fn record_ok(&mut self, latency: Duration, service: Duration) {
+        self.latency_us.saturating_record(micros(latency));
+        self.service_us.saturating_record(micros(service));
     }
 
-    pub fn record_err(&mut self, code: Code) {
-        *self.errors.entry(format!("{code:?}")).or_default() += 1;
+    pub fn record_err(&mut self, kind: &str) {
+        *self.errors.entry(kind.to_string()).or_default() += 1;
     }
 
     pub fn merge(&mut self, other: &OpStats) {
         self.latency_us
             .add(&other.latency_us)
             .expect("histograms of equal bounds merge");
-        for (code, n) in &other.errors {
-            *self.errors.entry(code.clone()).or_default() += n;
+        self.service_us
+            .add(&other.service_us)
+            .expect("histograms of equal bounds merge");
+        for (kind, n) in &other.errors {
+            *self.errors.entry(kind.clone()).or_default() += n;
         }
     }
 }
@@ -82,280 +101,494 @@ impl Recorder {
     }
 }
 
-/// The parameters of a run, echoed in the report so that results carry their context.
+/// One op type in one second.
 #[derive(Clone, Debug)]
+struct Slot {
+    latency_us: Histogram<u64>,
+    errors: u64,
+}
+
+/// Per-second results of the measured period, by op, keyed by the second the request finished.
+#[derive(Clone, Debug, Default)]
+pub struct Timeline {
+    seconds: Vec<BTreeMap<Op, Slot>>,
+}
+
+/// One op type in one second, summarised.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Point {
+    /// Seconds since the measurement started (the second `[t, t+1)`).
+    pub t: u64,
+    pub ops: u64,
+    pub errors: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub max_ms: Option<f64>,
+}
+
+/// Seconds the timeline keeps at most (a day); later results land in the last second.
+const TIMELINE_SECONDS_MAX: usize = 86_400;
+
+impl Timeline {
+    /// Records one request that finished during second `second`; `latency` is `None` on failure.
+    pub fn record(&mut self, second: u64, op: Op, latency: Option<Duration>) {
+        let i = (second as usize).min(TIMELINE_SECONDS_MAX - 1);
+        if self.seconds.len() <= i {
+            self.seconds.resize_with(i + 1, BTreeMap::new);
+        }
+        let slot = self.seconds[i].entry(op).or_insert_with(|| Slot {
+            latency_us: histogram(TIMELINE_SIGFIG),
+            errors: 0,
+        });
+        match latency {
+            Some(l) => slot.latency_us.saturating_record(micros(l)),
+            None => slot.errors += 1,
+        }
+    }
+
+    /// Per op, one point per second (seconds without that op's requests included as zeros).
+    pub fn points(&self) -> BTreeMap<Op, Vec<Point>> {
+        let mut out: BTreeMap<Op, Vec<Point>> = BTreeMap::new();
+        let ops: Vec<Op> = Op::ALL
+            .into_iter()
+            .filter(|op| self.seconds.iter().any(|s| s.contains_key(op)))
+            .collect();
+        for (t, second) in self.seconds.iter().enumerate() {
+            for &op in &ops {
+                let point = match second.get(&op) {
+                    Some(slot) => {
+                        let h = &slot.latency_us;
+                        let ms = |us: u64| (h.len() > 0).then(|| round3(us as f64 / 1000.0));
+                        Point {
+                            t: t as u64,
+                            ops: h.len(),
+                            errors: slot.errors,
+                            p50_ms: ms(h.value_at_quantile(0.5)),
+                            p99_ms: ms(h.value_at_quantile(0.99)),
+                            max_ms: ms(h.max()),
+                        }
+                    }
+                    None => Point {
+                        t: t as u64,
+                        ops: 0,
+                        errors: 0,
+                        p50_ms: None,
+                        p99_ms: None,
+                        max_ms: None,
+                    },
+                };
+                out.entry(op).or_default().push(point);
+            }
+        }
+        out
+    }
+}
+
+/// The parameters of a run, echoed in the report so that results carry their context.
+#[derive(Clone, Debug, Serialize)]
 pub struct RunInfo {
     pub workload: String,
+    pub mix: String,
+    pub distribution: String,
+    /// `ordo`, `ordo-playground` or `etcd`.
+    pub target: String,
     pub endpoints: Vec<String>,
     pub clients: usize,
-    pub duration: Duration,
-    pub warmup: Duration,
+    /// `closed` or `open`.
+    pub pacing: String,
+    /// Requests per second asked for (open loop).
+    pub rate_ops_s: Option<f64>,
+    pub duration_s: f64,
+    pub warmup_s: f64,
     pub value_size: usize,
-    pub keys: u64,
+    pub records: u64,
+    pub items_per_shard: u64,
+    pub order_items: u32,
     pub seed: u64,
 }
 
+/// CPU time spent during the measured period.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CpuInfo {
+    /// This process (the bench, plus the cluster when it runs in-process with `--playground`).
+    pub bench_cpu_s: f64,
+    /// The server's CPU: the bench process itself with `--playground`, the `--server-pids`
+    /// otherwise; `None` when unknown.
+    pub server_cpu_s: Option<f64>,
+    /// Where `server_cpu_s` comes from.
+    pub server_source: String,
+    /// `server_cpu_s` per 1,000 successful requests.
+    pub server_cpu_s_per_1k_ops: Option<f64>,
+    /// `bench_cpu_s` per 1,000 successful requests.
+    pub bench_cpu_s_per_1k_ops: Option<f64>,
+}
+
 /// One line of the result table.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Row {
     pub op: String,
     /// Successful requests.
     pub ops: u64,
-    pub throughput: f64,
+    /// Failed requests (every kind).
+    pub failed: u64,
+    pub throughput_ops_s: f64,
     /// Latency percentiles in milliseconds; `None` when no request succeeded.
     pub p50_ms: Option<f64>,
     pub p90_ms: Option<f64>,
     pub p99_ms: Option<f64>,
-    pub p999_ms: Option<f64>,
+    pub p99_9_ms: Option<f64>,
     pub max_ms: Option<f64>,
+    pub mean_ms: Option<f64>,
+    /// p50 / p99 of the service time (from the actual send), which equals the latency in closed
+    /// loop and shows what coordinated omission would have hidden in open loop.
+    pub service_p50_ms: Option<f64>,
+    pub service_p99_ms: Option<f64>,
     pub errors: BTreeMap<String, u64>,
+    /// `(percentile, ms)` along [`SPECTRUM`]: the latency distribution.
+    pub percentiles: Vec<(f64, f64)>,
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
 }
 
 impl Row {
     fn new(op: &str, stats: &OpStats, elapsed: Duration) -> Row {
         let h = &stats.latency_us;
+        let s = &stats.service_us;
         let ops = h.len();
-        let ms = |us: u64| (ops > 0).then(|| us as f64 / 1000.0);
+        let ms = |us: u64| (ops > 0).then(|| round3(us as f64 / 1000.0));
         let secs = elapsed.as_secs_f64();
+        let percentiles = if ops > 0 {
+            SPECTRUM
+                .iter()
+                .map(|&p| {
+                    let us = if p >= 100.0 {
+                        h.max()
+                    } else {
+                        h.value_at_percentile(p)
+                    };
+                    (p, round3(us as f64 / 1000.0))
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         Row {
             op: op.to_string(),
             ops,
-            throughput: if secs > 0.0 { ops as f64 / secs } else { 0.0 },
+            failed: stats.errors.values().sum(),
+            throughput_ops_s: if secs > 0.0 {
+                round3(ops as f64 / secs)
+            } else {
+                0.0
+            },
             p50_ms: ms(h.value_at_quantile(0.50)),
             p90_ms: ms(h.value_at_quantile(0.90)),
             p99_ms: ms(h.value_at_quantile(0.99)),
-            p999_ms: ms(h.value_at_quantile(0.999)),
+            p99_9_ms: ms(h.value_at_quantile(0.999)),
             max_ms: ms(h.max()),
+            mean_ms: (ops > 0).then(|| round3(h.mean() / 1000.0)),
+            service_p50_ms: ms(s.value_at_quantile(0.50)),
+            service_p99_ms: ms(s.value_at_quantile(0.99)),
             errors: stats.errors.clone(),
+            percentiles,
         }
     }
 }
 
 /// The summary of a run.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct Report {
-    pub info: RunInfo,
-    /// Time from the end of the warm-up until the last task stopped.
-    pub elapsed: Duration,
+    pub config: RunInfo,
+    /// Seconds from the end of the warm-up until the last task stopped.
+    pub elapsed_s: f64,
     /// One row per op type that ran, plus `all` when there were several.
-    pub rows: Vec<Row>,
+    pub results: Vec<Row>,
+    pub cpu: CpuInfo,
+    /// Open loop: requests that were due before the end but never sent because the workers were
+    /// that far behind (a sign that `--clients` is too low for `--rate`, or the target saturated).
+    pub unsent: u64,
+    /// Per op, per second of the measured period.
+    pub timeline: BTreeMap<String, Vec<Point>>,
 }
 
 impl Report {
-    pub fn new(info: RunInfo, elapsed: Duration, merged: &Recorder) -> Report {
-        let mut rows: Vec<Row> = Op::ALL
+    pub fn new(
+        config: RunInfo,
+        elapsed: Duration,
+        merged: &Recorder,
+        timeline: &Timeline,
+        cpu: CpuInfo,
+        unsent: u64,
+    ) -> Report {
+        let mut results: Vec<Row> = Op::ALL
             .iter()
             .filter_map(|op| merged.ops.get(op).map(|s| Row::new(op.name(), s, elapsed)))
             .collect();
-        if rows.len() > 1 {
+        if results.len() > 1 {
             let mut all = OpStats::new();
             for stats in merged.ops.values() {
                 all.merge(stats);
             }
-            rows.push(Row::new("all", &all, elapsed));
+            results.push(Row::new("all", &all, elapsed));
         }
         Report {
-            info,
-            elapsed,
-            rows,
+            config,
+            elapsed_s: round3(elapsed.as_secs_f64()),
+            results,
+            cpu,
+            unsent,
+            timeline: timeline
+                .points()
+                .into_iter()
+                .map(|(op, points)| (op.name().to_string(), points))
+                .collect(),
         }
+    }
+
+    /// Successful requests over all ops.
+    pub fn total_ops(&self) -> u64 {
+        self.results
+            .iter()
+            .filter(|r| r.op != "all")
+            .map(|r| r.ops)
+            .sum()
     }
 
     /// The human-readable table.
     pub fn table(&self) -> String {
-        let i = &self.info;
+        let i = &self.config;
         let mut out = String::new();
+        let pacing = match i.rate_ops_s {
+            Some(rate) => format!("open loop at {rate} ops/s over {} workers", i.clients),
+            None => format!("closed loop, {} clients", i.clients),
+        };
         let _ = writeln!(
             out,
-            "workload {}, {} clients, {:.2} s measured after {:.2} s warm-up, {}-byte values, \
-             {} keys, seed {}",
+            "workload {} ({}, {}) against {} {}",
             i.workload,
-            i.clients,
-            self.elapsed.as_secs_f64(),
-            i.warmup.as_secs_f64(),
-            i.value_size,
-            i.keys,
-            i.seed
+            i.mix,
+            i.distribution,
+            i.target,
+            i.endpoints.join(",")
         );
         let _ = writeln!(
             out,
-            "{:<5} {:>10} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}  errors",
+            "{pacing}; {:.2} s measured after {:.2} s warm-up; {} records, {}-byte values, seed {}",
+            self.elapsed_s, i.warmup_s, i.records, i.value_size, i.seed
+        );
+        let _ = writeln!(
+            out,
+            "{:<13} {:>9} {:>10} {:>9} {:>9} {:>9} {:>9} {:>9}  errors",
             "op", "ops", "ops/s", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
         );
         let ms = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
-        for r in &self.rows {
+        for r in &self.results {
             let errors = if r.errors.is_empty() {
                 "0".to_string()
             } else {
                 r.errors
                     .iter()
-                    .map(|(code, n)| format!("{code}={n}"))
+                    .map(|(kind, n)| format!("{kind}={n}"))
                     .collect::<Vec<_>>()
                     .join(" ")
             };
             let _ = writeln!(
                 out,
-                "{:<5} {:>10} {:>10.1} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
+                "{:<13} {:>9} {:>10.1} {:>9} {:>9} {:>9} {:>9} {:>9}  {}",
                 r.op,
                 r.ops,
-                r.throughput,
+                r.throughput_ops_s,
                 ms(r.p50_ms),
                 ms(r.p90_ms),
                 ms(r.p99_ms),
-                ms(r.p999_ms),
+                ms(r.p99_9_ms),
                 ms(r.max_ms),
                 errors
             );
         }
-        out
-    }
-
-    /// The same content as [`Report::table`], as a JSON document.
-    pub fn json(&self) -> String {
-        let i = &self.info;
-        let endpoints = i
-            .endpoints
-            .iter()
-            .map(|e| json_str(e))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut out = String::new();
-        let _ = write!(
-            out,
-            "{{\n  \"config\": {{\"workload\": {}, \"endpoints\": [{}], \"clients\": {}, \
-             \"duration_s\": {}, \"warmup_s\": {}, \"value_size\": {}, \"keys\": {}, \
-             \"seed\": {}}},\n  \"elapsed_s\": {},\n  \"results\": [",
-            json_str(&i.workload),
-            endpoints,
-            i.clients,
-            json_f64(i.duration.as_secs_f64()),
-            json_f64(i.warmup.as_secs_f64()),
-            i.value_size,
-            i.keys,
-            i.seed,
-            json_f64(self.elapsed.as_secs_f64()),
-        );
-        let opt = |v: Option<f64>| v.map_or_else(|| "null".to_string(), json_f64);
-        for (n, r) in self.rows.iter().enumerate() {
-            let errors = r
-                .errors
-                .iter()
-                .map(|(code, n)| format!("{}: {n}", json_str(code)))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let _ = write!(
+        let c = &self.cpu;
+        let per_k = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
+        match c.server_cpu_s {
+            Some(server) => {
+                let _ = writeln!(
+                    out,
+                    "cpu: server {server:.2} s ({}), {} cpu-s per 1,000 ops; bench process {:.2} s",
+                    c.server_source,
+                    per_k(c.server_cpu_s_per_1k_ops),
+                    c.bench_cpu_s
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "cpu: bench process {:.2} s, {} cpu-s per 1,000 ops (server unknown: pass \
+                     --server-pids)",
+                    c.bench_cpu_s,
+                    per_k(c.bench_cpu_s_per_1k_ops)
+                );
+            }
+        }
+        if i.rate_ops_s.is_some() {
+            let _ = writeln!(
                 out,
-                "{}\n    {{\"op\": {}, \"ops\": {}, \"throughput_ops_s\": {}, \"p50_ms\": {}, \
-                 \"p90_ms\": {}, \"p99_ms\": {}, \"p99_9_ms\": {}, \"max_ms\": {}, \
-                 \"errors\": {{{}}}}}",
-                if n == 0 { "" } else { "," },
-                json_str(&r.op),
-                r.ops,
-                json_f64(r.throughput),
-                opt(r.p50_ms),
-                opt(r.p90_ms),
-                opt(r.p99_ms),
-                opt(r.p999_ms),
-                opt(r.max_ms),
-                errors
+                "latency is measured from each request's intended start (coordinated-omission \
+                 corrected); {} due requests were never sent",
+                self.unsent
             );
         }
-        out.push_str("\n  ]\n}\n");
         out
     }
-}
 
-/// A JSON number (JSON has no NaN or infinity; those become `null`).
-fn json_f64(v: f64) -> String {
-    if v.is_finite() {
-        format!("{}", (v * 1000.0).round() / 1000.0)
-    } else {
-        "null".to_string()
+    /// The report as JSON.
+    pub fn json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report serialises") + "\n"
     }
-}
-
-/// A JSON string literal.
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn info() -> RunInfo {
+    pub fn info() -> RunInfo {
         RunInfo {
-            workload: "mixed".into(),
+            workload: "a".into(),
+            mix: "read=50,update=50".into(),
+            distribution: "zipfian".into(),
+            target: "ordo".into(),
             endpoints: vec!["127.0.0.1:1".into(), "a\"b".into()],
             clients: 2,
-            duration: Duration::from_secs(10),
-            warmup: Duration::from_secs(2),
+            pacing: "closed".into(),
+            rate_ops_s: None,
+            duration_s: 10.0,
+            warmup_s: 2.0,
             value_size: 128,
-            keys: 100,
+            records: 100,
+            items_per_shard: 10,
+            order_items: 3,
             seed: 1,
         }
     }
 
-    #[test]
-    fn recorders_merge_and_summarise() {
+    fn sample() -> Report {
         let mut a = Recorder::default();
         let mut b = Recorder::default();
+        let mut timeline = Timeline::default();
         for ms in 1..=100 {
-            a.op(Op::Put).record_ok(Duration::from_millis(ms));
+            let d = Duration::from_millis(ms);
+            a.op(Op::Update).record_ok(d, d / 2);
+            timeline.record(ms / 50, Op::Update, Some(d));
         }
-        b.op(Op::Put).record_err(Code::Unavailable);
-        b.op(Op::Put).record_err(Code::Unavailable);
-        b.op(Op::Get).record_ok(Duration::from_micros(500));
-        b.op(Op::Get).record_err(Code::DeadlineExceeded);
+        b.op(Op::Update).record_err("Unavailable");
+        b.op(Op::Update).record_err("Unavailable");
+        b.op(Op::Read)
+            .record_ok(Duration::from_micros(500), Duration::from_micros(500));
+        b.op(Op::Read).record_err("NotFound");
+        timeline.record(1, Op::Read, None);
         a.merge(&b);
+        let cpu = CpuInfo {
+            bench_cpu_s: 3.0,
+            server_cpu_s: Some(3.0),
+            server_source: "in-process playground".into(),
+            server_cpu_s_per_1k_ops: Some(29.7),
+            bench_cpu_s_per_1k_ops: Some(29.7),
+        };
+        Report::new(info(), Duration::from_secs(10), &a, &timeline, cpu, 0)
+    }
 
-        let report = Report::new(info(), Duration::from_secs(10), &a);
-        let names: Vec<&str> = report.rows.iter().map(|r| r.op.as_str()).collect();
-        assert_eq!(names, ["put", "get", "all"]);
-        let put = &report.rows[0];
-        assert_eq!(put.ops, 100);
-        assert!((put.throughput - 10.0).abs() < 1e-9);
-        assert!((put.p50_ms.unwrap() - 50.0).abs() < 0.1, "{put:?}");
-        assert!((put.p99_ms.unwrap() - 99.0).abs() < 0.1, "{put:?}");
-        assert!((put.max_ms.unwrap() - 100.0).abs() < 0.1, "{put:?}");
-        assert_eq!(put.errors.get("Unavailable"), Some(&2));
-        let all = &report.rows[2];
+    #[test]
+    fn recorders_merge_and_summarise() {
+        let report = sample();
+        let names: Vec<&str> = report.results.iter().map(|r| r.op.as_str()).collect();
+        assert_eq!(names, ["read", "update", "all"]);
+        let update = &report.results[1];
+        assert_eq!(update.ops, 100);
+        assert_eq!(update.failed, 2);
+        assert!((update.throughput_ops_s - 10.0).abs() < 1e-9);
+        assert!((update.p50_ms.unwrap() - 50.0).abs() < 0.1, "{update:?}");
+        assert!((update.p99_ms.unwrap() - 99.0).abs() < 0.1, "{update:?}");
+        assert!((update.max_ms.unwrap() - 100.0).abs() < 0.1, "{update:?}");
+        assert!(
+            (update.service_p50_ms.unwrap() - 25.0).abs() < 0.1,
+            "{update:?}"
+        );
+        assert_eq!(update.errors.get("Unavailable"), Some(&2));
+        assert_eq!(update.percentiles.len(), SPECTRUM.len());
+        assert!(update.percentiles.windows(2).all(|w| w[0].1 <= w[1].1));
+        let all = &report.results[2];
         assert_eq!(all.ops, 101);
         assert_eq!(all.errors.values().sum::<u64>(), 3);
+        assert_eq!(report.total_ops(), 101);
+    }
 
-        let table = report.table();
+    #[test]
+    fn the_table_has_a_row_per_op() {
+        let table = sample().table();
+        let rows: Vec<&str> = table
+            .lines()
+            .filter(|l| {
+                ["read ", "update ", "all "]
+                    .iter()
+                    .any(|p| l.starts_with(p))
+            })
+            .collect();
+        assert_eq!(rows.len(), 3, "{table}");
+        assert!(table.contains("p99.9 ms"), "{table}");
         assert!(table.contains("Unavailable=2"), "{table}");
-        assert!(table.contains("DeadlineExceeded=1"), "{table}");
+        assert!(table.contains("NotFound=1"), "{table}");
+        assert!(table.contains("cpu-s per 1,000 ops"), "{table}");
+    }
 
-        let json = report.json();
-        assert!(json.contains("\"op\": \"put\", \"ops\": 100"), "{json}");
-        assert!(json.contains("\"errors\": {\"Unavailable\": 2}"), "{json}");
-        assert!(json.contains("\"a\\\"b\""), "{json}");
+    #[test]
+    fn the_json_parses_and_has_the_expected_fields() {
+        let json: serde_json::Value = serde_json::from_str(&sample().json()).unwrap();
+        assert_eq!(json["config"]["workload"], "a");
+        assert_eq!(json["config"]["endpoints"][1], "a\"b");
+        assert_eq!(json["elapsed_s"], 10.0);
+        let results = json["results"].as_array().unwrap();
+        assert_eq!(results.len(), 3);
+        for field in [
+            "op",
+            "ops",
+            "throughput_ops_s",
+            "p50_ms",
+            "p90_ms",
+            "p99_ms",
+            "p99_9_ms",
+            "max_ms",
+            "errors",
+            "percentiles",
+        ] {
+            assert!(results[1].get(field).is_some(), "missing {field}");
+        }
+        assert_eq!(results[1]["op"], "update");
+        assert_eq!(results[1]["errors"]["Unavailable"], 2);
+        assert_eq!(json["cpu"]["server_cpu_s_per_1k_ops"], 29.7);
+        let update = json["timeline"]["update"].as_array().unwrap();
+        assert_eq!(update.len(), 3); // seconds 0, 1, 2
+        assert_eq!(update[0]["ops"], 49);
+        assert_eq!(json["timeline"]["read"][1]["errors"], 1);
+        assert_eq!(
+            json["timeline"]["read"][0]["p50_ms"],
+            serde_json::Value::Null
+        );
     }
 
     #[test]
     fn a_run_without_successes_has_no_percentiles() {
         let mut r = Recorder::default();
-        r.op(Op::Get).record_err(Code::Unavailable);
-        let report = Report::new(info(), Duration::from_secs(1), &r);
-        assert_eq!(report.rows.len(), 1);
-        assert_eq!(report.rows[0].p50_ms, None);
+        r.op(Op::Read).record_err("Unavailable");
+        let report = Report::new(
+            info(),
+            Duration::from_secs(1),
+            &r,
+            &Timeline::default(),
+            CpuInfo::default(),
+            0,
+        );
+        assert_eq!(report.results.len(), 1);
+        assert_eq!(report.results[0].p50_ms, None);
         assert!(report.json().contains("\"p50_ms\": null"));
         assert!(report.table().contains(" - "));
     }

@@ -1,0 +1,390 @@
+//! The systems the bench can drive, behind one small interface: get, put, scan and a
+//! version-compared multi-put transaction over `(shard_key, key)` items.
+//!
+//! * [`Backend::Ordo`]: `ordo::client::Client` (a router, or the nodes of one group).
+//! * [`Backend::Etcd`]: etcd v3's `KV` service over gRPC. The item `(shard_key, key)` is the etcd
+//!   key `shard_key/key`; a scan inside a shard key is a `Range` over that prefix; an item version
+//!   is etcd's per-key `version` (1 at creation, +1 per write: the same meaning as Ordo's), so a
+//!   compare on it is a `Compare { target: VERSION }` (0 = absent).
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use bytes::Bytes;
+use ordo::client::Client;
+use ordo_proto::v1 as pb;
+use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
+
+/// The etcd v3 client code generated from `proto/etcd/` (a subset of etcd's own protos).
+#[allow(clippy::all, dead_code)]
+pub mod etcdpb {
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}
+
+use etcdpb::etcdserverpb as epb;
+
+/// The version compare of a [`Txn`]: the item's version must equal `version` (0 = absent).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VersionIs {
+    pub shard_key: Bytes,
+    pub key: Bytes,
+    pub version: u64,
+}
+
+/// An unconditional write inside a [`Txn`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write {
+    pub shard_key: Bytes,
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+/// All `writes` atomically if every compare holds, nothing otherwise.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Txn {
+    pub compares: Vec<VersionIs>,
+    pub writes: Vec<Write>,
+}
+
+/// An item as read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub value: Bytes,
+    pub version: u64,
+}
+
+/// What the bench talks to.
+#[derive(Clone)]
+pub enum Backend {
+    Ordo { client: Client, stale: bool },
+    Etcd(Etcd),
+}
+
+impl Backend {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Backend::Ordo { .. } => "ordo",
+            Backend::Etcd(_) => "etcd",
+        }
+    }
+
+    pub async fn get(&self, shard_key: &str, key: &str) -> Result<Option<Found>, Status> {
+        match self {
+            Backend::Ordo { client, stale } => {
+                let r = client
+                    .get(
+                        Bytes::copy_from_slice(shard_key.as_bytes()),
+                        Bytes::copy_from_slice(key.as_bytes()),
+                        *stale,
+                    )
+                    .await?;
+                Ok(r.found.then_some(Found {
+                    value: r.value,
+                    version: r.version,
+                }))
+            }
+            Backend::Etcd(e) => e.get(shard_key, key).await,
+        }
+    }
+
+    pub async fn put(&self, shard_key: &str, key: &str, value: Bytes) -> Result<(), Status> {
+        match self {
+            Backend::Ordo { client, .. } => client
+                .put(
+                    Bytes::copy_from_slice(shard_key.as_bytes()),
+                    Bytes::copy_from_slice(key.as_bytes()),
+                    value,
+                    None,
+                )
+                .await
+                .map(drop),
+            Backend::Etcd(e) => e.put(shard_key, key, value).await,
+        }
+    }
+
+    /// Reads up to `limit` items of `shard_key` in `[start, end)` (`end` empty: to the end of the
+    /// shard key); returns how many came back.
+    pub async fn scan(
+        &self,
+        shard_key: &str,
+        start: &str,
+        end: &str,
+        limit: u32,
+    ) -> Result<usize, Status> {
+        match self {
+            Backend::Ordo { client, stale } => {
+                let r = client
+                    .scan(
+                        Bytes::copy_from_slice(shard_key.as_bytes()),
+                        Bytes::copy_from_slice(start.as_bytes()),
+                        Bytes::copy_from_slice(end.as_bytes()),
+                        limit,
+                        *stale,
+                    )
+                    .await?;
+                Ok(r.items.len())
+            }
+            Backend::Etcd(e) => e.scan(shard_key, start, end, limit).await,
+        }
+    }
+
+    /// Runs `txn`; `Ok(false)` when a compare failed (nothing written).
+    pub async fn txn(&self, txn: Txn) -> Result<bool, Status> {
+        match self {
+            Backend::Ordo { client, .. } => client.txn(ordo_txn(txn)).await.map(|r| r.succeeded),
+            Backend::Etcd(e) => e.txn(txn).await,
+        }
+    }
+}
+
+/// The Ordo `TxnRequest` for `txn`.
+pub fn ordo_txn(txn: Txn) -> pb::TxnRequest {
+    pb::TxnRequest {
+        header: None,
+        compares: txn
+            .compares
+            .into_iter()
+            .map(|c| pb::Compare {
+                shard_key: c.shard_key,
+                key: c.key,
+                target: pb::compare::Target::Version as i32,
+                op: pb::compare::Op::Equal as i32,
+                version: c.version,
+                value: Bytes::new(),
+                exists: false,
+            })
+            .collect(),
+        success: txn
+            .writes
+            .into_iter()
+            .map(|w| pb::TxnOp {
+                op: Some(pb::txn_op::Op::Put(pb::PutRequest {
+                    header: None,
+                    shard_key: w.shard_key,
+                    key: w.key,
+                    value: w.value,
+                    if_version: None,
+                })),
+            })
+            .collect(),
+        failure: Vec::new(),
+    }
+}
+
+/// etcd's key for the item `(shard_key, key)`.
+pub fn etcd_key(shard_key: &[u8], key: &[u8]) -> Bytes {
+    let mut k = Vec::with_capacity(shard_key.len() + 1 + key.len());
+    k.extend_from_slice(shard_key);
+    k.push(b'/');
+    k.extend_from_slice(key);
+    k.into()
+}
+
+/// etcd's `[key, range_end)` for the keys of `shard_key` in `[start, end)`; an empty `end` is the
+/// end of the shard key: the `shard_key/` prefix's end, `shard_key0` (`'0'` follows `'/'`).
+pub fn etcd_range(shard_key: &str, start: &str, end: &str) -> (Bytes, Bytes) {
+    let from = etcd_key(shard_key.as_bytes(), start.as_bytes());
+    let to = if end.is_empty() {
+        let mut k = shard_key.as_bytes().to_vec();
+        k.push(b'/' + 1);
+        Bytes::from(k)
+    } else {
+        etcd_key(shard_key.as_bytes(), end.as_bytes())
+    };
+    (from, to)
+}
+
+/// The etcd `TxnRequest` for `txn`.
+pub fn etcd_txn(txn: Txn) -> epb::TxnRequest {
+    epb::TxnRequest {
+        compare: txn
+            .compares
+            .into_iter()
+            .map(|c| epb::Compare {
+                result: epb::compare::CompareResult::Equal as i32,
+                target: epb::compare::CompareTarget::Version as i32,
+                key: etcd_key(&c.shard_key, &c.key),
+                range_end: Bytes::new(),
+                target_union: Some(epb::compare::TargetUnion::Version(c.version as i64)),
+            })
+            .collect(),
+        success: txn
+            .writes
+            .into_iter()
+            .map(|w| epb::RequestOp {
+                request: Some(epb::request_op::Request::RequestPut(epb::PutRequest {
+                    key: etcd_key(&w.shard_key, &w.key),
+                    value: w.value,
+                    ..Default::default()
+                })),
+            })
+            .collect(),
+        failure: Vec::new(),
+    }
+}
+
+/// A client of etcd's `KV` service, balanced over the cluster's members (any member serves reads
+/// and forwards writes to the leader).
+#[derive(Clone)]
+pub struct Etcd {
+    kv: epb::kv_client::KvClient<Channel>,
+    /// Serializable (local, possibly stale) reads instead of linearizable ones.
+    serializable: bool,
+    endpoints: Vec<String>,
+}
+
+impl Etcd {
+    /// A client over `endpoints` (`host:port`); must be called inside a Tokio runtime.
+    pub fn connect(
+        endpoints: Vec<String>,
+        timeout: Duration,
+        serializable: bool,
+    ) -> anyhow::Result<Etcd> {
+        ensure!(!endpoints.is_empty(), "no etcd endpoint given");
+        let mut eps = Vec::new();
+        for e in &endpoints {
+            let url = if e.contains("://") {
+                e.clone()
+            } else {
+                format!("http://{e}")
+            };
+            eps.push(
+                Endpoint::from_shared(url)
+                    .with_context(|| format!("invalid etcd endpoint {e:?}"))?
+                    .connect_timeout(Duration::from_secs(2))
+                    .timeout(timeout)
+                    .tcp_nodelay(true),
+            );
+        }
+        let channel = Channel::balance_list(eps.into_iter());
+        Ok(Etcd {
+            kv: epb::kv_client::KvClient::new(channel).max_decoding_message_size(64 << 20),
+            serializable,
+            endpoints,
+        })
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    async fn get(&self, shard_key: &str, key: &str) -> Result<Option<Found>, Status> {
+        let req = epb::RangeRequest {
+            key: etcd_key(shard_key.as_bytes(), key.as_bytes()),
+            serializable: self.serializable,
+            ..Default::default()
+        };
+        let r = self.kv.clone().range(req).await?.into_inner();
+        Ok(r.kvs.into_iter().next().map(|kv| Found {
+            value: kv.value,
+            version: kv.version.max(0) as u64,
+        }))
+    }
+
+    async fn put(&self, shard_key: &str, key: &str, value: Bytes) -> Result<(), Status> {
+        let req = epb::PutRequest {
+            key: etcd_key(shard_key.as_bytes(), key.as_bytes()),
+            value,
+            ..Default::default()
+        };
+        self.kv.clone().put(req).await.map(drop)
+    }
+
+    async fn scan(
+        &self,
+        shard_key: &str,
+        start: &str,
+        end: &str,
+        limit: u32,
+    ) -> Result<usize, Status> {
+        let (key, range_end) = etcd_range(shard_key, start, end);
+        let req = epb::RangeRequest {
+            key,
+            range_end,
+            limit: limit as i64,
+            serializable: self.serializable,
+            ..Default::default()
+        };
+        Ok(self.kv.clone().range(req).await?.into_inner().kvs.len())
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<bool, Status> {
+        let r = self.kv.clone().txn(etcd_txn(txn)).await?.into_inner();
+        Ok(r.succeeded)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn sample() -> Txn {
+        Txn {
+            compares: vec![VersionIs {
+                shard_key: "o1".into(),
+                key: "".into(),
+                version: 0,
+            }],
+            writes: vec![
+                Write {
+                    shard_key: "o1".into(),
+                    key: "".into(),
+                    value: "created;".into(),
+                },
+                Write {
+                    shard_key: "o1".into(),
+                    key: "items/1".into(),
+                    value: "sku".into(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn items_map_onto_etcd_keys_and_ranges() {
+        assert_eq!(&etcd_key(b"o1", b"")[..], b"o1/");
+        assert_eq!(&etcd_key(b"o1", b"items/1")[..], b"o1/items/1");
+        let (from, to) = etcd_range("user3", "00000004", "");
+        assert_eq!(
+            (&from[..], &to[..]),
+            (&b"user3/00000004"[..], &b"user30"[..])
+        );
+        // Every key of the shard key is inside, the next shard keys are not.
+        assert!(&etcd_key(b"user3", b"99999999")[..] < &to[..]);
+        assert!(&b"user3/"[..] >= &etcd_key(b"user3", b"")[..]);
+        let (from, to) = etcd_range("o1", "items/", "items0");
+        assert_eq!((&from[..], &to[..]), (&b"o1/items/"[..], &b"o1/items0"[..]));
+    }
+
+    #[test]
+    fn txns_translate_for_both_backends() {
+        let o = ordo_txn(sample());
+        assert_eq!(o.compares.len(), 1);
+        assert_eq!(o.compares[0].target, pb::compare::Target::Version as i32);
+        assert_eq!(o.compares[0].version, 0);
+        assert_eq!(o.success.len(), 2);
+        assert!(o.failure.is_empty());
+
+        let e = etcd_txn(sample());
+        assert_eq!(&e.compare[0].key[..], b"o1/");
+        assert_eq!(
+            e.compare[0].target_union,
+            Some(epb::compare::TargetUnion::Version(0))
+        );
+        let Some(epb::request_op::Request::RequestPut(p)) = &e.success[1].request else {
+            panic!("not a put: {:?}", e.success[1]);
+        };
+        assert_eq!(&p.key[..], b"o1/items/1");
+        // etcd's wire numbers: Compare.version is field 4 (varint: tag 0x20), key field 3.
+        let bytes = e.compare[0].encode_to_vec();
+        assert!(bytes.windows(2).any(|w| w == [0x20, 0x00]), "{bytes:?}");
+        assert!(bytes.windows(2).any(|w| w == [0x1a, 0x03]), "{bytes:?}");
+    }
+}

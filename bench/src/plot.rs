@@ -1,0 +1,439 @@
+//! The report as a picture: one hand-written SVG (no plotting library, no fonts, no system
+//! libraries) with three panels: throughput per second, p50/p99 latency per second, and the
+//! latency distribution (percentile spectrum, HdrHistogram style) of each op.
+
+use std::fmt::Write as _;
+
+use crate::report::Report;
+
+const WIDTH: f64 = 960.0;
+const PANEL_HEIGHT: f64 = 300.0;
+const MARGIN_LEFT: f64 = 80.0;
+const MARGIN_RIGHT: f64 = 170.0;
+const MARGIN_TOP: f64 = 70.0;
+const PANEL_GAP: f64 = 70.0;
+const COLORS: [&str; 9] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+    "#7f7f7f",
+];
+
+/// A line: points may be missing (no data that second), which breaks the line.
+struct Series {
+    name: String,
+    color: &'static str,
+    dashed: bool,
+    points: Vec<Option<(f64, f64)>>,
+}
+
+#[derive(Clone, Copy)]
+enum Scale {
+    Linear { max: f64 },
+    Log { min: f64, max: f64 },
+}
+
+impl Scale {
+    /// Fraction 0..1 of the axis for `v`.
+    fn frac(self, v: f64) -> f64 {
+        match self {
+            Scale::Linear { max } => (v / max).clamp(0.0, 1.0),
+            Scale::Log { min, max } => {
+                ((v.max(min).log10() - min.log10()) / (max.log10() - min.log10())).clamp(0.0, 1.0)
+            }
+        }
+    }
+
+    fn ticks(self) -> Vec<f64> {
+        match self {
+            Scale::Linear { max } => (0..=4).map(|i| max * i as f64 / 4.0).collect(),
+            Scale::Log { min, max } => {
+                let mut t = Vec::new();
+                let mut v = min;
+                while v <= max * 1.0001 {
+                    t.push(v);
+                    v *= 10.0;
+                }
+                t
+            }
+        }
+    }
+
+    /// A log scale over whole decades covering `values`, or a linear one from zero.
+    fn fit(values: impl Iterator<Item = f64>, log: bool) -> Scale {
+        let (mut lo, mut hi) = (f64::INFINITY, 0.0f64);
+        for v in values.filter(|v| v.is_finite() && *v > 0.0) {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+        if !lo.is_finite() {
+            (lo, hi) = (1.0, 1.0);
+        }
+        if log {
+            Scale::Log {
+                min: 10f64.powf(lo.log10().floor()),
+                max: 10f64.powf(hi.log10().ceil().max(lo.log10().floor() + 1.0)),
+            }
+        } else {
+            Scale::Linear {
+                max: nice_ceiling(hi),
+            }
+        }
+    }
+}
+
+/// 1, 2 or 5 times a power of ten, at least `v`.
+fn nice_ceiling(v: f64) -> f64 {
+    if v <= 0.0 {
+        return 1.0;
+    }
+    let p = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * p)
+        .find(|&c| c >= v)
+        .unwrap_or(10.0 * p)
+}
+
+fn label(v: f64) -> String {
+    if v == 0.0 {
+        "0".into()
+    } else if v >= 1000.0 {
+        format!("{}", v.round())
+    } else if v >= 1.0 {
+        format!("{}", (v * 10.0).round() / 10.0)
+    } else {
+        format!("{}", (v * 1000.0).round() / 1000.0)
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+/// One panel at vertical offset `top`. `x_ticks` are `(value, label)`.
+#[allow(clippy::too_many_arguments)]
+fn panel(
+    out: &mut String,
+    top: f64,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    x_max: f64,
+    x_ticks: &[(f64, String)],
+    y: Scale,
+    series: &[Series],
+) {
+    let (left, w, h) = (
+        MARGIN_LEFT,
+        WIDTH - MARGIN_LEFT - MARGIN_RIGHT,
+        PANEL_HEIGHT,
+    );
+    let px = |x: f64| left + (x / x_max).clamp(0.0, 1.0) * w;
+    let py = |v: f64| top + h - y.frac(v) * h;
+    let _ = writeln!(
+        out,
+        r#"<text x="{left}" y="{}" font-size="15" font-weight="bold">{}</text>"#,
+        top - 12.0,
+        esc(title)
+    );
+    let _ = writeln!(
+        out,
+        "<rect x=\"{left}\" y=\"{top}\" width=\"{w}\" height=\"{h}\" fill=\"none\" stroke=\"#444\"/>"
+    );
+    for t in y.ticks() {
+        let yy = py(t);
+        let _ = writeln!(
+            out,
+            "<line x1=\"{left}\" y1=\"{yy:.1}\" x2=\"{:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/>\
+             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{}</text>",
+            left + w,
+            left - 6.0,
+            yy + 4.0,
+            label(t)
+        );
+    }
+    for (x, text) in x_ticks {
+        let xx = px(*x);
+        let _ = writeln!(
+            out,
+            "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>\
+             <text x=\"{xx:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">{}</text>",
+            top + h,
+            top + h + 16.0,
+            esc(text)
+        );
+    }
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle">{}</text>"#,
+        left + w / 2.0,
+        top + h + 34.0,
+        esc(x_label)
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle" transform="rotate(-90 {:.1} {:.1})">{}</text>"#,
+        left - 55.0,
+        top + h / 2.0,
+        left - 55.0,
+        top + h / 2.0,
+        esc(y_label)
+    );
+    for (n, s) in series.iter().enumerate() {
+        let dash = if s.dashed {
+            r#" stroke-dasharray="6 4""#
+        } else {
+            ""
+        };
+        for run in s.points.split(Option::is_none) {
+            let pts: Vec<String> = run
+                .iter()
+                .flatten()
+                .map(|&(x, v)| format!("{:.1},{:.1}", px(x), py(v)))
+                .collect();
+            match pts.len() {
+                0 => {}
+                1 => {
+                    let (x, y) = pts[0].split_once(',').unwrap();
+                    let _ = writeln!(
+                        out,
+                        r#"<circle cx="{x}" cy="{y}" r="2.5" fill="{}"/>"#,
+                        s.color
+                    );
+                }
+                _ => {
+                    let _ = writeln!(
+                        out,
+                        r#"<polyline fill="none" stroke="{}" stroke-width="1.8"{dash} points="{}"/>"#,
+                        s.color,
+                        pts.join(" ")
+                    );
+                }
+            }
+        }
+        let ly = top + 14.0 + n as f64 * 18.0;
+        let lx = left + w + 12.0;
+        let _ = writeln!(
+            out,
+            r#"<line x1="{lx}" y1="{ly}" x2="{:.1}" y2="{ly}" stroke="{}" stroke-width="2"{dash}/><text x="{:.1}" y="{:.1}" font-size="12">{}</text>"#,
+            lx + 24.0,
+            s.color,
+            lx + 30.0,
+            ly + 4.0,
+            esc(&s.name)
+        );
+    }
+}
+
+/// `-log10(1 - p/100)`: the "number of nines" axis of a percentile spectrum (max at 5 nines).
+fn nines(percentile: f64) -> f64 {
+    if percentile >= 100.0 {
+        5.0
+    } else {
+        (-(1.0 - percentile / 100.0).log10()).min(5.0)
+    }
+}
+
+/// Time ticks for `seconds` seconds.
+fn time_ticks(seconds: f64) -> Vec<(f64, String)> {
+    let step = nice_ceiling((seconds / 8.0).max(1.0));
+    let mut t = Vec::new();
+    let mut x = 0.0;
+    while x <= seconds + 1e-9 {
+        t.push((x, format!("{x}")));
+        x += step;
+    }
+    t
+}
+
+/// The SVG document for `report`.
+pub fn svg(report: &Report) -> String {
+    let c = &report.config;
+    let height = MARGIN_TOP + 3.0 * (PANEL_HEIGHT + PANEL_GAP);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif">"#
+    );
+    let _ = writeln!(
+        out,
+        "<rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{MARGIN_LEFT}\" y=\"28\" font-size=\"18\" font-weight=\"bold\">ordo-bench: \
+         workload {} against {}</text>\n<text x=\"{MARGIN_LEFT}\" y=\"48\" font-size=\"12\">{}</text>",
+        esc(&c.workload),
+        esc(&c.target),
+        esc(&format!(
+            "{} ({}), {}, {:.1} s measured, mix {}, {} records, {}-byte values",
+            match c.rate_ops_s {
+                Some(r) => format!("open loop {r} ops/s"),
+                None => "closed loop".to_string(),
+            },
+            c.clients,
+            c.distribution,
+            report.elapsed_s,
+            c.mix,
+            c.records,
+            c.value_size
+        ))
+    );
+    let seconds = report
+        .timeline
+        .values()
+        .map(|p| p.len())
+        .max()
+        .unwrap_or(0)
+        .max(1) as f64;
+    let color = |n: usize| COLORS[n % COLORS.len()];
+    let x_of = |t: u64| t as f64 + 0.5;
+
+    // 1. Throughput per second.
+    let thr: Vec<Series> = report
+        .timeline
+        .iter()
+        .enumerate()
+        .map(|(n, (op, points))| Series {
+            name: op.clone(),
+            color: color(n),
+            dashed: false,
+            points: points
+                .iter()
+                .map(|p| Some((x_of(p.t), p.ops as f64)))
+                .collect(),
+        })
+        .collect();
+    let y = Scale::fit(
+        thr.iter()
+            .flat_map(|s| s.points.iter().flatten().map(|p| p.1)),
+        false,
+    );
+    let top = MARGIN_TOP + 30.0;
+    panel(
+        &mut out,
+        top,
+        "Throughput (successful requests per second)",
+        "seconds since the warm-up ended",
+        "ops/s",
+        seconds,
+        &time_ticks(seconds),
+        y,
+        &thr,
+    );
+
+    // 2. p50 (solid) and p99 (dashed) per second.
+    let mut lat = Vec::new();
+    for (n, (op, points)) in report.timeline.iter().enumerate() {
+        for (dashed, name, pick) in [
+            (
+                false,
+                "p50",
+                (|p: &crate::report::Point| p.p50_ms) as fn(&_) -> _,
+            ),
+            (true, "p99", |p: &crate::report::Point| p.p99_ms),
+        ] {
+            lat.push(Series {
+                name: format!("{op} {name}"),
+                color: color(n),
+                dashed,
+                points: points
+                    .iter()
+                    .map(|p| pick(p).map(|v| (x_of(p.t), v)))
+                    .collect(),
+            });
+        }
+    }
+    let y = Scale::fit(
+        lat.iter()
+            .flat_map(|s| s.points.iter().flatten().map(|p| p.1)),
+        true,
+    );
+    let top = top + PANEL_HEIGHT + PANEL_GAP;
+    panel(
+        &mut out,
+        top,
+        "Latency per second: p50 (solid) and p99 (dashed)",
+        "seconds since the warm-up ended",
+        "latency, ms (log)",
+        seconds,
+        &time_ticks(seconds),
+        y,
+        &lat,
+    );
+
+    // 3. The latency distribution of the whole run.
+    let dist: Vec<Series> = report
+        .results
+        .iter()
+        .filter(|r| !r.percentiles.is_empty())
+        .enumerate()
+        .map(|(n, r)| Series {
+            name: r.op.clone(),
+            color: if r.op == "all" { "#000000" } else { color(n) },
+            dashed: r.op == "all",
+            points: r
+                .percentiles
+                .iter()
+                .map(|&(p, ms)| Some((nines(p), ms)))
+                .collect(),
+        })
+        .collect();
+    let y = Scale::fit(
+        dist.iter()
+            .flat_map(|s| s.points.iter().flatten().map(|p| p.1)),
+        true,
+    );
+    let x_ticks: Vec<(f64, String)> = [
+        (0.0, "0%"),
+        (1.0, "90%"),
+        (2.0, "99%"),
+        (3.0, "99.9%"),
+        (4.0, "99.99%"),
+        (5.0, "max"),
+    ]
+    .into_iter()
+    .map(|(x, l)| (x, l.to_string()))
+    .collect();
+    let top = top + PANEL_HEIGHT + PANEL_GAP;
+    let corrected = if c.rate_ops_s.is_some() {
+        " (from intended start)"
+    } else {
+        ""
+    };
+    panel(
+        &mut out,
+        top,
+        &format!("Latency distribution over the whole run{corrected}"),
+        "percentile",
+        "latency, ms (log)",
+        5.0,
+        &x_ticks,
+        y,
+        &dist,
+    );
+    out.push_str("</svg>\n");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scales_and_ticks_are_sane() {
+        assert_eq!(nice_ceiling(7.0), 10.0);
+        assert_eq!(nice_ceiling(1234.0), 2000.0);
+        assert_eq!(nice_ceiling(0.0), 1.0);
+        let log = Scale::fit([0.35, 42.0].into_iter(), true);
+        assert_eq!(log.ticks(), [0.1, 1.0, 10.0, 100.0]);
+        assert_eq!(log.frac(0.1), 0.0);
+        assert_eq!(log.frac(100.0), 1.0);
+        let lin = Scale::fit([3.0, 17.0].into_iter(), false);
+        assert_eq!(lin.ticks(), [0.0, 5.0, 10.0, 15.0, 20.0]);
+        assert_eq!(nines(0.0), 0.0);
+        assert!((nines(99.0) - 2.0).abs() < 1e-9);
+        assert_eq!(nines(100.0), 5.0);
+        assert_eq!(time_ticks(20.0).len(), 5);
+        assert_eq!(esc("a<b&\"c\""), "a&lt;b&amp;&quot;c&quot;");
+    }
+}
