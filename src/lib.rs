@@ -8,6 +8,7 @@ pub mod driver;
 pub mod error;
 pub mod keys;
 pub mod limits;
+pub mod linearizability;
 pub mod logging;
 pub mod meta;
 pub mod node;
