@@ -278,24 +278,36 @@ pub fn svg(report: &Report) -> String {
             c.value_size
         ))
     );
-    let seconds = report
+    // Only whole seconds of the measured period: the last partial second holds only the requests
+    // that were still running at the end, which would read as a drop.
+    let seconds = c.duration_s.floor().max(1.0);
+    let timeline: Vec<(&String, Vec<&crate::report::Point>)> = report
         .timeline
-        .values()
-        .map(|p| p.len())
-        .max()
-        .unwrap_or(0)
-        .max(1) as f64;
-    let color = |n: usize| COLORS[n % COLORS.len()];
+        .iter()
+        .map(|(op, points)| {
+            let full = points.iter().filter(|p| (p.t as f64) < seconds).collect();
+            (op, full)
+        })
+        .collect();
+    // One colour per op, the same in every panel; `all` is black.
+    let color = |op: &str| match crate::workload::Op::from_name(op) {
+        Some(op) => {
+            let i = crate::workload::Op::ALL
+                .iter()
+                .position(|o| *o == op)
+                .unwrap_or(0);
+            COLORS[i % COLORS.len()]
+        }
+        None => "#000000",
+    };
     let x_of = |t: u64| t as f64 + 0.5;
 
     // 1. Throughput per second.
-    let thr: Vec<Series> = report
-        .timeline
+    let thr: Vec<Series> = timeline
         .iter()
-        .enumerate()
-        .map(|(n, (op, points))| Series {
-            name: op.clone(),
-            color: color(n),
+        .map(|(op, points)| Series {
+            name: op.to_string(),
+            color: color(op),
             dashed: false,
             points: points
                 .iter()
@@ -323,7 +335,7 @@ pub fn svg(report: &Report) -> String {
 
     // 2. p50 (solid) and p99 (dashed) per second.
     let mut lat = Vec::new();
-    for (n, (op, points)) in report.timeline.iter().enumerate() {
+    for (op, points) in &timeline {
         for (dashed, name, pick) in [
             (
                 false,
@@ -334,7 +346,7 @@ pub fn svg(report: &Report) -> String {
         ] {
             lat.push(Series {
                 name: format!("{op} {name}"),
-                color: color(n),
+                color: color(op),
                 dashed,
                 points: points
                     .iter()
@@ -366,15 +378,14 @@ pub fn svg(report: &Report) -> String {
         .results
         .iter()
         .filter(|r| !r.percentiles.is_empty())
-        .enumerate()
-        .map(|(n, r)| Series {
+        .map(|r| Series {
             name: r.op.clone(),
-            color: if r.op == "all" { "#000000" } else { color(n) },
+            color: color(&r.op),
             dashed: r.op == "all",
             points: r
                 .percentiles
                 .iter()
-                .map(|&(p, ms)| Some((nines(p), ms)))
+                .map(|p| Some((nines(p.percentile), p.ms)))
                 .collect(),
         })
         .collect();
@@ -418,6 +429,57 @@ pub fn svg(report: &Report) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report::{CpuInfo, Recorder, RunInfo, Timeline};
+    use crate::workload::Op;
+    use std::time::Duration;
+
+    #[test]
+    fn the_svg_has_every_op_in_every_panel() {
+        let mut rec = Recorder::default();
+        let mut timeline = Timeline::default();
+        for i in 0..300u64 {
+            let op = if i % 3 == 0 {
+                Op::OrderCreate
+            } else {
+                Op::OrderRead
+            };
+            let d = Duration::from_micros(500 + i * 10);
+            rec.op(op).record_ok(d, d);
+            timeline.record(i / 100, op, Some(d));
+        }
+        let info = RunInfo {
+            workload: "orders".into(),
+            mix: "order_create=1,order_read=2".into(),
+            distribution: "latest".into(),
+            target: "ordo-playground".into(),
+            endpoints: vec!["127.0.0.1:1".into()],
+            clients: 4,
+            pacing: "closed".into(),
+            rate_ops_s: None,
+            duration_s: 3.0,
+            warmup_s: 0.0,
+            value_size: 8,
+            records: 10,
+            items_per_shard: 1,
+            order_items: 2,
+            seed: 1,
+        };
+        let report = Report::new(
+            info,
+            Duration::from_secs(3),
+            &rec,
+            &timeline,
+            CpuInfo::default(),
+            0,
+        );
+        let svg = svg(&report);
+        assert!(svg.starts_with("<svg ") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2 + 4 + 3, "{svg}");
+        for name in ["order_create p99", "order_read p50", ">all<", "Throughput"] {
+            assert!(svg.contains(name), "{name} missing");
+        }
+        assert_eq!(svg.matches("<svg").count(), 1);
+    }
 
     #[test]
     fn scales_and_ticks_are_sane() {

@@ -244,8 +244,15 @@ pub struct Row {
     pub service_p50_ms: Option<f64>,
     pub service_p99_ms: Option<f64>,
     pub errors: BTreeMap<String, u64>,
-    /// `(percentile, ms)` along [`SPECTRUM`]: the latency distribution.
-    pub percentiles: Vec<(f64, f64)>,
+    /// The latency distribution: the latency at each percentile of [`SPECTRUM`].
+    pub percentiles: Vec<Percentile>,
+}
+
+/// One point of a latency distribution.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Percentile {
+    pub percentile: f64,
+    pub ms: f64,
 }
 
 fn round3(v: f64) -> f64 {
@@ -268,7 +275,10 @@ impl Row {
                     } else {
                         h.value_at_percentile(p)
                     };
-                    (p, round3(us as f64 / 1000.0))
+                    Percentile {
+                        percentile: p,
+                        ms: round3(us as f64 / 1000.0),
+                    }
                 })
                 .collect()
         } else {
@@ -471,6 +481,10 @@ mod tests {
         }
     }
 
+    fn json_percentile(ps: &[Percentile], p: f64) -> f64 {
+        ps.iter().find(|x| x.percentile == p).unwrap().ms
+    }
+
     fn sample() -> Report {
         let mut a = Recorder::default();
         let mut b = Recorder::default();
@@ -515,7 +529,11 @@ mod tests {
         );
         assert_eq!(update.errors.get("Unavailable"), Some(&2));
         assert_eq!(update.percentiles.len(), SPECTRUM.len());
-        assert!(update.percentiles.windows(2).all(|w| w[0].1 <= w[1].1));
+        assert!(update.percentiles.windows(2).all(|w| w[0].ms <= w[1].ms));
+        assert_eq!(
+            json_percentile(&update.percentiles, 50.0),
+            update.p50_ms.unwrap()
+        );
         let all = &report.results[2];
         assert_eq!(all.ops, 101);
         assert_eq!(all.errors.values().sum::<u64>(), 3);
@@ -564,6 +582,8 @@ mod tests {
         }
         assert_eq!(results[1]["op"], "update");
         assert_eq!(results[1]["errors"]["Unavailable"], 2);
+        assert_eq!(results[1]["percentiles"][0]["percentile"], 0.0);
+        assert!(results[1]["percentiles"][12]["ms"].as_f64().unwrap() > 99.0);
         assert_eq!(json["cpu"]["server_cpu_s_per_1k_ops"], 29.7);
         let update = json["timeline"]["update"].as_array().unwrap();
         assert_eq!(update.len(), 3); // seconds 0, 1, 2
