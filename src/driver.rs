@@ -5,7 +5,8 @@
 //! each `Ready` in raft-rs's order:
 //! 1. send the leader's messages (they need not wait for its own disk),
 //! 2. install a snapshot if raft accepted one,
-//! 3. append entries and the hard state, then **one** `flush` (fsync) for the whole Ready,
+//! 3. append entries and the hard state, then **one** sync (sled flush + fdatasync, see
+//!    `durable.rs`) for the whole Ready,
 //! 4. send the messages that had to wait for that flush (votes, append responses),
 //! 5. apply committed entries (effects + applied index in one sled transaction) and answer the
 //!    proposals and reads waiting for them,
@@ -23,6 +24,7 @@ use raft::prelude::*;
 use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::durable::Durable;
 use crate::error::{Error, Result};
 use crate::limits::*;
 use crate::sm::{Apply, Command, Outcome, StateMachine};
@@ -84,7 +86,7 @@ struct PendingRead {
 pub struct Driver {
     cfg: DriverConfig,
     raw: RawNode<RaftStore>,
-    db: sled::Db,
+    durable: Durable,
     sm: Arc<StateMachine>,
     inbox: mpsc::Receiver<Msg>,
     transport: Transport,
@@ -126,7 +128,7 @@ impl Driver {
     pub fn new(
         cfg: DriverConfig,
         store: RaftStore,
-        db: sled::Db,
+        durable: Durable,
         sm: Arc<StateMachine>,
         inbox: mpsc::Receiver<Msg>,
         transport: Transport,
@@ -143,7 +145,7 @@ impl Driver {
         Ok(Driver {
             cfg,
             raw,
-            db,
+            durable,
             sm,
             inbox,
             transport,
@@ -198,7 +200,7 @@ impl Driver {
                 "the replica stopped before this request completed; its outcome is unknown".into(),
             )
         });
-        if let Err(e) = self.db.flush() {
+        if let Err(e) = self.durable.sync() {
             tracing::error!(error = %e, "final flush failed");
         }
         tracing::info!(
@@ -366,21 +368,22 @@ impl Driver {
         let mut rd = self.raw.ready();
         self.send(rd.take_messages());
 
-        let mut must_flush = false;
         if !rd.snapshot().is_empty() {
             let meta = rd.snapshot().get_metadata().clone();
             self.install_snapshot(&meta)?;
         }
         if !rd.entries().is_empty() {
             self.raw.mut_store().append(rd.entries())?;
-            must_flush = true;
         }
         if let Some(hs) = rd.hs() {
             self.raw.mut_store().set_hard_state(hs)?;
-            must_flush = true;
         }
-        if must_flush || rd.must_sync() {
-            self.db.flush()?;
+        // raft-rs sets must_sync for new entries, a new term or a new vote: what must be on disk
+        // before the persisted messages go out. A hard state that only moved the commit index
+        // needs no fsync of its own (restart recovery copes with a stored commit behind the
+        // applied index, see `node.rs`), and skipping it saves one fsync per commit on a leader.
+        if rd.must_sync() {
+            self.durable.sync()?;
         }
         for rs in rd.take_read_states() {
             self.read_index_known(&rs.request_ctx, rs.index);
@@ -531,7 +534,7 @@ impl Driver {
         let started = Instant::now();
         let items = self.sm.install_snapshot(&path, meta.index)?;
         self.raw.mut_store().apply_snapshot(meta)?;
-        self.db.flush()?;
+        self.durable.sync()?;
         self.sm.finish_install()?;
         self.snapshots_installed += 1;
         self.raw.mut_store().set_latest_snapshot(SnapshotFile {

@@ -5,6 +5,7 @@ pub use ordo_proto as proto;
 
 pub mod client;
 pub mod driver;
+pub mod durable;
 pub mod error;
 pub mod keys;
 pub mod limits;

@@ -130,7 +130,7 @@ impl Node {
                 compact_log_entries: cfg.compact_log_entries,
             },
             store,
-            db,
+            crate::durable::Durable::open(db, &db_dir)?,
             sm.clone(),
             driver_rx,
             transport,
