@@ -23,7 +23,7 @@ mod schedule;
 mod workload;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -55,7 +55,8 @@ Examples:
 
 Durations take a unit (us, ms, s, m, h); a bare number is seconds. Error kinds in the table are \
 gRPC codes, or Conflict (a version compare failed), NotFound (the chosen record or order is \
-missing), Terminal (the order is already delivered), NoRecords (nothing to choose from yet)."
+missing), Terminal (the order is already delivered), NoRecords (nothing to choose from yet), \
+MissingItems (an order read without all its line items)."
 )]
 struct Args {
     /// Ordo addresses (a router, or the nodes of one group), comma-separated or repeated.
@@ -381,6 +382,8 @@ struct Plan {
     stop_at: Instant,
     live: Live,
     timeline: Mutex<Timeline>,
+    /// Set by Ctrl-C: the workers stop early and the run reports what it measured.
+    interrupted: AtomicBool,
 }
 
 /// The backend for the target; with `--playground`, the cluster behind it too.
@@ -453,6 +456,7 @@ fn bar(len: u64, quiet: bool, template: &str) -> ProgressBar {
             .expect("valid template")
             .progress_chars("=> "),
     );
+    bar.enable_steady_tick(Duration::from_millis(200));
     bar
 }
 
@@ -514,7 +518,17 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         stop_at: measure_from + args.duration,
         live: Live::new(),
         timeline: Mutex::new(Timeline::default()),
+        interrupted: AtomicBool::new(false),
     });
+    let ctrl_c = {
+        let plan = plan.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupted: stopping the workers and reporting what was measured");
+                plan.interrupted.store(true, Ordering::Relaxed);
+            }
+        })
+    };
     let tasks: Vec<_> = (0..workers)
         .map(|id| tokio::spawn(worker(plan.clone(), id)))
         .collect();
@@ -524,7 +538,10 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         args.quiet,
     ));
 
-    tokio::time::sleep_until(measure_from).await;
+    tokio::select! {
+        _ = tokio::time::sleep_until(measure_from) => {}
+        _ = wait_interrupted(&plan) => {}
+    }
     let cpu_before = (cpu::self_cpu(), server_cpu(&args.server_pids));
     let mut merged = Recorder::default();
     let mut unsent = 0;
@@ -537,6 +554,7 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
     let cpu_after = (cpu::self_cpu(), server_cpu(&args.server_pids));
     progress.abort();
     let _ = progress.await;
+    ctrl_c.abort();
 
     if let Some((pg, dir)) = playground {
         pg.shutdown().await;
@@ -566,6 +584,7 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         records,
         items_per_shard: args.items_per_shard,
         order_items: args.order_items,
+        order_prefix: plan.world.order_prefix.clone(),
         seed: args.seed,
     };
     let timeline = plan.timeline.lock().expect("timeline lock").clone();
@@ -601,6 +620,13 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         bench_cpu_s_per_1k_ops: cpu::per_thousand_ops(bench_cpu, ops),
     };
     Ok(report)
+}
+
+/// Returns once Ctrl-C was pressed.
+async fn wait_interrupted(plan: &Plan) {
+    while !plan.interrupted.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Total CPU of the `pids` (a process that exited counts as zero from then on).
@@ -717,6 +743,9 @@ async fn worker(plan: Arc<Plan>, id: u64) -> (Recorder, u64) {
         let due = plan.pacing.due(k, id, plan.workers).map(|d| plan.start + d);
         k += 1;
         let now = Instant::now();
+        if plan.interrupted.load(Ordering::Relaxed) {
+            break;
+        }
         match due {
             Some(due) if due >= plan.stop_at => break,
             Some(due) if now >= plan.stop_at => {

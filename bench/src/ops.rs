@@ -4,8 +4,9 @@
 //! An op either succeeds or fails with a *kind*: the gRPC code name (`Unavailable`,
 //! `DeadlineExceeded`, ...) or one of the bench's own outcomes:
 //! `Conflict` (a version compare failed: someone else wrote first), `NotFound` (the chosen record
-//! or order is not there), `Terminal` (the order is already in its final status) and `NoRecords`
-//! (nothing exists yet to choose from).
+//! or order is not there; a scan from an existing record that returned nothing), `Terminal` (the
+//! order is already in its final status), `NoRecords` (nothing exists yet to choose from) and
+//! `MissingItems` (an order's root was there but not all its line items: a torn aggregate).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -25,6 +26,9 @@ pub const CONFLICT: &str = "Conflict";
 pub const NOT_FOUND: &str = "NotFound";
 pub const TERMINAL: &str = "Terminal";
 pub const NO_RECORDS: &str = "NoRecords";
+/// An order whose root was read but whose line items were not all there: the create `Txn` was
+/// not atomic (or, with stale reads, two replicas were at different points).
+pub const MISSING_ITEMS: &str = "MissingItems";
 
 fn kind(status: Status) -> ErrorKind {
     format!("{:?}", status.code())
@@ -195,11 +199,11 @@ pub async fn execute(
         Op::Scan => {
             let (sk, key) = world.layout.record(draw.existing(world)?);
             let len = world.layout.scan_length(&mut draw.rng);
-            backend
-                .scan(&sk, &key, "", len)
-                .await
-                .map(drop)
-                .map_err(kind)
+            // The scan starts at an existing record, so it returns at least that one.
+            match backend.scan(&sk, &key, "", len).await.map_err(kind)? {
+                0 => Err(NOT_FOUND.to_string()),
+                _ => Ok(()),
+            }
         }
         Op::Rmw => {
             let (sk, key) = world.layout.record(draw.existing(world)?);
@@ -246,11 +250,15 @@ pub async fn execute(
             if backend.get(&id, "").await.map_err(kind)?.is_none() {
                 return Err(NOT_FOUND.to_string());
             }
-            backend
+            let items = backend
                 .scan(&id, "items/", "items0", 0)
                 .await
-                .map(drop)
-                .map_err(kind)
+                .map_err(kind)?;
+            // Items are never deleted and were created with the root in one Txn.
+            if items < world.order_items as usize {
+                return Err(MISSING_ITEMS.to_string());
+            }
+            Ok(())
         }
     }
 }

@@ -462,6 +462,7 @@ mod tests {
             records: 10,
             items_per_shard: 1,
             order_items: 2,
+            order_prefix: "r1-".into(),
             seed: 1,
         };
         let report = Report::new(

@@ -204,6 +204,8 @@ pub struct RunInfo {
     pub records: u64,
     pub items_per_shard: u64,
     pub order_items: u32,
+    /// Prefix of the order IDs (`<prefix>o<n>`), for `--no-load --order-prefix` reruns.
+    pub order_prefix: String,
     pub seed: u64,
 }
 
@@ -477,6 +479,7 @@ mod tests {
             records: 100,
             items_per_shard: 10,
             order_items: 3,
+            order_prefix: "r1-".into(),
             seed: 1,
         }
     }
