@@ -280,7 +280,7 @@ pub fn svg(report: &Report) -> String {
     );
     // Only whole seconds of the measured period: the last partial second holds only the requests
     // that were still running at the end, which would read as a drop.
-    let seconds = c.duration_s.floor().max(1.0);
+    let seconds = c.duration_s.min(report.elapsed_s).floor().max(1.0);
     let timeline: Vec<(&String, Vec<&crate::report::Point>)> = report
         .timeline
         .iter()
