@@ -357,8 +357,10 @@ mod tests {
             (&b"user3/00000004"[..], &b"user30"[..])
         );
         // Every key of the shard key is inside, the next shard keys are not.
-        assert!(&etcd_key(b"user3", b"99999999")[..] < &to[..]);
-        assert!(&b"user3/"[..] >= &etcd_key(b"user3", b"")[..]);
+        assert!(etcd_key(b"user3", b"99999999") < to);
+        // The next shard keys sharing the prefix ("user30", "user31", ...) are outside.
+        assert!(etcd_key(b"user30", b"") >= to);
+        assert!(etcd_key(b"user31", b"00000000") >= to);
         let (from, to) = etcd_range("o1", "items/", "items0");
         assert_eq!((&from[..], &to[..]), (&b"o1/items/"[..], &b"o1/items0"[..]));
     }

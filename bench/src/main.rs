@@ -829,7 +829,7 @@ async fn show_progress(plan: Arc<Plan>, total: Duration, quiet: bool) {
         let failed = plan.live.failed.load(Ordering::Relaxed);
         let p99 = {
             let mut w = plan.live.window.lock().expect("window lock");
-            let p = (w.len() > 0).then(|| w.value_at_quantile(0.99) as f64 / 1000.0);
+            let p = (!w.is_empty()).then(|| w.value_at_quantile(0.99) as f64 / 1000.0);
             w.reset();
             p
         };

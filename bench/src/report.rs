@@ -158,7 +158,7 @@ impl Timeline {
                 let point = match second.get(&op) {
                     Some(slot) => {
                         let h = &slot.latency_us;
-                        let ms = |us: u64| (h.len() > 0).then(|| round3(us as f64 / 1000.0));
+                        let ms = |us: u64| (!h.is_empty()).then(|| round3(us as f64 / 1000.0));
                         Point {
                             t: t as u64,
                             ops: h.len(),
