@@ -101,17 +101,43 @@ impl Recorder {
     }
 }
 
-/// One op type in one second.
+/// One op type in one second: a histogram while the second may still get results, then only its
+/// summary (so a long run keeps a few numbers per second, not a histogram).
 #[derive(Clone, Debug)]
-struct Slot {
-    latency_us: Histogram<u64>,
-    errors: u64,
+enum Slot {
+    Live {
+        latency_us: Box<Histogram<u64>>,
+        errors: u64,
+    },
+    Done(Point),
+}
+
+impl Slot {
+    fn summary(&self, t: u64) -> Point {
+        match self {
+            Slot::Done(p) => p.clone(),
+            Slot::Live { latency_us, errors } => {
+                let h = latency_us;
+                let ms = |us: u64| (!h.is_empty()).then(|| round3(us as f64 / 1000.0));
+                Point {
+                    t,
+                    ops: h.len(),
+                    errors: *errors,
+                    p50_ms: ms(h.value_at_quantile(0.5)),
+                    p99_ms: ms(h.value_at_quantile(0.99)),
+                    max_ms: ms(h.max()),
+                }
+            }
+        }
+    }
 }
 
 /// Per-second results of the measured period, by op, keyed by the second the request finished.
 #[derive(Clone, Debug, Default)]
 pub struct Timeline {
     seconds: Vec<BTreeMap<Op, Slot>>,
+    /// Seconds before this one are summarised.
+    summarised: usize,
 }
 
 /// One op type in one second, summarised.
@@ -128,6 +154,9 @@ pub struct Point {
 
 /// Seconds the timeline keeps at most (a day); later results land in the last second.
 const TIMELINE_SECONDS_MAX: usize = 86_400;
+/// A second is summarised once results arrive this many seconds after it (requests are recorded
+/// as they finish, so late arrivals for an older second are a matter of microseconds).
+const SUMMARISE_AFTER: usize = 3;
 
 impl Timeline {
     /// Records one request that finished during second `second`; `latency` is `None` on failure.
@@ -136,13 +165,27 @@ impl Timeline {
         if self.seconds.len() <= i {
             self.seconds.resize_with(i + 1, BTreeMap::new);
         }
-        let slot = self.seconds[i].entry(op).or_insert_with(|| Slot {
-            latency_us: histogram(TIMELINE_SIGFIG),
+        while self.summarised + SUMMARISE_AFTER <= i {
+            let t = self.summarised;
+            for slot in self.seconds[t].values_mut() {
+                *slot = Slot::Done(slot.summary(t as u64));
+            }
+            self.summarised += 1;
+        }
+        let slot = self.seconds[i].entry(op).or_insert_with(|| Slot::Live {
+            latency_us: Box::new(histogram(TIMELINE_SIGFIG)),
             errors: 0,
         });
-        match latency {
-            Some(l) => slot.latency_us.saturating_record(micros(l)),
-            None => slot.errors += 1,
+        match slot {
+            Slot::Live { latency_us, errors } => match latency {
+                Some(l) => latency_us.saturating_record(micros(l)),
+                None => *errors += 1,
+            },
+            // A straggler for a summarised second: count it, its latency is left out.
+            Slot::Done(p) => match latency {
+                Some(_) => p.ops += 1,
+                None => p.errors += 1,
+            },
         }
     }
 
@@ -154,22 +197,12 @@ impl Timeline {
             .filter(|op| self.seconds.iter().any(|s| s.contains_key(op)))
             .collect();
         for (t, second) in self.seconds.iter().enumerate() {
+            let t = t as u64;
             for &op in &ops {
                 let point = match second.get(&op) {
-                    Some(slot) => {
-                        let h = &slot.latency_us;
-                        let ms = |us: u64| (!h.is_empty()).then(|| round3(us as f64 / 1000.0));
-                        Point {
-                            t: t as u64,
-                            ops: h.len(),
-                            errors: slot.errors,
-                            p50_ms: ms(h.value_at_quantile(0.5)),
-                            p99_ms: ms(h.value_at_quantile(0.99)),
-                            max_ms: ms(h.max()),
-                        }
-                    }
+                    Some(slot) => slot.summary(t),
                     None => Point {
-                        t: t as u64,
+                        t,
                         ops: 0,
                         errors: 0,
                         p50_ms: None,
@@ -596,6 +629,27 @@ mod tests {
             json["timeline"]["read"][0]["p50_ms"],
             serde_json::Value::Null
         );
+    }
+
+    #[test]
+    fn old_seconds_are_summarised_without_changing_them() {
+        let mut t = Timeline::default();
+        for ms in 1..=100 {
+            t.record(0, Op::Read, Some(Duration::from_millis(ms)));
+        }
+        t.record(0, Op::Read, None);
+        let before = t.points()[&Op::Read][0].clone();
+        assert_eq!(before.ops, 100);
+        t.record(10, Op::Read, Some(Duration::from_millis(1)));
+        assert_eq!(t.summarised, 8);
+        assert!(matches!(t.seconds[0][&Op::Read], Slot::Done(_)));
+        let points = &t.points()[&Op::Read];
+        assert_eq!(points[0], before);
+        assert_eq!(points.len(), 11);
+        assert_eq!(points[5].ops, 0);
+        // A straggler for a summarised second is still counted.
+        t.record(0, Op::Read, None);
+        assert_eq!(t.points()[&Op::Read][0].errors, 2);
     }
 
     #[test]
