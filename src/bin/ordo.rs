@@ -4,6 +4,9 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
 use ordo::node::{parse_peers, Node, NodeConfig};
 use ordo::playground::{Playground, PlaygroundConfig};
