@@ -82,12 +82,18 @@ impl Node {
         let snap_dir = cfg.data_dir.join("snap");
         std::fs::create_dir_all(&snap_dir)
             .with_context(|| format!("creating {}", snap_dir.display()))?;
-        let db = sled::Config::new().path(&db_dir).open().with_context(|| {
-            format!(
-                "opening sled at {} (is another node using this data dir?)",
-                db_dir.display()
-            )
-        })?;
+        // No background flusher: the driver syncs whenever raft needs it (`durable.rs`), and a
+        // second thread flushing on its own clock only contends with it.
+        let db = sled::Config::new()
+            .path(&db_dir)
+            .flush_every_ms(None)
+            .open()
+            .with_context(|| {
+                format!(
+                    "opening sled at {} (is another node using this data dir?)",
+                    db_dir.display()
+                )
+            })?;
 
         let opened = StateMachine::open(&db, cfg.id, cfg.slot_count)?;
         let sm = Arc::new(opened.sm);
@@ -181,7 +187,9 @@ impl Node {
                 .add_optional_service(kv)
                 .add_optional_service(cluster)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    // A listener passed in is not covered by the builder's `tcp_nodelay`: without
+                    // this, answers over ~256 bytes wait for the peer's delayed ACK (40 ms).
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     async move {
                         let _ = stop_server.changed().await;
                     },
