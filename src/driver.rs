@@ -587,8 +587,11 @@ impl Driver {
         if applied + 1 - first.min(applied + 1) <= self.cfg.compact_log_entries {
             return Ok(());
         }
-        // Keep the newest half so a follower slightly behind still catches up from the log.
-        let to = applied - self.cfg.compact_log_entries / 2;
+        // Keep at least the newest half so a follower slightly behind still catches up from the
+        // log, and remove at most a step at a time: deleting thousands of entries in one batch
+        // stalls every request of the group for tens of milliseconds, small steps spread it out.
+        let first_kept_max = applied - self.cfg.compact_log_entries / 2;
+        let to = first_kept_max.min(first.saturating_sub(1) + COMPACT_STEP_ENTRIES_MAX);
         let removed = self.raw.mut_store().compact(to)?;
         tracing::debug!(node = self.cfg.node_id, to, removed, "compacted raft log");
         Ok(())

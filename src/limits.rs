@@ -50,6 +50,8 @@ pub const RAFT_MSG_BYTES_MAX: u64 = 1024 * 1024;
 pub const RAFT_INFLIGHT_MSGS_MAX: usize = 256;
 /// Default number of applied entries kept in the log before it is compacted.
 pub const COMPACT_LOG_ENTRIES_DEFAULT: u64 = 10_000;
+/// Most log entries one compaction removes (it runs on the driver loop, so it must stay short).
+pub const COMPACT_STEP_ENTRIES_MAX: u64 = 1_024;
 
 /// Slots of the hash ring until the config server assigns a count (issue #3).
 pub const SLOT_COUNT_DEFAULT: u32 = 4096;
