@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# The comparison behind bench/RESULTS.md: Ordo (one group of 3 behind a router), the Ordo
+# playground (3 groups x 3 behind a router) and etcd (3 members), all on loopback on this machine,
+# each an ordinary process, measured in one session with the same ordo-bench client.
+#
+#   bench/compare.sh [OUT_DIR]
+#
+# Runs are interleaved (for each workload and client count: Ordo, playground, etcd back to back)
+# so that a change in the machine's background load hits all three alike. Every row's command is
+# printed with it. Tunables: DURATION (8s), WARMUP (2s), WORKLOADS ("update a c f orders"),
+# CLIENTS ("1 16 64"), TARGETS ("ordo playground etcd").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+OUT=${1:-bench/out/compare-$(date -u +%Y%m%d-%H%M%S)}
+DURATION=${DURATION:-8s}
+WARMUP=${WARMUP:-2s}
+WORKLOADS=${WORKLOADS:-"update a c f orders"}
+CLIENTS=${CLIENTS:-"1 16 64"}
+TARGETS=${TARGETS:-"ordo playground etcd"}
+ORDO_PORT=${ORDO_PORT:-17000}
+PG_PORT=${PG_PORT:-18000}
+mkdir -p "$OUT"
+
+cargo build --release --quiet -p ordo --bin ordo
+cargo build --release --quiet -p ordo-bench
+BENCH=target/release/ordo-bench
+ORDO=target/release/ordo
+
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    if [[ " $TARGETS " == *" etcd "* ]]; then bench/etcd.sh stop >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
+
+# Starts `ordo playground` with the given groups on the given port; sets REPLY to its pid once its
+# router serves (it prints the "Router:" line then).
+start_playground() {
+    local groups=$1 port=$2 dir=$OUT/data-$1g
+    rm -rf "$dir"
+    "$ORDO" playground --groups "$groups" --port "$port" --dir "$dir" \
+        >"$OUT/playground-$groups.out" 2>"$OUT/playground-$groups.log" &
+    local pid=$!
+    PIDS+=("$pid")
+    for _ in $(seq 1 600); do
+        grep -q '^Router:' "$OUT/playground-$groups.out" 2>/dev/null && { REPLY=$pid; return; }
+        kill -0 "$pid" 2>/dev/null || { cat "$OUT/playground-$groups.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    echo "playground with $groups groups did not start" >&2
+    exit 1
+}
+
+declare -A ENDPOINT SERVER_PIDS
+for t in $TARGETS; do
+    case $t in
+        ordo) start_playground 1 "$ORDO_PORT"; ENDPOINT[$t]="-e 127.0.0.1:$ORDO_PORT"; SERVER_PIDS[$t]=$REPLY ;;
+        playground) start_playground 3 "$PG_PORT"; ENDPOINT[$t]="-e 127.0.0.1:$PG_PORT"; SERVER_PIDS[$t]=$REPLY ;;
+        etcd)
+            bench/etcd.sh stop >/dev/null 2>&1 || true
+            bench/etcd.sh start >&2
+            ENDPOINT[$t]="--target etcd://$(bench/etcd.sh endpoints)"
+            SERVER_PIDS[$t]=$(bench/etcd.sh pids)
+            ;;
+        *) echo "unknown target $t" >&2; exit 1 ;;
+    esac
+done
+
+TABLE=$OUT/table.md
+echo "| workload | clients | target | ops/s | p50 ms | p99 ms | p99.9 ms | cpu-s / 1k ops | errors |" >"$TABLE"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" >>"$TABLE"
+for w in $WORKLOADS; do
+    case $w in
+        update) args="--workload a --mix update=100" ;;
+        *) args="--workload $w" ;;
+    esac
+    for c in $CLIENTS; do
+        for t in $TARGETS; do
+            json=$OUT/$w-$c-$t.json
+            cmd="$BENCH ${ENDPOINT[$t]} $args --clients $c --duration $DURATION --warmup $WARMUP --server-pids ${SERVER_PIDS[$t]} --quiet --out $OUT --json $json"
+            echo "+ $cmd" >&2
+            $cmd >"$OUT/$w-$c-$t.txt" 2>&1 || { cat "$OUT/$w-$c-$t.txt" >&2; exit 1; }
+            python3 - "$json" "$w" "$c" "$t" >>"$TABLE" <<'EOF'
+import json, sys
+path, w, c, t = sys.argv[1:]
+d = json.load(open(path))
+ops = sum(r["ops"] for r in d["results"])
+failed = sum(r["failed"] for r in d["results"])
+# The run's latency over all ops: the op with the most requests stands for the mix's percentiles
+# only when there is one op; otherwise report the slowest op's figures.
+rs = d["results"]
+if len(rs) == 1:
+    r = rs[0]
+    p50, p99, p999 = r["p50_ms"], r["p99_ms"], r["p99_9_ms"]
+else:
+    p50 = max(r["p50_ms"] for r in rs)
+    p99 = max(r["p99_ms"] for r in rs)
+    p999 = max(r["p99_9_ms"] for r in rs)
+cpu = d.get("cpu", {}) or {}
+per_k = cpu.get("server_cpu_s_per_1k_ops") or cpu.get("cpu_s_per_1k_ops") or cpu.get("per_1k_ops")
+per_k = f"{per_k:.3f}" if isinstance(per_k, (int, float)) else "?"
+errs = {}
+for r in rs:
+    for k, v in r["errors"].items():
+        errs[k] = errs.get(k, 0) + v
+err = ", ".join(f"{k}={v}" for k, v in sorted(errs.items())) or "0"
+print(f"| {w} | {c} | {t} | {ops / d['elapsed_s']:.0f} | {p50:.2f} | {p99:.2f} | {p999:.2f} | {per_k} | {err} |")
+EOF
+            tail -n 1 "$TABLE" >&2
+        done
+    done
+done
+echo "table: $TABLE" >&2
+cat "$TABLE"
