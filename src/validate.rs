@@ -4,7 +4,8 @@
 
 use ordo_proto::v1::{
     compare, txn_op, txn_op_result, Compare, Consistency, DeleteRequest, DeleteResponse,
-    GetRequest, GetResponse, PutRequest, PutResponse, ScanRequest, TxnOp, TxnRequest, TxnResponse,
+    GetRequest, GetResponse, PutRequest, PutResponse, RequestHeader, ScanRequest, TxnOp,
+    TxnRequest, TxnResponse,
 };
 
 use crate::error::{Error, Result};
@@ -208,43 +209,48 @@ pub fn put_as_txn(r: PutRequest) -> Result<TxnRequest> {
     check_shard_key(&r.shard_key)?;
     check_key(&r.key)?;
     check_value(&r.value)?;
-    let mut txn = TxnRequest {
-        header: r.header,
-        ..Default::default()
-    };
-    if let Some(v) = r.if_version {
-        txn.compares.push(version_compare(&r.shard_key, &r.key, v));
-        txn.failure.push(get_op(&r.shard_key, &r.key));
-    }
-    txn.success.push(TxnOp {
-        op: Some(txn_op::Op::Put(PutRequest {
-            if_version: None,
-            header: None,
-            ..r
-        })),
+    let (header, if_version) = (r.header, r.if_version);
+    let (sk, key) = (r.shard_key.clone(), r.key.clone());
+    let op = txn_op::Op::Put(PutRequest {
+        if_version: None,
+        header: None,
+        ..r
     });
-    Ok(txn)
+    Ok(single_op_txn(header, &sk, &key, if_version, op))
 }
 
 pub fn delete_as_txn(r: DeleteRequest) -> Result<TxnRequest> {
     check_shard_key(&r.shard_key)?;
     check_key(&r.key)?;
+    let (header, if_version) = (r.header, r.if_version);
+    let (sk, key) = (r.shard_key.clone(), r.key.clone());
+    let op = txn_op::Op::Delete(DeleteRequest {
+        if_version: None,
+        header: None,
+        ..r
+    });
+    Ok(single_op_txn(header, &sk, &key, if_version, op))
+}
+
+/// `op` on one item as a `Txn`: with `if_version`, a version compare guards it and the failure
+/// branch reads the item, so the answer can report its current version.
+fn single_op_txn(
+    header: Option<RequestHeader>,
+    sk: &bytes::Bytes,
+    key: &bytes::Bytes,
+    if_version: Option<u64>,
+    op: txn_op::Op,
+) -> TxnRequest {
     let mut txn = TxnRequest {
-        header: r.header,
+        header,
         ..Default::default()
     };
-    if let Some(v) = r.if_version {
-        txn.compares.push(version_compare(&r.shard_key, &r.key, v));
-        txn.failure.push(get_op(&r.shard_key, &r.key));
+    if let Some(v) = if_version {
+        txn.compares.push(version_compare(sk, key, v));
+        txn.failure.push(get_op(sk, key));
     }
-    txn.success.push(TxnOp {
-        op: Some(txn_op::Op::Delete(DeleteRequest {
-            if_version: None,
-            header: None,
-            ..r
-        })),
-    });
-    Ok(txn)
+    txn.success.push(TxnOp { op: Some(op) });
+    txn
 }
 
 fn first_result(resp: &TxnResponse) -> Option<&txn_op_result::Result> {

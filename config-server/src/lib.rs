@@ -175,6 +175,21 @@ impl<S: MapStore> ConfigService<S> {
                 .expect("group in map")
                 .clone()
         };
+        // Gives the donors that already let go their slots back, when the move cannot finish.
+        let restore = |done: &[u64]| {
+            let done = done.to_vec();
+            let (group, before) = (&group, &before);
+            async move {
+                for d in done {
+                    let slots = before[&d].clone();
+                    if let Err(e) =
+                        nodes::set_ownership(&group(d), next.version, next.slot_count, slots).await
+                    {
+                        tracing::error!(group = d, error = %e, "could not give a donor its slots back after a failed move; run `ordoctl status`");
+                    }
+                }
+            }
+        };
         let mut done: Vec<u64> = Vec::new();
         for &donor in donors.keys() {
             if let Err(e) = nodes::set_ownership(
@@ -185,15 +200,7 @@ impl<S: MapStore> ConfigService<S> {
             )
             .await
             {
-                for &d in &done {
-                    let _ = nodes::set_ownership(
-                        &group(d),
-                        next.version,
-                        next.slot_count,
-                        before[&d].clone(),
-                    )
-                    .await;
-                }
+                restore(&done).await;
                 return Err(Status::new(
                     e.code(),
                     format!(
@@ -205,15 +212,7 @@ impl<S: MapStore> ConfigService<S> {
             done.push(donor);
         }
         if let Err(e) = self.commit(token, &next).await {
-            for &d in &done {
-                let _ = nodes::set_ownership(
-                    &group(d),
-                    next.version,
-                    next.slot_count,
-                    before[&d].clone(),
-                )
-                .await;
-            }
+            restore(&done).await;
             return Err(e);
         }
         nodes::set_ownership(&group(to), next.version, next.slot_count, after[&to].clone()).await.map_err(|e| {
