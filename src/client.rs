@@ -5,7 +5,7 @@
 //! which proxies it).
 //!
 //! A server answers a request it cannot serve because it is not the leader with `Unavailable`
-//! and an [`ErrorDetail`] naming the leader when it knows it. Both clients follow that hint (or
+//! and an [`ordo_proto::v1::ErrorDetail`] naming the leader when it knows it. Both clients follow that hint (or
 //! try the next address when there is none), back off between attempts, remember the leader for
 //! the next call, and give up after a bounded number of attempts or when the per-call deadline
 //! runs out. Every other error is handed back unchanged as a [`tonic::Status`], so callers can
@@ -25,11 +25,10 @@ use ordo_proto::v1::cluster_client::ClusterClient as ClusterStub;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{
     error_detail, AddGroupRequest, ClusterStatus, Consistency, DeleteRequest, DeleteResponse,
-    ErrorDetail, GetClusterStatusRequest, GetRequest, GetResponse, GetShardMapRequest,
-    InitClusterRequest, MoveSlotsRequest, PutRequest, PutResponse, RemoveGroupRequest, ScanRequest,
-    ScanResponse, ShardMap, TxnRequest, TxnResponse, WatchShardMapRequest,
+    GetClusterStatusRequest, GetRequest, GetResponse, GetShardMapRequest, InitClusterRequest,
+    MoveSlotsRequest, PutRequest, PutResponse, RemoveGroupRequest, ScanRequest, ScanResponse,
+    ShardMap, TxnRequest, TxnResponse, WatchShardMapRequest,
 };
-use prost::Message;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -644,6 +643,8 @@ fn backoff(retry: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ordo_proto::v1::ErrorDetail;
+    use prost::Message;
 
     fn not_leader(leader_id: u64, leader_addr: &str) -> Status {
         let detail = ErrorDetail {
