@@ -96,6 +96,22 @@ struct Observed {
     write_oks: Mutex<BTreeMap<u64, Vec<Duration>>>,
     /// Writes acknowledged as applied (`succeeded`).
     acked: AtomicU64,
+    /// Errors the clients got, by code and message (digits blanked so that they group).
+    errors: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Observed {
+    fn error(&self, is_write: bool, status: &Status) {
+        let what = if is_write { "write" } else { "read" };
+        let message: String = status
+            .message()
+            .chars()
+            .map(|c| if c.is_ascii_digit() { '#' } else { c })
+            .take(160)
+            .collect();
+        let key = format!("{what} {:?}: {message}", status.code());
+        *self.errors.lock().unwrap().entry(key).or_default() += 1;
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -253,8 +269,11 @@ async fn client_loop(
                     }
                 }
             }
-            // The cluster is busy failing over: do not spin.
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(status) => {
+                observed.error(is_write, &status);
+                // The cluster is busy failing over: do not spin.
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
         }
     }
 }
@@ -553,6 +572,10 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
         median(other_gaps.clone()),
         other_gaps.iter().max().copied().unwrap_or_default(),
     );
+
+    for (error, n) in observed.errors.lock().unwrap().iter() {
+        eprintln!("  {n:>5} × {error}");
+    }
 
     assert!(kills.len() >= MIN_KILLS, "{} kills", kills.len());
     assert!(
