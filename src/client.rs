@@ -5,7 +5,7 @@
 //! which proxies it).
 //!
 //! A server answers a request it cannot serve because it is not the leader with `Unavailable`
-//! and an [`ErrorDetail`] naming the leader when it knows it. Both clients follow that hint (or
+//! and an [`ordo_proto::v1::ErrorDetail`] naming the leader when it knows it. Both clients follow that hint (or
 //! try the next address when there is none), back off between attempts, remember the leader for
 //! the next call, and give up after a bounded number of attempts or when the per-call deadline
 //! runs out. Every other error is handed back unchanged as a [`tonic::Status`], so callers can
@@ -25,11 +25,10 @@ use ordo_proto::v1::cluster_client::ClusterClient as ClusterStub;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{
     error_detail, AddGroupRequest, ClusterStatus, Consistency, DeleteRequest, DeleteResponse,
-    ErrorDetail, GetClusterStatusRequest, GetRequest, GetResponse, GetShardMapRequest,
-    InitClusterRequest, MoveSlotsRequest, PutRequest, PutResponse, RemoveGroupRequest, ScanRequest,
-    ScanResponse, ShardMap, TxnRequest, TxnResponse, WatchShardMapRequest,
+    GetClusterStatusRequest, GetRequest, GetResponse, GetShardMapRequest, InitClusterRequest,
+    MoveSlotsRequest, PutRequest, PutResponse, RemoveGroupRequest, ScanRequest, ScanResponse,
+    ShardMap, TxnRequest, TxnResponse, WatchShardMapRequest,
 };
-use prost::Message;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -55,19 +54,23 @@ const RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
 ///
 /// # Retries and write outcomes
 ///
-/// A call is retried (up to [`MAX_ATTEMPTS`] attempts by default, within the deadline) only when
-/// it failed with `Unavailable`: either a not-leader answer, which means the node did not accept
-/// the request, or a plain `Unavailable` such as "no leader elected yet" or a refused connection.
+/// A read (`get`, `scan`) is retried (up to [`MAX_ATTEMPTS`] attempts by default, within the
+/// deadline) when it failed with `Unavailable`: a not-leader answer, or a plain `Unavailable` such
+/// as "no leader elected yet" or a refused connection.
+///
+/// A write (`put`, `delete`, `txn`) is retried only when the failed attempt certainly was not
+/// applied ([`ordo_proto::certainly_not_applied`]): a not-leader answer, a `NotApplied` detail
+/// (the node refused it before proposing, or its log entry was replaced), or a connection that
+/// could not be established, so the request was never sent. A plain `Unavailable` (a leader may
+/// stop or lose leadership after it proposed the write) is returned at once, so a write never
+/// applies twice and a conditional write never reports a failure caused by its own first attempt.
+///
 /// Every other status, including `DeadlineExceeded` and broken connections (which tonic reports
 /// as `Unknown` or `Internal`), is returned at once. A `WrongShard` detail is returned too: it is
 /// for a router to act on.
 ///
-/// A plain `Unavailable` does not always prove that a write was not applied (a leader may lose
-/// leadership after it proposed the write). A retried write may therefore apply twice. For an
-/// unconditional `put`/`delete` the only visible effect is an extra version bump; a conditional
-/// write (`if_version`, or a `txn` whose compares check versions) cannot apply twice, but its
-/// retry may then report a failed condition caused by its own first attempt. When a write returns
-/// an error its outcome is unknown: read the item back before acting on it.
+/// When a write returns an error that is not `InvalidArgument`, `FailedPrecondition` or
+/// certainly-not-applied, its outcome is unknown: read the item back before acting on it.
 #[derive(Clone)]
 pub struct Client {
     core: Core,
@@ -75,13 +78,15 @@ pub struct Client {
 
 /// A client of the `ordo.v1.Cluster` service over the addresses of config servers or routers.
 ///
-/// Same construction, sharing and retry policy as [`Client`]: reads and writes follow
-/// `NotLeader` hints to the meta leader and retry plain `Unavailable` answers.
+/// Same construction and sharing as [`Client`]: reads and writes follow `NotLeader` hints to the
+/// meta leader and retry plain `Unavailable` answers.
 ///
 /// # Write outcomes
 ///
-/// As with [`Client`], a write that failed with a plain `Unavailable` may have been applied, so
-/// its retry may fail because of its own first attempt: `init_cluster` then reports that the
+/// Unlike a [`Client`] write, a map change is retried after a plain `Unavailable` too: each one
+/// is a compare-and-set on the map version or refuses to repeat itself, so it cannot apply twice.
+/// A change that failed with a plain `Unavailable` may have been applied, though, so its retry
+/// may fail because of its own first attempt: `init_cluster` then reports that the
 /// cluster is already initialized, `add_group` that the group exists, `remove_group` that it does
 /// not. `move_slots` is idempotent. When a write returns an error, read the map back with
 /// `get_shard_map(true)` before acting on it.
@@ -115,6 +120,20 @@ struct Routing {
     leader: Option<String>,
     /// Index into `endpoints` of the address to try when no leader is known.
     next: usize,
+}
+
+/// What kind of call is made: decides which failures are retried and where.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A read the leader answers: retried after any `Unavailable`.
+    Read,
+    /// A read any replica may answer: retried like `Read`, but with a single address the user
+    /// asked for that replica, so hints are not followed.
+    StaleRead,
+    /// A Kv write: retried only when the attempt certainly was not applied.
+    Write,
+    /// A map change (CAS or self-refusing, see [`ClusterClient`]): retried like a read.
+    MapChange,
 }
 
 /// What a failed attempt tells the retry loop.
@@ -202,7 +221,11 @@ impl Client {
             consistency: consistency(stale) as i32,
         };
         self.core
-            .call(req, stale, |ch, r| async move { kv(ch).get(r).await })
+            .call(
+                req,
+                read_kind(stale),
+                |ch, r| async move { kv(ch).get(r).await },
+            )
             .await
     }
 
@@ -224,7 +247,7 @@ impl Client {
             if_version,
         };
         self.core
-            .call(req, false, |ch, r| async move { kv(ch).put(r).await })
+            .call(req, Kind::Write, |ch, r| async move { kv(ch).put(r).await })
             .await
     }
 
@@ -243,7 +266,11 @@ impl Client {
             if_version,
         };
         self.core
-            .call(req, false, |ch, r| async move { kv(ch).delete(r).await })
+            .call(
+                req,
+                Kind::Write,
+                |ch, r| async move { kv(ch).delete(r).await },
+            )
             .await
     }
 
@@ -267,7 +294,9 @@ impl Client {
             consistency: consistency(stale) as i32,
         };
         self.core
-            .call(req, stale, |ch, r| async move { kv(ch).scan(r).await })
+            .call(req, read_kind(stale), |ch, r| async move {
+                kv(ch).scan(r).await
+            })
             .await
     }
 
@@ -275,7 +304,7 @@ impl Client {
     /// See the type's documentation about the outcome of a write that returned an error.
     pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, Status> {
         self.core
-            .call(req, false, |ch, r| async move { kv(ch).txn(r).await })
+            .call(req, Kind::Write, |ch, r| async move { kv(ch).txn(r).await })
             .await
     }
 }
@@ -286,7 +315,7 @@ impl ClusterClient {
     pub async fn get_shard_map(&self, linearizable: bool) -> Result<ShardMap, Status> {
         let req = GetShardMapRequest { linearizable };
         self.core
-            .call(req, !linearizable, |ch, r| async move {
+            .call(req, read_kind(!linearizable), |ch, r| async move {
                 cluster(ch).get_shard_map(r).await
             })
             .await
@@ -296,7 +325,7 @@ impl ClusterClient {
     /// refused on an initialized cluster. See the type's documentation about write outcomes.
     pub async fn init_cluster(&self, req: InitClusterRequest) -> Result<ShardMap, Status> {
         self.core
-            .call(req, false, |ch, r| async move {
+            .call(req, Kind::MapChange, |ch, r| async move {
                 cluster(ch).init_cluster(r).await
             })
             .await
@@ -305,11 +334,9 @@ impl ClusterClient {
     /// Registers a running group; it owns no slots until slots are moved to it.
     pub async fn add_group(&self, req: AddGroupRequest) -> Result<ShardMap, Status> {
         self.core
-            .call(
-                req,
-                false,
-                |ch, r| async move { cluster(ch).add_group(r).await },
-            )
+            .call(req, Kind::MapChange, |ch, r| async move {
+                cluster(ch).add_group(r).await
+            })
             .await
     }
 
@@ -317,7 +344,7 @@ impl ClusterClient {
     pub async fn remove_group(&self, id: u64) -> Result<ShardMap, Status> {
         let req = RemoveGroupRequest { id };
         self.core
-            .call(req, false, |ch, r| async move {
+            .call(req, Kind::MapChange, |ch, r| async move {
                 cluster(ch).remove_group(r).await
             })
             .await
@@ -330,7 +357,7 @@ impl ClusterClient {
             to_group: to,
         };
         self.core
-            .call(req, false, |ch, r| async move {
+            .call(req, Kind::MapChange, |ch, r| async move {
                 cluster(ch).move_slots(r).await
             })
             .await
@@ -339,7 +366,7 @@ impl ClusterClient {
     /// The map plus each replica's live state (groups and config replicas).
     pub async fn cluster_status(&self) -> Result<ClusterStatus, Status> {
         self.core
-            .call(GetClusterStatusRequest {}, false, |ch, r| async move {
+            .call(GetClusterStatusRequest {}, Kind::Read, |ch, r| async move {
                 cluster(ch).get_cluster_status(r).await
             })
             .await
@@ -362,7 +389,8 @@ impl ClusterClient {
         match tokio::time::timeout(self.core.timeout, stub.watch_shard_map(req)).await {
             Ok(Ok(resp)) => Ok(resp.into_inner()),
             Ok(Err(status)) => {
-                self.core.reroute(&addr, classify(&status), &mut false);
+                self.core
+                    .reroute(&addr, classify(&status, Kind::Read), &mut false);
                 Err(status)
             }
             Err(_elapsed) => {
@@ -406,16 +434,17 @@ impl Core {
     /// Sends `req` with `rpc` (which makes the call on the channel it is given), following leader
     /// hints and retrying as described on [`Client`].
     ///
-    /// `stale` marks a read any replica may serve: a successful answer then says nothing about
-    /// who leads, and with a single address the user asked for that replica specifically, so
-    /// hints are not followed.
-    async fn call<Req, Resp, F, Fut>(&self, req: Req, stale: bool, rpc: F) -> Result<Resp, Status>
+    /// A [`Kind::StaleRead`] may be served by any replica: a successful answer then says nothing
+    /// about who leads, and with a single address the user asked for that replica specifically,
+    /// so hints are not followed.
+    async fn call<Req, Resp, F, Fut>(&self, req: Req, kind: Kind, rpc: F) -> Result<Resp, Status>
     where
         Req: Clone,
         F: Fn(Channel, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
     {
         let deadline = Instant::now() + self.timeout;
+        let stale = kind == Kind::StaleRead;
         let pinned = stale && self.shared.endpoints.len() == 1;
         let mut redirected = false;
         let mut attempt = 0;
@@ -446,7 +475,7 @@ impl Core {
             };
             attempt += 1;
 
-            let decision = classify(&status);
+            let decision = classify(&status, kind);
             if decision == Retry::Fail || attempt >= self.max_attempts {
                 return Err(status);
             }
@@ -548,9 +577,21 @@ fn deadline_exceeded(timeout: Duration, attempts: u32) -> Status {
     ))
 }
 
-/// Decides what to do after `status`.
-fn classify(status: &Status) -> Retry {
+fn read_kind(stale: bool) -> Kind {
+    if stale {
+        Kind::StaleRead
+    } else {
+        Kind::Read
+    }
+}
+
+/// Decides what to do after `status` for a call of `kind`.
+fn classify(status: &Status, kind: Kind) -> Retry {
     if status.code() != Code::Unavailable {
+        return Retry::Fail;
+    }
+    // A write whose attempt may have been applied must not be sent again.
+    if kind == Kind::Write && !ordo_proto::certainly_not_applied(status) {
         return Retry::Fail;
     }
     match error_detail_of(status) {
@@ -561,7 +602,9 @@ fn classify(status: &Status) -> Retry {
                 Err(_) => Retry::Rotate,
             }
         }
-        Some(error_detail::Kind::NotLeader(_)) | None => Retry::Rotate,
+        Some(error_detail::Kind::NotLeader(_)) | Some(error_detail::Kind::NotApplied(_)) | None => {
+            Retry::Rotate
+        }
         // Routing errors are for a router to act on, not for a client talking to nodes.
         Some(error_detail::Kind::WrongShard(_)) => Retry::Fail,
     }
@@ -569,10 +612,7 @@ fn classify(status: &Status) -> Retry {
 
 /// The typed detail a node attached to an error status, if any.
 pub fn error_detail_of(status: &Status) -> Option<error_detail::Kind> {
-    if status.details().is_empty() {
-        return None;
-    }
-    ErrorDetail::decode(status.details()).ok()?.kind
+    ordo_proto::error_detail_of(status)
 }
 
 /// Turns `host:port` into `http://host:port`; keeps `http://` addresses; rejects `https://` (this
@@ -603,6 +643,8 @@ fn backoff(retry: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ordo_proto::v1::ErrorDetail;
+    use prost::Message;
 
     fn not_leader(leader_id: u64, leader_addr: &str) -> Status {
         let detail = ErrorDetail {
@@ -680,32 +722,47 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
-        assert_eq!(
-            classify(&not_leader(2, "127.0.0.1:7002")),
-            Retry::Redirect("http://127.0.0.1:7002".into())
-        );
-        assert_eq!(classify(&not_leader(0, "")), Retry::Rotate);
-        assert_eq!(classify(&not_leader(2, "")), Retry::Rotate);
-        assert_eq!(
-            classify(&Status::unavailable("no leader elected yet")),
-            Retry::Rotate
-        );
-        assert_eq!(
-            classify(&Status::invalid_argument("key too long")),
-            Retry::Fail
-        );
-        assert_eq!(classify(&Status::deadline_exceeded("slow")), Retry::Fail);
-        assert_eq!(classify(&Status::unknown("connection reset")), Retry::Fail);
+        use Kind::{MapChange, Read, StaleRead, Write};
+        for kind in [Read, StaleRead, Write, MapChange] {
+            assert_eq!(
+                classify(&not_leader(2, "127.0.0.1:7002"), kind),
+                Retry::Redirect("http://127.0.0.1:7002".into())
+            );
+            assert_eq!(classify(&not_leader(0, ""), kind), Retry::Rotate);
+            assert_eq!(classify(&not_leader(2, ""), kind), Retry::Rotate);
+            let not_applied: Status = crate::error::Error::NotApplied("full".into()).into();
+            assert_eq!(classify(&not_applied, kind), Retry::Rotate);
+            assert_eq!(
+                classify(&Status::invalid_argument("key too long"), kind),
+                Retry::Fail
+            );
+            assert_eq!(
+                classify(&Status::deadline_exceeded("slow"), kind),
+                Retry::Fail
+            );
+            assert_eq!(
+                classify(&Status::unknown("connection reset"), kind),
+                Retry::Fail
+            );
+            let wrong_shard = ErrorDetail {
+                kind: Some(error_detail::Kind::WrongShard(error_detail::WrongShard {
+                    map_version: 3,
+                })),
+            };
+            let s =
+                Status::with_details(Code::Unavailable, "x", wrong_shard.encode_to_vec().into());
+            assert_eq!(classify(&s, kind), Retry::Fail);
+        }
+        // A plain Unavailable: a read or a map change moves on, a write may have been applied.
+        let plain = Status::unavailable("no leader elected yet");
+        for kind in [Read, StaleRead, MapChange] {
+            assert_eq!(classify(&plain, kind), Retry::Rotate);
+        }
+        assert_eq!(classify(&plain, Write), Retry::Fail);
         // Garbage details are ignored rather than trusted.
         let junk = Status::with_details(Code::Unavailable, "x", Bytes::from_static(b"\xff\xff"));
-        assert_eq!(classify(&junk), Retry::Rotate);
-        let wrong_shard = ErrorDetail {
-            kind: Some(error_detail::Kind::WrongShard(error_detail::WrongShard {
-                map_version: 3,
-            })),
-        };
-        let s = Status::with_details(Code::Unavailable, "x", wrong_shard.encode_to_vec().into());
-        assert_eq!(classify(&s), Retry::Fail);
+        assert_eq!(classify(&junk, Read), Retry::Rotate);
+        assert_eq!(classify(&junk, Write), Retry::Fail);
     }
 
     #[test]
@@ -763,6 +820,7 @@ mod tests {
             Serve,
             NotLeader(String),
             Unavailable,
+            NotApplied,
             Invalid,
         }
 
@@ -784,6 +842,9 @@ mod tests {
                     Reply::Serve => Ok(Response::new(ok)),
                     Reply::NotLeader(addr) => Err(not_leader(2, &addr)),
                     Reply::Unavailable => Err(Status::unavailable("no leader elected yet")),
+                    Reply::NotApplied => {
+                        Err(crate::error::Error::NotApplied("leader overloaded".into()).into())
+                    }
                     Reply::Invalid => Err(Status::invalid_argument("bad key")),
                 }
             }
@@ -946,6 +1007,25 @@ mod tests {
         let (b, node_b) = fake::start(fake::Reply::NotLeader(String::new())).await;
         let (l, node_l) = fake::start(fake::Reply::Serve).await;
         let c = Client::connect(vec![a, b, l.clone()]).unwrap();
+        c.get("o", "k", false).await.unwrap();
+        assert_eq!((node_a.calls(), node_b.calls(), node_l.calls()), (1, 1, 1));
+        assert_eq!(c.leader(), Some(format!("http://{l}")));
+    }
+
+    #[tokio::test]
+    async fn writes_are_retried_only_when_certainly_not_applied() {
+        // A plain Unavailable may come after the write was proposed: returned at once.
+        let (a, node_a) = fake::start(fake::Reply::Unavailable).await;
+        let (l, node_l) = fake::start(fake::Reply::Serve).await;
+        let c = Client::connect(vec![a, l.clone()]).unwrap();
+        let err = c.put("o", "k", "v", Some(1)).await.unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable);
+        assert_eq!((node_a.calls(), node_l.calls()), (1, 0));
+
+        // Not leader (no hint), NotApplied and a refused connection were certainly not applied.
+        let (a, node_a) = fake::start(fake::Reply::NotApplied).await;
+        let (b, node_b) = fake::start(fake::Reply::NotLeader(String::new())).await;
+        let c = Client::connect(vec!["127.0.0.1:1".into(), a, b, l.clone()]).unwrap();
         c.put("o", "k", "v", Some(1)).await.unwrap();
         assert_eq!((node_a.calls(), node_b.calls(), node_l.calls()), (1, 1, 1));
         assert_eq!(c.leader(), Some(format!("http://{l}")));

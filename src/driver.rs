@@ -225,7 +225,7 @@ impl Driver {
                 if self.raw.raft.state != StateRole::Leader {
                     let _ = resp.send(Err(self.not_leader()));
                 } else if self.proposals.len() >= PENDING_PROPOSALS_MAX {
-                    let _ = resp.send(Err(Error::Unavailable(format!(
+                    let _ = resp.send(Err(Error::NotApplied(format!(
                         "leader overloaded: {PENDING_PROPOSALS_MAX} proposals in flight; retry with backoff"
                     ))));
                 } else {
@@ -235,7 +235,7 @@ impl Driver {
                             self.proposals.insert(index, (self.raw.raft.term, resp));
                         }
                         Err(e) => {
-                            let _ = resp.send(Err(Error::Unavailable(format!(
+                            let _ = resp.send(Err(Error::NotApplied(format!(
                                 "proposal refused by raft ({e}); nothing was written, retry"
                             ))));
                         }
@@ -246,7 +246,7 @@ impl Driver {
                 if self.raw.raft.state != StateRole::Leader {
                     let _ = resp.send(Err(self.not_leader()));
                 } else if self.pending_reads() >= PENDING_READS_MAX {
-                    let _ = resp.send(Err(Error::Unavailable(
+                    let _ = resp.send(Err(Error::NotApplied(
                         "too many reads waiting; retry with backoff".into(),
                     )));
                 } else {
@@ -495,7 +495,7 @@ impl Driver {
                         Err(Error::Storage("entry applied without a result".into()))
                     }));
                 } else {
-                    let _ = tx.send(Err(Error::Unavailable(
+                    let _ = tx.send(Err(Error::NotApplied(
                         "leadership changed and this write was replaced in the log: it was NOT applied; retry".into(),
                     )));
                 }

@@ -27,6 +27,11 @@ pub enum Error {
     /// message says whether the request may have taken effect.
     #[error("{0}")]
     Unavailable(String),
+    /// Temporarily cannot serve, and the request was certainly not applied: refused before it
+    /// was proposed (overloaded, raft refused it, shutting down) or its entry was replaced in the
+    /// log by another leader's. `UNAVAILABLE` with a `NotApplied` detail: retrying is safe.
+    #[error("{0}")]
+    NotApplied(String),
     /// Stored data failed its checksum or could not be decoded.
     #[error("corruption: {0}")]
     Corruption(String),
@@ -79,6 +84,12 @@ impl From<Error> for Status {
                     })),
                 };
                 Status::with_details(Code::FailedPrecondition, msg, detail.encode_to_vec().into())
+            }
+            Error::NotApplied(_) => {
+                let detail = ErrorDetail {
+                    kind: Some(error_detail::Kind::NotApplied(error_detail::NotApplied {})),
+                };
+                Status::with_details(Code::Unavailable, msg, detail.encode_to_vec().into())
             }
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::Unavailable(_) | Error::Shutdown => Status::unavailable(msg),

@@ -20,10 +20,9 @@
 //! check(&history).assert_linearizable();
 //! ```
 //!
-//! Caveat for tests driving `client::Client`: it retries writes, and its docs say a retried
-//! write may apply twice (or a conditional one report a failure caused by its own first
-//! attempt). The checker reports that as a violation, which it is at the API level: an
-//! operation takes effect at most once in this model.
+//! `client::Client` and the router retry a write only after attempts that certainly were not
+//! applied (see [`ordo_proto::certainly_not_applied`]), so an operation takes effect at most once,
+//! as this model assumes; a client that retried blindly would show up here as a violation.
 //!
 //! The model is Ordo's item: absent, or `(value, version)` with version 1 at creation and +1 per
 //! write; a delete removes the item and a later put recreates it at version 1. The search
@@ -173,15 +172,19 @@ pub enum Completion {
 }
 
 impl Completion {
-    /// A conservative reading of an error from Ordo's client: only `INVALID_ARGUMENT` proves
-    /// the request never reached the log. Everything else is `Unknown`: the client retries
-    /// `UNAVAILABLE` and not-leader answers, and an earlier attempt may have been proposed and
-    /// applied before the error the caller finally sees. A test that knows better (e.g. its
-    /// fault injector refused the request) can record `Fail` itself.
+    /// A conservative reading of an error from Ordo's client or router: `INVALID_ARGUMENT`
+    /// proves the request never reached the log, and so does an error that is
+    /// [`ordo_proto::certainly_not_applied`] (not leader, wrong shard, `NotApplied`, no
+    /// connection): both retry a write only after such attempts, so none of its attempts was
+    /// applied. Everything else is `Unknown`. A test that knows better (e.g. its fault injector
+    /// refused the request) can record `Fail` itself.
     pub fn from_status(status: &tonic::Status) -> Completion {
-        match status.code() {
-            tonic::Code::InvalidArgument => Completion::Fail,
-            _ => Completion::Unknown,
+        if status.code() == tonic::Code::InvalidArgument
+            || ordo_proto::certainly_not_applied(status)
+        {
+            Completion::Fail
+        } else {
+            Completion::Unknown
         }
     }
 

@@ -55,9 +55,11 @@ impl Replica {
         let (tx, rx) = oneshot::channel();
         self.driver.try_send(make(tx)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
-                Error::Unavailable(format!("node overloaded: the raft inbox is full; {what} was not started, retry with backoff"))
+                Error::NotApplied(format!("node overloaded: the raft inbox is full; {what} was not started, retry with backoff"))
             }
-            mpsc::error::TrySendError::Closed(_) => Error::Shutdown,
+            mpsc::error::TrySendError::Closed(_) => Error::NotApplied(format!(
+                "node is shutting down; {what} was not started"
+            )),
         })?;
         match tokio::time::timeout(REQUEST_WAIT_MAX, rx).await {
             Ok(Ok(r)) => r,

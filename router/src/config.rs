@@ -14,7 +14,7 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::pool::{canonical_addr, Pool, MESSAGE_BYTES_MAX};
-use crate::retry::{backoff, classify, describe, pass_through, Action, MAX_ATTEMPTS};
+use crate::retry::{backoff, classify, describe, pass_through, Action, Effect, MAX_ATTEMPTS};
 use crate::Shared;
 
 /// Most config addresses remembered (given ones plus those the map advertises).
@@ -194,8 +194,13 @@ impl ConfigClient {
                 }
             };
             attempts += 1;
-            let delay = match classify(&status) {
-                Action::Fail | Action::Refresh { .. } => return Err(pass_through(status)),
+            // Map changes retry like reads: each is a compare-and-set on the map version or
+            // refuses to repeat itself (init of an initialized cluster, add of a known group),
+            // so a retry cannot apply twice; it may report its own first attempt's effect.
+            let delay = match classify(&status, Effect::Read) {
+                Action::Fail | Action::Refresh { .. } | Action::OutcomeUnknown => {
+                    return Err(pass_through(status))
+                }
                 Action::Redirect(leader) => {
                     *self.leader.lock().unwrap() = Some(leader.clone());
                     hint = Some(leader);

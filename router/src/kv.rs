@@ -10,17 +10,19 @@ use bytes::Bytes;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::kv_server::Kv;
 use ordo_proto::v1::{
-    txn_op, DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse,
-    RequestHeader, ScanRequest, ScanResponse, ShardMap, TxnRequest, TxnResponse,
+    error_detail, txn_op, DeleteRequest, DeleteResponse, ErrorDetail, GetRequest, GetResponse,
+    PutRequest, PutResponse, RequestHeader, ScanRequest, ScanResponse, ShardMap, TxnRequest,
+    TxnResponse,
 };
+use prost::Message;
 use tokio::time::Instant;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use crate::config::refresh_map;
 use crate::map::{group_of, groups_of, list_groups, replicas};
 use crate::pool::MESSAGE_BYTES_MAX;
-use crate::retry::{backoff, classify, describe, pass_through, Action, MAX_ATTEMPTS};
+use crate::retry::{backoff, classify, describe, pass_through, Action, Effect, MAX_ATTEMPTS};
 use crate::{deadline, Shared};
 
 pub(crate) struct KvService(pub(crate) Arc<Shared>);
@@ -130,6 +132,7 @@ impl KvService {
     async fn forward<Req, Resp, F, Fut>(
         &self,
         op: &'static str,
+        effect: Effect,
         route: Route,
         req: Req,
         budget: Duration,
@@ -164,6 +167,7 @@ impl KvService {
             if remaining.is_zero() {
                 return Err(exhausted(
                     group,
+                    effect,
                     attempts,
                     started,
                     budget,
@@ -181,7 +185,8 @@ impl KvService {
                         .take()
                         .unwrap_or_else(|| shared.leaders.pick(group, &list));
                     let status = match shared.pool.channel(&addr) {
-                        Err(e) => Ok(Status::unavailable(e)),
+                        // Nothing was sent: as good as a refused connection.
+                        Err(e) => Ok(never_sent(e)),
                         Ok(channel) => {
                             let client = KvClient::new(channel)
                                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
@@ -201,8 +206,8 @@ impl KvService {
                                 Err(_) => {
                                     return Err(Status::deadline_exceeded(format!(
                                         "group {group}: {addr} did not answer within the \
-                                         request's deadline ({} attempt(s) over {:.1?}); a \
-                                         write's outcome is unknown",
+                                         request's deadline ({} attempt(s) over {:.1?}); the \
+                                         outcome of a write is unknown",
                                         attempts + 1,
                                         started.elapsed()
                                     )))
@@ -228,13 +233,19 @@ impl KvService {
                     }
                 }
                 Ok(status) => {
-                    let action = classify(&status);
-                    if action == Action::Fail {
-                        return Err(pass_through(status));
+                    let action = classify(&status, effect);
+                    match action {
+                        Action::Fail => return Err(pass_through(status)),
+                        Action::OutcomeUnknown => {
+                            let status = outcome_unknown(op, group, &addr, attempts, &status);
+                            tracing::warn!(op, group, attempts, "{}", status.message());
+                            return Err(status);
+                        }
+                        _ => {}
                     }
                     last_error = describe(&status);
                     match action {
-                        Action::Fail => unreachable!("returned above"),
+                        Action::Fail | Action::OutcomeUnknown => unreachable!("returned above"),
                         Action::Redirect(leader) => {
                             shared.counters.redirects.fetch_add(1, Ordering::Relaxed);
                             shared.leaders.set(group, &leader);
@@ -249,13 +260,10 @@ impl KvService {
                                 Duration::ZERO
                             }
                         }
-                        // No leader known, replica shutting down, connection refused or broken.
-                        // For a write, a transport error after the request was sent leaves its
-                        // outcome unknown (the node may have applied it). Retrying is what
-                        // clients expect from a router: an unconditional write may then apply
-                        // twice (one extra version bump), and a conditional one (`if_version`,
-                        // version compares) cannot apply twice; its retry reports a failed
-                        // condition instead.
+                        // A read: no leader known, replica shutting down, connection refused or
+                        // broken. A write only when the attempt was certainly not applied
+                        // (not-leader without a hint, `NotApplied`, connection never
+                        // established); every other write failure is `OutcomeUnknown` above.
                         Action::Rotate => {
                             shared.leaders.rotate(group, &addr, &replica_list);
                             backoff(attempts - 1)
@@ -294,6 +302,7 @@ impl KvService {
             if attempts >= MAX_ATTEMPTS || out_of_time {
                 let status = exhausted(
                     group,
+                    effect,
                     attempts,
                     started,
                     budget,
@@ -312,8 +321,14 @@ impl KvService {
 }
 
 /// The answer when the router gives up: what it tried and the last thing that went wrong.
+///
+/// A write is retried only after attempts that certainly were not applied, so a write that
+/// runs out of attempts was not applied at all: it says so, in the message and with a
+/// `NotApplied` detail (a client may retry it). A read's give-up carries no details, so a client
+/// never mistakes the router for a node and follows a node's leader hint past it.
 fn exhausted(
     group: u64,
+    effect: Effect,
     attempts: u32,
     started: Instant,
     budget: Duration,
@@ -325,10 +340,40 @@ fn exhausted(
     } else {
         String::new()
     };
-    Status::unavailable(format!(
+    let message = format!(
         "group {group}: {attempts} attempts over {:.1?} failed{cut}; last error {last}",
         started.elapsed()
+    );
+    match effect {
+        Effect::Read => Status::unavailable(message),
+        Effect::Write => {
+            let detail = ErrorDetail {
+                kind: Some(error_detail::Kind::NotApplied(error_detail::NotApplied {})),
+            };
+            Status::with_details(
+                Code::Unavailable,
+                format!("{message}; the write was not applied"),
+                detail.encode_to_vec().into(),
+            )
+        }
+    }
+}
+
+/// The answer to a write whose attempt failed after it was sent, in a way that does not prove
+/// the node did not apply it. Not retried: a retry could apply it twice, or fail its own
+/// condition because the first attempt succeeded.
+fn outcome_unknown(op: &str, group: u64, addr: &str, attempt: u32, status: &Status) -> Status {
+    Status::unavailable(format!(
+        "group {group}: the outcome of this {op} is unknown: attempt {attempt} went to {addr}, \
+         which failed after the request was sent ({}); it may or may not have been applied, so \
+         the router did not retry it (read the item back before retrying)",
+        describe(status)
     ))
+}
+
+/// A status for an attempt that never left the router (marked as a connection failure).
+fn never_sent(why: String) -> Status {
+    Status::from_error(Box::new(tonic::ConnectError(why.into())))
 }
 
 #[tonic::async_trait]
@@ -338,9 +383,14 @@ impl Kv for KvService {
         let req = request.into_inner();
         require_shard_key(&req.shard_key)?;
         let route = Route::Key(req.shard_key.clone());
-        self.forward("Get", route, req, budget, |mut c, r| async move {
-            c.get(r).await
-        })
+        self.forward(
+            "Get",
+            Effect::Read,
+            route,
+            req,
+            budget,
+            |mut c, r| async move { c.get(r).await },
+        )
         .await
     }
 
@@ -349,9 +399,14 @@ impl Kv for KvService {
         let req = request.into_inner();
         require_shard_key(&req.shard_key)?;
         let route = Route::Key(req.shard_key.clone());
-        self.forward("Put", route, req, budget, |mut c, r| async move {
-            c.put(r).await
-        })
+        self.forward(
+            "Put",
+            Effect::Write,
+            route,
+            req,
+            budget,
+            |mut c, r| async move { c.put(r).await },
+        )
         .await
     }
 
@@ -363,9 +418,14 @@ impl Kv for KvService {
         let req = request.into_inner();
         require_shard_key(&req.shard_key)?;
         let route = Route::Key(req.shard_key.clone());
-        self.forward("Delete", route, req, budget, |mut c, r| async move {
-            c.delete(r).await
-        })
+        self.forward(
+            "Delete",
+            Effect::Write,
+            route,
+            req,
+            budget,
+            |mut c, r| async move { c.delete(r).await },
+        )
         .await
     }
 
@@ -374,9 +434,14 @@ impl Kv for KvService {
         let req = request.into_inner();
         require_shard_key(&req.shard_key)?;
         let route = Route::Key(req.shard_key.clone());
-        self.forward("Scan", route, req, budget, |mut c, r| async move {
-            c.scan(r).await
-        })
+        self.forward(
+            "Scan",
+            Effect::Read,
+            route,
+            req,
+            budget,
+            |mut c, r| async move { c.scan(r).await },
+        )
         .await
     }
 
@@ -384,9 +449,14 @@ impl Kv for KvService {
         let budget = deadline::budget(request.metadata());
         let req = request.into_inner();
         let route = Route::Txn(txn_shard_keys(&req)?);
-        self.forward("Txn", route, req, budget, |mut c, r| async move {
-            c.txn(r).await
-        })
+        self.forward(
+            "Txn",
+            Effect::Write,
+            route,
+            req,
+            budget,
+            |mut c, r| async move { c.txn(r).await },
+        )
         .await
     }
 }
@@ -434,6 +504,7 @@ mod tests {
     fn exhausted_message_says_what_was_tried() {
         let s = exhausted(
             2,
+            Effect::Read,
             12,
             Instant::now(),
             Duration::from_secs(1),
@@ -445,5 +516,45 @@ mod tests {
         assert!(s
             .message()
             .ends_with("failed; last error from 127.0.0.1:7012: not leader"));
+        assert!(s.details().is_empty());
+
+        // Every attempt of a write was certainly not applied, or it would not have been retried.
+        let w = exhausted(
+            2,
+            Effect::Write,
+            3,
+            Instant::now(),
+            Duration::from_secs(1),
+            "from 127.0.0.1:7012: not applied: leader overloaded",
+            true,
+        );
+        assert_eq!(w.code(), tonic::Code::Unavailable);
+        assert!(
+            w.message().ends_with("the write was not applied"),
+            "{}",
+            w.message()
+        );
+        assert!(ordo_proto::certainly_not_applied(&w));
+    }
+
+    #[test]
+    fn unsent_attempts_count_as_connect_failures() {
+        assert!(ordo_proto::certainly_not_applied(&never_sent(
+            "invalid address".into()
+        )));
+        let s = outcome_unknown(
+            "Put",
+            1,
+            "127.0.0.1:7001",
+            2,
+            &Status::unavailable("the replica stopped during the write; its outcome is unknown"),
+        );
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert!(
+            s.message().contains("outcome of this Put is unknown"),
+            "{}",
+            s.message()
+        );
+        assert!(!ordo_proto::certainly_not_applied(&s));
     }
 }

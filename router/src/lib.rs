@@ -17,14 +17,25 @@
 //! pooled, lazily connected channel, stamped with the map version used. Node errors:
 //! - `UNAVAILABLE` + `NotLeader`: go to the named leader (at once the first time), or to the next
 //!   replica when none is named;
-//! - `UNAVAILABLE` without details, or a transport error: next replica;
+//! - `UNAVAILABLE` + `NotApplied` (refused before it was proposed, or replaced in the log), or a
+//!   connection that could not be established (tonic's `ConnectError`): next replica;
 //! - `FAILED_PRECONDITION` + `WrongShard`: refresh the map, retry at the new owner;
+//! - `UNAVAILABLE` without details, or a transport error after the request was sent (reset,
+//!   broken pipe, keepalive timeout): a read (Get, Scan) goes to the next replica; a write (Put,
+//!   Delete, Txn) may have been applied, so it is **not** retried: the client gets `UNAVAILABLE`
+//!   saying that the outcome is unknown and what happened;
 //! - anything else: returned to the client unchanged (code, message, details).
+//!
+//! So a write is retried only after attempts that certainly did not apply it
+//! (`ordo_proto::certainly_not_applied`): it never applies twice, and a conditional write never
+//! reports a failed condition caused by its own first attempt.
 //!
 //! At most 12 attempts, backoff 10 ms doubling to 250 ms, all within the request's deadline (its
 //! `grpc-timeout`, default 10 s, at most 60 s). When they are spent the client gets
-//! `UNAVAILABLE` saying what was tried; it carries no details, so a client never mistakes the
-//! router for a node and follows a node's leader hint past it.
+//! `UNAVAILABLE` saying what was tried. A read's give-up carries no details, so a client never
+//! mistakes the router for a node and follows a node's leader hint past it; a write's carries
+//! `NotApplied`, which is true of every attempt the router retried. An attempt that exceeds the
+//! whole deadline is `DEADLINE_EXCEEDED`, outcome unknown.
 //!
 //! A `Txn` must touch one group; cross-group transactions are refused with
 //! `FAILED_PRECONDITION` until two-phase commit lands.

@@ -6,8 +6,7 @@
 use std::error::Error as _;
 use std::time::Duration;
 
-use ordo_proto::v1::{error_detail, ErrorDetail};
-use prost::Message;
+use ordo_proto::v1::error_detail;
 use tonic::{Code, Status};
 
 use crate::pool::canonical_addr;
@@ -34,10 +33,37 @@ pub(crate) enum Action {
     Refresh { node_version: u64 },
     /// Not the router's business: hand the status to the client unchanged.
     Fail,
+    /// A write failed in a way that does not prove it was not applied (a plain `UNAVAILABLE`, a
+    /// connection that broke after the request was sent): answer "outcome unknown", never retry.
+    OutcomeUnknown,
 }
 
-/// Decides what to do after `status`.
-pub(crate) fn classify(status: &Status) -> Action {
+/// Whether a request can change data: decides which failures may be retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Effect {
+    /// Get, Scan, map reads: retrying is always safe.
+    Read,
+    /// Put, Delete, Txn: retried only when the failed attempt was certainly not applied
+    /// ([`ordo_proto::certainly_not_applied`]), so that no write applies twice and no conditional
+    /// write reports a failure caused by its own first attempt.
+    Write,
+}
+
+/// Decides what to do after `status` for a request with `effect`.
+pub(crate) fn classify(status: &Status, effect: Effect) -> Action {
+    let action = classify_routing(status);
+    match (effect, &action) {
+        (Effect::Write, Action::Redirect(_) | Action::Rotate)
+            if !ordo_proto::certainly_not_applied(status) =>
+        {
+            Action::OutcomeUnknown
+        }
+        _ => action,
+    }
+}
+
+/// What `status` says about routing, whether or not the request may have been applied.
+fn classify_routing(status: &Status) -> Action {
     match status.code() {
         Code::Unavailable => match error_detail_of(status) {
             Some(error_detail::Kind::NotLeader(nl)) if !nl.leader_addr.is_empty() => {
@@ -72,10 +98,7 @@ pub(crate) fn is_transport_error(status: &Status) -> bool {
 
 /// The typed detail a node attached to an error status, if any.
 pub(crate) fn error_detail_of(status: &Status) -> Option<error_detail::Kind> {
-    if status.details().is_empty() {
-        return None;
-    }
-    ErrorDetail::decode(status.details()).ok()?.kind
+    ordo_proto::error_detail_of(status)
 }
 
 /// A one-line account of `status` for logs and for the message of an exhausted request.
@@ -94,6 +117,7 @@ pub(crate) fn describe(status: &Status) -> String {
             ws.map_version,
             status.message()
         ),
+        Some(error_detail::Kind::NotApplied(_)) => format!("not applied: {}", status.message()),
         None => format!("{:?}: {}", status.code(), status.message()),
     };
     // Transport errors keep the useful part ("Connection refused") in their source chain.
@@ -136,6 +160,8 @@ pub(crate) fn pass_through(status: Status) -> Status {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ordo_proto::v1::ErrorDetail;
+    use prost::Message;
 
     fn with_detail(code: Code, kind: error_detail::Kind) -> Status {
         let detail = ErrorDetail { kind: Some(kind) };
@@ -144,6 +170,7 @@ mod tests {
 
     #[test]
     fn statuses_are_classified() {
+        use Effect::{Read, Write};
         let hint = with_detail(
             Code::Unavailable,
             error_detail::Kind::NotLeader(error_detail::NotLeader {
@@ -151,25 +178,42 @@ mod tests {
                 leader_addr: "http://127.0.0.1:7002/".into(),
             }),
         );
-        assert_eq!(classify(&hint), Action::Redirect("127.0.0.1:7002".into()));
+        for effect in [Read, Write] {
+            assert_eq!(
+                classify(&hint, effect),
+                Action::Redirect("127.0.0.1:7002".into())
+            );
+        }
         let no_hint = with_detail(
             Code::Unavailable,
             error_detail::Kind::NotLeader(error_detail::NotLeader::default()),
         );
-        assert_eq!(classify(&no_hint), Action::Rotate);
-        assert_eq!(
-            classify(&Status::unavailable("no leader yet")),
-            Action::Rotate
+        assert_eq!(classify(&no_hint, Read), Action::Rotate);
+        assert_eq!(classify(&no_hint, Write), Action::Rotate);
+        let not_applied = with_detail(
+            Code::Unavailable,
+            error_detail::Kind::NotApplied(error_detail::NotApplied {}),
         );
+        assert_eq!(classify(&not_applied, Read), Action::Rotate);
+        assert_eq!(classify(&not_applied, Write), Action::Rotate);
+        // A plain UNAVAILABLE may come after the write was proposed.
+        let plain = Status::unavailable("no leader yet");
+        assert_eq!(classify(&plain, Read), Action::Rotate);
+        assert_eq!(classify(&plain, Write), Action::OutcomeUnknown);
         let wrong = with_detail(
             Code::FailedPrecondition,
             error_detail::Kind::WrongShard(error_detail::WrongShard { map_version: 7 }),
         );
-        assert_eq!(classify(&wrong), Action::Refresh { node_version: 7 });
-        assert_eq!(
-            classify(&Status::failed_precondition("other")),
-            Action::Fail
-        );
+        for effect in [Read, Write] {
+            assert_eq!(
+                classify(&wrong, effect),
+                Action::Refresh { node_version: 7 }
+            );
+            assert_eq!(
+                classify(&Status::failed_precondition("other"), effect),
+                Action::Fail
+            );
+        }
         for code in [
             Code::InvalidArgument,
             Code::DeadlineExceeded,
@@ -178,9 +222,16 @@ mod tests {
             Code::Internal,
             Code::Cancelled,
         ] {
-            assert_eq!(classify(&Status::new(code, "x")), Action::Fail, "{code:?}");
+            for effect in [Read, Write] {
+                assert_eq!(
+                    classify(&Status::new(code, "x"), effect),
+                    Action::Fail,
+                    "{code:?}"
+                );
+            }
         }
-        // A status tonic built from an I/O error is a transport failure.
+        // A status tonic built from an I/O error is a transport failure: a read moves on, a
+        // write's outcome is unknown (the connection broke after the request may have been sent).
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset by peer");
         let transport = Status::from_error(Box::new(io));
         assert!(is_transport_error(&transport));
@@ -188,8 +239,14 @@ mod tests {
             transport.code(),
             Code::Unknown | Code::Internal | Code::Cancelled | Code::Unavailable
         ) {
-            assert_eq!(classify(&transport), Action::Rotate);
+            assert_eq!(classify(&transport, Read), Action::Rotate);
+            assert_eq!(classify(&transport, Write), Action::OutcomeUnknown);
         }
+        // A connection that could not be established: the request never left the router.
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let connect = Status::from_error(Box::new(tonic::ConnectError(Box::new(refused))));
+        assert_eq!(classify(&connect, Read), Action::Rotate);
+        assert_eq!(classify(&connect, Write), Action::Rotate);
     }
 
     #[test]

@@ -232,3 +232,290 @@ pub async fn node_status(addr: &str, with_digest: bool) -> Option<StatusResponse
         .ok()
         .map(|r| r.into_inner())
 }
+
+/// What a process of a [`ProcCluster`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A config server: a replica of the meta group (group 0).
+    Config,
+    /// A replica of shard group `group` (1, 2, ...).
+    Node {
+        group: u64,
+    },
+    Router,
+}
+
+impl Role {
+    /// The raft group the process belongs to (0 = meta); `None` for the router.
+    pub fn group(self) -> Option<u64> {
+        match self {
+            Role::Config => Some(0),
+            Role::Node { group } => Some(group),
+            Role::Router => None,
+        }
+    }
+}
+
+/// One process of a [`ProcCluster`]: how to start it, and the running child if any.
+pub struct ClusterProc {
+    pub name: String,
+    pub role: Role,
+    pub addr: String,
+    pub log: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    child: Option<Child>,
+    pub starts: u32,
+}
+
+impl ClusterProc {
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// A whole sharded cluster of real processes: 3 `ordo config` (the meta group), `groups` shard
+/// groups × `replicas` `ordo node`, and one `ordo router`. Every process logs to a file in the
+/// temp dir; the tails are printed if the test fails; everything is killed on drop.
+pub struct ProcCluster {
+    dir: tempfile::TempDir,
+    /// A private copy of the `ordo` binary: restarts run exactly what the cluster started with,
+    /// even if the shared target dir is rebuilt meanwhile.
+    bin: PathBuf,
+    /// Config servers first, then the nodes of group 1, 2, ..., then the router (once started).
+    pub procs: Vec<ClusterProc>,
+    pub groups: u64,
+}
+
+impl ProcCluster {
+    /// Starts the config servers and the shard-group nodes (not initialized, no router yet).
+    pub fn start(groups: u64, replicas: u64) -> ProcCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("ordo");
+        std::fs::copy(env!("CARGO_BIN_EXE_ordo"), &bin).expect("copy the ordo binary");
+        let mut c = ProcCluster {
+            dir,
+            bin,
+            procs: Vec::new(),
+            groups,
+        };
+        let config: Vec<(u64, String)> = (1..=3)
+            .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+            .collect();
+        let peers = |members: &[(u64, String)]| {
+            members
+                .iter()
+                .map(|(id, a)| format!("{id}={a}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let config_peers = peers(&config);
+        for (id, addr) in &config {
+            let data = c.dir.path().join(format!("config-{id}"));
+            let args = ["config", "--id", &id.to_string(), "--listen", addr]
+                .into_iter()
+                .map(Into::into)
+                .chain(["--peers".into(), config_peers.clone().into()])
+                .chain(["--data-dir".into(), data.into_os_string()])
+                .collect();
+            c.add(format!("config-{id}"), Role::Config, addr.clone(), args);
+        }
+        for group in 1..=groups {
+            let members: Vec<(u64, String)> = (1..=replicas)
+                .map(|id| (id, format!("127.0.0.1:{}", free_port())))
+                .collect();
+            let group_peers = peers(&members);
+            for (id, addr) in &members {
+                let data = c.dir.path().join(format!("g{group}-n{id}"));
+                let args = [
+                    "node",
+                    "--id",
+                    &id.to_string(),
+                    "--group",
+                    &group.to_string(),
+                    "--listen",
+                    addr,
+                ]
+                .into_iter()
+                .map(Into::into)
+                .chain(["--peers".into(), group_peers.clone().into()])
+                .chain(["--data-dir".into(), data.into_os_string()])
+                .collect();
+                c.add(
+                    format!("g{group}-n{id}"),
+                    Role::Node { group },
+                    addr.clone(),
+                    args,
+                );
+            }
+        }
+        for i in 0..c.procs.len() {
+            c.restart(i);
+        }
+        c
+    }
+
+    fn add(&mut self, name: String, role: Role, addr: String, args: Vec<std::ffi::OsString>) {
+        let log = self.dir.path().join(format!("{name}.log"));
+        self.procs.push(ClusterProc {
+            name,
+            role,
+            addr,
+            log,
+            args,
+            child: None,
+            starts: 0,
+        });
+    }
+
+    /// Addresses of the config servers.
+    pub fn config_addrs(&self) -> Vec<String> {
+        self.members(0)
+            .map(|i| self.procs[i].addr.clone())
+            .collect()
+    }
+
+    /// Indexes of the processes of raft group `group` (0 = meta).
+    pub fn members(&self, group: u64) -> impl Iterator<Item = usize> + '_ {
+        (0..self.procs.len()).filter(move |&i| self.procs[i].role.group() == Some(group))
+    }
+
+    /// Creates the cluster (`InitCluster` on a config server, as `ordoctl init` does) once every
+    /// group has a leader, then starts the router. Returns the initial shard map.
+    pub async fn init(&mut self, limit: Duration) -> ordo_proto::v1::ShardMap {
+        for group in 0..=self.groups {
+            self.leader(group, limit).await;
+        }
+        let groups = (1..=self.groups)
+            .map(|g| ordo_proto::v1::GroupSpec {
+                id: g,
+                addrs: self
+                    .members(g)
+                    .map(|i| self.procs[i].addr.clone())
+                    .collect(),
+            })
+            .collect();
+        let admin = ordo::client::ClusterClient::connect(self.config_addrs())
+            .unwrap()
+            .with_timeout(limit);
+        let map = admin
+            .init_cluster(ordo_proto::v1::InitClusterRequest {
+                slot_count: ordo::limits::SLOT_COUNT_DEFAULT,
+                groups,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("init the cluster: {e}"));
+        let addr = format!("127.0.0.1:{}", free_port());
+        let args = ["router", "--listen", &addr, "--config"]
+            .into_iter()
+            .map(Into::into)
+            .chain([self.config_addrs().join(",").into()])
+            .collect();
+        self.add("router".into(), Role::Router, addr, args);
+        let i = self.procs.len() - 1;
+        self.restart(i);
+        map
+    }
+
+    pub fn router_addr(&self) -> &str {
+        let r = self.procs.iter().find(|p| p.role == Role::Router);
+        &r.expect("the router is started by init").addr
+    }
+
+    /// Starts (or starts again) process `i` with its data dir as it is and the same arguments.
+    pub fn restart(&mut self, i: usize) {
+        let p = &mut self.procs[i];
+        assert!(p.child.is_none(), "{} is already running", p.name);
+        let mut log = File::options()
+            .create(true)
+            .append(true)
+            .open(&p.log)
+            .unwrap();
+        p.starts += 1;
+        use std::io::Write as _;
+        let _ = writeln!(log, "==== harness: start #{} of {} ====", p.starts, p.name);
+        let child = Command::new(&self.bin)
+            .args(&p.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", p.name));
+        p.child = Some(child);
+    }
+
+    /// kill -9 process `i`: no shutdown, no flush.
+    pub fn kill(&mut self, i: usize) {
+        let p = &mut self.procs[i];
+        let mut child = p
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("{} is not running", p.name));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// The index of the leader of raft group `group` among its running members, if one says so.
+    pub async fn find_leader(&self, group: u64) -> Option<usize> {
+        for i in self.members(group) {
+            if !self.procs[i].running() {
+                continue;
+            }
+            if let Some(s) = node_status(&self.procs[i].addr, false).await {
+                if s.role == "Leader" {
+                    return Some(i);
+                }
+            }
+        }
+        None
+    }
+
+    /// Waits until some running member of `group` reports itself leader.
+    pub async fn leader(&self, group: u64, limit: Duration) -> usize {
+        wait_for(limit, &format!("a leader of group {group}"), || {
+            self.find_leader(group)
+        })
+        .await
+    }
+
+    /// Waits until process `i` answers a status request (it serves again after a restart).
+    pub async fn answers(&self, i: usize, limit: Duration) {
+        let p = &self.procs[i];
+        if p.role == Role::Router {
+            return;
+        }
+        wait_for(
+            limit,
+            &format!("{} to answer after its start", p.name),
+            || {
+                let addr = p.addr.clone();
+                async move { node_status(&addr, false).await.map(|_| ()) }
+            },
+        )
+        .await
+    }
+
+    pub fn dump_logs(&self, lines: usize) {
+        for p in &self.procs {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+            eprintln!("---- last lines of {} ({}) ----", p.name, p.log.display());
+            for l in tail.into_iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            if let Some(mut c) = p.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            self.dump_logs(30);
+        }
+    }
+}

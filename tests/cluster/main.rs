@@ -4,5 +4,6 @@
 mod bad_input;
 mod group;
 mod harness;
+mod nemesis;
 mod playground;
 mod sharded;

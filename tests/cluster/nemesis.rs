@@ -1,0 +1,595 @@
+//! Process-level nemesis: a real cluster (3 config servers, 2 groups × 3 nodes, one router, all
+//! separate `ordo` processes) under load from 8 clients while random processes, leaders and meta
+//! replicas included, are killed with SIGKILL and restarted. Afterwards every item is read
+//! linearizably and the whole history is checked: linearizable, and nothing acknowledged lost.
+//!
+//! `ORDO_NEMESIS_SEED` replays a kill schedule (the seed is printed: the timings and the kinds
+//! of victim; which process leads at that moment depends on the run); `ORDO_NEMESIS_SECS` makes
+//! the run longer (default 60 s).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ordo::linearizability::{check, Completion, History, ItemKey, Op, Output, Record};
+use ordo_proto::v1::kv_client::KvClient;
+use ordo_proto::v1::{Consistency, DeleteRequest, GetRequest, PutRequest, ShardMap};
+use tonic::transport::Channel;
+use tonic::{Request, Status};
+
+use crate::harness::{wait_for, ProcCluster};
+
+const GROUPS: u64 = 2;
+const REPLICAS: u64 = 3;
+const CLIENTS: u64 = 8;
+/// Items per group: few, so that clients contend on them.
+const ITEMS_PER_GROUP: usize = 10;
+/// Deadline the router gets for one request; the client waits a little longer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
+const MIN_KILLS: usize = 10;
+/// Bound on every wait for the cluster to become healthy.
+const HEALTHY: Duration = Duration::from_secs(30);
+
+/// SplitMix64: a small seeded generator, so that a schedule can be replayed from its seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}"))
+    })
+}
+
+/// One item of the workload and the group that owns it.
+#[derive(Clone)]
+struct Item {
+    key: ItemKey,
+    group: u64,
+}
+
+fn items(map: &ShardMap) -> Vec<Item> {
+    let mut per_group: BTreeMap<u64, Vec<Item>> = BTreeMap::new();
+    for i in 0.. {
+        let sk = format!("order-{i}");
+        let group = map.slot_owner[ordo_proto::slot_of(sk.as_bytes(), map.slot_count) as usize];
+        let list = per_group.entry(group).or_default();
+        if list.len() < ITEMS_PER_GROUP {
+            list.push(Item {
+                key: ItemKey::new(sk, ""),
+                group,
+            });
+        }
+        if per_group.len() as u64 == GROUPS
+            && per_group.values().all(|l| l.len() == ITEMS_PER_GROUP)
+        {
+            break;
+        }
+    }
+    per_group.into_values().flatten().collect()
+}
+
+/// What the clients observed, besides the history.
+#[derive(Default)]
+struct Observed {
+    /// Return times (history clock) of writes the cluster answered, per group.
+    write_oks: Mutex<BTreeMap<u64, Vec<Duration>>>,
+    /// Writes acknowledged as applied (`succeeded`).
+    acked: AtomicU64,
+    /// Errors the clients got, by code and message (digits blanked so that they group).
+    errors: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Observed {
+    fn error(&self, is_write: bool, status: &Status) {
+        let what = if is_write { "write" } else { "read" };
+        let message: String = status
+            .message()
+            .chars()
+            .map(|c| if c.is_ascii_digit() { '#' } else { c })
+            .take(160)
+            .collect();
+        let key = format!("{what} {:?}: {message}", status.code());
+        *self.errors.lock().unwrap().entry(key).or_default() += 1;
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Get,
+    CasPut,
+    Put,
+    Delete,
+    CasDelete,
+}
+
+fn kv_client(router: &str) -> KvClient<Channel> {
+    KvClient::new(ordo::transport::endpoint(router).unwrap().connect_lazy())
+}
+
+fn timed<T>(msg: T) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(REQUEST_TIMEOUT);
+    r
+}
+
+/// One request, recorded in `history`. Completes with `Fail` only for errors that prove nothing
+/// was applied; a timeout or any other error is `Unknown`.
+async fn run_op(
+    kv: &mut KvClient<Channel>,
+    history: &History,
+    client: u64,
+    item: &Item,
+    op: Op,
+) -> Result<Output, Status> {
+    let id = history.invoke(client, item.key.clone(), op.clone());
+    let sk = Bytes::from(item.key.shard_key.clone());
+    let key = Bytes::from(item.key.key.clone());
+    let call = async {
+        match &op {
+            Op::Get => kv
+                .get(timed(GetRequest {
+                    header: None,
+                    shard_key: sk,
+                    key,
+                    consistency: Consistency::Linearizable as i32,
+                }))
+                .await
+                .map(|r| Output::from(r.get_ref())),
+            Op::Put { value, if_version } => kv
+                .put(timed(PutRequest {
+                    header: None,
+                    shard_key: sk,
+                    key,
+                    value: Bytes::from(value.clone()),
+                    if_version: *if_version,
+                }))
+                .await
+                .map(|r| Output::from(r.get_ref())),
+            Op::Delete { if_version } => kv
+                .delete(timed(DeleteRequest {
+                    header: None,
+                    shard_key: sk,
+                    key,
+                    if_version: *if_version,
+                }))
+                .await
+                .map(|r| Output::from(r.get_ref())),
+        }
+    };
+    let result = match tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(1), call).await {
+        Ok(r) => r,
+        Err(_) => Err(Status::deadline_exceeded("client-side timeout")),
+    };
+    history.complete(
+        id,
+        match &result {
+            Ok(out) => Completion::Ok(out.clone()),
+            Err(status) => Completion::from_status(status),
+        },
+    );
+    result
+}
+
+async fn client_loop(
+    client: u64,
+    router: String,
+    items: Arc<Vec<Item>>,
+    history: History,
+    observed: Arc<Observed>,
+    stop: Arc<AtomicBool>,
+    seed: u64,
+) {
+    let mut rng = Rng(seed ^ (client.wrapping_mul(0x5851_F42D_4C95_7F2D)));
+    let mut kv = kv_client(&router);
+    // The last version this client saw per item (0 = absent or never seen).
+    let mut seen: HashMap<usize, u64> = HashMap::new();
+    let mut seq = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let i = rng.below(items.len() as u64) as usize;
+        let item = &items[i];
+        let last = seen.get(&i).copied().unwrap_or(0);
+        let kind = match rng.below(100) {
+            0..=34 => Kind::Get,
+            35..=64 => Kind::CasPut,
+            65..=89 => Kind::Put,
+            90..=94 => Kind::Delete,
+            _ => Kind::CasDelete,
+        };
+        seq += 1;
+        let value = format!("c{client}-{seq}").into_bytes();
+        let op = match kind {
+            Kind::Get => Op::Get,
+            Kind::CasPut => Op::Put {
+                value,
+                if_version: Some(last),
+            },
+            Kind::Put => Op::Put {
+                value,
+                if_version: None,
+            },
+            Kind::Delete => Op::Delete { if_version: None },
+            Kind::CasDelete => Op::Delete {
+                if_version: Some(last),
+            },
+        };
+        let is_write = !matches!(op, Op::Get);
+        match run_op(&mut kv, &history, client, item, op).await {
+            Ok(out) => {
+                if is_write {
+                    observed
+                        .write_oks
+                        .lock()
+                        .unwrap()
+                        .entry(item.group)
+                        .or_default()
+                        .push(history.now());
+                }
+                match out {
+                    Output::Get { found, version, .. } => {
+                        seen.insert(i, if found { version } else { 0 });
+                    }
+                    Output::Put { succeeded, version } => {
+                        seen.insert(i, version);
+                        if succeeded {
+                            observed.acked.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    Output::Delete {
+                        succeeded,
+                        prev_version,
+                        ..
+                    } => {
+                        if succeeded {
+                            observed.acked.fetch_add(1, Ordering::Relaxed);
+                            seen.insert(i, 0);
+                        } else if let Some(v) = prev_version {
+                            seen.insert(i, v);
+                        }
+                    }
+                }
+            }
+            Err(status) => {
+                observed.error(is_write, &status);
+                // The cluster is busy failing over: do not spin.
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+        }
+    }
+}
+
+/// A kill the nemesis made.
+struct Kill {
+    at: Duration,
+    group: u64,
+    target: &'static str,
+    name: String,
+}
+
+/// The longest gap between answered writes of `group` from the last one before `from` to `to`.
+fn longest_gap(oks: &[Duration], from: Duration, to: Duration) -> Duration {
+    let start = oks
+        .iter()
+        .copied()
+        .filter(|&t| t <= from)
+        .max()
+        .unwrap_or(from);
+    let mut prev = start;
+    let mut longest = Duration::ZERO;
+    for &t in oks.iter().filter(|&&t| t > from && t <= to) {
+        longest = longest.max(t - prev);
+        prev = t;
+    }
+    // No answered write until `to`: the group was unavailable for the whole window.
+    longest.max(to.saturating_sub(prev))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v.get(v.len() / 2).copied().unwrap_or_default()
+}
+
+/// For each item whose last write was acknowledged and cannot have been overtaken (every other
+/// write of the item is known and returned before it was sent), the final read must show exactly
+/// that write's effect. Returns how many items were checked this way.
+fn check_last_acknowledged(records: &[Record], finals: &BTreeMap<ItemKey, Output>) -> usize {
+    let mut by_key: BTreeMap<&ItemKey, Vec<&Record>> = BTreeMap::new();
+    for r in records {
+        if !matches!(r.op, Op::Get) && r.completion != Some(Completion::Fail) {
+            by_key.entry(&r.key).or_default().push(r);
+        }
+    }
+    let mut checked = 0;
+    for (key, writes) in by_key {
+        let last = writes.iter().max_by_key(|r| r.invoke).unwrap();
+        let alone = writes.iter().all(|w| {
+            w.id == last.id
+                || (matches!(w.completion, Some(Completion::Ok(_)))
+                    && w.ret.is_some_and(|t| t < last.invoke))
+        });
+        let Some(Completion::Ok(out)) = &last.completion else {
+            continue;
+        };
+        if !alone {
+            continue;
+        }
+        let fin = &finals[key];
+        match (&last.op, out, fin) {
+            (
+                Op::Put { value, .. },
+                Output::Put {
+                    succeeded: true,
+                    version,
+                },
+                Output::Get {
+                    found,
+                    value: v,
+                    version: fv,
+                },
+            ) => assert!(
+                *found && v == value && fv == version,
+                "{key}: the last acknowledged write (put v{version}) is not what the final read \
+                 shows: {fin:?}"
+            ),
+            (
+                Op::Delete { .. },
+                Output::Delete {
+                    succeeded: true, ..
+                },
+                Output::Get { found, .. },
+            ) => {
+                assert!(
+                    !found,
+                    "{key}: the last acknowledged write (a delete) is not what the final read \
+                     shows: {fin:?}"
+                )
+            }
+            // A write whose condition failed changed nothing; the checker covers it.
+            _ => continue,
+        }
+        checked += 1;
+    }
+    checked
+}
+
+/// Acceptance: ≥ 60 s of load with ≥ 10 kill -9 / restart cycles of leaders, replicas and meta
+/// replicas; the history is linearizable and nothing acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn nemesis_kills_and_restarts_processes_under_load() {
+    let seed = env_u64("ORDO_NEMESIS_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    });
+    let run_for = Duration::from_secs(env_u64("ORDO_NEMESIS_SECS").unwrap_or(60));
+    eprintln!("nemesis seed {seed} (replay with ORDO_NEMESIS_SEED={seed}); load for {run_for:?}");
+    let test_started = Instant::now();
+
+    let mut cluster = ProcCluster::start(GROUPS, REPLICAS);
+    let map = cluster.init(HEALTHY).await;
+    let items = Arc::new(items(&map));
+    let router = cluster.router_addr().to_string();
+    // The router serves every group before the load starts.
+    for group in 1..=GROUPS {
+        let item = items.iter().find(|i| i.group == group).unwrap().clone();
+        wait_for(
+            HEALTHY,
+            &format!("a read of group {group} through the router"),
+            || {
+                let mut kv = kv_client(&router);
+                let item = item.clone();
+                async move {
+                    kv.get(timed(GetRequest {
+                        header: None,
+                        shard_key: item.key.shard_key.into(),
+                        key: item.key.key.into(),
+                        consistency: Consistency::Linearizable as i32,
+                    }))
+                    .await
+                    .ok()
+                }
+            },
+        )
+        .await;
+    }
+    eprintln!("cluster up in {:.1?}", test_started.elapsed());
+
+    let history = History::new();
+    let observed = Arc::new(Observed::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            tokio::spawn(client_loop(
+                c,
+                router.clone(),
+                items.clone(),
+                history.clone(),
+                observed.clone(),
+                stop.clone(),
+                seed,
+            ))
+        })
+        .collect();
+
+    // The nemesis: one process down at a time, so no group ever loses its majority.
+    let mut rng = Rng(seed);
+    let mut kills: Vec<Kill> = Vec::new();
+    let load_started = Instant::now();
+    while load_started.elapsed() < run_for || kills.len() < MIN_KILLS {
+        assert!(
+            load_started.elapsed() < run_for * 2,
+            "only {} kills in {:?}",
+            kills.len(),
+            load_started.elapsed()
+        );
+        tokio::time::sleep(rng.millis(1500, 3000)).await;
+        // Group leaders are the interesting victims (their kill costs availability), so they
+        // get 40% of the kills; group replicas, the meta leader and meta replicas 20% each.
+        let (group, leader_wanted) = match rng.below(10) {
+            0..=3 => (1 + rng.below(GROUPS), true),
+            4..=5 => (1 + rng.below(GROUPS), false),
+            6..=7 => (0, true), // 0 = the meta group
+            _ => (0, false),
+        };
+        let members: Vec<usize> = cluster.members(group).collect();
+        let any = members[rng.below(members.len() as u64) as usize];
+        let leader = cluster.find_leader(group).await;
+        let victim = match leader {
+            Some(l) if leader_wanted => l,
+            // No leader right now (an election is running): any member will do.
+            _ => any,
+        };
+        // Named by what the victim was, not what was asked for: a random replica may lead.
+        let target = match (group, leader == Some(victim)) {
+            (0, true) => "meta leader",
+            (0, false) => "meta follower",
+            (_, true) => "group leader",
+            (_, false) => "group follower",
+        };
+        cluster.kill(victim);
+        let name = cluster.procs[victim].name.clone();
+        kills.push(Kill {
+            at: history.now(),
+            group,
+            target,
+            name: name.clone(),
+        });
+        eprintln!(
+            "[{:>5.1}s] kill -9 {name} ({target})",
+            load_started.elapsed().as_secs_f64()
+        );
+        tokio::time::sleep(rng.millis(1000, 2500)).await;
+        cluster.restart(victim);
+        cluster.answers(victim, HEALTHY).await;
+        eprintln!(
+            "[{:>5.1}s] restarted {name}",
+            load_started.elapsed().as_secs_f64()
+        );
+    }
+    // Let the last restart settle under load before stopping (the gap after it is measured).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let load_ended = history.now();
+    for c in clients {
+        c.await.expect("client task");
+    }
+
+    // Everything up again (the nemesis restarted its last victim already), then the final reads.
+    for i in 0..cluster.procs.len() {
+        if !cluster.procs[i].running() {
+            cluster.restart(i);
+        }
+    }
+    for group in 0..=GROUPS {
+        cluster.leader(group, HEALTHY).await;
+    }
+    let kv = kv_client(&router);
+    let mut finals: BTreeMap<ItemKey, Output> = BTreeMap::new();
+    for item in items.iter() {
+        let out = wait_for(HEALTHY, &format!("a final read of {}", item.key), || {
+            let (mut kv, history, item) = (kv.clone(), history.clone(), item.clone());
+            async move { run_op(&mut kv, &history, 1000, &item, Op::Get).await.ok() }
+        })
+        .await;
+        finals.insert(item.key.clone(), out);
+    }
+    let records = history.records();
+
+    // Summary.
+    let mut ok = 0;
+    let mut fail = 0;
+    let mut unknown = 0;
+    let mut writes = 0;
+    for r in &records {
+        if !matches!(r.op, Op::Get) {
+            writes += 1;
+        }
+        match r.completion {
+            Some(Completion::Ok(_)) => ok += 1,
+            Some(Completion::Fail) => fail += 1,
+            _ => unknown += 1,
+        }
+    }
+    let acked = observed.acked.load(Ordering::Relaxed);
+    let write_oks = observed.write_oks.lock().unwrap().clone();
+    let mut leader_gaps = Vec::new();
+    let mut other_gaps = Vec::new();
+    for (n, k) in kills.iter().enumerate() {
+        let next = kills.get(n + 1).map_or(load_ended, |k| k.at);
+        // Meta kills: the worst group; group kills: that group.
+        let groups: Vec<u64> = if k.group == 0 {
+            (1..=GROUPS).collect()
+        } else {
+            vec![k.group]
+        };
+        let gap = groups
+            .iter()
+            .map(|g| longest_gap(write_oks.get(g).map_or(&[][..], |v| v), k.at, next))
+            .max()
+            .unwrap();
+        eprintln!("  {} ({}): longest write gap {gap:.2?}", k.name, k.target);
+        if k.target == "group leader" {
+            leader_gaps.push(gap);
+        } else {
+            other_gaps.push(gap);
+        }
+    }
+    eprintln!(
+        "nemesis summary: seed {seed}, {} kills ({} group leaders) over {:.1?}; {} ops ({} writes): \
+         {ok} ok, {fail} failed (not applied), {unknown} unknown; {acked} writes acknowledged",
+        kills.len(),
+        leader_gaps.len(),
+        load_ended,
+        records.len(),
+        writes,
+    );
+    eprintln!(
+        "unavailability (longest gap between answered writes of the group after a kill): \
+         group leader kills median {:.2?} max {:.2?}; other kills median {:.2?} max {:.2?}",
+        median(leader_gaps.clone()),
+        leader_gaps.iter().max().copied().unwrap_or_default(),
+        median(other_gaps.clone()),
+        other_gaps.iter().max().copied().unwrap_or_default(),
+    );
+
+    for (error, n) in observed.errors.lock().unwrap().iter() {
+        eprintln!("  {n:>5} × {error}");
+    }
+
+    assert!(kills.len() >= MIN_KILLS, "{} kills", kills.len());
+    assert!(
+        acked >= 200,
+        "only {acked} writes were acknowledged: the run proves too little"
+    );
+    let checked_at = Instant::now();
+    let result = check(&history);
+    eprintln!("checker: {:.1?}; {result}", checked_at.elapsed());
+    result.assert_linearizable();
+    let exact = check_last_acknowledged(&records, &finals);
+    eprintln!(
+        "{exact} items end exactly at their last acknowledged write; test took {:.1?}",
+        test_started.elapsed()
+    );
+    drop(cluster);
+}
