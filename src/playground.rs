@@ -176,6 +176,14 @@ impl Playground {
         })
         .await
         .context("starting the router")?;
+        // The router may have asked a config replica that had not applied the map yet: serve
+        // only once it routes by the map just initialized (or found).
+        if !router.wait_for_map_version(map.version, READY_WAIT).await {
+            bail!(
+                "the router did not receive shard map v{} within {READY_WAIT:?}",
+                map.version
+            );
+        }
         Ok(Playground {
             router,
             meta,

@@ -86,8 +86,11 @@ impl ConfigClient {
             .max_encoding_message_size(MESSAGE_BYTES_MAX))
     }
 
-    /// The first map: asks each address in turn (any replica may answer) until one does, for at
-    /// most `timeout`. The error names every address and how it failed.
+    /// The first map: asks every address at once (any replica may answer) and takes the newest
+    /// map among the answers, so that a replica that has not applied the latest map yet does not
+    /// hand the router an old one (or none, version 0) while others have it. Rounds repeat with
+    /// backoff until at least one replica answers, for at most `timeout`; the error names every
+    /// address and how it failed.
     pub(crate) async fn fetch_initial(&self, timeout: Duration) -> anyhow::Result<ShardMap> {
         let started = Instant::now();
         let deadline = started + timeout;
@@ -95,33 +98,38 @@ impl ConfigClient {
         let mut failures: Vec<String> = vec!["not tried".to_string(); addrs.len()];
         let mut round = 0;
         loop {
-            for (i, addr) in addrs.iter().enumerate() {
-                let remaining = deadline.saturating_duration_since(Instant::now());
-                if remaining.is_zero() {
-                    break;
-                }
-                let wait = remaining.min(START_ATTEMPT_TIMEOUT);
-                let mut client = match self.client(addr) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        failures[i] = e;
-                        continue;
-                    }
-                };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let wait = remaining.min(START_ATTEMPT_TIMEOUT);
+            let answers = futures::future::join_all(addrs.iter().map(|addr| async move {
+                let mut client = self.client(addr)?;
                 let mut request = Request::new(GetShardMapRequest {
                     linearizable: false,
                 });
                 request.set_timeout(wait);
                 match tokio::time::timeout(wait, client.get_shard_map(request)).await {
-                    Ok(Ok(resp)) => {
-                        let map = resp.into_inner();
-                        tracing::info!(config = %addr, version = map.version, "fetched the shard map");
-                        return Ok(map);
-                    }
-                    Ok(Err(status)) => failures[i] = describe(&status),
-                    Err(_) => failures[i] = format!("no answer within {wait:?}"),
+                    Ok(Ok(resp)) => Ok(resp.into_inner()),
+                    Ok(Err(status)) => Err(describe(&status)),
+                    Err(_) => Err(format!("no answer within {wait:?}")),
                 }
-                tracing::debug!(config = %addr, error = %failures[i], "config server unreachable");
+            }))
+            .await;
+            let mut newest: Option<(ShardMap, &str)> = None;
+            for ((addr, answer), failure) in addrs.iter().zip(answers).zip(&mut failures) {
+                match answer {
+                    Ok(map) => {
+                        if newest.as_ref().is_none_or(|(n, _)| map.version > n.version) {
+                            newest = Some((map, addr));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(config = %addr, error = %e, "config server unreachable");
+                        *failure = e;
+                    }
+                }
+            }
+            if let Some((map, addr)) = newest {
+                tracing::info!(config = %addr, version = map.version, "fetched the shard map");
+                return Ok(map);
             }
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {

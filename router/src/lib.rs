@@ -230,6 +230,16 @@ impl Router {
         self.shared.map.current().version
     }
 
+    /// Waits until the router holds a shard map of at least `version`, for at most `timeout`.
+    /// Returns whether it does. (At start the router takes the map from any config replica,
+    /// which may not have applied the newest one yet; the watch brings it shortly after.)
+    pub async fn wait_for_map_version(&self, version: u64, timeout: Duration) -> bool {
+        let mut maps = self.shared.map.subscribe();
+        tokio::time::timeout(timeout, maps.wait_for(|m| m.version >= version))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Routing counters since start.
     pub fn stats(&self) -> RouterStats {
         let c = &self.shared.counters;
