@@ -4,9 +4,14 @@
 //! queued messages into checksummed `RaftBatch` frames. A full queue drops messages (raft
 //! retransmits; an unbounded buffer would not survive a slow peer). A broken connection is
 //! reported to raft as unreachable and retried with backoff. Snapshots go on their own stream.
+//!
+//! Tests may give the transport a [`FaultNet`]: every outgoing message and snapshot transfer is
+//! then dropped, delayed or duplicated as the net decides (see `fault.rs`). Without one (every
+//! production node) the send path is unchanged.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ordo_proto::v1::peer_client::PeerClient;
@@ -18,6 +23,7 @@ use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::driver::Msg;
+use crate::fault::{Fate, FaultNet};
 use crate::limits::*;
 use crate::snapshot::chunk_crc;
 
@@ -32,6 +38,7 @@ pub struct Transport {
     node_id: u64,
     driver: mpsc::Sender<Msg>,
     rt: tokio::runtime::Handle,
+    faults: Option<Arc<FaultNet>>,
 }
 
 pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
@@ -61,6 +68,7 @@ impl Transport {
         node_id: u64,
         peers: BTreeMap<u64, String>,
         driver: mpsc::Sender<Msg>,
+        faults: Option<Arc<FaultNet>>,
     ) -> Transport {
         let mut queues = BTreeMap::new();
         for (&id, addr) in &peers {
@@ -85,6 +93,7 @@ impl Transport {
             node_id,
             driver,
             rt,
+            faults,
         }
     }
 
@@ -94,17 +103,39 @@ impl Transport {
 
     pub fn send(&self, m: Message) {
         let to = m.to;
-        match self.queues.get(&to) {
-            Some(q) => {
-                if q.try_send(m).is_err() {
-                    tracing::debug!(
-                        to,
-                        "peer queue full or closed; message dropped (raft will retransmit)"
-                    );
-                }
+        let Some(q) = self.queues.get(&to) else {
+            tracing::warn!(to, "no address for raft peer; message dropped");
+            return;
+        };
+        if let Some(net) = &self.faults {
+            match net.fate(self.node_id, to) {
+                Fate::Deliver => {}
+                Fate::Drop => return,
+                Fate::Delay(d) => return self.send_later(net, q, m, d),
+                Fate::Duplicate(d) => self.send_later(net, q, m.clone(), d),
             }
-            None => tracing::warn!(to, "no address for raft peer; message dropped"),
         }
+        enqueue(q, m);
+    }
+
+    /// Fault injection: queues `m` for its peer after `after`, unless the link was cut meanwhile
+    /// or this node stopped (the weak sender then no longer upgrades).
+    fn send_later(
+        &self,
+        net: &Arc<FaultNet>,
+        q: &mpsc::Sender<Message>,
+        m: Message,
+        after: Duration,
+    ) {
+        let (net, q, from) = (net.clone(), q.downgrade(), self.node_id);
+        self.rt.spawn(async move {
+            tokio::time::sleep(after).await;
+            let q = q.upgrade().filter(|_| !net.is_blocked(from, m.to));
+            net.delayed_done(q.is_some());
+            if let Some(q) = q {
+                enqueue(&q, m);
+            }
+        });
     }
 
     pub fn send_snapshot(&self, m: Message, path: PathBuf) {
@@ -114,9 +145,17 @@ impl Transport {
             return;
         };
         let (group_id, from, driver) = (self.group_id, self.node_id, self.driver.clone());
+        let faults = self.faults.clone();
         self.rt.spawn(async move {
             let started = std::time::Instant::now();
-            let result = stream_snapshot(group_id, from, &addr, m, path).await;
+            let result = match faults.map(|net| net.snapshot_fate(from, to)) {
+                None => stream_snapshot(group_id, from, &addr, m, path).await,
+                Some(Some(after)) => {
+                    tokio::time::sleep(after).await;
+                    stream_snapshot(group_id, from, &addr, m, path).await
+                }
+                Some(None) => Err(anyhow::anyhow!("fault injection: snapshot transfer cut")),
+            };
             match &result {
                 Ok(bytes) => tracing::info!(
                     to,
@@ -135,6 +174,12 @@ impl Transport {
                 })
                 .await;
         });
+    }
+}
+
+fn enqueue(q: &mpsc::Sender<Message>, m: Message) {
+    if q.try_send(m).is_err() {
+        tracing::debug!("peer queue full or closed; message dropped (raft will retransmit)");
     }
 }
 
