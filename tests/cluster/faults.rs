@@ -32,6 +32,7 @@ use ordo::fault::{FaultNet, FaultStats, LinkFaults, SplitMix64};
 use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
 use ordo::linearizability::{check, Completion, History, ItemKey, Op, Output};
 use ordo::node::{Node, NodeConfig};
+use ordo::service::Replica;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{error_detail, DeleteRequest, GetRequest, PutRequest};
 use tonic::transport::Channel;
@@ -39,7 +40,9 @@ use tonic::Code;
 
 const REPLICAS: u64 = 3;
 const KEYS: u64 = 4;
+/// Clients doing reads and writes, then clients doing only reads.
 const CLIENTS: u64 = 3;
+const READERS: u64 = 1;
 const DEFAULT_SEEDS: u64 = 24;
 const PARALLEL: usize = 4;
 /// Milliseconds of faults per schedule (default runs) and per soak schedule (seconds).
@@ -288,6 +291,8 @@ struct Group {
     data_dirs: BTreeMap<u64, PathBuf>,
     /// The running nodes.
     nodes: BTreeMap<u64, Node>,
+    /// The running nodes' replicas, for the leadership monitor.
+    replicas: Arc<Mutex<BTreeMap<u64, Arc<Replica>>>>,
 }
 
 impl Group {
@@ -306,6 +311,7 @@ impl Group {
             peers,
             data_dirs,
             nodes: BTreeMap::new(),
+            replicas: Default::default(),
         };
         for id in 1..=REPLICAS {
             g.start_node(id).await?;
@@ -331,6 +337,7 @@ impl Group {
         loop {
             match Node::start(cfg.clone()).await {
                 Ok(n) => {
+                    self.replicas.lock().unwrap().insert(id, n.replica.clone());
                     self.nodes.insert(id, n);
                     return Ok(());
                 }
@@ -345,6 +352,7 @@ impl Group {
 
     /// A clean crash of the node's process: see the module docs.
     async fn crash(&mut self, id: u64) {
+        self.replicas.lock().unwrap().remove(&id);
         if let Some(n) = self.nodes.remove(&id) {
             n.shutdown().await;
         }
@@ -433,6 +441,47 @@ impl Group {
     }
 }
 
+/// Watches for moments when two nodes both believe they lead (in different terms): a deposed
+/// leader that has not noticed yet. Reads it answers then must still be linearizable, so the
+/// report counts these windows to show the schedules really create them.
+async fn watch_leaders(
+    replicas: Arc<Mutex<BTreeMap<u64, Arc<Replica>>>>,
+    stop: Arc<AtomicBool>,
+    trace: Trace,
+) -> (usize, Duration) {
+    let (mut windows, mut total) = (0, Duration::ZERO);
+    let mut since: Option<Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let leaders: Vec<(u64, u64)> = replicas
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| r.shared.is_leader.load(Ordering::Relaxed) == 1)
+            .map(|(&id, r)| (id, r.shared.term.load(Ordering::Relaxed)))
+            .collect();
+        match (leaders.len() > 1, since) {
+            (true, None) => {
+                since = Some(Instant::now());
+                windows += 1;
+                trace.log(format!(
+                    "two nodes believe they lead: (node, term) {leaders:?}"
+                ));
+            }
+            (false, Some(t)) => {
+                total += t.elapsed();
+                since = None;
+                trace.log("one leader again");
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(t) = since {
+        total += t.elapsed();
+    }
+    (windows, total)
+}
+
 // ---- clients ---------------------------------------------------------------------------------
 
 enum Attempt {
@@ -479,6 +528,8 @@ struct Conn {
     /// The node this client believes leads.
     target: u64,
     rng: SplitMix64,
+    /// How often a read goes first to a random node rather than the believed leader.
+    spread_reads: f64,
 }
 
 impl Conn {
@@ -551,10 +602,15 @@ impl Conn {
     /// the first answer or the first ambiguous attempt.
     async fn run(&mut self, key: &ItemKey, op: &Op) -> Completion {
         let started = Instant::now();
-        // Half the reads go first to any node: a follower refuses (not leader), but a deposed
-        // leader that has not noticed yet would answer, and must not answer from the past.
-        let mut first =
-            (*op == Op::Get && self.rng.chance(0.5)).then(|| self.rng.range(1, REPLICAS));
+        // Some requests go first to any node: a follower refuses (not leader, and names the
+        // leader it knows), but a deposed leader that has not noticed yet would answer a read,
+        // and must not answer from the past.
+        let spread = if *op == Op::Get {
+            self.spread_reads
+        } else {
+            0.2
+        };
+        let mut first = self.rng.chance(spread).then(|| self.rng.range(1, REPLICAS));
         while started.elapsed() < OP_BUDGET {
             let node = first.take().unwrap_or(self.target);
             match self.attempt(node, key, op).await {
@@ -601,12 +657,14 @@ async fn client_loop(
     history: History,
     stop: Arc<AtomicBool>,
 ) -> ClientStats {
+    let reader = client > CLIENTS;
     let mut rng = SplitMix64(seed ^ (client.wrapping_mul(0xA076_1D64_78BD_642F)));
     let mut conn = Conn {
         peers,
         channels: BTreeMap::new(),
         target: rng.range(1, REPLICAS),
         rng: SplitMix64(rng.next_u64()),
+        spread_reads: if reader { 1.0 } else { 0.5 },
     };
     // The version this client last saw per key, for conditional writes that may succeed.
     let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
@@ -616,6 +674,7 @@ async fn client_loop(
         let k = rng.range(0, KEYS - 1);
         let known = seen.get(&k).copied();
         let op = match rng.range(0, 99) {
+            _ if reader => Op::Get,
             0..=34 => Op::Get,
             35..=84 => {
                 n += 1;
@@ -678,11 +737,12 @@ async fn final_reads(peers: BTreeMap<u64, String>, history: &History) -> anyhow:
         channels: BTreeMap::new(),
         target: 1,
         rng: SplitMix64(0),
+        spread_reads: 0.0,
     };
     for k in 0..KEYS {
         let started = Instant::now();
         loop {
-            let id = history.invoke(CLIENTS + 1, item(k), Op::Get);
+            let id = history.invoke(CLIENTS + READERS + 1, item(k), Op::Get);
             let done = conn.run(&item(k), &Op::Get).await;
             let ok = matches!(done, Completion::Ok(_));
             history.complete(id, done);
@@ -712,6 +772,8 @@ struct Report {
     crashes: usize,
     /// Raft term at the end: every election (or failed campaign that raised it) counts.
     term: u64,
+    /// Windows in which a deposed leader still believed it led, and their total length.
+    dual_leader: (usize, Duration),
     elapsed: Duration,
 }
 
@@ -810,7 +872,12 @@ async fn run_schedule(
     let stop = Arc::new(AtomicBool::new(false));
     // Clients stop however this function ends.
     let _stop_clients = StopOnDrop(stop.clone());
-    let clients: Vec<_> = (1..=CLIENTS)
+    let monitor = tokio::spawn(watch_leaders(
+        g.replicas.clone(),
+        stop.clone(),
+        trace.clone(),
+    ));
+    let clients: Vec<_> = (1..=CLIENTS + READERS)
         .map(|c| {
             tokio::spawn(client_loop(
                 c,
@@ -850,6 +917,7 @@ async fn run_schedule(
         total.unknown += st.unknown;
     }
     trace.log(format!("clients stopped: {total:?} [{}]", g.roles()));
+    let dual_leader = monitor.await?;
     let leader = g.wait_leader(RECOVERY_LIMIT).await?;
     let term = g.nodes[&leader].replica.shared.term.load(Ordering::Relaxed);
     final_reads(g.peers.clone(), history).await?;
@@ -867,6 +935,7 @@ async fn run_schedule(
         net: g.net.stats(),
         crashes,
         term,
+        dual_leader,
         elapsed: t0.elapsed(),
     })
 }
@@ -918,7 +987,7 @@ async fn run_seed(seed: u64, fault_ms: u64, verbose: bool) -> Result<String, Str
     }
     let line = format!(
         "seed {seed}: linearizable; {} ops ({} acked writes, {} reads, {} failed, {} unknown), \
-         {} crashes, term {} at the end, net {:?}, {:.1}s",
+         {} crashes, term {} at the end, {} windows with two leaders ({} ms), net {:?}, {:.1}s",
         report.ops,
         report.acked_writes,
         report.ok_reads,
@@ -926,6 +995,8 @@ async fn run_seed(seed: u64, fault_ms: u64, verbose: bool) -> Result<String, Str
         report.unknown,
         report.crashes,
         report.term,
+        report.dual_leader.0,
+        report.dual_leader.1.as_millis(),
         report.net,
         report.elapsed.as_secs_f64()
     );
