@@ -337,3 +337,139 @@ async fn stream_snapshot(
     call.await??;
     Ok(sent)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::LinkFaults;
+    use ordo_proto::v1::peer_server::{Peer, PeerServer};
+    use ordo_proto::v1::*;
+    use tonic::{Request, Response, Status, Streaming};
+
+    /// A peer that hands every raft message it receives to the test.
+    struct Sink(mpsc::UnboundedSender<Message>);
+
+    #[tonic::async_trait]
+    impl Peer for Sink {
+        async fn raft(
+            &self,
+            req: Request<Streaming<RaftBatch>>,
+        ) -> Result<Response<RaftDone>, Status> {
+            let mut stream = req.into_inner();
+            while let Some(b) = stream.message().await? {
+                for bytes in b.messages {
+                    let mut m = Message::default();
+                    m.merge_from_bytes(&bytes).expect("decodes");
+                    let _ = self.0.send(m);
+                }
+            }
+            Ok(Response::new(RaftDone {}))
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<Streaming<SnapshotChunk>>,
+        ) -> Result<Response<SnapshotDone>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
+        async fn status(
+            &self,
+            _: Request<StatusRequest>,
+        ) -> Result<Response<StatusResponse>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
+        async fn set_ownership(
+            &self,
+            _: Request<SetOwnershipRequest>,
+        ) -> Result<Response<SetOwnershipResponse>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
+    }
+
+    fn msg(index: u64) -> Message {
+        let mut m = Message::default();
+        m.from = 1;
+        m.to = 2;
+        m.index = index;
+        m
+    }
+
+    /// What arrives within `wait`, by index.
+    async fn arrivals(rx: &mut mpsc::UnboundedReceiver<Message>, wait: Duration) -> Vec<u64> {
+        let mut got = Vec::new();
+        let until = tokio::time::Instant::now() + wait;
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, rx.recv()).await {
+            got.push(m.index);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn fault_net_blocks_duplicates_delays_and_reorders_raft_messages() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(Sink(tx)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (driver, _driver_rx) = mpsc::channel(1024);
+        let net = Arc::new(FaultNet::new(42));
+        let peers = BTreeMap::from([(1, "127.0.0.1:1".to_string()), (2, addr)]);
+        let t = Transport::new(
+            tokio::runtime::Handle::current(),
+            1,
+            1,
+            peers,
+            driver,
+            Some(net.clone()),
+        );
+        let wait = Duration::from_millis(300);
+
+        // Healthy: everything arrives, in order.
+        (0..10).for_each(|i| t.send(msg(i)));
+        assert_eq!(arrivals(&mut rx, wait).await, (0..10).collect::<Vec<_>>());
+
+        // 1 → 2 cut: nothing arrives. The other direction is not this transport's.
+        net.block(1, 2);
+        (10..20).for_each(|i| t.send(msg(i)));
+        assert!(arrivals(&mut rx, wait).await.is_empty());
+        net.heal();
+
+        // Duplicates: every message twice.
+        net.set_link_faults(LinkFaults {
+            duplicate: 1.0,
+            delay_max: Duration::from_millis(20),
+            ..LinkFaults::NONE
+        });
+        (20..30).for_each(|i| t.send(msg(i)));
+        let mut got = arrivals(&mut rx, wait).await;
+        got.sort();
+        assert_eq!(got, (20..30).flat_map(|i| [i, i]).collect::<Vec<_>>());
+
+        // Random delays: everything arrives, out of order.
+        net.set_link_faults(LinkFaults {
+            delay: 1.0,
+            delay_max: Duration::from_millis(100),
+            ..LinkFaults::NONE
+        });
+        (30..60).for_each(|i| t.send(msg(i)));
+        let got = arrivals(&mut rx, wait).await;
+        assert_ne!(got, (30..60).collect::<Vec<_>>(), "reordered");
+        let mut sorted = got.clone();
+        sorted.sort();
+        assert_eq!(sorted, (30..60).collect::<Vec<_>>());
+
+        // A link cut while messages are delayed loses them.
+        (60..70).for_each(|i| t.send(msg(i)));
+        net.block(1, 2);
+        assert!(arrivals(&mut rx, wait).await.is_empty());
+        assert_eq!(net.delayed_pending(), 0);
+        let stats = net.stats();
+        assert_eq!(stats.delayed_lost, 10);
+        assert_eq!(
+            (stats.blocked, stats.duplicated, stats.delayed),
+            (10, 10, 40)
+        );
+    }
+}
