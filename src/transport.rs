@@ -386,11 +386,12 @@ mod tests {
     }
 
     fn msg(index: u64) -> Message {
-        let mut m = Message::default();
-        m.from = 1;
-        m.to = 2;
-        m.index = index;
-        m
+        Message {
+            from: 1,
+            to: 2,
+            index,
+            ..Default::default()
+        }
     }
 
     /// What arrives within `wait`, by index.

@@ -897,7 +897,7 @@ async fn run_schedule(
             ))
         })
         .collect();
-    let mut rng = SplitMix64(s.seed ^ 0x5EED_0F_FA17);
+    let mut rng = SplitMix64(s.seed ^ 0x5EED_F0F0_FA17);
     let mut crashes = 0;
     let faults_at = Instant::now() + WARMUP;
     for e in &s.episodes {
