@@ -7,6 +7,7 @@ pub mod client;
 pub mod driver;
 pub mod durable;
 pub mod error;
+pub mod fault;
 pub mod keys;
 pub mod limits;
 pub mod linearizability;

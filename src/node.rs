@@ -35,6 +35,9 @@ pub struct NodeConfig {
     pub slot_count: u32,
     /// Serve `ordo.v1.Cluster` (a config server: this group is the meta group) instead of `ordo.v1.Kv`.
     pub config_server: bool,
+    /// Fault injection on outgoing raft traffic, shared by a test's in-process replicas of one
+    /// group (`fault.rs`). Always `None` outside tests.
+    pub faults: Option<Arc<crate::fault::FaultNet>>,
 }
 
 /// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
@@ -126,6 +129,7 @@ impl Node {
             cfg.id,
             cfg.peers.clone(),
             driver_tx.clone(),
+            cfg.faults.clone(),
         );
         let driver = Driver::new(
             DriverConfig {

@@ -84,6 +84,7 @@ async fn start_group(
             compact_log_entries: cfg.compact_log_entries,
             slot_count: SLOT_COUNT_DEFAULT,
             config_server: group == 0,
+            faults: None,
         })
         .await
         .with_context(|| format!("starting {name} replica {id} on {addr}"))?;

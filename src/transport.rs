@@ -4,9 +4,14 @@
 //! queued messages into checksummed `RaftBatch` frames. A full queue drops messages (raft
 //! retransmits; an unbounded buffer would not survive a slow peer). A broken connection is
 //! reported to raft as unreachable and retried with backoff. Snapshots go on their own stream.
+//!
+//! Tests may give the transport a [`FaultNet`]: every outgoing message and snapshot transfer is
+//! then dropped, delayed or duplicated as the net decides (see `fault.rs`). Without one (every
+//! production node) the send path is unchanged.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ordo_proto::v1::peer_client::PeerClient;
@@ -18,6 +23,7 @@ use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::driver::Msg;
+use crate::fault::{Fate, FaultNet};
 use crate::limits::*;
 use crate::snapshot::chunk_crc;
 
@@ -32,6 +38,7 @@ pub struct Transport {
     node_id: u64,
     driver: mpsc::Sender<Msg>,
     rt: tokio::runtime::Handle,
+    faults: Option<Arc<FaultNet>>,
 }
 
 pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
@@ -61,6 +68,7 @@ impl Transport {
         node_id: u64,
         peers: BTreeMap<u64, String>,
         driver: mpsc::Sender<Msg>,
+        faults: Option<Arc<FaultNet>>,
     ) -> Transport {
         let mut queues = BTreeMap::new();
         for (&id, addr) in &peers {
@@ -85,6 +93,7 @@ impl Transport {
             node_id,
             driver,
             rt,
+            faults,
         }
     }
 
@@ -94,17 +103,39 @@ impl Transport {
 
     pub fn send(&self, m: Message) {
         let to = m.to;
-        match self.queues.get(&to) {
-            Some(q) => {
-                if q.try_send(m).is_err() {
-                    tracing::debug!(
-                        to,
-                        "peer queue full or closed; message dropped (raft will retransmit)"
-                    );
-                }
+        let Some(q) = self.queues.get(&to) else {
+            tracing::warn!(to, "no address for raft peer; message dropped");
+            return;
+        };
+        if let Some(net) = &self.faults {
+            match net.fate(self.node_id, to) {
+                Fate::Deliver => {}
+                Fate::Drop => return,
+                Fate::Delay(d) => return self.send_later(net, q, m, d),
+                Fate::Duplicate(d) => self.send_later(net, q, m.clone(), d),
             }
-            None => tracing::warn!(to, "no address for raft peer; message dropped"),
         }
+        enqueue(q, m);
+    }
+
+    /// Fault injection: queues `m` for its peer after `after`, unless the link was cut meanwhile
+    /// or this node stopped (the weak sender then no longer upgrades).
+    fn send_later(
+        &self,
+        net: &Arc<FaultNet>,
+        q: &mpsc::Sender<Message>,
+        m: Message,
+        after: Duration,
+    ) {
+        let (net, q, from) = (net.clone(), q.downgrade(), self.node_id);
+        self.rt.spawn(async move {
+            tokio::time::sleep(after).await;
+            let q = q.upgrade().filter(|_| !net.is_blocked(from, m.to));
+            net.delayed_done(q.is_some());
+            if let Some(q) = q {
+                enqueue(&q, m);
+            }
+        });
     }
 
     pub fn send_snapshot(&self, m: Message, path: PathBuf) {
@@ -114,9 +145,17 @@ impl Transport {
             return;
         };
         let (group_id, from, driver) = (self.group_id, self.node_id, self.driver.clone());
+        let faults = self.faults.clone();
         self.rt.spawn(async move {
             let started = std::time::Instant::now();
-            let result = stream_snapshot(group_id, from, &addr, m, path).await;
+            let result = match faults.map(|net| net.snapshot_fate(from, to)) {
+                None => stream_snapshot(group_id, from, &addr, m, path).await,
+                Some(Some(after)) => {
+                    tokio::time::sleep(after).await;
+                    stream_snapshot(group_id, from, &addr, m, path).await
+                }
+                Some(None) => Err(anyhow::anyhow!("fault injection: snapshot transfer cut")),
+            };
             match &result {
                 Ok(bytes) => tracing::info!(
                     to,
@@ -135,6 +174,12 @@ impl Transport {
                 })
                 .await;
         });
+    }
+}
+
+fn enqueue(q: &mpsc::Sender<Message>, m: Message) {
+    if q.try_send(m).is_err() {
+        tracing::debug!("peer queue full or closed; message dropped (raft will retransmit)");
     }
 }
 
@@ -291,4 +336,141 @@ async fn stream_snapshot(
     drop(tx);
     call.await??;
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fault::LinkFaults;
+    use ordo_proto::v1::peer_server::{Peer, PeerServer};
+    use ordo_proto::v1::*;
+    use tonic::{Request, Response, Status, Streaming};
+
+    /// A peer that hands every raft message it receives to the test.
+    struct Sink(mpsc::UnboundedSender<Message>);
+
+    #[tonic::async_trait]
+    impl Peer for Sink {
+        async fn raft(
+            &self,
+            req: Request<Streaming<RaftBatch>>,
+        ) -> Result<Response<RaftDone>, Status> {
+            let mut stream = req.into_inner();
+            while let Some(b) = stream.message().await? {
+                for bytes in b.messages {
+                    let mut m = Message::default();
+                    m.merge_from_bytes(&bytes).expect("decodes");
+                    let _ = self.0.send(m);
+                }
+            }
+            Ok(Response::new(RaftDone {}))
+        }
+        async fn install_snapshot(
+            &self,
+            _: Request<Streaming<SnapshotChunk>>,
+        ) -> Result<Response<SnapshotDone>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
+        async fn status(
+            &self,
+            _: Request<StatusRequest>,
+        ) -> Result<Response<StatusResponse>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
+        async fn set_ownership(
+            &self,
+            _: Request<SetOwnershipRequest>,
+        ) -> Result<Response<SetOwnershipResponse>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
+    }
+
+    fn msg(index: u64) -> Message {
+        Message {
+            from: 1,
+            to: 2,
+            index,
+            ..Default::default()
+        }
+    }
+
+    /// What arrives within `wait`, by index.
+    async fn arrivals(rx: &mut mpsc::UnboundedReceiver<Message>, wait: Duration) -> Vec<u64> {
+        let mut got = Vec::new();
+        let until = tokio::time::Instant::now() + wait;
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, rx.recv()).await {
+            got.push(m.index);
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn fault_net_blocks_duplicates_delays_and_reorders_raft_messages() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(PeerServer::new(Sink(tx)))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let (driver, _driver_rx) = mpsc::channel(1024);
+        let net = Arc::new(FaultNet::new(42));
+        let peers = BTreeMap::from([(1, "127.0.0.1:1".to_string()), (2, addr)]);
+        let t = Transport::new(
+            tokio::runtime::Handle::current(),
+            1,
+            1,
+            peers,
+            driver,
+            Some(net.clone()),
+        );
+        let wait = Duration::from_millis(300);
+
+        // Healthy: everything arrives, in order.
+        (0..10).for_each(|i| t.send(msg(i)));
+        assert_eq!(arrivals(&mut rx, wait).await, (0..10).collect::<Vec<_>>());
+
+        // 1 → 2 cut: nothing arrives. The other direction is not this transport's.
+        net.block(1, 2);
+        (10..20).for_each(|i| t.send(msg(i)));
+        assert!(arrivals(&mut rx, wait).await.is_empty());
+        net.heal();
+
+        // Duplicates: every message twice.
+        net.set_link_faults(LinkFaults {
+            duplicate: 1.0,
+            delay_max: Duration::from_millis(20),
+            ..LinkFaults::NONE
+        });
+        (20..30).for_each(|i| t.send(msg(i)));
+        let mut got = arrivals(&mut rx, wait).await;
+        got.sort();
+        assert_eq!(got, (20..30).flat_map(|i| [i, i]).collect::<Vec<_>>());
+
+        // Random delays: everything arrives, out of order.
+        net.set_link_faults(LinkFaults {
+            delay: 1.0,
+            delay_max: Duration::from_millis(100),
+            ..LinkFaults::NONE
+        });
+        (30..60).for_each(|i| t.send(msg(i)));
+        let got = arrivals(&mut rx, wait).await;
+        assert_ne!(got, (30..60).collect::<Vec<_>>(), "reordered");
+        let mut sorted = got.clone();
+        sorted.sort();
+        assert_eq!(sorted, (30..60).collect::<Vec<_>>());
+
+        // A link cut while messages are delayed loses them.
+        (60..70).for_each(|i| t.send(msg(i)));
+        net.block(1, 2);
+        assert!(arrivals(&mut rx, wait).await.is_empty());
+        assert_eq!(net.delayed_pending(), 0);
+        let stats = net.stats();
+        assert_eq!(stats.delayed_lost, 10);
+        assert_eq!(
+            (stats.blocked, stats.duplicated, stats.delayed),
+            (10, 10, 40)
+        );
+    }
 }

@@ -25,6 +25,7 @@ async fn single_node() -> (tempfile::TempDir, Node) {
         compact_log_entries: COMPACT_LOG_ENTRIES_DEFAULT,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: false,
+        faults: None,
     })
     .await
     .unwrap();

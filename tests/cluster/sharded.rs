@@ -354,6 +354,7 @@ async fn lone_node(dir: &std::path::Path, group: u64) -> ordo::node::Node {
         compact_log_entries: ordo::limits::COMPACT_LOG_ENTRIES_DEFAULT,
         slot_count: ordo::limits::SLOT_COUNT_DEFAULT,
         config_server: group == 0,
+        faults: None,
     })
     .await
     .unwrap()

@@ -1,0 +1,1131 @@
+//! Seeded fault schedules against in-process 3-replica groups, every history checked for
+//! linearizability (with zero lost acknowledged writes: a final linearizable read of every key is
+//! part of the history).
+//!
+//! Each seed generates a schedule of timed episodes (leader or follower isolated, bridge
+//! partitions, one-way links, the whole net split, lossy links that drop, delay, duplicate and so
+//! reorder messages, crash and restart of the leader or a follower), runs it against a fresh
+//! group through a shared `ordo::fault::FaultNet` while client tasks issue linearizable Gets and
+//! conditional and unconditional Puts and Deletes, then heals everything, reads every key back
+//! and checks the whole history. A failing seed prints its schedule, what happened when (with the
+//! nodes each role resolved to, on the history's clock), and how to replay it. A seed always
+//! gives the same schedule, link-fault decisions and client operation mix; the interleaving with
+//! raft's own timers and the machine's load does not replay exactly, so replay a failing seed a
+//! few times.
+//!
+//! - default: `DEFAULT_SEEDS` fixed seeds, `PARALLEL` groups at a time, ~4 s of faults each;
+//! - `ORDO_FAULT_SEED=<n>`: only seed n (add `ORDO_FAULT_SOAK_SECS` if it came from a soak run);
+//! - `ORDO_FAULT_SOAK=<n>`: n fresh random seeds with `ORDO_FAULT_SOAK_SECS` (default 20) seconds
+//!   of faults each, for manual soak runs;
+//! - `ORDO_FAULT_PARALLEL=<n>`: groups run at once.
+//!
+//! Crashes here are in-process: `Node::shutdown`, then `Node::start` on the same data dir. That is
+//! a clean crash of the process (in-flight requests fail, storage is closed); kill -9 with no
+//! flush is covered by the process-level tests in `group.rs` and `nemesis.rs`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt};
+use ordo::fault::{FaultNet, FaultStats, LinkFaults, SplitMix64};
+use ordo::limits::SLOT_COUNT_DEFAULT;
+use ordo::linearizability::{check, Completion, History, ItemKey, Op, Output};
+use ordo::node::{Node, NodeConfig};
+use ordo::service::Replica;
+use ordo_proto::v1::kv_client::KvClient;
+use ordo_proto::v1::{error_detail, DeleteRequest, GetRequest, PutRequest};
+use tonic::transport::Channel;
+use tonic::Code;
+
+const REPLICAS: u64 = 3;
+const KEYS: u64 = 4;
+/// Clients doing reads and writes, then clients doing only reads.
+const CLIENTS: u64 = 3;
+const READERS: u64 = 1;
+const DEFAULT_SEEDS: u64 = 24;
+const PARALLEL: usize = 4;
+/// Milliseconds of faults per schedule (default runs) and per soak schedule (seconds).
+const FAULT_MS: u64 = 4_000;
+const SOAK_SECS_DEFAULT: u64 = 20;
+/// One request attempt; one operation (attempts that provably did nothing are retried).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1_000);
+const OP_BUDGET: Duration = Duration::from_millis(2_500);
+/// Healthy time before the first fault and after the last, with clients running.
+const WARMUP: Duration = Duration::from_millis(300);
+const COOLDOWN: Duration = Duration::from_millis(500);
+/// Bounds of the recovery after the schedule; exceeding one fails the seed loudly.
+const RECOVERY_LIMIT: Duration = Duration::from_secs(20);
+/// Small, so that a replica that was down or cut off for a while catches up from a snapshot.
+const COMPACT_LOG_ENTRIES: u64 = 64;
+/// A schedule that acknowledged fewer writes than this proved nothing. Some schedules leave the
+/// group without a quorum most of the time, and a loaded machine slows every write, so the bound
+/// per seed is low; across a run, the average must be far higher.
+const MIN_ACKED_WRITES: usize = 5;
+const MIN_ACKED_WRITES_MEAN: usize = 40;
+
+// ---- schedules ------------------------------------------------------------------------------
+
+/// A node named by its role at the moment the fault starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Target {
+    Leader,
+    /// A node that is not the leader, picked when the fault starts.
+    Follower,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Fault {
+    /// Every link to and from the node cut.
+    Isolate(Target),
+    /// Only the node's outgoing (`out`) or incoming links cut: an asymmetric partition.
+    OneWay { node: Target, out: bool },
+    /// The two nodes other than `bridge` cannot talk to each other; both still reach `bridge`.
+    Bridge { bridge: Target },
+    /// Every link cut: no quorum anywhere.
+    SplitAll,
+    /// Random drops, delays (hence reordering) and duplicates on every link.
+    Lossy(LinkFaults),
+    /// The node stops (clean process crash) and restarts on its data dir when the episode ends.
+    Crash(Target),
+}
+
+/// Faults applied together at `start_ms` (after the warm-up) and undone `len_ms` later: the net
+/// healed, crashed nodes restarted.
+#[derive(Clone, Debug, PartialEq)]
+struct Episode {
+    start_ms: u64,
+    len_ms: u64,
+    faults: Vec<Fault>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+struct Schedule {
+    seed: u64,
+    fault_ms: u64,
+    episodes: Vec<Episode>,
+}
+
+fn lossy(rng: &mut SplitMix64) -> LinkFaults {
+    LinkFaults {
+        drop: rng.range(2, 30) as f64 / 100.0,
+        duplicate: rng.range(0, 20) as f64 / 100.0,
+        delay: rng.range(0, 60) as f64 / 100.0,
+        delay_max: Duration::from_millis(rng.range(5, 120)),
+    }
+}
+
+impl Schedule {
+    /// The same seed and length always give the same schedule.
+    fn generate(seed: u64, fault_ms: u64) -> Schedule {
+        let mut rng = SplitMix64(seed);
+        let target = |rng: &mut SplitMix64| {
+            if rng.chance(0.6) {
+                Target::Leader
+            } else {
+                Target::Follower
+            }
+        };
+        let mut episodes = Vec::new();
+        let mut t = 0;
+        while t < fault_ms {
+            let start_ms = t + rng.range(50, 300);
+            let mut faults = Vec::new();
+            // Partitions mostly outlast an election (0.5–1 s timeouts, plus a pre-vote round),
+            // so that a new leader is elected while the old one may still believe it leads.
+            let len_ms = match rng.range(0, 99) {
+                0..=19 => {
+                    faults.push(Fault::Isolate(target(&mut rng)));
+                    rng.range(600, 2_000)
+                }
+                20..=29 => {
+                    faults.push(Fault::OneWay {
+                        node: target(&mut rng),
+                        out: rng.chance(0.5),
+                    });
+                    rng.range(600, 2_000)
+                }
+                30..=44 => {
+                    faults.push(Fault::Bridge {
+                        bridge: target(&mut rng),
+                    });
+                    rng.range(600, 2_000)
+                }
+                45..=49 => {
+                    faults.push(Fault::SplitAll);
+                    rng.range(300, 1_500)
+                }
+                50..=64 => {
+                    faults.push(Fault::Lossy(lossy(&mut rng)));
+                    rng.range(300, 1_500)
+                }
+                65..=84 => {
+                    faults.push(Fault::Crash(target(&mut rng)));
+                    rng.range(200, 1_500)
+                }
+                _ => {
+                    // A crash and a partition at once: the group may have no quorum at all.
+                    faults.push(Fault::Crash(Target::Follower));
+                    faults.push(Fault::Isolate(Target::Leader));
+                    rng.range(300, 1_500)
+                }
+            };
+            if !matches!(faults[0], Fault::Lossy(_)) && rng.chance(0.3) {
+                faults.push(Fault::Lossy(lossy(&mut rng)));
+            }
+            episodes.push(Episode {
+                start_ms,
+                len_ms,
+                faults,
+            });
+            t = start_ms + len_ms;
+        }
+        Schedule {
+            seed,
+            fault_ms,
+            episodes,
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Target::Leader => "the leader",
+            Target::Follower => "a follower",
+        })
+    }
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::Isolate(t) => write!(f, "isolate {t}"),
+            Fault::OneWay { node, out: true } => write!(f, "cut the outgoing links of {node}"),
+            Fault::OneWay { node, out: false } => write!(f, "cut the incoming links of {node}"),
+            Fault::Bridge { bridge } => write!(f, "bridge partition through {bridge}"),
+            Fault::SplitAll => write!(f, "cut every link"),
+            Fault::Lossy(l) => write!(
+                f,
+                "lossy links (drop {:.0}%, duplicate {:.0}%, delay {:.0}% up to {:?})",
+                l.drop * 100.0,
+                l.duplicate * 100.0,
+                l.delay * 100.0,
+                l.delay_max
+            ),
+            Fault::Crash(t) => write!(f, "crash {t}"),
+        }
+    }
+}
+
+impl fmt::Display for Schedule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "schedule of seed {} ({} ms of faults after {:?} of warm-up):",
+            self.seed, self.fault_ms, WARMUP
+        )?;
+        for e in &self.episodes {
+            let faults: Vec<String> = e.faults.iter().map(|x| x.to_string()).collect();
+            writeln!(
+                f,
+                "  +{:>5} ms for {:>4} ms: {}",
+                e.start_ms,
+                e.len_ms,
+                faults.join(" + ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+// ---- the group under test -------------------------------------------------------------------
+
+/// Ports for in-process nodes, below Linux's ephemeral range so that a client connection cannot
+/// take a stopped node's port before it restarts.
+fn pick_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    if NEXT.load(Ordering::Relaxed) == 0 {
+        let start = 20_000 + (std::process::id() % 500) as u16 * 20;
+        let _ = NEXT.compare_exchange(0, start, Ordering::Relaxed, Ordering::Relaxed);
+    }
+    loop {
+        let p = NEXT.fetch_add(1, Ordering::Relaxed);
+        let p = if p >= 32_000 {
+            NEXT.store(20_000, Ordering::Relaxed);
+            20_000
+        } else {
+            p
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// What happened when, with the nodes each role resolved to: printed with a failing seed. Times
+/// are on the history's clock, so they line up with the checker's report.
+#[derive(Clone)]
+struct Trace {
+    clock: History,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Trace {
+    fn new(clock: &History) -> Trace {
+        Trace {
+            clock: clock.clone(),
+            lines: Default::default(),
+        }
+    }
+
+    fn log(&self, what: impl Into<String>) {
+        let line = format!("  {:>7.3}s {}", self.clock.now().as_secs_f64(), what.into());
+        self.lines.lock().unwrap().push(line);
+    }
+
+    fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+}
+
+struct Group {
+    _dir: tempfile::TempDir,
+    net: Arc<FaultNet>,
+    peers: BTreeMap<u64, String>,
+    data_dirs: BTreeMap<u64, PathBuf>,
+    /// The running nodes.
+    nodes: BTreeMap<u64, Node>,
+    /// The running nodes' replicas, for the leadership monitor.
+    replicas: Arc<Mutex<BTreeMap<u64, Arc<Replica>>>>,
+    /// Snapshots installed by nodes since stopped (a restart starts counting again).
+    snapshots_before: u64,
+}
+
+impl Group {
+    async fn start(seed: u64) -> anyhow::Result<Group> {
+        let dir = tempfile::tempdir()?;
+        let peers: BTreeMap<u64, String> = (1..=REPLICAS)
+            .map(|id| (id, format!("127.0.0.1:{}", pick_port())))
+            .collect();
+        let data_dirs = peers
+            .keys()
+            .map(|&id| (id, dir.path().join(format!("node-{id}"))))
+            .collect();
+        let mut g = Group {
+            _dir: dir,
+            net: Arc::new(FaultNet::new(seed)),
+            peers,
+            data_dirs,
+            nodes: BTreeMap::new(),
+            replicas: Default::default(),
+            snapshots_before: 0,
+        };
+        for id in 1..=REPLICAS {
+            g.start_node(id).await?;
+        }
+        Ok(g)
+    }
+
+    async fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        assert!(!self.nodes.contains_key(&id), "node {id} is running");
+        let cfg = NodeConfig {
+            id,
+            group: 1,
+            listen: self.peers[&id].clone(),
+            peers: self.peers.clone(),
+            data_dir: self.data_dirs[&id].clone(),
+            compact_log_entries: COMPACT_LOG_ENTRIES,
+            slot_count: SLOT_COUNT_DEFAULT,
+            config_server: false,
+            faults: Some(self.net.clone()),
+        };
+        // The stopped node's port or storage lock may take a moment to be released.
+        let started = Instant::now();
+        loop {
+            match Node::start(cfg.clone()).await {
+                Ok(n) => {
+                    self.replicas.lock().unwrap().insert(id, n.replica.clone());
+                    self.nodes.insert(id, n);
+                    return Ok(());
+                }
+                Err(e) if started.elapsed() < Duration::from_secs(10) => {
+                    tracing::debug!(id, error = %e, "restart failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e.context(format!("restarting node {id}"))),
+            }
+        }
+    }
+
+    /// A clean crash of the node's process: see the module docs.
+    async fn crash(&mut self, id: u64) {
+        self.replicas.lock().unwrap().remove(&id);
+        if let Some(n) = self.nodes.remove(&id) {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_secs(1), n.replica.status(false)).await
+            {
+                self.snapshots_before += s.snapshots_installed;
+            }
+            n.shutdown().await;
+        }
+    }
+
+    /// Each node's view: `n2 L/t3` = node 2 leads in term 3, `F` follows, `-` is down.
+    fn roles(&self) -> String {
+        self.ids()
+            .into_iter()
+            .map(|id| match self.nodes.get(&id) {
+                Some(n) => {
+                    let s = &n.replica.shared;
+                    let role = if s.is_leader.load(Ordering::Relaxed) == 1 {
+                        "L"
+                    } else {
+                        "F"
+                    };
+                    format!("n{id} {role}/t{}", s.term.load(Ordering::Relaxed))
+                }
+                None => format!("n{id} -"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn ids(&self) -> Vec<u64> {
+        self.peers.keys().copied().collect()
+    }
+
+    /// The running node that believes it leads in the highest term.
+    fn leader(&self) -> Option<u64> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.replica.shared.is_leader.load(Ordering::Relaxed) == 1)
+            .max_by_key(|(_, n)| n.replica.shared.term.load(Ordering::Relaxed))
+            .map(|(&id, _)| id)
+    }
+
+    async fn wait_leader(&self, limit: Duration) -> anyhow::Result<u64> {
+        let started = Instant::now();
+        loop {
+            if let Some(l) = self.leader() {
+                return Ok(l);
+            }
+            if started.elapsed() > limit {
+                anyhow::bail!("no leader within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until every replica has applied everything committed and holds identical data.
+    /// Returns the applied index, the items and the snapshots installed during the run.
+    async fn converged(&self, limit: Duration) -> anyhow::Result<(u64, u64, u64)> {
+        let started = Instant::now();
+        let mut last = Vec::new();
+        loop {
+            last.clear();
+            let mut snapshots = self.snapshots_before;
+            for (id, n) in &self.nodes {
+                if let Ok(s) = n.replica.status(true).await {
+                    last.push((*id, s.commit_index, s.applied_index, s.items, s.data_digest));
+                    snapshots += s.snapshots_installed;
+                }
+            }
+            let first = last.first().copied();
+            if last.len() == self.nodes.len()
+                && last.iter().all(|s| {
+                    let f = first.unwrap();
+                    s.2 >= s.1 && (s.2, s.3, s.4) == (f.2, f.3, f.4)
+                })
+            {
+                let f = first.unwrap();
+                return Ok((f.2, f.3, snapshots));
+            }
+            if started.elapsed() > limit {
+                anyhow::bail!(
+                    "replicas did not converge within {limit:?}: (id, commit, applied, items, digest) {last:?}"
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn shutdown(mut self) {
+        for id in self.ids() {
+            self.crash(id).await;
+        }
+    }
+}
+
+/// Watches for moments when two nodes both believe they lead (in different terms): a deposed
+/// leader that has not noticed yet. Reads it answers then must still be linearizable, so the
+/// report counts these windows to show the schedules really create them.
+async fn watch_leaders(
+    replicas: Arc<Mutex<BTreeMap<u64, Arc<Replica>>>>,
+    stop: Arc<AtomicBool>,
+    trace: Trace,
+) -> (usize, Duration) {
+    let (mut windows, mut total) = (0, Duration::ZERO);
+    let mut since: Option<Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let leaders: Vec<(u64, u64)> = replicas
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, r)| r.shared.is_leader.load(Ordering::Relaxed) == 1)
+            .map(|(&id, r)| (id, r.shared.term.load(Ordering::Relaxed)))
+            .collect();
+        match (leaders.len() > 1, since) {
+            (true, None) => {
+                since = Some(Instant::now());
+                windows += 1;
+                trace.log(format!(
+                    "two nodes believe they lead: (node, term) {leaders:?}"
+                ));
+            }
+            (false, Some(t)) => {
+                total += t.elapsed();
+                since = None;
+                trace.log("one leader again");
+            }
+            _ => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if let Some(t) = since {
+        total += t.elapsed();
+    }
+    (windows, total)
+}
+
+// ---- clients ---------------------------------------------------------------------------------
+
+enum Attempt {
+    Done(Output),
+    /// Provably not applied; the node may have named the leader.
+    NotApplied(Option<u64>),
+    /// May or may not have been applied.
+    Ambiguous,
+}
+
+/// What an error proves. Only answers that guarantee the request was never proposed (or was
+/// replaced in the log) count as not applied; everything else is ambiguous.
+fn classify(status: &tonic::Status) -> Attempt {
+    if status.code() == Code::InvalidArgument {
+        panic!("the test sent an invalid request: {status:?}");
+    }
+    // `service.rs` and `driver.rs` answer NotLeader before proposing, never after.
+    if let Some(error_detail::Kind::NotLeader(nl)) = ordo::error::detail_of(status) {
+        return Attempt::NotApplied(Some(nl.leader_id).filter(|&l| l != 0));
+    }
+    // A `NotApplied` detail (refused before proposing, or the entry was replaced in the log), or
+    // no connection at all. Testing these claims is part of the point: an op recorded as failed
+    // that did take effect shows up as a violation.
+    if ordo_proto::certainly_not_applied(status) {
+        return Attempt::NotApplied(None);
+    }
+    Attempt::Ambiguous
+}
+
+struct Conn {
+    peers: BTreeMap<u64, String>,
+    channels: BTreeMap<u64, KvClient<Channel>>,
+    /// The node this client believes leads.
+    target: u64,
+    rng: SplitMix64,
+    /// How often a read goes first to a random node rather than the believed leader.
+    spread_reads: f64,
+}
+
+impl Conn {
+    fn next_target(&mut self) {
+        self.target = self.target % REPLICAS + 1;
+    }
+
+    async fn attempt(&mut self, node: u64, key: &ItemKey, op: &Op) -> Attempt {
+        let mut kv = match self.channels.get(&node) {
+            Some(c) => c.clone(),
+            None => {
+                let ep = ordo::transport::endpoint(&self.peers[&node]).unwrap();
+                match tokio::time::timeout(Duration::from_millis(300), ep.connect()).await {
+                    Ok(Ok(ch)) => {
+                        let c = KvClient::new(ch);
+                        self.channels.insert(node, c.clone());
+                        c
+                    }
+                    // Not connected: nothing was sent.
+                    _ => return Attempt::NotApplied(None),
+                }
+            }
+        };
+        let (sk, k) = (key.shard_key.clone().into(), key.key.clone().into());
+        let call = async {
+            match op {
+                Op::Get => kv
+                    .get(GetRequest {
+                        shard_key: sk,
+                        key: k,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| Output::from(r.get_ref())),
+                Op::Put { value, if_version } => kv
+                    .put(PutRequest {
+                        shard_key: sk,
+                        key: k,
+                        value: value.clone().into(),
+                        if_version: *if_version,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| Output::from(r.get_ref())),
+                Op::Delete { if_version } => kv
+                    .delete(DeleteRequest {
+                        shard_key: sk,
+                        key: k,
+                        if_version: *if_version,
+                        ..Default::default()
+                    })
+                    .await
+                    .map(|r| Output::from(r.get_ref())),
+            }
+        };
+        let outcome = match tokio::time::timeout(ATTEMPT_TIMEOUT, call).await {
+            Ok(Ok(out)) => Attempt::Done(out),
+            Ok(Err(status)) => classify(&status),
+            Err(_) => Attempt::Ambiguous,
+        };
+        if !matches!(outcome, Attempt::Done(_)) {
+            // Start the next request to this node on a fresh connection, so that a refused
+            // connect is seen as such.
+            self.channels.remove(&node);
+        }
+        outcome
+    }
+
+    /// One operation: retried on other nodes while every attempt provably did nothing, ended at
+    /// the first answer or the first ambiguous attempt.
+    async fn run(&mut self, key: &ItemKey, op: &Op) -> Completion {
+        let started = Instant::now();
+        // Some requests go first to any node: a follower refuses (not leader, and names the
+        // leader it knows), but a deposed leader that has not noticed yet would answer a read,
+        // and must not answer from the past.
+        let spread = if *op == Op::Get {
+            self.spread_reads
+        } else {
+            0.2
+        };
+        let mut first = self.rng.chance(spread).then(|| self.rng.range(1, REPLICAS));
+        while started.elapsed() < OP_BUDGET {
+            let node = first.take().unwrap_or(self.target);
+            match self.attempt(node, key, op).await {
+                Attempt::Done(out) => return Completion::Ok(out),
+                Attempt::Ambiguous => {
+                    if node == self.target {
+                        self.next_target();
+                    }
+                    return Completion::Unknown;
+                }
+                Attempt::NotApplied(Some(hint)) if hint != node => {
+                    self.target = hint;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Attempt::NotApplied(_) => {
+                    if node == self.target {
+                        self.next_target();
+                    }
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                }
+            }
+        }
+        Completion::Fail
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct ClientStats {
+    ops: usize,
+    acked_writes: usize,
+    ok_reads: usize,
+    failed: usize,
+    unknown: usize,
+}
+
+fn item(k: u64) -> ItemKey {
+    ItemKey::new(format!("fault-key-{k}"), "")
+}
+
+async fn client_loop(
+    client: u64,
+    seed: u64,
+    peers: BTreeMap<u64, String>,
+    history: History,
+    stop: Arc<AtomicBool>,
+) -> ClientStats {
+    let reader = client > CLIENTS;
+    let mut rng = SplitMix64(seed ^ (client.wrapping_mul(0xA076_1D64_78BD_642F)));
+    let mut conn = Conn {
+        peers,
+        channels: BTreeMap::new(),
+        target: rng.range(1, REPLICAS),
+        rng: SplitMix64(rng.next_u64()),
+        spread_reads: if reader { 1.0 } else { 0.5 },
+    };
+    // The version this client last saw per key, for conditional writes that may succeed.
+    let mut seen: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut stats = ClientStats::default();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let k = rng.range(0, KEYS - 1);
+        let known = seen.get(&k).copied();
+        let op = match rng.range(0, 99) {
+            _ if reader => Op::Get,
+            0..=34 => Op::Get,
+            35..=84 => {
+                n += 1;
+                let if_version = match rng.range(0, 2) {
+                    0 => None,
+                    1 => Some(known.unwrap_or(0)),
+                    _ => Some(rng.range(0, 3)),
+                };
+                Op::Put {
+                    value: format!("c{client}-{n}").into_bytes(),
+                    if_version,
+                }
+            }
+            _ => Op::Delete {
+                if_version: rng.chance(0.5).then(|| known.unwrap_or(1)),
+            },
+        };
+        let id = history.invoke(client, item(k), op.clone());
+        let done = conn.run(&item(k), &op).await;
+        history.complete(id, done.clone());
+        stats.ops += 1;
+        match done {
+            Completion::Ok(out) => match out {
+                Output::Get { found, version, .. } => {
+                    stats.ok_reads += 1;
+                    seen.insert(k, if found { version } else { 0 });
+                }
+                Output::Put { succeeded, version } => {
+                    stats.acked_writes += succeeded as usize;
+                    seen.insert(k, version);
+                }
+                Output::Delete {
+                    succeeded,
+                    prev_version,
+                    ..
+                } => {
+                    stats.acked_writes += succeeded as usize;
+                    let now = if succeeded { Some(0) } else { prev_version };
+                    match now {
+                        Some(v) => seen.insert(k, v),
+                        None => seen.remove(&k),
+                    };
+                }
+            },
+            Completion::Fail => stats.failed += 1,
+            Completion::Unknown => {
+                stats.unknown += 1;
+                seen.remove(&k);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(rng.range(0, 4))).await;
+    }
+    stats
+}
+
+/// After the faults: a linearizable read of every key, retried until one is answered.
+async fn final_reads(peers: BTreeMap<u64, String>, history: &History) -> anyhow::Result<()> {
+    let mut conn = Conn {
+        peers,
+        channels: BTreeMap::new(),
+        target: 1,
+        rng: SplitMix64(0),
+        spread_reads: 0.0,
+    };
+    for k in 0..KEYS {
+        let started = Instant::now();
+        loop {
+            let id = history.invoke(CLIENTS + READERS + 1, item(k), Op::Get);
+            let done = conn.run(&item(k), &Op::Get).await;
+            let ok = matches!(done, Completion::Ok(_));
+            history.complete(id, done);
+            if ok {
+                break;
+            }
+            if started.elapsed() > RECOVERY_LIMIT {
+                anyhow::bail!(
+                    "the final read of {} got no answer within {RECOVERY_LIMIT:?}",
+                    item(k)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+// ---- one seed --------------------------------------------------------------------------------
+
+struct Report {
+    ops: usize,
+    acked_writes: usize,
+    ok_reads: usize,
+    failed: usize,
+    unknown: usize,
+    net: FaultStats,
+    crashes: usize,
+    /// Raft term at the end: every election (or failed campaign that raised it) counts.
+    term: u64,
+    /// Windows in which a deposed leader still believed it led, and their total length.
+    dual_leader: (usize, Duration),
+    snapshots: u64,
+    elapsed: Duration,
+}
+
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// The node a role names now, and how it was chosen (for the trace).
+fn resolve(g: &Group, t: Target, rng: &mut SplitMix64) -> (u64, String) {
+    let leader = g.leader();
+    match (t, leader) {
+        (Target::Leader, Some(l)) => (l, t.to_string()),
+        (Target::Follower, Some(l)) => {
+            let others: Vec<u64> = g.ids().into_iter().filter(|&i| i != l).collect();
+            (*rng.pick(&others), t.to_string())
+        }
+        (_, None) => (
+            rng.range(1, REPLICAS),
+            format!("{t} was wanted but none leads now: any node"),
+        ),
+    }
+}
+
+async fn apply_episode(
+    g: &mut Group,
+    e: &Episode,
+    rng: &mut SplitMix64,
+    trace: &Trace,
+) -> anyhow::Result<Vec<u64>> {
+    let all = g.ids();
+    let mut crashed = Vec::new();
+    trace.log(format!("[{}]", g.roles()));
+    for f in &e.faults {
+        let what = match f {
+            Fault::Isolate(t) => {
+                let (n, who) = resolve(g, *t, rng);
+                g.net.isolate(n, &all);
+                format!("isolate node {n} ({who})")
+            }
+            Fault::OneWay { node, out } => {
+                let (n, who) = resolve(g, *node, rng);
+                for &o in all.iter().filter(|&&o| o != n) {
+                    if *out {
+                        g.net.block(n, o)
+                    } else {
+                        g.net.block(o, n)
+                    }
+                }
+                let dir = if *out { "outgoing" } else { "incoming" };
+                format!("cut the {dir} links of node {n} ({who})")
+            }
+            Fault::Bridge { bridge } => {
+                let (b, who) = resolve(g, *bridge, rng);
+                let ends: Vec<u64> = all.iter().copied().filter(|&i| i != b).collect();
+                g.net.bridge(ends[0], b, ends[1]);
+                format!(
+                    "bridge: {}–{b}–{} connected, {}–{} cut ({who} bridges)",
+                    ends[0], ends[1], ends[0], ends[1]
+                )
+            }
+            Fault::SplitAll => {
+                for &n in &all {
+                    g.net.isolate(n, &all);
+                }
+                "cut every link".to_string()
+            }
+            Fault::Lossy(l) => {
+                g.net.set_link_faults(*l);
+                Fault::Lossy(*l).to_string()
+            }
+            Fault::Crash(t) => {
+                let (n, who) = resolve(g, *t, rng);
+                g.crash(n).await;
+                crashed.push(n);
+                format!("crashed node {n} ({who})")
+            }
+        };
+        trace.log(what);
+    }
+    Ok(crashed)
+}
+
+async fn run_schedule(
+    s: &Schedule,
+    g: &mut Group,
+    history: &History,
+    trace: &Trace,
+) -> anyhow::Result<Report> {
+    let t0 = Instant::now();
+    let leader = g.wait_leader(RECOVERY_LIMIT).await?;
+    trace.log(format!("node {leader} leads; clients start"));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Clients stop however this function ends.
+    let _stop_clients = StopOnDrop(stop.clone());
+    let monitor = tokio::spawn(watch_leaders(
+        g.replicas.clone(),
+        stop.clone(),
+        trace.clone(),
+    ));
+    let clients: Vec<_> = (1..=CLIENTS + READERS)
+        .map(|c| {
+            tokio::spawn(client_loop(
+                c,
+                s.seed,
+                g.peers.clone(),
+                history.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    let mut rng = SplitMix64(s.seed ^ 0x5EED_F0F0_FA17);
+    let mut crashes = 0;
+    let faults_at = Instant::now() + WARMUP;
+    for e in &s.episodes {
+        tokio::time::sleep_until((faults_at + Duration::from_millis(e.start_ms)).into()).await;
+        let crashed = apply_episode(g, e, &mut rng, trace).await?;
+        crashes += crashed.len();
+        tokio::time::sleep_until((faults_at + Duration::from_millis(e.start_ms + e.len_ms)).into())
+            .await;
+        trace.log(format!("[{}]", g.roles()));
+        g.net.heal();
+        for n in crashed {
+            g.start_node(n).await?;
+            trace.log(format!("restarted node {n}"));
+        }
+        trace.log("healed");
+    }
+    tokio::time::sleep(COOLDOWN).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = ClientStats::default();
+    for c in clients {
+        let st = c.await?;
+        total.ops += st.ops;
+        total.acked_writes += st.acked_writes;
+        total.ok_reads += st.ok_reads;
+        total.failed += st.failed;
+        total.unknown += st.unknown;
+    }
+    trace.log(format!("clients stopped: {total:?} [{}]", g.roles()));
+    let dual_leader = monitor.await?;
+    let leader = g.wait_leader(RECOVERY_LIMIT).await?;
+    let term = g.nodes[&leader].replica.shared.term.load(Ordering::Relaxed);
+    final_reads(g.peers.clone(), history).await?;
+    trace.log(format!("final reads done (leader {leader})"));
+    let (applied, items, snapshots) = g.converged(RECOVERY_LIMIT).await?;
+    trace.log(format!(
+        "replicas converged at index {applied} with {items} items"
+    ));
+    Ok(Report {
+        ops: total.ops,
+        acked_writes: total.acked_writes,
+        ok_reads: total.ok_reads,
+        failed: total.failed,
+        unknown: total.unknown,
+        net: g.net.stats(),
+        crashes,
+        term,
+        dual_leader,
+        snapshots,
+        elapsed: t0.elapsed(),
+    })
+}
+
+/// Runs one seed on a fresh group; `Err` carries everything needed to understand and replay it.
+/// `verbose`: the success line also carries the schedule and what happened.
+async fn run_seed(seed: u64, fault_ms: u64, verbose: bool) -> Result<(String, usize), String> {
+    let schedule = Schedule::generate(seed, fault_ms);
+    let history = History::new();
+    let trace = Trace::new(&history);
+    let outcome: anyhow::Result<Report> = async {
+        let mut g = Group::start(seed).await?;
+        let r = run_schedule(&schedule, &mut g, &history, &trace).await;
+        g.shutdown().await;
+        r
+    }
+    .await;
+    let fail = |why: String| {
+        let replay = if fault_ms == FAULT_MS {
+            format!("ORDO_FAULT_SEED={seed}")
+        } else {
+            format!(
+                "ORDO_FAULT_SEED={seed} ORDO_FAULT_SOAK_SECS={}",
+                fault_ms / 1000
+            )
+        };
+        Err(format!(
+            "seed {seed} FAILED: {why}\n{schedule}what happened:\n{}\nreplay: {replay} \
+             cargo test --test cluster faults -- --nocapture\n",
+            trace.text()
+        ))
+    };
+    let report = match outcome {
+        Ok(r) => r,
+        Err(e) => return fail(format!("{e:#}")),
+    };
+    let h = history.clone();
+    let result = tokio::task::spawn_blocking(move || check(&h))
+        .await
+        .expect("the checker ran");
+    if !result.is_linearizable() {
+        return fail(format!("history is not proven linearizable\n{result}"));
+    }
+    if report.acked_writes < MIN_ACKED_WRITES {
+        return fail(format!(
+            "only {} acknowledged writes: the schedule proved nothing (at least {MIN_ACKED_WRITES} needed)",
+            report.acked_writes
+        ));
+    }
+    let line = format!(
+        "seed {seed}: linearizable; {} ops ({} acked writes, {} reads, {} failed, {} unknown), \
+         {} crashes, term {} at the end, {} windows with two leaders ({} ms), {} snapshots installed, net {:?}, {:.1}s",
+        report.ops,
+        report.acked_writes,
+        report.ok_reads,
+        report.failed,
+        report.unknown,
+        report.crashes,
+        report.term,
+        report.dual_leader.0,
+        report.dual_leader.1.as_millis(),
+        report.snapshots,
+        report.net,
+        report.elapsed.as_secs_f64()
+    );
+    let text = if verbose {
+        format!("{line}\n{schedule}what happened:\n{}", trace.text())
+    } else {
+        line
+    };
+    Ok((text, report.acked_writes))
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    Some(
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+    )
+}
+
+/// The default seeds cover every kind of fault, leader isolation and crashes of both roles.
+#[test]
+fn default_schedules_cover_every_fault() {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for seed in 1..=DEFAULT_SEEDS {
+        let s = Schedule::generate(seed, FAULT_MS);
+        assert_eq!(s, Schedule::generate(seed, FAULT_MS), "a seed replays");
+        for e in &s.episodes {
+            for f in &e.faults {
+                let kind = match f {
+                    Fault::Lossy(_) => "lossy links".to_string(),
+                    other => other.to_string(),
+                };
+                *counts.entry(kind).or_default() += 1;
+            }
+        }
+    }
+    eprintln!("{counts:#?}");
+    for kind in [
+        "isolate the leader",
+        "isolate a follower",
+        "bridge partition through the leader",
+        "bridge partition through a follower",
+        "cut the outgoing links of the leader",
+        "cut the incoming links of the leader",
+        "cut every link",
+        "lossy links",
+        "crash the leader",
+        "crash a follower",
+    ] {
+        assert!(
+            counts.get(kind).copied().unwrap_or(0) >= 2,
+            "{kind}: {counts:#?}"
+        );
+    }
+}
+
+/// The acceptance suite: `DEFAULT_SEEDS` schedules (see the module docs for the variables).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn seeded_fault_schedules_stay_linearizable() {
+    let soak_secs = env_u64("ORDO_FAULT_SOAK_SECS");
+    let (seeds, fault_ms): (Vec<u64>, u64) = if let Some(seed) = env_u64("ORDO_FAULT_SEED") {
+        (vec![seed], soak_secs.map_or(FAULT_MS, |s| s * 1000))
+    } else if let Some(n) = env_u64("ORDO_FAULT_SOAK") {
+        let base = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64;
+        let mut rng = SplitMix64(base);
+        let seeds = (0..n).map(|_| rng.next_u64() >> 16).collect();
+        (seeds, soak_secs.unwrap_or(SOAK_SECS_DEFAULT) * 1000)
+    } else {
+        ((1..=DEFAULT_SEEDS).collect(), FAULT_MS)
+    };
+    let verbose = seeds.len() == 1;
+    let parallel = env_u64("ORDO_FAULT_PARALLEL").map_or(PARALLEL, |n| n.max(1) as usize);
+    eprintln!(
+        "running {} fault schedules of {fault_ms} ms, {parallel} at a time",
+        seeds.len()
+    );
+    let started = Instant::now();
+    let results: Vec<Result<(String, usize), String>> = stream::iter(seeds.clone())
+        .map(|seed| async move {
+            match tokio::spawn(run_seed(seed, fault_ms, verbose)).await {
+                Ok(r) => r,
+                Err(e) => Err(format!(
+                    "seed {seed} PANICKED: {e}\n{}",
+                    Schedule::generate(seed, fault_ms)
+                )),
+            }
+        })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    let mut failed = Vec::new();
+    let mut acked = 0;
+    for r in &results {
+        match r {
+            Ok((line, n)) => {
+                eprintln!("{line}");
+                acked += n;
+            }
+            Err(report) => {
+                eprintln!("{report}");
+                failed.push(report.lines().next().unwrap_or_default().to_string());
+            }
+        }
+    }
+    eprintln!(
+        "{} schedules in {:.1}s, {} failed",
+        results.len(),
+        started.elapsed().as_secs_f64(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "failing seeds:\n{}", failed.join("\n"));
+    assert!(
+        acked >= MIN_ACKED_WRITES_MEAN * results.len(),
+        "only {acked} acknowledged writes over {} schedules: too little progress to prove much",
+        results.len()
+    );
+}
