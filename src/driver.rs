@@ -30,6 +30,8 @@ use crate::limits::*;
 use crate::sm::{Apply, Command, Outcome, StateMachine};
 use crate::storage::{RaftStore, SnapshotFile};
 use crate::transport::Transport;
+use ordo_proto::v1::TxnRequest;
+use prost::Message as _;
 
 pub enum Msg {
     Propose {
@@ -77,6 +79,64 @@ pub struct DriverConfig {
     pub compact_log_entries: u64,
 }
 
+type Reply = oneshot::Sender<Result<Outcome>>;
+
+/// Who waits for a proposed entry: one request, or the transactions of a `TxnBatch` in order.
+enum Waiting {
+    One(Reply),
+    Batch(Vec<Reply>),
+}
+
+impl Waiting {
+    /// How many requests wait.
+    fn len(&self) -> usize {
+        match self {
+            Waiting::One(_) => 1,
+            Waiting::Batch(txs) => txs.len(),
+        }
+    }
+
+    /// Whether every waiting client has gone away.
+    fn is_closed(&self) -> bool {
+        match self {
+            Waiting::One(tx) => tx.is_closed(),
+            Waiting::Batch(txs) => txs.iter().all(|tx| tx.is_closed()),
+        }
+    }
+
+    fn fail(self, err: impl Fn() -> Error) {
+        match self {
+            Waiting::One(tx) => {
+                let _ = tx.send(Err(err()));
+            }
+            Waiting::Batch(txs) => {
+                for tx in txs {
+                    let _ = tx.send(Err(err()));
+                }
+            }
+        }
+    }
+
+    /// Hands each waiting request its result: a batch's outcome is split per transaction.
+    fn answer(self, result: Result<Outcome>) {
+        match (self, result) {
+            (Waiting::One(tx), r) => {
+                let _ = tx.send(r);
+            }
+            (Waiting::Batch(txs), Ok(Outcome::TxnBatch(results))) if results.len() == txs.len() => {
+                for (tx, r) in txs.into_iter().zip(results) {
+                    let _ = tx.send(r.map(Outcome::Txn));
+                }
+            }
+            (waiting, other) => {
+                let why = format!("a batch of transactions was applied with the result {other:?}");
+                tracing::error!("{why}");
+                waiting.fail(|| Error::Storage(why.clone()));
+            }
+        }
+    }
+}
+
 struct PendingRead {
     ctx: u64,
     waiters: Vec<oneshot::Sender<Result<()>>>,
@@ -92,7 +152,13 @@ pub struct Driver {
     transport: Transport,
     shared: Arc<Shared>,
     /// Proposals in flight by log index, with the term they were proposed in.
-    proposals: BTreeMap<u64, (u64, oneshot::Sender<Result<Outcome>>)>,
+    proposals: BTreeMap<u64, (u64, Waiting)>,
+    /// Transactions taken from the inbox and not proposed yet: `propose_pending` proposes them as
+    /// one entry after each inbox batch (or sooner when they reach the batch bounds).
+    pending: Vec<(TxnRequest, Reply)>,
+    pending_bytes: usize,
+    /// Requests waiting in `proposals` and `pending` together (a batch counts each).
+    waiting_txns: usize,
     /// Reads that arrived since the last ReadIndex was issued.
     reads_new: Vec<oneshot::Sender<Result<()>>>,
     /// Reads whose ReadIndex is in flight.
@@ -151,6 +217,9 @@ impl Driver {
             transport,
             shared,
             proposals: BTreeMap::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            waiting_txns: 0,
             reads_new: Vec::new(),
             reads_in_flight: Vec::new(),
             reads_ready: Vec::new(),
@@ -224,20 +293,28 @@ impl Driver {
             Msg::Propose { cmd, resp } => {
                 if self.raw.raft.state != StateRole::Leader {
                     let _ = resp.send(Err(self.not_leader()));
-                } else if self.proposals.len() >= PENDING_PROPOSALS_MAX {
+                } else if self.waiting_txns >= PENDING_PROPOSALS_MAX {
                     let _ = resp.send(Err(Error::NotApplied(format!(
                         "leader overloaded: {PENDING_PROPOSALS_MAX} proposals in flight; retry with backoff"
                     ))));
                 } else {
-                    match self.raw.propose(vec![], cmd.encode()) {
-                        Ok(()) => {
-                            let index = self.raw.raft.raft_log.last_index();
-                            self.proposals.insert(index, (self.raw.raft.term, resp));
+                    self.waiting_txns += 1;
+                    match cmd {
+                        Command::Txn(t) => {
+                            let len = t.encoded_len();
+                            if self.pending_bytes + len > PROPOSAL_BATCH_BYTES_MAX {
+                                self.propose_pending();
+                            }
+                            self.pending_bytes += len;
+                            self.pending.push((t, resp));
+                            if self.pending.len() >= PROPOSAL_BATCH_TXNS_MAX {
+                                self.propose_pending();
+                            }
                         }
-                        Err(e) => {
-                            let _ = resp.send(Err(Error::NotApplied(format!(
-                                "proposal refused by raft ({e}); nothing was written, retry"
-                            ))));
+                        // Anything else goes alone, after what arrived before it.
+                        other => {
+                            self.propose_pending();
+                            self.propose(other, Waiting::One(resp));
                         }
                     }
                 }
@@ -283,6 +360,38 @@ impl Driver {
         }
     }
 
+    /// Proposes the pending transactions as one entry (a `TxnBatch` when there are several).
+    fn propose_pending(&mut self) {
+        self.pending_bytes = 0;
+        let mut pending = std::mem::take(&mut self.pending);
+        let (cmd, waiting) = match pending.len() {
+            0 => return,
+            1 => {
+                let (t, tx) = pending.pop().expect("one pending");
+                (Command::Txn(t), Waiting::One(tx))
+            }
+            _ => {
+                let (txns, txs): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
+                (Command::TxnBatch(txns), Waiting::Batch(txs))
+            }
+        };
+        self.propose(cmd, waiting);
+    }
+
+    fn propose(&mut self, cmd: Command, waiting: Waiting) {
+        match self.raw.propose(vec![], cmd.encode()) {
+            Ok(()) => {
+                let index = self.raw.raft.raft_log.last_index();
+                self.proposals.insert(index, (self.raw.raft.term, waiting));
+            }
+            Err(e) => {
+                self.waiting_txns -= waiting.len();
+                let why = format!("proposal refused by raft ({e}); nothing was written, retry");
+                waiting.fail(|| Error::NotApplied(why.clone()));
+            }
+        }
+    }
+
     fn pending_reads(&self) -> usize {
         self.reads_new.len()
             + self
@@ -294,6 +403,7 @@ impl Driver {
     }
 
     fn after_batch(&mut self) -> Result<()> {
+        self.propose_pending();
         // One ReadIndex for every read that arrived in this batch. A new leader must first commit
         // an entry of its own term; until then raft-rs would drop the request, so keep them.
         if !self.reads_new.is_empty() && self.raw.raft.commit_to_current_term() {
@@ -489,15 +599,16 @@ impl Driver {
                 Some((i, _)) if *i == a.index => results.next().map(|r| r.1),
                 _ => None,
             };
-            if let Some((term, tx)) = self.proposals.remove(&a.index) {
+            if let Some((term, waiting)) = self.proposals.remove(&a.index) {
+                self.waiting_txns -= waiting.len();
                 if terms.get(&a.index) == Some(&term) {
-                    let _ = tx.send(result.unwrap_or_else(|| {
+                    waiting.answer(result.unwrap_or_else(|| {
                         Err(Error::Storage("entry applied without a result".into()))
                     }));
                 } else {
-                    let _ = tx.send(Err(Error::NotApplied(
+                    waiting.fail(|| Error::NotApplied(
                         "leadership changed and this write was replaced in the log: it was NOT applied; retry".into(),
-                    )));
+                    ));
                 }
             }
         }
@@ -611,13 +722,28 @@ impl Driver {
             }
             false
         });
-        self.proposals.retain(|_, (_, tx)| !tx.is_closed());
+        let before = self.proposals.len();
+        let mut forgotten = 0;
+        self.proposals.retain(|_, (_, waiting)| {
+            let closed = waiting.is_closed();
+            if closed {
+                forgotten += waiting.len();
+            }
+            !closed
+        });
+        if self.proposals.len() != before {
+            self.waiting_txns -= forgotten;
+        }
     }
 
     fn fail_all(&mut self, err: impl Fn() -> Error) {
-        for (_, (_, tx)) in std::mem::take(&mut self.proposals) {
+        for (_, (_, waiting)) in std::mem::take(&mut self.proposals) {
+            waiting.fail(&err);
+        }
+        for (_, tx) in self.pending.drain(..) {
             let _ = tx.send(Err(err()));
         }
+        self.waiting_txns = 0;
         for tx in self.reads_new.drain(..) {
             let _ = tx.send(Err(err()));
         }

@@ -51,6 +51,10 @@ pub const READ_INDEX_TIMEOUT_MS: u64 = 2_000;
 /// Raft-rs flow control: bytes of entries per append message, and appends in flight per follower.
 pub const RAFT_MSG_BYTES_MAX: u64 = 1024 * 1024;
 pub const RAFT_INFLIGHT_MSGS_MAX: usize = 256;
+/// Most transactions the leader puts into one raft entry, and most bytes of them (a larger single
+/// transaction goes alone): transactions that arrive together share one entry's raft costs.
+pub const PROPOSAL_BATCH_TXNS_MAX: usize = 256;
+pub const PROPOSAL_BATCH_BYTES_MAX: usize = 256 * 1024;
 /// Default number of applied entries kept in the log before it is compacted.
 pub const COMPACT_LOG_ENTRIES_DEFAULT: u64 = 10_000;
 /// Most log entries one compaction removes (it runs on the driver loop, so it must stay short).
@@ -63,3 +67,5 @@ const _: () = assert!(VALUE_BYTES_MAX + KEY_BYTES_MAX + SHARD_KEY_BYTES_MAX < TX
 const _: () = assert!(TXN_BYTES_MAX < CLIENT_MESSAGE_BYTES_MAX);
 const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX);
+const _: () = assert!(PROPOSAL_BATCH_BYTES_MAX as u64 <= RAFT_MSG_BYTES_MAX);
+const _: () = assert!(PROPOSAL_BATCH_TXNS_MAX <= PENDING_PROPOSALS_MAX);

@@ -43,12 +43,18 @@ pub struct StateMachine {
 /// Entry payload tags: the rest is a prost message of the command's kind.
 const CMD_TXN: u8 = 1;
 const CMD_SET_OWNERSHIP: u8 = 2;
+/// Several transactions in one entry, each length-delimited, applied in order.
+const CMD_TXN_BATCH: u8 = 3;
 
 /// A command in the raft log.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
     Txn(TxnRequest),
     SetOwnership(SetOwnershipRequest),
+    /// Transactions that arrived together at the leader, in one entry: the per-entry costs of
+    /// raft (encoding, log write, checksums, replication messages) are paid once for all of them.
+    /// Each is still evaluated on its own, in order, with its own outcome.
+    TxnBatch(Vec<TxnRequest>),
 }
 
 impl Command {
@@ -56,12 +62,21 @@ impl Command {
         let (tag, len) = match self {
             Command::Txn(t) => (CMD_TXN, t.encoded_len()),
             Command::SetOwnership(o) => (CMD_SET_OWNERSHIP, o.encoded_len()),
+            Command::TxnBatch(ts) => (
+                CMD_TXN_BATCH,
+                ts.iter()
+                    .map(|t| prost::length_delimiter_len(t.encoded_len()) + t.encoded_len())
+                    .sum(),
+            ),
         };
         let mut data = Vec::with_capacity(1 + len);
         data.push(tag);
         match self {
             Command::Txn(t) => t.encode(&mut data),
             Command::SetOwnership(o) => o.encode(&mut data),
+            Command::TxnBatch(ts) => ts
+                .iter()
+                .try_for_each(|t| t.encode_length_delimited(&mut data)),
         }
         .expect("vec has room");
         data
@@ -75,6 +90,16 @@ impl Command {
             Some((&CMD_SET_OWNERSHIP, rest)) => SetOwnershipRequest::decode(rest)
                 .map(Command::SetOwnership)
                 .map_err(|e| e.to_string()),
+            Some((&CMD_TXN_BATCH, mut rest)) => {
+                let mut txns = Vec::new();
+                while !rest.is_empty() {
+                    txns.push(
+                        TxnRequest::decode_length_delimited(&mut rest)
+                            .map_err(|e| format!("txn {} of a batch: {e}", txns.len()))?,
+                    );
+                }
+                Ok(Command::TxnBatch(txns))
+            }
             Some((tag, _)) => Err(format!("unknown command tag {tag}")),
             None => Err("empty command".into()),
         }
@@ -86,6 +111,8 @@ impl Command {
 pub enum Outcome {
     Txn(TxnResponse),
     Ownership(SetOwnershipResponse),
+    /// One result per transaction of a `TxnBatch`, in order.
+    TxnBatch(Vec<Result<TxnResponse>>),
 }
 
 /// The slots this replica's group owns, as of a map version.
@@ -302,22 +329,33 @@ impl StateMachine {
                     slot_count: self.slot_count,
                 };
                 let mut results = Vec::with_capacity(batch.len());
-                for a in batch {
-                    let Some(Command::Txn(t)) = &a.cmd else {
-                        continue;
-                    };
+                // One transaction: refused if it touches a slot this group does not own (at
+                // apply time, the authoritative check), else evaluated.
+                let mut apply_one = |t: &TxnRequest| -> std::result::Result<
+                    Result<TxnResponse>,
+                    ConflictableTransactionError<Error>,
+                > {
                     let unowned = shard_keys(t)
                         .map(|sk| ordo_proto::slot_of(sk, self.slot_count))
                         .find(|slot| !ownership.owns(*slot));
-                    let r = match unowned {
+                    Ok(match unowned {
                         Some(slot) => Err(Error::WrongShard {
                             slot,
                             map_version: ownership.map_version,
                         }),
-                        None => Ok(Outcome::Txn(
-                            txn::evaluate(&mut view, t)
-                                .map_err(ConflictableTransactionError::Abort)?,
+                        None => Ok(txn::evaluate(&mut view, t)
+                            .map_err(ConflictableTransactionError::Abort)?),
+                    })
+                };
+                for a in batch {
+                    let r = match &a.cmd {
+                        Some(Command::Txn(t)) => apply_one(t)?.map(Outcome::Txn),
+                        Some(Command::TxnBatch(ts)) => Ok(Outcome::TxnBatch(
+                            ts.iter()
+                                .map(&mut apply_one)
+                                .collect::<std::result::Result<_, _>>()?,
                         )),
+                        _ => continue,
                     };
                     results.push((a.index, r));
                 }
@@ -777,5 +815,63 @@ mod tests {
             .unwrap_err()
             .contains("unknown command tag 9"));
         assert!(Command::decode(&[]).is_err());
+        let txn = |c: Command| match c {
+            Command::Txn(t) => t,
+            other => panic!("{other:?}"),
+        };
+        let batch = Command::TxnBatch(vec![txn(put("o", "a", "1")), txn(put("p", "", "2"))]);
+        assert_eq!(Command::decode(&batch.encode()).unwrap(), batch);
+        let mut cut = batch.encode();
+        cut.pop();
+        assert!(Command::decode(&cut)
+            .unwrap_err()
+            .contains("txn 1 of a batch"));
+    }
+
+    /// The transactions of a batch apply in order, each with its own outcome: a later one sees an
+    /// earlier one's write, and one refused (a slot not owned) changes nothing of the others.
+    #[test]
+    fn a_batch_applies_its_transactions_in_order_with_their_own_outcomes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path()).unwrap();
+        let sm = StateMachine::open(&db, 1, 64).unwrap().sm;
+        let txn = |c: Command| match c {
+            Command::Txn(t) => t,
+            other => panic!("{other:?}"),
+        };
+        let refused = ordo_proto::slot_of(b"order-2", 64);
+        let others: Vec<u32> = (0..64).filter(|s| *s != refused).collect();
+        sm.apply(&[Apply {
+            index: 1,
+            cmd: Some(own(1, &others)),
+        }])
+        .unwrap();
+        let batch = Command::TxnBatch(vec![
+            txn(put("order-1", "", "a")),
+            txn(put("order-2", "", "refused")),
+            txn(put("order-1", "", "b")),
+        ]);
+        let r = sm
+            .apply(&[Apply {
+                index: 2,
+                cmd: Some(batch),
+            }])
+            .unwrap();
+        let Ok(Outcome::TxnBatch(results)) = &r[0].1 else {
+            panic!("{r:?}")
+        };
+        assert_eq!(results.len(), 3);
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(
+            matches!(results[1], Err(Error::WrongShard { .. })),
+            "{results:?}"
+        );
+        assert_eq!(
+            sm.get(b"order-1", b"").unwrap().unwrap().0,
+            2,
+            "both writes, in order"
+        );
+        assert!(sm.get(b"order-2", b"").unwrap().is_none());
+        assert_eq!(sm.applied_index(), 2);
     }
 }
