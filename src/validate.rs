@@ -259,7 +259,7 @@ fn first_result(resp: &TxnResponse) -> Option<&txn_op_result::Result> {
 
 pub fn put_response(resp: TxnResponse) -> PutResponse {
     match first_result(&resp) {
-        Some(txn_op_result::Result::Put(p)) => p.clone(),
+        Some(txn_op_result::Result::Put(p)) => *p,
         Some(txn_op_result::Result::Get(GetResponse { version, .. })) => PutResponse {
             succeeded: false,
             version: *version,
@@ -270,7 +270,7 @@ pub fn put_response(resp: TxnResponse) -> PutResponse {
 
 pub fn delete_response(resp: TxnResponse) -> DeleteResponse {
     match first_result(&resp) {
-        Some(txn_op_result::Result::Delete(d)) => d.clone(),
+        Some(txn_op_result::Result::Delete(d)) => *d,
         Some(txn_op_result::Result::Get(GetResponse { version, .. })) => DeleteResponse {
             succeeded: false,
             deleted: false,
