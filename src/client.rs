@@ -205,7 +205,27 @@ fn cluster(channel: Channel) -> ClusterStub<Channel> {
     ClusterStub::new(channel).max_decoding_message_size(RESPONSE_BYTES_MAX)
 }
 
+/// A Peer stub on `channel` (node admin calls).
+fn peer(channel: Channel) -> ordo_proto::v1::peer_client::PeerClient<Channel> {
+    ordo_proto::v1::peer_client::PeerClient::new(channel)
+        .max_decoding_message_size(RESPONSE_BYTES_MAX)
+}
+
 impl Client {
+    /// Hands the group's leadership to replica `to` (given the addresses of the group's nodes,
+    /// not a router's). Answers once `to` leads. Repeating it is harmless, so it is retried like
+    /// a read.
+    pub async fn transfer_leader(
+        &self,
+        to: u64,
+    ) -> Result<ordo_proto::v1::TransferLeaderResponse, Status> {
+        let req = ordo_proto::v1::TransferLeaderRequest { to };
+        self.core
+            .call(req, Kind::MapChange, |ch, r| async move {
+                peer(ch).transfer_leader(r).await
+            })
+            .await
+    }
     /// Reads one item. With `stale`, any replica may answer from its local state, which may lag
     /// behind acknowledged writes; otherwise the read is linearizable.
     pub async fn get(

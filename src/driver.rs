@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ordo_proto::v1::StatusResponse;
+use ordo_proto::v1::{StatusResponse, TransferLeaderResponse};
 use protobuf::Message as _;
 use raft::prelude::*;
 use raft::{RawNode, StateRole};
@@ -60,6 +60,18 @@ pub enum Msg {
         with_digest: bool,
         resp: oneshot::Sender<Result<StatusResponse>>,
     },
+    /// Hand leadership to replica `to`; answered once it leads (or the transfer failed).
+    TransferLeader {
+        to: u64,
+        resp: oneshot::Sender<Result<TransferLeaderResponse>>,
+    },
+}
+
+/// A leader transfer this replica started and has not seen finish.
+struct Transfer {
+    to: u64,
+    since: Instant,
+    resp: oneshot::Sender<Result<TransferLeaderResponse>>,
 }
 
 /// What request handlers may read without asking the driver.
@@ -170,6 +182,7 @@ pub struct Driver {
     staged: HashMap<(u64, u64), PathBuf>,
     snapshots_installed: u64,
     snapshots_sent: u64,
+    transfer: Option<Transfer>,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -227,6 +240,7 @@ impl Driver {
             staged: HashMap::new(),
             snapshots_installed: 0,
             snapshots_sent: 0,
+            transfer: None,
             stop,
         })
     }
@@ -354,9 +368,77 @@ impl Driver {
                 self.raw.report_snapshot(to, status);
             }
             Msg::Unreachable { to } => self.raw.report_unreachable(to),
+            Msg::TransferLeader { to, resp } => self.start_transfer(to, resp),
             Msg::Status { with_digest, resp } => {
                 let _ = resp.send(self.status(with_digest));
             }
+        }
+    }
+
+    fn start_transfer(&mut self, to: u64, resp: oneshot::Sender<Result<TransferLeaderResponse>>) {
+        let voters = self.raw.store().conf_state().voters.clone();
+        let err = if self.raw.raft.state != StateRole::Leader {
+            Some(self.not_leader())
+        } else if !voters.contains(&to) {
+            Some(Error::FailedPrecondition(format!(
+                "node {to} is not a voter of group {} (voters: {voters:?})",
+                self.cfg.group_id
+            )))
+        } else if let Some(t) = &self.transfer {
+            Some(Error::FailedPrecondition(format!(
+                "a leader transfer to node {} is already in progress; wait for it",
+                t.to
+            )))
+        } else {
+            None
+        };
+        if let Some(e) = err {
+            let _ = resp.send(Err(e));
+            return;
+        }
+        tracing::info!(
+            node = self.cfg.node_id,
+            group = self.cfg.group_id,
+            to,
+            "transferring leadership"
+        );
+        if to != self.cfg.node_id {
+            self.raw.transfer_leader(to);
+        }
+        self.transfer = Some(Transfer {
+            to,
+            since: Instant::now(),
+            resp,
+        });
+    }
+
+    /// Answers a leader transfer once its outcome is known: the target leads, someone else
+    /// does, or it took too long.
+    fn check_transfer(&mut self) {
+        let Some(t) = &self.transfer else { return };
+        let r = &self.raw.raft;
+        let outcome = if r.leader_id == t.to {
+            Some(Ok(TransferLeaderResponse {
+                leader_id: r.leader_id,
+                term: r.term,
+            }))
+        } else if r.state != StateRole::Leader && r.leader_id != 0 {
+            Some(Err(Error::Unavailable(format!(
+                "leadership went to node {} instead of node {}; retry the transfer",
+                r.leader_id, t.to
+            ))))
+        } else if t.since.elapsed() > Duration::from_millis(LEADER_TRANSFER_TIMEOUT_MS) {
+            Some(Err(Error::Unavailable(format!(
+                "node {} did not take over within {LEADER_TRANSFER_TIMEOUT_MS} ms (is it down \
+                 or far behind?); node {} still leads",
+                t.to, self.cfg.node_id
+            ))))
+        } else {
+            None
+        };
+        if let Some(outcome) = outcome {
+            let t = self.transfer.take().expect("checked above");
+            let _ = t.resp.send(outcome);
         }
     }
 
@@ -425,6 +507,7 @@ impl Driver {
     }
 
     fn publish(&mut self) {
+        self.check_transfer();
         let r = &self.raw.raft;
         self.shared.leader_id.store(r.leader_id, Ordering::Relaxed);
         self.shared.term.store(r.term, Ordering::Relaxed);
@@ -737,6 +820,9 @@ impl Driver {
     }
 
     fn fail_all(&mut self, err: impl Fn() -> Error) {
+        if let Some(t) = self.transfer.take() {
+            let _ = t.resp.send(Err(err()));
+        }
         for (_, (_, waiting)) in std::mem::take(&mut self.proposals) {
             waiting.fail(&err);
         }

@@ -48,6 +48,8 @@ pub const HEARTBEAT_TICKS: usize = 2;
 /// A ReadIndex that has not completed after this long is failed with `UNAVAILABLE` (a leader
 /// that has not yet committed in its term silently drops read requests in raft-rs).
 pub const READ_INDEX_TIMEOUT_MS: u64 = 2_000;
+/// How long a leader transfer may take before it is reported as failed (a few election timeouts).
+pub const LEADER_TRANSFER_TIMEOUT_MS: u64 = 3_000;
 /// Raft-rs flow control: bytes of entries per append message, and appends in flight per follower.
 pub const RAFT_MSG_BYTES_MAX: u64 = 1024 * 1024;
 pub const RAFT_INFLIGHT_MSGS_MAX: usize = 256;

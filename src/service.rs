@@ -288,6 +288,18 @@ impl Peer for PeerService {
             other => unreachable!("an ownership change produced {other:?}"),
         }
     }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        let to = req.into_inner().to;
+        let r = self
+            .0
+            .ask(|resp| Msg::TransferLeader { to, resp }, "leader transfer")
+            .await?;
+        Ok(Response::new(r))
+    }
 }
 
 impl PeerService {

@@ -103,6 +103,23 @@ enum Command {
     Group(GroupCommand),
     /// Move slots to another group (until online resharding lands, only slots holding no data).
     MoveSlots(MoveSlotsArgs),
+    /// Leadership of one raft group (give --endpoint the group's node addresses).
+    #[command(subcommand)]
+    Leader(LeaderCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum LeaderCommand {
+    /// Hand the group's leadership to one of its voters, e.g. before taking the leader's machine
+    /// down. Waits until that replica leads.
+    Transfer(LeaderTransferArgs),
+}
+
+#[derive(Args, Debug)]
+struct LeaderTransferArgs {
+    /// Raft id of the replica that should lead.
+    #[arg(long, value_name = "NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
+    to: u64,
 }
 
 #[derive(Args, Debug)]
@@ -369,6 +386,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::MoveSlots(a) => {
             let map = admin(endpoint)?.move_slots(a.slots.0, a.to).await?;
             println!("{}", render_map_change(&map, json));
+            Ok(())
+        }
+        Command::Leader(LeaderCommand::Transfer(a)) => {
+            let r = kv(endpoint)?.transfer_leader(a.to).await?;
+            if json {
+                println!("{{\"leader_id\":{},\"term\":{}}}", r.leader_id, r.term);
+            } else {
+                println!("leader is node {} (term {})", r.leader_id, r.term);
+            }
             Ok(())
         }
     }

@@ -252,3 +252,49 @@ async fn whole_group_killed_mid_load_loses_nothing_acknowledged() {
         acked.len()
     );
 }
+
+fn ordoctl(endpoints: &[String], args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ordoctl"))
+        .args(["--endpoint", &endpoints.join(","), "--timeout", "10s"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// `ordoctl leader transfer` hands leadership to the named voter and answers once it leads; the
+/// group keeps serving; a replica that is not a voter is refused with a message saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn leader_transfer_moves_leadership_to_the_named_voter() {
+    let g = ProcGroup::start(3, 10_000);
+    let leader = g.leader(Duration::from_secs(20)).await;
+    write_items(&g, "before", 50, 8).await;
+    let target = if leader == 1 { 2 } else { 1 };
+
+    let (ok, out) = ordoctl(
+        &g.endpoints(),
+        &["leader", "transfer", "--to", &target.to_string()],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains(&format!("leader is node {target}")), "{out}");
+    assert_eq!(g.leader(Duration::from_secs(5)).await, target);
+    let acked = write_items(&g, "after", 50, 8).await;
+    assert_all_present(&g, &acked).await;
+
+    let (ok, out) = ordoctl(&g.endpoints(), &["leader", "transfer", "--to", "9"]);
+    assert!(
+        !ok,
+        "a transfer to a node outside the group must fail: {out}"
+    );
+    assert!(out.contains("node 9 is not a voter"), "{out}");
+    assert_eq!(
+        g.leader(Duration::from_secs(5)).await,
+        target,
+        "a refused transfer changes nothing"
+    );
+}
