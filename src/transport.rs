@@ -377,6 +377,12 @@ mod tests {
         ) -> Result<Response<StatusResponse>, Status> {
             Err(Status::unimplemented("sink"))
         }
+        async fn transfer_leader(
+            &self,
+            _: Request<TransferLeaderRequest>,
+        ) -> Result<Response<TransferLeaderResponse>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
         async fn set_ownership(
             &self,
             _: Request<SetOwnershipRequest>,
