@@ -38,9 +38,6 @@ pub enum Error {
     /// The storage engine failed.
     #[error("storage: {0}")]
     Storage(String),
-    /// The node is shutting down.
-    #[error("node is shutting down")]
-    Shutdown,
 }
 
 fn leader_desc(id: u64, addr: &str) -> String {
@@ -92,7 +89,7 @@ impl From<Error> for Status {
                 Status::with_details(Code::Unavailable, msg, detail.encode_to_vec().into())
             }
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
-            Error::Unavailable(_) | Error::Shutdown => Status::unavailable(msg),
+            Error::Unavailable(_) => Status::unavailable(msg),
             Error::Corruption(_) => Status::data_loss(msg),
             Error::Storage(_) => Status::internal(msg),
         }
