@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ordo_proto::v1::{StatusResponse, TransferLeaderResponse};
+use ordo_proto::v1::{StatusResponse, TransferLeaderResponse, TxnRequest};
+use prost::Message as _;
 use protobuf::Message as _;
 use raft::prelude::*;
 use raft::{RawNode, StateRole};
@@ -30,8 +31,6 @@ use crate::limits::*;
 use crate::sm::{Apply, Command, Outcome, StateMachine};
 use crate::storage::{RaftStore, SnapshotFile};
 use crate::transport::Transport;
-use ordo_proto::v1::TxnRequest;
-use prost::Message as _;
 
 pub enum Msg {
     Propose {
@@ -805,7 +804,6 @@ impl Driver {
             }
             false
         });
-        let before = self.proposals.len();
         let mut forgotten = 0;
         self.proposals.retain(|_, (_, waiting)| {
             let closed = waiting.is_closed();
@@ -814,9 +812,7 @@ impl Driver {
             }
             !closed
         });
-        if self.proposals.len() != before {
-            self.waiting_txns -= forgotten;
-        }
+        self.waiting_txns -= forgotten;
     }
 
     fn fail_all(&mut self, err: impl Fn() -> Error) {

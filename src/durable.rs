@@ -22,6 +22,7 @@ use crate::error::{Error, Result};
 pub struct Durable {
     db: sled::Db,
     log_file: File,
+    log_path: PathBuf,
     blob_dir: PathBuf,
     /// Blob files already synced (sled never rewrites a blob file in place).
     blobs_synced: HashSet<OsString>,
@@ -39,6 +40,7 @@ impl Durable {
         let mut durable = Durable {
             db,
             log_file,
+            log_path: path,
             blob_dir: dir.join("blobs"),
             blobs_synced: HashSet::new(),
         };
@@ -52,7 +54,7 @@ impl Durable {
         self.db.flush()?;
         self.log_file
             .sync_data()
-            .map_err(|e| io(e, "syncing", &self.blob_dir.with_file_name("db")))?;
+            .map_err(|e| io(e, "syncing", &self.log_path))?;
         self.sync_new_blobs()
     }
 

@@ -53,6 +53,15 @@ async fn shard_map(addr: &str) -> ShardMap {
         .into_inner()
 }
 
+/// Moves one (empty) slot to group `to` through the Cluster API at `addr`; the new map.
+async fn move_slot(addr: &str, slot: u32, to: u64) -> Result<ShardMap, tonic::Status> {
+    let req = MoveSlotsRequest {
+        slots: vec![slot],
+        to_group: to,
+    };
+    Ok(cluster(addr).await.move_slots(req).await?.into_inner())
+}
+
 /// A shard key whose slot group `group` owns in `map`.
 fn key_owned_by(map: &ShardMap, group: u64, prefix: &str) -> (String, u32) {
     (0..)
@@ -135,15 +144,9 @@ async fn a_stale_router_is_corrected_by_one_wrong_shard() {
     .unwrap();
     let map = shard_map(&pg.router_addr()).await;
     let (sk, slot) = key_owned_by(&map, 1, "moving-order");
-    let moved = cluster(&pg.router_addr())
+    let moved = move_slot(&pg.router_addr(), slot, 2)
         .await
-        .move_slots(MoveSlotsRequest {
-            slots: vec![slot],
-            to_group: 2,
-        })
-        .await
-        .expect("moving an empty slot")
-        .into_inner();
+        .expect("moving an empty slot");
     assert_eq!(moved.version, map.version + 1);
     assert_eq!(
         stale.map_version(),
@@ -250,15 +253,9 @@ async fn routers_serve_through_a_meta_leader_loss() {
     )
     .await;
     let (_, slot) = key_owned_by(&map, 1, "empty-slot");
-    let moved = cluster(&pg.router_addr())
+    let moved = move_slot(&pg.router_addr(), slot, 2)
         .await
-        .move_slots(MoveSlotsRequest {
-            slots: vec![slot],
-            to_group: 2,
-        })
-        .await
-        .expect("map change under the new meta leader")
-        .into_inner();
+        .expect("map change under the new meta leader");
     wait_for(
         Duration::from_secs(10),
         "the router to follow the new map",
