@@ -24,10 +24,11 @@ use bytes::Bytes;
 use ordo_proto::v1::cluster_client::ClusterClient as ClusterStub;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{
-    error_detail, AddGroupRequest, ClusterStatus, Consistency, DeleteRequest, DeleteResponse,
-    GetClusterStatusRequest, GetRequest, GetResponse, GetShardMapRequest, InitClusterRequest,
-    MoveSlotsRequest, PutRequest, PutResponse, RemoveGroupRequest, ScanRequest, ScanResponse,
-    ShardMap, TxnRequest, TxnResponse, WatchShardMapRequest,
+    error_detail, AddGroupRequest, ChangeGroupReplicasRequest, ChangeGroupReplicasResponse,
+    ClusterStatus, Consistency, DeleteRequest, DeleteResponse, GetClusterStatusRequest, GetRequest,
+    GetResponse, GetShardMapRequest, InitClusterRequest, MoveSlotsRequest, PutRequest, PutResponse,
+    RemoveGroupRequest, ScanRequest, ScanResponse, ShardMap, TxnRequest, TxnResponse,
+    WatchShardMapRequest,
 };
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
@@ -379,6 +380,19 @@ impl ClusterClient {
         self.core
             .call(req, Kind::MapChange, |ch, r| async move {
                 cluster(ch).move_slots(r).await
+            })
+            .await
+    }
+
+    /// Changes the replicas of group `req.group_id` (0 = the config servers): see
+    /// `Peer.ChangeReplicas`. Give the client a timeout longer than the catch-up timeout.
+    pub async fn change_group_replicas(
+        &self,
+        req: ChangeGroupReplicasRequest,
+    ) -> Result<ChangeGroupReplicasResponse, Status> {
+        self.core
+            .call(req, Kind::MapChange, |ch, r| async move {
+                cluster(ch).change_group_replicas(r).await
             })
             .await
     }
@@ -970,6 +984,13 @@ mod tests {
             ) -> Result<Response<ShardMap>, Status> {
                 let r = r.into_inner();
                 self.0.answer(map(3, vec![r.to_group; r.slots.len()]))
+            }
+
+            async fn change_group_replicas(
+                &self,
+                _: Request<ordo_proto::v1::ChangeGroupReplicasRequest>,
+            ) -> Result<Response<ordo_proto::v1::ChangeGroupReplicasResponse>, Status> {
+                Err(Status::unimplemented("not scripted"))
             }
 
             async fn get_cluster_status(

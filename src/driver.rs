@@ -64,6 +64,35 @@ pub enum Msg {
         to: u64,
         resp: oneshot::Sender<Result<TransferLeaderResponse>>,
     },
+    /// One raft membership change (leader only), checked against the quorum rules first;
+    /// answered with the new configuration once the change is applied.
+    ChangeConf {
+        cc: ConfChange,
+        resp: oneshot::Sender<Result<ConfState>>,
+    },
+    /// The group's configuration and, on the leader, each replica's replication progress.
+    Members {
+        resp: oneshot::Sender<Result<Members>>,
+    },
+}
+
+/// A group's configuration as one replica sees it.
+#[derive(Debug, Clone)]
+pub struct Members {
+    pub leader_id: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub addrs: BTreeMap<u64, String>,
+    pub commit_index: u64,
+    /// Leader only: the highest log index known to be on each replica.
+    pub matched: BTreeMap<u64, u64>,
+}
+
+/// The membership change this leader proposed and has not seen applied.
+struct ConfWaiter {
+    index: u64,
+    term: u64,
+    resp: oneshot::Sender<Result<ConfState>>,
 }
 
 /// A leader transfer this replica started and has not seen finish.
@@ -182,6 +211,9 @@ pub struct Driver {
     snapshots_installed: u64,
     snapshots_sent: u64,
     transfer: Option<Transfer>,
+    conf_waiter: Option<ConfWaiter>,
+    /// When each peer was last heard from (for the live-quorum check of membership changes).
+    last_heard: HashMap<u64, Instant>,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -240,6 +272,8 @@ impl Driver {
             snapshots_installed: 0,
             snapshots_sent: 0,
             transfer: None,
+            conf_waiter: None,
+            last_heard: HashMap::new(),
             stop,
         })
     }
@@ -344,6 +378,7 @@ impl Driver {
                 }
             }
             Msg::Raft(m) => {
+                self.last_heard.insert(m.from, Instant::now());
                 if let Err(e) = self.raw.step(*m) {
                     tracing::debug!(error = %e, "raft message ignored");
                 }
@@ -368,6 +403,10 @@ impl Driver {
             }
             Msg::Unreachable { to } => self.raw.report_unreachable(to),
             Msg::TransferLeader { to, resp } => self.start_transfer(to, resp),
+            Msg::ChangeConf { cc, resp } => self.start_conf_change(cc, resp),
+            Msg::Members { resp } => {
+                let _ = resp.send(Ok(self.members()));
+            }
             Msg::Status { with_digest, resp } => {
                 let _ = resp.send(self.status(with_digest));
             }
@@ -409,6 +448,150 @@ impl Driver {
             since: Instant::now(),
             resp,
         });
+    }
+
+    fn members(&self) -> Members {
+        let r = &self.raw.raft;
+        let cs = self.raw.store().conf_state();
+        let matched = if r.state == StateRole::Leader {
+            r.prs().iter().map(|(id, p)| (*id, p.matched)).collect()
+        } else {
+            BTreeMap::new()
+        };
+        Members {
+            leader_id: r.leader_id,
+            voters: cs.voters.clone(),
+            learners: cs.learners.clone(),
+            addrs: self.transport.addrs(),
+            commit_index: r.raft_log.committed,
+            matched,
+        }
+    }
+
+    /// Whether the leader heard from `id` recently (itself always).
+    fn is_live(&self, id: u64) -> bool {
+        id == self.cfg.node_id
+            || self
+                .last_heard
+                .get(&id)
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(REPLICA_LIVE_MS))
+    }
+
+    /// Why `cc` must not be proposed now, if it must not; `Ok(Some(cs))` when it is already in
+    /// effect (asking again is harmless).
+    fn check_conf_change(&self, cc: &ConfChange) -> Result<Option<ConfState>> {
+        let g = self.cfg.group_id;
+        let cs = self.raw.store().conf_state();
+        let refuse = |why: String| Err(Error::FailedPrecondition(why));
+        if self.raw.raft.state != StateRole::Leader {
+            return Err(self.not_leader());
+        }
+        if let Some(w) = &self.conf_waiter {
+            return refuse(format!(
+                "another membership change of group {g} is in progress (raft index {}); wait for it",
+                w.index
+            ));
+        }
+        if self.raw.raft.has_pending_conf() || !cs.voters_outgoing.is_empty() {
+            return refuse(format!(
+                "a membership change of group {g} is still being applied; retry in a moment"
+            ));
+        }
+        let id = cc.node_id;
+        let (voter, learner) = (cs.voters.contains(&id), cs.learners.contains(&id));
+        let quorum_after = |voters: Vec<u64>, action: &str| -> Result<Option<ConfState>> {
+            let need = voters.len() / 2 + 1;
+            let live: Vec<u64> = voters
+                .iter()
+                .copied()
+                .filter(|v| self.is_live(*v))
+                .collect();
+            if voters.is_empty() || live.len() < need {
+                return refuse(format!(
+                    "{action} would lose quorum: group {g} would have voters {voters:?}, of which                      only {live:?} are live, and needs {need}; bring replicas back first"
+                ));
+            }
+            Ok(None)
+        };
+        match cc.get_change_type() {
+            ConfChangeType::AddLearnerNode => {
+                if voter {
+                    return refuse(format!("node {id} is already a voter of group {g}"));
+                }
+                if cc.context.is_empty() {
+                    return Err(Error::InvalidArgument(format!(
+                        "no address given for node {id}"
+                    )));
+                }
+                if learner {
+                    return Ok(Some(cs.clone()));
+                }
+                Ok(None)
+            }
+            ConfChangeType::AddNode => {
+                if voter {
+                    return Ok(Some(cs.clone()));
+                }
+                if !learner {
+                    return refuse(format!(
+                        "node {id} is not a learner of group {g}: add it as a learner first"
+                    ));
+                }
+                let mut after = cs.voters.clone();
+                after.push(id);
+                quorum_after(after, &format!("making node {id} a voter"))
+            }
+            ConfChangeType::RemoveNode => {
+                if !voter && !learner {
+                    return refuse(format!(
+                        "node {id} is not a replica of group {g} (voters {:?}, learners {:?})",
+                        cs.voters, cs.learners
+                    ));
+                }
+                if id == self.cfg.node_id {
+                    return refuse(format!(
+                        "node {id} leads group {g}: move leadership first \
+                         (`ordoctl leader transfer --group {g} --to <another voter>`)"
+                    ));
+                }
+                if learner {
+                    return Ok(None);
+                }
+                let after = cs.voters.iter().copied().filter(|v| *v != id).collect();
+                quorum_after(after, &format!("removing node {id}"))
+            }
+        }
+    }
+
+    fn start_conf_change(&mut self, cc: ConfChange, resp: oneshot::Sender<Result<ConfState>>) {
+        match self.check_conf_change(&cc) {
+            Err(e) => {
+                let _ = resp.send(Err(e));
+                return;
+            }
+            Ok(Some(cs)) => {
+                let _ = resp.send(Ok(cs));
+                return;
+            }
+            Ok(None) => {}
+        }
+        self.propose_pending();
+        tracing::info!(node = self.cfg.node_id, group = self.cfg.group_id, change = ?cc.get_change_type(),
+            target = cc.node_id, "proposing a membership change");
+        match self.raw.propose_conf_change(vec![], cc) {
+            Ok(()) => {
+                self.conf_waiter = Some(ConfWaiter {
+                    index: self.raw.raft.raft_log.last_index(),
+                    term: self.raw.raft.term,
+                    resp,
+                });
+            }
+            Err(e) => {
+                let _ = resp.send(Err(Error::NotApplied(format!(
+                    "membership change refused by raft ({e}); nothing changed"
+                ))));
+            }
+        }
     }
 
     /// Answers a leader transfer once its outcome is known: the target leads, someone else
@@ -625,6 +808,17 @@ impl Driver {
         let mut terms: HashMap<u64, u64> = HashMap::new();
         for e in entries {
             terms.insert(e.index, e.term);
+            // Raft turns a conf change it will not accept into an empty entry, and a new leader
+            // may overwrite it: either way it is not a conf change at the waiter's index.
+            let is_conf = matches!(
+                e.get_entry_type(),
+                EntryType::EntryConfChange | EntryType::EntryConfChangeV2
+            );
+            if !is_conf {
+                if let Some(w) = self.conf_waiter.take_if(|w| w.index == e.index) {
+                    let _ = w.resp.send(Err(conf_not_applied()));
+                }
+            }
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
                     if e.data.is_empty() {
@@ -656,7 +850,14 @@ impl Driver {
                 }
                 EntryType::EntryConfChange | EntryType::EntryConfChangeV2 => {
                     self.apply_batch(std::mem::take(&mut batch), &terms)?;
-                    self.apply_conf_change(&e)?;
+                    let cs = self.apply_conf_change(&e)?;
+                    if let Some(w) = self.conf_waiter.take_if(|w| w.index == e.index) {
+                        let _ = w.resp.send(if w.term == e.term {
+                            Ok(cs)
+                        } else {
+                            Err(conf_not_applied())
+                        });
+                    }
                     self.apply_batch(
                         vec![Apply {
                             index: e.index,
@@ -697,21 +898,50 @@ impl Driver {
         Ok(())
     }
 
-    fn apply_conf_change(&mut self, e: &Entry) -> Result<()> {
-        let cs = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
+    /// Applies a membership change: raft's configuration, the transport's peers (an added
+    /// node's address travels in the change's context) and both persisted.
+    fn apply_conf_change(&mut self, e: &Entry) -> Result<ConfState> {
+        let corrupt = |err| Error::Corruption(format!("conf change at {}: {err}", e.index));
+        let (cs, changes) = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
             let mut cc = ConfChangeV2::default();
-            cc.merge_from_bytes(&e.data)
-                .map_err(|err| Error::Corruption(format!("conf change at {}: {err}", e.index)))?;
-            self.raw.apply_conf_change(&cc)
+            cc.merge_from_bytes(&e.data).map_err(corrupt)?;
+            let changes: Vec<_> = cc
+                .changes
+                .iter()
+                .map(|c| (c.get_change_type(), c.node_id, cc.context.to_vec()))
+                .collect();
+            (self.raw.apply_conf_change(&cc), changes)
         } else {
             let mut cc = ConfChange::default();
-            cc.merge_from_bytes(&e.data)
-                .map_err(|err| Error::Corruption(format!("conf change at {}: {err}", e.index)))?;
-            self.raw.apply_conf_change(&cc)
+            cc.merge_from_bytes(&e.data).map_err(corrupt)?;
+            let change = (cc.get_change_type(), cc.node_id, cc.context.to_vec());
+            (self.raw.apply_conf_change(&cc), vec![change])
+        };
+        let cs = cs.map_err(|err| Error::Storage(format!("conf change at {}: {err}", e.index)))?;
+        for (kind, id, context) in changes {
+            match kind {
+                ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
+                    match std::str::from_utf8(&context) {
+                        Ok(addr) if !addr.is_empty() => self.transport.add_peer(id, addr),
+                        _ => {}
+                    }
+                }
+                ConfChangeType::RemoveNode if id == self.cfg.node_id => {
+                    tracing::warn!(node = id, group = self.cfg.group_id,
+                        "this replica was removed from its group: it takes no further part and can be stopped");
+                }
+                ConfChangeType::RemoveNode => {
+                    self.transport.remove_peer(id);
+                    self.last_heard.remove(&id);
+                }
+            }
         }
-        .map_err(|err| Error::Storage(format!("conf change at {}: {err}", e.index)))?;
-        tracing::info!(node = self.cfg.node_id, voters = ?cs.voters, learners = ?cs.learners, "membership changed");
-        self.raw.mut_store().set_conf_state(&cs)
+        tracing::info!(node = self.cfg.node_id, group = self.cfg.group_id, index = e.index,
+            voters = ?cs.voters, learners = ?cs.learners, "membership changed");
+        let addrs = self.transport.addrs();
+        self.raw.mut_store().set_peer_addrs(&addrs)?;
+        self.raw.mut_store().set_conf_state(&cs)?;
+        Ok(cs)
     }
 
     fn install_snapshot(&mut self, meta: &SnapshotMetadata) -> Result<()> {
@@ -819,6 +1049,9 @@ impl Driver {
         if let Some(t) = self.transfer.take() {
             let _ = t.resp.send(Err(err()));
         }
+        if let Some(w) = self.conf_waiter.take() {
+            let _ = w.resp.send(Err(err()));
+        }
         for (_, (_, waiting)) in std::mem::take(&mut self.proposals) {
             waiting.fail(&err);
         }
@@ -859,6 +1092,16 @@ impl Driver {
             first_index: self.raw.store().first_index_now(),
             last_index: self.raw.store().last_index_now(),
             voters: self.raw.store().conf_state().voters.clone(),
+            learners: self.raw.store().conf_state().learners.clone(),
+            live: if r.state == StateRole::Leader {
+                r.prs()
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .filter(|id| self.is_live(*id))
+                    .collect()
+            } else {
+                Vec::new()
+            },
             snapshots_installed: self.snapshots_installed,
             snapshots_sent: self.snapshots_sent,
             items,
@@ -866,6 +1109,12 @@ impl Driver {
             ..Default::default()
         })
     }
+}
+
+fn conf_not_applied() -> Error {
+    Error::NotApplied(
+        "the membership change was not applied (raft refused it or leadership changed); nothing changed, retry".into(),
+    )
 }
 
 impl Error {

@@ -12,6 +12,7 @@ pub mod keys;
 pub mod limits;
 pub mod linearizability;
 pub mod logging;
+pub mod membership;
 pub mod meta;
 pub mod node;
 pub mod playground;

@@ -50,6 +50,12 @@ pub const HEARTBEAT_TICKS: usize = 2;
 pub const READ_INDEX_TIMEOUT_MS: u64 = 2_000;
 /// How long a leader transfer may take before it is reported as failed (a few election timeouts).
 pub const LEADER_TRANSFER_TIMEOUT_MS: u64 = 3_000;
+/// A replica counts as live for a membership change's quorum check if the leader heard from it
+/// this recently (two election timeouts: heartbeats answer every 100 ms).
+pub const REPLICA_LIVE_MS: u64 = 2 * ELECTION_TICKS as u64 * TICK_MS;
+/// How long a node being added may take to catch up, by default and at most.
+pub const CATCH_UP_TIMEOUT_DEFAULT_MS: u64 = 60_000;
+pub const CATCH_UP_TIMEOUT_MAX_MS: u64 = 600_000;
 /// Raft-rs flow control: bytes of entries per append message, and appends in flight per follower.
 pub const RAFT_MSG_BYTES_MAX: u64 = 1024 * 1024;
 pub const RAFT_INFLIGHT_MSGS_MAX: usize = 256;

@@ -64,6 +64,12 @@ impl MapStore for ReplicaMapStore {
     }
 
     fn config_addrs(&self) -> Vec<String> {
-        self.replica.peers.values().cloned().collect()
+        self.replica
+            .peers
+            .read()
+            .unwrap()
+            .values()
+            .cloned()
+            .collect()
     }
 }

@@ -28,8 +28,12 @@ pub struct NodeConfig {
     pub group: u64,
     /// Address to listen on; port 0 picks a free one.
     pub listen: String,
-    /// Every replica of the group, this one included: id → address.
+    /// Every replica of the group, this one included: id → address. Once the replica has run,
+    /// the addresses it stored (kept current by membership changes) take precedence.
     pub peers: BTreeMap<u64, String>,
+    /// Join a running group (`ordoctl replica add` makes it a member) instead of founding one
+    /// with `peers` as its voters: start empty and wait for the leader's snapshot.
+    pub join: bool,
     pub data_dir: PathBuf,
     pub compact_log_entries: u64,
     pub slot_count: u32,
@@ -100,11 +104,26 @@ impl Node {
 
         let opened = StateMachine::open(&db, cfg.id, cfg.slot_count)?;
         let sm = Arc::new(opened.sm);
-        let voters: Vec<u64> = cfg.peers.keys().copied().collect();
+        let voters: Vec<u64> = if cfg.join {
+            Vec::new()
+        } else {
+            cfg.peers.keys().copied().collect()
+        };
         let mut store = RaftStore::open(&db, cfg.id, &voters)?;
         if opened.interrupted_install {
             store.reset_to_empty()?;
         }
+        // A founder's first start: its log begins after the bootstrap position.
+        sm.start_at(store.first_index_now() - 1)?;
+        let peers = match store.peer_addrs()? {
+            Some(mut stored) => {
+                stored.insert(cfg.id, cfg.peers[&cfg.id].clone());
+                stored
+            }
+            None => cfg.peers.clone(),
+        };
+        store.set_peer_addrs(&peers)?;
+        let peers: crate::transport::PeerAddrs = Arc::new(std::sync::RwLock::new(peers));
         // Entries are applied only after they are on disk and committed, so an applied index
         // above the stored commit only means the commit update had not been flushed yet.
         if sm.applied_index() > store.hard_state().commit {
@@ -127,7 +146,7 @@ impl Node {
             tokio::runtime::Handle::current(),
             cfg.group,
             cfg.id,
-            cfg.peers.clone(),
+            peers.clone(),
             driver_tx.clone(),
             cfg.faults.clone(),
         );
@@ -163,9 +182,10 @@ impl Node {
             driver: driver_tx,
             sm,
             shared,
-            peers: cfg.peers.clone(),
+            peers: peers.clone(),
             snap_dir,
             receiving_snapshot: AtomicBool::new(false),
+            membership: Default::default(),
             stop: stop_rx.clone(),
         });
         let kv = (!cfg.config_server).then(|| {
@@ -199,7 +219,7 @@ impl Node {
                     },
                 ),
         );
-        tracing::info!(node = cfg.id, group = cfg.group, %addr, peers = ?cfg.peers, "node serving");
+        tracing::info!(node = cfg.id, group = cfg.group, %addr, peers = ?peers.read().unwrap(), join = cfg.join, "node serving");
         Ok(Node {
             addr,
             replica,

@@ -85,6 +85,7 @@ async fn start_group(
             slot_count: SLOT_COUNT_DEFAULT,
             config_server: group == 0,
             faults: None,
+            join: false,
         })
         .await
         .with_context(|| format!("starting {name} replica {id} on {addr}"))?;

@@ -1,7 +1,6 @@
 //! The gRPC services of a node: `ordo.v1.Kv` for clients and `ordo.v1.Peer` for replicas. Thin:
 //! validation is `validate.rs`, decisions are the driver's and the state machine's.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -31,23 +30,29 @@ pub struct Replica {
     pub driver: mpsc::Sender<Msg>,
     pub sm: Arc<StateMachine>,
     pub shared: Arc<Shared>,
-    pub peers: BTreeMap<u64, String>,
+    pub peers: crate::transport::PeerAddrs,
     pub snap_dir: PathBuf,
     pub receiving_snapshot: AtomicBool,
+    /// Held while this leader runs a `ChangeReplicas` (one at a time).
+    pub membership: tokio::sync::Mutex<()>,
     pub stop: watch::Receiver<bool>,
 }
 
 impl Replica {
+    pub fn addr_of(&self, id: u64) -> Option<String> {
+        self.peers.read().unwrap().get(&id).cloned()
+    }
+
     fn not_leader(&self) -> Error {
         let leader_id = self.shared.leader_id.load(Ordering::Relaxed);
         Error::NotLeader {
             group: self.group_id,
             leader_id,
-            leader_addr: self.peers.get(&leader_id).cloned().unwrap_or_default(),
+            leader_addr: self.addr_of(leader_id).unwrap_or_default(),
         }
     }
 
-    async fn ask<T>(
+    pub(crate) async fn ask<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T>>) -> Msg,
         what: &str,
@@ -263,7 +268,7 @@ impl Peer for PeerService {
         let o = self.0.sm.ownership();
         s.map_version = o.map_version;
         s.owned_slots = o.count(self.0.sm.slot_count());
-        s.peers = self.0.peers.iter().map(|(k, v)| (*k, v.clone())).collect();
+        s.peers = self.0.peers.read().unwrap().clone().into_iter().collect();
         Ok(Response::new(s))
     }
 
@@ -299,6 +304,15 @@ impl Peer for PeerService {
             .ask(|resp| Msg::TransferLeader { to, resp }, "leader transfer")
             .await?;
         Ok(Response::new(r))
+    }
+
+    async fn change_replicas(
+        &self,
+        req: Request<ChangeReplicasRequest>,
+    ) -> Result<Response<ChangeReplicasResponse>, Status> {
+        Ok(Response::new(
+            self.0.change_replicas(req.into_inner()).await?,
+        ))
     }
 }
 

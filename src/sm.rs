@@ -309,6 +309,17 @@ impl StateMachine {
         })
     }
 
+    /// A founding replica's first start: the log begins after `index` (the bootstrap position,
+    /// which carries no data), so count it as applied.
+    pub fn start_at(&self, index: u64) -> Result<()> {
+        if self.applied_index() < index {
+            self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+            self.applied.store(index, Ordering::Release);
+            self.applied_tx.send_replace(index);
+        }
+        Ok(())
+    }
+
     pub fn applied_index(&self) -> u64 {
         self.applied.load(Ordering::Acquire)
     }

@@ -6,6 +6,7 @@
 //! `entry` is raft-rs's protobuf encoding and the checksum covers term and entry. Every read
 //! verifies the checksum; a mismatch is reported with the index and never handed to raft.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -19,6 +20,16 @@ const HARD_STATE_KEY: &[u8] = b"hard_state";
 const CONF_STATE_KEY: &[u8] = b"conf_state";
 /// `(index u64 BE, term u64 BE)` of the last entry removed from the log (or covered by a snapshot).
 const COMPACTED_KEY: &[u8] = b"compacted";
+/// The group's replica addresses as this replica last knew them (`id=addr,...`, crc32 first):
+/// membership changes carry the new node's address, and a restart must still reach it.
+const PEER_ADDRS_KEY: &[u8] = b"peer_addrs";
+
+/// Where the log of a group's founding replicas starts: as if a snapshot at this index, holding
+/// the initial configuration, had been installed. Nothing below it exists anywhere, so a node that
+/// joins later (empty log) can only catch up from a snapshot, which carries the configuration it
+/// needs; replaying the log from 1 would not tell it who the founding voters are.
+pub const BOOTSTRAP_INDEX: u64 = 5;
+const BOOTSTRAP_TERM: u64 = 1;
 
 /// The latest snapshot this node built or installed; raft-rs is handed only its metadata, the
 /// data travels as a file (see `snapshot.rs`).
@@ -126,24 +137,35 @@ fn encode_proto<M: protobuf::Message>(m: &M) -> Vec<u8> {
 
 impl RaftStore {
     /// Opens the raft trees of `db`. A node that has never run gets `initial_voters` as its
-    /// configuration (the static initial cluster); a node that has keeps its stored state.
+    /// configuration (the static initial cluster), its log starting after `BOOTSTRAP_INDEX`; with
+    /// no initial voters (a node joining a running group) it starts empty and waits for the
+    /// leader's snapshot. A node that has run keeps its stored state.
     pub fn open(db: &sled::Db, node_id: u64, initial_voters: &[u64]) -> Result<RaftStore> {
         let log = db.open_tree("raft_log")?;
         let state = db.open_tree("raft_state")?;
+        if state.get(CONF_STATE_KEY)?.is_none() && !initial_voters.is_empty() {
+            let cs = ConfState {
+                voters: initial_voters.to_vec(),
+                ..Default::default()
+            };
+            let hs = HardState {
+                term: BOOTSTRAP_TERM,
+                commit: BOOTSTRAP_INDEX,
+                ..Default::default()
+            };
+            let mut compacted = BOOTSTRAP_INDEX.to_be_bytes().to_vec();
+            compacted.extend_from_slice(&BOOTSTRAP_TERM.to_be_bytes());
+            state.insert(HARD_STATE_KEY, encode_proto(&hs))?;
+            state.insert(COMPACTED_KEY, compacted)?;
+            state.insert(CONF_STATE_KEY, encode_proto(&cs))?;
+        }
         let hard_state = match state.get(HARD_STATE_KEY)? {
             Some(raw) => decode_proto::<HardState>(&raw, "hard state")?,
             None => HardState::default(),
         };
         let conf_state = match state.get(CONF_STATE_KEY)? {
             Some(raw) => decode_proto::<ConfState>(&raw, "conf state")?,
-            None => {
-                let cs = ConfState {
-                    voters: initial_voters.to_vec(),
-                    ..Default::default()
-                };
-                state.insert(CONF_STATE_KEY, encode_proto(&cs))?;
-                cs
-            }
+            None => ConfState::default(),
         };
         let (compacted_index, compacted_term) = match state.get(COMPACTED_KEY)? {
             Some(raw) if raw.len() == 16 => (
@@ -233,6 +255,42 @@ impl RaftStore {
     pub fn set_conf_state(&mut self, cs: &ConfState) -> Result<()> {
         self.state.insert(CONF_STATE_KEY, encode_proto(cs))?;
         self.conf_state = cs.clone();
+        Ok(())
+    }
+
+    /// The replica addresses stored by `set_peer_addrs`, if any.
+    pub fn peer_addrs(&self) -> Result<Option<BTreeMap<u64, String>>> {
+        let Some(raw) = self.state.get(PEER_ADDRS_KEY)? else {
+            return Ok(None);
+        };
+        let bad = |why: String| Error::Corruption(format!("tree raft_state, peer_addrs: {why}"));
+        if raw.len() < 4
+            || u32::from_be_bytes(raw[..4].try_into().unwrap()) != crc32fast::hash(&raw[4..])
+        {
+            return Err(bad("crc32 mismatch".into()));
+        }
+        let text = std::str::from_utf8(&raw[4..]).map_err(|e| bad(e.to_string()))?;
+        let mut out = BTreeMap::new();
+        for part in text.split(',').filter(|p| !p.is_empty()) {
+            let (id, addr) = part
+                .split_once('=')
+                .ok_or_else(|| bad(format!("{part:?}")))?;
+            let id = id.parse().map_err(|_| bad(format!("{part:?}")))?;
+            out.insert(id, addr.to_string());
+        }
+        Ok(Some(out))
+    }
+
+    /// Stores the replica addresses (not flushed: the next raft sync carries it).
+    pub fn set_peer_addrs(&mut self, peers: &BTreeMap<u64, String>) -> Result<()> {
+        let body = peers
+            .iter()
+            .map(|(id, addr)| format!("{id}={addr}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut v = crc32fast::hash(body.as_bytes()).to_be_bytes().to_vec();
+        v.extend_from_slice(body.as_bytes());
+        self.state.insert(PEER_ADDRS_KEY, v)?;
         Ok(())
     }
 
@@ -423,9 +481,16 @@ impl raft::Storage for RaftStore {
         Ok(self.last_index)
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         if let Some(s) = &self.latest_snapshot {
-            if s.metadata.index >= request_index && s.metadata.index >= self.compacted_index {
+            // A node added after the snapshot was built is not in its configuration and would
+            // refuse it: build a newer one.
+            let cs = s.metadata.get_conf_state();
+            let names_receiver = cs.voters.contains(&to) || cs.learners.contains(&to);
+            if names_receiver
+                && s.metadata.index >= request_index
+                && s.metadata.index >= self.compacted_index
+            {
                 let mut snap = Snapshot::default();
                 snap.set_metadata(s.metadata.clone());
                 return Ok(snap);
@@ -451,10 +516,85 @@ mod tests {
         e
     }
 
+    /// A store whose log starts at 1 (the tests write their own entries from there).
     fn open(dir: &std::path::Path) -> (sled::Db, RaftStore) {
         let db = sled::open(dir).unwrap();
-        let s = RaftStore::open(&db, 1, &[1, 2, 3]).unwrap();
+        let mut s = RaftStore::open(&db, 1, &[]).unwrap();
+        if s.conf_state().voters.is_empty() {
+            s.set_conf_state(&ConfState {
+                voters: vec![1, 2, 3],
+                ..Default::default()
+            })
+            .unwrap();
+        }
         (db, s)
+    }
+
+    #[test]
+    fn founders_start_after_the_bootstrap_index_and_joiners_start_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::open(dir.path().join("founder")).unwrap();
+        let s = RaftStore::open(&db, 1, &[1, 2, 3]).unwrap();
+        assert_eq!(s.first_index().unwrap(), BOOTSTRAP_INDEX + 1);
+        assert_eq!(s.last_index().unwrap(), BOOTSTRAP_INDEX);
+        assert_eq!(s.term(BOOTSTRAP_INDEX).unwrap(), BOOTSTRAP_TERM);
+        assert_eq!(s.hard_state().commit, BOOTSTRAP_INDEX);
+        assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
+        // Entries below the start are compacted, so a leader sends a joiner a snapshot.
+        assert!(matches!(
+            s.entries(1, 2, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(StorageError::Compacted))
+        ));
+        drop(s);
+        // Reopening keeps the stored state whatever voters are passed.
+        let s = RaftStore::open(&db, 1, &[7]).unwrap();
+        assert_eq!(s.conf_state().voters, vec![1, 2, 3]);
+
+        let db = sled::open(dir.path().join("joiner")).unwrap();
+        let s = RaftStore::open(&db, 4, &[]).unwrap();
+        assert_eq!((s.first_index().unwrap(), s.last_index().unwrap()), (1, 0));
+        assert!(s.conf_state().voters.is_empty() && s.conf_state().learners.is_empty());
+    }
+
+    #[test]
+    fn peer_addresses_survive_reopen_and_corruption_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let (db, mut s) = open(dir.path());
+        assert_eq!(s.peer_addrs().unwrap(), None);
+        let peers: BTreeMap<u64, String> = [
+            (1, "127.0.0.1:7001".to_string()),
+            (4, "127.0.0.4:7004".to_string()),
+        ]
+        .into();
+        s.set_peer_addrs(&peers).unwrap();
+        drop(s);
+        let s = RaftStore::open(&db, 1, &[]).unwrap();
+        assert_eq!(s.peer_addrs().unwrap(), Some(peers));
+        let state = db.open_tree("raft_state").unwrap();
+        let mut raw = state.get(PEER_ADDRS_KEY).unwrap().unwrap().to_vec();
+        *raw.last_mut().unwrap() ^= 1;
+        state.insert(PEER_ADDRS_KEY, raw).unwrap();
+        let err = s.peer_addrs().unwrap_err().to_string();
+        assert!(err.contains("peer_addrs") && err.contains("crc32"), "{err}");
+    }
+
+    #[test]
+    fn a_snapshot_that_does_not_name_the_receiver_is_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_db, mut s) = open(dir.path());
+        let mut metadata = SnapshotMetadata::default();
+        metadata.mut_conf_state().voters = vec![1, 2, 3];
+        s.set_latest_snapshot(SnapshotFile {
+            metadata,
+            path: dir.path().join("x.snap"),
+        });
+        assert!(s.snapshot(0, 2).is_ok());
+        assert!(!s.take_snapshot_wanted());
+        assert!(
+            s.snapshot(0, 4).is_err(),
+            "node 4 is not in the snapshot's configuration"
+        );
+        assert!(s.take_snapshot_wanted());
     }
 
     #[test]

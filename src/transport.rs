@@ -31,8 +31,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// The group's replica addresses (this one included), shared by the transport, which changes them
+/// as membership changes are applied, and the services (not-leader hints, status).
+pub type PeerAddrs = Arc<std::sync::RwLock<BTreeMap<u64, String>>>;
+
 pub struct Transport {
-    peers: BTreeMap<u64, String>,
+    peers: PeerAddrs,
     queues: BTreeMap<u64, mpsc::Sender<Message>>,
     group_id: u64,
     node_id: u64,
@@ -66,39 +70,65 @@ impl Transport {
         rt: tokio::runtime::Handle,
         group_id: u64,
         node_id: u64,
-        peers: BTreeMap<u64, String>,
+        peers: PeerAddrs,
         driver: mpsc::Sender<Msg>,
         faults: Option<Arc<FaultNet>>,
     ) -> Transport {
-        let mut queues = BTreeMap::new();
-        for (&id, addr) in &peers {
-            if id == node_id {
-                continue;
-            }
-            let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
-            rt.spawn(peer_loop(
-                group_id,
-                node_id,
-                id,
-                addr.clone(),
-                rx,
-                driver.clone(),
-            ));
-            queues.insert(id, tx);
-        }
-        Transport {
+        let initial = peers.read().unwrap().clone();
+        let mut t = Transport {
             peers,
-            queues,
+            queues: BTreeMap::new(),
             group_id,
             node_id,
             driver,
             rt,
             faults,
+        };
+        for (id, addr) in initial {
+            t.add_peer(id, &addr);
         }
+        t
     }
 
     pub fn addr_of(&self, id: u64) -> Option<String> {
-        self.peers.get(&id).cloned()
+        self.peers.read().unwrap().get(&id).cloned()
+    }
+
+    /// Every replica's address, this one's included.
+    pub fn addrs(&self) -> BTreeMap<u64, String> {
+        self.peers.read().unwrap().clone()
+    }
+
+    /// Starts sending to replica `id` at `addr` (a membership change added it), or moves it to a
+    /// new address. The old connection, if any, ends with its queue.
+    pub fn add_peer(&mut self, id: u64, addr: &str) {
+        let known = self.peers.read().unwrap().get(&id).cloned();
+        if known.as_deref() == Some(addr) && (id == self.node_id || self.queues.contains_key(&id)) {
+            return;
+        }
+        self.peers.write().unwrap().insert(id, addr.to_string());
+        if id == self.node_id {
+            return;
+        }
+        let (tx, rx) = mpsc::channel(PEER_QUEUE_MAX);
+        self.rt.spawn(peer_loop(
+            self.group_id,
+            self.node_id,
+            id,
+            addr.to_string(),
+            rx,
+            self.driver.clone(),
+        ));
+        self.queues.insert(id, tx);
+    }
+
+    /// Stops sending to replica `id` (a membership change removed it).
+    pub fn remove_peer(&mut self, id: u64) {
+        if id == self.node_id {
+            return;
+        }
+        self.queues.remove(&id);
+        self.peers.write().unwrap().remove(&id);
     }
 
     pub fn send(&self, m: Message) {
@@ -389,6 +419,12 @@ mod tests {
         ) -> Result<Response<SetOwnershipResponse>, Status> {
             Err(Status::unimplemented("sink"))
         }
+        async fn change_replicas(
+            &self,
+            _: Request<ChangeReplicasRequest>,
+        ) -> Result<Response<ChangeReplicasResponse>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
     }
 
     fn msg(index: u64) -> Message {
@@ -427,7 +463,7 @@ mod tests {
             tokio::runtime::Handle::current(),
             1,
             1,
-            peers,
+            Arc::new(std::sync::RwLock::new(peers)),
             driver,
             Some(net.clone()),
         );

@@ -12,6 +12,7 @@ pub mod nodes;
 use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use ordo_proto::v1::cluster_server::Cluster;
@@ -225,6 +226,73 @@ impl<S: MapStore> ConfigService<S> {
         Ok(next)
     }
 
+    /// A membership change on a group's leader, then a map that lists the group's voters (for
+    /// the meta group, a new version so routers learn the config servers' addresses).
+    async fn change_replicas(
+        &self,
+        req: ChangeGroupReplicasRequest,
+    ) -> Result<ChangeGroupReplicasResponse, Status> {
+        let g = req.group_id;
+        let change = req
+            .change
+            .ok_or_else(|| Status::invalid_argument("change is missing"))?;
+        let addrs: Vec<String> = if g == 0 {
+            self.store.config_addrs()
+        } else {
+            let (map, _) = self.load_initialized().await?;
+            let group = map.groups.iter().find(|x| x.id == g).ok_or_else(|| {
+                Status::failed_precondition(format!(
+                    "group {g} is not in the shard map (groups: {:?})",
+                    map.groups.iter().map(|x| x.id).collect::<Vec<_>>()
+                ))
+            })?;
+            group.replicas.iter().map(|r| r.addr.clone()).collect()
+        };
+        let catch_up = match change.catch_up_timeout_ms {
+            0 => Duration::from_secs(60),
+            ms => Duration::from_millis(ms as u64),
+        };
+        let resp =
+            nodes::change_replicas(g, &addrs, change, catch_up + Duration::from_secs(30)).await?;
+        tracing::info!(group = g, members = ?resp.members, "group membership changed");
+        let _admin = self.admin.lock().await;
+        let (current, token) = self.load(true).await?;
+        if current.version == 0 {
+            return Ok(ChangeGroupReplicasResponse {
+                members: resp.members,
+                catch_up_ms: resp.catch_up_ms,
+                map: Some(current),
+            });
+        }
+        let mut next = current.clone();
+        next.version += 1;
+        if let Some(group) = next.groups.iter_mut().find(|x| x.id == g) {
+            group.replicas = resp
+                .members
+                .iter()
+                .filter(|m| m.voter)
+                .map(|m| Replica {
+                    node_id: m.node_id,
+                    addr: m.addr.clone(),
+                })
+                .collect();
+        }
+        self.commit(token, &next).await.map_err(|e| {
+            Status::new(
+                e.code(),
+                format!(
+                    "group {g}'s membership changed, but the map listing it could not be                      committed ({}); routers still reach the group through its other replicas.                      Run the same command again to commit it",
+                    e.message()
+                ),
+            )
+        })?;
+        Ok(ChangeGroupReplicasResponse {
+            members: resp.members,
+            catch_up_ms: resp.catch_up_ms,
+            map: Some(next),
+        })
+    }
+
     async fn group_status(id: u64, replicas: &[Replica], slots: u32) -> GroupStatus {
         let statuses =
             futures::future::join_all(replicas.iter().map(|r| nodes::status(&r.addr))).await;
@@ -343,6 +411,15 @@ impl<S: MapStore> Cluster for ConfigService<S> {
         let r = req.into_inner();
         Ok(Response::new(
             ConfigService::move_slots(self, r.slots, r.to_group).await?,
+        ))
+    }
+
+    async fn change_group_replicas(
+        &self,
+        req: Request<ChangeGroupReplicasRequest>,
+    ) -> Result<Response<ChangeGroupReplicasResponse>, Status> {
+        Ok(Response::new(
+            ConfigService::change_replicas(self, req.into_inner()).await?,
         ))
     }
 

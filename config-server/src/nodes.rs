@@ -6,8 +6,8 @@ use std::time::{Duration, Instant};
 
 use ordo_proto::v1::peer_client::PeerClient;
 use ordo_proto::v1::{
-    error_detail, ErrorDetail, Group, GroupSpec, Replica, SetOwnershipRequest,
-    SetOwnershipResponse, StatusRequest, StatusResponse,
+    error_detail, ChangeReplicasRequest, ChangeReplicasResponse, ErrorDetail, Group, GroupSpec,
+    Replica, SetOwnershipRequest, SetOwnershipResponse, StatusRequest, StatusResponse,
 };
 use prost::Message;
 use tonic::transport::Endpoint;
@@ -18,6 +18,13 @@ const OWNERSHIP_DEADLINE: Duration = Duration::from_secs(10);
 const ATTEMPTS_MAX: usize = 12;
 
 async fn peer(addr: &str) -> Result<PeerClient<tonic::transport::Channel>, Status> {
+    peer_with_timeout(addr, CALL_TIMEOUT).await
+}
+
+async fn peer_with_timeout(
+    addr: &str,
+    timeout: Duration,
+) -> Result<PeerClient<tonic::transport::Channel>, Status> {
     let uri = if addr.contains("://") {
         addr.to_string()
     } else {
@@ -26,7 +33,7 @@ async fn peer(addr: &str) -> Result<PeerClient<tonic::transport::Channel>, Statu
     let ch = Endpoint::from_shared(uri)
         .map_err(|e| Status::invalid_argument(format!("address {addr:?}: {e}")))?
         .connect_timeout(Duration::from_secs(1))
-        .timeout(CALL_TIMEOUT)
+        .timeout(timeout)
         .tcp_nodelay(true)
         .connect()
         .await
@@ -156,6 +163,60 @@ pub async fn set_ownership(
     Err(Status::unavailable(format!(
         "could not install ownership on group {} within {:?}: {}",
         group.id,
+        started.elapsed(),
+        last.message()
+    )))
+}
+
+/// Runs a membership change on the leader of the group whose replicas are at `addrs` (following
+/// not-leader hints). Only a refusal before anything was proposed is retried elsewhere; the
+/// change itself may take as long as its catch-up timeout.
+pub async fn change_replicas(
+    group_id: u64,
+    addrs: &[String],
+    req: ChangeReplicasRequest,
+    timeout: Duration,
+) -> Result<ChangeReplicasResponse, Status> {
+    if addrs.is_empty() {
+        return Err(Status::failed_precondition(format!(
+            "group {group_id} has no replicas"
+        )));
+    }
+    let started = Instant::now();
+    let mut target = addrs[0].clone();
+    let mut rotate = 0;
+    let mut last = Status::unavailable("no attempt made");
+    for _ in 0..ATTEMPTS_MAX {
+        if started.elapsed() > OWNERSHIP_DEADLINE {
+            break;
+        }
+        let r = match peer_with_timeout(&target, timeout).await {
+            Ok(mut c) => c.change_replicas(req.clone()).await.map(|r| r.into_inner()),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(resp) => return Ok(resp),
+            Err(s) if s.code() == Code::Unavailable => {
+                // Not the leader (a hint, or none yet), or unreachable: nothing was proposed.
+                let not_leader = !s.details().is_empty();
+                if !not_leader && !s.message().contains("unreachable") {
+                    return Err(s);
+                }
+                match leader_hint(&s) {
+                    Some(hint) => target = hint,
+                    None => {
+                        rotate += 1;
+                        target = addrs[rotate % addrs.len()].clone();
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                last = s;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+    Err(Status::unavailable(format!(
+        "could not reach the leader of group {group_id} within {:?}: {}",
         started.elapsed(),
         last.message()
     )))

@@ -3,12 +3,14 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use ordo_proto::v1::cluster_server::Cluster;
 use ordo_proto::v1::{
-    AddGroupRequest, ClusterStatus, GetClusterStatusRequest, GetShardMapRequest,
-    InitClusterRequest, MoveSlotsRequest, RemoveGroupRequest, ShardMap, WatchShardMapRequest,
+    AddGroupRequest, ChangeGroupReplicasRequest, ChangeGroupReplicasResponse, ClusterStatus,
+    GetClusterStatusRequest, GetShardMapRequest, InitClusterRequest, MoveSlotsRequest,
+    RemoveGroupRequest, ShardMap, WatchShardMapRequest,
 };
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -125,6 +127,37 @@ impl Cluster for ClusterService {
             c.remove_group(r).await
         })
         .await
+    }
+
+    async fn change_group_replicas(
+        &self,
+        request: Request<ChangeGroupReplicasRequest>,
+    ) -> Result<Response<ChangeGroupReplicasResponse>, Status> {
+        // A new replica may take a while to catch up: allow for it whatever the usual cap.
+        let catch_up = match request
+            .get_ref()
+            .change
+            .as_ref()
+            .map(|c| c.catch_up_timeout_ms)
+        {
+            Some(ms) if ms > 0 => Duration::from_millis(ms as u64),
+            _ => Duration::from_secs(60),
+        };
+        let budget = deadline::budget(request.metadata()).max(catch_up + Duration::from_secs(30));
+        let resp = self
+            .0
+            .config
+            .call(
+                "ChangeGroupReplicas",
+                request.into_inner(),
+                Instant::now() + budget,
+                |mut c, r| async move { c.change_group_replicas(r).await },
+            )
+            .await?;
+        if let Some(map) = &resp.map {
+            self.0.install_map(map.clone(), "ChangeGroupReplicas");
+        }
+        Ok(Response::new(resp))
     }
 
     async fn move_slots(

@@ -318,6 +318,12 @@ impl Cluster for FakeConfig {
     async fn move_slots(&self, _: Request<MoveSlotsRequest>) -> Result<Response<ShardMap>, Status> {
         Err(Status::unimplemented("MoveSlots"))
     }
+    async fn change_group_replicas(
+        &self,
+        _: Request<ordo_proto::v1::ChangeGroupReplicasRequest>,
+    ) -> Result<Response<ordo_proto::v1::ChangeGroupReplicasResponse>, Status> {
+        Err(Status::unimplemented("ChangeGroupReplicas"))
+    }
     async fn get_cluster_status(
         &self,
         _: Request<GetClusterStatusRequest>,

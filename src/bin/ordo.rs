@@ -44,6 +44,11 @@ enum Cmd {
         /// Applied entries kept in the raft log before it is compacted.
         #[arg(long, default_value_t = COMPACT_LOG_ENTRIES_DEFAULT)]
         compact_log_entries: u64,
+        /// Join a running group instead of founding one: start empty, then run `ordoctl replica
+        /// add` (or `replace`) to make this node a member. --peers lists the group's current
+        /// replicas and this node.
+        #[arg(long)]
+        join: bool,
     },
     /// Run one config server: a replica of the meta group that keeps the shard map.
     Config {
@@ -57,6 +62,9 @@ enum Cmd {
         peers: String,
         #[arg(long)]
         data_dir: PathBuf,
+        /// Join the running meta group instead of founding it (see `ordo node --join`).
+        #[arg(long)]
+        join: bool,
     },
     /// Run a query router: stateless, serves ordo.v1.Kv and forwards to the owning groups.
     Router {
@@ -106,6 +114,7 @@ fn node_config(
     peers: &str,
     data_dir: PathBuf,
     compact: u64,
+    join: bool,
 ) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig {
         id,
@@ -117,6 +126,7 @@ fn node_config(
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == 0,
         faults: None,
+        join,
     })
 }
 
@@ -131,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
             peers,
             data_dir,
             compact_log_entries,
+            join,
         } => {
             anyhow::ensure!(
                 group != 0,
@@ -143,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
                 &peers,
                 data_dir,
                 compact_log_entries,
+                join,
             )?)
             .await?;
             wait_for_signal().await;
@@ -154,6 +166,7 @@ async fn main() -> anyhow::Result<()> {
             listen,
             peers,
             data_dir,
+            join,
         } => {
             let node = Node::start(node_config(
                 id,
@@ -162,6 +175,7 @@ async fn main() -> anyhow::Result<()> {
                 &peers,
                 data_dir,
                 COMPACT_LOG_ENTRIES_DEFAULT,
+                join,
             )?)
             .await?;
             wait_for_signal().await;

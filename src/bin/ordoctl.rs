@@ -17,9 +17,10 @@ use bytes::Bytes;
 use clap::{Args, Parser, Subcommand};
 use ordo::client::{normalize_addr, Client, ClusterClient};
 use ordo::proto::v1::{
-    compare, txn_op, txn_op_result, AddGroupRequest, ClusterStatus, Compare, DeleteRequest,
+    compare, txn_op, txn_op_result, AddGroupRequest, ChangeGroupReplicasRequest,
+    ChangeGroupReplicasResponse, ChangeReplicasRequest, ClusterStatus, Compare, DeleteRequest,
     DeleteResponse, GetRequest, GetResponse, GroupSpec, GroupStatus, InitClusterRequest, Item,
-    PutRequest, PutResponse, ReplicaStatus, ShardMap, TxnOp, TxnRequest,
+    PutRequest, PutResponse, ReplicaChange, ReplicaStatus, ShardMap, TxnOp, TxnRequest,
 };
 use tonic::Code;
 
@@ -106,6 +107,70 @@ enum Command {
     /// Leadership of one raft group (give --endpoint the group's node addresses).
     #[command(subcommand)]
     Leader(LeaderCommand),
+    /// Change the replicas of a shard group, or of the config servers (--group 0).
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
+}
+
+#[derive(Subcommand, Debug)]
+#[command(after_help = "\
+A new replica first runs empty with --join, then joins: e.g. to replace dead node 3 of group 1,
+  ordo node --id 4 --group 1 --join --listen 10.0.0.4:7001 \\
+      --peers 1=10.0.0.1:7001,2=10.0.0.2:7001,4=10.0.0.4:7001 --data-dir /var/lib/ordo
+  ordoctl --config router:7000 replica replace --group 1 --old 3 --id 4 --addr 10.0.0.4:7001")]
+enum ReplicaCommand {
+    /// Add a running --join node: it becomes a learner, catches up, then votes.
+    Add(ReplicaAddArgs),
+    /// Remove a replica. Refused if the voters left would not have a live quorum.
+    Remove(ReplicaRemoveArgs),
+    /// Add a new node as `add` does, then remove the old one (which may be dead). The group keeps
+    /// a live quorum throughout.
+    Replace(ReplicaReplaceArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReplicaAddArgs {
+    /// The group (0 = the config servers).
+    #[arg(long, value_name = "N")]
+    group: u64,
+    /// The new replica's raft id (unique in the group).
+    #[arg(long, value_name = "NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
+    id: u64,
+    /// The new replica's address, as its peers reach it.
+    #[arg(long, value_name = "HOST:PORT")]
+    addr: String,
+    /// How long the new replica may take to catch up before the command gives up (it then
+    /// stays a learner until the command is run again or it is removed).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    catch_up_timeout: Duration,
+}
+
+#[derive(Args, Debug)]
+struct ReplicaRemoveArgs {
+    /// The group (0 = the config servers).
+    #[arg(long, value_name = "N")]
+    group: u64,
+    /// The replica to remove.
+    #[arg(long, value_name = "NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
+    id: u64,
+}
+
+#[derive(Args, Debug)]
+struct ReplicaReplaceArgs {
+    /// The group (0 = the config servers).
+    #[arg(long, value_name = "N")]
+    group: u64,
+    /// The replica that leaves (it may be dead).
+    #[arg(long, value_name = "NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
+    old: u64,
+    /// The new replica's raft id.
+    #[arg(long, value_name = "NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
+    id: u64,
+    /// The new replica's address.
+    #[arg(long, value_name = "HOST:PORT")]
+    addr: String,
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    catch_up_timeout: Duration,
 }
 
 #[derive(Subcommand, Debug)]
@@ -388,6 +453,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             println!("{}", render_map_change(&map, json));
             Ok(())
         }
+        Command::Replica(c) => {
+            let (group, change) = replica_change(c).map_err(anyhow::Error::msg)?;
+            // The call lasts as long as the new replica takes to catch up.
+            let wait = Duration::from_millis(change.catch_up_timeout_ms as u64 + 30_000);
+            let resp = admin(endpoint)?
+                .with_timeout(timeout.max(wait))
+                .change_group_replicas(ChangeGroupReplicasRequest {
+                    group_id: group,
+                    change: Some(change),
+                })
+                .await?;
+            println!("{}", render_replicas(group, &resp, json));
+            Ok(())
+        }
         Command::Leader(LeaderCommand::Transfer(a)) => {
             let r = kv(endpoint)?.transfer_leader(a.to).await?;
             if json {
@@ -398,6 +477,85 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn replica_change(c: ReplicaCommand) -> Result<(u64, ChangeReplicasRequest), String> {
+    let ms = |d: Duration| -> Result<u32, String> {
+        u32::try_from(d.as_millis())
+            .ok()
+            .filter(|ms| *ms > 0)
+            .ok_or_else(|| format!("--catch-up-timeout {d:?} is out of range"))
+    };
+    Ok(match c {
+        ReplicaCommand::Add(a) => (
+            a.group,
+            ChangeReplicasRequest {
+                change: ReplicaChange::Add as i32,
+                node_id: a.id,
+                addr: a.addr,
+                old_node_id: 0,
+                catch_up_timeout_ms: ms(a.catch_up_timeout)?,
+            },
+        ),
+        ReplicaCommand::Remove(a) => (
+            a.group,
+            ChangeReplicasRequest {
+                change: ReplicaChange::Remove as i32,
+                node_id: a.id,
+                ..Default::default()
+            },
+        ),
+        ReplicaCommand::Replace(a) => (
+            a.group,
+            ChangeReplicasRequest {
+                change: ReplicaChange::Replace as i32,
+                node_id: a.id,
+                addr: a.addr,
+                old_node_id: a.old,
+                catch_up_timeout_ms: ms(a.catch_up_timeout)?,
+            },
+        ),
+    })
+}
+
+/// What `replica add|remove|replace` prints: the group's replicas after the change.
+fn render_replicas(group: u64, r: &ChangeGroupReplicasResponse, json: bool) -> String {
+    let version = r.map.as_ref().map_or(0, |m| m.version);
+    if json {
+        let members = json_list(&r.members, |m| {
+            format!(
+                "{{\"node_id\":{},\"addr\":{},\"voter\":{}}}",
+                m.node_id,
+                json_str(&m.addr),
+                m.voter
+            )
+        });
+        return format!(
+            "{{\"group\":{group},\"members\":{members},\"catch_up_ms\":{},\"map_version\":{version}}}",
+            r.catch_up_ms
+        );
+    }
+    let mut out = format!("group {group}, map version {version}");
+    if r.catch_up_ms > 0 {
+        let _ = write!(out, " (new replica caught up in {} ms)", r.catch_up_ms);
+    }
+    let rows: Vec<Vec<String>> = r
+        .members
+        .iter()
+        .map(|m| {
+            let role = if m.voter { "voter" } else { "learner" };
+            vec![
+                format!("node {}", m.node_id),
+                m.addr.clone(),
+                role.to_string(),
+            ]
+        })
+        .collect();
+    for line in align(&rows) {
+        out.push('\n');
+        out.push_str(&line);
+    }
+    out
 }
 
 fn condition(succeeded: bool) -> Result<(), Failure> {

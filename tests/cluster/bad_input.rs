@@ -26,6 +26,7 @@ async fn single_node() -> (tempfile::TempDir, Node) {
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: false,
         faults: None,
+        join: false,
     })
     .await
     .unwrap();

@@ -342,6 +342,7 @@ impl Group {
             slot_count: SLOT_COUNT_DEFAULT,
             config_server: false,
             faults: Some(self.net.clone()),
+            join: false,
         };
         // The stopped node's port or storage lock may take a moment to be released.
         let started = Instant::now();

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 
-use crate::harness::{wait_for, ProcGroup};
+use crate::harness::{ordoctl, wait_for, ProcGroup};
 
 /// Writes `count` distinct items with `concurrency` requests in flight; returns what was acknowledged.
 async fn write_items(
@@ -251,20 +251,6 @@ async fn whole_group_killed_mid_load_loses_nothing_acknowledged() {
         "{} acknowledged writes survived kill -9 of the whole group",
         acked.len()
     );
-}
-
-fn ordoctl(endpoints: &[String], args: &[&str]) -> (bool, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ordoctl"))
-        .args(["--endpoint", &endpoints.join(","), "--timeout", "10s"])
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 /// `ordoctl leader transfer` hands leadership to the named voter and answers once it leads; the

@@ -30,6 +30,21 @@ where
     }
 }
 
+/// Runs `ordoctl --endpoint <endpoints> --timeout 10s <args>`: (succeeded, stdout + stderr).
+pub fn ordoctl(endpoints: &[String], args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ordoctl"))
+        .args(["--endpoint", &endpoints.join(","), "--timeout", "10s"])
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -414,6 +429,54 @@ impl ProcCluster {
         let i = self.procs.len() - 1;
         self.restart(i);
         map
+    }
+
+    /// The raft id of process `i` (from its name: `config-<id>`, `g<group>-n<id>`).
+    pub fn node_id(&self, i: usize) -> u64 {
+        let name = &self.procs[i].name;
+        let id = name.rsplit(['-', 'n']).next().unwrap();
+        id.parse()
+            .unwrap_or_else(|_| panic!("{name} has no node id"))
+    }
+
+    /// Starts a new, empty replica `id` of raft group `group` with `--join`, its `--peers` the
+    /// group's current processes and itself. It is not a member until a `replica add|replace`.
+    pub fn start_joining(&mut self, group: u64, id: u64) -> usize {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut peers: Vec<String> = self
+            .members(group)
+            .map(|i| format!("{}={}", self.node_id(i), self.procs[i].addr))
+            .collect();
+        peers.push(format!("{id}={addr}"));
+        let (name, mut args) = if group == 0 {
+            (format!("config-{id}"), vec!["config".to_string()])
+        } else {
+            (
+                format!("g{group}-n{id}"),
+                vec!["node".into(), "--group".into(), group.to_string()],
+            )
+        };
+        let data = self.dir.path().join(&name);
+        args.extend([
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            addr.clone(),
+            "--peers".into(),
+            peers.join(","),
+            "--join".into(),
+            "--data-dir".into(),
+            data.display().to_string(),
+        ]);
+        let role = if group == 0 {
+            Role::Config
+        } else {
+            Role::Node { group }
+        };
+        self.add(name, role, addr, args.into_iter().map(Into::into).collect());
+        let i = self.procs.len() - 1;
+        self.restart(i);
+        i
     }
 
     pub fn router_addr(&self) -> &str {

@@ -5,6 +5,7 @@ mod bad_input;
 mod faults;
 mod group;
 mod harness;
+mod membership;
 mod nemesis;
 mod playground;
 mod sharded;

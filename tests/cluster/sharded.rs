@@ -352,6 +352,7 @@ async fn lone_node(dir: &std::path::Path, group: u64) -> ordo::node::Node {
         slot_count: ordo::limits::SLOT_COUNT_DEFAULT,
         config_server: group == 0,
         faults: None,
+        join: false,
     })
     .await
     .unwrap()
