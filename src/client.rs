@@ -639,8 +639,10 @@ fn classify(status: &Status, kind: Kind) -> Retry {
         Some(error_detail::Kind::NotLeader(_)) | Some(error_detail::Kind::NotApplied(_)) | None => {
             Retry::Rotate
         }
-        // Routing errors are for a router to act on, not for a client talking to nodes.
-        Some(error_detail::Kind::WrongShard(_)) => Retry::Fail,
+        // Routing and lock errors are for a router to act on, not for a client talking to nodes.
+        Some(error_detail::Kind::WrongShard(_)) | Some(error_detail::Kind::Locked(_)) => {
+            Retry::Fail
+        }
     }
 }
 

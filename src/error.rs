@@ -32,12 +32,26 @@ pub enum Error {
     /// log by another leader's. `UNAVAILABLE` with a `NotApplied` detail: retrying is safe.
     #[error("{0}")]
     NotApplied(String),
+    /// An item the request touches is locked by an unfinished cross-group transaction; nothing
+    /// was applied. `ABORTED` with a `Locked` detail: the router waits or resolves the lock.
+    #[error("item {item} is locked by cross-group transaction {}; retry once it finishes", hex(.txn_id))]
+    Locked {
+        item: String,
+        txn_id: Vec<u8>,
+        primary_shard_key: Vec<u8>,
+        started_ms: u64,
+        priority_ms: u64,
+    },
     /// Stored data failed its checksum or could not be decoded.
     #[error("corruption: {0}")]
     Corruption(String),
     /// The storage engine failed.
     #[error("storage: {0}")]
     Storage(String),
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn leader_desc(id: u64, addr: &str) -> String {
@@ -87,6 +101,23 @@ impl From<Error> for Status {
                     kind: Some(error_detail::Kind::NotApplied(error_detail::NotApplied {})),
                 };
                 Status::with_details(Code::Unavailable, msg, detail.encode_to_vec().into())
+            }
+            Error::Locked {
+                txn_id,
+                primary_shard_key,
+                started_ms,
+                priority_ms,
+                ..
+            } => {
+                let detail = ErrorDetail {
+                    kind: Some(error_detail::Kind::Locked(error_detail::Locked {
+                        txn_id: txn_id.into(),
+                        primary_shard_key: primary_shard_key.into(),
+                        started_ms,
+                        priority_ms,
+                    })),
+                };
+                Status::with_details(Code::Aborted, msg, detail.encode_to_vec().into())
             }
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::Unavailable(_) => Status::unavailable(msg),

@@ -21,5 +21,6 @@ pub mod sm;
 pub mod snapshot;
 pub mod storage;
 pub mod transport;
+pub mod twopc;
 pub mod txn;
 pub mod validate;

@@ -56,6 +56,9 @@ pub const REPLICA_LIVE_MS: u64 = 2 * ELECTION_TICKS as u64 * TICK_MS;
 /// How long a node being added may take to catch up, by default and at most.
 pub const CATCH_UP_TIMEOUT_DEFAULT_MS: u64 = 60_000;
 pub const CATCH_UP_TIMEOUT_MAX_MS: u64 = 600_000;
+/// A cross-group transaction whose locks are older than this may be aborted by anyone who meets
+/// them (defined next to the slot hash, since routers need it too).
+pub use ordo_proto::TXN_LOCK_TIMEOUT_MS;
 /// Raft-rs flow control: bytes of entries per append message, and appends in flight per follower.
 pub const RAFT_MSG_BYTES_MAX: u64 = 1024 * 1024;
 pub const RAFT_INFLIGHT_MSGS_MAX: usize = 256;

@@ -10,12 +10,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ordo_proto::v1::cluster_server::ClusterServer;
 use ordo_proto::v1::kv_server::KvServer;
+use ordo_proto::v1::participant_server::ParticipantServer;
 use ordo_proto::v1::peer_server::PeerServer;
 use tokio::sync::{mpsc, watch};
 
 use crate::driver::{Driver, DriverConfig, Shared};
 use crate::limits::*;
-use crate::service::{KvService, PeerService, Replica};
+use crate::service::{KvService, ParticipantService, PeerService, Replica};
 use crate::sm::StateMachine;
 use crate::storage::RaftStore;
 
@@ -193,6 +194,11 @@ impl Node {
                 .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
         });
+        let participant = (!cfg.config_server).then(|| {
+            ParticipantServer::new(ParticipantService(replica.clone()))
+                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+        });
         let cluster = cfg.config_server.then(|| {
             ClusterServer::new(ordo_config::ConfigService::new(Arc::new(
                 crate::meta::ReplicaMapStore {
@@ -209,6 +215,7 @@ impl Node {
                 .tcp_nodelay(true)
                 .add_service(peer)
                 .add_optional_service(kv)
+                .add_optional_service(participant)
                 .add_optional_service(cluster)
                 .serve_with_incoming_shutdown(
                     // A listener passed in is not covered by the builder's `tcp_nodelay`: without

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ordo_proto::v1::kv_server::Kv;
+use ordo_proto::v1::participant_server::Participant;
 use ordo_proto::v1::peer_server::Peer;
 use ordo_proto::v1::*;
 use protobuf::Message as _;
@@ -91,6 +92,7 @@ impl Replica {
         for sk in crate::sm::shard_keys(&txn) {
             self.sm.check_owned(sk)?;
         }
+        self.sm.check_unlocked(&txn, None)?;
         match self.propose(Command::Txn(txn)).await? {
             Outcome::Txn(r) => Ok(r),
             other => unreachable!("a txn produced {other:?}"),
@@ -169,6 +171,133 @@ impl Kv for KvService {
         let txn = req.into_inner();
         validate::check_txn(&txn)?;
         Ok(Response::new(self.0.propose_txn(txn).await?))
+    }
+}
+
+/// `ordo.v1.Participant`: a shard group's side of cross-group transactions (see `twopc.rs`).
+/// Every request is checked here, then applied as one raft command.
+#[derive(Clone)]
+pub struct ParticipantService(pub Arc<Replica>);
+
+fn check_txn_id(id: &[u8]) -> Result<()> {
+    if id.len() != crate::twopc::TXN_ID_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "txn_id has {} bytes; it must have {}",
+            id.len(),
+            crate::twopc::TXN_ID_BYTES
+        )));
+    }
+    Ok(())
+}
+
+fn check_decision(d: i32, allowed: &[Decision]) -> Result<()> {
+    match Decision::try_from(d) {
+        Ok(x) if allowed.contains(&x) => Ok(()),
+        _ => Err(Error::InvalidArgument(format!(
+            "decision {d} is not one of {allowed:?}"
+        ))),
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[tonic::async_trait]
+impl Participant for ParticipantService {
+    async fn prepare(
+        &self,
+        req: Request<PrepareRequest>,
+    ) -> Result<Response<PrepareResponse>, Status> {
+        let r = req.into_inner();
+        check_txn_id(&r.txn_id)?;
+        validate::check_shard_key(&r.primary_shard_key)?;
+        let part = r
+            .part
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("prepare without a part".into()))?;
+        validate::check_txn(part)?;
+        if crate::twopc::items(part).is_empty() {
+            return Err(Error::InvalidArgument("the part names no item".into()).into());
+        }
+        for sk in crate::sm::shard_keys(part) {
+            validate::check_shard_key(sk)?;
+            self.0.sm.check_owned(sk)?;
+        }
+        if !r.accumulate {
+            self.0.sm.check_unlocked(part, Some(&r.txn_id))?;
+        }
+        match self.0.propose(Command::Prepare(r)).await? {
+            Outcome::Prepared(p) => Ok(Response::new(p)),
+            other => unreachable!("a prepare produced {other:?}"),
+        }
+    }
+
+    async fn decide(
+        &self,
+        req: Request<DecideRequest>,
+    ) -> Result<Response<DecideResponse>, Status> {
+        let r = req.into_inner();
+        check_txn_id(&r.txn_id)?;
+        validate::check_shard_key(&r.primary_shard_key)?;
+        if !r.resolve {
+            check_decision(
+                r.decision,
+                &[
+                    Decision::CommitSuccess,
+                    Decision::CommitFailure,
+                    Decision::Abort,
+                ],
+            )?;
+        }
+        self.0.sm.check_owned(&r.primary_shard_key)?;
+        match self
+            .0
+            .propose(Command::Decide {
+                req: r,
+                now_ms: now_ms(),
+            })
+            .await?
+        {
+            Outcome::Decided(d) => Ok(Response::new(d)),
+            other => unreachable!("a decision produced {other:?}"),
+        }
+    }
+
+    async fn finish(
+        &self,
+        req: Request<FinishRequest>,
+    ) -> Result<Response<FinishResponse>, Status> {
+        let r = req.into_inner();
+        check_txn_id(&r.txn_id)?;
+        check_decision(
+            r.decision,
+            &[
+                Decision::CommitSuccess,
+                Decision::CommitFailure,
+                Decision::Abort,
+            ],
+        )?;
+        validate::check_shard_key(&r.shard_key)?;
+        self.0.sm.check_owned(&r.shard_key)?;
+        match self.0.propose(Command::Finish(r)).await? {
+            Outcome::Finished(f) => Ok(Response::new(f)),
+            other => unreachable!("a finish produced {other:?}"),
+        }
+    }
+
+    async fn forget(
+        &self,
+        req: Request<ForgetRequest>,
+    ) -> Result<Response<ForgetResponse>, Status> {
+        let r = req.into_inner();
+        check_txn_id(&r.txn_id)?;
+        validate::check_shard_key(&r.primary_shard_key)?;
+        self.0.sm.check_owned(&r.primary_shard_key)?;
+        self.0.propose(Command::Forget(r)).await?;
+        Ok(Response::new(ForgetResponse {}))
     }
 }
 
@@ -268,6 +397,7 @@ impl Peer for PeerService {
         let o = self.0.sm.ownership();
         s.map_version = o.map_version;
         s.owned_slots = o.count(self.0.sm.slot_count());
+        s.locks = self.0.sm.locks_held().max(0) as u64;
         s.peers = self.0.peers.read().unwrap().clone().into_iter().collect();
         Ok(Response::new(s))
     }

@@ -5,11 +5,13 @@
 //! whose effects are on disk. Readers take `view` so they never observe half of an applied batch.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use ordo_proto::v1::{
-    txn_op, Item, SetOwnershipRequest, SetOwnershipResponse, TxnRequest, TxnResponse,
+    txn_op, DecideRequest, DecideResponse, FinishRequest, FinishResponse, ForgetRequest, Item,
+    PrepareRequest, PrepareResponse, SetOwnershipRequest, SetOwnershipResponse, TxnRequest,
+    TxnResponse,
 };
 use prost::Message as _;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
@@ -18,6 +20,7 @@ use sled::Transactional;
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::snapshot;
+use crate::twopc;
 use crate::txn::{self, ItemView};
 
 const APPLIED_KEY: &[u8] = b"applied_index";
@@ -38,6 +41,8 @@ pub struct StateMachine {
     applied_tx: tokio::sync::watch::Sender<u64>,
     ownership: RwLock<Ownership>,
     view: RwLock<()>,
+    /// Items locked by cross-group transactions: while 0, nothing needs to look for locks.
+    locks: AtomicI64,
 }
 
 /// Entry payload tags: the rest is a prost message of the command's kind.
@@ -45,6 +50,12 @@ const CMD_TXN: u8 = 1;
 const CMD_SET_OWNERSHIP: u8 = 2;
 /// Several transactions in one entry, each length-delimited, applied in order.
 const CMD_TXN_BATCH: u8 = 3;
+/// Two-phase commit (`twopc.rs`).
+const CMD_PREPARE: u8 = 20;
+/// Followed by the leader's clock (ms, u64 BE), then the request.
+const CMD_DECIDE: u8 = 21;
+const CMD_FINISH: u8 = 22;
+const CMD_FORGET: u8 = 23;
 
 /// A command in the raft log.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,6 +66,15 @@ pub enum Command {
     /// raft (encoding, log write, checksums, replication messages) are paid once for all of them.
     /// Each is still evaluated on its own, in order, with its own outcome.
     TxnBatch(Vec<TxnRequest>),
+    /// Two-phase commit of a cross-group transaction, one participant's steps (`twopc.rs`).
+    Prepare(PrepareRequest),
+    /// `now_ms` is the proposing leader's clock, so that every replica decides alike.
+    Decide {
+        req: DecideRequest,
+        now_ms: u64,
+    },
+    Finish(FinishRequest),
+    Forget(ForgetRequest),
 }
 
 impl Command {
@@ -68,6 +88,10 @@ impl Command {
                     .map(|t| prost::length_delimiter_len(t.encoded_len()) + t.encoded_len())
                     .sum(),
             ),
+            Command::Prepare(p) => (CMD_PREPARE, p.encoded_len()),
+            Command::Decide { req, .. } => (CMD_DECIDE, 8 + req.encoded_len()),
+            Command::Finish(f) => (CMD_FINISH, f.encoded_len()),
+            Command::Forget(f) => (CMD_FORGET, f.encoded_len()),
         };
         let mut data = Vec::with_capacity(1 + len);
         data.push(tag);
@@ -77,6 +101,13 @@ impl Command {
             Command::TxnBatch(ts) => ts
                 .iter()
                 .try_for_each(|t| t.encode_length_delimited(&mut data)),
+            Command::Prepare(p) => p.encode(&mut data),
+            Command::Decide { req, now_ms } => {
+                data.extend_from_slice(&now_ms.to_be_bytes());
+                req.encode(&mut data)
+            }
+            Command::Finish(f) => f.encode(&mut data),
+            Command::Forget(f) => f.encode(&mut data),
         }
         .expect("vec has room");
         data
@@ -100,6 +131,21 @@ impl Command {
                 }
                 Ok(Command::TxnBatch(txns))
             }
+            Some((&CMD_PREPARE, rest)) => PrepareRequest::decode(rest)
+                .map(Command::Prepare)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_DECIDE, rest)) if rest.len() >= 8 => {
+                let now_ms = u64::from_be_bytes(rest[..8].try_into().unwrap());
+                DecideRequest::decode(&rest[8..])
+                    .map(|req| Command::Decide { req, now_ms })
+                    .map_err(|e| e.to_string())
+            }
+            Some((&CMD_FINISH, rest)) => FinishRequest::decode(rest)
+                .map(Command::Finish)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_FORGET, rest)) => ForgetRequest::decode(rest)
+                .map(Command::Forget)
+                .map_err(|e| e.to_string()),
             Some((tag, _)) => Err(format!("unknown command tag {tag}")),
             None => Err("empty command".into()),
         }
@@ -113,6 +159,10 @@ pub enum Outcome {
     Ownership(SetOwnershipResponse),
     /// One result per transaction of a `TxnBatch`, in order.
     TxnBatch(Vec<Result<TxnResponse>>),
+    Prepared(PrepareResponse),
+    Decided(DecideResponse),
+    Finished(FinishResponse),
+    Forgotten,
 }
 
 /// The slots this replica's group owns, as of a map version.
@@ -294,6 +344,7 @@ impl StateMachine {
         }
         let applied = read_u64(meta.get(APPLIED_KEY)?, "applied_index")?;
         let ownership = load_ownership(&meta, slot_count)?;
+        let locks = twopc::count_locks(&meta)?;
         Ok(Opened {
             sm: StateMachine {
                 node_id,
@@ -304,6 +355,7 @@ impl StateMachine {
                 applied_tx: tokio::sync::watch::channel(applied).0,
                 ownership: RwLock::new(ownership),
                 view: RwLock::new(()),
+                locks: AtomicI64::new(locks),
             },
             interrupted_install,
         })
@@ -360,43 +412,86 @@ impl StateMachine {
                     node_id: self.node_id,
                 };
                 let mut results = Vec::with_capacity(batch.len());
-                // One transaction: refused if it touches a slot this group does not own (at
-                // apply time, the authoritative check), else evaluated.
-                let mut apply_one = |t: &TxnRequest| -> std::result::Result<
+                let mut locks = self.locks.load(Ordering::Relaxed);
+                // Refused if a shard key's slot is not owned here (at apply time, the
+                // authoritative check).
+                let unowned = |sks: &mut dyn Iterator<Item = &[u8]>| -> Option<Error> {
+                    sks.map(|sk| ordo_proto::slot_of(sk, self.slot_count))
+                        .find(|slot| !ownership.owns(*slot))
+                        .map(|slot| Error::WrongShard {
+                            slot,
+                            map_version: ownership.map_version,
+                        })
+                };
+                // One transaction: refused if it touches a slot not owned here or an item a
+                // cross-group transaction holds, else evaluated.
+                let apply_one = |view: &mut TxView,
+                                 locks: i64,
+                                 t: &TxnRequest|
+                 -> std::result::Result<
                     Result<TxnResponse>,
                     ConflictableTransactionError<Error>,
                 > {
-                    let unowned = shard_keys(t)
-                        .map(|sk| ordo_proto::slot_of(sk, self.slot_count))
-                        .find(|slot| !ownership.owns(*slot));
-                    Ok(match unowned {
-                        Some(slot) => Err(Error::WrongShard {
-                            slot,
-                            map_version: ownership.map_version,
-                        }),
-                        None => Ok(txn::evaluate(&mut view, t)
-                            .map_err(ConflictableTransactionError::Abort)?),
-                    })
+                    if let Some(e) = unowned(&mut shard_keys(t)) {
+                        return Ok(Err(e));
+                    }
+                    if locks > 0 {
+                        if let Err(e) = twopc::check_unlocked(meta, self.slot_count, t, None)? {
+                            return Ok(Err(e));
+                        }
+                    }
+                    Ok(Ok(
+                        txn::evaluate(view, t).map_err(ConflictableTransactionError::Abort)?
+                    ))
                 };
                 for a in batch {
                     let r = match &a.cmd {
-                        Some(Command::Txn(t)) => apply_one(t)?.map(Outcome::Txn),
-                        Some(Command::TxnBatch(ts)) => Ok(Outcome::TxnBatch(
-                            ts.iter()
-                                .map(&mut apply_one)
-                                .collect::<std::result::Result<_, _>>()?,
-                        )),
+                        Some(Command::Txn(t)) => apply_one(&mut view, locks, t)?.map(Outcome::Txn),
+                        Some(Command::TxnBatch(ts)) => {
+                            let mut rs = Vec::with_capacity(ts.len());
+                            for t in ts {
+                                rs.push(apply_one(&mut view, locks, t)?);
+                            }
+                            Ok(Outcome::TxnBatch(rs))
+                        }
+                        Some(Command::Prepare(p)) => {
+                            let part = p.part.clone().unwrap_or_default();
+                            let refused = unowned(&mut shard_keys(&part));
+                            match refused {
+                                Some(e) => Err(e),
+                                None => {
+                                    twopc::prepare(&mut view, meta, self.slot_count, p, &mut locks)?
+                                        .map(Outcome::Prepared)
+                                }
+                            }
+                        }
+                        Some(Command::Decide { req, now_ms }) => {
+                            match unowned(&mut std::iter::once(req.primary_shard_key.as_ref())) {
+                                Some(e) => Err(e),
+                                None => twopc::decide(meta, req, *now_ms)?.map(Outcome::Decided),
+                            }
+                        }
+                        Some(Command::Finish(f)) => {
+                            twopc::finish(&mut view, meta, self.slot_count, f, &mut locks)?
+                                .map(Outcome::Finished)
+                        }
+                        Some(Command::Forget(f)) => {
+                            twopc::forget(meta, &f.txn_id)?;
+                            Ok(Outcome::Forgotten)
+                        }
                         _ => continue,
                     };
                     results.push((a.index, r));
                 }
                 meta.insert(APPLIED_KEY, &last.index.to_be_bytes())?;
-                Ok(results)
+                Ok((results, locks))
             })
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Abort(e) => e,
                 sled::transaction::TransactionError::Storage(e) => Error::from(e),
             })?;
+        let (results, locks) = results;
+        self.locks.store(locks, Ordering::Relaxed);
         self.applied.store(last.index, Ordering::Release);
         out.extend(results);
         Ok(())
@@ -500,6 +595,39 @@ impl StateMachine {
         self.applied_tx.subscribe()
     }
 
+    fn decode_lock(&self, lock_key: &[u8], raw: &[u8]) -> Result<twopc::Lock> {
+        twopc::Lock::decode(lock_key, raw).map_err(|e| match e {
+            sled::transaction::ConflictableTransactionError::Abort(e) => e,
+            other => Error::Storage(format!("{other:?}")),
+        })
+    }
+
+    /// Refuses at once (before proposing) a transaction that would meet a lock at apply time
+    /// (any lock but its own write lock); the apply-time check stays the authoritative one.
+    pub fn check_unlocked(&self, t: &TxnRequest, own: Option<&[u8]>) -> Result<()> {
+        if self.locks.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        for (sk, k) in twopc::items(t) {
+            let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, k);
+            let lk = twopc::lock_key(&raw_key);
+            if let Some(raw) = self.meta.get(&lk)? {
+                let lock = self.decode_lock(&lk, &raw)?;
+                let ours =
+                    lock.write && own.is_some_and(|id| lock.holders.iter().any(|h| h.txn_id == id));
+                if !ours {
+                    return Err(lock.refusal(&raw_key));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Items locked by unfinished cross-group transactions.
+    pub fn locks_held(&self) -> i64 {
+        self.locks.load(Ordering::Relaxed)
+    }
+
     fn read_guard(&self) -> RwLockReadGuard<'_, ()> {
         self.view.read().unwrap()
     }
@@ -507,6 +635,15 @@ impl StateMachine {
     pub fn get(&self, sk: &[u8], key: &[u8]) -> Result<Option<(u64, bytes::Bytes)>> {
         let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, key);
         let _r = self.read_guard();
+        if self.locks.load(Ordering::Relaxed) > 0 {
+            let lk = twopc::lock_key(&raw_key);
+            if let Some(raw) = self.meta.get(&lk)? {
+                let lock = self.decode_lock(&lk, &raw)?;
+                if lock.write {
+                    return Err(lock.refusal(&raw_key));
+                }
+            }
+        }
         match self.data.get(&raw_key)? {
             Some(raw) => {
                 let (version, value) = checked_value(self.node_id, &raw_key, &raw)?;
@@ -529,6 +666,24 @@ impl StateMachine {
         let mut from = prefix.clone();
         from.extend_from_slice(start);
         let _r = self.read_guard();
+        if self.locks.load(Ordering::Relaxed) > 0 {
+            // A scan must not see half of a transaction: any lock in its range refuses it.
+            let lock_prefix = twopc::lock_prefix(&prefix);
+            for kv in self.meta.range(twopc::lock_key(&from)..) {
+                let (lk, raw) = kv?;
+                if !lk.starts_with(&lock_prefix) {
+                    break;
+                }
+                let raw_key = &lk[twopc::lock_key(&[]).len()..];
+                if !end.is_empty() && &raw_key[prefix.len()..] >= end {
+                    break;
+                }
+                let lock = self.decode_lock(&lk, &raw)?;
+                if lock.write {
+                    return Err(lock.refusal(raw_key));
+                }
+            }
+        }
         let mut items = Vec::new();
         for kv in self.data.range(from..) {
             let (raw_key, raw) = kv?;
@@ -591,6 +746,9 @@ impl StateMachine {
         self.meta.insert(INSTALLING_KEY, &index.to_be_bytes())?;
         self.data.clear()?;
         self.meta.remove(OWNERSHIP_KEY)?;
+        for k in self.meta.scan_prefix(twopc::PREFIX).keys() {
+            self.meta.remove(k?)?;
+        }
         let mut reader = snapshot::Reader::open(path)?;
         let mut batch = sled::Batch::default();
         let mut in_batch = 0;
@@ -622,6 +780,8 @@ impl StateMachine {
         self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
         self.applied.store(index, Ordering::Release);
         *self.ownership.write().unwrap() = load_ownership(&self.meta, self.slot_count)?;
+        self.locks
+            .store(twopc::count_locks(&self.meta)?, Ordering::Relaxed);
         self.applied_tx.send_replace(index);
         tracing::info!(node = self.node_id, index, items, "installed snapshot");
         Ok(items)

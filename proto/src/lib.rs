@@ -6,6 +6,11 @@ pub mod v1 {
     tonic::include_proto!("ordo.v1");
 }
 
+/// A cross-group transaction whose locks are older than this (by its coordinator's clock) may be
+/// aborted by anyone who meets them: its coordinator is presumed gone. Nodes and routers agree
+/// on it through this constant.
+pub const TXN_LOCK_TIMEOUT_MS: u64 = 2_000;
+
 /// The slot of a shard key: `crc32(shard_key) mod slot_count`. Routers and nodes both call this,
 /// so a key can never be routed by one rule and owned by another.
 pub fn slot_of(shard_key: &[u8], slot_count: u32) -> u32 {
@@ -21,7 +26,9 @@ pub fn slot_of(shard_key: &[u8], slot_count: u32) -> u32 {
 pub fn certainly_not_applied(status: &tonic::Status) -> bool {
     use v1::error_detail::Kind;
     let detail = match status.code() {
-        tonic::Code::Unavailable | tonic::Code::FailedPrecondition => error_detail_of(status),
+        tonic::Code::Unavailable | tonic::Code::FailedPrecondition | tonic::Code::Aborted => {
+            error_detail_of(status)
+        }
         _ => None,
     };
     match detail {
@@ -29,6 +36,7 @@ pub fn certainly_not_applied(status: &tonic::Status) -> bool {
             status.code() == tonic::Code::Unavailable
         }
         Some(Kind::WrongShard(_)) => status.code() == tonic::Code::FailedPrecondition,
+        Some(Kind::Locked(_)) => status.code() == tonic::Code::Aborted,
         None => connect_failed(status),
     }
 }

@@ -206,9 +206,10 @@ impl ConfigClient {
             // refuses to repeat itself (init of an initialized cluster, add of a known group),
             // so a retry cannot apply twice; it may report its own first attempt's effect.
             let delay = match classify(&status, Effect::Read) {
-                Action::Fail | Action::Refresh { .. } | Action::OutcomeUnknown => {
-                    return Err(pass_through(status))
-                }
+                Action::Fail
+                | Action::Refresh { .. }
+                | Action::OutcomeUnknown
+                | Action::Locked(_) => return Err(pass_through(status)),
                 Action::Redirect(leader) => {
                     *self.leader.lock().unwrap() = Some(leader.clone());
                     hint = Some(leader);

@@ -9,10 +9,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::kv_server::Kv;
+use ordo_proto::v1::participant_client::ParticipantClient;
 use ordo_proto::v1::{
-    error_detail, txn_op, DeleteRequest, DeleteResponse, ErrorDetail, GetRequest, GetResponse,
-    PutRequest, PutResponse, RequestHeader, ScanRequest, ScanResponse, ShardMap, TxnRequest,
-    TxnResponse,
+    error_detail, txn_op, DecideRequest, DeleteRequest, DeleteResponse, ErrorDetail, FinishRequest,
+    ForgetRequest, GetRequest, GetResponse, PrepareRequest, PutRequest, PutResponse, RequestHeader,
+    ScanRequest, ScanResponse, ShardMap, TxnRequest, TxnResponse,
 };
 use prost::Message;
 use tokio::time::Instant;
@@ -22,7 +23,9 @@ use tonic::{Code, Request, Response, Status};
 use crate::config::refresh_map;
 use crate::map::{group_of, groups_of, list_groups, replicas};
 use crate::pool::MESSAGE_BYTES_MAX;
-use crate::retry::{backoff, classify, describe, pass_through, Action, Effect, MAX_ATTEMPTS};
+use crate::retry::{
+    backoff, classify, describe, lock_backoff, pass_through, Action, Effect, MAX_ATTEMPTS,
+};
 use crate::{deadline, Shared};
 
 pub(crate) struct KvService(pub(crate) Arc<Shared>);
@@ -46,11 +49,40 @@ routed!(
     PutRequest,
     DeleteRequest,
     ScanRequest,
-    TxnRequest
+    TxnRequest,
+    PrepareRequest,
+    DecideRequest,
+    FinishRequest,
+    ForgetRequest
 );
 
+/// What the forwarding loop does when the request meets an item locked by a cross-group
+/// transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum OnLock {
+    /// Wait (bounded by the deadline), resolving the lock once it is older than the timeout.
+    Wait,
+    /// Wait as the cross-group transaction `(priority_ms, txn_id)`: as `Wait`, but a holder
+    /// younger than it is aborted at once (wound-wait, see `twopc.rs`).
+    WaitAs(u64, Bytes),
+    /// Hand the `ABORTED` status back (a writing transaction's prepare never waits).
+    Fail,
+}
+
+pub(crate) fn kv_client(ch: Channel) -> KvClient<Channel> {
+    KvClient::new(ch)
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX)
+}
+
+pub(crate) fn participant(ch: Channel) -> ParticipantClient<Channel> {
+    ParticipantClient::new(ch)
+        .max_decoding_message_size(MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(MESSAGE_BYTES_MAX)
+}
+
 /// What decides a request's group.
-enum Route {
+pub(crate) enum Route {
     /// One shard key (Get, Put, Delete, Scan).
     Key(Bytes),
     /// Every distinct shard key of a Txn; they must all map to one group.
@@ -58,6 +90,14 @@ enum Route {
 }
 
 impl Route {
+    /// A shard key of the route (they all share its group).
+    fn any_key(&self) -> Bytes {
+        match self {
+            Route::Key(k) => k.clone(),
+            Route::Txn(keys) => keys[0].clone(),
+        }
+    }
+
     /// The group to send to under `map`, or the status to answer with.
     fn group(&self, map: &ShardMap) -> Result<u64, Status> {
         match self {
@@ -65,10 +105,11 @@ impl Route {
             Route::Txn(keys) => {
                 let groups = groups_of(map, keys.iter().map(|k| &k[..]));
                 if groups.len() > 1 {
-                    return Err(Status::failed_precondition(format!(
-                        "this Txn touches groups {}; transactions across shard groups are not \
-                         supported yet (all keys of a Txn must share a group; keys with the same \
-                         shard key always do)",
+                    // Only when the map changed while the request was routed (cross-group Txns
+                    // go to two-phase commit before they get here).
+                    return Err(Status::unavailable(format!(
+                        "the keys routed together now belong to groups {} (the shard map \
+                         changed); nothing was applied, retry",
                         list_groups(&groups)
                     )));
                 }
@@ -128,11 +169,15 @@ fn txn_shard_keys(req: &TxnRequest) -> Result<Vec<Bytes>, Status> {
 
 impl KvService {
     /// Sends `req` to the leader of its group with `rpc`, retrying routing trouble as described
-    /// in the crate documentation, within `budget`.
-    async fn forward<Req, Resp, F, Fut>(
+    /// in the crate documentation, within `budget`. An item locked by a cross-group transaction
+    /// is waited for (and the lock resolved once it is older than the lock timeout) with
+    /// `OnLock::Wait`, or handed back as the `ABORTED` status with `OnLock::Fail`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn forward<Req, Resp, F, Fut>(
         &self,
         op: &'static str,
         effect: Effect,
+        on_lock: OnLock,
         route: Route,
         req: Req,
         budget: Duration,
@@ -140,7 +185,7 @@ impl KvService {
     ) -> Result<Response<Resp>, Status>
     where
         Req: Routed,
-        F: Fn(KvClient<Channel>, Request<Req>) -> Fut,
+        F: Fn(Channel, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
         let shared = &self.0;
@@ -153,6 +198,7 @@ impl KvService {
         let mut followed_hint = false;
         let mut last_group = 0;
         let mut last_error = String::from("no attempt made");
+        let mut lock_waits = 0u32;
         loop {
             let map = shared.map.current();
             if map.version == 0 {
@@ -188,14 +234,11 @@ impl KvService {
                         // Nothing was sent: as good as a refused connection.
                         Err(e) => Ok(never_sent(e)),
                         Ok(channel) => {
-                            let client = KvClient::new(channel)
-                                .max_decoding_message_size(MESSAGE_BYTES_MAX)
-                                .max_encoding_message_size(MESSAGE_BYTES_MAX);
                             let mut r = req.clone();
                             r.set_map_version(map.version);
                             let mut request = Request::new(r);
                             request.set_timeout(remaining);
-                            match tokio::time::timeout(remaining, rpc(client, request)).await {
+                            match tokio::time::timeout(remaining, rpc(channel, request)).await {
                                 Ok(Ok(resp)) => {
                                     if attempts > 0 {
                                         tracing::debug!(op, group, %addr, attempts = attempts + 1, "succeeded after retries");
@@ -236,6 +279,7 @@ impl KvService {
                     let action = classify(&status, effect);
                     match action {
                         Action::Fail => return Err(pass_through(status)),
+                        Action::Locked(_) if on_lock == OnLock::Fail => return Err(status),
                         Action::OutcomeUnknown => {
                             let status = outcome_unknown(op, group, &addr, attempts, &status);
                             tracing::warn!(op, group, attempts, "{}", status.message());
@@ -246,6 +290,23 @@ impl KvService {
                     last_error = describe(&status);
                     match action {
                         Action::Fail | Action::OutcomeUnknown => unreachable!("returned above"),
+                        // Waiting for a transaction to finish is not a failed attempt: the
+                        // deadline bounds it.
+                        Action::Locked(lock) => {
+                            attempts -= 1;
+                            lock_waits += 1;
+                            let wounder = match &on_lock {
+                                OnLock::WaitAs(priority, id) => Some((*priority, id.clone())),
+                                _ => None,
+                            };
+                            if let Err(e) = self
+                                .resolve_lock(lock, route.any_key(), deadline, wounder)
+                                .await
+                            {
+                                last_error = format!("{last_error}; resolving the lock: {e}");
+                            }
+                            lock_backoff(lock_waits)
+                        }
                         Action::Redirect(leader) => {
                             shared.counters.redirects.fetch_add(1, Ordering::Relaxed);
                             shared.leaders.set(group, &leader);
@@ -386,10 +447,11 @@ impl Kv for KvService {
         self.forward(
             "Get",
             Effect::Read,
+            OnLock::Wait,
             route,
             req,
             budget,
-            |mut c, r| async move { c.get(r).await },
+            |ch, r| async move { kv_client(ch).get(r).await },
         )
         .await
     }
@@ -402,10 +464,11 @@ impl Kv for KvService {
         self.forward(
             "Put",
             Effect::Write,
+            OnLock::Wait,
             route,
             req,
             budget,
-            |mut c, r| async move { c.put(r).await },
+            |ch, r| async move { kv_client(ch).put(r).await },
         )
         .await
     }
@@ -421,10 +484,11 @@ impl Kv for KvService {
         self.forward(
             "Delete",
             Effect::Write,
+            OnLock::Wait,
             route,
             req,
             budget,
-            |mut c, r| async move { c.delete(r).await },
+            |ch, r| async move { kv_client(ch).delete(r).await },
         )
         .await
     }
@@ -437,10 +501,11 @@ impl Kv for KvService {
         self.forward(
             "Scan",
             Effect::Read,
+            OnLock::Wait,
             route,
             req,
             budget,
-            |mut c, r| async move { c.scan(r).await },
+            |ch, r| async move { kv_client(ch).scan(r).await },
         )
         .await
     }
@@ -448,14 +513,24 @@ impl Kv for KvService {
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let budget = deadline::budget(request.metadata());
         let req = request.into_inner();
-        let route = Route::Txn(txn_shard_keys(&req)?);
+        let keys = txn_shard_keys(&req)?;
+        let map = self.0.map.current();
+        if map.version == 0 {
+            return Err(not_initialized());
+        }
+        if groups_of(&map, keys.iter().map(|k| &k[..])).len() > 1 {
+            return crate::twopc::coordinate(self, req, budget)
+                .await
+                .map(Response::new);
+        }
         self.forward(
             "Txn",
             Effect::Write,
-            route,
+            OnLock::Wait,
+            Route::Txn(keys),
             req,
             budget,
-            |mut c, r| async move { c.txn(r).await },
+            |ch, r| async move { kv_client(ch).txn(r).await },
         )
         .await
     }

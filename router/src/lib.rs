@@ -47,6 +47,9 @@ mod kv;
 mod map;
 mod pool;
 mod retry;
+mod twopc;
+
+pub use twopc::Failpoint;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,6 +92,8 @@ pub struct RouterOptions {
     /// Follow `WatchShardMap` in the background (the normal case). With `false` the router
     /// learns a new map only from a `wrong shard` answer, which tests use to hold a stale map.
     pub follow_map_updates: bool,
+    /// Tests only: where this router's cross-group transactions stop, as if it died there.
+    pub twopc_failpoint: Option<Failpoint>,
 }
 
 /// Counters of routing events since the router started.
@@ -112,6 +117,7 @@ impl Default for RouterOptions {
         RouterOptions {
             start_timeout: DEFAULT_START_TIMEOUT,
             follow_map_updates: true,
+            twopc_failpoint: None,
         }
     }
 }
@@ -127,6 +133,7 @@ pub(crate) struct Shared {
     /// Turns true when the router stops (ends the router's own watch streams).
     pub(crate) stop: watch::Receiver<bool>,
     pub(crate) counters: Counters,
+    pub(crate) twopc_failpoint: Option<Failpoint>,
 }
 
 impl Shared {
@@ -178,6 +185,7 @@ impl Router {
             refresh_lock: tokio::sync::Mutex::new(()),
             stop: stop_rx.clone(),
             counters: Counters::default(),
+            twopc_failpoint: opts.twopc_failpoint,
         });
         shared.install_map(initial, "start");
         if shared.map.current().version == 0 {
@@ -228,6 +236,11 @@ impl Router {
     /// The version of the cached shard map (0 = cluster not initialized).
     pub fn map_version(&self) -> u64 {
         self.shared.map.current().version
+    }
+
+    /// The cached shard map.
+    pub fn shard_map(&self) -> ordo_proto::v1::ShardMap {
+        (*self.shared.map.current()).clone()
     }
 
     /// Waits until the router holds a shard map of at least `version`, for at most `timeout`.

@@ -36,6 +36,9 @@ pub(crate) enum Action {
     /// A write failed in a way that does not prove it was not applied (a plain `UNAVAILABLE`, a
     /// connection that broke after the request was sent): answer "outcome unknown", never retry.
     OutcomeUnknown,
+    /// An item is locked by an unfinished cross-group transaction; nothing was applied. Wait, or
+    /// resolve the lock through its transaction record, then retry.
+    Locked(error_detail::Locked),
 }
 
 /// Whether a request can change data: decides which failures may be retried.
@@ -74,6 +77,10 @@ fn classify_routing(status: &Status) -> Action {
                 }
             }
             _ => Action::Rotate,
+        },
+        Code::Aborted => match error_detail_of(status) {
+            Some(error_detail::Kind::Locked(l)) => Action::Locked(l),
+            _ => Action::Fail,
         },
         Code::FailedPrecondition => match error_detail_of(status) {
             Some(error_detail::Kind::WrongShard(ws)) => Action::Refresh {
@@ -118,6 +125,7 @@ pub(crate) fn describe(status: &Status) -> String {
             status.message()
         ),
         Some(error_detail::Kind::NotApplied(_)) => format!("not applied: {}", status.message()),
+        Some(error_detail::Kind::Locked(_)) => format!("locked: {}", status.message()),
         None => format!("{:?}: {}", status.code(), status.message()),
     };
     // Transport errors keep the useful part ("Connection refused") in their source chain.
@@ -142,6 +150,12 @@ fn truncate(mut text: String, max_chars: usize) -> String {
 }
 
 /// Delay before retry number `retry` (0-based): 10 ms doubling up to 250 ms.
+/// Delay before retrying a request that met a lock: a live transaction holds its locks for a
+/// few raft round trips, so wait briefly and often.
+pub(crate) fn lock_backoff(waits: u32) -> Duration {
+    (Duration::from_millis(2) * (1u32 << waits.min(5))).min(Duration::from_millis(50))
+}
+
 pub(crate) fn backoff(retry: u32) -> Duration {
     let factor = 1u32 << retry.min(16);
     BACKOFF_BASE.saturating_mul(factor).min(BACKOFF_MAX)

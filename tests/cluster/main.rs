@@ -2,6 +2,7 @@
 //! One test binary with modules, so the `ordo` binary and the harness are built once.
 
 mod bad_input;
+mod bank;
 mod faults;
 mod group;
 mod harness;

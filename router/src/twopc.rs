@@ -1,0 +1,687 @@
+//! Two-phase commit of a `Txn` whose shard keys live in several groups; the router is the
+//! coordinator, each group a participant (`ordo.v1.Participant`, applied by `src/twopc.rs`).
+//!
+//! 1. **Prepare** every group's part at once: it locks every item the part reads or writes and
+//!    evaluates its compares. A Txn that writes takes write locks, all of a part or none; a
+//!    read-only Txn takes read locks, shared with other readers, and keeps what it got while it
+//!    waits for the rest (`accumulate`). Conflicts are settled by age, the clock of the
+//!    transaction's first attempt (kept across attempts): meeting a younger transaction's lock
+//!    aborts that transaction (through its record). Beyond that, a writer never waits: it
+//!    gives this attempt up and retries after a random backoff; a reader waits for the older
+//!    writer (within the deadline). Only readers wait, and only for writers, so there is no
+//!    deadlock, and a transaction that keeps losing ends up the oldest. A lock older than the
+//!    lock timeout is resolved by whoever meets it: its coordinator is gone.
+//! 2. **Decide**: every compare held → the success branch, else the failure branch. The decision
+//!    is recorded in the group of the primary shard key (the Txn's first). The first decision
+//!    recorded wins: if a resolver aborted the transaction meanwhile, this attempt is aborted.
+//!    A read-only Txn records nothing (committing or aborting it changes nothing).
+//! 3. **Finish** every part with the decision: it runs the branch's ops and releases the locks.
+//!    Then the record is forgotten (in the background).
+//!
+//! Decide and Finish are idempotent, so they are retried until the deadline like reads. A
+//! request that meets a lock (`kv.rs`) waits, and past the timeout resolves it: Decide with
+//! `resolve` at the primary (aborts it unless decided), then Finish at the locked group.
+//! Readers never see half of a transaction: every item it touches is locked from its prepare to
+//! its finish, and reads of locked items wait.
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ordo_proto::v1::{
+    error_detail, txn_op, DecideRequest, Decision, FinishRequest, ForgetRequest, PrepareRequest,
+    PrepareResponse, TxnOp, TxnOpResult, TxnRequest, TxnResponse,
+};
+use tokio::time::Instant;
+use tonic::Status;
+
+use crate::kv::{participant, KvService, OnLock, Route};
+use crate::map::group_of;
+use crate::retry::Effect;
+
+/// Most attempts (fresh transaction ids) one cross-group Txn makes before answering `ABORTED`;
+/// the request's deadline usually ends them first. Enough to outwait a lock whose coordinator
+/// died (the lock timeout) at the longest backoff.
+const ATTEMPTS_MAX: u32 = 40;
+const RETRY_BACKOFF_BASE_MS: u64 = 5;
+const RETRY_BACKOFF_MAX_MS: u64 = 200;
+
+/// Where a test wants a coordinator to stop, as if its router died there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failpoint {
+    /// Every part is prepared (locked); no decision is recorded.
+    AfterPrepare,
+    /// The decision is recorded; no participant has finished.
+    AfterDecide,
+}
+
+fn failpoint(svc: &KvService, fp: Failpoint) -> Result<(), Status> {
+    if svc.0.twopc_failpoint == Some(fp) {
+        tracing::warn!(?fp, "failpoint: the coordinator stops here");
+        return Err(Status::unavailable(format!(
+            "failpoint {fp:?}: the coordinator stopped; the transaction's outcome is up to the \
+             lock resolvers"
+        )));
+    }
+    Ok(())
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// 16 bytes unique to this process and call: a random per-process half and a counter.
+fn new_txn_id() -> Bytes {
+    static SEED: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let seed = *SEED.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(now_ms());
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    let mut id = seed.to_be_bytes().to_vec();
+    id.extend_from_slice(&NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    id.into()
+}
+
+fn random_below(n: u64) -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.finish() % n.max(1)
+}
+
+fn op_key(op: &TxnOp) -> Option<&Bytes> {
+    Some(match op.op.as_ref()? {
+        txn_op::Op::Put(p) => &p.shard_key,
+        txn_op::Op::Delete(d) => &d.shard_key,
+        txn_op::Op::Get(g) => &g.shard_key,
+    })
+}
+
+fn writes(ops: &[TxnOp]) -> bool {
+    ops.iter()
+        .any(|op| matches!(op.op, Some(txn_op::Op::Put(_) | txn_op::Op::Delete(_))))
+}
+
+/// One group's share of a Txn, and where each of its op results goes in the whole Txn's answer.
+struct Part {
+    group: u64,
+    txn: TxnRequest,
+    keys: Vec<Bytes>,
+    /// Position in the whole Txn's success (failure) ops of each op of this part's branch.
+    success_at: Vec<usize>,
+    failure_at: Vec<usize>,
+}
+
+fn split(map: &ordo_proto::v1::ShardMap, req: &TxnRequest) -> Vec<Part> {
+    let mut parts: BTreeMap<u64, Part> = BTreeMap::new();
+    let mut part = |sk: &Bytes| {
+        let group = group_of(map, sk);
+        let p = parts.entry(group).or_insert_with(|| Part {
+            group,
+            txn: TxnRequest::default(),
+            keys: Vec::new(),
+            success_at: Vec::new(),
+            failure_at: Vec::new(),
+        });
+        if !p.keys.contains(sk) {
+            p.keys.push(sk.clone());
+        }
+        group
+    };
+    let mut placed: Vec<(u64, usize, u8)> = Vec::new();
+    let mut compares = Vec::new();
+    for c in &req.compares {
+        compares.push((part(&c.shard_key), c.clone()));
+    }
+    for (branch, ops) in [(0u8, &req.success), (1u8, &req.failure)] {
+        for (i, op) in ops.iter().enumerate() {
+            if let Some(sk) = op_key(op) {
+                placed.push((part(sk), i, branch));
+            }
+        }
+    }
+    for (g, c) in compares {
+        parts.get_mut(&g).unwrap().txn.compares.push(c);
+    }
+    for (g, i, branch) in placed {
+        let p = parts.get_mut(&g).unwrap();
+        if branch == 0 {
+            p.txn.success.push(req.success[i].clone());
+            p.success_at.push(i);
+        } else {
+            p.txn.failure.push(req.failure[i].clone());
+            p.failure_at.push(i);
+        }
+    }
+    parts.into_values().collect()
+}
+
+/// Why one attempt did not commit.
+enum AttemptFailed {
+    /// Worth another attempt with a new id (a lock, a lost race with a resolver).
+    Retry(String),
+    /// The answer to give the client.
+    Fail(Status),
+}
+
+/// Runs a cross-group Txn to its end within `budget`.
+pub(crate) async fn coordinate(
+    svc: &KvService,
+    req: TxnRequest,
+    budget: Duration,
+) -> Result<TxnResponse, Status> {
+    let started = Instant::now();
+    let deadline = started + budget;
+    // Kept across attempts: a transaction that keeps losing ends up the oldest, and wins.
+    let priority_ms = now_ms();
+    let mut last = String::new();
+    for attempt in 0..ATTEMPTS_MAX {
+        if attempt > 0 {
+            let cap = (RETRY_BACKOFF_BASE_MS << attempt.min(6)).min(RETRY_BACKOFF_MAX_MS);
+            let pause = Duration::from_millis(cap / 2 + random_below(cap / 2 + 1));
+            if Instant::now() + pause >= deadline {
+                break;
+            }
+            tokio::time::sleep(pause).await;
+        }
+        match attempt_once(svc, &req, priority_ms, deadline).await {
+            Ok(resp) => return Ok(resp),
+            Err(AttemptFailed::Fail(s)) => return Err(s),
+            Err(AttemptFailed::Retry(why)) => {
+                tracing::debug!(attempt, why, "cross-group transaction retried");
+                last = why;
+            }
+        }
+    }
+    Err(Status::aborted(format!(
+        "cross-group transaction aborted after {:.1?} of attempts ({last}); nothing was \
+         applied: retry it",
+        started.elapsed()
+    )))
+}
+
+async fn attempt_once(
+    svc: &KvService,
+    req: &TxnRequest,
+    priority_ms: u64,
+    deadline: Instant,
+) -> Result<TxnResponse, AttemptFailed> {
+    let map = svc.0.map.current();
+    let parts = split(&map, req);
+    let txn_id = new_txn_id();
+    let primary = req
+        .compares
+        .first()
+        .map(|c| c.shard_key.clone())
+        .or_else(|| {
+            req.success
+                .iter()
+                .chain(&req.failure)
+                .find_map(op_key)
+                .cloned()
+        })
+        .expect("a routed Txn names a key");
+    let started_ms = now_ms();
+    let remaining = || deadline.saturating_duration_since(Instant::now());
+
+    // 1. Prepare every part at once. A writer never waits: meeting a lock ends this attempt
+    // (after aborting the holder if it is younger). A reader shares read locks with other
+    // readers, keeps what it locked, and waits for older writers (aborting younger ones).
+    // Nobody waits for a waiter: no deadlock.
+    let writes_any = writes(&req.success) || writes(&req.failure);
+    let prepare = |p: &Part| {
+        let r = PrepareRequest {
+            header: None,
+            txn_id: txn_id.clone(),
+            primary_shard_key: primary.clone(),
+            started_ms,
+            part: Some(p.txn.clone()),
+            accumulate: !writes_any,
+            priority_ms,
+        };
+        let on_lock = if writes_any {
+            OnLock::Fail
+        } else {
+            OnLock::WaitAs(priority_ms, txn_id.clone())
+        };
+        svc.forward(
+            "Prepare",
+            Effect::Write,
+            on_lock,
+            Route::Txn(p.keys.clone()),
+            r,
+            remaining(),
+            |ch, r| async move { participant(ch).prepare(r).await },
+        )
+    };
+    let prepared: Vec<Result<PrepareResponse, Status>> =
+        futures::future::join_all(parts.iter().map(prepare))
+            .await
+            .into_iter()
+            .map(|r| r.map(|r| r.into_inner()))
+            .collect();
+    let mut held = true;
+    let mut refusal: Option<Status> = None;
+    for (p, r) in parts.iter().zip(&prepared) {
+        match r {
+            Ok(r) => held &= r.compares_held,
+            Err(s) => {
+                tracing::debug!(group = p.group, error = %s.message(), "prepare refused");
+                if refusal.is_none() {
+                    refusal = Some(s.clone());
+                }
+            }
+        }
+    }
+    if let Some(s) = refusal {
+        // Some part is not prepared (or its outcome is unknown): abort, so that a late prepare
+        // is refused and the parts that did lock let go.
+        let decision = if writes(&req.success) || writes(&req.failure) {
+            decide(svc, &txn_id, &primary, Decision::Abort, deadline).await
+        } else {
+            Ok(Decision::Abort)
+        };
+        let released = finish_all(svc, &parts, &txn_id, Decision::Abort, deadline)
+            .await
+            .is_ok();
+        // The abort record fences out a prepare still on its way; when every prepare answered,
+        // none is, and the record can go.
+        let all_answered = prepared.iter().all(|r| match r {
+            Ok(_) => true,
+            Err(s) => {
+                ordo_proto::certainly_not_applied(s) || s.code() == tonic::Code::FailedPrecondition
+            }
+        });
+        if released && all_answered {
+            forget_later(svc, &txn_id, &primary);
+        }
+        if let Err(e) = decision {
+            return Err(AttemptFailed::Fail(e));
+        }
+        return Err(match ordo_proto::error_detail_of(&s) {
+            Some(error_detail::Kind::Locked(lock)) => {
+                // The lock's own group is the one that refused; any key of it routes there.
+                let at = parts
+                    .iter()
+                    .zip(&prepared)
+                    .find(|(_, r)| r.is_err())
+                    .map(|(p, _)| p.keys[0].clone())
+                    .unwrap_or_else(|| lock.primary_shard_key.clone());
+                // An older transaction aborts the younger holder; a younger one only gives up
+                // and retries (keeping its priority, so it ages); anyone resolves an expired one.
+                let me = Some((priority_ms, txn_id.clone()));
+                if let Err(e) = svc.resolve_lock(lock, at, deadline, me).await {
+                    tracing::debug!(error = %e, "could not resolve a lock");
+                }
+                AttemptFailed::Retry(format!("an item is locked: {}", s.message()))
+            }
+            _ if ordo_proto::certainly_not_applied(&s)
+                || s.code() == tonic::Code::FailedPrecondition =>
+            {
+                AttemptFailed::Retry(s.message().to_string())
+            }
+            _ => AttemptFailed::Fail(s),
+        });
+    }
+    if writes_any {
+        failpoint(svc, Failpoint::AfterPrepare).map_err(AttemptFailed::Fail)?;
+    }
+
+    // 2. Decide.
+    let wanted = if held {
+        Decision::CommitSuccess
+    } else {
+        Decision::CommitFailure
+    };
+    let branch_writes = writes(if held { &req.success } else { &req.failure });
+    let decision = if branch_writes {
+        decide(svc, &txn_id, &primary, wanted, deadline)
+            .await
+            .map_err(AttemptFailed::Fail)?
+    } else {
+        wanted
+    };
+    if branch_writes {
+        failpoint(svc, Failpoint::AfterDecide).map_err(AttemptFailed::Fail)?;
+    }
+    if decision == Decision::Abort {
+        if finish_all(svc, &parts, &txn_id, Decision::Abort, deadline)
+            .await
+            .is_ok()
+        {
+            forget_later(svc, &txn_id, &primary);
+        }
+        return Err(AttemptFailed::Retry(
+            "an older transaction or a lock resolver aborted this one before its decision was \
+             recorded"
+                .into(),
+        ));
+    }
+
+    // 3. Finish everywhere, then merge the op results in the Txn's order.
+    let results = match finish_all(svc, &parts, &txn_id, decision, deadline).await {
+        Ok(r) => r,
+        // Nothing was written: reading again is harmless. (An older transaction may have
+        // aborted this reader, leaving a record behind.)
+        Err(e) if !branch_writes => {
+            finish_all(svc, &parts, &txn_id, Decision::Abort, deadline)
+                .await
+                .ok();
+            forget_later(svc, &txn_id, &primary);
+            return Err(AttemptFailed::Retry(format!(
+                "a read-only part could not answer: {}",
+                e.message()
+            )));
+        }
+        Err(e) => {
+            return Err(AttemptFailed::Fail(Status::unavailable(format!(
+                "the transaction is decided ({decision:?}) and will be applied in full, but a \
+                 group did not confirm its part ({}): its op results are unknown; read the \
+                 items back",
+                e.message()
+            ))))
+        }
+    };
+    if branch_writes {
+        forget_later(svc, &txn_id, &primary);
+    }
+    let succeeded = decision == Decision::CommitSuccess;
+    let len = if succeeded {
+        req.success.len()
+    } else {
+        req.failure.len()
+    };
+    let mut merged: Vec<Option<TxnOpResult>> = vec![None; len];
+    for (p, rs) in parts.iter().zip(results) {
+        let at = if succeeded {
+            &p.success_at
+        } else {
+            &p.failure_at
+        };
+        for (i, r) in at.iter().zip(rs) {
+            merged[*i] = Some(r);
+        }
+    }
+    Ok(TxnResponse {
+        succeeded,
+        results: merged.into_iter().map(Option::unwrap_or_default).collect(),
+    })
+}
+
+/// Drops the transaction's record at the primary's group, in the background, once every part
+/// has finished (or an attempt was given up: the abort that fenced out late prepares is no
+/// longer needed once its parts are released). Best effort: a record left behind is only kept
+/// space.
+fn forget_later(svc: &KvService, txn_id: &Bytes, primary: &Bytes) {
+    let (shared, txn_id, primary) = (svc.0.clone(), txn_id.clone(), primary.clone());
+    tokio::spawn(async move {
+        let kv = KvService(shared);
+        let r = ForgetRequest {
+            header: None,
+            txn_id,
+            primary_shard_key: primary.clone(),
+        };
+        let _ = kv
+            .forward(
+                "Forget",
+                Effect::Read,
+                OnLock::Fail,
+                Route::Key(primary),
+                r,
+                Duration::from_secs(5),
+                |ch, r| async move { participant(ch).forget(r).await },
+            )
+            .await;
+    });
+}
+
+/// Records `wanted` at the primary's group (or learns the decision already recorded).
+async fn decide(
+    svc: &KvService,
+    txn_id: &Bytes,
+    primary: &Bytes,
+    wanted: Decision,
+    deadline: Instant,
+) -> Result<Decision, Status> {
+    let r = DecideRequest {
+        header: None,
+        txn_id: txn_id.clone(),
+        primary_shard_key: primary.clone(),
+        decision: wanted as i32,
+        resolve: false,
+        started_ms: 0,
+        wound: false,
+    };
+    let resp = svc
+        .forward(
+            "Decide",
+            Effect::Read, // idempotent: the first decision wins
+            OnLock::Fail,
+            Route::Key(primary.clone()),
+            r,
+            deadline.saturating_duration_since(Instant::now()),
+            |ch, r| async move { participant(ch).decide(r).await },
+        )
+        .await?;
+    Ok(Decision::try_from(resp.into_inner().decision).unwrap_or(Decision::Unspecified))
+}
+
+/// Finishes every part with `decision`; the op results of each part, in part order.
+async fn finish_all(
+    svc: &KvService,
+    parts: &[Part],
+    txn_id: &Bytes,
+    decision: Decision,
+    deadline: Instant,
+) -> Result<Vec<Vec<TxnOpResult>>, Status> {
+    let finishes = parts.iter().map(|p| {
+        let r = FinishRequest {
+            header: None,
+            txn_id: txn_id.clone(),
+            shard_key: p.keys[0].clone(),
+            decision: decision as i32,
+        };
+        svc.forward(
+            "Finish",
+            Effect::Read, // idempotent
+            OnLock::Fail,
+            Route::Txn(p.keys.clone()),
+            r,
+            deadline.saturating_duration_since(Instant::now()),
+            |ch, r| async move { participant(ch).finish(r).await },
+        )
+    });
+    futures::future::join_all(finishes)
+        .await
+        .into_iter()
+        .map(|r| r.map(|r| r.into_inner()))
+        .map(|r| match r {
+            Ok(f) if f.found => Ok(f.results),
+            // Finished before: a retried Finish whose first answer was lost with a leader
+            // change, or a resolver that got there first. The effects are in; the op results
+            // are not kept.
+            Ok(_) => Err(Status::unavailable("its op results were lost")),
+            Err(e) => Err(e),
+        })
+        .collect()
+}
+
+impl KvService {
+    /// Resolves a lock met on an item of the group that `at` (a shard key) routes to, when the
+    /// `wounder` (the transaction that met it) is older than its holder, or the holder is older
+    /// than the lock timeout: ask the primary for the decision (aborting the holder if there is
+    /// none) and finish the locked group's part with it. Otherwise the lock is left alone (the
+    /// caller waits or retries).
+    pub(crate) fn resolve_lock(
+        &self,
+        lock: error_detail::Locked,
+        at: Bytes,
+        deadline: Instant,
+        wounder: Option<(u64, Bytes)>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Status>> + Send + '_>> {
+        Box::pin(async move {
+            let wound = wounder.is_some_and(|(priority, id)| {
+                (priority, &id[..]) < (lock.priority_ms, &lock.txn_id[..])
+            });
+            let expired = now_ms()
+                >= lock
+                    .started_ms
+                    .saturating_add(ordo_proto::TXN_LOCK_TIMEOUT_MS);
+            if !wound && !expired {
+                return Ok(());
+            }
+            let remaining = || deadline.saturating_duration_since(Instant::now());
+            let r = DecideRequest {
+                header: None,
+                txn_id: lock.txn_id.clone(),
+                primary_shard_key: lock.primary_shard_key.clone(),
+                decision: Decision::Abort as i32,
+                resolve: true,
+                started_ms: lock.started_ms,
+                wound,
+            };
+            let decision = self
+                .forward(
+                    "Decide",
+                    Effect::Read,
+                    OnLock::Fail,
+                    Route::Key(lock.primary_shard_key.clone()),
+                    r,
+                    remaining(),
+                    |ch, r| async move { participant(ch).decide(r).await },
+                )
+                .await?
+                .into_inner()
+                .decision;
+            if decision == Decision::Pending as i32 {
+                return Ok(());
+            }
+            if wound {
+                tracing::debug!(txn = %hex(&lock.txn_id), decision = ?Decision::try_from(decision),
+                    "an older transaction resolved a younger one's lock");
+            } else {
+                tracing::info!(txn = %hex(&lock.txn_id), decision = ?Decision::try_from(decision),
+                    "resolving a lock left by a coordinator that is gone");
+            }
+            let r = FinishRequest {
+                header: None,
+                txn_id: lock.txn_id.clone(),
+                shard_key: at.clone(),
+                decision,
+            };
+            self.forward(
+                "Finish",
+                Effect::Read,
+                OnLock::Fail,
+                Route::Key(at),
+                r,
+                remaining(),
+                |ch, r| async move { participant(ch).finish(r).await },
+            )
+            .await?;
+            Ok(())
+        })
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ordo_proto::v1::{Compare, GetRequest, Group, PutRequest, ShardMap};
+
+    fn put(sk: &str) -> TxnOp {
+        TxnOp {
+            op: Some(txn_op::Op::Put(PutRequest {
+                shard_key: Bytes::copy_from_slice(sk.as_bytes()),
+                ..Default::default()
+            })),
+        }
+    }
+    fn get(sk: &str) -> TxnOp {
+        TxnOp {
+            op: Some(txn_op::Op::Get(GetRequest {
+                shard_key: Bytes::copy_from_slice(sk.as_bytes()),
+                ..Default::default()
+            })),
+        }
+    }
+
+    /// A map of 2 slots: group 1 owns slot 0, group 2 slot 1.
+    fn two_groups() -> ShardMap {
+        ShardMap {
+            version: 1,
+            slot_count: 2,
+            groups: vec![
+                Group {
+                    id: 1,
+                    replicas: vec![],
+                },
+                Group {
+                    id: 2,
+                    replicas: vec![],
+                },
+            ],
+            slot_owner: vec![1, 2],
+            config_addrs: vec![],
+        }
+    }
+
+    #[test]
+    fn a_txn_splits_into_parts_that_remember_where_results_go() {
+        let map = two_groups();
+        let (a, b) = {
+            // Find one shard key per group.
+            let keys: Vec<String> = (0..100).map(|i| format!("k{i}")).collect();
+            let a = keys
+                .iter()
+                .find(|k| group_of(&map, k.as_bytes()) == 1)
+                .unwrap()
+                .clone();
+            let b = keys
+                .iter()
+                .find(|k| group_of(&map, k.as_bytes()) == 2)
+                .unwrap()
+                .clone();
+            (a, b)
+        };
+        let req = TxnRequest {
+            header: None,
+            compares: vec![Compare {
+                shard_key: Bytes::copy_from_slice(b.as_bytes()),
+                ..Default::default()
+            }],
+            success: vec![put(&a), get(&b), put(&b), get(&a)],
+            failure: vec![get(&a)],
+        };
+        let parts = split(&map, &req);
+        assert_eq!(parts.len(), 2);
+        let pa = parts.iter().find(|p| p.group == 1).unwrap();
+        let pb = parts.iter().find(|p| p.group == 2).unwrap();
+        assert_eq!(pa.success_at, vec![0, 3]);
+        assert_eq!(pb.success_at, vec![1, 2]);
+        assert_eq!(pa.failure_at, vec![0]);
+        assert!(pb.failure_at.is_empty());
+        assert_eq!(pb.txn.compares.len(), 1);
+        assert!(pa.txn.compares.is_empty());
+        assert!(writes(&req.success) && !writes(&req.failure));
+    }
+
+    #[test]
+    fn transaction_ids_are_distinct() {
+        let a = new_txn_id();
+        let b = new_txn_id();
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
+    }
+}

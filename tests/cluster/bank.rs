@@ -1,0 +1,446 @@
+//! Cross-group transactions: the bank. Accounts spread over every group; transfers are `Txn`s
+//! with version compares across two groups, audits are read-only `Txn`s over every account. The
+//! total never changes, in any audit or at the end, including when the coordinating router
+//! stops half-way and when a participant's leader changes with locks held.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ordo::client::Client;
+use ordo::playground::{Playground, PlaygroundConfig};
+use ordo_proto::v1::{
+    compare, txn_op, txn_op_result, Compare, GetRequest, PutRequest, TxnOp, TxnRequest,
+};
+use ordo_router::{Failpoint, Router, RouterConfig, RouterOptions};
+use tonic::Code;
+
+use crate::harness::{node_status, wait_for};
+
+const ACCOUNTS: usize = 100;
+const INITIAL: u64 = 100;
+
+fn account(i: usize) -> Bytes {
+    Bytes::from(format!("acct-{i}"))
+}
+
+fn get(sk: Bytes) -> TxnOp {
+    TxnOp {
+        op: Some(txn_op::Op::Get(GetRequest {
+            shard_key: sk,
+            ..Default::default()
+        })),
+    }
+}
+
+fn put(sk: Bytes, balance: u64) -> TxnOp {
+    TxnOp {
+        op: Some(txn_op::Op::Put(PutRequest {
+            shard_key: sk,
+            value: balance.to_string().into(),
+            ..Default::default()
+        })),
+    }
+}
+
+fn version_is(sk: Bytes, version: u64) -> Compare {
+    Compare {
+        shard_key: sk,
+        target: compare::Target::Version as i32,
+        op: compare::Op::Equal as i32,
+        version,
+        ..Default::default()
+    }
+}
+
+/// `(version, balance)` of each account, read in one read-only Txn (one consistent snapshot).
+async fn read_accounts(c: &Client, which: &[usize]) -> Result<Vec<(u64, u64)>, tonic::Status> {
+    let req = TxnRequest {
+        success: which.iter().map(|&i| get(account(i))).collect(),
+        ..Default::default()
+    };
+    let resp = c.txn(req).await?;
+    assert!(resp.succeeded, "a Txn without compares succeeds");
+    Ok(resp
+        .results
+        .iter()
+        .map(|r| match &r.result {
+            Some(txn_op_result::Result::Get(g)) if g.found => (
+                g.version,
+                std::str::from_utf8(&g.value).unwrap().parse().unwrap(),
+            ),
+            other => panic!("an account is missing: {other:?}"),
+        })
+        .collect())
+}
+
+/// Moves up to 10 from `from` to `to` if both are unchanged since they were read. Whether it
+/// committed (`None` when the outcome is unknown).
+async fn transfer(c: &Client, from: usize, to: usize, amount: u64) -> Option<bool> {
+    // Plain reads: the version compares make the transfer safe whatever happens in between.
+    let read = |i: usize| async move {
+        let g = c.get(account(i), "", false).await.ok()?;
+        Some((
+            g.version,
+            std::str::from_utf8(&g.value).ok()?.parse::<u64>().ok()?,
+        ))
+    };
+    let (Some((vf, bf)), Some((vt, bt))) = (read(from).await, read(to).await) else {
+        return Some(false);
+    };
+    let amount = amount.min(bf);
+    let req = TxnRequest {
+        compares: vec![version_is(account(from), vf), version_is(account(to), vt)],
+        success: vec![
+            put(account(from), bf - amount),
+            put(account(to), bt + amount),
+        ],
+        ..Default::default()
+    };
+    match c.txn(req).await {
+        Ok(r) => Some(r.succeeded),
+        Err(s) if s.code() == Code::Aborted || ordo_proto::certainly_not_applied(&s) => Some(false),
+        Err(_) => None,
+    }
+}
+
+async fn bank() -> (tempfile::TempDir, Playground, Client) {
+    let dir = tempfile::tempdir().unwrap();
+    let pg = Playground::start(PlaygroundConfig {
+        groups: 3,
+        replicas: 3,
+        port: None,
+        ..PlaygroundConfig::new(dir.path())
+    })
+    .await
+    .expect("playground starts");
+    let c = Client::connect(vec![pg.router_addr()])
+        .unwrap()
+        .with_timeout(Duration::from_secs(15));
+    for i in 0..ACCOUNTS {
+        c.put(account(i), "", INITIAL.to_string(), None)
+            .await
+            .unwrap();
+    }
+    (dir, pg, c)
+}
+
+fn total(balances: &[(u64, u64)]) -> u64 {
+    balances.iter().map(|b| b.1).sum()
+}
+
+async fn assert_no_locks_left(pg: &Playground) {
+    for (g, nodes) in &pg.groups {
+        for n in nodes {
+            let addr = n.addr.to_string();
+            wait_for(
+                Duration::from_secs(15),
+                &format!("group {g} replica {addr} to hold no locks"),
+                || {
+                    let addr = addr.clone();
+                    async move { node_status(&addr, false).await.filter(|s| s.locks == 0) }
+                },
+            )
+            .await;
+        }
+    }
+}
+
+/// Acceptance 1: 16 clients transfer between random accounts on 3 groups while auditors read
+/// every balance in one read-only Txn; every audit and the end state sum to the initial total.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bank_transfers_across_groups_keep_the_total() {
+    let _heavy = crate::harness::HEAVY.lock().await;
+    let (_dir, pg, c) = bank().await;
+    let all: Vec<usize> = (0..ACCOUNTS).collect();
+    let map = pg.router.shard_map();
+    let groups: std::collections::BTreeSet<u64> = all
+        .iter()
+        .map(|&i| map.slot_owner[ordo_proto::slot_of(&account(i), map.slot_count) as usize])
+        .collect();
+    assert_eq!(groups.len(), 3, "the accounts span every group");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let conflicts = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..16u64 {
+        let (c, stop, committed, conflicts) = (
+            c.clone(),
+            stop.clone(),
+            committed.clone(),
+            conflicts.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ w;
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) {
+                let from = (next() % ACCOUNTS as u64) as usize;
+                let to = (from + 1 + (next() % (ACCOUNTS as u64 - 1)) as usize) % ACCOUNTS;
+                match transfer(&c, from, to, 1 + next() % 10).await {
+                    Some(true) => committed.fetch_add(1, Ordering::Relaxed),
+                    _ => conflicts.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let audits = Arc::new(AtomicU64::new(0));
+    for _ in 0..2 {
+        let (c, stop, audits, all) = (c.clone(), stop.clone(), audits.clone(), all.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                // An auditor checks periodically; reading every account holds every account
+                // against writers for the audit's duration.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                match read_accounts(&c, &all).await {
+                    Ok(b) => {
+                        assert_eq!(total(&b), ACCOUNTS as u64 * INITIAL, "an audit saw {b:?}");
+                        audits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(s) => assert!(
+                        s.code() == Code::Aborted || s.code() == Code::Unavailable,
+                        "audit failed: {s}"
+                    ),
+                }
+            }
+        }));
+    }
+    let load_started = Instant::now();
+    wait_for(
+        Duration::from_secs(120),
+        "100 transfers and 10 audits",
+        || async {
+            (committed.load(Ordering::Relaxed) >= 100 && audits.load(Ordering::Relaxed) >= 10)
+                .then_some(())
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    eprintln!(
+        "bank: {:?}: {} transfers committed, {} conflicted or aborted, {} audits",
+        load_started.elapsed(),
+        committed.load(Ordering::Relaxed),
+        conflicts.load(Ordering::Relaxed),
+        audits.load(Ordering::Relaxed)
+    );
+    assert_no_locks_left(&pg).await;
+    let end = read_accounts(&c, &all).await.unwrap();
+    assert_eq!(total(&end), ACCOUNTS as u64 * INITIAL);
+    let mut sum = 0;
+    for i in 0..ACCOUNTS {
+        let g = c.get(account(i), "", false).await.unwrap();
+        sum += std::str::from_utf8(&g.value)
+            .unwrap()
+            .parse::<u64>()
+            .unwrap();
+    }
+    assert_eq!(sum, ACCOUNTS as u64 * INITIAL);
+}
+
+/// Two accounts on different groups.
+fn two_groups_apart(pg: &Playground) -> (usize, usize) {
+    let map = pg.router.shard_map();
+    let owner =
+        |i: usize| map.slot_owner[ordo_proto::slot_of(&account(i), map.slot_count) as usize];
+    let b = (1..ACCOUNTS).find(|&i| owner(i) != owner(0)).unwrap();
+    (0, b)
+}
+
+async fn router_with(pg: &Playground, fp: Failpoint) -> (Router, Client) {
+    let router = Router::start_with_options(
+        RouterConfig {
+            listen: "127.0.0.1:0".into(),
+            config_addrs: pg.config_addrs.clone(),
+        },
+        RouterOptions {
+            twopc_failpoint: Some(fp),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let c = Client::connect(vec![router.addr.to_string()])
+        .unwrap()
+        .with_timeout(Duration::from_secs(10));
+    (router, c)
+}
+
+/// Acceptance 2 and 3: a router stops after every part is prepared (no decision) or after the
+/// decision (no part finished); then, for good measure, the leader of a participant changes with
+/// the locks held. The next reader resolves the locks within the lock timeout (plus a margin):
+/// undecided → both accounts unchanged, decided → both changed. Never one without the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_coordinator_that_stops_leaves_locks_that_readers_resolve_atomically() {
+    let _heavy = crate::harness::HEAVY.lock().await;
+    let (_dir, mut pg, c) = bank().await;
+    let (a, b) = (two_groups_apart(&pg).0, two_groups_apart(&pg).1);
+    // Each group can lose one replica of three: the two leader kills hit different groups.
+    for (fp, kill_leader_of) in [
+        (Failpoint::AfterPrepare, None),
+        (Failpoint::AfterDecide, None),
+        (Failpoint::AfterPrepare, Some(b)),
+        (Failpoint::AfterDecide, Some(a)),
+    ] {
+        let before = read_accounts(&c, &[a, b]).await.unwrap();
+        let (router, dying) = router_with(&pg, fp).await;
+        let r = transfer(&dying, a, b, 7).await;
+        assert_eq!(
+            r, None,
+            "{fp:?}: the stopped coordinator cannot say how it ended"
+        );
+        router.shutdown().await;
+        if let Some(acct) = kill_leader_of {
+            // The account's group loses its leader while it holds the locks.
+            let map = pg.router.shard_map();
+            let g = map.slot_owner[ordo_proto::slot_of(&account(acct), map.slot_count) as usize];
+            let nodes = pg.groups.get_mut(&g).unwrap();
+            let leader = nodes
+                .iter()
+                .position(|n| n.replica.shared.is_leader.load(Ordering::Relaxed) == 1)
+                .expect("a leader");
+            let old = nodes.remove(leader);
+            assert!(
+                node_status(&old.addr.to_string(), false)
+                    .await
+                    .unwrap()
+                    .locks
+                    > 0
+            );
+            old.shutdown().await;
+        }
+        // A plain Get of one locked account (the single-group path) waits and resolves...
+        let started = Instant::now();
+        let single = c.get(account(b), "", false).await.unwrap();
+        let took = started.elapsed();
+        // ...and a read-only Txn over both then sees both sides of the same outcome.
+        let after = read_accounts(&c, &[a, b]).await.unwrap();
+        assert_eq!(
+            std::str::from_utf8(&single.value).unwrap(),
+            after[1].1.to_string()
+        );
+        assert!(
+            took < Duration::from_millis(ordo_proto::TXN_LOCK_TIMEOUT_MS + 5_000),
+            "{fp:?}: resolving took {took:?}"
+        );
+        let moved = before[0].1 - after[0].1;
+        assert_eq!(
+            after[1].1 - before[1].1,
+            moved,
+            "{fp:?}: half a transfer: {before:?} → {after:?}"
+        );
+        match fp {
+            Failpoint::AfterPrepare => assert_eq!(moved, 0, "an undecided transfer is aborted"),
+            Failpoint::AfterDecide => assert_eq!(moved, 7, "a decided transfer commits"),
+        }
+        eprintln!(
+            "{fp:?} (leader of account {kill_leader_of:?}'s group stopped): resolved in {took:?}"
+        );
+    }
+}
+
+/// Acceptance 3 with real processes: while transfers and audits run through a router, the
+/// leaders of both groups are killed (-9) and restarted, so prepares and finishes are cut in
+/// every phase. Every audit that answers sums to the total, and so does the end state once the
+/// locks left by cut transactions are resolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bank_keeps_the_total_while_participant_leaders_are_killed() {
+    let _heavy = crate::harness::HEAVY.lock().await;
+    use crate::harness::ProcCluster;
+    let limit = Duration::from_secs(30);
+    let mut cluster = ProcCluster::start(2, 3);
+    cluster.init(limit).await;
+    let c = Client::connect(vec![cluster.router_addr().to_string()])
+        .unwrap()
+        .with_timeout(Duration::from_secs(10));
+    wait_for(limit, "the router to serve", || async {
+        c.put(account(0), "", INITIAL.to_string(), None).await.ok()
+    })
+    .await;
+    for i in 1..ACCOUNTS {
+        c.put(account(i), "", INITIAL.to_string(), None)
+            .await
+            .unwrap();
+    }
+    let all: Vec<usize> = (0..ACCOUNTS).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let audits = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let (c, stop, committed) = (c.clone(), stop.clone(), committed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (w + 1);
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let from = (x % ACCOUNTS as u64) as usize;
+                let to = (from + 1 + ((x >> 20) % (ACCOUNTS as u64 - 1)) as usize) % ACCOUNTS;
+                if transfer(&c, from, to, 1 + (x >> 40) % 10).await == Some(true) {
+                    committed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    {
+        let (c, stop, audits, all) = (c.clone(), stop.clone(), audits.clone(), all.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(b) = read_accounts(&c, &all).await {
+                    assert_eq!(total(&b), ACCOUNTS as u64 * INITIAL, "an audit saw {b:?}");
+                    audits.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for round in 0..4u64 {
+        let before = committed.load(Ordering::Relaxed);
+        wait_for(limit, "transfers to flow", || async {
+            (committed.load(Ordering::Relaxed) >= before + 50).then_some(())
+        })
+        .await;
+        let group = 1 + round % 2;
+        let leader = cluster.leader(group, limit).await;
+        cluster.kill(leader);
+        cluster.leader(group, limit).await;
+        cluster.restart(leader);
+        cluster.answers(leader, limit).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Reading every account resolves what cut transactions left locked.
+    let end = wait_for(limit, "a final audit", || async {
+        read_accounts(&c, &all).await.ok()
+    })
+    .await;
+    assert_eq!(total(&end), ACCOUNTS as u64 * INITIAL);
+    eprintln!(
+        "bank under leader kills: {} transfers committed, {} audits",
+        committed.load(Ordering::Relaxed),
+        audits.load(Ordering::Relaxed)
+    );
+    assert!(audits.load(Ordering::Relaxed) > 0);
+    for group in 1..=2 {
+        for i in cluster.members(group).collect::<Vec<_>>() {
+            let addr = cluster.procs[i].addr.clone();
+            wait_for(limit, &format!("{addr} to hold no locks"), || {
+                let addr = addr.clone();
+                async move { node_status(&addr, false).await.filter(|s| s.locks == 0) }
+            })
+            .await;
+        }
+    }
+}
