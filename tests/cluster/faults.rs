@@ -1069,6 +1069,7 @@ fn default_schedules_cover_every_fault() {
 /// The acceptance suite: `DEFAULT_SEEDS` schedules (see the module docs for the variables).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seeded_fault_schedules_stay_linearizable() {
+    let _heavy = crate::harness::HEAVY.lock().await;
     let soak_secs = env_u64("ORDO_FAULT_SOAK_SECS");
     let (seeds, fault_ms): (Vec<u64>, u64) = if let Some(seed) = env_u64("ORDO_FAULT_SEED") {
         (vec![seed], soak_secs.map_or(FAULT_MS, |s| s * 1000))

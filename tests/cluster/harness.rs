@@ -11,6 +11,11 @@ use ordo::client::Client;
 use ordo_proto::v1::peer_client::PeerClient;
 use ordo_proto::v1::{StatusRequest, StatusResponse};
 
+/// Held by the tests that load the machine hard or measure time (nemesis, fault schedules, the
+/// bank, membership changes under load, resharding): on a 2-core machine two of them at once
+/// starve each other's clusters and bounded waits fail for want of CPU, not for a bug.
+pub static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Polls `probe` until it yields a value or `limit` passes; then fails naming `what`.
 pub async fn wait_for<T, F, Fut>(limit: Duration, what: &str, mut probe: F) -> T
 where

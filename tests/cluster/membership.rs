@@ -91,6 +91,7 @@ async fn leader_sees_dead(c: &ProcCluster, group: u64, id: u64) {
 /// losing its old leader afterwards), and the map lists the new replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn replace_a_dead_replica_under_load() {
+    let _heavy = crate::harness::HEAVY.lock().await;
     let mut c = ProcCluster::start(1, 3);
     c.init(LIMIT).await;
     let router = c.router_addr().to_string();
@@ -254,6 +255,7 @@ async fn replace_a_dead_replica_under_load() {
 /// then lists the new config server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refusals_while_a_change_runs_and_config_server_replacement() {
+    let _heavy = crate::harness::HEAVY.lock().await;
     let mut c = ProcCluster::start(1, 3);
     c.init(LIMIT).await;
     let router = c.router_addr().to_string();

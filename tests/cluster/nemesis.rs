@@ -376,6 +376,7 @@ fn check_last_acknowledged(records: &[Record], finals: &BTreeMap<ItemKey, Output
 /// replicas; the history is linearizable and nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nemesis_kills_and_restarts_processes_under_load() {
+    let _heavy = crate::harness::HEAVY.lock().await;
     let seed = env_u64("ORDO_NEMESIS_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
