@@ -622,9 +622,10 @@ fn classify(status: &Status, kind: Kind) -> Retry {
                 Err(_) => Retry::Rotate,
             }
         }
-        Some(error_detail::Kind::NotLeader(_)) | Some(error_detail::Kind::NotApplied(_)) | None => {
-            Retry::Rotate
-        }
+        Some(error_detail::Kind::NotLeader(_))
+        | Some(error_detail::Kind::NotApplied(_))
+        | Some(error_detail::Kind::SlotMoving(_))
+        | None => Retry::Rotate,
         // Routing errors are for a router to act on, not for a client talking to nodes.
         Some(error_detail::Kind::WrongShard(_)) => Retry::Fail,
     }
@@ -980,6 +981,27 @@ mod tests {
                     map: Some(map(7, vec![])),
                     ..ClusterStatus::default()
                 })
+            }
+
+            async fn list_migrations(
+                &self,
+                _: Request<ordo_proto::v1::ListMigrationsRequest>,
+            ) -> Result<Response<ordo_proto::v1::MigrationList>, Status> {
+                Err(Status::unimplemented("fake"))
+            }
+
+            async fn abort_migration(
+                &self,
+                _: Request<ordo_proto::v1::AbortMigrationRequest>,
+            ) -> Result<Response<ordo_proto::v1::Migration>, Status> {
+                Err(Status::unimplemented("fake"))
+            }
+
+            async fn rebalance(
+                &self,
+                _: Request<ordo_proto::v1::RebalanceRequest>,
+            ) -> Result<Response<ordo_proto::v1::RebalanceResponse>, Status> {
+                Err(Status::unimplemented("fake"))
             }
         }
 

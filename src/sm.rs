@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use ordo_proto::v1::{
-    txn_op, Item, SetOwnershipRequest, SetOwnershipResponse, TxnRequest, TxnResponse,
+    txn_op, Item, MigrateClearRequest, MigrateIngestRequest, MigrateOutRequest,
+    SetOwnershipRequest, SetOwnershipResponse, TxnRequest, TxnResponse,
 };
 use prost::Message as _;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
@@ -19,6 +20,11 @@ use crate::error::{Error, Result};
 use crate::keys;
 use crate::snapshot;
 use crate::txn::{self, ItemView};
+
+/// Online resharding's replicated state: outgoing migrations, their change logs and fences.
+#[path = "migrate.rs"]
+pub mod migrate;
+use migrate::Moving;
 
 const APPLIED_KEY: &[u8] = b"applied_index";
 const SLOT_COUNT_KEY: &[u8] = b"slot_count";
@@ -37,6 +43,8 @@ pub struct StateMachine {
     /// Notified with the applied index after every apply (watchers of the shard map use it).
     applied_tx: tokio::sync::watch::Sender<u64>,
     ownership: RwLock<Ownership>,
+    /// Slots being moved out of this group (change log kept, maybe fenced); see `migrate.rs`.
+    moving: RwLock<Moving>,
     view: RwLock<()>,
 }
 
@@ -45,6 +53,9 @@ const CMD_TXN: u8 = 1;
 const CMD_SET_OWNERSHIP: u8 = 2;
 /// Several transactions in one entry, each length-delimited, applied in order.
 const CMD_TXN_BATCH: u8 = 3;
+const CMD_MIGRATE_OUT: u8 = 4;
+const CMD_MIGRATE_INGEST: u8 = 5;
+const CMD_MIGRATE_CLEAR: u8 = 6;
 
 /// A command in the raft log.
 #[derive(Clone, Debug, PartialEq)]
@@ -55,6 +66,12 @@ pub enum Command {
     /// raft (encoding, log write, checksums, replication messages) are paid once for all of them.
     /// Each is still evaluated on its own, in order, with its own outcome.
     TxnBatch(Vec<TxnRequest>),
+    /// Online resharding, donor side: begin (start the change log), fence, end a migration.
+    MigrateOut(MigrateOutRequest),
+    /// Online resharding, recipient side: write copied records as they are.
+    MigrateIngest(MigrateIngestRequest),
+    /// Delete a bounded number of items of slots neither owned nor moving out.
+    MigrateClear(MigrateClearRequest),
 }
 
 impl Command {
@@ -68,6 +85,9 @@ impl Command {
                     .map(|t| prost::length_delimiter_len(t.encoded_len()) + t.encoded_len())
                     .sum(),
             ),
+            Command::MigrateOut(m) => (CMD_MIGRATE_OUT, m.encoded_len()),
+            Command::MigrateIngest(m) => (CMD_MIGRATE_INGEST, m.encoded_len()),
+            Command::MigrateClear(m) => (CMD_MIGRATE_CLEAR, m.encoded_len()),
         };
         let mut data = Vec::with_capacity(1 + len);
         data.push(tag);
@@ -77,6 +97,9 @@ impl Command {
             Command::TxnBatch(ts) => ts
                 .iter()
                 .try_for_each(|t| t.encode_length_delimited(&mut data)),
+            Command::MigrateOut(m) => m.encode(&mut data),
+            Command::MigrateIngest(m) => m.encode(&mut data),
+            Command::MigrateClear(m) => m.encode(&mut data),
         }
         .expect("vec has room");
         data
@@ -100,6 +123,15 @@ impl Command {
                 }
                 Ok(Command::TxnBatch(txns))
             }
+            Some((&CMD_MIGRATE_OUT, rest)) => MigrateOutRequest::decode(rest)
+                .map(Command::MigrateOut)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_MIGRATE_INGEST, rest)) => MigrateIngestRequest::decode(rest)
+                .map(Command::MigrateIngest)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_MIGRATE_CLEAR, rest)) => MigrateClearRequest::decode(rest)
+                .map(Command::MigrateClear)
+                .map_err(|e| e.to_string()),
             Some((tag, _)) => Err(format!("unknown command tag {tag}")),
             None => Err("empty command".into()),
         }
@@ -113,6 +145,13 @@ pub enum Outcome {
     Ownership(SetOwnershipResponse),
     /// One result per transaction of a `TxnBatch`, in order.
     TxnBatch(Vec<Result<TxnResponse>>),
+    /// A migration command: the index it applied at (for a fence, the fence's index), and for a
+    /// clear how many items it deleted and whether the slots are empty now.
+    Migration {
+        index: u64,
+        deleted: u64,
+        done: bool,
+    },
 }
 
 /// The slots this replica's group owns, as of a map version.
@@ -192,6 +231,8 @@ struct TxView<'a> {
     data: &'a TransactionalTree,
     slot_count: u32,
     node_id: u64,
+    /// Writes to slots moving out are also appended to their migration's change log here.
+    log: migrate::LogWriter<'a>,
 }
 
 /// Verifies a stored value; a corrupt one is reported with this node's id, the tree and the key.
@@ -228,14 +269,17 @@ impl ItemView for TxView<'_> {
         }
     }
     fn put(&mut self, sk: &[u8], key: &[u8], version: u64, value: &[u8]) -> Result<()> {
-        let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, key);
-        self.data
-            .insert(raw_key, keys::encode_value(version, value))
-            .map_err(tx_err)?;
+        let slot = ordo_proto::slot_of(sk, self.slot_count);
+        let raw_key = keys::encode_key(slot, sk, key);
+        let raw_value = keys::encode_value(version, value);
+        self.log.record(slot, &raw_key, &raw_value)?;
+        self.data.insert(raw_key, raw_value).map_err(tx_err)?;
         Ok(())
     }
     fn delete(&mut self, sk: &[u8], key: &[u8]) -> Result<()> {
-        let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, key);
+        let slot = ordo_proto::slot_of(sk, self.slot_count);
+        let raw_key = keys::encode_key(slot, sk, key);
+        self.log.record(slot, &raw_key, &[])?;
         self.data.remove(raw_key).map_err(tx_err)?;
         Ok(())
     }
@@ -294,6 +338,7 @@ impl StateMachine {
         }
         let applied = read_u64(meta.get(APPLIED_KEY)?, "applied_index")?;
         let ownership = load_ownership(&meta, slot_count)?;
+        let moving = Moving::load(&meta)?;
         Ok(Opened {
             sm: StateMachine {
                 node_id,
@@ -303,6 +348,7 @@ impl StateMachine {
                 applied: AtomicU64::new(applied),
                 applied_tx: tokio::sync::watch::channel(applied).0,
                 ownership: RwLock::new(ownership),
+                moving: RwLock::new(moving),
                 view: RwLock::new(()),
             },
             interrupted_install,
@@ -321,12 +367,23 @@ impl StateMachine {
         let mut out = Vec::with_capacity(batch.len());
         let mut run_start = 0;
         for (i, a) in batch.iter().enumerate() {
-            if let Some(Command::SetOwnership(req)) = &a.cmd {
-                self.apply_txns(&batch[run_start..i], &mut out)?;
-                let r = self.apply_ownership(a.index, req)?;
-                out.push((a.index, r));
-                run_start = i + 1;
-            }
+            let r = match &a.cmd {
+                Some(Command::SetOwnership(req)) => {
+                    self.apply_txns(&batch[run_start..i], &mut out)?;
+                    self.apply_ownership(a.index, req)?
+                }
+                Some(
+                    cmd @ (Command::MigrateOut(_)
+                    | Command::MigrateIngest(_)
+                    | Command::MigrateClear(_)),
+                ) => {
+                    self.apply_txns(&batch[run_start..i], &mut out)?;
+                    self.apply_migration(a.index, cmd)?
+                }
+                _ => continue,
+            };
+            out.push((a.index, r));
+            run_start = i + 1;
         }
         self.apply_txns(&batch[run_start..], &mut out)?;
         if let Some(last) = batch.last() {
@@ -340,6 +397,7 @@ impl StateMachine {
             return Ok(());
         };
         let ownership = self.ownership.read().unwrap().clone();
+        let moving = self.moving.read().unwrap();
         let _w = self.view.write().unwrap();
         let results = (&self.data, &self.meta)
             .transaction(|(data, meta)| {
@@ -347,32 +405,40 @@ impl StateMachine {
                     data,
                     slot_count: self.slot_count,
                     node_id: self.node_id,
+                    log: migrate::LogWriter::new(meta, &moving),
                 };
                 let mut results = Vec::with_capacity(batch.len());
-                // One transaction: refused if it touches a slot this group does not own (at
-                // apply time, the authoritative check), else evaluated.
-                let mut apply_one = |t: &TxnRequest| -> std::result::Result<
+                // One transaction: refused if it touches a fenced slot or a slot this group does
+                // not own (at apply time, the authoritative check), else evaluated.
+                let apply_one = |view: &mut TxView,
+                                 t: &TxnRequest|
+                 -> std::result::Result<
                     Result<TxnResponse>,
                     ConflictableTransactionError<Error>,
                 > {
-                    let unowned = shard_keys(t)
-                        .map(|sk| ordo_proto::slot_of(sk, self.slot_count))
-                        .find(|slot| !ownership.owns(*slot));
+                    let slots = || shard_keys(t).map(|sk| ordo_proto::slot_of(sk, self.slot_count));
+                    if let Some(e) = slots().find_map(|slot| moving.fenced(slot)) {
+                        return Ok(Err(e));
+                    }
+                    let unowned = slots().find(|slot| !ownership.owns(*slot));
                     Ok(match unowned {
                         Some(slot) => Err(Error::WrongShard {
                             slot,
                             map_version: ownership.map_version,
                         }),
-                        None => Ok(txn::evaluate(&mut view, t)
-                            .map_err(ConflictableTransactionError::Abort)?),
+                        None => {
+                            Ok(txn::evaluate(view, t)
+                                .map_err(ConflictableTransactionError::Abort)?)
+                        }
                     })
                 };
                 for a in batch {
+                    view.log.at_index(a.index);
                     let r = match &a.cmd {
-                        Some(Command::Txn(t)) => apply_one(t)?.map(Outcome::Txn),
+                        Some(Command::Txn(t)) => apply_one(&mut view, t)?.map(Outcome::Txn),
                         Some(Command::TxnBatch(ts)) => Ok(Outcome::TxnBatch(
                             ts.iter()
-                                .map(&mut apply_one)
+                                .map(|t| apply_one(&mut view, t))
                                 .collect::<std::result::Result<_, _>>()?,
                         )),
                         _ => continue,
@@ -430,12 +496,19 @@ impl StateMachine {
                 }
             }
         }
-        // A slot may leave only empty: moving data arrives with online resharding.
+        // A slot leaves with data only inside a fenced migration (its data is copied to the
+        // recipient and deleted here afterwards); otherwise only empty.
+        let moving = self.moving.read().unwrap();
         for slot in 0..self.slot_count {
-            if current.owns(slot) && !slots[slot as usize] && self.slot_has_data(slot)? {
-                return refuse(format!("slot {slot} still holds data here; moving data between groups arrives with online resharding"));
+            if current.owns(slot)
+                && !slots[slot as usize]
+                && moving.fenced(slot).is_none()
+                && self.slot_has_data(slot)?
+            {
+                return refuse(format!("slot {slot} still holds data here; move it with `ordoctl move-slots`, which copies its data, instead of changing ownership directly"));
             }
         }
+        drop(moving);
         let next = Ownership {
             map_version: req.map_version,
             slots: Some(slots),
@@ -466,9 +539,13 @@ impl StateMachine {
         self.ownership.read().unwrap().clone()
     }
 
-    /// Refuses a request for a shard key whose slot this group does not own.
+    /// Refuses a request for a shard key whose slot this group does not own, or whose slot is
+    /// fenced by a migration (`SlotMoving`: the router holds and retries).
     pub fn check_owned(&self, shard_key: &[u8]) -> Result<()> {
         let slot = ordo_proto::slot_of(shard_key, self.slot_count);
+        if let Some(e) = self.moving.read().unwrap().fenced(slot) {
+            return Err(e);
+        }
         let o = self.ownership.read().unwrap();
         if o.owns(slot) {
             Ok(())
@@ -580,6 +657,7 @@ impl StateMachine {
         self.meta.insert(INSTALLING_KEY, &index.to_be_bytes())?;
         self.data.clear()?;
         self.meta.remove(OWNERSHIP_KEY)?;
+        migrate::clear_meta(&self.meta)?;
         let mut reader = snapshot::Reader::open(path)?;
         let mut batch = sled::Batch::default();
         let mut in_batch = 0;
@@ -611,6 +689,7 @@ impl StateMachine {
         self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
         self.applied.store(index, Ordering::Release);
         *self.ownership.write().unwrap() = load_ownership(&self.meta, self.slot_count)?;
+        *self.moving.write().unwrap() = Moving::load(&self.meta)?;
         self.applied_tx.send_replace(index);
         tracing::info!(node = self.node_id, index, items, "installed snapshot");
         Ok(items)

@@ -206,7 +206,7 @@ impl ConfigClient {
             // refuses to repeat itself (init of an initialized cluster, add of a known group),
             // so a retry cannot apply twice; it may report its own first attempt's effect.
             let delay = match classify(&status, Effect::Read) {
-                Action::Fail | Action::Refresh { .. } | Action::OutcomeUnknown => {
+                Action::Fail | Action::Refresh { .. } | Action::OutcomeUnknown | Action::Hold => {
                     return Err(pass_through(status))
                 }
                 Action::Redirect(leader) => {

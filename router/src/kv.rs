@@ -22,7 +22,9 @@ use tonic::{Code, Request, Response, Status};
 use crate::config::refresh_map;
 use crate::map::{group_of, groups_of, list_groups, replicas};
 use crate::pool::MESSAGE_BYTES_MAX;
-use crate::retry::{backoff, classify, describe, pass_through, Action, Effect, MAX_ATTEMPTS};
+use crate::retry::{
+    backoff, classify, describe, hold_delay, pass_through, Action, Effect, HOLDS_MAX, MAX_ATTEMPTS,
+};
 use crate::{deadline, Shared};
 
 pub(crate) struct KvService(pub(crate) Arc<Shared>);
@@ -147,6 +149,8 @@ impl KvService {
         let started = Instant::now();
         let deadline = started + budget;
         let mut attempts = 0u32;
+        // Waits on a slot in a migration's critical section (bounded apart from attempts).
+        let mut holds = 0u32;
         // A leader named by a hint during this request: tried next even if the map does not list
         // it (yet).
         let mut hint: Option<String> = None;
@@ -246,6 +250,15 @@ impl KvService {
                     last_error = describe(&status);
                     match action {
                         Action::Fail | Action::OutcomeUnknown => unreachable!("returned above"),
+                        // The slot's donor is in the critical section: ask the same replica
+                        // again shortly (or the new owner, once the map moves on).
+                        Action::Hold if holds < HOLDS_MAX => {
+                            holds += 1;
+                            attempts -= 1;
+                            hint = Some(addr.clone());
+                            hold_delay(holds - 1)
+                        }
+                        Action::Hold => backoff(attempts - 1),
                         Action::Redirect(leader) => {
                             shared.counters.redirects.fetch_add(1, Ordering::Relaxed);
                             shared.leaders.set(group, &leader);

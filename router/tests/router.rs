@@ -324,6 +324,27 @@ impl Cluster for FakeConfig {
     ) -> Result<Response<ClusterStatus>, Status> {
         Err(Status::unimplemented("GetClusterStatus"))
     }
+
+    async fn list_migrations(
+        &self,
+        _: Request<ListMigrationsRequest>,
+    ) -> Result<Response<MigrationList>, Status> {
+        Err(Status::unimplemented("ListMigrations"))
+    }
+
+    async fn abort_migration(
+        &self,
+        _: Request<AbortMigrationRequest>,
+    ) -> Result<Response<Migration>, Status> {
+        Err(Status::unimplemented("AbortMigration"))
+    }
+
+    async fn rebalance(
+        &self,
+        _: Request<RebalanceRequest>,
+    ) -> Result<Response<RebalanceResponse>, Status> {
+        Err(Status::unimplemented("Rebalance"))
+    }
 }
 
 async fn spawn_config(map: ShardMap) -> Served<Arc<ConfigState>> {
