@@ -375,10 +375,53 @@ impl ClusterClient {
         let req = MoveSlotsRequest {
             slots,
             to_group: to,
+            ..Default::default()
         };
         self.core
             .call(req, Kind::MapChange, |ch, r| async move {
                 cluster(ch).move_slots(r).await
+            })
+            .await
+    }
+
+    /// Moves `req.slots` to `req.to_group` with their data (online resharding), with the
+    /// request's copy bandwidth bound; answers once every migration committed and cleaned up.
+    pub async fn move_slots_with(&self, req: MoveSlotsRequest) -> Result<ShardMap, Status> {
+        self.core
+            .call(req, Kind::MapChange, |ch, r| async move {
+                cluster(ch).move_slots(r).await
+            })
+            .await
+    }
+
+    /// Migrations in flight and recently finished, with progress and measured pauses.
+    pub async fn list_migrations(&self) -> Result<ordo_proto::v1::MigrationList, Status> {
+        let req = ordo_proto::v1::ListMigrationsRequest {};
+        self.core
+            .call(req, Kind::Read, |ch, r| async move {
+                cluster(ch).list_migrations(r).await
+            })
+            .await
+    }
+
+    /// Aborts migration `id` before its commit point.
+    pub async fn abort_migration(&self, id: u64) -> Result<ordo_proto::v1::Migration, Status> {
+        let req = ordo_proto::v1::AbortMigrationRequest { id };
+        self.core
+            .call(req, Kind::MapChange, |ch, r| async move {
+                cluster(ch).abort_migration(r).await
+            })
+            .await
+    }
+
+    /// Plans an even spread (or drains `req.drain_group`) and, unless a dry run, runs the moves.
+    pub async fn rebalance(
+        &self,
+        req: ordo_proto::v1::RebalanceRequest,
+    ) -> Result<ordo_proto::v1::RebalanceResponse, Status> {
+        self.core
+            .call(req, Kind::MapChange, |ch, r| async move {
+                cluster(ch).rebalance(r).await
             })
             .await
     }

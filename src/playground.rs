@@ -210,3 +210,21 @@ impl Playground {
         }
     }
 }
+
+/// Starts the replicas of a new group `group` beside a running playground (on free ports when
+/// `cfg.port` is `None`), for `ordoctl group add` / `AddGroup` to register; its nodes and spec.
+pub async fn start_extra_group(
+    cfg: &PlaygroundConfig,
+    group: u64,
+    replicas: u64,
+) -> anyhow::Result<(Vec<Node>, GroupSpec)> {
+    let peers: BTreeMap<u64, String> = (1..=replicas)
+        .map(|r| Ok((r, addr_for(cfg.port, 10 * group + r)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let nodes = start_group(cfg, group, &peers, &format!("group-{group}")).await?;
+    let spec = GroupSpec {
+        id: group,
+        addrs: peers.values().cloned().collect(),
+    };
+    Ok((nodes, spec))
+}

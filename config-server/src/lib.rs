@@ -196,8 +196,11 @@ impl<S: MapStore> ConfigService<S> {
     /// Moves slots with their data: one migration per donor group, run in turn (see
     /// `migration.rs`); at no point do two groups own a slot. Answers with the map after the
     /// last one, or with the error of the first that aborted (the rest are aborted too).
-    async fn move_slots(&self, slots: Vec<u32>, to: u64) -> Result<ShardMap, Status> {
-        let ids = self.migrations.start(&slots, to).await?;
+    async fn move_slots(&self, req: MoveSlotsRequest) -> Result<ShardMap, Status> {
+        let ids = self
+            .migrations
+            .start(&req.slots, req.to_group, req.copy_bytes_per_sec)
+            .await?;
         self.run_migrations(&ids).await?;
         Ok(self.load(true).await?.0)
     }
@@ -231,7 +234,10 @@ impl<S: MapStore> ConfigService<S> {
         let mut migrations = Vec::new();
         if !req.dry_run {
             for mv in &plan {
-                let ids = self.migrations.start(&mv.slots, mv.to_group).await?;
+                let ids = self
+                    .migrations
+                    .start(&mv.slots, mv.to_group, req.copy_bytes_per_sec)
+                    .await?;
                 migrations.extend(self.run_migrations(&ids).await?);
             }
         }
@@ -357,9 +363,8 @@ impl<S: MapStore> Cluster for ConfigService<S> {
         &self,
         req: Request<MoveSlotsRequest>,
     ) -> Result<Response<ShardMap>, Status> {
-        let r = req.into_inner();
         Ok(Response::new(
-            ConfigService::move_slots(self, r.slots, r.to_group).await?,
+            ConfigService::move_slots(self, req.into_inner()).await?,
         ))
     }
 

@@ -57,6 +57,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const CALL_ATTEMPTS_MAX: usize = 40;
 /// Slots per planned move when the request names none.
 pub const SLOTS_PER_MOVE_DEFAULT: u32 = 512;
+/// How often a copy pass checks that its migration is still wanted (abort, meta leadership).
+const CHECK_EVERY: Duration = Duration::from_millis(300);
 /// How often the resumer looks for orphaned migrations.
 pub const RESUME_EVERY: Duration = Duration::from_millis(500);
 /// Attempts of a compare-and-set on the migration records before giving up.
@@ -346,7 +348,12 @@ impl<S: MapStore> Driver<S> {
     }
 
     /// Records the migrations of a move (one per donor); their ids.
-    pub async fn start(&self, slots: &[u32], to: u64) -> Result<Vec<u64>, Status> {
+    pub async fn start(
+        &self,
+        slots: &[u32],
+        to: u64,
+        copy_bytes_per_sec: u64,
+    ) -> Result<Vec<u64>, Status> {
         let _admin = self.admin.lock().await;
         let (map, _) = self.store.load(true).await?;
         if map.version == 0 {
@@ -367,6 +374,7 @@ impl<S: MapStore> Driver<S> {
                 to_group: mv.to_group,
                 state: MigrationState::Copying as i32,
                 started_unix_ms: now_ms(),
+                copy_bytes_per_sec,
                 ..Default::default()
             });
             ids.push(id);
@@ -636,17 +644,25 @@ impl<S: MapStore> Driver<S> {
     ) -> Result<(u64, MigratePullResponse), Stop> {
         let mut moved = 0;
         let started = Instant::now();
+        let mut checked = Instant::now();
         let mut bytes_total = 0u64;
-        for page in 0..PAGES_MAX {
-            if page % 64 == 63 {
+        let rate = match m.copy_bytes_per_sec {
+            0 => COPY_BYTES_PER_SEC,
+            r => r,
+        };
+        // A page never holds more than a second's worth of the bandwidth bound.
+        let page_bytes = (PAGE_BYTES as u64).min(rate).max(1) as u32;
+        for _ in 0..PAGES_MAX {
+            if checked.elapsed() > CHECK_EVERY {
                 self.check_still_wanted(m.id).await?;
+                checked = Instant::now();
             }
             let req = MigratePullRequest {
                 group_id: d.id,
                 migration_id: m.id,
                 log,
                 after: after.clone().into(),
-                bytes_max: PAGE_BYTES,
+                bytes_max: page_bytes,
             };
             let p = self
                 .on_leader(d, "pull", |mut c| {
@@ -678,7 +694,7 @@ impl<S: MapStore> Driver<S> {
                 return Ok((moved, p));
             }
             // Bandwidth bound: stay under COPY_BYTES_PER_SEC on average.
-            let due = Duration::from_secs_f64(bytes_total as f64 / COPY_BYTES_PER_SEC as f64);
+            let due = Duration::from_secs_f64(bytes_total as f64 / rate as f64);
             if let Some(wait) = due.checked_sub(started.elapsed()) {
                 tokio::time::sleep(wait).await;
             }

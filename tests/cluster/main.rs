@@ -7,4 +7,5 @@ mod group;
 mod harness;
 mod nemesis;
 mod playground;
+mod resharding;
 mod sharded;

@@ -58,6 +58,7 @@ async fn move_slot(addr: &str, slot: u32, to: u64) -> Result<ShardMap, tonic::St
     let req = MoveSlotsRequest {
         slots: vec![slot],
         to_group: to,
+        ..Default::default()
     };
     Ok(cluster(addr).await.move_slots(req).await?.into_inner())
 }
