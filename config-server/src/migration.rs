@@ -7,12 +7,12 @@
 //!    change log for the slots); the slots' items are pulled from D's leader in bounded pages and
 //!    ingested into R (raft entries, versions kept) while writes continue on D.
 //! 3. D's change log is replayed on R from its start, in rounds, until a round is small.
-//! 4. Critical section: state FENCED is persisted, D fences the slots (writes refused with the
-//!    retryable `SlotMoving`), R replays the rest of the log (complete at the fence index). Under
-//!    the admin lock: D gives the slots up, the map v+1 with the slots on R is committed (CAS),
-//!    R takes them. The pause (fence to R serving) is measured and recorded.
-//! 5. D ends the migration (unfenced: it answers wrong shard now) and deletes its copy in
-//!    rate-limited batches; state DONE.
+//! 4. Critical section: state FENCED is persisted, D fences the slots (requests refused with the
+//!    retryable `SlotMoving`: D serves none of them from now on), R replays the rest of the log
+//!    (complete at the fence index). Under the admin lock: the map v+1 with the slots on R is
+//!    committed (CAS), R takes them. The pause (fence to R serving) is measured and recorded.
+//! 5. D gives the slots up (still fenced), ends the migration (unfenced: it answers wrong shard
+//!    now) and deletes its copy in rate-limited batches; state DONE.
 //!
 //! Abort (asked for, or a step failed) before the commit: D gets its slots back and is unfenced,
 //! R's copy is deleted, state ABORTED. The map is the commit point: a driver that resumes after a
@@ -244,6 +244,8 @@ pub struct Driver<S> {
     admin: Arc<tokio::sync::Mutex<()>>,
     peers: Peers,
     progress: Progress,
+    /// Last replica of each group that answered as leader: tried first.
+    leaders: Mutex<HashMap<u64, String>>,
 }
 
 /// Why a drive stopped without finishing.
@@ -268,6 +270,7 @@ impl<S: MapStore> Driver<S> {
             admin,
             peers: Peers::default(),
             progress: Default::default(),
+            leaders: Default::default(),
         })
     }
 
@@ -509,10 +512,9 @@ impl<S: MapStore> Driver<S> {
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let started = Instant::now();
-        let mut target = group
-            .replicas
-            .first()
-            .map(|r| r.addr.clone())
+        let cached = self.leaders.lock().unwrap().get(&group.id).cloned();
+        let mut target = cached
+            .or_else(|| group.replicas.first().map(|r| r.addr.clone()))
             .ok_or_else(|| {
                 Status::failed_precondition(format!("group {} has no replicas", group.id))
             })?;
@@ -531,7 +533,10 @@ impl<S: MapStore> Driver<S> {
                 Err(e) => Err(e),
             };
             match r {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    self.leaders.lock().unwrap().insert(group.id, target);
+                    return Ok(v);
+                }
                 Err(s)
                     if matches!(
                         s.code(),
@@ -773,9 +778,10 @@ impl<S: MapStore> Driver<S> {
     ) -> Result<(), Stop> {
         let _admin = self.admin.lock().await;
         let (map, token) = self.store.load(true).await.map_err(Stop::Leave)?;
+        // The map load was linearizable: a local read of the records is as fresh.
         let (list, _) = self
             .store
-            .load_migrations(true)
+            .load_migrations(false)
             .await
             .map_err(Stop::Leave)?;
         if list
@@ -798,12 +804,12 @@ impl<S: MapStore> Driver<S> {
         let (next, _) =
             map::move_slots(&map, &m.slots, m.to_group).map_err(|e| Stop::Abort(e.to_string()))?;
         let after = map::slots_by_group(&next);
-        self.own(d, next.version, next.slot_count, after[&d.id].clone())
-            .await?;
+        // D stays fenced (it serves none of the slots) until `finish` removes them from its
+        // ownership, so the map can commit and R serve at once: one raft round less in the pause.
         match self.store.save(token, &next).await {
             Ok(true) => {}
             Ok(false) => {
-                // Certainly not committed: D takes the slots back (the abort does it again).
+                // Certainly not committed: the abort unfences D.
                 return Err(Stop::Abort("the shard map changed concurrently".into()));
             }
             // Unknown: only a linearizable read of the map can tell; the resumer does it.
@@ -886,23 +892,16 @@ impl<S: MapStore> Driver<S> {
                     m.id, m.to_group
                 )));
             }
-            let slots = map::slots_by_group(&map).remove(&r.id).unwrap_or_default();
-            let req = SetOwnershipRequest {
-                group_id: r.id,
-                map_version: map.version,
-                slot_count: map.slot_count,
-                slots,
-            };
-            if let Err(e) = self
-                .on_leader(&r, "set ownership", |mut c| {
-                    let req = req.clone();
-                    async move { c.set_ownership(req).await }
-                })
-                .await
-            {
-                // Refused as older: a newer map already installed R's ownership.
-                if e.code() != Code::FailedPrecondition {
-                    return Err(e);
+            // R takes the slots (again: idempotent), then D gives them up while still fenced,
+            // so it never serves them after the commit.
+            let mut owned = map::slots_by_group(&map);
+            for g in [&r, &d] {
+                let slots = owned.remove(&g.id).unwrap_or_default();
+                if let Err(e) = self.own(g, map.version, map.slot_count, slots).await {
+                    // Refused as older: a newer map already installed this group's ownership.
+                    if e.code() != Code::FailedPrecondition {
+                        return Err(e);
+                    }
                 }
             }
         }
