@@ -47,7 +47,7 @@ impl Out {
     }
 
     fn decode(raw: &[u8]) -> Result<Out> {
-        if raw.len() < 8 || (raw.len() - 8) % 4 != 0 {
+        if raw.len() < 8 || !(raw.len() - 8).is_multiple_of(4) {
             return Err(Error::Corruption(format!(
                 "tree meta, migration record of {} bytes",
                 raw.len()

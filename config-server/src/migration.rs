@@ -764,18 +764,12 @@ impl<S: MapStore> Driver<S> {
                 last.applied_index, last.fence_index
             )));
         }
-        self.commit(m, &d, &r, fenced_at).await
+        self.commit(m, &r, fenced_at).await
     }
 
-    /// D gives the slots up, the map commits, R takes them: under the admin lock, so no other
+    /// The map commits, R takes the slots (D stays fenced): under the admin lock, so no other
     /// map change comes between.
-    async fn commit(
-        &self,
-        m: &Migration,
-        d: &Group,
-        r: &Group,
-        fenced_at: Instant,
-    ) -> Result<(), Stop> {
+    async fn commit(&self, m: &Migration, r: &Group, fenced_at: Instant) -> Result<(), Stop> {
         let _admin = self.admin.lock().await;
         let (map, token) = self.store.load(true).await.map_err(Stop::Leave)?;
         // The map load was linearizable: a local read of the records is as fresh.
