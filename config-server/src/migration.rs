@@ -655,8 +655,9 @@ impl<S: MapStore> Driver<S> {
             0 => COPY_BYTES_PER_SEC,
             r => r,
         };
-        // A page never holds more than a second's worth of the bandwidth bound.
-        let page_bytes = (PAGE_BYTES as u64).min(rate).max(1) as u32;
+        // A page holds an eighth of a second's worth of the bandwidth bound at most, so that
+        // the throttle is smooth.
+        let page_bytes = (PAGE_BYTES as u64).min(rate / 8).max(1) as u32;
         for _ in 0..PAGES_MAX {
             if checked.elapsed() > CHECK_EVERY {
                 self.check_still_wanted(m.id).await?;
