@@ -542,7 +542,7 @@ async fn rebalance(
         slots_per_move: moves.slots_per_move,
         copy_bytes_per_sec: moves.copy_bytes_per_sec,
     };
-    let plan = c.rebalance(req.clone()).await?;
+    let plan = c.rebalance(req).await?;
     if !json || dry_run {
         let rows: Vec<Vec<String>> = plan
             .plan
@@ -1810,6 +1810,39 @@ mod tests {
         };
         assert_eq!((a.slots.0, a.to), (vec![0, 1, 2, 3, 9], 2));
 
+        // Resharding commands.
+        let cli = Cli::try_parse_from(["ordoctl", "rebalance", "--dry-run"]).unwrap();
+        let Command::Rebalance(a) = cli.command else {
+            panic!("not rebalance")
+        };
+        assert!(a.dry_run);
+        assert_eq!(a.moves.slots_per_move, 512);
+        let cli = Cli::try_parse_from([
+            "ordoctl",
+            "group",
+            "drain",
+            "3",
+            "--copy-bytes-per-sec",
+            "1000",
+        ])
+        .unwrap();
+        let Command::Group(GroupCommand::Drain(a)) = cli.command else {
+            panic!("not group drain")
+        };
+        assert_eq!((a.id, a.moves.copy_bytes_per_sec), (3, 1000));
+        let cli = Cli::try_parse_from(["ordoctl", "migrations", "abort", "7"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Migrations(MigrationsArgs {
+                command: Some(MigrationsCommand::Abort(MigrationAbortArgs { id: 7 }))
+            })
+        ));
+        let cli = Cli::try_parse_from(["ordoctl", "migrations"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Migrations(MigrationsArgs { command: None })
+        ));
+
         for bad in [
             &["ordoctl", "move-slots", "--slots", "5-3", "--to", "2"][..],
             &["ordoctl", "move-slots", "--slots", "1", "--to", "0"],
@@ -1904,6 +1937,34 @@ mod tests {
             assert!(err.contains(what), "{input:?}: {err}");
             assert!(err.contains(SLOTS_SYNTAX), "{input:?}: {err}");
         }
+    }
+
+    #[test]
+    fn migrations_render_as_a_table_and_as_json() {
+        let m = ordo::proto::v1::Migration {
+            id: 4,
+            slots: vec![0, 1, 2, 7],
+            from_group: 1,
+            to_group: 3,
+            state: ordo::proto::v1::MigrationState::Done as i32,
+            items_copied: 10,
+            bytes_copied: 4096,
+            pause_ms: 42,
+            ..Default::default()
+        };
+        let table = render_migrations(std::slice::from_ref(&m), false);
+        assert!(table.contains("done") && table.contains("1→3"), "{table}");
+        assert!(
+            table.contains("0-2,7") && table.contains("42 ms"),
+            "{table}"
+        );
+        let json = render_migrations(&[m], true);
+        assert!(
+            json.starts_with("[{\"id\":4,\"state\":\"done\",\"from_group\":1,\"to_group\":3,\"slots\":[0,1,2,7],"),
+            "{json}"
+        );
+        assert!(json.contains("\"pause_ms\":42,"), "{json}");
+        assert_eq!(render_migrations(&[], false), "no migrations");
     }
 
     #[test]
