@@ -376,6 +376,7 @@ impl ClusterClient {
         let req = MoveSlotsRequest {
             slots,
             to_group: to,
+            ..Default::default()
         };
         self.core
             .call(req, Kind::MapChange, |ch, r| async move {
@@ -393,6 +394,48 @@ impl ClusterClient {
         self.core
             .call(req, Kind::MapChange, |ch, r| async move {
                 cluster(ch).change_group_replicas(r).await
+            })
+            .await
+    }
+
+    /// Moves `req.slots` to `req.to_group` with their data (online resharding), with the
+    /// request's copy bandwidth bound; answers once every migration committed and cleaned up.
+    pub async fn move_slots_with(&self, req: MoveSlotsRequest) -> Result<ShardMap, Status> {
+        self.core
+            .call(req, Kind::MapChange, |ch, r| async move {
+                cluster(ch).move_slots(r).await
+            })
+            .await
+    }
+
+    /// Migrations in flight and recently finished, with progress and measured pauses.
+    pub async fn list_migrations(&self) -> Result<ordo_proto::v1::MigrationList, Status> {
+        let req = ordo_proto::v1::ListMigrationsRequest {};
+        self.core
+            .call(req, Kind::Read, |ch, r| async move {
+                cluster(ch).list_migrations(r).await
+            })
+            .await
+    }
+
+    /// Aborts migration `id` before its commit point.
+    pub async fn abort_migration(&self, id: u64) -> Result<ordo_proto::v1::Migration, Status> {
+        let req = ordo_proto::v1::AbortMigrationRequest { id };
+        self.core
+            .call(req, Kind::MapChange, |ch, r| async move {
+                cluster(ch).abort_migration(r).await
+            })
+            .await
+    }
+
+    /// Plans an even spread (or drains `req.drain_group`) and, unless a dry run, runs the moves.
+    pub async fn rebalance(
+        &self,
+        req: ordo_proto::v1::RebalanceRequest,
+    ) -> Result<ordo_proto::v1::RebalanceResponse, Status> {
+        self.core
+            .call(req, Kind::MapChange, |ch, r| async move {
+                cluster(ch).rebalance(r).await
             })
             .await
     }
@@ -636,9 +679,10 @@ fn classify(status: &Status, kind: Kind) -> Retry {
                 Err(_) => Retry::Rotate,
             }
         }
-        Some(error_detail::Kind::NotLeader(_)) | Some(error_detail::Kind::NotApplied(_)) | None => {
-            Retry::Rotate
-        }
+        Some(error_detail::Kind::NotLeader(_))
+        | Some(error_detail::Kind::NotApplied(_))
+        | Some(error_detail::Kind::SlotMoving(_))
+        | None => Retry::Rotate,
         // Routing and lock errors are for a router to act on, not for a client talking to nodes.
         Some(error_detail::Kind::WrongShard(_)) | Some(error_detail::Kind::Locked(_)) => {
             Retry::Fail
@@ -1003,6 +1047,27 @@ mod tests {
                     map: Some(map(7, vec![])),
                     ..ClusterStatus::default()
                 })
+            }
+
+            async fn list_migrations(
+                &self,
+                _: Request<ordo_proto::v1::ListMigrationsRequest>,
+            ) -> Result<Response<ordo_proto::v1::MigrationList>, Status> {
+                Err(Status::unimplemented("fake"))
+            }
+
+            async fn abort_migration(
+                &self,
+                _: Request<ordo_proto::v1::AbortMigrationRequest>,
+            ) -> Result<Response<ordo_proto::v1::Migration>, Status> {
+                Err(Status::unimplemented("fake"))
+            }
+
+            async fn rebalance(
+                &self,
+                _: Request<ordo_proto::v1::RebalanceRequest>,
+            ) -> Result<Response<ordo_proto::v1::RebalanceResponse>, Status> {
+                Err(Status::unimplemented("fake"))
             }
         }
 

@@ -20,6 +20,10 @@ pub enum Error {
     /// map and retries at the owner. Nothing was changed.
     #[error("slot {slot} is not owned by this group (its ownership is at map version {map_version}); refresh the shard map")]
     WrongShard { slot: u32, map_version: u64 },
+    /// The slot is in a migration's critical section (fenced on this donor): nothing was
+    /// changed; the router holds the request briefly and retries. `UNAVAILABLE` + `SlotMoving`.
+    #[error("slot {slot} is moving to another group (migration {migration_id}, critical section); retry in a moment")]
+    SlotMoving { slot: u32, migration_id: u64 },
     /// The request is valid but the state does not allow it; the message says what to change.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -118,6 +122,15 @@ impl From<Error> for Status {
                     })),
                 };
                 Status::with_details(Code::Aborted, msg, detail.encode_to_vec().into())
+            }
+            Error::SlotMoving { slot, migration_id } => {
+                let detail = ErrorDetail {
+                    kind: Some(error_detail::Kind::SlotMoving(error_detail::SlotMoving {
+                        slot,
+                        migration_id,
+                    })),
+                };
+                Status::with_details(Code::Unavailable, msg, detail.encode_to_vec().into())
             }
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::Unavailable(_) => Status::unavailable(msg),

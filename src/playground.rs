@@ -58,13 +58,34 @@ fn addr_for(port: Option<u16>, offset: u64) -> anyhow::Result<String> {
             }
             format!("127.0.0.1:{p}")
         }
-        None => format!(
-            "127.0.0.1:{}",
-            std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port()
-        ),
+        None => format!("127.0.0.1:{}", free_local_port()?),
     })
+}
+
+/// A loopback port nobody listens on, for a node started later. Taken below Linux's ephemeral
+/// range (32768+), where the system also picks the local ports of outgoing connections: a port
+/// from `bind(0)` can be taken by some connection before the node binds it. Each port is handed
+/// out once per process; the start depends on the process id so that two processes rarely
+/// walk the same ports.
+pub fn free_local_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const HIGH: u32 = 32_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        LOW + std::process::id() % 4_000 * 3,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..(HIGH - LOW) {
+        let p = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (p - LOW) % (HIGH - LOW)) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port between {LOW} and {HIGH}")
 }
 
 async fn start_group(
@@ -210,4 +231,22 @@ impl Playground {
             n.shutdown().await;
         }
     }
+}
+
+/// Starts the replicas of a new group `group` beside a running playground (on free ports when
+/// `cfg.port` is `None`), for `ordoctl group add` / `AddGroup` to register; its nodes and spec.
+pub async fn start_extra_group(
+    cfg: &PlaygroundConfig,
+    group: u64,
+    replicas: u64,
+) -> anyhow::Result<(Vec<Node>, GroupSpec)> {
+    let peers: BTreeMap<u64, String> = (1..=replicas)
+        .map(|r| Ok((r, addr_for(cfg.port, 10 * group + r)?)))
+        .collect::<anyhow::Result<_>>()?;
+    let nodes = start_group(cfg, group, &peers, &format!("group-{group}")).await?;
+    let spec = GroupSpec {
+        id: group,
+        addrs: peers.values().cloned().collect(),
+    };
+    Ok((nodes, spec))
 }

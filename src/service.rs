@@ -444,9 +444,106 @@ impl Peer for PeerService {
             self.0.change_replicas(req.into_inner()).await?,
         ))
     }
+
+    async fn migrate_out(
+        &self,
+        req: Request<MigrateOutRequest>,
+    ) -> Result<Response<MigrateOutResponse>, Status> {
+        let r = req.into_inner();
+        self.check_group(r.group_id)?;
+        if r.slots.len() > self.0.sm.slot_count() as usize {
+            return Err(Status::invalid_argument(
+                "more slots listed than the map has",
+            ));
+        }
+        let (index, _, _) = self.propose_migration(Command::MigrateOut(r)).await?;
+        Ok(Response::new(MigrateOutResponse { index }))
+    }
+
+    async fn migrate_pull(
+        &self,
+        req: Request<MigratePullRequest>,
+    ) -> Result<Response<MigratePullResponse>, Status> {
+        let r = req.into_inner();
+        self.check_group(r.group_id)?;
+        // On the leader after a barrier: the page reflects every entry committed before it,
+        // the fence included.
+        self.0.read_barrier().await?;
+        let bytes_max = (r.bytes_max as usize).clamp(1, MIGRATION_PAGE_BYTES_MAX);
+        Ok(Response::new(self.0.sm.migration_pull(
+            r.migration_id,
+            r.log,
+            &r.after,
+            bytes_max,
+        )?))
+    }
+
+    async fn migrate_ingest(
+        &self,
+        req: Request<MigrateIngestRequest>,
+    ) -> Result<Response<MigrateIngestResponse>, Status> {
+        let r = req.into_inner();
+        self.check_group(r.group_id)?;
+        // A bad record is refused here, before anything reaches the log.
+        let bytes: usize = r.records.iter().map(|x| x.key.len() + x.value.len()).sum();
+        if bytes > MIGRATION_PAGE_BYTES_MAX + crate::limits::VALUE_BYTES_MAX + 64 * 1024 {
+            return Err(Status::invalid_argument(format!(
+                "an ingest of {bytes} bytes is over the page bound"
+            )));
+        }
+        for rec in &r.records {
+            crate::sm::migrate::check_record(rec, self.0.sm.slot_count())?;
+        }
+        let (index, _, _) = self.propose_migration(Command::MigrateIngest(r)).await?;
+        Ok(Response::new(MigrateIngestResponse { index }))
+    }
+
+    async fn migrate_clear(
+        &self,
+        req: Request<MigrateClearRequest>,
+    ) -> Result<Response<MigrateClearResponse>, Status> {
+        let r = req.into_inner();
+        self.check_group(r.group_id)?;
+        if r.slots.len() > self.0.sm.slot_count() as usize {
+            return Err(Status::invalid_argument(
+                "more slots listed than the map has",
+            ));
+        }
+        let (_, deleted, done) = self.propose_migration(Command::MigrateClear(r)).await?;
+        Ok(Response::new(MigrateClearResponse { deleted, done }))
+    }
 }
 
+/// Most bytes of records one migration page carries (a pull answer, an ingest entry): one raft
+/// entry stays well under the raft message bound.
+pub const MIGRATION_PAGE_BYTES_MAX: usize = 256 * 1024;
+const _: () = assert!(
+    (MIGRATION_PAGE_BYTES_MAX + crate::limits::VALUE_BYTES_MAX) * 2
+        < crate::limits::RAFT_MSG_BYTES_MAX as usize * 4
+);
+
 impl PeerService {
+    fn check_group(&self, group_id: u64) -> Result<(), Status> {
+        if group_id != self.0.group_id {
+            return Err(Status::invalid_argument(format!(
+                "migration request for group {group_id} sent to a replica of group {}",
+                self.0.group_id
+            )));
+        }
+        Ok(())
+    }
+
+    async fn propose_migration(&self, cmd: Command) -> Result<(u64, u64, bool), Status> {
+        match self.0.propose(cmd).await? {
+            Outcome::Migration {
+                index,
+                deleted,
+                done,
+            } => Ok((index, deleted, done)),
+            other => unreachable!("a migration command produced {other:?}"),
+        }
+    }
+
     async fn receive_snapshot(
         &self,
         mut stream: Streaming<SnapshotChunk>,

@@ -10,8 +10,8 @@ use std::sync::{RwLock, RwLockReadGuard};
 
 use ordo_proto::v1::{
     txn_op, DecideRequest, DecideResponse, FinishRequest, FinishResponse, ForgetRequest, Item,
-    PrepareRequest, PrepareResponse, SetOwnershipRequest, SetOwnershipResponse, TxnRequest,
-    TxnResponse,
+    MigrateClearRequest, MigrateIngestRequest, MigrateOutRequest, PrepareRequest, PrepareResponse,
+    SetOwnershipRequest, SetOwnershipResponse, TxnRequest, TxnResponse,
 };
 use prost::Message as _;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
@@ -22,6 +22,11 @@ use crate::keys;
 use crate::snapshot;
 use crate::twopc;
 use crate::txn::{self, ItemView};
+
+/// Online resharding's replicated state: outgoing migrations, their change logs and fences.
+#[path = "migrate.rs"]
+pub mod migrate;
+use migrate::Moving;
 
 const APPLIED_KEY: &[u8] = b"applied_index";
 const SLOT_COUNT_KEY: &[u8] = b"slot_count";
@@ -40,6 +45,8 @@ pub struct StateMachine {
     /// Notified with the applied index after every apply (watchers of the shard map use it).
     applied_tx: tokio::sync::watch::Sender<u64>,
     ownership: RwLock<Ownership>,
+    /// Slots being moved out of this group (change log kept, maybe fenced); see `migrate.rs`.
+    moving: RwLock<Moving>,
     view: RwLock<()>,
     /// Items locked by cross-group transactions: while 0, nothing needs to look for locks.
     locks: AtomicI64,
@@ -50,6 +57,9 @@ const CMD_TXN: u8 = 1;
 const CMD_SET_OWNERSHIP: u8 = 2;
 /// Several transactions in one entry, each length-delimited, applied in order.
 const CMD_TXN_BATCH: u8 = 3;
+const CMD_MIGRATE_OUT: u8 = 4;
+const CMD_MIGRATE_INGEST: u8 = 5;
+const CMD_MIGRATE_CLEAR: u8 = 6;
 /// Two-phase commit (`twopc.rs`).
 const CMD_PREPARE: u8 = 20;
 /// Followed by the leader's clock (ms, u64 BE), then the request.
@@ -66,6 +76,12 @@ pub enum Command {
     /// raft (encoding, log write, checksums, replication messages) are paid once for all of them.
     /// Each is still evaluated on its own, in order, with its own outcome.
     TxnBatch(Vec<TxnRequest>),
+    /// Online resharding, donor side: begin (start the change log), fence, end a migration.
+    MigrateOut(MigrateOutRequest),
+    /// Online resharding, recipient side: write copied records as they are.
+    MigrateIngest(MigrateIngestRequest),
+    /// Delete a bounded number of items of slots neither owned nor moving out.
+    MigrateClear(MigrateClearRequest),
     /// Two-phase commit of a cross-group transaction, one participant's steps (`twopc.rs`).
     Prepare(PrepareRequest),
     /// `now_ms` is the proposing leader's clock, so that every replica decides alike.
@@ -88,6 +104,9 @@ impl Command {
                     .map(|t| prost::length_delimiter_len(t.encoded_len()) + t.encoded_len())
                     .sum(),
             ),
+            Command::MigrateOut(m) => (CMD_MIGRATE_OUT, m.encoded_len()),
+            Command::MigrateIngest(m) => (CMD_MIGRATE_INGEST, m.encoded_len()),
+            Command::MigrateClear(m) => (CMD_MIGRATE_CLEAR, m.encoded_len()),
             Command::Prepare(p) => (CMD_PREPARE, p.encoded_len()),
             Command::Decide { req, .. } => (CMD_DECIDE, 8 + req.encoded_len()),
             Command::Finish(f) => (CMD_FINISH, f.encoded_len()),
@@ -101,6 +120,9 @@ impl Command {
             Command::TxnBatch(ts) => ts
                 .iter()
                 .try_for_each(|t| t.encode_length_delimited(&mut data)),
+            Command::MigrateOut(m) => m.encode(&mut data),
+            Command::MigrateIngest(m) => m.encode(&mut data),
+            Command::MigrateClear(m) => m.encode(&mut data),
             Command::Prepare(p) => p.encode(&mut data),
             Command::Decide { req, now_ms } => {
                 data.extend_from_slice(&now_ms.to_be_bytes());
@@ -131,6 +153,15 @@ impl Command {
                 }
                 Ok(Command::TxnBatch(txns))
             }
+            Some((&CMD_MIGRATE_OUT, rest)) => MigrateOutRequest::decode(rest)
+                .map(Command::MigrateOut)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_MIGRATE_INGEST, rest)) => MigrateIngestRequest::decode(rest)
+                .map(Command::MigrateIngest)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_MIGRATE_CLEAR, rest)) => MigrateClearRequest::decode(rest)
+                .map(Command::MigrateClear)
+                .map_err(|e| e.to_string()),
             Some((&CMD_PREPARE, rest)) => PrepareRequest::decode(rest)
                 .map(Command::Prepare)
                 .map_err(|e| e.to_string()),
@@ -159,6 +190,13 @@ pub enum Outcome {
     Ownership(SetOwnershipResponse),
     /// One result per transaction of a `TxnBatch`, in order.
     TxnBatch(Vec<Result<TxnResponse>>),
+    /// A migration command: the index it applied at (for a fence, the fence's index), and for a
+    /// clear how many items it deleted and whether the slots are empty now.
+    Migration {
+        index: u64,
+        deleted: u64,
+        done: bool,
+    },
     Prepared(PrepareResponse),
     Decided(DecideResponse),
     Finished(FinishResponse),
@@ -242,6 +280,8 @@ struct TxView<'a> {
     data: &'a TransactionalTree,
     slot_count: u32,
     node_id: u64,
+    /// Writes to slots moving out are also appended to their migration's change log here.
+    log: migrate::LogWriter<'a>,
 }
 
 /// Verifies a stored value; a corrupt one is reported with this node's id, the tree and the key.
@@ -278,14 +318,17 @@ impl ItemView for TxView<'_> {
         }
     }
     fn put(&mut self, sk: &[u8], key: &[u8], version: u64, value: &[u8]) -> Result<()> {
-        let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, key);
-        self.data
-            .insert(raw_key, keys::encode_value(version, value))
-            .map_err(tx_err)?;
+        let slot = ordo_proto::slot_of(sk, self.slot_count);
+        let raw_key = keys::encode_key(slot, sk, key);
+        let raw_value = keys::encode_value(version, value);
+        self.log.record(slot, &raw_key, &raw_value)?;
+        self.data.insert(raw_key, raw_value).map_err(tx_err)?;
         Ok(())
     }
     fn delete(&mut self, sk: &[u8], key: &[u8]) -> Result<()> {
-        let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, key);
+        let slot = ordo_proto::slot_of(sk, self.slot_count);
+        let raw_key = keys::encode_key(slot, sk, key);
+        self.log.record(slot, &raw_key, &[])?;
         self.data.remove(raw_key).map_err(tx_err)?;
         Ok(())
     }
@@ -344,6 +387,7 @@ impl StateMachine {
         }
         let applied = read_u64(meta.get(APPLIED_KEY)?, "applied_index")?;
         let ownership = load_ownership(&meta, slot_count)?;
+        let moving = Moving::load(&meta)?;
         let locks = twopc::count_locks(&meta)?;
         Ok(Opened {
             sm: StateMachine {
@@ -354,6 +398,7 @@ impl StateMachine {
                 applied: AtomicU64::new(applied),
                 applied_tx: tokio::sync::watch::channel(applied).0,
                 ownership: RwLock::new(ownership),
+                moving: RwLock::new(moving),
                 view: RwLock::new(()),
                 locks: AtomicI64::new(locks),
             },
@@ -384,12 +429,23 @@ impl StateMachine {
         let mut out = Vec::with_capacity(batch.len());
         let mut run_start = 0;
         for (i, a) in batch.iter().enumerate() {
-            if let Some(Command::SetOwnership(req)) = &a.cmd {
-                self.apply_txns(&batch[run_start..i], &mut out)?;
-                let r = self.apply_ownership(a.index, req)?;
-                out.push((a.index, r));
-                run_start = i + 1;
-            }
+            let r = match &a.cmd {
+                Some(Command::SetOwnership(req)) => {
+                    self.apply_txns(&batch[run_start..i], &mut out)?;
+                    self.apply_ownership(a.index, req)?
+                }
+                Some(
+                    cmd @ (Command::MigrateOut(_)
+                    | Command::MigrateIngest(_)
+                    | Command::MigrateClear(_)),
+                ) => {
+                    self.apply_txns(&batch[run_start..i], &mut out)?;
+                    self.apply_migration(a.index, cmd)?
+                }
+                _ => continue,
+            };
+            out.push((a.index, r));
+            run_start = i + 1;
         }
         self.apply_txns(&batch[run_start..], &mut out)?;
         if let Some(last) = batch.last() {
@@ -403,6 +459,7 @@ impl StateMachine {
             return Ok(());
         };
         let ownership = self.ownership.read().unwrap().clone();
+        let moving = self.moving.read().unwrap();
         let _w = self.view.write().unwrap();
         let results = (&self.data, &self.meta)
             .transaction(|(data, meta)| {
@@ -410,6 +467,7 @@ impl StateMachine {
                     data,
                     slot_count: self.slot_count,
                     node_id: self.node_id,
+                    log: migrate::LogWriter::new(meta, &moving),
                 };
                 let mut results = Vec::with_capacity(batch.len());
                 let mut locks = self.locks.load(Ordering::Relaxed);
@@ -432,6 +490,10 @@ impl StateMachine {
                     Result<TxnResponse>,
                     ConflictableTransactionError<Error>,
                 > {
+                    let slots = || shard_keys(t).map(|sk| ordo_proto::slot_of(sk, self.slot_count));
+                    if let Some(e) = slots().find_map(|slot| moving.fenced(slot)) {
+                        return Ok(Err(e));
+                    }
                     if let Some(e) = unowned(&mut shard_keys(t)) {
                         return Ok(Err(e));
                     }
@@ -445,6 +507,7 @@ impl StateMachine {
                     ))
                 };
                 for a in batch {
+                    view.log.at_index(a.index);
                     let r = match &a.cmd {
                         Some(Command::Txn(t)) => apply_one(&mut view, locks, t)?.map(Outcome::Txn),
                         Some(Command::TxnBatch(ts)) => {
@@ -456,7 +519,12 @@ impl StateMachine {
                         }
                         Some(Command::Prepare(p)) => {
                             let part = p.part.clone().unwrap_or_default();
-                            let refused = unowned(&mut shard_keys(&part));
+                            // No new lock in a slot that is moving out: the move must not split
+                            // a transaction (its fence waits for the locks already there).
+                            let refused = shard_keys(&part)
+                                .map(|sk| ordo_proto::slot_of(sk, self.slot_count))
+                                .find_map(|slot| moving.moving_out(slot))
+                                .or_else(|| unowned(&mut shard_keys(&part)));
                             match refused {
                                 Some(e) => Err(e),
                                 None => {
@@ -536,12 +604,19 @@ impl StateMachine {
                 }
             }
         }
-        // A slot may leave only empty: moving data arrives with online resharding.
+        // A slot leaves with data only inside a fenced migration (its data is copied to the
+        // recipient and deleted here afterwards); otherwise only empty.
+        let moving = self.moving.read().unwrap();
         for slot in 0..self.slot_count {
-            if current.owns(slot) && !slots[slot as usize] && self.slot_has_data(slot)? {
-                return refuse(format!("slot {slot} still holds data here; moving data between groups arrives with online resharding"));
+            if current.owns(slot)
+                && !slots[slot as usize]
+                && moving.fenced(slot).is_none()
+                && self.slot_has_data(slot)?
+            {
+                return refuse(format!("slot {slot} still holds data here; move it with `ordoctl move-slots`, which copies its data, instead of changing ownership directly"));
             }
         }
+        drop(moving);
         let next = Ownership {
             map_version: req.map_version,
             slots: Some(slots),
@@ -572,9 +647,13 @@ impl StateMachine {
         self.ownership.read().unwrap().clone()
     }
 
-    /// Refuses a request for a shard key whose slot this group does not own.
+    /// Refuses a request for a shard key whose slot this group does not own, or whose slot is
+    /// fenced by a migration (`SlotMoving`: the router holds and retries).
     pub fn check_owned(&self, shard_key: &[u8]) -> Result<()> {
         let slot = ordo_proto::slot_of(shard_key, self.slot_count);
+        if let Some(e) = self.moving.read().unwrap().fenced(slot) {
+            return Err(e);
+        }
         let o = self.ownership.read().unwrap();
         if o.owns(slot) {
             Ok(())
@@ -749,6 +828,7 @@ impl StateMachine {
         for k in self.meta.scan_prefix(twopc::PREFIX).keys() {
             self.meta.remove(k?)?;
         }
+        migrate::clear_meta(&self.meta)?;
         let mut reader = snapshot::Reader::open(path)?;
         let mut batch = sled::Batch::default();
         let mut in_batch = 0;
@@ -782,6 +862,7 @@ impl StateMachine {
         *self.ownership.write().unwrap() = load_ownership(&self.meta, self.slot_count)?;
         self.locks
             .store(twopc::count_locks(&self.meta)?, Ordering::Relaxed);
+        *self.moving.write().unwrap() = Moving::load(&self.meta)?;
         self.applied_tx.send_replace(index);
         tracing::info!(node = self.node_id, index, items, "installed snapshot");
         Ok(items)

@@ -425,6 +425,30 @@ mod tests {
         ) -> Result<Response<ChangeReplicasResponse>, Status> {
             Err(Status::unimplemented("sink"))
         }
+        async fn migrate_out(
+            &self,
+            _: Request<MigrateOutRequest>,
+        ) -> Result<Response<MigrateOutResponse>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
+        async fn migrate_pull(
+            &self,
+            _: Request<MigratePullRequest>,
+        ) -> Result<Response<MigratePullResponse>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
+        async fn migrate_ingest(
+            &self,
+            _: Request<MigrateIngestRequest>,
+        ) -> Result<Response<MigrateIngestResponse>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
+        async fn migrate_clear(
+            &self,
+            _: Request<MigrateClearRequest>,
+        ) -> Result<Response<MigrateClearResponse>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
     }
 
     fn msg(index: u64) -> Message {

@@ -114,6 +114,12 @@ struct Args {
     #[arg(long, short = 'd', default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
 
+    /// With --playground: this long into the measurement, start one more group, register it
+    /// and rebalance onto it (online resharding) while the load runs; the moves, their pauses
+    /// and the rebalance window are printed with the report.
+    #[arg(long, requires = "playground", value_parser = parse_duration)]
+    rebalance_at: Option<Duration>,
+
     /// How long to send load before measuring; these requests are not reported.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     warmup: Duration,
@@ -389,7 +395,10 @@ struct Plan {
 /// The backend for the target; with `--playground`, the cluster behind it too.
 async fn connect(
     args: &Args,
-) -> anyhow::Result<(Backend, Option<(Playground, tempfile::TempDir)>)> {
+) -> anyhow::Result<(
+    Backend,
+    Option<(Playground, tempfile::TempDir, PlaygroundConfig)>,
+)> {
     Ok(match args.target()? {
         Target::Ordo(addrs) => {
             let client = Client::connect(addrs)?.with_timeout(args.timeout);
@@ -415,21 +424,22 @@ async fn connect(
                     dir.path().display()
                 );
             }
-            let pg = Playground::start(PlaygroundConfig {
+            let cfg = PlaygroundConfig {
                 port: None,
                 groups: args.groups,
                 replicas: args.replicas,
                 ..PlaygroundConfig::new(dir.path())
-            })
-            .await
-            .context("starting the playground")?;
+            };
+            let pg = Playground::start(cfg.clone())
+                .await
+                .context("starting the playground")?;
             let client = Client::connect(vec![pg.router_addr()])?.with_timeout(args.timeout);
             (
                 Backend::Ordo {
                     client,
                     stale: args.stale_reads,
                 },
-                Some((pg, dir)),
+                Some((pg, dir, cfg)),
             )
         }
         Target::Etcd(addrs) => (
@@ -537,6 +547,17 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         args.warmup + args.duration,
         args.quiet,
     ));
+    let rebalancer = match (&playground, args.rebalance_at) {
+        (Some((pg, _, cfg)), Some(at)) => Some(tokio::spawn(rebalance_during_run(
+            cfg.clone(),
+            pg.config_addrs.clone(),
+            args.groups + 1,
+            args.replicas,
+            measure_from,
+            at,
+        ))),
+        _ => None,
+    };
 
     tokio::select! {
         _ = tokio::time::sleep_until(measure_from) => {}
@@ -556,9 +577,21 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
     let _ = progress.await;
     ctrl_c.abort();
 
-    if let Some((pg, dir)) = playground {
+    let mut rebalance = match rebalancer {
+        Some(task) => Some(task.await.context("the rebalance task panicked")??),
+        None => None,
+    };
+    if let Some((pg, dir, _)) = playground {
+        if let Some(r) = &mut rebalance {
+            for n in r.nodes.drain(..) {
+                n.shutdown().await;
+            }
+        }
         pg.shutdown().await;
         drop(dir);
+    }
+    if let Some(r) = &rebalance {
+        println!("{}", r.summary);
     }
     if merged.ops.is_empty() {
         bail!("no request was measured (is --duration too short?)");
@@ -620,6 +653,80 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         bench_cpu_s_per_1k_ops: cpu::per_thousand_ops(bench_cpu, ops),
     };
     Ok(report)
+}
+
+/// What `--rebalance-at` did.
+struct Rebalance {
+    /// The new group's nodes, stopped with the playground.
+    nodes: Vec<ordo::node::Node>,
+    summary: String,
+}
+
+/// Waits until `at` into the measurement, starts group `group`, registers it and rebalances
+/// onto it; reports the window (seconds since the measurement started) and each move.
+async fn rebalance_during_run(
+    cfg: PlaygroundConfig,
+    config_addrs: Vec<String>,
+    group: u64,
+    replicas: u64,
+    measure_from: Instant,
+    at: Duration,
+) -> anyhow::Result<Rebalance> {
+    tokio::time::sleep_until(measure_from + at).await;
+    let since = |t: Instant| t.saturating_duration_since(measure_from).as_secs_f64();
+    let began = Instant::now();
+    let (nodes, spec) = ordo::playground::start_extra_group(&cfg, group, replicas).await?;
+    let cc =
+        ordo::client::ClusterClient::connect(config_addrs)?.with_timeout(Duration::from_secs(300));
+    let mut added = None;
+    for _ in 0..60 {
+        match cc
+            .add_group(ordo_proto::v1::AddGroupRequest {
+                group: Some(spec.clone()),
+            })
+            .await
+        {
+            Ok(m) => {
+                added = Some(m);
+                break;
+            }
+            // The new group may not have elected its leader yet.
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    ensure!(added.is_some(), "group {group} could not be registered");
+    let moving = Instant::now();
+    let r = cc
+        .rebalance(ordo_proto::v1::RebalanceRequest::default())
+        .await
+        .context("rebalance")?;
+    let done = Instant::now();
+    let mut summary = format!(
+        "rebalance onto group {group}: group started at {:.1}s, moves from {:.1}s to {:.1}s ({} moves)",
+        since(began),
+        since(moving),
+        since(done),
+        r.migrations.len()
+    );
+    let mut pauses: Vec<u64> = r.migrations.iter().map(|m| m.pause_ms).collect();
+    for m in &r.migrations {
+        summary.push_str(&format!(
+            "\n  migration {}: {} slots {}->{}, {} items + {} log records, pause {} ms, {} cleaned",
+            m.id,
+            m.slots.len(),
+            m.from_group,
+            m.to_group,
+            m.items_copied,
+            m.log_records,
+            m.pause_ms,
+            m.items_cleaned
+        ));
+    }
+    pauses.sort_unstable();
+    if let Some(max) = pauses.last() {
+        summary.push_str(&format!("\n  pause max {max} ms"));
+    }
+    Ok(Rebalance { nodes, summary })
 }
 
 /// Returns once Ctrl-C was pressed.

@@ -7,6 +7,7 @@
 //! ownership on their leaders), then compare-and-set the map; one change at a time.
 
 pub mod map;
+pub mod migration;
 pub mod nodes;
 
 use std::collections::BTreeMap;
@@ -33,12 +34,23 @@ pub trait MapStore: Send + Sync + 'static {
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
     /// Addresses of the meta group's replicas.
     fn config_addrs(&self) -> Vec<String>;
+    /// The migration records (online resharding) and a token for `save_migrations`; loaded and
+    /// saved like the map, as a second item.
+    async fn load_migrations(&self, linearizable: bool) -> Result<(MigrationList, u64), Status>;
+    /// Stores `list` only if nothing was stored since the load that returned `token`.
+    async fn save_migrations(&self, token: u64, list: &MigrationList) -> Result<bool, Status>;
+    /// Whether this replica has stopped (background tasks end then).
+    fn stopped(&self) -> bool {
+        false
+    }
 }
 
 pub struct ConfigService<S> {
     store: Arc<S>,
     /// One map change at a time on this replica (the CAS in `save` covers leader changes).
     admin: Arc<tokio::sync::Mutex<()>>,
+    /// Online resharding: moves slots with their data.
+    migrations: Arc<migration::Driver<S>>,
 }
 
 impl<S> Clone for ConfigService<S> {
@@ -46,6 +58,7 @@ impl<S> Clone for ConfigService<S> {
         ConfigService {
             store: self.store.clone(),
             admin: self.admin.clone(),
+            migrations: self.migrations.clone(),
         }
     }
 }
@@ -60,10 +73,18 @@ impl From<MapError> for Status {
 }
 
 impl<S: MapStore> ConfigService<S> {
+    /// Inside a tokio runtime, also starts the task that resumes (or aborts) migrations left
+    /// by an earlier meta leader; it ends when the store says its replica stopped.
     pub fn new(store: Arc<S>) -> Self {
+        let admin: Arc<tokio::sync::Mutex<()>> = Default::default();
+        let migrations = migration::Driver::new(store.clone(), admin.clone());
+        if tokio::runtime::Handle::try_current().is_ok() {
+            migrations.spawn_resumer();
+        }
         ConfigService {
             store,
-            admin: Default::default(),
+            admin,
+            migrations,
         }
     }
 
@@ -156,74 +177,76 @@ impl<S: MapStore> ConfigService<S> {
     async fn remove(&self, id: u64) -> Result<ShardMap, Status> {
         let _admin = self.admin.lock().await;
         let (current, token) = self.load_initialized().await?;
+        let (list, _) = self.store.load_migrations(true).await?;
+        if let Some(m) = list
+            .migrations
+            .iter()
+            .find(|m| migration::in_flight(m) && (m.from_group == id || m.to_group == id))
+        {
+            return Err(Status::failed_precondition(format!(
+                "group {id} takes part in migration {} ({}); wait for it to end",
+                m.id,
+                migration::state_name(m.state)
+            )));
+        }
         let next = map::remove_group(&current, id)?;
         self.commit(token, &next).await?;
         Ok(next)
     }
 
-    /// Donors give the slots up first, then the map commits, then the recipient takes them: at no
-    /// point do two groups own a slot.
-    async fn move_slots(&self, slots: Vec<u32>, to: u64) -> Result<ShardMap, Status> {
-        let _admin = self.admin.lock().await;
-        let (current, token) = self.load_initialized().await?;
-        let (next, donors) = map::move_slots(&current, &slots, to)?;
-        let before = map::slots_by_group(&current);
-        let after = map::slots_by_group(&next);
-        let group = |id: u64| {
-            next.groups
-                .iter()
-                .find(|g| g.id == id)
-                .expect("group in map")
-                .clone()
-        };
-        // Gives the donors that already let go their slots back, when the move cannot finish.
-        let restore = |done: &[u64]| {
-            let done = done.to_vec();
-            let (group, before) = (&group, &before);
-            async move {
-                for d in done {
-                    let slots = before[&d].clone();
-                    if let Err(e) =
-                        nodes::set_ownership(&group(d), next.version, next.slot_count, slots).await
-                    {
-                        tracing::error!(group = d, error = %e, "could not give a donor its slots back after a failed move; run `ordoctl status`");
+    /// Moves slots with their data: one migration per donor group, run in turn (see
+    /// `migration.rs`); at no point do two groups own a slot. Answers with the map after the
+    /// last one, or with the error of the first that aborted (the rest are aborted too).
+    async fn move_slots(&self, req: MoveSlotsRequest) -> Result<ShardMap, Status> {
+        let ids = self
+            .migrations
+            .start(&req.slots, req.to_group, req.copy_bytes_per_sec)
+            .await?;
+        self.run_migrations(&ids).await?;
+        Ok(self.load(true).await?.0)
+    }
+
+    async fn run_migrations(&self, ids: &[u64]) -> Result<Vec<Migration>, Status> {
+        let mut done = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            match self.migrations.drive(*id, false).await {
+                Ok(m) => done.push(m),
+                Err(e) => {
+                    for rest in &ids[i + 1..] {
+                        let _ = self.migrations.request_abort(*rest).await;
+                        let _ = self.migrations.drive(*rest, false).await;
                     }
+                    return Err(e);
                 }
             }
-        };
-        let mut done: Vec<u64> = Vec::new();
-        for &donor in donors.keys() {
-            if let Err(e) = nodes::set_ownership(
-                &group(donor),
-                next.version,
-                next.slot_count,
-                after[&donor].clone(),
-            )
-            .await
-            {
-                restore(&done).await;
-                return Err(Status::new(
-                    e.code(),
-                    format!(
-                        "group {donor} refused to give up the slots: {}; nothing moved",
-                        e.message()
-                    ),
-                ));
+        }
+        Ok(done)
+    }
+
+    async fn rebalance(&self, req: RebalanceRequest) -> Result<RebalanceResponse, Status> {
+        let (map, _) = self.load_initialized().await?;
+        let drain = (req.drain_group != 0).then_some(req.drain_group);
+        let plan = migration::plan_rebalance(&map, drain, req.slots_per_move)?;
+        tracing::info!(
+            moves = plan.len(),
+            "rebalance plan: {}",
+            migration::describe_plan(&plan)
+        );
+        let mut migrations = Vec::new();
+        if !req.dry_run {
+            for mv in &plan {
+                let ids = self
+                    .migrations
+                    .start(&mv.slots, mv.to_group, req.copy_bytes_per_sec)
+                    .await?;
+                migrations.extend(self.run_migrations(&ids).await?);
             }
-            done.push(donor);
         }
-        if let Err(e) = self.commit(token, &next).await {
-            restore(&done).await;
-            return Err(e);
-        }
-        nodes::set_ownership(&group(to), next.version, next.slot_count, after[&to].clone()).await.map_err(|e| {
-            Status::unavailable(format!(
-                "map version {} is committed but group {to} did not take its slots yet ({}); run `ordoctl status` and retry the move of the remaining slots",
-                next.version,
-                e.message()
-            ))
-        })?;
-        Ok(next)
+        Ok(RebalanceResponse {
+            plan,
+            migrations,
+            map: Some(self.load(true).await?.0),
+        })
     }
 
     /// A membership change on a group's leader, then a map that lists the group's voters (for
@@ -408,9 +431,33 @@ impl<S: MapStore> Cluster for ConfigService<S> {
         &self,
         req: Request<MoveSlotsRequest>,
     ) -> Result<Response<ShardMap>, Status> {
-        let r = req.into_inner();
         Ok(Response::new(
-            ConfigService::move_slots(self, r.slots, r.to_group).await?,
+            ConfigService::move_slots(self, req.into_inner()).await?,
+        ))
+    }
+
+    async fn list_migrations(
+        &self,
+        _req: Request<ListMigrationsRequest>,
+    ) -> Result<Response<MigrationList>, Status> {
+        Ok(Response::new(self.migrations.list().await?))
+    }
+
+    async fn abort_migration(
+        &self,
+        req: Request<AbortMigrationRequest>,
+    ) -> Result<Response<Migration>, Status> {
+        Ok(Response::new(
+            self.migrations.request_abort(req.into_inner().id).await?,
+        ))
+    }
+
+    async fn rebalance(
+        &self,
+        req: Request<RebalanceRequest>,
+    ) -> Result<Response<RebalanceResponse>, Status> {
+        Ok(Response::new(
+            ConfigService::rebalance(self, req.into_inner()).await?,
         ))
     }
 

@@ -19,7 +19,8 @@ pub fn slot_of(shard_key: &[u8], slot_count: u32) -> u32 {
 }
 
 /// Whether a request that failed with `status` certainly was not applied by any node: the
-/// node refused it before proposing (`NotLeader`, `WrongShard`, `NotApplied` details), or the
+/// node refused it before proposing or applying (`NotLeader`, `WrongShard`, `NotApplied`,
+/// `SlotMoving` details), or the
 /// client could not even establish a connection, so the request was never sent. Anything else
 /// (a plain `UNAVAILABLE`, a reset or timeout after the request was sent) leaves a write's
 /// outcome unknown. Routers and clients retry writes only when this holds.
@@ -32,7 +33,7 @@ pub fn certainly_not_applied(status: &tonic::Status) -> bool {
         _ => None,
     };
     match detail {
-        Some(Kind::NotLeader(_)) | Some(Kind::NotApplied(_)) => {
+        Some(Kind::NotLeader(_)) | Some(Kind::NotApplied(_)) | Some(Kind::SlotMoving(_)) => {
             status.code() == tonic::Code::Unavailable
         }
         Some(Kind::WrongShard(_)) => status.code() == tonic::Code::FailedPrecondition,

@@ -8,9 +8,10 @@ use std::time::Duration;
 use futures::Stream;
 use ordo_proto::v1::cluster_server::Cluster;
 use ordo_proto::v1::{
-    AddGroupRequest, ChangeGroupReplicasRequest, ChangeGroupReplicasResponse, ClusterStatus,
-    GetClusterStatusRequest, GetShardMapRequest, InitClusterRequest, MoveSlotsRequest,
-    RemoveGroupRequest, ShardMap, WatchShardMapRequest,
+    AbortMigrationRequest, AddGroupRequest, ChangeGroupReplicasRequest,
+    ChangeGroupReplicasResponse, ClusterStatus, GetClusterStatusRequest, GetShardMapRequest,
+    InitClusterRequest, ListMigrationsRequest, Migration, MigrationList, MoveSlotsRequest,
+    RebalanceRequest, RebalanceResponse, RemoveGroupRequest, ShardMap, WatchShardMapRequest,
 };
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -189,5 +190,62 @@ impl Cluster for ClusterService {
             self.0.install_map(map.clone(), "GetClusterStatus");
         }
         Ok(Response::new(status))
+    }
+
+    async fn list_migrations(
+        &self,
+        request: Request<ListMigrationsRequest>,
+    ) -> Result<Response<MigrationList>, Status> {
+        let deadline = Instant::now() + deadline::budget(request.metadata());
+        let r = self
+            .0
+            .config
+            .call(
+                "ListMigrations",
+                request.into_inner(),
+                deadline,
+                |mut c, r| async move { c.list_migrations(r).await },
+            )
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn abort_migration(
+        &self,
+        request: Request<AbortMigrationRequest>,
+    ) -> Result<Response<Migration>, Status> {
+        let deadline = Instant::now() + deadline::budget(request.metadata());
+        let r = self
+            .0
+            .config
+            .call(
+                "AbortMigration",
+                request.into_inner(),
+                deadline,
+                |mut c, r| async move { c.abort_migration(r).await },
+            )
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn rebalance(
+        &self,
+        request: Request<RebalanceRequest>,
+    ) -> Result<Response<RebalanceResponse>, Status> {
+        let deadline = Instant::now() + deadline::budget(request.metadata());
+        let r = self
+            .0
+            .config
+            .call(
+                "Rebalance",
+                request.into_inner(),
+                deadline,
+                |mut c, r| async move { c.rebalance(r).await },
+            )
+            .await?;
+        if let Some(map) = &r.map {
+            self.0.install_map(map.clone(), "Rebalance");
+        }
+        Ok(Response::new(r))
     }
 }

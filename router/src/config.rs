@@ -209,7 +209,8 @@ impl ConfigClient {
                 Action::Fail
                 | Action::Refresh { .. }
                 | Action::OutcomeUnknown
-                | Action::Locked(_) => return Err(pass_through(status)),
+                | Action::Locked(_)
+                | Action::Hold => return Err(pass_through(status)),
                 Action::Redirect(leader) => {
                     *self.leader.lock().unwrap() = Some(leader.clone());
                     hint = Some(leader);

@@ -24,7 +24,8 @@ use crate::config::refresh_map;
 use crate::map::{group_of, groups_of, list_groups, replicas};
 use crate::pool::MESSAGE_BYTES_MAX;
 use crate::retry::{
-    backoff, classify, describe, lock_backoff, pass_through, Action, Effect, MAX_ATTEMPTS,
+    backoff, classify, describe, hold_delay, lock_backoff, pass_through, Action, Effect, HOLDS_MAX,
+    MAX_ATTEMPTS,
 };
 use crate::{deadline, Shared};
 
@@ -192,6 +193,8 @@ impl KvService {
         let started = Instant::now();
         let deadline = started + budget;
         let mut attempts = 0u32;
+        // Waits on a slot in a migration's critical section (bounded apart from attempts).
+        let mut holds = 0u32;
         // A leader named by a hint during this request: tried next even if the map does not list
         // it (yet).
         let mut hint: Option<String> = None;
@@ -307,6 +310,15 @@ impl KvService {
                             }
                             lock_backoff(lock_waits)
                         }
+                        // The slot's donor is in the critical section: ask the same replica
+                        // again shortly (or the new owner, once the map moves on).
+                        Action::Hold if holds < HOLDS_MAX => {
+                            holds += 1;
+                            attempts -= 1;
+                            hint = Some(addr.clone());
+                            hold_delay(holds - 1)
+                        }
+                        Action::Hold => backoff(attempts - 1),
                         Action::Redirect(leader) => {
                             shared.counters.redirects.fetch_add(1, Ordering::Relaxed);
                             shared.leaders.set(group, &leader);

@@ -13,6 +13,9 @@ use crate::pool::canonical_addr;
 
 /// Most attempts (the first included) one request makes before the router gives up.
 pub(crate) const MAX_ATTEMPTS: u32 = 12;
+/// Most holds (waits on a slot in a migration's critical section) one request makes; with
+/// [`hold_delay`] that is about 5 s, far above the critical section's bound.
+pub(crate) const HOLDS_MAX: u32 = 100;
 /// Delay before the first retry; doubled on every further one.
 const BACKOFF_BASE: Duration = Duration::from_millis(10);
 /// Longest delay between two attempts.
@@ -31,6 +34,9 @@ pub(crate) enum Action {
     /// The node does not own the slot (`WrongShard`); it knows map version `node_version`.
     /// It never applied the request, so retrying against the owner of a newer map is safe.
     Refresh { node_version: u64 },
+    /// The slot is in a migration's critical section (`SlotMoving`; certainly not applied): wait
+    /// briefly and try again. Holds do not use up attempts; [`HOLDS_MAX`] bounds them.
+    Hold,
     /// Not the router's business: hand the status to the client unchanged.
     Fail,
     /// A write failed in a way that does not prove it was not applied (a plain `UNAVAILABLE`, a
@@ -69,6 +75,7 @@ pub(crate) fn classify(status: &Status, effect: Effect) -> Action {
 fn classify_routing(status: &Status) -> Action {
     match status.code() {
         Code::Unavailable => match error_detail_of(status) {
+            Some(error_detail::Kind::SlotMoving(_)) => Action::Hold,
             Some(error_detail::Kind::NotLeader(nl)) if !nl.leader_addr.is_empty() => {
                 match canonical_addr(&nl.leader_addr) {
                     Ok(addr) => Action::Redirect(addr),
@@ -126,6 +133,9 @@ pub(crate) fn describe(status: &Status) -> String {
         ),
         Some(error_detail::Kind::NotApplied(_)) => format!("not applied: {}", status.message()),
         Some(error_detail::Kind::Locked(_)) => format!("locked: {}", status.message()),
+        Some(error_detail::Kind::SlotMoving(_)) => {
+            format!("slot moving (critical section): {}", status.message())
+        }
         None => format!("{:?}: {}", status.code(), status.message()),
     };
     // Transport errors keep the useful part ("Connection refused") in their source chain.
@@ -147,6 +157,12 @@ fn truncate(mut text: String, max_chars: usize) -> String {
         text.push('…');
     }
     text
+}
+
+/// Delay before hold number `hold` (0-based): 2 ms doubling up to 50 ms, so a short critical
+/// section costs the held request little more than itself.
+pub(crate) fn hold_delay(hold: u32) -> Duration {
+    Duration::from_millis(2u64 << hold.min(5)).min(Duration::from_millis(50))
 }
 
 /// Delay before retry number `retry` (0-based): 10 ms doubling up to 250 ms.

@@ -330,6 +330,27 @@ impl Cluster for FakeConfig {
     ) -> Result<Response<ClusterStatus>, Status> {
         Err(Status::unimplemented("GetClusterStatus"))
     }
+
+    async fn list_migrations(
+        &self,
+        _: Request<ListMigrationsRequest>,
+    ) -> Result<Response<MigrationList>, Status> {
+        Err(Status::unimplemented("ListMigrations"))
+    }
+
+    async fn abort_migration(
+        &self,
+        _: Request<AbortMigrationRequest>,
+    ) -> Result<Response<Migration>, Status> {
+        Err(Status::unimplemented("AbortMigration"))
+    }
+
+    async fn rebalance(
+        &self,
+        _: Request<RebalanceRequest>,
+    ) -> Result<Response<RebalanceResponse>, Status> {
+        Err(Status::unimplemented("Rebalance"))
+    }
 }
 
 async fn spawn_config(map: ShardMap) -> Served<Arc<ConfigState>> {
@@ -1004,6 +1025,7 @@ async fn an_uninitialized_cluster_is_reported_and_init_goes_through_the_router()
         .move_slots(MoveSlotsRequest {
             slots: vec![1],
             to_group: 2,
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -1101,4 +1123,43 @@ async fn the_router_refuses_to_start_without_a_reachable_config_server() {
     assert!(msg.contains(&format!("{a}: ")), "{msg}");
     assert!(msg.contains(&format!("{b}: ")), "{msg}");
     assert!(!msg.contains("not tried"), "{msg}");
+}
+
+/// A slot in a migration's critical section: the router holds the write (more times than its
+/// attempt bound) and retries the same replica until the donor lets go, then succeeds; the
+/// client sees latency, not an error.
+#[tokio::test]
+async fn a_moving_slot_is_held_and_retried_beyond_the_attempt_bound() {
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let counted = refusals.clone();
+    let node = spawn_node("donor", move |_| {
+        if counted.fetch_add(1, Ordering::SeqCst) < 20 {
+            let d = ErrorDetail {
+                kind: Some(error_detail::Kind::SlotMoving(error_detail::SlotMoving {
+                    slot: 1,
+                    migration_id: 7,
+                })),
+            };
+            Some(Status::with_details(
+                Code::Unavailable,
+                "slot moving",
+                d.encode_to_vec().into(),
+            ))
+        } else {
+            None
+        }
+    })
+    .await;
+    let other = healthy_node("g2").await;
+    let config = spawn_config(map_v(1, &[&node.addr], &[&other.addr])).await;
+    let router = start_router(vec![config.addr.clone()]).await;
+    let mut c = kv(&router).await;
+    let resp = c
+        .put(put_req(key_of_group(1, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.succeeded);
+    assert_eq!(seen(&node).len(), 21, "20 holds, then the write");
+    router.shutdown().await;
 }

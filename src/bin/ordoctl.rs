@@ -20,7 +20,8 @@ use ordo::proto::v1::{
     compare, txn_op, txn_op_result, AddGroupRequest, ChangeGroupReplicasRequest,
     ChangeGroupReplicasResponse, ChangeReplicasRequest, ClusterStatus, Compare, DeleteRequest,
     DeleteResponse, GetRequest, GetResponse, GroupSpec, GroupStatus, InitClusterRequest, Item,
-    PutRequest, PutResponse, ReplicaChange, ReplicaStatus, ShardMap, TxnOp, TxnRequest,
+    MoveSlotsRequest, PutRequest, PutResponse, RebalanceRequest, ReplicaChange, ReplicaStatus,
+    ShardMap, TxnOp, TxnRequest,
 };
 use tonic::Code;
 
@@ -102,8 +103,13 @@ enum Command {
     /// Register or unregister shard groups.
     #[command(subcommand)]
     Group(GroupCommand),
-    /// Move slots to another group (until online resharding lands, only slots holding no data).
+    /// Move slots to another group with their data, online (writes pause only for a short
+    /// critical section per move). Shows progress on stderr.
     MoveSlots(MoveSlotsArgs),
+    /// Spread the slots evenly over the groups: shows the plan, then moves one range at a time.
+    Rebalance(RebalanceArgs),
+    /// Slot migrations: in flight and recently finished, with progress and measured pauses.
+    Migrations(MigrationsArgs),
     /// Leadership of one raft group (give --endpoint the group's node addresses).
     #[command(subcommand)]
     Leader(LeaderCommand),
@@ -214,6 +220,54 @@ enum GroupCommand {
     Add(GroupAddArgs),
     /// Unregister a group that owns no slots.
     Remove(GroupRemoveArgs),
+    /// Move every slot off a group (spread over the others), so that it can be removed.
+    Drain(GroupDrainArgs),
+}
+
+#[derive(Args, Debug)]
+struct GroupDrainArgs {
+    /// The group's id.
+    #[arg(value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
+    id: u64,
+    #[command(flatten)]
+    moves: MoveOptions,
+}
+
+#[derive(Args, Debug, Clone, Copy)]
+struct MoveOptions {
+    /// Most slots per move.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    slots_per_move: u32,
+    /// Copy bandwidth bound of each move, bytes per second (0 = the config server's default).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    copy_bytes_per_sec: u64,
+}
+
+#[derive(Args, Debug)]
+struct RebalanceArgs {
+    /// Show the plan only.
+    #[arg(long)]
+    dry_run: bool,
+    #[command(flatten)]
+    moves: MoveOptions,
+}
+
+#[derive(Args, Debug)]
+struct MigrationsArgs {
+    #[command(subcommand)]
+    command: Option<MigrationsCommand>,
+}
+
+#[derive(Subcommand, Debug)]
+enum MigrationsCommand {
+    /// Abort a migration before its commit point: the donor keeps the slots and its data.
+    Abort(MigrationAbortArgs),
+}
+
+#[derive(Args, Debug)]
+struct MigrationAbortArgs {
+    #[arg(value_name = "ID")]
+    id: u64,
 }
 
 #[derive(Args, Debug)]
@@ -241,6 +295,9 @@ struct MoveSlotsArgs {
     /// The group that will own them.
     #[arg(long, value_name = "ID", value_parser = clap::value_parser!(u64).range(1..))]
     to: u64,
+    /// Copy bandwidth bound, bytes per second (0 = the config server's default).
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    copy_bytes_per_sec: u64,
 }
 
 /// The parsed `--slots` of `move-slots` (a newtype so that clap takes the whole list as one value).
@@ -449,7 +506,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::MoveSlots(a) => {
-            let map = admin(endpoint)?.move_slots(a.slots.0, a.to).await?;
+            let c = admin(endpoint)?;
+            let req = MoveSlotsRequest {
+                slots: a.slots.0,
+                to_group: a.to,
+                copy_bytes_per_sec: a.copy_bytes_per_sec,
+            };
+            let map = with_progress(&c, json, c.move_slots_with(req)).await?;
             println!("{}", render_map_change(&map, json));
             Ok(())
         }
@@ -465,6 +528,22 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 })
                 .await?;
             println!("{}", render_replicas(group, &resp, json));
+            Ok(())
+        }
+        Command::Rebalance(a) => rebalance(&admin(endpoint)?, 0, a.dry_run, a.moves, json).await,
+        Command::Group(GroupCommand::Drain(a)) => {
+            rebalance(&admin(endpoint)?, a.id, false, a.moves, json).await
+        }
+        Command::Migrations(MigrationsArgs { command: None }) => {
+            let list = admin(endpoint)?.list_migrations().await?;
+            println!("{}", render_migrations(&list.migrations, json));
+            Ok(())
+        }
+        Command::Migrations(MigrationsArgs {
+            command: Some(MigrationsCommand::Abort(a)),
+        }) => {
+            let m = admin(endpoint)?.abort_migration(a.id).await?;
+            println!("{}", render_migrations(std::slice::from_ref(&m), json));
             Ok(())
         }
         Command::Leader(LeaderCommand::Transfer(a)) => {
@@ -556,6 +635,184 @@ fn render_replicas(group: u64, r: &ChangeGroupReplicasResponse, json: bool) -> S
         out.push_str(&line);
     }
     out
+}
+
+/// Runs `call` (a move, a rebalance) while printing the progress of the migration in flight on
+/// stderr every half second: items and bytes copied, rate, state. Silent with `--json`.
+async fn with_progress<T>(
+    c: &ClusterClient,
+    json: bool,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    let started = std::time::Instant::now();
+    let watch = async {
+        if json {
+            return std::future::pending::<()>().await;
+        }
+        // Bounded by the call: this future is dropped when it completes.
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let Ok(list) = c.list_migrations().await else {
+                continue;
+            };
+            let live: Vec<_> = list
+                .migrations
+                .iter()
+                .filter(|m| ordo_config::migration::in_flight(m))
+                .collect();
+            let secs = started.elapsed().as_secs_f64().max(0.001);
+            for m in live {
+                eprint!(
+                    "\rmigration {} ({} slots {}→{}): {} items, {} KiB copied, {} log records, {:.0} KiB/s, {}      ",
+                    m.id,
+                    m.slots.len(),
+                    m.from_group,
+                    m.to_group,
+                    m.items_copied,
+                    m.bytes_copied / 1024,
+                    m.log_records,
+                    m.bytes_copied as f64 / 1024.0 / secs,
+                    ordo_config::migration::state_name(m.state)
+                );
+            }
+        }
+    };
+    let r = tokio::select! {
+        r = call => r,
+        _ = watch => unreachable!("the progress loop never ends"),
+    };
+    if !json {
+        eprintln!();
+    }
+    r
+}
+
+async fn rebalance(
+    c: &ClusterClient,
+    drain: u64,
+    dry_run: bool,
+    moves: MoveOptions,
+    json: bool,
+) -> Result<(), Failure> {
+    let req = RebalanceRequest {
+        dry_run: true,
+        drain_group: drain,
+        slots_per_move: moves.slots_per_move,
+        copy_bytes_per_sec: moves.copy_bytes_per_sec,
+    };
+    let plan = c.rebalance(req).await?;
+    if !json || dry_run {
+        let rows: Vec<Vec<String>> = plan
+            .plan
+            .iter()
+            .map(|p| {
+                vec![
+                    format!("group {} → group {}", p.from_group, p.to_group),
+                    format!("{} slots", p.slots.len()),
+                    compress_ranges(&p.slots),
+                ]
+            })
+            .collect();
+        if json {
+            let moves = json_list(&plan.plan, |p| {
+                format!(
+                    "{{\"from_group\":{},\"to_group\":{},\"slots\":{}}}",
+                    p.from_group,
+                    p.to_group,
+                    json_list(&p.slots, u32::to_string)
+                )
+            });
+            println!("{{\"plan\":{moves}}}");
+        } else if rows.is_empty() {
+            println!("nothing to move: the slots are spread evenly already");
+        } else {
+            println!("plan: {} moves", rows.len());
+            for line in align(&rows) {
+                println!("  {line}");
+            }
+        }
+    }
+    if dry_run || plan.plan.is_empty() {
+        return Ok(());
+    }
+    let done = with_progress(
+        c,
+        json,
+        c.rebalance(RebalanceRequest {
+            dry_run: false,
+            ..req
+        }),
+    )
+    .await?;
+    println!("{}", render_migrations(&done.migrations, json));
+    if let Some(map) = &done.map {
+        if !json {
+            println!("{}", render_map_change(map, false));
+        }
+    }
+    Ok(())
+}
+
+fn render_migrations(list: &[ordo::proto::v1::Migration], json: bool) -> String {
+    use ordo_config::migration::state_name;
+    if json {
+        return json_list(list, |m| {
+            format!(
+                "{{\"id\":{},\"state\":{},\"from_group\":{},\"to_group\":{},\"slots\":{},\"items_copied\":{},\"bytes_copied\":{},\"log_records\":{},\"pause_ms\":{},\"items_cleaned\":{},\"map_version\":{},\"abort_requested\":{},\"error\":{}}}",
+                m.id,
+                json_str(state_name(m.state)),
+                m.from_group,
+                m.to_group,
+                json_list(&m.slots, u32::to_string),
+                m.items_copied,
+                m.bytes_copied,
+                m.log_records,
+                m.pause_ms,
+                m.items_cleaned,
+                m.map_version,
+                m.abort_requested,
+                json_str(&m.error)
+            )
+        });
+    }
+    if list.is_empty() {
+        return "no migrations".into();
+    }
+    let mut rows = vec![vec![
+        "id".to_string(),
+        "state".into(),
+        "move".into(),
+        "slots".into(),
+        "items".into(),
+        "KiB".into(),
+        "log".into(),
+        "pause".into(),
+        "cleaned".into(),
+        "note".into(),
+    ]];
+    for m in list {
+        rows.push(vec![
+            m.id.to_string(),
+            state_name(m.state).to_string(),
+            format!("{}→{}", m.from_group, m.to_group),
+            compress_ranges(&m.slots),
+            m.items_copied.to_string(),
+            (m.bytes_copied / 1024).to_string(),
+            m.log_records.to_string(),
+            if m.pause_ms > 0 {
+                format!("{} ms", m.pause_ms)
+            } else {
+                "-".into()
+            },
+            m.items_cleaned.to_string(),
+            if m.abort_requested && m.error.is_empty() {
+                "abort requested".into()
+            } else {
+                m.error.clone()
+            },
+        ]);
+    }
+    align(&rows).join("\n")
 }
 
 fn condition(succeeded: bool) -> Result<(), Failure> {
@@ -1711,6 +1968,39 @@ mod tests {
         };
         assert_eq!((a.slots.0, a.to), (vec![0, 1, 2, 3, 9], 2));
 
+        // Resharding commands.
+        let cli = Cli::try_parse_from(["ordoctl", "rebalance", "--dry-run"]).unwrap();
+        let Command::Rebalance(a) = cli.command else {
+            panic!("not rebalance")
+        };
+        assert!(a.dry_run);
+        assert_eq!(a.moves.slots_per_move, 512);
+        let cli = Cli::try_parse_from([
+            "ordoctl",
+            "group",
+            "drain",
+            "3",
+            "--copy-bytes-per-sec",
+            "1000",
+        ])
+        .unwrap();
+        let Command::Group(GroupCommand::Drain(a)) = cli.command else {
+            panic!("not group drain")
+        };
+        assert_eq!((a.id, a.moves.copy_bytes_per_sec), (3, 1000));
+        let cli = Cli::try_parse_from(["ordoctl", "migrations", "abort", "7"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Migrations(MigrationsArgs {
+                command: Some(MigrationsCommand::Abort(MigrationAbortArgs { id: 7 }))
+            })
+        ));
+        let cli = Cli::try_parse_from(["ordoctl", "migrations"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Migrations(MigrationsArgs { command: None })
+        ));
+
         for bad in [
             &["ordoctl", "move-slots", "--slots", "5-3", "--to", "2"][..],
             &["ordoctl", "move-slots", "--slots", "1", "--to", "0"],
@@ -1805,6 +2095,34 @@ mod tests {
             assert!(err.contains(what), "{input:?}: {err}");
             assert!(err.contains(SLOTS_SYNTAX), "{input:?}: {err}");
         }
+    }
+
+    #[test]
+    fn migrations_render_as_a_table_and_as_json() {
+        let m = ordo::proto::v1::Migration {
+            id: 4,
+            slots: vec![0, 1, 2, 7],
+            from_group: 1,
+            to_group: 3,
+            state: ordo::proto::v1::MigrationState::Done as i32,
+            items_copied: 10,
+            bytes_copied: 4096,
+            pause_ms: 42,
+            ..Default::default()
+        };
+        let table = render_migrations(std::slice::from_ref(&m), false);
+        assert!(table.contains("done") && table.contains("1→3"), "{table}");
+        assert!(
+            table.contains("0-2,7") && table.contains("42 ms"),
+            "{table}"
+        );
+        let json = render_migrations(&[m], true);
+        assert!(
+            json.starts_with("[{\"id\":4,\"state\":\"done\",\"from_group\":1,\"to_group\":3,\"slots\":[0,1,2,7],"),
+            "{json}"
+        );
+        assert!(json.contains("\"pause_ms\":42,"), "{json}");
+        assert_eq!(render_migrations(&[], false), "no migrations");
     }
 
     #[test]

@@ -51,11 +51,7 @@ pub fn ordoctl(endpoints: &[String], args: &[&str]) -> (bool, String) {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    ordo::playground::free_local_port().unwrap()
 }
 
 pub struct NodeProc {

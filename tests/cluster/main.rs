@@ -9,4 +9,5 @@ mod harness;
 mod membership;
 mod nemesis;
 mod playground;
+mod resharding;
 mod sharded;

@@ -58,6 +58,7 @@ async fn move_slot(addr: &str, slot: u32, to: u64) -> Result<ShardMap, tonic::St
     let req = MoveSlotsRequest {
         slots: vec![slot],
         to_group: to,
+        ..Default::default()
     };
     Ok(cluster(addr).await.move_slots(req).await?.into_inner())
 }
@@ -393,10 +394,7 @@ async fn init_refuses_bad_input_and_is_all_or_nothing() {
         )
         .await;
     }
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let dead = format!("127.0.0.1:{}", crate::harness::free_port());
     let init = |slot_count: u32, groups: Vec<ordo_proto::v1::GroupSpec>| {
         let m = m.clone();
         async move {

@@ -1,0 +1,815 @@
+//! Online resharding inside one group's state machine (a child module of `sm.rs`).
+//!
+//! Donor side: `BEGIN` records an outgoing migration (`migout/<id>` in the meta tree) and from
+//! then on every write to one of its slots is also appended, in the same sled transaction, to its
+//! change log (`miglog/<id>/<raft index>/<seq>` → `key | value`, an empty value for a delete).
+//! `FENCE` refuses every later request for the slots with `SlotMoving`, so the log is complete
+//! at the fence index. `END` drops the record, the log and the fence. All of it is replicated
+//! state (raft entries, part of snapshots), so a new donor leader serves the same log.
+//!
+//! Recipient side: `INGEST` writes copied records as they are, versions included, in the order the
+//! driver sends them (the slots' items first, then the change log from its start, in log order):
+//! replaying a suffix again converges to the same state, so a retried chunk is harmless.
+//! `CLEAR` deletes a bounded number of items of slots that the group neither owns nor moves out.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
+use std::sync::atomic::Ordering;
+
+use ordo_proto::v1::{MigrateOutRequest, MigratePullResponse, MigrateStep, MigrationRecord};
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::Transactional;
+
+use super::{tx_err, Command, Outcome, StateMachine, APPLIED_KEY};
+use crate::error::{Error, Result};
+use crate::keys;
+
+const OUT_PREFIX: &[u8] = b"migout/";
+const LOG_PREFIX: &[u8] = b"miglog/";
+/// Most items one `CLEAR` entry deletes.
+pub const CLEAR_ITEMS_MAX: u32 = 4096;
+
+/// An outgoing migration as the donor group knows it.
+#[derive(Clone, Debug, PartialEq)]
+struct Out {
+    slots: Vec<u32>,
+    /// Raft index of the fence; 0 = not fenced.
+    fence_index: u64,
+}
+
+impl Out {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = self.fence_index.to_be_bytes().to_vec();
+        for s in &self.slots {
+            v.extend_from_slice(&s.to_be_bytes());
+        }
+        v
+    }
+
+    fn decode(raw: &[u8]) -> Result<Out> {
+        if raw.len() < 8 || !(raw.len() - 8).is_multiple_of(4) {
+            return Err(Error::Corruption(format!(
+                "tree meta, migration record of {} bytes",
+                raw.len()
+            )));
+        }
+        Ok(Out {
+            fence_index: u64::from_be_bytes(raw[..8].try_into().unwrap()),
+            slots: raw[8..]
+                .chunks(4)
+                .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+                .collect(),
+        })
+    }
+}
+
+fn out_key(id: u64) -> Vec<u8> {
+    [OUT_PREFIX, &id.to_be_bytes()].concat()
+}
+
+fn log_prefix(id: u64) -> Vec<u8> {
+    [LOG_PREFIX, &id.to_be_bytes()].concat()
+}
+
+fn log_key(id: u64, index: u64, seq: u32) -> Vec<u8> {
+    [
+        LOG_PREFIX,
+        &id.to_be_bytes(),
+        &index.to_be_bytes(),
+        &seq.to_be_bytes(),
+    ]
+    .concat()
+}
+
+fn encode_record(key: &[u8], value: &[u8]) -> Vec<u8> {
+    [&(key.len() as u32).to_be_bytes(), key, value].concat()
+}
+
+fn decode_record(raw: &[u8]) -> Result<(&[u8], &[u8])> {
+    let bad = || {
+        Error::Corruption(format!(
+            "tree meta, change-log record of {} bytes",
+            raw.len()
+        ))
+    };
+    let len = u32::from_be_bytes(raw.get(..4).ok_or_else(bad)?.try_into().unwrap()) as usize;
+    let key = raw.get(4..4 + len).ok_or_else(bad)?;
+    Ok((key, &raw[4 + len..]))
+}
+
+/// The group's outgoing migrations, and which slot belongs to which.
+#[derive(Default, Debug)]
+pub struct Moving {
+    out: BTreeMap<u64, Out>,
+    by_slot: HashMap<u32, u64>,
+}
+
+impl Moving {
+    pub fn load(meta: &sled::Tree) -> Result<Moving> {
+        let mut m = Moving::default();
+        for kv in meta.scan_prefix(OUT_PREFIX) {
+            let (k, v) = kv?;
+            let id = u64::from_be_bytes(k[OUT_PREFIX.len()..].try_into().map_err(|_| {
+                Error::Corruption("tree meta, migration record key of the wrong length".into())
+            })?);
+            m.insert(id, Out::decode(&v)?);
+        }
+        Ok(m)
+    }
+
+    fn insert(&mut self, id: u64, out: Out) {
+        for s in &out.slots {
+            self.by_slot.insert(*s, id);
+        }
+        self.out.insert(id, out);
+    }
+
+    fn remove(&mut self, id: u64) {
+        if let Some(out) = self.out.remove(&id) {
+            for s in out.slots {
+                self.by_slot.remove(&s);
+            }
+        }
+    }
+
+    /// `SlotMoving` when `slot` is fenced by a migration.
+    pub fn fenced(&self, slot: u32) -> Option<Error> {
+        let id = *self.by_slot.get(&slot)?;
+        (self.out[&id].fence_index != 0).then_some(Error::SlotMoving {
+            slot,
+            migration_id: id,
+        })
+    }
+
+    fn is_moving(&self, slot: u32) -> bool {
+        self.by_slot.contains_key(&slot)
+    }
+
+    /// The refusal of a new cross-group lock in `slot` while it is moving out (begun, fenced or
+    /// not): a transaction must not be split by a move.
+    pub fn moving_out(&self, slot: u32) -> Option<Error> {
+        let id = *self.by_slot.get(&slot)?;
+        Some(Error::SlotMoving {
+            slot,
+            migration_id: id,
+        })
+    }
+
+    /// The slots of migration `id`.
+    fn slots_of(&self, id: u64) -> Vec<u32> {
+        self.by_slot
+            .iter()
+            .filter(|(_, m)| **m == id)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+}
+
+/// Appends writes to moving slots to their migration's change log, inside the apply transaction.
+pub struct LogWriter<'a> {
+    meta: &'a TransactionalTree,
+    moving: &'a Moving,
+    index: u64,
+    seq: u32,
+}
+
+impl<'a> LogWriter<'a> {
+    pub fn new(meta: &'a TransactionalTree, moving: &'a Moving) -> Self {
+        LogWriter {
+            meta,
+            moving,
+            index: 0,
+            seq: 0,
+        }
+    }
+
+    pub fn at_index(&mut self, index: u64) {
+        self.index = index;
+        self.seq = 0;
+    }
+
+    /// `value` empty = the item was deleted.
+    pub fn record(&mut self, slot: u32, key: &[u8], value: &[u8]) -> Result<()> {
+        if let Some(id) = self.moving.by_slot.get(&slot) {
+            self.meta
+                .insert(
+                    log_key(*id, self.index, self.seq),
+                    encode_record(key, value),
+                )
+                .map_err(tx_err)?;
+            self.seq += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Forgets every migration record and change log (a snapshot install brings its own).
+pub fn clear_meta(meta: &sled::Tree) -> Result<()> {
+    for prefix in [OUT_PREFIX, LOG_PREFIX] {
+        let mut batch = sled::Batch::default();
+        for k in meta.scan_prefix(prefix).keys() {
+            batch.remove(k?);
+        }
+        meta.apply_batch(batch)?;
+    }
+    Ok(())
+}
+
+/// Checks a copied record before it is proposed or applied: a data key, and a value that passes
+/// its checksum (or is empty: a delete).
+pub fn check_record(r: &MigrationRecord, slot_count: u32) -> Result<u32> {
+    let (slot, _, _) = keys::decode_key(&r.key)
+        .map_err(|e| Error::InvalidArgument(format!("migration record: {e}")))?;
+    if slot >= slot_count {
+        return Err(Error::InvalidArgument(format!(
+            "migration record for slot {slot}, but there are {slot_count} slots"
+        )));
+    }
+    if !r.value.is_empty() {
+        keys::decode_value(&r.key, &r.value)
+            .map_err(|e| Error::InvalidArgument(format!("migration record: {e}")))?;
+    }
+    Ok(slot)
+}
+
+type Applied = Result<Result<Outcome>>;
+
+impl StateMachine {
+    fn mark_applied(&self, index: u64) -> Result<()> {
+        self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+        self.applied.store(index, Ordering::Release);
+        Ok(())
+    }
+
+    /// Applies a migration command on its own (like an ownership change). A refused command
+    /// changes nothing but the applied index.
+    pub(super) fn apply_migration(&self, index: u64, cmd: &Command) -> Applied {
+        let r = match cmd {
+            Command::MigrateOut(req) => self.apply_out(index, req)?,
+            Command::MigrateIngest(req) => self.apply_ingest(index, &req.records)?,
+            Command::MigrateClear(req) => self.apply_clear(index, &req.slots, req.items_max)?,
+            other => unreachable!("not a migration command: {other:?}"),
+        };
+        if r.is_err() {
+            self.mark_applied(index)?;
+        }
+        Ok(r)
+    }
+
+    fn apply_out(&self, index: u64, req: &MigrateOutRequest) -> Applied {
+        let id = req.migration_id;
+        let mut moving = self.moving.write().unwrap();
+        let _w = self.view.write().unwrap();
+        let done = |i| {
+            Ok(Ok(Outcome::Migration {
+                index: i,
+                deleted: 0,
+                done: true,
+            }))
+        };
+        match MigrateStep::try_from(req.step) {
+            Ok(MigrateStep::Begin) => {
+                if moving.out.contains_key(&id) {
+                    self.mark_applied(index)?;
+                    return done(index);
+                }
+                let ownership = self.ownership.read().unwrap();
+                if req.slots.is_empty() {
+                    return Ok(Err(Error::InvalidArgument(
+                        "a migration needs slots".into(),
+                    )));
+                }
+                for &s in &req.slots {
+                    if s >= self.slot_count || !ownership.owns(s) {
+                        return Ok(Err(Error::FailedPrecondition(format!(
+                            "group does not own slot {s}; it cannot be moved out of it"
+                        ))));
+                    }
+                    if let Some(other) = moving.by_slot.get(&s) {
+                        return Ok(Err(Error::FailedPrecondition(format!(
+                            "slot {s} is already moving out in migration {other}"
+                        ))));
+                    }
+                }
+                let mut slots = req.slots.clone();
+                slots.sort_unstable();
+                slots.dedup();
+                let out = Out {
+                    slots,
+                    fence_index: 0,
+                };
+                let mut batch = sled::Batch::default();
+                batch.insert(out_key(id), out.encode());
+                batch.insert(APPLIED_KEY, &index.to_be_bytes());
+                self.meta.apply_batch(batch)?;
+                self.applied.store(index, Ordering::Release);
+                moving.insert(id, out);
+                tracing::info!(
+                    node = self.node_id,
+                    migration = id,
+                    "migration began: change log on"
+                );
+                done(index)
+            }
+            Ok(MigrateStep::Fence) => {
+                let Some(out) = moving.out.get(&id).cloned() else {
+                    return Ok(Err(Error::FailedPrecondition(format!(
+                        "no migration {id} on this group (never begun, or ended)"
+                    ))));
+                };
+                if out.fence_index != 0 {
+                    self.mark_applied(index)?;
+                    return done(out.fence_index);
+                }
+                // Writes are refused once fenced, so a transaction holding items here could not
+                // finish on this side of the move: fence only once no item is locked (no new
+                // lock is taken in a moving slot).
+                if self.locks_held() > 0 {
+                    for slot in moving.slots_of(id) {
+                        let start = crate::twopc::lock_key(&crate::keys::slot_start(slot));
+                        if self.meta.scan_prefix(&start).next().is_some() {
+                            return Ok(Err(Error::FailedPrecondition(format!(
+                                "slot {slot} has items locked by an unfinished cross-group \
+                                 transaction; fence again once it finishes"
+                            ))));
+                        }
+                    }
+                }
+                let out = Out {
+                    fence_index: index,
+                    ..out
+                };
+                let mut batch = sled::Batch::default();
+                batch.insert(out_key(id), out.encode());
+                batch.insert(APPLIED_KEY, &index.to_be_bytes());
+                self.meta.apply_batch(batch)?;
+                self.applied.store(index, Ordering::Release);
+                moving.insert(id, out);
+                tracing::info!(node = self.node_id, migration = id, index, "slots fenced");
+                done(index)
+            }
+            Ok(MigrateStep::End) => {
+                let mut batch = sled::Batch::default();
+                batch.remove(out_key(id));
+                for k in self.meta.scan_prefix(log_prefix(id)).keys() {
+                    batch.remove(k?);
+                }
+                batch.insert(APPLIED_KEY, &index.to_be_bytes());
+                self.meta.apply_batch(batch)?;
+                self.applied.store(index, Ordering::Release);
+                moving.remove(id);
+                tracing::info!(
+                    node = self.node_id,
+                    migration = id,
+                    "migration ended on the donor"
+                );
+                done(index)
+            }
+            _ => Ok(Err(Error::InvalidArgument(format!(
+                "unknown migration step {}",
+                req.step
+            )))),
+        }
+    }
+
+    fn apply_ingest(&self, index: u64, records: &[MigrationRecord]) -> Applied {
+        let ownership = self.ownership.read().unwrap().clone();
+        let moving = self.moving.read().unwrap();
+        for r in records {
+            let slot = match check_record(r, self.slot_count) {
+                Ok(s) => s,
+                Err(e) => return Ok(Err(e)),
+            };
+            if ownership.owns(slot) || moving.is_moving(slot) {
+                return Ok(Err(Error::FailedPrecondition(format!(
+                    "slot {slot} is served by this group; copied items are only written into slots it does not own"
+                ))));
+            }
+        }
+        let _w = self.view.write().unwrap();
+        self.transact(|data, meta| {
+            for r in records {
+                if r.value.is_empty() {
+                    data.remove(r.key.as_ref())?;
+                } else {
+                    data.insert(r.key.as_ref(), r.value.as_ref())?;
+                }
+            }
+            meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+            Ok(())
+        })?;
+        self.applied.store(index, Ordering::Release);
+        Ok(Ok(Outcome::Migration {
+            index,
+            deleted: 0,
+            done: true,
+        }))
+    }
+
+    fn apply_clear(&self, index: u64, slots: &[u32], items_max: u32) -> Applied {
+        let ownership = self.ownership.read().unwrap().clone();
+        let moving = self.moving.read().unwrap();
+        for &s in slots {
+            if s >= self.slot_count || ownership.owns(s) || moving.is_moving(s) {
+                return Ok(Err(Error::FailedPrecondition(format!(
+                    "slot {s} is owned or moving out here (or out of range); only data of slots this group does not serve is cleared"
+                ))));
+            }
+        }
+        let limit = items_max.clamp(1, CLEAR_ITEMS_MAX) as usize;
+        let mut doomed = Vec::new();
+        let mut more = false;
+        'slots: for &s in slots {
+            for k in self
+                .data
+                .range(keys::slot_start(s)..keys::slot_start(s + 1))
+                .keys()
+            {
+                if doomed.len() == limit {
+                    more = true;
+                    break 'slots;
+                }
+                doomed.push(k?);
+            }
+        }
+        let _w = self.view.write().unwrap();
+        self.transact(|data, meta| {
+            for k in &doomed {
+                data.remove(k)?;
+            }
+            meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+            Ok(())
+        })?;
+        self.applied.store(index, Ordering::Release);
+        Ok(Ok(Outcome::Migration {
+            index,
+            deleted: doomed.len() as u64,
+            done: !more,
+        }))
+    }
+
+    fn transact(
+        &self,
+        f: impl Fn(
+            &TransactionalTree,
+            &TransactionalTree,
+        ) -> std::result::Result<(), sled::transaction::UnabortableTransactionError>,
+    ) -> Result<()> {
+        (&self.data, &self.meta)
+            .transaction(|(data, meta)| {
+                f(data, meta).map_err(ConflictableTransactionError::from)?;
+                Ok::<_, ConflictableTransactionError<Error>>(())
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Abort(e) => e,
+                sled::transaction::TransactionError::Storage(e) => Error::from(e),
+            })
+    }
+
+    /// One page of a migration's items (`log` false) or change log (`log` true) after `after`,
+    /// at most about `bytes_max` bytes (at least one record).
+    pub fn migration_pull(
+        &self,
+        id: u64,
+        log: bool,
+        after: &[u8],
+        bytes_max: usize,
+    ) -> Result<MigratePullResponse> {
+        let out = self
+            .moving
+            .read()
+            .unwrap()
+            .out
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "no migration {id} on this group (never begun, or ended)"
+                ))
+            })?;
+        let _r = self.read_guard();
+        let mut resp = MigratePullResponse {
+            applied_index: self.applied_index(),
+            fence_index: out.fence_index,
+            next_after: after.to_vec().into(),
+            done: true,
+            ..Default::default()
+        };
+        let mut bytes = 0usize;
+        let mut push = |resp: &mut MigratePullResponse, k: &[u8], v: &[u8], pos: &[u8]| -> bool {
+            if bytes >= bytes_max && !resp.records.is_empty() {
+                resp.done = false;
+                return false;
+            }
+            bytes += k.len() + v.len();
+            resp.records.push(MigrationRecord {
+                key: k.to_vec().into(),
+                value: v.to_vec().into(),
+            });
+            resp.next_after = pos.to_vec().into();
+            true
+        };
+        let from = |start: Vec<u8>| {
+            if after.is_empty() || after < start.as_slice() {
+                Bound::Included(start)
+            } else {
+                Bound::Excluded(after.to_vec())
+            }
+        };
+        if log {
+            let prefix = log_prefix(id);
+            for kv in self.meta.range((from(prefix.clone()), Bound::Unbounded)) {
+                let (k, v) = kv?;
+                if !k.starts_with(&prefix) {
+                    break;
+                }
+                let (key, value) = decode_record(&v)?;
+                if !push(&mut resp, key, value, &k) {
+                    break;
+                }
+            }
+        } else {
+            'slots: for &s in &out.slots {
+                let end = keys::slot_start(s + 1);
+                if !after.is_empty() && after >= end.as_slice() {
+                    continue;
+                }
+                for kv in self
+                    .data
+                    .range((from(keys::slot_start(s)), Bound::Excluded(end)))
+                {
+                    let (k, v) = kv?;
+                    super::checked_value(self.node_id, &k, &v)?;
+                    if !push(&mut resp, &k, &v, &k) {
+                        break 'slots;
+                    }
+                }
+            }
+        }
+        Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Apply, StateMachine};
+    use super::*;
+    use ordo_proto::v1::{
+        txn_op, DeleteRequest, MigrateClearRequest, MigrateIngestRequest, PutRequest,
+        SetOwnershipRequest, TxnOp, TxnRequest,
+    };
+
+    const SLOTS: u32 = 64;
+
+    fn write(sk: &str, v: Option<&str>) -> Command {
+        let op = match v {
+            Some(v) => txn_op::Op::Put(PutRequest {
+                shard_key: sk.as_bytes().to_vec().into(),
+                value: v.as_bytes().to_vec().into(),
+                ..Default::default()
+            }),
+            None => txn_op::Op::Delete(DeleteRequest {
+                shard_key: sk.as_bytes().to_vec().into(),
+                ..Default::default()
+            }),
+        };
+        Command::Txn(TxnRequest {
+            success: vec![TxnOp { op: Some(op) }],
+            ..Default::default()
+        })
+    }
+
+    fn step(id: u64, step: MigrateStep, slots: &[u32]) -> Command {
+        Command::MigrateOut(MigrateOutRequest {
+            group_id: 1,
+            migration_id: id,
+            step: step as i32,
+            slots: slots.to_vec(),
+        })
+    }
+
+    struct Sm {
+        sm: StateMachine,
+        index: u64,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Sm {
+        fn new(owned: &[u32]) -> Sm {
+            let dir = tempfile::tempdir().unwrap();
+            let db = sled::open(dir.path()).unwrap();
+            let mut s = Sm {
+                sm: StateMachine::open(&db, 1, SLOTS).unwrap().sm,
+                index: 0,
+                _dir: dir,
+            };
+            s.run(Command::SetOwnership(SetOwnershipRequest {
+                group_id: 1,
+                map_version: 1,
+                slot_count: SLOTS,
+                slots: owned.to_vec(),
+            }))
+            .unwrap();
+            s
+        }
+
+        fn run(&mut self, cmd: Command) -> Result<Outcome> {
+            self.index += 1;
+            let mut r = self
+                .sm
+                .apply(&[Apply {
+                    index: self.index,
+                    cmd: Some(cmd),
+                }])
+                .unwrap();
+            r.pop().unwrap().1
+        }
+
+        fn pull_all(&self, id: u64, log: bool) -> Vec<MigrationRecord> {
+            let mut after = Vec::new();
+            let mut out = Vec::new();
+            for _ in 0..1000 {
+                let p = self.sm.migration_pull(id, log, &after, 64).unwrap();
+                out.extend(p.records);
+                after = p.next_after.to_vec();
+                if p.done {
+                    return out;
+                }
+            }
+            panic!("pull did not finish");
+        }
+    }
+
+    fn slot(sk: &str) -> u32 {
+        ordo_proto::slot_of(sk.as_bytes(), SLOTS)
+    }
+
+    /// The protocol on two state machines: copy while writes continue, replay the log, fence,
+    /// end, clear; the recipient ends with exactly the donor's items and versions.
+    #[test]
+    fn copy_log_fence_and_clear_move_a_slot_with_versions() {
+        let moving_slot = slot("order-1");
+        let all: Vec<u32> = (0..SLOTS).collect();
+        let mut d = Sm::new(&all);
+        let mut r = Sm::new(&[]);
+        let keys: Vec<String> = (0..400)
+            .map(|i| format!("order-{i}"))
+            .filter(|k| slot(k) == moving_slot)
+            .collect();
+        assert!(keys.len() >= 4, "{keys:?}");
+        for k in &keys {
+            d.run(write(k, Some("v1"))).unwrap();
+            d.run(write(k, Some("v2"))).unwrap();
+        }
+        d.run(step(7, MigrateStep::Begin, &[moving_slot])).unwrap();
+        let copied = d.pull_all(7, false);
+        assert_eq!(copied.len(), keys.len());
+        // Writes during the copy: an update, a delete, a delete + re-create.
+        d.run(write(&keys[0], Some("v3"))).unwrap();
+        d.run(write(&keys[1], None)).unwrap();
+        d.run(write(&keys[2], None)).unwrap();
+        d.run(write(&keys[2], Some("again"))).unwrap();
+        let ingest = |r: &mut Sm, records: Vec<MigrationRecord>| {
+            r.run(Command::MigrateIngest(MigrateIngestRequest {
+                group_id: 2,
+                migration_id: 7,
+                records,
+            }))
+            .unwrap()
+        };
+        ingest(&mut r, copied);
+        let log = d.pull_all(7, true);
+        assert_eq!(log.len(), 4);
+        ingest(&mut r, log.clone());
+        // A replayed chunk changes nothing.
+        ingest(&mut r, log[2..].to_vec());
+        let Outcome::Migration { index: fence, .. } =
+            d.run(step(7, MigrateStep::Fence, &[])).unwrap()
+        else {
+            panic!()
+        };
+        assert!(matches!(
+            d.run(write(&keys[3], Some("refused"))),
+            Err(Error::SlotMoving {
+                migration_id: 7,
+                ..
+            })
+        ));
+        assert!(matches!(
+            d.sm.check_owned(keys[3].as_bytes()),
+            Err(Error::SlotMoving { .. })
+        ));
+        assert_eq!(
+            d.sm.migration_pull(7, true, &[], 1 << 20)
+                .unwrap()
+                .fence_index,
+            fence
+        );
+        assert_eq!(d.digest_of(moving_slot), r.digest_of(moving_slot));
+        assert_eq!(r.sm.get(keys[0].as_bytes(), b"").unwrap().unwrap().0, 3);
+        assert!(r.sm.get(keys[1].as_bytes(), b"").unwrap().is_none());
+        assert_eq!(r.sm.get(keys[2].as_bytes(), b"").unwrap().unwrap().0, 1);
+        // Ingest into an owned slot is refused; the donor may give the fenced slot up.
+        let others: Vec<u32> = all.iter().copied().filter(|s| *s != moving_slot).collect();
+        d.run(Command::SetOwnership(SetOwnershipRequest {
+            group_id: 1,
+            map_version: 2,
+            slot_count: SLOTS,
+            slots: others,
+        }))
+        .unwrap();
+        r.run(Command::SetOwnership(SetOwnershipRequest {
+            group_id: 2,
+            map_version: 2,
+            slot_count: SLOTS,
+            slots: vec![moving_slot],
+        }))
+        .unwrap();
+        assert!(matches!(
+            ingest_result(&mut r, log),
+            Err(Error::FailedPrecondition(_))
+        ));
+        // Clearing is refused while moving, then deletes in bounded steps.
+        let clear = |d: &mut Sm| {
+            d.run(Command::MigrateClear(MigrateClearRequest {
+                group_id: 1,
+                slots: vec![moving_slot],
+                items_max: 2,
+            }))
+        };
+        assert!(clear(&mut d).is_err());
+        d.run(step(7, MigrateStep::End, &[])).unwrap();
+        assert!(
+            d.sm.migration_pull(7, true, &[], 10).is_err(),
+            "the log is gone"
+        );
+        assert!(matches!(
+            d.sm.check_owned(keys[3].as_bytes()),
+            Err(Error::WrongShard { .. })
+        ));
+        let mut rounds = 0;
+        loop {
+            rounds += 1;
+            assert!(rounds < 100);
+            match clear(&mut d).unwrap() {
+                Outcome::Migration { done: true, .. } => break,
+                Outcome::Migration { deleted, .. } => assert_eq!(deleted, 2),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            d.digest_of(moving_slot),
+            (0, crc32fast::Hasher::new().finalize())
+        );
+    }
+
+    fn ingest_result(r: &mut Sm, records: Vec<MigrationRecord>) -> Result<Outcome> {
+        r.run(Command::MigrateIngest(MigrateIngestRequest {
+            group_id: 2,
+            migration_id: 7,
+            records,
+        }))
+    }
+
+    impl Sm {
+        fn digest_of(&self, slot: u32) -> (u64, u32) {
+            let mut h = crc32fast::Hasher::new();
+            let mut n = 0;
+            for kv in self
+                .sm
+                .data
+                .range(keys::slot_start(slot)..keys::slot_start(slot + 1))
+            {
+                let (k, v) = kv.unwrap();
+                h.update(&k);
+                h.update(&v);
+                n += 1;
+            }
+            (n, h.finalize())
+        }
+    }
+
+    /// Begin refuses slots not owned or already moving; an unfenced migration survives a restart
+    /// with its log, and a snapshot carries it.
+    #[test]
+    fn begin_checks_ownership_and_migrations_survive_restart_and_snapshots() {
+        let mut d = Sm::new(&[1, 2, 3]);
+        assert!(d.run(step(1, MigrateStep::Begin, &[4])).is_err());
+        d.run(step(1, MigrateStep::Begin, &[1, 2])).unwrap();
+        assert!(d.run(step(2, MigrateStep::Begin, &[2, 3])).is_err());
+        d.run(step(1, MigrateStep::Begin, &[1, 2])).unwrap(); // idempotent
+        let sk = (0..)
+            .map(|i| format!("o{i}"))
+            .find(|k| slot(k) == 2)
+            .unwrap();
+        d.run(write(&sk, Some("x"))).unwrap();
+        assert_eq!(d.pull_all(1, true).len(), 1);
+        let (_, path, _) = d.sm.build_snapshot(&d._dir.path().join("snap"), 1).unwrap();
+        let other = Sm::new(&[]);
+        other.sm.install_snapshot(&path, d.index).unwrap();
+        assert_eq!(other.pull_all(1, true).len(), 1);
+        assert!(other.sm.moving.read().unwrap().is_moving(2));
+        let reloaded = Moving::load(&d.sm.meta).unwrap();
+        assert_eq!(reloaded.out, d.sm.moving.read().unwrap().out);
+    }
+}

@@ -1,0 +1,730 @@
+//! Online resharding (issue 6), in-process: slots move between groups with their data while 16
+//! clients keep writing and reading through the router; every history is checked linearizable
+//! and every acknowledged write is read back with its version.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt};
+use ordo::client::{Client, ClusterClient};
+use ordo::linearizability::{check, Completion, History, ItemKey, Op, Output};
+use ordo::playground::{start_extra_group, Playground, PlaygroundConfig};
+use ordo_proto::v1::{
+    AddGroupRequest, MigrationState, MoveSlotsRequest, RebalanceRequest, ShardMap,
+};
+use tonic::Code;
+
+use crate::harness::{node_status, wait_for};
+
+/// Clients of acceptance 1; the other tests use fewer, to leave CPU to the tests beside them.
+const CLIENTS: u64 = 16;
+const CLIENTS_LIGHT: u64 = 8;
+
+/// Keys each client writes alone (its last acknowledged version is known exactly).
+const PRIVATE_KEYS: u64 = 12;
+/// Keys every client reads and writes (their history is what the checker is for).
+const SHARED_KEYS: u64 = 24;
+/// Items written before the load starts (moved by the copy, not the change log).
+const PRELOAD: u64 = 1500;
+/// Bound on one client's operations, so a stuck stop flag cannot loop forever.
+const OPS_PER_CLIENT_MAX: u64 = 200_000;
+
+async fn playground(groups: u64) -> (tempfile::TempDir, PlaygroundConfig, Playground) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = PlaygroundConfig {
+        groups,
+        replicas: 3,
+        port: None,
+        ..PlaygroundConfig::new(dir.path())
+    };
+    let pg = Playground::start(cfg.clone())
+        .await
+        .expect("playground starts");
+    (dir, cfg, pg)
+}
+
+fn admin(pg: &Playground) -> ClusterClient {
+    ClusterClient::connect(pg.config_addrs.clone())
+        .unwrap()
+        .with_timeout(Duration::from_secs(120))
+}
+
+async fn preload(router: &str) {
+    preload_n(router, PRELOAD).await
+}
+
+async fn preload_n(router: &str, n: u64) {
+    let c = Client::connect(vec![router.to_string()])
+        .unwrap()
+        .with_timeout(Duration::from_secs(15));
+    stream::iter(0..n)
+        .map(|i| {
+            let c = c.clone();
+            async move {
+                let r = c
+                    .put(format!("pre-{i}"), "", format!("pre {i}"), Some(0))
+                    .await
+                    .unwrap_or_else(|e| panic!("preload {i}: {e}"));
+                assert_eq!(r.version, 1);
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<()>()
+        .await;
+}
+
+/// 16 clients through the router, each recording into one history.
+struct Load {
+    stop: Arc<AtomicBool>,
+    ops: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+    history: History,
+    /// Private key → last acknowledged version; keys with an unknown outcome are left out.
+    acked: Arc<Mutex<BTreeMap<String, u64>>>,
+    uncertain: Arc<Mutex<BTreeSet<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn start_load(router: &str, clients: u64) -> Load {
+    let load = Load {
+        stop: Default::default(),
+        ops: Default::default(),
+        errors: Default::default(),
+        history: History::new(),
+        acked: Default::default(),
+        uncertain: Default::default(),
+        tasks: Vec::new(),
+    };
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let kv = Client::connect(vec![router.to_string()])
+            .unwrap()
+            .with_timeout(Duration::from_secs(10));
+        let (stop, ops, errors, history, acked, uncertain) = (
+            load.stop.clone(),
+            load.ops.clone(),
+            load.errors.clone(),
+            load.history.clone(),
+            load.acked.clone(),
+            load.uncertain.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for i in 0..OPS_PER_CLIENT_MAX {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                // A fixed mix: half private writes, a quarter shared writes, a quarter reads.
+                let mix = (i * 7 + c * 13) % 4;
+                let value = format!("c{c}-{i}");
+                let failure = if mix < 2 {
+                    let sk = format!("c{c}-{}", (i * 5) % PRIVATE_KEYS);
+                    let op = Op::Put {
+                        value: value.clone().into_bytes(),
+                        if_version: None,
+                    };
+                    let r = history
+                        .record(
+                            c,
+                            ItemKey::new(sk.clone(), ""),
+                            op,
+                            kv.put(sk.clone(), "", value, None),
+                        )
+                        .await;
+                    match &r {
+                        Ok(p) => {
+                            acked.lock().unwrap().insert(sk, p.version);
+                        }
+                        Err(s) if Completion::from_status(s) == Completion::Unknown => {
+                            uncertain.lock().unwrap().insert(sk);
+                        }
+                        Err(_) => {}
+                    }
+                    r.err()
+                } else {
+                    let sk = format!("shared-{}", (i * 11 + c) % SHARED_KEYS);
+                    let key = ItemKey::new(sk.clone(), "");
+                    if mix == 2 {
+                        let op = Op::Put {
+                            value: value.clone().into_bytes(),
+                            if_version: None,
+                        };
+                        history
+                            .record(c, key, op, kv.put(sk, "", value, None))
+                            .await
+                            .err()
+                    } else {
+                        history
+                            .record(c, key, Op::Get, kv.get(sk, "", false))
+                            .await
+                            .err()
+                    }
+                };
+                if let Some(s) = failure {
+                    errors.lock().unwrap().push(format!(
+                        "client {c} op {i}: {:?} {}",
+                        s.code(),
+                        s.message()
+                    ));
+                }
+                ops.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    Load { tasks, ..load }
+}
+
+impl Load {
+    async fn wait_ops(&self, more: u64, what: &str) {
+        let target = self.ops.load(Ordering::Relaxed) + more;
+        let ops = self.ops.clone();
+        wait_for(Duration::from_secs(60), what, || {
+            let n = ops.load(Ordering::Relaxed);
+            async move { (n >= target).then_some(()) }
+        })
+        .await;
+    }
+
+    /// Stops the clients, reads every key back through the router (recorded in the history),
+    /// checks the history and the private keys' versions; the keys found.
+    async fn finish(self, router: &str) -> BTreeSet<String> {
+        self.finish_with(router, PRELOAD, false).await
+    }
+
+    /// `finish` for `preloaded` items; with `errors_allowed`, client errors (a killed leader
+    /// leaves writes with unknown outcomes) are counted but not failed on.
+    async fn finish_with(
+        self,
+        router: &str,
+        preloaded: u64,
+        errors_allowed: bool,
+    ) -> BTreeSet<String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("clients stop")
+                .unwrap();
+        }
+        let ops = self.ops.load(Ordering::Relaxed);
+        let errors = self.errors.lock().unwrap().clone();
+        eprintln!("load: {ops} operations, {} errors", errors.len());
+        for e in errors.iter().take(5) {
+            eprintln!("  {e}");
+        }
+        // Even where errors are allowed (a killed leader leaves outcomes unknown), a moving
+        // slot must only ever cost latency.
+        assert!(
+            !errors.iter().any(|e| e.contains("moving")),
+            "a client saw a moving slot: {errors:?}"
+        );
+        assert!(
+            errors_allowed || errors.is_empty(),
+            "clients saw errors (a move should cost latency only): {:?}",
+            &errors[..errors.len().min(10)]
+        );
+        let kv = Client::connect(vec![router.to_string()])
+            .unwrap()
+            .with_timeout(Duration::from_secs(15));
+        let keys: Vec<String> = (0..CLIENTS)
+            .flat_map(|c| (0..PRIVATE_KEYS).map(move |k| format!("c{c}-{k}")))
+            .chain((0..SHARED_KEYS).map(|k| format!("shared-{k}")))
+            .collect();
+        let mut found = BTreeSet::new();
+        for sk in &keys {
+            let r = self
+                .history
+                .record(
+                    999,
+                    ItemKey::new(sk.clone(), ""),
+                    Op::Get,
+                    kv.get(sk.clone(), "", false),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("final read of {sk}: {e}"));
+            if r.found {
+                found.insert(sk.clone());
+            }
+            if let Some(v) = self.acked.lock().unwrap().get(sk) {
+                if !self.uncertain.lock().unwrap().contains(sk) {
+                    assert_eq!(r.version, *v, "{sk}: last acknowledged version");
+                }
+            }
+        }
+        for i in 0..preloaded {
+            let sk = format!("pre-{i}");
+            let r = kv.get(sk.clone(), "", false).await.unwrap();
+            assert!(
+                r.found && r.version == 1 && r.value.as_ref() == format!("pre {i}").as_bytes(),
+                "{sk} reads back as written: {r:?}"
+            );
+            let _ = Output::from(&r);
+            found.insert(sk);
+        }
+        let verdict = check(&self.history);
+        verdict.assert_linearizable();
+        found
+    }
+}
+
+/// Every replica of every group holds exactly the found keys whose slots its group owns: moved
+/// data is on its recipient, and donors kept none of it.
+async fn assert_placement(
+    pg: &Playground,
+    extra: &BTreeMap<u64, Vec<String>>,
+    map: &ShardMap,
+    found: &BTreeSet<String>,
+) {
+    let mut want: BTreeMap<u64, u64> = map.groups.iter().map(|g| (g.id, 0)).collect();
+    for sk in found {
+        let slot = ordo_proto::slot_of(sk.as_bytes(), map.slot_count);
+        *want.entry(map.slot_owner[slot as usize]).or_default() += 1;
+    }
+    let mut addrs: BTreeMap<u64, Vec<String>> = pg
+        .groups
+        .iter()
+        .map(|(g, nodes)| (*g, nodes.iter().map(|n| n.addr.to_string()).collect()))
+        .collect();
+    addrs.extend(extra.clone());
+    for (g, replicas) in addrs {
+        let expect = want.get(&g).copied().unwrap_or(0);
+        for addr in replicas {
+            wait_for(
+                Duration::from_secs(15),
+                &format!("group {g} replica {addr} to hold exactly {expect} items"),
+                || {
+                    let addr = addr.clone();
+                    async move {
+                        let s = node_status(&addr, true).await?;
+                        (s.items == expect).then_some(())
+                    }
+                },
+            )
+            .await;
+        }
+    }
+    eprintln!("items per group: {want:?}");
+}
+
+fn slot_counts(map: &ShardMap) -> BTreeMap<u64, usize> {
+    let mut c: BTreeMap<u64, usize> = map.groups.iter().map(|g| (g.id, 0)).collect();
+    for g in &map.slot_owner {
+        *c.entry(*g).or_default() += 1;
+    }
+    c
+}
+
+fn print_moves(migrations: &[ordo_proto::v1::Migration]) {
+    for m in migrations {
+        eprintln!(
+            "migration {}: {} slots {}→{}, {} items + {} log records copied, pause {} ms, {} cleaned, state {}",
+            m.id,
+            m.slots.len(),
+            m.from_group,
+            m.to_group,
+            m.items_copied,
+            m.log_records,
+            m.pause_ms,
+            m.items_cleaned,
+            ordo_config::migration::state_name(m.state)
+        );
+    }
+}
+
+/// Acceptance 1: under 16 clients, add a 4th group and rebalance onto it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn adding_a_group_and_rebalancing_under_load_loses_nothing() {
+    let _serial = crate::harness::HEAVY.lock().await;
+    let started = Instant::now();
+    let (_dir, cfg, pg) = playground(3).await;
+    let router = pg.router_addr();
+    preload(&router).await;
+    let load = start_load(&router, CLIENTS);
+    load.wait_ops(300, "the load to get going").await;
+
+    let (nodes4, spec) = start_extra_group(&cfg, 4, 3).await.unwrap();
+    let addrs4 = spec.addrs.clone();
+    let cc = admin(&pg);
+    let map = wait_for(Duration::from_secs(20), "group 4 to be registered", || {
+        let (cc, spec) = (cc.clone(), spec.clone());
+        async move {
+            cc.add_group(AddGroupRequest { group: Some(spec) })
+                .await
+                .ok()
+        }
+    })
+    .await;
+    let plan = cc
+        .rebalance(RebalanceRequest {
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(plan.migrations.is_empty(), "a dry run moves nothing");
+    assert_eq!(plan.map.as_ref().unwrap().version, map.version);
+    let r = cc.rebalance(RebalanceRequest::default()).await.unwrap();
+    print_moves(&r.migrations);
+    assert_eq!(r.migrations.len(), plan.plan.len());
+    assert!(r
+        .migrations
+        .iter()
+        .all(|m| m.state == MigrationState::Done as i32));
+    load.wait_ops(300, "the load to go on after the moves")
+        .await;
+    let found = load.finish(&router).await;
+
+    let map = cc.get_shard_map(true).await.unwrap();
+    assert_eq!(
+        slot_counts(&map).values().copied().collect::<Vec<_>>(),
+        vec![1024; 4],
+        "slots spread evenly"
+    );
+    assert_placement(&pg, &BTreeMap::from([(4, addrs4)]), &map, &found).await;
+    for n in nodes4 {
+        n.shutdown().await;
+    }
+    pg.shutdown().await;
+    eprintln!("took {:.1?}", started.elapsed());
+}
+
+/// Acceptance 3: under 16 clients, drain a group, then remove it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn draining_and_removing_a_group_under_load_loses_nothing() {
+    let _serial = crate::harness::HEAVY.lock().await;
+    let (_dir, _cfg, pg) = playground(3).await;
+    let router = pg.router_addr();
+    preload(&router).await;
+    let load = start_load(&router, CLIENTS_LIGHT);
+    load.wait_ops(300, "the load to get going").await;
+    let cc = admin(&pg);
+    let err = cc.remove_group(2).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    let r = cc
+        .rebalance(RebalanceRequest {
+            drain_group: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    print_moves(&r.migrations);
+    let map = cc.remove_group(2).await.expect("a drained group can go");
+    assert!(map.groups.iter().all(|g| g.id != 2));
+    load.wait_ops(300, "the load to go on after the drain")
+        .await;
+    let found = load.finish(&router).await;
+    let map = cc.get_shard_map(true).await.unwrap();
+    assert_eq!(
+        slot_counts(&map).values().copied().collect::<Vec<_>>(),
+        vec![2048; 2]
+    );
+    // Group 2 is out of the map: its replicas must hold nothing.
+    let mut extra = BTreeMap::new();
+    extra.insert(
+        2,
+        pg.groups[&2].iter().map(|n| n.addr.to_string()).collect(),
+    );
+    assert_placement(&pg, &extra, &map, &found).await;
+    pg.shutdown().await;
+}
+
+/// Acceptance 4: bad requests are refused with clear errors and change nothing; an abort before
+/// the commit leaves the donor the owner with all its data and the recipient without the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_moves_are_refused_and_an_abort_changes_nothing() {
+    let _serial = crate::harness::HEAVY.lock().await;
+    let (_dir, _cfg, pg) = playground(2).await;
+    let router = pg.router_addr();
+    preload(&router).await;
+    let cc = admin(&pg);
+    let before = cc.get_shard_map(true).await.unwrap();
+    let owned_by = |g: u64| -> Vec<u32> {
+        (0..before.slot_count)
+            .filter(|s| before.slot_owner[*s as usize] == g)
+            .collect()
+    };
+    let expect = |r: Result<ShardMap, tonic::Status>, code: Code, needle: &str| {
+        let e = r.expect_err(needle);
+        assert_eq!(e.code(), code, "{e:?}");
+        assert!(
+            e.message().contains(needle),
+            "{needle:?} not in {:?}",
+            e.message()
+        );
+    };
+    expect(
+        cc.move_slots(owned_by(1)[..3].to_vec(), 1).await,
+        Code::FailedPrecondition,
+        "already owns",
+    );
+    expect(
+        cc.move_slots(vec![0], 9).await,
+        Code::FailedPrecondition,
+        "not in the map",
+    );
+    expect(
+        cc.move_slots(vec![before.slot_count + 5], 2).await,
+        Code::InvalidArgument,
+        "out of range",
+    );
+    expect(
+        cc.remove_group(1).await,
+        Code::FailedPrecondition,
+        "still owns",
+    );
+
+    // A slow move (a tiny copy bandwidth), so that it is surely in flight for what follows.
+    let slow: Vec<u32> = owned_by(1)[..256].to_vec();
+    let mover = {
+        let cc = cc.clone();
+        let req = MoveSlotsRequest {
+            slots: slow.clone(),
+            to_group: 2,
+            copy_bytes_per_sec: 2_000,
+        };
+        tokio::spawn(async move { cc.move_slots_with(req).await })
+    };
+    let id = wait_for(
+        Duration::from_secs(20),
+        "the slow move to be copying",
+        || {
+            let cc = cc.clone();
+            async move {
+                let list = cc.list_migrations().await.ok()?;
+                list.migrations
+                    .iter()
+                    .find(|m| m.state == MigrationState::Copying as i32 && m.items_copied > 0)
+                    .map(|m| m.id)
+            }
+        },
+    )
+    .await;
+    expect(
+        cc.move_slots(slow[10..20].to_vec(), 2).await,
+        Code::FailedPrecondition,
+        &format!("already moving in migration {id}"),
+    );
+    expect(
+        cc.remove_group(2).await,
+        Code::FailedPrecondition,
+        &format!("migration {id}"),
+    );
+    let m = cc.abort_migration(id).await.unwrap();
+    assert!(m.abort_requested);
+    let moved = tokio::time::timeout(Duration::from_secs(30), mover)
+        .await
+        .expect("the aborted move answers")
+        .unwrap();
+    expect(moved, Code::Aborted, "aborted on request");
+    let list = cc.list_migrations().await.unwrap();
+    let m = list.migrations.iter().find(|m| m.id == id).unwrap();
+    assert_eq!(m.state, MigrationState::Aborted as i32, "{m:?}");
+    let e = cc.abort_migration(id).await.unwrap_err();
+    assert!(e.message().contains("can no longer be aborted"), "{e:?}");
+
+    let after = cc.get_shard_map(true).await.unwrap();
+    assert_eq!(after.version, before.version, "nothing was committed");
+    assert_eq!(after.slot_owner, before.slot_owner);
+    let found: BTreeSet<String> = (0..PRELOAD).map(|i| format!("pre-{i}")).collect();
+    let kv = Client::connect(vec![router.clone()]).unwrap();
+    for sk in &found {
+        let r = kv.get(sk.clone(), "", false).await.unwrap();
+        assert!(r.found && r.version == 1, "{sk}");
+        // The donor serves the slots again: writes go through.
+    }
+    kv.put("pre-0", "", "after the abort", Some(1))
+        .await
+        .unwrap();
+    assert_placement(&pg, &BTreeMap::new(), &after, &found).await;
+    pg.shutdown().await;
+}
+
+/// Which replica a kill test stops, and when.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kill {
+    DonorLeaderDuringCopy,
+    RecipientLeaderDuringCatchUp,
+    MetaLeaderInCriticalSection,
+}
+
+/// Items preloaded by the kill tests (few: their moves are throttled to open a window).
+const KILL_PRELOAD: u64 = 600;
+/// The kill tests' copy bandwidth: group 1's preloaded items take about 2 s to copy, and the
+/// change log a few pages, so the kill lands inside the phase it is meant for.
+const KILL_COPY_BYTES_PER_SEC: u64 = 8 * 1024;
+
+async fn leader_of(nodes: &[ordo::node::Node]) -> usize {
+    wait_for(Duration::from_secs(10), "a leader", || async {
+        for (i, n) in nodes.iter().enumerate() {
+            if n.replica.shared.is_leader.load(Ordering::Relaxed) == 1 {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+}
+
+/// The migration records as one meta replica has applied them (a local read: tests poll it
+/// every millisecond without loading the meta leader).
+fn local_migrations(node: &ordo::node::Node) -> ordo_proto::v1::MigrationList {
+    use prost::Message as _;
+    match node
+        .replica
+        .sm
+        .get(b"__ordo_cluster", b"migrations")
+        .unwrap()
+    {
+        Some((_, raw)) => ordo_proto::v1::MigrationList::decode(raw).unwrap(),
+        None => Default::default(),
+    }
+}
+
+/// Moves all of group 1's slots to group 2 under load and stops one leader at the chosen
+/// moment. The move completes or aborts; nothing acknowledged is lost; the groups' ownership
+/// matches the final map (one owner per slot) and every live replica holds exactly its group's
+/// data.
+async fn move_with_a_kill(kill: Kill) {
+    let _serial = crate::harness::HEAVY.lock().await;
+    let (_dir, _cfg, mut pg) = playground(2).await;
+    let router = pg.router_addr();
+    preload_n(&router, KILL_PRELOAD).await;
+    let load = start_load(&router, CLIENTS_LIGHT);
+    load.wait_ops(200, "the load to get going").await;
+    let cc = admin(&pg);
+    let before = cc.get_shard_map(true).await.unwrap();
+    let slots: Vec<u32> = (0..before.slot_count)
+        .filter(|s| before.slot_owner[*s as usize] == 1)
+        .collect();
+    let mover = {
+        let cc = cc.clone();
+        let req = MoveSlotsRequest {
+            slots,
+            to_group: 2,
+            copy_bytes_per_sec: KILL_COPY_BYTES_PER_SEC,
+        };
+        tokio::spawn(async move { cc.move_slots_with(req).await })
+    };
+    match kill {
+        Kill::DonorLeaderDuringCopy | Kill::RecipientLeaderDuringCatchUp => {
+            let (group, what) = match kill {
+                Kill::DonorLeaderDuringCopy => (1, "the copy to be under way"),
+                _ => (2, "the catch-up to be under way"),
+            };
+            wait_for(Duration::from_secs(30), what, || {
+                let cc = cc.clone();
+                async move {
+                    let list = cc.list_migrations().await.ok()?;
+                    let m = list.migrations.first()?;
+                    let copying = m.state == MigrationState::Copying as i32;
+                    let ready = match kill {
+                        Kill::DonorLeaderDuringCopy => m.items_copied > 0,
+                        _ => m.log_records > 0,
+                    };
+                    assert!(
+                        m.state <= MigrationState::Copying as i32,
+                        "the move left the phase before the kill: {m:?}"
+                    );
+                    (copying && ready).then_some(())
+                }
+            })
+            .await;
+            let nodes = pg.groups.get_mut(&group).unwrap();
+            let i = leader_of(nodes).await;
+            let victim = nodes.remove(i);
+            eprintln!("stopping group {group}'s leader {}", victim.addr);
+            victim.shutdown().await;
+        }
+        Kill::MetaLeaderInCriticalSection => {
+            let i = leader_of(&pg.meta).await;
+            let started = Instant::now();
+            loop {
+                let list = local_migrations(&pg.meta[i]);
+                match list.migrations.first().map(|m| m.state) {
+                    Some(s) if s == MigrationState::Fenced as i32 => break,
+                    Some(s) if s > MigrationState::Fenced as i32 => {
+                        panic!("the move passed its critical section before the kill: {list:?}")
+                    }
+                    _ => {}
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "the move did not reach its critical section"
+                );
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let victim = pg.meta.remove(i);
+            eprintln!(
+                "stopping the meta leader {} in the critical section",
+                victim.addr
+            );
+            victim.shutdown().await;
+        }
+    }
+    // The request may fail (its config server stopped, or the move aborted); either way every
+    // migration must reach an end.
+    let answer = tokio::time::timeout(Duration::from_secs(90), mover)
+        .await
+        .expect("the move answers")
+        .unwrap();
+    eprintln!("move answered: {:?}", answer.as_ref().map(|m| m.version));
+    let list = wait_for(Duration::from_secs(60), "every migration to end", || {
+        let cc = cc.clone();
+        async move {
+            let list = cc.list_migrations().await.ok()?;
+            list.migrations
+                .iter()
+                .all(|m| !ordo_config::migration::in_flight(m))
+                .then_some(list)
+        }
+    })
+    .await;
+    print_moves(&list.migrations);
+    assert!(list.migrations.iter().all(|m| {
+        m.state == MigrationState::Done as i32 || m.state == MigrationState::Aborted as i32
+    }));
+    load.wait_ops(200, "the load to go on after the move").await;
+    let found = load.finish_with(&router, KILL_PRELOAD, true).await;
+    let map = cc.get_shard_map(true).await.unwrap();
+    // One owner per slot: each group's replicated ownership is exactly its share of the map.
+    let counts = slot_counts(&map);
+    for (g, nodes) in &pg.groups {
+        for n in nodes {
+            let addr = n.addr.to_string();
+            let want = counts.get(g).copied().unwrap_or(0) as u32;
+            wait_for(
+                Duration::from_secs(10),
+                &format!("group {g} replica {addr} to own {want} slots"),
+                || {
+                    let addr = addr.clone();
+                    async move {
+                        let s = node_status(&addr, false).await?;
+                        (s.owned_slots == want && s.map_version <= map.version + 1).then_some(())
+                    }
+                },
+            )
+            .await;
+        }
+    }
+    assert_placement(&pg, &BTreeMap::new(), &map, &found).await;
+    pg.shutdown().await;
+}
+
+/// Acceptance 2a.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_donor_leader_killed_during_the_copy_loses_nothing() {
+    move_with_a_kill(Kill::DonorLeaderDuringCopy).await;
+}
+
+/// Acceptance 2b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_recipient_leader_killed_during_the_catch_up_loses_nothing() {
+    move_with_a_kill(Kill::RecipientLeaderDuringCatchUp).await;
+}
+
+/// Acceptance 2c.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_meta_leader_killed_in_the_critical_section_loses_nothing() {
+    move_with_a_kill(Kill::MetaLeaderInCriticalSection).await;
+}
