@@ -86,7 +86,7 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     replicas: u64,
 
-    /// The workload: YCSB core a-f, or orders.
+    /// The workload: YCSB core a-f, orders, or txn (2-record Txns in one group and across two).
     #[arg(long, short = 'w', value_enum, default_value_t = Workload::A)]
     workload: Workload,
 
@@ -487,7 +487,7 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
             .map_or(0, |d| d.as_secs());
         format!("r{secs}-")
     });
-    let world = World::new(
+    let mut world = World::new(
         Layout {
             items_per_shard: args.items_per_shard,
             scan_length_max: args.scan_length,
@@ -496,6 +496,19 @@ async fn run(args: &Args) -> anyhow::Result<Report> {
         args.order_items,
         order_prefix,
     );
+    // txn1/txn2 pick records by the groups that own them.
+    if let Backend::Ordo { .. } = &backend {
+        let admin = ordo::client::ClusterClient::connect(endpoints_of(&backend))?
+            .with_timeout(args.timeout);
+        if let Ok(map) = admin.get_shard_map(false).await {
+            if map.version > 0 {
+                world.groups = Some(ops::Groups {
+                    slot_count: map.slot_count,
+                    slot_owner: map.slot_owner,
+                });
+            }
+        }
+    }
     for &pid in &args.server_pids {
         cpu::pid_cpu(pid).with_context(|| format!("--server-pids: process {pid}"))?;
     }

@@ -34,6 +34,20 @@ fn kind(status: Status) -> ErrorKind {
     format!("{:?}", status.code())
 }
 
+/// Which group owns each slot (from the target's shard map), so that `txn1`/`txn2` can pick
+/// records of one group or of two.
+#[derive(Debug, Clone)]
+pub struct Groups {
+    pub slot_count: u32,
+    pub slot_owner: Vec<u64>,
+}
+
+impl Groups {
+    pub fn of(&self, shard_key: &str) -> u64 {
+        self.slot_owner[ordo::proto::slot_of(shard_key.as_bytes(), self.slot_count) as usize]
+    }
+}
+
 /// What all tasks share about the data set.
 #[derive(Debug)]
 pub struct World {
@@ -48,6 +62,8 @@ pub struct World {
     pub existing: AtomicU64,
     /// The number the next insert (or order create) takes.
     pub next_new: AtomicU64,
+    /// The target's slot owners, when it has groups (an Ordo cluster).
+    pub groups: Option<Groups>,
 }
 
 impl World {
@@ -59,7 +75,27 @@ impl World {
             order_prefix,
             existing: AtomicU64::new(0),
             next_new: AtomicU64::new(0),
+            groups: None,
         }
+    }
+
+    /// A record to write together with record `n` in one `Txn`: of another shard key, owned
+    /// by the same group as `n`'s (`same_group`) or by another one. Without a map (etcd): any
+    /// other shard key.
+    fn partner(&self, n: u64, same_group: bool) -> Option<(String, String)> {
+        let (sk, _) = self.layout.record(n);
+        let existing = self.existing.load(Ordering::Relaxed).max(1);
+        (1..=4 * existing.min(4096)).find_map(|step| {
+            let (psk, pkey) = self
+                .layout
+                .record((n + step * self.layout.items_per_shard) % existing);
+            let fits = psk != sk
+                && self
+                    .groups
+                    .as_ref()
+                    .is_none_or(|g| (g.of(&psk) == g.of(&sk)) == same_group);
+            fits.then_some((psk, pkey))
+        })
     }
 
     fn created(&self, n: u64) {
@@ -226,6 +262,24 @@ pub async fn execute(
                 true => Ok(()),
                 false => Err(CONFLICT.to_string()),
             }
+        }
+        Op::Txn1 | Op::Txn2 => {
+            let n = draw.existing(world)?;
+            let (sk, key) = world.layout.record(n);
+            let Some((psk, pkey)) = world.partner(n, op == Op::Txn1) else {
+                return Err(NOT_FOUND.to_string());
+            };
+            let write = |sk: String, key: String| Write {
+                shard_key: sk.into(),
+                key: key.into(),
+                value: world.value.clone(),
+            };
+            let txn = Txn {
+                compares: vec![],
+                writes: vec![write(sk, key), write(psk, pkey)],
+            };
+            backend.txn(txn).await.map_err(kind)?;
+            Ok(())
         }
         Op::OrderCreate => {
             let n = world.next_new.fetch_add(1, Ordering::Relaxed);

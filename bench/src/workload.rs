@@ -34,10 +34,14 @@ pub enum Op {
     OrderAdvance,
     /// Read an order: `Get` of the root and `Scan` of its line items.
     OrderRead,
+    /// A `Txn` writing two records of two shard keys that one group owns.
+    Txn1,
+    /// A `Txn` writing two records of shard keys that two groups own (two-phase commit).
+    Txn2,
 }
 
 impl Op {
-    pub const ALL: [Op; 8] = [
+    pub const ALL: [Op; 10] = [
         Op::Read,
         Op::Update,
         Op::Insert,
@@ -46,6 +50,8 @@ impl Op {
         Op::OrderCreate,
         Op::OrderAdvance,
         Op::OrderRead,
+        Op::Txn1,
+        Op::Txn2,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +64,8 @@ impl Op {
             Op::OrderCreate => "order_create",
             Op::OrderAdvance => "order_advance",
             Op::OrderRead => "order_read",
+            Op::Txn1 => "txn1",
+            Op::Txn2 => "txn2",
         }
     }
 
@@ -94,6 +102,8 @@ pub enum Workload {
     F,
     /// Order system: 20% create (one Txn), 50% status CAS, 30% read (Get + Scan) (latest).
     Orders,
+    /// Two-record `Txn`s: 50% inside one group, 50% across two groups (uniform).
+    Txn,
 }
 
 impl Workload {
@@ -106,6 +116,7 @@ impl Workload {
             Workload::E => "e",
             Workload::F => "f",
             Workload::Orders => "orders",
+            Workload::Txn => "txn",
         }
     }
 
@@ -120,6 +131,7 @@ impl Workload {
             Workload::E => &[(Scan, 95), (Insert, 5)],
             Workload::F => &[(Read, 50), (Rmw, 50)],
             Workload::Orders => &[(OrderCreate, 20), (OrderAdvance, 50), (OrderRead, 30)],
+            Workload::Txn => &[(Txn1, 50), (Txn2, 50)],
         };
         Mix::new(weights.to_vec()).expect("built-in mixes are valid")
     }
@@ -128,6 +140,7 @@ impl Workload {
     pub fn default_distribution(self) -> Distribution {
         match self {
             Workload::D | Workload::Orders => Distribution::Latest,
+            Workload::Txn => Distribution::Uniform,
             _ => Distribution::Zipfian,
         }
     }
