@@ -444,3 +444,113 @@ async fn bank_keeps_the_total_while_participant_leaders_are_killed() {
         }
     }
 }
+
+/// Acceptance 4, the rebalance half: transfers and audits keep the total while a 4th group is
+/// added and the slots are rebalanced onto it (a move takes no new lock in its slots and fences
+/// only once their locks are gone, so no transaction is split by a move).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bank_keeps_the_total_during_a_rebalance() {
+    use ordo::client::ClusterClient;
+    use ordo_proto::v1::{AddGroupRequest, MigrationState, RebalanceRequest};
+    let _heavy = crate::harness::HEAVY.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = PlaygroundConfig {
+        groups: 3,
+        replicas: 3,
+        port: None,
+        ..PlaygroundConfig::new(dir.path())
+    };
+    let pg = Playground::start(cfg.clone())
+        .await
+        .expect("playground starts");
+    let c = Client::connect(vec![pg.router_addr()])
+        .unwrap()
+        .with_timeout(Duration::from_secs(15));
+    for i in 0..ACCOUNTS {
+        c.put(account(i), "", INITIAL.to_string(), None)
+            .await
+            .unwrap();
+    }
+    let all: Vec<usize> = (0..ACCOUNTS).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let audits = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..16u64 {
+        let (c, stop, committed) = (c.clone(), stop.clone(), committed.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut x = 0x1234_5678_9ABC_DEF1u64 ^ (w + 1);
+            let started = Instant::now();
+            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(90) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let from = (x % ACCOUNTS as u64) as usize;
+                let to = (from + 1 + ((x >> 20) % (ACCOUNTS as u64 - 1)) as usize) % ACCOUNTS;
+                if transfer(&c, from, to, 1 + (x >> 40) % 10).await == Some(true) {
+                    committed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    {
+        let (c, stop, audits, all) = (c.clone(), stop.clone(), audits.clone(), all.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Ok(b) = read_accounts(&c, &all).await {
+                    assert_eq!(total(&b), ACCOUNTS as u64 * INITIAL, "an audit saw {b:?}");
+                    audits.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    wait_for(Duration::from_secs(60), "transfers to flow", || async {
+        (committed.load(Ordering::Relaxed) >= 30).then_some(())
+    })
+    .await;
+    let (nodes4, spec) = ordo::playground::start_extra_group(&cfg, 4, 3)
+        .await
+        .unwrap();
+    let cc = ClusterClient::connect(pg.config_addrs.clone())
+        .unwrap()
+        .with_timeout(Duration::from_secs(120));
+    wait_for(Duration::from_secs(20), "group 4 to be registered", || {
+        let (cc, spec) = (cc.clone(), spec.clone());
+        async move {
+            cc.add_group(AddGroupRequest { group: Some(spec) })
+                .await
+                .ok()
+        }
+    })
+    .await;
+    let before_moves = committed.load(Ordering::Relaxed);
+    let r = cc.rebalance(RebalanceRequest::default()).await.unwrap();
+    let done = r
+        .migrations
+        .iter()
+        .filter(|m| m.state == MigrationState::Done as i32)
+        .count();
+    assert!(done > 0, "no move completed: {:?}", r.migrations);
+    let during = committed.load(Ordering::Relaxed) - before_moves;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let end = wait_for(Duration::from_secs(30), "a final audit", || async {
+        read_accounts(&c, &all).await.ok()
+    })
+    .await;
+    assert_eq!(total(&end), ACCOUNTS as u64 * INITIAL);
+    eprintln!(
+        "bank during a rebalance: {done} of {} moves done, {during} transfers committed during \
+         the moves, {} audits",
+        r.migrations.len(),
+        audits.load(Ordering::Relaxed)
+    );
+    assert!(during > 0, "transfers stopped during the moves");
+    for n in nodes4 {
+        n.shutdown().await;
+    }
+    pg.shutdown().await;
+}
