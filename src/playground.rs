@@ -27,6 +27,10 @@ pub struct PlaygroundConfig {
     /// `None` picks free ports (tests).
     pub port: Option<u16>,
     pub compact_log_entries: u64,
+    /// Tests only: fault injection on the raft traffic of every shard-group replica (node ids
+    /// repeat across groups, so a rule about node 1 hits node 1 of every group). `None` outside
+    /// tests.
+    pub faults: Option<std::sync::Arc<crate::fault::FaultNet>>,
 }
 
 impl PlaygroundConfig {
@@ -37,6 +41,7 @@ impl PlaygroundConfig {
             replicas: 3,
             port: Some(7000),
             compact_log_entries: COMPACT_LOG_ENTRIES_DEFAULT,
+            faults: None,
         }
     }
 }
@@ -105,7 +110,7 @@ async fn start_group(
             compact_log_entries: cfg.compact_log_entries,
             slot_count: SLOT_COUNT_DEFAULT,
             config_server: group == 0,
-            faults: None,
+            faults: if group == 0 { None } else { cfg.faults.clone() },
             join: false,
         })
         .await

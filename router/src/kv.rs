@@ -549,11 +549,11 @@ impl Kv for KvService {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use ordo_proto::v1::{Compare, TxnOp};
 
-    fn put(sk: &str) -> TxnOp {
+    pub(crate) fn put(sk: &str) -> TxnOp {
         TxnOp {
             op: Some(txn_op::Op::Put(PutRequest {
                 shard_key: Bytes::copy_from_slice(sk.as_bytes()),

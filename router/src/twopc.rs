@@ -598,16 +598,9 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ordo_proto::v1::{Compare, GetRequest, Group, PutRequest, ShardMap};
+    use crate::kv::tests::put;
+    use ordo_proto::v1::{Compare, GetRequest, Group, ShardMap};
 
-    fn put(sk: &str) -> TxnOp {
-        TxnOp {
-            op: Some(txn_op::Op::Put(PutRequest {
-                shard_key: Bytes::copy_from_slice(sk.as_bytes()),
-                ..Default::default()
-            })),
-        }
-    }
     fn get(sk: &str) -> TxnOp {
         TxnOp {
             op: Some(txn_op::Op::Get(GetRequest {

