@@ -45,6 +45,7 @@ pub enum Error {
         primary_shard_key: Vec<u8>,
         started_ms: u64,
         priority_ms: u64,
+        read: bool,
     },
     /// Stored data failed its checksum or could not be decoded.
     #[error("corruption: {0}")]
@@ -111,6 +112,7 @@ impl From<Error> for Status {
                 primary_shard_key,
                 started_ms,
                 priority_ms,
+                read,
                 ..
             } => {
                 let detail = ErrorDetail {
@@ -119,6 +121,7 @@ impl From<Error> for Status {
                         primary_shard_key: primary_shard_key.into(),
                         started_ms,
                         priority_ms,
+                        read,
                     })),
                 };
                 Status::with_details(Code::Aborted, msg, detail.encode_to_vec().into())

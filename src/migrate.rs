@@ -156,7 +156,7 @@ impl Moving {
     }
 
     /// The slots of migration `id`.
-    fn slots_of(&self, id: u64) -> Vec<u32> {
+    pub(crate) fn slots_of(&self, id: u64) -> Vec<u32> {
         self.by_slot
             .iter()
             .filter(|(_, m)| **m == id)
@@ -324,15 +324,13 @@ impl StateMachine {
                 // Writes are refused once fenced, so a transaction holding items here could not
                 // finish on this side of the move: fence only once no item is locked (no new
                 // lock is taken in a moving slot).
-                if self.locks_held() > 0 {
-                    for slot in moving.slots_of(id) {
-                        let start = crate::twopc::lock_key(&crate::keys::slot_start(slot));
-                        if self.meta.scan_prefix(&start).next().is_some() {
-                            return Ok(Err(Error::FailedPrecondition(format!(
-                                "slot {slot} has items locked by an unfinished cross-group \
-                                 transaction; fence again once it finishes"
-                            ))));
-                        }
+                for slot in moving.slots_of(id) {
+                    let [locks, _] = crate::twopc::slot_prefixes(slot);
+                    if self.meta.scan_prefix(&locks).next().is_some() {
+                        return Ok(Err(Error::FailedPrecondition(format!(
+                            "slot {slot} has items locked by an unfinished cross-group \
+                             transaction; fence again once it finishes"
+                        ))));
                     }
                 }
                 let out = Out {

@@ -520,10 +520,24 @@ impl StateMachine {
                         Some(Command::Prepare(p)) => {
                             let part = p.part.clone().unwrap_or_default();
                             // No new lock in a slot that is moving out: the move must not split
-                            // a transaction (its fence waits for the locks already there).
-                            let refused = shard_keys(&part)
+                            // a transaction (its fence waits for the locks already there). A
+                            // lock met there is reported first, so that the prepare's router
+                            // resolves it (nobody else may touch a moving slot's items).
+                            let moving_slot = shard_keys(&part)
                                 .map(|sk| ordo_proto::slot_of(sk, self.slot_count))
-                                .find_map(|slot| moving.moving_out(slot))
+                                .find_map(|slot| moving.moving_out(slot));
+                            let locked = match moving_slot {
+                                Some(_) => twopc::check_unlocked(
+                                    meta,
+                                    self.slot_count,
+                                    &part,
+                                    Some(&p.txn_id),
+                                )?
+                                .err(),
+                                None => None,
+                            };
+                            let refused = locked
+                                .or(moving_slot)
                                 .or_else(|| unowned(&mut shard_keys(&part)));
                             match refused {
                                 Some(e) => Err(e),
@@ -534,9 +548,16 @@ impl StateMachine {
                             }
                         }
                         Some(Command::Decide { req, now_ms }) => {
-                            match unowned(&mut std::iter::once(req.primary_shard_key.as_ref())) {
+                            // A record is a new one only outside a moving slot (a move waits
+                            // for the records of its slots).
+                            let slot = ordo_proto::slot_of(&req.primary_shard_key, self.slot_count);
+                            let refused = moving.moving_out(slot).or_else(|| {
+                                unowned(&mut std::iter::once(req.primary_shard_key.as_ref()))
+                            });
+                            match refused {
                                 Some(e) => Err(e),
-                                None => twopc::decide(meta, req, *now_ms)?.map(Outcome::Decided),
+                                None => twopc::decide(meta, self.slot_count, req, *now_ms)?
+                                    .map(Outcome::Decided),
                             }
                         }
                         Some(Command::Finish(f)) => {
@@ -544,7 +565,7 @@ impl StateMachine {
                                 .map(Outcome::Finished)
                         }
                         Some(Command::Forget(f)) => {
-                            twopc::forget(meta, &f.txn_id)?;
+                            twopc::forget(meta, self.slot_count, f)?;
                             Ok(Outcome::Forgotten)
                         }
                         _ => continue,
@@ -700,6 +721,36 @@ impl StateMachine {
             }
         }
         Ok(())
+    }
+
+    /// Why migration `id` must not fence its slots yet, if it must not: an item of them is
+    /// locked, or a transaction whose primary is in them decided less than `keep_ms` ago (its
+    /// record is not copied by the move, and its other parts may still need it). Checked on the
+    /// leader before the fence is proposed; the apply-time check covers the locks.
+    pub fn fence_blocker(&self, id: u64, now_ms: u64, keep_ms: u64) -> Result<Option<String>> {
+        let slots = self.moving.read().unwrap().slots_of(id);
+        for slot in slots {
+            let [locks, records] = twopc::slot_prefixes(slot);
+            if self.meta.scan_prefix(&locks).next().is_some() {
+                return Ok(Some(format!(
+                    "slot {slot} has items locked by an unfinished cross-group transaction; \
+                     fence again once it finishes"
+                )));
+            }
+            for kv in self.meta.scan_prefix(&records) {
+                let (k, v) = kv?;
+                let decided = twopc::record_age_base(&k, &v)?;
+                if now_ms < decided.saturating_add(keep_ms) {
+                    return Ok(Some(format!(
+                        "slot {slot} holds the decision of a cross-group transaction taken {} ms \
+                         ago that may still be finishing (locked elsewhere); fence again once it \
+                         is forgotten",
+                        now_ms.saturating_sub(decided)
+                    )));
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// Items locked by unfinished cross-group transactions.

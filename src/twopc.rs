@@ -4,14 +4,15 @@
 //!
 //! - `2pc/lock/<data key>` → the transaction holding the item: `txn_id | started_ms | primary`;
 //! - `2pc/txn/<txn_id>` → this group's prepared part (`PrepareRequest`), until it finishes;
-//! - `2pc/rec/<txn_id>` → the decision (on the primary's group), until the coordinator forgets it.
+//! - `2pc/rec/<primary's slot><txn_id>` → the decision (on the primary's group), until the
+//!   coordinator forgets it. Under the slot, so that a slot move can see it (it waits for it).
 //!
 //! Every value starts with a crc32 of the rest. The router coordinates (see
 //! `router/src/twopc.rs`); this module only decides what one group does with one command.
 
 use ordo_proto::v1::{
-    txn_op, DecideRequest, DecideResponse, Decision, FinishRequest, FinishResponse, PrepareRequest,
-    PrepareResponse, TxnRequest,
+    txn_op, DecideRequest, DecideResponse, Decision, FinishRequest, FinishResponse, ForgetRequest,
+    PrepareRequest, PrepareResponse, TxnRequest,
 };
 use prost::Message as _;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
@@ -159,6 +160,7 @@ impl Lock {
             primary_shard_key: h.primary,
             started_ms: h.started_ms,
             priority_ms: h.priority_ms,
+            read: !self.write,
         }
     }
 }
@@ -211,8 +213,37 @@ fn decision_byte(d: Decision) -> u8 {
     d as i32 as u8
 }
 
-fn recorded(meta: &TransactionalTree, txn_id: &[u8]) -> Tx<Option<Decision>> {
-    let rk = key(RECORD_PREFIX, txn_id);
+/// The record key of a transaction whose primary shard key is in `slot`.
+fn record_key(slot: u32, txn_id: &[u8]) -> Vec<u8> {
+    let mut k = key(RECORD_PREFIX, &keys::slot_start(slot));
+    k.extend_from_slice(txn_id);
+    k
+}
+
+/// The prefixes of the locks and records of `slot` (a move of the slot waits until both are
+/// empty).
+pub fn slot_prefixes(slot: u32) -> [Vec<u8>; 2] {
+    [
+        lock_key(&keys::slot_start(slot)),
+        key(RECORD_PREFIX, &keys::slot_start(slot)),
+    ]
+}
+
+/// When the decision under record key `k` was recorded (ms, the deciding leader's clock).
+pub fn record_age_base(k: &[u8], raw: &[u8]) -> Result<u64> {
+    match unseal("transaction record", k, raw) {
+        Ok(body) if body.len() >= 9 => Ok(u64::from_be_bytes(body[1..9].try_into().unwrap())),
+        Ok(_) => Err(Error::Corruption(format!(
+            "tree meta, transaction record {}: too short",
+            keys::printable(k)
+        ))),
+        Err(ConflictableTransactionError::Abort(e)) => Err(e),
+        Err(e) => Err(Error::Storage(format!("{e:?}"))),
+    }
+}
+
+fn recorded(meta: &TransactionalTree, slot: u32, txn_id: &[u8]) -> Tx<Option<Decision>> {
+    let rk = record_key(slot, txn_id);
     match meta.get(&rk)? {
         None => Ok(None),
         Some(raw) => {
@@ -261,7 +292,8 @@ pub fn prepare(
         compares: part.compares.clone(),
         ..Default::default()
     };
-    if let Some(d) = recorded(meta, &p.txn_id)? {
+    let primary_slot = ordo_proto::slot_of(&p.primary_shard_key, slot_count);
+    if let Some(d) = recorded(meta, primary_slot, &p.txn_id)? {
         if d == Decision::Abort {
             return Ok(Err(Error::FailedPrecondition(format!(
                 "transaction {} was already aborted (a lock resolver timed it out); retry it",
@@ -352,10 +384,12 @@ pub fn prepare(
 /// Decide, on the primary's group: the first decision recorded wins.
 pub fn decide(
     meta: &TransactionalTree,
+    slot_count: u32,
     d: &DecideRequest,
     now_ms: u64,
 ) -> Tx<Result<DecideResponse>> {
-    if let Some(existing) = recorded(meta, &d.txn_id)? {
+    let slot = ordo_proto::slot_of(&d.primary_shard_key, slot_count);
+    if let Some(existing) = recorded(meta, slot, &d.txn_id)? {
         return Ok(Ok(DecideResponse {
             decision: existing as i32,
         }));
@@ -382,7 +416,7 @@ pub fn decide(
     };
     let mut body = vec![decision_byte(wanted)];
     body.extend_from_slice(&now_ms.to_be_bytes());
-    meta.insert(key(RECORD_PREFIX, &d.txn_id), seal(&body))?;
+    meta.insert(record_key(slot, &d.txn_id), seal(&body))?;
     Ok(Ok(DecideResponse {
         decision: wanted as i32,
     }))
@@ -447,8 +481,9 @@ pub fn finish(
 }
 
 /// Forget, on the primary's group, once every participant finished.
-pub fn forget(meta: &TransactionalTree, txn_id: &[u8]) -> Tx<()> {
-    meta.remove(key(RECORD_PREFIX, txn_id))?;
+pub fn forget(meta: &TransactionalTree, slot_count: u32, f: &ForgetRequest) -> Tx<()> {
+    let slot = ordo_proto::slot_of(&f.primary_shard_key, slot_count);
+    meta.remove(record_key(slot, &f.txn_id))?;
     Ok(())
 }
 
@@ -542,6 +577,7 @@ mod tests {
                 part: Some(part),
                 accumulate: false,
                 priority_ms: started_ms,
+                group_id: 0,
             }))? {
                 Outcome::Prepared(p) => Ok(p.compares_held),
                 other => panic!("{other:?}"),
@@ -554,6 +590,7 @@ mod tests {
                 txn_id: id(txn).into(),
                 shard_key: b"order-1".to_vec().into(),
                 decision: d as i32,
+                group_id: 0,
             })) {
                 Ok(Outcome::Finished(f)) => f,
                 other => panic!("{other:?}"),
@@ -707,6 +744,7 @@ mod tests {
                 part: Some(audit.clone()),
                 accumulate: true,
                 priority_ms: 0,
+                group_id: 0,
             }))
         };
         assert!(is_locked(read(&mut s), 1));
@@ -732,6 +770,7 @@ mod tests {
             }),
             accumulate: true,
             priority_ms: 0,
+            group_id: 0,
         }));
         assert!(matches!(other_reader, Ok(Outcome::Prepared(_))));
         s.finish(8, Decision::CommitSuccess);

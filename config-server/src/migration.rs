@@ -33,9 +33,10 @@ use tonic::{Code, Status};
 use crate::map::{self, MapError};
 use crate::MapStore;
 
-/// Fence attempts refused because items of the moving slots are locked, 50 ms apart (about the
-/// lock timeout twice) before the move is given up.
-const FENCE_LOCKED_TRIES_MAX: u32 = 80;
+/// Fence attempts refused because items of the moving slots are locked, 50 ms apart (10 s,
+/// five lock timeouts: a lock left by a dead coordinator is resolved by the next request that
+/// meets it once the timeout has passed) before the move is given up.
+const FENCE_LOCKED_TRIES_MAX: u32 = 200;
 /// Most migrations in flight at once (each holds a change log on its donor).
 pub const CONCURRENT_MAX: usize = 4;
 /// Finished migrations kept in the list for `ordoctl migrations`.

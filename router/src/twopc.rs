@@ -245,6 +245,7 @@ async fn attempt_once(
             part: Some(p.txn.clone()),
             accumulate: !writes_any,
             priority_ms,
+            group_id: p.group,
         };
         let on_lock = if writes_any {
             OnLock::Fail
@@ -487,6 +488,7 @@ async fn finish_all(
             txn_id: txn_id.clone(),
             shard_key: p.keys[0].clone(),
             decision: decision as i32,
+            group_id: p.group,
         };
         svc.forward(
             "Finish",
@@ -538,6 +540,29 @@ impl KvService {
                 return Ok(());
             }
             let remaining = || deadline.saturating_duration_since(Instant::now());
+            if lock.read {
+                // A reader decides nothing: releasing its part here is enough (a live one
+                // notices at its finish and reads again).
+                let r = FinishRequest {
+                    header: None,
+                    txn_id: lock.txn_id.clone(),
+                    shard_key: at.clone(),
+                    decision: Decision::Abort as i32,
+                    group_id: 0,
+                };
+                self.forward(
+                    "Finish",
+                    Effect::Read,
+                    OnLock::Fail,
+                    Route::Key(at),
+                    r,
+                    remaining(),
+                    |ch, r| async move { participant(ch).finish(r).await },
+                )
+                .await?;
+                return Ok(());
+            }
+            let remaining = || deadline.saturating_duration_since(Instant::now());
             let r = DecideRequest {
                 header: None,
                 txn_id: lock.txn_id.clone(),
@@ -575,6 +600,7 @@ impl KvService {
                 txn_id: lock.txn_id.clone(),
                 shard_key: at.clone(),
                 decision,
+                group_id: 0,
             };
             self.forward(
                 "Finish",

@@ -487,13 +487,18 @@ async fn bank_keeps_the_total_during_a_rebalance() {
     })
     .await;
     let before_moves = load.committed();
-    let r = cc.rebalance(RebalanceRequest::default()).await.unwrap();
-    let done = r
-        .migrations
+    // A move may also give up (a lock its fence waited for outlived the wait): that is an
+    // allowed outcome, as long as the total holds and moves do complete.
+    if let Err(e) = cc.rebalance(RebalanceRequest::default()).await {
+        assert_eq!(e.code(), tonic::Code::Aborted, "{e}");
+        eprintln!("a move gave up: {}", e.message());
+    }
+    let moves = cc.list_migrations().await.unwrap().migrations;
+    let done = moves
         .iter()
         .filter(|m| m.state == MigrationState::Done as i32)
         .count();
-    assert!(done > 0, "no move completed: {:?}", r.migrations);
+    assert!(done > 0, "no move completed: {moves:?}");
     let during = load.committed() - before_moves;
     let (_, _, audits) = load.stop().await;
     let end = wait_for(Duration::from_secs(30), "a final audit", || async {
@@ -504,7 +509,7 @@ async fn bank_keeps_the_total_during_a_rebalance() {
     eprintln!(
         "bank during a rebalance: {done} of {} moves done, {during} transfers committed during \
          the moves, {audits} audits",
-        r.migrations.len(),
+        moves.len(),
     );
     assert!(during > 0, "transfers stopped during the moves");
     for n in nodes4 {
