@@ -189,23 +189,26 @@ impl BankLoad {
 }
 
 async fn bank() -> (tempfile::TempDir, Playground, Client) {
-    bank_with(None).await
+    let (dir, _, pg, c) = bank_with(None).await;
+    (dir, pg, c)
 }
 
-/// The bank's playground (3 groups of 3), with `faults` on every group's raft traffic.
+/// The bank's playground (3 groups of 3), with `faults` on every group's raft traffic, its
+/// accounts created.
 async fn bank_with(
     faults: Option<Arc<ordo::fault::FaultNet>>,
-) -> (tempfile::TempDir, Playground, Client) {
+) -> (tempfile::TempDir, PlaygroundConfig, Playground, Client) {
     let dir = tempfile::tempdir().unwrap();
-    let pg = Playground::start(PlaygroundConfig {
+    let cfg = PlaygroundConfig {
         groups: 3,
         replicas: 3,
         port: None,
         faults,
         ..PlaygroundConfig::new(dir.path())
-    })
-    .await
-    .expect("playground starts");
+    };
+    let pg = Playground::start(cfg.clone())
+        .await
+        .expect("playground starts");
     let c = Client::connect(vec![pg.router_addr()])
         .unwrap()
         .with_timeout(Duration::from_secs(15));
@@ -214,28 +217,30 @@ async fn bank_with(
             .await
             .unwrap();
     }
-    (dir, pg, c)
+    (dir, cfg, pg, c)
 }
 
 fn total(balances: &[(u64, u64)]) -> u64 {
     balances.iter().map(|b| b.1).sum()
 }
 
-async fn assert_no_locks_left(pg: &Playground) {
-    for (g, nodes) in &pg.groups {
-        for n in nodes {
-            let addr = n.addr.to_string();
-            wait_for(
-                Duration::from_secs(15),
-                &format!("group {g} replica {addr} to hold no locks"),
-                || {
-                    let addr = addr.clone();
-                    async move { node_status(&addr, false).await.filter(|s| s.locks == 0) }
-                },
-            )
-            .await;
-        }
+/// Waits until every replica at `addrs` holds no lock (bounded), else fails naming it.
+async fn assert_no_locks_at(addrs: impl IntoIterator<Item = String>) {
+    for addr in addrs {
+        wait_for(
+            Duration::from_secs(15),
+            &format!("replica {addr} to hold no locks"),
+            || {
+                let addr = addr.clone();
+                async move { node_status(&addr, false).await.filter(|s| s.locks == 0) }
+            },
+        )
+        .await;
     }
+}
+
+async fn assert_no_locks_left(pg: &Playground) {
+    assert_no_locks_at(pg.groups.values().flatten().map(|n| n.addr.to_string())).await;
 }
 
 /// Acceptance 1: 16 clients transfer between random accounts on 3 groups while auditors read
@@ -427,16 +432,13 @@ async fn bank_keeps_the_total_while_participant_leaders_are_killed() {
     .await;
     assert_eq!(total(&end), ACCOUNTS as u64 * INITIAL);
     eprintln!("bank under leader kills: {committed} transfers committed, {audits} audits");
-    for group in 1..=2 {
-        for i in cluster.members(group).collect::<Vec<_>>() {
-            let addr = cluster.procs[i].addr.clone();
-            wait_for(limit, &format!("{addr} to hold no locks"), || {
-                let addr = addr.clone();
-                async move { node_status(&addr, false).await.filter(|s| s.locks == 0) }
-            })
-            .await;
-        }
-    }
+    let nodes = (1..=2).flat_map(|g| cluster.members(g).collect::<Vec<_>>());
+    assert_no_locks_at(
+        nodes
+            .map(|i| cluster.procs[i].addr.clone())
+            .collect::<Vec<_>>(),
+    )
+    .await;
 }
 
 /// Acceptance 4, the rebalance half: transfers and audits keep the total while a 4th group is
@@ -447,24 +449,7 @@ async fn bank_keeps_the_total_during_a_rebalance() {
     use ordo::client::ClusterClient;
     use ordo_proto::v1::{AddGroupRequest, MigrationState, RebalanceRequest};
     let _heavy = crate::harness::HEAVY.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = PlaygroundConfig {
-        groups: 3,
-        replicas: 3,
-        port: None,
-        ..PlaygroundConfig::new(dir.path())
-    };
-    let pg = Playground::start(cfg.clone())
-        .await
-        .expect("playground starts");
-    let c = Client::connect(vec![pg.router_addr()])
-        .unwrap()
-        .with_timeout(Duration::from_secs(15));
-    for i in 0..ACCOUNTS {
-        c.put(account(i), "", INITIAL.to_string(), None)
-            .await
-            .unwrap();
-    }
+    let (_dir, cfg, pg, c) = bank_with(None).await;
     let all: Vec<usize> = (0..ACCOUNTS).collect();
     let load = BankLoad::start(&c, 16, 1, Duration::from_millis(100));
     wait_for(Duration::from_secs(60), "transfers to flow", || async {
@@ -531,7 +516,7 @@ async fn bank_keeps_the_total_under_network_faults() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(11);
     let net = Arc::new(FaultNet::new(seed));
-    let (_dir, pg, c) = bank_with(Some(net.clone())).await;
+    let (_dir, _, pg, c) = bank_with(Some(net.clone())).await;
     let load = BankLoad::start(&c, 16, 1, Duration::from_millis(100));
     wait_for(Duration::from_secs(60), "transfers to flow", || async {
         (load.committed() >= 30).then_some(())
