@@ -304,7 +304,14 @@ async fn attempt_once(
             forget_later(svc, &txn_id, &primary);
         }
         if let Err(e) = decision {
-            return Err(AttemptFailed::Fail(e));
+            // Not even the abort could be recorded (e.g. the primary's slot is moving): the
+            // attempt changed nothing it did not undo, but a prepare still on its way could
+            // lock again; its locks expire and are resolved like a dead coordinator's.
+            return Err(if ordo_proto::certainly_not_applied(&e) {
+                AttemptFailed::Retry(format!("the abort was not recorded: {}", e.message()))
+            } else {
+                AttemptFailed::Fail(e)
+            });
         }
         return Err(match ordo_proto::error_detail_of(&s) {
             Some(error_detail::Kind::Locked(lock)) => {
