@@ -201,6 +201,13 @@ fn check_part_group(meant: u64, here: u64) -> Result<()> {
     Ok(())
 }
 
+/// The decisions a coordinator may record and a part may be finished with.
+const FINAL_DECISIONS: [Decision; 3] = [
+    Decision::CommitSuccess,
+    Decision::CommitFailure,
+    Decision::Abort,
+];
+
 fn check_decision(d: i32, allowed: &[Decision]) -> Result<()> {
     match Decision::try_from(d) {
         Ok(x) if allowed.contains(&x) => Ok(()),
@@ -255,14 +262,7 @@ impl Participant for ParticipantService {
         check_txn_id(&r.txn_id)?;
         validate::check_shard_key(&r.primary_shard_key)?;
         if !r.resolve {
-            check_decision(
-                r.decision,
-                &[
-                    Decision::CommitSuccess,
-                    Decision::CommitFailure,
-                    Decision::Abort,
-                ],
-            )?;
+            check_decision(r.decision, &FINAL_DECISIONS)?;
         }
         self.0.sm.check_owned(&r.primary_shard_key)?;
         match self
@@ -285,14 +285,7 @@ impl Participant for ParticipantService {
         let r = req.into_inner();
         check_txn_id(&r.txn_id)?;
         check_part_group(r.group_id, self.0.group_id)?;
-        check_decision(
-            r.decision,
-            &[
-                Decision::CommitSuccess,
-                Decision::CommitFailure,
-                Decision::Abort,
-            ],
-        )?;
+        check_decision(r.decision, &FINAL_DECISIONS)?;
         validate::check_shard_key(&r.shard_key)?;
         self.0.sm.check_owned(&r.shard_key)?;
         match self.0.propose(Command::Finish(r)).await? {

@@ -112,6 +112,62 @@ fn leader_hint(s: &Status) -> Option<String> {
     }
 }
 
+/// Sends `call` to the leader of the group whose replicas are at `addrs`: follows not-leader
+/// hints, and tries the next replica (with a doubling pause) after a failure `retryable` says
+/// did nothing; at most `ATTEMPTS_MAX` attempts within `OWNERSHIP_DEADLINE`. `what` names the
+/// call in the give-up message.
+async fn on_leader<T, F, Fut>(
+    what: &str,
+    group_id: u64,
+    addrs: &[String],
+    timeout: Duration,
+    retryable: impl Fn(&Status) -> bool,
+    call: F,
+) -> Result<T, Status>
+where
+    F: Fn(PeerClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let mut target = addrs
+        .first()
+        .cloned()
+        .ok_or_else(|| Status::failed_precondition(format!("group {group_id} has no replicas")))?;
+    let started = Instant::now();
+    let mut rotate = 0;
+    let mut backoff = Duration::from_millis(50);
+    let mut last = Status::unavailable("no attempt made");
+    for _ in 0..ATTEMPTS_MAX {
+        if started.elapsed() > OWNERSHIP_DEADLINE {
+            break;
+        }
+        let r = match peer_with_timeout(&target, timeout).await {
+            Ok(c) => call(c).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(resp) => return Ok(resp),
+            Err(s) if retryable(&s) => {
+                match leader_hint(&s) {
+                    Some(hint) => target = hint,
+                    None => {
+                        rotate += 1;
+                        target = addrs[rotate % addrs.len()].clone();
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(500));
+                    }
+                }
+                last = s;
+            }
+            Err(s) => return Err(s),
+        }
+    }
+    Err(Status::unavailable(format!(
+        "group {group_id}: could not {what} within {:?}: {}",
+        started.elapsed(),
+        last.message()
+    )))
+}
+
 /// Installs `slots` as group `group`'s ownership at `map_version`, through its leader.
 pub async fn set_ownership(
     group: &Group,
@@ -125,47 +181,19 @@ pub async fn set_ownership(
         slot_count,
         slots,
     };
-    let started = Instant::now();
-    let mut target = group
-        .replicas
-        .first()
-        .map(|r| r.addr.clone())
-        .ok_or_else(|| {
-            Status::failed_precondition(format!("group {} has no replicas", group.id))
-        })?;
-    let mut rotate = 0;
-    let mut backoff = Duration::from_millis(50);
-    let mut last = Status::unavailable("no attempt made");
-    for _ in 0..ATTEMPTS_MAX {
-        if started.elapsed() > OWNERSHIP_DEADLINE {
-            break;
-        }
-        let r = match peer(&target).await {
-            Ok(mut c) => c.set_ownership(req.clone()).await.map(|r| r.into_inner()),
-            Err(e) => Err(e),
-        };
-        match r {
-            Ok(resp) => return Ok(resp),
-            Err(s) if s.code() == Code::Unavailable => {
-                if let Some(hint) = leader_hint(&s) {
-                    target = hint;
-                } else {
-                    rotate += 1;
-                    target = group.replicas[rotate % group.replicas.len()].addr.clone();
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-                last = s;
-            }
-            Err(s) => return Err(s),
-        }
-    }
-    Err(Status::unavailable(format!(
-        "could not install ownership on group {} within {:?}: {}",
+    let addrs: Vec<String> = group.replicas.iter().map(|r| r.addr.clone()).collect();
+    on_leader(
+        "install ownership",
         group.id,
-        started.elapsed(),
-        last.message()
-    )))
+        &addrs,
+        CALL_TIMEOUT,
+        |s| s.code() == Code::Unavailable,
+        |mut c| {
+            let req = req.clone();
+            async move { c.set_ownership(req).await.map(|r| r.into_inner()) }
+        },
+    )
+    .await
 }
 
 /// Runs a membership change on the leader of the group whose replicas are at `addrs` (following
@@ -177,47 +205,21 @@ pub async fn change_replicas(
     req: ChangeReplicasRequest,
     timeout: Duration,
 ) -> Result<ChangeReplicasResponse, Status> {
-    if addrs.is_empty() {
-        return Err(Status::failed_precondition(format!(
-            "group {group_id} has no replicas"
-        )));
-    }
-    let started = Instant::now();
-    let mut target = addrs[0].clone();
-    let mut rotate = 0;
-    let mut last = Status::unavailable("no attempt made");
-    for _ in 0..ATTEMPTS_MAX {
-        if started.elapsed() > OWNERSHIP_DEADLINE {
-            break;
-        }
-        let r = match peer_with_timeout(&target, timeout).await {
-            Ok(mut c) => c.change_replicas(req.clone()).await.map(|r| r.into_inner()),
-            Err(e) => Err(e),
-        };
-        match r {
-            Ok(resp) => return Ok(resp),
-            Err(s) if s.code() == Code::Unavailable => {
-                // Not the leader (a hint, or none yet), or unreachable: nothing was proposed.
-                let not_leader = !s.details().is_empty();
-                if !not_leader && !s.message().contains("unreachable") {
-                    return Err(s);
-                }
-                match leader_hint(&s) {
-                    Some(hint) => target = hint,
-                    None => {
-                        rotate += 1;
-                        target = addrs[rotate % addrs.len()].clone();
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-                last = s;
-            }
-            Err(s) => return Err(s),
-        }
-    }
-    Err(Status::unavailable(format!(
-        "could not reach the leader of group {group_id} within {:?}: {}",
-        started.elapsed(),
-        last.message()
-    )))
+    // Not the leader (a hint, or none yet), or unreachable: nothing was proposed.
+    let nothing_proposed = |s: &Status| {
+        s.code() == Code::Unavailable
+            && (!s.details().is_empty() || s.message().contains("unreachable"))
+    };
+    on_leader(
+        "reach the leader",
+        group_id,
+        addrs,
+        timeout,
+        nothing_proposed,
+        |mut c| {
+            let req = req.clone();
+            async move { c.change_replicas(req).await.map(|r| r.into_inner()) }
+        },
+    )
+    .await
 }
