@@ -14,11 +14,12 @@ use ordo_proto::v1::participant_server::ParticipantServer;
 use ordo_proto::v1::peer_server::PeerServer;
 use tokio::sync::{mpsc, watch};
 
-use crate::driver::{Driver, DriverConfig, Shared};
 use crate::limits::*;
-use crate::service::{KvService, ParticipantService, PeerService, Replica};
-use crate::sm::StateMachine;
-use crate::storage::RaftStore;
+use crate::replica::driver::{Driver, DriverConfig, Shared};
+use crate::replica::storage::RaftStore;
+use crate::replica::ReplicaHandle;
+use crate::server::{kv::KvService, participant::ParticipantService, peer::PeerService};
+use crate::state::StateMachine;
 
 /// How long a graceful stop waits for in-flight requests before closing connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -71,7 +72,7 @@ pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
 
 pub struct Node {
     pub addr: SocketAddr,
-    pub replica: Arc<Replica>,
+    pub replica: Arc<ReplicaHandle>,
     stop_tx: watch::Sender<bool>,
     server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     driver: Option<std::thread::JoinHandle<()>>,
@@ -124,7 +125,7 @@ impl Node {
             None => cfg.peers.clone(),
         };
         store.set_peer_addrs(&peers)?;
-        let peers: crate::transport::PeerAddrs = Arc::new(std::sync::RwLock::new(peers));
+        let peers: crate::replica::transport::PeerAddrs = Arc::new(std::sync::RwLock::new(peers));
         // Entries are applied only after they are on disk and committed, so an applied index
         // above the stored commit only means the commit update had not been flushed yet.
         if sm.applied_index() > store.hard_state().commit {
@@ -143,7 +144,7 @@ impl Node {
         let (driver_tx, driver_rx) = mpsc::channel(DRIVER_INBOX_MAX);
         let (stop_tx, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared::default());
-        let transport = crate::transport::Transport::new(
+        let transport = crate::replica::transport::Transport::new(
             tokio::runtime::Handle::current(),
             cfg.group,
             cfg.id,
@@ -160,7 +161,7 @@ impl Node {
                 compact_log_entries: cfg.compact_log_entries,
             },
             store,
-            crate::durable::Durable::open(db, &db_dir)?,
+            crate::replica::durable::Durable::open(db, &db_dir)?,
             sm.clone(),
             driver_rx,
             transport,
@@ -177,7 +178,7 @@ impl Node {
                 rt.block_on(driver.run());
             })?;
 
-        let replica = Arc::new(Replica {
+        let replica = Arc::new(ReplicaHandle {
             node_id: cfg.id,
             group_id: cfg.group,
             driver: driver_tx,
@@ -201,7 +202,7 @@ impl Node {
         });
         let cluster = cfg.config_server.then(|| {
             ClusterServer::new(ordo_config::ConfigService::new(Arc::new(
-                crate::meta::ReplicaMapStore {
+                crate::server::config_store::ReplicaMapStore {
                     replica: replica.clone(),
                 },
             )))

@@ -64,7 +64,7 @@ fn expect_invalid<T: std::fmt::Debug>(
 async fn bad_requests_are_refused_and_change_nothing() {
     let (_dir, node) = single_node().await;
     let addr = node.addr.to_string();
-    let ch = ordo::transport::endpoint(&addr).unwrap().connect_lazy();
+    let ch = ordo::endpoint(&addr).unwrap().connect_lazy();
     let mut kv = KvClient::new(ch.clone()).max_encoding_message_size(64 << 20);
     // One good write, so "unchanged" is checked against real data.
     wait_for(Duration::from_secs(10), "the single node to lead", || {

@@ -35,7 +35,7 @@ use ordo::fault::{FaultNet, FaultStats, LinkFaults, SplitMix64};
 use ordo::limits::SLOT_COUNT_DEFAULT;
 use ordo::linearizability::{check, Completion, History, ItemKey, Op, Output};
 use ordo::node::{Node, NodeConfig};
-use ordo::service::Replica;
+use ordo::ReplicaHandle;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{error_detail, DeleteRequest, GetRequest, PutRequest};
 use tonic::transport::Channel;
@@ -300,7 +300,7 @@ struct Group {
     /// The running nodes.
     nodes: BTreeMap<u64, Node>,
     /// The running nodes' replicas, for the leadership monitor.
-    replicas: Arc<Mutex<BTreeMap<u64, Arc<Replica>>>>,
+    replicas: Arc<Mutex<BTreeMap<u64, Arc<ReplicaHandle>>>>,
     /// Snapshots installed by nodes since stopped (a restart starts counting again).
     snapshots_before: u64,
 }
@@ -465,7 +465,7 @@ impl Group {
 /// leader that has not noticed yet. Reads it answers then must still be linearizable, so the
 /// report counts these windows to show the schedules really create them.
 async fn watch_leaders(
-    replicas: Arc<Mutex<BTreeMap<u64, Arc<Replica>>>>,
+    replicas: Arc<Mutex<BTreeMap<u64, Arc<ReplicaHandle>>>>,
     stop: Arc<AtomicBool>,
     trace: Trace,
 ) -> (usize, Duration) {
@@ -550,7 +550,7 @@ impl Conn {
         let mut kv = match self.channels.get(&node) {
             Some(c) => c.clone(),
             None => {
-                let ep = ordo::transport::endpoint(&self.peers[&node]).unwrap();
+                let ep = ordo::endpoint(&self.peers[&node]).unwrap();
                 match tokio::time::timeout(Duration::from_millis(300), ep.connect()).await {
                     Ok(Ok(ch)) => {
                         let c = KvClient::new(ch);

@@ -236,9 +236,7 @@ impl Drop for ProcGroup {
 }
 
 pub async fn node_status(addr: &str, with_digest: bool) -> Option<StatusResponse> {
-    let ep = ordo::transport::endpoint(addr)
-        .ok()?
-        .timeout(Duration::from_secs(2));
+    let ep = ordo::endpoint(addr).ok()?.timeout(Duration::from_secs(2));
     let ch = ep.connect().await.ok()?;
     PeerClient::new(ch)
         .status(StatusRequest {

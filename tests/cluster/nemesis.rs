@@ -124,7 +124,7 @@ enum Kind {
 }
 
 fn kv_client(router: &str) -> KvClient<Channel> {
-    KvClient::new(ordo::transport::endpoint(router).unwrap().connect_lazy())
+    KvClient::new(ordo::endpoint(router).unwrap().connect_lazy())
 }
 
 fn timed<T>(msg: T) -> Request<T> {

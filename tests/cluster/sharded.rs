@@ -35,13 +35,7 @@ fn client(addr: &str) -> Client {
 }
 
 async fn cluster(addr: &str) -> ClusterClient<tonic::transport::Channel> {
-    ClusterClient::new(
-        ordo::transport::endpoint(addr)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    )
+    ClusterClient::new(ordo::endpoint(addr).unwrap().connect().await.unwrap())
 }
 
 async fn shard_map(addr: &str) -> ShardMap {
@@ -169,13 +163,7 @@ async fn a_stale_router_is_corrected_by_one_wrong_shard() {
 
     // The old owner refuses the slot, even to a client that comes straight to it.
     let old_owner = pg.groups[&1][0].addr.to_string();
-    let mut kv = KvClient::new(
-        ordo::transport::endpoint(&old_owner)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut kv = KvClient::new(ordo::endpoint(&old_owner).unwrap().connect().await.unwrap());
     let get = GetRequest {
         shard_key: sk.clone().into(),
         consistency: 1,
@@ -193,13 +181,7 @@ async fn a_stale_router_is_corrected_by_one_wrong_shard() {
         Code::FailedPrecondition
     );
     let new_owner = pg.groups[&2][0].addr.to_string();
-    let mut kv = KvClient::new(
-        ordo::transport::endpoint(&new_owner)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut kv = KvClient::new(ordo::endpoint(&new_owner).unwrap().connect().await.unwrap());
     let got = kv
         .get(GetRequest {
             shard_key: sk.into(),

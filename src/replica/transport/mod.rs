@@ -9,6 +9,8 @@
 //! then dropped, delayed or duplicated as the net decides (see `fault.rs`). Without one (every
 //! production node) the send path is unchanged.
 
+pub(crate) mod recv;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,10 +24,10 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::driver::Msg;
 use crate::fault::{Fate, FaultNet};
 use crate::limits::*;
-use crate::snapshot::chunk_crc;
+use crate::replica::driver::Msg;
+use crate::replica::snapshot::chunk_crc;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);

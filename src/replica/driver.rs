@@ -25,12 +25,12 @@ use raft::prelude::*;
 use raft::{RawNode, StateRole};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::durable::Durable;
 use crate::error::{Error, Result};
 use crate::limits::*;
-use crate::sm::{Apply, Command, Outcome, StateMachine};
-use crate::storage::{RaftStore, SnapshotFile};
-use crate::transport::Transport;
+use crate::replica::durable::Durable;
+use crate::replica::storage::{RaftStore, SnapshotFile};
+use crate::replica::transport::Transport;
+use crate::state::{Apply, Command, Outcome, StateMachine};
 
 pub enum Msg {
     Propose {

@@ -18,14 +18,14 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::Transactional;
 
 use crate::error::{Error, Result};
-use crate::keys;
-use crate::snapshot;
-use crate::twopc;
-use crate::txn::{self, ItemView};
+use crate::replica::snapshot;
+use txn::ItemView;
 
+pub(crate) mod keys;
 /// Online resharding's replicated state: outgoing migrations, their change logs and fences.
-#[path = "migrate.rs"]
-pub mod migrate;
+pub(crate) mod migrate;
+pub(crate) mod participant;
+pub(crate) mod txn;
 use migrate::Moving;
 
 const APPLIED_KEY: &[u8] = b"applied_index";
@@ -388,7 +388,7 @@ impl StateMachine {
         let applied = read_u64(meta.get(APPLIED_KEY)?, "applied_index")?;
         let ownership = load_ownership(&meta, slot_count)?;
         let moving = Moving::load(&meta)?;
-        let locks = twopc::count_locks(&meta)?;
+        let locks = participant::count_locks(&meta)?;
         Ok(Opened {
             sm: StateMachine {
                 node_id,
@@ -498,7 +498,8 @@ impl StateMachine {
                         return Ok(Err(e));
                     }
                     if locks > 0 {
-                        if let Err(e) = twopc::check_unlocked(meta, self.slot_count, t, None)? {
+                        if let Err(e) = participant::check_unlocked(meta, self.slot_count, t, None)?
+                        {
                             return Ok(Err(e));
                         }
                     }
@@ -527,7 +528,7 @@ impl StateMachine {
                                 .map(|sk| ordo_proto::slot_of(sk, self.slot_count))
                                 .find_map(|slot| moving.moving_out(slot));
                             let locked = match moving_slot {
-                                Some(_) => twopc::check_unlocked(
+                                Some(_) => participant::check_unlocked(
                                     meta,
                                     self.slot_count,
                                     &part,
@@ -541,10 +542,14 @@ impl StateMachine {
                                 .or_else(|| unowned(&mut shard_keys(&part)));
                             match refused {
                                 Some(e) => Err(e),
-                                None => {
-                                    twopc::prepare(&mut view, meta, self.slot_count, p, &mut locks)?
-                                        .map(Outcome::Prepared)
-                                }
+                                None => participant::prepare(
+                                    &mut view,
+                                    meta,
+                                    self.slot_count,
+                                    p,
+                                    &mut locks,
+                                )?
+                                .map(Outcome::Prepared),
                             }
                         }
                         Some(Command::Decide { req, now_ms }) => {
@@ -556,16 +561,16 @@ impl StateMachine {
                             });
                             match refused {
                                 Some(e) => Err(e),
-                                None => twopc::decide(meta, self.slot_count, req, *now_ms)?
+                                None => participant::decide(meta, self.slot_count, req, *now_ms)?
                                     .map(Outcome::Decided),
                             }
                         }
                         Some(Command::Finish(f)) => {
-                            twopc::finish(&mut view, meta, self.slot_count, f, &mut locks)?
+                            participant::finish(&mut view, meta, self.slot_count, f, &mut locks)?
                                 .map(Outcome::Finished)
                         }
                         Some(Command::Forget(f)) => {
-                            twopc::forget(meta, self.slot_count, f)?;
+                            participant::forget(meta, self.slot_count, f)?;
                             Ok(Outcome::Forgotten)
                         }
                         _ => continue,
@@ -695,8 +700,8 @@ impl StateMachine {
         self.applied_tx.subscribe()
     }
 
-    fn decode_lock(&self, lock_key: &[u8], raw: &[u8]) -> Result<twopc::Lock> {
-        twopc::Lock::decode(lock_key, raw).map_err(|e| match e {
+    fn decode_lock(&self, lock_key: &[u8], raw: &[u8]) -> Result<participant::Lock> {
+        participant::Lock::decode(lock_key, raw).map_err(|e| match e {
             sled::transaction::ConflictableTransactionError::Abort(e) => e,
             other => Error::Storage(format!("{other:?}")),
         })
@@ -708,9 +713,9 @@ impl StateMachine {
         if self.locks.load(Ordering::Relaxed) == 0 {
             return Ok(());
         }
-        for (sk, k) in twopc::items(t) {
+        for (sk, k) in participant::items(t) {
             let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, k);
-            let lk = twopc::lock_key(&raw_key);
+            let lk = participant::lock_key(&raw_key);
             if let Some(raw) = self.meta.get(&lk)? {
                 let lock = self.decode_lock(&lk, &raw)?;
                 let ours =
@@ -730,7 +735,7 @@ impl StateMachine {
     pub fn fence_blocker(&self, id: u64, now_ms: u64, keep_ms: u64) -> Result<Option<String>> {
         let slots = self.moving.read().unwrap().slots_of(id);
         for slot in slots {
-            let [locks, records] = twopc::slot_prefixes(slot);
+            let [locks, records] = participant::slot_prefixes(slot);
             if self.meta.scan_prefix(&locks).next().is_some() {
                 return Ok(Some(format!(
                     "slot {slot} has items locked by an unfinished cross-group transaction; \
@@ -739,7 +744,7 @@ impl StateMachine {
             }
             for kv in self.meta.scan_prefix(&records) {
                 let (k, v) = kv?;
-                let decided = twopc::record_age_base(&k, &v)?;
+                let decided = participant::record_age_base(&k, &v)?;
                 if now_ms < decided.saturating_add(keep_ms) {
                     return Ok(Some(format!(
                         "slot {slot} holds the decision of a cross-group transaction taken {} ms \
@@ -766,7 +771,7 @@ impl StateMachine {
         let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, key);
         let _r = self.read_guard();
         if self.locks.load(Ordering::Relaxed) > 0 {
-            let lk = twopc::lock_key(&raw_key);
+            let lk = participant::lock_key(&raw_key);
             if let Some(raw) = self.meta.get(&lk)? {
                 let lock = self.decode_lock(&lk, &raw)?;
                 if lock.write {
@@ -798,13 +803,13 @@ impl StateMachine {
         let _r = self.read_guard();
         if self.locks.load(Ordering::Relaxed) > 0 {
             // A scan must not see half of a transaction: any lock in its range refuses it.
-            let lock_prefix = twopc::lock_prefix(&prefix);
-            for kv in self.meta.range(twopc::lock_key(&from)..) {
+            let lock_prefix = participant::lock_prefix(&prefix);
+            for kv in self.meta.range(participant::lock_key(&from)..) {
                 let (lk, raw) = kv?;
                 if !lk.starts_with(&lock_prefix) {
                     break;
                 }
-                let raw_key = &lk[twopc::lock_key(&[]).len()..];
+                let raw_key = &lk[participant::lock_key(&[]).len()..];
                 if !end.is_empty() && &raw_key[prefix.len()..] >= end {
                     break;
                 }
@@ -876,7 +881,7 @@ impl StateMachine {
         self.meta.insert(INSTALLING_KEY, &index.to_be_bytes())?;
         self.data.clear()?;
         self.meta.remove(OWNERSHIP_KEY)?;
-        for k in self.meta.scan_prefix(twopc::PREFIX).keys() {
+        for k in self.meta.scan_prefix(participant::PREFIX).keys() {
             self.meta.remove(k?)?;
         }
         migrate::clear_meta(&self.meta)?;
@@ -912,7 +917,7 @@ impl StateMachine {
         self.applied.store(index, Ordering::Release);
         *self.ownership.write().unwrap() = load_ownership(&self.meta, self.slot_count)?;
         self.locks
-            .store(twopc::count_locks(&self.meta)?, Ordering::Relaxed);
+            .store(participant::count_locks(&self.meta)?, Ordering::Relaxed);
         *self.moving.write().unwrap() = Moving::load(&self.meta)?;
         self.applied_tx.send_replace(index);
         tracing::info!(node = self.node_id, index, items, "installed snapshot");
