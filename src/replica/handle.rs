@@ -10,7 +10,7 @@ use ordo_proto::v1::{StatusResponse, TxnRequest, TxnResponse};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
-use crate::replica::driver::{Msg, Shared};
+use crate::replica::inbox::{Msg, Shared};
 use crate::state::{Command, Outcome, StateMachine};
 
 /// How long a request waits for its write to commit or its read index before giving up.

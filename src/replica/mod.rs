@@ -5,6 +5,8 @@
 pub(crate) mod driver;
 pub(crate) mod durable;
 mod handle;
+pub(crate) mod inbox;
+pub(crate) mod outbox;
 pub(crate) mod snapshot;
 pub(crate) mod storage;
 pub(crate) mod transport;

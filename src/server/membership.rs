@@ -15,7 +15,7 @@ use raft::prelude::{ConfChange, ConfChangeType, ConfState};
 
 use crate::error::{Error, Result};
 use crate::limits::{CATCH_UP_TIMEOUT_DEFAULT_MS, CATCH_UP_TIMEOUT_MAX_MS};
-use crate::replica::driver::{Members, Msg};
+use crate::replica::inbox::{Members, Msg};
 use crate::replica::ReplicaHandle;
 
 /// How often the leader looks at a new node's progress while it catches up.

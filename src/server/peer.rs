@@ -9,7 +9,7 @@ use ordo_proto::v1::*;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::limits::MIGRATION_PAGE_BYTES_MAX;
-use crate::replica::driver::Msg;
+use crate::replica::inbox::Msg;
 use crate::replica::transport::recv;
 use crate::replica::ReplicaHandle;
 use crate::server::participant::now_ms;

@@ -8,7 +8,7 @@ use raft::prelude::{Message as RaftMessage, MessageType};
 use tokio::io::AsyncWriteExt;
 use tonic::{Status, Streaming};
 
-use crate::replica::driver::Msg;
+use crate::replica::inbox::Msg;
 use crate::replica::snapshot;
 use crate::replica::ReplicaHandle;
 
