@@ -234,6 +234,15 @@ pub fn check_record(r: &MigrationRecord, slot_count: u32) -> Result<u32> {
 
 type Applied = Result<Result<Outcome>>;
 
+/// A donor step's answer: the index it took effect at.
+fn step_done(index: u64) -> Applied {
+    Ok(Ok(Outcome::Migration {
+        index,
+        deleted: 0,
+        done: true,
+    }))
+}
+
 impl StateMachine {
     fn mark_applied(&self, index: u64) -> Result<()> {
         self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
@@ -257,117 +266,119 @@ impl StateMachine {
     }
 
     fn apply_out(&self, index: u64, req: &MigrateOutRequest) -> Applied {
-        let id = req.migration_id;
         let mut moving = self.moving.write().unwrap();
         let _w = self.view.write().unwrap();
-        let done = |i| {
-            Ok(Ok(Outcome::Migration {
-                index: i,
-                deleted: 0,
-                done: true,
-            }))
-        };
         match MigrateStep::try_from(req.step) {
-            Ok(MigrateStep::Begin) => {
-                if moving.out.contains_key(&id) {
-                    self.mark_applied(index)?;
-                    return done(index);
-                }
-                let ownership = self.ownership.read().unwrap();
-                if req.slots.is_empty() {
-                    return Ok(Err(Error::InvalidArgument(
-                        "a migration needs slots".into(),
-                    )));
-                }
-                for &s in &req.slots {
-                    if s >= self.slot_count || !ownership.owns(s) {
-                        return Ok(Err(Error::FailedPrecondition(format!(
-                            "group does not own slot {s}; it cannot be moved out of it"
-                        ))));
-                    }
-                    if let Some(other) = moving.by_slot.get(&s) {
-                        return Ok(Err(Error::FailedPrecondition(format!(
-                            "slot {s} is already moving out in migration {other}"
-                        ))));
-                    }
-                }
-                let mut slots = req.slots.clone();
-                slots.sort_unstable();
-                slots.dedup();
-                let out = Out {
-                    slots,
-                    fence_index: 0,
-                };
-                let mut batch = sled::Batch::default();
-                batch.insert(out_key(id), out.encode());
-                batch.insert(APPLIED_KEY, &index.to_be_bytes());
-                self.meta.apply_batch(batch)?;
-                self.applied.store(index, Ordering::Release);
-                moving.insert(id, out);
-                tracing::info!(
-                    node = self.node_id,
-                    migration = id,
-                    "migration began: change log on"
-                );
-                done(index)
-            }
-            Ok(MigrateStep::Fence) => {
-                let Some(out) = moving.out.get(&id).cloned() else {
-                    return Ok(Err(Error::FailedPrecondition(format!(
-                        "no migration {id} on this group (never begun, or ended)"
-                    ))));
-                };
-                if out.fence_index != 0 {
-                    self.mark_applied(index)?;
-                    return done(out.fence_index);
-                }
-                // Writes are refused once fenced, so a transaction holding items here could not
-                // finish on this side of the move: fence only once no item is locked (no new
-                // lock is taken in a moving slot).
-                for slot in moving.slots_of(id) {
-                    let [locks, _] = crate::state::participant::slot_prefixes(slot);
-                    if self.meta.scan_prefix(&locks).next().is_some() {
-                        return Ok(Err(Error::FailedPrecondition(format!(
-                            "slot {slot} has items locked by an unfinished cross-group \
-                             transaction; fence again once it finishes"
-                        ))));
-                    }
-                }
-                let out = Out {
-                    fence_index: index,
-                    ..out
-                };
-                let mut batch = sled::Batch::default();
-                batch.insert(out_key(id), out.encode());
-                batch.insert(APPLIED_KEY, &index.to_be_bytes());
-                self.meta.apply_batch(batch)?;
-                self.applied.store(index, Ordering::Release);
-                moving.insert(id, out);
-                tracing::info!(node = self.node_id, migration = id, index, "slots fenced");
-                done(index)
-            }
-            Ok(MigrateStep::End) => {
-                let mut batch = sled::Batch::default();
-                batch.remove(out_key(id));
-                for k in self.meta.scan_prefix(log_prefix(id)).keys() {
-                    batch.remove(k?);
-                }
-                batch.insert(APPLIED_KEY, &index.to_be_bytes());
-                self.meta.apply_batch(batch)?;
-                self.applied.store(index, Ordering::Release);
-                moving.remove(id);
-                tracing::info!(
-                    node = self.node_id,
-                    migration = id,
-                    "migration ended on the donor"
-                );
-                done(index)
-            }
+            Ok(MigrateStep::Begin) => self.out_begin(index, req, &mut moving),
+            Ok(MigrateStep::Fence) => self.out_fence(index, req.migration_id, &mut moving),
+            Ok(MigrateStep::End) => self.out_end(index, req.migration_id, &mut moving),
             _ => Ok(Err(Error::InvalidArgument(format!(
                 "unknown migration step {}",
                 req.step
             )))),
         }
+    }
+
+    /// BEGIN: from this entry on, every write to the slots is also written to the change log.
+    fn out_begin(&self, index: u64, req: &MigrateOutRequest, moving: &mut Moving) -> Applied {
+        let id = req.migration_id;
+        if moving.out.contains_key(&id) {
+            self.mark_applied(index)?;
+            return step_done(index);
+        }
+        let ownership = self.ownership.read().unwrap();
+        if req.slots.is_empty() {
+            return Ok(Err(Error::InvalidArgument(
+                "a migration needs slots".into(),
+            )));
+        }
+        for &s in &req.slots {
+            if s >= self.slot_count || !ownership.owns(s) {
+                return Ok(Err(Error::FailedPrecondition(format!(
+                    "group does not own slot {s}; it cannot be moved out of it"
+                ))));
+            }
+            if let Some(other) = moving.by_slot.get(&s) {
+                return Ok(Err(Error::FailedPrecondition(format!(
+                    "slot {s} is already moving out in migration {other}"
+                ))));
+            }
+        }
+        let mut slots = req.slots.clone();
+        slots.sort_unstable();
+        slots.dedup();
+        let out = Out {
+            slots,
+            fence_index: 0,
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(out_key(id), out.encode());
+        batch.insert(APPLIED_KEY, &index.to_be_bytes());
+        self.meta.apply_batch(batch)?;
+        self.applied.store(index, Ordering::Release);
+        moving.insert(id, out);
+        tracing::info!(
+            node = self.node_id,
+            migration = id,
+            "migration began: change log on"
+        );
+        step_done(index)
+    }
+
+    /// FENCE: the slots refuse every request from this entry on (`SlotMoving`).
+    fn out_fence(&self, index: u64, id: u64, moving: &mut Moving) -> Applied {
+        let Some(out) = moving.out.get(&id).cloned() else {
+            return Ok(Err(Error::FailedPrecondition(format!(
+                "no migration {id} on this group (never begun, or ended)"
+            ))));
+        };
+        if out.fence_index != 0 {
+            self.mark_applied(index)?;
+            return step_done(out.fence_index);
+        }
+        // Writes are refused once fenced, so a transaction holding items here could not
+        // finish on this side of the move: fence only once no item is locked (no new
+        // lock is taken in a moving slot).
+        for slot in moving.slots_of(id) {
+            let [locks, _] = crate::state::participant::slot_prefixes(slot);
+            if self.meta.scan_prefix(&locks).next().is_some() {
+                return Ok(Err(Error::FailedPrecondition(format!(
+                    "slot {slot} has items locked by an unfinished cross-group \
+                     transaction; fence again once it finishes"
+                ))));
+            }
+        }
+        let out = Out {
+            fence_index: index,
+            ..out
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(out_key(id), out.encode());
+        batch.insert(APPLIED_KEY, &index.to_be_bytes());
+        self.meta.apply_batch(batch)?;
+        self.applied.store(index, Ordering::Release);
+        moving.insert(id, out);
+        tracing::info!(node = self.node_id, migration = id, index, "slots fenced");
+        step_done(index)
+    }
+
+    /// END: the fence and the change log go.
+    fn out_end(&self, index: u64, id: u64, moving: &mut Moving) -> Applied {
+        let mut batch = sled::Batch::default();
+        batch.remove(out_key(id));
+        for k in self.meta.scan_prefix(log_prefix(id)).keys() {
+            batch.remove(k?);
+        }
+        batch.insert(APPLIED_KEY, &index.to_be_bytes());
+        self.meta.apply_batch(batch)?;
+        self.applied.store(index, Ordering::Release);
+        moving.remove(id);
+        tracing::info!(
+            node = self.node_id,
+            migration = id,
+            "migration ended on the donor"
+        );
+        step_done(index)
     }
 
     fn apply_ingest(&self, index: u64, records: &[MigrationRecord]) -> Applied {
@@ -707,8 +718,20 @@ mod tests {
         assert_eq!(r.sm.get(keys[0].as_bytes(), b"").unwrap().unwrap().0, 3);
         assert!(r.sm.get(keys[1].as_bytes(), b"").unwrap().is_none());
         assert_eq!(r.sm.get(keys[2].as_bytes(), b"").unwrap().unwrap().0, 1);
+        give_up_and_clear(&mut d, &mut r, moving_slot, &keys[3], log);
+    }
+
+    /// The end of a move: the donor gives the fenced slot up and the recipient takes it (ingest
+    /// is then refused), the donor ends the migration and clears its copy in bounded steps.
+    fn give_up_and_clear(
+        d: &mut Sm,
+        r: &mut Sm,
+        moving_slot: u32,
+        unwritten: &str,
+        log: Vec<MigrationRecord>,
+    ) {
         // Ingest into an owned slot is refused; the donor may give the fenced slot up.
-        let others: Vec<u32> = all.iter().copied().filter(|s| *s != moving_slot).collect();
+        let others: Vec<u32> = (0..SLOTS).filter(|s| *s != moving_slot).collect();
         d.run(Command::SetOwnership(SetOwnershipRequest {
             group_id: 1,
             map_version: 2,
@@ -724,7 +747,7 @@ mod tests {
         }))
         .unwrap();
         assert!(matches!(
-            ingest_result(&mut r, log),
+            ingest_result(r, log),
             Err(Error::FailedPrecondition(_))
         ));
         // Clearing is refused while moving, then deletes in bounded steps.
@@ -735,21 +758,21 @@ mod tests {
                 items_max: 2,
             }))
         };
-        assert!(clear(&mut d).is_err());
+        assert!(clear(d).is_err());
         d.run(step(7, MigrateStep::End, &[])).unwrap();
         assert!(
             d.sm.migration_pull(7, true, &[], 10).is_err(),
             "the log is gone"
         );
         assert!(matches!(
-            d.sm.check_owned(keys[3].as_bytes()),
+            d.sm.check_owned(unwritten.as_bytes()),
             Err(Error::WrongShard { .. })
         ));
         let mut rounds = 0;
         loop {
             rounds += 1;
             assert!(rounds < 100);
-            match clear(&mut d).unwrap() {
+            match clear(d).unwrap() {
                 Outcome::Migration { done: true, .. } => break,
                 Outcome::Migration { deleted, .. } => assert_eq!(deleted, 2),
                 other => panic!("{other:?}"),
