@@ -1,6 +1,6 @@
 //! Online resharding inside one group's state machine (a child module of `sm.rs`).
 //!
-//! Donor side: `BEGIN` records an outgoing migration (`migout/<id>` in the meta tree) and from
+//! Donor side: `BEGIN` records an outgoing migration (`migout/<id>` in the sys tree) and from
 //! then on every write to one of its slots is also appended, in the same sled transaction, to its
 //! change log (`miglog/<id>/<raft index>/<seq>` → `key | value`, an empty value for a delete).
 //! `FENCE` refuses every later request for the slots with `SlotMoving`, so the log is complete
@@ -49,7 +49,7 @@ impl Out {
     fn decode(raw: &[u8]) -> Result<Out> {
         if raw.len() < 8 || !(raw.len() - 8).is_multiple_of(4) {
             return Err(Error::Corruption(format!(
-                "tree meta, migration record of {} bytes",
+                "tree sys, migration record of {} bytes",
                 raw.len()
             )));
         }
@@ -88,7 +88,7 @@ fn encode_record(key: &[u8], value: &[u8]) -> Vec<u8> {
 fn decode_record(raw: &[u8]) -> Result<(&[u8], &[u8])> {
     let bad = || {
         Error::Corruption(format!(
-            "tree meta, change-log record of {} bytes",
+            "tree sys, change-log record of {} bytes",
             raw.len()
         ))
     };
@@ -105,12 +105,12 @@ pub struct Moving {
 }
 
 impl Moving {
-    pub fn load(meta: &sled::Tree) -> Result<Moving> {
+    pub fn load(sys: &sled::Tree) -> Result<Moving> {
         let mut m = Moving::default();
-        for kv in meta.scan_prefix(OUT_PREFIX) {
+        for kv in sys.scan_prefix(OUT_PREFIX) {
             let (k, v) = kv?;
             let id = u64::from_be_bytes(k[OUT_PREFIX.len()..].try_into().map_err(|_| {
-                Error::Corruption("tree meta, migration record key of the wrong length".into())
+                Error::Corruption("tree sys, migration record key of the wrong length".into())
             })?);
             m.insert(id, Out::decode(&v)?);
         }
@@ -167,16 +167,16 @@ impl Moving {
 
 /// Appends writes to moving slots to their migration's change log, inside the apply transaction.
 pub struct LogWriter<'a> {
-    meta: &'a TransactionalTree,
+    sys: &'a TransactionalTree,
     moving: &'a Moving,
     index: u64,
     seq: u32,
 }
 
 impl<'a> LogWriter<'a> {
-    pub fn new(meta: &'a TransactionalTree, moving: &'a Moving) -> Self {
+    pub fn new(sys: &'a TransactionalTree, moving: &'a Moving) -> Self {
         LogWriter {
-            meta,
+            sys,
             moving,
             index: 0,
             seq: 0,
@@ -191,7 +191,7 @@ impl<'a> LogWriter<'a> {
     /// `value` empty = the item was deleted.
     pub fn record(&mut self, slot: u32, key: &[u8], value: &[u8]) -> Result<()> {
         if let Some(id) = self.moving.by_slot.get(&slot) {
-            self.meta
+            self.sys
                 .insert(
                     log_key(*id, self.index, self.seq),
                     encode_record(key, value),
@@ -204,13 +204,13 @@ impl<'a> LogWriter<'a> {
 }
 
 /// Forgets every migration record and change log (a snapshot install brings its own).
-pub fn clear_meta(meta: &sled::Tree) -> Result<()> {
+pub fn clear_sys(sys: &sled::Tree) -> Result<()> {
     for prefix in [OUT_PREFIX, LOG_PREFIX] {
         let mut batch = sled::Batch::default();
-        for k in meta.scan_prefix(prefix).keys() {
+        for k in sys.scan_prefix(prefix).keys() {
             batch.remove(k?);
         }
-        meta.apply_batch(batch)?;
+        sys.apply_batch(batch)?;
     }
     Ok(())
 }
@@ -245,7 +245,7 @@ fn step_done(index: u64) -> Applied {
 
 impl StateMachine {
     fn mark_applied(&self, index: u64) -> Result<()> {
-        self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+        self.sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
         self.applied.store(index, Ordering::Release);
         Ok(())
     }
@@ -314,7 +314,7 @@ impl StateMachine {
         let mut batch = sled::Batch::default();
         batch.insert(out_key(id), out.encode());
         batch.insert(APPLIED_KEY, &index.to_be_bytes());
-        self.meta.apply_batch(batch)?;
+        self.sys.apply_batch(batch)?;
         self.applied.store(index, Ordering::Release);
         moving.insert(id, out);
         tracing::info!(
@@ -341,7 +341,7 @@ impl StateMachine {
         // lock is taken in a moving slot).
         for slot in moving.slots_of(id) {
             let [locks, _] = crate::state::participant::slot_prefixes(slot);
-            if self.meta.scan_prefix(&locks).next().is_some() {
+            if self.sys.scan_prefix(&locks).next().is_some() {
                 return Ok(Err(Error::FailedPrecondition(format!(
                     "slot {slot} has items locked by an unfinished cross-group \
                      transaction; fence again once it finishes"
@@ -355,7 +355,7 @@ impl StateMachine {
         let mut batch = sled::Batch::default();
         batch.insert(out_key(id), out.encode());
         batch.insert(APPLIED_KEY, &index.to_be_bytes());
-        self.meta.apply_batch(batch)?;
+        self.sys.apply_batch(batch)?;
         self.applied.store(index, Ordering::Release);
         moving.insert(id, out);
         tracing::info!(node = self.node_id, migration = id, index, "slots fenced");
@@ -366,11 +366,11 @@ impl StateMachine {
     fn out_end(&self, index: u64, id: u64, moving: &mut Moving) -> Applied {
         let mut batch = sled::Batch::default();
         batch.remove(out_key(id));
-        for k in self.meta.scan_prefix(log_prefix(id)).keys() {
+        for k in self.sys.scan_prefix(log_prefix(id)).keys() {
             batch.remove(k?);
         }
         batch.insert(APPLIED_KEY, &index.to_be_bytes());
-        self.meta.apply_batch(batch)?;
+        self.sys.apply_batch(batch)?;
         self.applied.store(index, Ordering::Release);
         moving.remove(id);
         tracing::info!(
@@ -396,7 +396,7 @@ impl StateMachine {
             }
         }
         let _w = self.view.write().unwrap();
-        self.transact(|data, meta| {
+        self.transact(|data, sys| {
             for r in records {
                 if r.value.is_empty() {
                     data.remove(r.key.as_ref())?;
@@ -404,7 +404,7 @@ impl StateMachine {
                     data.insert(r.key.as_ref(), r.value.as_ref())?;
                 }
             }
-            meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+            sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
             Ok(())
         })?;
         self.applied.store(index, Ordering::Release);
@@ -442,11 +442,11 @@ impl StateMachine {
             }
         }
         let _w = self.view.write().unwrap();
-        self.transact(|data, meta| {
+        self.transact(|data, sys| {
             for k in &doomed {
                 data.remove(k)?;
             }
-            meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+            sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
             Ok(())
         })?;
         self.applied.store(index, Ordering::Release);
@@ -464,9 +464,9 @@ impl StateMachine {
             &TransactionalTree,
         ) -> std::result::Result<(), sled::transaction::UnabortableTransactionError>,
     ) -> Result<()> {
-        (&self.data, &self.meta)
-            .transaction(|(data, meta)| {
-                f(data, meta).map_err(ConflictableTransactionError::from)?;
+        (&self.data, &self.sys)
+            .transaction(|(data, sys)| {
+                f(data, sys).map_err(ConflictableTransactionError::from)?;
                 Ok::<_, ConflictableTransactionError<Error>>(())
             })
             .map_err(|e| match e {
@@ -527,7 +527,7 @@ impl StateMachine {
         };
         if log {
             let prefix = log_prefix(id);
-            for kv in self.meta.range((from(prefix.clone()), Bound::Unbounded)) {
+            for kv in self.sys.range((from(prefix.clone()), Bound::Unbounded)) {
                 let (k, v) = kv?;
                 if !k.starts_with(&prefix) {
                     break;
@@ -830,7 +830,7 @@ mod tests {
         other.sm.install_snapshot(&path, d.index).unwrap();
         assert_eq!(other.pull_all(1, true).len(), 1);
         assert!(other.sm.moving.read().unwrap().is_moving(2));
-        let reloaded = Moving::load(&d.sm.meta).unwrap();
+        let reloaded = Moving::load(&d.sm.sys).unwrap();
         assert_eq!(reloaded.out, d.sm.moving.read().unwrap().out);
     }
 }
