@@ -264,7 +264,7 @@ impl StateMachine {
             }
             for kv in self.sys.scan_prefix(&records) {
                 let (k, v) = kv?;
-                let decided = participant::record_age_base(&k, &v)?;
+                let decided = participant::decision_age_base(&k, &v)?;
                 if now_ms < decided.saturating_add(keep_ms) {
                     return Ok(Some(format!(
                         "slot {slot} holds the decision of a cross-group transaction taken {} ms \

@@ -1,4 +1,4 @@
-//! The participant side of cross-group transactions: locks, prepared parts and decision records,
+//! The participant side of cross-group transactions: locks, prepared parts and decisions,
 //! all replicated state kept in the `sys` tree (so they survive leader changes and travel in
 //! snapshots), changed only by applying raft commands inside the state machine's transaction.
 //!
@@ -213,14 +213,14 @@ fn decision_byte(d: Decision) -> u8 {
     d as i32 as u8
 }
 
-/// The record key of a transaction whose primary shard key is in `slot`.
-fn record_key(slot: u32, txn_id: &[u8]) -> Vec<u8> {
+/// The decision key of a transaction whose primary shard key is in `slot`.
+fn decision_key(slot: u32, txn_id: &[u8]) -> Vec<u8> {
     let mut k = key(RECORD_PREFIX, &keys::slot_start(slot));
     k.extend_from_slice(txn_id);
     k
 }
 
-/// The prefixes of the locks and records of `slot` (a move of the slot waits until both are
+/// The prefixes of the locks and decisions of `slot` (a move of the slot waits until both are
 /// empty).
 pub fn slot_prefixes(slot: u32) -> [Vec<u8>; 2] {
     [
@@ -229,12 +229,12 @@ pub fn slot_prefixes(slot: u32) -> [Vec<u8>; 2] {
     ]
 }
 
-/// When the decision under record key `k` was recorded (ms, the deciding leader's clock).
-pub fn record_age_base(k: &[u8], raw: &[u8]) -> Result<u64> {
-    match unseal("transaction record", k, raw) {
+/// When the decision under decision key `k` was recorded (ms, the deciding leader's clock).
+pub fn decision_age_base(k: &[u8], raw: &[u8]) -> Result<u64> {
+    match unseal("decision", k, raw) {
         Ok(body) if body.len() >= 9 => Ok(u64::from_be_bytes(body[1..9].try_into().unwrap())),
         Ok(_) => Err(Error::Corruption(format!(
-            "tree sys, transaction record {}: too short",
+            "tree sys, decision {}: too short",
             keys::printable(k)
         ))),
         Err(ConflictableTransactionError::Abort(e)) => Err(e),
@@ -242,19 +242,19 @@ pub fn record_age_base(k: &[u8], raw: &[u8]) -> Result<u64> {
     }
 }
 
-fn recorded(sys: &TransactionalTree, slot: u32, txn_id: &[u8]) -> Tx<Option<Decision>> {
-    let rk = record_key(slot, txn_id);
+fn decision_of(sys: &TransactionalTree, slot: u32, txn_id: &[u8]) -> Tx<Option<Decision>> {
+    let rk = decision_key(slot, txn_id);
     match sys.get(&rk)? {
         None => Ok(None),
         Some(raw) => {
-            let body = unseal("transaction record", &rk, &raw)?;
+            let body = unseal("decision", &rk, &raw)?;
             Decision::try_from(body.first().copied().unwrap_or(0) as i32)
                 .ok()
                 .filter(|d| *d != Decision::Unspecified && *d != Decision::Pending)
                 .map(Some)
                 .ok_or_else(|| {
                     ConflictableTransactionError::Abort(Error::Corruption(format!(
-                        "tree sys, transaction record {}: bad decision",
+                        "tree sys, decision {}: bad decision",
                         hex(txn_id)
                     )))
                 })
@@ -293,7 +293,7 @@ pub fn prepare(
         ..Default::default()
     };
     let primary_slot = ordo_proto::slot_of(&p.primary_shard_key, slot_count);
-    if let Some(d) = recorded(sys, primary_slot, &p.txn_id)? {
+    if let Some(d) = decision_of(sys, primary_slot, &p.txn_id)? {
         if d == Decision::Abort {
             return Ok(Err(Error::FailedPrecondition(format!(
                 "transaction {} was already aborted (a lock resolver timed it out); retry it",
@@ -389,7 +389,7 @@ pub fn decide(
     now_ms: u64,
 ) -> Tx<Result<DecideResponse>> {
     let slot = ordo_proto::slot_of(&d.primary_shard_key, slot_count);
-    if let Some(existing) = recorded(sys, slot, &d.txn_id)? {
+    if let Some(existing) = decision_of(sys, slot, &d.txn_id)? {
         return Ok(Ok(DecideResponse {
             decision: existing as i32,
         }));
@@ -416,7 +416,7 @@ pub fn decide(
     };
     let mut body = vec![decision_byte(wanted)];
     body.extend_from_slice(&now_ms.to_be_bytes());
-    sys.insert(record_key(slot, &d.txn_id), seal(&body))?;
+    sys.insert(decision_key(slot, &d.txn_id), seal(&body))?;
     Ok(Ok(DecideResponse {
         decision: wanted as i32,
     }))
@@ -483,7 +483,7 @@ pub fn finish(
 /// Forget, on the primary's group, once every participant finished.
 pub fn forget(sys: &TransactionalTree, slot_count: u32, f: &ForgetRequest) -> Tx<()> {
     let slot = ordo_proto::slot_of(&f.primary_shard_key, slot_count);
-    sys.remove(record_key(slot, &f.txn_id))?;
+    sys.remove(decision_key(slot, &f.txn_id))?;
     Ok(())
 }
 
@@ -710,7 +710,7 @@ mod tests {
             matches!(s.prepare(2, part, 0), Err(Error::FailedPrecondition(m)) if m.contains("aborted"))
         );
         assert_eq!(s.sm.locks_held(), 0);
-        // Forgetting drops the record.
+        // Forgetting drops the decision.
         s.apply(Command::Forget(ForgetRequest {
             header: None,
             txn_id: id(1).into(),
