@@ -20,8 +20,8 @@ use ordo::proto::v1::{
     compare, txn_op, txn_op_result, AddGroupRequest, ChangeGroupReplicasRequest,
     ChangeGroupReplicasResponse, ChangeReplicasRequest, ClusterStatus, Compare, DeleteRequest,
     DeleteResponse, GetRequest, GetResponse, GroupSpec, GroupStatus, InitClusterRequest, Item,
-    MoveSlotsRequest, PutRequest, PutResponse, RebalanceRequest, ReplicaChange, ReplicaStatus,
-    ShardMap, TxnOp, TxnRequest,
+    MoveSlotsRequest, PlannedMove, PutRequest, PutResponse, RebalanceRequest, ReplicaChange,
+    ReplicaStatus, ShardMap, TransferLeaderResponse, TxnOp, TxnRequest, TxnResponse,
 };
 use tonic::Code;
 
@@ -548,11 +548,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         }
         Command::Leader(LeaderCommand::Transfer(a)) => {
             let r = kv(endpoint)?.transfer_leader(a.to).await?;
-            if json {
-                println!("{{\"leader_id\":{},\"term\":{}}}", r.leader_id, r.term);
-            } else {
-                println!("leader is node {} (term {})", r.leader_id, r.term);
-            }
+            println!("{}", render_leader(&r, json));
             Ok(())
         }
     }
@@ -702,35 +698,7 @@ async fn rebalance(
     };
     let plan = c.rebalance(req).await?;
     if !json || dry_run {
-        let rows: Vec<Vec<String>> = plan
-            .plan
-            .iter()
-            .map(|p| {
-                vec![
-                    format!("group {} → group {}", p.from_group, p.to_group),
-                    format!("{} slots", p.slots.len()),
-                    compress_ranges(&p.slots),
-                ]
-            })
-            .collect();
-        if json {
-            let moves = json_list(&plan.plan, |p| {
-                format!(
-                    "{{\"from_group\":{},\"to_group\":{},\"slots\":{}}}",
-                    p.from_group,
-                    p.to_group,
-                    json_list(&p.slots, u32::to_string)
-                )
-            });
-            println!("{{\"plan\":{moves}}}");
-        } else if rows.is_empty() {
-            println!("nothing to move: the slots are spread evenly already");
-        } else {
-            println!("plan: {} moves", rows.len());
-            for line in align(&rows) {
-                println!("  {line}");
-            }
-        }
+        println!("{}", render_plan(&plan.plan, json));
     }
     if dry_run || plan.plan.is_empty() {
         return Ok(());
@@ -751,6 +719,48 @@ async fn rebalance(
         }
     }
     Ok(())
+}
+
+/// What `rebalance` and `group drain` print before moving: the planned moves.
+fn render_plan(plan: &[PlannedMove], json: bool) -> String {
+    if json {
+        let moves = json_list(plan, |p| {
+            format!(
+                "{{\"from_group\":{},\"to_group\":{},\"slots\":{}}}",
+                p.from_group,
+                p.to_group,
+                json_list(&p.slots, u32::to_string)
+            )
+        });
+        return format!("{{\"plan\":{moves}}}");
+    }
+    if plan.is_empty() {
+        return "nothing to move: the slots are spread evenly already".into();
+    }
+    let rows: Vec<Vec<String>> = plan
+        .iter()
+        .map(|p| {
+            vec![
+                format!("group {} → group {}", p.from_group, p.to_group),
+                format!("{} slots", p.slots.len()),
+                compress_ranges(&p.slots),
+            ]
+        })
+        .collect();
+    let mut out = format!("plan: {} moves", rows.len());
+    for line in align(&rows) {
+        let _ = write!(out, "\n  {line}");
+    }
+    out
+}
+
+/// What `leader transfer` prints: the leader after the transfer.
+fn render_leader(r: &TransferLeaderResponse, json: bool) -> String {
+    if json {
+        format!("{{\"leader_id\":{},\"term\":{}}}", r.leader_id, r.term)
+    } else {
+        format!("leader is node {} (term {})", r.leader_id, r.term)
+    }
 }
 
 fn render_migrations(list: &[ordo::proto::v1::Migration], json: bool) -> String {
@@ -870,6 +880,13 @@ async fn txn(client: &Client, a: TxnArgs, json: bool) -> Result<(), Failure> {
     } else {
         &req.failure
     };
+    println!("{}", render_txn(ops, &resp, json));
+    condition(resp.succeeded)
+}
+
+/// What `txn` prints: the outcome, then each result next to the op (of `ops`, those that ran)
+/// that produced it.
+fn render_txn(ops: &[TxnOp], resp: &TxnResponse, json: bool) -> String {
     let mut out = String::new();
     if json {
         out.push_str(&format!("{{\"succeeded\":{},\"results\":[", resp.succeeded));
@@ -914,8 +931,7 @@ async fn txn(client: &Client, a: TxnArgs, json: bool) -> Result<(), Failure> {
     if json {
         out.push_str("]}");
     }
-    println!("{out}");
-    condition(resp.succeeded)
+    out
 }
 
 // ---- Rendering -------------------------------------------------------------------------------
@@ -2312,6 +2328,252 @@ mod tests {
         let full = render_status(&sample_status(), true);
         assert!(full.starts_with("{\"map\":{\"version\":3,"), "{full}");
         assert!(full.ends_with("\"error\":\"\"}]}}"), "{full}");
+    }
+
+    /// Every `--json` output, with strings that need escaping, as ordoctl printed it before the
+    /// serde views: the views must keep each byte.
+    #[test]
+    fn json_outputs_are_unchanged() {
+        const ODD: &str = "q\"b\\s\nn\rr\tt\u{1}\u{1f}é/";
+        const ODD_JSON: &str = "\"q\\\"b\\\\s\\nn\\rr\\tt\\u0001\\u001fé/\"";
+        let odd = Bytes::from_static(ODD.as_bytes());
+        let get = GetResponse {
+            found: true,
+            value: odd.clone(),
+            version: u64::MAX,
+        };
+        assert_eq!(
+            render_get(&get, true),
+            format!("{{\"found\":true,\"value\":{ODD_JSON},\"version\":18446744073709551615}}")
+        );
+        let lossy = GetResponse {
+            found: true,
+            value: Bytes::from_static(b"a\xffb"),
+            version: 1,
+        };
+        assert_eq!(
+            render_get(&lossy, true),
+            "{\"found\":true,\"value\":\"a\u{fffd}b\",\"version\":1}"
+        );
+        let ok = PutResponse {
+            succeeded: true,
+            version: 5,
+        };
+        assert_eq!(render_put(&ok, true), "{\"succeeded\":true,\"version\":5}");
+        let deleted = DeleteResponse {
+            succeeded: true,
+            deleted: true,
+            prev_version: 3,
+        };
+        assert_eq!(
+            render_delete(&deleted, true),
+            "{\"succeeded\":true,\"deleted\":true,\"prev_version\":3}"
+        );
+        assert_eq!(
+            render_delete(&DeleteResponse::default(), true),
+            "{\"succeeded\":false,\"deleted\":false,\"prev_version\":0}"
+        );
+        let items = [
+            Item {
+                key: odd.clone(),
+                value: Bytes::new(),
+                version: 2,
+            },
+            Item {
+                key: Bytes::new(),
+                value: odd.clone(),
+                version: 0,
+            },
+        ];
+        assert_eq!(
+            render_scan_json(&items, Some(ODD.as_bytes())),
+            format!(
+                "{{\"items\":[{{\"key\":{ODD_JSON},\"version\":2,\"value\":\"\"}},\
+                 {{\"key\":\"\",\"version\":0,\"value\":{ODD_JSON}}}],\"next_key\":{ODD_JSON}}}"
+            )
+        );
+        assert_eq!(
+            render_scan_json(&items[..1], Some(b"")),
+            format!(
+                "{{\"items\":[{{\"key\":{ODD_JSON},\"version\":2,\"value\":\"\"}}],\
+                 \"next_key\":\"\"}}"
+            )
+        );
+    }
+
+    #[test]
+    fn txn_renders_as_json_and_text() {
+        use ordo::proto::v1::TxnOpResult;
+        let ops: Vec<TxnOp> = ["put o1 k v", "delete o1 \"\"", "get o1 k", "get o1 gone"]
+            .into_iter()
+            .map(|s| parse_op(s).unwrap())
+            .collect();
+        let result = |r| TxnOpResult { result: Some(r) };
+        let resp = TxnResponse {
+            succeeded: true,
+            results: vec![
+                result(txn_op_result::Result::Put(PutResponse {
+                    succeeded: true,
+                    version: 4,
+                })),
+                result(txn_op_result::Result::Delete(DeleteResponse {
+                    succeeded: true,
+                    deleted: false,
+                    prev_version: 0,
+                })),
+                result(txn_op_result::Result::Get(GetResponse {
+                    found: true,
+                    value: Bytes::from_static(b"a\"b"),
+                    version: 4,
+                })),
+                result(txn_op_result::Result::Get(GetResponse::default())),
+                TxnOpResult { result: None },
+            ],
+            ..Default::default()
+        };
+        assert_eq!(
+            render_txn(&ops, &resp, true),
+            "{\"succeeded\":true,\"results\":[\
+             {\"op\":\"put o1 k v\",\"result\":{\"succeeded\":true,\"version\":4}},\
+             {\"op\":\"delete o1 \\\"\\\"\",\"result\":{\"succeeded\":true,\"deleted\":false,\
+             \"prev_version\":0}},\
+             {\"op\":\"get o1 k\",\"result\":{\"found\":true,\"value\":\"a\\\"b\",\"version\":4}},\
+             {\"op\":\"get o1 gone\",\"result\":{\"found\":false}},\
+             {\"op\":\"?\",\"result\":null}]}"
+        );
+        assert_eq!(
+            render_txn(&ops, &resp, false),
+            "succeeded\n\
+             [0] put o1 k v: ok version=4\n\
+             [1] delete o1 \"\": ok not found\n\
+             [2] get o1 k: a\"b version=4\n\
+             [3] get o1 gone: not found\n\
+             [4] ?: (empty result)"
+        );
+        let failed = TxnResponse::default();
+        assert_eq!(
+            render_txn(&[], &failed, true),
+            "{\"succeeded\":false,\"results\":[]}"
+        );
+        assert_eq!(render_txn(&[], &failed, false), "failed");
+    }
+
+    #[test]
+    fn admin_json_outputs_are_unchanged() {
+        let mut status = sample_status();
+        status.groups.truncate(1);
+        assert_eq!(
+            render_status(&status, true),
+            "{\"map\":{\"version\":3,\"slot_count\":8,\"groups\":[\
+             {\"id\":1,\"replicas\":[{\"node_id\":11,\"addr\":\"a1:7001\"},{\"node_id\":12,\"addr\":\"a2:7001\"}]},\
+             {\"id\":2,\"replicas\":[{\"node_id\":21,\"addr\":\"b1:7001\"}]},\
+             {\"id\":10,\"replicas\":[{\"node_id\":0,\"addr\":\"c1:7001\"}]}],\
+             \"slot_owner\":[1,1,1,2,2,1,2,2],\"config_addrs\":[\"m1:7000\",\"m2:7000\"]},\
+             \"groups\":[{\"id\":1,\"leader_id\":11,\"slots\":4,\"replicas\":[\
+             {\"node_id\":11,\"addr\":\"a1:7001\",\"reachable\":true,\"role\":\"leader\",\
+             \"term\":5,\"applied_index\":1200,\"error\":\"\"},\
+             {\"node_id\":12,\"addr\":\"a2:7001\",\"reachable\":false,\"role\":\"\",\
+             \"term\":0,\"applied_index\":0,\"error\":\"connection refused\"}]}],\
+             \"meta\":{\"id\":0,\"leader_id\":1,\"slots\":0,\"replicas\":[\
+             {\"node_id\":1,\"addr\":\"m1:7000\",\"reachable\":true,\"role\":\"leader\",\
+             \"term\":2,\"applied_index\":30,\"error\":\"\"}]}}"
+        );
+        assert_eq!(
+            render_map(&ShardMap::default(), true),
+            "{\"version\":0,\"slot_count\":0,\"groups\":[],\"slot_owner\":[],\"config_addrs\":[]}"
+        );
+        let resp = ChangeGroupReplicasResponse {
+            members: vec![
+                ordo::proto::v1::Member {
+                    node_id: 1,
+                    addr: "a:1".into(),
+                    voter: true,
+                },
+                ordo::proto::v1::Member {
+                    node_id: 4,
+                    addr: "d\"\\:1".into(),
+                    voter: false,
+                },
+            ],
+            catch_up_ms: 250,
+            map: Some(sample_map()),
+        };
+        assert_eq!(
+            render_replicas(1, &resp, true),
+            "{\"group\":1,\"members\":[{\"node_id\":1,\"addr\":\"a:1\",\"voter\":true},\
+             {\"node_id\":4,\"addr\":\"d\\\"\\\\:1\",\"voter\":false}],\"catch_up_ms\":250,\
+             \"map_version\":3}"
+        );
+        assert_eq!(
+            render_replicas(0, &ChangeGroupReplicasResponse::default(), true),
+            "{\"group\":0,\"members\":[],\"catch_up_ms\":0,\"map_version\":0}"
+        );
+        assert_eq!(
+            render_replicas(1, &resp, false),
+            "group 1, map version 3 (new replica caught up in 250 ms)\n\
+             node 1  a:1    voter\n\
+             node 4  d\"\\:1  learner"
+        );
+        let plan = [
+            PlannedMove {
+                slots: vec![0, 1, 2, 5],
+                from_group: 1,
+                to_group: 2,
+            },
+            PlannedMove {
+                slots: vec![],
+                from_group: 10,
+                to_group: 3,
+            },
+        ];
+        assert_eq!(
+            render_plan(&plan, true),
+            "{\"plan\":[{\"from_group\":1,\"to_group\":2,\"slots\":[0,1,2,5]},\
+             {\"from_group\":10,\"to_group\":3,\"slots\":[]}]}"
+        );
+        assert_eq!(render_plan(&[], true), "{\"plan\":[]}");
+        assert_eq!(
+            render_plan(&plan, false),
+            "plan: 2 moves\n\
+             \x20 group 1 → group 2   4 slots  0-2,5\n\
+             \x20 group 10 → group 3  0 slots"
+        );
+        assert_eq!(
+            render_plan(&[], false),
+            "nothing to move: the slots are spread evenly already"
+        );
+        let leader = TransferLeaderResponse {
+            leader_id: 2,
+            term: 9,
+        };
+        assert_eq!(render_leader(&leader, true), "{\"leader_id\":2,\"term\":9}");
+        assert_eq!(render_leader(&leader, false), "leader is node 2 (term 9)");
+        let m = ordo::proto::v1::Migration {
+            id: 4,
+            slots: vec![0, 1, 2, 7],
+            from_group: 1,
+            to_group: 3,
+            state: ordo::proto::v1::MigrationState::Copying as i32,
+            items_copied: 10,
+            bytes_copied: 4096,
+            log_records: 6,
+            pause_ms: 42,
+            items_cleaned: 9,
+            map_version: 12,
+            abort_requested: true,
+            error: "x\"y".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            render_migrations(&[m.clone(), ordo::proto::v1::Migration::default()], true),
+            "[{\"id\":4,\"state\":\"copying\",\"from_group\":1,\"to_group\":3,\"slots\":[0,1,2,7],\
+             \"items_copied\":10,\"bytes_copied\":4096,\"log_records\":6,\"pause_ms\":42,\
+             \"items_cleaned\":9,\"map_version\":12,\"abort_requested\":true,\"error\":\"x\\\"y\"},\
+             {\"id\":0,\"state\":\"unknown\",\"from_group\":0,\"to_group\":0,\"slots\":[],\
+             \"items_copied\":0,\"bytes_copied\":0,\"log_records\":0,\"pause_ms\":0,\
+             \"items_cleaned\":0,\"map_version\":0,\"abort_requested\":false,\"error\":\"\"}]"
+        );
+        assert_eq!(render_migrations(&[], true), "[]");
     }
 
     #[test]
