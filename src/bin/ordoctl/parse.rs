@@ -37,23 +37,18 @@ pub(crate) fn parse_slot_list(s: &str) -> Result<SlotList, String> {
     parse_slot_ranges(s).map(SlotList)
 }
 
-/// Parses `500ms`, `10s`, `2m` or a bare number of seconds.
+/// Parses a positive duration in humantime's grammar (`500ms`, `10s`, `2m`, `1h 30m`, `1.5s`:
+/// the one the bench takes too), or a bare number of seconds, which ordoctl has always taken.
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 10s or 1m"))?;
-    let d = match unit.trim() {
-        "ms" => Duration::from_millis(n),
-        "" | "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n.saturating_mul(60)),
-        other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {s:?}: use ms, s or m"
-            ))
-        }
+    let d = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        let secs: u64 = s
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}: too large"))?;
+        Duration::from_secs(secs)
+    } else {
+        humantime::parse_duration(s)
+            .map_err(|e| format!("invalid duration {s:?}: {e}; expected e.g. 500ms, 10s or 1m"))?
     };
     if d.is_zero() {
         return Err("the timeout must be positive".into());
@@ -399,9 +394,19 @@ mod tests {
         assert_eq!(parse_duration("7").unwrap(), Duration::from_secs(7));
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        for bad in ["", "s", "10h", "1.5s", "0s", "-1s"] {
+        assert_eq!(parse_duration(" 10 s ").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("010s").unwrap(), Duration::from_secs(10));
+        // humantime's grammar (the bench's) takes more than ordoctl's own did: hours, fractions,
+        // compound durations. These were refused before the switch.
+        assert_eq!(parse_duration("10h").unwrap(), Duration::from_secs(36_000));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1m 30s").unwrap(), Duration::from_secs(90));
+        for bad in ["", "s", "0s", "-1s", "0", "0ms", "10x", "5S", "1.s", "1e3s"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+        let err = parse_duration("10x").unwrap_err();
+        assert!(err.contains("\"10x\"") && err.contains("500ms"), "{err}");
+        assert!(parse_duration("0s").unwrap_err().contains("positive"));
     }
 
     #[test]
