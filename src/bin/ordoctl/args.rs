@@ -20,8 +20,10 @@ use crate::parse::{
 Keys and values are UTF-8 strings; write the empty key (an order's root item) as \"\". Put \
 arguments that start with '-' after `--`.
 
-Data commands take node or router addresses; admin commands (init, status, map, group, \
-move-slots) take config server or router addresses (--config is an alias of --endpoint).
+Data commands (get, put, delete, scan, txn) take node or router addresses; admin commands \
+(init, status, map, group, move-slots, rebalance, migrations, replica) take config server or \
+router addresses (--config is an alias of --endpoint); leader transfer takes the addresses of \
+the group's own nodes.
 
 Exit codes: 0 success, 1 error, 2 a condition did not hold (--if-version, txn compares)."
 )]
@@ -359,6 +361,19 @@ mod tests {
     #[test]
     fn cli_definition_is_valid() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn help_says_what_every_command_connects_to() {
+        let cli = Cli::command();
+        let help = cli.get_after_help().expect("after_help").to_string();
+        for sub in cli.get_subcommands() {
+            assert!(
+                help.contains(sub.get_name()),
+                "{} is missing",
+                sub.get_name()
+            );
+        }
     }
 
     #[test]

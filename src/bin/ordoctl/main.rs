@@ -1,9 +1,16 @@
 //! `ordoctl`: the command-line client of Ordo.
 //!
-//! A thin layer over [`ordo::client::Client`] (data commands) and [`ordo::client::ClusterClient`]
-//! (admin commands: `init`, `status`, `map`, `group add|remove`, `move-slots`): it parses
-//! arguments, makes one call (or a series of scan pages) and prints the answer. All networking,
-//! leader following and retrying live in the clients.
+//! A thin layer over [`ordo::client::Client`] (data commands: `get`, `put`, `delete`, `scan`,
+//! `txn`, and `leader transfer`, which talks to one group's nodes) and
+//! [`ordo::client::ClusterClient`] (admin commands: `init`, `status`, `map`,
+//! `group add|remove|drain`, `move-slots`, `rebalance`, `migrations [abort]`,
+//! `replica add|remove|replace`): it parses arguments, makes one call (or a series of scan pages)
+//! and prints the answer. All networking, leader following and retrying live in the clients.
+//!
+//! Files by role: `args` (clap definitions), `parse` (values clap cannot parse alone), `render`
+//! (text tables), `json` (`--json` views); one file per command group: `kv` (data), `admin`
+//! (map and groups), `migrate` (resharding and its progress line), `replica` (membership and
+//! leadership).
 //!
 //! Exit codes: 0 success, 1 error (bad arguments or a failed call), 2 a condition did not hold
 //! (`put`/`delete` with `--if-version`, or a `txn` whose compares failed).
