@@ -132,3 +132,28 @@ fn progress_line(m: &Migration, secs: f64) -> String {
         state_name(m.state)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ordo::proto::v1::MigrationState;
+
+    #[test]
+    fn progress_line_shows_copy_and_rate() {
+        let m = Migration {
+            id: 7,
+            slots: vec![0, 1, 2],
+            from_group: 1,
+            to_group: 3,
+            state: MigrationState::Copying as i32,
+            items_copied: 10,
+            bytes_copied: 4096,
+            log_records: 6,
+            ..Default::default()
+        };
+        assert_eq!(
+            progress_line(&m, 2.0),
+            "migration 7 (3 slots 1→3): 10 items, 4 KiB copied, 6 log records, 2 KiB/s, copying"
+        );
+    }
+}
