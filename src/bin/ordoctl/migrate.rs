@@ -83,6 +83,9 @@ async fn rebalance(
 
 /// Runs `call` (a move, a rebalance) while printing the progress of the migration in flight on
 /// stderr every half second: items and bytes copied, rate, state. Silent with `--json`.
+///
+/// A plain `\r` line rather than an `indicatif` bar: indicatif draws nothing when stderr is not
+/// a terminal, and this line also lands in the logs of scripts that run long moves.
 pub(crate) async fn with_progress<T>(
     c: &ClusterClient,
     json: bool,
