@@ -3,7 +3,7 @@
 
 pub use ordo_proto as proto;
 
-pub mod client;
+pub use ordo_proto::client;
 pub mod driver;
 pub mod durable;
 pub mod error;
