@@ -988,7 +988,7 @@ async fn an_uninitialized_cluster_is_reported_and_init_goes_through_the_router()
 
     // Kv now works (InitCluster here spreads slot s to group s % 2 + 1).
     let k = Bytes::from_static(b"order-42");
-    let owner = if slot_of(&k, SLOTS) % 2 == 0 {
+    let owner = if slot_of(&k, SLOTS).is_multiple_of(2) {
         "g1"
     } else {
         "g2"
