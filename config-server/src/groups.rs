@@ -277,3 +277,64 @@ fn gave_up_status(group_id: u64, what: &str, gave_up: GaveUp) -> Status {
         "group {group_id}: could not {what} within {elapsed:.1?} ({attempts} attempt(s)): {last}"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_start_at_the_last_leader_and_check_addresses() {
+        let g = GroupLeaders::default();
+        let addrs = vec!["a:1".to_string(), "http://b:1/".to_string()];
+        let c = g.cursor(7, &addrs).unwrap();
+        assert_eq!(
+            (c.addrs.as_slice(), c.target()),
+            (
+                &["a:1".to_string(), "b:1".to_string()][..],
+                "a:1".to_string()
+            )
+        );
+        g.leaders.lock().unwrap().insert(7, "b:1".into());
+        assert_eq!(g.cursor(7, &addrs).unwrap().target(), "b:1");
+        assert_eq!(g.cursor(8, &addrs).unwrap().target(), "a:1");
+        assert_eq!(
+            g.cursor(7, &[]).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        let bad = vec!["https://a:1".to_string()];
+        assert_eq!(
+            g.cursor(7, &bad).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn giving_up_names_the_group_the_call_and_the_last_error() {
+        let gave_up = GaveUp {
+            why: Why::AttemptsSpent(Status::unavailable("no leader")),
+            attempts: 12,
+            addr: "a:1".into(),
+            elapsed: Duration::from_millis(1500),
+        };
+        let s = gave_up_status(3, "install ownership", gave_up);
+        assert_eq!(s.code(), tonic::Code::Unavailable);
+        assert_eq!(
+            s.message(),
+            "group 3: could not install ownership within 1.5s (12 attempt(s)): Unavailable: no leader"
+        );
+        let refused = GaveUp {
+            why: Why::Refused {
+                status: Status::failed_precondition("older map"),
+                action: Action::Fail,
+            },
+            attempts: 1,
+            addr: "a:1".into(),
+            elapsed: Duration::ZERO,
+        };
+        let s = gave_up_status(3, "install ownership", refused);
+        assert_eq!(
+            (s.code(), s.message()),
+            (tonic::Code::FailedPrecondition, "older map")
+        );
+    }
+}

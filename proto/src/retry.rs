@@ -378,7 +378,13 @@ where
             }
             tokio::time::sleep(delay).await;
         }
-        tracing::debug!(%addr, attempts, code = ?status.code(), message = status.message(), "retrying on the replica set");
+        tracing::debug!(
+            %addr,
+            attempts,
+            code = ?status.code(),
+            message = status.message(),
+            "retrying on the replica set"
+        );
         last = Some(status);
     }
 }

@@ -485,3 +485,30 @@ impl<S: MapStore> Mover<S> {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mover_calls_also_retry_a_replica_timing_out_or_cancelling() {
+        let e = Effect::IdempotentWrite;
+        for code in [Code::Unknown, Code::Cancelled, Code::DeadlineExceeded] {
+            assert_eq!(
+                classify_resumable(&Status::new(code, "x"), e),
+                Action::Rotate
+            );
+        }
+        assert_eq!(
+            classify_resumable(&Status::unavailable("no leader"), e),
+            Action::Rotate
+        );
+        for code in [
+            Code::InvalidArgument,
+            Code::FailedPrecondition,
+            Code::Internal,
+        ] {
+            assert_eq!(classify_resumable(&Status::new(code, "x"), e), Action::Fail);
+        }
+    }
+}

@@ -5,13 +5,13 @@
 //! which proxies it).
 //!
 //! A server answers a request it cannot serve because it is not the leader with `Unavailable`
-//! and an [`crate::v1::ErrorDetail`] naming the leader when it knows it. Both clients follow that hint (or
-//! try the next address when there is none), back off between attempts, remember the leader for
-//! the next call, and give up after a bounded number of attempts or when the per-call deadline
-//! runs out. Every other error is handed back unchanged as a [`tonic::Status`], so callers can
-//! inspect its code and details. The walk is [`crate::retry::follow_leader`], shared with the router
-//! and the config server; `Core::call` gives it the clients' policy, and each client method only
-//! says how to make its call on a [`Channel`].
+//! and an [`crate::v1::ErrorDetail`] naming the leader when it knows it. Both clients follow that
+//! hint (or try the next address when there is none), back off between attempts, remember the
+//! leader for the next call, and give up after a bounded number of attempts or when the per-call
+//! deadline runs out. Every other error is handed back unchanged as a [`tonic::Status`], so
+//! callers can inspect its code and details. The walk is [`crate::retry::follow_leader`], shared
+//! with the router and the config server; `Core::call` gives it the clients' policy, and each
+//! client method only says how to make its call on a [`Channel`].
 //!
 //! Channels are created lazily (nothing connects until the first request) and cached per address.
 
