@@ -322,7 +322,9 @@ impl<S: MapStore> ConfigService<S> {
             Status::new(
                 e.code(),
                 format!(
-                    "group {g}'s membership changed, but the map listing it could not be                      committed ({}); routers still reach the group through its other replicas.                      Run the same command again to commit it",
+                    "group {g}'s membership changed, but the map listing it could not be \
+                     stored ({}); routers still reach the group through its other replicas. \
+                     Run the same command again to store it",
                     e.message()
                 ),
             )
