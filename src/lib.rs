@@ -4,7 +4,7 @@
 
 pub use ordo_proto as proto;
 
-pub mod client;
+pub use ordo_proto::client;
 pub mod error;
 pub mod fault;
 pub mod limits;

@@ -6,9 +6,9 @@
 //! Every change is: compute the next map (pure, `map.rs`), make the groups agree (install
 //! ownership on their leaders), then compare-and-set the map; one change at a time.
 
+pub mod groups;
 pub mod map;
 pub mod migration;
-pub mod nodes;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -20,6 +20,7 @@ use ordo_proto::v1::cluster_server::Cluster;
 use ordo_proto::v1::*;
 use tonic::{Request, Response, Status};
 
+use crate::groups::GroupLeaders;
 use crate::map::MapError;
 
 /// Where the shard map is kept.
@@ -49,8 +50,10 @@ pub struct ConfigService<S> {
     store: Arc<S>,
     /// One map change at a time on this replica (the CAS in `save` covers leader changes).
     admin: Arc<tokio::sync::Mutex<()>>,
+    /// Calls to group leaders, over cached channels (shared with the mover).
+    groups: Arc<GroupLeaders>,
     /// Online resharding: moves slots with their data.
-    migrations: Arc<migration::Driver<S>>,
+    migrations: Arc<migration::Mover<S>>,
 }
 
 impl<S> Clone for ConfigService<S> {
@@ -58,6 +61,7 @@ impl<S> Clone for ConfigService<S> {
         ConfigService {
             store: self.store.clone(),
             admin: self.admin.clone(),
+            groups: self.groups.clone(),
             migrations: self.migrations.clone(),
         }
     }
@@ -77,13 +81,15 @@ impl<S: MapStore> ConfigService<S> {
     /// by an earlier meta leader; it ends when the store says its replica stopped.
     pub fn new(store: Arc<S>) -> Self {
         let admin: Arc<tokio::sync::Mutex<()>> = Default::default();
-        let migrations = migration::Driver::new(store.clone(), admin.clone());
+        let groups: Arc<GroupLeaders> = Default::default();
+        let migrations = migration::Mover::new(store.clone(), admin.clone(), groups.clone());
         if tokio::runtime::Handle::try_current().is_ok() {
             migrations.spawn_resumer();
         }
         ConfigService {
             store,
             admin,
+            groups,
             migrations,
         }
     }
@@ -104,7 +110,9 @@ impl<S: MapStore> ConfigService<S> {
         Ok((map, token))
     }
 
-    async fn commit(&self, token: u64, map: &ShardMap) -> Result<(), Status> {
+    /// Compare-and-set of the map: stores `map` only if nothing was stored since the load that
+    /// returned `token`.
+    async fn cas_map(&self, token: u64, map: &ShardMap) -> Result<(), Status> {
         if !self.store.save(token, map).await? {
             return Err(Status::aborted("the shard map changed concurrently (a meta leader change?); nothing was committed, retry"));
         }
@@ -129,14 +137,16 @@ impl<S: MapStore> ConfigService<S> {
         map::check_specs(&req.groups, &[])?;
         let mut groups = Vec::new();
         for spec in &req.groups {
-            groups.push(nodes::resolve_group(spec).await?);
+            groups.push(self.groups.resolve_group(spec).await?);
         }
         let next = map::initial_map(req.slot_count, groups, self.store.config_addrs())?;
         let owned = map::slots_by_group(&next);
         let mut installed: Vec<&Group> = Vec::new();
         for g in &next.groups {
-            if let Err(e) =
-                nodes::set_ownership(g, next.version, next.slot_count, owned[&g.id].clone()).await
+            if let Err(e) = self
+                .groups
+                .set_ownership(g, next.version, next.slot_count, owned[&g.id].clone())
+                .await
             {
                 self.roll_back_init(&installed, &next).await;
                 return Err(Status::new(
@@ -146,7 +156,7 @@ impl<S: MapStore> ConfigService<S> {
             }
             installed.push(g);
         }
-        if let Err(e) = self.commit(token, &next).await {
+        if let Err(e) = self.cas_map(token, &next).await {
             self.roll_back_init(&installed, &next).await;
             return Err(e);
         }
@@ -156,7 +166,11 @@ impl<S: MapStore> ConfigService<S> {
     /// Leaves the groups owning nothing (they own nothing in any committed map either).
     async fn roll_back_init(&self, installed: &[&Group], next: &ShardMap) {
         for g in installed {
-            if let Err(e) = nodes::set_ownership(g, next.version, next.slot_count, vec![]).await {
+            if let Err(e) = self
+                .groups
+                .set_ownership(g, next.version, next.slot_count, vec![])
+                .await
+            {
                 tracing::error!(group = g.id, error = %e, "could not roll back ownership after a failed init");
             }
         }
@@ -166,11 +180,13 @@ impl<S: MapStore> ConfigService<S> {
         let _admin = self.admin.lock().await;
         let (current, token) = self.load_initialized().await?;
         map::check_specs(std::slice::from_ref(&spec), &current.groups)?;
-        let group = nodes::resolve_group(&spec).await?;
+        let group = self.groups.resolve_group(&spec).await?;
         let next = map::add_group(&current, group.clone());
         // From now on the group serves exactly what the map gives it: nothing, yet.
-        nodes::set_ownership(&group, next.version, next.slot_count, vec![]).await?;
-        self.commit(token, &next).await?;
+        self.groups
+            .set_ownership(&group, next.version, next.slot_count, vec![])
+            .await?;
+        self.cas_map(token, &next).await?;
         Ok(next)
     }
 
@@ -190,12 +206,12 @@ impl<S: MapStore> ConfigService<S> {
             )));
         }
         let next = map::remove_group(&current, id)?;
-        self.commit(token, &next).await?;
+        self.cas_map(token, &next).await?;
         Ok(next)
     }
 
     /// Moves slots with their data: one migration per donor group, run in turn (see
-    /// `migration.rs`); at no point do two groups own a slot. Answers with the map after the
+    /// `migration/`); at no point do two groups own a slot. Answers with the map after the
     /// last one, or with the error of the first that aborted (the rest are aborted too).
     async fn move_slots(&self, req: MoveSlotsRequest) -> Result<ShardMap, Status> {
         let ids = self
@@ -275,8 +291,10 @@ impl<S: MapStore> ConfigService<S> {
             0 => Duration::from_secs(60),
             ms => Duration::from_millis(ms as u64),
         };
-        let resp =
-            nodes::change_replicas(g, &addrs, change, catch_up + Duration::from_secs(30)).await?;
+        let resp = self
+            .groups
+            .change_replicas(g, &addrs, change, catch_up + Duration::from_secs(30))
+            .await?;
         tracing::info!(group = g, members = ?resp.members, "group membership changed");
         let _admin = self.admin.lock().await;
         let (current, token) = self.load(true).await?;
@@ -300,11 +318,13 @@ impl<S: MapStore> ConfigService<S> {
                 })
                 .collect();
         }
-        self.commit(token, &next).await.map_err(|e| {
+        self.cas_map(token, &next).await.map_err(|e| {
             Status::new(
                 e.code(),
                 format!(
-                    "group {g}'s membership changed, but the map listing it could not be                      committed ({}); routers still reach the group through its other replicas.                      Run the same command again to commit it",
+                    "group {g}'s membership changed, but the map listing it could not be \
+                     stored ({}); routers still reach the group through its other replicas. \
+                     Run the same command again to store it",
                     e.message()
                 ),
             )
@@ -316,9 +336,9 @@ impl<S: MapStore> ConfigService<S> {
         })
     }
 
-    async fn group_status(id: u64, replicas: &[Replica], slots: u32) -> GroupStatus {
+    async fn group_status(&self, id: u64, replicas: &[Replica], slots: u32) -> GroupStatus {
         let statuses =
-            futures::future::join_all(replicas.iter().map(|r| nodes::status(&r.addr))).await;
+            futures::future::join_all(replicas.iter().map(|r| self.groups.status(&r.addr))).await;
         let mut leader_id = 0;
         let replicas = replicas
             .iter()
@@ -480,7 +500,7 @@ impl<S: MapStore> Cluster for ConfigService<S> {
             .map(|(g, s)| (g, s.len() as u32))
             .collect();
         let groups = futures::future::join_all(map.groups.iter().map(|g| {
-            Self::group_status(g.id, &g.replicas, counts.get(&g.id).copied().unwrap_or(0))
+            self.group_status(g.id, &g.replicas, counts.get(&g.id).copied().unwrap_or(0))
         }))
         .await;
         let meta_replicas: Vec<Replica> = map
@@ -491,7 +511,7 @@ impl<S: MapStore> Cluster for ConfigService<S> {
                 addr: a.clone(),
             })
             .collect();
-        let meta = Self::group_status(0, &meta_replicas, 0).await;
+        let meta = self.group_status(0, &meta_replicas, 0).await;
         Ok(Response::new(ClusterStatus {
             map: Some(map),
             groups,

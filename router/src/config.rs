@@ -2,11 +2,11 @@
 //! retries (map refreshes and the proxied `Cluster` RPCs), and the background map watcher.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::bail;
+use ordo_proto::retry::{follow_leader, Backoff, Effect, GaveUp, LeaderCursor, Walk, Why};
 use ordo_proto::v1::cluster_client::ClusterClient;
 use ordo_proto::v1::{GetShardMapRequest, ShardMap, WatchShardMapRequest};
 use tokio::time::Instant;
@@ -14,24 +14,21 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::pool::{canonical_addr, Pool, MESSAGE_BYTES_MAX};
-use crate::retry::{backoff, classify, describe, pass_through, Action, Effect, MAX_ATTEMPTS};
+use crate::retry::{backoff, describe, pass_through, BACKOFF, MAX_ATTEMPTS};
 use crate::Shared;
 
 /// Most config addresses remembered (given ones plus those the map advertises).
 const CONFIG_ADDRS_MAX: usize = 64;
 /// Longest wait for one config server's answer while starting.
 const START_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Watcher reconnect backoff.
-const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Watcher reconnect backoff: 50 ms doubling to 1 s.
+const WATCH_BACKOFF: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
 /// Longest wait for a config server to accept a watch stream.
 const WATCH_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The config replicas and which of them led last.
 pub(crate) struct ConfigClient {
-    addrs: Mutex<Vec<String>>,
-    leader: Mutex<Option<String>>,
-    next: AtomicUsize,
+    cursor: Mutex<LeaderCursor>,
     pool: Arc<Pool>,
 }
 
@@ -53,28 +50,26 @@ impl ConfigClient {
             bail!("no config server given: pass --config <addr,...>");
         }
         Ok(ConfigClient {
-            addrs: Mutex::new(addrs),
-            leader: Mutex::new(None),
-            next: AtomicUsize::new(0),
+            cursor: Mutex::new(LeaderCursor::new(addrs)),
             pool,
         })
     }
 
     pub(crate) fn addrs(&self) -> Vec<String> {
-        self.addrs.lock().unwrap().clone()
+        self.cursor.lock().unwrap().addrs.clone()
     }
 
     /// Adds the config replicas a map advertises to the addresses tried.
     pub(crate) fn learn(&self, map: &ShardMap) {
-        let mut addrs = self.addrs.lock().unwrap();
+        let mut cursor = self.cursor.lock().unwrap();
         for raw in &map.config_addrs {
-            if addrs.len() >= CONFIG_ADDRS_MAX {
+            if cursor.addrs.len() >= CONFIG_ADDRS_MAX {
                 break;
             }
             if let Ok(a) = canonical_addr(raw) {
-                if !addrs.contains(&a) {
+                if !cursor.addrs.contains(&a) {
                     tracing::debug!(addr = %a, "learnt config server address from the shard map");
-                    addrs.push(a);
+                    cursor.learn(a);
                 }
             }
         }
@@ -148,9 +143,9 @@ impl ConfigClient {
         }
     }
 
-    /// Sends `req` with `rpc` to the config leader: tries the last known leader first, follows
-    /// not-leader hints, rotates on UNAVAILABLE and transport errors, at most [`MAX_ATTEMPTS`]
-    /// attempts before `deadline`. Any other error comes back unchanged.
+    /// Sends `req` with `rpc` to the config leader through [`follow_leader`]: tries the last
+    /// known leader first, follows not-leader hints, rotates on UNAVAILABLE and transport errors,
+    /// at most [`MAX_ATTEMPTS`] attempts before `deadline`. Any other error comes back unchanged.
     pub(crate) async fn call<Req, Resp, F, Fut>(
         &self,
         what: &str,
@@ -163,133 +158,89 @@ impl ConfigClient {
         F: Fn(ClusterClient<Channel>, Request<Req>) -> Fut,
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
-        let started = Instant::now();
-        let mut attempts = 0u32;
-        let mut hint: Option<String> = None;
-        let mut followed_hint = false;
-        loop {
-            let addr = match hint.take() {
-                Some(a) => a,
-                None => self.target(),
-            };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if remaining.is_zero() {
-                return Err(Status::deadline_exceeded(format!(
-                    "config server {what}: deadline reached after {attempts} attempt(s) over {:.1?}",
-                    started.elapsed()
-                )));
+        // Map changes retry like reads: each is a compare-and-set on the map version or
+        // refuses to repeat itself (init of an initialized cluster, add of a known group),
+        // so a retry cannot apply twice; it may report its own first attempt's effect.
+        let walk = Walk::new(Effect::IdempotentWrite, MAX_ATTEMPTS, deadline, BACKOFF);
+        let (req, rpc) = (&req, &rpc);
+        let attempt = |addr: String, bound: Duration| {
+            let client = self.client(&addr);
+            let mut request = Request::new(req.clone());
+            request.set_timeout(bound);
+            async move {
+                // Nothing was sent: as good as an unreachable server.
+                let client = client.map_err(Status::unavailable)?;
+                rpc(client, request).await.map(Response::into_inner)
             }
-            let status = match self.client(&addr) {
-                Err(e) => Status::unavailable(e),
-                Ok(client) => {
-                    let mut request = Request::new(req.clone());
-                    request.set_timeout(remaining);
-                    match tokio::time::timeout(remaining, rpc(client, request)).await {
-                        Ok(Ok(resp)) => {
-                            *self.leader.lock().unwrap() = Some(addr);
-                            return Ok(resp.into_inner());
-                        }
-                        Ok(Err(status)) => status,
-                        Err(_) => {
-                            return Err(Status::deadline_exceeded(format!(
-                                "config server {what}: {addr} did not answer within the deadline \
-                                 ({} attempt(s) over {:.1?}); the outcome of a change is unknown",
-                                attempts + 1,
-                                started.elapsed()
-                            )))
-                        }
-                    }
-                }
-            };
-            attempts += 1;
-            // Map changes retry like reads: each is a compare-and-set on the map version or
-            // refuses to repeat itself (init of an initialized cluster, add of a known group),
-            // so a retry cannot apply twice; it may report its own first attempt's effect.
-            let delay = match classify(&status, Effect::Read) {
-                Action::Fail
-                | Action::Refresh { .. }
-                | Action::OutcomeUnknown
-                | Action::Locked(_)
-                | Action::Hold => return Err(pass_through(status)),
-                Action::Redirect(leader) => {
-                    *self.leader.lock().unwrap() = Some(leader.clone());
-                    hint = Some(leader);
-                    if followed_hint {
-                        backoff(attempts - 1)
-                    } else {
-                        followed_hint = true;
-                        Duration::ZERO
-                    }
-                }
-                Action::Rotate => {
-                    self.rotate(&addr);
-                    backoff(attempts - 1)
-                }
-            };
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if attempts >= MAX_ATTEMPTS || delay >= remaining {
-                let why = if attempts >= MAX_ATTEMPTS {
-                    String::new()
-                } else {
-                    " (the deadline left no time for another)".to_string()
-                };
-                tracing::warn!(
-                    what,
-                    attempts,
-                    last = %addr,
-                    error = %describe(&status),
-                    "config server call failed"
-                );
-                return Err(Status::unavailable(format!(
-                    "config server {what}: {attempts} attempts over {:.1?} failed{why}; \
-                     last error from {addr}: {}",
-                    started.elapsed(),
-                    describe(&status)
-                )));
-            }
-            tracing::debug!(what, %addr, attempts, ?delay, error = %describe(&status), "retrying config server call");
-            if !delay.is_zero() {
-                tokio::time::sleep(delay).await;
-            }
-        }
+        };
+        follow_leader(&self.cursor, &walk, attempt)
+            .await
+            .map_err(|gave_up| gave_up_status(what, gave_up))
     }
 
     /// The known leader, else the next address in turn.
+    #[cfg(test)]
     fn target(&self) -> String {
-        if let Some(l) = self.leader.lock().unwrap().clone() {
-            return l;
-        }
-        let addrs = self.addrs.lock().unwrap();
-        addrs[self.next.load(Ordering::Relaxed) % addrs.len()].clone()
+        self.cursor.lock().unwrap().target()
     }
 
+    #[cfg(test)]
     fn rotate(&self, failed: &str) {
-        let mut leader = self.leader.lock().unwrap();
-        if leader.as_deref().is_some_and(|l| l != failed) {
-            return; // someone found another leader meanwhile
-        }
-        *leader = None;
-        let addrs = self.addrs.lock().unwrap();
-        let next = match addrs.iter().position(|a| a == failed) {
-            Some(i) => i + 1,
-            None => self.next.load(Ordering::Relaxed) + 1,
-        };
-        self.next.store(next % addrs.len(), Ordering::Relaxed);
+        self.cursor.lock().unwrap().rotate(failed)
     }
 
     /// The address the watcher uses for its `attempt`-th stream: rotates through every known
     /// config replica so one dead replica cannot stop updates.
     fn watch_target(&self, attempt: usize) -> String {
-        let addrs = self.addrs.lock().unwrap();
-        addrs[attempt % addrs.len()].clone()
+        let cursor = self.cursor.lock().unwrap();
+        cursor.addrs[attempt % cursor.addrs.len()].clone()
     }
+}
+
+/// What a caller of [`ConfigClient::call`] sees of a walk that got no answer.
+fn gave_up_status(what: &str, gave_up: GaveUp) -> Status {
+    let GaveUp {
+        why,
+        attempts,
+        addr,
+        elapsed,
+    } = gave_up;
+    let (status, why) = match why {
+        Why::Refused { status, .. } => return pass_through(status),
+        Why::DeadlinePassed(_) => {
+            return Status::deadline_exceeded(format!(
+                "config server {what}: deadline reached after {attempts} attempt(s) over \
+                 {elapsed:.1?}"
+            ))
+        }
+        Why::NoAnswer { .. } => {
+            return Status::deadline_exceeded(format!(
+                "config server {what}: {addr} did not answer within the deadline \
+                 ({attempts} attempt(s) over {elapsed:.1?}); the outcome of a change is unknown"
+            ))
+        }
+        Why::AttemptsSpent(status) => (status, ""),
+        Why::OutOfTime(status) => (status, " (the deadline left no time for another)"),
+    };
+    tracing::warn!(
+        what,
+        attempts,
+        last = %addr,
+        error = %describe(&status),
+        "config server call failed"
+    );
+    Status::unavailable(format!(
+        "config server {what}: {attempts} attempts over {elapsed:.1?} failed{why}; \
+         last error from {addr}: {}",
+        describe(&status)
+    ))
 }
 
 /// Follows `WatchShardMap` on any reachable config replica for as long as the router runs,
 /// installing every newer map. Reconnects with backoff (50 ms doubling to 1 s), rotating
 /// addresses; the backoff starts over once a stream delivered a map.
 pub(crate) async fn watch_maps(shared: Arc<Shared>) {
-    let mut delay = WATCH_BACKOFF_MIN;
+    let mut retry = 0u32;
     let mut attempt = 0usize;
     loop {
         let addr = shared.config.watch_target(attempt);
@@ -312,7 +263,7 @@ pub(crate) async fn watch_maps(shared: Arc<Shared>) {
                         loop {
                             match stream.message().await {
                                 Ok(Some(map)) => {
-                                    delay = WATCH_BACKOFF_MIN;
+                                    retry = 0;
                                     shared.install_map(map, &format!("watch {addr}"));
                                 }
                                 Ok(None) => {
@@ -329,8 +280,8 @@ pub(crate) async fn watch_maps(shared: Arc<Shared>) {
                 }
             }
         }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(WATCH_BACKOFF_MAX);
+        tokio::time::sleep(WATCH_BACKOFF.delay(retry)).await;
+        retry = retry.saturating_add(1);
     }
 }
 
@@ -393,7 +344,7 @@ mod tests {
         assert_eq!(c.target(), "a:1");
         c.rotate("a:1");
         assert_eq!(c.target(), "b:2");
-        *c.leader.lock().unwrap() = Some("c:3".into());
+        c.cursor.lock().unwrap().redirect("c:3".into());
         c.rotate("b:2");
         assert_eq!(c.target(), "c:3");
     }
