@@ -5,7 +5,7 @@
 //! 1. **Prepare** every group's part at once: it locks every item the part reads or writes and
 //!    evaluates its compares. A Txn that writes takes write locks, all of a part or none; a
 //!    read-only Txn takes read locks, shared with other readers, and keeps what it got while it
-//!    waits for the rest (`accumulate`). Conflicts are settled by age, the clock of the
+//!    waits for the rest (`read_only`). Conflicts are settled by age, the clock of the
 //!    transaction's first attempt (kept across attempts): meeting a younger transaction's lock
 //!    aborts that transaction (through its record). Beyond that, a writer never waits: it
 //!    gives this attempt up and retries after a random backoff; a reader waits for the older
@@ -294,7 +294,7 @@ impl<'a> Attempt<'a> {
                 primary_shard_key: self.primary.clone(),
                 started_ms: self.started_ms,
                 part: Some(p.txn.clone()),
-                accumulate: !self.writes,
+                read_only: !self.writes,
                 priority_ms: self.priority_ms,
                 group_id: p.group,
             };
@@ -387,9 +387,9 @@ impl<'a> Attempt<'a> {
     /// nothing either way). The decision, and whether its branch writes.
     async fn decide_branch(&self, held: bool) -> Result<(Decision, bool), AttemptFailed> {
         let (wanted, branch) = if held {
-            (Decision::CommitSuccess, &self.req.success)
+            (Decision::RunSuccess, &self.req.success)
         } else {
-            (Decision::CommitFailure, &self.req.failure)
+            (Decision::RunFailure, &self.req.failure)
         };
         if !writes(branch) {
             return Ok((wanted, false));
@@ -521,7 +521,7 @@ fn merge(
     decision: Decision,
     results: Vec<Vec<TxnOpResult>>,
 ) -> TxnResponse {
-    let succeeded = decision == Decision::CommitSuccess;
+    let succeeded = decision == Decision::RunSuccess;
     let len = if succeeded {
         req.success.len()
     } else {

@@ -40,11 +40,8 @@ fn check_part_group(meant: u64, here: u64) -> Result<()> {
 }
 
 /// The decisions a coordinator may record and a part may be finished with.
-const FINAL_DECISIONS: [Decision; 3] = [
-    Decision::CommitSuccess,
-    Decision::CommitFailure,
-    Decision::Abort,
-];
+const FINAL_DECISIONS: [Decision; 3] =
+    [Decision::RunSuccess, Decision::RunFailure, Decision::Abort];
 
 fn check_decision(d: i32, allowed: &[Decision]) -> Result<()> {
     match Decision::try_from(d) {
@@ -83,7 +80,7 @@ impl Participant for ParticipantService {
             validate::check_shard_key(sk)?;
             self.0.sm.check_owned(sk)?;
         }
-        if !r.accumulate {
+        if !r.read_only {
             self.0.sm.check_unlocked(part, Some(&r.txn_id))?;
         }
         match self.0.propose(Command::Prepare(r)).await? {

@@ -302,7 +302,7 @@ pub fn prepare(
         }
     }
     let again = part_of(sys, &p.txn_id)?.is_some();
-    if again && !p.accumulate {
+    if again && !p.read_only {
         // A retried prepare: the locks are ours already.
         let held = txn::evaluate(view, &compares_only)
             .map_err(ConflictableTransactionError::Abort)?
@@ -321,7 +321,7 @@ pub fn prepare(
         .into_iter()
         .map(|(sk, k)| keys::encode_key(ordo_proto::slot_of(sk, slot_count), sk, k))
         .collect();
-    if p.accumulate {
+    if p.read_only {
         // A reader: share read locks, take every item no writer holds, keep them, and report a
         // writer's item if there is one (the next prepare goes on from here).
         sys.insert(key(PART_PREFIX, &p.txn_id), seal(&p.encode_to_vec()))?;
@@ -405,7 +405,7 @@ pub fn decide(
         Decision::Abort
     } else {
         match Decision::try_from(d.decision) {
-            Ok(x @ (Decision::CommitSuccess | Decision::CommitFailure | Decision::Abort)) => x,
+            Ok(x @ (Decision::RunSuccess | Decision::RunFailure | Decision::Abort)) => x,
             _ => {
                 return Ok(Err(Error::InvalidArgument(format!(
                     "decision {} is not commit-success, commit-failure or abort",
@@ -438,8 +438,8 @@ pub fn finish(
     };
     let part = p.part.unwrap_or_default();
     let ops = match Decision::try_from(f.decision) {
-        Ok(Decision::CommitSuccess) => part.success.clone(),
-        Ok(Decision::CommitFailure) => part.failure.clone(),
+        Ok(Decision::RunSuccess) => part.success.clone(),
+        Ok(Decision::RunFailure) => part.failure.clone(),
         Ok(Decision::Abort) => vec![],
         _ => {
             return Ok(Err(Error::InvalidArgument(format!(
@@ -575,7 +575,7 @@ mod tests {
                 primary_shard_key: b"order-1".to_vec().into(),
                 started_ms,
                 part: Some(part),
-                accumulate: false,
+                read_only: false,
                 priority_ms: started_ms,
                 group_id: 0,
             }))? {
@@ -656,17 +656,17 @@ mod tests {
         // A retried prepare of the same transaction is accepted.
         assert!(s.prepare(1, part.clone(), 0).unwrap());
 
-        let f = s.finish(1, Decision::CommitSuccess);
+        let f = s.finish(1, Decision::RunSuccess);
         assert!(f.found);
         assert_eq!(f.results.len(), 1);
         assert_eq!(s.sm.get(b"order-1", b"").unwrap().unwrap().0, 1);
         assert_eq!(s.sm.locks_held(), 0);
         // Finishing again changes nothing.
-        assert!(!s.finish(1, Decision::CommitSuccess).found);
+        assert!(!s.finish(1, Decision::RunSuccess).found);
         assert_eq!(s.sm.get(b"order-1", b"").unwrap().unwrap().0, 1);
         // Now the second transaction prepares, and its compare fails (order-1 exists).
         assert!(!s.prepare(2, part, 0).unwrap());
-        let f = s.finish(2, Decision::CommitFailure);
+        let f = s.finish(2, Decision::RunFailure);
         assert!(
             f.found && f.results.len() == 1,
             "the failure branch ran its get"
@@ -684,13 +684,13 @@ mod tests {
             Decision::Pending
         );
         assert_eq!(
-            s.decide(1, Decision::CommitSuccess, false, 0, 10_000),
-            Decision::CommitSuccess
+            s.decide(1, Decision::RunSuccess, false, 0, 10_000),
+            Decision::RunSuccess
         );
         // Once decided, a resolver learns the decision, whatever the age.
         assert_eq!(
             s.decide(1, Decision::Abort, true, 0, u64::MAX),
-            Decision::CommitSuccess
+            Decision::RunSuccess
         );
         // An old undecided transaction is aborted by the resolver; the coordinator then learns
         // the abort, and a late prepare of it is refused.
@@ -699,7 +699,7 @@ mod tests {
             Decision::Abort
         );
         assert_eq!(
-            s.decide(2, Decision::CommitSuccess, false, 0, 20_000),
+            s.decide(2, Decision::RunSuccess, false, 0, 20_000),
             Decision::Abort
         );
         let part = TxnRequest {
@@ -742,7 +742,7 @@ mod tests {
                 primary_shard_key: b"order-1".to_vec().into(),
                 started_ms: 0,
                 part: Some(audit.clone()),
-                accumulate: true,
+                read_only: true,
                 priority_ms: 0,
                 group_id: 0,
             }))
@@ -768,21 +768,21 @@ mod tests {
                 success: vec![get("order-3")],
                 ..Default::default()
             }),
-            accumulate: true,
+            read_only: true,
             priority_ms: 0,
             group_id: 0,
         }));
         assert!(matches!(other_reader, Ok(Outcome::Prepared(_))));
-        s.finish(8, Decision::CommitSuccess);
+        s.finish(8, Decision::RunSuccess);
         assert_eq!(
             s.sm.locks_held(),
             3,
             "order-3 stays read-locked by the first reader"
         );
-        s.finish(1, Decision::CommitSuccess);
+        s.finish(1, Decision::RunSuccess);
         assert!(matches!(read(&mut s), Ok(Outcome::Prepared(_))));
         assert_eq!(s.sm.locks_held(), 3);
-        let f = s.finish(9, Decision::CommitSuccess);
+        let f = s.finish(9, Decision::RunSuccess);
         assert_eq!(f.results.len(), 3);
         assert_eq!(s.sm.locks_held(), 0);
     }
