@@ -1,7 +1,7 @@
 //! What a failed attempt means, and how long to wait before the next one: the router's view of
 //! [`ordo_proto::retry`], the one classification and backoff every Ordo caller uses.
 //!
-//! Shared by the Kv forwarding loop (`kv.rs`) and the config-server client (`config.rs`), so that
+//! Shared by the Kv forwarding loop (`forward.rs`) and the config-server client (`config.rs`), so that
 //! both read node and config-server errors the same way. The forwarding loop keeps its
 //! map-specific actions (refresh, hold, locked) on top of [`classify`]; the config client walks
 //! with [`ordo_proto::retry::follow_leader`].
