@@ -10,7 +10,6 @@ pub mod error;
 pub mod fault;
 pub mod keys;
 pub mod limits;
-pub mod linearizability;
 pub mod logging;
 pub mod membership;
 pub mod meta;

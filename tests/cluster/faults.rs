@@ -33,11 +33,11 @@ use std::time::{Duration, Instant};
 use futures::stream::{self, StreamExt};
 use ordo::fault::{FaultNet, FaultStats, LinkFaults, SplitMix64};
 use ordo::limits::SLOT_COUNT_DEFAULT;
-use ordo::linearizability::{check, Completion, History, ItemKey, Op, Output};
 use ordo::node::{Node, NodeConfig};
 use ordo::service::Replica;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{error_detail, DeleteRequest, GetRequest, PutRequest};
+use ordo_testkit::linearizability::{check, Completion, History, ItemKey, Op, Output};
 use tonic::transport::Channel;
 use tonic::Code;
 

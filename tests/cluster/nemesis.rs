@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ordo::linearizability::{check, Completion, History, ItemKey, Op, Output, Record};
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{Consistency, DeleteRequest, GetRequest, PutRequest, ShardMap};
+use ordo_testkit::linearizability::{check, Completion, History, ItemKey, Op, Output, Record};
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 

@@ -9,11 +9,11 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use ordo::client::{Client, ClusterClient};
-use ordo::linearizability::{check, Completion, History, ItemKey, Op, Output};
 use ordo::playground::{start_extra_group, Playground, PlaygroundConfig};
 use ordo_proto::v1::{
     AddGroupRequest, MigrationState, MoveSlotsRequest, RebalanceRequest, ShardMap,
 };
+use ordo_testkit::linearizability::{check, Completion, History, ItemKey, Op, Output};
 use tonic::Code;
 
 use crate::harness::{node_status, wait_for};
