@@ -5,7 +5,6 @@ mod bad_input;
 mod bank;
 mod faults;
 mod group;
-mod harness;
 mod membership;
 mod nemesis;
 mod playground;

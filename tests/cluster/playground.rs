@@ -24,19 +24,7 @@ fn free_base_port() -> u16 {
 }
 
 fn ordoctl(router: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ordoctl"))
-        .args(["--endpoint", router, "--timeout", "20s"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    ordo_testkit::bins!().ordoctl_within(&[router.to_string()], Duration::from_secs(20), args)
 }
 
 fn start(dir: &Path, port: u16) -> Child {
