@@ -1,25 +1,21 @@
-//! Ordo: one replica of one shard group (storage, raft driver, KV state machine, gRPC), and the
-//! client the CLI uses. See ARCHITECTURE.md for the map.
+//! Ordo's server: one replica of one group (raft driver, state machine, gRPC edge), the process
+//! that runs it (`node`), and a whole cluster in one process (`playground`). The client lives in
+//! `ordo-proto`; test support in `ordo-testkit`. See ARCHITECTURE.md for the map.
 
 pub use ordo_proto as proto;
 
 pub mod client;
-pub mod driver;
-pub mod durable;
 pub mod error;
 pub mod fault;
-pub mod keys;
 pub mod limits;
 pub mod logging;
-pub mod membership;
-pub mod meta;
 pub mod node;
 pub mod playground;
-pub mod service;
-pub mod sm;
-pub mod snapshot;
-pub mod storage;
-pub mod transport;
-pub mod twopc;
-pub mod txn;
-pub mod validate;
+pub(crate) mod replica;
+pub(crate) mod server;
+pub(crate) mod state;
+
+/// The channel settings peers use; tests reach nodes with them. (Moves to `ordo_proto::addr`.)
+#[doc(hidden)]
+pub use replica::transport::endpoint;
+pub use replica::ReplicaHandle;

@@ -80,3 +80,9 @@ const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(PROPOSAL_BATCH_BYTES_MAX as u64 <= RAFT_MSG_BYTES_MAX);
 const _: () = assert!(PROPOSAL_BATCH_TXNS_MAX <= PENDING_PROPOSALS_MAX);
+
+/// Most bytes of records one migration page carries (a pull answer, an ingest entry): one raft
+/// entry stays well under the raft message bound.
+pub const MIGRATION_PAGE_BYTES_MAX: usize = 256 * 1024;
+const _: () =
+    assert!((MIGRATION_PAGE_BYTES_MAX + VALUE_BYTES_MAX) * 2 < RAFT_MSG_BYTES_MAX as usize * 4);

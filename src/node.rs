@@ -14,11 +14,15 @@ use ordo_proto::v1::participant_server::ParticipantServer;
 use ordo_proto::v1::peer_server::PeerServer;
 use tokio::sync::{mpsc, watch};
 
-use crate::driver::{Driver, DriverConfig, Shared};
 use crate::limits::*;
-use crate::service::{KvService, ParticipantService, PeerService, Replica};
-use crate::sm::StateMachine;
-use crate::storage::RaftStore;
+use crate::replica::driver::{Driver, DriverConfig};
+use crate::replica::inbox::{Msg, Shared};
+use crate::replica::outbox::Outbox;
+use crate::replica::storage::RaftStore;
+use crate::replica::transport::{PeerAddrs, Transport};
+use crate::replica::ReplicaHandle;
+use crate::server::{kv::KvService, participant::ParticipantService, peer::PeerService};
+use crate::state::StateMachine;
 
 /// How long a graceful stop waits for in-flight requests before closing connections.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
@@ -71,70 +75,177 @@ pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<u64, String>> {
 
 pub struct Node {
     pub addr: SocketAddr,
-    pub replica: Arc<Replica>,
+    pub replica: Arc<ReplicaHandle>,
     stop_tx: watch::Sender<bool>,
-    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    server: ServerTask,
     driver: Option<std::thread::JoinHandle<()>>,
+}
+
+/// One replica's storage, opened and recovered: what the driver starts from.
+pub(crate) struct Recovered {
+    pub(crate) db: sled::Db,
+    pub(crate) db_dir: PathBuf,
+    pub(crate) snap_dir: PathBuf,
+    pub(crate) sm: Arc<StateMachine>,
+    pub(crate) store: RaftStore,
+    /// Every replica's address: the stored map (kept current by membership changes) if the
+    /// replica has run before, else the configured one.
+    pub(crate) peers: BTreeMap<u64, String>,
+}
+
+/// Opens sled under the data dir and brings the state machine and the raft log into agreement
+/// (invariant 3: a restart resumes exactly after the last entry whose effects are on disk).
+pub(crate) fn recover(cfg: &NodeConfig) -> anyhow::Result<Recovered> {
+    if !cfg.peers.contains_key(&cfg.id) {
+        bail!(
+            "--peers must include this node's own id {} (peers: {:?})",
+            cfg.id,
+            cfg.peers.keys().collect::<Vec<_>>()
+        );
+    }
+    let db_dir = cfg.data_dir.join("db");
+    let snap_dir = cfg.data_dir.join("snap");
+    std::fs::create_dir_all(&snap_dir)
+        .with_context(|| format!("creating {}", snap_dir.display()))?;
+    // No background flusher: the driver syncs whenever raft needs it (`durable.rs`), and a
+    // second thread flushing on its own clock only contends with it.
+    let db = sled::Config::new()
+        .path(&db_dir)
+        .flush_every_ms(None)
+        .open()
+        .with_context(|| {
+            format!(
+                "opening sled at {} (is another node using this data dir?)",
+                db_dir.display()
+            )
+        })?;
+
+    let opened = StateMachine::open(&db, cfg.id, cfg.slot_count)?;
+    let sm = Arc::new(opened.sm);
+    let voters: Vec<u64> = if cfg.join {
+        Vec::new()
+    } else {
+        cfg.peers.keys().copied().collect()
+    };
+    let mut store = RaftStore::open(&db, cfg.id, &voters)?;
+    if opened.interrupted_install {
+        store.reset_to_empty()?;
+    }
+    // A founder's first start: its log begins after the bootstrap position.
+    sm.start_at(store.first_index_now() - 1)?;
+    let peers = match store.peer_addrs()? {
+        Some(mut stored) => {
+            stored.insert(cfg.id, cfg.peers[&cfg.id].clone());
+            stored
+        }
+        None => cfg.peers.clone(),
+    };
+    store.set_peer_addrs(&peers)?;
+    // Entries are applied only after they are on disk and committed, so an applied index
+    // above the stored commit only means the commit update had not been flushed yet.
+    if sm.applied_index() > store.hard_state().commit {
+        store.set_commit(sm.applied_index())?;
+    }
+    db.flush()?;
+    tracing::info!(node = cfg.id, group = cfg.group, applied = sm.applied_index(),
+        last_index = store.last_index_now(), term = store.hard_state().term,
+        data_dir = %cfg.data_dir.display(), "opened storage");
+    Ok(Recovered {
+        db,
+        db_dir,
+        snap_dir,
+        sm,
+        store,
+        peers,
+    })
+}
+
+/// The raft driver over recovered storage, sending through `outbox`.
+pub(crate) fn new_driver(
+    cfg: &NodeConfig,
+    rec: Recovered,
+    outbox: Box<dyn Outbox>,
+    inbox: mpsc::Receiver<Msg>,
+    shared: Arc<Shared>,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<Driver> {
+    let durable = crate::replica::durable::Durable::open(rec.db, &rec.db_dir)?;
+    let driver_cfg = DriverConfig {
+        node_id: cfg.id,
+        group_id: cfg.group,
+        applied: rec.sm.applied_index(),
+        snap_dir: rec.snap_dir,
+        compact_log_entries: cfg.compact_log_entries,
+    };
+    Ok(Driver::new(
+        driver_cfg, rec.store, durable, rec.sm, inbox, outbox, shared, stop,
+    )?)
+}
+
+/// Runs the driver on a thread of its own (its IO is blocking; it must not stall the services).
+fn spawn_driver(cfg: &NodeConfig, driver: Driver) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("raft-g{}-n{}", cfg.group, cfg.id))
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("driver runtime");
+            rt.block_on(driver.run());
+        })
+}
+
+type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Serves the node's gRPC services on `listener` until `stop` turns true: `Peer` always, `Kv`
+/// and `Participant` on shard groups, `Cluster` on config servers.
+fn serve(
+    config_server: bool,
+    replica: &Arc<ReplicaHandle>,
+    listener: tokio::net::TcpListener,
+    mut stop: watch::Receiver<bool>,
+) -> ServerTask {
+    let kv = (!config_server).then(|| {
+        KvServer::new(KvService(replica.clone()))
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+    });
+    let participant = (!config_server).then(|| {
+        ParticipantServer::new(ParticipantService(replica.clone()))
+            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+    });
+    let cluster = config_server.then(|| {
+        ClusterServer::new(ordo_config::ConfigService::new(Arc::new(
+            crate::server::config_store::ReplicaMapStore {
+                replica: replica.clone(),
+            },
+        )))
+    });
+    let peer = PeerServer::new(PeerService(replica.clone()))
+        .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(peer)
+            .add_optional_service(kv)
+            .add_optional_service(participant)
+            .add_optional_service(cluster)
+            .serve_with_incoming_shutdown(
+                // A listener passed in is not covered by the builder's `tcp_nodelay`: without
+                // this, answers over ~256 bytes wait for the peer's delayed ACK (40 ms).
+                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            ),
+    )
 }
 
 impl Node {
     pub async fn start(cfg: NodeConfig) -> anyhow::Result<Node> {
-        if !cfg.peers.contains_key(&cfg.id) {
-            bail!(
-                "--peers must include this node's own id {} (peers: {:?})",
-                cfg.id,
-                cfg.peers.keys().collect::<Vec<_>>()
-            );
-        }
-        let db_dir = cfg.data_dir.join("db");
-        let snap_dir = cfg.data_dir.join("snap");
-        std::fs::create_dir_all(&snap_dir)
-            .with_context(|| format!("creating {}", snap_dir.display()))?;
-        // No background flusher: the driver syncs whenever raft needs it (`durable.rs`), and a
-        // second thread flushing on its own clock only contends with it.
-        let db = sled::Config::new()
-            .path(&db_dir)
-            .flush_every_ms(None)
-            .open()
-            .with_context(|| {
-                format!(
-                    "opening sled at {} (is another node using this data dir?)",
-                    db_dir.display()
-                )
-            })?;
-
-        let opened = StateMachine::open(&db, cfg.id, cfg.slot_count)?;
-        let sm = Arc::new(opened.sm);
-        let voters: Vec<u64> = if cfg.join {
-            Vec::new()
-        } else {
-            cfg.peers.keys().copied().collect()
-        };
-        let mut store = RaftStore::open(&db, cfg.id, &voters)?;
-        if opened.interrupted_install {
-            store.reset_to_empty()?;
-        }
-        // A founder's first start: its log begins after the bootstrap position.
-        sm.start_at(store.first_index_now() - 1)?;
-        let peers = match store.peer_addrs()? {
-            Some(mut stored) => {
-                stored.insert(cfg.id, cfg.peers[&cfg.id].clone());
-                stored
-            }
-            None => cfg.peers.clone(),
-        };
-        store.set_peer_addrs(&peers)?;
-        let peers: crate::transport::PeerAddrs = Arc::new(std::sync::RwLock::new(peers));
-        // Entries are applied only after they are on disk and committed, so an applied index
-        // above the stored commit only means the commit update had not been flushed yet.
-        if sm.applied_index() > store.hard_state().commit {
-            store.set_commit(sm.applied_index())?;
-        }
-        db.flush()?;
-        let applied = sm.applied_index();
-        tracing::info!(node = cfg.id, group = cfg.group, applied, last_index = store.last_index_now(),
-            term = store.hard_state().term, data_dir = %cfg.data_dir.display(), "opened storage");
-
+        let rec = recover(&cfg)?;
         let listener = tokio::net::TcpListener::bind(&cfg.listen)
             .await
             .with_context(|| format!("binding {}", cfg.listen))?;
@@ -143,7 +254,8 @@ impl Node {
         let (driver_tx, driver_rx) = mpsc::channel(DRIVER_INBOX_MAX);
         let (stop_tx, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared::default());
-        let transport = crate::transport::Transport::new(
+        let peers: PeerAddrs = Arc::new(std::sync::RwLock::new(rec.peers.clone()));
+        let transport = Transport::new(
             tokio::runtime::Handle::current(),
             cfg.group,
             cfg.id,
@@ -151,33 +263,18 @@ impl Node {
             driver_tx.clone(),
             cfg.faults.clone(),
         );
-        let driver = Driver::new(
-            DriverConfig {
-                node_id: cfg.id,
-                group_id: cfg.group,
-                applied,
-                snap_dir: snap_dir.clone(),
-                compact_log_entries: cfg.compact_log_entries,
-            },
-            store,
-            crate::durable::Durable::open(db, &db_dir)?,
-            sm.clone(),
+        let (sm, snap_dir) = (rec.sm.clone(), rec.snap_dir.clone());
+        let driver = new_driver(
+            &cfg,
+            rec,
+            Box::new(transport),
             driver_rx,
-            transport,
             shared.clone(),
             stop_rx.clone(),
         )?;
-        let driver = std::thread::Builder::new()
-            .name(format!("raft-g{}-n{}", cfg.group, cfg.id))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_time()
-                    .build()
-                    .expect("driver runtime");
-                rt.block_on(driver.run());
-            })?;
+        let driver = spawn_driver(&cfg, driver)?;
 
-        let replica = Arc::new(Replica {
+        let replica = Arc::new(ReplicaHandle {
             node_id: cfg.id,
             group_id: cfg.group,
             driver: driver_tx,
@@ -189,43 +286,7 @@ impl Node {
             membership: Default::default(),
             stop: stop_rx.clone(),
         });
-        let kv = (!cfg.config_server).then(|| {
-            KvServer::new(KvService(replica.clone()))
-                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-        });
-        let participant = (!cfg.config_server).then(|| {
-            ParticipantServer::new(ParticipantService(replica.clone()))
-                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-        });
-        let cluster = cfg.config_server.then(|| {
-            ClusterServer::new(ordo_config::ConfigService::new(Arc::new(
-                crate::meta::ReplicaMapStore {
-                    replica: replica.clone(),
-                },
-            )))
-        });
-        let peer = PeerServer::new(PeerService(replica.clone()))
-            .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
-        let mut stop_server = stop_rx;
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(peer)
-                .add_optional_service(kv)
-                .add_optional_service(participant)
-                .add_optional_service(cluster)
-                .serve_with_incoming_shutdown(
-                    // A listener passed in is not covered by the builder's `tcp_nodelay`: without
-                    // this, answers over ~256 bytes wait for the peer's delayed ACK (40 ms).
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    async move {
-                        let _ = stop_server.changed().await;
-                    },
-                ),
-        );
+        let server = serve(cfg.config_server, &replica, listener, stop_rx);
         tracing::info!(node = cfg.id, group = cfg.group, %addr, peers = ?peers.read().unwrap(), join = cfg.join, "node serving");
         Ok(Node {
             addr,

@@ -130,7 +130,7 @@ async fn ensure_initialized(
     let mut last_err = String::new();
     while started.elapsed() < READY_WAIT {
         for addr in config_addrs {
-            let Ok(ch) = crate::transport::endpoint(addr)?.connect().await else {
+            let Ok(ch) = crate::replica::transport::endpoint(addr)?.connect().await else {
                 continue;
             };
             let mut c = ClusterClient::new(ch);

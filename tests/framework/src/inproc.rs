@@ -101,7 +101,7 @@ pub async fn lone_node(data_dir: PathBuf, group: u64) -> Node {
 
 /// The running nodes of an [`InProcGroup`], shared with monitors that run beside the test.
 #[derive(Clone, Default)]
-pub struct Running(Arc<Mutex<BTreeMap<u64, Arc<ordo::service::Replica>>>>);
+pub struct Running(Arc<Mutex<BTreeMap<u64, Arc<ordo::ReplicaHandle>>>>);
 
 impl Running {
     /// `(node, term)` of every running node that believes it leads.

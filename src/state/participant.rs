@@ -18,9 +18,9 @@ use prost::Message as _;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use crate::error::{hex, Error, Result};
-use crate::keys;
 use crate::limits::TXN_LOCK_TIMEOUT_MS;
-use crate::txn::{self, ItemView};
+use crate::state::keys;
+use crate::state::txn::{self, ItemView};
 
 pub const PREFIX: &[u8] = b"2pc/";
 const LOCK_PREFIX: &[u8] = b"2pc/lock/";
@@ -500,7 +500,7 @@ pub fn count_locks(meta: &sled::Tree) -> Result<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sm::{Apply, Command, Outcome, StateMachine};
+    use crate::state::{Apply, Command, Outcome, StateMachine};
     use ordo_proto::v1::{compare, Compare, ForgetRequest, GetRequest, PutRequest, TxnOp};
 
     const SLOTS: u32 = 64;

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use ordo_proto::v1::{ChangeReplicasRequest, ChangeReplicasResponse, Member, ReplicaChange};
 use raft::prelude::{ConfChange, ConfChangeType, ConfState};
 
-use crate::driver::{Members, Msg};
 use crate::error::{Error, Result};
 use crate::limits::{CATCH_UP_TIMEOUT_DEFAULT_MS, CATCH_UP_TIMEOUT_MAX_MS};
-use crate::service::Replica;
+use crate::replica::inbox::{Members, Msg};
+use crate::replica::ReplicaHandle;
 
 /// How often the leader looks at a new node's progress while it catches up.
 const CATCH_UP_POLL: Duration = Duration::from_millis(100);
@@ -51,7 +51,7 @@ fn parse(r: &ChangeReplicasRequest) -> Result<(Change, Duration)> {
                 r.addr
             )));
         }
-        crate::transport::endpoint(a)
+        crate::replica::transport::endpoint(a)
             .map_err(|e| Error::InvalidArgument(format!("addr {a:?}: {e}")))?;
         Ok(a.to_string())
     };
@@ -79,7 +79,7 @@ fn parse(r: &ChangeReplicasRequest) -> Result<(Change, Duration)> {
     Ok((change, Duration::from_millis(timeout)))
 }
 
-impl Replica {
+impl ReplicaHandle {
     pub async fn members(&self) -> Result<Members> {
         self.ask(|resp| Msg::Members { resp }, "membership query")
             .await

@@ -104,8 +104,10 @@ fn compare_holds(view: &mut impl ItemView, c: &Compare) -> Result<bool> {
 
 /// An in-memory `ItemView` for tests and models.
 #[derive(Default, Debug, Clone, PartialEq)]
+#[cfg(test)]
 pub struct MemView(pub std::collections::BTreeMap<(Vec<u8>, Vec<u8>), (u64, Vec<u8>)>);
 
+#[cfg(test)]
 impl ItemView for MemView {
     fn get(&mut self, sk: &[u8], key: &[u8]) -> Result<Option<(u64, Vec<u8>)>> {
         Ok(self.0.get(&(sk.to_vec(), key.to_vec())).cloned())

@@ -395,6 +395,7 @@ impl RaftStore {
     }
 
     /// Reads and verifies one entry (for tests and tools).
+    #[cfg(test)]
     pub fn entry(&self, idx: u64) -> Result<Entry> {
         let raw = self
             .log

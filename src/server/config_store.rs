@@ -11,7 +11,7 @@ use ordo_proto::v1::{
 use prost::Message;
 use tonic::Status;
 
-use crate::service::Replica;
+use crate::replica::ReplicaHandle;
 
 const MAP_SHARD_KEY: &[u8] = b"__ordo_cluster";
 const MAP_KEY: &[u8] = b"shard_map";
@@ -19,7 +19,7 @@ const MAP_KEY: &[u8] = b"shard_map";
 const MIGRATIONS_KEY: &[u8] = b"migrations";
 
 pub struct ReplicaMapStore {
-    pub replica: Arc<Replica>,
+    pub replica: Arc<ReplicaHandle>,
 }
 
 impl ReplicaMapStore {
@@ -70,7 +70,7 @@ impl ReplicaMapStore {
             }],
             ..Default::default()
         };
-        crate::validate::check_txn(&txn)?;
+        crate::server::validate::check_txn(&txn)?;
         Ok(self.replica.propose_txn(txn).await?.succeeded)
     }
 }

@@ -9,6 +9,8 @@
 //! then dropped, delayed or duplicated as the net decides (see `fault.rs`). Without one (every
 //! production node) the send path is unchanged.
 
+pub(crate) mod recv;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -22,10 +24,10 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::driver::Msg;
 use crate::fault::{Fate, FaultNet};
 use crate::limits::*;
-use crate::snapshot::chunk_crc;
+use crate::replica::inbox::Msg;
+use crate::replica::snapshot::chunk_crc;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -366,6 +368,27 @@ async fn stream_snapshot(
     drop(tx);
     call.await??;
     Ok(sent)
+}
+
+impl crate::replica::outbox::Outbox for Transport {
+    fn send(&self, m: Message) {
+        Transport::send(self, m)
+    }
+    fn send_snapshot(&self, m: Message, path: PathBuf) {
+        Transport::send_snapshot(self, m, path)
+    }
+    fn add_peer(&mut self, id: u64, addr: &str) {
+        Transport::add_peer(self, id, addr)
+    }
+    fn remove_peer(&mut self, id: u64) {
+        Transport::remove_peer(self, id)
+    }
+    fn addr_of(&self, id: u64) -> Option<String> {
+        Transport::addr_of(self, id)
+    }
+    fn addrs(&self) -> BTreeMap<u64, String> {
+        Transport::addrs(self)
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ use sled::Transactional;
 
 use super::{tx_err, Command, Outcome, StateMachine, APPLIED_KEY};
 use crate::error::{Error, Result};
-use crate::keys;
+use crate::state::keys;
 
 const OUT_PREFIX: &[u8] = b"migout/";
 const LOG_PREFIX: &[u8] = b"miglog/";
@@ -325,7 +325,7 @@ impl StateMachine {
                 // finish on this side of the move: fence only once no item is locked (no new
                 // lock is taken in a moving slot).
                 for slot in moving.slots_of(id) {
-                    let [locks, _] = crate::twopc::slot_prefixes(slot);
+                    let [locks, _] = crate::state::participant::slot_prefixes(slot);
                     if self.meta.scan_prefix(&locks).next().is_some() {
                         return Ok(Err(Error::FailedPrecondition(format!(
                             "slot {slot} has items locked by an unfinished cross-group \

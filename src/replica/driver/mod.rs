@@ -1,0 +1,634 @@
+//! The raft driver of one replica: the only owner of its `RawNode`.
+//!
+//! One loop on a dedicated thread ticks, takes messages from a bounded inbox (up to
+//! `DRIVER_BATCH_MAX` at a time, so proposals that arrive together share one fsync) and handles
+//! each `Ready` in raft-rs's order:
+//! 1. send the leader's messages (they need not wait for its own disk),
+//! 2. install a snapshot if raft accepted one,
+//! 3. append entries and the hard state, then **one** sync (sled flush + fdatasync, see
+//!    `durable.rs`) for the whole Ready,
+//! 4. send the messages that had to wait for that flush (votes, append responses),
+//! 5. apply committed entries (effects + applied index in one sled transaction) and answer the
+//!    proposals and reads waiting for them,
+//! 6. advance, and do the same for the light ready.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ordo_proto::v1::{StatusResponse, TxnRequest};
+use prost::Message as _;
+use raft::prelude::*;
+use raft::{RawNode, StateRole};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::{Error, Result};
+use crate::limits::*;
+use crate::replica::durable::Durable;
+use crate::replica::inbox::{Msg, Shared};
+use crate::replica::outbox::Outbox;
+use crate::replica::storage::RaftStore;
+use crate::state::{Command, Outcome, StateMachine};
+
+mod apply;
+mod conf_change;
+mod snapshots;
+#[cfg(test)]
+mod tests;
+
+use conf_change::{ConfWaiter, Transfer};
+
+pub struct DriverConfig {
+    pub node_id: u64,
+    pub group_id: u64,
+    pub applied: u64,
+    pub snap_dir: PathBuf,
+    pub compact_log_entries: u64,
+}
+
+type Reply = oneshot::Sender<Result<Outcome>>;
+
+/// Who waits for a proposed entry: one request, or the transactions of a `TxnBatch` in order.
+enum Waiting {
+    One(Reply),
+    Batch(Vec<Reply>),
+}
+
+impl Waiting {
+    /// How many requests wait.
+    fn len(&self) -> usize {
+        match self {
+            Waiting::One(_) => 1,
+            Waiting::Batch(txs) => txs.len(),
+        }
+    }
+
+    /// Whether every waiting client has gone away.
+    fn is_closed(&self) -> bool {
+        match self {
+            Waiting::One(tx) => tx.is_closed(),
+            Waiting::Batch(txs) => txs.iter().all(|tx| tx.is_closed()),
+        }
+    }
+
+    fn fail(self, err: impl Fn() -> Error) {
+        match self {
+            Waiting::One(tx) => {
+                let _ = tx.send(Err(err()));
+            }
+            Waiting::Batch(txs) => {
+                for tx in txs {
+                    let _ = tx.send(Err(err()));
+                }
+            }
+        }
+    }
+
+    /// Hands each waiting request its result: a batch's outcome is split per transaction.
+    fn answer(self, result: Result<Outcome>) {
+        match (self, result) {
+            (Waiting::One(tx), r) => {
+                let _ = tx.send(r);
+            }
+            (Waiting::Batch(txs), Ok(Outcome::TxnBatch(results))) if results.len() == txs.len() => {
+                for (tx, r) in txs.into_iter().zip(results) {
+                    let _ = tx.send(r.map(Outcome::Txn));
+                }
+            }
+            (waiting, other) => {
+                let why = format!("a batch of transactions was applied with the result {other:?}");
+                tracing::error!("{why}");
+                waiting.fail(|| Error::Storage(why.clone()));
+            }
+        }
+    }
+}
+
+struct PendingRead {
+    ctx: u64,
+    waiters: Vec<oneshot::Sender<Result<()>>>,
+    since: Instant,
+}
+
+pub struct Driver {
+    cfg: DriverConfig,
+    raw: RawNode<RaftStore>,
+    durable: Durable,
+    sm: Arc<StateMachine>,
+    inbox: mpsc::Receiver<Msg>,
+    outbox: Box<dyn Outbox>,
+    shared: Arc<Shared>,
+    /// Proposals in flight by log index, with the term they were proposed in.
+    proposals: BTreeMap<u64, (u64, Waiting)>,
+    /// Transactions taken from the inbox and not proposed yet: `propose_pending` proposes them as
+    /// one entry after each inbox batch (or sooner when they reach the batch bounds).
+    pending: Vec<(TxnRequest, Reply)>,
+    pending_bytes: usize,
+    /// Requests waiting in `proposals` and `pending` together (a batch counts each).
+    waiting_txns: usize,
+    /// Reads that arrived since the last ReadIndex was issued.
+    reads_new: Vec<oneshot::Sender<Result<()>>>,
+    /// Reads whose ReadIndex is in flight.
+    reads_in_flight: Vec<PendingRead>,
+    /// Reads whose index is known, waiting for the state machine to reach it.
+    reads_ready: Vec<(u64, Vec<oneshot::Sender<Result<()>>>)>,
+    next_read_ctx: u64,
+    /// Snapshots received and waiting for raft to accept them, by (index, term).
+    staged: HashMap<(u64, u64), PathBuf>,
+    snapshots_installed: u64,
+    snapshots_sent: u64,
+    transfer: Option<Transfer>,
+    conf_waiter: Option<ConfWaiter>,
+    /// When each peer was last heard from (for the live-quorum check of membership changes).
+    last_heard: HashMap<u64, Instant>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+pub fn raft_config(id: u64, applied: u64) -> raft::Config {
+    raft::Config {
+        id,
+        election_tick: ELECTION_TICKS,
+        heartbeat_tick: HEARTBEAT_TICKS,
+        applied,
+        max_size_per_msg: RAFT_MSG_BYTES_MAX,
+        max_inflight_msgs: RAFT_INFLIGHT_MSGS_MAX,
+        pre_vote: true,
+        check_quorum: true,
+        read_only_option: raft::ReadOnlyOption::Safe,
+        max_committed_size_per_ready: 16 * RAFT_MSG_BYTES_MAX,
+        ..Default::default()
+    }
+}
+
+impl Driver {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: DriverConfig,
+        store: RaftStore,
+        durable: Durable,
+        sm: Arc<StateMachine>,
+        inbox: mpsc::Receiver<Msg>,
+        outbox: Box<dyn Outbox>,
+        shared: Arc<Shared>,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Result<Driver> {
+        let logger = crate::logging::raft_logger(cfg.group_id, cfg.node_id);
+        let config = raft_config(cfg.node_id, cfg.applied);
+        config
+            .validate()
+            .map_err(|e| Error::InvalidArgument(format!("raft config: {e}")))?;
+        let raw = RawNode::new(&config, store, &logger)
+            .map_err(|e| Error::Storage(format!("raft could not start: {e}")))?;
+        Ok(Driver {
+            cfg,
+            raw,
+            durable,
+            sm,
+            inbox,
+            outbox,
+            shared,
+            proposals: BTreeMap::new(),
+            pending: Vec::new(),
+            pending_bytes: 0,
+            waiting_txns: 0,
+            reads_new: Vec::new(),
+            reads_in_flight: Vec::new(),
+            reads_ready: Vec::new(),
+            next_read_ctx: 1,
+            staged: HashMap::new(),
+            snapshots_installed: 0,
+            snapshots_sent: 0,
+            transfer: None,
+            conf_waiter: None,
+            last_heard: HashMap::new(),
+            stop,
+        })
+    }
+
+    /// Runs until every inbox sender is gone (the node is shutting down) or the replica finds
+    /// corruption. Pending requests are then failed, never left hanging.
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.stop.changed() => break,
+                _ = tick.tick() => {
+                    self.raw.tick();
+                    self.expire();
+                }
+                msg = self.inbox.recv() => {
+                    let Some(msg) = msg else { break };
+                    self.handle(msg);
+                    for _ in 1..DRIVER_BATCH_MAX {
+                        match self.inbox.try_recv() {
+                            Ok(msg) => self.handle(msg),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+            if let Err(e) = self.after_batch() {
+                tracing::error!(node = self.cfg.node_id, group = self.cfg.group_id, error = %e, "replica stops");
+                break;
+            }
+            if let Some(c) = self.raw.store().corruption() {
+                tracing::error!(node = self.cfg.node_id, group = self.cfg.group_id, corruption = %c,
+                    "replica stops: it will not campaign or serve from a log it cannot read");
+                break;
+            }
+        }
+        self.fail_all(|| {
+            Error::Unavailable(
+                "the replica stopped before this request completed; its outcome is unknown".into(),
+            )
+        });
+        if let Err(e) = self.durable.sync() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::info!(
+            node = self.cfg.node_id,
+            group = self.cfg.group_id,
+            "raft driver stopped"
+        );
+    }
+
+    fn not_leader(&self) -> Error {
+        let leader_id = self.raw.raft.leader_id;
+        Error::NotLeader {
+            group: self.cfg.group_id,
+            leader_id,
+            leader_addr: self.outbox.addr_of(leader_id).unwrap_or_default(),
+        }
+    }
+
+    /// A write: refused unless this replica leads and has room; a transaction joins the pending
+    /// batch (proposed when the batch is full or the inbox batch ends), anything else goes alone.
+    fn on_propose(&mut self, cmd: Command, resp: Reply) {
+        if self.raw.raft.state != StateRole::Leader {
+            let _ = resp.send(Err(self.not_leader()));
+        } else if self.waiting_txns >= PENDING_PROPOSALS_MAX {
+            let _ = resp.send(Err(Error::NotApplied(format!(
+                "leader overloaded: {PENDING_PROPOSALS_MAX} proposals in flight; retry with backoff"
+            ))));
+        } else {
+            self.waiting_txns += 1;
+            match cmd {
+                Command::Txn(t) => {
+                    let len = t.encoded_len();
+                    if self.pending_bytes + len > PROPOSAL_BATCH_BYTES_MAX {
+                        self.propose_pending();
+                    }
+                    self.pending_bytes += len;
+                    self.pending.push((t, resp));
+                    if self.pending.len() >= PROPOSAL_BATCH_TXNS_MAX {
+                        self.propose_pending();
+                    }
+                }
+                // Anything else goes alone, after what arrived before it.
+                other => {
+                    self.propose_pending();
+                    self.propose(other, Waiting::One(resp));
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Propose { cmd, resp } => self.on_propose(cmd, resp),
+            Msg::Read { resp } => {
+                if self.raw.raft.state != StateRole::Leader {
+                    let _ = resp.send(Err(self.not_leader()));
+                } else if self.pending_reads() >= PENDING_READS_MAX {
+                    let _ = resp.send(Err(Error::NotApplied(
+                        "too many reads waiting; retry with backoff".into(),
+                    )));
+                } else {
+                    self.reads_new.push(resp);
+                }
+            }
+            Msg::Raft(m) => {
+                self.last_heard.insert(m.from, Instant::now());
+                if let Err(e) = self.raw.step(*m) {
+                    tracing::debug!(error = %e, "raft message ignored");
+                }
+            }
+            Msg::SnapshotReceived { msg, path } => {
+                let meta = msg.get_snapshot().get_metadata();
+                self.staged.insert((meta.index, meta.term), path);
+                if let Err(e) = self.raw.step(*msg) {
+                    tracing::warn!(error = %e, "snapshot message refused by raft");
+                }
+            }
+            Msg::SnapshotSent { to, ok } => {
+                let status = if ok {
+                    raft::SnapshotStatus::Finish
+                } else {
+                    raft::SnapshotStatus::Failure
+                };
+                if ok {
+                    self.snapshots_sent += 1;
+                }
+                self.raw.report_snapshot(to, status);
+            }
+            Msg::Unreachable { to } => self.raw.report_unreachable(to),
+            Msg::TransferLeader { to, resp } => self.start_transfer(to, resp),
+            Msg::ChangeConf { cc, resp } => self.start_conf_change(cc, resp),
+            Msg::Members { resp } => {
+                let _ = resp.send(Ok(self.members()));
+            }
+            Msg::Status { with_digest, resp } => {
+                let _ = resp.send(self.status(with_digest));
+            }
+        }
+    }
+
+    /// Proposes the pending transactions as one entry (a `TxnBatch` when there are several).
+    fn propose_pending(&mut self) {
+        self.pending_bytes = 0;
+        let mut pending = std::mem::take(&mut self.pending);
+        let (cmd, waiting) = match pending.len() {
+            0 => return,
+            1 => {
+                let (t, tx) = pending.pop().expect("one pending");
+                (Command::Txn(t), Waiting::One(tx))
+            }
+            _ => {
+                let (txns, txs): (Vec<_>, Vec<_>) = pending.into_iter().unzip();
+                (Command::TxnBatch(txns), Waiting::Batch(txs))
+            }
+        };
+        self.propose(cmd, waiting);
+    }
+
+    fn propose(&mut self, cmd: Command, waiting: Waiting) {
+        match self.raw.propose(vec![], cmd.encode()) {
+            Ok(()) => {
+                let index = self.raw.raft.raft_log.last_index();
+                self.proposals.insert(index, (self.raw.raft.term, waiting));
+            }
+            Err(e) => {
+                self.waiting_txns -= waiting.len();
+                let why = format!("proposal refused by raft ({e}); nothing was written, retry");
+                waiting.fail(|| Error::NotApplied(why.clone()));
+            }
+        }
+    }
+
+    fn pending_reads(&self) -> usize {
+        self.reads_new.len()
+            + self
+                .reads_in_flight
+                .iter()
+                .map(|r| r.waiters.len())
+                .sum::<usize>()
+            + self.reads_ready.iter().map(|r| r.1.len()).sum::<usize>()
+    }
+
+    fn after_batch(&mut self) -> Result<()> {
+        self.propose_pending();
+        // One ReadIndex for every read that arrived in this batch. A new leader must first commit
+        // an entry of its own term; until then raft-rs would drop the request, so keep them.
+        if !self.reads_new.is_empty() && self.raw.raft.commit_to_current_term() {
+            let ctx = self.next_read_ctx;
+            self.next_read_ctx += 1;
+            self.raw.read_index(ctx.to_be_bytes().to_vec());
+            self.reads_in_flight.push(PendingRead {
+                ctx,
+                waiters: std::mem::take(&mut self.reads_new),
+                since: Instant::now(),
+            });
+        }
+        if self.raw.store().take_snapshot_wanted() {
+            self.build_snapshot()?;
+        }
+        self.on_ready()?;
+        self.publish();
+        Ok(())
+    }
+
+    fn publish(&mut self) {
+        self.check_transfer();
+        let r = &self.raw.raft;
+        self.shared.leader_id.store(r.leader_id, Ordering::Relaxed);
+        self.shared.term.store(r.term, Ordering::Relaxed);
+        self.shared
+            .is_leader
+            .store((r.state == StateRole::Leader) as u64, Ordering::Relaxed);
+        if r.state != StateRole::Leader {
+            // Reads accepted while leader cannot complete elsewhere: fail them so clients retry.
+            let err = self.not_leader();
+            for tx in self.reads_new.drain(..) {
+                let _ = tx.send(Err(err.clone_not_leader()));
+            }
+            // A read index in flight may never be confirmed now. Reads whose index is already
+            // known stay: that index was confirmed by a quorum and remains a correct bound.
+            for r in self.reads_in_flight.drain(..) {
+                for tx in r.waiters {
+                    let _ = tx.send(Err(err.clone_not_leader()));
+                }
+            }
+        }
+    }
+
+    fn send(&mut self, msgs: Vec<Message>) {
+        for m in msgs {
+            if m.get_msg_type() == MessageType::MsgSnapshot {
+                let meta = m.get_snapshot().get_metadata();
+                match self.raw.store().latest_snapshot() {
+                    Some(s) if s.metadata.index == meta.index => {
+                        self.outbox.send_snapshot(m, s.path.clone())
+                    }
+                    _ => {
+                        tracing::warn!(
+                            to = m.to,
+                            index = meta.index,
+                            "snapshot file is gone; raft will ask again"
+                        );
+                        self.raw
+                            .report_snapshot(m.to, raft::SnapshotStatus::Failure);
+                    }
+                }
+            } else {
+                self.outbox.send(m);
+            }
+        }
+    }
+
+    fn on_ready(&mut self) -> Result<()> {
+        if !self.raw.has_ready() {
+            return Ok(());
+        }
+        let mut rd = self.raw.ready();
+        self.send(rd.take_messages());
+
+        if !rd.snapshot().is_empty() {
+            let meta = rd.snapshot().get_metadata().clone();
+            self.install_snapshot(&meta)?;
+        }
+        if !rd.entries().is_empty() {
+            self.raw.mut_store().append(rd.entries())?;
+        }
+        if let Some(hs) = rd.hs() {
+            self.raw.mut_store().set_hard_state(hs)?;
+        }
+        // raft-rs sets must_sync for new entries, a new term or a new vote: what must be on disk
+        // before the persisted messages go out. A hard state that only moved the commit index
+        // needs no fsync of its own (restart recovery copes with a stored commit behind the
+        // applied index, see `node.rs`), and skipping it saves one fsync per commit on a leader.
+        if rd.must_sync() {
+            self.durable.sync()?;
+        }
+        for rs in rd.take_read_states() {
+            self.read_index_known(&rs.request_ctx, rs.index);
+        }
+        self.send(rd.take_persisted_messages());
+        self.apply(rd.take_committed_entries())?;
+
+        let mut light = self.raw.advance(rd);
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit)?;
+        }
+        self.send(light.take_messages());
+        self.apply(light.take_committed_entries())?;
+        self.raw.advance_apply();
+        self.release_reads();
+        self.maybe_compact()?;
+        Ok(())
+    }
+
+    fn read_index_known(&mut self, ctx: &[u8], index: u64) {
+        let Ok(ctx) = <[u8; 8]>::try_from(ctx) else {
+            return;
+        };
+        let ctx = u64::from_be_bytes(ctx);
+        if let Some(pos) = self.reads_in_flight.iter().position(|r| r.ctx == ctx) {
+            let r = self.reads_in_flight.swap_remove(pos);
+            self.reads_ready.push((index, r.waiters));
+        }
+    }
+
+    fn release_reads(&mut self) {
+        let applied = self.sm.applied_index();
+        self.reads_ready.retain_mut(|(index, waiters)| {
+            if *index <= applied {
+                for tx in waiters.drain(..) {
+                    let _ = tx.send(Ok(()));
+                }
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Fails requests whose wait has no end in sight, and forgets those whose client left.
+    fn expire(&mut self) {
+        let timeout = Duration::from_millis(READ_INDEX_TIMEOUT_MS);
+        self.reads_in_flight.retain_mut(|r| {
+            if r.since.elapsed() < timeout {
+                return true;
+            }
+            for tx in r.waiters.drain(..) {
+                let _ = tx.send(Err(Error::Unavailable(
+                    "read index timed out (leader could not confirm it still leads); retry".into(),
+                )));
+            }
+            false
+        });
+        let mut forgotten = 0;
+        self.proposals.retain(|_, (_, waiting)| {
+            let closed = waiting.is_closed();
+            if closed {
+                forgotten += waiting.len();
+            }
+            !closed
+        });
+        self.waiting_txns -= forgotten;
+    }
+
+    fn fail_all(&mut self, err: impl Fn() -> Error) {
+        if let Some(t) = self.transfer.take() {
+            let _ = t.resp.send(Err(err()));
+        }
+        if let Some(w) = self.conf_waiter.take() {
+            let _ = w.resp.send(Err(err()));
+        }
+        for (_, (_, waiting)) in std::mem::take(&mut self.proposals) {
+            waiting.fail(&err);
+        }
+        for (_, tx) in self.pending.drain(..) {
+            let _ = tx.send(Err(err()));
+        }
+        self.waiting_txns = 0;
+        for tx in self.reads_new.drain(..) {
+            let _ = tx.send(Err(err()));
+        }
+        for r in self.reads_in_flight.drain(..) {
+            for tx in r.waiters {
+                let _ = tx.send(Err(err()));
+            }
+        }
+        for (_, ws) in self.reads_ready.drain(..) {
+            for tx in ws {
+                let _ = tx.send(Err(err()));
+            }
+        }
+    }
+
+    fn status(&self, with_digest: bool) -> Result<StatusResponse> {
+        let r = &self.raw.raft;
+        let (items, data_digest) = if with_digest {
+            self.sm.digest()?
+        } else {
+            (0, 0)
+        };
+        Ok(StatusResponse {
+            node_id: self.cfg.node_id,
+            group_id: self.cfg.group_id,
+            leader_id: r.leader_id,
+            role: format!("{:?}", r.state),
+            term: r.term,
+            commit_index: r.raft_log.committed,
+            applied_index: self.sm.applied_index(),
+            first_index: self.raw.store().first_index_now(),
+            last_index: self.raw.store().last_index_now(),
+            voters: self.raw.store().conf_state().voters.clone(),
+            learners: self.raw.store().conf_state().learners.clone(),
+            live: if r.state == StateRole::Leader {
+                r.prs()
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .filter(|id| self.is_live(*id))
+                    .collect()
+            } else {
+                Vec::new()
+            },
+            snapshots_installed: self.snapshots_installed,
+            snapshots_sent: self.snapshots_sent,
+            items,
+            data_digest,
+            ..Default::default()
+        })
+    }
+}
+
+impl Error {
+    fn clone_not_leader(&self) -> Error {
+        match self {
+            Error::NotLeader {
+                group,
+                leader_id,
+                leader_addr,
+            } => Error::NotLeader {
+                group: *group,
+                leader_id: *leader_id,
+                leader_addr: leader_addr.clone(),
+            },
+            other => Error::Unavailable(other.to_string()),
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Snapshots and log compaction on the driver: installing a received snapshot raft accepted,
+//! building one from the state machine when a follower needs it, and removing applied log
+//! entries in bounded steps.
+
+use std::time::Instant;
+
+use raft::prelude::*;
+
+use super::Driver;
+use crate::error::{Error, Result};
+use crate::limits::*;
+use crate::replica::storage::SnapshotFile;
+
+impl Driver {
+    pub(super) fn install_snapshot(&mut self, meta: &SnapshotMetadata) -> Result<()> {
+        let path = self
+            .staged
+            .remove(&(meta.index, meta.term))
+            .ok_or_else(|| {
+                Error::Storage(format!(
+                    "raft accepted snapshot {}/{} but its file is not staged",
+                    meta.index, meta.term
+                ))
+            })?;
+        let started = Instant::now();
+        let items = self.sm.install_snapshot(&path, meta.index)?;
+        self.raw.mut_store().apply_snapshot(meta)?;
+        self.durable.sync()?;
+        self.sm.finish_install()?;
+        self.snapshots_installed += 1;
+        self.raw.mut_store().set_latest_snapshot(SnapshotFile {
+            metadata: meta.clone(),
+            path,
+        });
+        self.staged.clear();
+        tracing::info!(
+            node = self.cfg.node_id,
+            index = meta.index,
+            items,
+            ms = started.elapsed().as_millis() as u64,
+            "caught up from a snapshot"
+        );
+        Ok(())
+    }
+
+    pub(super) fn build_snapshot(&mut self) -> Result<()> {
+        let applied = self.sm.applied_index();
+        let term = raft::Storage::term(self.raw.store(), applied)
+            .map_err(|e| Error::Storage(format!("term of applied index {applied}: {e}")))?;
+        let started = Instant::now();
+        let (index, path, records) = self.sm.build_snapshot(&self.cfg.snap_dir, term)?;
+        let mut metadata = SnapshotMetadata::default();
+        metadata.index = index;
+        metadata.term = term;
+        metadata.set_conf_state(self.raw.store().conf_state().clone());
+        let old = self.raw.store().latest_snapshot().map(|s| s.path.clone());
+        self.raw.mut_store().set_latest_snapshot(SnapshotFile {
+            metadata,
+            path: path.clone(),
+        });
+        if let Some(old) = old.filter(|o| *o != path) {
+            // A transfer still reading it keeps its open handle.
+            let _ = std::fs::remove_file(old);
+        }
+        tracing::info!(
+            node = self.cfg.node_id,
+            index,
+            records,
+            ms = started.elapsed().as_millis() as u64,
+            "built snapshot"
+        );
+        Ok(())
+    }
+
+    pub(super) fn maybe_compact(&mut self) -> Result<()> {
+        let applied = self.sm.applied_index();
+        let first = self.raw.store().first_index_now();
+        if applied + 1 - first.min(applied + 1) <= self.cfg.compact_log_entries {
+            return Ok(());
+        }
+        // Keep at least the newest half so a follower slightly behind still catches up from the
+        // log, and remove at most a step at a time: deleting thousands of entries in one batch
+        // stalls every request of the group for tens of milliseconds, small steps spread it out.
+        let first_kept_max = applied - self.cfg.compact_log_entries / 2;
+        let to = first_kept_max.min(first.saturating_sub(1) + COMPACT_STEP_ENTRIES_MAX);
+        let removed = self.raw.mut_store().compact(to)?;
+        tracing::debug!(node = self.cfg.node_id, to, removed, "compacted raft log");
+        Ok(())
+    }
+}

@@ -1,0 +1,313 @@
+//! The driver without sockets: three drivers of one group over an in-memory `Outbox` network
+//! (raft-rs `harness/src/network.rs` in spirit), real sled storage in temporary directories.
+//! Links can be cut per node; a cut node neither sends nor receives.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ordo_proto::v1::{PutRequest, StatusResponse};
+use raft::prelude::Message;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::Result;
+use crate::limits::DRIVER_INBOX_MAX;
+use crate::node::{new_driver, recover, NodeConfig};
+use crate::replica::inbox::{Msg, Shared};
+use crate::replica::outbox::Outbox;
+use crate::server::validate::put_as_txn;
+use crate::state::{Command, Outcome, StateMachine};
+
+/// How long anything in these tests may take before the test fails: several elections.
+const WAIT: Duration = Duration::from_secs(15);
+
+/// The in-memory network: each node's inbox, the nodes cut off, and each node's snapshot dir.
+#[derive(Default)]
+struct MemNet {
+    inboxes: Mutex<BTreeMap<u64, mpsc::Sender<Msg>>>,
+    cut: Mutex<BTreeSet<u64>>,
+    snap_dirs: Mutex<BTreeMap<u64, PathBuf>>,
+}
+
+impl MemNet {
+    fn link_up(&self, from: u64, to: u64) -> bool {
+        let cut = self.cut.lock().unwrap();
+        !cut.contains(&from) && !cut.contains(&to)
+    }
+
+    fn deliver(&self, to: u64, msg: Msg) {
+        if let Some(tx) = self.inboxes.lock().unwrap().get(&to) {
+            // A full inbox drops, as the real transport's full queue does.
+            let _ = tx.try_send(msg);
+        }
+    }
+}
+
+struct MemOutbox {
+    id: u64,
+    net: Arc<MemNet>,
+    addrs: BTreeMap<u64, String>,
+}
+
+impl Outbox for MemOutbox {
+    fn send(&self, m: Message) {
+        if self.net.link_up(self.id, m.to) {
+            self.net.deliver(m.to, Msg::Raft(Box::new(m)));
+        }
+    }
+
+    /// Copies the file into the receiver's snapshot dir (the sender may replace its own), then
+    /// tells both sides, as a finished stream would.
+    fn send_snapshot(&self, m: Message, path: PathBuf) {
+        let to = m.to;
+        let ok = self.net.link_up(self.id, to);
+        if ok {
+            let dir = self.net.snap_dirs.lock().unwrap()[&to].clone();
+            let meta = m.get_snapshot().get_metadata();
+            let copy = dir.join(format!("in-{:020}-{:020}.snap", meta.index, meta.term));
+            std::fs::copy(&path, &copy).expect("copy snapshot");
+            self.net.deliver(
+                to,
+                Msg::SnapshotReceived {
+                    msg: Box::new(m),
+                    path: copy,
+                },
+            );
+        }
+        self.net.deliver(self.id, Msg::SnapshotSent { to, ok });
+    }
+
+    fn add_peer(&mut self, id: u64, addr: &str) {
+        self.addrs.insert(id, addr.to_string());
+    }
+
+    fn remove_peer(&mut self, id: u64) {
+        self.addrs.remove(&id);
+    }
+
+    fn addr_of(&self, id: u64) -> Option<String> {
+        self.addrs.get(&id).cloned()
+    }
+
+    fn addrs(&self) -> BTreeMap<u64, String> {
+        self.addrs.clone()
+    }
+}
+
+struct Member {
+    inbox: mpsc::Sender<Msg>,
+    shared: Arc<Shared>,
+    sm: Arc<StateMachine>,
+    _stop: watch::Sender<bool>,
+}
+
+struct Group {
+    net: Arc<MemNet>,
+    members: BTreeMap<u64, Member>,
+    _dir: tempfile::TempDir,
+}
+
+impl Group {
+    /// Three founding replicas; each driver runs as a task of the test's runtime.
+    fn start(compact_log_entries: u64) -> Group {
+        let dir = tempfile::tempdir().unwrap();
+        let net = Arc::new(MemNet::default());
+        let peers: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("mem-{id}"))).collect();
+        let mut members = BTreeMap::new();
+        for id in 1..=3 {
+            let cfg = NodeConfig {
+                id,
+                group: 1,
+                listen: String::new(),
+                peers: peers.clone(),
+                join: false,
+                data_dir: dir.path().join(format!("n{id}")),
+                compact_log_entries,
+                slot_count: crate::limits::SLOT_COUNT_DEFAULT,
+                config_server: false,
+                faults: None,
+            };
+            let rec = recover(&cfg).unwrap();
+            let sm = rec.sm.clone();
+            net.snap_dirs
+                .lock()
+                .unwrap()
+                .insert(id, rec.snap_dir.clone());
+            let (tx, rx) = mpsc::channel(DRIVER_INBOX_MAX);
+            net.inboxes.lock().unwrap().insert(id, tx.clone());
+            let (stop_tx, stop_rx) = watch::channel(false);
+            let shared = Arc::new(Shared::default());
+            let outbox = MemOutbox {
+                id,
+                net: net.clone(),
+                addrs: peers.clone(),
+            };
+            let driver =
+                new_driver(&cfg, rec, Box::new(outbox), rx, shared.clone(), stop_rx).unwrap();
+            tokio::spawn(driver.run());
+            let member = Member {
+                inbox: tx,
+                shared,
+                sm,
+                _stop: stop_tx,
+            };
+            members.insert(id, member);
+        }
+        Group {
+            net,
+            members,
+            _dir: dir,
+        }
+    }
+
+    /// The leader among the nodes not cut off, once there is exactly one.
+    async fn wait_leader(&self) -> u64 {
+        let started = Instant::now();
+        loop {
+            let cut = self.net.cut.lock().unwrap().clone();
+            let leaders: Vec<u64> = self
+                .members
+                .iter()
+                .filter(|(id, m)| {
+                    !cut.contains(id) && m.shared.is_leader.load(Ordering::Relaxed) == 1
+                })
+                .map(|(id, _)| *id)
+                .collect();
+            if let [leader] = leaders[..] {
+                return leader;
+            }
+            assert!(
+                started.elapsed() < WAIT,
+                "no single leader within {WAIT:?}: {leaders:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn put(&self, node: u64, key: &str, value: &str) -> Result<Outcome> {
+        let txn = put_as_txn(PutRequest {
+            shard_key: bytes::Bytes::from_static(b"order-1"),
+            key: bytes::Bytes::copy_from_slice(key.as_bytes()),
+            value: bytes::Bytes::copy_from_slice(value.as_bytes()),
+            ..Default::default()
+        })
+        .unwrap();
+        let (resp, rx) = oneshot::channel();
+        let cmd = Command::Txn(txn);
+        self.members[&node]
+            .inbox
+            .send(Msg::Propose { cmd, resp })
+            .await
+            .unwrap();
+        rx.await.expect("the driver answers every proposal")
+    }
+
+    async fn status(&self, node: u64) -> StatusResponse {
+        let (resp, rx) = oneshot::channel();
+        let msg = Msg::Status {
+            with_digest: true,
+            resp,
+        };
+        self.members[&node].inbox.send(msg).await.unwrap();
+        rx.await.unwrap().unwrap()
+    }
+
+    /// Waits until every replica has applied the same items (same digest).
+    async fn wait_converged(&self) -> StatusResponse {
+        let started = Instant::now();
+        loop {
+            let mut all = Vec::new();
+            for id in self.members.keys() {
+                all.push(self.status(*id).await);
+            }
+            let same = all
+                .windows(2)
+                .all(|w| (w[0].items, w[0].data_digest) == (w[1].items, w[1].data_digest));
+            if same {
+                return all.swap_remove(0);
+            }
+            assert!(
+                started.elapsed() < WAIT,
+                "replicas did not converge: {all:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn version_of(outcome: Outcome) -> u64 {
+    match outcome {
+        Outcome::Txn(t) => validate_put(t),
+        other => panic!("a put produced {other:?}"),
+    }
+}
+
+fn validate_put(t: ordo_proto::v1::TxnResponse) -> u64 {
+    crate::server::validate::put_response(t).version
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_drivers_elect_one_leader_and_apply_the_same_writes() {
+    let g = Group::start(10_000);
+    let leader = g.wait_leader().await;
+    for i in 1..=20u64 {
+        let out = g.put(leader, "status", &format!("v{i}")).await.unwrap();
+        assert_eq!(
+            version_of(out),
+            i,
+            "each put of one item raises its version by one"
+        );
+    }
+    let st = g.wait_converged().await;
+    assert_eq!(st.items, 1);
+    for m in g.members.values() {
+        let (version, value) = m.sm.get(b"order-1", b"status").unwrap().unwrap();
+        assert_eq!((version, value.as_ref()), (20, &b"v20"[..]));
+    }
+    let follower = *g.members.keys().find(|id| **id != leader).unwrap();
+    let refused = g.put(follower, "status", "x").await.unwrap_err();
+    assert!(
+        matches!(refused, crate::error::Error::NotLeader { leader_id, .. } if leader_id == leader),
+        "a follower refuses writes and names the leader: {refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_leader_is_replaced_and_catches_up_when_healed() {
+    let g = Group::start(10_000);
+    let old = g.wait_leader().await;
+    g.put(old, "a", "1").await.unwrap();
+    g.net.cut.lock().unwrap().insert(old);
+    let new = g.wait_leader().await;
+    assert_ne!(new, old);
+    g.put(new, "b", "2").await.unwrap();
+    g.net.cut.lock().unwrap().clear();
+    let st = g.wait_converged().await;
+    assert_eq!(st.items, 2, "both writes, on every replica");
+    assert!(g.members[&old].sm.get(b"order-1", b"b").unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot() {
+    let g = Group::start(16);
+    let leader = g.wait_leader().await;
+    let lagging = *g.members.keys().find(|id| **id != leader).unwrap();
+    g.net.cut.lock().unwrap().insert(lagging);
+    for i in 0..200 {
+        g.put(leader, &format!("k{i}"), "v").await.unwrap();
+    }
+    let first_index = g.status(leader).await.first_index;
+    assert!(
+        first_index > 2,
+        "the leader compacted its log (first index {first_index})"
+    );
+    g.net.cut.lock().unwrap().clear();
+    let st = g.wait_converged().await;
+    assert_eq!(st.items, 200);
+    assert!(
+        g.status(lagging).await.snapshots_installed >= 1,
+        "the lagging follower caught up from a snapshot"
+    );
+}

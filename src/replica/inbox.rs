@@ -1,0 +1,80 @@
+//! What reaches a group's raft driver: the closed set of events it handles (`Msg`), from request
+//! handlers, the transport's receiving half and its own senders, and what it publishes back for
+//! handlers to read without asking (`Shared`). Both the driver and the transport depend on this
+//! module; neither depends on the other.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+
+use ordo_proto::v1::{StatusResponse, TransferLeaderResponse};
+use raft::prelude::{ConfChange, ConfState, Message};
+use tokio::sync::oneshot;
+
+use crate::error::Result;
+use crate::state::{Command, Outcome};
+
+pub enum Msg {
+    Propose {
+        cmd: Command,
+        resp: oneshot::Sender<Result<Outcome>>,
+    },
+    /// A linearizable read barrier: answered once the state machine has applied everything
+    /// committed before the read arrived (ReadIndex).
+    Read {
+        resp: oneshot::Sender<Result<()>>,
+    },
+    Raft(Box<Message>),
+    /// A snapshot streamed from the leader, verified and stored at `path`; `msg` is its MsgSnapshot.
+    SnapshotReceived {
+        msg: Box<Message>,
+        path: PathBuf,
+    },
+    SnapshotSent {
+        to: u64,
+        ok: bool,
+    },
+    Unreachable {
+        to: u64,
+    },
+    Status {
+        with_digest: bool,
+        resp: oneshot::Sender<Result<StatusResponse>>,
+    },
+    /// Hand leadership to replica `to`; answered once it leads (or the transfer failed).
+    TransferLeader {
+        to: u64,
+        resp: oneshot::Sender<Result<TransferLeaderResponse>>,
+    },
+    /// One raft membership change (leader only), checked against the quorum rules first;
+    /// answered with the new configuration once the change is applied.
+    ChangeConf {
+        cc: ConfChange,
+        resp: oneshot::Sender<Result<ConfState>>,
+    },
+    /// The group's configuration and, on the leader, each replica's replication progress.
+    Members {
+        resp: oneshot::Sender<Result<Members>>,
+    },
+}
+
+/// A group's configuration as one replica sees it.
+#[derive(Debug, Clone)]
+pub struct Members {
+    pub leader_id: u64,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+    pub addrs: BTreeMap<u64, String>,
+    pub commit_index: u64,
+    /// Leader only: the highest log index known to be on each replica.
+    pub matched: BTreeMap<u64, u64>,
+}
+
+/// What request handlers may read without asking the driver.
+#[derive(Default)]
+pub struct Shared {
+    pub leader_id: AtomicU64,
+    pub term: AtomicU64,
+    /// 1 when this replica is the leader.
+    pub is_leader: AtomicU64,
+}

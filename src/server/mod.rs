@@ -1,0 +1,9 @@
+//! The gRPC edge of a node: the `Kv`, `Peer` and `Participant` services, request validation,
+//! membership changes driven from the leader, and the config server's map store.
+
+pub(crate) mod config_store;
+pub(crate) mod kv;
+pub(crate) mod membership;
+pub(crate) mod participant;
+pub(crate) mod peer;
+pub(crate) mod validate;

@@ -1,0 +1,181 @@
+//! The raft log's payload: `Command` and its codec (a tag byte, then a prost message), what
+//! applying one produces (`Outcome`), and the shard keys a transaction touches.
+
+use ordo_proto::v1::{
+    txn_op, DecideRequest, DecideResponse, FinishRequest, FinishResponse, ForgetRequest,
+    MigrateClearRequest, MigrateIngestRequest, MigrateOutRequest, PrepareRequest, PrepareResponse,
+    SetOwnershipRequest, SetOwnershipResponse, TxnRequest, TxnResponse,
+};
+use prost::Message as _;
+
+use crate::error::Result;
+
+/// Entry payload tags: the rest is a prost message of the command's kind.
+const CMD_TXN: u8 = 1;
+const CMD_SET_OWNERSHIP: u8 = 2;
+/// Several transactions in one entry, each length-delimited, applied in order.
+const CMD_TXN_BATCH: u8 = 3;
+const CMD_MIGRATE_OUT: u8 = 4;
+const CMD_MIGRATE_INGEST: u8 = 5;
+const CMD_MIGRATE_CLEAR: u8 = 6;
+/// Two-phase commit (`twopc.rs`).
+const CMD_PREPARE: u8 = 20;
+/// Followed by the leader's clock (ms, u64 BE), then the request.
+const CMD_DECIDE: u8 = 21;
+const CMD_FINISH: u8 = 22;
+const CMD_FORGET: u8 = 23;
+
+/// A command in the raft log.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    Txn(TxnRequest),
+    SetOwnership(SetOwnershipRequest),
+    /// Transactions that arrived together at the leader, in one entry: the per-entry costs of
+    /// raft (encoding, log write, checksums, replication messages) are paid once for all of them.
+    /// Each is still evaluated on its own, in order, with its own outcome.
+    TxnBatch(Vec<TxnRequest>),
+    /// Online resharding, donor side: begin (start the change log), fence, end a migration.
+    MigrateOut(MigrateOutRequest),
+    /// Online resharding, recipient side: write copied records as they are.
+    MigrateIngest(MigrateIngestRequest),
+    /// Delete a bounded number of items of slots neither owned nor moving out.
+    MigrateClear(MigrateClearRequest),
+    /// Two-phase commit of a cross-group transaction, one participant's steps (`twopc.rs`).
+    Prepare(PrepareRequest),
+    /// `now_ms` is the proposing leader's clock, so that every replica decides alike.
+    Decide {
+        req: DecideRequest,
+        now_ms: u64,
+    },
+    Finish(FinishRequest),
+    Forget(ForgetRequest),
+}
+
+impl Command {
+    pub fn encode(&self) -> Vec<u8> {
+        let (tag, len) = match self {
+            Command::Txn(t) => (CMD_TXN, t.encoded_len()),
+            Command::SetOwnership(o) => (CMD_SET_OWNERSHIP, o.encoded_len()),
+            Command::TxnBatch(ts) => (
+                CMD_TXN_BATCH,
+                ts.iter()
+                    .map(|t| prost::length_delimiter_len(t.encoded_len()) + t.encoded_len())
+                    .sum(),
+            ),
+            Command::MigrateOut(m) => (CMD_MIGRATE_OUT, m.encoded_len()),
+            Command::MigrateIngest(m) => (CMD_MIGRATE_INGEST, m.encoded_len()),
+            Command::MigrateClear(m) => (CMD_MIGRATE_CLEAR, m.encoded_len()),
+            Command::Prepare(p) => (CMD_PREPARE, p.encoded_len()),
+            Command::Decide { req, .. } => (CMD_DECIDE, 8 + req.encoded_len()),
+            Command::Finish(f) => (CMD_FINISH, f.encoded_len()),
+            Command::Forget(f) => (CMD_FORGET, f.encoded_len()),
+        };
+        let mut data = Vec::with_capacity(1 + len);
+        data.push(tag);
+        match self {
+            Command::Txn(t) => t.encode(&mut data),
+            Command::SetOwnership(o) => o.encode(&mut data),
+            Command::TxnBatch(ts) => ts
+                .iter()
+                .try_for_each(|t| t.encode_length_delimited(&mut data)),
+            Command::MigrateOut(m) => m.encode(&mut data),
+            Command::MigrateIngest(m) => m.encode(&mut data),
+            Command::MigrateClear(m) => m.encode(&mut data),
+            Command::Prepare(p) => p.encode(&mut data),
+            Command::Decide { req, now_ms } => {
+                data.extend_from_slice(&now_ms.to_be_bytes());
+                req.encode(&mut data)
+            }
+            Command::Finish(f) => f.encode(&mut data),
+            Command::Forget(f) => f.encode(&mut data),
+        }
+        .expect("vec has room");
+        data
+    }
+
+    pub fn decode(data: &[u8]) -> std::result::Result<Command, String> {
+        match data.split_first() {
+            Some((&CMD_TXN, rest)) => TxnRequest::decode(rest)
+                .map(Command::Txn)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_SET_OWNERSHIP, rest)) => SetOwnershipRequest::decode(rest)
+                .map(Command::SetOwnership)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_TXN_BATCH, mut rest)) => {
+                let mut txns = Vec::new();
+                while !rest.is_empty() {
+                    txns.push(
+                        TxnRequest::decode_length_delimited(&mut rest)
+                            .map_err(|e| format!("txn {} of a batch: {e}", txns.len()))?,
+                    );
+                }
+                Ok(Command::TxnBatch(txns))
+            }
+            Some((&CMD_MIGRATE_OUT, rest)) => MigrateOutRequest::decode(rest)
+                .map(Command::MigrateOut)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_MIGRATE_INGEST, rest)) => MigrateIngestRequest::decode(rest)
+                .map(Command::MigrateIngest)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_MIGRATE_CLEAR, rest)) => MigrateClearRequest::decode(rest)
+                .map(Command::MigrateClear)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_PREPARE, rest)) => PrepareRequest::decode(rest)
+                .map(Command::Prepare)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_DECIDE, rest)) if rest.len() >= 8 => {
+                let now_ms = u64::from_be_bytes(rest[..8].try_into().unwrap());
+                DecideRequest::decode(&rest[8..])
+                    .map(|req| Command::Decide { req, now_ms })
+                    .map_err(|e| e.to_string())
+            }
+            Some((&CMD_FINISH, rest)) => FinishRequest::decode(rest)
+                .map(Command::Finish)
+                .map_err(|e| e.to_string()),
+            Some((&CMD_FORGET, rest)) => ForgetRequest::decode(rest)
+                .map(Command::Forget)
+                .map_err(|e| e.to_string()),
+            Some((tag, _)) => Err(format!("unknown command tag {tag}")),
+            None => Err("empty command".into()),
+        }
+    }
+}
+
+/// What applying a command produced.
+#[derive(Debug)]
+pub enum Outcome {
+    Txn(TxnResponse),
+    Ownership(SetOwnershipResponse),
+    /// One result per transaction of a `TxnBatch`, in order.
+    TxnBatch(Vec<Result<TxnResponse>>),
+    /// A migration command: the index it applied at (for a fence, the fence's index), and for a
+    /// clear how many items it deleted and whether the slots are empty now.
+    Migration {
+        index: u64,
+        deleted: u64,
+        done: bool,
+    },
+    Prepared(PrepareResponse),
+    Decided(DecideResponse),
+    Finished(FinishResponse),
+    Forgotten,
+}
+
+/// One committed entry to apply: its index and its command (`None` for raft's own entries).
+pub struct Apply {
+    pub index: u64,
+    pub cmd: Option<Command>,
+}
+
+/// Every shard key a transaction touches.
+pub fn shard_keys(t: &TxnRequest) -> impl Iterator<Item = &[u8]> {
+    t.compares.iter().map(|c| c.shard_key.as_ref()).chain(
+        t.success.iter().chain(&t.failure).filter_map(|op| {
+            Some(match op.op.as_ref()? {
+                txn_op::Op::Put(p) => p.shard_key.as_ref(),
+                txn_op::Op::Delete(d) => d.shard_key.as_ref(),
+                txn_op::Op::Get(g) => g.shard_key.as_ref(),
+            })
+        }),
+    )
+}

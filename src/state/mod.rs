@@ -1,0 +1,469 @@
+//! The KV state machine of one replica: the `data` and `meta` trees.
+//!
+//! Only the raft driver writes here, by applying committed entries; an entry's effects and the new
+//! applied index go into one sled transaction, so a restart resumes exactly after the last entry
+//! whose effects are on disk. Readers take `view` so they never observe half of an applied batch.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{RwLock, RwLockReadGuard};
+
+use ordo_proto::v1::{Item, TxnRequest};
+use sled::transaction::TransactionalTree;
+
+use crate::error::{Error, Result};
+use crate::replica::snapshot;
+use txn::ItemView;
+
+mod apply;
+mod command;
+pub(crate) mod keys;
+/// Online resharding's replicated state: outgoing migrations, their change logs and fences.
+pub(crate) mod migrate;
+mod ownership;
+pub(crate) mod participant;
+pub(crate) mod txn;
+
+pub use command::{shard_keys, Apply, Command, Outcome};
+use migrate::Moving;
+use ownership::load_ownership;
+pub use ownership::Ownership;
+
+const APPLIED_KEY: &[u8] = b"applied_index";
+const SLOT_COUNT_KEY: &[u8] = b"slot_count";
+/// `map_version u64 BE | bitset of owned slots`; absent = standalone (owns every slot).
+const OWNERSHIP_KEY: &[u8] = b"ownership";
+/// Present while a snapshot is being installed: a restart that finds it knows the data tree is
+/// partial and starts over from an empty replica.
+const INSTALLING_KEY: &[u8] = b"installing_snapshot";
+
+pub struct StateMachine {
+    node_id: u64,
+    data: sled::Tree,
+    meta: sled::Tree,
+    slot_count: u32,
+    applied: AtomicU64,
+    /// Notified with the applied index after every apply (watchers of the shard map use it).
+    applied_tx: tokio::sync::watch::Sender<u64>,
+    ownership: RwLock<Ownership>,
+    /// Slots being moved out of this group (change log kept, maybe fenced); see `migrate.rs`.
+    moving: RwLock<Moving>,
+    view: RwLock<()>,
+    /// Items locked by cross-group transactions: while 0, nothing needs to look for locks.
+    locks: AtomicI64,
+}
+
+struct TxView<'a> {
+    data: &'a TransactionalTree,
+    slot_count: u32,
+    node_id: u64,
+    /// Writes to slots moving out are also appended to their migration's change log here.
+    log: migrate::LogWriter<'a>,
+}
+
+/// Verifies a stored value; a corrupt one is reported with this node's id, the tree and the key.
+fn checked_value<'a>(node_id: u64, raw_key: &[u8], raw: &'a [u8]) -> Result<(u64, &'a [u8])> {
+    keys::decode_value(raw_key, raw).map_err(|e| match e {
+        Error::Corruption(why) => {
+            let item = match keys::decode_key(raw_key) {
+                Ok((slot, sk, key)) => format!(
+                    " (slot {slot}, shard key {}, key {})",
+                    keys::printable(sk),
+                    keys::printable(key)
+                ),
+                Err(_) => String::new(),
+            };
+            Error::Corruption(format!("node {node_id}, {why}{item}"))
+        }
+        other => other,
+    })
+}
+
+fn tx_err(e: sled::transaction::UnabortableTransactionError) -> Error {
+    Error::Storage(e.to_string())
+}
+
+impl ItemView for TxView<'_> {
+    fn get(&mut self, sk: &[u8], key: &[u8]) -> Result<Option<(u64, Vec<u8>)>> {
+        let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, key);
+        match self.data.get(&raw_key).map_err(tx_err)? {
+            Some(raw) => {
+                let (version, value) = checked_value(self.node_id, &raw_key, &raw)?;
+                Ok(Some((version, value.to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+    fn put(&mut self, sk: &[u8], key: &[u8], version: u64, value: &[u8]) -> Result<()> {
+        let slot = ordo_proto::slot_of(sk, self.slot_count);
+        let raw_key = keys::encode_key(slot, sk, key);
+        let raw_value = keys::encode_value(version, value);
+        self.log.record(slot, &raw_key, &raw_value)?;
+        self.data.insert(raw_key, raw_value).map_err(tx_err)?;
+        Ok(())
+    }
+    fn delete(&mut self, sk: &[u8], key: &[u8]) -> Result<()> {
+        let slot = ordo_proto::slot_of(sk, self.slot_count);
+        let raw_key = keys::encode_key(slot, sk, key);
+        self.log.record(slot, &raw_key, &[])?;
+        self.data.remove(raw_key).map_err(tx_err)?;
+        Ok(())
+    }
+}
+
+fn read_u64(raw: Option<sled::IVec>, what: &str) -> Result<u64> {
+    match raw {
+        None => Ok(0),
+        Some(v) if v.len() == 8 => Ok(u64::from_be_bytes(v.as_ref().try_into().unwrap())),
+        Some(v) => Err(Error::Corruption(format!(
+            "tree meta, {what}: {} bytes, expected 8",
+            v.len()
+        ))),
+    }
+}
+
+/// What `open` found.
+pub struct Opened {
+    pub sm: StateMachine,
+    /// A snapshot install was cut short: the replica was reset to empty and its raft log must be
+    /// reset too, so that the leader sends the snapshot again.
+    pub interrupted_install: bool,
+}
+
+impl StateMachine {
+    pub fn open(db: &sled::Db, node_id: u64, slot_count: u32) -> Result<Opened> {
+        let data = db.open_tree("data")?;
+        let meta = db.open_tree("meta")?;
+        match read_u64(meta.get(SLOT_COUNT_KEY)?, "slot_count")? {
+            0 => {
+                meta.insert(SLOT_COUNT_KEY, &(slot_count as u64).to_be_bytes())?;
+            }
+            stored if stored != slot_count as u64 => {
+                return Err(Error::InvalidArgument(format!(
+                    "this data dir was created with {stored} slots, not {slot_count}; the slot count never changes"
+                )))
+            }
+            _ => {}
+        }
+        let interrupted_install = meta.get(INSTALLING_KEY)?.is_some();
+        if interrupted_install {
+            tracing::warn!(node = node_id, "a snapshot install was interrupted; resetting this replica to empty so the leader sends it again");
+            data.clear()?;
+            meta.insert(APPLIED_KEY, &0u64.to_be_bytes())?;
+            meta.remove(INSTALLING_KEY)?;
+        }
+        let applied = read_u64(meta.get(APPLIED_KEY)?, "applied_index")?;
+        let ownership = load_ownership(&meta, slot_count)?;
+        let moving = Moving::load(&meta)?;
+        let locks = participant::count_locks(&meta)?;
+        Ok(Opened {
+            sm: StateMachine {
+                node_id,
+                data,
+                meta,
+                slot_count,
+                applied: AtomicU64::new(applied),
+                applied_tx: tokio::sync::watch::channel(applied).0,
+                ownership: RwLock::new(ownership),
+                moving: RwLock::new(moving),
+                view: RwLock::new(()),
+                locks: AtomicI64::new(locks),
+            },
+            interrupted_install,
+        })
+    }
+
+    /// A founding replica's first start: the log begins after `index` (the bootstrap position,
+    /// which carries no data), so count it as applied.
+    pub fn start_at(&self, index: u64) -> Result<()> {
+        if self.applied_index() < index {
+            self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+            self.applied.store(index, Ordering::Release);
+            self.applied_tx.send_replace(index);
+        }
+        Ok(())
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        self.applied.load(Ordering::Acquire)
+    }
+
+    pub fn ownership(&self) -> Ownership {
+        self.ownership.read().unwrap().clone()
+    }
+
+    /// Refuses a request for a shard key whose slot this group does not own, or whose slot is
+    /// fenced by a migration (`SlotMoving`: the router holds and retries).
+    pub fn check_owned(&self, shard_key: &[u8]) -> Result<()> {
+        let slot = ordo_proto::slot_of(shard_key, self.slot_count);
+        if let Some(e) = self.moving.read().unwrap().fenced(slot) {
+            return Err(e);
+        }
+        let o = self.ownership.read().unwrap();
+        if o.owns(slot) {
+            Ok(())
+        } else {
+            Err(Error::WrongShard {
+                slot,
+                map_version: o.map_version,
+            })
+        }
+    }
+
+    pub fn slot_count(&self) -> u32 {
+        self.slot_count
+    }
+
+    /// Notified with the applied index after each apply.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    fn decode_lock(&self, lock_key: &[u8], raw: &[u8]) -> Result<participant::Lock> {
+        participant::Lock::decode(lock_key, raw).map_err(|e| match e {
+            sled::transaction::ConflictableTransactionError::Abort(e) => e,
+            other => Error::Storage(format!("{other:?}")),
+        })
+    }
+
+    /// Refuses at once (before proposing) a transaction that would meet a lock at apply time
+    /// (any lock but its own write lock); the apply-time check stays the authoritative one.
+    pub fn check_unlocked(&self, t: &TxnRequest, own: Option<&[u8]>) -> Result<()> {
+        if self.locks.load(Ordering::Relaxed) == 0 {
+            return Ok(());
+        }
+        for (sk, k) in participant::items(t) {
+            let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, k);
+            let lk = participant::lock_key(&raw_key);
+            if let Some(raw) = self.meta.get(&lk)? {
+                let lock = self.decode_lock(&lk, &raw)?;
+                let ours =
+                    lock.write && own.is_some_and(|id| lock.holders.iter().any(|h| h.txn_id == id));
+                if !ours {
+                    return Err(lock.refusal(&raw_key));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Why migration `id` must not fence its slots yet, if it must not: an item of them is
+    /// locked, or a transaction whose primary is in them decided less than `keep_ms` ago (its
+    /// record is not copied by the move, and its other parts may still need it). Checked on the
+    /// leader before the fence is proposed; the apply-time check covers the locks.
+    pub fn fence_blocker(&self, id: u64, now_ms: u64, keep_ms: u64) -> Result<Option<String>> {
+        let slots = self.moving.read().unwrap().slots_of(id);
+        for slot in slots {
+            let [locks, records] = participant::slot_prefixes(slot);
+            if self.meta.scan_prefix(&locks).next().is_some() {
+                return Ok(Some(format!(
+                    "slot {slot} has items locked by an unfinished cross-group transaction; \
+                     fence again once it finishes"
+                )));
+            }
+            for kv in self.meta.scan_prefix(&records) {
+                let (k, v) = kv?;
+                let decided = participant::record_age_base(&k, &v)?;
+                if now_ms < decided.saturating_add(keep_ms) {
+                    return Ok(Some(format!(
+                        "slot {slot} holds the decision of a cross-group transaction taken {} ms \
+                         ago that may still be finishing (locked elsewhere); fence again once it \
+                         is forgotten",
+                        now_ms.saturating_sub(decided)
+                    )));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Items locked by unfinished cross-group transactions.
+    pub fn locks_held(&self) -> i64 {
+        self.locks.load(Ordering::Relaxed)
+    }
+
+    fn read_guard(&self) -> RwLockReadGuard<'_, ()> {
+        self.view.read().unwrap()
+    }
+
+    pub fn get(&self, sk: &[u8], key: &[u8]) -> Result<Option<(u64, bytes::Bytes)>> {
+        let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, key);
+        let _r = self.read_guard();
+        if self.locks.load(Ordering::Relaxed) > 0 {
+            let lk = participant::lock_key(&raw_key);
+            if let Some(raw) = self.meta.get(&lk)? {
+                let lock = self.decode_lock(&lk, &raw)?;
+                if lock.write {
+                    return Err(lock.refusal(&raw_key));
+                }
+            }
+        }
+        match self.data.get(&raw_key)? {
+            Some(raw) => {
+                let (version, value) = checked_value(self.node_id, &raw_key, &raw)?;
+                Ok(Some((version, bytes::Bytes::copy_from_slice(value))))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Items of one shard key with `start <= key < end` (empty end = no bound), at most `limit`;
+    /// also returns the key to continue from when more remain.
+    pub fn scan(
+        &self,
+        sk: &[u8],
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<(Vec<Item>, Option<bytes::Bytes>)> {
+        let prefix = keys::shard_prefix(ordo_proto::slot_of(sk, self.slot_count), sk);
+        let mut from = prefix.clone();
+        from.extend_from_slice(start);
+        let _r = self.read_guard();
+        if self.locks.load(Ordering::Relaxed) > 0 {
+            // A scan must not see half of a transaction: any lock in its range refuses it.
+            let lock_prefix = participant::lock_prefix(&prefix);
+            for kv in self.meta.range(participant::lock_key(&from)..) {
+                let (lk, raw) = kv?;
+                if !lk.starts_with(&lock_prefix) {
+                    break;
+                }
+                let raw_key = &lk[participant::lock_key(&[]).len()..];
+                if !end.is_empty() && &raw_key[prefix.len()..] >= end {
+                    break;
+                }
+                let lock = self.decode_lock(&lk, &raw)?;
+                if lock.write {
+                    return Err(lock.refusal(raw_key));
+                }
+            }
+        }
+        let mut items = Vec::new();
+        for kv in self.data.range(from..) {
+            let (raw_key, raw) = kv?;
+            if !raw_key.starts_with(&prefix) {
+                break;
+            }
+            let key = &raw_key[prefix.len()..];
+            if !end.is_empty() && key >= end {
+                break;
+            }
+            if items.len() == limit {
+                return Ok((items, Some(bytes::Bytes::copy_from_slice(key))));
+            }
+            let (version, value) = checked_value(self.node_id, &raw_key, &raw)?;
+            items.push(Item {
+                key: bytes::Bytes::copy_from_slice(key),
+                value: bytes::Bytes::copy_from_slice(value),
+                version,
+            });
+        }
+        Ok((items, None))
+    }
+
+    /// Writes the whole state machine at the current applied index to a snapshot file. The caller
+    /// (the driver) is the only writer, so the copy is consistent.
+    pub fn build_snapshot(&self, dir: &Path, term: u64) -> Result<(u64, PathBuf, u64)> {
+        let index = self.applied_index();
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::Storage(format!("{}: {e}", dir.display())))?;
+        let mut w = snapshot::Writer::create(snapshot::file_name(dir, index, term), index, term)?;
+        for kv in self.data.iter() {
+            let (k, v) = kv?;
+            checked_value(self.node_id, &k, &v)?; // never ship an item that fails its checksum
+            w.record(snapshot::TREE_DATA, &k, &v)?;
+        }
+        for kv in self.meta.iter() {
+            let (k, v) = kv?;
+            if k.as_ref() != APPLIED_KEY
+                && k.as_ref() != INSTALLING_KEY
+                && k.as_ref() != SLOT_COUNT_KEY
+            {
+                w.record(snapshot::TREE_META, &k, &v)?;
+            }
+        }
+        let records = w.records;
+        Ok((index, w.finish()?, records))
+    }
+
+    /// Replaces the state machine by a verified snapshot file. Leaves the "installing" mark set:
+    /// the driver clears it with `finish_install` once raft's own state points past the snapshot.
+    pub fn install_snapshot(&self, path: &Path, index: u64) -> Result<u64> {
+        let (file_index, _) = snapshot::verify_file(path)?;
+        if file_index != index {
+            return Err(Error::Corruption(format!(
+                "snapshot {} holds index {file_index}, raft expected {index}",
+                path.display()
+            )));
+        }
+        let _w = self.view.write().unwrap();
+        self.meta.insert(INSTALLING_KEY, &index.to_be_bytes())?;
+        self.data.clear()?;
+        self.meta.remove(OWNERSHIP_KEY)?;
+        for k in self.meta.scan_prefix(participant::PREFIX).keys() {
+            self.meta.remove(k?)?;
+        }
+        migrate::clear_meta(&self.meta)?;
+        let mut reader = snapshot::Reader::open(path)?;
+        let mut batch = sled::Batch::default();
+        let mut in_batch = 0;
+        let mut items = 0u64;
+        while let Some((tree, k, v)) = reader.next_record()? {
+            match tree {
+                snapshot::TREE_DATA => {
+                    checked_value(self.node_id, &k, &v)?;
+                    batch.insert(k, v);
+                    in_batch += 1;
+                    items += 1;
+                }
+                snapshot::TREE_META => {
+                    self.meta.insert(k, v)?;
+                }
+                other => {
+                    return Err(Error::Corruption(format!(
+                        "snapshot {}: unknown tree tag {other}",
+                        path.display()
+                    )))
+                }
+            }
+            if in_batch == 1024 {
+                self.data.apply_batch(std::mem::take(&mut batch))?;
+                in_batch = 0;
+            }
+        }
+        self.data.apply_batch(batch)?;
+        self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+        self.applied.store(index, Ordering::Release);
+        *self.ownership.write().unwrap() = load_ownership(&self.meta, self.slot_count)?;
+        self.locks
+            .store(participant::count_locks(&self.meta)?, Ordering::Relaxed);
+        *self.moving.write().unwrap() = Moving::load(&self.meta)?;
+        self.applied_tx.send_replace(index);
+        tracing::info!(node = self.node_id, index, items, "installed snapshot");
+        Ok(items)
+    }
+
+    pub fn finish_install(&self) -> Result<()> {
+        self.meta.remove(INSTALLING_KEY)?;
+        Ok(())
+    }
+
+    /// Item count and a crc32 over every stored key and value, in key order: equal digests on two
+    /// replicas mean equal data.
+    pub fn digest(&self) -> Result<(u64, u32)> {
+        let _r = self.read_guard();
+        let mut h = crc32fast::Hasher::new();
+        let mut n = 0;
+        for kv in self.data.iter() {
+            let (k, v) = kv?;
+            h.update(&(k.len() as u32).to_be_bytes());
+            h.update(&k);
+            h.update(&v);
+            n += 1;
+        }
+        Ok((n, h.finalize()))
+    }
+}
+
+#[cfg(test)]
+mod tests;
