@@ -1,7 +1,7 @@
 //! Ordo's wire contract: the generated `ordo.v1` types and services, plus the one function every
 //! piece must agree on, the slot hash.
 
-#[allow(clippy::all, missing_docs)]
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v1 {
     tonic::include_proto!("ordo.v1");
 }
