@@ -6,7 +6,6 @@ pub use ordo_proto as proto;
 
 pub mod client;
 pub mod error;
-pub mod fault;
 pub mod limits;
 pub mod logging;
 pub mod node;
@@ -18,4 +17,5 @@ pub(crate) mod state;
 /// The channel settings peers use; tests reach nodes with them. (Moves to `ordo_proto::addr`.)
 #[doc(hidden)]
 pub use replica::transport::endpoint;
+pub use replica::transport::{Fate, LinkFilter};
 pub use replica::ReplicaHandle;

@@ -468,11 +468,11 @@ async fn bank_keeps_the_total_during_a_rebalance() {
 /// 1.5 s; every audit and the end state sum to the total. `ORDO_FAULT_SEED=n` replays a seed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bank_keeps_the_total_under_network_faults() {
-    use ordo::fault::{FaultNet, LinkFaults};
+    use ordo_testkit::faults::{FaultNet, LinkFaults};
     let _heavy = ordo_testkit::HEAVY.lock().await;
     let seed = ordo_testkit::env_u64("ORDO_FAULT_SEED").unwrap_or(11);
     let net = Arc::new(FaultNet::new(seed));
-    let (pg, c) = bank_with(Some(net.clone())).await;
+    let (pg, c) = bank_with(Some(net.clone() as Filter)).await;
     let load = BankLoad::start(&c, 16, 1, Duration::from_millis(100));
     wait_for("transfers to flow", Duration::from_secs(60), || async {
         (load.committed() >= 30).then_some(())

@@ -5,9 +5,9 @@
 //! Each seed generates a schedule of timed episodes (leader or follower isolated, bridge
 //! partitions, one-way links, the whole net split, lossy links that drop, delay, duplicate and so
 //! reorder messages, crash and restart of the leader or a follower), runs it against a fresh
-//! group through a shared `ordo::fault::FaultNet` while client tasks issue linearizable Gets and
-//! conditional and unconditional Puts and Deletes, then heals everything, reads every key back
-//! and checks the whole history. A failing seed prints its schedule, what happened when (with the
+//! group through a shared `ordo_testkit::faults::FaultNet` while client tasks issue
+//! linearizable Gets and conditional and unconditional Puts and Deletes, then heals everything,
+//! reads every key back and checks the whole history. A failing seed prints its schedule, what happened when (with the
 //! nodes each role resolved to, on the history's clock), and how to replay it. A seed always
 //! gives the same schedule, link-fault decisions and client operation mix; the interleaving with
 //! raft's own timers and the machine's load does not replay exactly, so replay a failing seed a
@@ -31,10 +31,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
-use ordo::fault::{FaultNet, FaultStats, LinkFaults};
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{error_detail, DeleteRequest, GetRequest, PutRequest};
-use ordo_testkit::inproc::{InProcGroup, Running};
+use ordo_testkit::faults::{FaultNet, FaultStats, LinkFaults};
+use ordo_testkit::inproc::{Filter, InProcGroup, Running};
 use ordo_testkit::linearizability::{check, Completion, History, ItemKey, Op, Output};
 use ordo_testkit::{env_u64, SplitMix64};
 use tonic::transport::Channel;
@@ -278,7 +278,8 @@ struct Group {
 impl Group {
     async fn start(seed: u64) -> anyhow::Result<Group> {
         let net = Arc::new(FaultNet::new(seed));
-        let nodes = InProcGroup::start(REPLICAS, COMPACT_LOG_ENTRIES, Some(net.clone())).await?;
+        let nodes =
+            InProcGroup::start(REPLICAS, COMPACT_LOG_ENTRIES, Some(net.clone() as Filter)).await?;
         Ok(Group { nodes, net })
     }
 }

@@ -21,8 +21,9 @@ use crate::cluster::{Cluster, Member, CONFIG_GROUP};
 use crate::ports::free_addr;
 use crate::wait::poll_until;
 
-/// What the product's transport is handed to filter a replica's raft traffic.
-pub type Filter = Arc<ordo::fault::FaultNet>;
+/// What the product's transport is handed to filter a replica's raft traffic (e.g. a
+/// [`FaultNet`](crate::faults::FaultNet)).
+pub type Filter = Arc<dyn ordo::LinkFilter>;
 
 /// How long a restart keeps trying while the stopped node's port or storage lock is released.
 const RESTART_BOUND: Duration = Duration::from_secs(10);
@@ -62,7 +63,7 @@ fn node_config(
         compact_log_entries,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == CONFIG_GROUP,
-        faults: filter,
+        link_filter: filter,
         join: false,
     }
 }
@@ -359,7 +360,7 @@ impl InProcCluster {
             groups,
             replicas,
             port: None,
-            faults: filter,
+            link_filter: filter,
             ..PlaygroundConfig::new(dir.path())
         };
         let pg = Playground::start(cfg.clone())
@@ -485,7 +486,7 @@ impl Cluster for InProcCluster {
             .map(|(k, a)| (k.id, a.clone()))
             .collect();
         let filter = (m.group != CONFIG_GROUP)
-            .then(|| self.cfg.faults.clone())
+            .then(|| self.cfg.link_filter.clone())
             .flatten();
         let cfg = node_config(
             m.id,

@@ -3,6 +3,7 @@
 //!
 //! - [`cluster`]: the [`Cluster`] trait and [`Member`], one vocabulary over the four harnesses:
 //!   [`proc`] (real processes, SIGKILL) and [`inproc`] (in-process nodes, a whole playground);
+//! - [`faults`]: `FaultNet`, partitions and seeded lossy links as the transport's link filter;
 //! - [`linearizability`]: the checker every history of the cluster tests goes through;
 //! - [`wait`], [`rng`], [`ports`], [`env`], [`net`], [`bins`]: one copy of each helper:
 //!   `wait_for`, the seeded `SplitMix64`, the free-port picker, `env_u64`, the test endpoint and
@@ -12,6 +13,7 @@
 pub mod bins;
 pub mod cluster;
 pub mod env;
+pub mod faults;
 pub mod inproc;
 pub mod linearizability;
 pub mod net;
