@@ -46,6 +46,8 @@ fn expect_invalid<T: std::fmt::Debug>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One table of refusals against one node, each checked to change nothing: a list, not phases.
+#[allow(clippy::too_many_lines)]
 async fn bad_requests_are_refused_and_change_nothing() {
     let (_dir, node) = single_node().await;
     let addr = node.addr.to_string();

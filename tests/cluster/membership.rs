@@ -92,6 +92,8 @@ async fn leader_sees_dead(c: &ProcCluster, dead: Member) {
 /// election, the new node ends with exactly the group's data and votes (the group survives
 /// losing its old leader afterwards), and the map lists the new replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// One scenario under one running load (refusals, replace, the new node votes): its phases share it.
+#[allow(clippy::too_many_lines)]
 async fn replace_a_dead_replica_under_load() {
     let _heavy = ordo_testkit::HEAVY.lock().await;
     let mut c = ProcCluster::start(bins!(), 1, 3);

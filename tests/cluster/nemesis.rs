@@ -363,7 +363,58 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
     let map = cluster.init(HEALTHY).await;
     let items = Arc::new(items(&map));
     let router = cluster.router_addr().to_string();
-    // The router serves every group before the load starts.
+    router_serves_every_group(&router, &items).await;
+    eprintln!("cluster up in {:.1?}", test_started.elapsed());
+
+    let history = History::new();
+    let observed = Arc::new(Observed::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            tokio::spawn(client_loop(
+                c,
+                router.clone(),
+                items.clone(),
+                history.clone(),
+                observed.clone(),
+                stop.clone(),
+                seed,
+            ))
+        })
+        .collect();
+    let kills = run_nemesis(&mut cluster, seed, run_for, &history).await;
+    // Let the last restart settle under load before stopping (the gap after it is measured).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let load_ended = history.now();
+    for c in clients {
+        c.await.expect("client task");
+    }
+
+    let finals = final_reads(&mut cluster, &router, &items, &history).await;
+    let records = history.records();
+    let acked = summarize(seed, &kills, &records, &observed, load_ended);
+
+    assert!(kills.len() >= MIN_KILLS, "{} kills", kills.len());
+    assert!(
+        acked >= 200,
+        "only {acked} writes were acknowledged: the run proves too little"
+    );
+    let checked_at = Instant::now();
+    let result = check(&history);
+    eprintln!("checker: {:.1?}; {result}", checked_at.elapsed());
+    result.assert_linearizable();
+    let exact = check_last_acknowledged(&records, &finals);
+    eprintln!(
+        "{exact} items end exactly at their last acknowledged write; test took {:.1?}",
+        test_started.elapsed()
+    );
+    drop(cluster);
+}
+
+/// Waits until the router serves a read of every group.
+async fn router_serves_every_group(router: &str, items: &[Item]) {
+    let router = router.to_string();
     for group in 1..=GROUPS {
         let item = items.iter().find(|i| i.group == group).unwrap().clone();
         wait_for(
@@ -386,26 +437,16 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
         )
         .await;
     }
-    eprintln!("cluster up in {:.1?}", test_started.elapsed());
+}
 
-    let history = History::new();
-    let observed = Arc::new(Observed::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            tokio::spawn(client_loop(
-                c,
-                router.clone(),
-                items.clone(),
-                history.clone(),
-                observed.clone(),
-                stop.clone(),
-                seed,
-            ))
-        })
-        .collect();
-
-    // The nemesis: one process down at a time, so no group ever loses its majority.
+/// The nemesis: one process down at a time, so no group ever loses its majority; kills until
+/// `run_for` has passed and at least `MIN_KILLS` were made. The kills, in order.
+async fn run_nemesis(
+    cluster: &mut ProcCluster,
+    seed: u64,
+    run_for: Duration,
+    history: &History,
+) -> Vec<Kill> {
     let mut rng = SplitMix64(seed);
     let mut kills: Vec<Kill> = Vec::new();
     let load_started = Instant::now();
@@ -460,15 +501,17 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
             load_started.elapsed().as_secs_f64()
         );
     }
-    // Let the last restart settle under load before stopping (the gap after it is measured).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let load_ended = history.now();
-    for c in clients {
-        c.await.expect("client task");
-    }
+    kills
+}
 
-    // Everything up again (the nemesis restarted its last victim already), then the final reads.
+/// Everything up again (the nemesis restarted its last victim already), then a linearizable
+/// read of every item, recorded in the history. The reads by item.
+async fn final_reads(
+    cluster: &mut ProcCluster,
+    router: &str,
+    items: &[Item],
+    history: &History,
+) -> BTreeMap<ItemKey, Output> {
     for group in 0..=GROUPS {
         for m in cluster.members(group) {
             if !cluster.is_running(m) {
@@ -479,7 +522,7 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
     for group in 0..=GROUPS {
         cluster.wait_leader(group, HEALTHY).await;
     }
-    let kv = kv_client(&router);
+    let kv = kv_client(router);
     let mut finals: BTreeMap<ItemKey, Output> = BTreeMap::new();
     for item in items.iter() {
         let out = wait_for(&format!("a final read of {}", item.key), HEALTHY, || {
@@ -489,14 +532,24 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
         .await;
         finals.insert(item.key.clone(), out);
     }
-    let records = history.records();
 
-    // Summary.
+    finals
+}
+
+/// Prints what the run did (kills, outcomes, unavailability after each kill, errors); the
+/// number of acknowledged writes.
+fn summarize(
+    seed: u64,
+    kills: &[Kill],
+    records: &[Record],
+    observed: &Observed,
+    load_ended: Duration,
+) -> u64 {
     let mut ok = 0;
     let mut fail = 0;
     let mut unknown = 0;
     let mut writes = 0;
-    for r in &records {
+    for r in records {
         if !matches!(r.op, Op::Get) {
             writes += 1;
         }
@@ -552,19 +605,5 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
         eprintln!("  {n:>5} × {error}");
     }
 
-    assert!(kills.len() >= MIN_KILLS, "{} kills", kills.len());
-    assert!(
-        acked >= 200,
-        "only {acked} writes were acknowledged: the run proves too little"
-    );
-    let checked_at = Instant::now();
-    let result = check(&history);
-    eprintln!("checker: {:.1?}; {result}", checked_at.elapsed());
-    result.assert_linearizable();
-    let exact = check_last_acknowledged(&records, &finals);
-    eprintln!(
-        "{exact} items end exactly at their last acknowledged write; test took {:.1?}",
-        test_started.elapsed()
-    );
-    drop(cluster);
+    acked
 }

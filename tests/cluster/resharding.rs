@@ -422,6 +422,8 @@ async fn draining_and_removing_a_group_under_load_loses_nothing() {
 /// Acceptance 4: bad requests are refused with clear errors and change nothing; an abort before
 /// the commit leaves the donor the owner with all its data and the recipient without the copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// A list of refusals around one in-flight move, which the abort then ends: one story.
+#[allow(clippy::too_many_lines)]
 async fn bad_moves_are_refused_and_an_abort_changes_nothing() {
     let _serial = ordo_testkit::HEAVY.lock().await;
     let pg = playground(2).await;
@@ -584,6 +586,58 @@ async fn move_with_a_kill(kill: Kill) {
         };
         tokio::spawn(async move { cc.move_slots_with(req).await })
     };
+    stop_a_leader(kill, &mut pg, &cc).await;
+    // The request may fail (its config server stopped, or the move aborted); either way every
+    // migration must reach an end.
+    let answer = tokio::time::timeout(Duration::from_secs(90), mover)
+        .await
+        .expect("the move answers")
+        .unwrap();
+    eprintln!("move answered: {:?}", answer.as_ref().map(|m| m.version));
+    let list = wait_for("every migration to end", Duration::from_secs(60), || {
+        let cc = cc.clone();
+        async move {
+            let list = cc.list_migrations().await.ok()?;
+            list.migrations
+                .iter()
+                .all(|m| !ordo_config::migration::in_flight(m))
+                .then_some(list)
+        }
+    })
+    .await;
+    print_moves(&list.migrations);
+    assert!(list.migrations.iter().all(|m| {
+        m.state == MigrationState::Done as i32 || m.state == MigrationState::Aborted as i32
+    }));
+    load.wait_ops(200, "the load to go on after the move").await;
+    let found = load.finish_with(&router, KILL_PRELOAD, true).await;
+    let map = cc.get_shard_map(true).await.unwrap();
+    // One owner per slot: each group's replicated ownership is exactly its share of the map.
+    let counts = slot_counts(&map);
+    for (g, nodes) in &pg.groups {
+        for n in nodes {
+            let addr = n.addr.to_string();
+            let want = counts.get(g).copied().unwrap_or(0) as u32;
+            wait_for(
+                &format!("group {g} replica {addr} to own {want} slots"),
+                Duration::from_secs(10),
+                || {
+                    let addr = addr.clone();
+                    async move {
+                        let s = node_status(&addr, false).await?;
+                        (s.owned_slots == want && s.map_version <= map.version + 1).then_some(())
+                    }
+                },
+            )
+            .await;
+        }
+    }
+    assert_placement(&pg, &BTreeMap::new(), &map, &found).await;
+    pg.shutdown().await;
+}
+
+/// Stops the leader `kill` names once the move is in the phase it names.
+async fn stop_a_leader(kill: Kill, pg: &mut InProcCluster, cc: &ClusterClient) {
     match kill {
         Kill::DonorLeaderDuringCopy | Kill::RecipientLeaderDuringCatchUp => {
             let (group, what) = match kill {
@@ -640,53 +694,6 @@ async fn move_with_a_kill(kill: Kill) {
             pg.kill(victim).await;
         }
     }
-    // The request may fail (its config server stopped, or the move aborted); either way every
-    // migration must reach an end.
-    let answer = tokio::time::timeout(Duration::from_secs(90), mover)
-        .await
-        .expect("the move answers")
-        .unwrap();
-    eprintln!("move answered: {:?}", answer.as_ref().map(|m| m.version));
-    let list = wait_for("every migration to end", Duration::from_secs(60), || {
-        let cc = cc.clone();
-        async move {
-            let list = cc.list_migrations().await.ok()?;
-            list.migrations
-                .iter()
-                .all(|m| !ordo_config::migration::in_flight(m))
-                .then_some(list)
-        }
-    })
-    .await;
-    print_moves(&list.migrations);
-    assert!(list.migrations.iter().all(|m| {
-        m.state == MigrationState::Done as i32 || m.state == MigrationState::Aborted as i32
-    }));
-    load.wait_ops(200, "the load to go on after the move").await;
-    let found = load.finish_with(&router, KILL_PRELOAD, true).await;
-    let map = cc.get_shard_map(true).await.unwrap();
-    // One owner per slot: each group's replicated ownership is exactly its share of the map.
-    let counts = slot_counts(&map);
-    for (g, nodes) in &pg.groups {
-        for n in nodes {
-            let addr = n.addr.to_string();
-            let want = counts.get(g).copied().unwrap_or(0) as u32;
-            wait_for(
-                &format!("group {g} replica {addr} to own {want} slots"),
-                Duration::from_secs(10),
-                || {
-                    let addr = addr.clone();
-                    async move {
-                        let s = node_status(&addr, false).await?;
-                        (s.owned_slots == want && s.map_version <= map.version + 1).then_some(())
-                    }
-                },
-            )
-            .await;
-        }
-    }
-    assert_placement(&pg, &BTreeMap::new(), &map, &found).await;
-    pg.shutdown().await;
 }
 
 /// Acceptance 2a.

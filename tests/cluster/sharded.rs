@@ -311,6 +311,8 @@ fn spec(id: u64, addrs: &[&str]) -> ordo_proto::v1::GroupSpec {
 /// and an init on an initialized cluster each get an error that says what to fix, and leave no
 /// trace (map version 0, the groups' ownership untouched); then a good init goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// One table of refused inits, each checked to leave no trace, then the good one: a list.
+#[allow(clippy::too_many_lines)]
 async fn init_refuses_bad_input_and_is_all_or_nothing() {
     use ordo_proto::v1::InitClusterRequest;
     let dir = tempfile::tempdir().unwrap();
