@@ -1,5 +1,6 @@
-//! Every bound Ordo enforces, in one place. Network input is checked against these before it can
-//! change anything; internal queues use them so that memory stays bounded under overload.
+//! Every bound a node enforces, in one place (bounds that routers and clients share with nodes
+//! live in `ordo-proto`). Network input is checked against these before it can change anything;
+//! internal queues use them so that memory stays bounded under overload.
 
 /// Longest shard key (the order ID). Shard keys are also hashed and copied into every data key.
 pub const SHARD_KEY_BYTES_MAX: usize = 256;
@@ -68,7 +69,8 @@ pub const COMPACT_LOG_ENTRIES_DEFAULT: u64 = 10_000;
 /// Most log entries one compaction removes (it runs on the driver loop, so it must stay short).
 pub const COMPACT_STEP_ENTRIES_MAX: u64 = 1_024;
 
-/// Slots of the hash ring until the config server assigns a count (issue #3).
+/// Slots of the hash ring. `ordoctl init --slots` must match it: a group refuses ownership for
+/// any other count (`SetOwnership` checks it at apply).
 pub const SLOT_COUNT_DEFAULT: u32 = 4096;
 
 const _: () = assert!(VALUE_BYTES_MAX + KEY_BYTES_MAX + SHARD_KEY_BYTES_MAX < TXN_BYTES_MAX);

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -22,57 +22,67 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// What every replica is told at start, a shard group's (`ordo node`) or a config server's
+/// (`ordo config`): who it is, where it serves, its peers, its data and whether it joins.
+///
+/// The help below is `ordo node`'s; `ordo config` words some of it for the config group.
+/// `display_order` keeps `ordo node`'s flags in their order, `--group` after `--id` and
+/// `--compact-log-entries` before `--join`.
+#[derive(Args)]
+struct ReplicaArgs {
+    /// This replica's raft id (non-zero, unique in the group).
+    #[arg(long, display_order = 0)]
+    id: u64,
+    /// Address to serve clients and peers on.
+    #[arg(long, display_order = 2)]
+    listen: String,
+    /// Every replica of the group, this one included: `1=host:port,2=host:port,3=host:port`.
+    #[arg(long, display_order = 3)]
+    peers: String,
+    /// Where this replica keeps its data (created if missing).
+    #[arg(long, display_order = 4)]
+    data_dir: PathBuf,
+    /// Join a running group instead of founding one: start empty, then run `ordoctl replica
+    /// add` (or `replace`) to make this node a member. --peers lists the group's current
+    /// replicas and this node.
+    #[arg(long, display_order = 6)]
+    join: bool,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one replica of a shard group (starts a new group or rejoins the one in --data-dir).
     Node {
-        /// This replica's raft id (non-zero, unique in the group).
-        #[arg(long)]
-        id: u64,
+        #[command(flatten)]
+        replica: ReplicaArgs,
         /// The shard group this replica belongs to (1 or more; 0 is the config servers' group).
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = 1, display_order = 1)]
         group: u64,
-        /// Address to serve clients and peers on.
-        #[arg(long)]
-        listen: String,
-        /// Every replica of the group, this one included: `1=host:port,2=host:port,3=host:port`.
-        #[arg(long)]
-        peers: String,
-        /// Where this replica keeps its data (created if missing).
-        #[arg(long)]
-        data_dir: PathBuf,
         /// Applied entries kept in the raft log before it is compacted.
-        #[arg(long, default_value_t = COMPACT_LOG_ENTRIES_DEFAULT)]
+        #[arg(long, default_value_t = COMPACT_LOG_ENTRIES_DEFAULT, display_order = 5)]
         compact_log_entries: u64,
-        /// Join a running group instead of founding one: start empty, then run `ordoctl replica
-        /// add` (or `replace`) to make this node a member. --peers lists the group's current
-        /// replicas and this node.
-        #[arg(long)]
-        join: bool,
     },
     /// Run one config server: a replica of the meta group that keeps the shard map.
+    #[command(
+        mut_arg("id", |a| a.help("This replica's raft id in the meta group")),
+        mut_arg("listen", |a| a.help(None::<&str>)),
+        mut_arg("peers", |a| a.help("Every config replica: `1=host:port,2=host:port,3=host:port`")),
+        mut_arg("data_dir", |a| a.help(None::<&str>)),
+        mut_arg("join", |a| {
+            a.help("Join the running meta group instead of founding it (see `ordo node --join`)")
+        })
+    )]
     Config {
-        /// This replica's raft id in the meta group.
-        #[arg(long)]
-        id: u64,
-        #[arg(long)]
-        listen: String,
-        /// Every config replica: `1=host:port,2=host:port,3=host:port`.
-        #[arg(long)]
-        peers: String,
-        #[arg(long)]
-        data_dir: PathBuf,
-        /// Join the running meta group instead of founding it (see `ordo node --join`).
-        #[arg(long)]
-        join: bool,
+        #[command(flatten)]
+        replica: ReplicaArgs,
     },
     /// Run a query router: stateless, serves ordo.v1.Kv and forwards to the owning groups.
     Router {
         #[arg(long)]
         listen: String,
         /// Config server addresses: `host:port,host:port,...`.
-        #[arg(long)]
-        config: String,
+        #[arg(long, required = true, value_delimiter = ',', value_parser = trimmed)]
+        config: Vec<String>,
     },
     /// Run a whole local cluster in this process: 3 config replicas, groups × replicas nodes, one router.
     Playground {
@@ -135,100 +145,161 @@ async fn main() -> anyhow::Result<()> {
     ordo::logging::init();
     match Cli::parse().cmd {
         Cmd::Node {
-            id,
+            replica,
             group,
-            listen,
-            peers,
-            data_dir,
             compact_log_entries,
-            join,
         } => {
             anyhow::ensure!(
                 group != 0,
                 "group 0 is the config servers' meta group: run `ordo config` for it"
             );
-            let node = Node::start(node_config(
-                id,
-                group,
-                listen,
-                &peers,
-                data_dir,
-                compact_log_entries,
-                join,
-            )?)
-            .await?;
-            wait_for_signal().await;
-            tracing::info!("stopping");
-            node.shutdown().await;
+            run_replica(replica, group, compact_log_entries).await
         }
-        Cmd::Config {
-            id,
-            listen,
-            peers,
-            data_dir,
-            join,
-        } => {
-            let node = Node::start(node_config(
-                id,
-                0,
-                listen,
-                &peers,
-                data_dir,
-                COMPACT_LOG_ENTRIES_DEFAULT,
-                join,
-            )?)
-            .await?;
-            wait_for_signal().await;
-            tracing::info!("stopping");
-            node.shutdown().await;
-        }
-        Cmd::Router { listen, config } => {
-            let config_addrs: Vec<String> = config
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
-            let router = ordo_router::Router::start(ordo_router::RouterConfig {
-                listen,
-                config_addrs,
-            })
-            .await?;
-            println!("router serving on {}", router.addr);
-            wait_for_signal().await;
-            tracing::info!("stopping");
-            router.shutdown().await;
-        }
+        Cmd::Config { replica } => run_replica(replica, 0, COMPACT_LOG_ENTRIES_DEFAULT).await,
+        Cmd::Router { listen, config } => run_router(listen, config).await,
         Cmd::Playground {
             dir,
             groups,
             replicas,
             port,
-        } => {
-            let cfg = PlaygroundConfig {
-                groups,
-                replicas,
-                port: Some(port),
-                ..PlaygroundConfig::new(&dir)
-            };
-            let pg = Playground::start(cfg).await?;
-            let r = pg.router_addr();
-            println!("Ordo playground: {groups} shard groups x {replicas} replicas, 3 config replicas; data in {}", dir.display());
-            println!(
-                "Router: {r}    Config servers: {}",
-                pg.config_addrs.join(",")
-            );
-            println!("Try:");
-            println!(
-                "  cargo run --release --bin ordoctl -- --endpoint {r} put order-1 \"\" created"
-            );
-            println!("  cargo run --release --bin ordoctl -- --endpoint {r} get order-1 \"\"");
-            println!("  cargo run --release --bin ordoctl -- --endpoint {r} status");
-            println!("Ctrl-C stops it; starting again with --dir {} brings the same cluster and data back.", dir.display());
-            wait_for_signal().await;
-            tracing::info!("stopping the playground");
-            pg.shutdown().await;
-        }
+        } => run_playground(dir, groups, replicas, port).await,
     }
+}
+
+/// Runs one replica of `group` (0: a config server) until SIGINT or SIGTERM.
+async fn run_replica(r: ReplicaArgs, group: u64, compact_log_entries: u64) -> anyhow::Result<()> {
+    let node = Node::start(node_config(
+        r.id,
+        group,
+        r.listen,
+        &r.peers,
+        r.data_dir,
+        compact_log_entries,
+        r.join,
+    )?)
+    .await?;
+    wait_for_signal().await;
+    tracing::info!("stopping");
+    node.shutdown().await;
     Ok(())
+}
+
+/// One `--config` value between commas, without the spaces around it.
+fn trimmed(s: &str) -> Result<String, std::convert::Infallible> {
+    Ok(s.trim().to_string())
+}
+
+/// The `--config` values without the blank ones: `a:1, b:1,` names two config servers.
+fn config_addrs(values: Vec<String>) -> Vec<String> {
+    values.into_iter().filter(|s| !s.is_empty()).collect()
+}
+
+async fn run_router(listen: String, config: Vec<String>) -> anyhow::Result<()> {
+    let router = ordo_router::Router::start(ordo_router::RouterConfig {
+        listen,
+        config_addrs: config_addrs(config),
+    })
+    .await?;
+    println!("router serving on {}", router.addr);
+    wait_for_signal().await;
+    tracing::info!("stopping");
+    router.shutdown().await;
+    Ok(())
+}
+
+async fn run_playground(dir: PathBuf, groups: u64, replicas: u64, port: u16) -> anyhow::Result<()> {
+    let cfg = PlaygroundConfig {
+        groups,
+        replicas,
+        port: Some(port),
+        ..PlaygroundConfig::new(&dir)
+    };
+    let pg = Playground::start(cfg).await?;
+    let r = pg.router_addr();
+    println!("Ordo playground: {groups} shard groups x {replicas} replicas, 3 config replicas; data in {}", dir.display());
+    println!(
+        "Router: {r}    Config servers: {}",
+        pg.config_addrs.join(",")
+    );
+    println!("Try:");
+    println!("  cargo run --release --bin ordoctl -- --endpoint {r} put order-1 \"\" created");
+    println!("  cargo run --release --bin ordoctl -- --endpoint {r} get order-1 \"\"");
+    println!("  cargo run --release --bin ordoctl -- --endpoint {r} status");
+    println!(
+        "Ctrl-C stops it; starting again with --dir {} brings the same cluster and data back.",
+        dir.display()
+    );
+    wait_for_signal().await;
+    tracing::info!("stopping the playground");
+    pg.shutdown().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cmd, clap::Error> {
+        Cli::try_parse_from([&["ordo"], args].concat()).map(|c| c.cmd)
+    }
+
+    #[test]
+    fn cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn node_and_config_take_the_same_replica_flags() {
+        let flags = [
+            "--id",
+            "2",
+            "--listen",
+            "l:1",
+            "--peers",
+            "1=a:1,2=l:1",
+            "--data-dir",
+            "d",
+        ];
+        let Cmd::Node {
+            replica,
+            group,
+            compact_log_entries,
+        } = parse(&[&["node"], &flags[..], &["--join"]].concat()).unwrap()
+        else {
+            panic!("not node")
+        };
+        assert_eq!(
+            (group, compact_log_entries),
+            (1, COMPACT_LOG_ENTRIES_DEFAULT)
+        );
+        assert_eq!((replica.id, replica.listen.as_str()), (2, "l:1"));
+        assert_eq!(
+            (replica.peers.as_str(), replica.data_dir),
+            ("1=a:1,2=l:1", "d".into())
+        );
+        assert!(replica.join);
+        let Cmd::Config { replica } = parse(&[&["config"], &flags[..]].concat()).unwrap() else {
+            panic!("not config")
+        };
+        assert_eq!((replica.id, replica.join), (2, false));
+        assert!(parse(&["config", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"]).is_err());
+        assert!(parse(&[&["config"], &flags[..], &["--group", "2"]].concat()).is_err());
+    }
+
+    #[test]
+    fn router_config_addresses_split_on_commas() {
+        let config = |value: &str| {
+            let Cmd::Router { config, .. } =
+                parse(&["router", "--listen", "l:1", "--config", value]).unwrap()
+            else {
+                panic!("not router")
+            };
+            config_addrs(config)
+        };
+        assert_eq!(config("a:1"), ["a:1"]);
+        assert_eq!(config(" a:1 , b:1,,c:1, "), ["a:1", "b:1", "c:1"]);
+        assert!(config("").is_empty());
+        assert!(parse(&["router", "--listen", "l:1"]).is_err());
+    }
 }

@@ -133,6 +133,9 @@ pub fn verify_file(path: &Path) -> Result<(u64, u64)> {
     ))
 }
 
+/// One entry of a snapshot file: the tree tag, the key and the value.
+pub type SnapshotEntry = (u8, Vec<u8>, Vec<u8>);
+
 /// Reads the records of a file that `verify_file` accepted.
 pub struct Reader {
     input: BufReader<File>,
@@ -166,8 +169,8 @@ impl Reader {
         Ok(n as usize)
     }
 
-    /// The next `(tree, key, value)`, or `None` at the end marker.
-    pub fn next_record(&mut self) -> Result<Option<(u8, Vec<u8>, Vec<u8>)>> {
+    /// The next entry, or `None` at the end marker.
+    pub fn next_record(&mut self) -> Result<Option<SnapshotEntry>> {
         let mut tag = [0u8; 1];
         self.input
             .read_exact(&mut tag)

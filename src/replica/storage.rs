@@ -510,11 +510,12 @@ mod tests {
     use raft::Storage;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.to_vec().into();
-        e
+        Entry {
+            index,
+            term,
+            data: data.to_vec().into(),
+            ..Default::default()
+        }
     }
 
     /// A store whose log starts at 1 (the tests write their own entries from there).
@@ -606,9 +607,11 @@ mod tests {
             s.append(&[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")])
                 .unwrap();
             s.append(&[entry(2, 2, b"B")]).unwrap();
-            let mut hs = HardState::default();
-            hs.term = 2;
-            hs.commit = 2;
+            let hs = HardState {
+                term: 2,
+                commit: 2,
+                ..Default::default()
+            };
             s.set_hard_state(&hs).unwrap();
             db.flush().unwrap();
         }

@@ -1,5 +1,5 @@
 //! Applying committed commands: transactions, 2PC steps and the applied index in one sled
-//! transaction over `data` + `meta` per run of entries, ownership and migration commands alone.
+//! transaction over `data` + `sys` per run of entries, ownership and migration commands alone.
 //! Every check here is deterministic, so every replica refuses the same commands.
 
 use std::sync::atomic::Ordering;
@@ -58,16 +58,16 @@ impl StateMachine {
         let ownership = self.ownership.read().unwrap().clone();
         let moving = self.moving.read().unwrap();
         let _w = self.view.write().unwrap();
-        let (results, locks) = (&self.data, &self.meta)
-            .transaction(|(data, meta)| {
+        let (results, locks) = (&self.data, &self.sys)
+            .transaction(|(data, sys)| {
                 let mut applier = Applier {
                     view: TxView {
                         data,
                         slot_count: self.slot_count,
                         node_id: self.node_id,
-                        log: migrate::LogWriter::new(meta, &moving),
+                        log: migrate::LogWriter::new(sys, &moving),
                     },
-                    meta,
+                    sys,
                     slot_count: self.slot_count,
                     ownership: &ownership,
                     moving: &moving,
@@ -82,7 +82,7 @@ impl StateMachine {
                         }
                     }
                 }
-                meta.insert(APPLIED_KEY, &last.index.to_be_bytes())?;
+                sys.insert(APPLIED_KEY, &last.index.to_be_bytes())?;
                 Ok((results, applier.locks))
             })
             .map_err(|e| match e {
@@ -99,7 +99,7 @@ impl StateMachine {
 /// What the commands of one apply transaction are checked against and write to.
 struct Applier<'a> {
     view: TxView<'a>,
-    meta: &'a TransactionalTree,
+    sys: &'a TransactionalTree,
     slot_count: u32,
     ownership: &'a Ownership,
     moving: &'a Moving,
@@ -122,11 +122,11 @@ impl Applier<'_> {
             Command::Prepare(p) => self.prepare(p)?.map(Outcome::Prepared),
             Command::Decide { req, now_ms } => self.decide(req, *now_ms)?.map(Outcome::Decided),
             Command::Finish(f) => {
-                let (view, meta, slots) = (&mut self.view, self.meta, self.slot_count);
-                participant::finish(view, meta, slots, f, &mut self.locks)?.map(Outcome::Finished)
+                let (view, sys, slots) = (&mut self.view, self.sys, self.slot_count);
+                participant::finish(view, sys, slots, f, &mut self.locks)?.map(Outcome::Finished)
             }
             Command::Forget(f) => {
-                participant::forget(self.meta, self.slot_count, f)?;
+                participant::forget(self.sys, self.slot_count, f)?;
                 Ok(Outcome::Forgotten)
             }
             Command::SetOwnership(_)
@@ -161,7 +161,7 @@ impl Applier<'_> {
             return Ok(Err(e));
         }
         if self.locks > 0 {
-            if let Err(e) = participant::check_unlocked(self.meta, self.slot_count, t, None)? {
+            if let Err(e) = participant::check_unlocked(self.sys, self.slot_count, t, None)? {
                 return Ok(Err(e));
             }
         }
@@ -178,7 +178,7 @@ impl Applier<'_> {
         let moving_slot = shard_keys(&part).find_map(|sk| self.moving.moving_out(self.slot(sk)));
         let locked = match moving_slot {
             Some(_) => {
-                participant::check_unlocked(self.meta, self.slot_count, &part, Some(&p.txn_id))?
+                participant::check_unlocked(self.sys, self.slot_count, &part, Some(&p.txn_id))?
                     .err()
             }
             None => None,
@@ -189,8 +189,8 @@ impl Applier<'_> {
         if let Some(e) = refused {
             return Ok(Err(e));
         }
-        let (view, meta, slots) = (&mut self.view, self.meta, self.slot_count);
-        participant::prepare(view, meta, slots, p, &mut self.locks)
+        let (view, sys, slots) = (&mut self.view, self.sys, self.slot_count);
+        participant::prepare(view, sys, slots, p, &mut self.locks)
     }
 
     /// A decision is a new one only outside a moving slot (a move waits for the decisions of
@@ -203,7 +203,7 @@ impl Applier<'_> {
             .or_else(|| self.unowned(std::iter::once(req.primary_shard_key.as_ref())));
         match refused {
             Some(e) => Ok(Err(e)),
-            None => participant::decide(self.meta, self.slot_count, req, now_ms),
+            None => participant::decide(self.sys, self.slot_count, req, now_ms),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! Online resharding inside one group's state machine (a child module of `sm.rs`).
 //!
-//! Donor side: `BEGIN` records an outgoing migration (`migout/<id>` in the meta tree) and from
+//! Donor side: `BEGIN` records an outgoing migration (`migout/<id>` in the sys tree) and from
 //! then on every write to one of its slots is also appended, in the same sled transaction, to its
 //! change log (`miglog/<id>/<raft index>/<seq>` → `key | value`, an empty value for a delete).
 //! `FENCE` refuses every later request for the slots with `SlotMoving`, so the log is complete
@@ -49,7 +49,7 @@ impl Out {
     fn decode(raw: &[u8]) -> Result<Out> {
         if raw.len() < 8 || !(raw.len() - 8).is_multiple_of(4) {
             return Err(Error::Corruption(format!(
-                "tree meta, migration record of {} bytes",
+                "tree sys, migration record of {} bytes",
                 raw.len()
             )));
         }
@@ -88,7 +88,7 @@ fn encode_record(key: &[u8], value: &[u8]) -> Vec<u8> {
 fn decode_record(raw: &[u8]) -> Result<(&[u8], &[u8])> {
     let bad = || {
         Error::Corruption(format!(
-            "tree meta, change-log record of {} bytes",
+            "tree sys, change-log record of {} bytes",
             raw.len()
         ))
     };
@@ -105,12 +105,12 @@ pub struct Moving {
 }
 
 impl Moving {
-    pub fn load(meta: &sled::Tree) -> Result<Moving> {
+    pub fn load(sys: &sled::Tree) -> Result<Moving> {
         let mut m = Moving::default();
-        for kv in meta.scan_prefix(OUT_PREFIX) {
+        for kv in sys.scan_prefix(OUT_PREFIX) {
             let (k, v) = kv?;
             let id = u64::from_be_bytes(k[OUT_PREFIX.len()..].try_into().map_err(|_| {
-                Error::Corruption("tree meta, migration record key of the wrong length".into())
+                Error::Corruption("tree sys, migration record key of the wrong length".into())
             })?);
             m.insert(id, Out::decode(&v)?);
         }
@@ -167,16 +167,16 @@ impl Moving {
 
 /// Appends writes to moving slots to their migration's change log, inside the apply transaction.
 pub struct LogWriter<'a> {
-    meta: &'a TransactionalTree,
+    sys: &'a TransactionalTree,
     moving: &'a Moving,
     index: u64,
     seq: u32,
 }
 
 impl<'a> LogWriter<'a> {
-    pub fn new(meta: &'a TransactionalTree, moving: &'a Moving) -> Self {
+    pub fn new(sys: &'a TransactionalTree, moving: &'a Moving) -> Self {
         LogWriter {
-            meta,
+            sys,
             moving,
             index: 0,
             seq: 0,
@@ -191,7 +191,7 @@ impl<'a> LogWriter<'a> {
     /// `value` empty = the item was deleted.
     pub fn record(&mut self, slot: u32, key: &[u8], value: &[u8]) -> Result<()> {
         if let Some(id) = self.moving.by_slot.get(&slot) {
-            self.meta
+            self.sys
                 .insert(
                     log_key(*id, self.index, self.seq),
                     encode_record(key, value),
@@ -204,13 +204,13 @@ impl<'a> LogWriter<'a> {
 }
 
 /// Forgets every migration record and change log (a snapshot install brings its own).
-pub fn clear_meta(meta: &sled::Tree) -> Result<()> {
+pub fn clear_sys(sys: &sled::Tree) -> Result<()> {
     for prefix in [OUT_PREFIX, LOG_PREFIX] {
         let mut batch = sled::Batch::default();
-        for k in meta.scan_prefix(prefix).keys() {
+        for k in sys.scan_prefix(prefix).keys() {
             batch.remove(k?);
         }
-        meta.apply_batch(batch)?;
+        sys.apply_batch(batch)?;
     }
     Ok(())
 }
@@ -234,9 +234,18 @@ pub fn check_record(r: &MigrationRecord, slot_count: u32) -> Result<u32> {
 
 type Applied = Result<Result<Outcome>>;
 
+/// A donor step's answer: the index it took effect at.
+fn step_done(index: u64) -> Applied {
+    Ok(Ok(Outcome::Migration {
+        index,
+        deleted: 0,
+        done: true,
+    }))
+}
+
 impl StateMachine {
     fn mark_applied(&self, index: u64) -> Result<()> {
-        self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+        self.sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
         self.applied.store(index, Ordering::Release);
         Ok(())
     }
@@ -257,117 +266,119 @@ impl StateMachine {
     }
 
     fn apply_out(&self, index: u64, req: &MigrateOutRequest) -> Applied {
-        let id = req.migration_id;
         let mut moving = self.moving.write().unwrap();
         let _w = self.view.write().unwrap();
-        let done = |i| {
-            Ok(Ok(Outcome::Migration {
-                index: i,
-                deleted: 0,
-                done: true,
-            }))
-        };
         match MigrateStep::try_from(req.step) {
-            Ok(MigrateStep::Begin) => {
-                if moving.out.contains_key(&id) {
-                    self.mark_applied(index)?;
-                    return done(index);
-                }
-                let ownership = self.ownership.read().unwrap();
-                if req.slots.is_empty() {
-                    return Ok(Err(Error::InvalidArgument(
-                        "a migration needs slots".into(),
-                    )));
-                }
-                for &s in &req.slots {
-                    if s >= self.slot_count || !ownership.owns(s) {
-                        return Ok(Err(Error::FailedPrecondition(format!(
-                            "group does not own slot {s}; it cannot be moved out of it"
-                        ))));
-                    }
-                    if let Some(other) = moving.by_slot.get(&s) {
-                        return Ok(Err(Error::FailedPrecondition(format!(
-                            "slot {s} is already moving out in migration {other}"
-                        ))));
-                    }
-                }
-                let mut slots = req.slots.clone();
-                slots.sort_unstable();
-                slots.dedup();
-                let out = Out {
-                    slots,
-                    fence_index: 0,
-                };
-                let mut batch = sled::Batch::default();
-                batch.insert(out_key(id), out.encode());
-                batch.insert(APPLIED_KEY, &index.to_be_bytes());
-                self.meta.apply_batch(batch)?;
-                self.applied.store(index, Ordering::Release);
-                moving.insert(id, out);
-                tracing::info!(
-                    node = self.node_id,
-                    migration = id,
-                    "migration began: change log on"
-                );
-                done(index)
-            }
-            Ok(MigrateStep::Fence) => {
-                let Some(out) = moving.out.get(&id).cloned() else {
-                    return Ok(Err(Error::FailedPrecondition(format!(
-                        "no migration {id} on this group (never begun, or ended)"
-                    ))));
-                };
-                if out.fence_index != 0 {
-                    self.mark_applied(index)?;
-                    return done(out.fence_index);
-                }
-                // Writes are refused once fenced, so a transaction holding items here could not
-                // finish on this side of the move: fence only once no item is locked (no new
-                // lock is taken in a moving slot).
-                for slot in moving.slots_of(id) {
-                    let [locks, _] = crate::state::participant::slot_prefixes(slot);
-                    if self.meta.scan_prefix(&locks).next().is_some() {
-                        return Ok(Err(Error::FailedPrecondition(format!(
-                            "slot {slot} has items locked by an unfinished cross-group \
-                             transaction; fence again once it finishes"
-                        ))));
-                    }
-                }
-                let out = Out {
-                    fence_index: index,
-                    ..out
-                };
-                let mut batch = sled::Batch::default();
-                batch.insert(out_key(id), out.encode());
-                batch.insert(APPLIED_KEY, &index.to_be_bytes());
-                self.meta.apply_batch(batch)?;
-                self.applied.store(index, Ordering::Release);
-                moving.insert(id, out);
-                tracing::info!(node = self.node_id, migration = id, index, "slots fenced");
-                done(index)
-            }
-            Ok(MigrateStep::End) => {
-                let mut batch = sled::Batch::default();
-                batch.remove(out_key(id));
-                for k in self.meta.scan_prefix(log_prefix(id)).keys() {
-                    batch.remove(k?);
-                }
-                batch.insert(APPLIED_KEY, &index.to_be_bytes());
-                self.meta.apply_batch(batch)?;
-                self.applied.store(index, Ordering::Release);
-                moving.remove(id);
-                tracing::info!(
-                    node = self.node_id,
-                    migration = id,
-                    "migration ended on the donor"
-                );
-                done(index)
-            }
+            Ok(MigrateStep::Begin) => self.out_begin(index, req, &mut moving),
+            Ok(MigrateStep::Fence) => self.out_fence(index, req.migration_id, &mut moving),
+            Ok(MigrateStep::End) => self.out_end(index, req.migration_id, &mut moving),
             _ => Ok(Err(Error::InvalidArgument(format!(
                 "unknown migration step {}",
                 req.step
             )))),
         }
+    }
+
+    /// BEGIN: from this entry on, every write to the slots is also written to the change log.
+    fn out_begin(&self, index: u64, req: &MigrateOutRequest, moving: &mut Moving) -> Applied {
+        let id = req.migration_id;
+        if moving.out.contains_key(&id) {
+            self.mark_applied(index)?;
+            return step_done(index);
+        }
+        let ownership = self.ownership.read().unwrap();
+        if req.slots.is_empty() {
+            return Ok(Err(Error::InvalidArgument(
+                "a migration needs slots".into(),
+            )));
+        }
+        for &s in &req.slots {
+            if s >= self.slot_count || !ownership.owns(s) {
+                return Ok(Err(Error::FailedPrecondition(format!(
+                    "group does not own slot {s}; it cannot be moved out of it"
+                ))));
+            }
+            if let Some(other) = moving.by_slot.get(&s) {
+                return Ok(Err(Error::FailedPrecondition(format!(
+                    "slot {s} is already moving out in migration {other}"
+                ))));
+            }
+        }
+        let mut slots = req.slots.clone();
+        slots.sort_unstable();
+        slots.dedup();
+        let out = Out {
+            slots,
+            fence_index: 0,
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(out_key(id), out.encode());
+        batch.insert(APPLIED_KEY, &index.to_be_bytes());
+        self.sys.apply_batch(batch)?;
+        self.applied.store(index, Ordering::Release);
+        moving.insert(id, out);
+        tracing::info!(
+            node = self.node_id,
+            migration = id,
+            "migration began: change log on"
+        );
+        step_done(index)
+    }
+
+    /// FENCE: the slots refuse every request from this entry on (`SlotMoving`).
+    fn out_fence(&self, index: u64, id: u64, moving: &mut Moving) -> Applied {
+        let Some(out) = moving.out.get(&id).cloned() else {
+            return Ok(Err(Error::FailedPrecondition(format!(
+                "no migration {id} on this group (never begun, or ended)"
+            ))));
+        };
+        if out.fence_index != 0 {
+            self.mark_applied(index)?;
+            return step_done(out.fence_index);
+        }
+        // Writes are refused once fenced, so a transaction holding items here could not
+        // finish on this side of the move: fence only once no item is locked (no new
+        // lock is taken in a moving slot).
+        for slot in moving.slots_of(id) {
+            let [locks, _] = crate::state::participant::slot_prefixes(slot);
+            if self.sys.scan_prefix(&locks).next().is_some() {
+                return Ok(Err(Error::FailedPrecondition(format!(
+                    "slot {slot} has items locked by an unfinished cross-group \
+                     transaction; fence again once it finishes"
+                ))));
+            }
+        }
+        let out = Out {
+            fence_index: index,
+            ..out
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(out_key(id), out.encode());
+        batch.insert(APPLIED_KEY, &index.to_be_bytes());
+        self.sys.apply_batch(batch)?;
+        self.applied.store(index, Ordering::Release);
+        moving.insert(id, out);
+        tracing::info!(node = self.node_id, migration = id, index, "slots fenced");
+        step_done(index)
+    }
+
+    /// END: the fence and the change log go.
+    fn out_end(&self, index: u64, id: u64, moving: &mut Moving) -> Applied {
+        let mut batch = sled::Batch::default();
+        batch.remove(out_key(id));
+        for k in self.sys.scan_prefix(log_prefix(id)).keys() {
+            batch.remove(k?);
+        }
+        batch.insert(APPLIED_KEY, &index.to_be_bytes());
+        self.sys.apply_batch(batch)?;
+        self.applied.store(index, Ordering::Release);
+        moving.remove(id);
+        tracing::info!(
+            node = self.node_id,
+            migration = id,
+            "migration ended on the donor"
+        );
+        step_done(index)
     }
 
     fn apply_ingest(&self, index: u64, records: &[MigrationRecord]) -> Applied {
@@ -385,7 +396,7 @@ impl StateMachine {
             }
         }
         let _w = self.view.write().unwrap();
-        self.transact(|data, meta| {
+        self.transact(|data, sys| {
             for r in records {
                 if r.value.is_empty() {
                     data.remove(r.key.as_ref())?;
@@ -393,7 +404,7 @@ impl StateMachine {
                     data.insert(r.key.as_ref(), r.value.as_ref())?;
                 }
             }
-            meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+            sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
             Ok(())
         })?;
         self.applied.store(index, Ordering::Release);
@@ -431,11 +442,11 @@ impl StateMachine {
             }
         }
         let _w = self.view.write().unwrap();
-        self.transact(|data, meta| {
+        self.transact(|data, sys| {
             for k in &doomed {
                 data.remove(k)?;
             }
-            meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+            sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
             Ok(())
         })?;
         self.applied.store(index, Ordering::Release);
@@ -453,9 +464,9 @@ impl StateMachine {
             &TransactionalTree,
         ) -> std::result::Result<(), sled::transaction::UnabortableTransactionError>,
     ) -> Result<()> {
-        (&self.data, &self.meta)
-            .transaction(|(data, meta)| {
-                f(data, meta).map_err(ConflictableTransactionError::from)?;
+        (&self.data, &self.sys)
+            .transaction(|(data, sys)| {
+                f(data, sys).map_err(ConflictableTransactionError::from)?;
                 Ok::<_, ConflictableTransactionError<Error>>(())
             })
             .map_err(|e| match e {
@@ -516,7 +527,7 @@ impl StateMachine {
         };
         if log {
             let prefix = log_prefix(id);
-            for kv in self.meta.range((from(prefix.clone()), Bound::Unbounded)) {
+            for kv in self.sys.range((from(prefix.clone()), Bound::Unbounded)) {
                 let (k, v) = kv?;
                 if !k.starts_with(&prefix) {
                     break;
@@ -707,8 +718,20 @@ mod tests {
         assert_eq!(r.sm.get(keys[0].as_bytes(), b"").unwrap().unwrap().0, 3);
         assert!(r.sm.get(keys[1].as_bytes(), b"").unwrap().is_none());
         assert_eq!(r.sm.get(keys[2].as_bytes(), b"").unwrap().unwrap().0, 1);
+        give_up_and_clear(&mut d, &mut r, moving_slot, &keys[3], log);
+    }
+
+    /// The end of a move: the donor gives the fenced slot up and the recipient takes it (ingest
+    /// is then refused), the donor ends the migration and clears its copy in bounded steps.
+    fn give_up_and_clear(
+        d: &mut Sm,
+        r: &mut Sm,
+        moving_slot: u32,
+        unwritten: &str,
+        log: Vec<MigrationRecord>,
+    ) {
         // Ingest into an owned slot is refused; the donor may give the fenced slot up.
-        let others: Vec<u32> = all.iter().copied().filter(|s| *s != moving_slot).collect();
+        let others: Vec<u32> = (0..SLOTS).filter(|s| *s != moving_slot).collect();
         d.run(Command::SetOwnership(SetOwnershipRequest {
             group_id: 1,
             map_version: 2,
@@ -724,7 +747,7 @@ mod tests {
         }))
         .unwrap();
         assert!(matches!(
-            ingest_result(&mut r, log),
+            ingest_result(r, log),
             Err(Error::FailedPrecondition(_))
         ));
         // Clearing is refused while moving, then deletes in bounded steps.
@@ -735,21 +758,21 @@ mod tests {
                 items_max: 2,
             }))
         };
-        assert!(clear(&mut d).is_err());
+        assert!(clear(d).is_err());
         d.run(step(7, MigrateStep::End, &[])).unwrap();
         assert!(
             d.sm.migration_pull(7, true, &[], 10).is_err(),
             "the log is gone"
         );
         assert!(matches!(
-            d.sm.check_owned(keys[3].as_bytes()),
+            d.sm.check_owned(unwritten.as_bytes()),
             Err(Error::WrongShard { .. })
         ));
         let mut rounds = 0;
         loop {
             rounds += 1;
             assert!(rounds < 100);
-            match clear(&mut d).unwrap() {
+            match clear(d).unwrap() {
                 Outcome::Migration { done: true, .. } => break,
                 Outcome::Migration { deleted, .. } => assert_eq!(deleted, 2),
                 other => panic!("{other:?}"),
@@ -807,7 +830,7 @@ mod tests {
         other.sm.install_snapshot(&path, d.index).unwrap();
         assert_eq!(other.pull_all(1, true).len(), 1);
         assert!(other.sm.moving.read().unwrap().is_moving(2));
-        let reloaded = Moving::load(&d.sm.meta).unwrap();
+        let reloaded = Moving::load(&d.sm.sys).unwrap();
         assert_eq!(reloaded.out, d.sm.moving.read().unwrap().out);
     }
 }

@@ -1,4 +1,4 @@
-//! The KV state machine of one replica: the `data` and `meta` trees.
+//! The KV state machine of one replica: the `data` and `sys` trees.
 //!
 //! Only the raft driver writes here, by applying committed entries; an entry's effects and the new
 //! applied index go into one sled transaction, so a restart resumes exactly after the last entry
@@ -40,7 +40,7 @@ const INSTALLING_KEY: &[u8] = b"installing_snapshot";
 pub struct StateMachine {
     node_id: u64,
     data: sled::Tree,
-    meta: sled::Tree,
+    sys: sled::Tree,
     slot_count: u32,
     applied: AtomicU64,
     /// Notified with the applied index after every apply (watchers of the shard map use it).
@@ -116,7 +116,7 @@ fn read_u64(raw: Option<sled::IVec>, what: &str) -> Result<u64> {
         None => Ok(0),
         Some(v) if v.len() == 8 => Ok(u64::from_be_bytes(v.as_ref().try_into().unwrap())),
         Some(v) => Err(Error::Corruption(format!(
-            "tree meta, {what}: {} bytes, expected 8",
+            "tree sys, {what}: {} bytes, expected 8",
             v.len()
         ))),
     }
@@ -133,10 +133,11 @@ pub struct Opened {
 impl StateMachine {
     pub fn open(db: &sled::Db, node_id: u64, slot_count: u32) -> Result<Opened> {
         let data = db.open_tree("data")?;
-        let meta = db.open_tree("meta")?;
-        match read_u64(meta.get(SLOT_COUNT_KEY)?, "slot_count")? {
+        // The `sys` tree keeps its first on-disk name, `meta`, so existing data dirs open unchanged.
+        let sys = db.open_tree("meta")?;
+        match read_u64(sys.get(SLOT_COUNT_KEY)?, "slot_count")? {
             0 => {
-                meta.insert(SLOT_COUNT_KEY, &(slot_count as u64).to_be_bytes())?;
+                sys.insert(SLOT_COUNT_KEY, &(slot_count as u64).to_be_bytes())?;
             }
             stored if stored != slot_count as u64 => {
                 return Err(Error::InvalidArgument(format!(
@@ -145,22 +146,22 @@ impl StateMachine {
             }
             _ => {}
         }
-        let interrupted_install = meta.get(INSTALLING_KEY)?.is_some();
+        let interrupted_install = sys.get(INSTALLING_KEY)?.is_some();
         if interrupted_install {
             tracing::warn!(node = node_id, "a snapshot install was interrupted; resetting this replica to empty so the leader sends it again");
             data.clear()?;
-            meta.insert(APPLIED_KEY, &0u64.to_be_bytes())?;
-            meta.remove(INSTALLING_KEY)?;
+            sys.insert(APPLIED_KEY, &0u64.to_be_bytes())?;
+            sys.remove(INSTALLING_KEY)?;
         }
-        let applied = read_u64(meta.get(APPLIED_KEY)?, "applied_index")?;
-        let ownership = load_ownership(&meta, slot_count)?;
-        let moving = Moving::load(&meta)?;
-        let locks = participant::count_locks(&meta)?;
+        let applied = read_u64(sys.get(APPLIED_KEY)?, "applied_index")?;
+        let ownership = load_ownership(&sys, slot_count)?;
+        let moving = Moving::load(&sys)?;
+        let locks = participant::count_locks(&sys)?;
         Ok(Opened {
             sm: StateMachine {
                 node_id,
                 data,
-                meta,
+                sys,
                 slot_count,
                 applied: AtomicU64::new(applied),
                 applied_tx: tokio::sync::watch::channel(applied).0,
@@ -177,7 +178,7 @@ impl StateMachine {
     /// which carries no data), so count it as applied.
     pub fn start_at(&self, index: u64) -> Result<()> {
         if self.applied_index() < index {
-            self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+            self.sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
             self.applied.store(index, Ordering::Release);
             self.applied_tx.send_replace(index);
         }
@@ -235,7 +236,7 @@ impl StateMachine {
         for (sk, k) in participant::items(t) {
             let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, k);
             let lk = participant::lock_key(&raw_key);
-            if let Some(raw) = self.meta.get(&lk)? {
+            if let Some(raw) = self.sys.get(&lk)? {
                 let lock = self.decode_lock(&lk, &raw)?;
                 let ours =
                     lock.write && own.is_some_and(|id| lock.holders.iter().any(|h| h.txn_id == id));
@@ -255,15 +256,15 @@ impl StateMachine {
         let slots = self.moving.read().unwrap().slots_of(id);
         for slot in slots {
             let [locks, records] = participant::slot_prefixes(slot);
-            if self.meta.scan_prefix(&locks).next().is_some() {
+            if self.sys.scan_prefix(&locks).next().is_some() {
                 return Ok(Some(format!(
                     "slot {slot} has items locked by an unfinished cross-group transaction; \
                      fence again once it finishes"
                 )));
             }
-            for kv in self.meta.scan_prefix(&records) {
+            for kv in self.sys.scan_prefix(&records) {
                 let (k, v) = kv?;
-                let decided = participant::record_age_base(&k, &v)?;
+                let decided = participant::decision_age_base(&k, &v)?;
                 if now_ms < decided.saturating_add(keep_ms) {
                     return Ok(Some(format!(
                         "slot {slot} holds the decision of a cross-group transaction taken {} ms \
@@ -291,7 +292,7 @@ impl StateMachine {
         let _r = self.read_guard();
         if self.locks.load(Ordering::Relaxed) > 0 {
             let lk = participant::lock_key(&raw_key);
-            if let Some(raw) = self.meta.get(&lk)? {
+            if let Some(raw) = self.sys.get(&lk)? {
                 let lock = self.decode_lock(&lk, &raw)?;
                 if lock.write {
                     return Err(lock.refusal(&raw_key));
@@ -323,7 +324,7 @@ impl StateMachine {
         if self.locks.load(Ordering::Relaxed) > 0 {
             // A scan must not see half of a transaction: any lock in its range refuses it.
             let lock_prefix = participant::lock_prefix(&prefix);
-            for kv in self.meta.range(participant::lock_key(&from)..) {
+            for kv in self.sys.range(participant::lock_key(&from)..) {
                 let (lk, raw) = kv?;
                 if !lk.starts_with(&lock_prefix) {
                     break;
@@ -373,7 +374,7 @@ impl StateMachine {
             checked_value(self.node_id, &k, &v)?; // never ship an item that fails its checksum
             w.record(snapshot::TREE_DATA, &k, &v)?;
         }
-        for kv in self.meta.iter() {
+        for kv in self.sys.iter() {
             let (k, v) = kv?;
             if k.as_ref() != APPLIED_KEY
                 && k.as_ref() != INSTALLING_KEY
@@ -397,13 +398,13 @@ impl StateMachine {
             )));
         }
         let _w = self.view.write().unwrap();
-        self.meta.insert(INSTALLING_KEY, &index.to_be_bytes())?;
+        self.sys.insert(INSTALLING_KEY, &index.to_be_bytes())?;
         self.data.clear()?;
-        self.meta.remove(OWNERSHIP_KEY)?;
-        for k in self.meta.scan_prefix(participant::PREFIX).keys() {
-            self.meta.remove(k?)?;
+        self.sys.remove(OWNERSHIP_KEY)?;
+        for k in self.sys.scan_prefix(participant::PREFIX).keys() {
+            self.sys.remove(k?)?;
         }
-        migrate::clear_meta(&self.meta)?;
+        migrate::clear_sys(&self.sys)?;
         let mut reader = snapshot::Reader::open(path)?;
         let mut batch = sled::Batch::default();
         let mut in_batch = 0;
@@ -417,7 +418,7 @@ impl StateMachine {
                     items += 1;
                 }
                 snapshot::TREE_META => {
-                    self.meta.insert(k, v)?;
+                    self.sys.insert(k, v)?;
                 }
                 other => {
                     return Err(Error::Corruption(format!(
@@ -432,19 +433,19 @@ impl StateMachine {
             }
         }
         self.data.apply_batch(batch)?;
-        self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+        self.sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
         self.applied.store(index, Ordering::Release);
-        *self.ownership.write().unwrap() = load_ownership(&self.meta, self.slot_count)?;
+        *self.ownership.write().unwrap() = load_ownership(&self.sys, self.slot_count)?;
         self.locks
-            .store(participant::count_locks(&self.meta)?, Ordering::Relaxed);
-        *self.moving.write().unwrap() = Moving::load(&self.meta)?;
+            .store(participant::count_locks(&self.sys)?, Ordering::Relaxed);
+        *self.moving.write().unwrap() = Moving::load(&self.sys)?;
         self.applied_tx.send_replace(index);
         tracing::info!(node = self.node_id, index, items, "installed snapshot");
         Ok(items)
     }
 
     pub fn finish_install(&self) -> Result<()> {
-        self.meta.remove(INSTALLING_KEY)?;
+        self.sys.remove(INSTALLING_KEY)?;
         Ok(())
     }
 

@@ -1,4 +1,4 @@
-//! Which slots this replica's group owns, as of a map version: stored in the `meta` tree, changed
+//! Which slots this replica's group owns, as of a map version: stored in the `sys` tree, changed
 //! only by applying `SetOwnership` (a slot leaves with data only inside a fenced migration).
 
 use std::sync::atomic::Ordering;
@@ -48,7 +48,7 @@ impl Ownership {
         let want = 8 + (slot_count as usize).div_ceil(8);
         if raw.len() != want {
             return Err(Error::Corruption(format!(
-                "tree meta, ownership: {} bytes, expected {want}",
+                "tree sys, ownership: {} bytes, expected {want}",
                 raw.len()
             )));
         }
@@ -62,8 +62,8 @@ impl Ownership {
     }
 }
 
-pub(super) fn load_ownership(meta: &sled::Tree, slot_count: u32) -> Result<Ownership> {
-    match meta.get(OWNERSHIP_KEY)? {
+pub(super) fn load_ownership(sys: &sled::Tree, slot_count: u32) -> Result<Ownership> {
+    match sys.get(OWNERSHIP_KEY)? {
         Some(raw) => Ownership::decode(&raw, slot_count),
         None => Ok(Ownership {
             map_version: 0,
@@ -80,7 +80,7 @@ impl StateMachine {
     ) -> Result<Result<Outcome>> {
         let current = self.ownership.read().unwrap().clone();
         let refuse = |msg: String| -> Result<Result<Outcome>> {
-            self.meta.insert(APPLIED_KEY, &index.to_be_bytes())?;
+            self.sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
             self.applied.store(index, Ordering::Release);
             Ok(Err(Error::FailedPrecondition(msg)))
         };
@@ -131,7 +131,7 @@ impl StateMachine {
             let mut batch = sled::Batch::default();
             batch.insert(OWNERSHIP_KEY, next.encode());
             batch.insert(APPLIED_KEY, &index.to_be_bytes());
-            self.meta.apply_batch(batch)?;
+            self.sys.apply_batch(batch)?;
             *self.ownership.write().unwrap() = next;
         }
         self.applied.store(index, Ordering::Release);

@@ -1,5 +1,5 @@
-//! The participant side of cross-group transactions: locks, prepared parts and decision records,
-//! all replicated state kept in the `meta` tree (so they survive leader changes and travel in
+//! The participant side of cross-group transactions: locks, prepared parts and decisions,
+//! all replicated state kept in the `sys` tree (so they survive leader changes and travel in
 //! snapshots), changed only by applying raft commands inside the state machine's transaction.
 //!
 //! - `2pc/lock/<data key>` → the transaction holding the item: `txn_id | started_ms | primary`;
@@ -43,7 +43,7 @@ fn unseal<'a>(what: &str, key: &[u8], raw: &'a [u8]) -> Tx<&'a [u8]> {
         || u32::from_be_bytes(raw[..4].try_into().unwrap()) != crc32fast::hash(&raw[4..])
     {
         return Err(ConflictableTransactionError::Abort(Error::Corruption(
-            format!("tree meta, {what} {}: crc32 mismatch", keys::printable(key)),
+            format!("tree sys, {what} {}: crc32 mismatch", keys::printable(key)),
         )));
     }
     Ok(&raw[4..])
@@ -60,7 +60,7 @@ pub fn lock_key(data_key: &[u8]) -> Vec<u8> {
     key(LOCK_PREFIX, data_key)
 }
 
-/// The lock keys of every item of one shard key (a range of the meta tree).
+/// The lock keys of every item of one shard key (a range of the sys tree).
 pub fn lock_prefix(shard_prefix: &[u8]) -> Vec<u8> {
     key(LOCK_PREFIX, shard_prefix)
 }
@@ -103,7 +103,7 @@ impl Lock {
         let body = unseal("lock", lock_key, raw)?;
         let bad = || {
             corrupt(format!(
-                "tree meta, lock {}: malformed",
+                "tree sys, lock {}: malformed",
                 keys::printable(lock_key)
             ))
         };
@@ -190,7 +190,7 @@ pub fn items(t: &TxnRequest) -> Vec<(&[u8], &[u8])> {
 
 /// Refuses (inner `Err(Locked)`) if an item of `t` is locked, other than by `own`'s write lock.
 pub fn check_unlocked(
-    meta: &TransactionalTree,
+    sys: &TransactionalTree,
     slot_count: u32,
     t: &TxnRequest,
     own: Option<&[u8]>,
@@ -198,7 +198,7 @@ pub fn check_unlocked(
     for (sk, k) in items(t) {
         let data_key = keys::encode_key(ordo_proto::slot_of(sk, slot_count), sk, k);
         let lk = lock_key(&data_key);
-        if let Some(raw) = meta.get(&lk)? {
+        if let Some(raw) = sys.get(&lk)? {
             let lock = Lock::decode(&lk, &raw)?;
             let ours = lock.write && own.is_some_and(|id| lock.held_by(id));
             if !ours {
@@ -213,14 +213,14 @@ fn decision_byte(d: Decision) -> u8 {
     d as i32 as u8
 }
 
-/// The record key of a transaction whose primary shard key is in `slot`.
-fn record_key(slot: u32, txn_id: &[u8]) -> Vec<u8> {
+/// The decision key of a transaction whose primary shard key is in `slot`.
+fn decision_key(slot: u32, txn_id: &[u8]) -> Vec<u8> {
     let mut k = key(RECORD_PREFIX, &keys::slot_start(slot));
     k.extend_from_slice(txn_id);
     k
 }
 
-/// The prefixes of the locks and records of `slot` (a move of the slot waits until both are
+/// The prefixes of the locks and decisions of `slot` (a move of the slot waits until both are
 /// empty).
 pub fn slot_prefixes(slot: u32) -> [Vec<u8>; 2] {
     [
@@ -229,12 +229,12 @@ pub fn slot_prefixes(slot: u32) -> [Vec<u8>; 2] {
     ]
 }
 
-/// When the decision under record key `k` was recorded (ms, the deciding leader's clock).
-pub fn record_age_base(k: &[u8], raw: &[u8]) -> Result<u64> {
-    match unseal("transaction record", k, raw) {
+/// When the decision under decision key `k` was recorded (ms, the deciding leader's clock).
+pub fn decision_age_base(k: &[u8], raw: &[u8]) -> Result<u64> {
+    match unseal("decision", k, raw) {
         Ok(body) if body.len() >= 9 => Ok(u64::from_be_bytes(body[1..9].try_into().unwrap())),
         Ok(_) => Err(Error::Corruption(format!(
-            "tree meta, transaction record {}: too short",
+            "tree sys, decision {}: too short",
             keys::printable(k)
         ))),
         Err(ConflictableTransactionError::Abort(e)) => Err(e),
@@ -242,19 +242,19 @@ pub fn record_age_base(k: &[u8], raw: &[u8]) -> Result<u64> {
     }
 }
 
-fn recorded(meta: &TransactionalTree, slot: u32, txn_id: &[u8]) -> Tx<Option<Decision>> {
-    let rk = record_key(slot, txn_id);
-    match meta.get(&rk)? {
+fn decision_of(sys: &TransactionalTree, slot: u32, txn_id: &[u8]) -> Tx<Option<Decision>> {
+    let rk = decision_key(slot, txn_id);
+    match sys.get(&rk)? {
         None => Ok(None),
         Some(raw) => {
-            let body = unseal("transaction record", &rk, &raw)?;
+            let body = unseal("decision", &rk, &raw)?;
             Decision::try_from(body.first().copied().unwrap_or(0) as i32)
                 .ok()
                 .filter(|d| *d != Decision::Unspecified && *d != Decision::Pending)
                 .map(Some)
                 .ok_or_else(|| {
                     ConflictableTransactionError::Abort(Error::Corruption(format!(
-                        "tree meta, transaction record {}: bad decision",
+                        "tree sys, decision {}: bad decision",
                         hex(txn_id)
                     )))
                 })
@@ -262,15 +262,15 @@ fn recorded(meta: &TransactionalTree, slot: u32, txn_id: &[u8]) -> Tx<Option<Dec
     }
 }
 
-fn part_of(meta: &TransactionalTree, txn_id: &[u8]) -> Tx<Option<PrepareRequest>> {
+fn part_of(sys: &TransactionalTree, txn_id: &[u8]) -> Tx<Option<PrepareRequest>> {
     let pk = key(PART_PREFIX, txn_id);
-    match meta.get(&pk)? {
+    match sys.get(&pk)? {
         None => Ok(None),
         Some(raw) => {
             let body = unseal("prepared transaction", &pk, &raw)?;
             PrepareRequest::decode(body).map(Some).map_err(|e| {
                 ConflictableTransactionError::Abort(Error::Corruption(format!(
-                    "tree meta, prepared transaction {}: {e}",
+                    "tree sys, prepared transaction {}: {e}",
                     hex(txn_id)
                 )))
             })
@@ -282,7 +282,7 @@ fn part_of(meta: &TransactionalTree, txn_id: &[u8]) -> Tx<Option<PrepareRequest>
 /// `locks` counts the locks taken.
 pub fn prepare(
     view: &mut impl ItemView,
-    meta: &TransactionalTree,
+    sys: &TransactionalTree,
     slot_count: u32,
     p: &PrepareRequest,
     locks: &mut i64,
@@ -293,7 +293,7 @@ pub fn prepare(
         ..Default::default()
     };
     let primary_slot = ordo_proto::slot_of(&p.primary_shard_key, slot_count);
-    if let Some(d) = recorded(meta, primary_slot, &p.txn_id)? {
+    if let Some(d) = decision_of(sys, primary_slot, &p.txn_id)? {
         if d == Decision::Abort {
             return Ok(Err(Error::FailedPrecondition(format!(
                 "transaction {} was already aborted (a lock resolver timed it out); retry it",
@@ -301,7 +301,7 @@ pub fn prepare(
             ))));
         }
     }
-    let again = part_of(meta, &p.txn_id)?.is_some();
+    let again = part_of(sys, &p.txn_id)?.is_some();
     if again && !p.accumulate {
         // A retried prepare: the locks are ours already.
         let held = txn::evaluate(view, &compares_only)
@@ -324,17 +324,17 @@ pub fn prepare(
     if p.accumulate {
         // A reader: share read locks, take every item no writer holds, keep them, and report a
         // writer's item if there is one (the next prepare goes on from here).
-        meta.insert(key(PART_PREFIX, &p.txn_id), seal(&p.encode_to_vec()))?;
+        sys.insert(key(PART_PREFIX, &p.txn_id), seal(&p.encode_to_vec()))?;
         let mut blocked: Option<Error> = None;
         for data_key in &data_keys {
             let lk = lock_key(data_key);
-            match meta.get(&lk)? {
+            match sys.get(&lk)? {
                 None => {
                     let lock = Lock {
                         write: false,
                         holders: vec![me.clone()],
                     };
-                    meta.insert(lk, lock.encode())?;
+                    sys.insert(lk, lock.encode())?;
                     *locks += 1;
                 }
                 Some(raw) => {
@@ -345,7 +345,7 @@ pub fn prepare(
                         }
                     } else if !lock.held_by(&p.txn_id) {
                         lock.holders.push(me.clone());
-                        meta.insert(lk, lock.encode())?;
+                        sys.insert(lk, lock.encode())?;
                     }
                 }
             }
@@ -360,7 +360,7 @@ pub fn prepare(
             compares_held: held,
         }));
     }
-    if let Err(e) = check_unlocked(meta, slot_count, &part, Some(&p.txn_id))? {
+    if let Err(e) = check_unlocked(sys, slot_count, &part, Some(&p.txn_id))? {
         return Ok(Err(e));
     }
     let lock = Lock {
@@ -369,10 +369,10 @@ pub fn prepare(
     }
     .encode();
     for data_key in &data_keys {
-        meta.insert(lock_key(data_key), lock.clone())?;
+        sys.insert(lock_key(data_key), lock.clone())?;
         *locks += 1;
     }
-    meta.insert(key(PART_PREFIX, &p.txn_id), seal(&p.encode_to_vec()))?;
+    sys.insert(key(PART_PREFIX, &p.txn_id), seal(&p.encode_to_vec()))?;
     let held = txn::evaluate(view, &compares_only)
         .map_err(ConflictableTransactionError::Abort)?
         .succeeded;
@@ -383,13 +383,13 @@ pub fn prepare(
 
 /// Decide, on the primary's group: the first decision recorded wins.
 pub fn decide(
-    meta: &TransactionalTree,
+    sys: &TransactionalTree,
     slot_count: u32,
     d: &DecideRequest,
     now_ms: u64,
 ) -> Tx<Result<DecideResponse>> {
     let slot = ordo_proto::slot_of(&d.primary_shard_key, slot_count);
-    if let Some(existing) = recorded(meta, slot, &d.txn_id)? {
+    if let Some(existing) = decision_of(sys, slot, &d.txn_id)? {
         return Ok(Ok(DecideResponse {
             decision: existing as i32,
         }));
@@ -416,7 +416,7 @@ pub fn decide(
     };
     let mut body = vec![decision_byte(wanted)];
     body.extend_from_slice(&now_ms.to_be_bytes());
-    meta.insert(record_key(slot, &d.txn_id), seal(&body))?;
+    sys.insert(decision_key(slot, &d.txn_id), seal(&body))?;
     Ok(Ok(DecideResponse {
         decision: wanted as i32,
     }))
@@ -425,12 +425,12 @@ pub fn decide(
 /// Finish: run the decided branch of this group's part and release its locks.
 pub fn finish(
     view: &mut impl ItemView,
-    meta: &TransactionalTree,
+    sys: &TransactionalTree,
     slot_count: u32,
     f: &FinishRequest,
     locks: &mut i64,
 ) -> Tx<Result<FinishResponse>> {
-    let Some(p) = part_of(meta, &f.txn_id)? else {
+    let Some(p) = part_of(sys, &f.txn_id)? else {
         return Ok(Ok(FinishResponse {
             found: false,
             results: vec![],
@@ -460,20 +460,20 @@ pub fn finish(
     for (sk, k) in items(&part) {
         let data_key = keys::encode_key(ordo_proto::slot_of(sk, slot_count), sk, k);
         let lk = lock_key(&data_key);
-        if let Some(raw) = meta.get(&lk)? {
+        if let Some(raw) = sys.get(&lk)? {
             let mut lock = Lock::decode(&lk, &raw)?;
             if lock.held_by(&f.txn_id) {
                 lock.holders.retain(|h| h.txn_id != f.txn_id.as_ref());
                 if lock.holders.is_empty() {
-                    meta.remove(lk)?;
+                    sys.remove(lk)?;
                     *locks -= 1;
                 } else {
-                    meta.insert(lk, lock.encode())?;
+                    sys.insert(lk, lock.encode())?;
                 }
             }
         }
     }
-    meta.remove(key(PART_PREFIX, &f.txn_id))?;
+    sys.remove(key(PART_PREFIX, &f.txn_id))?;
     Ok(Ok(FinishResponse {
         found: true,
         results,
@@ -481,16 +481,16 @@ pub fn finish(
 }
 
 /// Forget, on the primary's group, once every participant finished.
-pub fn forget(meta: &TransactionalTree, slot_count: u32, f: &ForgetRequest) -> Tx<()> {
+pub fn forget(sys: &TransactionalTree, slot_count: u32, f: &ForgetRequest) -> Tx<()> {
     let slot = ordo_proto::slot_of(&f.primary_shard_key, slot_count);
-    meta.remove(record_key(slot, &f.txn_id))?;
+    sys.remove(decision_key(slot, &f.txn_id))?;
     Ok(())
 }
 
-/// How many locks `meta` holds (once, when a replica opens or installs a snapshot).
-pub fn count_locks(meta: &sled::Tree) -> Result<i64> {
+/// How many locks `sys` holds (once, when a replica opens or installs a snapshot).
+pub fn count_locks(sys: &sled::Tree) -> Result<i64> {
     let mut n = 0;
-    for kv in meta.scan_prefix(LOCK_PREFIX) {
+    for kv in sys.scan_prefix(LOCK_PREFIX) {
         kv?;
         n += 1;
     }
@@ -710,7 +710,7 @@ mod tests {
             matches!(s.prepare(2, part, 0), Err(Error::FailedPrecondition(m)) if m.contains("aborted"))
         );
         assert_eq!(s.sm.locks_held(), 0);
-        // Forgetting drops the record.
+        // Forgetting drops the decision.
         s.apply(Command::Forget(ForgetRequest {
             header: None,
             txn_id: id(1).into(),

@@ -69,7 +69,7 @@ fn an_interrupted_install_resets_the_replica() {
             cmd: Some(put("o", "", "v")),
         }])
         .unwrap();
-        sm.meta.insert(INSTALLING_KEY, &9u64.to_be_bytes()).unwrap();
+        sm.sys.insert(INSTALLING_KEY, &9u64.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
     let db = sled::open(dir.path()).unwrap();

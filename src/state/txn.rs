@@ -102,10 +102,14 @@ fn compare_holds(view: &mut impl ItemView, c: &Compare) -> Result<bool> {
     })
 }
 
-/// An in-memory `ItemView` for tests and models.
+/// An item's place in a `MemView`: (shard key, key).
+#[cfg(test)]
+type ItemName = (Vec<u8>, Vec<u8>);
+
+/// An in-memory `ItemView` for tests and models: item → (version, value).
 #[derive(Default, Debug, Clone, PartialEq)]
 #[cfg(test)]
-pub struct MemView(pub std::collections::BTreeMap<(Vec<u8>, Vec<u8>), (u64, Vec<u8>)>);
+pub struct MemView(pub std::collections::BTreeMap<ItemName, (u64, Vec<u8>)>);
 
 #[cfg(test)]
 impl ItemView for MemView {

@@ -45,13 +45,13 @@ impl Driver {
                 "node {to} is not a voter of group {} (voters: {voters:?})",
                 self.cfg.group_id
             )))
-        } else if let Some(t) = &self.transfer {
-            Some(Error::FailedPrecondition(format!(
-                "a leader transfer to node {} is already in progress; wait for it",
-                t.to
-            )))
         } else {
-            None
+            self.transfer.as_ref().map(|t| {
+                Error::FailedPrecondition(format!(
+                    "a leader transfer to node {} is already in progress; wait for it",
+                    t.to
+                ))
+            })
         };
         if let Some(e) = err {
             let _ = resp.send(Err(e));

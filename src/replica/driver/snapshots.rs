@@ -49,9 +49,11 @@ impl Driver {
             .map_err(|e| Error::Storage(format!("term of applied index {applied}: {e}")))?;
         let started = Instant::now();
         let (index, path, records) = self.sm.build_snapshot(&self.cfg.snap_dir, term)?;
-        let mut metadata = SnapshotMetadata::default();
-        metadata.index = index;
-        metadata.term = term;
+        let mut metadata = SnapshotMetadata {
+            index,
+            term,
+            ..Default::default()
+        };
         metadata.set_conf_state(self.raw.store().conf_state().clone());
         let old = self.raw.store().latest_snapshot().map(|s| s.path.clone());
         self.raw.mut_store().set_latest_snapshot(SnapshotFile {

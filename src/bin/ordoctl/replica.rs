@@ -1,0 +1,74 @@
+//! Membership and leadership of one raft group: `replica add|remove|replace` (over the config
+//! server, which drives the change) and `leader transfer` (straight to the group's nodes).
+
+use std::time::Duration;
+
+use ordo::proto::v1::{ChangeGroupReplicasRequest, ChangeReplicasRequest, ReplicaChange};
+
+use crate::args::{LeaderCommand, ReplicaCommand};
+use crate::render::{render_leader, render_replicas};
+use crate::{Endpoints, Failure};
+
+/// Changes the group's replicas and prints them after the change. The call lasts as long as the
+/// new replica takes to catch up, so its deadline is stretched to cover that.
+pub(crate) async fn replica(ep: &Endpoints, c: ReplicaCommand, json: bool) -> Result<(), Failure> {
+    let (group, change) = replica_change(c).map_err(anyhow::Error::msg)?;
+    let wait = Duration::from_millis(change.catch_up_timeout_ms as u64 + 30_000);
+    let resp = ep
+        .admin()?
+        .with_timeout(ep.timeout.max(wait))
+        .change_group_replicas(ChangeGroupReplicasRequest {
+            group_id: group,
+            change: Some(change),
+        })
+        .await?;
+    println!("{}", render_replicas(group, &resp, json));
+    Ok(())
+}
+
+/// Hands the group's leadership to `--to` and waits until it leads.
+pub(crate) async fn leader(ep: &Endpoints, c: LeaderCommand, json: bool) -> Result<(), Failure> {
+    let LeaderCommand::Transfer(a) = c;
+    let r = ep.kv()?.transfer_leader(a.to).await?;
+    println!("{}", render_leader(&r, json));
+    Ok(())
+}
+
+fn replica_change(c: ReplicaCommand) -> Result<(u64, ChangeReplicasRequest), String> {
+    let ms = |d: Duration| -> Result<u32, String> {
+        u32::try_from(d.as_millis())
+            .ok()
+            .filter(|ms| *ms > 0)
+            .ok_or_else(|| format!("--catch-up-timeout {d:?} is out of range"))
+    };
+    Ok(match c {
+        ReplicaCommand::Add(a) => (
+            a.group,
+            ChangeReplicasRequest {
+                change: ReplicaChange::Add as i32,
+                node_id: a.id,
+                addr: a.addr,
+                old_node_id: 0,
+                catch_up_timeout_ms: ms(a.catch_up_timeout)?,
+            },
+        ),
+        ReplicaCommand::Remove(a) => (
+            a.group,
+            ChangeReplicasRequest {
+                change: ReplicaChange::Remove as i32,
+                node_id: a.id,
+                ..Default::default()
+            },
+        ),
+        ReplicaCommand::Replace(a) => (
+            a.group,
+            ChangeReplicasRequest {
+                change: ReplicaChange::Replace as i32,
+                node_id: a.id,
+                addr: a.addr,
+                old_node_id: a.old,
+                catch_up_timeout_ms: ms(a.catch_up_timeout)?,
+            },
+        ),
+    })
+}
