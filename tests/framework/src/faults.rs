@@ -344,4 +344,36 @@ mod tests {
         net.delayed_done(true);
         assert!(matches!(net.fate(1, 2), Fate::Delay(_)));
     }
+
+    /// Through the product's transport: an isolated leader loses its group, which elects
+    /// another; healed, the old leader rejoins and the group converges.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_isolated_leader_is_replaced_through_the_transport() {
+        use crate::cluster::Cluster;
+        use crate::inproc::{Filter, InProcGroup, INPROC_GROUP};
+        let _heavy = crate::HEAVY.lock().await;
+        let bound = Duration::from_secs(30);
+        let net = std::sync::Arc::new(FaultNet::new(5));
+        let g = InProcGroup::start(3, 64, Some(net.clone() as Filter))
+            .await
+            .unwrap();
+        let old = g.wait_leader(INPROC_GROUP, bound).await;
+        let old_term = g.term(old.id);
+        net.isolate(old.id, &g.ids());
+        crate::wait::wait_for("another leader", bound, || {
+            let others = g.nodes.iter().filter(|(id, _)| **id != old.id);
+            let led = others
+                .map(|(_, n)| crate::inproc::raft_role(n))
+                .any(|(leads, term)| leads && term > old_term);
+            async move { led.then_some(()) }
+        })
+        .await;
+        net.heal();
+        g.client().put("k", "", "v", None).await.unwrap();
+        let (_, items, _) = g.converged(bound).await.unwrap();
+        assert_eq!(items, 1);
+        let stats = net.stats();
+        assert!(stats.blocked > 0 && stats.delivered > 0, "{stats:?}");
+        g.shutdown().await;
+    }
 }

@@ -510,3 +510,43 @@ impl Cluster for InProcCluster {
         leader_among(self.nodes(group)).map(|n| Member::new(group, n.replica.node_id))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOUND: Duration = Duration::from_secs(30);
+
+    /// The in-process harnesses do what the trait says: a killed leader is replaced, and the
+    /// restarted member rejoins on its data dir (the playground's layout is the one assumed).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_killed_leader_is_replaced_and_rejoins_on_restart() {
+        let _heavy = crate::HEAVY.lock().await;
+        let mut pg = InProcCluster::start(1, 3).await;
+        let c = pg.client();
+        c.put("before", "", "x", None).await.unwrap();
+        for group in [CONFIG_GROUP, 1] {
+            let old = pg.wait_leader(group, BOUND).await;
+            pg.kill(old).await;
+            assert!(!pg.is_running(old));
+            let new = pg.wait_leader(group, BOUND).await;
+            assert_ne!(new, old);
+            pg.restart(old).await;
+            pg.answers(old, BOUND).await;
+            assert_eq!(pg.members(group).len(), 3);
+        }
+        c.put("after", "", "y", None).await.unwrap();
+        let r = c.get("before", "", false).await.unwrap();
+        assert!(r.found && r.version == 1);
+        pg.shutdown().await;
+
+        let mut g = InProcGroup::start(3, 64, None).await.unwrap();
+        let old = g.wait_leader(INPROC_GROUP, BOUND).await;
+        g.kill(old).await;
+        g.client().put("k", "", "v", None).await.unwrap();
+        g.restart(old).await;
+        let (_, items, _) = g.converged(BOUND).await.unwrap();
+        assert_eq!(items, 1);
+        g.shutdown().await;
+    }
+}
