@@ -31,10 +31,6 @@ const PRELOAD: u64 = 1500;
 /// Bound on one client's operations, so a stuck stop flag cannot loop forever.
 const OPS_PER_CLIENT_MAX: u64 = 200_000;
 
-async fn playground(groups: u64) -> InProcCluster {
-    InProcCluster::start(groups, 3).await
-}
-
 fn admin(pg: &InProcCluster) -> ClusterClient {
     ClusterClient::connect(pg.config_addrs.clone())
         .unwrap()
@@ -327,7 +323,7 @@ fn print_moves(migrations: &[ordo_proto::v1::Migration]) {
 async fn adding_a_group_and_rebalancing_under_load_loses_nothing() {
     let _serial = ordo_testkit::HEAVY.lock().await;
     let started = Instant::now();
-    let pg = playground(3).await;
+    let pg = InProcCluster::start(3, 3).await;
     let router = pg.router_addr();
     preload(&router).await;
     let load = start_load(&router, CLIENTS);
@@ -383,7 +379,7 @@ async fn adding_a_group_and_rebalancing_under_load_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn draining_and_removing_a_group_under_load_loses_nothing() {
     let _serial = ordo_testkit::HEAVY.lock().await;
-    let pg = playground(3).await;
+    let pg = InProcCluster::start(3, 3).await;
     let router = pg.router_addr();
     preload(&router).await;
     let load = start_load(&router, CLIENTS_LIGHT);
@@ -426,7 +422,7 @@ async fn draining_and_removing_a_group_under_load_loses_nothing() {
 #[allow(clippy::too_many_lines)]
 async fn bad_moves_are_refused_and_an_abort_changes_nothing() {
     let _serial = ordo_testkit::HEAVY.lock().await;
-    let pg = playground(2).await;
+    let pg = InProcCluster::start(2, 3).await;
     let router = pg.router_addr();
     preload(&router).await;
     let cc = admin(&pg);
@@ -567,7 +563,7 @@ fn local_migrations(node: &ordo::node::Node) -> ordo_proto::v1::MigrationList {
 /// data.
 async fn move_with_a_kill(kill: Kill) {
     let _serial = ordo_testkit::HEAVY.lock().await;
-    let mut pg = playground(2).await;
+    let mut pg = InProcCluster::start(2, 3).await;
     let router = pg.router_addr();
     preload_n(&router, KILL_PRELOAD).await;
     let load = start_load(&router, CLIENTS_LIGHT);
