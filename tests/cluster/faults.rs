@@ -7,11 +7,11 @@
 //! reorder messages, crash and restart of the leader or a follower), runs it against a fresh
 //! group through a shared `ordo_testkit::faults::FaultNet` while client tasks issue
 //! linearizable Gets and conditional and unconditional Puts and Deletes, then heals everything,
-//! reads every key back and checks the whole history. A failing seed prints its schedule, what happened when (with the
-//! nodes each role resolved to, on the history's clock), and how to replay it. A seed always
-//! gives the same schedule, link-fault decisions and client operation mix; the interleaving with
-//! raft's own timers and the machine's load does not replay exactly, so replay a failing seed a
-//! few times.
+//! reads every key back and checks the whole history. A failing seed prints its schedule, what
+//! happened when (with the nodes each role resolved to, on the history's clock), and how to
+//! replay it. A seed always gives the same schedule, link-fault decisions and client operation
+//! mix; the interleaving with raft's own timers and the machine's load does not replay exactly,
+//! so replay a failing seed a few times.
 //!
 //! - default: `DEFAULT_SEEDS` fixed seeds, `PARALLEL` groups at a time, ~4 s of faults each;
 //! - `ORDO_FAULT_SEED=<n>`: only seed n (add `ORDO_FAULT_SOAK_SECS` if it came from a soak run);
