@@ -214,13 +214,7 @@ pub async fn execute(
     draw: &mut Draw,
 ) -> Result<(), ErrorKind> {
     match op {
-        Op::Read => {
-            let (sk, key) = world.layout.record(draw.existing(world)?);
-            match backend.get(&sk, &key).await.map_err(kind)? {
-                Some(_) => Ok(()),
-                None => Err(NOT_FOUND.to_string()),
-            }
-        }
+        Op::Read => read(backend, world, draw).await,
         Op::Update => {
             let (sk, key) = world.layout.record(draw.existing(world)?);
             backend
@@ -232,89 +226,123 @@ pub async fn execute(
             let n = world.next_new.fetch_add(1, Ordering::Relaxed);
             insert_record(backend, world, n).await
         }
-        Op::Scan => {
-            let (sk, key) = world.layout.record(draw.existing(world)?);
-            let len = world.layout.scan_length(&mut draw.rng);
-            // The scan starts at an existing record, so it returns at least that one.
-            match backend.scan(&sk, &key, "", len).await.map_err(kind)? {
-                0 => Err(NOT_FOUND.to_string()),
-                _ => Ok(()),
-            }
-        }
-        Op::Rmw => {
-            let (sk, key) = world.layout.record(draw.existing(world)?);
-            let Some(found) = backend.get(&sk, &key).await.map_err(kind)? else {
-                return Err(NOT_FOUND.to_string());
-            };
-            let txn = Txn {
-                compares: vec![VersionIs {
-                    shard_key: sk.clone().into(),
-                    key: key.clone().into(),
-                    version: found.version,
-                }],
-                writes: vec![Write {
-                    shard_key: sk.into(),
-                    key: key.into(),
-                    value: world.value.clone(),
-                }],
-            };
-            match backend.txn(txn).await.map_err(kind)? {
-                true => Ok(()),
-                false => Err(CONFLICT.to_string()),
-            }
-        }
-        Op::Txn1 | Op::Txn2 => {
-            let n = draw.existing(world)?;
-            let (sk, key) = world.layout.record(n);
-            let Some((psk, pkey)) = world.partner(n, op == Op::Txn1) else {
-                return Err(NOT_FOUND.to_string());
-            };
-            let write = |sk: String, key: String| Write {
-                shard_key: sk.into(),
-                key: key.into(),
-                value: world.value.clone(),
-            };
-            let txn = Txn {
-                compares: vec![],
-                writes: vec![write(sk, key), write(psk, pkey)],
-            };
-            backend.txn(txn).await.map_err(kind)?;
-            Ok(())
-        }
+        Op::Scan => scan(backend, world, draw).await,
+        Op::Rmw => read_modify_write(backend, world, draw).await,
+        Op::Txn1 | Op::Txn2 => write_pair(backend, world, draw, op == Op::Txn1).await,
         Op::OrderCreate => {
             let n = world.next_new.fetch_add(1, Ordering::Relaxed);
             create_order(backend, world, n).await
         }
-        Op::OrderAdvance => {
-            let id = order_id(&world.order_prefix, draw.existing(world)?);
-            let Some(root) = backend.get(&id, "").await.map_err(kind)? else {
-                return Err(NOT_FOUND.to_string());
-            };
-            let Some(next) = next_status(order_status(&root.value)) else {
-                return Err(TERMINAL.to_string());
-            };
-            let txn = advance_order_txn(&id, root.version, next, &world.value);
-            match backend.txn(txn).await.map_err(kind)? {
-                true => Ok(()),
-                false => Err(CONFLICT.to_string()),
-            }
-        }
-        Op::OrderRead => {
-            let id = order_id(&world.order_prefix, draw.existing(world)?);
-            if backend.get(&id, "").await.map_err(kind)?.is_none() {
-                return Err(NOT_FOUND.to_string());
-            }
-            let items = backend
-                .scan(&id, "items/", "items0", 0)
-                .await
-                .map_err(kind)?;
-            // Items are never deleted and were created with the root in one Txn.
-            if items < world.order_items as usize {
-                return Err(MISSING_ITEMS.to_string());
-            }
-            Ok(())
-        }
+        Op::OrderAdvance => advance_order(backend, world, draw).await,
+        Op::OrderRead => read_order(backend, world, draw).await,
     }
+}
+
+/// `read`: one existing record.
+async fn read(backend: &Backend, world: &World, draw: &mut Draw) -> Result<(), ErrorKind> {
+    let (sk, key) = world.layout.record(draw.existing(world)?);
+    match backend.get(&sk, &key).await.map_err(kind)? {
+        Some(_) => Ok(()),
+        None => Err(NOT_FOUND.to_string()),
+    }
+}
+
+/// `scan`: up to a drawn number of records from an existing one, inside its shard key.
+async fn scan(backend: &Backend, world: &World, draw: &mut Draw) -> Result<(), ErrorKind> {
+    let (sk, key) = world.layout.record(draw.existing(world)?);
+    let len = world.layout.scan_length(&mut draw.rng);
+    // The scan starts at an existing record, so it returns at least that one.
+    match backend.scan(&sk, &key, "", len).await.map_err(kind)? {
+        0 => Err(NOT_FOUND.to_string()),
+        _ => Ok(()),
+    }
+}
+
+/// `rmw`: read a record, then write it back if nobody wrote it in between.
+async fn read_modify_write(
+    backend: &Backend,
+    world: &World,
+    draw: &mut Draw,
+) -> Result<(), ErrorKind> {
+    let (sk, key) = world.layout.record(draw.existing(world)?);
+    let Some(found) = backend.get(&sk, &key).await.map_err(kind)? else {
+        return Err(NOT_FOUND.to_string());
+    };
+    let txn = Txn {
+        compares: vec![VersionIs {
+            shard_key: sk.clone().into(),
+            key: key.clone().into(),
+            version: found.version,
+        }],
+        writes: vec![Write {
+            shard_key: sk.into(),
+            key: key.into(),
+            value: world.value.clone(),
+        }],
+    };
+    match backend.txn(txn).await.map_err(kind)? {
+        true => Ok(()),
+        false => Err(CONFLICT.to_string()),
+    }
+}
+
+/// `txn1` (`same_group`) / `txn2`: one `Txn` writing two records of different shard keys, in one
+/// group or in two.
+async fn write_pair(
+    backend: &Backend,
+    world: &World,
+    draw: &mut Draw,
+    same_group: bool,
+) -> Result<(), ErrorKind> {
+    let n = draw.existing(world)?;
+    let (sk, key) = world.layout.record(n);
+    let Some((psk, pkey)) = world.partner(n, same_group) else {
+        return Err(NOT_FOUND.to_string());
+    };
+    let write = |sk: String, key: String| Write {
+        shard_key: sk.into(),
+        key: key.into(),
+        value: world.value.clone(),
+    };
+    let txn = Txn {
+        compares: vec![],
+        writes: vec![write(sk, key), write(psk, pkey)],
+    };
+    backend.txn(txn).await.map_err(kind)?;
+    Ok(())
+}
+
+/// `order_advance`: move an existing order to its next status, unless someone else did first.
+async fn advance_order(backend: &Backend, world: &World, draw: &mut Draw) -> Result<(), ErrorKind> {
+    let id = order_id(&world.order_prefix, draw.existing(world)?);
+    let Some(root) = backend.get(&id, "").await.map_err(kind)? else {
+        return Err(NOT_FOUND.to_string());
+    };
+    let Some(next) = next_status(order_status(&root.value)) else {
+        return Err(TERMINAL.to_string());
+    };
+    let txn = advance_order_txn(&id, root.version, next, &world.value);
+    match backend.txn(txn).await.map_err(kind)? {
+        true => Ok(()),
+        false => Err(CONFLICT.to_string()),
+    }
+}
+
+/// `order_read`: an existing order's root and all its line items.
+async fn read_order(backend: &Backend, world: &World, draw: &mut Draw) -> Result<(), ErrorKind> {
+    let id = order_id(&world.order_prefix, draw.existing(world)?);
+    if backend.get(&id, "").await.map_err(kind)?.is_none() {
+        return Err(NOT_FOUND.to_string());
+    }
+    let items = backend
+        .scan(&id, "items/", "items0", 0)
+        .await
+        .map_err(kind)?;
+    // Items are never deleted and were created with the root in one Txn.
+    if items < world.order_items as usize {
+        return Err(MISSING_ITEMS.to_string());
+    }
+    Ok(())
 }
 
 #[cfg(test)]

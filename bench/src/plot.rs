@@ -4,7 +4,8 @@
 
 use std::fmt::Write as _;
 
-use crate::report::Report;
+use crate::report::{Point, Report};
+use crate::workload::Op;
 
 const WIDTH: f64 = 960.0;
 const PANEL_HEIGHT: f64 = 300.0;
@@ -112,86 +113,115 @@ fn esc(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// One panel at vertical offset `top`. `x_ticks` are `(value, label)`.
-#[allow(clippy::too_many_arguments)]
-fn panel(
-    out: &mut String,
+/// One panel: where it sits, what it says, and its axes.
+struct Panel<'a> {
+    /// Vertical offset of the plot area.
     top: f64,
-    title: &str,
-    x_label: &str,
-    y_label: &str,
+    title: &'a str,
+    x_label: &'a str,
+    y_label: &'a str,
     x_max: f64,
-    x_ticks: &[(f64, String)],
+    /// `(value, label)`.
+    x_ticks: &'a [(f64, String)],
     y: Scale,
-    series: &[Series],
-) {
-    let (left, w, h) = (
-        MARGIN_LEFT,
-        WIDTH - MARGIN_LEFT - MARGIN_RIGHT,
-        PANEL_HEIGHT,
-    );
-    let px = |x: f64| left + (x / x_max).clamp(0.0, 1.0) * w;
-    let py = |v: f64| top + h - y.frac(v) * h;
-    let _ = writeln!(
-        out,
-        r#"<text x="{left}" y="{}" font-size="15" font-weight="bold">{}</text>"#,
-        top - 12.0,
-        esc(title)
-    );
-    let _ = writeln!(
-        out,
-        "<rect x=\"{left}\" y=\"{top}\" width=\"{w}\" height=\"{h}\" fill=\"none\" stroke=\"#444\"/>"
-    );
-    for t in y.ticks() {
-        let yy = py(t);
+}
+
+/// Left edge, width and height of every panel's plot area.
+const PLOT_LEFT: f64 = MARGIN_LEFT;
+const PLOT_WIDTH: f64 = WIDTH - MARGIN_LEFT - MARGIN_RIGHT;
+const PLOT_HEIGHT: f64 = PANEL_HEIGHT;
+
+impl Panel<'_> {
+    fn px(&self, x: f64) -> f64 {
+        PLOT_LEFT + (x / self.x_max).clamp(0.0, 1.0) * PLOT_WIDTH
+    }
+
+    fn py(&self, v: f64) -> f64 {
+        self.top + PLOT_HEIGHT - self.y.frac(v) * PLOT_HEIGHT
+    }
+
+    /// Draws the panel and `series` (each with its legend entry) into `out`.
+    fn draw(&self, out: &mut String, series: &[Series]) {
+        self.frame(out);
+        self.grid(out);
+        self.axis_names(out);
+        for (n, s) in series.iter().enumerate() {
+            self.line(out, s);
+            self.legend(out, n, s);
+        }
+    }
+
+    /// The title and the plot area's border.
+    fn frame(&self, out: &mut String) {
+        let (left, top, w, h) = (PLOT_LEFT, self.top, PLOT_WIDTH, PLOT_HEIGHT);
         let _ = writeln!(
             out,
-            "<line x1=\"{left}\" y1=\"{yy:.1}\" x2=\"{:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{}</text>",
-            left + w,
-            left - 6.0,
-            yy + 4.0,
-            label(t)
+            r#"<text x="{left}" y="{}" font-size="15" font-weight="bold">{}</text>"#,
+            top - 12.0,
+            esc(self.title)
         );
-    }
-    for (x, text) in x_ticks {
-        let xx = px(*x);
         let _ = writeln!(
             out,
-            "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>\
-             <text x=\"{xx:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">{}</text>",
-            top + h,
-            top + h + 16.0,
-            esc(text)
+            "<rect x=\"{left}\" y=\"{top}\" width=\"{w}\" height=\"{h}\" fill=\"none\" stroke=\"#444\"/>"
         );
     }
-    let _ = writeln!(
-        out,
-        r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle">{}</text>"#,
-        left + w / 2.0,
-        top + h + 34.0,
-        esc(x_label)
-    );
-    let _ = writeln!(
-        out,
-        r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle" transform="rotate(-90 {:.1} {:.1})">{}</text>"#,
-        left - 55.0,
-        top + h / 2.0,
-        left - 55.0,
-        top + h / 2.0,
-        esc(y_label)
-    );
-    for (n, s) in series.iter().enumerate() {
-        let dash = if s.dashed {
-            r#" stroke-dasharray="6 4""#
-        } else {
-            ""
-        };
+
+    /// Grid lines and tick labels, of the y axis then the x axis.
+    fn grid(&self, out: &mut String) {
+        let (left, top, w, h) = (PLOT_LEFT, self.top, PLOT_WIDTH, PLOT_HEIGHT);
+        for t in self.y.ticks() {
+            let yy = self.py(t);
+            let _ = writeln!(
+                out,
+                "<line x1=\"{left}\" y1=\"{yy:.1}\" x2=\"{:.1}\" y2=\"{yy:.1}\" stroke=\"#ddd\"/>\
+                 <text x=\"{:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"end\">{}</text>",
+                left + w,
+                left - 6.0,
+                yy + 4.0,
+                label(t)
+            );
+        }
+        for (x, text) in self.x_ticks {
+            let xx = self.px(*x);
+            let _ = writeln!(
+                out,
+                "<line x1=\"{xx:.1}\" y1=\"{top}\" x2=\"{xx:.1}\" y2=\"{:.1}\" stroke=\"#eee\"/>\
+                 <text x=\"{xx:.1}\" y=\"{:.1}\" font-size=\"11\" text-anchor=\"middle\">{}</text>",
+                top + h,
+                top + h + 16.0,
+                esc(text)
+            );
+        }
+    }
+
+    /// The axes' names: the x axis's below, the y axis's sideways on the left.
+    fn axis_names(&self, out: &mut String) {
+        let (left, top, w, h) = (PLOT_LEFT, self.top, PLOT_WIDTH, PLOT_HEIGHT);
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle">{}</text>"#,
+            left + w / 2.0,
+            top + h + 34.0,
+            esc(self.x_label)
+        );
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{:.1}" font-size="12" text-anchor="middle" transform="rotate(-90 {:.1} {:.1})">{}</text>"#,
+            left - 55.0,
+            top + h / 2.0,
+            left - 55.0,
+            top + h / 2.0,
+            esc(self.y_label)
+        );
+    }
+
+    /// `s` as polylines broken where points are missing (a lone point is a dot).
+    fn line(&self, out: &mut String, s: &Series) {
         for run in s.points.split(Option::is_none) {
             let pts: Vec<String> = run
                 .iter()
                 .flatten()
-                .map(|&(x, v)| format!("{:.1},{:.1}", px(x), py(v)))
+                .map(|&(x, v)| format!("{:.1},{:.1}", self.px(x), self.py(v)))
                 .collect();
             match pts.len() {
                 0 => {}
@@ -206,24 +236,39 @@ fn panel(
                 _ => {
                     let _ = writeln!(
                         out,
-                        r#"<polyline fill="none" stroke="{}" stroke-width="1.8"{dash} points="{}"/>"#,
+                        r#"<polyline fill="none" stroke="{}" stroke-width="1.8"{} points="{}"/>"#,
                         s.color,
+                        dash(s),
                         pts.join(" ")
                     );
                 }
             }
         }
-        let ly = top + 14.0 + n as f64 * 18.0;
-        let lx = left + w + 12.0;
+    }
+
+    /// The legend entry of series number `n`, right of the plot area.
+    fn legend(&self, out: &mut String, n: usize, s: &Series) {
+        let ly = self.top + 14.0 + n as f64 * 18.0;
+        let lx = PLOT_LEFT + PLOT_WIDTH + 12.0;
         let _ = writeln!(
             out,
-            r#"<line x1="{lx}" y1="{ly}" x2="{:.1}" y2="{ly}" stroke="{}" stroke-width="2"{dash}/><text x="{:.1}" y="{:.1}" font-size="12">{}</text>"#,
+            r#"<line x1="{lx}" y1="{ly}" x2="{:.1}" y2="{ly}" stroke="{}" stroke-width="2"{}/><text x="{:.1}" y="{:.1}" font-size="12">{}</text>"#,
             lx + 24.0,
             s.color,
+            dash(s),
             lx + 30.0,
             ly + 4.0,
             esc(&s.name)
         );
+    }
+}
+
+/// The stroke attribute of a dashed series.
+fn dash(s: &Series) -> &'static str {
+    if s.dashed {
+        r#" stroke-dasharray="6 4""#
+    } else {
+        ""
     }
 }
 
@@ -251,8 +296,85 @@ fn time_ticks(seconds: f64) -> Vec<(f64, String)> {
 /// The SVG document for `report`.
 pub fn svg(report: &Report) -> String {
     let c = &report.config;
-    let height = MARGIN_TOP + 3.0 * (PANEL_HEIGHT + PANEL_GAP);
     let mut out = String::new();
+    header(&mut out, report);
+    // Only whole seconds of the measured period: the last partial second holds only the requests
+    // that were still running at the end, which would read as a drop.
+    let seconds = c.duration_s.min(report.elapsed_s).floor().max(1.0);
+    let timeline: Vec<(&String, Vec<&Point>)> = report
+        .timeline
+        .iter()
+        .map(|(op, points)| {
+            let full = points.iter().filter(|p| (p.t as f64) < seconds).collect();
+            (op, full)
+        })
+        .collect();
+    let time = time_ticks(seconds);
+
+    // 1. Throughput per second.
+    let thr = throughput(&timeline);
+    let top = MARGIN_TOP + 30.0;
+    Panel {
+        top,
+        title: "Throughput (successful requests per second)",
+        x_label: "seconds since the warm-up ended",
+        y_label: "ops/s",
+        x_max: seconds,
+        x_ticks: &time,
+        y: fit(&thr, false),
+    }
+    .draw(&mut out, &thr);
+
+    // 2. p50 (solid) and p99 (dashed) per second.
+    let lat = latencies(&timeline);
+    let top = top + PANEL_HEIGHT + PANEL_GAP;
+    Panel {
+        top,
+        title: "Latency per second: p50 (solid) and p99 (dashed)",
+        x_label: "seconds since the warm-up ended",
+        y_label: "latency, ms (log)",
+        x_max: seconds,
+        x_ticks: &time,
+        y: fit(&lat, true),
+    }
+    .draw(&mut out, &lat);
+
+    // 3. The latency distribution of the whole run.
+    let dist = distribution(report);
+    let x_ticks: Vec<(f64, String)> = [
+        (0.0, "0%"),
+        (1.0, "90%"),
+        (2.0, "99%"),
+        (3.0, "99.9%"),
+        (4.0, "99.99%"),
+        (5.0, "max"),
+    ]
+    .into_iter()
+    .map(|(x, l)| (x, l.to_string()))
+    .collect();
+    let corrected = if c.rate_ops_s.is_some() {
+        " (from intended start)"
+    } else {
+        ""
+    };
+    Panel {
+        top: top + PANEL_HEIGHT + PANEL_GAP,
+        title: &format!("Latency distribution over the whole run{corrected}"),
+        x_label: "percentile",
+        y_label: "latency, ms (log)",
+        x_max: 5.0,
+        x_ticks: &x_ticks,
+        y: fit(&dist, true),
+    }
+    .draw(&mut out, &dist);
+    out.push_str("</svg>\n");
+    out
+}
+
+/// The document's opening tag, background and title lines.
+fn header(out: &mut String, report: &Report) {
+    let c = &report.config;
+    let height = MARGIN_TOP + 3.0 * (PANEL_HEIGHT + PANEL_GAP);
     let _ = writeln!(
         out,
         r#"<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" font-family="sans-serif">"#
@@ -278,32 +400,37 @@ pub fn svg(report: &Report) -> String {
             c.value_size
         ))
     );
-    // Only whole seconds of the measured period: the last partial second holds only the requests
-    // that were still running at the end, which would read as a drop.
-    let seconds = c.duration_s.min(report.elapsed_s).floor().max(1.0);
-    let timeline: Vec<(&String, Vec<&crate::report::Point>)> = report
-        .timeline
-        .iter()
-        .map(|(op, points)| {
-            let full = points.iter().filter(|p| (p.t as f64) < seconds).collect();
-            (op, full)
-        })
-        .collect();
-    // One colour per op, the same in every panel; `all` is black.
-    let color = |op: &str| match crate::workload::Op::from_name(op) {
+}
+
+/// One colour per op, the same in every panel; `all` is black.
+fn color(op: &str) -> &'static str {
+    match Op::from_name(op) {
         Some(op) => {
-            let i = crate::workload::Op::ALL
-                .iter()
-                .position(|o| *o == op)
-                .unwrap_or(0);
+            let i = Op::ALL.iter().position(|o| *o == op).unwrap_or(0);
             COLORS[i % COLORS.len()]
         }
         None => "#000000",
-    };
-    let x_of = |t: u64| t as f64 + 0.5;
+    }
+}
 
-    // 1. Throughput per second.
-    let thr: Vec<Series> = timeline
+/// Where second `t` is drawn: the middle of it.
+fn x_of(t: u64) -> f64 {
+    t as f64 + 0.5
+}
+
+/// A scale that fits every point of `series`.
+fn fit(series: &[Series], log: bool) -> Scale {
+    Scale::fit(
+        series
+            .iter()
+            .flat_map(|s| s.points.iter().flatten().map(|p| p.1)),
+        log,
+    )
+}
+
+/// Successful requests per second, one series per op.
+fn throughput(timeline: &[(&String, Vec<&Point>)]) -> Vec<Series> {
+    timeline
         .iter()
         .map(|(op, points)| Series {
             name: op.to_string(),
@@ -314,35 +441,16 @@ pub fn svg(report: &Report) -> String {
                 .map(|p| Some((x_of(p.t), p.ops as f64)))
                 .collect(),
         })
-        .collect();
-    let y = Scale::fit(
-        thr.iter()
-            .flat_map(|s| s.points.iter().flatten().map(|p| p.1)),
-        false,
-    );
-    let top = MARGIN_TOP + 30.0;
-    panel(
-        &mut out,
-        top,
-        "Throughput (successful requests per second)",
-        "seconds since the warm-up ended",
-        "ops/s",
-        seconds,
-        &time_ticks(seconds),
-        y,
-        &thr,
-    );
+        .collect()
+}
 
-    // 2. p50 (solid) and p99 (dashed) per second.
+/// p50 (solid) and p99 (dashed) per second, two series per op.
+fn latencies(timeline: &[(&String, Vec<&Point>)]) -> Vec<Series> {
     let mut lat = Vec::new();
-    for (op, points) in &timeline {
+    for (op, points) in timeline {
         for (dashed, name, pick) in [
-            (
-                false,
-                "p50",
-                (|p: &crate::report::Point| p.p50_ms) as fn(&_) -> _,
-            ),
-            (true, "p99", |p: &crate::report::Point| p.p99_ms),
+            (false, "p50", (|p: &Point| p.p50_ms) as fn(&_) -> _),
+            (true, "p99", |p: &Point| p.p99_ms),
         ] {
             lat.push(Series {
                 name: format!("{op} {name}"),
@@ -355,26 +463,12 @@ pub fn svg(report: &Report) -> String {
             });
         }
     }
-    let y = Scale::fit(
-        lat.iter()
-            .flat_map(|s| s.points.iter().flatten().map(|p| p.1)),
-        true,
-    );
-    let top = top + PANEL_HEIGHT + PANEL_GAP;
-    panel(
-        &mut out,
-        top,
-        "Latency per second: p50 (solid) and p99 (dashed)",
-        "seconds since the warm-up ended",
-        "latency, ms (log)",
-        seconds,
-        &time_ticks(seconds),
-        y,
-        &lat,
-    );
+    lat
+}
 
-    // 3. The latency distribution of the whole run.
-    let dist: Vec<Series> = report
+/// The percentile spectrum of each op over the whole run (`all` dashed).
+fn distribution(report: &Report) -> Vec<Series> {
+    report
         .results
         .iter()
         .filter(|r| !r.percentiles.is_empty())
@@ -388,49 +482,13 @@ pub fn svg(report: &Report) -> String {
                 .map(|p| Some((nines(p.percentile), p.ms)))
                 .collect(),
         })
-        .collect();
-    let y = Scale::fit(
-        dist.iter()
-            .flat_map(|s| s.points.iter().flatten().map(|p| p.1)),
-        true,
-    );
-    let x_ticks: Vec<(f64, String)> = [
-        (0.0, "0%"),
-        (1.0, "90%"),
-        (2.0, "99%"),
-        (3.0, "99.9%"),
-        (4.0, "99.99%"),
-        (5.0, "max"),
-    ]
-    .into_iter()
-    .map(|(x, l)| (x, l.to_string()))
-    .collect();
-    let top = top + PANEL_HEIGHT + PANEL_GAP;
-    let corrected = if c.rate_ops_s.is_some() {
-        " (from intended start)"
-    } else {
-        ""
-    };
-    panel(
-        &mut out,
-        top,
-        &format!("Latency distribution over the whole run{corrected}"),
-        "percentile",
-        "latency, ms (log)",
-        5.0,
-        &x_ticks,
-        y,
-        &dist,
-    );
-    out.push_str("</svg>\n");
-    out
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::report::{CpuInfo, Recorder, RunInfo, Timeline};
-    use crate::workload::Op;
     use std::time::Duration;
 
     #[test]

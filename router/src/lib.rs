@@ -12,14 +12,21 @@
 //! `slot_owner[slot_of(shard_key, slot_count)]` → group → replicas. Until the cluster is
 //! initialized (map version 0) Kv requests get `UNAVAILABLE`.
 //!
-//! # Forwarding and retries
+//! # Forwarding and retries (`forward.rs`)
 //! Each Kv request goes to the cached leader of its group (initially the first replica) over a
 //! pooled, lazily connected channel, stamped with the map version used. Node errors:
 //! - `UNAVAILABLE` + `NotLeader`: go to the named leader (at once the first time), or to the next
 //!   replica when none is named;
 //! - `UNAVAILABLE` + `NotApplied` (refused before it was proposed, or replaced in the log), or a
 //!   connection that could not be established (tonic's `ConnectError`): next replica;
+//! - `UNAVAILABLE` + `SlotMoving` (the slot is in a migration's critical section): a **hold**,
+//!   the same replica again after 2 ms doubling to 50 ms; up to 100 holds do not use up
+//!   attempts;
 //! - `FAILED_PRECONDITION` + `WrongShard`: refresh the map, retry at the new owner;
+//! - `ABORTED` + `Locked` (an item locked by a cross-group transaction; nothing applied): a
+//!   **lock wait**, retried after 4 ms doubling to 50 ms, bounded by the deadline, not by
+//!   attempts; before each retry the lock is resolved if it is older than the lock timeout, or
+//!   (for a waiting transaction) if its holder is younger (`locks.rs`);
 //! - `UNAVAILABLE` without details, or a transport error after the request was sent (reset,
 //!   broken pipe, keepalive timeout): a read (Get, Scan) goes to the next replica; a write (Put,
 //!   Delete, Txn) may have been applied, so it is **not** retried: the client gets `UNAVAILABLE`
@@ -37,19 +44,33 @@
 //! `NotApplied`, which is true of every attempt the router retried. An attempt that exceeds the
 //! whole deadline is `DEADLINE_EXCEEDED`, outcome unknown.
 //!
-//! A `Txn` must touch one group; cross-group transactions are refused with
-//! `FAILED_PRECONDITION` until two-phase commit lands.
+//! # Transactions
+//! A `Txn` whose shard keys all map to one group is forwarded like a write. A cross-group `Txn`
+//! is run by the router as the coordinator of a two-phase commit (`coordinator.rs`): prepare
+//! every group's part, record the decision at the primary's group, finish every part. The
+//! coordinator keeps no state a lock resolver cannot find again: if it dies, its locks expire
+//! and whoever meets them resolves them through the transaction's record (`locks.rs`).
+//!
+//! # Layering
+//! `forward.rs` (the routing loop) ← `locks.rs` (waiting on and resolving locks) ←
+//! `coordinator.rs` (two-phase commit) ← `kv.rs` (the `Kv` service). The loop knows nothing of
+//! transactions: how a request treats a lock is its caller's `LockPolicy`, and lock resolution
+//! forwards only in fail-on-lock mode, so it never recurses. `retry.rs` reads a failed attempt
+//! (classification, backoff curves), `map.rs` caches the shard map and leaders, `config.rs` talks
+//! to the config servers, `pool.rs` keeps the channels, `deadline.rs` bounds a request's time.
 
 mod cluster;
 mod config;
+mod coordinator;
 mod deadline;
+mod forward;
 mod kv;
+mod locks;
 mod map;
 mod pool;
 mod retry;
-mod twopc;
 
-pub use twopc::Failpoint;
+pub use coordinator::Failpoint;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

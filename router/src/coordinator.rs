@@ -1,5 +1,6 @@
 //! Two-phase commit of a `Txn` whose shard keys live in several groups; the router is the
-//! coordinator, each group a participant (`ordo.v1.Participant`, applied by `src/twopc.rs`).
+//! coordinator, each group a participant (`ordo.v1.Participant`, applied by the node's state
+//! machine).
 //!
 //! 1. **Prepare** every group's part at once: it locks every item the part reads or writes and
 //!    evaluates its compares. A Txn that writes takes write locks, all of a part or none; a
@@ -19,7 +20,7 @@
 //!    Then the record is forgotten (in the background).
 //!
 //! Decide and Finish are idempotent, so they are retried until the deadline like reads. A
-//! request that meets a lock (`kv.rs`) waits, and past the timeout resolves it: Decide with
+//! request that meets a lock waits, and past the timeout resolves it (`locks.rs`): Decide with
 //! `resolve` at the primary (aborts it unless decided), then Finish at the locked group.
 //! Readers never see half of a transaction: every item it touches is locked from its prepare to
 //! its finish, and reads of locked items wait.
@@ -27,20 +28,23 @@
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures::future::join_all;
 use ordo_proto::v1::{
     error_detail, txn_op, DecideRequest, Decision, FinishRequest, ForgetRequest, PrepareRequest,
     PrepareResponse, TxnOp, TxnOpResult, TxnRequest, TxnResponse,
 };
 use tokio::time::Instant;
-use tonic::Status;
+use tonic::{Response, Status};
 
-use crate::kv::{participant, KvService, OnLock, Route};
+use crate::forward::{forward, participant, FailOnLock, Route};
+use crate::locks::{self, now_ms, OnLock};
 use crate::map::group_of;
 use crate::retry::Effect;
+use crate::Shared;
 
 /// Most attempts (fresh transaction ids) one cross-group Txn makes before answering `ABORTED`;
 /// the request's deadline usually ends them first. Enough to outwait a lock whose coordinator
@@ -48,6 +52,8 @@ use crate::retry::Effect;
 const ATTEMPTS_MAX: u32 = 40;
 const RETRY_BACKOFF_BASE_MS: u64 = 5;
 const RETRY_BACKOFF_MAX_MS: u64 = 200;
+/// How long the background Forget of a finished transaction's record may take.
+const FORGET_BUDGET: Duration = Duration::from_secs(5);
 
 /// Where a test wants a coordinator to stop, as if its router died there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,8 +64,8 @@ pub enum Failpoint {
     AfterDecide,
 }
 
-fn failpoint(svc: &KvService, fp: Failpoint) -> Result<(), Status> {
-    if svc.0.twopc_failpoint == Some(fp) {
+fn failpoint(shared: &Shared, fp: Failpoint) -> Result<(), Status> {
+    if shared.twopc_failpoint == Some(fp) {
         tracing::warn!(?fp, "failpoint: the coordinator stops here");
         return Err(Status::unavailable(format!(
             "failpoint {fp:?}: the coordinator stopped; the transaction's outcome is up to the \
@@ -67,12 +73,6 @@ fn failpoint(svc: &KvService, fp: Failpoint) -> Result<(), Status> {
         )));
     }
     Ok(())
-}
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// 16 bytes unique to this process and call: a random per-process half and a counter.
@@ -173,7 +173,7 @@ enum AttemptFailed {
 
 /// Runs a cross-group Txn to its end within `budget`.
 pub(crate) async fn coordinate(
-    svc: &KvService,
+    shared: &Arc<Shared>,
     req: TxnRequest,
     budget: Duration,
 ) -> Result<TxnResponse, Status> {
@@ -191,7 +191,10 @@ pub(crate) async fn coordinate(
             }
             tokio::time::sleep(pause).await;
         }
-        match attempt_once(svc, &req, priority_ms, deadline).await {
+        match Attempt::new(shared, &req, priority_ms, deadline)
+            .run()
+            .await
+        {
             Ok(resp) => return Ok(resp),
             Err(AttemptFailed::Fail(s)) => return Err(s),
             Err(AttemptFailed::Retry(why)) => {
@@ -207,70 +210,294 @@ pub(crate) async fn coordinate(
     )))
 }
 
-async fn attempt_once(
-    svc: &KvService,
-    req: &TxnRequest,
+/// One attempt of a cross-group Txn, under a fresh transaction id.
+struct Attempt<'a> {
+    shared: &'a Arc<Shared>,
+    req: &'a TxnRequest,
+    parts: Vec<Part>,
+    txn_id: Bytes,
+    /// The Txn's first shard key: its group records the decision.
+    primary: Bytes,
+    /// The age that settles conflicts (the first attempt's clock).
     priority_ms: u64,
+    started_ms: u64,
     deadline: Instant,
-) -> Result<TxnResponse, AttemptFailed> {
-    let map = svc.0.map.current();
-    let parts = split(&map, req);
-    let txn_id = new_txn_id();
-    let primary = req
-        .compares
-        .first()
-        .map(|c| c.shard_key.clone())
-        .or_else(|| {
-            req.success
-                .iter()
-                .chain(&req.failure)
-                .find_map(op_key)
-                .cloned()
-        })
-        .expect("a routed Txn names a key");
-    let started_ms = now_ms();
-    let remaining = || deadline.saturating_duration_since(Instant::now());
+    /// Whether either branch writes: a writer takes write locks and never waits for a lock,
+    /// and its abort is recorded; a read-only Txn takes shared read locks and records nothing.
+    writes: bool,
+}
 
-    // 1. Prepare every part at once. A writer never waits: meeting a lock ends this attempt
-    // (after aborting the holder if it is younger). A reader shares read locks with other
-    // readers, keeps what it locked, and waits for older writers (aborting younger ones).
-    // Nobody waits for a waiter: no deadlock.
-    let writes_any = writes(&req.success) || writes(&req.failure);
-    let prepare = |p: &Part| {
-        let r = PrepareRequest {
-            header: None,
-            txn_id: txn_id.clone(),
-            primary_shard_key: primary.clone(),
-            started_ms,
-            part: Some(p.txn.clone()),
-            accumulate: !writes_any,
+/// Every part's answer to its prepare, in part order.
+type Prepared = Vec<Result<PrepareResponse, Status>>;
+
+impl<'a> Attempt<'a> {
+    fn new(
+        shared: &'a Arc<Shared>,
+        req: &'a TxnRequest,
+        priority_ms: u64,
+        deadline: Instant,
+    ) -> Attempt<'a> {
+        let map = shared.map.current();
+        let primary = req
+            .compares
+            .first()
+            .map(|c| c.shard_key.clone())
+            .or_else(|| {
+                req.success
+                    .iter()
+                    .chain(&req.failure)
+                    .find_map(op_key)
+                    .cloned()
+            })
+            .expect("a routed Txn names a key");
+        Attempt {
+            shared,
+            req,
+            parts: split(&map, req),
+            txn_id: new_txn_id(),
+            primary,
             priority_ms,
-            group_id: p.group,
+            started_ms: now_ms(),
+            deadline,
+            writes: writes(&req.success) || writes(&req.failure),
+        }
+    }
+
+    /// Prepare, decide, finish.
+    async fn run(self) -> Result<TxnResponse, AttemptFailed> {
+        let prepared = self.prepare_all().await;
+        let held = match compares_held(&self.parts, &prepared) {
+            Ok(held) => held,
+            Err(refusal) => return Err(self.abort_attempt(&prepared, refusal).await),
         };
-        let on_lock = if writes_any {
+        if self.writes {
+            failpoint(self.shared, Failpoint::AfterPrepare).map_err(AttemptFailed::Fail)?;
+        }
+        let (decision, branch_writes) = self.decide_branch(held).await?;
+        self.finish_and_merge(decision, branch_writes).await
+    }
+
+    /// Phase 1, prepare: every part at once. A writer never waits: meeting a lock ends this
+    /// attempt (after aborting the holder if it is younger, see [`Attempt::abort_attempt`]). A
+    /// reader shares read locks with other readers, keeps what it locked, and waits for older
+    /// writers (aborting younger ones). Nobody waits for a waiter: no deadlock.
+    async fn prepare_all(&self) -> Prepared {
+        let on_lock = if self.writes {
             OnLock::Fail
         } else {
-            OnLock::WaitAs(priority_ms, txn_id.clone())
+            OnLock::WaitAs(self.priority_ms, self.txn_id.clone())
         };
-        svc.forward(
-            "Prepare",
-            Effect::Write,
-            on_lock,
-            Route::Txn(p.keys.clone()),
-            r,
-            remaining(),
-            |ch, r| async move { participant(ch).prepare(r).await },
-        )
-    };
-    let prepared: Vec<Result<PrepareResponse, Status>> =
-        futures::future::join_all(parts.iter().map(prepare))
+        let prepare = |p: &Part| {
+            let r = PrepareRequest {
+                header: None,
+                txn_id: self.txn_id.clone(),
+                primary_shard_key: self.primary.clone(),
+                started_ms: self.started_ms,
+                part: Some(p.txn.clone()),
+                accumulate: !self.writes,
+                priority_ms: self.priority_ms,
+                group_id: p.group,
+            };
+            forward(
+                self.shared,
+                "Prepare",
+                Effect::Write,
+                &on_lock,
+                Route::Txn(p.keys.clone()),
+                r,
+                remaining(self.deadline),
+                |ch, r| async move { participant(ch).prepare(r).await },
+            )
+        };
+        join_all(self.parts.iter().map(prepare))
             .await
             .into_iter()
-            .map(|r| r.map(|r| r.into_inner()))
-            .collect();
+            .map(|r| r.map(Response::into_inner))
+            .collect()
+    }
+
+    /// Some part is not prepared (or its outcome is unknown): abort, so that a late prepare is
+    /// refused and the parts that did lock let go. Then say whether another attempt is worth
+    /// it, after resolving the lock that refused this one if this transaction may.
+    async fn abort_attempt(&self, prepared: &Prepared, refusal: Status) -> AttemptFailed {
+        let recorded = if self.writes {
+            self.decide(Decision::Abort).await.map(drop)
+        } else {
+            Ok(())
+        };
+        let released = finish_all(
+            self.shared,
+            &self.parts,
+            &self.txn_id,
+            Decision::Abort,
+            self.deadline,
+        )
+        .await
+        .is_ok();
+        // The abort record fences out a prepare still on its way; when every prepare answered,
+        // none is, and the record can go.
+        let all_answered = prepared.iter().all(|r| match r {
+            Ok(_) => true,
+            Err(s) => {
+                ordo_proto::certainly_not_applied(s) || s.code() == tonic::Code::FailedPrecondition
+            }
+        });
+        if released && all_answered {
+            forget_later(self.shared, &self.txn_id, &self.primary);
+        }
+        if let Err(e) = recorded {
+            // Not even the abort could be recorded (e.g. the primary's slot is moving): the
+            // attempt changed nothing it did not undo, but a prepare still on its way could
+            // lock again; its locks expire and are resolved like a dead coordinator's.
+            return if ordo_proto::certainly_not_applied(&e) {
+                AttemptFailed::Retry(format!("the abort was not recorded: {}", e.message()))
+            } else {
+                AttemptFailed::Fail(e)
+            };
+        }
+        match ordo_proto::error_detail_of(&refusal) {
+            Some(error_detail::Kind::Locked(lock)) => {
+                // The lock's own group is the one that refused; any key of it routes there.
+                let at = self
+                    .parts
+                    .iter()
+                    .zip(prepared)
+                    .find(|(_, r)| r.is_err())
+                    .map(|(p, _)| p.keys[0].clone())
+                    .unwrap_or_else(|| lock.primary_shard_key.clone());
+                // An older transaction aborts the younger holder; a younger one only gives up
+                // and retries (keeping its priority, so it ages); anyone resolves an expired one.
+                let me = Some((self.priority_ms, self.txn_id.clone()));
+                if let Err(e) = locks::resolve(self.shared, lock, at, self.deadline, me).await {
+                    tracing::debug!(error = %e, "could not resolve a lock");
+                }
+                AttemptFailed::Retry(format!("an item is locked: {}", refusal.message()))
+            }
+            _ if ordo_proto::certainly_not_applied(&refusal)
+                || refusal.code() == tonic::Code::FailedPrecondition =>
+            {
+                AttemptFailed::Retry(refusal.message().to_string())
+            }
+            _ => AttemptFailed::Fail(refusal),
+        }
+    }
+
+    /// Phase 2, decide: every compare held → the success branch, else the failure branch;
+    /// recorded at the primary when the branch writes (a branch that writes nothing changes
+    /// nothing either way). The decision, and whether its branch writes.
+    async fn decide_branch(&self, held: bool) -> Result<(Decision, bool), AttemptFailed> {
+        let (wanted, branch) = if held {
+            (Decision::CommitSuccess, &self.req.success)
+        } else {
+            (Decision::CommitFailure, &self.req.failure)
+        };
+        if !writes(branch) {
+            return Ok((wanted, false));
+        }
+        let decision = self.decide(wanted).await.map_err(AttemptFailed::Fail)?;
+        failpoint(self.shared, Failpoint::AfterDecide).map_err(AttemptFailed::Fail)?;
+        if decision == Decision::Abort {
+            if finish_all(
+                self.shared,
+                &self.parts,
+                &self.txn_id,
+                Decision::Abort,
+                self.deadline,
+            )
+            .await
+            .is_ok()
+            {
+                forget_later(self.shared, &self.txn_id, &self.primary);
+            }
+            return Err(AttemptFailed::Retry(
+                "an older transaction or a lock resolver aborted this one before its decision \
+                 was recorded"
+                    .into(),
+            ));
+        }
+        Ok((decision, true))
+    }
+
+    /// Phase 3, finish: everywhere, then merge the op results in the Txn's order.
+    async fn finish_and_merge(
+        &self,
+        decision: Decision,
+        branch_writes: bool,
+    ) -> Result<TxnResponse, AttemptFailed> {
+        let finished = finish_all(
+            self.shared,
+            &self.parts,
+            &self.txn_id,
+            decision,
+            self.deadline,
+        )
+        .await;
+        let results = match finished {
+            Ok(r) => r,
+            // Nothing was written: reading again is harmless. (An older transaction may have
+            // aborted this reader, leaving a record behind.)
+            Err(e) if !branch_writes => {
+                finish_all(
+                    self.shared,
+                    &self.parts,
+                    &self.txn_id,
+                    Decision::Abort,
+                    self.deadline,
+                )
+                .await
+                .ok();
+                forget_later(self.shared, &self.txn_id, &self.primary);
+                return Err(AttemptFailed::Retry(format!(
+                    "a read-only part could not answer: {}",
+                    e.message()
+                )));
+            }
+            Err(e) => {
+                return Err(AttemptFailed::Fail(Status::unavailable(format!(
+                    "the transaction is decided ({decision:?}) and will be applied in full, but \
+                     a group did not confirm its part ({}): its op results are unknown; read the \
+                     items back",
+                    e.message()
+                ))))
+            }
+        };
+        if branch_writes {
+            forget_later(self.shared, &self.txn_id, &self.primary);
+        }
+        Ok(merge(self.req, &self.parts, decision, results))
+    }
+
+    /// Records `wanted` at the primary's group (or learns the decision already recorded).
+    async fn decide(&self, wanted: Decision) -> Result<Decision, Status> {
+        let r = DecideRequest {
+            header: None,
+            txn_id: self.txn_id.clone(),
+            primary_shard_key: self.primary.clone(),
+            decision: wanted as i32,
+            resolve: false,
+            started_ms: 0,
+            wound: false,
+        };
+        let resp = forward(
+            self.shared,
+            "Decide",
+            Effect::Read, // idempotent: the first decision wins
+            &FailOnLock,
+            Route::Key(self.primary.clone()),
+            r,
+            remaining(self.deadline),
+            |ch, r| async move { participant(ch).decide(r).await },
+        )
+        .await?;
+        Ok(Decision::try_from(resp.into_inner().decision).unwrap_or(Decision::Unspecified))
+    }
+}
+
+/// Whether every prepared part's compares held, or the first refusal (each one is logged).
+fn compares_held(parts: &[Part], prepared: &Prepared) -> Result<bool, Status> {
     let mut held = true;
     let mut refusal: Option<Status> = None;
-    for (p, r) in parts.iter().zip(&prepared) {
+    for (p, r) in parts.iter().zip(prepared) {
         match r {
             Ok(r) => held &= r.compares_held,
             Err(s) => {
@@ -281,125 +508,19 @@ async fn attempt_once(
             }
         }
     }
-    if let Some(s) = refusal {
-        // Some part is not prepared (or its outcome is unknown): abort, so that a late prepare
-        // is refused and the parts that did lock let go.
-        let decision = if writes(&req.success) || writes(&req.failure) {
-            decide(svc, &txn_id, &primary, Decision::Abort, deadline).await
-        } else {
-            Ok(Decision::Abort)
-        };
-        let released = finish_all(svc, &parts, &txn_id, Decision::Abort, deadline)
-            .await
-            .is_ok();
-        // The abort record fences out a prepare still on its way; when every prepare answered,
-        // none is, and the record can go.
-        let all_answered = prepared.iter().all(|r| match r {
-            Ok(_) => true,
-            Err(s) => {
-                ordo_proto::certainly_not_applied(s) || s.code() == tonic::Code::FailedPrecondition
-            }
-        });
-        if released && all_answered {
-            forget_later(svc, &txn_id, &primary);
-        }
-        if let Err(e) = decision {
-            // Not even the abort could be recorded (e.g. the primary's slot is moving): the
-            // attempt changed nothing it did not undo, but a prepare still on its way could
-            // lock again; its locks expire and are resolved like a dead coordinator's.
-            return Err(if ordo_proto::certainly_not_applied(&e) {
-                AttemptFailed::Retry(format!("the abort was not recorded: {}", e.message()))
-            } else {
-                AttemptFailed::Fail(e)
-            });
-        }
-        return Err(match ordo_proto::error_detail_of(&s) {
-            Some(error_detail::Kind::Locked(lock)) => {
-                // The lock's own group is the one that refused; any key of it routes there.
-                let at = parts
-                    .iter()
-                    .zip(&prepared)
-                    .find(|(_, r)| r.is_err())
-                    .map(|(p, _)| p.keys[0].clone())
-                    .unwrap_or_else(|| lock.primary_shard_key.clone());
-                // An older transaction aborts the younger holder; a younger one only gives up
-                // and retries (keeping its priority, so it ages); anyone resolves an expired one.
-                let me = Some((priority_ms, txn_id.clone()));
-                if let Err(e) = svc.resolve_lock(lock, at, deadline, me).await {
-                    tracing::debug!(error = %e, "could not resolve a lock");
-                }
-                AttemptFailed::Retry(format!("an item is locked: {}", s.message()))
-            }
-            _ if ordo_proto::certainly_not_applied(&s)
-                || s.code() == tonic::Code::FailedPrecondition =>
-            {
-                AttemptFailed::Retry(s.message().to_string())
-            }
-            _ => AttemptFailed::Fail(s),
-        });
+    match refusal {
+        Some(s) => Err(s),
+        None => Ok(held),
     }
-    if writes_any {
-        failpoint(svc, Failpoint::AfterPrepare).map_err(AttemptFailed::Fail)?;
-    }
+}
 
-    // 2. Decide.
-    let wanted = if held {
-        Decision::CommitSuccess
-    } else {
-        Decision::CommitFailure
-    };
-    let branch_writes = writes(if held { &req.success } else { &req.failure });
-    let decision = if branch_writes {
-        decide(svc, &txn_id, &primary, wanted, deadline)
-            .await
-            .map_err(AttemptFailed::Fail)?
-    } else {
-        wanted
-    };
-    if branch_writes {
-        failpoint(svc, Failpoint::AfterDecide).map_err(AttemptFailed::Fail)?;
-    }
-    if decision == Decision::Abort {
-        if finish_all(svc, &parts, &txn_id, Decision::Abort, deadline)
-            .await
-            .is_ok()
-        {
-            forget_later(svc, &txn_id, &primary);
-        }
-        return Err(AttemptFailed::Retry(
-            "an older transaction or a lock resolver aborted this one before its decision was \
-             recorded"
-                .into(),
-        ));
-    }
-
-    // 3. Finish everywhere, then merge the op results in the Txn's order.
-    let results = match finish_all(svc, &parts, &txn_id, decision, deadline).await {
-        Ok(r) => r,
-        // Nothing was written: reading again is harmless. (An older transaction may have
-        // aborted this reader, leaving a record behind.)
-        Err(e) if !branch_writes => {
-            finish_all(svc, &parts, &txn_id, Decision::Abort, deadline)
-                .await
-                .ok();
-            forget_later(svc, &txn_id, &primary);
-            return Err(AttemptFailed::Retry(format!(
-                "a read-only part could not answer: {}",
-                e.message()
-            )));
-        }
-        Err(e) => {
-            return Err(AttemptFailed::Fail(Status::unavailable(format!(
-                "the transaction is decided ({decision:?}) and will be applied in full, but a \
-                 group did not confirm its part ({}): its op results are unknown; read the \
-                 items back",
-                e.message()
-            ))))
-        }
-    };
-    if branch_writes {
-        forget_later(svc, &txn_id, &primary);
-    }
+/// The whole Txn's answer from each part's op results (in part order) under `decision`.
+fn merge(
+    req: &TxnRequest,
+    parts: &[Part],
+    decision: Decision,
+    results: Vec<Vec<TxnOpResult>>,
+) -> TxnResponse {
     let succeeded = decision == Decision::CommitSuccess;
     let len = if succeeded {
         req.success.len()
@@ -417,73 +538,41 @@ async fn attempt_once(
             merged[*i] = Some(r);
         }
     }
-    Ok(TxnResponse {
+    TxnResponse {
         succeeded,
         results: merged.into_iter().map(Option::unwrap_or_default).collect(),
-    })
+    }
 }
 
 /// Drops the transaction's record at the primary's group, in the background, once every part
 /// has finished (or an attempt was given up: the abort that fenced out late prepares is no
 /// longer needed once its parts are released). Best effort: a record left behind is only kept
 /// space.
-fn forget_later(svc: &KvService, txn_id: &Bytes, primary: &Bytes) {
-    let (shared, txn_id, primary) = (svc.0.clone(), txn_id.clone(), primary.clone());
+fn forget_later(shared: &Arc<Shared>, txn_id: &Bytes, primary: &Bytes) {
+    let (shared, txn_id, primary) = (shared.clone(), txn_id.clone(), primary.clone());
     tokio::spawn(async move {
-        let kv = KvService(shared);
         let r = ForgetRequest {
             header: None,
             txn_id,
             primary_shard_key: primary.clone(),
         };
-        let _ = kv
-            .forward(
-                "Forget",
-                Effect::Read,
-                OnLock::Fail,
-                Route::Key(primary),
-                r,
-                Duration::from_secs(5),
-                |ch, r| async move { participant(ch).forget(r).await },
-            )
-            .await;
-    });
-}
-
-/// Records `wanted` at the primary's group (or learns the decision already recorded).
-async fn decide(
-    svc: &KvService,
-    txn_id: &Bytes,
-    primary: &Bytes,
-    wanted: Decision,
-    deadline: Instant,
-) -> Result<Decision, Status> {
-    let r = DecideRequest {
-        header: None,
-        txn_id: txn_id.clone(),
-        primary_shard_key: primary.clone(),
-        decision: wanted as i32,
-        resolve: false,
-        started_ms: 0,
-        wound: false,
-    };
-    let resp = svc
-        .forward(
-            "Decide",
-            Effect::Read, // idempotent: the first decision wins
-            OnLock::Fail,
-            Route::Key(primary.clone()),
+        let _ = forward(
+            &shared,
+            "Forget",
+            Effect::Read,
+            &FailOnLock,
+            Route::Key(primary),
             r,
-            deadline.saturating_duration_since(Instant::now()),
-            |ch, r| async move { participant(ch).decide(r).await },
+            FORGET_BUDGET,
+            |ch, r| async move { participant(ch).forget(r).await },
         )
-        .await?;
-    Ok(Decision::try_from(resp.into_inner().decision).unwrap_or(Decision::Unspecified))
+        .await;
+    });
 }
 
 /// Finishes every part with `decision`; the op results of each part, in part order.
 async fn finish_all(
-    svc: &KvService,
+    shared: &Shared,
     parts: &[Part],
     txn_id: &Bytes,
     decision: Decision,
@@ -497,20 +586,21 @@ async fn finish_all(
             decision: decision as i32,
             group_id: p.group,
         };
-        svc.forward(
+        forward(
+            shared,
             "Finish",
             Effect::Read, // idempotent
-            OnLock::Fail,
+            &FailOnLock,
             Route::Txn(p.keys.clone()),
             r,
-            deadline.saturating_duration_since(Instant::now()),
+            remaining(deadline),
             |ch, r| async move { participant(ch).finish(r).await },
         )
     });
-    futures::future::join_all(finishes)
+    join_all(finishes)
         .await
         .into_iter()
-        .map(|r| r.map(|r| r.into_inner()))
+        .map(|r| r.map(Response::into_inner))
         .map(|r| match r {
             Ok(f) if f.found => Ok(f.results),
             // Finished before: a retried Finish whose first answer was lost with a leader
@@ -522,110 +612,8 @@ async fn finish_all(
         .collect()
 }
 
-impl KvService {
-    /// Resolves a lock met on an item of the group that `at` (a shard key) routes to, when the
-    /// `wounder` (the transaction that met it) is older than its holder, or the holder is older
-    /// than the lock timeout: ask the primary for the decision (aborting the holder if there is
-    /// none) and finish the locked group's part with it. Otherwise the lock is left alone (the
-    /// caller waits or retries).
-    pub(crate) fn resolve_lock(
-        &self,
-        lock: error_detail::Locked,
-        at: Bytes,
-        deadline: Instant,
-        wounder: Option<(u64, Bytes)>,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Status>> + Send + '_>> {
-        Box::pin(async move {
-            let wound = wounder.is_some_and(|(priority, id)| {
-                (priority, &id[..]) < (lock.priority_ms, &lock.txn_id[..])
-            });
-            let expired = now_ms()
-                >= lock
-                    .started_ms
-                    .saturating_add(ordo_proto::TXN_LOCK_TIMEOUT_MS);
-            if !wound && !expired {
-                return Ok(());
-            }
-            let remaining = || deadline.saturating_duration_since(Instant::now());
-            if lock.read {
-                // A reader decides nothing: releasing its part here is enough (a live one
-                // notices at its finish and reads again).
-                let r = FinishRequest {
-                    header: None,
-                    txn_id: lock.txn_id.clone(),
-                    shard_key: at.clone(),
-                    decision: Decision::Abort as i32,
-                    group_id: 0,
-                };
-                self.forward(
-                    "Finish",
-                    Effect::Read,
-                    OnLock::Fail,
-                    Route::Key(at),
-                    r,
-                    remaining(),
-                    |ch, r| async move { participant(ch).finish(r).await },
-                )
-                .await?;
-                return Ok(());
-            }
-            let remaining = || deadline.saturating_duration_since(Instant::now());
-            let r = DecideRequest {
-                header: None,
-                txn_id: lock.txn_id.clone(),
-                primary_shard_key: lock.primary_shard_key.clone(),
-                decision: Decision::Abort as i32,
-                resolve: true,
-                started_ms: lock.started_ms,
-                wound,
-            };
-            let decision = self
-                .forward(
-                    "Decide",
-                    Effect::Read,
-                    OnLock::Fail,
-                    Route::Key(lock.primary_shard_key.clone()),
-                    r,
-                    remaining(),
-                    |ch, r| async move { participant(ch).decide(r).await },
-                )
-                .await?
-                .into_inner()
-                .decision;
-            if decision == Decision::Pending as i32 {
-                return Ok(());
-            }
-            if wound {
-                tracing::debug!(txn = %hex(&lock.txn_id), decision = ?Decision::try_from(decision),
-                    "an older transaction resolved a younger one's lock");
-            } else {
-                tracing::info!(txn = %hex(&lock.txn_id), decision = ?Decision::try_from(decision),
-                    "resolving a lock left by a coordinator that is gone");
-            }
-            let r = FinishRequest {
-                header: None,
-                txn_id: lock.txn_id.clone(),
-                shard_key: at.clone(),
-                decision,
-                group_id: 0,
-            };
-            self.forward(
-                "Finish",
-                Effect::Read,
-                OnLock::Fail,
-                Route::Key(at),
-                r,
-                remaining(),
-                |ch, r| async move { participant(ch).finish(r).await },
-            )
-            .await?;
-            Ok(())
-        })
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+fn remaining(deadline: Instant) -> Duration {
+    deadline.saturating_duration_since(Instant::now())
 }
 
 #[cfg(test)]

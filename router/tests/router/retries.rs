@@ -1,0 +1,310 @@
+//! How long the router keeps trying: attempt and deadline bounds, writes whose outcome is
+//! unknown, holds on a moving slot.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ordo_proto::v1::*;
+use prost::Message;
+use tonic::{Code, Status};
+
+use crate::fakes::*;
+use crate::support::*;
+
+#[tokio::test]
+async fn retries_are_bounded_by_attempts_and_by_the_deadline() {
+    let node = spawn_node("down", |s| {
+        Some(match s.op {
+            "Get" => Status::unavailable("no leader elected yet"),
+            _ => not_applied("leader overloaded"),
+        })
+    })
+    .await;
+    let other = healthy_node("g2").await;
+    let config = spawn_config(map_v(1, &[&node.addr], &[&other.addr])).await;
+    let router = start_router(vec![config.addr.clone()]).await;
+    let mut c = kv(&router).await;
+    let k = key_of_group(1, 0);
+
+    // Plenty of time: the attempts run out first.
+    let deadline = Duration::from_secs(8);
+    let started = Instant::now();
+    let err = c
+        .get(with_timeout(get_req(k.clone()), deadline))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < deadline);
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().starts_with("group 1: 12 attempts over "),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains(&format!(
+            "last error from {}: Unavailable: no leader elected yet",
+            node.addr
+        )),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.details().is_empty(),
+        "a router's give-up carries no node hint"
+    );
+    assert_eq!(seen(&node).len(), 12);
+
+    // A write refused with NotApplied every time: retried as often, and the give-up says that
+    // nothing was applied (typed, so a client may retry it).
+    let started = Instant::now();
+    let err = c
+        .put(with_timeout(put_req(k.clone()), deadline))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() < deadline);
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(
+        err.message().starts_with("group 1: 12 attempts over "),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains(&format!(
+            "last error from {}: not applied: leader overloaded",
+            node.addr
+        )),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().ends_with("the write was not applied"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        matches!(
+            ErrorDetail::decode(err.details()).unwrap().kind,
+            Some(error_detail::Kind::NotApplied(_))
+        ),
+        "{err:?}"
+    );
+    assert_eq!(seen(&node).len(), 24);
+
+    // A short deadline: the router gives up within it, still with UNAVAILABLE.
+    let deadline = Duration::from_millis(300);
+    let started = Instant::now();
+    let err = c.get(with_timeout(get_req(k), deadline)).await.unwrap_err();
+    assert!(started.elapsed() < deadline + Duration::from_millis(200));
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("deadline"), "{}", err.message());
+    let attempts = seen(&node).len() - 24;
+    assert!((1..12).contains(&attempts), "{attempts}");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_write_with_an_unknown_outcome_is_not_retried() {
+    // The first replica answers writes with a plain UNAVAILABLE, as a node does when it stopped
+    // after proposing: the write may have been applied.
+    let unsure = spawn_node("unsure", |s| {
+        (s.op != "Get").then(|| {
+            Status::unavailable("the replica stopped during the write; its outcome is unknown")
+        })
+    })
+    .await;
+    let live = healthy_node("live").await;
+    let other = healthy_node("g2").await;
+    let config = spawn_config(map_v(1, &[&unsure.addr, &live.addr], &[&other.addr])).await;
+    let router = start_router(vec![config.addr.clone()]).await;
+    let mut c = kv(&router).await;
+    let k = key_of_group(1, 0);
+
+    for op in ["Put", "Delete", "Txn"] {
+        let err = match op {
+            "Put" => c.put(put_req(k.clone())).await.unwrap_err(),
+            "Delete" => c
+                .delete(DeleteRequest {
+                    shard_key: k.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err(),
+            _ => c
+                .txn(TxnRequest {
+                    compares: vec![Compare {
+                        shard_key: k.clone(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err(),
+        };
+        assert_eq!(err.code(), Code::Unavailable, "{op}");
+        assert!(
+            err.message()
+                .contains(&format!("the outcome of this {op} is unknown")),
+            "{}",
+            err.message()
+        );
+        assert!(
+            err.message()
+                .contains("the replica stopped during the write"),
+            "says what happened: {}",
+            err.message()
+        );
+        assert!(err.details().is_empty(), "{op}");
+    }
+    assert_eq!(seen(&unsure).len(), 3, "one attempt per write");
+    assert!(seen(&live).is_empty(), "no write was retried elsewhere");
+
+    // A write refused with NotApplied is retried at the next replica.
+    let refusing = spawn_node("refusing", |_| {
+        Some(not_applied(
+            "leadership changed and this write was replaced in the log: it was NOT applied",
+        ))
+    })
+    .await;
+    let config = spawn_config(map_v(1, &[&refusing.addr, &live.addr], &[&other.addr])).await;
+    let router2 = start_router(vec![config.addr.clone()]).await;
+    let mut c2 = kv(&router2).await;
+    let resp = c2.put(put_req(k.clone())).await.unwrap().into_inner();
+    assert!(resp.succeeded);
+    assert_eq!(seen(&refusing).len(), 1);
+    assert_eq!(seen(&live).len(), 1);
+
+    // Reads still move on after a plain UNAVAILABLE.
+    let flaky_reads = spawn_node("flaky", |_| Some(Status::unavailable("no leader yet"))).await;
+    let config = spawn_config(map_v(1, &[&flaky_reads.addr, &live.addr], &[&other.addr])).await;
+    let router3 = start_router(vec![config.addr.clone()]).await;
+    let got = kv(&router3)
+        .await
+        .get(get_req(k))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.value, "live");
+    router.shutdown().await;
+    router2.shutdown().await;
+    router3.shutdown().await;
+}
+
+/// A fake node that accepts HTTP/2 connections, waits until a request's body has arrived, and
+/// then drops the connection: a node killed after it received the request. Counts the requests
+/// whose body it received.
+async fn spawn_breaking_node() -> (String, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (listener, addr) = listen().await;
+    let received = Arc::new(AtomicUsize::new(0));
+    let count = received.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
+            let count = count.clone();
+            tokio::spawn(async move {
+                // An empty SETTINGS frame, so the client's handshake never waits on us.
+                let _ = sock.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                const PREFACE: usize = 24;
+                loop {
+                    match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    // Walk the frames after the preface: a DATA frame (type 0) on a stream means
+                    // the request was sent.
+                    let mut at = PREFACE;
+                    while buf.len() >= at + 9 {
+                        let len =
+                            u32::from_be_bytes([0, buf[at], buf[at + 1], buf[at + 2]]) as usize;
+                        let kind = buf[at + 3];
+                        if buf.len() < at + 9 + len {
+                            break;
+                        }
+                        if kind == 0 {
+                            count.fetch_add(1, Ordering::SeqCst);
+                            drop(sock); // the node dies with the request in hand
+                            return;
+                        }
+                        at += 9 + len;
+                    }
+                }
+            });
+        }
+    });
+    (addr, received, task)
+}
+
+#[tokio::test]
+async fn a_write_whose_connection_breaks_mid_request_is_reported_as_unknown() {
+    let (breaking, received, _task) = spawn_breaking_node().await;
+    let live = healthy_node("live").await;
+    let other = healthy_node("g2").await;
+    let config = spawn_config(map_v(1, &[&breaking, &live.addr], &[&other.addr])).await;
+    let router = start_router(vec![config.addr.clone()]).await;
+    let mut c = kv(&router).await;
+    let k = key_of_group(1, 0);
+
+    let err = c.put(put_req(k.clone())).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("the outcome of this Put is unknown"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains(&breaking), "{}", err.message());
+    assert_eq!(received.load(Ordering::SeqCst), 1);
+    assert!(
+        seen(&live).is_empty(),
+        "the write was not retried elsewhere"
+    );
+
+    // A read in the same situation moves on to the next replica.
+    let got = c.get(get_req(k)).await.unwrap().into_inner();
+    assert_eq!(got.value, "live");
+    assert_eq!(received.load(Ordering::SeqCst), 2);
+    router.shutdown().await;
+}
+
+/// A slot in a migration's critical section: the router holds the write (more times than its
+/// attempt bound) and retries the same replica until the donor lets go, then succeeds; the
+/// client sees latency, not an error.
+#[tokio::test]
+async fn a_moving_slot_is_held_and_retried_beyond_the_attempt_bound() {
+    let refusals = Arc::new(AtomicUsize::new(0));
+    let counted = refusals.clone();
+    let node = spawn_node("donor", move |_| {
+        if counted.fetch_add(1, Ordering::SeqCst) < 20 {
+            let d = ErrorDetail {
+                kind: Some(error_detail::Kind::SlotMoving(error_detail::SlotMoving {
+                    slot: 1,
+                    migration_id: 7,
+                })),
+            };
+            Some(Status::with_details(
+                Code::Unavailable,
+                "slot moving",
+                d.encode_to_vec().into(),
+            ))
+        } else {
+            None
+        }
+    })
+    .await;
+    let other = healthy_node("g2").await;
+    let config = spawn_config(map_v(1, &[&node.addr], &[&other.addr])).await;
+    let router = start_router(vec![config.addr.clone()]).await;
+    let mut c = kv(&router).await;
+    let resp = c
+        .put(put_req(key_of_group(1, 0)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(resp.succeeded);
+    assert_eq!(seen(&node).len(), 21, "20 holds, then the write");
+    router.shutdown().await;
+}
