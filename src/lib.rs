@@ -6,9 +6,7 @@ pub use ordo_proto as proto;
 
 pub use ordo_proto::client;
 pub mod error;
-pub mod fault;
 pub mod limits;
-pub mod linearizability;
 pub mod logging;
 pub mod node;
 pub mod playground;
@@ -19,4 +17,5 @@ pub(crate) mod state;
 /// The channel settings peers use; tests reach nodes with them. (Moves to `ordo_proto::addr`.)
 #[doc(hidden)]
 pub use replica::transport::endpoint;
+pub use replica::transport::{Fate, LinkFilter};
 pub use replica::ReplicaHandle;

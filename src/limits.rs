@@ -28,9 +28,6 @@ pub const DRIVER_BATCH_MAX: usize = 512;
 /// Bounded queue of raft messages waiting to go to one peer; beyond it messages are dropped
 /// (raft retransmits) rather than buffered without limit.
 pub const PEER_QUEUE_MAX: usize = 4096;
-/// Raft messages a fault-injection net (`fault.rs`, tests only) holds back for delayed delivery,
-/// across all its links; beyond it, delayed messages are dropped.
-pub const FAULT_DELAYED_MESSAGES_MAX: usize = 4096;
 /// Most raft messages in one `RaftBatch` frame.
 pub const PEER_BATCH_MESSAGES_MAX: usize = 256;
 /// Snapshot chunk size on the wire.

@@ -44,9 +44,9 @@ pub struct NodeConfig {
     pub slot_count: u32,
     /// Serve `ordo.v1.Cluster` (a config server: this group is the meta group) instead of `ordo.v1.Kv`.
     pub config_server: bool,
-    /// Fault injection on outgoing raft traffic, shared by a test's in-process replicas of one
-    /// group (`fault.rs`). Always `None` outside tests.
-    pub faults: Option<Arc<crate::fault::FaultNet>>,
+    /// A filter on outgoing raft traffic (the transport's fault-injection seam), shared by a
+    /// test's in-process replicas of one group. Always `None` outside tests.
+    pub link_filter: Option<Arc<dyn crate::replica::transport::LinkFilter>>,
 }
 
 /// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
@@ -261,7 +261,7 @@ impl Node {
             cfg.id,
             peers.clone(),
             driver_tx.clone(),
-            cfg.faults.clone(),
+            cfg.link_filter.clone(),
         );
         let (sm, snap_dir) = (rec.sm.clone(), rec.snap_dir.clone());
         let driver = new_driver(

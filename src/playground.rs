@@ -30,7 +30,7 @@ pub struct PlaygroundConfig {
     /// Tests only: fault injection on the raft traffic of every shard-group replica (node ids
     /// repeat across groups, so a rule about node 1 hits node 1 of every group). `None` outside
     /// tests.
-    pub faults: Option<std::sync::Arc<crate::fault::FaultNet>>,
+    pub link_filter: Option<std::sync::Arc<dyn crate::replica::transport::LinkFilter>>,
 }
 
 impl PlaygroundConfig {
@@ -41,7 +41,7 @@ impl PlaygroundConfig {
             replicas: 3,
             port: Some(7000),
             compact_log_entries: COMPACT_LOG_ENTRIES_DEFAULT,
-            faults: None,
+            link_filter: None,
         }
     }
 }
@@ -110,7 +110,11 @@ async fn start_group(
             compact_log_entries: cfg.compact_log_entries,
             slot_count: SLOT_COUNT_DEFAULT,
             config_server: group == 0,
-            faults: if group == 0 { None } else { cfg.faults.clone() },
+            link_filter: if group == 0 {
+                None
+            } else {
+                cfg.link_filter.clone()
+            },
             join: false,
         })
         .await

@@ -135,7 +135,7 @@ fn node_config(
         compact_log_entries: compact,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == 0,
-        faults: None,
+        link_filter: None,
         join,
     })
 }

@@ -1,35 +1,20 @@
 //! Acceptance 5: every bad input is refused with the right status and changes nothing.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ordo::limits::*;
-use ordo::node::{Node, NodeConfig};
+use ordo::node::Node;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::peer_client::PeerClient;
 use ordo_proto::v1::*;
 use tonic::Code;
 
-use crate::harness::{node_status, wait_for};
+use ordo_testkit::inproc::lone_node;
+use ordo_testkit::{endpoint, node_status, wait_for};
 
 async fn single_node() -> (tempfile::TempDir, Node) {
     let dir = tempfile::tempdir().unwrap();
-    let port = crate::harness::free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let node = Node::start(NodeConfig {
-        id: 1,
-        group: 1,
-        listen: addr.clone(),
-        peers: BTreeMap::from([(1, addr)]),
-        data_dir: dir.path().to_path_buf(),
-        compact_log_entries: COMPACT_LOG_ENTRIES_DEFAULT,
-        slot_count: SLOT_COUNT_DEFAULT,
-        config_server: false,
-        faults: None,
-        join: false,
-    })
-    .await
-    .unwrap();
+    let node = lone_node(dir.path().to_path_buf(), 1).await;
     (dir, node)
 }
 
@@ -61,13 +46,15 @@ fn expect_invalid<T: std::fmt::Debug>(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// One table of refusals against one node, each checked to change nothing: a list, not phases.
+#[allow(clippy::too_many_lines)]
 async fn bad_requests_are_refused_and_change_nothing() {
     let (_dir, node) = single_node().await;
     let addr = node.addr.to_string();
-    let ch = ordo::endpoint(&addr).unwrap().connect_lazy();
+    let ch = endpoint(&addr).unwrap().connect_lazy();
     let mut kv = KvClient::new(ch.clone()).max_encoding_message_size(64 << 20);
     // One good write, so "unchanged" is checked against real data.
-    wait_for(Duration::from_secs(10), "the single node to lead", || {
+    wait_for("the single node to lead", Duration::from_secs(10), || {
         let mut kv = kv.clone();
         async move {
             kv.put(PutRequest {

@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ordo::client::Client;
-use ordo::playground::{Playground, PlaygroundConfig};
 use ordo_proto::v1::{
     compare, txn_op, txn_op_result, Compare, GetRequest, PutRequest, TxnOp, TxnRequest,
 };
 use ordo_router::{Failpoint, Router, RouterConfig, RouterOptions};
 use tonic::Code;
 
-use crate::harness::{node_status, wait_for};
+use ordo_testkit::inproc::{Filter, InProcCluster};
+use ordo_testkit::{node_status, wait_for, Cluster, SplitMix64};
 
 const ACCOUNTS: usize = 100;
 const INITIAL: u64 = 100;
@@ -130,13 +130,8 @@ impl BankLoad {
             let (c, stop) = (c.clone(), load.stop.clone());
             let (committed, conflicts) = (load.committed.clone(), load.conflicts.clone());
             tasks.push(tokio::spawn(async move {
-                let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1);
-                let mut next = move || {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    x
-                };
+                let mut rng = SplitMix64(0x9E37_79B9_7F4A_7C15u64 ^ (w + 1));
+                let mut next = move || rng.next_u64();
                 let started = Instant::now();
                 while !stop.load(Ordering::Relaxed) && started.elapsed() < Duration::from_secs(90) {
                     let from = (next() % ACCOUNTS as u64) as usize;
@@ -188,36 +183,21 @@ impl BankLoad {
     }
 }
 
-async fn bank() -> (tempfile::TempDir, Playground, Client) {
-    let (dir, _, pg, c) = bank_with(None).await;
-    (dir, pg, c)
+async fn bank() -> (InProcCluster, Client) {
+    bank_with(None).await
 }
 
-/// The bank's playground (3 groups of 3), with `faults` on every group's raft traffic, its
+/// The bank's playground (3 groups of 3), with `filter` on every group's raft traffic, its
 /// accounts created.
-async fn bank_with(
-    faults: Option<Arc<ordo::fault::FaultNet>>,
-) -> (tempfile::TempDir, PlaygroundConfig, Playground, Client) {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = PlaygroundConfig {
-        groups: 3,
-        replicas: 3,
-        port: None,
-        faults,
-        ..PlaygroundConfig::new(dir.path())
-    };
-    let pg = Playground::start(cfg.clone())
-        .await
-        .expect("playground starts");
-    let c = Client::connect(vec![pg.router_addr()])
-        .unwrap()
-        .with_timeout(Duration::from_secs(15));
+async fn bank_with(filter: Option<Filter>) -> (InProcCluster, Client) {
+    let pg = InProcCluster::start_filtered(3, 3, filter).await;
+    let c = pg.client();
     for i in 0..ACCOUNTS {
         c.put(account(i), "", INITIAL.to_string(), None)
             .await
             .unwrap();
     }
-    (dir, cfg, pg, c)
+    (pg, c)
 }
 
 fn total(balances: &[(u64, u64)]) -> u64 {
@@ -228,8 +208,8 @@ fn total(balances: &[(u64, u64)]) -> u64 {
 async fn assert_no_locks_at(addrs: impl IntoIterator<Item = String>) {
     for addr in addrs {
         wait_for(
-            Duration::from_secs(15),
             &format!("replica {addr} to hold no locks"),
+            Duration::from_secs(15),
             || {
                 let addr = addr.clone();
                 async move { node_status(&addr, false).await.filter(|s| s.locks == 0) }
@@ -239,7 +219,7 @@ async fn assert_no_locks_at(addrs: impl IntoIterator<Item = String>) {
     }
 }
 
-async fn assert_no_locks_left(pg: &Playground) {
+async fn assert_no_locks_left(pg: &InProcCluster) {
     assert_no_locks_at(pg.groups.values().flatten().map(|n| n.addr.to_string())).await;
 }
 
@@ -247,8 +227,8 @@ async fn assert_no_locks_left(pg: &Playground) {
 /// every balance in one read-only Txn; every audit and the end state sum to the initial total.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bank_transfers_across_groups_keep_the_total() {
-    let _heavy = crate::harness::HEAVY.lock().await;
-    let (_dir, pg, c) = bank().await;
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    let (pg, c) = bank().await;
     let all: Vec<usize> = (0..ACCOUNTS).collect();
     let map = pg.router.shard_map();
     let groups: std::collections::BTreeSet<u64> = all
@@ -260,8 +240,8 @@ async fn bank_transfers_across_groups_keep_the_total() {
     let load_started = Instant::now();
     let load = BankLoad::start(&c, 16, 2, Duration::from_millis(100));
     wait_for(
-        Duration::from_secs(120),
         "100 transfers and 10 audits",
+        Duration::from_secs(120),
         || async { (load.committed() >= 100 && load.audits() >= 10).then_some(()) },
     )
     .await;
@@ -286,7 +266,7 @@ async fn bank_transfers_across_groups_keep_the_total() {
 }
 
 /// Two accounts on different groups.
-fn two_groups_apart(pg: &Playground) -> (usize, usize) {
+fn two_groups_apart(pg: &InProcCluster) -> (usize, usize) {
     let map = pg.router.shard_map();
     let owner =
         |i: usize| map.slot_owner[ordo_proto::slot_of(&account(i), map.slot_count) as usize];
@@ -294,7 +274,7 @@ fn two_groups_apart(pg: &Playground) -> (usize, usize) {
     (0, b)
 }
 
-async fn router_with(pg: &Playground, fp: Failpoint) -> (Router, Client) {
+async fn router_with(pg: &InProcCluster, fp: Failpoint) -> (Router, Client) {
     let router = Router::start_with_options(
         RouterConfig {
             listen: "127.0.0.1:0".into(),
@@ -319,8 +299,8 @@ async fn router_with(pg: &Playground, fp: Failpoint) -> (Router, Client) {
 /// undecided → both accounts unchanged, decided → both changed. Never one without the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_coordinator_that_stops_leaves_locks_that_readers_resolve_atomically() {
-    let _heavy = crate::harness::HEAVY.lock().await;
-    let (_dir, mut pg, c) = bank().await;
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    let (mut pg, c) = bank().await;
     let (a, b) = (two_groups_apart(&pg).0, two_groups_apart(&pg).1);
     // Each group can lose one replica of three: the two leader kills hit different groups.
     for (fp, kill_leader_of) in [
@@ -341,20 +321,9 @@ async fn a_coordinator_that_stops_leaves_locks_that_readers_resolve_atomically()
             // The account's group loses its leader while it holds the locks.
             let map = pg.router.shard_map();
             let g = map.slot_owner[ordo_proto::slot_of(&account(acct), map.slot_count) as usize];
-            let nodes = pg.groups.get_mut(&g).unwrap();
-            let leader = nodes
-                .iter()
-                .position(|n| n.replica.shared.is_leader.load(Ordering::Relaxed) == 1)
-                .expect("a leader");
-            let old = nodes.remove(leader);
-            assert!(
-                node_status(&old.addr.to_string(), false)
-                    .await
-                    .unwrap()
-                    .locks
-                    > 0
-            );
-            old.shutdown().await;
+            let leader = pg.find_leader(g).await.expect("a leader");
+            assert!(pg.status(leader, false).await.unwrap().locks > 0);
+            pg.kill(leader).await;
         }
         // A plain Get of one locked account (the single-group path) waits and resolves...
         let started = Instant::now();
@@ -392,15 +361,13 @@ async fn a_coordinator_that_stops_leaves_locks_that_readers_resolve_atomically()
 /// locks left by cut transactions are resolved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bank_keeps_the_total_while_participant_leaders_are_killed() {
-    let _heavy = crate::harness::HEAVY.lock().await;
-    use crate::harness::ProcCluster;
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    use ordo_testkit::proc::ProcCluster;
     let limit = Duration::from_secs(30);
-    let mut cluster = ProcCluster::start(2, 3);
+    let mut cluster = ProcCluster::start(ordo_testkit::bins!(), 2, 3);
     cluster.init(limit).await;
-    let c = Client::connect(vec![cluster.router_addr().to_string()])
-        .unwrap()
-        .with_timeout(Duration::from_secs(10));
-    wait_for(limit, "the router to serve", || async {
+    let c = cluster.client().with_timeout(Duration::from_secs(10));
+    wait_for("the router to serve", limit, || async {
         c.put(account(0), "", INITIAL.to_string(), None).await.ok()
     })
     .await;
@@ -413,32 +380,26 @@ async fn bank_keeps_the_total_while_participant_leaders_are_killed() {
     let load = BankLoad::start(&c, 8, 1, Duration::ZERO);
     for round in 0..4u64 {
         let before = load.committed();
-        wait_for(limit, "transfers to flow", || async {
+        wait_for("transfers to flow", limit, || async {
             (load.committed() >= before + 50).then_some(())
         })
         .await;
         let group = 1 + round % 2;
-        let leader = cluster.leader(group, limit).await;
-        cluster.kill(leader);
-        cluster.leader(group, limit).await;
-        cluster.restart(leader);
+        let leader = cluster.wait_leader(group, limit).await;
+        cluster.kill(leader).await;
+        cluster.wait_leader(group, limit).await;
+        cluster.restart(leader).await;
         cluster.answers(leader, limit).await;
     }
     let (committed, _, audits) = load.stop().await;
     // Reading every account resolves what cut transactions left locked.
-    let end = wait_for(limit, "a final audit", || async {
+    let end = wait_for("a final audit", limit, || async {
         read_accounts(&c, &all).await.ok()
     })
     .await;
     assert_eq!(total(&end), ACCOUNTS as u64 * INITIAL);
     eprintln!("bank under leader kills: {committed} transfers committed, {audits} audits");
-    let nodes = (1..=2).flat_map(|g| cluster.members(g).collect::<Vec<_>>());
-    assert_no_locks_at(
-        nodes
-            .map(|i| cluster.procs[i].addr.clone())
-            .collect::<Vec<_>>(),
-    )
-    .await;
+    assert_no_locks_at((1..=2).flat_map(|g| cluster.addrs(g))).await;
 }
 
 /// Acceptance 4, the rebalance half: transfers and audits keep the total while a 4th group is
@@ -448,21 +409,19 @@ async fn bank_keeps_the_total_while_participant_leaders_are_killed() {
 async fn bank_keeps_the_total_during_a_rebalance() {
     use ordo::client::ClusterClient;
     use ordo_proto::v1::{AddGroupRequest, MigrationState, RebalanceRequest};
-    let _heavy = crate::harness::HEAVY.lock().await;
-    let (_dir, cfg, pg, c) = bank_with(None).await;
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    let (pg, c) = bank().await;
     let all: Vec<usize> = (0..ACCOUNTS).collect();
     let load = BankLoad::start(&c, 16, 1, Duration::from_millis(100));
-    wait_for(Duration::from_secs(60), "transfers to flow", || async {
+    wait_for("transfers to flow", Duration::from_secs(60), || async {
         (load.committed() >= 30).then_some(())
     })
     .await;
-    let (nodes4, spec) = ordo::playground::start_extra_group(&cfg, 4, 3)
-        .await
-        .unwrap();
+    let (nodes4, spec) = pg.start_extra_group(4, 3).await;
     let cc = ClusterClient::connect(pg.config_addrs.clone())
         .unwrap()
         .with_timeout(Duration::from_secs(120));
-    wait_for(Duration::from_secs(20), "group 4 to be registered", || {
+    wait_for("group 4 to be registered", Duration::from_secs(20), || {
         let (cc, spec) = (cc.clone(), spec.clone());
         async move {
             cc.add_group(AddGroupRequest { group: Some(spec) })
@@ -486,7 +445,7 @@ async fn bank_keeps_the_total_during_a_rebalance() {
     assert!(done > 0, "no move completed: {moves:?}");
     let during = load.committed() - before_moves;
     let (_, _, audits) = load.stop().await;
-    let end = wait_for(Duration::from_secs(30), "a final audit", || async {
+    let end = wait_for("a final audit", Duration::from_secs(30), || async {
         read_accounts(&c, &all).await.ok()
     })
     .await;
@@ -509,16 +468,13 @@ async fn bank_keeps_the_total_during_a_rebalance() {
 /// 1.5 s; every audit and the end state sum to the total. `ORDO_FAULT_SEED=n` replays a seed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bank_keeps_the_total_under_network_faults() {
-    use ordo::fault::{FaultNet, LinkFaults, SplitMix64};
-    let _heavy = crate::harness::HEAVY.lock().await;
-    let seed: u64 = std::env::var("ORDO_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(11);
+    use ordo_testkit::faults::{FaultNet, LinkFaults};
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    let seed = ordo_testkit::env_u64("ORDO_FAULT_SEED").unwrap_or(11);
     let net = Arc::new(FaultNet::new(seed));
-    let (_dir, _, pg, c) = bank_with(Some(net.clone())).await;
+    let (pg, c) = bank_with(Some(net.clone() as Filter)).await;
     let load = BankLoad::start(&c, 16, 1, Duration::from_millis(100));
-    wait_for(Duration::from_secs(60), "transfers to flow", || async {
+    wait_for("transfers to flow", Duration::from_secs(60), || async {
         (load.committed() >= 30).then_some(())
     })
     .await;
@@ -563,15 +519,15 @@ async fn bank_keeps_the_total_under_network_faults() {
         net.heal();
         let before = load.committed();
         wait_for(
-            Duration::from_secs(30),
             &format!("seed {seed}: transfers to go on after episode {episode}"),
+            Duration::from_secs(30),
             || async { (load.committed() >= before + 5).then_some(()) },
         )
         .await;
     }
     let (committed, conflicts, audits) = load.stop().await;
     let all: Vec<usize> = (0..ACCOUNTS).collect();
-    let end = wait_for(Duration::from_secs(30), "a final audit", || async {
+    let end = wait_for("a final audit", Duration::from_secs(30), || async {
         read_accounts(&c, &all).await.ok()
     })
     .await;

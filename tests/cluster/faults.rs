@@ -5,13 +5,13 @@
 //! Each seed generates a schedule of timed episodes (leader or follower isolated, bridge
 //! partitions, one-way links, the whole net split, lossy links that drop, delay, duplicate and so
 //! reorder messages, crash and restart of the leader or a follower), runs it against a fresh
-//! group through a shared `ordo::fault::FaultNet` while client tasks issue linearizable Gets and
-//! conditional and unconditional Puts and Deletes, then heals everything, reads every key back
-//! and checks the whole history. A failing seed prints its schedule, what happened when (with the
-//! nodes each role resolved to, on the history's clock), and how to replay it. A seed always
-//! gives the same schedule, link-fault decisions and client operation mix; the interleaving with
-//! raft's own timers and the machine's load does not replay exactly, so replay a failing seed a
-//! few times.
+//! group through a shared `ordo_testkit::faults::FaultNet` while client tasks issue
+//! linearizable Gets and conditional and unconditional Puts and Deletes, then heals everything,
+//! reads every key back and checks the whole history. A failing seed prints its schedule, what
+//! happened when (with the nodes each role resolved to, on the history's clock), and how to
+//! replay it. A seed always gives the same schedule, link-fault decisions and client operation
+//! mix; the interleaving with raft's own timers and the machine's load does not replay exactly,
+//! so replay a failing seed a few times.
 //!
 //! - default: `DEFAULT_SEEDS` fixed seeds, `PARALLEL` groups at a time, ~4 s of faults each;
 //! - `ORDO_FAULT_SEED=<n>`: only seed n (add `ORDO_FAULT_SOAK_SECS` if it came from a soak run);
@@ -25,19 +25,18 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
-use ordo::fault::{FaultNet, FaultStats, LinkFaults, SplitMix64};
-use ordo::limits::SLOT_COUNT_DEFAULT;
-use ordo::linearizability::{check, Completion, History, ItemKey, Op, Output};
-use ordo::node::{Node, NodeConfig};
-use ordo::ReplicaHandle;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{error_detail, DeleteRequest, GetRequest, PutRequest};
+use ordo_testkit::faults::{FaultNet, FaultStats, LinkFaults};
+use ordo_testkit::inproc::{Filter, InProcGroup, Running};
+use ordo_testkit::linearizability::{check, Completion, History, ItemKey, Op, Output};
+use ordo_testkit::{env_u64, SplitMix64};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -244,28 +243,6 @@ impl fmt::Display for Schedule {
 
 // ---- the group under test -------------------------------------------------------------------
 
-/// Ports for in-process nodes, below Linux's ephemeral range so that a client connection cannot
-/// take a stopped node's port before it restarts.
-fn pick_port() -> u16 {
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    if NEXT.load(Ordering::Relaxed) == 0 {
-        let start = 20_000 + (std::process::id() % 500) as u16 * 20;
-        let _ = NEXT.compare_exchange(0, start, Ordering::Relaxed, Ordering::Relaxed);
-    }
-    loop {
-        let p = NEXT.fetch_add(1, Ordering::Relaxed);
-        let p = if p >= 32_000 {
-            NEXT.store(20_000, Ordering::Relaxed);
-            20_000
-        } else {
-            p
-        };
-        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-            return p;
-        }
-    }
-}
-
 /// What happened when, with the nodes each role resolved to: printed with a failing seed. Times
 /// are on the history's clock, so they line up with the checker's report.
 #[derive(Clone)]
@@ -292,193 +269,43 @@ impl Trace {
     }
 }
 
+/// The group under test: in-process replicas whose raft traffic goes through `net`.
 struct Group {
-    _dir: tempfile::TempDir,
+    nodes: InProcGroup,
     net: Arc<FaultNet>,
-    peers: BTreeMap<u64, String>,
-    data_dirs: BTreeMap<u64, PathBuf>,
-    /// The running nodes.
-    nodes: BTreeMap<u64, Node>,
-    /// The running nodes' replicas, for the leadership monitor.
-    replicas: Arc<Mutex<BTreeMap<u64, Arc<ReplicaHandle>>>>,
-    /// Snapshots installed by nodes since stopped (a restart starts counting again).
-    snapshots_before: u64,
 }
 
 impl Group {
     async fn start(seed: u64) -> anyhow::Result<Group> {
-        let dir = tempfile::tempdir()?;
-        let peers: BTreeMap<u64, String> = (1..=REPLICAS)
-            .map(|id| (id, format!("127.0.0.1:{}", pick_port())))
-            .collect();
-        let data_dirs = peers
-            .keys()
-            .map(|&id| (id, dir.path().join(format!("node-{id}"))))
-            .collect();
-        let mut g = Group {
-            _dir: dir,
-            net: Arc::new(FaultNet::new(seed)),
-            peers,
-            data_dirs,
-            nodes: BTreeMap::new(),
-            replicas: Default::default(),
-            snapshots_before: 0,
-        };
-        for id in 1..=REPLICAS {
-            g.start_node(id).await?;
-        }
-        Ok(g)
+        let net = Arc::new(FaultNet::new(seed));
+        let nodes =
+            InProcGroup::start(REPLICAS, COMPACT_LOG_ENTRIES, Some(net.clone() as Filter)).await?;
+        Ok(Group { nodes, net })
     }
+}
 
-    async fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
-        assert!(!self.nodes.contains_key(&id), "node {id} is running");
-        let cfg = NodeConfig {
-            id,
-            group: 1,
-            listen: self.peers[&id].clone(),
-            peers: self.peers.clone(),
-            data_dir: self.data_dirs[&id].clone(),
-            compact_log_entries: COMPACT_LOG_ENTRIES,
-            slot_count: SLOT_COUNT_DEFAULT,
-            config_server: false,
-            faults: Some(self.net.clone()),
-            join: false,
-        };
-        // The stopped node's port or storage lock may take a moment to be released.
-        let started = Instant::now();
-        loop {
-            match Node::start(cfg.clone()).await {
-                Ok(n) => {
-                    self.replicas.lock().unwrap().insert(id, n.replica.clone());
-                    self.nodes.insert(id, n);
-                    return Ok(());
-                }
-                Err(e) if started.elapsed() < Duration::from_secs(10) => {
-                    tracing::debug!(id, error = %e, "restart failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e.context(format!("restarting node {id}"))),
-            }
-        }
+impl Deref for Group {
+    type Target = InProcGroup;
+
+    fn deref(&self) -> &InProcGroup {
+        &self.nodes
     }
+}
 
-    /// A clean crash of the node's process: see the module docs.
-    async fn crash(&mut self, id: u64) {
-        self.replicas.lock().unwrap().remove(&id);
-        if let Some(n) = self.nodes.remove(&id) {
-            if let Ok(Ok(s)) =
-                tokio::time::timeout(Duration::from_secs(1), n.replica.status(false)).await
-            {
-                self.snapshots_before += s.snapshots_installed;
-            }
-            n.shutdown().await;
-        }
-    }
-
-    /// Each node's view: `n2 L/t3` = node 2 leads in term 3, `F` follows, `-` is down.
-    fn roles(&self) -> String {
-        self.ids()
-            .into_iter()
-            .map(|id| match self.nodes.get(&id) {
-                Some(n) => {
-                    let s = &n.replica.shared;
-                    let role = if s.is_leader.load(Ordering::Relaxed) == 1 {
-                        "L"
-                    } else {
-                        "F"
-                    };
-                    format!("n{id} {role}/t{}", s.term.load(Ordering::Relaxed))
-                }
-                None => format!("n{id} -"),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    fn ids(&self) -> Vec<u64> {
-        self.peers.keys().copied().collect()
-    }
-
-    /// The running node that believes it leads in the highest term.
-    fn leader(&self) -> Option<u64> {
-        self.nodes
-            .iter()
-            .filter(|(_, n)| n.replica.shared.is_leader.load(Ordering::Relaxed) == 1)
-            .max_by_key(|(_, n)| n.replica.shared.term.load(Ordering::Relaxed))
-            .map(|(&id, _)| id)
-    }
-
-    async fn wait_leader(&self, limit: Duration) -> anyhow::Result<u64> {
-        let started = Instant::now();
-        loop {
-            if let Some(l) = self.leader() {
-                return Ok(l);
-            }
-            if started.elapsed() > limit {
-                anyhow::bail!("no leader within {limit:?}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Waits until every replica has applied everything committed and holds identical data.
-    /// Returns the applied index, the items and the snapshots installed during the run.
-    async fn converged(&self, limit: Duration) -> anyhow::Result<(u64, u64, u64)> {
-        let started = Instant::now();
-        let mut last = Vec::new();
-        loop {
-            last.clear();
-            let mut snapshots = self.snapshots_before;
-            for (id, n) in &self.nodes {
-                if let Ok(s) = n.replica.status(true).await {
-                    last.push((*id, s.commit_index, s.applied_index, s.items, s.data_digest));
-                    snapshots += s.snapshots_installed;
-                }
-            }
-            let first = last.first().copied();
-            if last.len() == self.nodes.len()
-                && last.iter().all(|s| {
-                    let f = first.unwrap();
-                    s.2 >= s.1 && (s.2, s.3, s.4) == (f.2, f.3, f.4)
-                })
-            {
-                let f = first.unwrap();
-                return Ok((f.2, f.3, snapshots));
-            }
-            if started.elapsed() > limit {
-                anyhow::bail!(
-                    "replicas did not converge within {limit:?}: (id, commit, applied, items, digest) {last:?}"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn shutdown(mut self) {
-        for id in self.ids() {
-            self.crash(id).await;
-        }
+impl DerefMut for Group {
+    fn deref_mut(&mut self) -> &mut InProcGroup {
+        &mut self.nodes
     }
 }
 
 /// Watches for moments when two nodes both believe they lead (in different terms): a deposed
 /// leader that has not noticed yet. Reads it answers then must still be linearizable, so the
 /// report counts these windows to show the schedules really create them.
-async fn watch_leaders(
-    replicas: Arc<Mutex<BTreeMap<u64, Arc<ReplicaHandle>>>>,
-    stop: Arc<AtomicBool>,
-    trace: Trace,
-) -> (usize, Duration) {
+async fn watch_leaders(running: Running, stop: Arc<AtomicBool>, trace: Trace) -> (usize, Duration) {
     let (mut windows, mut total) = (0, Duration::ZERO);
     let mut since: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
-        let leaders: Vec<(u64, u64)> = replicas
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, r)| r.shared.is_leader.load(Ordering::Relaxed) == 1)
-            .map(|(&id, r)| (id, r.shared.term.load(Ordering::Relaxed)))
-            .collect();
+        let leaders = running.leaders();
         match (leaders.len() > 1, since) {
             (true, None) => {
                 since = Some(Instant::now());
@@ -519,7 +346,7 @@ fn classify(status: &tonic::Status) -> Attempt {
         panic!("the test sent an invalid request: {status:?}");
     }
     // `service.rs` and `driver.rs` answer NotLeader before proposing, never after.
-    if let Some(error_detail::Kind::NotLeader(nl)) = ordo::error::detail_of(status) {
+    if let Some(error_detail::Kind::NotLeader(nl)) = ordo_proto::error_detail_of(status) {
         return Attempt::NotApplied(Some(nl.leader_id).filter(|&l| l != 0));
     }
     // A `NotApplied` detail (refused before proposing, or the entry was replaced in the log), or
@@ -550,7 +377,7 @@ impl Conn {
         let mut kv = match self.channels.get(&node) {
             Some(c) => c.clone(),
             None => {
-                let ep = ordo::endpoint(&self.peers[&node]).unwrap();
+                let ep = ordo_testkit::endpoint(&self.peers[&node]).unwrap();
                 match tokio::time::timeout(Duration::from_millis(300), ep.connect()).await {
                     Ok(Ok(ch)) => {
                         let c = KvClient::new(ch);
@@ -860,7 +687,7 @@ async fn apply_episode(
             }
             Fault::Crash(t) => {
                 let (n, who) = resolve(g, *t, rng);
-                g.crash(n).await;
+                g.stop_node(n).await;
                 crashed.push(n);
                 format!("crashed node {n} ({who})")
             }
@@ -877,16 +704,12 @@ async fn run_schedule(
     trace: &Trace,
 ) -> anyhow::Result<Report> {
     let t0 = Instant::now();
-    let leader = g.wait_leader(RECOVERY_LIMIT).await?;
+    let leader = g.try_wait_leader(RECOVERY_LIMIT).await?;
     trace.log(format!("node {leader} leads; clients start"));
     let stop = Arc::new(AtomicBool::new(false));
     // Clients stop however this function ends.
     let _stop_clients = StopOnDrop(stop.clone());
-    let monitor = tokio::spawn(watch_leaders(
-        g.replicas.clone(),
-        stop.clone(),
-        trace.clone(),
-    ));
+    let monitor = tokio::spawn(watch_leaders(g.running(), stop.clone(), trace.clone()));
     let clients: Vec<_> = (1..=CLIENTS + READERS)
         .map(|c| {
             tokio::spawn(client_loop(
@@ -928,8 +751,8 @@ async fn run_schedule(
     }
     trace.log(format!("clients stopped: {total:?} [{}]", g.roles()));
     let dual_leader = monitor.await?;
-    let leader = g.wait_leader(RECOVERY_LIMIT).await?;
-    let term = g.nodes[&leader].replica.shared.term.load(Ordering::Relaxed);
+    let leader = g.try_wait_leader(RECOVERY_LIMIT).await?;
+    let term = g.term(leader);
     final_reads(g.peers.clone(), history).await?;
     trace.log(format!("final reads done (leader {leader})"));
     let (applied, items, snapshots) = g.converged(RECOVERY_LIMIT).await?;
@@ -960,7 +783,7 @@ async fn run_seed(seed: u64, fault_ms: u64, verbose: bool) -> Result<(String, us
     let outcome: anyhow::Result<Report> = async {
         let mut g = Group::start(seed).await?;
         let r = run_schedule(&schedule, &mut g, &history, &trace).await;
-        g.shutdown().await;
+        g.nodes.shutdown().await;
         r
     }
     .await;
@@ -1020,15 +843,6 @@ async fn run_seed(seed: u64, fault_ms: u64, verbose: bool) -> Result<(String, us
     Ok((text, report.acked_writes))
 }
 
-fn env_u64(name: &str) -> Option<u64> {
-    let v = std::env::var(name).ok()?;
-    Some(
-        v.trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
-    )
-}
-
 /// The default seeds cover every kind of fault, leader isolation and crashes of both roles.
 #[test]
 fn default_schedules_cover_every_fault() {
@@ -1069,7 +883,7 @@ fn default_schedules_cover_every_fault() {
 /// The acceptance suite: `DEFAULT_SEEDS` schedules (see the module docs for the variables).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seeded_fault_schedules_stay_linearizable() {
-    let _heavy = crate::harness::HEAVY.lock().await;
+    let _heavy = ordo_testkit::HEAVY.lock().await;
     let soak_secs = env_u64("ORDO_FAULT_SOAK_SECS");
     let (seeds, fault_ms): (Vec<u64>, u64) = if let Some(seed) = env_u64("ORDO_FAULT_SEED") {
         (vec![seed], soak_secs.map_or(FAULT_MS, |s| s * 1000))

@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 
-use crate::harness::{ordoctl, wait_for, ProcGroup};
+use ordo_testkit::proc::{ProcGroup, PROC_GROUP};
+use ordo_testkit::{bins, wait_for, Cluster};
 
 /// Writes `count` distinct items with `concurrency` requests in flight; returns what was acknowledged.
 async fn write_items(
@@ -73,19 +74,19 @@ async fn assert_all_present(g: &ProcGroup, acked: &BTreeMap<String, u64>) {
 /// acknowledged reads back with its version, and the killed node catches up on restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_kill_new_leader_serves_and_old_leader_catches_up() {
-    let mut g = ProcGroup::start(3, 10_000);
-    let leader = g.leader(Duration::from_secs(20)).await;
+    let mut g = ProcGroup::start(bins!(), 3, 10_000);
+    let leader = g.wait_leader(PROC_GROUP, Duration::from_secs(20)).await;
     let acked = write_items(&g, "order", 1000, 16).await;
     assert_eq!(acked.len(), 1000);
     assert!(acked.values().all(|&v| v == 1));
 
-    g.kill(leader);
+    g.kill(leader).await;
     let killed_at = Instant::now();
     let client = g.client();
     // The first write that succeeds after the kill was served by the new leader.
     wait_for(
-        Duration::from_secs(10),
         "a write after the leader was killed",
+        Duration::from_secs(10),
         || {
             let client = client.clone();
             async move {
@@ -98,7 +99,7 @@ async fn leader_kill_new_leader_serves_and_old_leader_catches_up() {
     )
     .await;
     let unavailable = killed_at.elapsed();
-    let new_leader = g.leader(Duration::from_secs(5)).await;
+    let new_leader = g.wait_leader(PROC_GROUP, Duration::from_secs(5)).await;
     assert_ne!(new_leader, leader);
     eprintln!(
         "unavailable for {unavailable:?} after killing leader {leader}; new leader {new_leader}"
@@ -110,7 +111,7 @@ async fn leader_kill_new_leader_serves_and_old_leader_catches_up() {
 
     assert_all_present(&g, &acked).await;
 
-    g.restart(leader);
+    g.restart(leader).await;
     let (applied, items, _) = g.converged(Duration::from_secs(30)).await;
     assert_eq!(
         items, 1001,
@@ -129,15 +130,15 @@ async fn leader_kill_new_leader_serves_and_old_leader_catches_up() {
 async fn lagging_replica_rejoins_through_a_snapshot() {
     // Writes that arrive together share a raft entry, so 10,000 writes from 64 clients make only a
     // few hundred entries: compact early enough that they still push the log past the replica.
-    let mut g = ProcGroup::start(3, 100);
-    let leader = g.leader(Duration::from_secs(20)).await;
-    let down = if leader == 3 { 2 } else { 3 };
+    let mut g = ProcGroup::start(bins!(), 3, 100);
+    let leader = g.wait_leader(PROC_GROUP, Duration::from_secs(20)).await;
+    let down = g.node(if leader.id == 3 { 2 } else { 3 });
     write_items(&g, "early", 100, 8).await;
     let before = g.status(down, false).await.unwrap();
-    g.kill(down);
+    g.kill(down).await;
 
     let acked = write_items(&g, "while-down", 10_000, 64).await;
-    let leader_now = g.leader(Duration::from_secs(5)).await;
+    let leader_now = g.wait_leader(PROC_GROUP, Duration::from_secs(5)).await;
     let s = g.status(leader_now, false).await.unwrap();
     assert!(
         s.first_index > before.last_index + 1,
@@ -146,7 +147,7 @@ async fn lagging_replica_rejoins_through_a_snapshot() {
         before.last_index
     );
 
-    g.restart(down);
+    g.restart(down).await;
     let (_, items, _) = g.converged(Duration::from_secs(60)).await;
     assert_eq!(items, 10_100);
     let s = g.status(down, false).await.unwrap();
@@ -160,8 +161,8 @@ async fn lagging_replica_rejoins_through_a_snapshot() {
 /// Acceptance 3: 8 clients × 100 compare-and-set increments of one counter end at exactly 800.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_cas_increments_are_exact() {
-    let g = ProcGroup::start(3, 10_000);
-    g.leader(Duration::from_secs(20)).await;
+    let g = ProcGroup::start(bins!(), 3, 10_000);
+    g.wait_leader(PROC_GROUP, Duration::from_secs(20)).await;
     let client = g.client();
     let conflicts = Arc::new(Mutex::new(0u64));
     let tasks: Vec<_> = (0..8)
@@ -205,8 +206,8 @@ async fn concurrent_cas_increments_are_exact() {
 /// Acceptance 4: kill -9 all three nodes mid-load, restart them: every acknowledged write is present.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn whole_group_killed_mid_load_loses_nothing_acknowledged() {
-    let mut g = ProcGroup::start(3, 500);
-    g.leader(Duration::from_secs(20)).await;
+    let mut g = ProcGroup::start(bins!(), 3, 500);
+    g.wait_leader(PROC_GROUP, Duration::from_secs(20)).await;
     let client = g.client().with_timeout(Duration::from_secs(2));
     let acked: Arc<Mutex<BTreeMap<String, u64>>> = Default::default();
     let writers: Vec<_> = (0..16)
@@ -230,22 +231,22 @@ async fn whole_group_killed_mid_load_loses_nothing_acknowledged() {
             })
         })
         .collect();
-    wait_for(Duration::from_secs(30), "2,000 acknowledged writes", || {
+    wait_for("2,000 acknowledged writes", Duration::from_secs(30), || {
         let n = acked.lock().unwrap().len();
         async move { (n >= 2000).then_some(()) }
     })
     .await;
     for id in [1, 2, 3] {
-        g.kill(id);
+        g.kill(g.node(id)).await;
     }
     for w in writers {
         w.await.unwrap();
     }
     let acked = acked.lock().unwrap().clone();
     for id in [1, 2, 3] {
-        g.restart(id);
+        g.restart(g.node(id)).await;
     }
-    g.leader(Duration::from_secs(20)).await;
+    g.wait_leader(PROC_GROUP, Duration::from_secs(20)).await;
     assert_all_present(&g, &acked).await;
     eprintln!(
         "{} acknowledged writes survived kill -9 of the whole group",
@@ -257,29 +258,32 @@ async fn whole_group_killed_mid_load_loses_nothing_acknowledged() {
 /// group keeps serving; a replica that is not a voter is refused with a message saying so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn leader_transfer_moves_leadership_to_the_named_voter() {
-    let g = ProcGroup::start(3, 10_000);
-    let leader = g.leader(Duration::from_secs(20)).await;
+    let g = ProcGroup::start(bins!(), 3, 10_000);
+    let leader = g.wait_leader(PROC_GROUP, Duration::from_secs(20)).await;
     write_items(&g, "before", 50, 8).await;
-    let target = if leader == 1 { 2 } else { 1 };
+    let target = g.node(if leader.id == 1 { 2 } else { 1 });
 
-    let (ok, out) = ordoctl(
-        &g.endpoints(),
-        &["leader", "transfer", "--to", &target.to_string()],
-    );
+    let (ok, out) = g.ordoctl(&["leader", "transfer", "--to", &target.id.to_string()]);
     assert!(ok, "{out}");
-    assert!(out.contains(&format!("leader is node {target}")), "{out}");
-    assert_eq!(g.leader(Duration::from_secs(5)).await, target);
+    assert!(
+        out.contains(&format!("leader is node {}", target.id)),
+        "{out}"
+    );
+    assert_eq!(
+        g.wait_leader(PROC_GROUP, Duration::from_secs(5)).await,
+        target
+    );
     let acked = write_items(&g, "after", 50, 8).await;
     assert_all_present(&g, &acked).await;
 
-    let (ok, out) = ordoctl(&g.endpoints(), &["leader", "transfer", "--to", "9"]);
+    let (ok, out) = g.ordoctl(&["leader", "transfer", "--to", "9"]);
     assert!(
         !ok,
         "a transfer to a node outside the group must fail: {out}"
     );
     assert!(out.contains("node 9 is not a voter"), "{out}");
     assert_eq!(
-        g.leader(Duration::from_secs(5)).await,
+        g.wait_leader(PROC_GROUP, Duration::from_secs(5)).await,
         target,
         "a refused transfer changes nothing"
     );

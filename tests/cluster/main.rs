@@ -1,11 +1,11 @@
 //! Cluster tests: whole shard groups as real processes (kill -9, restart) and in-process nodes.
-//! One test binary with modules, so the `ordo` binary and the harness are built once.
+//! One test binary with modules, so the `ordo` binary is built once. The harnesses, the fault
+//! net, the linearizability checker and the helpers are the test kit's (`tests/framework`).
 
 mod bad_input;
 mod bank;
 mod faults;
 mod group;
-mod harness;
 mod membership;
 mod nemesis;
 mod playground;

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::harness::{node_status, ordoctl, wait_for, ProcCluster};
+use ordo_testkit::proc::ProcCluster;
+use ordo_testkit::{bins, node_status, wait_for, Cluster, Member};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -72,13 +73,14 @@ fn longest_gap(successes: &[Instant], from: Instant, to: Instant) -> Duration {
 }
 
 /// Waits until the leader of `group` no longer counts node `id` as live.
-async fn leader_sees_dead(c: &ProcCluster, group: u64, id: u64) {
+async fn leader_sees_dead(c: &ProcCluster, dead: Member) {
+    let (group, id) = (dead.group, dead.id);
     wait_for(
-        LIMIT,
         &format!("the leader of group {group} to see node {id} dead"),
+        LIMIT,
         || async {
             let l = c.find_leader(group).await?;
-            let s = node_status(&c.procs[l].addr, false).await?;
+            let s = c.status(l, false).await?;
             (!s.live.is_empty() && !s.live.contains(&id)).then_some(())
         },
     )
@@ -90,13 +92,15 @@ async fn leader_sees_dead(c: &ProcCluster, group: u64, id: u64) {
 /// election, the new node ends with exactly the group's data and votes (the group survives
 /// losing its old leader afterwards), and the map lists the new replicas.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// One scenario under one running load (refusals, replace, the new node votes): its phases share it.
+#[allow(clippy::too_many_lines)]
 async fn replace_a_dead_replica_under_load() {
-    let _heavy = crate::harness::HEAVY.lock().await;
-    let mut c = ProcCluster::start(1, 3);
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    let mut c = ProcCluster::start(bins!(), 1, 3);
     c.init(LIMIT).await;
     let router = c.router_addr().to_string();
-    let cli = |args: &[&str]| ordoctl(std::slice::from_ref(&router), args);
-    wait_for(LIMIT, "the router to serve", || async {
+    let cli = |args: &[&str]| bins!().ordoctl(std::slice::from_ref(&router), args);
+    wait_for("the router to serve", LIMIT, || async {
         cli(&["put", "warm", "", "up"]).0.then_some(())
     })
     .await;
@@ -104,19 +108,18 @@ async fn replace_a_dead_replica_under_load() {
     let stop = Arc::new(AtomicBool::new(false));
     let (load, writers) = start_load(&router, 8, stop.clone());
     let load_started = Instant::now();
-    wait_for(LIMIT, "writes to flow", || async {
+    wait_for("writes to flow", LIMIT, || async {
         (load.lock().unwrap().acked.len() >= 200).then_some(())
     })
     .await;
 
-    let leader = c.leader(1, LIMIT).await;
-    let members: Vec<usize> = c.members(1).collect();
-    let dead = *members.iter().find(|&&i| i != leader).unwrap();
-    let live_follower = *members.iter().find(|&&i| i != leader && i != dead).unwrap();
-    let (leader_id, dead_id, follower_id) =
-        (c.node_id(leader), c.node_id(dead), c.node_id(live_follower));
-    c.kill(dead);
-    leader_sees_dead(&c, 1, dead_id).await;
+    let leader = c.wait_leader(1, LIMIT).await;
+    let members = c.members(1);
+    let dead = *members.iter().find(|&&m| m != leader).unwrap();
+    let live_follower = *members.iter().find(|&&m| m != leader && m != dead).unwrap();
+    let (leader_id, dead_id, follower_id) = (leader.id, dead.id, live_follower.id);
+    c.kill(dead).await;
+    leader_sees_dead(&c, dead).await;
 
     // Refusals while a replica is down; none of them changes anything.
     let (ok, out) = cli(&[
@@ -139,7 +142,7 @@ async fn replace_a_dead_replica_under_load() {
         &leader_id.to_string(),
     ]);
     assert!(!ok && out.contains("leads group 1"), "{out}");
-    let s = node_status(&c.procs[leader].addr, false).await.unwrap();
+    let s = c.status(leader, false).await.unwrap();
     assert_eq!(
         s.voters.len(),
         3,
@@ -147,7 +150,7 @@ async fn replace_a_dead_replica_under_load() {
     );
 
     let new = c.start_joining(1, 4);
-    let new_addr = c.procs[new].addr.clone();
+    let new_addr = c.addr(new);
     let replace_started = Instant::now();
     let (ok, out) = cli(&[
         "replica",
@@ -169,7 +172,7 @@ async fn replace_a_dead_replica_under_load() {
     );
     // Keep writing a little with the new configuration, then stop.
     let count_after = load.lock().unwrap().acked.len() + 100;
-    wait_for(LIMIT, "writes after the replace", || async {
+    wait_for("writes after the replace", LIMIT, || async {
         (load.lock().unwrap().acked.len() >= count_after).then_some(())
     })
     .await;
@@ -191,8 +194,8 @@ async fn replace_a_dead_replica_under_load() {
     );
 
     // The new node is a voter with exactly the group's data.
-    let leader_addr = c.procs[leader].addr.clone();
-    let (items, digest) = wait_for(LIMIT, "the new node to hold the group's data", || async {
+    let leader_addr = c.addr(leader);
+    let (items, digest) = wait_for("the new node to hold the group's data", LIMIT, || async {
         let l = node_status(&leader_addr, true).await?;
         let n = node_status(&new_addr, true).await?;
         (l.applied_index == n.applied_index && l.data_digest == n.data_digest && l.items > 0)
@@ -221,9 +224,10 @@ async fn replace_a_dead_replica_under_load() {
         .map(|r| r.addr.as_str())
         .collect();
     addrs.sort();
+    let follower_addr = c.addr(live_follower);
     let mut want = vec![
         leader_addr.as_str(),
-        c.procs[live_follower].addr.as_str(),
+        follower_addr.as_str(),
         new_addr.as_str(),
     ];
     want.sort();
@@ -231,7 +235,7 @@ async fn replace_a_dead_replica_under_load() {
 
     // The new node votes: with the old leader gone, it and the remaining founder elect a leader,
     // and every acknowledged write reads back.
-    c.kill(leader);
+    c.kill(leader).await;
     let client = ordo::client::Client::connect(vec![router.clone()])
         .unwrap()
         .with_timeout(Duration::from_secs(10));
@@ -255,19 +259,19 @@ async fn replace_a_dead_replica_under_load() {
 /// then lists the new config server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refusals_while_a_change_runs_and_config_server_replacement() {
-    let _heavy = crate::harness::HEAVY.lock().await;
-    let mut c = ProcCluster::start(1, 3);
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    let mut c = ProcCluster::start(bins!(), 1, 3);
     c.init(LIMIT).await;
     let router = c.router_addr().to_string();
-    let leader = c.leader(1, LIMIT).await;
-    let leader_addr = c.procs[leader].addr.clone();
+    let leader = c.wait_leader(1, LIMIT).await;
+    let leader_addr = c.addr(leader);
 
     // Node 5 is never started: its add waits for it to catch up until the timeout.
-    let nowhere = format!("127.0.0.1:{}", crate::harness::free_port());
+    let nowhere = ordo_testkit::ports::free_addr();
     let add = {
         let router = router.clone();
         std::thread::spawn(move || {
-            ordoctl(
+            bins!().ordoctl(
                 &[router],
                 &[
                     "replica",
@@ -284,69 +288,64 @@ async fn refusals_while_a_change_runs_and_config_server_replacement() {
             )
         })
     };
-    wait_for(LIMIT, "node 5 to become a learner", || async {
+    wait_for("node 5 to become a learner", LIMIT, || async {
         let s = node_status(&leader_addr, false).await?;
         s.learners.contains(&5).then_some(())
     })
     .await;
-    let other = c.members(1).find(|&i| i != leader).unwrap();
-    let (ok, out) = ordoctl(
-        std::slice::from_ref(&router),
-        &[
-            "replica",
-            "remove",
-            "--group",
-            "1",
-            "--id",
-            &c.node_id(other).to_string(),
-        ],
-    );
+    let other = c.members(1).into_iter().find(|&m| m != leader).unwrap();
+    let (ok, out) = c.ordoctl(&[
+        "replica",
+        "remove",
+        "--group",
+        "1",
+        "--id",
+        &other.id.to_string(),
+    ]);
     assert!(!ok && out.contains("in progress"), "{out}");
     let (ok, out) = add.join().unwrap();
     assert!(!ok && out.contains("did not catch up"), "{out}");
     let s = node_status(&leader_addr, false).await.unwrap();
     assert_eq!((s.voters.len(), s.learners.clone()), (3, vec![5]), "{s:?}");
-    let (ok, out) = ordoctl(
-        std::slice::from_ref(&router),
-        &["replica", "remove", "--group", "1", "--id", "5"],
-    );
+    let (ok, out) = c.ordoctl(&["replica", "remove", "--group", "1", "--id", "5"]);
     assert!(ok, "removing the learner: {out}");
     let s = node_status(&leader_addr, false).await.unwrap();
     assert!(s.learners.is_empty() && s.voters.len() == 3, "{s:?}");
 
     // The meta group: replace a dead config server.
-    let meta_leader = c.leader(0, LIMIT).await;
-    let dead = c.members(0).find(|&i| i != meta_leader).unwrap();
-    let dead_id = c.node_id(dead);
-    c.kill(dead);
+    let meta_leader = c.wait_leader(0, LIMIT).await;
+    let dead = c
+        .members(0)
+        .into_iter()
+        .find(|&m| m != meta_leader)
+        .unwrap();
+    let dead_id = dead.id;
+    c.kill(dead).await;
     let new = c.start_joining(0, 4);
-    let new_addr = c.procs[new].addr.clone();
-    let (ok, out) = ordoctl(
-        std::slice::from_ref(&router),
-        &[
-            "replica",
-            "replace",
-            "--group",
-            "0",
-            "--old",
-            &dead_id.to_string(),
-            "--id",
-            "4",
-            "--addr",
-            &new_addr,
-        ],
-    );
+    let new_addr = c.addr(new);
+    let (ok, out) = c.ordoctl(&[
+        "replica",
+        "replace",
+        "--group",
+        "0",
+        "--old",
+        &dead_id.to_string(),
+        "--id",
+        "4",
+        "--addr",
+        &new_addr,
+    ]);
     assert!(ok, "replacing config server {dead_id}: {out}");
     let admin = ordo::client::ClusterClient::connect(vec![router.clone()]).unwrap();
     let map = admin.get_shard_map(true).await.unwrap();
     assert!(
-        map.config_addrs.contains(&new_addr) && !map.config_addrs.contains(&c.procs[dead].addr),
+        map.config_addrs.contains(&new_addr) && !map.config_addrs.contains(&c.addr(dead)),
         "config addrs {:?}",
         map.config_addrs
     );
     // The new config server holds the map: with the old meta leader gone too, map reads still
     // answer (it and the remaining founder form the quorum).
-    c.kill(meta_leader);
+    c.kill(meta_leader).await;
     let admin = ordo::client::ClusterClient::connect(vec![new_addr.clone()])
         .unwrap()
         .with_timeout(Duration::from_secs(10));

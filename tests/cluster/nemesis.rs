@@ -13,13 +13,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ordo::linearizability::{check, Completion, History, ItemKey, Op, Output, Record};
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{Consistency, DeleteRequest, GetRequest, PutRequest, ShardMap};
+use ordo_testkit::linearizability::{check, Completion, History, ItemKey, Op, Output, Record};
 use tonic::transport::Channel;
 use tonic::{Request, Status};
 
-use crate::harness::{wait_for, ProcCluster};
+use ordo_testkit::proc::ProcCluster;
+use ordo_testkit::{bins, env_u64, wait_for, Cluster, SplitMix64, CONFIG_GROUP};
 
 const GROUPS: u64 = 2;
 const REPLICAS: u64 = 3;
@@ -31,35 +32,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 const MIN_KILLS: usize = 10;
 /// Bound on every wait for the cluster to become healthy.
 const HEALTHY: Duration = Duration::from_secs(30);
-
-/// SplitMix64: a small seeded generator, so that a schedule can be replayed from its seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn millis(&mut self, lo: u64, hi: u64) -> Duration {
-        Duration::from_millis(lo + self.below(hi - lo + 1))
-    }
-}
-
-fn env_u64(name: &str) -> Option<u64> {
-    std::env::var(name).ok().map(|v| {
-        v.trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}"))
-    })
-}
 
 /// One item of the workload and the group that owns it.
 #[derive(Clone)]
@@ -124,7 +96,7 @@ enum Kind {
 }
 
 fn kv_client(router: &str) -> KvClient<Channel> {
-    KvClient::new(ordo::endpoint(router).unwrap().connect_lazy())
+    KvClient::new(ordo_testkit::endpoint(router).unwrap().connect_lazy())
 }
 
 fn timed<T>(msg: T) -> Request<T> {
@@ -200,7 +172,7 @@ async fn client_loop(
     stop: Arc<AtomicBool>,
     seed: u64,
 ) {
-    let mut rng = Rng(seed ^ (client.wrapping_mul(0x5851_F42D_4C95_7F2D)));
+    let mut rng = SplitMix64(seed ^ (client.wrapping_mul(0x5851_F42D_4C95_7F2D)));
     let mut kv = kv_client(&router);
     // The last version this client saw per item (0 = absent or never seen).
     let mut seen: HashMap<usize, u64> = HashMap::new();
@@ -376,7 +348,7 @@ fn check_last_acknowledged(records: &[Record], finals: &BTreeMap<ItemKey, Output
 /// replicas; the history is linearizable and nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn nemesis_kills_and_restarts_processes_under_load() {
-    let _heavy = crate::harness::HEAVY.lock().await;
+    let _heavy = ordo_testkit::HEAVY.lock().await;
     let seed = env_u64("ORDO_NEMESIS_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -387,33 +359,11 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
     eprintln!("nemesis seed {seed} (replay with ORDO_NEMESIS_SEED={seed}); load for {run_for:?}");
     let test_started = Instant::now();
 
-    let mut cluster = ProcCluster::start(GROUPS, REPLICAS);
+    let mut cluster = ProcCluster::start(bins!(), GROUPS, REPLICAS);
     let map = cluster.init(HEALTHY).await;
     let items = Arc::new(items(&map));
     let router = cluster.router_addr().to_string();
-    // The router serves every group before the load starts.
-    for group in 1..=GROUPS {
-        let item = items.iter().find(|i| i.group == group).unwrap().clone();
-        wait_for(
-            HEALTHY,
-            &format!("a read of group {group} through the router"),
-            || {
-                let mut kv = kv_client(&router);
-                let item = item.clone();
-                async move {
-                    kv.get(timed(GetRequest {
-                        header: None,
-                        shard_key: item.key.shard_key.into(),
-                        key: item.key.key.into(),
-                        consistency: Consistency::Linearizable as i32,
-                    }))
-                    .await
-                    .ok()
-                }
-            },
-        )
-        .await;
-    }
+    router_serves_every_group(&router, &items).await;
     eprintln!("cluster up in {:.1?}", test_started.elapsed());
 
     let history = History::new();
@@ -432,9 +382,72 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
             ))
         })
         .collect();
+    let kills = run_nemesis(&mut cluster, seed, run_for, &history).await;
+    // Let the last restart settle under load before stopping (the gap after it is measured).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let load_ended = history.now();
+    for c in clients {
+        c.await.expect("client task");
+    }
 
-    // The nemesis: one process down at a time, so no group ever loses its majority.
-    let mut rng = Rng(seed);
+    let finals = final_reads(&mut cluster, &router, &items, &history).await;
+    let records = history.records();
+    let acked = summarize(seed, &kills, &records, &observed, load_ended);
+
+    assert!(kills.len() >= MIN_KILLS, "{} kills", kills.len());
+    assert!(
+        acked >= 200,
+        "only {acked} writes were acknowledged: the run proves too little"
+    );
+    let checked_at = Instant::now();
+    let result = check(&history);
+    eprintln!("checker: {:.1?}; {result}", checked_at.elapsed());
+    result.assert_linearizable();
+    let exact = check_last_acknowledged(&records, &finals);
+    eprintln!(
+        "{exact} items end exactly at their last acknowledged write; test took {:.1?}",
+        test_started.elapsed()
+    );
+    drop(cluster);
+}
+
+/// Waits until the router serves a read of every group.
+async fn router_serves_every_group(router: &str, items: &[Item]) {
+    let router = router.to_string();
+    for group in 1..=GROUPS {
+        let item = items.iter().find(|i| i.group == group).unwrap().clone();
+        wait_for(
+            &format!("a read of group {group} through the router"),
+            HEALTHY,
+            || {
+                let mut kv = kv_client(&router);
+                let item = item.clone();
+                async move {
+                    kv.get(timed(GetRequest {
+                        header: None,
+                        shard_key: item.key.shard_key.into(),
+                        key: item.key.key.into(),
+                        consistency: Consistency::Linearizable as i32,
+                    }))
+                    .await
+                    .ok()
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// The nemesis: one process down at a time, so no group ever loses its majority; kills until
+/// `run_for` has passed and at least `MIN_KILLS` were made. The kills, in order.
+async fn run_nemesis(
+    cluster: &mut ProcCluster,
+    seed: u64,
+    run_for: Duration,
+    history: &History,
+) -> Vec<Kill> {
+    let mut rng = SplitMix64(seed);
     let mut kills: Vec<Kill> = Vec::new();
     let load_started = Instant::now();
     while load_started.elapsed() < run_for || kills.len() < MIN_KILLS {
@@ -450,10 +463,10 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
         let (group, leader_wanted) = match rng.below(10) {
             0..=3 => (1 + rng.below(GROUPS), true),
             4..=5 => (1 + rng.below(GROUPS), false),
-            6..=7 => (0, true), // 0 = the meta group
-            _ => (0, false),
+            6..=7 => (CONFIG_GROUP, true),
+            _ => (CONFIG_GROUP, false),
         };
-        let members: Vec<usize> = cluster.members(group).collect();
+        let members = cluster.members(group);
         let any = members[rng.below(members.len() as u64) as usize];
         let leader = cluster.find_leader(group).await;
         let victim = match leader {
@@ -468,8 +481,8 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
             (_, true) => "group leader",
             (_, false) => "group follower",
         };
-        cluster.kill(victim);
-        let name = cluster.procs[victim].name.clone();
+        cluster.kill(victim).await;
+        let name = cluster.name(victim).to_string();
         kills.push(Kill {
             at: history.now(),
             group,
@@ -481,48 +494,62 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
             load_started.elapsed().as_secs_f64()
         );
         tokio::time::sleep(rng.millis(1000, 2500)).await;
-        cluster.restart(victim);
+        cluster.restart(victim).await;
         cluster.answers(victim, HEALTHY).await;
         eprintln!(
             "[{:>5.1}s] restarted {name}",
             load_started.elapsed().as_secs_f64()
         );
     }
-    // Let the last restart settle under load before stopping (the gap after it is measured).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, Ordering::Relaxed);
-    let load_ended = history.now();
-    for c in clients {
-        c.await.expect("client task");
-    }
+    kills
+}
 
-    // Everything up again (the nemesis restarted its last victim already), then the final reads.
-    for i in 0..cluster.procs.len() {
-        if !cluster.procs[i].running() {
-            cluster.restart(i);
+/// Everything up again (the nemesis restarted its last victim already), then a linearizable
+/// read of every item, recorded in the history. The reads by item.
+async fn final_reads(
+    cluster: &mut ProcCluster,
+    router: &str,
+    items: &[Item],
+    history: &History,
+) -> BTreeMap<ItemKey, Output> {
+    for group in 0..=GROUPS {
+        for m in cluster.members(group) {
+            if !cluster.is_running(m) {
+                cluster.restart(m).await;
+            }
         }
     }
     for group in 0..=GROUPS {
-        cluster.leader(group, HEALTHY).await;
+        cluster.wait_leader(group, HEALTHY).await;
     }
-    let kv = kv_client(&router);
+    let kv = kv_client(router);
     let mut finals: BTreeMap<ItemKey, Output> = BTreeMap::new();
     for item in items.iter() {
-        let out = wait_for(HEALTHY, &format!("a final read of {}", item.key), || {
+        let out = wait_for(&format!("a final read of {}", item.key), HEALTHY, || {
             let (mut kv, history, item) = (kv.clone(), history.clone(), item.clone());
             async move { run_op(&mut kv, &history, 1000, &item, Op::Get).await.ok() }
         })
         .await;
         finals.insert(item.key.clone(), out);
     }
-    let records = history.records();
 
-    // Summary.
+    finals
+}
+
+/// Prints what the run did (kills, outcomes, unavailability after each kill, errors); the
+/// number of acknowledged writes.
+fn summarize(
+    seed: u64,
+    kills: &[Kill],
+    records: &[Record],
+    observed: &Observed,
+    load_ended: Duration,
+) -> u64 {
     let mut ok = 0;
     let mut fail = 0;
     let mut unknown = 0;
     let mut writes = 0;
-    for r in &records {
+    for r in records {
         if !matches!(r.op, Op::Get) {
             writes += 1;
         }
@@ -539,7 +566,7 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
     for (n, k) in kills.iter().enumerate() {
         let next = kills.get(n + 1).map_or(load_ended, |k| k.at);
         // Meta kills: the worst group; group kills: that group.
-        let groups: Vec<u64> = if k.group == 0 {
+        let groups: Vec<u64> = if k.group == CONFIG_GROUP {
             (1..=GROUPS).collect()
         } else {
             vec![k.group]
@@ -578,19 +605,5 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
         eprintln!("  {n:>5} × {error}");
     }
 
-    assert!(kills.len() >= MIN_KILLS, "{} kills", kills.len());
-    assert!(
-        acked >= 200,
-        "only {acked} writes were acknowledged: the run proves too little"
-    );
-    let checked_at = Instant::now();
-    let result = check(&history);
-    eprintln!("checker: {:.1?}; {result}", checked_at.elapsed());
-    result.assert_linearizable();
-    let exact = check_last_acknowledged(&records, &finals);
-    eprintln!(
-        "{exact} items end exactly at their last acknowledged write; test took {:.1?}",
-        test_started.elapsed()
-    );
-    drop(cluster);
+    acked
 }

@@ -11,32 +11,11 @@ fn free_base_port() -> u16 {
         .into_iter()
         .chain((1..=3).flat_map(|g| (1..=3).map(move |r| 10 * g + r)))
         .collect();
-    for attempt in 0..200u16 {
-        let base = 20_000 + (std::process::id() as u16 % 200) * 100 + attempt * 137 % 20_000;
-        if offsets
-            .iter()
-            .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok())
-        {
-            return base;
-        }
-    }
-    panic!("no free port range for the playground");
+    ordo_testkit::ports::free_base_port(&offsets)
 }
 
 fn ordoctl(router: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ordoctl"))
-        .args(["--endpoint", router, "--timeout", "20s"])
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    ordo_testkit::bins!().ordoctl_within(&[router.to_string()], Duration::from_secs(20), args)
 }
 
 fn start(dir: &Path, port: u16) -> Child {

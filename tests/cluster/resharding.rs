@@ -9,14 +9,14 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use ordo::client::{Client, ClusterClient};
-use ordo::linearizability::{check, Completion, History, ItemKey, Op, Output};
-use ordo::playground::{start_extra_group, Playground, PlaygroundConfig};
 use ordo_proto::v1::{
     AddGroupRequest, MigrationState, MoveSlotsRequest, RebalanceRequest, ShardMap,
 };
+use ordo_testkit::linearizability::{check, Completion, History, ItemKey, Op, Output};
 use tonic::Code;
 
-use crate::harness::{node_status, wait_for};
+use ordo_testkit::inproc::InProcCluster;
+use ordo_testkit::{node_status, wait_for, wait_for_every, Cluster, CONFIG_GROUP};
 
 /// Clients of acceptance 1; the other tests use fewer, to leave CPU to the tests beside them.
 const CLIENTS: u64 = 16;
@@ -31,21 +31,7 @@ const PRELOAD: u64 = 1500;
 /// Bound on one client's operations, so a stuck stop flag cannot loop forever.
 const OPS_PER_CLIENT_MAX: u64 = 200_000;
 
-async fn playground(groups: u64) -> (tempfile::TempDir, PlaygroundConfig, Playground) {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = PlaygroundConfig {
-        groups,
-        replicas: 3,
-        port: None,
-        ..PlaygroundConfig::new(dir.path())
-    };
-    let pg = Playground::start(cfg.clone())
-        .await
-        .expect("playground starts");
-    (dir, cfg, pg)
-}
-
-fn admin(pg: &Playground) -> ClusterClient {
+fn admin(pg: &InProcCluster) -> ClusterClient {
     ClusterClient::connect(pg.config_addrs.clone())
         .unwrap()
         .with_timeout(Duration::from_secs(120))
@@ -179,7 +165,7 @@ impl Load {
     async fn wait_ops(&self, more: u64, what: &str) {
         let target = self.ops.load(Ordering::Relaxed) + more;
         let ops = self.ops.clone();
-        wait_for(Duration::from_secs(60), what, || {
+        wait_for(what, Duration::from_secs(60), || {
             let n = ops.load(Ordering::Relaxed);
             async move { (n >= target).then_some(()) }
         })
@@ -271,7 +257,7 @@ impl Load {
 /// Every replica of every group holds exactly the found keys whose slots its group owns: moved
 /// data is on its recipient, and donors kept none of it.
 async fn assert_placement(
-    pg: &Playground,
+    pg: &InProcCluster,
     extra: &BTreeMap<u64, Vec<String>>,
     map: &ShardMap,
     found: &BTreeSet<String>,
@@ -291,8 +277,8 @@ async fn assert_placement(
         let expect = want.get(&g).copied().unwrap_or(0);
         for addr in replicas {
             wait_for(
-                Duration::from_secs(15),
                 &format!("group {g} replica {addr} to hold exactly {expect} items"),
+                Duration::from_secs(15),
                 || {
                     let addr = addr.clone();
                     async move {
@@ -335,18 +321,18 @@ fn print_moves(migrations: &[ordo_proto::v1::Migration]) {
 /// Acceptance 1: under 16 clients, add a 4th group and rebalance onto it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn adding_a_group_and_rebalancing_under_load_loses_nothing() {
-    let _serial = crate::harness::HEAVY.lock().await;
+    let _serial = ordo_testkit::HEAVY.lock().await;
     let started = Instant::now();
-    let (_dir, cfg, pg) = playground(3).await;
+    let pg = InProcCluster::start(3, 3).await;
     let router = pg.router_addr();
     preload(&router).await;
     let load = start_load(&router, CLIENTS);
     load.wait_ops(300, "the load to get going").await;
 
-    let (nodes4, spec) = start_extra_group(&cfg, 4, 3).await.unwrap();
+    let (nodes4, spec) = pg.start_extra_group(4, 3).await;
     let addrs4 = spec.addrs.clone();
     let cc = admin(&pg);
-    let map = wait_for(Duration::from_secs(20), "group 4 to be registered", || {
+    let map = wait_for("group 4 to be registered", Duration::from_secs(20), || {
         let (cc, spec) = (cc.clone(), spec.clone());
         async move {
             cc.add_group(AddGroupRequest { group: Some(spec) })
@@ -392,8 +378,8 @@ async fn adding_a_group_and_rebalancing_under_load_loses_nothing() {
 /// Acceptance 3: under 16 clients, drain a group, then remove it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn draining_and_removing_a_group_under_load_loses_nothing() {
-    let _serial = crate::harness::HEAVY.lock().await;
-    let (_dir, _cfg, pg) = playground(3).await;
+    let _serial = ordo_testkit::HEAVY.lock().await;
+    let pg = InProcCluster::start(3, 3).await;
     let router = pg.router_addr();
     preload(&router).await;
     let load = start_load(&router, CLIENTS_LIGHT);
@@ -432,9 +418,11 @@ async fn draining_and_removing_a_group_under_load_loses_nothing() {
 /// Acceptance 4: bad requests are refused with clear errors and change nothing; an abort before
 /// the commit leaves the donor the owner with all its data and the recipient without the copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// A list of refusals around one in-flight move, which the abort then ends: one story.
+#[allow(clippy::too_many_lines)]
 async fn bad_moves_are_refused_and_an_abort_changes_nothing() {
-    let _serial = crate::harness::HEAVY.lock().await;
-    let (_dir, _cfg, pg) = playground(2).await;
+    let _serial = ordo_testkit::HEAVY.lock().await;
+    let pg = InProcCluster::start(2, 3).await;
     let router = pg.router_addr();
     preload(&router).await;
     let cc = admin(&pg);
@@ -486,8 +474,8 @@ async fn bad_moves_are_refused_and_an_abort_changes_nothing() {
         tokio::spawn(async move { cc.move_slots_with(req).await })
     };
     let id = wait_for(
-        Duration::from_secs(20),
         "the slow move to be copying",
+        Duration::from_secs(20),
         || {
             let cc = cc.clone();
             async move {
@@ -554,18 +542,6 @@ const KILL_PRELOAD: u64 = 600;
 /// change log a few pages, so the kill lands inside the phase it is meant for.
 const KILL_COPY_BYTES_PER_SEC: u64 = 8 * 1024;
 
-async fn leader_of(nodes: &[ordo::node::Node]) -> usize {
-    wait_for(Duration::from_secs(10), "a leader", || async {
-        for (i, n) in nodes.iter().enumerate() {
-            if n.replica.shared.is_leader.load(Ordering::Relaxed) == 1 {
-                return Some(i);
-            }
-        }
-        None
-    })
-    .await
-}
-
 /// The migration records as one meta replica has applied them (a local read: tests poll it
 /// every millisecond without loading the meta leader).
 fn local_migrations(node: &ordo::node::Node) -> ordo_proto::v1::MigrationList {
@@ -586,8 +562,8 @@ fn local_migrations(node: &ordo::node::Node) -> ordo_proto::v1::MigrationList {
 /// matches the final map (one owner per slot) and every live replica holds exactly its group's
 /// data.
 async fn move_with_a_kill(kill: Kill) {
-    let _serial = crate::harness::HEAVY.lock().await;
-    let (_dir, _cfg, mut pg) = playground(2).await;
+    let _serial = ordo_testkit::HEAVY.lock().await;
+    let mut pg = InProcCluster::start(2, 3).await;
     let router = pg.router_addr();
     preload_n(&router, KILL_PRELOAD).await;
     let load = start_load(&router, CLIENTS_LIGHT);
@@ -606,62 +582,7 @@ async fn move_with_a_kill(kill: Kill) {
         };
         tokio::spawn(async move { cc.move_slots_with(req).await })
     };
-    match kill {
-        Kill::DonorLeaderDuringCopy | Kill::RecipientLeaderDuringCatchUp => {
-            let (group, what) = match kill {
-                Kill::DonorLeaderDuringCopy => (1, "the copy to be under way"),
-                _ => (2, "the catch-up to be under way"),
-            };
-            wait_for(Duration::from_secs(30), what, || {
-                let cc = cc.clone();
-                async move {
-                    let list = cc.list_migrations().await.ok()?;
-                    let m = list.migrations.first()?;
-                    let copying = m.state == MigrationState::Copying as i32;
-                    let ready = match kill {
-                        Kill::DonorLeaderDuringCopy => m.items_copied > 0,
-                        _ => m.log_records > 0,
-                    };
-                    assert!(
-                        m.state <= MigrationState::Copying as i32,
-                        "the move left the phase before the kill: {m:?}"
-                    );
-                    (copying && ready).then_some(())
-                }
-            })
-            .await;
-            let nodes = pg.groups.get_mut(&group).unwrap();
-            let i = leader_of(nodes).await;
-            let victim = nodes.remove(i);
-            eprintln!("stopping group {group}'s leader {}", victim.addr);
-            victim.shutdown().await;
-        }
-        Kill::MetaLeaderInCriticalSection => {
-            let i = leader_of(&pg.meta).await;
-            let started = Instant::now();
-            loop {
-                let list = local_migrations(&pg.meta[i]);
-                match list.migrations.first().map(|m| m.state) {
-                    Some(s) if s == MigrationState::Fenced as i32 => break,
-                    Some(s) if s > MigrationState::Fenced as i32 => {
-                        panic!("the move passed its critical section before the kill: {list:?}")
-                    }
-                    _ => {}
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(30),
-                    "the move did not reach its critical section"
-                );
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            let victim = pg.meta.remove(i);
-            eprintln!(
-                "stopping the meta leader {} in the critical section",
-                victim.addr
-            );
-            victim.shutdown().await;
-        }
-    }
+    stop_a_leader(kill, &mut pg, &cc).await;
     // The request may fail (its config server stopped, or the move aborted); either way every
     // migration must reach an end.
     let answer = tokio::time::timeout(Duration::from_secs(90), mover)
@@ -669,7 +590,7 @@ async fn move_with_a_kill(kill: Kill) {
         .expect("the move answers")
         .unwrap();
     eprintln!("move answered: {:?}", answer.as_ref().map(|m| m.version));
-    let list = wait_for(Duration::from_secs(60), "every migration to end", || {
+    let list = wait_for("every migration to end", Duration::from_secs(60), || {
         let cc = cc.clone();
         async move {
             let list = cc.list_migrations().await.ok()?;
@@ -694,8 +615,8 @@ async fn move_with_a_kill(kill: Kill) {
             let addr = n.addr.to_string();
             let want = counts.get(g).copied().unwrap_or(0) as u32;
             wait_for(
-                Duration::from_secs(10),
                 &format!("group {g} replica {addr} to own {want} slots"),
+                Duration::from_secs(10),
                 || {
                     let addr = addr.clone();
                     async move {
@@ -709,6 +630,66 @@ async fn move_with_a_kill(kill: Kill) {
     }
     assert_placement(&pg, &BTreeMap::new(), &map, &found).await;
     pg.shutdown().await;
+}
+
+/// Stops the leader `kill` names once the move is in the phase it names.
+async fn stop_a_leader(kill: Kill, pg: &mut InProcCluster, cc: &ClusterClient) {
+    match kill {
+        Kill::DonorLeaderDuringCopy | Kill::RecipientLeaderDuringCatchUp => {
+            let (group, what) = match kill {
+                Kill::DonorLeaderDuringCopy => (1, "the copy to be under way"),
+                _ => (2, "the catch-up to be under way"),
+            };
+            wait_for(what, Duration::from_secs(30), || {
+                let cc = cc.clone();
+                async move {
+                    let list = cc.list_migrations().await.ok()?;
+                    let m = list.migrations.first()?;
+                    let copying = m.state == MigrationState::Copying as i32;
+                    let ready = match kill {
+                        Kill::DonorLeaderDuringCopy => m.items_copied > 0,
+                        _ => m.log_records > 0,
+                    };
+                    assert!(
+                        m.state <= MigrationState::Copying as i32,
+                        "the move left the phase before the kill: {m:?}"
+                    );
+                    (copying && ready).then_some(())
+                }
+            })
+            .await;
+            let victim = pg.wait_leader(group, Duration::from_secs(10)).await;
+            eprintln!("stopping group {group}'s leader {}", pg.addr(victim));
+            pg.kill(victim).await;
+        }
+        Kill::MetaLeaderInCriticalSection => {
+            let victim = pg.wait_leader(CONFIG_GROUP, Duration::from_secs(10)).await;
+            let node = pg.node(victim).expect("the meta leader runs");
+            // Polled every millisecond: the fenced window is short.
+            wait_for_every(
+                "the move to reach its critical section",
+                Duration::from_secs(30),
+                Duration::from_millis(1),
+                || {
+                    let list = local_migrations(node);
+                    let fenced = match list.migrations.first().map(|m| m.state) {
+                        Some(s) if s == MigrationState::Fenced as i32 => Some(()),
+                        Some(s) if s > MigrationState::Fenced as i32 => {
+                            panic!("the move passed its critical section before the kill: {list:?}")
+                        }
+                        _ => None,
+                    };
+                    async move { fenced }
+                },
+            )
+            .await;
+            eprintln!(
+                "stopping the meta leader {} in the critical section",
+                pg.addr(victim)
+            );
+            pg.kill(victim).await;
+        }
+    }
 }
 
 /// Acceptance 2a.

@@ -7,26 +7,14 @@ use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
 use ordo::client::Client;
-use ordo::playground::{Playground, PlaygroundConfig};
 use ordo_proto::v1::cluster_client::ClusterClient;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{GetRequest, GetShardMapRequest, MoveSlotsRequest, PutRequest, ShardMap};
 use ordo_router::{Router, RouterConfig, RouterOptions};
 use tonic::Code;
 
-use crate::harness::{node_status, wait_for};
-
-async fn playground(groups: u64, replicas: u64) -> (tempfile::TempDir, Playground) {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = PlaygroundConfig {
-        groups,
-        replicas,
-        port: None,
-        ..PlaygroundConfig::new(dir.path())
-    };
-    let pg = Playground::start(cfg).await.expect("playground starts");
-    (dir, pg)
-}
+use ordo_testkit::inproc::{lone_node, InProcCluster};
+use ordo_testkit::{endpoint, node_status, wait_for, Cluster, CONFIG_GROUP};
 
 fn client(addr: &str) -> Client {
     Client::connect(vec![addr.to_string()])
@@ -35,7 +23,7 @@ fn client(addr: &str) -> Client {
 }
 
 async fn cluster(addr: &str) -> ClusterClient<tonic::transport::Channel> {
-    ClusterClient::new(ordo::endpoint(addr).unwrap().connect().await.unwrap())
+    ClusterClient::new(endpoint(addr).unwrap().connect().await.unwrap())
 }
 
 async fn shard_map(addr: &str) -> ShardMap {
@@ -73,7 +61,7 @@ fn key_owned_by(map: &ShardMap, group: u64, prefix: &str) -> (String, u32) {
 /// within ±10% of the mean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_orders_spread_evenly_over_three_groups() {
-    let (_dir, pg) = playground(3, 3).await;
+    let pg = InProcCluster::start(3, 3).await;
     let c = client(&pg.router_addr());
     let n = 10_000;
     stream::iter(0..n)
@@ -124,7 +112,7 @@ async fn ten_thousand_orders_spread_evenly_over_three_groups() {
 /// owner after one `wrong shard`, and the old owner never accepts the write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stale_router_is_corrected_by_one_wrong_shard() {
-    let (_dir, pg) = playground(2, 1).await;
+    let pg = InProcCluster::start(2, 1).await;
     let stale = Router::start_with_options(
         RouterConfig {
             listen: "127.0.0.1:0".into(),
@@ -163,7 +151,7 @@ async fn a_stale_router_is_corrected_by_one_wrong_shard() {
 
     // The old owner refuses the slot, even to a client that comes straight to it.
     let old_owner = pg.groups[&1][0].addr.to_string();
-    let mut kv = KvClient::new(ordo::endpoint(&old_owner).unwrap().connect().await.unwrap());
+    let mut kv = KvClient::new(endpoint(&old_owner).unwrap().connect().await.unwrap());
     let get = GetRequest {
         shard_key: sk.clone().into(),
         consistency: 1,
@@ -181,7 +169,7 @@ async fn a_stale_router_is_corrected_by_one_wrong_shard() {
         Code::FailedPrecondition
     );
     let new_owner = pg.groups[&2][0].addr.to_string();
-    let mut kv = KvClient::new(ordo::endpoint(&new_owner).unwrap().connect().await.unwrap());
+    let mut kv = KvClient::new(endpoint(&new_owner).unwrap().connect().await.unwrap());
     let got = kv
         .get(GetRequest {
             shard_key: sk.into(),
@@ -202,21 +190,11 @@ async fn a_stale_router_is_corrected_by_one_wrong_shard() {
 /// map reads and changes work again once a new meta leader exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn routers_serve_through_a_meta_leader_loss() {
-    let (_dir, mut pg) = playground(2, 1).await;
+    let mut pg = InProcCluster::start(2, 1).await;
     let c = client(&pg.router_addr());
     c.put("before", "", "x", None).await.unwrap();
-    let leader = wait_for(Duration::from_secs(10), "a meta leader", || {
-        let found = pg.meta.iter().position(|n| {
-            n.replica
-                .shared
-                .is_leader
-                .load(std::sync::atomic::Ordering::Relaxed)
-                == 1
-        });
-        async move { found }
-    })
-    .await;
-    pg.meta.remove(leader).shutdown().await;
+    let leader = pg.wait_leader(CONFIG_GROUP, Duration::from_secs(10)).await;
+    pg.kill(leader).await;
 
     for i in 0..100 {
         c.put(format!("during-{i}"), "", "x", None)
@@ -224,8 +202,8 @@ async fn routers_serve_through_a_meta_leader_loss() {
             .expect("data keeps flowing without a meta leader");
     }
     let map = wait_for(
-        Duration::from_secs(10),
         "a linearizable map read after the meta leader loss",
+        Duration::from_secs(10),
         || async {
             let mut cc = cluster(&pg.router_addr()).await;
             cc.get_shard_map(GetShardMapRequest { linearizable: true })
@@ -240,8 +218,8 @@ async fn routers_serve_through_a_meta_leader_loss() {
         .await
         .expect("map change under the new meta leader");
     wait_for(
-        Duration::from_secs(10),
         "the router to follow the new map",
+        Duration::from_secs(10),
         || {
             let v = pg.router.map_version();
             async move { (v == moved.version).then_some(()) }
@@ -258,7 +236,7 @@ async fn routers_serve_through_a_meta_leader_loss() {
 /// Acceptance 4: two routers serve the same cluster concurrently; restarting one loses nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_routers_and_a_router_restart_lose_nothing() {
-    let (_dir, pg) = playground(2, 1).await;
+    let pg = InProcCluster::start(2, 1).await;
     let second = Router::start(RouterConfig {
         listen: "127.0.0.1:0".into(),
         config_addrs: pg.config_addrs.clone(),
@@ -284,8 +262,8 @@ async fn two_routers_and_a_router_restart_lose_nothing() {
         })
         .collect();
     wait_for(
-        Duration::from_secs(30),
         "writes through both routers",
+        Duration::from_secs(30),
         || {
             let n = acked.lock().unwrap().len();
             async move { (n >= 300).then_some(()) }
@@ -322,25 +300,6 @@ async fn two_routers_and_a_router_restart_lose_nothing() {
     pg.shutdown().await;
 }
 
-/// One single-replica raft group in this process (`group` 0 = a config server).
-async fn lone_node(dir: &std::path::Path, group: u64) -> ordo::node::Node {
-    let addr = format!("127.0.0.1:{}", crate::harness::free_port());
-    ordo::node::Node::start(ordo::node::NodeConfig {
-        id: 1,
-        group,
-        listen: addr.clone(),
-        peers: BTreeMap::from([(1, addr)]),
-        data_dir: dir.join(format!("group-{group}")),
-        compact_log_entries: ordo::limits::COMPACT_LOG_ENTRIES_DEFAULT,
-        slot_count: ordo::limits::SLOT_COUNT_DEFAULT,
-        config_server: group == 0,
-        faults: None,
-        join: false,
-    })
-    .await
-    .unwrap()
-}
-
 fn spec(id: u64, addrs: &[&str]) -> ordo_proto::v1::GroupSpec {
     ordo_proto::v1::GroupSpec {
         id,
@@ -352,12 +311,15 @@ fn spec(id: u64, addrs: &[&str]) -> ordo_proto::v1::GroupSpec {
 /// and an init on an initialized cluster each get an error that says what to fix, and leave no
 /// trace (map version 0, the groups' ownership untouched); then a good init goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// One table of refused inits, each checked to leave no trace, then the good one: a list.
+#[allow(clippy::too_many_lines)]
 async fn init_refuses_bad_input_and_is_all_or_nothing() {
     use ordo_proto::v1::InitClusterRequest;
     let dir = tempfile::tempdir().unwrap();
-    let meta = lone_node(dir.path(), 0).await;
-    let g1 = lone_node(dir.path(), 1).await;
-    let g2 = lone_node(dir.path(), 2).await;
+    let lone = |group: u64| lone_node(dir.path().join(format!("group-{group}")), group);
+    let meta = lone(0).await;
+    let g1 = lone(1).await;
+    let g2 = lone(2).await;
     let (m, a1, a2) = (
         meta.addr.to_string(),
         g1.addr.to_string(),
@@ -365,8 +327,8 @@ async fn init_refuses_bad_input_and_is_all_or_nothing() {
     );
     for addr in [&m, &a1, &a2] {
         wait_for(
-            Duration::from_secs(10),
             "a single replica to lead",
+            Duration::from_secs(10),
             || async {
                 node_status(addr, false)
                     .await
@@ -376,7 +338,7 @@ async fn init_refuses_bad_input_and_is_all_or_nothing() {
         )
         .await;
     }
-    let dead = format!("127.0.0.1:{}", crate::harness::free_port());
+    let dead = ordo_testkit::ports::free_addr();
     let init = |slot_count: u32, groups: Vec<ordo_proto::v1::GroupSpec>| {
         let m = m.clone();
         async move {

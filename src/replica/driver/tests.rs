@@ -127,7 +127,7 @@ impl Group {
                 compact_log_entries,
                 slot_count: crate::limits::SLOT_COUNT_DEFAULT,
                 config_server: false,
-                faults: None,
+                link_filter: None,
             };
             let rec = recover(&cfg).unwrap();
             let sm = rec.sm.clone();

@@ -5,11 +5,14 @@
 //! retransmits; an unbounded buffer would not survive a slow peer). A broken connection is
 //! reported to raft as unreachable and retried with backoff. Snapshots go on their own stream.
 //!
-//! Tests may give the transport a [`FaultNet`]: every outgoing message and snapshot transfer is
-//! then dropped, delayed or duplicated as the net decides (see `fault.rs`). Without one (every
-//! production node) the send path is unchanged.
+//! Tests may give the transport a [`LinkFilter`] (`filter.rs`): every outgoing message and
+//! snapshot transfer is then dropped, delayed or duplicated as the filter decides. Without one
+//! (every production node) the send path is unchanged.
 
+mod filter;
 pub(crate) mod recv;
+
+pub use filter::{Fate, LinkFilter};
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,7 +27,6 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::fault::{Fate, FaultNet};
 use crate::limits::*;
 use crate::replica::inbox::Msg;
 use crate::replica::snapshot::chunk_crc;
@@ -44,7 +46,7 @@ pub struct Transport {
     node_id: u64,
     driver: mpsc::Sender<Msg>,
     rt: tokio::runtime::Handle,
-    faults: Option<Arc<FaultNet>>,
+    link_filter: Option<Arc<dyn LinkFilter>>,
 }
 
 pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
@@ -74,7 +76,7 @@ impl Transport {
         node_id: u64,
         peers: PeerAddrs,
         driver: mpsc::Sender<Msg>,
-        faults: Option<Arc<FaultNet>>,
+        link_filter: Option<Arc<dyn LinkFilter>>,
     ) -> Transport {
         let initial = peers.read().unwrap().clone();
         let mut t = Transport {
@@ -84,7 +86,7 @@ impl Transport {
             node_id,
             driver,
             rt,
-            faults,
+            link_filter,
         };
         for (id, addr) in initial {
             t.add_peer(id, &addr);
@@ -139,12 +141,12 @@ impl Transport {
             tracing::warn!(to, "no address for raft peer; message dropped");
             return;
         };
-        if let Some(net) = &self.faults {
-            match net.fate(self.node_id, to) {
+        if let Some(filter) = &self.link_filter {
+            match filter.fate(self.node_id, to) {
                 Fate::Deliver => {}
                 Fate::Drop => return,
-                Fate::Delay(d) => return self.send_later(net, q, m, d),
-                Fate::Duplicate(d) => self.send_later(net, q, m.clone(), d),
+                Fate::Delay(d) => return self.send_later(filter, q, m, d),
+                Fate::Duplicate(d) => self.send_later(filter, q, m.clone(), d),
             }
         }
         enqueue(q, m);
@@ -154,16 +156,16 @@ impl Transport {
     /// or this node stopped (the weak sender then no longer upgrades).
     fn send_later(
         &self,
-        net: &Arc<FaultNet>,
+        filter: &Arc<dyn LinkFilter>,
         q: &mpsc::Sender<Message>,
         m: Message,
         after: Duration,
     ) {
-        let (net, q, from) = (net.clone(), q.downgrade(), self.node_id);
+        let (filter, q, from) = (filter.clone(), q.downgrade(), self.node_id);
         self.rt.spawn(async move {
             tokio::time::sleep(after).await;
-            let q = q.upgrade().filter(|_| !net.is_blocked(from, m.to));
-            net.delayed_done(q.is_some());
+            let q = q.upgrade().filter(|_| !filter.is_blocked(from, m.to));
+            filter.delayed_done(q.is_some());
             if let Some(q) = q {
                 enqueue(&q, m);
             }
@@ -177,10 +179,10 @@ impl Transport {
             return;
         };
         let (group_id, from, driver) = (self.group_id, self.node_id, self.driver.clone());
-        let faults = self.faults.clone();
+        let link_filter = self.link_filter.clone();
         self.rt.spawn(async move {
             let started = std::time::Instant::now();
-            let result = match faults.map(|net| net.snapshot_fate(from, to)) {
+            let result = match link_filter.map(|f| f.snapshot_fate(from, to)) {
                 None => stream_snapshot(group_id, from, &addr, m, path).await,
                 Some(Some(after)) => {
                     tokio::time::sleep(after).await;
@@ -394,9 +396,10 @@ impl crate::replica::outbox::Outbox for Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fault::LinkFaults;
     use ordo_proto::v1::peer_server::{Peer, PeerServer};
     use ordo_proto::v1::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Mutex;
     use tonic::{Request, Response, Status, Streaming};
 
     /// A peer that hands every raft message it receives to the test.
@@ -474,6 +477,79 @@ mod tests {
         }
     }
 
+    /// What [`Scripted`] does to every message of its one link while not blocked.
+    #[derive(Clone, Copy, Debug, PartialEq)]
+    enum Mode {
+        Deliver,
+        /// Every message twice, the copy after up to this long.
+        Duplicate(Duration),
+        /// Every message after up to this long, spread so that they arrive out of order.
+        Delay(Duration),
+    }
+
+    /// The smallest filter that exercises every path of the seam, and counts what it decided.
+    /// (The test kit's `FaultNet` is the real one: partitions and seeded lossy links.)
+    #[derive(Debug, Default)]
+    struct Scripted {
+        state: Mutex<(bool, Option<Mode>)>,
+        sent: AtomicU64,
+        blocked: AtomicU64,
+        duplicated: AtomicU64,
+        delayed: AtomicU64,
+        delayed_lost: AtomicU64,
+        delayed_pending: AtomicU64,
+    }
+
+    impl Scripted {
+        fn set(&self, blocked: bool, mode: Mode) {
+            *self.state.lock().unwrap() = (blocked, Some(mode));
+        }
+
+        fn get(c: &AtomicU64) -> u64 {
+            c.load(Ordering::Relaxed)
+        }
+    }
+
+    impl LinkFilter for Scripted {
+        fn fate(&self, from: u64, to: u64) -> Fate {
+            if self.is_blocked(from, to) {
+                self.blocked.fetch_add(1, Ordering::Relaxed);
+                return Fate::Drop;
+            }
+            let n = self.sent.fetch_add(1, Ordering::Relaxed);
+            // Delays spread over [0, max] by a fixed stride: distinct, deterministic, shuffled.
+            let spread = |max: Duration| max * ((n * 37) % 101) as u32 / 100;
+            let fate = match self.state.lock().unwrap().1.unwrap_or(Mode::Deliver) {
+                Mode::Deliver => return Fate::Deliver,
+                Mode::Duplicate(max) => {
+                    self.duplicated.fetch_add(1, Ordering::Relaxed);
+                    Fate::Duplicate(spread(max))
+                }
+                Mode::Delay(max) => {
+                    self.delayed.fetch_add(1, Ordering::Relaxed);
+                    Fate::Delay(spread(max))
+                }
+            };
+            self.delayed_pending.fetch_add(1, Ordering::Relaxed);
+            fate
+        }
+
+        fn is_blocked(&self, _: u64, _: u64) -> bool {
+            self.state.lock().unwrap().0
+        }
+
+        fn delayed_done(&self, delivered: bool) {
+            self.delayed_pending.fetch_sub(1, Ordering::Relaxed);
+            if !delivered {
+                self.delayed_lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+
+        fn snapshot_fate(&self, from: u64, to: u64) -> Option<Duration> {
+            (!self.is_blocked(from, to)).then_some(Duration::ZERO)
+        }
+    }
+
     fn msg(index: u64) -> Message {
         Message {
             from: 1,
@@ -494,7 +570,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn fault_net_blocks_duplicates_delays_and_reorders_raft_messages() {
+    async fn a_link_filter_blocks_duplicates_delays_and_reorders_raft_messages() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let (tx, mut rx) = mpsc::unbounded_channel();
@@ -504,7 +580,7 @@ mod tests {
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let (driver, _driver_rx) = mpsc::channel(1024);
-        let net = Arc::new(FaultNet::new(42));
+        let net = Arc::new(Scripted::default());
         let peers = BTreeMap::from([(1, "127.0.0.1:1".to_string()), (2, addr)]);
         let t = Transport::new(
             tokio::runtime::Handle::current(),
@@ -512,7 +588,7 @@ mod tests {
             1,
             Arc::new(std::sync::RwLock::new(peers)),
             driver,
-            Some(net.clone()),
+            Some(net.clone() as Arc<dyn LinkFilter>),
         );
         let wait = Duration::from_millis(300);
 
@@ -520,29 +596,20 @@ mod tests {
         (0..10).for_each(|i| t.send(msg(i)));
         assert_eq!(arrivals(&mut rx, wait).await, (0..10).collect::<Vec<_>>());
 
-        // 1 → 2 cut: nothing arrives. The other direction is not this transport's.
-        net.block(1, 2);
+        // 1 → 2 cut: nothing arrives.
+        net.set(true, Mode::Deliver);
         (10..20).for_each(|i| t.send(msg(i)));
         assert!(arrivals(&mut rx, wait).await.is_empty());
-        net.heal();
 
         // Duplicates: every message twice.
-        net.set_link_faults(LinkFaults {
-            duplicate: 1.0,
-            delay_max: Duration::from_millis(20),
-            ..LinkFaults::NONE
-        });
+        net.set(false, Mode::Duplicate(Duration::from_millis(20)));
         (20..30).for_each(|i| t.send(msg(i)));
         let mut got = arrivals(&mut rx, wait).await;
         got.sort();
         assert_eq!(got, (20..30).flat_map(|i| [i, i]).collect::<Vec<_>>());
 
-        // Random delays: everything arrives, out of order.
-        net.set_link_faults(LinkFaults {
-            delay: 1.0,
-            delay_max: Duration::from_millis(100),
-            ..LinkFaults::NONE
-        });
+        // Spread delays: everything arrives, out of order.
+        net.set(false, Mode::Delay(Duration::from_millis(100)));
         (30..60).for_each(|i| t.send(msg(i)));
         let got = arrivals(&mut rx, wait).await;
         assert_ne!(got, (30..60).collect::<Vec<_>>(), "reordered");
@@ -552,13 +619,16 @@ mod tests {
 
         // A link cut while messages are delayed loses them.
         (60..70).for_each(|i| t.send(msg(i)));
-        net.block(1, 2);
+        net.set(true, Mode::Delay(Duration::from_millis(100)));
         assert!(arrivals(&mut rx, wait).await.is_empty());
-        assert_eq!(net.delayed_pending(), 0);
-        let stats = net.stats();
-        assert_eq!(stats.delayed_lost, 10);
+        assert_eq!(Scripted::get(&net.delayed_pending), 0);
+        assert_eq!(Scripted::get(&net.delayed_lost), 10);
         assert_eq!(
-            (stats.blocked, stats.duplicated, stats.delayed),
+            (
+                Scripted::get(&net.blocked),
+                Scripted::get(&net.duplicated),
+                Scripted::get(&net.delayed)
+            ),
             (10, 10, 40)
         );
     }

@@ -1,11 +1,13 @@
-//! Fault injection for in-process clusters: a hook on a replica's outgoing raft traffic.
+//! Fault injection for in-process clusters: a [`LinkFilter`] on the replicas' outgoing raft
+//! traffic (the seam the product's transport offers, as TiKV's `transport_simulate` filters
+//! its transport).
 //!
 //! Tests build one [`FaultNet`] per raft group, share it (an `Arc`) between the in-process
-//! replicas of that group through `NodeConfig::faults`, and change it while the group runs.
-//! Production nodes pass `None`: the transport then pays one `Option` check per message.
+//! replicas of that group through `NodeConfig::link_filter`, and change it while the group
+//! runs. Production nodes pass `None`.
 //!
 //! For every raft message a replica sends (and every snapshot transfer it starts), the transport
-//! asks [`FaultNet::fate`] what happens to it:
+//! asks [`LinkFilter::fate`] what happens to it:
 //! - a **partition** is a set of blocked directed links `from → to`, so asymmetric partitions
 //!   (A hears B but B does not hear A), an isolated node and a bridge (A–B and B–C connected,
 //!   A–C cut) are all just sets of rules ([`FaultNet::block`], [`FaultNet::isolate`],
@@ -16,7 +18,7 @@
 //!
 //! A delayed message is checked against the partition again when its timer fires (a link cut
 //! meanwhile loses it) and is lost if its sender has stopped. Delayed messages are bounded
-//! (`FAULT_DELAYED_MESSAGES_MAX` across the net; beyond it they are dropped), like every other
+//! ([`DELAYED_MESSAGES_MAX`] across the net; beyond it they are dropped), like every other
 //! queue. Messages already handed to a peer's stream are in flight and are not recalled.
 //!
 //! The decisions are random but seeded, so a schedule replays the same kind of faults; the exact
@@ -29,18 +31,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use crate::limits::FAULT_DELAYED_MESSAGES_MAX;
+pub use ordo::{Fate, LinkFilter};
 
-/// What happens to one message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Fate {
-    Deliver,
-    Drop,
-    /// Delivered after this long (if the link is still up then).
-    Delay(Duration),
-    /// Delivered now, and a second copy after this long.
-    Duplicate(Duration),
-}
+use crate::rng::SplitMix64;
+
+/// Raft messages a net holds back for delayed delivery, across all its links; beyond it,
+/// delayed messages are dropped.
+pub const DELAYED_MESSAGES_MAX: usize = 4096;
 
 /// Random faults applied to every link that is not blocked. Probabilities are in `[0, 1]` and
 /// are tried in the order drop, duplicate, delay.
@@ -176,19 +173,35 @@ impl FaultNet {
         inner.link = LinkFaults::NONE;
     }
 
-    pub fn is_blocked(&self, from: u64, to: u64) -> bool {
-        self.lock().blocked.contains(&(from, to))
-    }
-
     /// The blocked directed links, in order.
     pub fn blocked_links(&self) -> Vec<(u64, u64)> {
         self.lock().blocked.iter().copied().collect()
     }
 
+    pub fn stats(&self) -> FaultStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        FaultStats {
+            delivered: get(&self.delivered),
+            blocked: get(&self.blocked),
+            dropped: get(&self.dropped),
+            delayed: get(&self.delayed),
+            duplicated: get(&self.duplicated),
+            delayed_lost: get(&self.delayed_lost),
+            snapshots_refused: get(&self.snapshots_refused),
+        }
+    }
+
+    /// Delayed copies not yet delivered or lost.
+    pub fn delayed_pending(&self) -> usize {
+        self.delayed_pending.load(Ordering::Acquire)
+    }
+}
+
+impl LinkFilter for FaultNet {
     /// Decides the fate of one raft message `from → to`. A `Delay` or `Duplicate` verdict has
     /// already reserved a slot among the delayed messages: the caller must call
-    /// [`FaultNet::delayed_done`] once the delayed copy is delivered or lost.
-    pub fn fate(&self, from: u64, to: u64) -> Fate {
+    /// [`LinkFilter::delayed_done`] once the delayed copy is delivered or lost.
+    fn fate(&self, from: u64, to: u64) -> Fate {
         let fate = {
             let mut inner = self.lock();
             if inner.blocked.contains(&(from, to)) {
@@ -211,7 +224,7 @@ impl FaultNet {
         let fate = match fate {
             Fate::Delay(_) | Fate::Duplicate(_) => {
                 let held = self.delayed_pending.fetch_add(1, Ordering::AcqRel);
-                if held >= FAULT_DELAYED_MESSAGES_MAX {
+                if held >= DELAYED_MESSAGES_MAX {
                     self.delayed_pending.fetch_sub(1, Ordering::AcqRel);
                     self.delayed_lost.fetch_add(1, Ordering::Relaxed);
                     match fate {
@@ -235,7 +248,7 @@ impl FaultNet {
     }
 
     /// Releases the slot of a delayed copy. `delivered: false` counts it as lost.
-    pub fn delayed_done(&self, delivered: bool) {
+    fn delayed_done(&self, delivered: bool) {
         self.delayed_pending.fetch_sub(1, Ordering::AcqRel);
         if !delivered {
             self.delayed_lost.fetch_add(1, Ordering::Relaxed);
@@ -244,7 +257,7 @@ impl FaultNet {
 
     /// Decides whether a snapshot transfer `from → to` may start now, and after how long. A
     /// refused transfer is reported to raft as failed (it retries later).
-    pub fn snapshot_fate(&self, from: u64, to: u64) -> Option<Duration> {
+    fn snapshot_fate(&self, from: u64, to: u64) -> Option<Duration> {
         let mut inner = self.lock();
         let refuse = inner.blocked.contains(&(from, to)) || {
             let p = inner.link.drop;
@@ -262,63 +275,8 @@ impl FaultNet {
         })
     }
 
-    pub fn stats(&self) -> FaultStats {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        FaultStats {
-            delivered: get(&self.delivered),
-            blocked: get(&self.blocked),
-            dropped: get(&self.dropped),
-            delayed: get(&self.delayed),
-            duplicated: get(&self.duplicated),
-            delayed_lost: get(&self.delayed_lost),
-            snapshots_refused: get(&self.snapshots_refused),
-        }
-    }
-
-    /// Delayed copies not yet delivered or lost.
-    pub fn delayed_pending(&self) -> usize {
-        self.delayed_pending.load(Ordering::Acquire)
-    }
-}
-
-/// SplitMix64: tiny, fast, and good enough to draw faults from a seed. Also handy for tests
-/// that generate schedules from the same seed.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[0, 1)`.
-    pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// True with probability `p`.
-    pub fn chance(&mut self, p: f64) -> bool {
-        p > 0.0 && self.unit() < p
-    }
-
-    /// Uniform in `[lo, hi]`.
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        debug_assert!(lo <= hi);
-        lo + self.next_u64() % (hi - lo + 1)
-    }
-
-    /// Uniform in `[0, max]`, at millisecond resolution.
-    pub fn duration(&mut self, max: Duration) -> Duration {
-        Duration::from_millis(self.range(0, max.as_millis() as u64))
-    }
-
-    /// One element of a non-empty slice.
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.range(0, items.len() as u64 - 1) as usize]
+    fn is_blocked(&self, from: u64, to: u64) -> bool {
+        self.lock().blocked.contains(&(from, to))
     }
 }
 
@@ -378,12 +336,44 @@ mod tests {
             delay_max: Duration::from_millis(10),
             ..LinkFaults::NONE
         });
-        for _ in 0..FAULT_DELAYED_MESSAGES_MAX {
+        for _ in 0..DELAYED_MESSAGES_MAX {
             assert!(matches!(net.fate(1, 2), Fate::Delay(_)));
         }
         assert_eq!(net.fate(1, 2), Fate::Drop);
-        assert_eq!(net.delayed_pending(), FAULT_DELAYED_MESSAGES_MAX);
+        assert_eq!(net.delayed_pending(), DELAYED_MESSAGES_MAX);
         net.delayed_done(true);
         assert!(matches!(net.fate(1, 2), Fate::Delay(_)));
+    }
+
+    /// Through the product's transport: an isolated leader loses its group, which elects
+    /// another; healed, the old leader rejoins and the group converges.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_isolated_leader_is_replaced_through_the_transport() {
+        use crate::cluster::Cluster;
+        use crate::inproc::{Filter, InProcGroup, INPROC_GROUP};
+        let _heavy = crate::HEAVY.lock().await;
+        let bound = Duration::from_secs(30);
+        let net = std::sync::Arc::new(FaultNet::new(5));
+        let g = InProcGroup::start(3, 64, Some(net.clone() as Filter))
+            .await
+            .unwrap();
+        let old = g.wait_leader(INPROC_GROUP, bound).await;
+        let old_term = g.term(old.id);
+        net.isolate(old.id, &g.ids());
+        crate::wait::wait_for("another leader", bound, || {
+            let others = g.nodes.iter().filter(|(id, _)| **id != old.id);
+            let led = others
+                .map(|(_, n)| crate::inproc::raft_role(n))
+                .any(|(leads, term)| leads && term > old_term);
+            async move { led.then_some(()) }
+        })
+        .await;
+        net.heal();
+        g.client().put("k", "", "v", None).await.unwrap();
+        let (_, items, _) = g.converged(bound).await.unwrap();
+        assert_eq!(items, 1);
+        let stats = net.stats();
+        assert!(stats.blocked > 0 && stats.delivered > 0, "{stats:?}");
+        g.shutdown().await;
     }
 }

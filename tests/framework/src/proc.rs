@@ -1,0 +1,557 @@
+//! Clusters of real `ordo` processes on loopback: one shard group ([`ProcGroup`]) or a whole
+//! sharded cluster ([`ProcCluster`]). Kills are SIGKILL (no shutdown, no flush); every process
+//! logs to a file in the cluster's temp dir, the tails are printed if the test fails, and
+//! everything is killed on drop.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ordo::client::Client;
+
+use crate::bins::Bins;
+use crate::cluster::{Cluster, Member, CONFIG_GROUP};
+use crate::ports::free_addr;
+use crate::wait::wait_for;
+
+/// How long the clients of a process cluster wait for one call.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Spawns `bin args` with `RUST_LOG=info`, its output appended to `log`.
+fn spawn_logged(bin: &str, args: &[OsString], log: &PathBuf, banner: Option<String>) -> Child {
+    let mut file = File::options().create(true).append(true).open(log).unwrap();
+    if let Some(banner) = banner {
+        use std::io::Write as _;
+        let _ = writeln!(file, "{banner}");
+    }
+    Command::new(bin)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::from(file.try_clone().unwrap()))
+        .stderr(Stdio::from(file))
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {bin}: {e}"))
+}
+
+/// kill -9 and reap.
+fn kill_child(mut child: Child) {
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+fn print_tail(name: &str, log: &PathBuf, lines: usize) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let tail: Vec<&str> = text.lines().rev().take(lines).collect();
+    eprintln!("---- last lines of {name} ({}) ----", log.display());
+    for l in tail.into_iter().rev() {
+        eprintln!("{l}");
+    }
+}
+
+fn peers_arg<'a>(members: impl IntoIterator<Item = (u64, &'a String)>) -> String {
+    members
+        .into_iter()
+        .map(|(id, a)| format!("{id}={a}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+// ---- one group ------------------------------------------------------------------------------
+
+pub struct NodeProc {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+/// One shard group (group 1) of real processes. Killed on drop; node logs are printed if the
+/// test fails.
+pub struct ProcGroup {
+    _dir: tempfile::TempDir,
+    bins: Bins,
+    pub nodes: BTreeMap<u64, NodeProc>,
+    peers_arg: String,
+    compact_log_entries: u64,
+}
+
+/// The group of a [`ProcGroup`].
+pub const PROC_GROUP: u64 = 1;
+
+impl ProcGroup {
+    pub fn start(bins: Bins, replicas: u64, compact_log_entries: u64) -> ProcGroup {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = BTreeMap::new();
+        for id in 1..=replicas {
+            nodes.insert(
+                id,
+                NodeProc {
+                    id,
+                    addr: free_addr(),
+                    data_dir: dir.path().join(format!("node-{id}")),
+                    log: dir.path().join(format!("node-{id}.log")),
+                    child: None,
+                },
+            );
+        }
+        let peers_arg = peers_arg(nodes.values().map(|n| (n.id, &n.addr)));
+        let mut g = ProcGroup {
+            _dir: dir,
+            bins,
+            nodes,
+            peers_arg,
+            compact_log_entries,
+        };
+        let ids: Vec<u64> = g.nodes.keys().copied().collect();
+        for id in ids {
+            g.start_node(id);
+        }
+        g
+    }
+
+    /// Member `id` of the group.
+    pub fn node(&self, id: u64) -> Member {
+        assert!(self.nodes.contains_key(&id), "no node {id}");
+        Member::new(PROC_GROUP, id)
+    }
+
+    /// Starts (or starts again) node `id` with its data dir as it is.
+    fn start_node(&mut self, id: u64) {
+        let n = self.nodes.get_mut(&id).unwrap();
+        assert!(n.child.is_none(), "node {id} is already running");
+        let args: Vec<OsString> = [
+            "node",
+            "--id",
+            &id.to_string(),
+            "--group",
+            &PROC_GROUP.to_string(),
+            "--listen",
+            &n.addr,
+            "--peers",
+            &self.peers_arg,
+        ]
+        .into_iter()
+        .map(Into::into)
+        .chain(["--data-dir".into(), n.data_dir.clone().into_os_string()])
+        .chain([
+            "--compact-log-entries".into(),
+            self.compact_log_entries.to_string().into(),
+        ])
+        .collect();
+        n.child = Some(spawn_logged(self.bins.ordo, &args, &n.log, None));
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.values().map(|n| n.addr.clone()).collect()
+    }
+
+    /// `ordoctl` against this group's nodes.
+    pub fn ordoctl(&self, args: &[&str]) -> (bool, String) {
+        self.bins.ordoctl(&self.endpoints(), args)
+    }
+
+    /// Waits until every running node has applied the same index and holds the same data, and
+    /// returns that (applied index, items, digest). No writes may be running.
+    pub async fn converged(&self, bound: Duration) -> (u64, u64, u32) {
+        wait_for("all replicas to hold identical data", bound, || async {
+            let mut seen = None;
+            for (&id, n) in &self.nodes {
+                if n.child.is_none() {
+                    continue;
+                }
+                let s = self.status(self.node(id), true).await?;
+                let this = (s.applied_index, s.items, s.data_digest);
+                if s.applied_index < s.commit_index || seen.is_some_and(|x| x != this) {
+                    return None;
+                }
+                seen = Some(this);
+            }
+            seen
+        })
+        .await
+    }
+
+    pub fn dump_logs(&self) {
+        for n in self.nodes.values() {
+            print_tail(&format!("node {}", n.id), &n.log, 40);
+        }
+    }
+}
+
+impl Cluster for ProcGroup {
+    fn members(&self, group: u64) -> Vec<Member> {
+        if group != PROC_GROUP {
+            return Vec::new();
+        }
+        self.nodes
+            .keys()
+            .map(|&id| Member::new(group, id))
+            .collect()
+    }
+
+    fn addr(&self, m: Member) -> String {
+        self.nodes[&m.id].addr.clone()
+    }
+
+    fn is_running(&self, m: Member) -> bool {
+        self.nodes[&m.id].child.is_some()
+    }
+
+    fn client(&self) -> Client {
+        Client::connect(self.endpoints())
+            .unwrap()
+            .with_timeout(CLIENT_TIMEOUT)
+    }
+
+    async fn kill(&mut self, m: Member) {
+        let n = self.nodes.get_mut(&m.id).unwrap();
+        kill_child(n.child.take().expect("node is running"));
+    }
+
+    async fn restart(&mut self, m: Member) {
+        self.start_node(m.id);
+    }
+
+    /// The first running node that reports itself leader.
+    async fn find_leader(&self, group: u64) -> Option<Member> {
+        for m in self.members(group) {
+            if !self.is_running(m) {
+                continue;
+            }
+            if let Some(s) = self.status(m, false).await {
+                if s.role == "Leader" {
+                    return Some(m);
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for ProcGroup {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump_logs();
+        }
+        for n in self.nodes.values_mut() {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+// ---- a whole cluster ------------------------------------------------------------------------
+
+/// What a process of a [`ProcCluster`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A config server: a replica of the config group.
+    Config,
+    /// A replica of shard group `group` (1, 2, ...).
+    Node {
+        group: u64,
+    },
+    Router,
+}
+
+impl Role {
+    /// The raft group the process belongs to ([`CONFIG_GROUP`] for config servers); `None`
+    /// for the router.
+    pub fn group(self) -> Option<u64> {
+        match self {
+            Role::Config => Some(CONFIG_GROUP),
+            Role::Node { group } => Some(group),
+            Role::Router => None,
+        }
+    }
+}
+
+/// One process of a [`ProcCluster`]: how to start it, and the running child if any.
+pub struct ClusterProc {
+    pub name: String,
+    pub role: Role,
+    /// The replica it is; `None` for the router.
+    pub member: Option<Member>,
+    pub addr: String,
+    pub log: PathBuf,
+    args: Vec<OsString>,
+    child: Option<Child>,
+    pub starts: u32,
+}
+
+impl ClusterProc {
+    pub fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+/// A whole sharded cluster of real processes: 3 `ordo config` (the config group), `groups`
+/// shard groups × `replicas` `ordo node`, and one `ordo router`.
+pub struct ProcCluster {
+    dir: tempfile::TempDir,
+    bins: Bins,
+    /// A private copy of the `ordo` binary: restarts run exactly what the cluster started with,
+    /// even if the shared target dir is rebuilt meanwhile.
+    bin: PathBuf,
+    /// Config servers first, then the nodes of group 1, 2, ..., then the router (once started).
+    pub procs: Vec<ClusterProc>,
+    pub groups: u64,
+}
+
+impl ProcCluster {
+    /// Starts the config servers and the shard-group nodes (not initialized, no router yet).
+    pub fn start(bins: Bins, groups: u64, replicas: u64) -> ProcCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("ordo");
+        std::fs::copy(bins.ordo, &bin).expect("copy the ordo binary");
+        let mut c = ProcCluster {
+            dir,
+            bins,
+            bin,
+            procs: Vec::new(),
+            groups,
+        };
+        let config: BTreeMap<u64, String> = (1..=3).map(|id| (id, free_addr())).collect();
+        for (&id, addr) in &config {
+            let m = Member::new(CONFIG_GROUP, id);
+            let args = c.replica_args(m, addr, &peers_arg(config.iter().map(|(i, a)| (*i, a))));
+            c.add(Role::Config, Some(m), addr.clone(), args);
+        }
+        for group in 1..=groups {
+            let members: BTreeMap<u64, String> =
+                (1..=replicas).map(|id| (id, free_addr())).collect();
+            let peers = peers_arg(members.iter().map(|(i, a)| (*i, a)));
+            for (&id, addr) in &members {
+                let m = Member::new(group, id);
+                let args = c.replica_args(m, addr, &peers);
+                c.add(Role::Node { group }, Some(m), addr.clone(), args);
+            }
+        }
+        for i in 0..c.procs.len() {
+            c.start_proc(i);
+        }
+        c
+    }
+
+    /// `ordo config|node` arguments of member `m` listening on `addr`.
+    fn replica_args(&self, m: Member, addr: &str, peers: &str) -> Vec<OsString> {
+        let mut args: Vec<String> = if m.group == CONFIG_GROUP {
+            vec!["config".into()]
+        } else {
+            vec!["node".into(), "--group".into(), m.group.to_string()]
+        };
+        args.extend([
+            "--id".into(),
+            m.id.to_string(),
+            "--listen".into(),
+            addr.into(),
+            "--peers".into(),
+            peers.into(),
+        ]);
+        let data = self.dir.path().join(m.to_string());
+        args.into_iter()
+            .map(Into::into)
+            .chain(["--data-dir".into(), data.into_os_string()])
+            .collect()
+    }
+
+    fn add(&mut self, role: Role, member: Option<Member>, addr: String, args: Vec<OsString>) {
+        let name = member.map_or_else(|| "router".to_string(), |m| m.to_string());
+        let log = self.dir.path().join(format!("{name}.log"));
+        self.procs.push(ClusterProc {
+            name,
+            role,
+            member,
+            addr,
+            log,
+            args,
+            child: None,
+            starts: 0,
+        });
+    }
+
+    /// The index in `procs` of member `m`.
+    pub fn index(&self, m: Member) -> usize {
+        self.procs
+            .iter()
+            .position(|p| p.member == Some(m))
+            .unwrap_or_else(|| panic!("{m} is not a member of this cluster"))
+    }
+
+    /// The process name of `m` (`config-2`, `g1-n3`).
+    pub fn name(&self, m: Member) -> &str {
+        &self.procs[self.index(m)].name
+    }
+
+    /// Addresses of the config servers.
+    pub fn config_addrs(&self) -> Vec<String> {
+        self.addrs(CONFIG_GROUP)
+    }
+
+    /// Addresses of the members of `group`.
+    pub fn addrs(&self, group: u64) -> Vec<String> {
+        self.members(group)
+            .into_iter()
+            .map(|m| self.addr(m))
+            .collect()
+    }
+
+    /// Creates the cluster (`InitCluster` on a config server, as `ordoctl init` does) once every
+    /// group has a leader, then starts the router. Returns the initial shard map.
+    pub async fn init(&mut self, bound: Duration) -> ordo_proto::v1::ShardMap {
+        for group in 0..=self.groups {
+            self.wait_leader(group, bound).await;
+        }
+        let groups = (1..=self.groups)
+            .map(|g| ordo_proto::v1::GroupSpec {
+                id: g,
+                addrs: self.addrs(g),
+            })
+            .collect();
+        let admin = ordo::client::ClusterClient::connect(self.config_addrs())
+            .unwrap()
+            .with_timeout(bound);
+        let map = admin
+            .init_cluster(ordo_proto::v1::InitClusterRequest {
+                slot_count: ordo::limits::SLOT_COUNT_DEFAULT,
+                groups,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("init the cluster: {e}"));
+        let addr = free_addr();
+        let args = ["router", "--listen", &addr, "--config"]
+            .into_iter()
+            .map(Into::into)
+            .chain([self.config_addrs().join(",").into()])
+            .collect();
+        self.add(Role::Router, None, addr, args);
+        self.start_proc(self.procs.len() - 1);
+        map
+    }
+
+    /// Starts a new, empty replica `id` of raft group `group` with `--join`, its `--peers` the
+    /// group's current processes and itself. It is not a member until a `replica add|replace`.
+    pub fn start_joining(&mut self, group: u64, id: u64) -> Member {
+        let addr = free_addr();
+        let mut peers: Vec<(u64, String)> = self
+            .members(group)
+            .into_iter()
+            .map(|m| (m.id, self.addr(m)))
+            .collect();
+        peers.push((id, addr.clone()));
+        let m = Member::new(group, id);
+        let mut args = self.replica_args(m, &addr, &peers_arg(peers.iter().map(|(i, a)| (*i, a))));
+        args.push("--join".into());
+        let role = if group == CONFIG_GROUP {
+            Role::Config
+        } else {
+            Role::Node { group }
+        };
+        self.add(role, Some(m), addr, args);
+        self.start_proc(self.procs.len() - 1);
+        m
+    }
+
+    pub fn router_addr(&self) -> &str {
+        let r = self.procs.iter().find(|p| p.role == Role::Router);
+        &r.expect("the router is started by init").addr
+    }
+
+    /// `ordoctl` against the router.
+    pub fn ordoctl(&self, args: &[&str]) -> (bool, String) {
+        self.bins.ordoctl(&[self.router_addr().to_string()], args)
+    }
+
+    /// Starts (or starts again) process `i` with its data dir as it is and the same arguments.
+    fn start_proc(&mut self, i: usize) {
+        let bin = self.bin.to_str().expect("a UTF-8 temp path").to_string();
+        let p = &mut self.procs[i];
+        assert!(p.child.is_none(), "{} is already running", p.name);
+        p.starts += 1;
+        let banner = format!("==== harness: start #{} of {} ====", p.starts, p.name);
+        p.child = Some(spawn_logged(&bin, &p.args, &p.log, Some(banner)));
+    }
+
+    pub fn dump_logs(&self, lines: usize) {
+        for p in &self.procs {
+            print_tail(&p.name, &p.log, lines);
+        }
+    }
+}
+
+impl Cluster for ProcCluster {
+    fn members(&self, group: u64) -> Vec<Member> {
+        let mut m: Vec<Member> = self
+            .procs
+            .iter()
+            .filter_map(|p| p.member)
+            .filter(|m| m.group == group)
+            .collect();
+        m.sort();
+        m
+    }
+
+    fn addr(&self, m: Member) -> String {
+        self.procs[self.index(m)].addr.clone()
+    }
+
+    fn is_running(&self, m: Member) -> bool {
+        self.procs[self.index(m)].running()
+    }
+
+    /// A client through the router (started by [`ProcCluster::init`]).
+    fn client(&self) -> Client {
+        Client::connect(vec![self.router_addr().to_string()])
+            .unwrap()
+            .with_timeout(CLIENT_TIMEOUT)
+    }
+
+    async fn kill(&mut self, m: Member) {
+        let i = self.index(m);
+        let p = &mut self.procs[i];
+        let child = p
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("{} is not running", p.name));
+        kill_child(child);
+    }
+
+    async fn restart(&mut self, m: Member) {
+        self.start_proc(self.index(m));
+    }
+
+    /// The first running member of `group` that reports itself leader.
+    async fn find_leader(&self, group: u64) -> Option<Member> {
+        for m in self.members(group) {
+            if !self.is_running(m) {
+                continue;
+            }
+            if let Some(s) = self.status(m, false).await {
+                if s.role == "Leader" {
+                    return Some(m);
+                }
+            }
+        }
+        None
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            if let Some(mut c) = p.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if std::thread::panicking() {
+            self.dump_logs(30);
+        }
+    }
+}
