@@ -142,11 +142,3 @@ impl From<Error> for Status {
         }
     }
 }
-
-/// Reads the typed detail a node attached to an error status, if any.
-pub fn detail_of(status: &Status) -> Option<error_detail::Kind> {
-    if status.details().is_empty() {
-        return None;
-    }
-    ErrorDetail::decode(status.details()).ok()?.kind
-}

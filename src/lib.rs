@@ -4,7 +4,6 @@
 
 pub use ordo_proto as proto;
 
-pub use ordo_proto::client;
 pub mod error;
 pub mod limits;
 pub mod logging;
@@ -14,8 +13,5 @@ pub(crate) mod replica;
 pub(crate) mod server;
 pub(crate) mod state;
 
-/// The channel settings peers use; tests reach nodes with them. (Moves to `ordo_proto::addr`.)
-#[doc(hidden)]
-pub use replica::transport::endpoint;
 pub use replica::transport::{Fate, LinkFilter};
 pub use replica::ReplicaHandle;

@@ -134,7 +134,7 @@ async fn ensure_initialized(
     let mut last_err = String::new();
     while started.elapsed() < READY_WAIT {
         for addr in config_addrs {
-            let Ok(ch) = crate::replica::transport::endpoint(addr)?.connect().await else {
+            let Ok(ch) = ordo_proto::addr::peer_endpoint(addr)?.connect().await else {
                 continue;
             };
             let mut c = ClusterClient::new(ch);

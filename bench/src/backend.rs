@@ -1,7 +1,7 @@
 //! The systems the bench can drive, behind one small interface: get, put, scan and a
 //! version-compared multi-put transaction over `(shard_key, key)` items.
 //!
-//! * [`Backend::Ordo`]: `ordo::client::Client` (a router, or the nodes of one group).
+//! * [`Backend::Ordo`]: `ordo_proto::client::Client` (a router, or the nodes of one group).
 //! * [`Backend::Etcd`]: etcd v3's `KV` service over gRPC. The item `(shard_key, key)` is the etcd
 //!   key `shard_key/key`; a scan inside a shard key is a `Range` over that prefix; an item version
 //!   is etcd's per-key `version` (1 at creation, +1 per write: the same meaning as Ordo's), so a
@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use bytes::Bytes;
-use ordo::client::Client;
+use ordo_proto::client::Client;
 use ordo_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;

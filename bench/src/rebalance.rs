@@ -27,8 +27,8 @@ pub async fn rebalance_during_run(
     let since = |t: Instant| t.saturating_duration_since(measure_from).as_secs_f64();
     let began = Instant::now();
     let (nodes, spec) = ordo::playground::start_extra_group(&cfg, group, replicas).await?;
-    let cc =
-        ordo::client::ClusterClient::connect(config_addrs)?.with_timeout(Duration::from_secs(300));
+    let cc = ordo_proto::client::ClusterClient::connect(config_addrs)?
+        .with_timeout(Duration::from_secs(300));
     let mut added = None;
     for _ in 0..60 {
         match cc

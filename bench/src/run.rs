@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
-use ordo::client::Client;
 use ordo::playground::{Playground, PlaygroundConfig};
+use ordo_proto::client::Client;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -153,7 +153,7 @@ async fn set_up(args: &Args) -> anyhow::Result<Setup> {
     );
     // txn1/txn2 pick records by the groups that own them.
     if let Backend::Ordo { .. } = &backend {
-        let admin = ordo::client::ClusterClient::connect(endpoints_of(&backend))?
+        let admin = ordo_proto::client::ClusterClient::connect(endpoints_of(&backend))?
             .with_timeout(args.timeout);
         if let Ok(map) = admin.get_shard_map(false).await {
             if map.version > 0 {

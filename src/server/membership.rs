@@ -51,7 +51,7 @@ fn parse(r: &ChangeReplicasRequest) -> Result<(Change, Duration)> {
                 r.addr
             )));
         }
-        crate::replica::transport::endpoint(a)
+        ordo_proto::addr::peer_endpoint(a)
             .map_err(|e| Error::InvalidArgument(format!("addr {a:?}: {e}")))?;
         Ok(a.to_string())
     };

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ordo::client::Client;
+use ordo_proto::client::Client;
 use ordo_proto::v1::{
     compare, txn_op, txn_op_result, Compare, GetRequest, PutRequest, TxnOp, TxnRequest,
 };
@@ -407,7 +407,7 @@ async fn bank_keeps_the_total_while_participant_leaders_are_killed() {
 /// only once their locks are gone, so no transaction is split by a move).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bank_keeps_the_total_during_a_rebalance() {
-    use ordo::client::ClusterClient;
+    use ordo_proto::client::ClusterClient;
     use ordo_proto::v1::{AddGroupRequest, MigrationState, RebalanceRequest};
     let _heavy = ordo_testkit::HEAVY.lock().await;
     let (pg, c) = bank().await;

@@ -26,7 +26,7 @@ fn start_load(
     stop: Arc<AtomicBool>,
 ) -> (Arc<Mutex<Load>>, Vec<tokio::task::JoinHandle<()>>) {
     let load = Arc::new(Mutex::new(Load::default()));
-    let client = ordo::client::Client::connect(vec![router.to_string()])
+    let client = ordo_proto::client::Client::connect(vec![router.to_string()])
         .unwrap()
         .with_timeout(Duration::from_secs(5));
     let tasks = (0..writers)
@@ -216,7 +216,7 @@ async fn replace_a_dead_replica_under_load() {
     );
 
     // The map names the new replicas, so routers reach them.
-    let admin = ordo::client::ClusterClient::connect(vec![router.clone()]).unwrap();
+    let admin = ordo_proto::client::ClusterClient::connect(vec![router.clone()]).unwrap();
     let map = admin.get_shard_map(true).await.unwrap();
     let mut addrs: Vec<&str> = map.groups[0]
         .replicas
@@ -236,7 +236,7 @@ async fn replace_a_dead_replica_under_load() {
     // The new node votes: with the old leader gone, it and the remaining founder elect a leader,
     // and every acknowledged write reads back.
     c.kill(leader).await;
-    let client = ordo::client::Client::connect(vec![router.clone()])
+    let client = ordo_proto::client::Client::connect(vec![router.clone()])
         .unwrap()
         .with_timeout(Duration::from_secs(10));
     client
@@ -336,7 +336,7 @@ async fn refusals_while_a_change_runs_and_config_server_replacement() {
         &new_addr,
     ]);
     assert!(ok, "replacing config server {dead_id}: {out}");
-    let admin = ordo::client::ClusterClient::connect(vec![router.clone()]).unwrap();
+    let admin = ordo_proto::client::ClusterClient::connect(vec![router.clone()]).unwrap();
     let map = admin.get_shard_map(true).await.unwrap();
     assert!(
         map.config_addrs.contains(&new_addr) && !map.config_addrs.contains(&c.addr(dead)),
@@ -346,7 +346,7 @@ async fn refusals_while_a_change_runs_and_config_server_replacement() {
     // The new config server holds the map: with the old meta leader gone too, map reads still
     // answer (it and the remaining founder form the quorum).
     c.kill(meta_leader).await;
-    let admin = ordo::client::ClusterClient::connect(vec![new_addr.clone()])
+    let admin = ordo_proto::client::ClusterClient::connect(vec![new_addr.clone()])
         .unwrap()
         .with_timeout(Duration::from_secs(10));
     let after = admin.get_shard_map(true).await.unwrap();

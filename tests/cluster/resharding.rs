@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
-use ordo::client::{Client, ClusterClient};
+use ordo_proto::client::{Client, ClusterClient};
 use ordo_proto::v1::{
     AddGroupRequest, MigrationState, MoveSlotsRequest, RebalanceRequest, ShardMap,
 };

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
-use ordo::client::Client;
+use ordo_proto::client::Client;
 use ordo_proto::v1::cluster_client::ClusterClient;
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{GetRequest, GetShardMapRequest, MoveSlotsRequest, PutRequest, ShardMap};

@@ -1,4 +1,4 @@
-//! Cluster admin commands, over [`ordo::client::ClusterClient`]: `init`, `status`, `map`,
+//! Cluster admin commands, over [`ordo_proto::client::ClusterClient`]: `init`, `status`, `map`,
 //! `group add|remove` and `move-slots`. Arguments are checked locally before any address is
 //! needed.
 

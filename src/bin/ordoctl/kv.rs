@@ -1,4 +1,4 @@
-//! Data commands, over [`ordo::client::Client`]: `get`, `put`, `delete`, `scan` and `txn`. Each
+//! Data commands, over [`ordo_proto::client::Client`]: `get`, `put`, `delete`, `scan` and `txn`. Each
 //! makes one call (or a series of scan pages) and prints the answer.
 
 use bytes::Bytes;

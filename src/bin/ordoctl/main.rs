@@ -1,8 +1,8 @@
 //! `ordoctl`: the command-line client of Ordo.
 //!
-//! A thin layer over [`ordo::client::Client`] (data commands: `get`, `put`, `delete`, `scan`,
+//! A thin layer over [`ordo_proto::client::Client`] (data commands: `get`, `put`, `delete`, `scan`,
 //! `txn`, and `leader transfer`, which talks to one group's nodes) and
-//! [`ordo::client::ClusterClient`] (admin commands: `init`, `status`, `map`,
+//! [`ordo_proto::client::ClusterClient`] (admin commands: `init`, `status`, `map`,
 //! `group add|remove|drain`, `move-slots`, `rebalance`, `migrations [abort]`,
 //! `replica add|remove|replace`): it parses arguments, makes one call (or a series of scan pages)
 //! and prints the answer. All networking, leader following and retrying live in the clients.
@@ -30,7 +30,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use ordo::client::{Client, ClusterClient};
+use ordo_proto::client::{Client, ClusterClient};
 use tonic::Code;
 
 use crate::args::{Cli, Command, GroupCommand};

@@ -4,9 +4,9 @@
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use ordo::client::ClusterClient;
 use ordo::proto::v1::{Migration, RebalanceRequest};
 use ordo_config::migration::{in_flight, state_name};
+use ordo_proto::client::ClusterClient;
 
 use crate::args::{GroupDrainArgs, MigrationsArgs, MigrationsCommand, MoveOptions, RebalanceArgs};
 use crate::render::{render_map_change, render_migrations, render_plan};

@@ -6,11 +6,11 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
-use ordo::client::normalize_addr;
 use ordo::proto::v1::{
     compare, txn_op, Compare, DeleteRequest, GetRequest, GroupSpec, InitClusterRequest, PutRequest,
     TxnOp,
 };
+use ordo_proto::client::normalize_addr;
 
 /// Syntax of one `--compare`, repeated in help and error messages.
 pub(crate) const COMPARE_SYNTAX: &str =

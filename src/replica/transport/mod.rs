@@ -19,19 +19,19 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ordo_proto::addr::peer_endpoint;
 use ordo_proto::v1::peer_client::PeerClient;
 use ordo_proto::v1::{RaftBatch, SnapshotChunk};
 use protobuf::Message as _;
 use raft::prelude::Message;
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::limits::*;
 use crate::replica::inbox::Msg;
 use crate::replica::snapshot::chunk_crc;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
@@ -47,19 +47,6 @@ pub struct Transport {
     driver: mpsc::Sender<Msg>,
     rt: tokio::runtime::Handle,
     link_filter: Option<Arc<dyn LinkFilter>>,
-}
-
-pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
-    };
-    Ok(Endpoint::from_shared(uri)?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5)))
 }
 
 fn peer_client(ch: Channel) -> PeerClient<Channel> {
@@ -236,7 +223,7 @@ async fn peer_loop(
                 None => return, // the node is shutting down
             },
         };
-        let channel = match endpoint(&addr) {
+        let channel = match peer_endpoint(&addr) {
             Ok(e) => e.connect().await,
             Err(e) => {
                 tracing::error!(to, addr, error = %e, "bad peer address");
@@ -319,7 +306,7 @@ async fn stream_snapshot(
     path: PathBuf,
 ) -> anyhow::Result<u64> {
     let to = m.to;
-    let channel = endpoint(addr)?.connect().await?;
+    let channel = peer_endpoint(addr)?.connect().await?;
     let mut file = tokio::fs::File::open(&path).await?;
     let message: bytes::Bytes = m.write_to_bytes()?.into();
     let (tx, rx) = mpsc::channel::<SnapshotChunk>(4);

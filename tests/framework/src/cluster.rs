@@ -12,7 +12,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use ordo::client::Client;
+use ordo_proto::client::Client;
 use ordo_proto::v1::StatusResponse;
 
 use crate::net::node_status;

@@ -11,10 +11,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use ordo::client::Client;
 use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
 use ordo::node::{Node, NodeConfig};
 use ordo::playground::{start_extra_group, Playground, PlaygroundConfig};
+use ordo_proto::client::Client;
 use ordo_proto::v1::GroupSpec;
 
 use crate::cluster::{Cluster, Member, CONFIG_GROUP};

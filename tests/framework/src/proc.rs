@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use ordo::client::Client;
+use ordo_proto::client::Client;
 
 use crate::bins::Bins;
 use crate::cluster::{Cluster, Member, CONFIG_GROUP};
@@ -414,7 +414,7 @@ impl ProcCluster {
                 addrs: self.addrs(g),
             })
             .collect();
-        let admin = ordo::client::ClusterClient::connect(self.config_addrs())
+        let admin = ordo_proto::client::ClusterClient::connect(self.config_addrs())
             .unwrap()
             .with_timeout(bound);
         let map = admin

@@ -20,7 +20,7 @@
 //! check(&history).assert_linearizable();
 //! ```
 //!
-//! `ordo::client::Client` and the router retry a write only after attempts that certainly were not
+//! `ordo_proto::client::Client` and the router retry a write only after attempts that certainly were not
 //! applied (see [`ordo_proto::certainly_not_applied`]), so an operation takes effect at most once,
 //! as this model assumes; a client that retried blindly would show up here as a violation.
 //!
