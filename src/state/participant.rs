@@ -288,97 +288,119 @@ pub fn prepare(
     locks: &mut i64,
 ) -> Tx<Result<PrepareResponse>> {
     let part = p.part.clone().unwrap_or_default();
-    let compares_only = TxnRequest {
-        compares: part.compares.clone(),
-        ..Default::default()
-    };
     let primary_slot = ordo_proto::slot_of(&p.primary_shard_key, slot_count);
-    if let Some(d) = decision_of(sys, primary_slot, &p.txn_id)? {
-        if d == Decision::Abort {
-            return Ok(Err(Error::FailedPrecondition(format!(
-                "transaction {} was already aborted (a lock resolver timed it out); retry it",
-                hex(&p.txn_id)
-            ))));
-        }
+    if decision_of(sys, primary_slot, &p.txn_id)? == Some(Decision::Abort) {
+        return Ok(Err(Error::FailedPrecondition(format!(
+            "transaction {} was already aborted (a lock resolver timed it out); retry it",
+            hex(&p.txn_id)
+        ))));
     }
     let again = part_of(sys, &p.txn_id)?.is_some();
     if again && !p.read_only {
         // A retried prepare: the locks are ours already.
-        let held = txn::evaluate(view, &compares_only)
-            .map_err(ConflictableTransactionError::Abort)?
-            .succeeded;
-        return Ok(Ok(PrepareResponse {
-            compares_held: held,
-        }));
+        return compares_held(view, &part);
     }
-    let me = Holder {
-        txn_id: p.txn_id.to_vec(),
-        started_ms: p.started_ms,
-        priority_ms: p.priority_ms,
-        primary: p.primary_shard_key.to_vec(),
-    };
     let data_keys: Vec<Vec<u8>> = items(&part)
         .into_iter()
         .map(|(sk, k)| keys::encode_key(ordo_proto::slot_of(sk, slot_count), sk, k))
         .collect();
-    if p.read_only {
-        // A reader: share read locks, take every item no writer holds, keep them, and report a
-        // writer's item if there is one (the next prepare goes on from here).
-        sys.insert(key(PART_PREFIX, &p.txn_id), seal(&p.encode_to_vec()))?;
-        let mut blocked: Option<Error> = None;
-        for data_key in &data_keys {
-            let lk = lock_key(data_key);
-            match sys.get(&lk)? {
-                None => {
-                    let lock = Lock {
-                        write: false,
-                        holders: vec![me.clone()],
-                    };
-                    sys.insert(lk, lock.encode())?;
-                    *locks += 1;
-                }
-                Some(raw) => {
-                    let mut lock = Lock::decode(&lk, &raw)?;
-                    if lock.write {
-                        if blocked.is_none() {
-                            blocked = Some(lock.refusal(data_key));
-                        }
-                    } else if !lock.held_by(&p.txn_id) {
-                        lock.holders.push(me.clone());
-                        sys.insert(lk, lock.encode())?;
-                    }
-                }
-            }
-        }
-        if let Some(e) = blocked {
-            return Ok(Err(e));
-        }
-        let held = txn::evaluate(view, &compares_only)
-            .map_err(ConflictableTransactionError::Abort)?
-            .succeeded;
-        return Ok(Ok(PrepareResponse {
-            compares_held: held,
-        }));
-    }
-    if let Err(e) = check_unlocked(sys, slot_count, &part, Some(&p.txn_id))? {
+    let locked = if p.read_only {
+        lock_for_reading(sys, p, &data_keys, locks)?
+    } else {
+        lock_for_writing(sys, slot_count, p, &part, &data_keys, locks)?
+    };
+    if let Err(e) = locked {
         return Ok(Err(e));
     }
-    let lock = Lock {
-        write: true,
-        holders: vec![me],
+    compares_held(view, &part)
+}
+
+/// The holder a prepare's locks name.
+fn holder(p: &PrepareRequest) -> Holder {
+    Holder {
+        txn_id: p.txn_id.to_vec(),
+        started_ms: p.started_ms,
+        priority_ms: p.priority_ms,
+        primary: p.primary_shard_key.to_vec(),
     }
-    .encode();
-    for data_key in &data_keys {
-        sys.insert(lock_key(data_key), lock.clone())?;
-        *locks += 1;
-    }
-    sys.insert(key(PART_PREFIX, &p.txn_id), seal(&p.encode_to_vec()))?;
+}
+
+/// Whether the part's compares hold now (the answer of a prepare).
+fn compares_held(view: &mut impl ItemView, part: &TxnRequest) -> Tx<Result<PrepareResponse>> {
+    let compares_only = TxnRequest {
+        compares: part.compares.clone(),
+        ..Default::default()
+    };
     let held = txn::evaluate(view, &compares_only)
         .map_err(ConflictableTransactionError::Abort)?
         .succeeded;
     Ok(Ok(PrepareResponse {
         compares_held: held,
     }))
+}
+
+/// A reader: share read locks, take every item no writer holds, keep them, and report a
+/// writer's item if there is one (the next prepare goes on from here).
+fn lock_for_reading(
+    sys: &TransactionalTree,
+    p: &PrepareRequest,
+    data_keys: &[Vec<u8>],
+    locks: &mut i64,
+) -> Tx<Result<()>> {
+    sys.insert(key(PART_PREFIX, &p.txn_id), seal(&p.encode_to_vec()))?;
+    let me = holder(p);
+    let mut blocked: Option<Error> = None;
+    for data_key in data_keys {
+        let lk = lock_key(data_key);
+        match sys.get(&lk)? {
+            None => {
+                let lock = Lock {
+                    write: false,
+                    holders: vec![me.clone()],
+                };
+                sys.insert(lk, lock.encode())?;
+                *locks += 1;
+            }
+            Some(raw) => {
+                let mut lock = Lock::decode(&lk, &raw)?;
+                if lock.write {
+                    if blocked.is_none() {
+                        blocked = Some(lock.refusal(data_key));
+                    }
+                } else if !lock.held_by(&p.txn_id) {
+                    lock.holders.push(me.clone());
+                    sys.insert(lk, lock.encode())?;
+                }
+            }
+        }
+    }
+    Ok(blocked.map_or(Ok(()), Err))
+}
+
+/// A writer: every item of the part free (or already ours), then a write lock on each, all or
+/// none, and the part kept.
+fn lock_for_writing(
+    sys: &TransactionalTree,
+    slot_count: u32,
+    p: &PrepareRequest,
+    part: &TxnRequest,
+    data_keys: &[Vec<u8>],
+    locks: &mut i64,
+) -> Tx<Result<()>> {
+    if let Err(e) = check_unlocked(sys, slot_count, part, Some(&p.txn_id))? {
+        return Ok(Err(e));
+    }
+    let lock = Lock {
+        write: true,
+        holders: vec![holder(p)],
+    }
+    .encode();
+    for data_key in data_keys {
+        sys.insert(lock_key(data_key), lock.clone())?;
+        *locks += 1;
+    }
+    sys.insert(key(PART_PREFIX, &p.txn_id), seal(&p.encode_to_vec()))?;
+    Ok(Ok(()))
 }
 
 /// Decide, on the primary's group: the first decision recorded wins.
