@@ -42,7 +42,7 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub compact_log_entries: u64,
     pub slot_count: u32,
-    /// Serve `ordo.v1.Cluster` (a config server: this group is the meta group) instead of `ordo.v1.Kv`.
+    /// Serve `ordo.v1.Cluster` (a config server: this group is the config group) instead of `ordo.v1.Kv`.
     pub config_server: bool,
     /// A filter on outgoing raft traffic (the transport's fault-injection seam), shared by a
     /// test's in-process replicas of one group. Always `None` outside tests.

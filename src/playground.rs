@@ -1,4 +1,4 @@
-//! A whole cluster in one process: 3 config replicas (the meta group), `groups` × `replicas`
+//! A whole cluster in one process: 3 config replicas (the config group), `groups` × `replicas`
 //! shard-group nodes and one router, all on loopback with real gRPC between them. The README's
 //! run command, and the in-process cluster of the tests.
 
@@ -14,8 +14,8 @@ use tonic::Code;
 use crate::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
 use crate::node::{Node, NodeConfig};
 
-pub const META_REPLICAS: u64 = 3;
-/// How long start-up waits for the meta group and the groups to elect leaders and accept the map.
+pub const CONFIG_REPLICAS: u64 = 3;
+/// How long start-up waits for the config group and the groups to elect leaders and accept the map.
 const READY_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
@@ -48,7 +48,7 @@ impl PlaygroundConfig {
 
 pub struct Playground {
     pub router: ordo_router::Router,
-    pub meta: Vec<Node>,
+    pub config: Vec<Node>,
     /// Group id → its replicas.
     pub groups: BTreeMap<u64, Vec<Node>>,
     pub config_addrs: Vec<String>,
@@ -178,10 +178,11 @@ impl Playground {
         if !(1..=7).contains(&cfg.replicas) {
             bail!("--replicas must be between 1 and 7");
         }
-        let meta_peers: BTreeMap<u64, String> = (1..=META_REPLICAS)
+        let config_peers: BTreeMap<u64, String> = (1..=CONFIG_REPLICAS)
             .map(|i| Ok((i, addr_for(cfg.port, i)?)))
             .collect::<anyhow::Result<_>>()?;
-        let meta = start_group(&cfg, 0, &meta_peers, "meta").await?;
+        // The config group's data dir keeps its first name, `meta`.
+        let config = start_group(&cfg, 0, &config_peers, "meta").await?;
         let mut groups = BTreeMap::new();
         let mut specs = Vec::new();
         for g in 1..=cfg.groups {
@@ -197,7 +198,7 @@ impl Playground {
                 start_group(&cfg, g, &peers, &format!("group-{g}")).await?,
             );
         }
-        let config_addrs: Vec<String> = meta_peers.values().cloned().collect();
+        let config_addrs: Vec<String> = config_peers.values().cloned().collect();
         let map = ensure_initialized(&config_addrs, specs).await?;
         if map.groups.len() as u64 != cfg.groups {
             tracing::warn!(in_map = map.groups.len(), asked = cfg.groups, "this data dir holds a cluster with a different number of groups; the stored map wins");
@@ -218,7 +219,7 @@ impl Playground {
         }
         Ok(Playground {
             router,
-            meta,
+            config,
             groups,
             config_addrs,
         })
@@ -236,7 +237,7 @@ impl Playground {
                 n.shutdown().await;
             }
         }
-        for n in self.meta {
+        for n in self.config {
             n.shutdown().await;
         }
     }

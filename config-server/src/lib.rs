@@ -1,5 +1,5 @@
 //! The config server: the versioned shard map and the operations that change it, served as
-//! `ordo.v1.Cluster`. Its state lives in a meta group replicated by the same raft engine as the
+//! `ordo.v1.Cluster`. Its state lives in a config group replicated by the same raft engine as the
 //! shard groups; this crate reaches it only through the `MapStore` trait, which the root package
 //! implements, so the map logic here knows nothing of sled or raft.
 //!
@@ -27,13 +27,13 @@ use crate::map::MapError;
 #[tonic::async_trait]
 pub trait MapStore: Send + Sync + 'static {
     /// The stored map (version 0 when none) and a token for `save`. A linearizable load goes
-    /// through the meta leader (and fails with not-leader elsewhere); otherwise this replica answers.
+    /// through the config leader (and fails with not-leader elsewhere); otherwise this replica answers.
     async fn load(&self, linearizable: bool) -> Result<(ShardMap, u64), Status>;
     /// Stores `map` only if nothing was stored since the load that returned `token`.
     async fn save(&self, token: u64, map: &ShardMap) -> Result<bool, Status>;
     /// Ticks whenever this replica applies something (the map may have changed).
     fn changes(&self) -> tokio::sync::watch::Receiver<u64>;
-    /// Addresses of the meta group's replicas.
+    /// Addresses of the config group's replicas.
     fn config_addrs(&self) -> Vec<String>;
     /// The migration records (online resharding) and a token for `save_migrations`; loaded and
     /// saved like the map, as a second item.
@@ -78,7 +78,7 @@ impl From<MapError> for Status {
 
 impl<S: MapStore> ConfigService<S> {
     /// Inside a tokio runtime, also starts the task that resumes (or aborts) migrations left
-    /// by an earlier meta leader; it ends when the store says its replica stopped.
+    /// by an earlier config leader; it ends when the store says its replica stopped.
     pub fn new(store: Arc<S>) -> Self {
         let admin: Arc<tokio::sync::Mutex<()>> = Default::default();
         let groups: Arc<GroupLeaders> = Default::default();
@@ -114,7 +114,7 @@ impl<S: MapStore> ConfigService<S> {
     /// returned `token`.
     async fn cas_map(&self, token: u64, map: &ShardMap) -> Result<(), Status> {
         if !self.store.save(token, map).await? {
-            return Err(Status::aborted("the shard map changed concurrently (a meta leader change?); nothing was committed, retry"));
+            return Err(Status::aborted("the shard map changed concurrently (a config leader change?); nothing was committed, retry"));
         }
         tracing::info!(
             version = map.version,
@@ -266,7 +266,7 @@ impl<S: MapStore> ConfigService<S> {
     }
 
     /// A membership change on a group's leader, then a map that lists the group's voters (for
-    /// the meta group, a new version so routers learn the config servers' addresses).
+    /// the config group, a new version so routers learn the config servers' addresses).
     async fn change_replicas(
         &self,
         req: ChangeGroupReplicasRequest,

@@ -47,7 +47,7 @@ pub fn check_specs(specs: &[GroupSpec], existing: &[Group]) -> Result<(), MapErr
     for s in specs {
         if s.id == 0 {
             return Err(MapError::Invalid(
-                "group id 0 is reserved for the config servers' meta group".into(),
+                "group id 0 is reserved for the config group".into(),
             ));
         }
         if !ids.insert(s.id) {

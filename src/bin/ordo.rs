@@ -62,14 +62,14 @@ enum Cmd {
         #[arg(long, default_value_t = COMPACT_LOG_ENTRIES_DEFAULT, display_order = 5)]
         compact_log_entries: u64,
     },
-    /// Run one config server: a replica of the meta group that keeps the shard map.
+    /// Run one config server: a replica of the config group that keeps the shard map.
     #[command(
-        mut_arg("id", |a| a.help("This replica's raft id in the meta group")),
+        mut_arg("id", |a| a.help("This replica's raft id in the config group")),
         mut_arg("listen", |a| a.help(None::<&str>)),
         mut_arg("peers", |a| a.help("Every config replica: `1=host:port,2=host:port,3=host:port`")),
         mut_arg("data_dir", |a| a.help(None::<&str>)),
         mut_arg("join", |a| {
-            a.help("Join the running meta group instead of founding it (see `ordo node --join`)")
+            a.help("Join the running config group instead of founding it (see `ordo node --join`)")
         })
     )]
     Config {
@@ -151,7 +151,7 @@ async fn main() -> anyhow::Result<()> {
         } => {
             anyhow::ensure!(
                 group != 0,
-                "group 0 is the config servers' meta group: run `ordo config` for it"
+                "group 0 is the config group: run `ordo config` for it"
             );
             run_replica(replica, group, compact_log_entries).await
         }

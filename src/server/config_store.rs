@@ -1,5 +1,5 @@
-//! The config server's storage: the shard map is one item of the meta group's own replicated KV
-//! state machine, changed only by compare-and-set on its version. The meta group is an ordinary
+//! The config server's storage: the shard map is one item of the config group's own replicated KV
+//! state machine, changed only by compare-and-set on its version. The config group is an ordinary
 //! raft group (id 0), so it inherits durability, snapshots and leader election.
 
 use std::sync::Arc;

@@ -255,7 +255,7 @@ async fn replace_a_dead_replica_under_load() {
 }
 
 /// A second change while one is running is refused; a node that never catches up stays a
-/// learner and can be removed; a dead config server is replaced in the meta group, and the map
+/// learner and can be removed; a dead config server is replaced in the config group, and the map
 /// then lists the new config server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn refusals_while_a_change_runs_and_config_server_replacement() {
@@ -312,7 +312,7 @@ async fn refusals_while_a_change_runs_and_config_server_replacement() {
     let s = node_status(&leader_addr, false).await.unwrap();
     assert!(s.learners.is_empty() && s.voters.len() == 3, "{s:?}");
 
-    // The meta group: replace a dead config server.
+    // The config group: replace a dead config server.
     let meta_leader = c.wait_leader(0, LIMIT).await;
     let dead = c
         .members(0)
@@ -343,7 +343,7 @@ async fn refusals_while_a_change_runs_and_config_server_replacement() {
         "config addrs {:?}",
         map.config_addrs
     );
-    // The new config server holds the map: with the old meta leader gone too, map reads still
+    // The new config server holds the map: with the old config leader gone too, map reads still
     // answer (it and the remaining founder form the quorum).
     c.kill(meta_leader).await;
     let admin = ordo_proto::client::ClusterClient::connect(vec![new_addr.clone()])

@@ -459,7 +459,7 @@ async fn run_nemesis(
         );
         tokio::time::sleep(rng.millis(1500, 3000)).await;
         // Group leaders are the interesting victims (their kill costs availability), so they
-        // get 40% of the kills; group replicas, the meta leader and meta replicas 20% each.
+        // get 40% of the kills; group replicas, the config leader and config replicas 20% each.
         let (group, leader_wanted) = match rng.below(10) {
             0..=3 => (1 + rng.below(GROUPS), true),
             4..=5 => (1 + rng.below(GROUPS), false),
@@ -476,7 +476,7 @@ async fn run_nemesis(
         };
         // Named by what the victim was, not what was asked for: a random replica may lead.
         let target = match (group, leader == Some(victim)) {
-            (0, true) => "meta leader",
+            (0, true) => "config leader",
             (0, false) => "meta follower",
             (_, true) => "group leader",
             (_, false) => "group follower",

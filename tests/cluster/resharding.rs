@@ -542,8 +542,8 @@ const KILL_PRELOAD: u64 = 600;
 /// change log a few pages, so the kill lands inside the phase it is meant for.
 const KILL_COPY_BYTES_PER_SEC: u64 = 8 * 1024;
 
-/// The migration records as one meta replica has applied them (a local read: tests poll it
-/// every millisecond without loading the meta leader).
+/// The migration records as one config replica has applied them (a local read: tests poll it
+/// every millisecond without loading the config leader).
 fn local_migrations(node: &ordo::node::Node) -> ordo_proto::v1::MigrationList {
     use prost::Message as _;
     match node
@@ -664,7 +664,7 @@ async fn stop_a_leader(kill: Kill, pg: &mut InProcCluster, cc: &ClusterClient) {
         }
         Kill::MetaLeaderInCriticalSection => {
             let victim = pg.wait_leader(CONFIG_GROUP, Duration::from_secs(10)).await;
-            let node = pg.node(victim).expect("the meta leader runs");
+            let node = pg.node(victim).expect("the config leader runs");
             // Polled every millisecond: the fenced window is short.
             wait_for_every(
                 "the move to reach its critical section",
@@ -684,7 +684,7 @@ async fn stop_a_leader(kill: Kill, pg: &mut InProcCluster, cc: &ClusterClient) {
             )
             .await;
             eprintln!(
-                "stopping the meta leader {} in the critical section",
+                "stopping the config leader {} in the critical section",
                 pg.addr(victim)
             );
             pg.kill(victim).await;

@@ -186,8 +186,8 @@ async fn a_stale_router_is_corrected_by_one_wrong_shard() {
     pg.shutdown().await;
 }
 
-/// Acceptance 3: with the meta leader killed, routers keep serving data from their cached map;
-/// map reads and changes work again once a new meta leader exists.
+/// Acceptance 3: with the config leader killed, routers keep serving data from their cached map;
+/// map reads and changes work again once a new config leader exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn routers_serve_through_a_meta_leader_loss() {
     let mut pg = InProcCluster::start(2, 1).await;
@@ -199,10 +199,10 @@ async fn routers_serve_through_a_meta_leader_loss() {
     for i in 0..100 {
         c.put(format!("during-{i}"), "", "x", None)
             .await
-            .expect("data keeps flowing without a meta leader");
+            .expect("data keeps flowing without a config leader");
     }
     let map = wait_for(
-        "a linearizable map read after the meta leader loss",
+        "a linearizable map read after the config leader loss",
         Duration::from_secs(10),
         || async {
             let mut cc = cluster(&pg.router_addr()).await;
@@ -216,7 +216,7 @@ async fn routers_serve_through_a_meta_leader_loss() {
     let (_, slot) = key_owned_by(&map, 1, "empty-slot");
     let moved = move_slot(&pg.router_addr(), slot, 2)
         .await
-        .expect("map change under the new meta leader");
+        .expect("map change under the new config leader");
     wait_for(
         "the router to follow the new map",
         Duration::from_secs(10),

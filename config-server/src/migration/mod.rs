@@ -1,8 +1,8 @@
-//! Online resharding: the [`Mover`], run by the meta leader (MongoDB's chunk migration).
+//! Online resharding: the [`Mover`], run by the config leader (MongoDB's chunk migration).
 //!
 //! A migration moves a set of slots from one donor group D to one recipient group R:
 //!
-//! 1. The migration is persisted in the meta group's migration list
+//! 1. The migration is persisted in the config group's migration list
 //!    (`MapStore::save_migrations`, state COPYING).
 //! 2. R's leftovers in the slots are cleared; D begins the migration (a raft entry that starts a
 //!    change log for the slots); the slots' items are pulled from D's leader in bounded pages and
@@ -18,7 +18,7 @@
 //!
 //! Abort (asked for, or a step failed) before the cut-over: D gets its slots back and is
 //! unfenced, R's copy is deleted, state ABORTED. The map decides: a mover that resumes after a
-//! meta leader change reads it (linearizably) and finishes a migration the map cut over or
+//! config leader change reads it (linearizably) and finishes a migration the map cut over or
 //! aborts one it did not. A cut-over whose outcome is unknown is never rolled back by the mover
 //! that sent it; the resumer decides from the map.
 //!
@@ -75,7 +75,7 @@ const CALL_ATTEMPTS_MAX: u32 = 40;
 const CALL_BACKOFF: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_millis(400));
 /// Slots per planned move when the request names none.
 pub const SLOTS_PER_MOVE_DEFAULT: u32 = 512;
-/// How often a copy pass checks that its migration is still wanted (abort, meta leadership).
+/// How often a copy pass checks that its migration is still wanted (abort, config leadership).
 const CHECK_EVERY: Duration = Duration::from_millis(300);
 /// How often the resumer looks for orphaned migrations.
 pub const RESUME_EVERY: Duration = Duration::from_millis(500);
@@ -105,7 +105,7 @@ pub struct Mover<S> {
 enum Stop {
     /// Abort the migration (before the cut-over) with this reason.
     Abort(String),
-    /// Leave it to the resumer (this replica lost the meta leadership, or the cut-over's outcome
+    /// Leave it to the resumer (this replica lost the config leadership, or the cut-over's outcome
     /// is unknown).
     Leave(Status),
 }
@@ -130,7 +130,7 @@ impl<S: MapStore> Mover<S> {
         })
     }
 
-    /// Looks for migrations in flight that no task of this replica drives (a meta leader change,
+    /// Looks for migrations in flight that no task of this replica drives (a config leader change,
     /// an abort asked of an orphan) and drives them to an end. Runs until the replica stops.
     pub fn spawn_resumer(self: &Arc<Self>) {
         let me = self.clone();
@@ -138,7 +138,7 @@ impl<S: MapStore> Mover<S> {
             while !me.store.stopped() {
                 tokio::time::sleep(RESUME_EVERY).await;
                 let Ok((list, _)) = me.store.load_migrations(true).await else {
-                    continue; // not the meta leader
+                    continue; // not the config leader
                 };
                 for m in list.migrations.iter().filter(|m| in_flight(m)) {
                     if me.progress.lock().unwrap().contains_key(&m.id) {
@@ -322,7 +322,7 @@ impl<S: MapStore> Mover<S> {
                 Stop::Abort(if m.abort_requested {
                     "aborted on request".into()
                 } else {
-                    "the meta leader changed during the move; the new leader aborts it".into()
+                    "the config leader changed during the move; the new leader aborts it".into()
                 })
             }
             Ok(MigrationState::Committed) => return self.finish(&m).await,

@@ -205,7 +205,7 @@ impl<S: MapStore> Mover<S> {
     }
 
     /// Stops the drive when an abort was asked for, or when this replica is no longer the one
-    /// that may write the records (it lost the meta leadership).
+    /// that may write the records (it lost the config leadership).
     async fn check_still_wanted(&self, id: u64) -> Result<(), Stop> {
         match self.store.load_migrations(true).await {
             Ok((list, _)) => match list.migrations.iter().find(|m| m.id == id) {

@@ -142,7 +142,7 @@ impl Client {
 
 impl ClusterClient {
     /// The shard map. Without `linearizable`, any config replica (or a router's cache) answers
-    /// with the version it has, which may lag; with it, the meta leader answers with its latest.
+    /// with the version it has, which may lag; with it, the config leader answers with its latest.
     pub async fn get_shard_map(&self, linearizable: bool) -> Result<ShardMap, Status> {
         let req = GetShardMapRequest { linearizable };
         self.core

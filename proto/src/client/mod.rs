@@ -76,7 +76,7 @@ pub struct Client {
 /// A client of the `ordo.v1.Cluster` service over the addresses of config servers or routers.
 ///
 /// Same construction and sharing as [`Client`]: reads and writes follow `NotLeader` hints to the
-/// meta leader and retry plain `Unavailable` answers.
+/// config leader and retry plain `Unavailable` answers.
 ///
 /// # Write outcomes
 ///

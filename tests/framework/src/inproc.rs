@@ -367,7 +367,7 @@ impl InProcCluster {
             .await
             .expect("playground starts");
         let mut addrs = BTreeMap::new();
-        let all = pg.groups.iter().chain([(&CONFIG_GROUP, &pg.meta)]);
+        let all = pg.groups.iter().chain([(&CONFIG_GROUP, &pg.config)]);
         for (&g, nodes) in all {
             for n in nodes {
                 addrs.insert(Member::new(g, n.replica.node_id), n.addr.to_string());
@@ -384,7 +384,7 @@ impl InProcCluster {
     /// The running nodes of `group`.
     pub fn nodes(&self, group: u64) -> &[Node] {
         if group == CONFIG_GROUP {
-            &self.pg.meta
+            &self.pg.config
         } else {
             self.pg.groups.get(&group).map_or(&[], Vec::as_slice)
         }
@@ -392,7 +392,7 @@ impl InProcCluster {
 
     fn nodes_mut(&mut self, group: u64) -> &mut Vec<Node> {
         if group == CONFIG_GROUP {
-            &mut self.pg.meta
+            &mut self.pg.config
         } else {
             self.pg.groups.entry(group).or_default()
         }
