@@ -316,6 +316,18 @@ impl<'a> Attempt<'a> {
             .collect()
     }
 
+    /// Finishes every part with `decision` (the same for all of them).
+    async fn finish_parts(&self, decision: Decision) -> Result<Vec<Vec<TxnOpResult>>, Status> {
+        finish_all(
+            self.shared,
+            &self.parts,
+            &self.txn_id,
+            decision,
+            self.deadline,
+        )
+        .await
+    }
+
     /// Some part is not prepared (or its outcome is unknown): abort, so that a late prepare is
     /// refused and the parts that did lock let go. Then say whether another attempt is worth
     /// it, after resolving the lock that refused this one if this transaction may.
@@ -325,15 +337,7 @@ impl<'a> Attempt<'a> {
         } else {
             Ok(())
         };
-        let released = finish_all(
-            self.shared,
-            &self.parts,
-            &self.txn_id,
-            Decision::Abort,
-            self.deadline,
-        )
-        .await
-        .is_ok();
+        let released = self.finish_parts(Decision::Abort).await.is_ok();
         // The abort record fences out a prepare still on its way; when every prepare answered,
         // none is, and the record can go.
         let all_answered = prepared.iter().all(|r| match r {
@@ -397,16 +401,7 @@ impl<'a> Attempt<'a> {
         let decision = self.decide(wanted).await.map_err(AttemptFailed::Fail)?;
         failpoint(self.shared, Failpoint::AfterDecide).map_err(AttemptFailed::Fail)?;
         if decision == Decision::Abort {
-            if finish_all(
-                self.shared,
-                &self.parts,
-                &self.txn_id,
-                Decision::Abort,
-                self.deadline,
-            )
-            .await
-            .is_ok()
-            {
+            if self.finish_parts(Decision::Abort).await.is_ok() {
                 forget_later(self.shared, &self.txn_id, &self.primary);
             }
             return Err(AttemptFailed::Retry(
@@ -424,28 +419,13 @@ impl<'a> Attempt<'a> {
         decision: Decision,
         branch_writes: bool,
     ) -> Result<TxnResponse, AttemptFailed> {
-        let finished = finish_all(
-            self.shared,
-            &self.parts,
-            &self.txn_id,
-            decision,
-            self.deadline,
-        )
-        .await;
+        let finished = self.finish_parts(decision).await;
         let results = match finished {
             Ok(r) => r,
             // Nothing was written: reading again is harmless. (An older transaction may have
             // aborted this reader, leaving a record behind.)
             Err(e) if !branch_writes => {
-                finish_all(
-                    self.shared,
-                    &self.parts,
-                    &self.txn_id,
-                    Decision::Abort,
-                    self.deadline,
-                )
-                .await
-                .ok();
+                self.finish_parts(Decision::Abort).await.ok();
                 forget_later(self.shared, &self.txn_id, &self.primary);
                 return Err(AttemptFailed::Retry(format!(
                     "a read-only part could not answer: {}",

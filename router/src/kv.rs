@@ -2,6 +2,7 @@
 //! (`forward.rs`), or a cross-group `Txn` to the two-phase-commit coordinator (`coordinator.rs`).
 //! Every Kv request waits for locks it meets (`locks.rs`).
 
+use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -10,9 +11,10 @@ use ordo_proto::v1::{
     txn_op, DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse,
     ScanRequest, ScanResponse, TxnRequest, TxnResponse,
 };
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use crate::forward::{forward, kv_client, not_initialized, Route};
+use crate::forward::{forward, kv_client, not_initialized, Route, Routed};
 use crate::locks::OnLock;
 use crate::map::groups_of;
 use crate::retry::Effect;
@@ -64,81 +66,57 @@ fn txn_shard_keys(req: &TxnRequest) -> Result<Vec<Bytes>, Status> {
     Ok(distinct)
 }
 
+impl KvService {
+    /// A request of one shard key: refused if the key is empty, else forwarded to its group
+    /// with the client's deadline as the budget, waiting for locks it meets.
+    async fn one_key<Req, Resp, F, Fut>(
+        &self,
+        op: &'static str,
+        effect: Effect,
+        request: Request<Req>,
+        shard_key: impl Fn(&Req) -> &Bytes,
+        rpc: F,
+    ) -> Result<Response<Resp>, Status>
+    where
+        Req: Routed,
+        F: Fn(Channel, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let budget = deadline::budget(request.metadata());
+        let req = request.into_inner();
+        require_shard_key(shard_key(&req))?;
+        let route = Route::Key(shard_key(&req).clone());
+        forward(&self.0, op, effect, &OnLock::Wait, route, req, budget, rpc).await
+    }
+}
+
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
-        let budget = deadline::budget(request.metadata());
-        let req = request.into_inner();
-        require_shard_key(&req.shard_key)?;
-        let route = Route::Key(req.shard_key.clone());
-        forward(
-            &self.0,
-            "Get",
-            Effect::Read,
-            &OnLock::Wait,
-            route,
-            req,
-            budget,
-            |ch, r| async move { kv_client(ch).get(r).await },
-        )
-        .await
+        let call = |ch, r| async move { kv_client(ch).get(r).await };
+        self.one_key("Get", Effect::Read, request, |r| &r.shard_key, call)
+            .await
     }
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        let budget = deadline::budget(request.metadata());
-        let req = request.into_inner();
-        require_shard_key(&req.shard_key)?;
-        let route = Route::Key(req.shard_key.clone());
-        forward(
-            &self.0,
-            "Put",
-            Effect::Write,
-            &OnLock::Wait,
-            route,
-            req,
-            budget,
-            |ch, r| async move { kv_client(ch).put(r).await },
-        )
-        .await
+        let call = |ch, r| async move { kv_client(ch).put(r).await };
+        self.one_key("Put", Effect::Write, request, |r| &r.shard_key, call)
+            .await
     }
 
     async fn delete(
         &self,
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
-        let budget = deadline::budget(request.metadata());
-        let req = request.into_inner();
-        require_shard_key(&req.shard_key)?;
-        let route = Route::Key(req.shard_key.clone());
-        forward(
-            &self.0,
-            "Delete",
-            Effect::Write,
-            &OnLock::Wait,
-            route,
-            req,
-            budget,
-            |ch, r| async move { kv_client(ch).delete(r).await },
-        )
-        .await
+        let call = |ch, r| async move { kv_client(ch).delete(r).await };
+        self.one_key("Delete", Effect::Write, request, |r| &r.shard_key, call)
+            .await
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
-        let budget = deadline::budget(request.metadata());
-        let req = request.into_inner();
-        require_shard_key(&req.shard_key)?;
-        let route = Route::Key(req.shard_key.clone());
-        forward(
-            &self.0,
-            "Scan",
-            Effect::Read,
-            &OnLock::Wait,
-            route,
-            req,
-            budget,
-            |ch, r| async move { kv_client(ch).scan(r).await },
-        )
-        .await
+        let call = |ch, r| async move { kv_client(ch).scan(r).await };
+        self.one_key("Scan", Effect::Read, request, |r| &r.shard_key, call)
+            .await
     }
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {

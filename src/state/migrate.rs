@@ -311,18 +311,24 @@ impl StateMachine {
             slots,
             fence_index: 0,
         };
-        let mut batch = sled::Batch::default();
-        batch.insert(out_key(id), out.encode());
-        batch.insert(APPLIED_KEY, &index.to_be_bytes());
-        self.sys.apply_batch(batch)?;
-        self.applied.store(index, Ordering::Release);
-        moving.insert(id, out);
+        self.save_out(index, id, out, moving)?;
         tracing::info!(
             node = self.node_id,
             migration = id,
             "migration began: change log on"
         );
         step_done(index)
+    }
+
+    /// Stores an outgoing migration's new state with the applied index, then serves by it.
+    fn save_out(&self, index: u64, id: u64, out: Out, moving: &mut Moving) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.insert(out_key(id), out.encode());
+        batch.insert(APPLIED_KEY, &index.to_be_bytes());
+        self.sys.apply_batch(batch)?;
+        self.applied.store(index, Ordering::Release);
+        moving.insert(id, out);
+        Ok(())
     }
 
     /// FENCE: the slots refuse every request from this entry on (`SlotMoving`).
@@ -352,12 +358,7 @@ impl StateMachine {
             fence_index: index,
             ..out
         };
-        let mut batch = sled::Batch::default();
-        batch.insert(out_key(id), out.encode());
-        batch.insert(APPLIED_KEY, &index.to_be_bytes());
-        self.sys.apply_batch(batch)?;
-        self.applied.store(index, Ordering::Release);
-        moving.insert(id, out);
+        self.save_out(index, id, out, moving)?;
         tracing::info!(node = self.node_id, migration = id, index, "slots fenced");
         step_done(index)
     }

@@ -113,6 +113,13 @@ pub(crate) struct ReplicaAddArgs {
     /// The group (0 = the config servers).
     #[arg(long, value_name = "N")]
     pub(crate) group: u64,
+    #[command(flatten)]
+    pub(crate) new: NewReplicaArgs,
+}
+
+/// The replica that `add` and `replace` bring in.
+#[derive(Args, Debug)]
+pub(crate) struct NewReplicaArgs {
     /// The new replica's raft id (unique in the group).
     #[arg(long, value_name = "NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) id: u64,
@@ -143,14 +150,8 @@ pub(crate) struct ReplicaReplaceArgs {
     /// The replica that leaves (it may be dead).
     #[arg(long, value_name = "NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
     pub(crate) old: u64,
-    /// The new replica's raft id.
-    #[arg(long, value_name = "NODE_ID", value_parser = clap::value_parser!(u64).range(1..))]
-    pub(crate) id: u64,
-    /// The new replica's address.
-    #[arg(long, value_name = "HOST:PORT")]
-    pub(crate) addr: String,
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
-    pub(crate) catch_up_timeout: Duration,
+    #[command(flatten)]
+    pub(crate) new: NewReplicaArgs,
 }
 
 #[derive(Subcommand, Debug)]

@@ -46,10 +46,10 @@ fn replica_change(c: ReplicaCommand) -> Result<(u64, ChangeReplicasRequest), Str
             a.group,
             ChangeReplicasRequest {
                 change: ReplicaChange::Add as i32,
-                node_id: a.id,
-                addr: a.addr,
+                node_id: a.new.id,
+                addr: a.new.addr,
                 old_node_id: 0,
-                catch_up_timeout_ms: ms(a.catch_up_timeout)?,
+                catch_up_timeout_ms: ms(a.new.catch_up_timeout)?,
             },
         ),
         ReplicaCommand::Remove(a) => (
@@ -64,10 +64,10 @@ fn replica_change(c: ReplicaCommand) -> Result<(u64, ChangeReplicasRequest), Str
             a.group,
             ChangeReplicasRequest {
                 change: ReplicaChange::Replace as i32,
-                node_id: a.id,
-                addr: a.addr,
+                node_id: a.new.id,
+                addr: a.new.addr,
                 old_node_id: a.old,
-                catch_up_timeout_ms: ms(a.catch_up_timeout)?,
+                catch_up_timeout_ms: ms(a.new.catch_up_timeout)?,
             },
         ),
     })
