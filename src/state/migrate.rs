@@ -17,7 +17,9 @@ use std::ops::Bound;
 use std::sync::atomic::Ordering;
 
 use ordo_proto::v1::{MigrateOutRequest, MigratePullResponse, MigrateStep, MigrationRecord};
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::transaction::{
+    ConflictableTransactionError, TransactionalTree, UnabortableTransactionError,
+};
 use sled::Transactional;
 
 use super::{tx_err, Command, Outcome, StateMachine, APPLIED_KEY};
@@ -397,7 +399,7 @@ impl StateMachine {
             }
         }
         let _w = self.view.write().unwrap();
-        self.transact(|data, sys| {
+        self.transact_at(index, |data| {
             for r in records {
                 if r.value.is_empty() {
                     data.remove(r.key.as_ref())?;
@@ -405,10 +407,8 @@ impl StateMachine {
                     data.insert(r.key.as_ref(), r.value.as_ref())?;
                 }
             }
-            sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
             Ok(())
         })?;
-        self.applied.store(index, Ordering::Release);
         Ok(Ok(Outcome::Migration {
             index,
             deleted: 0,
@@ -443,14 +443,12 @@ impl StateMachine {
             }
         }
         let _w = self.view.write().unwrap();
-        self.transact(|data, sys| {
+        self.transact_at(index, |data| {
             for k in &doomed {
                 data.remove(k)?;
             }
-            sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
             Ok(())
         })?;
-        self.applied.store(index, Ordering::Release);
         Ok(Ok(Outcome::Migration {
             index,
             deleted: doomed.len() as u64,
@@ -458,22 +456,24 @@ impl StateMachine {
         }))
     }
 
-    fn transact(
+    /// Changes the data tree with `f` and records `index` as applied, in one sled transaction.
+    fn transact_at(
         &self,
-        f: impl Fn(
-            &TransactionalTree,
-            &TransactionalTree,
-        ) -> std::result::Result<(), sled::transaction::UnabortableTransactionError>,
+        index: u64,
+        f: impl Fn(&TransactionalTree) -> std::result::Result<(), UnabortableTransactionError>,
     ) -> Result<()> {
         (&self.data, &self.sys)
             .transaction(|(data, sys)| {
-                f(data, sys).map_err(ConflictableTransactionError::from)?;
+                f(data).map_err(ConflictableTransactionError::from)?;
+                sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
                 Ok::<_, ConflictableTransactionError<Error>>(())
             })
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Abort(e) => e,
                 sled::transaction::TransactionError::Storage(e) => Error::from(e),
-            })
+            })?;
+        self.applied.store(index, Ordering::Release);
+        Ok(())
     }
 
     /// One page of a migration's items (`log` false) or change log (`log` true) after `after`,
