@@ -44,10 +44,21 @@ pub trait MapStore: Send + Sync + 'static {
     fn stopped(&self) -> bool {
         false
     }
+    /// Turns true when this replica stops: streams it serves (map watches) end then, so a
+    /// stopped replica holds no storage open for a watcher.
+    fn stop_signal(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        None
+    }
 }
+
+/// Most `WatchShardMap` streams one config server serves at once: each is a task that re-reads
+/// the map on every applied entry, so their number is bounded (routers keep one each).
+pub const MAP_WATCHES_MAX: usize = 1024;
 
 pub struct ConfigService<S> {
     store: Arc<S>,
+    /// One permit per open map watch (`MAP_WATCHES_MAX`).
+    watches: Arc<tokio::sync::Semaphore>,
     /// One map change at a time on this replica (the CAS in `save` covers leader changes).
     admin: Arc<tokio::sync::Mutex<()>>,
     /// Calls to group leaders, over cached channels (shared with the mover).
@@ -60,6 +71,7 @@ impl<S> Clone for ConfigService<S> {
     fn clone(&self) -> Self {
         ConfigService {
             store: self.store.clone(),
+            watches: self.watches.clone(),
             admin: self.admin.clone(),
             groups: self.groups.clone(),
             migrations: self.migrations.clone(),
@@ -88,6 +100,7 @@ impl<S: MapStore> ConfigService<S> {
         }
         ConfigService {
             store,
+            watches: Arc::new(tokio::sync::Semaphore::new(MAP_WATCHES_MAX)),
             admin,
             groups,
             migrations,
@@ -396,10 +409,18 @@ impl<S: MapStore> Cluster for ConfigService<S> {
         req: Request<WatchShardMapRequest>,
     ) -> Result<Response<MapStream>, Status> {
         let mut last = req.into_inner().after_version;
+        let permit = self.watches.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this config server already serves {MAP_WATCHES_MAX} map watches \
+                 (MAP_WATCHES_MAX); close idle ones or watch another config server"
+            ))
+        })?;
         let svc = self.clone();
         let mut changes = self.store.changes();
+        let mut stop = self.store.stop_signal();
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         tokio::spawn(async move {
+            let _permit = permit;
             loop {
                 match svc.load(false).await {
                     Ok((map, _)) if map.version > last => {
@@ -414,9 +435,21 @@ impl<S: MapStore> Cluster for ConfigService<S> {
                         return;
                     }
                 }
+                let stopped = async {
+                    match stop.as_mut() {
+                        Some(s) => drop(s.wait_for(|stopped| *stopped).await),
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     r = changes.changed() => if r.is_err() { return },
                     _ = tx.closed() => return,
+                    () = stopped => {
+                        let _ = tx.send(Err(Status::unavailable(
+                            "this config server stopped; watch another one",
+                        ))).await;
+                        return;
+                    }
                 }
             }
         });
@@ -519,3 +552,6 @@ impl<S: MapStore> Cluster for ConfigService<S> {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests;

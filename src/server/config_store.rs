@@ -98,6 +98,10 @@ impl MapStore for ReplicaMapStore {
         *self.replica.stop.borrow()
     }
 
+    fn stop_signal(&self) -> Option<tokio::sync::watch::Receiver<bool>> {
+        Some(self.replica.stop.clone())
+    }
+
     fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.replica.sm.subscribe()
     }
