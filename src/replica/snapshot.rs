@@ -40,8 +40,13 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Where a file is written before its atomic rename to `path`.
+    pub fn tmp_path(path: &Path) -> PathBuf {
+        path.with_extension("snap.tmp")
+    }
+
     pub fn create(path: PathBuf, index: u64, term: u64) -> Result<Writer> {
-        let tmp = path.with_extension("snap.tmp");
+        let tmp = Self::tmp_path(&path);
         let file = File::create(&tmp).map_err(|e| io(e, &tmp))?;
         let mut w = Writer {
             out: BufWriter::with_capacity(1 << 20, file),

@@ -139,6 +139,7 @@ pub struct Driver {
     staged: HashMap<(u64, u64), PathBuf>,
     snapshots_installed: u64,
     snapshots_sent: u64,
+    snapshot_build: snapshots::BuildRetry,
     transfer: Option<Transfer>,
     conf_waiter: Option<ConfWaiter>,
     /// When each peer was last heard from (for the live-quorum check of membership changes).
@@ -200,6 +201,7 @@ impl Driver {
             staged: HashMap::new(),
             snapshots_installed: 0,
             snapshots_sent: 0,
+            snapshot_build: Default::default(),
             transfer: None,
             conf_waiter: None,
             last_heard: HashMap::new(),
@@ -402,9 +404,7 @@ impl Driver {
                 since: Instant::now(),
             });
         }
-        if self.raw.store().take_snapshot_wanted() {
-            self.build_snapshot()?;
-        }
+        self.maybe_build_snapshot();
         self.on_ready()?;
         self.publish();
         Ok(())

@@ -311,3 +311,55 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot() {
         "the lagging follower caught up from a snapshot"
     );
 }
+
+/// Waits until `probe` holds, failing the test after `WAIT`.
+async fn wait_until(what: &str, mut probe: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !probe() {
+        assert!(started.elapsed() < WAIT, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h3_failed_snapshot_build_keeps_the_leader_serving() {
+    let g = Group::start(16);
+    let leader = g.wait_leader().await;
+    let lagging = *g.members.keys().find(|id| **id != leader).unwrap();
+    // The leader cannot write any snapshot: its snapshot dir is a regular file.
+    let snap_dir = g.net.snap_dirs.lock().unwrap()[&leader].clone();
+    std::fs::remove_dir_all(&snap_dir).unwrap();
+    std::fs::write(&snap_dir, b"not a directory").unwrap();
+
+    g.net.cut.lock().unwrap().insert(lagging);
+    for i in 0..200 {
+        g.put(leader, &format!("k{i}"), "v").await.unwrap();
+    }
+    g.net.cut.lock().unwrap().clear();
+    let failures = &g.members[&leader].shared.snapshot_build_failures;
+    wait_until(
+        "the leader tried to build a snapshot for the lagging follower",
+        || failures.load(Ordering::Relaxed) >= 1,
+    )
+    .await;
+    for i in 0..20 {
+        g.put(leader, &format!("after-{i}"), "v")
+            .await
+            .expect("a leader whose snapshot build failed keeps accepting writes");
+    }
+    wait_until("the build is retried while it keeps failing", || {
+        failures.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    assert_eq!(g.wait_leader().await, leader, "it kept its leadership too");
+
+    // The dir is usable again: the next retry builds it and the follower catches up.
+    std::fs::remove_file(&snap_dir).unwrap();
+    std::fs::create_dir(&snap_dir).unwrap();
+    let st = g.wait_converged().await;
+    assert_eq!(st.items, 220);
+    assert!(
+        g.status(lagging).await.snapshots_installed >= 1,
+        "the lagging follower caught up from a snapshot"
+    );
+}
