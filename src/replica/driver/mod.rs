@@ -318,13 +318,7 @@ impl Driver {
                     tracing::debug!(error = %e, "raft message ignored");
                 }
             }
-            Msg::SnapshotReceived { msg, path } => {
-                let meta = msg.get_snapshot().get_metadata();
-                self.staged.insert((meta.index, meta.term), path);
-                if let Err(e) = self.raw.step(*msg) {
-                    tracing::warn!(error = %e, "snapshot message refused by raft");
-                }
-            }
+            Msg::SnapshotReceived { msg, path } => self.stage_snapshot(*msg, path),
             Msg::SnapshotSent { to, ok } => {
                 let status = if ok {
                     raft::SnapshotStatus::Finish

@@ -2,6 +2,7 @@
 //! building one from the state machine when a follower needs it, and removing applied log
 //! entries in bounded steps.
 
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -59,6 +60,25 @@ impl Driver {
         }
     }
 
+    /// Hands a received snapshot to raft and keeps its file until raft installs it. Files raft can
+    /// no longer install (at or below the applied index: raft restores only snapshots past its
+    /// commit) are removed now rather than left on disk.
+    pub(super) fn stage_snapshot(&mut self, msg: Message, path: PathBuf) {
+        let meta = msg.get_snapshot().get_metadata();
+        self.staged.insert((meta.index, meta.term), path);
+        if let Err(e) = self.raw.step(msg) {
+            tracing::warn!(error = %e, "snapshot message refused by raft");
+        }
+        let applied = self.sm.applied_index();
+        self.staged.retain(|(index, _), path| {
+            let keep = *index > applied;
+            if !keep {
+                let _ = std::fs::remove_file(path);
+            }
+            keep
+        });
+    }
+
     pub(super) fn install_snapshot(&mut self, meta: &SnapshotMetadata) -> Result<()> {
         let path = self
             .staged
@@ -75,11 +95,18 @@ impl Driver {
         self.durable.sync()?;
         self.sm.finish_install()?;
         self.snapshots_installed += 1;
+        // The files staged beside it are older or the same snapshot again, and the one this
+        // replica built or installed before is superseded (a transfer reading it keeps its handle).
+        let old = self.raw.store().latest_snapshot().map(|s| s.path.clone());
+        for other in self.staged.drain().map(|(_, p)| p).chain(old) {
+            if other != path {
+                let _ = std::fs::remove_file(other);
+            }
+        }
         self.raw.mut_store().set_latest_snapshot(SnapshotFile {
             metadata: meta.clone(),
             path,
         });
-        self.staged.clear();
         tracing::info!(
             node = self.cfg.node_id,
             index = meta.index,
