@@ -32,6 +32,28 @@ pub const PEER_QUEUE_MAX: usize = 4096;
 pub const PEER_BATCH_MESSAGES_MAX: usize = 256;
 /// Snapshot chunk size on the wire.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
+/// Largest snapshot a node accepts from a peer: 2^20 chunks, 256 GiB. Groups are split by slot
+/// migration long before they hold that much, so no real snapshot comes near it, but a faulty
+/// or hostile sender cannot fill the disk with a stream that never ends.
+pub const SNAPSHOT_BYTES_MAX: u64 = (1 << 20) * SNAPSHOT_CHUNK_BYTES as u64;
+/// Longest a receiver waits for the next chunk of a snapshot stream (a stalled sender holds the
+/// replica's one transfer slot otherwise); a healthy sender sends 256 KiB far sooner.
+pub const SNAPSHOT_CHUNK_WAIT_MS: u64 = 30_000;
+/// A sender gives up on one snapshot transfer after this fixed allowance (connect, the receiver's
+/// fsync and hand-off) plus its size at the slowest rate we still call progress; raft then sends
+/// a new one. Without it a receiver that stops reading would hold the transfer forever.
+pub const SNAPSHOT_TRANSFER_BASE_MS: u64 = 60_000;
+pub const SNAPSHOT_TRANSFER_MIN_BYTES_PER_SEC: u64 = 1024 * 1024;
+/// How long the transfer of a `bytes`-long snapshot file may take in all.
+pub const fn snapshot_transfer_timeout(bytes: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(
+        SNAPSHOT_TRANSFER_BASE_MS + bytes / (SNAPSHOT_TRANSFER_MIN_BYTES_PER_SEC / 1000),
+    )
+}
+/// A failed snapshot build (full disk, I/O error) is retried after this backoff, doubling up to
+/// the max, while the replica keeps serving: sooner would spin on a disk that is still full.
+pub const SNAPSHOT_BUILD_RETRY_MIN_MS: u64 = 250;
+pub const SNAPSHOT_BUILD_RETRY_MAX_MS: u64 = 30_000;
 /// Proposals in flight on one leader; beyond it clients get `UNAVAILABLE` (overloaded) at once.
 pub const PENDING_PROPOSALS_MAX: usize = 65_536;
 /// Linearizable reads waiting for their read index; beyond it clients get `UNAVAILABLE`.
@@ -77,6 +99,7 @@ const _: () = assert!(VALUE_BYTES_MAX + KEY_BYTES_MAX + SHARD_KEY_BYTES_MAX < TX
 const _: () = assert!(TXN_BYTES_MAX < CLIENT_MESSAGE_BYTES_MAX);
 const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX);
+const _: () = assert!(SNAPSHOT_BUILD_RETRY_MIN_MS < SNAPSHOT_BUILD_RETRY_MAX_MS);
 const _: () = assert!(PROPOSAL_BATCH_BYTES_MAX as u64 <= RAFT_MSG_BYTES_MAX);
 const _: () = assert!(PROPOSAL_BATCH_TXNS_MAX <= PENDING_PROPOSALS_MAX);
 

@@ -107,6 +107,14 @@ pub(crate) fn recover(cfg: &NodeConfig) -> anyhow::Result<Recovered> {
     let snap_dir = cfg.data_dir.join("snap");
     std::fs::create_dir_all(&snap_dir)
         .with_context(|| format!("creating {}", snap_dir.display()))?;
+    let leftovers = crate::replica::snapshot::remove_leftovers(&snap_dir)?;
+    if leftovers > 0 {
+        tracing::info!(
+            node = cfg.id,
+            files = leftovers,
+            "removed snapshot files of an earlier run"
+        );
+    }
     // No background flusher: the driver syncs whenever raft needs it (`durable.rs`), and a
     // second thread flushing on its own clock only contends with it.
     let db = sled::Config::new()

@@ -77,4 +77,6 @@ pub struct Shared {
     pub term: AtomicU64,
     /// 1 when this replica is the leader.
     pub is_leader: AtomicU64,
+    /// Snapshot builds that failed (each is retried after a backoff; the replica keeps serving).
+    pub snapshot_build_failures: AtomicU64,
 }

@@ -26,6 +26,22 @@ pub fn file_name(dir: &Path, index: u64, term: u64) -> PathBuf {
     dir.join(format!("{index:020}-{term:020}.snap"))
 }
 
+/// Removes the snapshot files (`*.snap`) and partial files (`*.tmp`) an earlier run left in `dir`.
+/// At start none is in use: raft asks for a new build when a follower needs one, and a leader
+/// resends a snapshot this replica had received but not installed. Returns how many went.
+pub fn remove_leftovers(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).map_err(|e| io(e, dir))? {
+        let path = entry.map_err(|e| io(e, dir))?.path();
+        let ext = path.extension().and_then(|e| e.to_str());
+        if path.is_file() && matches!(ext, Some("snap" | "tmp")) {
+            std::fs::remove_file(&path).map_err(|e| io(e, &path))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 fn io(e: std::io::Error, path: &Path) -> Error {
     Error::Storage(format!("snapshot file {}: {e}", path.display()))
 }
@@ -40,8 +56,13 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Where a file is written before its atomic rename to `path`.
+    pub fn tmp_path(path: &Path) -> PathBuf {
+        path.with_extension("snap.tmp")
+    }
+
     pub fn create(path: PathBuf, index: u64, term: u64) -> Result<Writer> {
-        let tmp = path.with_extension("snap.tmp");
+        let tmp = Self::tmp_path(&path);
         let file = File::create(&tmp).map_err(|e| io(e, &tmp))?;
         let mut w = Writer {
             out: BufWriter::with_capacity(1 << 20, file),

@@ -1,7 +1,7 @@
 //! `ordo.v1.Peer` on a node: raft traffic and snapshots (decoded and checked by the transport's
 //! receiving half), status, slot ownership, leader transfer, membership and migration steps.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use ordo_proto::v1::peer_server::Peer;
@@ -14,6 +14,15 @@ use crate::replica::transport::recv;
 use crate::replica::ReplicaHandle;
 use crate::server::participant::now_ms;
 use crate::state::{Command, Outcome};
+
+/// Clears `receiving_snapshot` however the transfer ends, its handler dropped mid-stream included.
+struct Receiving<'a>(&'a AtomicBool);
+
+impl Drop for Receiving<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
 
 #[derive(Clone)]
 pub struct PeerService(pub Arc<ReplicaHandle>);
@@ -44,12 +53,15 @@ impl Peer for PeerService {
     ) -> Result<Response<SnapshotDone>, Status> {
         if self.0.receiving_snapshot.swap(true, Ordering::AcqRel) {
             return Err(Status::unavailable(
-                "a snapshot transfer is already in progress on this replica",
+                "a snapshot transfer is already in progress on this replica; the sender retries",
             ));
         }
-        let result = recv::receive_snapshot(&self.0, req.into_inner()).await;
-        self.0.receiving_snapshot.store(false, Ordering::Release);
-        result.map(Response::new)
+        // Cleared on drop, not after the await: hyper drops this future when the stream is reset
+        // or its deadline passes, and a flag left set would refuse every later snapshot.
+        let _receiving = Receiving(&self.0.receiving_snapshot);
+        recv::receive_snapshot(&self.0, req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn status(

@@ -368,7 +368,17 @@ impl StateMachine {
         let index = self.applied_index();
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Storage(format!("{}: {e}", dir.display())))?;
-        let mut w = snapshot::Writer::create(snapshot::file_name(dir, index, term), index, term)?;
+        let path = snapshot::file_name(dir, index, term);
+        let built = self.write_snapshot(path.clone(), index, term);
+        if built.is_err() {
+            // A half-written copy (a full disk, most likely) must not hold on to the space.
+            let _ = std::fs::remove_file(snapshot::Writer::tmp_path(&path));
+        }
+        built.map(|(path, records)| (index, path, records))
+    }
+
+    fn write_snapshot(&self, path: PathBuf, index: u64, term: u64) -> Result<(PathBuf, u64)> {
+        let mut w = snapshot::Writer::create(path, index, term)?;
         for kv in self.data.iter() {
             let (k, v) = kv?;
             checked_value(self.node_id, &k, &v)?; // never ship an item that fails its checksum
@@ -384,7 +394,7 @@ impl StateMachine {
             }
         }
         let records = w.records;
-        Ok((index, w.finish()?, records))
+        Ok((w.finish()?, records))
     }
 
     /// Replaces the state machine by a verified snapshot file. Leaves the "installing" mark set:

@@ -11,3 +11,4 @@ mod nemesis;
 mod playground;
 mod resharding;
 mod sharded;
+mod snapshots;

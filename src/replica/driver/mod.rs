@@ -139,6 +139,7 @@ pub struct Driver {
     staged: HashMap<(u64, u64), PathBuf>,
     snapshots_installed: u64,
     snapshots_sent: u64,
+    snapshot_build: snapshots::BuildRetry,
     transfer: Option<Transfer>,
     conf_waiter: Option<ConfWaiter>,
     /// When each peer was last heard from (for the live-quorum check of membership changes).
@@ -200,6 +201,7 @@ impl Driver {
             staged: HashMap::new(),
             snapshots_installed: 0,
             snapshots_sent: 0,
+            snapshot_build: Default::default(),
             transfer: None,
             conf_waiter: None,
             last_heard: HashMap::new(),
@@ -316,13 +318,7 @@ impl Driver {
                     tracing::debug!(error = %e, "raft message ignored");
                 }
             }
-            Msg::SnapshotReceived { msg, path } => {
-                let meta = msg.get_snapshot().get_metadata();
-                self.staged.insert((meta.index, meta.term), path);
-                if let Err(e) = self.raw.step(*msg) {
-                    tracing::warn!(error = %e, "snapshot message refused by raft");
-                }
-            }
+            Msg::SnapshotReceived { msg, path } => self.stage_snapshot(*msg, path),
             Msg::SnapshotSent { to, ok } => {
                 let status = if ok {
                     raft::SnapshotStatus::Finish
@@ -402,9 +398,7 @@ impl Driver {
                 since: Instant::now(),
             });
         }
-        if self.raw.store().take_snapshot_wanted() {
-            self.build_snapshot()?;
-        }
+        self.maybe_build_snapshot();
         self.on_ready()?;
         self.publish();
         Ok(())

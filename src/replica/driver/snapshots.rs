@@ -2,7 +2,9 @@
 //! building one from the state machine when a follower needs it, and removing applied log
 //! entries in bounded steps.
 
-use std::time::Instant;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use raft::prelude::*;
 
@@ -11,7 +13,72 @@ use crate::error::{Error, Result};
 use crate::limits::*;
 use crate::replica::storage::SnapshotFile;
 
+/// A snapshot raft asked for and not built yet: a failed build (full disk, I/O error) is retried
+/// after a doubling backoff, and meanwhile raft is told the snapshot is temporarily unavailable,
+/// so the replica keeps serving and raft asks again.
+#[derive(Default)]
+pub(super) struct BuildRetry {
+    wanted: bool,
+    failures: u32,
+    not_before: Option<Instant>,
+}
+
+impl BuildRetry {
+    fn backoff(failures: u32) -> Duration {
+        let ms = SNAPSHOT_BUILD_RETRY_MIN_MS.saturating_mul(1 << failures.min(16));
+        Duration::from_millis(ms.min(SNAPSHOT_BUILD_RETRY_MAX_MS))
+    }
+}
+
 impl Driver {
+    /// Builds the snapshot raft asked for, unless a failed build is still backing off.
+    pub(super) fn maybe_build_snapshot(&mut self) {
+        let retry = &mut self.snapshot_build;
+        retry.wanted |= self.raw.store().take_snapshot_wanted();
+        if !retry.wanted || retry.not_before.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        match self.build_snapshot() {
+            Ok(()) => self.snapshot_build = BuildRetry::default(),
+            Err(e) => {
+                let retry = &mut self.snapshot_build;
+                let backoff = BuildRetry::backoff(retry.failures);
+                retry.failures += 1;
+                retry.not_before = Some(Instant::now() + backoff);
+                self.shared
+                    .snapshot_build_failures
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    node = self.cfg.node_id,
+                    group = self.cfg.group_id,
+                    error = %e,
+                    failures = retry.failures,
+                    retry_ms = backoff.as_millis() as u64,
+                    "snapshot build failed; the replica keeps serving and retries (check the snapshot dir and free disk space)"
+                );
+            }
+        }
+    }
+
+    /// Hands a received snapshot to raft and keeps its file until raft installs it. Files raft can
+    /// no longer install (at or below the applied index: raft restores only snapshots past its
+    /// commit) are removed now rather than left on disk.
+    pub(super) fn stage_snapshot(&mut self, msg: Message, path: PathBuf) {
+        let meta = msg.get_snapshot().get_metadata();
+        self.staged.insert((meta.index, meta.term), path);
+        if let Err(e) = self.raw.step(msg) {
+            tracing::warn!(error = %e, "snapshot message refused by raft");
+        }
+        let applied = self.sm.applied_index();
+        self.staged.retain(|(index, _), path| {
+            let keep = *index > applied;
+            if !keep {
+                let _ = std::fs::remove_file(path);
+            }
+            keep
+        });
+    }
+
     pub(super) fn install_snapshot(&mut self, meta: &SnapshotMetadata) -> Result<()> {
         let path = self
             .staged
@@ -28,11 +95,18 @@ impl Driver {
         self.durable.sync()?;
         self.sm.finish_install()?;
         self.snapshots_installed += 1;
+        // The files staged beside it are older or the same snapshot again, and the one this
+        // replica built or installed before is superseded (a transfer reading it keeps its handle).
+        let old = self.raw.store().latest_snapshot().map(|s| s.path.clone());
+        for other in self.staged.drain().map(|(_, p)| p).chain(old) {
+            if other != path {
+                let _ = std::fs::remove_file(other);
+            }
+        }
         self.raw.mut_store().set_latest_snapshot(SnapshotFile {
             metadata: meta.clone(),
             path,
         });
-        self.staged.clear();
         tracing::info!(
             node = self.cfg.node_id,
             index = meta.index,

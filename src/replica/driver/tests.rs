@@ -109,6 +109,26 @@ struct Group {
     _dir: tempfile::TempDir,
 }
 
+fn node_config(
+    id: u64,
+    peers: &BTreeMap<u64, String>,
+    dir: &std::path::Path,
+    compact_log_entries: u64,
+) -> NodeConfig {
+    NodeConfig {
+        id,
+        group: 1,
+        listen: String::new(),
+        peers: peers.clone(),
+        join: false,
+        data_dir: dir.join(format!("n{id}")),
+        compact_log_entries,
+        slot_count: crate::limits::SLOT_COUNT_DEFAULT,
+        config_server: false,
+        link_filter: None,
+    }
+}
+
 impl Group {
     /// Three founding replicas; each driver runs as a task of the test's runtime.
     fn start(compact_log_entries: u64) -> Group {
@@ -117,18 +137,7 @@ impl Group {
         let peers: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("mem-{id}"))).collect();
         let mut members = BTreeMap::new();
         for id in 1..=3 {
-            let cfg = NodeConfig {
-                id,
-                group: 1,
-                listen: String::new(),
-                peers: peers.clone(),
-                join: false,
-                data_dir: dir.path().join(format!("n{id}")),
-                compact_log_entries,
-                slot_count: crate::limits::SLOT_COUNT_DEFAULT,
-                config_server: false,
-                link_filter: None,
-            };
+            let cfg = node_config(id, &peers, dir.path(), compact_log_entries);
             let rec = recover(&cfg).unwrap();
             let sm = rec.sm.clone();
             net.snap_dirs
@@ -309,5 +318,121 @@ async fn a_follower_behind_the_compacted_log_catches_up_from_a_snapshot() {
     assert!(
         g.status(lagging).await.snapshots_installed >= 1,
         "the lagging follower caught up from a snapshot"
+    );
+    // It keeps the snapshot it installed (to serve others) and nothing else.
+    let dir = g.net.snap_dirs.lock().unwrap()[&lagging].clone();
+    let files: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+}
+
+/// Waits until `probe` holds, failing the test after `WAIT`.
+async fn wait_until(what: &str, mut probe: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !probe() {
+        assert!(started.elapsed() < WAIT, "{what}: not within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h3_failed_snapshot_build_keeps_the_leader_serving() {
+    let g = Group::start(16);
+    let leader = g.wait_leader().await;
+    let lagging = *g.members.keys().find(|id| **id != leader).unwrap();
+    // The leader cannot write any snapshot: its snapshot dir is a regular file.
+    let snap_dir = g.net.snap_dirs.lock().unwrap()[&leader].clone();
+    std::fs::remove_dir_all(&snap_dir).unwrap();
+    std::fs::write(&snap_dir, b"not a directory").unwrap();
+
+    g.net.cut.lock().unwrap().insert(lagging);
+    for i in 0..200 {
+        g.put(leader, &format!("k{i}"), "v").await.unwrap();
+    }
+    g.net.cut.lock().unwrap().clear();
+    let failures = &g.members[&leader].shared.snapshot_build_failures;
+    wait_until(
+        "the leader tried to build a snapshot for the lagging follower",
+        || failures.load(Ordering::Relaxed) >= 1,
+    )
+    .await;
+    for i in 0..20 {
+        g.put(leader, &format!("after-{i}"), "v")
+            .await
+            .expect("a leader whose snapshot build failed keeps accepting writes");
+    }
+    wait_until("the build is retried while it keeps failing", || {
+        failures.load(Ordering::Relaxed) >= 2
+    })
+    .await;
+    assert_eq!(g.wait_leader().await, leader, "it kept its leadership too");
+
+    // The dir is usable again: the next retry builds it and the follower catches up.
+    std::fs::remove_file(&snap_dir).unwrap();
+    std::fs::create_dir(&snap_dir).unwrap();
+    let st = g.wait_converged().await;
+    assert_eq!(st.items, 220);
+    assert!(
+        g.status(lagging).await.snapshots_installed >= 1,
+        "the lagging follower caught up from a snapshot"
+    );
+}
+
+#[test]
+fn m5_leftover_snapshot_files_are_removed_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers: BTreeMap<u64, String> = BTreeMap::from([(1, "mem-1".to_string())]);
+    let cfg = node_config(1, &peers, dir.path(), 10_000);
+    let snap_dir = cfg.data_dir.join("snap");
+    std::fs::create_dir_all(&snap_dir).unwrap();
+    let leftovers = [
+        "incoming.snap.tmp",
+        "in-00000000000000000042-00000000000000000003.snap",
+        "00000000000000000040-00000000000000000003.snap",
+        "00000000000000000041-00000000000000000003.snap.tmp",
+    ];
+    for name in leftovers {
+        std::fs::write(snap_dir.join(name), b"left by a crash").unwrap();
+    }
+    let rec = recover(&cfg).unwrap();
+    let left: Vec<_> = std::fs::read_dir(&rec.snap_dir).unwrap().collect();
+    assert!(
+        left.is_empty(),
+        "a restart starts with an empty snapshot dir: {left:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn m5_a_received_snapshot_raft_will_not_install_is_removed() {
+    let g = Group::start(10_000);
+    let leader = g.wait_leader().await;
+    for i in 0..5 {
+        g.put(leader, &format!("k{i}"), "v").await.unwrap();
+    }
+    g.wait_converged().await;
+    let follower = *g.members.keys().find(|id| **id != leader).unwrap();
+    // A transfer that arrives late: a snapshot at index 1, far behind what the follower applied.
+    let dir = g.net.snap_dirs.lock().unwrap()[&follower].clone();
+    let stale = dir.join(format!("in-{:020}-{:020}.snap", 1, 1));
+    std::fs::write(&stale, b"an old snapshot").unwrap();
+    let mut msg = Message::default();
+    msg.set_msg_type(raft::prelude::MessageType::MsgSnapshot);
+    (msg.from, msg.to) = (leader, follower);
+    msg.term = g.status(follower).await.term;
+    msg.mut_snapshot().mut_metadata().index = 1;
+    msg.mut_snapshot().mut_metadata().term = 1;
+    g.members[&follower]
+        .inbox
+        .send(Msg::SnapshotReceived {
+            msg: Box::new(msg),
+            path: stale.clone(),
+        })
+        .await
+        .unwrap();
+    wait_until("the stale snapshot file is removed", || !stale.exists()).await;
+    g.put(leader, "after", "v").await.unwrap();
+    assert_eq!(
+        g.wait_converged().await.items,
+        6,
+        "the follower is unharmed"
     );
 }

@@ -169,11 +169,23 @@ impl Transport {
         let link_filter = self.link_filter.clone();
         self.rt.spawn(async move {
             let started = std::time::Instant::now();
+            let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            let bound = snapshot_transfer_timeout(bytes);
+            // Dropping the call on timeout resets its stream, which frees the receiver too.
+            let bounded = |m, path| async move {
+                tokio::time::timeout(bound, stream_snapshot(group_id, from, &addr, m, path))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!(
+                            "transfer of {bytes} bytes took longer than {bound:?}"
+                        ))
+                    })
+            };
             let result = match link_filter.map(|f| f.snapshot_fate(from, to)) {
-                None => stream_snapshot(group_id, from, &addr, m, path).await,
+                None => bounded(m, path).await,
                 Some(Some(after)) => {
                     tokio::time::sleep(after).await;
-                    stream_snapshot(group_id, from, &addr, m, path).await
+                    bounded(m, path).await
                 }
                 Some(None) => Err(anyhow::anyhow!("fault injection: snapshot transfer cut")),
             };
