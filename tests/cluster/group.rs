@@ -288,3 +288,88 @@ async fn leader_transfer_moves_leadership_to_the_named_voter() {
         "a refused transfer changes nothing"
     );
 }
+
+/// Writes `count` distinct items, `concurrency` at a time, and returns those acknowledged; a
+/// failed write is left out (its outcome may be unknown, so it is neither expected nor excluded).
+async fn write_items_tolerant(
+    g: &ProcGroup,
+    prefix: &str,
+    count: usize,
+    concurrency: usize,
+) -> BTreeMap<String, u64> {
+    let client = g.client();
+    stream::iter(0..count)
+        .map(|i| {
+            let client = client.clone();
+            let sk = format!("{prefix}-{i}");
+            async move {
+                let r = client
+                    .put(sk.clone(), "", format!("value of {sk}"), None)
+                    .await;
+                r.ok().map(|r| (sk, r.version))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .filter_map(|x| async move { x })
+        .collect()
+        .await
+}
+
+/// H4 (fail-stop): an fsync failure on one replica, injected by its failpoint, makes that
+/// process exit with the replica-failed code instead of lingering as a zombie; the two others
+/// keep serving writes, and every acknowledged write, before and after, reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h4_fsync_failure_makes_the_node_exit_non_zero() {
+    const FAILING: u64 = 3;
+    // Its 40 syncs after start cover the election and the first writes.
+    let env = BTreeMap::from([(
+        FAILING,
+        vec![("ORDO_FAILPOINT_FSYNC".to_string(), "after:40".to_string())],
+    )]);
+    let mut g = ProcGroup::start_with_env(bins!(), 3, 10_000, env);
+    g.wait_leader(PROC_GROUP, Duration::from_secs(20)).await;
+
+    // Every write makes every replica sync, so the failing one soon passes its 40th sync.
+    let mut acked = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let batch = acked.len();
+        acked.extend(write_items_tolerant(&g, &format!("before-{batch}"), 20, 4).await);
+        if let Some(status) = g.try_exit(FAILING) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {FAILING} still runs 30 s into the writes, past its failing fsync"
+        );
+    };
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "the node exits with the replica-failed code, not killed by a signal nor 0: {status:?}"
+    );
+    let log = std::fs::read_to_string(&g.nodes[&FAILING].log).unwrap();
+    assert!(
+        log.contains("the replica failed") && log.contains("injected by ORDO_FAILPOINT_FSYNC"),
+        "the node says why it exited"
+    );
+
+    // The two others still form a quorum and serve writes.
+    let client = g.client();
+    wait_for(
+        "a write after the node exited",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            async move {
+                client
+                    .put("after-exit", "", "value of after-exit", None)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    acked.extend(write_items(&g, "after", 200, 8).await);
+    assert_all_present(&g, &acked).await;
+}
