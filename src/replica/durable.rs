@@ -97,6 +97,13 @@ impl Durable {
         r
     }
 
+    /// Tests: the failpoint without the environment variable (shared by the whole process).
+    #[cfg(test)]
+    pub(crate) fn fail_syncs_after(&mut self, n: u64) {
+        self.syncs = 0;
+        self.fail_after = Some(n);
+    }
+
     fn try_sync(&mut self) -> Result<()> {
         self.syncs += 1;
         self.db.flush()?;

@@ -32,7 +32,21 @@ impl Outbox for NoOutbox {
     }
 }
 
+/// A driver, its shared state, and what keeps it running (its inbox's sender, its stop switch).
+struct Parts {
+    driver: Driver,
+    shared: Arc<Shared>,
+    sm: Arc<crate::state::StateMachine>,
+    _inbox: mpsc::Sender<crate::replica::inbox::Msg>,
+    _stop: watch::Sender<bool>,
+}
+
 fn driver(dir: &std::path::Path) -> (Driver, watch::Sender<bool>) {
+    let p = parts(dir);
+    (p.driver, p._stop)
+}
+
+fn parts(dir: &std::path::Path) -> Parts {
     let cfg = NodeConfig {
         id: 1,
         group: 1,
@@ -46,18 +60,18 @@ fn driver(dir: &std::path::Path) -> (Driver, watch::Sender<bool>) {
         link_filter: None,
     };
     let rec = recover(&cfg).unwrap();
-    let (_tx, rx) = mpsc::channel(DRIVER_INBOX_MAX);
+    let sm = rec.sm.clone();
+    let (tx, rx) = mpsc::channel(DRIVER_INBOX_MAX);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let d = new_driver(
-        &cfg,
-        rec,
-        Box::new(NoOutbox),
-        rx,
-        Arc::new(Shared::default()),
-        stop_rx,
-    )
-    .unwrap();
-    (d, stop_tx)
+    let shared = Arc::new(Shared::default());
+    let driver = new_driver(&cfg, rec, Box::new(NoOutbox), rx, shared.clone(), stop_rx).unwrap();
+    Parts {
+        driver,
+        shared,
+        sm,
+        _inbox: tx,
+        _stop: stop_tx,
+    }
 }
 
 fn put(key: &str) -> Command {
@@ -133,4 +147,58 @@ fn m7_a_committed_entry_that_does_not_decode_stops_the_replica() {
     );
     assert!(d.sm.get(b"before", b"").unwrap().is_some());
     assert!(d.sm.get(b"after", b"").unwrap().is_none());
+}
+
+/// H4: a replica whose sync fails stops on its own and publishes why; from then on it refuses
+/// every request, STALE reads included, with UNAVAILABLE naming that failure.
+#[tokio::test]
+async fn h4_a_failed_replica_refuses_everything_with_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = parts(dir.path());
+    // The single voter elects itself, and the sync of its new term fails.
+    p.driver.durable.fail_syncs_after(0);
+    tokio::time::timeout(std::time::Duration::from_secs(15), p.driver.run())
+        .await
+        .expect("the driver stops on its own after the failed sync");
+    let why = p.shared.stopped().expect("the failure is published");
+    assert!(why.contains("injected"), "{why}");
+    assert_eq!(
+        p.shared
+            .is_leader
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a stopped replica does not claim to lead"
+    );
+    match p.shared.check_running() {
+        Err(Error::Unavailable(msg)) => {
+            assert!(msg.contains("stopped") && msg.contains("injected"), "{msg}")
+        }
+        other => panic!("a stopped replica must refuse with UNAVAILABLE, got {other:?}"),
+    }
+    // A STALE read through the Kv service, which needs no driver, is refused too.
+    let handle = crate::replica::ReplicaHandle {
+        node_id: 1,
+        group_id: 1,
+        driver: p._inbox.clone(),
+        sm: p.sm.clone(),
+        shared: p.shared.clone(),
+        peers: Default::default(),
+        snap_dir: dir.path().join("snap"),
+        receiving_snapshot: Default::default(),
+        membership: Default::default(),
+        stop: p._stop.subscribe(),
+    };
+    let kv = crate::server::kv::KvService(Arc::new(handle));
+    let stale = ordo_proto::v1::GetRequest {
+        shard_key: b"k".to_vec().into(),
+        consistency: ordo_proto::v1::Consistency::Stale as i32,
+        ..Default::default()
+    };
+    use ordo_proto::v1::kv_server::Kv as _;
+    let status = kv
+        .get(tonic::Request::new(stale))
+        .await
+        .expect_err("a STALE read of a stopped replica is refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("injected"), "{status:?}");
 }
