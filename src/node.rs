@@ -79,6 +79,8 @@ pub struct Node {
     stop_tx: watch::Sender<bool>,
     server: ServerTask,
     driver: Option<std::thread::JoinHandle<()>>,
+    /// True once the driver thread has ended, for whatever reason.
+    exited: watch::Receiver<bool>,
 }
 
 /// One replica's storage, opened and recovered: what the driver starts from.
@@ -191,15 +193,36 @@ pub(crate) fn new_driver(
 }
 
 /// Runs the driver on a thread of its own (its IO is blocking; it must not stall the services).
-fn spawn_driver(cfg: &NodeConfig, driver: Driver) -> std::io::Result<std::thread::JoinHandle<()>> {
+/// When it ends, `exited` turns true; a panic (debug builds: release builds abort) is recorded in
+/// `shared` as the replica's failure, like a storage error.
+fn spawn_driver(
+    cfg: &NodeConfig,
+    driver: Driver,
+    shared: Arc<Shared>,
+    exited: watch::Sender<bool>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("raft-g{}-n{}", cfg.group, cfg.id))
         .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_time()
-                .build()
-                .expect("driver runtime");
-            rt.block_on(driver.run());
+            let run = std::panic::AssertUnwindSafe(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_time()
+                    .build()
+                    .expect("driver runtime");
+                rt.block_on(driver.run());
+            });
+            if let Err(panic) = std::panic::catch_unwind(run) {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                shared
+                    .is_leader
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                shared.stop_with(format!("the raft driver panicked: {what}"));
+            }
+            let _ = exited.send(true);
         })
 }
 
@@ -280,7 +303,8 @@ impl Node {
             shared.clone(),
             stop_rx.clone(),
         )?;
-        let driver = spawn_driver(&cfg, driver)?;
+        let (exited_tx, exited) = watch::channel(false);
+        let driver = spawn_driver(&cfg, driver, shared.clone(), exited_tx)?;
 
         let replica = Arc::new(ReplicaHandle {
             node_id: cfg.id,
@@ -302,7 +326,24 @@ impl Node {
             stop_tx,
             server,
             driver: Some(driver),
+            exited,
         })
+    }
+
+    /// Resolves, with why, once this replica has failed: its driver stopped without being asked
+    /// to (a storage error, corruption, a panic). Never resolves otherwise. `ordo node` exits
+    /// non-zero on it (fail-stop: a supervisor restarts the process); the playground logs it.
+    pub fn failed(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut exited = self.exited.clone();
+        let shared = self.replica.shared.clone();
+        async move {
+            let _ = exited.wait_for(|e| *e).await;
+            match shared.stopped() {
+                Some(why) => why.to_string(),
+                // Asked to stop: not a failure.
+                None => std::future::pending().await,
+            }
+        }
     }
 
     /// Stops serving, fails what is still waiting (clients see UNAVAILABLE, never a hang), flushes

@@ -119,6 +119,18 @@ async fn start_group(
         })
         .await
         .with_context(|| format!("starting {name} replica {id} on {addr}"))?;
+        // Many replicas share this process, so one failure does not end it (unlike `ordo node`):
+        // the failed replica refuses every request with UNAVAILABLE naming why, and says so here.
+        let failed = node.failed();
+        let who = format!("{name} replica {id}");
+        tokio::spawn(async move {
+            let why = failed.await;
+            tracing::error!(
+                replica = who,
+                why,
+                "REPLICA FAILED: it serves nothing until the playground restarts"
+            );
+        });
         nodes.push(node);
     }
     Ok(nodes)

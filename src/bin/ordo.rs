@@ -166,7 +166,7 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-/// Runs one replica of `group` (0: a config server) until SIGINT or SIGTERM.
+/// Runs one replica of `group` (0: a config server) until SIGINT or SIGTERM, or until it fails.
 async fn run_replica(r: ReplicaArgs, group: u64, compact_log_entries: u64) -> anyhow::Result<()> {
     let node = Node::start(node_config(
         r.id,
@@ -178,11 +178,23 @@ async fn run_replica(r: ReplicaArgs, group: u64, compact_log_entries: u64) -> an
         r.join,
     )?)
     .await?;
-    wait_for_signal().await;
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        why = node.failed() => {
+            // Fail-stop: a replica whose driver died must not linger (it would keep its port and
+            // pass health checks); exit so a supervisor restarts it and recovery runs.
+            tracing::error!(why, "the replica failed; exiting with code {EXIT_REPLICA_FAILED}");
+            std::process::exit(EXIT_REPLICA_FAILED);
+        }
+    }
     tracing::info!("stopping");
     node.shutdown().await;
     Ok(())
 }
+
+/// `ordo node`/`ordo config`'s exit code when the replica failed (storage error, corruption, a
+/// panic of its driver), as opposed to 1 for a start-up error.
+const EXIT_REPLICA_FAILED: i32 = 3;
 
 /// One `--config` value between commas, without the spaces around it.
 fn trimmed(s: &str) -> Result<String, std::convert::Infallible> {

@@ -11,6 +11,15 @@
 //! descriptor of a file syncs its data) and an `fsync` of every blob file created since the last
 //! call, plus of the blob directory that names them. The blob directory is listed on every call;
 //! it holds only the few large items, so the listing is cheap.
+//!
+//! **The first failure is final** (fail-stop, the fsyncgate lesson: after a failed `fsync` the
+//! kernel may have dropped the dirty pages and marked them clean, so a later `fsync` that
+//! succeeds proves nothing). `Durable` remembers the first error of `flush` or of a sync and
+//! returns it from every later `sync` without trying again; the replica stops on it.
+//!
+//! Failpoint `ORDO_FAILPOINT_FSYNC=after:N` (read once, in [`Durable::open`]): every sync after
+//! the first `N` that follow `open` fails as if `fdatasync` had returned EIO. For tests of the
+//! fail-stop path; unset in production, where it costs one branch per sync.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
@@ -26,6 +35,25 @@ pub struct Durable {
     blob_dir: PathBuf,
     /// Blob files already synced (sled never rewrites a blob file in place).
     blobs_synced: HashSet<OsString>,
+    /// The first sync error: every later `sync` returns it (see the module doc).
+    failed: Option<String>,
+    /// Syncs since `open`, and after how many the failpoint makes them fail.
+    syncs: u64,
+    fail_after: Option<u64>,
+}
+
+/// The failpoint's environment variable (see the module doc).
+pub const FAILPOINT_FSYNC_ENV: &str = "ORDO_FAILPOINT_FSYNC";
+
+/// `after:N` → `Some(N)`; unset → `None`; anything else is refused so a typo is not ignored.
+fn parse_failpoint(value: Option<&str>) -> Result<Option<u64>> {
+    let Some(v) = value else { return Ok(None) };
+    v.strip_prefix("after:")
+        .and_then(|n| n.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!("{FAILPOINT_FSYNC_ENV}={v}: expected after:<syncs>"))
+        })
 }
 
 fn io(e: std::io::Error, what: &str, path: &Path) -> Error {
@@ -43,15 +71,49 @@ impl Durable {
             log_path: path,
             blob_dir: dir.join("blobs"),
             blobs_synced: HashSet::new(),
+            failed: None,
+            syncs: 0,
+            fail_after: None,
         };
         // Whatever an earlier run left unsynced is synced now, before raft relies on it.
         durable.sync()?;
+        durable.syncs = 0;
+        durable.fail_after = parse_failpoint(std::env::var(FAILPOINT_FSYNC_ENV).ok().as_deref())?;
         Ok(durable)
     }
 
-    /// Writes everything sled holds in memory and waits until it is on stable storage.
+    /// Writes everything sled holds in memory and waits until it is on stable storage. After a
+    /// failure, returns that failure again without writing anything (see the module doc).
     pub fn sync(&mut self) -> Result<()> {
+        if let Some(first) = &self.failed {
+            return Err(Error::Storage(format!(
+                "an earlier sync failed, so nothing written since is known to be durable: {first}"
+            )));
+        }
+        let r = self.try_sync();
+        if let Err(e) = &r {
+            self.failed = Some(e.to_string());
+        }
+        r
+    }
+
+    /// Tests: the failpoint without the environment variable (shared by the whole process).
+    #[cfg(test)]
+    pub(crate) fn fail_syncs_after(&mut self, n: u64) {
+        self.syncs = 0;
+        self.fail_after = Some(n);
+    }
+
+    fn try_sync(&mut self) -> Result<()> {
+        self.syncs += 1;
         self.db.flush()?;
+        if self.fail_after.is_some_and(|n| self.syncs > n) {
+            return Err(io(
+                std::io::Error::other(format!("injected by {FAILPOINT_FSYNC_ENV}")),
+                "syncing",
+                &self.log_path,
+            ));
+        }
         self.log_file
             .sync_data()
             .map_err(|e| io(e, "syncing", &self.log_path))?;
@@ -116,5 +178,41 @@ mod tests {
         drop(db);
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         assert_eq!(db.get(b"large").unwrap().unwrap().len(), 512 * 1024);
+    }
+
+    /// H4 (fsyncgate): once a sync failed, no later sync may report success, and the error says
+    /// what failed first.
+    #[test]
+    fn h4_failed_fsync_is_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let mut d = Durable::open(db.clone(), dir.path()).unwrap();
+        d.fail_after = Some(1);
+        db.insert(b"a", b"1".to_vec()).unwrap();
+        d.sync().expect("the first sync is allowed to succeed");
+        db.insert(b"b", b"2".to_vec()).unwrap();
+        let first = d.sync().expect_err("the failpoint fails the second sync");
+        assert!(first.to_string().contains("injected"), "{first}");
+        // The failure goes away; a naive retry would now succeed and hide the lost writes.
+        d.fail_after = None;
+        for _ in 0..3 {
+            let again = d
+                .sync()
+                .expect_err("a failed sync is never followed by success");
+            let msg = again.to_string();
+            assert!(
+                msg.contains("earlier sync failed") && msg.contains("injected"),
+                "{msg}"
+            );
+        }
+        assert_eq!(d.syncs, 2, "no sync was attempted after the failure");
+    }
+
+    #[test]
+    fn failpoint_values_parse_or_are_refused() {
+        assert_eq!(parse_failpoint(None).unwrap(), None);
+        assert_eq!(parse_failpoint(Some("after:7")).unwrap(), Some(7));
+        assert!(parse_failpoint(Some("7")).is_err());
+        assert!(parse_failpoint(Some("after:x")).is_err());
     }
 }

@@ -32,6 +32,12 @@ pub struct ReplicaHandle {
 }
 
 impl ReplicaHandle {
+    /// Refuses with `UNAVAILABLE` naming why once the replica failed: a STALE read must not be
+    /// served from the frozen state of a replica whose driver stopped (audit H4).
+    pub fn check_running(&self) -> Result<()> {
+        self.shared.check_running()
+    }
+
     pub fn addr_of(&self, id: u64) -> Option<String> {
         self.peers.read().unwrap().get(&id).cloned()
     }
@@ -50,6 +56,7 @@ impl ReplicaHandle {
         make: impl FnOnce(oneshot::Sender<Result<T>>) -> Msg,
         what: &str,
     ) -> Result<T> {
+        self.shared.check_running()?;
         let (tx, rx) = oneshot::channel();
         self.driver.try_send(make(tx)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
@@ -72,6 +79,7 @@ impl ReplicaHandle {
     }
 
     pub async fn propose(&self, cmd: Command) -> Result<Outcome> {
+        self.shared.check_running()?;
         if self.shared.is_leader.load(Ordering::Relaxed) == 0 {
             return Err(self.not_leader());
         }
@@ -81,6 +89,7 @@ impl ReplicaHandle {
     /// Proposes a checked transaction. Slots this group does not own are refused here already
     /// (cheap), and again when the entry is applied (authoritative: ownership may change between).
     pub async fn propose_txn(&self, txn: TxnRequest) -> Result<TxnResponse> {
+        self.shared.check_running()?;
         for sk in crate::state::shard_keys(&txn) {
             self.sm.check_owned(sk)?;
         }
@@ -93,6 +102,7 @@ impl ReplicaHandle {
 
     /// Waits until a read started now would see every write acknowledged before it.
     pub async fn read_barrier(&self) -> Result<()> {
+        self.shared.check_running()?;
         if self.shared.is_leader.load(Ordering::Relaxed) == 0 {
             return Err(self.not_leader());
         }

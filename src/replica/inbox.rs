@@ -79,4 +79,29 @@ pub struct Shared {
     pub is_leader: AtomicU64,
     /// Snapshot builds that failed (each is retried after a backoff; the replica keeps serving).
     pub snapshot_build_failures: AtomicU64,
+    /// Set once, when the replica failed (its driver stopped without being asked to): why.
+    /// Handlers then refuse every request with `UNAVAILABLE` naming it (fail-stop).
+    stopped: std::sync::OnceLock<String>,
+}
+
+impl Shared {
+    /// Records that the replica failed; the first reason wins.
+    pub fn stop_with(&self, why: String) {
+        let _ = self.stopped.set(why);
+    }
+
+    /// Why the replica failed, if it did.
+    pub fn stopped(&self) -> Option<&str> {
+        self.stopped.get().map(String::as_str)
+    }
+
+    /// `UNAVAILABLE` naming why if the replica failed: its state is frozen and must not be served.
+    pub fn check_running(&self) -> crate::error::Result<()> {
+        match self.stopped() {
+            Some(why) => Err(crate::error::Error::Unavailable(format!(
+                "this replica has stopped and serves nothing: {why}"
+            ))),
+            None => Ok(()),
+        }
+    }
 }

@@ -28,6 +28,7 @@ impl ReplicaMapStore {
         key: &'static [u8],
         linearizable: bool,
     ) -> Result<(M, u64), Status> {
+        self.replica.check_running()?;
         if linearizable {
             self.replica.read_barrier().await?;
         }

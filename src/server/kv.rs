@@ -18,6 +18,7 @@ impl Kv for KvService {
     async fn get(&self, req: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let r = req.into_inner();
         let stale = validate::check_get(&r)?;
+        self.0.check_running()?;
         if !stale {
             self.0.read_barrier().await?;
         }
@@ -52,6 +53,7 @@ impl Kv for KvService {
     async fn scan(&self, req: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
         let r = req.into_inner();
         let (stale, limit) = validate::check_scan(&r)?;
+        self.0.check_running()?;
         if !stale {
             self.0.read_barrier().await?;
         }

@@ -288,3 +288,120 @@ async fn leader_transfer_moves_leadership_to_the_named_voter() {
         "a refused transfer changes nothing"
     );
 }
+
+/// Writes `count` distinct items, `concurrency` at a time, and returns those acknowledged; a
+/// failed write is left out (its outcome may be unknown, so it is neither expected nor excluded).
+async fn write_items_tolerant(
+    g: &ProcGroup,
+    prefix: &str,
+    count: usize,
+    concurrency: usize,
+) -> BTreeMap<String, u64> {
+    let client = g.client();
+    stream::iter(0..count)
+        .map(|i| {
+            let client = client.clone();
+            let sk = format!("{prefix}-{i}");
+            async move {
+                let r = client
+                    .put(sk.clone(), "", format!("value of {sk}"), None)
+                    .await;
+                r.ok().map(|r| (sk, r.version))
+            }
+        })
+        .buffer_unordered(concurrency)
+        .filter_map(|x| async move { x })
+        .collect()
+        .await
+}
+
+/// The time of day, in seconds, of the first line of `log` containing `what` (the tracing
+/// timestamp that starts each line, `2026-01-01T12:34:56.789012Z`, perhaps in ANSI colours).
+fn logged_at(log: &str, what: &str) -> f64 {
+    let line = log
+        .lines()
+        .find(|l| l.contains(what))
+        .unwrap_or_else(|| panic!("no log line contains {what:?}"));
+    // The line may be coloured: take what lies between the first `T` and the `Z` after it.
+    let time = line
+        .split_once('T')
+        .and_then(|(_, rest)| rest.split_once('Z'))
+        .map(|(t, _)| t)
+        .unwrap_or_else(|| panic!("no timestamp in {line:?}"));
+    let parts: Vec<f64> = time
+        .split(':')
+        .map(|p| {
+            p.parse()
+                .unwrap_or_else(|_| panic!("bad timestamp in {line:?}"))
+        })
+        .collect();
+    assert_eq!(parts.len(), 3, "bad timestamp in {line:?}");
+    parts[0] * 3600.0 + parts[1] * 60.0 + parts[2]
+}
+
+/// H4 (fail-stop): an fsync failure on one replica, injected by its failpoint, makes that
+/// process exit with the replica-failed code within 1 s instead of lingering as a zombie; the two others
+/// keep serving writes, and every acknowledged write, before and after, reads back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h4_fsync_failure_makes_the_node_exit_non_zero() {
+    const FAILING: u64 = 3;
+    // Its 40 syncs after start cover the election and the first writes.
+    let env = BTreeMap::from([(
+        FAILING,
+        vec![("ORDO_FAILPOINT_FSYNC".to_string(), "after:40".to_string())],
+    )]);
+    let mut g = ProcGroup::start_with_env(bins!(), 3, 10_000, env);
+    g.wait_leader(PROC_GROUP, Duration::from_secs(20)).await;
+
+    // Every write makes every replica sync, so the failing one soon passes its 40th sync.
+    let mut acked = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let batch = acked.len();
+        acked.extend(write_items_tolerant(&g, &format!("before-{batch}"), 20, 4).await);
+        if let Some(status) = g.try_exit(FAILING) {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {FAILING} still runs 30 s into the writes, past its failing fsync"
+        );
+    };
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "the node exits with the replica-failed code, not killed by a signal nor 0: {status:?}"
+    );
+    let log = std::fs::read_to_string(&g.nodes[&FAILING].log).unwrap();
+    assert!(
+        log.contains("injected by ORDO_FAILPOINT_FSYNC"),
+        "the node says why it exited"
+    );
+    // Promptly: from the driver stopping on the failed sync to the binary exiting on it.
+    let stopped = logged_at(&log, "replica stops");
+    let exiting = logged_at(&log, "the replica failed; exiting");
+    let gap = (exiting - stopped).rem_euclid(86_400.0);
+    assert!(
+        gap < 1.0,
+        "the process took {gap:.3} s after the failure to exit (limit 1 s)"
+    );
+
+    // The two others still form a quorum and serve writes.
+    let client = g.client();
+    wait_for(
+        "a write after the node exited",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            async move {
+                client
+                    .put("after-exit", "", "value of after-exit", None)
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    acked.extend(write_items(&g, "after", 200, 8).await);
+    assert_all_present(&g, &acked).await;
+}

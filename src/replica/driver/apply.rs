@@ -43,17 +43,15 @@ impl Driver {
                             cmd: Some(cmd),
                         }),
                         Err(why) => {
-                            // Every replica decodes the same bytes the same way, so skipping is
-                            // deterministic; it can only mean a bug, so say so loudly.
-                            tracing::error!(
-                                index = e.index,
-                                why,
-                                "committed entry does not decode; applied as a no-op"
-                            );
-                            batch.push(Apply {
-                                index: e.index,
-                                cmd: None,
-                            });
+                            // Skipping it would be silent divergence (audit M7): a replica of
+                            // another version may decode and apply it. Stop instead (fail-stop);
+                            // what came before it in this Ready is applied first.
+                            self.apply_batch(std::mem::take(&mut batch), &terms)?;
+                            return Err(Error::Corruption(format!(
+                                "committed entry {} (term {}) does not decode: {why}; the replica \
+                                 stops rather than skip it (is a newer version's command in the log?)",
+                                e.index, e.term
+                            )));
                         }
                     }
                 }

@@ -34,6 +34,8 @@ use crate::state::{Command, Outcome, StateMachine};
 
 mod apply;
 mod conf_change;
+#[cfg(test)]
+mod fail_stop_tests;
 mod snapshots;
 #[cfg(test)]
 mod tests;
@@ -209,20 +211,47 @@ impl Driver {
         })
     }
 
-    /// Runs until every inbox sender is gone (the node is shutting down) or the replica finds
-    /// corruption. Pending requests are then failed, never left hanging.
+    /// Runs until every inbox sender is gone (the node is shutting down) or the replica fails
+    /// (a storage error, corruption). Pending requests are then failed, never left hanging. A
+    /// failure is published in `Shared::stopped` (fail-stop, see ARCHITECTURE.md): handlers
+    /// refuse everything from then on and the binary exits.
     pub async fn run(mut self) {
+        let failure = self.run_loop().await;
+        if let Some(why) = &failure {
+            self.shared.stop_with(why.clone());
+        }
+        self.shared.is_leader.store(0, Ordering::Relaxed);
+        let why = failure.unwrap_or_else(|| "it is shutting down".into());
+        self.fail_all(|| {
+            Error::Unavailable(format!(
+                "the replica stopped before this request completed ({why}); its outcome is unknown"
+            ))
+        });
+        // After a failed sync this fails again with the first error (durable.rs latches it).
+        if let Err(e) = self.durable.sync() {
+            tracing::error!(error = %e, "final flush failed");
+        }
+        tracing::info!(
+            node = self.cfg.node_id,
+            group = self.cfg.group_id,
+            "raft driver stopped"
+        );
+    }
+
+    /// The loop of `run`: `None` when asked to stop, else why the replica failed.
+    async fn run_loop(&mut self) -> Option<String> {
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = self.stop.changed() => break,
+                _ = self.stop.changed() => return None,
                 _ = tick.tick() => {
                     self.raw.tick();
                     self.expire();
                 }
                 msg = self.inbox.recv() => {
-                    let Some(msg) = msg else { break };
+                    // Every sender is gone: the node is shutting down.
+                    let msg = msg?;
                     self.handle(msg);
                     for _ in 1..DRIVER_BATCH_MAX {
                         match self.inbox.try_recv() {
@@ -234,27 +263,14 @@ impl Driver {
             }
             if let Err(e) = self.after_batch() {
                 tracing::error!(node = self.cfg.node_id, group = self.cfg.group_id, error = %e, "replica stops");
-                break;
+                return Some(format!("replica failed: {e}"));
             }
             if let Some(c) = self.raw.store().corruption() {
                 tracing::error!(node = self.cfg.node_id, group = self.cfg.group_id, corruption = %c,
                     "replica stops: it will not campaign or serve from a log it cannot read");
-                break;
+                return Some(format!("replica found corruption: {c}"));
             }
         }
-        self.fail_all(|| {
-            Error::Unavailable(
-                "the replica stopped before this request completed; its outcome is unknown".into(),
-            )
-        });
-        if let Err(e) = self.durable.sync() {
-            tracing::error!(error = %e, "final flush failed");
-        }
-        tracing::info!(
-            node = self.cfg.node_id,
-            group = self.cfg.group_id,
-            "raft driver stopped"
-        );
     }
 
     fn not_leader(&self) -> Error {
@@ -364,13 +380,25 @@ impl Driver {
         match self.raw.propose(vec![], cmd.encode()) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
-                self.proposals.insert(index, (self.raw.raft.term, waiting));
+                self.track(index, self.raw.raft.term, waiting);
             }
             Err(e) => {
                 self.waiting_txns -= waiting.len();
                 let why = format!("proposal refused by raft ({e}); nothing was written, retry");
                 waiting.fail(|| Error::NotApplied(why.clone()));
             }
+        }
+    }
+
+    /// Remembers who waits for the entry just proposed at `index`. A leader whose tail was
+    /// truncated reuses its indexes (audit M6): an older proposal still tracked there was
+    /// replaced in the log and can no longer apply, so it is told so, and no longer counted.
+    fn track(&mut self, index: u64, term: u64, waiting: Waiting) {
+        if let Some((_, replaced)) = self.proposals.insert(index, (term, waiting)) {
+            self.waiting_txns -= replaced.len();
+            replaced.fail(|| Error::NotApplied(
+                "leadership changed and this write was replaced in the log: it was NOT applied; retry".into(),
+            ));
         }
     }
 

@@ -20,8 +20,18 @@ use crate::wait::wait_for;
 /// How long the clients of a process cluster wait for one call.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// Spawns `bin args` with `RUST_LOG=info`, its output appended to `log`.
+/// Spawns `bin args` with `RUST_LOG=info` (and `env`), its output appended to `log`.
 fn spawn_logged(bin: &str, args: &[OsString], log: &PathBuf, banner: Option<String>) -> Child {
+    spawn_logged_env(bin, args, log, banner, &[])
+}
+
+fn spawn_logged_env(
+    bin: &str,
+    args: &[OsString],
+    log: &PathBuf,
+    banner: Option<String>,
+    env: &[(String, String)],
+) -> Child {
     let mut file = File::options().create(true).append(true).open(log).unwrap();
     if let Some(banner) = banner {
         use std::io::Write as _;
@@ -30,6 +40,7 @@ fn spawn_logged(bin: &str, args: &[OsString], log: &PathBuf, banner: Option<Stri
     Command::new(bin)
         .args(args)
         .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::from(file.try_clone().unwrap()))
         .stderr(Stdio::from(file))
         .spawn()
@@ -77,6 +88,8 @@ pub struct ProcGroup {
     pub nodes: BTreeMap<u64, NodeProc>,
     peers_arg: String,
     compact_log_entries: u64,
+    /// Extra environment of some nodes (failpoints), by node id.
+    env: BTreeMap<u64, Vec<(String, String)>>,
 }
 
 /// The group of a [`ProcGroup`].
@@ -84,6 +97,17 @@ pub const PROC_GROUP: u64 = 1;
 
 impl ProcGroup {
     pub fn start(bins: Bins, replicas: u64, compact_log_entries: u64) -> ProcGroup {
+        Self::start_with_env(bins, replicas, compact_log_entries, BTreeMap::new())
+    }
+
+    /// [`ProcGroup::start`], node `id` running with the extra environment `env[id]` (e.g. a
+    /// failpoint), on every start.
+    pub fn start_with_env(
+        bins: Bins,
+        replicas: u64,
+        compact_log_entries: u64,
+        env: BTreeMap<u64, Vec<(String, String)>>,
+    ) -> ProcGroup {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = BTreeMap::new();
         for id in 1..=replicas {
@@ -105,6 +129,7 @@ impl ProcGroup {
             nodes,
             peers_arg,
             compact_log_entries,
+            env,
         };
         let ids: Vec<u64> = g.nodes.keys().copied().collect();
         for id in ids {
@@ -142,7 +167,36 @@ impl ProcGroup {
             self.compact_log_entries.to_string().into(),
         ])
         .collect();
-        n.child = Some(spawn_logged(self.bins.ordo, &args, &n.log, None));
+        let env = self.env.get(&id).map(Vec::as_slice).unwrap_or_default();
+        n.child = Some(spawn_logged_env(self.bins.ordo, &args, &n.log, None, env));
+    }
+
+    /// Waits up to `bound` for node `id`'s process to exit on its own and returns how it exited
+    /// (it then counts as not running). Fails the test if it is still running after `bound`.
+    pub async fn wait_exit(&mut self, id: u64, bound: Duration) -> std::process::ExitStatus {
+        let n = self.nodes.get_mut(&id).unwrap();
+        let child = n.child.as_mut().expect("node is running");
+        let deadline = std::time::Instant::now() + bound;
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {id} still runs after {bound:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        n.child = None;
+        status
+    }
+
+    /// Whether node `id`'s process has exited (reaping it if so); `None` if it was not started.
+    pub fn try_exit(&mut self, id: u64) -> Option<std::process::ExitStatus> {
+        let n = self.nodes.get_mut(&id).unwrap();
+        let status = n.child.as_mut()?.try_wait().unwrap()?;
+        n.child = None;
+        Some(status)
     }
 
     pub fn endpoints(&self) -> Vec<String> {

@@ -1,0 +1,204 @@
+//! One driver, not running, its methods called directly: what happens to waiters whose index is
+//! reused (audit M6) and to a committed entry that does not decode (audit M7).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use raft::prelude::{Entry, Message};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Driver, Waiting};
+use crate::error::{Error, Result};
+use crate::limits::DRIVER_INBOX_MAX;
+use crate::node::{new_driver, recover, NodeConfig};
+use crate::replica::inbox::Shared;
+use crate::replica::outbox::Outbox;
+use crate::server::validate::put_as_txn;
+use crate::state::{Command, Outcome};
+
+/// A single-replica group sends nothing anywhere.
+struct NoOutbox;
+
+impl Outbox for NoOutbox {
+    fn send(&self, _: Message) {}
+    fn send_snapshot(&self, _: Message, _: std::path::PathBuf) {}
+    fn add_peer(&mut self, _: u64, _: &str) {}
+    fn remove_peer(&mut self, _: u64) {}
+    fn addr_of(&self, _: u64) -> Option<String> {
+        None
+    }
+    fn addrs(&self) -> BTreeMap<u64, String> {
+        BTreeMap::new()
+    }
+}
+
+/// A driver, its shared state, and what keeps it running (its inbox's sender, its stop switch).
+struct Parts {
+    driver: Driver,
+    shared: Arc<Shared>,
+    sm: Arc<crate::state::StateMachine>,
+    _inbox: mpsc::Sender<crate::replica::inbox::Msg>,
+    _stop: watch::Sender<bool>,
+}
+
+fn driver(dir: &std::path::Path) -> (Driver, watch::Sender<bool>) {
+    let p = parts(dir);
+    (p.driver, p._stop)
+}
+
+fn parts(dir: &std::path::Path) -> Parts {
+    let cfg = NodeConfig {
+        id: 1,
+        group: 1,
+        listen: String::new(),
+        peers: [(1, "mem-1".to_string())].into(),
+        join: false,
+        data_dir: dir.to_path_buf(),
+        compact_log_entries: 1000,
+        slot_count: crate::limits::SLOT_COUNT_DEFAULT,
+        config_server: false,
+        link_filter: None,
+    };
+    let rec = recover(&cfg).unwrap();
+    let sm = rec.sm.clone();
+    let (tx, rx) = mpsc::channel(DRIVER_INBOX_MAX);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shared = Arc::new(Shared::default());
+    let driver = new_driver(&cfg, rec, Box::new(NoOutbox), rx, shared.clone(), stop_rx).unwrap();
+    Parts {
+        driver,
+        shared,
+        sm,
+        _inbox: tx,
+        _stop: stop_tx,
+    }
+}
+
+fn put(key: &str) -> Command {
+    Command::Txn(
+        put_as_txn(ordo_proto::v1::PutRequest {
+            shard_key: key.as_bytes().to_vec().into(),
+            key: Default::default(),
+            value: b"v".to_vec().into(),
+            ..Default::default()
+        })
+        .unwrap(),
+    )
+}
+
+fn waiter() -> (Waiting, oneshot::Receiver<Result<Outcome>>) {
+    let (tx, rx) = oneshot::channel();
+    (Waiting::One(tx), rx)
+}
+
+/// M6: a proposal tracked at an index that a later proposal reuses is answered "not applied"
+/// (it was replaced in the log), and only the live proposal is still counted.
+#[test]
+fn m6_a_replaced_proposal_is_answered_not_applied_and_uncounted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, _stop) = driver(dir.path());
+    let (old, mut old_rx) = waiter();
+    let (new, mut new_rx) = waiter();
+    d.waiting_txns = 2;
+    d.track(7, 2, old);
+    d.track(7, 3, new);
+    match old_rx.try_recv() {
+        Ok(Err(Error::NotApplied(why))) => assert!(why.contains("NOT applied"), "{why}"),
+        other => panic!("the replaced proposal must hear NotApplied, got {other:?}"),
+    }
+    assert!(new_rx.try_recv().is_err(), "the live proposal still waits");
+    assert_eq!(d.waiting_txns, 1, "only the live proposal is counted");
+    assert_eq!(d.proposals.len(), 1);
+    assert_eq!(
+        d.proposals[&7].0, 3,
+        "the index belongs to the newer proposal"
+    );
+}
+
+/// M7: a committed entry that does not decode stops the replica with a corruption error; what
+/// came before it in the same Ready is applied, it and what follows are not.
+#[test]
+fn m7_a_committed_entry_that_does_not_decode_stops_the_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut d, _stop) = driver(dir.path());
+    let base = d.sm.applied_index();
+    let entry = |index: u64, data: Vec<u8>| Entry {
+        index,
+        term: 1,
+        data: data.into(),
+        ..Default::default()
+    };
+    let entries = vec![
+        entry(base + 1, put("before").encode()),
+        // A command tag no version of Ordo knows.
+        entry(base + 2, vec![0xEE, 1, 2, 3]),
+        entry(base + 3, put("after").encode()),
+    ];
+    match d.apply(entries) {
+        Err(Error::Corruption(why)) => {
+            assert!(why.contains(&format!("entry {}", base + 2)), "{why}")
+        }
+        other => panic!("the undecodable entry must stop the replica, got {other:?}"),
+    }
+    assert_eq!(
+        d.sm.applied_index(),
+        base + 1,
+        "the entry before it is applied, it is not skipped as a no-op"
+    );
+    assert!(d.sm.get(b"before", b"").unwrap().is_some());
+    assert!(d.sm.get(b"after", b"").unwrap().is_none());
+}
+
+/// H4: a replica whose sync fails stops on its own and publishes why; from then on it refuses
+/// every request, STALE reads included, with UNAVAILABLE naming that failure.
+#[tokio::test]
+async fn h4_a_failed_replica_refuses_everything_with_unavailable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = parts(dir.path());
+    // The single voter elects itself, and the sync of its new term fails.
+    p.driver.durable.fail_syncs_after(0);
+    tokio::time::timeout(std::time::Duration::from_secs(15), p.driver.run())
+        .await
+        .expect("the driver stops on its own after the failed sync");
+    let why = p.shared.stopped().expect("the failure is published");
+    assert!(why.contains("injected"), "{why}");
+    assert_eq!(
+        p.shared
+            .is_leader
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "a stopped replica does not claim to lead"
+    );
+    match p.shared.check_running() {
+        Err(Error::Unavailable(msg)) => {
+            assert!(msg.contains("stopped") && msg.contains("injected"), "{msg}")
+        }
+        other => panic!("a stopped replica must refuse with UNAVAILABLE, got {other:?}"),
+    }
+    // A STALE read through the Kv service, which needs no driver, is refused too.
+    let handle = crate::replica::ReplicaHandle {
+        node_id: 1,
+        group_id: 1,
+        driver: p._inbox.clone(),
+        sm: p.sm.clone(),
+        shared: p.shared.clone(),
+        peers: Default::default(),
+        snap_dir: dir.path().join("snap"),
+        receiving_snapshot: Default::default(),
+        membership: Default::default(),
+        stop: p._stop.subscribe(),
+    };
+    let kv = crate::server::kv::KvService(Arc::new(handle));
+    let stale = ordo_proto::v1::GetRequest {
+        shard_key: b"k".to_vec().into(),
+        consistency: ordo_proto::v1::Consistency::Stale as i32,
+        ..Default::default()
+    };
+    use ordo_proto::v1::kv_server::Kv as _;
+    let status = kv
+        .get(tonic::Request::new(stale))
+        .await
+        .expect_err("a STALE read of a stopped replica is refused");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("injected"), "{status:?}");
+}
