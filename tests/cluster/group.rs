@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 
+use ordo_proto::client::Client;
 use ordo_testkit::proc::{ProcGroup, PROC_GROUP};
 use ordo_testkit::{bins, wait_for, Cluster};
 
@@ -84,20 +85,7 @@ async fn leader_kill_new_leader_serves_and_old_leader_catches_up() {
     let killed_at = Instant::now();
     let client = g.client();
     // The first write that succeeds after the kill was served by the new leader.
-    wait_for(
-        "a write after the leader was killed",
-        Duration::from_secs(10),
-        || {
-            let client = client.clone();
-            async move {
-                client
-                    .put("after-kill", "", "value of after-kill", None)
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
+    first_write(&client, "a write after the leader was killed", "after-kill").await;
     let unavailable = killed_at.elapsed();
     let new_leader = g.wait_leader(PROC_GROUP, Duration::from_secs(5)).await;
     assert_ne!(new_leader, leader);
@@ -388,20 +376,17 @@ async fn h4_fsync_failure_makes_the_node_exit_non_zero() {
 
     // The two others still form a quorum and serve writes.
     let client = g.client();
-    wait_for(
-        "a write after the node exited",
-        Duration::from_secs(10),
-        || {
-            let client = client.clone();
-            async move {
-                client
-                    .put("after-exit", "", "value of after-exit", None)
-                    .await
-                    .ok()
-            }
-        },
-    )
-    .await;
+    first_write(&client, "a write after the node exited", "after-exit").await;
     acked.extend(write_items(&g, "after", 200, 8).await);
     assert_all_present(&g, &acked).await;
+}
+
+/// Waits (10 s at most) for the first write of `key` that succeeds, as after a failure.
+async fn first_write(client: &Client, what: &str, key: &str) {
+    wait_for(what, Duration::from_secs(10), || {
+        let (client, key) = (client.clone(), key.to_string());
+        let value = format!("value of {key}");
+        async move { client.put(key, "", value, None).await.ok() }
+    })
+    .await;
 }

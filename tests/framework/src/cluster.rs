@@ -69,8 +69,21 @@ pub trait Cluster {
     /// Starts `m` again on its data dir, with the same configuration.
     async fn restart(&mut self, m: Member);
 
-    /// The running member of `group` that says it leads now, if any.
-    async fn find_leader(&self, group: u64) -> Option<Member>;
+    /// The running member of `group` that says it leads now, if any: by default the first one
+    /// whose status over gRPC says so (in-process harnesses look at the replica directly).
+    async fn find_leader(&self, group: u64) -> Option<Member> {
+        for m in self.members(group) {
+            if !self.is_running(m) {
+                continue;
+            }
+            if let Some(s) = self.status(m, false).await {
+                if s.role == "Leader" {
+                    return Some(m);
+                }
+            }
+        }
+        None
+    }
 
     /// Waits until some running member of `group` leads, within `bound`.
     async fn wait_leader(&self, group: u64, bound: Duration) -> Member {

@@ -269,21 +269,6 @@ impl Cluster for ProcGroup {
     async fn restart(&mut self, m: Member) {
         self.start_node(m.id);
     }
-
-    /// The first running node that reports itself leader.
-    async fn find_leader(&self, group: u64) -> Option<Member> {
-        for m in self.members(group) {
-            if !self.is_running(m) {
-                continue;
-            }
-            if let Some(s) = self.status(m, false).await {
-                if s.role == "Leader" {
-                    return Some(m);
-                }
-            }
-        }
-        None
-    }
 }
 
 impl Drop for ProcGroup {
@@ -578,21 +563,6 @@ impl Cluster for ProcCluster {
 
     async fn restart(&mut self, m: Member) {
         self.start_proc(self.index(m));
-    }
-
-    /// The first running member of `group` that reports itself leader.
-    async fn find_leader(&self, group: u64) -> Option<Member> {
-        for m in self.members(group) {
-            if !self.is_running(m) {
-                continue;
-            }
-            if let Some(s) = self.status(m, false).await {
-                if s.role == "Leader" {
-                    return Some(m);
-                }
-            }
-        }
-        None
     }
 }
 
