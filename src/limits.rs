@@ -19,6 +19,9 @@ pub const CLIENT_MESSAGE_BYTES_MAX: usize = TXN_BYTES_MAX + 1024 * 1024;
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Most items one `Scan` page returns.
 pub const SCAN_LIMIT_MAX: u32 = 1000;
+/// Most key and value bytes one `Scan` page returns (a page always holds at least one item, so
+/// a scan progresses): 1000 items of 1 MiB would be 1 GiB, far over any message bound.
+pub const SCAN_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
 /// Bounded mailbox of a group's raft driver (proposals, reads, peer messages).
 pub const DRIVER_INBOX_MAX: usize = 8192;
@@ -97,6 +100,10 @@ pub const SLOT_COUNT_DEFAULT: u32 = 4096;
 
 const _: () = assert!(VALUE_BYTES_MAX + KEY_BYTES_MAX + SHARD_KEY_BYTES_MAX < TXN_BYTES_MAX);
 const _: () = assert!(TXN_BYTES_MAX < CLIENT_MESSAGE_BYTES_MAX);
+// A full page plus the one item that may start it, with room for framing.
+const _: () = assert!(
+    SCAN_PAGE_BYTES_MAX + VALUE_BYTES_MAX + KEY_BYTES_MAX + 64 * 1024 < CLIENT_MESSAGE_BYTES_MAX
+);
 const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_BUILD_RETRY_MIN_MS < SNAPSHOT_BUILD_RETRY_MAX_MS);

@@ -12,6 +12,7 @@ use ordo_proto::v1::{Item, TxnRequest};
 use sled::transaction::TransactionalTree;
 
 use crate::error::{Error, Result};
+use crate::limits::SCAN_PAGE_BYTES_MAX;
 use crate::replica::snapshot;
 use txn::ItemView;
 
@@ -308,8 +309,9 @@ impl StateMachine {
         }
     }
 
-    /// Items of one shard key with `start <= key < end` (empty end = no bound), at most `limit`;
-    /// also returns the key to continue from when more remain.
+    /// Items of one shard key with `start <= key < end` (empty end = no bound), at most `limit`
+    /// and about `SCAN_PAGE_BYTES_MAX` of keys and values (at least one item); also returns the
+    /// key to continue from when more remain.
     pub fn scan(
         &self,
         sk: &[u8],
@@ -340,6 +342,7 @@ impl StateMachine {
             }
         }
         let mut items = Vec::new();
+        let mut bytes = 0;
         for kv in self.data.range(from..) {
             let (raw_key, raw) = kv?;
             if !raw_key.starts_with(&prefix) {
@@ -349,10 +352,15 @@ impl StateMachine {
             if !end.is_empty() && key >= end {
                 break;
             }
+            let next = || Some(bytes::Bytes::copy_from_slice(key));
             if items.len() == limit {
-                return Ok((items, Some(bytes::Bytes::copy_from_slice(key))));
+                return Ok((items, next()));
             }
             let (version, value) = checked_value(self.node_id, &raw_key, &raw)?;
+            bytes += key.len() + value.len();
+            if !items.is_empty() && bytes > SCAN_PAGE_BYTES_MAX {
+                return Ok((items, next()));
+            }
             items.push(Item {
                 key: bytes::Bytes::copy_from_slice(key),
                 value: bytes::Bytes::copy_from_slice(value),

@@ -294,3 +294,39 @@ fn a_batch_applies_its_transactions_in_order_with_their_own_outcomes() {
     assert!(sm.get(b"order-2", b"").unwrap().is_none());
     assert_eq!(sm.applied_index(), 2);
 }
+
+/// M2: a page is bounded in bytes as well as items, and always says where to go on: paging
+/// through 1 MiB values returns every item once, in order, in pages under the byte bound.
+#[test]
+fn m2_scan_pages_are_bounded_in_bytes_and_continue_with_next_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = sled::open(dir.path()).unwrap();
+    let sm = StateMachine::open(&db, 1, 64).unwrap().sm;
+    let big = "v".repeat(crate::limits::VALUE_BYTES_MAX);
+    let batch: Vec<Apply> = (0..10)
+        .map(|i| Apply {
+            index: i + 1,
+            cmd: Some(put("order-big", &format!("items/{i:02}"), &big)),
+        })
+        .collect();
+    sm.apply(&batch).unwrap();
+    let (mut seen, mut start, mut pages) = (Vec::new(), bytes::Bytes::new(), 0);
+    loop {
+        let (page, next) = sm.scan(b"order-big", &start, b"", 1000).unwrap();
+        pages += 1;
+        assert!(!page.is_empty(), "every page holds at least one item");
+        let bytes: usize = page.iter().map(|i| i.key.len() + i.value.len()).sum();
+        assert!(bytes <= SCAN_PAGE_BYTES_MAX, "page of {bytes} bytes");
+        seen.extend(page.into_iter().map(|i| i.key));
+        match next {
+            Some(k) => start = k,
+            None => break,
+        }
+    }
+    let want: Vec<String> = (0..10).map(|i| format!("items/{i:02}")).collect();
+    assert_eq!(seen, want.iter().map(|k| k.as_bytes()).collect::<Vec<_>>());
+    assert!(
+        pages >= 3,
+        "10 MiB in pages of at most 4 MiB: {pages} pages"
+    );
+}
