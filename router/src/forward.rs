@@ -32,8 +32,7 @@ use crate::config::refresh_map;
 use crate::map::{group_of, groups_of, list_groups, replicas};
 use crate::pool::MESSAGE_BYTES_MAX;
 use crate::retry::{
-    backoff, classify, describe, hold_delay, lock_backoff, pass_through, Action, Effect, HOLDS_MAX,
-    MAX_ATTEMPTS,
+    backoff, classify, describe, pass_through, short_wait, Action, Effect, HOLDS_MAX, MAX_ATTEMPTS,
 };
 use crate::Shared;
 
@@ -406,14 +405,14 @@ impl Attempts {
                 if let Err(e) = call.on_lock.resolve(shared, lock, at, self.deadline).await {
                     self.last_error = format!("{}; resolving the lock: {e}", self.last_error);
                 }
-                lock_backoff(self.lock_waits)
+                short_wait(self.lock_waits)
             }
             // The slot's donor is in the critical section: ask the same replica again shortly
             // (or the new owner, once the map moves on).
             Action::Hold if self.holds < HOLDS_MAX => {
                 self.holds += 1;
                 self.hint = Some(target.addr.clone());
-                hold_delay(self.holds - 1)
+                short_wait(self.holds - 1)
             }
             Action::Hold => self.backoff(),
             Action::Redirect(leader) => {

@@ -17,7 +17,7 @@ pub(crate) use ordo_proto::status::{describe, pass_through};
 /// Most attempts (the first included) one request makes before the router gives up.
 pub(crate) const MAX_ATTEMPTS: u32 = 12;
 /// Most holds (waits on a slot in a migration's critical section) one request makes; with
-/// [`hold_delay`] that is about 5 s, far above the critical section's bound.
+/// [`short_wait`] that is about 5 s, far above the critical section's bound.
 pub(crate) const HOLDS_MAX: u32 = 100;
 /// Delay between attempts: 10 ms doubling up to 250 ms.
 pub(crate) const BACKOFF: Backoff =
@@ -52,15 +52,11 @@ pub(crate) fn classify(status: &Status, effect: Effect) -> Action {
     retry::classify(status, effect.into())
 }
 
-/// Delay before hold number `hold` (0-based): 2 ms doubling up to 50 ms.
-pub(crate) fn hold_delay(hold: u32) -> Duration {
-    SHORT_WAIT.delay(hold)
-}
-
-/// Delay before retrying a request that met a lock for the `waits`-th time: a live transaction
-/// holds its locks for a few raft round trips, so wait briefly and often.
-pub(crate) fn lock_backoff(waits: u32) -> Duration {
-    SHORT_WAIT.delay(waits)
+/// Delay before short wait number `n` (0-based) on a hold or a lock: 2 ms doubling up to
+/// 50 ms. A fenced slot's critical section and a live transaction's locks both last a few raft
+/// round trips, so the waits are brief and often.
+pub(crate) fn short_wait(n: u32) -> Duration {
+    SHORT_WAIT.delay(n)
 }
 
 /// Delay before retry number `retry` (0-based): 10 ms doubling up to 250 ms.
@@ -174,10 +170,10 @@ mod tests {
 
     #[test]
     fn short_waits_double_from_2ms_to_50ms() {
-        assert_eq!(hold_delay(0), Duration::from_millis(2));
-        assert_eq!(hold_delay(3), Duration::from_millis(16));
-        assert_eq!(hold_delay(100), Duration::from_millis(50));
-        assert_eq!(lock_backoff(1), Duration::from_millis(4));
-        assert_eq!(lock_backoff(5), Duration::from_millis(50));
+        assert_eq!(short_wait(0), Duration::from_millis(2));
+        assert_eq!(short_wait(3), Duration::from_millis(16));
+        assert_eq!(short_wait(100), Duration::from_millis(50));
+        assert_eq!(short_wait(1), Duration::from_millis(4));
+        assert_eq!(short_wait(5), Duration::from_millis(50));
     }
 }

@@ -342,7 +342,7 @@ impl StateMachine {
             }
         }
         let mut items = Vec::new();
-        let mut bytes = 0;
+        let mut page_bytes = 0;
         for kv in self.data.range(from..) {
             let (raw_key, raw) = kv?;
             if !raw_key.starts_with(&prefix) {
@@ -357,8 +357,8 @@ impl StateMachine {
                 return Ok((items, next()));
             }
             let (version, value) = checked_value(self.node_id, &raw_key, &raw)?;
-            bytes += key.len() + value.len();
-            if !items.is_empty() && bytes > SCAN_PAGE_BYTES_MAX {
+            page_bytes += key.len() + value.len();
+            if !items.is_empty() && page_bytes > SCAN_PAGE_BYTES_MAX {
                 return Ok((items, next()));
             }
             items.push(Item {

@@ -248,13 +248,9 @@ impl Group {
 
 fn version_of(outcome: Outcome) -> u64 {
     match outcome {
-        Outcome::Txn(t) => validate_put(t),
+        Outcome::Txn(t) => crate::server::validate::put_response(t).version,
         other => panic!("a put produced {other:?}"),
     }
-}
-
-fn validate_put(t: ordo_proto::v1::TxnResponse) -> u64 {
-    crate::server::validate::put_response(t).version
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -254,6 +254,15 @@ mod tests {
             .collect()
     }
 
+    /// Where the tests' snapshots land: node 1 of group 1.
+    fn landing(snap_dir: &Path) -> Landing<'_> {
+        Landing {
+            group_id: 1,
+            node_id: 1,
+            snap_dir,
+        }
+    }
+
     fn files_in(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
@@ -267,11 +276,7 @@ mod tests {
     async fn m5_a_snapshot_stream_over_the_cap_is_refused_and_its_file_removed() {
         let dir = tempfile::tempdir().unwrap();
         let snap_dir = dir.path().join("snap");
-        let at = Landing {
-            group_id: 1,
-            node_id: 1,
-            snap_dir: &snap_dir,
-        };
+        let at = landing(&snap_dir);
         let chunks = chunks_of_a_file(dir.path(), 100, 4096);
         let total: u64 = chunks
             .iter()
@@ -308,11 +313,7 @@ mod tests {
     async fn m5_a_stream_that_fails_midway_leaves_no_file() {
         let dir = tempfile::tempdir().unwrap();
         let snap_dir = dir.path().join("snap");
-        let at = Landing {
-            group_id: 1,
-            node_id: 1,
-            snap_dir: &snap_dir,
-        };
+        let at = landing(&snap_dir);
         let mut chunks = chunks_of_a_file(dir.path(), 100, 4096);
         chunks.truncate(2);
         chunks.push(Err(Status::cancelled("sender went away")));
