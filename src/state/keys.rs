@@ -7,6 +7,11 @@
 //!
 //! Value: `crc32 (u32 BE) | version (u64 BE) | value`, the checksum covering version and value, so
 //! a flipped bit on disk is reported instead of served.
+//!
+//! Each slot also has a *reserved* range for replicated records that must travel with the slot
+//! (a migration copies `[slot_start(s), slot_start(s + 1))` whole, and a cleanup deletes it whole):
+//! `slot | 0xffff | kind | rest`. No shard key is 65535 bytes long, so the range sorts after every
+//! item of the slot and no item key can fall in it; its values use the item encoding above.
 
 use crate::error::{Error, Result};
 use crate::limits::SHARD_KEY_BYTES_MAX;
@@ -36,6 +41,48 @@ pub fn encode_key(slot: u32, shard_key: &[u8], key: &[u8]) -> Vec<u8> {
 /// The first key of a slot; `slot_range(s)` covers `[slot_start(s), slot_start(s + 1))`.
 pub fn slot_start(slot: u32) -> Vec<u8> {
     slot.to_be_bytes().to_vec()
+}
+
+/// The length field that marks a slot's reserved range (see the module comment).
+const RESERVED_LEN: u16 = u16::MAX;
+const _: () = assert!(SHARD_KEY_BYTES_MAX < RESERVED_LEN as usize);
+
+/// A key of kind `kind` in a slot's reserved range; kinds are single bytes owned by the modules
+/// that use them.
+pub fn reserved_key(slot: u32, kind: u8, rest: &[u8]) -> Vec<u8> {
+    let mut out = reserved_prefix(slot, kind);
+    out.extend_from_slice(rest);
+    out
+}
+
+/// Every key of kind `kind` in one slot.
+pub fn reserved_prefix(slot: u32, kind: u8) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SLOT_BYTES + LEN_BYTES + 1);
+    out.extend_from_slice(&slot.to_be_bytes());
+    out.extend_from_slice(&RESERVED_LEN.to_be_bytes());
+    out.push(kind);
+    out
+}
+
+/// The slot of any key of the data tree, item or reserved.
+pub fn slot_of(raw: &[u8]) -> Result<u32> {
+    match raw.get(..SLOT_BYTES) {
+        Some(b) if raw.len() >= SLOT_BYTES + LEN_BYTES => {
+            Ok(u32::from_be_bytes(b.try_into().unwrap()))
+        }
+        _ => Err(Error::Corruption(format!(
+            "data key of {} bytes is shorter than its header",
+            raw.len()
+        ))),
+    }
+}
+
+/// `Some((slot, kind, rest))` when `raw` is in a slot's reserved range.
+pub fn decode_reserved(raw: &[u8]) -> Option<(u32, u8, &[u8])> {
+    let slot = slot_of(raw).ok()?;
+    let len = u16::from_be_bytes(raw[SLOT_BYTES..SLOT_BYTES + LEN_BYTES].try_into().unwrap());
+    let kind = *raw.get(SLOT_BYTES + LEN_BYTES)?;
+    (len == RESERVED_LEN).then(|| (slot, kind, &raw[SLOT_BYTES + LEN_BYTES + 1..]))
 }
 
 /// Splits an encoded key into `(slot, shard_key, key)`.
@@ -160,5 +207,17 @@ mod tests {
         let ab_first = encode_key(1, b"ab", b"");
         assert!(a_last < ab_first);
         assert!(encode_key(1, b"zz", b"x") < encode_key(2, b"a", b""));
+    }
+
+    #[test]
+    fn a_slots_reserved_range_follows_its_items_and_stays_inside_the_slot() {
+        let longest = vec![0xff; SHARD_KEY_BYTES_MAX];
+        let r = reserved_key(7, b'd', b"id");
+        assert!(encode_key(7, &longest, &[0xff; 64]) < reserved_prefix(7, 0));
+        assert!(r < slot_start(8) && r > slot_start(7));
+        assert_eq!(decode_reserved(&r), Some((7, b'd', &b"id"[..])));
+        assert_eq!(decode_reserved(&encode_key(7, b"a", b"k")), None);
+        assert_eq!(slot_of(&r).unwrap(), 7);
+        assert!(decode_key(&r).is_err(), "a reserved key is not an item");
     }
 }

@@ -217,11 +217,17 @@ pub fn clear_sys(sys: &sled::Tree) -> Result<()> {
     Ok(())
 }
 
-/// Checks a copied record before it is proposed or applied: a data key, and a value that passes
-/// its checksum (or is empty: a delete).
+/// Checks a copied record before it is proposed or applied: a data key (an item or a slot's
+/// reserved record), and a value that passes its checksum (or is empty: a delete).
 pub fn check_record(r: &MigrationRecord, slot_count: u32) -> Result<u32> {
-    let (slot, _, _) = keys::decode_key(&r.key)
-        .map_err(|e| Error::InvalidArgument(format!("migration record: {e}")))?;
+    let slot = match keys::decode_reserved(&r.key) {
+        Some((slot, _, _)) => slot,
+        None => {
+            keys::decode_key(&r.key)
+                .map_err(|e| Error::InvalidArgument(format!("migration record: {e}")))?
+                .0
+        }
+    };
     if slot >= slot_count {
         return Err(Error::InvalidArgument(format!(
             "migration record for slot {slot}, but there are {slot_count} slots"
