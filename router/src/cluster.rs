@@ -11,7 +11,8 @@ use ordo_proto::v1::{
     AbortMigrationRequest, AddGroupRequest, ChangeGroupReplicasRequest,
     ChangeGroupReplicasResponse, ClusterStatus, GetClusterStatusRequest, GetShardMapRequest,
     InitClusterRequest, ListMigrationsRequest, Migration, MigrationList, MoveSlotsRequest,
-    RebalanceRequest, RebalanceResponse, RemoveGroupRequest, ShardMap, WatchShardMapRequest,
+    RebalanceRequest, RebalanceResponse, RemoveGroupRequest, ShardMap, StartTaskRequest, Task,
+    WatchShardMapRequest, AbortTaskRequest,
 };
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -223,6 +224,36 @@ impl Cluster for ClusterService {
                 request.into_inner(),
                 deadline,
                 |mut c, r| async move { c.abort_migration(r).await },
+            )
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn start_task(&self, request: Request<StartTaskRequest>) -> Result<Response<Task>, Status> {
+        let deadline = Instant::now() + deadline::budget(request.metadata());
+        let r = self
+            .0
+            .config
+            .call(
+                "StartTask",
+                request.into_inner(),
+                deadline,
+                |mut c, r| async move { c.start_task(r).await },
+            )
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn abort_task(&self, request: Request<AbortTaskRequest>) -> Result<Response<Task>, Status> {
+        let deadline = Instant::now() + deadline::budget(request.metadata());
+        let r = self
+            .0
+            .config
+            .call(
+                "AbortTask",
+                request.into_inner(),
+                deadline,
+                |mut c, r| async move { c.abort_task(r).await },
             )
             .await?;
         Ok(Response::new(r))

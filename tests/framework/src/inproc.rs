@@ -63,6 +63,7 @@ fn node_config(
         compact_log_entries,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == CONFIG_GROUP,
+        copy_bytes_per_sec: 0,
         link_filter: filter,
         join: false,
     }
