@@ -241,7 +241,9 @@ impl<S: MapStore> ConfigService<S> {
     /// the map after the last one, or with the error of the first that aborted (the rest are
     /// aborted too). The caller going away changes nothing.
     async fn move_slots(&self, req: MoveSlotsRequest) -> Result<ShardMap, Status> {
-        let t = self.start_task(start_task(start_task_request::Task::MoveSlots(req))).await?;
+        let t = self
+            .start_task(start_task(start_task_request::Task::MoveSlots(req)))
+            .await?;
         self.wait_task(t.id).await?;
         Ok(self.load(true).await?.0)
     }
@@ -262,7 +264,9 @@ impl<S: MapStore> ConfigService<S> {
                 ..Default::default()
             });
         }
-        let t = self.start_task(start_task(start_task_request::Task::Rebalance(req))).await?;
+        let t = self
+            .start_task(start_task(start_task_request::Task::Rebalance(req)))
+            .await?;
         let t = self.wait_task(t.id).await?;
         let list = self.migrations.list().await?;
         let migrations = t

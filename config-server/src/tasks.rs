@@ -146,7 +146,9 @@ impl<S: MapStore> ConfigService<S> {
     /// Checks `req`, records the task (state RUNNING) and starts its runner; the record.
     pub(crate) async fn start_task(&self, req: StartTaskRequest) -> Result<Task, Status> {
         let what = req.task.ok_or_else(|| {
-            Status::invalid_argument("StartTask needs a task: move_slots, rebalance or change_replicas")
+            Status::invalid_argument(
+                "StartTask needs a task: move_slots, rebalance or change_replicas",
+            )
         })?;
         // Held until the runner holds the task, so the resumer cannot start a second runner.
         let _admin = self.admin.lock().await;
@@ -346,7 +348,11 @@ impl<S: MapStore> ConfigService<S> {
                     continue;
                 }
                 let rate = t.copy_bytes_per_sec;
-                match self.migrations.start(&mv.slots, mv.to_group, rate, id).await {
+                match self
+                    .migrations
+                    .start(&mv.slots, mv.to_group, rate, id)
+                    .await
+                {
                     Ok(started) => ids = started,
                     Err(e) if refusal(&e) => return self.end_task(id, Ended::Failed(e)).await,
                     Err(e) => return Err(e),
@@ -417,7 +423,10 @@ impl<S: MapStore> ConfigService<S> {
             return Ok(Some(Ended::Aborted(why.message().to_string())));
         }
         if resumed {
-            tracing::info!(task = id, "starting again the move a config leader change aborted");
+            tracing::info!(
+                task = id,
+                "starting again the move a config leader change aborted"
+            );
             return Ok(None);
         }
         Ok(Some(Ended::Failed(why)))
@@ -509,11 +518,7 @@ impl<S: MapStore> ConfigService<S> {
 
 /// The moves a move or rebalance task plans, checked against the map and the migrations in
 /// flight (nothing is recorded when they refuse).
-fn plan_for(
-    what: &What,
-    map: &ShardMap,
-    list: &MigrationList,
-) -> Result<Vec<PlannedMove>, Status> {
+fn plan_for(what: &What, map: &ShardMap, list: &MigrationList) -> Result<Vec<PlannedMove>, Status> {
     Ok(match what {
         What::ChangeReplicas(_) => Vec::new(),
         What::MoveSlots(m) => plan_move(map, list, &m.slots, m.to_group)?,

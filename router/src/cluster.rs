@@ -8,11 +8,11 @@ use std::time::Duration;
 use futures::Stream;
 use ordo_proto::v1::cluster_server::Cluster;
 use ordo_proto::v1::{
-    AbortMigrationRequest, AddGroupRequest, ChangeGroupReplicasRequest,
+    AbortMigrationRequest, AbortTaskRequest, AddGroupRequest, ChangeGroupReplicasRequest,
     ChangeGroupReplicasResponse, ClusterStatus, GetClusterStatusRequest, GetShardMapRequest,
     InitClusterRequest, ListMigrationsRequest, Migration, MigrationList, MoveSlotsRequest,
     RebalanceRequest, RebalanceResponse, RemoveGroupRequest, ShardMap, StartTaskRequest, Task,
-    WatchShardMapRequest, AbortTaskRequest,
+    WatchShardMapRequest,
 };
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -229,7 +229,10 @@ impl Cluster for ClusterService {
         Ok(Response::new(r))
     }
 
-    async fn start_task(&self, request: Request<StartTaskRequest>) -> Result<Response<Task>, Status> {
+    async fn start_task(
+        &self,
+        request: Request<StartTaskRequest>,
+    ) -> Result<Response<Task>, Status> {
         let deadline = Instant::now() + deadline::budget(request.metadata());
         let r = self
             .0
@@ -244,7 +247,10 @@ impl Cluster for ClusterService {
         Ok(Response::new(r))
     }
 
-    async fn abort_task(&self, request: Request<AbortTaskRequest>) -> Result<Response<Task>, Status> {
+    async fn abort_task(
+        &self,
+        request: Request<AbortTaskRequest>,
+    ) -> Result<Response<Task>, Status> {
         let deadline = Instant::now() + deadline::budget(request.metadata());
         let r = self
             .0

@@ -8,9 +8,9 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
-use ordo_config::migration::COPY_BYTES_PER_SEC;
 use ordo::node::{parse_peers, Node, NodeConfig};
 use ordo::playground::{Playground, PlaygroundConfig};
+use ordo_config::migration::COPY_BYTES_PER_SEC;
 
 #[derive(Parser)]
 #[command(
@@ -328,7 +328,9 @@ mod tests {
         };
         assert_eq!((replica.id, replica.join), (2, false));
         assert_eq!(copy_bytes_per_sec, COPY_BYTES_PER_SEC);
-        assert!(parse(&[&["config"], &flags[..], &["--copy-bytes-per-sec", "0"]].concat()).is_err());
+        assert!(
+            parse(&[&["config"], &flags[..], &["--copy-bytes-per-sec", "0"]].concat()).is_err()
+        );
         assert!(parse(&["config", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"]).is_err());
         assert!(parse(&[&["config"], &flags[..], &["--group", "2"]].concat()).is_err());
     }

@@ -3,7 +3,8 @@
 //! A migration moves a set of slots from one donor group D to one recipient group R:
 //!
 //! 1. The migration is persisted in the config group's migration list
-//!    (`MapStore::save_migrations`, state COPYING).
+//!    (`MapStore::save_migrations`, state COPYING), for the task that moves the slots
+//!    (`tasks.rs`: the task, not the caller that asked for it, drives the migration).
 //! 2. R's leftovers in the slots are cleared; D begins the migration (a raft entry that starts a
 //!    change log for the slots); the slots' items are pulled from D's leader in bounded pages and
 //!    ingested into R (raft entries, versions kept) while writes continue on D.
@@ -20,7 +21,8 @@
 //! unfenced, R's copy is deleted, state ABORTED. The map decides: a mover that resumes after a
 //! config leader change reads it (linearizably) and finishes a migration the map cut over or
 //! aborts one it did not. A cut-over whose outcome is unknown is never rolled back by the mover
-//! that sent it; the resumer decides from the map.
+//! that sent it; the resumed drive decides from the map. Every node call keeps to the mover's
+//! own deadlines ([`CALL_DEADLINE`]), whoever asked for the move.
 //!
 //! `plan.rs` is the pure planner (which moves, an even spread); `steps.rs` the calls to the
 //! groups (copy, fence, cut-over, cleanup, abort). ("Commit" is raft's word; here the step is

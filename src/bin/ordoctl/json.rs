@@ -8,10 +8,11 @@ use std::borrow::Cow;
 
 use ordo::proto::v1::{
     txn_op_result, ChangeGroupReplicasResponse, ClusterStatus, DeleteResponse, GetResponse,
-    GroupStatus, Item, Member, Migration, PlannedMove, PutResponse, ReplicaStatus, ShardMap,
+    GroupStatus, Item, Member, Migration, PlannedMove, PutResponse, ReplicaStatus, ShardMap, Task,
     TransferLeaderResponse, TxnOp, TxnResponse,
 };
 use ordo_config::migration::state_name;
+use ordo_config::tasks::{task_kind_name, task_state_name};
 use serde::Serialize;
 
 use crate::render::describe_op;
@@ -375,6 +376,41 @@ impl<'a> From<&'a Migration> for MigrationView<'a> {
 /// What `migrations`, `migrations abort` and a finished rebalance print: a JSON array.
 pub(crate) fn migrations(list: &[Migration]) -> String {
     to_json(&list.iter().map(MigrationView::from).collect::<Vec<_>>())
+}
+
+/// One task; `kind` and `state` are their names (`rebalance`, `running`, …).
+#[derive(Serialize)]
+struct TaskView<'a> {
+    id: u64,
+    kind: &'static str,
+    state: &'static str,
+    moves: usize,
+    moves_done: u32,
+    migrations: &'a [u64],
+    group: Option<u64>,
+    drain_group: u64,
+    abort_requested: bool,
+    error: &'a str,
+}
+
+/// What `tasks` and `tasks abort` print: a JSON array.
+pub(crate) fn tasks(list: &[Task]) -> String {
+    let views: Vec<TaskView> = list
+        .iter()
+        .map(|t| TaskView {
+            id: t.id,
+            kind: task_kind_name(t.kind),
+            state: task_state_name(t.state),
+            moves: t.plan.len(),
+            moves_done: t.moves_done,
+            migrations: &t.migrations,
+            group: t.change.as_ref().map(|c| c.group_id),
+            drain_group: t.drain_group,
+            abort_requested: t.abort_requested,
+            error: &t.error,
+        })
+        .collect();
+    to_json(&views)
 }
 
 #[derive(Serialize)]
