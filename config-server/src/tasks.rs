@@ -543,3 +543,91 @@ fn plan_for(what: &What, map: &ShardMap, list: &MigrationList) -> Result<Vec<Pla
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::map;
+
+    fn map(groups: &[u64]) -> ShardMap {
+        let gs = groups
+            .iter()
+            .map(|id| Group {
+                id: *id,
+                replicas: vec![],
+            })
+            .collect();
+        map::initial_map(8, gs, vec![]).unwrap()
+    }
+
+    fn task(id: u64, kind: TaskKind, state: TaskState) -> Task {
+        Task {
+            id,
+            kind: kind as i32,
+            state: state as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_rebalance_is_refused_while_another_runs_and_a_move_is_not() {
+        let mut m = map(&[1]);
+        m = map::add_group(
+            &m,
+            Group {
+                id: 2,
+                replicas: vec![],
+            },
+        );
+        let mut list = MigrationList::default();
+        list.tasks
+            .push(task(3, TaskKind::Drain, TaskState::Running));
+        let rebalance = What::Rebalance(RebalanceRequest::default());
+        let err = plan_for(&rebalance, &m, &list).unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(
+            err.message().contains("task 3 (drain) is running"),
+            "{err:?}"
+        );
+        let mv = What::MoveSlots(MoveSlotsRequest {
+            slots: vec![0, 1],
+            to_group: 2,
+            ..Default::default()
+        });
+        let plan = plan_for(&mv, &m, &list).unwrap();
+        assert_eq!((plan.len(), plan[0].from_group), (1, 1));
+        list.tasks[0].state = TaskState::Aborted as i32;
+        assert_eq!(plan_for(&rebalance, &m, &list).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn only_finished_tasks_are_forgotten_oldest_first() {
+        let mut tasks: Vec<Task> = (1..=5)
+            .map(|id| {
+                let state = if id == 2 {
+                    TaskState::Running
+                } else {
+                    TaskState::Done
+                };
+                task(id, TaskKind::MoveSlots, state)
+            })
+            .collect();
+        forget_oldest(&mut tasks, 2, |t| !task_running(t));
+        let ids: Vec<u64> = tasks.iter().map(|t| t.id).collect();
+        assert_eq!(ids, vec![2, 4, 5]);
+    }
+
+    #[test]
+    fn a_finished_task_answers_with_its_recorded_status() {
+        let mut t = task(1, TaskKind::ChangeReplicas, TaskState::Running);
+        Ended::Failed(Status::failed_precondition("would lose quorum")).apply(&mut t);
+        let e = task_outcome(t.clone()).unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (Code::FailedPrecondition, "would lose quorum")
+        );
+        assert!(t.finished_unix_ms > 0 && !task_running(&t));
+        Ended::Done(None).apply(&mut t);
+        assert_eq!(task_outcome(t).unwrap().error_code, 0);
+    }
+}

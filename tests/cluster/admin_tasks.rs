@@ -163,7 +163,11 @@ async fn h2_a_move_outlives_its_callers_deadline() {
         .move_slots_with(req)
         .await
         .expect_err("the move outlasts its caller");
-    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    // The client's own timeout (tonic reports it as CANCELLED when it fires mid-call).
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
     // The caller is gone; its move is not.
     let list = cc.list_migrations().await.unwrap();
     let m = list.migrations.last().expect("the move was recorded");
@@ -353,6 +357,7 @@ async fn h2_ordoctl_rebalance_with_default_flags_completes_a_move_longer_than_it
         .expect("the first move ran");
     assert_eq!(long.state, MigrationState::Done as i32, "{long:?}");
     let took = Duration::from_millis(long.finished_unix_ms - long.started_unix_ms);
+    eprintln!("the loaded move took {took:?}; ordoctl printed:\n{out}");
     assert!(
         took > ORDOCTL_DEFAULT_TIMEOUT,
         "the loaded move took {took:?}, not longer than ordoctl's default timeout: load more"
