@@ -587,6 +587,7 @@ mod tests {
             ],
             catch_up_ms: 250,
             map: Some(sample_map()),
+            task_id: 0,
         };
         assert_eq!(
             render_replicas(1, &resp, true),
@@ -672,5 +673,48 @@ mod tests {
              \"items_cleaned\":0,\"map_version\":0,\"abort_requested\":false,\"error\":\"\"}]"
         );
         assert_eq!(render_migrations(&[], true), "[]");
+    }
+
+    #[test]
+    fn tasks_render_as_json_and_as_a_table() {
+        use ordo::proto::v1::{ChangeGroupReplicasRequest, TaskKind, TaskState};
+        let rebalance = Task {
+            id: 3,
+            kind: TaskKind::Drain as i32,
+            state: TaskState::Running as i32,
+            plan: vec![PlannedMove::default(); 4],
+            moves_done: 1,
+            migrations: vec![5, 6],
+            drain_group: 2,
+            ..Default::default()
+        };
+        let change = Task {
+            id: 4,
+            kind: TaskKind::ChangeReplicas as i32,
+            state: TaskState::Failed as i32,
+            change: Some(ChangeGroupReplicasRequest {
+                group_id: 1,
+                change: None,
+            }),
+            error: "would lose quorum".into(),
+            ..Default::default()
+        };
+        let both = [rebalance, change];
+        assert_eq!(
+            render_tasks(&both, true),
+            "[{\"id\":3,\"kind\":\"drain\",\"state\":\"running\",\"moves\":4,\"moves_done\":1,\
+             \"migrations\":[5,6],\"group\":null,\"drain_group\":2,\"abort_requested\":false,\
+             \"error\":\"\"},\
+             {\"id\":4,\"kind\":\"replica change\",\"state\":\"failed\",\"moves\":0,\
+             \"moves_done\":0,\"migrations\":[],\"group\":1,\"drain_group\":0,\
+             \"abort_requested\":false,\"error\":\"would lose quorum\"}]"
+        );
+        assert_eq!(
+            render_tasks(&both, false),
+            "id  kind            state    moves  migrations  note\n\
+             3   drain           running  1/4    5,6         drains group 2\n\
+             4   replica change  failed   0/0                would lose quorum"
+        );
+        assert_eq!(render_tasks(&[], false), "no tasks");
     }
 }
