@@ -126,27 +126,23 @@ async fn wait_for_signal() {
 }
 
 fn node_config(
-    id: u64,
+    r: ReplicaArgs,
     group: u64,
-    listen: String,
-    peers: &str,
-    data_dir: PathBuf,
     compact: u64,
-    join: bool,
     copy_bytes_per_sec: u64,
 ) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig {
-        id,
+        id: r.id,
         group,
-        listen,
-        peers: parse_peers(peers)?,
-        data_dir,
+        listen: r.listen,
+        peers: parse_peers(&r.peers)?,
+        data_dir: r.data_dir,
         compact_log_entries: compact,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == 0,
         copy_bytes_per_sec,
         link_filter: None,
-        join,
+        join: r.join,
     })
 }
 
@@ -189,13 +185,9 @@ async fn run_replica(
     copy_bytes_per_sec: u64,
 ) -> anyhow::Result<()> {
     let node = Node::start(node_config(
-        r.id,
+        r,
         group,
-        r.listen,
-        &r.peers,
-        r.data_dir,
         compact_log_entries,
-        r.join,
         copy_bytes_per_sec,
     )?)
     .await?;
