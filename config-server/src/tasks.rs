@@ -26,8 +26,10 @@ use crate::migration::{
 };
 use crate::{ConfigService, MapStore};
 
-/// Finished tasks kept in the records for `ordoctl tasks` (the oldest are forgotten).
-pub const TASKS_FINISHED_KEPT: usize = 64;
+/// Finished tasks kept in the records for `ordoctl tasks` (the oldest are forgotten). Few: a
+/// task keeps its plan (up to every slot, ~8 KiB), and the records are one item of the config
+/// group, rewritten at every step and bounded like any value (1 MiB).
+pub const TASKS_FINISHED_KEPT: usize = 16;
 
 /// Whether `t` is still running.
 pub fn task_running(t: &Task) -> bool {

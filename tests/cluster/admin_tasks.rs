@@ -168,10 +168,13 @@ async fn h2_a_move_outlives_its_callers_deadline() {
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{err:?}"
     );
-    // The caller is gone; its move is not.
-    let list = cc.list_migrations().await.unwrap();
-    let m = list.migrations.last().expect("the move was recorded");
-    assert!(in_flight(m), "the move was still running: {m:?}");
+    // The caller is gone; its move is not (it was recorded before it started, and lasts longer).
+    let m = wait_for("the move to be listed", Duration::from_secs(10), || {
+        let cc = cc.clone();
+        async move { cc.list_migrations().await.ok()?.migrations.pop() }
+    })
+    .await;
+    assert!(in_flight(&m), "the move was still running: {m:?}");
     let (t, list) = ended(&cc, m.task_id).await;
     assert_eq!(t.state, TaskState::Done as i32, "{t:?}");
     assert!(t.migrations.iter().all(|id| list
