@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use ordo_proto::retry::Effect;
 use ordo_proto::v1::cluster_server::Cluster;
 use ordo_proto::v1::{
     AbortMigrationRequest, AbortTaskRequest, AddGroupRequest, ChangeGroupReplicasRequest,
@@ -237,7 +238,8 @@ impl Cluster for ClusterService {
         let r = self
             .0
             .config
-            .call(
+            .call_as(
+                Effect::Write,
                 "StartTask",
                 request.into_inner(),
                 deadline,
