@@ -4,7 +4,9 @@
 //! implements, so the map logic here knows nothing of sled or raft.
 //!
 //! Every change is: compute the next map (pure, `map.rs`), make the groups agree (install
-//! ownership on their leaders), then compare-and-set the map; one change at a time.
+//! ownership on their leaders), then compare-and-set the map; one change at a time. The long
+//! ones (moves, rebalances, drains, membership changes) are tasks (`tasks.rs`): recorded first,
+//! run by the config leader whatever becomes of the caller, resumed by the next leader.
 
 pub mod groups;
 pub mod map;
