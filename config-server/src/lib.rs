@@ -244,7 +244,7 @@ impl<S: MapStore> ConfigService<S> {
     /// aborted too). The caller going away changes nothing.
     async fn move_slots(&self, req: MoveSlotsRequest) -> Result<ShardMap, Status> {
         let t = self
-            .start_task(start_task(start_task_request::Task::MoveSlots(req)))
+            .start_task(start_task_request::Task::MoveSlots(req))
             .await?;
         self.wait_task(t.id).await?;
         Ok(self.load(true).await?.0)
@@ -267,7 +267,7 @@ impl<S: MapStore> ConfigService<S> {
             });
         }
         let t = self
-            .start_task(start_task(start_task_request::Task::Rebalance(req)))
+            .start_task(start_task_request::Task::Rebalance(req))
             .await?;
         let t = self.wait_task(t.id).await?;
         let list = self.migrations.list().await?;
@@ -401,10 +401,6 @@ impl<S: MapStore> ConfigService<S> {
     }
 }
 
-fn start_task(task: start_task_request::Task) -> StartTaskRequest {
-    StartTaskRequest { task: Some(task) }
-}
-
 type MapStream = Pin<Box<dyn Stream<Item = Result<ShardMap, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -535,15 +531,18 @@ impl<S: MapStore> Cluster for ConfigService<S> {
         req: Request<ChangeGroupReplicasRequest>,
     ) -> Result<Response<ChangeGroupReplicasResponse>, Status> {
         let what = start_task_request::Task::ChangeReplicas(req.into_inner());
-        let t = self.start_task(start_task(what)).await?;
+        let t = self.start_task(what).await?;
         let t = self.wait_task(t.id).await?;
         Ok(Response::new(t.change_result.unwrap_or_default()))
     }
 
     async fn start_task(&self, req: Request<StartTaskRequest>) -> Result<Response<Task>, Status> {
-        Ok(Response::new(
-            ConfigService::start_task(self, req.into_inner()).await?,
-        ))
+        let what = req.into_inner().task.ok_or_else(|| {
+            Status::invalid_argument(
+                "StartTask needs a task: move_slots, rebalance or change_replicas",
+            )
+        })?;
+        Ok(Response::new(ConfigService::start_task(self, what).await?))
     }
 
     async fn abort_task(&self, req: Request<AbortTaskRequest>) -> Result<Response<Task>, Status> {

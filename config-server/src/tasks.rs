@@ -145,13 +145,17 @@ fn find_task(list: &MigrationList, id: u64) -> Result<&Task, Status> {
 }
 
 impl<S: MapStore> ConfigService<S> {
-    /// Checks `req`, records the task (state RUNNING) and starts its runner; the record.
-    pub(crate) async fn start_task(&self, req: StartTaskRequest) -> Result<Task, Status> {
-        let what = req.task.ok_or_else(|| {
-            Status::invalid_argument(
-                "StartTask needs a task: move_slots, rebalance or change_replicas",
-            )
-        })?;
+    /// Checks `what`, records the task (state RUNNING) and starts its runner; the record. In a
+    /// task of its own, so that a caller who goes away mid-call cannot leave a recorded task
+    /// without its runner.
+    pub(crate) async fn start_task(&self, what: What) -> Result<Task, Status> {
+        let svc = self.clone();
+        tokio::spawn(async move { svc.record_task(what).await })
+            .await
+            .map_err(|e| Status::internal(format!("starting the task failed: {e}")))?
+    }
+
+    async fn record_task(&self, what: What) -> Result<Task, Status> {
         // Held until the runner holds the task, so the resumer cannot start a second runner.
         let _admin = self.admin.lock().await;
         let mut proto = Task {
