@@ -107,12 +107,12 @@ pub(crate) fn migrations_of(t: &Task, list: &MigrationList) -> Vec<Migration> {
         .collect()
 }
 
-/// One progress line: the task, its move, and its migration in flight (with the copy rate since
-/// this command first saw it, `seen`).
+/// One progress line: the task, its move, and its migration in flight, with its copy rate since
+/// this command first saw it (`seen`: when, and the bytes copied then).
 fn progress(
     t: &Task,
     list: &MigrationList,
-    seen: &mut HashMap<u64, Instant>,
+    seen: &mut HashMap<u64, (Instant, u64)>,
     elapsed: Duration,
 ) -> String {
     let mut line = format!("task {} ({})", t.id, task_kind_name(t.kind));
@@ -126,8 +126,11 @@ fn progress(
         .find(|m| m.task_id == t.id && in_flight(m));
     match live {
         Some(m) => {
-            let since = seen.entry(m.id).or_insert_with(Instant::now);
-            line += &format!(", {}", migration_line(m, since.elapsed().as_secs_f64()));
+            let (since, bytes) = *seen
+                .entry(m.id)
+                .or_insert_with(|| (Instant::now(), m.bytes_copied));
+            let rate = (m.bytes_copied - bytes) as f64 / since.elapsed().as_secs_f64().max(0.001);
+            line += &format!(", {}", migration_line(m, rate));
         }
         None => line += &format!(", {:.0}s", elapsed.as_secs_f64()),
     }
@@ -135,8 +138,8 @@ fn progress(
 }
 
 /// `migration 7 (512 slots 1→3): 1200 items, 640 KiB copied, 12 log records, 320 KiB/s,
-/// copying`, the rate over `secs`.
-fn migration_line(m: &Migration, secs: f64) -> String {
+/// copying`, at a copy rate of `bytes_per_sec`.
+fn migration_line(m: &Migration, bytes_per_sec: f64) -> String {
     format!(
         "migration {} ({} slots {}→{}): {} items, {} KiB copied, {} log records, {:.0} KiB/s, {}",
         m.id,
@@ -146,7 +149,7 @@ fn migration_line(m: &Migration, secs: f64) -> String {
         m.items_copied,
         m.bytes_copied / 1024,
         m.log_records,
-        m.bytes_copied as f64 / 1024.0 / secs.max(0.001),
+        bytes_per_sec / 1024.0,
         state_name(m.state)
     )
 }
@@ -171,7 +174,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            migration_line(&m, 2.0),
+            migration_line(&m, 2048.0),
             "migration 7 (3 slots 1→3): 10 items, 4 KiB copied, 6 log records, 2 KiB/s, copying"
         );
         let t = Task {
