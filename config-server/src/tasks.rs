@@ -115,6 +115,10 @@ enum Ended {
 impl Ended {
     fn apply(self, t: &mut Task) {
         let (state, code, error) = match self {
+            // A move task whose moves all ran, some of them failing (the first recorded why).
+            Ended::Done(_) if !t.error.is_empty() => {
+                (TaskState::Failed, Code::from(t.error_code), t.error.clone())
+            }
             Ended::Done(result) => {
                 t.change_result = result;
                 (TaskState::Done, Code::Ok, String::new())
@@ -350,7 +354,7 @@ impl<S: MapStore> ConfigService<S> {
                     return self.end_task(id, Ended::Done(None)).await;
                 };
                 if self.moved_already(&mv).await? {
-                    self.next_move(id).await?;
+                    self.next_move(id, None).await?;
                     continue;
                 }
                 let rate = t.copy_bytes_per_sec;
@@ -360,7 +364,10 @@ impl<S: MapStore> ConfigService<S> {
                     .await
                 {
                     Ok(started) => ids = started,
-                    Err(e) if refusal(&e) => return self.end_task(id, Ended::Failed(e)).await,
+                    Err(e) if refusal(&e) => {
+                        self.next_move(id, Some(e)).await?;
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 }
             }
@@ -398,8 +405,10 @@ impl<S: MapStore> ConfigService<S> {
     }
 
     /// What the end of one move's migrations means for task `id`: go on (`None`: the next move,
-    /// or the same again when a resumed runner's leader change aborted it), or end the task. An
-    /// error when a migration is still in flight (the task is left to be resumed).
+    /// also after a move that failed, which is recorded and makes the task FAILED at its end; or
+    /// the same move again when a resumed runner's leader change aborted it), or end the task
+    /// (an abort was asked for). An error when a migration is still in flight (the task is left
+    /// to be resumed).
     async fn after_move(
         &self,
         id: u64,
@@ -421,7 +430,7 @@ impl<S: MapStore> ConfigService<S> {
             .iter()
             .find(|m| m.state == MigrationState::Aborted as i32)
         else {
-            self.next_move(id).await?;
+            self.next_move(id, None).await?;
             return Ok(None);
         };
         let why = failed.unwrap_or_else(|| Status::aborted(first_aborted.error.clone()));
@@ -435,20 +444,38 @@ impl<S: MapStore> ConfigService<S> {
             );
             return Ok(None);
         }
-        Ok(Some(Ended::Failed(why)))
+        // The other moves are independent of this one (a transient refusal, such as a lock the
+        // fence waited for too long, spoils one move only): the task goes on with them.
+        self.next_move(id, Some(why)).await?;
+        Ok(None)
     }
 
-    async fn next_move(&self, id: u64) -> Result<(), Status> {
+    /// Counts the current move of task `id` done; `failed`, it failed so (the task keeps the
+    /// first such error and ends FAILED with it once its other moves ran).
+    async fn next_move(&self, id: u64, failed: Option<Status>) -> Result<(), Status> {
         update_records(&*self.store, |list| {
             let t = list
                 .tasks
                 .iter_mut()
                 .find(|t| t.id == id)
                 .ok_or_else(|| Status::not_found(format!("no task {id}")))?;
+            if let Some(e) = failed.as_ref().filter(|_| t.error.is_empty()) {
+                t.error = format!(
+                    "move {} of {} failed: {}",
+                    t.moves_done + 1,
+                    t.plan.len(),
+                    e.message()
+                );
+                t.error_code = e.code() as i32;
+            }
             t.moves_done += 1;
             Ok(())
         })
-        .await
+        .await?;
+        if let Some(e) = failed {
+            tracing::warn!(task = id, error = %e.message(), "a move of the task failed; going on with the next");
+        }
+        Ok(())
     }
 
     async fn end_task(&self, id: u64, ended: Ended) -> Result<(), Status> {
@@ -633,7 +660,17 @@ mod tests {
             (Code::FailedPrecondition, "would lose quorum")
         );
         assert!(t.finished_unix_ms > 0 && !task_running(&t));
+        let mut t = task(2, TaskKind::Rebalance, TaskState::Running);
         Ended::Done(None).apply(&mut t);
-        assert_eq!(task_outcome(t).unwrap().error_code, 0);
+        assert_eq!(task_outcome(t.clone()).unwrap().error_code, 0);
+        // A move task whose moves ran, one of them failing, ends FAILED with that error.
+        t.error = "move 1 of 3 failed: locked".into();
+        t.error_code = Code::Aborted as i32;
+        Ended::Done(None).apply(&mut t);
+        let e = task_outcome(t).unwrap_err();
+        assert_eq!(
+            (e.code(), e.message()),
+            (Code::Aborted, "move 1 of 3 failed: locked")
+        );
     }
 }

@@ -377,3 +377,84 @@ async fn h2_ordoctl_rebalance_with_default_flags_completes_a_move_longer_than_it
     }
     pg.shutdown().await;
 }
+
+/// A rebalance task whose first move cannot start (one of its slots is already moving, in a
+/// slow move of its own) still runs its other moves, then ends FAILED naming the move that
+/// failed; the slots of that move stay with their owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h2_a_rebalance_whose_move_fails_still_runs_its_other_moves() {
+    let _serial = ordo_testkit::HEAVY.lock().await;
+    let pg = InProcCluster::start(1, 3).await;
+    let router = pg.router_addr();
+    let cc = admin(&pg);
+    let (nodes2, addrs2) = add_group_2(&pg, &cc).await;
+    let plan = cc
+        .rebalance(RebalanceRequest {
+            dry_run: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .plan;
+    assert!(plan.len() > 1, "{plan:?}");
+    // A move of one slot of the first planned move, slow enough to outlast the rebalance.
+    let busy = plan[0].slots[0];
+    let map = cc.get_shard_map(true).await.unwrap();
+    let keys: Vec<u64> = (0..)
+        .filter(|i| ordo_proto::slot_of(format!("big-{i}").as_bytes(), map.slot_count) == busy)
+        .take(20)
+        .collect();
+    preload(&router, keys.iter().copied()).await;
+    let slow = cc
+        .start_task(What::MoveSlots(MoveSlotsRequest {
+            slots: vec![busy],
+            to_group: 2,
+            copy_bytes_per_sec: 2_000,
+        }))
+        .await
+        .unwrap();
+    let slow_move = copying(&cc, slow.id).await;
+    let rebalance = cc
+        .start_task(What::Rebalance(RebalanceRequest::default()))
+        .await
+        .unwrap();
+    let (t, _) = wait_for("the rebalance to end", END_WITHIN, || {
+        let cc = cc.clone();
+        async move {
+            let list = cc.list_migrations().await.ok()?;
+            let t = list.tasks.iter().find(|t| t.id == rebalance.id)?.clone();
+            (!task_running(&t)).then_some((t, list))
+        }
+    })
+    .await;
+    assert_eq!(t.state, TaskState::Failed as i32, "{t:?}");
+    assert!(
+        t.error.starts_with(&format!(
+            "move 1 of {} failed: slot {busy} is already moving",
+            plan.len()
+        )),
+        "{t:?}"
+    );
+    assert_eq!(
+        (t.moves_done as usize, t.migrations.len()),
+        (plan.len(), plan.len() - 1),
+        "{t:?}"
+    );
+    cc.abort_migration(slow_move).await.unwrap();
+    let (slow, _) = ended(&cc, slow.id).await;
+    assert_eq!(slow.state, TaskState::Aborted as i32, "{slow:?}");
+    let map = cc.get_shard_map(true).await.unwrap();
+    for mv in &plan[1..] {
+        assert!(mv.slots.iter().all(|s| map.slot_owner[*s as usize] == 2));
+    }
+    assert!(plan[0]
+        .slots
+        .iter()
+        .all(|s| map.slot_owner[*s as usize] == 1));
+    let found = read_back(&router, &keys).await;
+    assert_placement(&pg, &BTreeMap::from([(2, addrs2)]), &map, &found).await;
+    for n in nodes2 {
+        n.shutdown().await;
+    }
+    pg.shutdown().await;
+}
