@@ -44,6 +44,9 @@ pub struct NodeConfig {
     pub slot_count: u32,
     /// Serve `ordo.v1.Cluster` (a config server: this group is the config group) instead of `ordo.v1.Kv`.
     pub config_server: bool,
+    /// A config server's copy bandwidth for moves whose request names none, bytes/s (0:
+    /// `ordo_config::migration::COPY_BYTES_PER_SEC`).
+    pub copy_bytes_per_sec: u64,
     /// A filter on outgoing raft traffic (the transport's fault-injection seam), shared by a
     /// test's in-process replicas of one group. Always `None` outside tests.
     pub link_filter: Option<Arc<dyn crate::replica::transport::LinkFilter>>,
@@ -231,11 +234,12 @@ type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
 /// Serves the node's gRPC services on `listener` until `stop` turns true: `Peer` always, `Kv`
 /// and `Participant` on shard groups, `Cluster` on config servers.
 fn serve(
-    config_server: bool,
+    cfg: &NodeConfig,
     replica: &Arc<ReplicaHandle>,
     listener: tokio::net::TcpListener,
     mut stop: watch::Receiver<bool>,
 ) -> ServerTask {
+    let config_server = cfg.config_server;
     let kv = (!config_server).then(|| {
         KvServer::new(KvService(replica.clone()))
             .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
@@ -247,11 +251,12 @@ fn serve(
             .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
     });
     let cluster = config_server.then(|| {
-        ClusterServer::new(ordo_config::ConfigService::new(Arc::new(
-            crate::server::config_store::ReplicaMapStore {
+        ClusterServer::new(ordo_config::ConfigService::new(
+            Arc::new(crate::server::config_store::ReplicaMapStore {
                 replica: replica.clone(),
-            },
-        )))
+            }),
+            cfg.copy_bytes_per_sec,
+        ))
     });
     let peer = PeerServer::new(PeerService(replica.clone()))
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
@@ -318,7 +323,7 @@ impl Node {
             membership: Default::default(),
             stop: stop_rx.clone(),
         });
-        let server = serve(cfg.config_server, &replica, listener, stop_rx);
+        let server = serve(&cfg, &replica, listener, stop_rx);
         tracing::info!(node = cfg.id, group = cfg.group, %addr, peers = ?peers.read().unwrap(), join = cfg.join, "node serving");
         Ok(Node {
             addr,

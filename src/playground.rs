@@ -27,6 +27,9 @@ pub struct PlaygroundConfig {
     /// `None` picks free ports (tests).
     pub port: Option<u16>,
     pub compact_log_entries: u64,
+    /// The config servers' copy bandwidth for moves whose request names none, bytes/s (0: the
+    /// default, `ordo_config::migration::COPY_BYTES_PER_SEC`).
+    pub copy_bytes_per_sec: u64,
     /// Tests only: fault injection on the raft traffic of every shard-group replica (node ids
     /// repeat across groups, so a rule about node 1 hits node 1 of every group). `None` outside
     /// tests.
@@ -41,6 +44,7 @@ impl PlaygroundConfig {
             replicas: 3,
             port: Some(7000),
             compact_log_entries: COMPACT_LOG_ENTRIES_DEFAULT,
+            copy_bytes_per_sec: 0,
             link_filter: None,
         }
     }
@@ -110,6 +114,7 @@ async fn start_group(
             compact_log_entries: cfg.compact_log_entries,
             slot_count: SLOT_COUNT_DEFAULT,
             config_server: group == 0,
+            copy_bytes_per_sec: cfg.copy_bytes_per_sec,
             link_filter: if group == 0 {
                 None
             } else {

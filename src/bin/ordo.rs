@@ -10,6 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
 use ordo::node::{parse_peers, Node, NodeConfig};
 use ordo::playground::{Playground, PlaygroundConfig};
+use ordo_config::migration::COPY_BYTES_PER_SEC;
 
 #[derive(Parser)]
 #[command(
@@ -75,6 +76,10 @@ enum Cmd {
     Config {
         #[command(flatten)]
         replica: ReplicaArgs,
+        /// Copy bandwidth of a slot move whose request names none, in bytes per second (moves
+        /// copy their data in the background while clients keep writing).
+        #[arg(long, default_value_t = COPY_BYTES_PER_SEC, value_parser = clap::value_parser!(u64).range(1..), display_order = 7)]
+        copy_bytes_per_sec: u64,
     },
     /// Run a query router: stateless, serves ordo.v1.Kv and forwards to the owning groups.
     Router {
@@ -99,6 +104,9 @@ enum Cmd {
         /// group g on <port + 10g + r>.
         #[arg(long, default_value_t = 7000)]
         port: u16,
+        /// Copy bandwidth of a slot move whose request names none, in bytes per second.
+        #[arg(long, default_value_t = COPY_BYTES_PER_SEC, value_parser = clap::value_parser!(u64).range(1..))]
+        copy_bytes_per_sec: u64,
     },
 }
 
@@ -118,25 +126,23 @@ async fn wait_for_signal() {
 }
 
 fn node_config(
-    id: u64,
+    r: ReplicaArgs,
     group: u64,
-    listen: String,
-    peers: &str,
-    data_dir: PathBuf,
     compact: u64,
-    join: bool,
+    copy_bytes_per_sec: u64,
 ) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig {
-        id,
+        id: r.id,
         group,
-        listen,
-        peers: parse_peers(peers)?,
-        data_dir,
+        listen: r.listen,
+        peers: parse_peers(&r.peers)?,
+        data_dir: r.data_dir,
         compact_log_entries: compact,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == 0,
+        copy_bytes_per_sec,
         link_filter: None,
-        join,
+        join: r.join,
     })
 }
 
@@ -153,29 +159,36 @@ async fn main() -> anyhow::Result<()> {
                 group != 0,
                 "group 0 is the config group: run `ordo config` for it"
             );
-            run_replica(replica, group, compact_log_entries).await
+            run_replica(replica, group, compact_log_entries, 0).await
         }
-        Cmd::Config { replica } => run_replica(replica, 0, COMPACT_LOG_ENTRIES_DEFAULT).await,
+        Cmd::Config {
+            replica,
+            copy_bytes_per_sec,
+        } => run_replica(replica, 0, COMPACT_LOG_ENTRIES_DEFAULT, copy_bytes_per_sec).await,
         Cmd::Router { listen, config } => run_router(listen, config).await,
         Cmd::Playground {
             dir,
             groups,
             replicas,
             port,
-        } => run_playground(dir, groups, replicas, port).await,
+            copy_bytes_per_sec,
+        } => run_playground(dir, groups, replicas, port, copy_bytes_per_sec).await,
     }
 }
 
 /// Runs one replica of `group` (0: a config server) until SIGINT or SIGTERM, or until it fails.
-async fn run_replica(r: ReplicaArgs, group: u64, compact_log_entries: u64) -> anyhow::Result<()> {
+/// `copy_bytes_per_sec`: a config server's default copy bandwidth (0 on shard groups).
+async fn run_replica(
+    r: ReplicaArgs,
+    group: u64,
+    compact_log_entries: u64,
+    copy_bytes_per_sec: u64,
+) -> anyhow::Result<()> {
     let node = Node::start(node_config(
-        r.id,
+        r,
         group,
-        r.listen,
-        &r.peers,
-        r.data_dir,
         compact_log_entries,
-        r.join,
+        copy_bytes_per_sec,
     )?)
     .await?;
     tokio::select! {
@@ -219,11 +232,18 @@ async fn run_router(listen: String, config: Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_playground(dir: PathBuf, groups: u64, replicas: u64, port: u16) -> anyhow::Result<()> {
+async fn run_playground(
+    dir: PathBuf,
+    groups: u64,
+    replicas: u64,
+    port: u16,
+    copy_bytes_per_sec: u64,
+) -> anyhow::Result<()> {
     let cfg = PlaygroundConfig {
         groups,
         replicas,
         port: Some(port),
+        copy_bytes_per_sec,
         ..PlaygroundConfig::new(&dir)
     };
     let pg = Playground::start(cfg).await?;
@@ -291,10 +311,18 @@ mod tests {
             ("1=a:1,2=l:1", "d".into())
         );
         assert!(replica.join);
-        let Cmd::Config { replica } = parse(&[&["config"], &flags[..]].concat()).unwrap() else {
+        let Cmd::Config {
+            replica,
+            copy_bytes_per_sec,
+        } = parse(&[&["config"], &flags[..]].concat()).unwrap()
+        else {
             panic!("not config")
         };
         assert_eq!((replica.id, replica.join), (2, false));
+        assert_eq!(copy_bytes_per_sec, COPY_BYTES_PER_SEC);
+        assert!(
+            parse(&[&["config"], &flags[..], &["--copy-bytes-per-sec", "0"]].concat()).is_err()
+        );
         assert!(parse(&["config", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"]).is_err());
         assert!(parse(&[&["config"], &flags[..], &["--group", "2"]].concat()).is_err());
     }

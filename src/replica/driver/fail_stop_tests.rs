@@ -57,6 +57,7 @@ fn parts(dir: &std::path::Path) -> Parts {
         compact_log_entries: 1000,
         slot_count: crate::limits::SLOT_COUNT_DEFAULT,
         config_server: false,
+        copy_bytes_per_sec: 0,
         link_filter: None,
     };
     let rec = recover(&cfg).unwrap();

@@ -125,6 +125,7 @@ fn node_config(
         compact_log_entries,
         slot_count: crate::limits::SLOT_COUNT_DEFAULT,
         config_server: false,
+        copy_bytes_per_sec: 0,
         link_filter: None,
     }
 }
