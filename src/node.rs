@@ -8,11 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ordo_proto::serve::ServeLimits;
 use ordo_proto::v1::cluster_server::ClusterServer;
 use ordo_proto::v1::kv_server::KvServer;
 use ordo_proto::v1::participant_server::ParticipantServer;
 use ordo_proto::v1::peer_server::PeerServer;
 use tokio::sync::{mpsc, watch};
+use tonic::service::RoutesBuilder;
 
 use crate::limits::*;
 use crate::replica::driver::{Driver, DriverConfig};
@@ -47,6 +49,9 @@ pub struct NodeConfig {
     /// A filter on outgoing raft traffic (the transport's fault-injection seam), shared by a
     /// test's in-process replicas of one group. Always `None` outside tests.
     pub link_filter: Option<Arc<dyn crate::replica::transport::LinkFilter>>,
+    /// Connection cap and request-bytes budget of the node's gRPC server (a clone shares the
+    /// budget: the playground gives all its servers one).
+    pub serve: ServeLimits,
 }
 
 /// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
@@ -228,50 +233,45 @@ fn spawn_driver(
 
 type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
 
-/// Serves the node's gRPC services on `listener` until `stop` turns true: `Peer` always, `Kv`
-/// and `Participant` on shard groups, `Cluster` on config servers.
+/// Serves the node's gRPC services on `listener` within `limits` until `stop` turns true: `Peer`
+/// always, `Kv` and `Participant` on shard groups, `Cluster` on config servers.
 fn serve(
     config_server: bool,
     replica: &Arc<ReplicaHandle>,
     listener: tokio::net::TcpListener,
+    limits: &ServeLimits,
     mut stop: watch::Receiver<bool>,
 ) -> ServerTask {
-    let kv = (!config_server).then(|| {
-        KvServer::new(KvService(replica.clone()))
-            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-    });
-    let participant = (!config_server).then(|| {
-        ParticipantServer::new(ParticipantService(replica.clone()))
-            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-    });
-    let cluster = config_server.then(|| {
-        ClusterServer::new(ordo_config::ConfigService::new(Arc::new(
-            crate::server::config_store::ReplicaMapStore {
-                replica: replica.clone(),
-            },
-        )))
-    });
     let peer = PeerServer::new(PeerService(replica.clone()))
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(peer)
-            .add_optional_service(kv)
-            .add_optional_service(participant)
-            .add_optional_service(cluster)
-            .serve_with_incoming_shutdown(
-                // A listener passed in is not covered by the builder's `tcp_nodelay`: without
-                // this, answers over ~256 bytes wait for the peer's delayed ACK (40 ms).
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async move {
-                    let _ = stop.changed().await;
-                },
-            ),
-    )
+    let mut routes = RoutesBuilder::default();
+    routes.add_service(peer);
+    if config_server {
+        routes.add_service(ClusterServer::new(ordo_config::ConfigService::new(
+            Arc::new(crate::server::config_store::ReplicaMapStore {
+                replica: replica.clone(),
+            }),
+        )));
+    } else {
+        routes.add_service(
+            KvServer::new(KvService(replica.clone()))
+                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+        );
+        routes.add_service(
+            ParticipantServer::new(ParticipantService(replica.clone()))
+                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+        );
+    }
+    let limits = limits.clone();
+    tokio::spawn(async move {
+        ordo_proto::serve::serve(routes.routes(), listener, &limits, async move {
+            let _ = stop.changed().await;
+        })
+        .await
+    })
 }
 
 impl Node {
@@ -318,7 +318,7 @@ impl Node {
             membership: Default::default(),
             stop: stop_rx.clone(),
         });
-        let server = serve(cfg.config_server, &replica, listener, stop_rx);
+        let server = serve(cfg.config_server, &replica, listener, &cfg.serve, stop_rx);
         tracing::info!(node = cfg.id, group = cfg.group, %addr, peers = ?peers.read().unwrap(), join = cfg.join, "node serving");
         Ok(Node {
             addr,

@@ -10,6 +10,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
 use ordo::node::{parse_peers, Node, NodeConfig};
 use ordo::playground::{Playground, PlaygroundConfig};
+use ordo_proto::serve::{ServeLimits, CONNECTIONS_MAX_DEFAULT, REQUEST_BYTES_BUDGET_DEFAULT};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +21,20 @@ use ordo::playground::{Playground, PlaygroundConfig};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// The bounds of the process's gRPC servers (`ordo_proto::serve`), for every command.
+#[derive(Args)]
+struct ServeArgs {
+    /// Most connections a server keeps open; new ones past it are closed at once.
+    #[arg(long, global = true, env = "ORDO_CONNECTIONS_MAX", default_value_t = CONNECTIONS_MAX_DEFAULT)]
+    connections_max: usize,
+    /// Bytes that requests being received or handled may hold, over the whole process; a
+    /// request past it is refused with RESOURCE_EXHAUSTED before it is read.
+    #[arg(long, global = true, env = "ORDO_REQUEST_BYTES_BUDGET", default_value_t = REQUEST_BYTES_BUDGET_DEFAULT)]
+    request_bytes_budget: usize,
 }
 
 /// What every replica is told at start, a shard group's (`ordo node`) or a config server's
@@ -125,6 +140,7 @@ fn node_config(
     data_dir: PathBuf,
     compact: u64,
     join: bool,
+    serve: ServeLimits,
 ) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig {
         id,
@@ -137,13 +153,16 @@ fn node_config(
         config_server: group == 0,
         link_filter: None,
         join,
+        serve,
     })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     ordo::logging::init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let limits = ServeLimits::new(cli.serve.connections_max, cli.serve.request_bytes_budget)?;
+    match cli.cmd {
         Cmd::Node {
             replica,
             group,
@@ -153,21 +172,28 @@ async fn main() -> anyhow::Result<()> {
                 group != 0,
                 "group 0 is the config group: run `ordo config` for it"
             );
-            run_replica(replica, group, compact_log_entries).await
+            run_replica(replica, group, compact_log_entries, limits).await
         }
-        Cmd::Config { replica } => run_replica(replica, 0, COMPACT_LOG_ENTRIES_DEFAULT).await,
-        Cmd::Router { listen, config } => run_router(listen, config).await,
+        Cmd::Config { replica } => {
+            run_replica(replica, 0, COMPACT_LOG_ENTRIES_DEFAULT, limits).await
+        }
+        Cmd::Router { listen, config } => run_router(listen, config, limits).await,
         Cmd::Playground {
             dir,
             groups,
             replicas,
             port,
-        } => run_playground(dir, groups, replicas, port).await,
+        } => run_playground(dir, groups, replicas, port, limits).await,
     }
 }
 
 /// Runs one replica of `group` (0: a config server) until SIGINT or SIGTERM, or until it fails.
-async fn run_replica(r: ReplicaArgs, group: u64, compact_log_entries: u64) -> anyhow::Result<()> {
+async fn run_replica(
+    r: ReplicaArgs,
+    group: u64,
+    compact_log_entries: u64,
+    limits: ServeLimits,
+) -> anyhow::Result<()> {
     let node = Node::start(node_config(
         r.id,
         group,
@@ -176,6 +202,7 @@ async fn run_replica(r: ReplicaArgs, group: u64, compact_log_entries: u64) -> an
         r.data_dir,
         compact_log_entries,
         r.join,
+        limits,
     )?)
     .await?;
     tokio::select! {
@@ -206,11 +233,17 @@ fn config_addrs(values: Vec<String>) -> Vec<String> {
     values.into_iter().filter(|s| !s.is_empty()).collect()
 }
 
-async fn run_router(listen: String, config: Vec<String>) -> anyhow::Result<()> {
-    let router = ordo_router::Router::start(ordo_router::RouterConfig {
-        listen,
-        config_addrs: config_addrs(config),
-    })
+async fn run_router(listen: String, config: Vec<String>, serve: ServeLimits) -> anyhow::Result<()> {
+    let router = ordo_router::Router::start_with_options(
+        ordo_router::RouterConfig {
+            listen,
+            config_addrs: config_addrs(config),
+        },
+        ordo_router::RouterOptions {
+            serve,
+            ..Default::default()
+        },
+    )
     .await?;
     println!("router serving on {}", router.addr);
     wait_for_signal().await;
@@ -219,11 +252,18 @@ async fn run_router(listen: String, config: Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_playground(dir: PathBuf, groups: u64, replicas: u64, port: u16) -> anyhow::Result<()> {
+async fn run_playground(
+    dir: PathBuf,
+    groups: u64,
+    replicas: u64,
+    port: u16,
+    serve: ServeLimits,
+) -> anyhow::Result<()> {
     let cfg = PlaygroundConfig {
         groups,
         replicas,
         port: Some(port),
+        serve,
         ..PlaygroundConfig::new(&dir)
     };
     let pg = Playground::start(cfg).await?;

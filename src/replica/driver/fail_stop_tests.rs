@@ -58,6 +58,7 @@ fn parts(dir: &std::path::Path) -> Parts {
         slot_count: crate::limits::SLOT_COUNT_DEFAULT,
         config_server: false,
         link_filter: None,
+        serve: Default::default(),
     };
     let rec = recover(&cfg).unwrap();
     let sm = rec.sm.clone();

@@ -126,6 +126,7 @@ fn node_config(
         slot_count: crate::limits::SLOT_COUNT_DEFAULT,
         config_server: false,
         link_filter: None,
+        serve: Default::default(),
     }
 }
 

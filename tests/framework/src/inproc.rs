@@ -65,6 +65,7 @@ fn node_config(
         config_server: group == CONFIG_GROUP,
         link_filter: filter,
         join: false,
+        serve: Default::default(),
     }
 }
 
