@@ -18,7 +18,7 @@ use tonic::service::RoutesBuilder;
 
 use crate::limits::*;
 use crate::replica::driver::{Driver, DriverConfig};
-use crate::replica::inbox::{Msg, Shared};
+use crate::replica::inbox::{Msg, PeerMsg, RaftQueue, Shared};
 use crate::replica::outbox::Outbox;
 use crate::replica::storage::RaftStore;
 use crate::replica::transport::{PeerAddrs, Transport};
@@ -181,6 +181,7 @@ pub(crate) fn new_driver(
     rec: Recovered,
     outbox: Box<dyn Outbox>,
     inbox: mpsc::Receiver<Msg>,
+    raft_in: mpsc::Receiver<PeerMsg>,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Driver> {
@@ -193,7 +194,7 @@ pub(crate) fn new_driver(
         compact_log_entries: cfg.compact_log_entries,
     };
     Ok(Driver::new(
-        driver_cfg, rec.store, durable, rec.sm, inbox, outbox, shared, stop,
+        driver_cfg, rec.store, durable, rec.sm, inbox, raft_in, outbox, shared, stop,
     )?)
 }
 
@@ -283,6 +284,7 @@ impl Node {
         let addr = listener.local_addr()?;
 
         let (driver_tx, driver_rx) = mpsc::channel(DRIVER_INBOX_MAX);
+        let (raft, raft_rx) = RaftQueue::new();
         let (stop_tx, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared::default());
         let peers: PeerAddrs = Arc::new(std::sync::RwLock::new(rec.peers.clone()));
@@ -300,6 +302,7 @@ impl Node {
             rec,
             Box::new(transport),
             driver_rx,
+            raft_rx,
             shared.clone(),
             stop_rx.clone(),
         )?;
@@ -310,6 +313,7 @@ impl Node {
             node_id: cfg.id,
             group_id: cfg.group,
             driver: driver_tx,
+            raft,
             sm,
             shared,
             peers: peers.clone(),

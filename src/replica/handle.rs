@@ -10,7 +10,7 @@ use ordo_proto::v1::{StatusResponse, TxnRequest, TxnResponse};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
-use crate::replica::inbox::{Msg, Shared};
+use crate::replica::inbox::{Msg, RaftQueue, Shared};
 use crate::state::{Command, Outcome, StateMachine};
 
 /// How long a request waits for its write to commit or its read index before giving up.
@@ -21,6 +21,8 @@ pub struct ReplicaHandle {
     pub node_id: u64,
     pub group_id: u64,
     pub driver: mpsc::Sender<Msg>,
+    /// Raft messages from peers, on their own queue (never behind proposals).
+    pub raft: RaftQueue,
     pub sm: Arc<StateMachine>,
     pub shared: Arc<Shared>,
     pub peers: crate::replica::transport::PeerAddrs,

@@ -1,17 +1,20 @@
 //! What reaches a group's raft driver: the closed set of events it handles (`Msg`), from request
-//! handlers, the transport's receiving half and its own senders, and what it publishes back for
-//! handlers to read without asking (`Shared`). Both the driver and the transport depend on this
-//! module; neither depends on the other.
+//! handlers, the transport's receiving half and its own senders; raft messages from peers on a
+//! queue of their own (`RaftQueue`); and what it publishes back for handlers to read without
+//! asking (`Shared`). Both the driver and the transport depend on this module; neither depends on
+//! the other.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 
 use ordo_proto::v1::{StatusResponse, TransferLeaderResponse};
 use raft::prelude::{ConfChange, ConfState, Message};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::Result;
+use crate::limits::{RAFT_QUEUE_BYTES_MAX, RAFT_QUEUE_MAX};
 use crate::state::{Command, Outcome};
 
 pub enum Msg {
@@ -24,7 +27,6 @@ pub enum Msg {
     Read {
         resp: oneshot::Sender<Result<()>>,
     },
-    Raft(Box<Message>),
     /// A snapshot streamed from the leader, verified and stored at `path`; `msg` is its MsgSnapshot.
     SnapshotReceived {
         msg: Box<Message>,
@@ -56,6 +58,49 @@ pub enum Msg {
     Members {
         resp: oneshot::Sender<Result<Members>>,
     },
+}
+
+/// A raft message from a peer, holding its bytes' place in the raft queue until the driver has
+/// stepped it.
+pub struct PeerMsg {
+    pub msg: Box<Message>,
+    _bytes: OwnedSemaphorePermit,
+}
+
+/// The sending side of a driver's raft queue. Raft messages from peers do not share the inbox
+/// with proposals: the driver takes all of them before each inbox batch, so acks, votes and
+/// heartbeats never wait behind thousands of proposals and their fsyncs (audit M10), and a peer's
+/// stream never waits for room. The queue is bounded in messages and bytes; a message that does
+/// not fit is dropped, as a lost packet would be (raft retransmits).
+#[derive(Clone)]
+pub struct RaftQueue {
+    tx: mpsc::Sender<PeerMsg>,
+    bytes: Arc<Semaphore>,
+}
+
+impl RaftQueue {
+    pub fn new() -> (RaftQueue, mpsc::Receiver<PeerMsg>) {
+        let (tx, rx) = mpsc::channel(RAFT_QUEUE_MAX);
+        let bytes = Arc::new(Semaphore::new(RAFT_QUEUE_BYTES_MAX));
+        (RaftQueue { tx, bytes }, rx)
+    }
+
+    /// Queues `msg` (`size` bytes as it arrived) for the driver without waiting; `false` if it
+    /// was dropped because the queue is full or the driver has stopped.
+    pub fn offer(&self, msg: Message, size: usize) -> bool {
+        let Some(bytes) = u32::try_from(size)
+            .ok()
+            .and_then(|n| self.bytes.clone().try_acquire_many_owned(n).ok())
+        else {
+            return false;
+        };
+        self.tx
+            .try_send(PeerMsg {
+                msg: Box::new(msg),
+                _bytes: bytes,
+            })
+            .is_ok()
+    }
 }
 
 /// A group's configuration as one replica sees it.
