@@ -133,26 +133,22 @@ async fn wait_for_signal() {
 }
 
 fn node_config(
-    id: u64,
+    r: ReplicaArgs,
     group: u64,
-    listen: String,
-    peers: &str,
-    data_dir: PathBuf,
     compact: u64,
-    join: bool,
     serve: ServeLimits,
 ) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig {
-        id,
+        id: r.id,
         group,
-        listen,
-        peers: parse_peers(peers)?,
-        data_dir,
+        listen: r.listen,
+        peers: parse_peers(&r.peers)?,
+        data_dir: r.data_dir,
         compact_log_entries: compact,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == 0,
         link_filter: None,
-        join,
+        join: r.join,
         serve,
     })
 }
@@ -194,17 +190,7 @@ async fn run_replica(
     compact_log_entries: u64,
     limits: ServeLimits,
 ) -> anyhow::Result<()> {
-    let node = Node::start(node_config(
-        r.id,
-        group,
-        r.listen,
-        &r.peers,
-        r.data_dir,
-        compact_log_entries,
-        r.join,
-        limits,
-    )?)
-    .await?;
+    let node = Node::start(node_config(r, group, compact_log_entries, limits)?).await?;
     tokio::select! {
         _ = wait_for_signal() => {}
         why = node.failed() => {
