@@ -218,10 +218,11 @@ async fn h4_a_failed_replica_refuses_everything_with_unavailable() {
     assert!(status.message().contains("injected"), "{status:?}");
 }
 
-/// M10: a heartbeat that arrives after two inbox batches of proposals is stepped before any of
-/// them: the proposals taken in the same loop iteration already see the leader it names, and the
-/// second batch is still queued. With one FIFO inbox the heartbeat would wait behind both
-/// batches (each followed by an fsync), long enough under load for a follower to time out.
+/// M10: heartbeats that arrive after two inbox batches of proposals are stepped before any of
+/// them: the proposals taken in the same loop iteration already see the leader the last one
+/// names, and the second batch is still queued. With one FIFO inbox the heartbeats would wait
+/// behind both batches (each followed by an fsync), long enough under load for a follower to
+/// time out and call an election.
 #[tokio::test]
 async fn m10_a_peer_message_is_handled_before_queued_proposals() {
     let dir = tempfile::tempdir().unwrap();
@@ -233,26 +234,29 @@ async fn m10_a_peer_message_is_handled_before_queued_proposals() {
         p.inbox.try_send(Msg::Propose { cmd, resp }).ok().unwrap();
         answers.push(rx);
     }
-    let term = p.driver.raw.raft.term + 5;
-    let mut heartbeat = Message::default();
-    heartbeat.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
-    (heartbeat.from, heartbeat.to, heartbeat.term) = (2, 1, term);
-    assert!(p.raft.offer(heartbeat, 16), "an empty raft queue takes it");
+    // Two, so that both ways in are covered: the one the loop wakes for and the ones it drains.
+    let term = p.driver.raw.raft.term;
+    for (from, term) in [(2, term + 5), (3, term + 6)] {
+        let mut heartbeat = Message::default();
+        heartbeat.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
+        (heartbeat.from, heartbeat.to, heartbeat.term) = (from, 1, term);
+        assert!(p.raft.offer(heartbeat, 16), "an empty raft queue takes it");
+    }
 
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
     p.driver.next_batch(&mut tick).await.expect("not stopping");
 
     assert_eq!(
         (p.driver.raw.raft.leader_id, p.driver.raw.raft.term),
-        (2, term),
-        "the heartbeat was stepped"
+        (3, term + 6),
+        "both heartbeats were stepped"
     );
     for (i, rx) in answers.iter_mut().enumerate() {
         match rx.try_recv() {
             Ok(Err(Error::NotLeader { leader_id, .. })) if i < DRIVER_BATCH_MAX => {
                 assert_eq!(
-                    leader_id, 2,
-                    "proposal {i} was handled before the heartbeat"
+                    leader_id, 3,
+                    "proposal {i} was handled before the heartbeats"
                 )
             }
             Err(oneshot::error::TryRecvError::Empty) if i >= DRIVER_BATCH_MAX => {}
