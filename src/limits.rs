@@ -28,11 +28,13 @@ pub const SCAN_LIMIT_MAX: u32 = 1000;
 /// a scan progresses): 1000 items of 1 MiB would be 1 GiB, far over any message bound.
 pub const SCAN_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
-/// Bounded mailbox of a group's raft driver (proposals, reads, admin steps). Its bytes are bounded
-/// by the request-bytes budget (`ordo_proto::serve`) as long as the requests wait: each proposal
-/// in it belongs to a request that holds its bytes from the budget until it is answered (at most
-/// 10 s; a proposal whose request gave up may stay queued past that without holding budget).
+/// Bounded mailbox of a group's raft driver (proposals, reads, admin steps).
 pub const DRIVER_INBOX_MAX: usize = 8192;
+/// Most bytes of proposals waiting in a driver's inbox (`InboxBytes`): 8192 proposals of up to
+/// 8 MiB would be 64 GiB. While requests wait for their answer the request-bytes budget bounds
+/// them too; this bounds what requests that gave up waiting (a stalled driver) leave queued.
+/// Past it a write is refused as overloaded, not started.
+pub const DRIVER_INBOX_BYTES_MAX: usize = 256 * 1024 * 1024;
 /// A driver's queue of raft messages from peers, apart from the inbox (`RaftQueue`, audit M10):
 /// at most this many messages and bytes wait; beyond either a message is dropped (raft
 /// retransmits). Bytes bound it because one append may carry 1 MiB of entries or a large entry.
@@ -115,6 +117,7 @@ pub const SLOT_COUNT_DEFAULT: u32 = 4096;
 
 const _: () = assert!(VALUE_BYTES_MAX + KEY_BYTES_MAX + SHARD_KEY_BYTES_MAX < TXN_BYTES_MAX);
 const _: () = assert!(TXN_BYTES_MAX < CLIENT_MESSAGE_BYTES_MAX);
+const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < DRIVER_INBOX_BYTES_MAX);
 // A full page plus the one item that may start it, with room for framing.
 const _: () = assert!(
     SCAN_PAGE_BYTES_MAX + VALUE_BYTES_MAX + KEY_BYTES_MAX + 64 * 1024 < CLIENT_MESSAGE_BYTES_MAX

@@ -313,6 +313,7 @@ impl Node {
             node_id: cfg.id,
             group_id: cfg.group,
             driver: driver_tx,
+            inbox_bytes: Default::default(),
             raft,
             sm,
             shared,

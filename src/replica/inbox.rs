@@ -13,14 +13,17 @@ use ordo_proto::v1::{StatusResponse, TransferLeaderResponse};
 use raft::prelude::{ConfChange, ConfState, Message};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::error::Error;
 use crate::error::Result;
-use crate::limits::{RAFT_QUEUE_BYTES_MAX, RAFT_QUEUE_MAX};
+use crate::limits::{DRIVER_INBOX_BYTES_MAX, RAFT_QUEUE_BYTES_MAX, RAFT_QUEUE_MAX};
 use crate::state::{Command, Outcome};
 
 pub enum Msg {
     Propose {
         cmd: Command,
         resp: oneshot::Sender<Result<Outcome>>,
+        /// The command's place in the inbox's byte bound, given back when the driver takes it.
+        queued: Queued,
     },
     /// A linearizable read barrier: answered once the state machine has applied everything
     /// committed before the read arrived (ReadIndex).
@@ -103,6 +106,46 @@ impl RaftQueue {
     }
 }
 
+/// The bytes of the proposals waiting in a driver's inbox, bounded by `DRIVER_INBOX_BYTES_MAX`:
+/// while a request waits for its answer its bytes are in the request-bytes budget too, but one
+/// that gave up (after 10 s, a stalled driver) leaves its proposal queued, and this bound keeps
+/// such leftovers from filling memory.
+#[derive(Clone)]
+pub struct InboxBytes(Arc<Semaphore>);
+
+/// A proposal's bytes, held in its driver's [`InboxBytes`] until the driver takes it.
+pub struct Queued {
+    _bytes: OwnedSemaphorePermit,
+}
+
+impl InboxBytes {
+    pub fn new() -> InboxBytes {
+        InboxBytes(Arc::new(Semaphore::new(DRIVER_INBOX_BYTES_MAX)))
+    }
+
+    /// Room for `cmd` in the inbox, or `NotApplied` (the node is overloaded; nothing started).
+    pub fn take(&self, cmd: &Command) -> Result<Queued> {
+        let bytes = cmd.encoded_len();
+        u32::try_from(bytes)
+            .ok()
+            .and_then(|n| self.0.clone().try_acquire_many_owned(n).ok())
+            .map(|bytes| Queued { _bytes: bytes })
+            .ok_or_else(|| {
+                Error::NotApplied(format!(
+                    "node overloaded: proposals waiting for the raft driver hold up to \
+                     {DRIVER_INBOX_BYTES_MAX} bytes (DRIVER_INBOX_BYTES_MAX), no room for this \
+                     {bytes}-byte write; it was not started, retry with backoff"
+                ))
+            })
+    }
+}
+
+impl Default for InboxBytes {
+    fn default() -> InboxBytes {
+        InboxBytes::new()
+    }
+}
+
 /// A group's configuration as one replica sees it.
 #[derive(Debug, Clone)]
 pub struct Members {
@@ -148,5 +191,44 @@ impl Shared {
             ))),
             None => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::validate::put_as_txn;
+
+    /// M1: the proposals waiting in an inbox are bounded in bytes, not only in count; past the
+    /// bound a write is refused as not started, naming the bound, and room comes back as the
+    /// driver takes proposals.
+    #[test]
+    fn m1_queued_proposals_are_bounded_in_bytes() {
+        let cmd = Command::Txn(
+            put_as_txn(ordo_proto::v1::PutRequest {
+                shard_key: b"k".to_vec().into(),
+                value: vec![0; crate::limits::VALUE_BYTES_MAX].into(),
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        let inbox = InboxBytes::new();
+        let fits = DRIVER_INBOX_BYTES_MAX / cmd.encoded_len();
+        let mut queued: Vec<Queued> = (0..fits).map(|_| inbox.take(&cmd).unwrap()).collect();
+        match inbox.take(&cmd) {
+            Err(Error::NotApplied(msg)) => assert!(
+                msg.contains(&format!(
+                    "{DRIVER_INBOX_BYTES_MAX} bytes (DRIVER_INBOX_BYTES_MAX)"
+                )),
+                "{msg}"
+            ),
+            Err(other) => panic!("refused as {other:?}"),
+            Ok(_) => panic!("{} proposals of {} bytes fit", fits + 1, cmd.encoded_len()),
+        }
+        queued.pop();
+        assert!(
+            inbox.take(&cmd).is_ok(),
+            "room comes back once one is taken"
+        );
     }
 }

@@ -12,7 +12,7 @@ use super::{Driver, Waiting};
 use crate::error::{Error, Result};
 use crate::limits::{DRIVER_BATCH_MAX, DRIVER_INBOX_MAX};
 use crate::node::{new_driver, recover, NodeConfig};
-use crate::replica::inbox::{Msg, RaftQueue, Shared};
+use crate::replica::inbox::{InboxBytes, Msg, RaftQueue, Shared};
 use crate::replica::outbox::Outbox;
 use crate::server::validate::put_as_txn;
 use crate::state::{Command, Outcome};
@@ -194,6 +194,7 @@ async fn h4_a_failed_replica_refuses_everything_with_unavailable() {
         node_id: 1,
         group_id: 1,
         driver: p.inbox.clone(),
+        inbox_bytes: Default::default(),
         raft: p.raft.clone(),
         sm: p.sm.clone(),
         shared: p.shared.clone(),
@@ -228,10 +229,15 @@ async fn m10_a_peer_message_is_handled_before_queued_proposals() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = parts(dir.path());
     let mut answers = Vec::new();
+    let inbox_bytes = InboxBytes::new();
     for i in 0..2 * DRIVER_BATCH_MAX {
         let (resp, rx) = oneshot::channel();
         let cmd = put(&format!("k{i}"));
-        p.inbox.try_send(Msg::Propose { cmd, resp }).ok().unwrap();
+        let queued = inbox_bytes.take(&cmd).unwrap();
+        p.inbox
+            .try_send(Msg::Propose { cmd, resp, queued })
+            .ok()
+            .unwrap();
         answers.push(rx);
     }
     // Two, so that both ways in are covered: the one the loop wakes for and the ones it drains.

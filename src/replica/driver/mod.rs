@@ -350,7 +350,11 @@ impl Driver {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Propose { cmd, resp } => self.on_propose(cmd, resp),
+            // Taken off the inbox: its bytes are the raft log's (or the batch's) from here on.
+            Msg::Propose { cmd, resp, queued } => {
+                drop(queued);
+                self.on_propose(cmd, resp)
+            }
             Msg::Read { resp } => {
                 if self.raw.raft.state != StateRole::Leader {
                     let _ = resp.send(Err(self.not_leader()));

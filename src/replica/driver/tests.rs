@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::Result;
 use crate::limits::DRIVER_INBOX_MAX;
 use crate::node::{new_driver, recover, NodeConfig};
-use crate::replica::inbox::{Msg, RaftQueue, Shared};
+use crate::replica::inbox::{InboxBytes, Msg, RaftQueue, Shared};
 use crate::replica::outbox::Outbox;
 use crate::server::validate::put_as_txn;
 use crate::state::{Command, Outcome, StateMachine};
@@ -221,9 +221,10 @@ impl Group {
         .unwrap();
         let (resp, rx) = oneshot::channel();
         let cmd = Command::Txn(txn);
+        let queued = InboxBytes::new().take(&cmd).unwrap();
         self.members[&node]
             .inbox
-            .send(Msg::Propose { cmd, resp })
+            .send(Msg::Propose { cmd, resp, queued })
             .await
             .unwrap();
         rx.await.expect("the driver answers every proposal")
