@@ -17,14 +17,29 @@ pub const TXN_BYTES_MAX: usize = 8 * 1024 * 1024;
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = TXN_BYTES_MAX + 1024 * 1024;
 /// Largest gRPC message a node decodes from a peer (a raft batch or a snapshot chunk).
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Streams per connection, the connection cap and the request-bytes budget of every server
+/// (`ordo_proto::serve`, shared with routers; `--connections-max`, `--request-bytes-budget`).
+pub use ordo_proto::serve::{
+    CONNECTIONS_MAX_DEFAULT, REQUEST_BYTES_BUDGET_DEFAULT, STREAMS_PER_CONNECTION_MAX,
+};
 /// Most items one `Scan` page returns.
 pub const SCAN_LIMIT_MAX: u32 = 1000;
 /// Most key and value bytes one `Scan` page returns (a page always holds at least one item, so
 /// a scan progresses): 1000 items of 1 MiB would be 1 GiB, far over any message bound.
 pub const SCAN_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
-/// Bounded mailbox of a group's raft driver (proposals, reads, peer messages).
+/// Bounded mailbox of a group's raft driver (proposals, reads, admin steps).
 pub const DRIVER_INBOX_MAX: usize = 8192;
+/// Most bytes of proposals waiting in a driver's inbox (`InboxBytes`): 8192 proposals of up to
+/// 8 MiB would be 64 GiB. While requests wait for their answer the request-bytes budget bounds
+/// them too; this bounds what requests that gave up waiting (a stalled driver) leave queued.
+/// Past it a write is refused as overloaded, not started.
+pub const DRIVER_INBOX_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// A driver's queue of raft messages from peers, apart from the inbox (`RaftQueue`, audit M10):
+/// at most this many messages and bytes wait; beyond either a message is dropped (raft
+/// retransmits). Bytes bound it because one append may carry 1 MiB of entries or a large entry.
+pub const RAFT_QUEUE_MAX: usize = 4096;
+pub const RAFT_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Most inbox messages the driver takes before it handles a Ready: proposals that arrive together
 /// share one log append and one fsync.
 pub const DRIVER_BATCH_MAX: usize = 512;
@@ -58,6 +73,8 @@ pub const fn snapshot_transfer_timeout(bytes: u64) -> std::time::Duration {
 pub const SNAPSHOT_BUILD_RETRY_MIN_MS: u64 = 250;
 pub const SNAPSHOT_BUILD_RETRY_MAX_MS: u64 = 30_000;
 /// Proposals in flight on one leader; beyond it clients get `UNAVAILABLE` (overloaded) at once.
+/// Only their replies wait here (their entries are in the raft log), so this bounds count, not
+/// bytes.
 pub const PENDING_PROPOSALS_MAX: usize = 65_536;
 /// Linearizable reads waiting for their read index; beyond it clients get `UNAVAILABLE`.
 pub const PENDING_READS_MAX: usize = 65_536;
@@ -100,11 +117,15 @@ pub const SLOT_COUNT_DEFAULT: u32 = 4096;
 
 const _: () = assert!(VALUE_BYTES_MAX + KEY_BYTES_MAX + SHARD_KEY_BYTES_MAX < TXN_BYTES_MAX);
 const _: () = assert!(TXN_BYTES_MAX < CLIENT_MESSAGE_BYTES_MAX);
+const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < DRIVER_INBOX_BYTES_MAX);
 // A full page plus the one item that may start it, with room for framing.
 const _: () = assert!(
     SCAN_PAGE_BYTES_MAX + VALUE_BYTES_MAX + KEY_BYTES_MAX + 64 * 1024 < CLIENT_MESSAGE_BYTES_MAX
 );
 const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < PEER_MESSAGE_BYTES_MAX);
+// The largest append raft sends (its byte bound plus one entry of the largest transaction) fits.
+const _: () =
+    assert!(RAFT_MSG_BYTES_MAX as usize + CLIENT_MESSAGE_BYTES_MAX < RAFT_QUEUE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_BUILD_RETRY_MIN_MS < SNAPSHOT_BUILD_RETRY_MAX_MS);
 const _: () = assert!(PROPOSAL_BATCH_BYTES_MAX as u64 <= RAFT_MSG_BYTES_MAX);

@@ -1,13 +1,15 @@
 //! Everything needed to speak Ordo correctly, and nothing of the server: the generated `ordo.v1`
 //! types and services, the slot hash every piece must agree on, error statuses and the one
 //! retry-safety rule (`status`), the one address spelling and channel set-up (`addr`), the one
-//! way to follow a leader (`retry`), and the clients applications use (`client`).
+//! way to follow a leader (`retry`), the clients applications use (`client`), and the one way
+//! every Ordo process serves gRPC within bounds (`serve`).
 //!
 //! An application that depends on this crate compiles no storage engine and no raft.
 
 pub mod addr;
 pub mod client;
 pub mod retry;
+pub mod serve;
 pub mod status;
 
 pub use status::{certainly_not_applied, connect_failed, error_detail_of};

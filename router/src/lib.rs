@@ -115,6 +115,8 @@ pub struct RouterOptions {
     pub follow_map_updates: bool,
     /// Tests only: where this router's cross-group transactions stop, as if it died there.
     pub twopc_failpoint: Option<Failpoint>,
+    /// Connection cap and request-bytes budget of the router's server.
+    pub serve: ordo_proto::serve::ServeLimits,
 }
 
 /// Counters of routing events since the router started.
@@ -139,6 +141,7 @@ impl Default for RouterOptions {
             start_timeout: DEFAULT_START_TIMEOUT,
             follow_map_updates: true,
             twopc_failpoint: None,
+            serve: Default::default(),
         }
     }
 }
@@ -225,20 +228,13 @@ impl Router {
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX);
         let mut stop = stop_rx;
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(kv)
-                .add_service(cluster)
-                .serve_with_incoming_shutdown(
-                    // A listener passed in is not covered by the builder's `tcp_nodelay`: without
-                    // this, answers over ~256 bytes wait for the peer's delayed ACK (40 ms).
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    },
-                ),
-        );
+        let routes = tonic::service::Routes::new(kv).add_service(cluster);
+        let server = tokio::spawn(async move {
+            ordo_proto::serve::serve(routes, listener, &opts.serve, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+        });
         tracing::info!(
             %addr,
             config = ?shared.config.addrs(),

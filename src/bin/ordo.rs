@@ -11,6 +11,7 @@ use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
 use ordo::node::{parse_peers, Node, NodeConfig};
 use ordo::playground::{Playground, PlaygroundConfig};
 use ordo_config::migration::COPY_BYTES_PER_SEC;
+use ordo_proto::serve::{ServeLimits, CONNECTIONS_MAX_DEFAULT, REQUEST_BYTES_BUDGET_DEFAULT};
 
 #[derive(Parser)]
 #[command(
@@ -21,6 +22,20 @@ use ordo_config::migration::COPY_BYTES_PER_SEC;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// The bounds of the process's gRPC servers (`ordo_proto::serve`), for every command.
+#[derive(Args)]
+struct ServeArgs {
+    /// Most connections a server keeps open; new ones past it are closed at once.
+    #[arg(long, global = true, env = "ORDO_CONNECTIONS_MAX", default_value_t = CONNECTIONS_MAX_DEFAULT)]
+    connections_max: usize,
+    /// Bytes that requests being received or handled may hold, over the whole process; a
+    /// request past it is refused with RESOURCE_EXHAUSTED before it is read.
+    #[arg(long, global = true, env = "ORDO_REQUEST_BYTES_BUDGET", default_value_t = REQUEST_BYTES_BUDGET_DEFAULT)]
+    request_bytes_budget: usize,
 }
 
 /// What every replica is told at start, a shard group's (`ordo node`) or a config server's
@@ -130,6 +145,7 @@ fn node_config(
     group: u64,
     compact: u64,
     copy_bytes_per_sec: u64,
+    serve: ServeLimits,
 ) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig {
         id: r.id,
@@ -143,13 +159,16 @@ fn node_config(
         copy_bytes_per_sec,
         link_filter: None,
         join: r.join,
+        serve,
     })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     ordo::logging::init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let limits = ServeLimits::new(cli.serve.connections_max, cli.serve.request_bytes_budget)?;
+    match cli.cmd {
         Cmd::Node {
             replica,
             group,
@@ -159,20 +178,23 @@ async fn main() -> anyhow::Result<()> {
                 group != 0,
                 "group 0 is the config group: run `ordo config` for it"
             );
-            run_replica(replica, group, compact_log_entries, 0).await
+            run_replica(replica, group, compact_log_entries, 0, limits).await
         }
         Cmd::Config {
             replica,
             copy_bytes_per_sec,
-        } => run_replica(replica, 0, COMPACT_LOG_ENTRIES_DEFAULT, copy_bytes_per_sec).await,
-        Cmd::Router { listen, config } => run_router(listen, config).await,
+        } => {
+            let compact = COMPACT_LOG_ENTRIES_DEFAULT;
+            run_replica(replica, 0, compact, copy_bytes_per_sec, limits).await
+        }
+        Cmd::Router { listen, config } => run_router(listen, config, limits).await,
         Cmd::Playground {
             dir,
             groups,
             replicas,
             port,
             copy_bytes_per_sec,
-        } => run_playground(dir, groups, replicas, port, copy_bytes_per_sec).await,
+        } => run_playground(dir, groups, replicas, port, copy_bytes_per_sec, limits).await,
     }
 }
 
@@ -183,14 +205,10 @@ async fn run_replica(
     group: u64,
     compact_log_entries: u64,
     copy_bytes_per_sec: u64,
+    limits: ServeLimits,
 ) -> anyhow::Result<()> {
-    let node = Node::start(node_config(
-        r,
-        group,
-        compact_log_entries,
-        copy_bytes_per_sec,
-    )?)
-    .await?;
+    let cfg = node_config(r, group, compact_log_entries, copy_bytes_per_sec, limits)?;
+    let node = Node::start(cfg).await?;
     tokio::select! {
         _ = wait_for_signal() => {}
         why = node.failed() => {
@@ -219,11 +237,17 @@ fn config_addrs(values: Vec<String>) -> Vec<String> {
     values.into_iter().filter(|s| !s.is_empty()).collect()
 }
 
-async fn run_router(listen: String, config: Vec<String>) -> anyhow::Result<()> {
-    let router = ordo_router::Router::start(ordo_router::RouterConfig {
-        listen,
-        config_addrs: config_addrs(config),
-    })
+async fn run_router(listen: String, config: Vec<String>, serve: ServeLimits) -> anyhow::Result<()> {
+    let router = ordo_router::Router::start_with_options(
+        ordo_router::RouterConfig {
+            listen,
+            config_addrs: config_addrs(config),
+        },
+        ordo_router::RouterOptions {
+            serve,
+            ..Default::default()
+        },
+    )
     .await?;
     println!("router serving on {}", router.addr);
     wait_for_signal().await;
@@ -238,12 +262,14 @@ async fn run_playground(
     replicas: u64,
     port: u16,
     copy_bytes_per_sec: u64,
+    serve: ServeLimits,
 ) -> anyhow::Result<()> {
     let cfg = PlaygroundConfig {
         groups,
         replicas,
         port: Some(port),
         copy_bytes_per_sec,
+        serve,
         ..PlaygroundConfig::new(&dir)
     };
     let pg = Playground::start(cfg).await?;

@@ -38,10 +38,18 @@ impl Peer for PeerService {
                 _ = stop.changed() => None,
             };
             let Some(batch) = batch else { break };
-            for m in recv::decode_batch(&self.0, &batch)? {
-                if self.0.driver.send(Msg::Raft(Box::new(m))).await.is_err() {
-                    return Err(Status::unavailable("replica is shutting down"));
-                }
+            let msgs = recv::decode_batch(&self.0, &batch)?;
+            // Never waits: a full raft queue drops, as a lost packet would (raft retransmits).
+            let mut dropped = 0;
+            for (m, bytes) in msgs.into_iter().zip(&batch.messages) {
+                dropped += usize::from(!self.0.raft.offer(m, bytes.len()));
+            }
+            if dropped > 0 {
+                tracing::debug!(
+                    from = batch.from,
+                    dropped,
+                    "raft queue full: messages dropped"
+                );
             }
         }
         Ok(Response::new(RaftDone {}))

@@ -52,8 +52,13 @@ pub enum Command {
 }
 
 impl Command {
-    pub fn encode(&self) -> Vec<u8> {
-        let (tag, len) = match self {
+    /// Bytes of the encoded command (`encode().len()`), computed without encoding it.
+    pub fn encoded_len(&self) -> usize {
+        1 + self.tag_and_len().1
+    }
+
+    fn tag_and_len(&self) -> (u8, usize) {
+        match self {
             Command::Txn(t) => (CMD_TXN, t.encoded_len()),
             Command::SetOwnership(o) => (CMD_SET_OWNERSHIP, o.encoded_len()),
             Command::TxnBatch(ts) => (
@@ -69,7 +74,11 @@ impl Command {
             Command::Decide { req, .. } => (CMD_DECIDE, 8 + req.encoded_len()),
             Command::Finish(f) => (CMD_FINISH, f.encoded_len()),
             Command::Forget(f) => (CMD_FORGET, f.encoded_len()),
-        };
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let (tag, len) = self.tag_and_len();
         let mut data = Vec::with_capacity(1 + len);
         data.push(tag);
         match self {

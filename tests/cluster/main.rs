@@ -5,6 +5,7 @@
 mod admin_tasks;
 mod bad_input;
 mod bank;
+mod concurrency;
 mod faults;
 mod group;
 mod membership;

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::Result;
 use crate::limits::DRIVER_INBOX_MAX;
 use crate::node::{new_driver, recover, NodeConfig};
-use crate::replica::inbox::{Msg, Shared};
+use crate::replica::inbox::{InboxBytes, Msg, RaftQueue, Shared};
 use crate::replica::outbox::Outbox;
 use crate::server::validate::put_as_txn;
 use crate::state::{Command, Outcome, StateMachine};
@@ -27,6 +27,7 @@ const WAIT: Duration = Duration::from_secs(15);
 #[derive(Default)]
 struct MemNet {
     inboxes: Mutex<BTreeMap<u64, mpsc::Sender<Msg>>>,
+    raft_queues: Mutex<BTreeMap<u64, RaftQueue>>,
     cut: Mutex<BTreeSet<u64>>,
     snap_dirs: Mutex<BTreeMap<u64, PathBuf>>,
 }
@@ -54,7 +55,11 @@ struct MemOutbox {
 impl Outbox for MemOutbox {
     fn send(&self, m: Message) {
         if self.net.link_up(self.id, m.to) {
-            self.net.deliver(m.to, Msg::Raft(Box::new(m)));
+            if let Some(q) = self.net.raft_queues.lock().unwrap().get(&m.to) {
+                // A full queue drops, as the real one does.
+                let size = protobuf::Message::compute_size(&m) as usize;
+                q.offer(m, size);
+            }
         }
     }
 
@@ -127,6 +132,7 @@ fn node_config(
         config_server: false,
         copy_bytes_per_sec: 0,
         link_filter: None,
+        serve: Default::default(),
     }
 }
 
@@ -147,6 +153,8 @@ impl Group {
                 .insert(id, rec.snap_dir.clone());
             let (tx, rx) = mpsc::channel(DRIVER_INBOX_MAX);
             net.inboxes.lock().unwrap().insert(id, tx.clone());
+            let (raft, raft_rx) = RaftQueue::new();
+            net.raft_queues.lock().unwrap().insert(id, raft);
             let (stop_tx, stop_rx) = watch::channel(false);
             let shared = Arc::new(Shared::default());
             let outbox = MemOutbox {
@@ -154,8 +162,16 @@ impl Group {
                 net: net.clone(),
                 addrs: peers.clone(),
             };
-            let driver =
-                new_driver(&cfg, rec, Box::new(outbox), rx, shared.clone(), stop_rx).unwrap();
+            let driver = new_driver(
+                &cfg,
+                rec,
+                Box::new(outbox),
+                rx,
+                raft_rx,
+                shared.clone(),
+                stop_rx,
+            )
+            .unwrap();
             tokio::spawn(driver.run());
             let member = Member {
                 inbox: tx,
@@ -206,9 +222,10 @@ impl Group {
         .unwrap();
         let (resp, rx) = oneshot::channel();
         let cmd = Command::Txn(txn);
+        let queued = InboxBytes::new().take(&cmd).unwrap();
         self.members[&node]
             .inbox
-            .send(Msg::Propose { cmd, resp })
+            .send(Msg::Propose { cmd, resp, queued })
             .await
             .unwrap();
         rx.await.expect("the driver answers every proposal")

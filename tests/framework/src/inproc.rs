@@ -66,6 +66,7 @@ fn node_config(
         copy_bytes_per_sec: 0,
         link_filter: filter,
         join: false,
+        serve: Default::default(),
     }
 }
 
