@@ -110,6 +110,15 @@ const _: () = assert!(SNAPSHOT_BUILD_RETRY_MIN_MS < SNAPSHOT_BUILD_RETRY_MAX_MS)
 const _: () = assert!(PROPOSAL_BATCH_BYTES_MAX as u64 <= RAFT_MSG_BYTES_MAX);
 const _: () = assert!(PROPOSAL_BATCH_TXNS_MAX <= PENDING_PROPOSALS_MAX);
 
+/// Most bytes a migration's change log keeps on its donor (the writes to its slots the recipient
+/// has not replayed and trimmed yet; every donor replica holds them): past it the move is
+/// aborted rather than filling the donor's disks during a long copy under write load (audit
+/// H6). A BEGIN may ask for less (`MigrateOutRequest.log_bytes_max`).
+pub const MIGRATION_LOG_BYTES_MAX: u64 = 1 << 30;
+/// Most change-log entries one TRIM or END entry deletes: a long log goes in several bounded
+/// raft entries, never one batch that stalls the driver.
+pub const MIGRATION_LOG_DELETE_MAX: usize = 1024;
+
 /// Most bytes of records one migration page carries (a pull answer, an ingest entry): one raft
 /// entry stays well under the raft message bound.
 pub const MIGRATION_PAGE_BYTES_MAX: usize = 256 * 1024;
