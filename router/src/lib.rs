@@ -115,6 +115,9 @@ pub struct RouterOptions {
     pub follow_map_updates: bool,
     /// Tests only: where this router's cross-group transactions stop, as if it died there.
     pub twopc_failpoint: Option<Failpoint>,
+    /// Tests only: added to this router's wall clock (ms), as if it were that far off. The
+    /// clock only orders transactions (`priority_ms`); lock ages are measured by the groups.
+    pub clock_offset_ms: i64,
 }
 
 /// Counters of routing events since the router started.
@@ -139,6 +142,7 @@ impl Default for RouterOptions {
             start_timeout: DEFAULT_START_TIMEOUT,
             follow_map_updates: true,
             twopc_failpoint: None,
+            clock_offset_ms: 0,
         }
     }
 }
@@ -155,9 +159,18 @@ pub(crate) struct Shared {
     pub(crate) stop: watch::Receiver<bool>,
     pub(crate) counters: Counters,
     pub(crate) twopc_failpoint: Option<Failpoint>,
+    pub(crate) clock_offset_ms: i64,
 }
 
 impl Shared {
+    /// This router's clock (ms since the Unix epoch), which orders its transactions.
+    pub(crate) fn now_ms(&self) -> u64 {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        wall.saturating_add_signed(self.clock_offset_ms)
+    }
+
     /// Installs `map` if it is newer than the cached one.
     pub(crate) fn install_map(&self, map: ShardMap, source: &str) {
         self.config.learn(&map);
@@ -207,6 +220,7 @@ impl Router {
             stop: stop_rx.clone(),
             counters: Counters::default(),
             twopc_failpoint: opts.twopc_failpoint,
+            clock_offset_ms: opts.clock_offset_ms,
         });
         shared.install_map(initial, "start");
         if shared.map.current().version == 0 {
