@@ -163,6 +163,25 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    fn new(
+        pool: Arc<Pool>,
+        config: ConfigClient,
+        stop: watch::Receiver<bool>,
+        opts: &RouterOptions,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            map: MapCell::new(),
+            leaders: Leaders::default(),
+            pool,
+            config,
+            refresh_lock: tokio::sync::Mutex::new(()),
+            stop,
+            counters: Counters::default(),
+            twopc_failpoint: opts.twopc_failpoint,
+            clock_offset_ms: opts.clock_offset_ms,
+        })
+    }
+
     /// This router's clock (ms since the Unix epoch), which orders its transactions.
     pub(crate) fn now_ms(&self) -> u64 {
         let wall = std::time::SystemTime::now()
@@ -211,17 +230,7 @@ impl Router {
 
         let initial = config.fetch_initial(opts.start_timeout).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            map: MapCell::new(),
-            leaders: Leaders::default(),
-            pool,
-            config,
-            refresh_lock: tokio::sync::Mutex::new(()),
-            stop: stop_rx.clone(),
-            counters: Counters::default(),
-            twopc_failpoint: opts.twopc_failpoint,
-            clock_offset_ms: opts.clock_offset_ms,
-        });
+        let shared = Shared::new(pool, config, stop_rx.clone(), &opts);
         shared.install_map(initial, "start");
         if shared.map.current().version == 0 {
             tracing::warn!(
@@ -316,6 +325,44 @@ impl Router {
             }
         }
         tracing::info!(addr = %self.addr, "router stopped");
+    }
+}
+
+/// The router's lock resolution (`locks.rs`) for use outside a router: a shard group's leader
+/// resolves, in the background, expired locks that no request meets (audit M4: an orphan on a
+/// cold key would block moving its slot). Routes by a shard map fetched from the config servers
+/// and refreshed on `wrong shard`, like a router that does not follow map updates.
+pub struct LockResolver {
+    shared: Arc<Shared>,
+    /// Dropped with the resolver: nothing of it outlives it.
+    _stop: watch::Sender<bool>,
+}
+
+impl LockResolver {
+    /// Fetches the shard map from the config servers at `config_addrs`, trying for `timeout`.
+    pub async fn connect(config_addrs: &[String], timeout: Duration) -> anyhow::Result<Self> {
+        let pool = Arc::new(Pool::default());
+        let config = ConfigClient::new(config_addrs, pool.clone())?;
+        let initial = config.fetch_initial(timeout).await?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Shared::new(pool, config, stop_rx, &RouterOptions::default());
+        shared.install_map(initial, "start");
+        Ok(LockResolver {
+            shared,
+            _stop: stop_tx,
+        })
+    }
+
+    /// Resolves `lock`, met on an item of shard key `at`, if its holder has held it longer than
+    /// the lock timeout (`lock.age_ms`), within `budget`: as a router meeting it would.
+    pub async fn resolve(
+        &self,
+        lock: ordo_proto::v1::error_detail::Locked,
+        at: bytes::Bytes,
+        budget: Duration,
+    ) -> Result<(), tonic::Status> {
+        let deadline = tokio::time::Instant::now() + budget;
+        locks::resolve(&self.shared, lock, at, deadline, None).await
     }
 }
 

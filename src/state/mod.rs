@@ -34,6 +34,8 @@ const APPLIED_KEY: &[u8] = b"applied_index";
 const SLOT_COUNT_KEY: &[u8] = b"slot_count";
 /// `map_version u64 BE | bitset of owned slots`; absent = standalone (owns every slot).
 const OWNERSHIP_KEY: &[u8] = b"ownership";
+/// The config servers' addresses, newline-separated, from the last `SetOwnership` that named them.
+const CONFIG_ADDRS_KEY: &[u8] = b"config_addrs";
 /// Present while a snapshot is being installed: a restart that finds it knows the data tree is
 /// partial and starts over from an empty replica.
 const INSTALLING_KEY: &[u8] = b"installing_snapshot";
@@ -54,6 +56,8 @@ pub struct StateMachine {
     locks: AtomicI64,
     /// How long the holders of those locks have held them, by this replica's clock.
     lock_ages: participant::LockAges,
+    /// Where the config servers are (`CONFIG_ADDRS_KEY`).
+    config_addrs: RwLock<Vec<String>>,
 }
 
 struct TxView<'a> {
@@ -155,6 +159,16 @@ fn read_u64(raw: Option<sled::IVec>, what: &str) -> Result<u64> {
     }
 }
 
+fn load_config_addrs(sys: &sled::Tree) -> Result<Vec<String>> {
+    Ok(match sys.get(CONFIG_ADDRS_KEY)? {
+        None => Vec::new(),
+        Some(raw) => String::from_utf8_lossy(&raw)
+            .split('\n')
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
 /// What `open` found.
 pub struct Opened {
     pub sm: StateMachine,
@@ -191,6 +205,7 @@ impl StateMachine {
         let moving = Moving::load(&sys)?;
         let lock_ages = participant::LockAges::default();
         let locks = lock_ages.reset(&data, slot_count)?;
+        let config_addrs = RwLock::new(load_config_addrs(&sys)?);
         Ok(Opened {
             sm: StateMachine {
                 node_id,
@@ -204,6 +219,7 @@ impl StateMachine {
                 view: RwLock::new(()),
                 locks: AtomicI64::new(locks),
                 lock_ages,
+                config_addrs,
             },
             interrupted_install,
         })
@@ -298,6 +314,46 @@ impl StateMachine {
     pub fn holds_young_locks(&self, txn_id: &[u8]) -> bool {
         self.lock_ages.holds(txn_id)
             && self.lock_ages.age(txn_id) < std::time::Duration::from_millis(TXN_LOCK_TIMEOUT_MS)
+    }
+
+    /// The config servers' addresses, as the last ownership change named them.
+    pub fn config_addrs(&self) -> Vec<String> {
+        self.config_addrs.read().unwrap().clone()
+    }
+
+    /// Up to `max` transactions (one lock each, with the shard key of its item) that have held
+    /// locks in slots this group owns for at least the lock timeout, by this replica's clock:
+    /// their coordinators are presumed gone.
+    pub fn expired_locks(&self, max: usize) -> Result<Vec<(Error, bytes::Bytes)>> {
+        let ownership = self.ownership();
+        let _r = self.read_guard();
+        let mut found: Vec<(Error, bytes::Bytes)> = Vec::new();
+        for slot in (0..self.slot_count).filter(|s| ownership.owns(*s)) {
+            for kv in self
+                .data
+                .scan_prefix(keys::reserved_prefix(slot, participant::LOCK_KIND))
+            {
+                let (lk, raw) = kv?;
+                let item = participant::locked_item(&lk);
+                let locked = self.decode_lock(&lk, &raw)?.refusal(&item, &self.lock_ages);
+                let Error::Locked { txn_id, age_ms, .. } = &locked else {
+                    unreachable!("a refusal is Locked")
+                };
+                if *age_ms < TXN_LOCK_TIMEOUT_MS
+                    || found
+                        .iter()
+                        .any(|(e, _)| matches!(e, Error::Locked { txn_id: t, .. } if t == txn_id))
+                {
+                    continue;
+                }
+                let (_, sk, _) = keys::decode_key(&item)?;
+                found.push((locked, bytes::Bytes::copy_from_slice(sk)));
+                if found.len() == max {
+                    return Ok(found);
+                }
+            }
+        }
+        Ok(found)
     }
 
     /// Items locked by unfinished cross-group transactions.
@@ -439,6 +495,7 @@ impl StateMachine {
         self.sys.insert(INSTALLING_KEY, &index.to_be_bytes())?;
         self.data.clear()?;
         self.sys.remove(OWNERSHIP_KEY)?;
+        self.sys.remove(CONFIG_ADDRS_KEY)?;
         migrate::clear_sys(&self.sys)?;
         let mut reader = snapshot::Reader::open(path)?;
         let mut batch = sled::Batch::default();
@@ -476,6 +533,7 @@ impl StateMachine {
             Ordering::Relaxed,
         );
         *self.moving.write().unwrap() = Moving::load(&self.sys)?;
+        *self.config_addrs.write().unwrap() = load_config_addrs(&self.sys)?;
         self.applied_tx.send_replace(index);
         tracing::info!(node = self.node_id, index, items, "installed snapshot");
         Ok(items)

@@ -454,6 +454,53 @@ async fn h7_a_coordinator_clock_ahead_neither_extends_nor_breaks_its_locks() {
     pg.shutdown().await;
 }
 
+/// Audit M4: a coordinator dies after preparing a transfer between two cold accounts, and both
+/// slots are moved at once. Nobody touches the accounts: the groups' leaders resolve the
+/// orphaned locks themselves once they are older than the lock timeout, so the fences that wait
+/// for them go through and the moves succeed, and the transfer is aborted on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn m4_orphaned_locks_on_cold_keys_do_not_block_moving_their_slots() {
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    let (pg, c) = bank().await;
+    let (a, b) = two_groups_apart(&pg);
+    let (ga, gb) = (group_of(&pg, a), group_of(&pg, b));
+    let before = read_accounts(&c, &[a, b]).await.unwrap();
+    let (router, dying) = router_with(&pg, Failpoint::AfterPrepare).await;
+    assert_eq!(
+        transfer(&dying, a, b, 7).await,
+        None,
+        "the coordinator stopped"
+    );
+    router.shutdown().await;
+    let map = pg.router.shard_map();
+    let slots = [a, b].map(|i| ordo_proto::slot_of(&account(i), map.slot_count));
+    let third = map
+        .groups
+        .iter()
+        .map(|g| g.id)
+        .find(|g| *g != ga && *g != gb);
+    let cc = ordo_proto::client::ClusterClient::connect(pg.config_addrs.clone())
+        .unwrap()
+        .with_timeout(Duration::from_secs(60));
+    let started = Instant::now();
+    let moved = cc.move_slots(slots.to_vec(), third.unwrap()).await;
+    let took = started.elapsed();
+    moved.unwrap_or_else(|e| panic!("the move failed after {took:?}: {e}"));
+    assert!(
+        took < Duration::from_millis(ordo_proto::TXN_LOCK_TIMEOUT_MS + 8_000),
+        "the move took {took:?}"
+    );
+    eprintln!("both slots of an orphaned transfer moved in {took:?}");
+    let after = read_accounts(&c, &[a, b]).await.unwrap();
+    assert_eq!(
+        (after[0].1, after[1].1),
+        (before[0].1, before[1].1),
+        "an undecided transfer is aborted on both sides"
+    );
+    assert_no_locks_left(&pg).await;
+    pg.shutdown().await;
+}
+
 /// Acceptance 3 with real processes: while transfers and audits run through a router, the
 /// leaders of both groups are killed (-9) and restarted, so prepares and finishes are cut in
 /// every phase. Every audit that answers sums to the total, and so does the end state once the

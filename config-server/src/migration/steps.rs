@@ -415,6 +415,7 @@ impl<S: MapStore> Mover<S> {
             map_version,
             slot_count,
             slots,
+            config_addrs: self.store.config_addrs(),
         };
         self.on_leader(g, "set ownership", req, |mut c, r| async move {
             c.set_ownership(r).await
@@ -509,6 +510,7 @@ impl<S: MapStore> Mover<S> {
                 map_version: map.version + 1,
                 slot_count: map.slot_count,
                 slots,
+                config_addrs: self.store.config_addrs(),
             };
             self.on_leader(&d, "set ownership", req, |mut c, r| async move {
                 c.set_ownership(r).await
