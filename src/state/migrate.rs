@@ -807,6 +807,7 @@ mod tests {
                 map_version: 1,
                 slot_count: SLOTS,
                 slots: owned.to_vec(),
+                ..Default::default()
             }))
             .unwrap();
             s
@@ -927,6 +928,7 @@ mod tests {
             map_version: 2,
             slot_count: SLOTS,
             slots: others,
+            ..Default::default()
         }))
         .unwrap();
         r.run(Command::SetOwnership(SetOwnershipRequest {
@@ -934,6 +936,7 @@ mod tests {
             map_version: 2,
             slot_count: SLOTS,
             slots: vec![moving_slot],
+            ..Default::default()
         }))
         .unwrap();
         assert!(matches!(
@@ -1281,6 +1284,7 @@ mod tests {
             map_version: 2,
             slot_count: SLOTS,
             slots: vec![s],
+            ..Default::default()
         }))
         .unwrap();
         assert_eq!(
