@@ -12,7 +12,7 @@ use crate::replica::ReplicaHandle;
 use crate::server::validate;
 use crate::state::{Command, Outcome};
 
-/// `ordo.v1.Participant`: a shard group's side of cross-group transactions (see `twopc.rs`).
+/// `ordo.v1.Participant`: a shard group's side of cross-group transactions (see `state/participant.rs`).
 /// Every request is checked here, then applied as one raft command.
 #[derive(Clone)]
 pub struct ParticipantService(pub Arc<ReplicaHandle>);

@@ -1,11 +1,16 @@
-//! Online resharding inside one group's state machine (a child module of `sm.rs`).
+//! Online resharding inside one group's state machine (a child module of `state`).
 //!
 //! Donor side: `BEGIN` records an outgoing migration (`migout/<id>` in the sys tree) and from
 //! then on every write to one of its slots is also appended, in the same sled transaction, to its
 //! change log (`miglog/<id>/<raft index>/<seq>` → `key | value`, an empty value for a delete).
 //! `FENCE` refuses every later request for the slots with `SlotMoving`, so the log is complete
-//! at the fence index. `END` drops the record, the log and the fence. All of it is replicated
-//! state (raft entries, part of snapshots), so a new donor leader serves the same log.
+//! at the fence index. The log has a byte cap, counted at apply (`Out::log_bytes`): a write
+//! past it is not logged and the migration is overflowed, which refuses every later step but
+//! `END` with RESOURCE_EXHAUSTED (the move must abort). `TRIM` deletes the prefix the recipient
+//! has replayed; `END` drops the record and the fence, and deletes the log; both delete at most
+//! `MIGRATION_LOG_DELETE_MAX` log entries per raft entry and are repeated until done. All of it
+//! is replicated state (raft entries, part of snapshots), so a new donor leader serves the same
+//! log.
 //!
 //! Recipient side: `INGEST` writes copied records as they are, versions included, in the order the
 //! driver sends them (the slots' items first, then the change log from its start, in log order):
