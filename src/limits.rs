@@ -99,6 +99,14 @@ pub const CATCH_UP_TIMEOUT_MAX_MS: u64 = 600_000;
 /// A cross-group transaction whose locks are older than this may be aborted by anyone who meets
 /// them (defined next to the slot hash, since routers need it too).
 pub use ordo_proto::TXN_LOCK_TIMEOUT_MS;
+/// How often a group's leader looks for locks held longer than the lock timeout that no request
+/// met (orphans of dead coordinators on cold keys, which would block moving their slots: audit
+/// M4), and resolves them. A quarter of the timeout: an orphan outlives it by at most that.
+pub const ORPHAN_SCAN_EVERY_MS: u64 = TXN_LOCK_TIMEOUT_MS / 4;
+/// Most orphaned transactions one round resolves (bounded work per round; the rest wait for the
+/// next), and how long each resolution may take (it asks the primary's group for the decision).
+pub const ORPHANS_PER_ROUND_MAX: usize = 16;
+pub const ORPHAN_RESOLVE_MS: u64 = 2_000;
 /// Raft-rs flow control: bytes of entries per append message, and appends in flight per follower.
 pub const RAFT_MSG_BYTES_MAX: u64 = 1024 * 1024;
 pub const RAFT_INFLIGHT_MSGS_MAX: usize = 256;
@@ -130,6 +138,15 @@ const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_BUILD_RETRY_MIN_MS < SNAPSHOT_BUILD_RETRY_MAX_MS);
 const _: () = assert!(PROPOSAL_BATCH_BYTES_MAX as u64 <= RAFT_MSG_BYTES_MAX);
 const _: () = assert!(PROPOSAL_BATCH_TXNS_MAX <= PENDING_PROPOSALS_MAX);
+
+/// Most bytes a migration's change log keeps on its donor (the writes to its slots the recipient
+/// has not replayed and trimmed yet; every donor replica holds them): past it the move is
+/// aborted rather than filling the donor's disks during a long copy under write load (audit
+/// H6). A BEGIN may ask for less (`MigrateOutRequest.log_bytes_max`).
+pub const MIGRATION_LOG_BYTES_MAX: u64 = 1 << 30;
+/// Most change-log entries one TRIM or END entry deletes: a long log goes in several bounded
+/// raft entries, never one batch that stalls the driver.
+pub const MIGRATION_LOG_DELETE_MAX: usize = 1024;
 
 /// Most bytes of records one migration page carries (a pull answer, an ingest entry): one raft
 /// entry stays well under the raft message bound.

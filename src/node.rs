@@ -327,6 +327,9 @@ impl Node {
             membership: Default::default(),
             stop: stop_rx.clone(),
         });
+        if !cfg.config_server {
+            crate::server::orphans::spawn(replica.clone(), stop_rx.clone());
+        }
         let server = serve(&cfg, &replica, listener, stop_rx);
         tracing::info!(node = cfg.id, group = cfg.group, %addr, peers = ?peers.read().unwrap(), join = cfg.join, "node serving");
         Ok(Node {

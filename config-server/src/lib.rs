@@ -173,7 +173,13 @@ impl<S: MapStore> ConfigService<S> {
         for g in &next.groups {
             if let Err(e) = self
                 .groups
-                .set_ownership(g, next.version, next.slot_count, owned[&g.id].clone())
+                .set_ownership(
+                    g,
+                    next.version,
+                    next.slot_count,
+                    owned[&g.id].clone(),
+                    next.config_addrs.clone(),
+                )
                 .await
             {
                 self.roll_back_init(&installed, &next).await;
@@ -196,7 +202,7 @@ impl<S: MapStore> ConfigService<S> {
         for g in installed {
             if let Err(e) = self
                 .groups
-                .set_ownership(g, next.version, next.slot_count, vec![])
+                .set_ownership(g, next.version, next.slot_count, vec![], vec![])
                 .await
             {
                 tracing::error!(group = g.id, error = %e, "could not roll back ownership after a failed init");
@@ -212,7 +218,13 @@ impl<S: MapStore> ConfigService<S> {
         let next = map::add_group(&current, group.clone());
         // From now on the group serves exactly what the map gives it: nothing, yet.
         self.groups
-            .set_ownership(&group, next.version, next.slot_count, vec![])
+            .set_ownership(
+                &group,
+                next.version,
+                next.slot_count,
+                vec![],
+                self.store.config_addrs(),
+            )
             .await?;
         self.cas_map(token, &next).await?;
         Ok(next)

@@ -19,9 +19,10 @@ pub mod v1 {
     tonic::include_proto!("ordo.v1");
 }
 
-/// A cross-group transaction whose locks are older than this (by its coordinator's clock) may be
-/// aborted by anyone who meets them: its coordinator is presumed gone. Nodes and routers agree
-/// on it through this constant.
+/// A cross-group transaction whose locks are older than this may be aborted by anyone who meets
+/// them: its coordinator is presumed gone. A lock's age is measured by the group holding it, on
+/// its own clock, from when it applied the lock (`Locked.age_ms`), so clock skew between
+/// machines cannot shorten or stretch it. Nodes and routers agree on it through this constant.
 pub const TXN_LOCK_TIMEOUT_MS: u64 = 2_000;
 
 /// The slot of a shard key: `crc32(shard_key) mod slot_count`. Routers and nodes both call this,

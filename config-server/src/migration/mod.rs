@@ -45,8 +45,9 @@ mod steps;
 pub use plan::{counts_after, describe_plan, in_flight, plan_move, plan_rebalance, state_name};
 
 /// Fence attempts refused because items of the moving slots are locked, 50 ms apart (10 s,
-/// five lock timeouts: a lock left by a dead coordinator is resolved by the next request that
-/// meets it once the timeout has passed) before the move is given up.
+/// five lock timeouts: a lock left by a dead coordinator is resolved once the timeout has
+/// passed, by the next request that meets it or else by its group's leader in the background)
+/// before the move is given up.
 const FENCE_LOCKED_TRIES_MAX: u32 = 200;
 /// Most migrations in flight at once (each holds a change log on its donor).
 pub const CONCURRENT_MAX: usize = 4;
