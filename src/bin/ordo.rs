@@ -7,8 +7,8 @@ use clap::{Args, Parser, Subcommand};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
-use ordo::node::{parse_peers, Node, NodeConfig};
+use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, SLOT_COUNT_DEFAULT};
+use ordo::node::{check_dedup_window, parse_peers, Node, NodeConfig};
 use ordo::playground::{Playground, PlaygroundConfig};
 
 #[derive(Parser)]
@@ -47,6 +47,13 @@ struct ReplicaArgs {
     /// replicas and this node.
     #[arg(long, display_order = 6)]
     join: bool,
+    /// How long a write's idempotency key is remembered, in seconds (1 to 86400): a write sent
+    /// again with its key within this window is answered with its first outcome and not applied
+    /// again. The leader's value is the one that counts (replicas apply by the stamp it puts on
+    /// each entry).
+    #[arg(long, default_value_t = DEDUP_WINDOW_SECS_DEFAULT, display_order = 7,
+          value_parser = |s: &str| -> anyhow::Result<u64> { check_dedup_window(s.parse()?) })]
+    dedup_window_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -117,26 +124,19 @@ async fn wait_for_signal() {
     let _ = ctrl_c.await;
 }
 
-fn node_config(
-    id: u64,
-    group: u64,
-    listen: String,
-    peers: &str,
-    data_dir: PathBuf,
-    compact: u64,
-    join: bool,
-) -> anyhow::Result<NodeConfig> {
+fn node_config(r: ReplicaArgs, group: u64, compact: u64) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig {
-        id,
+        id: r.id,
         group,
-        listen,
-        peers: parse_peers(peers)?,
-        data_dir,
+        listen: r.listen,
+        peers: parse_peers(&r.peers)?,
+        data_dir: r.data_dir,
         compact_log_entries: compact,
+        dedup_window_secs: r.dedup_window_secs,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == 0,
         link_filter: None,
-        join,
+        join: r.join,
     })
 }
 
@@ -168,16 +168,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Runs one replica of `group` (0: a config server) until SIGINT or SIGTERM, or until it fails.
 async fn run_replica(r: ReplicaArgs, group: u64, compact_log_entries: u64) -> anyhow::Result<()> {
-    let node = Node::start(node_config(
-        r.id,
-        group,
-        r.listen,
-        &r.peers,
-        r.data_dir,
-        compact_log_entries,
-        r.join,
-    )?)
-    .await?;
+    let node = Node::start(node_config(r, group, compact_log_entries)?).await?;
     tokio::select! {
         _ = wait_for_signal() => {}
         why = node.failed() => {

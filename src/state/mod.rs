@@ -18,6 +18,8 @@ use txn::ItemView;
 
 mod apply;
 mod command;
+/// Idempotency keys: keyed writes applied at most once, their outcomes kept per slot.
+mod dedup;
 pub(crate) mod keys;
 /// Online resharding's replicated state: outgoing migrations, their change logs and fences.
 pub(crate) mod migrate;
@@ -26,6 +28,7 @@ pub(crate) mod participant;
 pub(crate) mod txn;
 
 pub use command::{shard_keys, Apply, Command, Outcome};
+pub use dedup::Stamp;
 use migrate::Moving;
 use ownership::load_ownership;
 pub use ownership::Ownership;
@@ -97,15 +100,24 @@ impl ItemView for TxView<'_> {
     }
     fn put(&mut self, sk: &[u8], key: &[u8], version: u64, value: &[u8]) -> Result<()> {
         let slot = ordo_proto::slot_of(sk, self.slot_count);
-        let raw_key = keys::encode_key(slot, sk, key);
         let raw_value = keys::encode_value(version, value);
+        self.put_raw(slot, keys::encode_key(slot, sk, key), raw_value)
+    }
+    fn delete(&mut self, sk: &[u8], key: &[u8]) -> Result<()> {
+        let slot = ordo_proto::slot_of(sk, self.slot_count);
+        self.delete_raw(slot, keys::encode_key(slot, sk, key))
+    }
+}
+
+impl TxView<'_> {
+    /// Writes a record of `slot` (an item or a reserved record), through its change log when it
+    /// is moving.
+    fn put_raw(&mut self, slot: u32, raw_key: Vec<u8>, raw_value: Vec<u8>) -> Result<()> {
         self.log.record(slot, &raw_key, &raw_value)?;
         self.data.insert(raw_key, raw_value).map_err(tx_err)?;
         Ok(())
     }
-    fn delete(&mut self, sk: &[u8], key: &[u8]) -> Result<()> {
-        let slot = ordo_proto::slot_of(sk, self.slot_count);
-        let raw_key = keys::encode_key(slot, sk, key);
+    fn delete_raw(&mut self, slot: u32, raw_key: Vec<u8>) -> Result<()> {
         self.log.record(slot, &raw_key, &[])?;
         self.data.remove(raw_key).map_err(tx_err)?;
         Ok(())

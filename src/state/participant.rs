@@ -585,6 +585,7 @@ mod tests {
                 .apply(&[Apply {
                     index: self.index,
                     cmd: Some(cmd),
+                    stamp: None,
                 }])
                 .unwrap();
             out.pop().unwrap().1

@@ -55,6 +55,7 @@ fn parts(dir: &std::path::Path) -> Parts {
         join: false,
         data_dir: dir.to_path_buf(),
         compact_log_entries: 1000,
+        dedup_window_secs: crate::limits::DEDUP_WINDOW_SECS_DEFAULT,
         slot_count: crate::limits::SLOT_COUNT_DEFAULT,
         config_server: false,
         link_filter: None,
