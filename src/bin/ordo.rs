@@ -291,6 +291,29 @@ mod tests {
     }
 
     #[test]
+    fn m9_the_dedup_window_defaults_to_ten_minutes_and_bad_ones_name_the_limit() {
+        let node = |extra: &[&str]| {
+            let base = ["node", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"];
+            parse(&[&base[..], &["--data-dir", "d"], extra].concat())
+        };
+        let Ok(Cmd::Node { replica, .. }) = node(&[]) else {
+            panic!("not node")
+        };
+        assert_eq!(replica.dedup_window_secs, DEDUP_WINDOW_SECS_DEFAULT);
+        let Ok(Cmd::Node { replica, .. }) = node(&["--dedup-window-secs", "30"]) else {
+            panic!("not node")
+        };
+        assert_eq!(replica.dedup_window_secs, 30);
+        for bad in ["0", "86401"] {
+            let err = node(&["--dedup-window-secs", bad])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("DEDUP_WINDOW_SECS_MAX (86400)"), "{err}");
+        }
+    }
+
+    #[test]
     fn router_config_addresses_split_on_commas() {
         let config = |value: &str| {
             let Cmd::Router { config, .. } =
