@@ -171,37 +171,6 @@ async fn m9_a_write_with_an_unknown_outcome_is_retried_with_its_idempotency_key(
         "a client's key is kept"
     );
 
-    // Only the deadline ends a write that may have been applied, not the attempt bound: its
-    // client is told the outcome is unknown only once no time is left.
-    let config = spawn_config(map_v(1, &[&unsure.addr], &[&other.addr])).await;
-    let router_unsure = start_router(vec![config.addr.clone()]).await;
-    let deadline = Duration::from_secs(4);
-    let started = Instant::now();
-    let err = kv(&router_unsure)
-        .await
-        .put(with_timeout(put_req(k.clone()), deadline))
-        .await
-        .unwrap_err();
-    assert!(
-        started.elapsed() >= deadline - Duration::from_millis(400),
-        "{:?}",
-        started.elapsed()
-    );
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(
-        err.message()
-            .contains("the outcome of this write is unknown"),
-        "{}",
-        err.message()
-    );
-    assert!(err.details().is_empty(), "not NotApplied: {err:?}");
-    let attempts = seen(&unsure).len() - 1;
-    assert!(
-        attempts > 12,
-        "{attempts} attempts: more than the attempt bound"
-    );
-    router_unsure.shutdown().await;
-
     // A write refused with NotApplied is retried at the next replica.
     let refusing = spawn_node("refusing", |_| {
         Some(not_applied(
@@ -231,6 +200,48 @@ async fn m9_a_write_with_an_unknown_outcome_is_retried_with_its_idempotency_key(
     router.shutdown().await;
     router2.shutdown().await;
     router3.shutdown().await;
+}
+
+/// Only the deadline ends a write that may have been applied, not the attempt bound: its client
+/// is told the outcome is unknown only once no time is left.
+#[tokio::test]
+async fn m9_a_write_that_may_have_applied_ends_only_at_its_deadline() {
+    let unsure = spawn_node("unsure", |_| {
+        Some(Status::unavailable(
+            "the replica stopped during the write; its outcome is unknown",
+        ))
+    })
+    .await;
+    let other = healthy_node("g2").await;
+    let k = key_of_group(1, 0);
+    let config = spawn_config(map_v(1, &[&unsure.addr], &[&other.addr])).await;
+    let router_unsure = start_router(vec![config.addr.clone()]).await;
+    let deadline = Duration::from_secs(4);
+    let started = Instant::now();
+    let err = kv(&router_unsure)
+        .await
+        .put(with_timeout(put_req(k.clone()), deadline))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() >= deadline - Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .contains("the outcome of this write is unknown"),
+        "{}",
+        err.message()
+    );
+    assert!(err.details().is_empty(), "not NotApplied: {err:?}");
+    let attempts = seen(&unsure).len();
+    assert!(
+        attempts > 12,
+        "{attempts} attempts: more than the attempt bound"
+    );
+    router_unsure.shutdown().await;
 }
 
 /// A fake node that accepts HTTP/2 connections, waits until a request's body has arrived, and
