@@ -468,6 +468,7 @@ mod tests {
         assert_eq!(put_version(rs.into_iter().nth(1).unwrap().unwrap()), 2);
         assert_eq!(s.version(), 2);
         assert_eq!(s.records(), (2, 2, 2));
+        assert_eq!(s.sm.digest().unwrap().0, 1, "dedup records are not items");
         // Without a key, or read-only, nothing is deduplicated or recorded.
         let mut unkeyed = put("", "x");
         unkeyed.header = None;
