@@ -153,3 +153,26 @@ pub const MIGRATION_LOG_DELETE_MAX: usize = 1024;
 pub const MIGRATION_PAGE_BYTES_MAX: usize = 256 * 1024;
 const _: () =
     assert!((MIGRATION_PAGE_BYTES_MAX + VALUE_BYTES_MAX) * 2 < RAFT_MSG_BYTES_MAX as usize * 4);
+
+/// Longest idempotency key (`RequestHeader.idempotency_key`): room for a UUID or a client id and
+/// a sequence number in text, while every dedup entry's key stays small.
+pub const IDEMPOTENCY_KEY_BYTES_MAX: usize = 64;
+/// How long a keyed write's outcome is kept by default (`--dedup-window-secs`): far longer than
+/// any retry (a router's deadline is at most a minute), short enough that the entries of a busy
+/// group stay a small fraction of its data.
+pub const DEDUP_WINDOW_SECS_DEFAULT: u64 = 600;
+/// The longest window a node accepts: a day of entries is already a lot of state to move with
+/// every slot.
+pub const DEDUP_WINDOW_SECS_MAX: u64 = 24 * 3600;
+/// Most dedup entries one slot keeps; a new one beyond it evicts the entry closest to expiry (its
+/// key is then forgotten early). All writes of a hot shard key land in one slot, so the bound
+/// holds even for it, and 16384 entries of about 100 bytes are 1.6 MB a slot.
+pub const DEDUP_ENTRIES_PER_SLOT_MAX: u64 = 16_384;
+/// Most expired dedup entries one keyed write removes from its slot (with the apply, in the same
+/// sled transaction): expiry keeps pace with the writes that create entries without ever
+/// deleting a big batch on the driver.
+pub const DEDUP_EXPIRE_STEP: usize = 4;
+/// Largest outcome a dedup entry keeps. A writing Txn that also reads big values can answer
+/// megabytes; such an outcome is not kept, and a retry with its key is told the first attempt
+/// was applied (FAILED_PRECONDITION naming this limit) instead of getting its results again.
+pub const DEDUP_OUTCOME_BYTES_MAX: usize = 64 * 1024;

@@ -43,6 +43,9 @@ pub struct NodeConfig {
     pub join: bool,
     pub data_dir: PathBuf,
     pub compact_log_entries: u64,
+    /// How long keyed writes are deduplicated when this replica leads (`--dedup-window-secs`,
+    /// checked by [`check_dedup_window`]).
+    pub dedup_window_secs: u64,
     pub slot_count: u32,
     /// Serve `ordo.v1.Cluster` (a config server: this group is the config group) instead of `ordo.v1.Kv`.
     pub config_server: bool,
@@ -55,6 +58,18 @@ pub struct NodeConfig {
     /// Connection cap and request-bytes budget of the node's gRPC server (a clone shares the
     /// budget: the playground gives all its servers one).
     pub serve: ServeLimits,
+}
+
+/// Refuses a dedup window outside `1..=DEDUP_WINDOW_SECS_MAX` seconds, naming the limit.
+pub fn check_dedup_window(secs: u64) -> anyhow::Result<u64> {
+    use crate::limits::DEDUP_WINDOW_SECS_MAX;
+    if secs == 0 || secs > DEDUP_WINDOW_SECS_MAX {
+        bail!(
+            "--dedup-window-secs {secs} is out of range: it must be 1 to DEDUP_WINDOW_SECS_MAX \
+             ({DEDUP_WINDOW_SECS_MAX})"
+        );
+    }
+    Ok(secs)
 }
 
 /// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
@@ -195,6 +210,7 @@ pub(crate) fn new_driver(
         applied: rec.sm.applied_index(),
         snap_dir: rec.snap_dir,
         compact_log_entries: cfg.compact_log_entries,
+        dedup_window_ms: cfg.dedup_window_secs * 1000,
     };
     Ok(Driver::new(
         driver_cfg, rec.store, durable, rec.sm, inbox, raft_in, outbox, shared, stop,

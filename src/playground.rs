@@ -116,6 +116,7 @@ async fn start_group(
             peers: peers.clone(),
             data_dir: cfg.dir.join(format!("{name}/node-{id}")),
             compact_log_entries: cfg.compact_log_entries,
+            dedup_window_secs: crate::limits::DEDUP_WINDOW_SECS_DEFAULT,
             slot_count: SLOT_COUNT_DEFAULT,
             config_server: group == 0,
             copy_bytes_per_sec: cfg.copy_bytes_per_sec,

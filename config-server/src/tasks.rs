@@ -15,7 +15,6 @@
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use ordo_proto::v1::start_task_request::Task as What;
 use ordo_proto::v1::*;
@@ -66,12 +65,7 @@ pub fn task_outcome(t: Task) -> Result<Task, Status> {
     }
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use ordo_proto::unix_ms as now_ms;
 
 /// The tasks that runners of this replica hold now.
 #[derive(Default)]

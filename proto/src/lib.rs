@@ -25,6 +25,34 @@ pub mod v1 {
 /// machines cannot shorten or stretch it. Nodes and routers agree on it through this constant.
 pub const TXN_LOCK_TIMEOUT_MS: u64 = 2_000;
 
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before it). Never compared
+/// across machines for correctness: it stamps records, orders transactions, seeds ids.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// 16 bytes unique to this process and call: a random per-process half (a std `RandomState`
+/// hash of the clock and the process id) and a counter. Routers and clients make idempotency keys
+/// with it, the router its cross-group transaction ids.
+pub fn unique_id() -> bytes::Bytes {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let seed = *SEED.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        h.write_u128(now.map_or(0, |d| d.as_nanos()));
+        h.write_u32(std::process::id());
+        h.finish()
+    });
+    let mut id = seed.to_be_bytes().to_vec();
+    id.extend_from_slice(&NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    id.into()
+}
+
 /// The slot of a shard key: `crc32(shard_key) mod slot_count`. Routers and nodes both call this,
 /// so a key can never be routed by one rule and owned by another.
 pub fn slot_of(shard_key: &[u8], slot_count: u32) -> u32 {
@@ -44,5 +72,13 @@ mod tests {
         h.update(b"1");
         assert_eq!(slot_of(b"order-1", 4096), h.finalize() % 4096);
         assert!(slot_of(b"anything", 7) < 7);
+    }
+
+    #[test]
+    fn unique_ids_are_16_bytes_and_distinct() {
+        let (a, b) = (unique_id(), unique_id());
+        assert_eq!((a.len(), b.len()), (16, 16));
+        assert_ne!(a, b);
+        assert_eq!(a[..8], b[..8], "one process, one random half");
     }
 }

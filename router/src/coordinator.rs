@@ -27,8 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -77,31 +76,9 @@ fn failpoint(shared: &Shared, fp: Failpoint) -> Result<(), Status> {
     Ok(())
 }
 
-/// Wall-clock milliseconds, only to seed hashes here (never an age or an order).
-fn seed_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// 16 bytes unique to this process and call: a random per-process half and a counter.
-fn new_txn_id() -> Bytes {
-    static SEED: OnceLock<u64> = OnceLock::new();
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    let seed = *SEED.get_or_init(|| {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(seed_ms());
-        h.write_u32(std::process::id());
-        h.finish()
-    });
-    let mut id = seed.to_be_bytes().to_vec();
-    id.extend_from_slice(&NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes());
-    id.into()
-}
-
 fn random_below(n: u64) -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(seed_ms());
+    h.write_u64(ordo_proto::unix_ms());
     h.finish() % n.max(1)
 }
 
@@ -263,7 +240,7 @@ impl<'a> Attempt<'a> {
             shared,
             req,
             parts: split(&map, req),
-            txn_id: new_txn_id(),
+            txn_id: ordo_proto::unique_id(),
             primary,
             priority_ms,
             started_ms: shared.now_ms(),
@@ -687,13 +664,5 @@ mod tests {
         assert_eq!(pb.txn.compares.len(), 1);
         assert!(pa.txn.compares.is_empty());
         assert!(writes(&req.success) && !writes(&req.failure));
-    }
-
-    #[test]
-    fn transaction_ids_are_distinct() {
-        let a = new_txn_id();
-        let b = new_txn_id();
-        assert_eq!(a.len(), 16);
-        assert_ne!(a, b);
     }
 }

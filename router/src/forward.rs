@@ -36,16 +36,30 @@ use crate::retry::{
 };
 use crate::Shared;
 
-/// A request the router stamps with the map version it routed by.
+/// A request the router stamps with the map version it routed by (and keys, if it writes).
 pub(crate) trait Routed: Clone {
-    fn set_map_version(&mut self, version: u64);
+    fn header_mut(&mut self) -> &mut RequestHeader;
+
+    fn set_map_version(&mut self, version: u64) {
+        self.header_mut().map_version = version;
+    }
+
+    /// Gives the request an idempotency key of its own unless the client gave it one, so that
+    /// an attempt whose outcome is unknown can be sent again (the node answers a repeat with the
+    /// first outcome).
+    fn ensure_idempotency_key(&mut self) {
+        let header = self.header_mut();
+        if header.idempotency_key.is_empty() {
+            header.idempotency_key = ordo_proto::unique_id();
+        }
+    }
 }
 
 macro_rules! routed {
     ($($t:ty),*) => {$(
         impl Routed for $t {
-            fn set_map_version(&mut self, version: u64) {
-                self.header = Some(RequestHeader { map_version: version });
+            fn header_mut(&mut self) -> &mut RequestHeader {
+                self.header.get_or_insert_default()
             }
         }
     )*};
@@ -237,6 +251,10 @@ struct Attempts {
     /// The group of the previous attempt (a hint is about that group only).
     last_group: u64,
     last_error: String,
+    /// A keyed write's attempt failed after it was sent (it may have been applied): the write is
+    /// retried until the deadline, whatever the attempt count, and if it still fails its outcome
+    /// is unknown.
+    maybe_applied: bool,
 }
 
 impl Attempts {
@@ -253,6 +271,7 @@ impl Attempts {
             followed_hint: false,
             last_group: 0,
             last_error: String::from("no attempt made"),
+            maybe_applied: false,
         }
     }
 
@@ -352,6 +371,11 @@ impl Attempts {
             }
             Failure::Status(status) => status,
         };
+        if call.effect == Effect::KeyedWrite
+            && classify(&status, Effect::Write) == Action::OutcomeUnknown
+        {
+            self.maybe_applied = true;
+        }
         let action = classify(&status, call.effect);
         if self.counts(&action) {
             self.counted += 1;
@@ -490,9 +514,11 @@ impl Attempts {
         let (op, group, attempts) = (call.op, target.group, self.counted);
         let remaining = self.remaining();
         let out_of_time = delay >= remaining || remaining.is_zero();
-        if attempts >= MAX_ATTEMPTS || out_of_time {
+        // Once a keyed write may have been applied, only the deadline ends it: giving up
+        // earlier would leave its client with "outcome unknown" while time remained.
+        if (attempts >= MAX_ATTEMPTS && !self.maybe_applied) || out_of_time {
             let last = format!("from {}: {}", target.addr, self.last_error);
-            let status = self.exhausted(group, call.effect, &last, attempts < MAX_ATTEMPTS);
+            let status = self.exhausted(group, call.effect, &last, out_of_time);
             tracing::warn!(op, group, attempts, "{}", status.message());
             return Err(status);
         }
@@ -505,9 +531,14 @@ impl Attempts {
     }
 
     fn exhausted(&self, group: u64, effect: Effect, last: &str, deadline_cut: bool) -> Status {
+        let known = match effect {
+            Effect::Read => Known::Read,
+            _ if self.maybe_applied => Known::MaybeApplied,
+            _ => Known::NotApplied,
+        };
         exhausted(
             group,
-            effect,
+            known,
             self.counted,
             self.started,
             self.budget,
@@ -531,15 +562,27 @@ pub(crate) fn not_initialized() -> Status {
     Status::unavailable("cluster is not initialized: run `ordoctl init`")
 }
 
+/// What a request that gives up knows of its effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Known {
+    Read,
+    /// Every attempt of the write was certainly not applied.
+    NotApplied,
+    /// A keyed write, one of whose attempts failed after it was sent.
+    MaybeApplied,
+}
+
 /// The answer when the router gives up: what it tried and the last thing that went wrong.
 ///
-/// A write is retried only after attempts that certainly were not applied, so a write that
-/// runs out of attempts was not applied at all: it says so, in the message and with a
-/// `NotApplied` detail (a client may retry it). A read's give-up carries no details, so a client
-/// never mistakes the router for a node and follows a node's leader hint past it.
+/// A write is retried only after attempts that certainly were not applied, or with its
+/// idempotency key; a write whose every attempt was certainly not applied was not applied at all:
+/// it says so, in the message and with a `NotApplied` detail (a client may retry it). A keyed
+/// write that may have been applied gives up only at its deadline, and says its outcome is
+/// unknown. A read's give-up carries no details, so a client never mistakes the router for a
+/// node and follows a node's leader hint past it.
 fn exhausted(
     group: u64,
-    effect: Effect,
+    known: Known,
     attempts: u32,
     started: Instant,
     budget: Duration,
@@ -555,9 +598,13 @@ fn exhausted(
         "group {group}: {attempts} attempts over {:.1?} failed{cut}; last error {last}",
         started.elapsed()
     );
-    match effect {
-        Effect::Read => Status::unavailable(message),
-        Effect::Write => {
+    match known {
+        Known::Read => Status::unavailable(message),
+        Known::MaybeApplied => Status::unavailable(format!(
+            "{message}; an earlier attempt failed after it was sent, so the outcome of this \
+             write is unknown (it was retried with its idempotency key until the deadline)"
+        )),
+        Known::NotApplied => {
             let detail = ErrorDetail {
                 kind: Some(error_detail::Kind::NotApplied(error_detail::NotApplied {})),
             };
@@ -595,7 +642,7 @@ mod tests {
     fn exhausted_message_says_what_was_tried() {
         let s = exhausted(
             2,
-            Effect::Read,
+            Known::Read,
             12,
             Instant::now(),
             Duration::from_secs(1),
@@ -612,7 +659,7 @@ mod tests {
         // Every attempt of a write was certainly not applied, or it would not have been retried.
         let w = exhausted(
             2,
-            Effect::Write,
+            Known::NotApplied,
             3,
             Instant::now(),
             Duration::from_secs(1),

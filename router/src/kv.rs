@@ -68,7 +68,8 @@ fn txn_shard_keys(req: &TxnRequest) -> Result<Vec<Bytes>, Status> {
 
 impl KvService {
     /// A request of one shard key: refused if the key is empty, else forwarded to its group
-    /// with the client's deadline as the budget, waiting for locks it meets.
+    /// with the client's deadline as the budget, waiting for locks it meets. A write is keyed
+    /// first, so that it can be retried whatever happens to an attempt.
     async fn one_key<Req, Resp, F, Fut>(
         &self,
         op: &'static str,
@@ -83,8 +84,11 @@ impl KvService {
         Fut: Future<Output = Result<Response<Resp>, Status>>,
     {
         let budget = deadline::budget(request.metadata());
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         require_shard_key(shard_key(&req))?;
+        if effect.writes() {
+            req.ensure_idempotency_key();
+        }
         let route = Route::Key(shard_key(&req).clone());
         forward(&self.0, op, effect, &OnLock::Wait, route, req, budget, rpc).await
     }
@@ -100,7 +104,7 @@ impl Kv for KvService {
 
     async fn put(&self, request: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let call = |ch, r| async move { kv_client(ch).put(r).await };
-        self.one_key("Put", Effect::Write, request, |r| &r.shard_key, call)
+        self.one_key("Put", Effect::KeyedWrite, request, |r| &r.shard_key, call)
             .await
     }
 
@@ -109,8 +113,14 @@ impl Kv for KvService {
         request: Request<DeleteRequest>,
     ) -> Result<Response<DeleteResponse>, Status> {
         let call = |ch, r| async move { kv_client(ch).delete(r).await };
-        self.one_key("Delete", Effect::Write, request, |r| &r.shard_key, call)
-            .await
+        self.one_key(
+            "Delete",
+            Effect::KeyedWrite,
+            request,
+            |r| &r.shard_key,
+            call,
+        )
+        .await
     }
 
     async fn scan(&self, request: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
@@ -121,8 +131,9 @@ impl Kv for KvService {
 
     async fn txn(&self, request: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let budget = deadline::budget(request.metadata());
-        let req = request.into_inner();
+        let mut req = request.into_inner();
         let keys = txn_shard_keys(&req)?;
+        req.ensure_idempotency_key();
         let map = self.0.map.current();
         if map.version == 0 {
             return Err(not_initialized());
@@ -135,7 +146,7 @@ impl Kv for KvService {
         forward(
             &self.0,
             "Txn",
-            Effect::Write,
+            Effect::KeyedWrite,
             &OnLock::Wait,
             Route::Txn(keys),
             req,

@@ -187,10 +187,7 @@ impl Shared {
 
     /// This router's clock (ms since the Unix epoch), which orders its transactions.
     pub(crate) fn now_ms(&self) -> u64 {
-        let wall = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        wall.saturating_add_signed(self.clock_offset_ms)
+        ordo_proto::unix_ms().saturating_add_signed(self.clock_offset_ms)
     }
 
     /// Installs `map` if it is newer than the cached one.

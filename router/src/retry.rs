@@ -32,10 +32,21 @@ const SHORT_WAIT: Backoff = Backoff::new(Duration::from_millis(2), Duration::fro
 pub(crate) enum Effect {
     /// Get, Scan, map reads, idempotent decisions: retrying is always safe.
     Read,
-    /// Put, Delete, Txn: retried only when the failed attempt was certainly not applied
-    /// ([`ordo_proto::certainly_not_applied`]), so that no write applies twice and no conditional
-    /// write reports a failure caused by its own first attempt.
+    /// A write without an idempotency key (a 2PC prepare): retried only when the failed attempt
+    /// was certainly not applied ([`ordo_proto::certainly_not_applied`]), so that no write
+    /// applies twice and no conditional write reports a failure caused by its own first attempt.
     Write,
+    /// Put, Delete, Txn, which the router keys (`RequestHeader.idempotency_key`): the node
+    /// answers a repeat with the first outcome, so an attempt whose outcome is unknown is sent
+    /// again, within the deadline.
+    KeyedWrite,
+}
+
+impl Effect {
+    /// Whether the request may change data.
+    pub(crate) fn writes(self) -> bool {
+        self != Effect::Read
+    }
 }
 
 impl From<Effect> for retry::Effect {
@@ -43,6 +54,7 @@ impl From<Effect> for retry::Effect {
         match e {
             Effect::Read => retry::Effect::Read,
             Effect::Write => retry::Effect::Write,
+            Effect::KeyedWrite => retry::Effect::IdempotentWrite,
         }
     }
 }

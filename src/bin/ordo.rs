@@ -7,8 +7,8 @@ use clap::{Args, Parser, Subcommand};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
-use ordo::node::{parse_peers, Node, NodeConfig};
+use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, SLOT_COUNT_DEFAULT};
+use ordo::node::{check_dedup_window, parse_peers, Node, NodeConfig};
 use ordo::playground::{Playground, PlaygroundConfig};
 use ordo_config::migration::COPY_BYTES_PER_SEC;
 use ordo_proto::serve::{ServeLimits, CONNECTIONS_MAX_DEFAULT, REQUEST_BYTES_BUDGET_DEFAULT};
@@ -63,6 +63,13 @@ struct ReplicaArgs {
     /// replicas and this node.
     #[arg(long, display_order = 6)]
     join: bool,
+    /// How long a write's idempotency key is remembered, in seconds (1 to 86400): a write sent
+    /// again with its key within this window is answered with its first outcome and not applied
+    /// again. The leader's value is the one that counts (replicas apply by the stamp it puts on
+    /// each entry).
+    #[arg(long, default_value_t = DEDUP_WINDOW_SECS_DEFAULT, display_order = 7,
+          value_parser = |s: &str| -> anyhow::Result<u64> { check_dedup_window(s.parse()?) })]
+    dedup_window_secs: u64,
 }
 
 #[derive(Subcommand)]
@@ -154,6 +161,7 @@ fn node_config(
         peers: parse_peers(&r.peers)?,
         data_dir: r.data_dir,
         compact_log_entries: compact,
+        dedup_window_secs: r.dedup_window_secs,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == 0,
         copy_bytes_per_sec,
@@ -351,6 +359,29 @@ mod tests {
         );
         assert!(parse(&["config", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"]).is_err());
         assert!(parse(&[&["config"], &flags[..], &["--group", "2"]].concat()).is_err());
+    }
+
+    #[test]
+    fn m9_the_dedup_window_defaults_to_ten_minutes_and_bad_ones_name_the_limit() {
+        let node = |extra: &[&str]| {
+            let base = ["node", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"];
+            parse(&[&base[..], &["--data-dir", "d"], extra].concat())
+        };
+        let Ok(Cmd::Node { replica, .. }) = node(&[]) else {
+            panic!("not node")
+        };
+        assert_eq!(replica.dedup_window_secs, DEDUP_WINDOW_SECS_DEFAULT);
+        let Ok(Cmd::Node { replica, .. }) = node(&["--dedup-window-secs", "30"]) else {
+            panic!("not node")
+        };
+        assert_eq!(replica.dedup_window_secs, 30);
+        for bad in ["0", "86401"] {
+            let err = node(&["--dedup-window-secs", bad])
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("DEDUP_WINDOW_SECS_MAX (86400)"), "{err}");
+        }
     }
 
     #[test]

@@ -50,6 +50,18 @@ fn check_value(value: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// An idempotency key is 1 to `IDEMPOTENCY_KEY_BYTES_MAX` bytes (empty = none).
+fn check_header(h: Option<&RequestHeader>) -> Result<()> {
+    let len = h.map_or(0, |h| h.idempotency_key.len());
+    if len > IDEMPOTENCY_KEY_BYTES_MAX {
+        return Err(invalid(format!(
+            "idempotency_key is {len} bytes; the limit is IDEMPOTENCY_KEY_BYTES_MAX \
+             ({IDEMPOTENCY_KEY_BYTES_MAX} bytes)"
+        )));
+    }
+    Ok(())
+}
+
 /// Whether a read asked for a stale (any-replica) read.
 pub fn check_consistency(raw: i32) -> Result<bool> {
     match Consistency::try_from(raw) {
@@ -152,6 +164,7 @@ fn op_bytes(op: &TxnOp) -> usize {
 }
 
 pub fn check_txn(t: &TxnRequest) -> Result<()> {
+    check_header(t.header.as_ref())?;
     let ops = t.compares.len() + t.success.len() + t.failure.len();
     if ops > TXN_OPS_MAX {
         return Err(invalid(format!(
@@ -206,6 +219,7 @@ fn get_op(shard_key: &bytes::Bytes, key: &bytes::Bytes) -> TxnOp {
 /// A checked `Put` as the `Txn` that applies it: the optional version compare, the put, and on a
 /// failed compare a get that reports the current version.
 pub fn put_as_txn(r: PutRequest) -> Result<TxnRequest> {
+    check_header(r.header.as_ref())?;
     check_shard_key(&r.shard_key)?;
     check_key(&r.key)?;
     check_value(&r.value)?;
@@ -220,6 +234,7 @@ pub fn put_as_txn(r: PutRequest) -> Result<TxnRequest> {
 }
 
 pub fn delete_as_txn(r: DeleteRequest) -> Result<TxnRequest> {
+    check_header(r.header.as_ref())?;
     check_shard_key(&r.shard_key)?;
     check_key(&r.key)?;
     let (header, if_version) = (r.header, r.if_version);
@@ -290,7 +305,7 @@ mod tests {
 
     #[test]
     fn limits_are_named_in_errors() {
-        let cases: Vec<(Result<TxnRequest>, &str)> = vec![
+        let mut cases: Vec<(Result<TxnRequest>, &str)> = vec![
             (
                 put_as_txn(PutRequest {
                     shard_key: b(0),
@@ -322,11 +337,40 @@ mod tests {
                 "limit is 1048576 bytes",
             ),
         ];
+        let keyed = |n| {
+            Some(RequestHeader {
+                idempotency_key: b(n),
+                ..Default::default()
+            })
+        };
+        cases.push((
+            put_as_txn(PutRequest {
+                header: keyed(65),
+                shard_key: b(1),
+                ..Default::default()
+            }),
+            "idempotency_key is 65 bytes; the limit is IDEMPOTENCY_KEY_BYTES_MAX (64 bytes)",
+        ));
+        cases.push((
+            delete_as_txn(DeleteRequest {
+                header: keyed(65),
+                shard_key: b(1),
+                ..Default::default()
+            }),
+            "IDEMPOTENCY_KEY_BYTES_MAX",
+        ));
+        let t = TxnRequest {
+            header: keyed(65),
+            success: vec![get_op(&b(1), &b(1))],
+            ..Default::default()
+        };
+        cases.push((check_txn(&t).map(|_| t), "IDEMPOTENCY_KEY_BYTES_MAX"));
         for (r, needle) in cases {
             let msg = r.unwrap_err().to_string();
             assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
         }
         assert!(put_as_txn(PutRequest {
+            header: keyed(64),
             shard_key: b(256),
             key: b(4096),
             value: b(VALUE_BYTES_MAX),

@@ -9,6 +9,7 @@ use ordo_proto::v1::{DecideRequest, DecideResponse, PrepareRequest, PrepareRespo
 use sled::transaction::ConflictableTransactionError;
 use sled::Transactional;
 
+use super::dedup::{self, Seen, Stamp};
 use super::migrate::{self, Moving};
 use super::participant::{self, Tx};
 use super::APPLIED_KEY;
@@ -57,6 +58,7 @@ impl StateMachine {
         };
         let ownership = self.ownership.read().unwrap().clone();
         let moving = self.moving.read().unwrap();
+        let pending = dedup::Pending::load(&self.data, batch, self.slot_count)?;
         let _w = self.view.write().unwrap();
         let (results, locks, aged, logs) = (&self.data, &self.sys)
             .transaction(|(data, sys)| {
@@ -70,6 +72,7 @@ impl StateMachine {
                         locks: self.locks.load(Ordering::Relaxed),
                         aged: Vec::new(),
                     },
+                    dedup: pending.clone(),
                     slot_count: self.slot_count,
                     ownership: &ownership,
                     moving: &moving,
@@ -78,7 +81,7 @@ impl StateMachine {
                 for a in batch {
                     applier.view.log.at_index(a.index);
                     if let Some(cmd) = &a.cmd {
-                        if let Some(r) = applier.command(cmd)? {
+                        if let Some(r) = applier.command(cmd, a.stamp)? {
                             results.push((a.index, r));
                         }
                     }
@@ -106,6 +109,8 @@ impl StateMachine {
 /// What the commands of one apply transaction are checked against and write to.
 struct Applier<'a> {
     view: TxView<'a>,
+    /// Keyed writes' view of the dedup records (`dedup.rs`).
+    dedup: dedup::Pending,
     slot_count: u32,
     ownership: &'a Ownership,
     moving: &'a Moving,
@@ -113,13 +118,13 @@ struct Applier<'a> {
 
 impl Applier<'_> {
     /// One command's outcome; `None` for commands applied elsewhere (ownership, migrations).
-    fn command(&mut self, cmd: &Command) -> Tx<Option<Result<Outcome>>> {
+    fn command(&mut self, cmd: &Command, stamp: Option<Stamp>) -> Tx<Option<Result<Outcome>>> {
         Ok(Some(match cmd {
-            Command::Txn(t) => self.txn(t)?.map(Outcome::Txn),
+            Command::Txn(t) => self.txn(t, stamp)?.map(Outcome::Txn),
             Command::TxnBatch(ts) => {
                 let mut rs = Vec::with_capacity(ts.len());
                 for t in ts {
-                    rs.push(self.txn(t)?);
+                    rs.push(self.txn(t, stamp)?);
                 }
                 Ok(Outcome::TxnBatch(rs))
             }
@@ -152,23 +157,35 @@ impl Applier<'_> {
             })
     }
 
-    /// One transaction: refused if it touches a fenced slot, a slot not owned here or an item a
-    /// cross-group transaction holds, else evaluated.
-    fn txn(&mut self, t: &TxnRequest) -> Tx<Result<TxnResponse>> {
+    /// One transaction: refused if it touches a fenced slot or a slot not owned here; a keyed
+    /// write seen before answers its first outcome (`dedup.rs`); refused if it touches an item a
+    /// cross-group transaction holds; else evaluated (and a keyed write's outcome kept).
+    fn txn(&mut self, t: &TxnRequest, stamp: Option<Stamp>) -> Tx<Result<TxnResponse>> {
         if let Some(e) = shard_keys(t).find_map(|sk| self.moving.fenced(self.slot(sk))) {
             return Ok(Err(e));
         }
         if let Some(e) = self.unowned(shard_keys(t)) {
             return Ok(Err(e));
         }
+        let keyed = dedup::keyed(t, stamp, self.slot_count);
+        let expired = match &keyed {
+            None => None,
+            Some(k) => match dedup::seen(self.view.data, k)? {
+                Ok(Seen::Repeat(resp)) => return Ok(Ok(resp)),
+                Ok(Seen::New { expired }) => expired,
+                Err(e) => return Ok(Err(e)),
+            },
+        };
         if self.view.locks > 0 {
             if let Err(e) = participant::check_unlocked(&self.view, t, None)? {
                 return Ok(Err(e));
             }
         }
-        Ok(Ok(
-            txn::evaluate(&mut self.view, t).map_err(ConflictableTransactionError::Abort)?
-        ))
+        let resp = txn::evaluate(&mut self.view, t).map_err(ConflictableTransactionError::Abort)?;
+        if let Some(k) = &keyed {
+            dedup::remember(&mut self.view, &mut self.dedup, k, expired, &resp)?;
+        }
+        Ok(Ok(resp))
     }
 
     /// No new lock in a slot that is moving out: the move must not split a transaction (its

@@ -159,10 +159,12 @@ pub enum Outcome {
     Forgotten,
 }
 
-/// One committed entry to apply: its index and its command (`None` for raft's own entries).
+/// One committed entry to apply: its index, its command (`None` for raft's own entries) and the
+/// proposing leader's stamp (`None` when it has none: its keyed writes are not deduplicated).
 pub struct Apply {
     pub index: u64,
     pub cmd: Option<Command>,
+    pub stamp: Option<super::Stamp>,
 }
 
 /// Every shard key a transaction touches.

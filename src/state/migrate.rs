@@ -825,6 +825,7 @@ mod tests {
                 .apply(&[Apply {
                     index: self.index,
                     cmd: Some(cmd),
+                    stamp: None,
                 }])
                 .unwrap();
             r.pop().unwrap().1

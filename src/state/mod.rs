@@ -18,6 +18,8 @@ use txn::ItemView;
 
 mod apply;
 mod command;
+/// Idempotency keys: keyed writes applied at most once, their outcomes kept per slot.
+mod dedup;
 pub(crate) mod keys;
 /// Online resharding's replicated state: outgoing migrations, their change logs and fences.
 pub(crate) mod migrate;
@@ -26,6 +28,7 @@ pub(crate) mod participant;
 pub(crate) mod txn;
 
 pub use command::{shard_keys, Apply, Command, Outcome};
+pub use dedup::Stamp;
 use migrate::Moving;
 use ownership::load_ownership;
 pub use ownership::Ownership;
@@ -74,30 +77,6 @@ struct TxView<'a> {
     aged: Vec<participant::AgeEvent>,
 }
 
-impl TxView<'_> {
-    /// Writes a record of a slot's reserved range (item encoding, version 0), logged like an item.
-    fn put_raw(&mut self, key: Vec<u8>, body: &[u8]) -> participant::Tx<()> {
-        let value = keys::encode_value(0, body);
-        let slot = keys::slot_of(&key).map_err(ConflictableTransactionError::Abort)?;
-        self.log
-            .record(slot, &key, &value)
-            .map_err(ConflictableTransactionError::Abort)?;
-        self.data.insert(key, value)?;
-        Ok(())
-    }
-
-    /// Removes a record of a slot's reserved range (if present), logged like an item.
-    fn remove_raw(&mut self, key: Vec<u8>) -> participant::Tx<()> {
-        if self.data.remove(key.as_slice())?.is_some() {
-            let slot = keys::slot_of(&key).map_err(ConflictableTransactionError::Abort)?;
-            self.log
-                .record(slot, &key, &[])
-                .map_err(ConflictableTransactionError::Abort)?;
-        }
-        Ok(())
-    }
-}
-
 /// Verifies a stored value; a corrupt one is reported with this node's id, the tree and the key.
 fn checked_value<'a>(node_id: u64, raw_key: &[u8], raw: &'a [u8]) -> Result<(u64, &'a [u8])> {
     keys::decode_value(raw_key, raw).map_err(|e| match e {
@@ -133,17 +112,44 @@ impl ItemView for TxView<'_> {
     }
     fn put(&mut self, sk: &[u8], key: &[u8], version: u64, value: &[u8]) -> Result<()> {
         let slot = ordo_proto::slot_of(sk, self.slot_count);
-        let raw_key = keys::encode_key(slot, sk, key);
         let raw_value = keys::encode_value(version, value);
+        self.put_raw(slot, keys::encode_key(slot, sk, key), raw_value)
+    }
+    fn delete(&mut self, sk: &[u8], key: &[u8]) -> Result<()> {
+        let slot = ordo_proto::slot_of(sk, self.slot_count);
+        self.delete_raw(slot, keys::encode_key(slot, sk, key))
+    }
+}
+
+impl TxView<'_> {
+    /// Writes a record of `slot` (an item or a reserved record), through its change log when it
+    /// is moving.
+    fn put_raw(&mut self, slot: u32, raw_key: Vec<u8>, raw_value: Vec<u8>) -> Result<()> {
         self.log.record(slot, &raw_key, &raw_value)?;
         self.data.insert(raw_key, raw_value).map_err(tx_err)?;
         Ok(())
     }
-    fn delete(&mut self, sk: &[u8], key: &[u8]) -> Result<()> {
-        let slot = ordo_proto::slot_of(sk, self.slot_count);
-        let raw_key = keys::encode_key(slot, sk, key);
+    fn delete_raw(&mut self, slot: u32, raw_key: Vec<u8>) -> Result<()> {
         self.log.record(slot, &raw_key, &[])?;
         self.data.remove(raw_key).map_err(tx_err)?;
+        Ok(())
+    }
+
+    /// Writes a record of a slot's reserved range (item encoding, version 0), logged like an item.
+    fn put_record(&mut self, key: Vec<u8>, body: &[u8]) -> participant::Tx<()> {
+        let slot = keys::slot_of(&key).map_err(ConflictableTransactionError::Abort)?;
+        self.put_raw(slot, key, keys::encode_value(0, body))
+            .map_err(ConflictableTransactionError::Abort)
+    }
+
+    /// Removes a record of a slot's reserved range (if present), logged like an item.
+    fn remove_record(&mut self, key: Vec<u8>) -> participant::Tx<()> {
+        if self.data.remove(key.as_slice())?.is_some() {
+            let slot = keys::slot_of(&key).map_err(ConflictableTransactionError::Abort)?;
+            self.log
+                .record(slot, &key, &[])
+                .map_err(ConflictableTransactionError::Abort)?;
+        }
         Ok(())
     }
 }
@@ -544,7 +550,8 @@ impl StateMachine {
         Ok(())
     }
 
-    /// Item count and a crc32 over every stored key and value, in key order: equal digests on two
+    /// Item count and a crc32 over every stored key and value (slots' reserved records, such as
+    /// dedup entries, included, but not counted as items), in key order: equal digests on two
     /// replicas mean equal data.
     pub fn digest(&self) -> Result<(u64, u32)> {
         let _r = self.read_guard();
@@ -555,7 +562,7 @@ impl StateMachine {
             h.update(&(k.len() as u32).to_be_bytes());
             h.update(&k);
             h.update(&v);
-            n += 1;
+            n += u64::from(keys::decode_reserved(&k).is_none());
         }
         Ok((n, h.finalize()))
     }

@@ -359,7 +359,7 @@ fn part_of(v: &TxView, slot: u32, txn_id: &[u8]) -> Tx<Option<PrepareRequest>> {
 fn keep_part(v: &mut TxView, p: &PrepareRequest, slots: &[u32]) -> Tx<()> {
     let encoded = p.encode_to_vec();
     for &s in slots {
-        v.put_raw(part_key(s, &p.txn_id), &encoded)?;
+        v.put_record(part_key(s, &p.txn_id), &encoded)?;
     }
     Ok(())
 }
@@ -441,7 +441,7 @@ fn lock_for_reading(
                     write: false,
                     holders: vec![me.clone()],
                 };
-                v.put_raw(lk, &lock.encode())?;
+                v.put_record(lk, &lock.encode())?;
                 v.locks += 1;
                 v.aged.push(AgeEvent::Locked(me.txn_id.clone()));
             }
@@ -453,7 +453,7 @@ fn lock_for_reading(
                     }
                 } else if !lock.held_by(&p.txn_id) {
                     lock.holders.push(me.clone());
-                    v.put_raw(lk, &lock.encode())?;
+                    v.put_record(lk, &lock.encode())?;
                     v.aged.push(AgeEvent::Locked(me.txn_id.clone()));
                 }
             }
@@ -480,7 +480,7 @@ fn lock_for_writing(
     }
     .encode();
     for data_key in data_keys {
-        v.put_raw(lock_key(data_key), &lock)?;
+        v.put_record(lock_key(data_key), &lock)?;
         v.locks += 1;
     }
     v.aged.push(AgeEvent::Locked(p.txn_id.to_vec()));
@@ -511,7 +511,7 @@ pub(super) fn decide(v: &mut TxView, d: &DecideRequest) -> Tx<Result<DecideRespo
             }
         }
     };
-    v.put_raw(decision_key(slot, &d.txn_id), &[decision_byte(wanted)])?;
+    v.put_record(decision_key(slot, &d.txn_id), &[decision_byte(wanted)])?;
     Ok(Ok(DecideResponse {
         decision: wanted as i32,
     }))
@@ -556,16 +556,16 @@ pub(super) fn finish(v: &mut TxView, f: &FinishRequest) -> Tx<Result<FinishRespo
             if lock.held_by(&f.txn_id) {
                 lock.holders.retain(|h| h.txn_id != f.txn_id.as_ref());
                 if lock.holders.is_empty() {
-                    v.remove_raw(lk)?;
+                    v.remove_record(lk)?;
                     v.locks -= 1;
                 } else {
-                    v.put_raw(lk, &lock.encode())?;
+                    v.put_record(lk, &lock.encode())?;
                 }
             }
         }
     }
     for s in part_slots(&part, v.slot_count) {
-        v.remove_raw(part_key(s, &f.txn_id))?;
+        v.remove_record(part_key(s, &f.txn_id))?;
     }
     v.aged.push(AgeEvent::Released(f.txn_id.to_vec()));
     Ok(Ok(FinishResponse {
@@ -577,7 +577,7 @@ pub(super) fn finish(v: &mut TxView, f: &FinishRequest) -> Tx<Result<FinishRespo
 /// Forget, on the primary's group, once every participant finished.
 pub(super) fn forget(v: &mut TxView, f: &ForgetRequest) -> Tx<()> {
     let slot = ordo_proto::slot_of(&f.primary_shard_key, v.slot_count);
-    v.remove_raw(decision_key(slot, &f.txn_id))
+    v.remove_record(decision_key(slot, &f.txn_id))
 }
 
 /// Whether `slot` holds a lock or a prepared part (a move of the slot waits until it does not).
@@ -656,6 +656,7 @@ mod tests {
                 .apply(&[Apply {
                     index: self.index,
                     cmd: Some(cmd),
+                    stamp: None,
                 }])
                 .unwrap();
             out.pop().unwrap().1

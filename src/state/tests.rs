@@ -26,10 +26,12 @@ fn apply_scan_snapshot_and_install_round_trip() {
         .map(|i| Apply {
             index: i + 1,
             cmd: Some(put("order-7", &format!("items/{i:02}"), "x")),
+            stamp: None,
         })
         .chain(std::iter::once(Apply {
             index: 31,
             cmd: None,
+            stamp: None,
         }))
         .collect();
     assert_eq!(sm.apply(&batch).unwrap().len(), 30);
@@ -49,6 +51,7 @@ fn apply_scan_snapshot_and_install_round_trip() {
     sm2.apply(&[Apply {
         index: 1,
         cmd: Some(put("stale", "", "gone after install")),
+        stamp: None,
     }])
     .unwrap();
     assert_eq!(sm2.install_snapshot(&path, 31).unwrap(), 30);
@@ -67,6 +70,7 @@ fn an_interrupted_install_resets_the_replica() {
         sm.apply(&[Apply {
             index: 5,
             cmd: Some(put("o", "", "v")),
+            stamp: None,
         }])
         .unwrap();
         sm.sys.insert(INSTALLING_KEY, &9u64.to_be_bytes()).unwrap();
@@ -112,10 +116,12 @@ fn ownership_gates_writes_and_slots_leave_only_empty() {
             Apply {
                 index: 1,
                 cmd: Some(own(1, &other)),
+                stamp: None,
             },
             Apply {
                 index: 2,
                 cmd: Some(put("order-1", "", "x")),
+                stamp: None,
             },
         ])
         .unwrap();
@@ -146,10 +152,12 @@ fn ownership_gates_writes_and_slots_leave_only_empty() {
         Apply {
             index: 3,
             cmd: Some(own(2, &all)),
+            stamp: None,
         },
         Apply {
             index: 4,
             cmd: Some(put("order-1", "", "x")),
+            stamp: None,
         },
     ])
     .unwrap();
@@ -160,10 +168,12 @@ fn ownership_gates_writes_and_slots_leave_only_empty() {
             Apply {
                 index: 5,
                 cmd: Some(own(3, &other)),
+                stamp: None,
             },
             Apply {
                 index: 6,
                 cmd: Some(own(1, &all)),
+                stamp: None,
             },
         ])
         .unwrap();
@@ -219,6 +229,7 @@ fn a_corrupted_value_is_detected_and_reported_with_node_tree_and_key() {
     sm.apply(&[Apply {
         index: 1,
         cmd: Some(put("order-9", "items/1", "sku-42")),
+        stamp: None,
     }])
     .unwrap();
     let data = db.open_tree("data").unwrap();
@@ -244,6 +255,7 @@ fn a_corrupted_value_is_detected_and_reported_with_node_tree_and_key() {
     let r = sm.apply(&[Apply {
         index: 2,
         cmd: Some(put("order-9", "items/1", "again")),
+        stamp: None,
     }]);
     // A put reads the old version first: the corrupt value is not silently overwritten.
     expect(r.map(|_| ()).unwrap_err());
@@ -265,6 +277,7 @@ fn a_batch_applies_its_transactions_in_order_with_their_own_outcomes() {
     sm.apply(&[Apply {
         index: 1,
         cmd: Some(own(1, &others)),
+        stamp: None,
     }])
     .unwrap();
     let batch = Command::TxnBatch(vec![
@@ -276,6 +289,7 @@ fn a_batch_applies_its_transactions_in_order_with_their_own_outcomes() {
         .apply(&[Apply {
             index: 2,
             cmd: Some(batch),
+            stamp: None,
         }])
         .unwrap();
     let Ok(Outcome::TxnBatch(results)) = &r[0].1 else {
@@ -308,6 +322,7 @@ fn m2_scan_pages_are_bounded_in_bytes_and_continue_with_next_key() {
         .map(|i| Apply {
             index: i + 1,
             cmd: Some(put("order-big", &format!("items/{i:02}"), &big)),
+            stamp: None,
         })
         .collect();
     sm.apply(&batch).unwrap();

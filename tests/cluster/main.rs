@@ -6,6 +6,7 @@ mod admin_tasks;
 mod bad_input;
 mod bank;
 mod concurrency;
+mod dedup;
 mod faults;
 mod group;
 mod membership;

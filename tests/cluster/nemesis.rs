@@ -3,6 +3,12 @@
 //! replicas included, are killed with SIGKILL and restarted. Afterwards every item is read
 //! linearizably and the whole history is checked: linearizable, and nothing acknowledged lost.
 //!
+//! Writes are keyed (M9): the history's writes by the router, which retries an attempt whose
+//! outcome is unknown with the key, and each client's own counter (a share of its operations)
+//! by the client, which sends a put again with its key until it is answered. The run counts
+//! "outcome unknown" answers to writes whose deadline was not spent (there must be none) and
+//! double applications (a counter's versions must match its puts exactly: there must be none).
+//!
 //! `ORDO_NEMESIS_SEED` replays a kill schedule (the seed is printed: the timings and the kinds
 //! of victim; which process leads at that moment depends on the run); `ORDO_NEMESIS_SECS` makes
 //! the run longer (default 60 s).
@@ -14,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use ordo_proto::v1::kv_client::KvClient;
-use ordo_proto::v1::{Consistency, DeleteRequest, GetRequest, PutRequest, ShardMap};
+use ordo_proto::v1::{Consistency, DeleteRequest, GetRequest, PutRequest, RequestHeader, ShardMap};
 use ordo_testkit::linearizability::{check, Completion, History, ItemKey, Op, Output, Record};
 use tonic::transport::Channel;
 use tonic::{Request, Status};
@@ -30,6 +36,13 @@ const ITEMS_PER_GROUP: usize = 10;
 /// Deadline the router gets for one request; the client waits a little longer.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 const MIN_KILLS: usize = 10;
+/// An answer this close to the deadline came once the deadline was spent: the router keeps a
+/// 50 ms margin and gives up when its next backoff (at most 250 ms) would not fit.
+const DEADLINE_SLACK: Duration = Duration::from_millis(400);
+/// Percent of a client's operations that are puts to its own counter.
+const COUNTER_SHARE: u64 = 20;
+/// Most times a client sends one counter put (with its key) before the run fails.
+const COUNTER_TRIES_MAX: u32 = 100;
 /// Bound on every wait for the cluster to become healthy.
 const HEALTHY: Duration = Duration::from_secs(30);
 
@@ -70,6 +83,15 @@ struct Observed {
     acked: AtomicU64,
     /// Errors the clients got, by code and message (digits blanked so that they group).
     errors: Mutex<BTreeMap<String, u64>>,
+    /// "Outcome unknown" answers to writes whose deadline was not spent (must stay 0), and to
+    /// writes whose deadline was spent.
+    unknown_early: AtomicU64,
+    unknown_spent: AtomicU64,
+    /// Counter puts answered, and the versions they answered off the count: above it is a
+    /// double application, below it a lost one.
+    counter_puts: AtomicU64,
+    double_applied: AtomicU64,
+    lost_applied: AtomicU64,
 }
 
 impl Observed {
@@ -84,6 +106,65 @@ impl Observed {
         let key = format!("{what} {:?}: {message}", status.code());
         *self.errors.lock().unwrap().entry(key).or_default() += 1;
     }
+
+    /// A write's error after `took`: counted as an unknown outcome, early or once its deadline
+    /// was spent.
+    fn write_error(&self, status: &Status, took: Duration) {
+        self.error(true, status);
+        if Completion::from_status(status) == Completion::Unknown {
+            if took + DEADLINE_SLACK < REQUEST_TIMEOUT {
+                self.unknown_early.fetch_add(1, Ordering::Relaxed);
+                eprintln!("EARLY outcome unknown after {took:.2?}: {status:?}");
+            } else {
+                self.unknown_spent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn counter_key(client: u64) -> Bytes {
+    Bytes::from(format!("counter-{client}"))
+}
+
+/// Put number `n` (from 1) to `client`'s counter, keyed, sent again with its key until it is
+/// answered; checks that it answers version `n`: each put applied exactly once.
+async fn counter_put(kv: &mut KvClient<Channel>, client: u64, n: u64, observed: &Observed) {
+    let req = PutRequest {
+        header: Some(RequestHeader {
+            map_version: 0,
+            idempotency_key: Bytes::from(format!("counter-{client}-{n}")),
+        }),
+        shard_key: counter_key(client),
+        key: Bytes::new(),
+        value: Bytes::from(n.to_string()),
+        if_version: None,
+    };
+    for _ in 0..COUNTER_TRIES_MAX {
+        let started = Instant::now();
+        let sent = kv.put(timed(req.clone()));
+        let status =
+            match tokio::time::timeout(REQUEST_TIMEOUT + Duration::from_secs(1), sent).await {
+                Ok(Ok(resp)) => {
+                    let version = resp.into_inner().version;
+                    observed.counter_puts.fetch_add(1, Ordering::Relaxed);
+                    if version > n {
+                        observed
+                            .double_applied
+                            .fetch_add(version - n, Ordering::Relaxed);
+                    } else if version < n {
+                        observed
+                            .lost_applied
+                            .fetch_add(n - version, Ordering::Relaxed);
+                    }
+                    return;
+                }
+                Ok(Err(status)) => status,
+                Err(_) => Status::deadline_exceeded("client-side timeout"),
+            };
+        observed.write_error(&status, started.elapsed());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("counter put {n} of client {client} was never answered in {COUNTER_TRIES_MAX} tries");
 }
 
 #[derive(Clone, Copy)]
@@ -171,13 +252,19 @@ async fn client_loop(
     observed: Arc<Observed>,
     stop: Arc<AtomicBool>,
     seed: u64,
-) {
+) -> u64 {
     let mut rng = SplitMix64(seed ^ (client.wrapping_mul(0x5851_F42D_4C95_7F2D)));
+    let mut counter = 0;
     let mut kv = kv_client(&router);
     // The last version this client saw per item (0 = absent or never seen).
     let mut seen: HashMap<usize, u64> = HashMap::new();
     let mut seq = 0u64;
     while !stop.load(Ordering::Relaxed) {
+        if rng.below(100) < COUNTER_SHARE {
+            counter += 1;
+            counter_put(&mut kv, client, counter, &observed).await;
+            continue;
+        }
         let i = rng.below(items.len() as u64) as usize;
         let item = &items[i];
         let last = seen.get(&i).copied().unwrap_or(0);
@@ -206,6 +293,7 @@ async fn client_loop(
             },
         };
         let is_write = !matches!(op, Op::Get);
+        let started = Instant::now();
         match run_op(&mut kv, &history, client, item, op).await {
             Ok(out) => {
                 if is_write {
@@ -242,12 +330,17 @@ async fn client_loop(
                 }
             }
             Err(status) => {
-                observed.error(is_write, &status);
+                if is_write {
+                    observed.write_error(&status, started.elapsed());
+                } else {
+                    observed.error(false, &status);
+                }
                 // The cluster is busy failing over: do not spin.
                 tokio::time::sleep(Duration::from_millis(20)).await
             }
         }
     }
+    counter
 }
 
 /// A kill the nemesis made.
@@ -387,8 +480,9 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
     let load_ended = history.now();
+    let mut counters = Vec::new();
     for c in clients {
-        c.await.expect("client task");
+        counters.push(c.await.expect("client task"));
     }
 
     let finals = final_reads(&mut cluster, &router, &items, &history).await;
@@ -404,12 +498,58 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
     let result = check(&history);
     eprintln!("checker: {:.1?}; {result}", checked_at.elapsed());
     result.assert_linearizable();
+    check_keyed_writes(&router, &counters, &observed).await;
     let exact = check_last_acknowledged(&records, &finals);
     eprintln!(
         "{exact} items end exactly at their last acknowledged write; test took {:.1?}",
         test_started.elapsed()
     );
     drop(cluster);
+}
+
+/// M9: no write was answered "outcome unknown" before its deadline was spent, and no keyed
+/// write applied twice: every counter put answered its own number, and each counter's final
+/// version is the number of puts its client sent.
+async fn check_keyed_writes(router: &str, counters: &[u64], observed: &Observed) {
+    let kv = kv_client(router);
+    for (client, &puts) in counters.iter().enumerate() {
+        let version = wait_for(&format!("a read of counter {client}"), HEALTHY, || {
+            let mut kv = kv.clone();
+            async move {
+                let r = kv
+                    .get(timed(GetRequest {
+                        header: None,
+                        shard_key: counter_key(client as u64),
+                        key: Bytes::new(),
+                        consistency: Consistency::Linearizable as i32,
+                    }))
+                    .await
+                    .ok()?;
+                Some(r.into_inner().version)
+            }
+        })
+        .await;
+        assert_eq!(
+            version, puts,
+            "counter {client}: {puts} keyed puts, each answered, but the item is at version \
+             {version}"
+        );
+    }
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let (early, spent) = (load(&observed.unknown_early), load(&observed.unknown_spent));
+    let (doubles, lost) = (load(&observed.double_applied), load(&observed.lost_applied));
+    eprintln!(
+        "keyed writes: {early} outcome-unknown answers before the deadline was spent, {spent} \
+         after it; {} counter puts ({} in all), {doubles} double applications, {lost} lost",
+        load(&observed.counter_puts),
+        counters.iter().sum::<u64>(),
+    );
+    assert_eq!(early, 0, "writes answered outcome-unknown with time left");
+    assert_eq!(
+        (doubles, lost),
+        (0, 0),
+        "keyed writes applied twice or lost"
+    );
 }
 
 /// Waits until the router serves a read of every group.

@@ -541,8 +541,10 @@ enum Kill {
 /// Items preloaded by the kill tests (few: their moves are throttled to open a window).
 const KILL_PRELOAD: u64 = 600;
 /// The kill tests' copy bandwidth: group 1's preloaded items take about 2 s to copy, and the
-/// change log a few pages, so the kill lands inside the phase it is meant for.
-const KILL_COPY_BYTES_PER_SEC: u64 = 8 * 1024;
+/// change log a few pages, so the kill lands inside the phase it is meant for. (Every keyed
+/// write also leaves a dedup entry of about 100 bytes in its slot, which the move copies too:
+/// several times the bytes of these small items.)
+const KILL_COPY_BYTES_PER_SEC: u64 = 32 * 1024;
 
 /// The migration records as one config replica has applied them (a local read: tests poll it
 /// every millisecond without loading the config leader).

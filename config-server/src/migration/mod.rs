@@ -30,7 +30,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use ordo_proto::retry::Backoff;
 use ordo_proto::v1::*;
@@ -85,12 +85,7 @@ pub const RESUME_EVERY: Duration = Duration::from_millis(500);
 /// Attempts of a compare-and-set on the migration records before giving up.
 const CAS_ATTEMPTS_MAX: usize = 8;
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use ordo_proto::unix_ms as now_ms;
 
 /// Live progress of the migrations this replica drives (persisted only at state changes).
 type Progress = Arc<Mutex<HashMap<u64, Migration>>>;

@@ -12,9 +12,17 @@ use crate::v1::{
     AddGroupRequest, ChangeGroupReplicasRequest, ChangeGroupReplicasResponse, ClusterStatus,
     DeleteRequest, DeleteResponse, GetClusterStatusRequest, GetRequest, GetResponse,
     GetShardMapRequest, InitClusterRequest, MoveSlotsRequest, PutRequest, PutResponse,
-    RemoveGroupRequest, ScanRequest, ScanResponse, ShardMap, TxnRequest, TxnResponse,
-    WatchShardMapRequest,
+    RemoveGroupRequest, RequestHeader, ScanRequest, ScanResponse, ShardMap, TxnRequest,
+    TxnResponse, WatchShardMapRequest,
 };
+
+/// The header of a write this client keys itself: every attempt carries the same key.
+fn keyed() -> RequestHeader {
+    RequestHeader {
+        idempotency_key: crate::unique_id(),
+        ..Default::default()
+    }
+}
 
 impl Client {
     /// Hands the group's leadership to replica `to` (given the addresses of the group's nodes,
@@ -63,18 +71,16 @@ impl Client {
         if_version: Option<u64>,
     ) -> Result<PutResponse, Status> {
         let req = PutRequest {
-            header: None,
+            header: Some(keyed()),
             shard_key: shard_key.into(),
             key: key.into(),
             value: value.into(),
             if_version,
         };
         self.core
-            .call(
-                req,
-                Effect::Write,
-                |ch, r| async move { kv(ch).put(r).await },
-            )
+            .call(req, Effect::IdempotentWrite, |ch, r| async move {
+                kv(ch).put(r).await
+            })
             .await
     }
 
@@ -87,17 +93,15 @@ impl Client {
         if_version: Option<u64>,
     ) -> Result<DeleteResponse, Status> {
         let req = DeleteRequest {
-            header: None,
+            header: Some(keyed()),
             shard_key: shard_key.into(),
             key: key.into(),
             if_version,
         };
         self.core
-            .call(
-                req,
-                Effect::Write,
-                |ch, r| async move { kv(ch).delete(r).await },
-            )
+            .call(req, Effect::IdempotentWrite, |ch, r| async move {
+                kv(ch).delete(r).await
+            })
             .await
     }
 
@@ -129,7 +133,15 @@ impl Client {
 
     /// Runs a transaction: checks `compares`, then runs the success or the failure ops atomically.
     /// See the type's documentation about the outcome of a write that returned an error.
-    pub async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, Status> {
+    /// A request without an idempotency key gets one (a read-only Txn ignores it). Unlike a
+    /// `put` or `delete`, a `txn` is not sent again after an unknown outcome: a Txn over several
+    /// groups runs as a two-phase commit in the router, whose keys are not deduplicated across
+    /// coordinations (a single-group one is, and the router retries it with its key itself).
+    pub async fn txn(&self, mut req: TxnRequest) -> Result<TxnResponse, Status> {
+        let header = req.header.get_or_insert_default();
+        if header.idempotency_key.is_empty() {
+            header.idempotency_key = crate::unique_id();
+        }
         self.core
             .call(
                 req,

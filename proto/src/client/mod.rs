@@ -54,20 +54,22 @@ const BACKOFF: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_
 /// deadline) when it failed with `Unavailable` (a not-leader answer, or a plain `Unavailable` such
 /// as "no leader elected yet" or a refused connection) or over a connection that broke.
 ///
-/// A write (`put`, `delete`, `txn`) is retried only when the failed attempt certainly was not
-/// applied ([`crate::certainly_not_applied`]): a not-leader answer, a `NotApplied` detail
-/// (the node refused it before proposing, or its log entry was replaced), or a connection that
-/// could not be established, so the request was never sent. A plain `Unavailable` (a leader may
-/// stop or lose leadership after it proposed the write) is returned at once, so a write never
-/// applies twice and a conditional write never reports a failure caused by its own first attempt.
+/// A write (`put`, `delete`, `txn`) carries an idempotency key (`RequestHeader.idempotency_key`,
+/// made here unless a `txn` brings its own), the same on every attempt: the server applies it at
+/// most once within its dedup window and answers a repeat with the first outcome. So a `put` or
+/// `delete` is retried like a read, after a plain `Unavailable` or a broken connection too, and
+/// never applies twice; a conditional one never reports a failure caused by its own first
+/// attempt. A `txn` may span groups, whose two-phase commit does not deduplicate keys across
+/// coordinations, so it is retried only when the failed attempt certainly was not applied
+/// ([`crate::certainly_not_applied`]).
 ///
-/// Every other status, including `DeadlineExceeded` and a write's broken connection (which tonic
-/// reports as `Unknown` or `Internal`), is returned at once. `WrongShard` and `Locked` details are
-/// returned too: they are for a router to act on. The classification is
+/// Every other status, including `DeadlineExceeded`, is returned at once. `WrongShard` and
+/// `Locked` details are returned too: they are for a router to act on. The classification is
 /// [`crate::retry::classify`], the router's.
 ///
 /// When a write returns an error that is not `InvalidArgument`, `FailedPrecondition` or
-/// certainly-not-applied, its outcome is unknown: read the item back before acting on it.
+/// certainly-not-applied, its outcome is unknown: send it again with the same key (a `txn` whose
+/// request names it), or read the item back, before acting on it.
 #[derive(Clone)]
 pub struct Client {
     core: Core,

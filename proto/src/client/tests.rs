@@ -181,6 +181,8 @@ mod fake {
         pub calls: AtomicUsize,
         pub consistency: Mutex<Option<i32>>,
         pub linearizable: Mutex<Option<bool>>,
+        /// The idempotency key of every write it was sent.
+        pub keys: Mutex<Vec<bytes::Bytes>>,
     }
 
     impl Node {
@@ -214,7 +216,9 @@ mod fake {
                 version: 1,
             })
         }
-        async fn put(&self, _: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        async fn put(&self, r: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+            let key = r.into_inner().header.unwrap_or_default().idempotency_key;
+            self.0.keys.lock().unwrap().push(key);
             self.0.answer(PutResponse {
                 succeeded: true,
                 version: 2,
@@ -363,6 +367,7 @@ mod fake {
             calls: AtomicUsize::new(0),
             consistency: Mutex::new(None),
             linearizable: Mutex::new(None),
+            keys: Mutex::new(Vec::new()),
         });
         tokio::spawn(
             tonic::transport::Server::builder()
@@ -404,21 +409,33 @@ async fn rotates_past_nodes_without_a_leader() {
 }
 
 #[tokio::test]
-async fn writes_are_retried_only_when_certainly_not_applied() {
-    // A plain Unavailable may come after the write was proposed: returned at once.
+async fn m9_writes_are_keyed_and_retried_with_their_key_after_an_unknown_outcome() {
+    // A plain Unavailable may come after the write was proposed: the write is sent again with
+    // the same key, which the server answers with the first outcome.
     let (a, node_a) = fake::start(fake::Reply::Unavailable).await;
     let (l, node_l) = fake::start(fake::Reply::Serve).await;
     let c = Client::connect(vec![a, l.clone()]).unwrap();
-    let err = c.put("o", "k", "v", Some(1)).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable);
-    assert_eq!((node_a.calls(), node_l.calls()), (1, 0));
+    c.put("o", "k", "v", Some(1)).await.unwrap();
+    assert_eq!((node_a.calls(), node_l.calls()), (1, 1));
+    let (first, retry) = (
+        node_a.keys.lock().unwrap()[0].clone(),
+        node_l.keys.lock().unwrap()[0].clone(),
+    );
+    assert_eq!(first.len(), 16);
+    assert_eq!(first, retry, "a retry carries the first attempt's key");
+    c.put("o", "k", "v", Some(1)).await.unwrap();
+    assert_ne!(
+        node_l.keys.lock().unwrap()[1],
+        first,
+        "a new write has a key of its own"
+    );
 
     // Not leader (no hint), NotApplied and a refused connection were certainly not applied.
     let (a, node_a) = fake::start(fake::Reply::NotApplied).await;
     let (b, node_b) = fake::start(fake::Reply::NotLeader(String::new())).await;
     let c = Client::connect(vec!["127.0.0.1:1".into(), a, b, l.clone()]).unwrap();
     c.put("o", "k", "v", Some(1)).await.unwrap();
-    assert_eq!((node_a.calls(), node_b.calls(), node_l.calls()), (1, 1, 1));
+    assert_eq!((node_a.calls(), node_b.calls(), node_l.calls()), (1, 1, 3));
     assert_eq!(c.leader(), Some(format!("http://{l}")));
 }
 

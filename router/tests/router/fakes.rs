@@ -21,6 +21,7 @@ pub struct Seen {
     pub op: &'static str,
     pub shard_key: Bytes,
     pub map_version: u64,
+    pub idempotency_key: Bytes,
     pub grpc_timeout: Option<String>,
 }
 
@@ -44,6 +45,9 @@ impl FakeNode {
             op,
             shard_key,
             map_version: header.map(|h| h.map_version).unwrap_or(0),
+            idempotency_key: header
+                .map(|h| h.idempotency_key.clone())
+                .unwrap_or_default(),
             grpc_timeout: req
                 .metadata()
                 .get("grpc-timeout")

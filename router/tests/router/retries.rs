@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use ordo_proto::v1::*;
 use prost::Message;
 use tonic::{Code, Status};
@@ -104,9 +105,11 @@ async fn retries_are_bounded_by_attempts_and_by_the_deadline() {
 }
 
 #[tokio::test]
-async fn a_write_with_an_unknown_outcome_is_not_retried() {
+async fn m9_a_write_with_an_unknown_outcome_is_retried_with_its_idempotency_key() {
     // The first replica answers writes with a plain UNAVAILABLE, as a node does when it stopped
-    // after proposing: the write may have been applied.
+    // after proposing: the write may have been applied. The router keys every write, so it
+    // sends it again, with the same key, and the node would answer a repeat with the first
+    // outcome.
     let unsure = spawn_node("unsure", |s| {
         (s.op != "Get").then(|| {
             Status::unavailable("the replica stopped during the write; its outcome is unknown")
@@ -120,18 +123,24 @@ async fn a_write_with_an_unknown_outcome_is_not_retried() {
     let mut c = kv(&router).await;
     let k = key_of_group(1, 0);
 
+    let client_key = Bytes::from_static(b"the client's own key");
     for op in ["Put", "Delete", "Txn"] {
-        let err = match op {
-            "Put" => c.put(put_req(k.clone())).await.unwrap_err(),
-            "Delete" => c
-                .delete(DeleteRequest {
+        match op {
+            "Put" => drop(c.put(put_req(k.clone())).await.unwrap()),
+            "Delete" => drop(
+                c.delete(DeleteRequest {
                     shard_key: k.clone(),
                     ..Default::default()
                 })
                 .await
-                .unwrap_err(),
-            _ => c
-                .txn(TxnRequest {
+                .unwrap(),
+            ),
+            _ => drop(
+                c.txn(TxnRequest {
+                    header: Some(RequestHeader {
+                        map_version: 0,
+                        idempotency_key: client_key.clone(),
+                    }),
                     compares: vec![Compare {
                         shard_key: k.clone(),
                         ..Default::default()
@@ -139,25 +148,28 @@ async fn a_write_with_an_unknown_outcome_is_not_retried() {
                     ..Default::default()
                 })
                 .await
-                .unwrap_err(),
-        };
-        assert_eq!(err.code(), Code::Unavailable, "{op}");
-        assert!(
-            err.message()
-                .contains(&format!("the outcome of this {op} is unknown")),
-            "{}",
-            err.message()
-        );
-        assert!(
-            err.message()
-                .contains("the replica stopped during the write"),
-            "says what happened: {}",
-            err.message()
-        );
-        assert!(err.details().is_empty(), "{op}");
+                .unwrap(),
+            ),
+        }
     }
-    assert_eq!(seen(&unsure).len(), 3, "one attempt per write");
-    assert!(seen(&live).is_empty(), "no write was retried elsewhere");
+    // The first write met the unsure replica and was sent again, with its key, to the live one,
+    // which the router then used for the others.
+    let (first, retried) = (seen(&unsure), seen(&live));
+    assert_eq!(
+        (first.len(), retried.len()),
+        (1, 3),
+        "{first:?} {retried:?}"
+    );
+    assert_eq!(
+        first[0].idempotency_key, retried[0].idempotency_key,
+        "the same key"
+    );
+    assert_eq!(first[0].idempotency_key.len(), 16, "the router's own key");
+    assert_ne!(retried[0].idempotency_key, retried[1].idempotency_key);
+    assert_eq!(
+        retried[2].idempotency_key, client_key,
+        "a client's key is kept"
+    );
 
     // A write refused with NotApplied is retried at the next replica.
     let refusing = spawn_node("refusing", |_| {
@@ -172,7 +184,7 @@ async fn a_write_with_an_unknown_outcome_is_not_retried() {
     let resp = c2.put(put_req(k.clone())).await.unwrap().into_inner();
     assert!(resp.succeeded);
     assert_eq!(seen(&refusing).len(), 1);
-    assert_eq!(seen(&live).len(), 1);
+    assert_eq!(seen(&live).len(), 4);
 
     // Reads still move on after a plain UNAVAILABLE.
     let flaky_reads = spawn_node("flaky", |_| Some(Status::unavailable("no leader yet"))).await;
@@ -188,6 +200,48 @@ async fn a_write_with_an_unknown_outcome_is_not_retried() {
     router.shutdown().await;
     router2.shutdown().await;
     router3.shutdown().await;
+}
+
+/// Only the deadline ends a write that may have been applied, not the attempt bound: its client
+/// is told the outcome is unknown only once no time is left.
+#[tokio::test]
+async fn m9_a_write_that_may_have_applied_ends_only_at_its_deadline() {
+    let unsure = spawn_node("unsure", |_| {
+        Some(Status::unavailable(
+            "the replica stopped during the write; its outcome is unknown",
+        ))
+    })
+    .await;
+    let other = healthy_node("g2").await;
+    let k = key_of_group(1, 0);
+    let config = spawn_config(map_v(1, &[&unsure.addr], &[&other.addr])).await;
+    let router_unsure = start_router(vec![config.addr.clone()]).await;
+    let deadline = Duration::from_secs(4);
+    let started = Instant::now();
+    let err = kv(&router_unsure)
+        .await
+        .put(with_timeout(put_req(k.clone()), deadline))
+        .await
+        .unwrap_err();
+    assert!(
+        started.elapsed() >= deadline - Duration::from_millis(400),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .contains("the outcome of this write is unknown"),
+        "{}",
+        err.message()
+    );
+    assert!(err.details().is_empty(), "not NotApplied: {err:?}");
+    let attempts = seen(&unsure).len();
+    assert!(
+        attempts > 12,
+        "{attempts} attempts: more than the attempt bound"
+    );
+    router_unsure.shutdown().await;
 }
 
 /// A fake node that accepts HTTP/2 connections, waits until a request's body has arrived, and
@@ -240,7 +294,7 @@ async fn spawn_breaking_node() -> (String, Arc<AtomicUsize>, tokio::task::JoinHa
 }
 
 #[tokio::test]
-async fn a_write_whose_connection_breaks_mid_request_is_reported_as_unknown() {
+async fn m9_a_write_whose_connection_breaks_mid_request_is_retried_with_its_key() {
     let (breaking, received, _task) = spawn_breaking_node().await;
     let live = healthy_node("live").await;
     let other = healthy_node("g2").await;
@@ -249,24 +303,25 @@ async fn a_write_whose_connection_breaks_mid_request_is_reported_as_unknown() {
     let mut c = kv(&router).await;
     let k = key_of_group(1, 0);
 
-    let err = c.put(put_req(k.clone())).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(
-        err.message().contains("the outcome of this Put is unknown"),
-        "{}",
-        err.message()
+    let resp = c.put(put_req(k.clone())).await.unwrap().into_inner();
+    assert!(resp.succeeded);
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        1,
+        "the first attempt was sent"
     );
-    assert!(err.message().contains(&breaking), "{}", err.message());
-    assert_eq!(received.load(Ordering::SeqCst), 1);
-    assert!(
-        seen(&live).is_empty(),
-        "the write was not retried elsewhere"
+    let retried = seen(&live);
+    assert_eq!(retried.len(), 1, "then retried at the next replica");
+    assert_eq!(
+        retried[0].idempotency_key.len(),
+        16,
+        "with the router's key"
     );
 
-    // A read in the same situation moves on to the next replica.
+    // The router moved on to the live replica for what follows.
     let got = c.get(get_req(k)).await.unwrap().into_inner();
     assert_eq!(got.value, "live");
-    assert_eq!(received.load(Ordering::SeqCst), 2);
+    assert_eq!(received.load(Ordering::SeqCst), 1);
     router.shutdown().await;
 }
 

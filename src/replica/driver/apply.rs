@@ -9,7 +9,7 @@ use raft::prelude::*;
 use super::conf_change::conf_not_applied;
 use super::Driver;
 use crate::error::{Error, Result};
-use crate::state::{Apply, Command};
+use crate::state::{Apply, Command, Stamp};
 
 impl Driver {
     pub(super) fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
@@ -34,6 +34,7 @@ impl Driver {
                         batch.push(Apply {
                             index: e.index,
                             cmd: None,
+                            stamp: None,
                         });
                         continue;
                     }
@@ -41,6 +42,7 @@ impl Driver {
                         Ok(cmd) => batch.push(Apply {
                             index: e.index,
                             cmd: Some(cmd),
+                            stamp: Stamp::decode(&e.context),
                         }),
                         Err(why) => {
                             // Skipping it would be silent divergence (audit M7): a replica of
@@ -69,6 +71,7 @@ impl Driver {
                         vec![Apply {
                             index: e.index,
                             cmd: None,
+                            stamp: None,
                         }],
                         &terms,
                     )?;

@@ -57,6 +57,7 @@ fn parts(dir: &std::path::Path) -> Parts {
         join: false,
         data_dir: dir.to_path_buf(),
         compact_log_entries: 1000,
+        dedup_window_secs: crate::limits::DEDUP_WINDOW_SECS_DEFAULT,
         slot_count: crate::limits::SLOT_COUNT_DEFAULT,
         config_server: false,
         copy_bytes_per_sec: 0,

@@ -31,7 +31,7 @@ use crate::replica::durable::Durable;
 use crate::replica::inbox::{Msg, PeerMsg, Shared};
 use crate::replica::outbox::Outbox;
 use crate::replica::storage::RaftStore;
-use crate::state::{Command, Outcome, StateMachine};
+use crate::state::{Command, Outcome, Stamp, StateMachine};
 
 mod apply;
 mod conf_change;
@@ -49,6 +49,8 @@ pub struct DriverConfig {
     pub applied: u64,
     pub snap_dir: PathBuf,
     pub compact_log_entries: u64,
+    /// How long keyed writes are deduplicated: stamped on every entry this leader proposes.
+    pub dedup_window_ms: u64,
 }
 
 type Reply = oneshot::Sender<Result<Outcome>>;
@@ -408,8 +410,14 @@ impl Driver {
         self.propose(cmd, waiting);
     }
 
+    /// Proposes `cmd`, stamped with this leader's clock and dedup window (`state::Stamp`): every
+    /// replica expires idempotency keys by the stamp, never by its own clock.
     fn propose(&mut self, cmd: Command, waiting: Waiting) {
-        match self.raw.propose(vec![], cmd.encode()) {
+        let stamp = Stamp {
+            now_ms: ordo_proto::unix_ms(),
+            window_ms: self.cfg.dedup_window_ms,
+        };
+        match self.raw.propose(stamp.encode(), cmd.encode()) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
                 self.track(index, self.raw.raft.term, waiting);

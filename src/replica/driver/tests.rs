@@ -128,6 +128,7 @@ fn node_config(
         join: false,
         data_dir: dir.join(format!("n{id}")),
         compact_log_entries,
+        dedup_window_secs: crate::limits::DEDUP_WINDOW_SECS_DEFAULT,
         slot_count: crate::limits::SLOT_COUNT_DEFAULT,
         config_server: false,
         copy_bytes_per_sec: 0,

@@ -61,6 +61,7 @@ fn node_config(
         peers: peers.clone(),
         data_dir,
         compact_log_entries,
+        dedup_window_secs: ordo::limits::DEDUP_WINDOW_SECS_DEFAULT,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == CONFIG_GROUP,
         copy_bytes_per_sec: 0,

@@ -1,0 +1,621 @@
+//! Idempotency keys (audit M9): a keyed write is applied at most once within its window, and the
+//! same key again answers with the first outcome.
+//!
+//! A keyed write's entry lives in the reserved range (kind `b'i'`) of the slot of its first shard
+//! key (a Txn's first compare, else its first op: the router's primary), so it moves with the
+//! slot (a migration copies the slot's whole range, and writes made here go through `TxView`,
+//! which appends them to the change log of a moving slot), travels in snapshots and is deleted
+//! by a cleanup. Three records per slot, values in the item encoding (checksummed):
+//! - `0 | key` → `expires_ms u64 | digest (12 bytes) | kept u8 | TxnResponse` (the outcome, when
+//!   `kept`);
+//! - `1 | expires_ms u64 BE | key` → empty: the slot's entries in expiry order;
+//! - `2` → the slot's number of entries (in the version field).
+//!
+//! Time is the leader's clock and dedup window as stamped in the raft entry's context
+//! ([`Stamp`]), never a replica's own clock or flags, so every replica expires and evicts the same
+//! entries at the same index. Each keyed write removes at most [`DEDUP_EXPIRE_STEP`] expired
+//! entries of its slot and, once the slot holds [`DEDUP_ENTRIES_PER_SLOT_MAX`], evicts the one
+//! closest to expiry: bounded work per write, never a big batch on the driver. An expired entry
+//! still present counts as absent.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+
+use ordo_proto::v1::{txn_op, TxnRequest, TxnResponse};
+use prost::Message as _;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+
+use super::{keys, Apply, Command, TxView};
+use crate::error::{Error, Result};
+use crate::limits::{DEDUP_ENTRIES_PER_SLOT_MAX, DEDUP_EXPIRE_STEP, DEDUP_OUTCOME_BYTES_MAX};
+
+/// The reserved-range kind of dedup records (`keys::reserved_key`).
+pub(super) const KIND: u8 = b'i';
+const ENTRY: u8 = 0;
+const BY_EXPIRY: u8 = 1;
+const COUNT: u8 = 2;
+const DIGEST_BYTES: usize = 12;
+const ENTRY_HEADER_BYTES: usize = 8 + DIGEST_BYTES + 1;
+
+/// What the leader stamps on every entry it proposes (the raft entry's context): its clock and
+/// its dedup window. Replicas apply by these, so they agree whatever their own clocks and flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stamp {
+    pub now_ms: u64,
+    pub window_ms: u64,
+}
+
+impl Stamp {
+    pub fn encode(self) -> Vec<u8> {
+        [self.now_ms.to_be_bytes(), self.window_ms.to_be_bytes()].concat()
+    }
+
+    /// `None` for an entry without a stamp (raft's own, or written before stamps existed): its
+    /// writes are not deduplicated.
+    pub fn decode(ctx: &[u8]) -> Option<Stamp> {
+        let ctx: &[u8; 16] = ctx.try_into().ok()?;
+        Some(Stamp {
+            now_ms: u64::from_be_bytes(ctx[..8].try_into().unwrap()),
+            window_ms: u64::from_be_bytes(ctx[8..].try_into().unwrap()),
+        })
+    }
+}
+
+/// A keyed write: where its entry lives and what a repeat must match.
+pub(super) struct Keyed {
+    slot: u32,
+    key: Vec<u8>,
+    digest: [u8; DIGEST_BYTES],
+    stamp: Stamp,
+}
+
+/// The slot of the entry `t` would have if it were keyed and stamped: `t` carries a key and a
+/// branch writes (reads are not deduplicated).
+fn entry_slot(t: &TxnRequest, slot_count: u32) -> Option<u32> {
+    let key = t.header.as_ref().map(|h| &h.idempotency_key)?;
+    let writes = t
+        .success
+        .iter()
+        .chain(&t.failure)
+        .any(|op| matches!(op.op, Some(txn_op::Op::Put(_) | txn_op::Op::Delete(_))));
+    if key.is_empty() || !writes {
+        return None;
+    }
+    Some(ordo_proto::slot_of(
+        super::shard_keys(t).next()?,
+        slot_count,
+    ))
+}
+
+/// The keyed write `t` is, if it is one (see [`entry_slot`]) and its entry is stamped.
+pub(super) fn keyed(t: &TxnRequest, stamp: Option<Stamp>, slot_count: u32) -> Option<Keyed> {
+    let slot = entry_slot(t, slot_count)?;
+    Some(Keyed {
+        slot,
+        key: t.header.as_ref()?.idempotency_key.to_vec(),
+        digest: digest(t),
+        stamp: stamp?,
+    })
+}
+
+/// A digest of everything in the request but its header (routing and key): FNV-1a 64 and crc32
+/// of its encoding. It tells a retry from another request under the same key; it is not a
+/// defence against a client forging collisions with its own keys.
+fn digest(t: &TxnRequest) -> [u8; DIGEST_BYTES] {
+    let mut buf = Vec::new();
+    for c in &t.compares {
+        prost::encoding::message::encode(2, c, &mut buf);
+    }
+    for op in &t.success {
+        prost::encoding::message::encode(3, op, &mut buf);
+    }
+    for op in &t.failure {
+        prost::encoding::message::encode(4, op, &mut buf);
+    }
+    let fnv = buf.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let mut out = [0; DIGEST_BYTES];
+    out[..8].copy_from_slice(&fnv.to_be_bytes());
+    out[8..].copy_from_slice(&crc32fast::hash(&buf).to_be_bytes());
+    out
+}
+
+fn entry_key(slot: u32, key: &[u8]) -> Vec<u8> {
+    keys::reserved_key(slot, KIND, &[&[ENTRY], key].concat())
+}
+
+fn expiry_prefix(slot: u32) -> Vec<u8> {
+    keys::reserved_key(slot, KIND, &[BY_EXPIRY])
+}
+
+fn expiry_key(slot: u32, expires_ms: u64, key: &[u8]) -> Vec<u8> {
+    [&expiry_prefix(slot), &expires_ms.to_be_bytes()[..], key].concat()
+}
+
+fn count_key(slot: u32) -> Vec<u8> {
+    keys::reserved_key(slot, KIND, &[COUNT])
+}
+
+fn corrupt(raw_key: &[u8], what: &str) -> ConflictableTransactionError<Error> {
+    ConflictableTransactionError::Abort(Error::Corruption(format!(
+        "tree data, dedup record {}: {what}",
+        keys::printable(raw_key)
+    )))
+}
+
+/// What the entry under a keyed write's key says.
+pub(super) enum Seen {
+    /// Never applied (or its entry expired at `expired`): apply it, then [`remember`] it.
+    New { expired: Option<u64> },
+    /// Applied before: this was its outcome.
+    Repeat(TxnResponse),
+}
+
+/// Looks a keyed write up. A live entry of another request under the key, or one whose outcome
+/// was too large to keep, refuses it with FAILED_PRECONDITION.
+pub(super) fn seen(data: &TransactionalTree, k: &Keyed) -> super::participant::Tx<Result<Seen>> {
+    let ek = entry_key(k.slot, &k.key);
+    let Some(raw) = data.get(&ek)? else {
+        return Ok(Ok(Seen::New { expired: None }));
+    };
+    let (_, v) = keys::decode_value(&ek, &raw).map_err(ConflictableTransactionError::Abort)?;
+    if v.len() < ENTRY_HEADER_BYTES {
+        return Err(corrupt(&ek, "shorter than its header"));
+    }
+    let expires_ms = u64::from_be_bytes(v[..8].try_into().unwrap());
+    if expires_ms <= k.stamp.now_ms {
+        return Ok(Ok(Seen::New {
+            expired: Some(expires_ms),
+        }));
+    }
+    let key = keys::printable(&k.key);
+    if v[8..8 + DIGEST_BYTES] != k.digest {
+        return Ok(Err(Error::FailedPrecondition(format!(
+            "idempotency key {key} was already used for a different request (within the dedup \
+             window); use a new key for a new request"
+        ))));
+    }
+    if v[8 + DIGEST_BYTES] == 0 {
+        return Ok(Err(Error::FailedPrecondition(format!(
+            "the request with idempotency key {key} was already applied, but its outcome was \
+             over DEDUP_OUTCOME_BYTES_MAX ({DEDUP_OUTCOME_BYTES_MAX} bytes) and was not kept: \
+             read the items back"
+        ))));
+    }
+    let resp = TxnResponse::decode(&v[ENTRY_HEADER_BYTES..])
+        .map_err(|e| corrupt(&ek, &format!("outcome does not decode: {e}")))?;
+    Ok(Ok(Seen::Repeat(resp)))
+}
+
+/// The oldest expiry-index records of the slots a run of entries writes keyed, and the ones the
+/// run's sled transaction wrote and removed so far. A sled transaction can neither be scanned
+/// nor read the tree under it (that would deadlock), so the head of each slot's index is read
+/// before the transaction ([`Pending::load`]), as far as the run's keyed writes can consume it,
+/// and corrected by these. The result is the same however a replica's entries are grouped into
+/// transactions.
+#[derive(Default, Clone)]
+pub(super) struct Pending {
+    heads: HashMap<u32, VecDeque<Vec<u8>>>,
+    inserted: BTreeSet<Vec<u8>>,
+    removed: BTreeSet<Vec<u8>>,
+}
+
+impl Pending {
+    /// Reads the head of the expiry index of every slot `batch` writes keyed: each keyed write
+    /// takes at most `DEDUP_EXPIRE_STEP + 1` records from it (expiry, eviction) and removes
+    /// one more (its own expired entry), so that many per write are enough.
+    pub(super) fn load(tree: &sled::Tree, batch: &[Apply], slot_count: u32) -> Result<Pending> {
+        let mut writes: HashMap<u32, usize> = HashMap::new();
+        for a in batch.iter().filter(|a| a.stamp.is_some()) {
+            let txns = match &a.cmd {
+                Some(Command::Txn(t)) => std::slice::from_ref(t),
+                Some(Command::TxnBatch(ts)) => ts.as_slice(),
+                _ => continue,
+            };
+            for slot in txns.iter().filter_map(|t| entry_slot(t, slot_count)) {
+                *writes.entry(slot).or_default() += 1;
+            }
+        }
+        let mut heads = HashMap::new();
+        for (slot, n) in writes {
+            let want = (n + 1) * (DEDUP_EXPIRE_STEP + 2);
+            let keys = tree.scan_prefix(expiry_prefix(slot)).keys().take(want);
+            let head = keys
+                .map(|k| k.map(|k| k.to_vec()))
+                .collect::<sled::Result<_>>()?;
+            heads.insert(slot, head);
+        }
+        Ok(Pending {
+            heads,
+            ..Default::default()
+        })
+    }
+
+    /// Up to `n` of the slot's oldest expiry-index records, in order.
+    fn oldest(&mut self, slot: u32, n: usize) -> Vec<Vec<u8>> {
+        let prefix = expiry_prefix(slot);
+        let head = self.heads.entry(slot).or_default();
+        while head.front().is_some_and(|k| self.removed.contains(k)) {
+            head.pop_front();
+        }
+        let from_tree = head.iter().filter(|k| !self.removed.contains(*k)).take(n);
+        let from_tx = self.inserted.range(prefix.clone()..);
+        let mut present: BTreeSet<&Vec<u8>> = from_tree.collect();
+        present.extend(from_tx.take_while(|k| k.starts_with(&prefix)).take(n));
+        present.into_iter().take(n).cloned().collect()
+    }
+
+    fn insert(&mut self, k: Vec<u8>) {
+        self.removed.remove(&k);
+        self.inserted.insert(k);
+    }
+
+    fn remove(&mut self, k: Vec<u8>) {
+        self.inserted.remove(&k);
+        self.removed.insert(k);
+    }
+}
+
+fn read_count(data: &TransactionalTree, slot: u32) -> super::participant::Tx<u64> {
+    let ck = count_key(slot);
+    match data.get(&ck)? {
+        None => Ok(0),
+        Some(raw) => Ok(keys::decode_value(&ck, &raw)
+            .map_err(ConflictableTransactionError::Abort)?
+            .0),
+    }
+}
+
+/// Removes the entry an expiry-index record stands for, and the record.
+fn drop_entry(view: &mut TxView, pending: &mut Pending, slot: u32, ik: Vec<u8>) -> Result<()> {
+    let key = &ik[expiry_prefix(slot).len() + 8..];
+    view.delete_raw(slot, entry_key(slot, key))?;
+    view.delete_raw(slot, ik.clone())?;
+    pending.remove(ik);
+    Ok(())
+}
+
+/// Records a keyed write's outcome (after it was applied): removes up to
+/// [`DEDUP_EXPIRE_STEP`] expired entries of its slot, evicts the oldest one if the slot is full,
+/// then stores its own entry.
+pub(super) fn remember(
+    view: &mut TxView,
+    pending: &mut Pending,
+    k: &Keyed,
+    expired: Option<u64>,
+    resp: &TxnResponse,
+) -> super::participant::Tx<()> {
+    let abort = ConflictableTransactionError::Abort;
+    let slot = k.slot;
+    let mut count = read_count(view.data, slot)?;
+    if let Some(old) = expired {
+        // The entry itself is overwritten below.
+        let ik = expiry_key(slot, old, &k.key);
+        view.delete_raw(slot, ik.clone()).map_err(abort)?;
+        pending.remove(ik);
+        count = count.saturating_sub(1);
+    }
+    let mut oldest = pending
+        .oldest(slot, DEDUP_EXPIRE_STEP + 1)
+        .into_iter()
+        .peekable();
+    let at = expiry_prefix(slot).len();
+    let expires = |ik: &Vec<u8>| u64::from_be_bytes(ik[at..at + 8].try_into().unwrap());
+    for _ in 0..DEDUP_EXPIRE_STEP {
+        let Some(ik) = oldest.next_if(|ik| expires(ik) <= k.stamp.now_ms) else {
+            break;
+        };
+        drop_entry(view, pending, slot, ik).map_err(abort)?;
+        count = count.saturating_sub(1);
+    }
+    if count >= DEDUP_ENTRIES_PER_SLOT_MAX {
+        if let Some(ik) = oldest.next() {
+            drop_entry(view, pending, slot, ik).map_err(abort)?;
+            count = count.saturating_sub(1);
+        }
+    }
+    let expires_ms = k.stamp.now_ms.saturating_add(k.stamp.window_ms);
+    let outcome = resp.encode_to_vec();
+    let kept = outcome.len() <= DEDUP_OUTCOME_BYTES_MAX;
+    let mut v = Vec::with_capacity(ENTRY_HEADER_BYTES + outcome.len());
+    v.extend_from_slice(&expires_ms.to_be_bytes());
+    v.extend_from_slice(&k.digest);
+    v.push(kept as u8);
+    if kept {
+        v.extend_from_slice(&outcome);
+    }
+    let ik = expiry_key(slot, expires_ms, &k.key);
+    let writes = [
+        (entry_key(slot, &k.key), keys::encode_value(1, &v)),
+        (ik.clone(), keys::encode_value(1, &[])),
+        (count_key(slot), keys::encode_value(count + 1, &[])),
+    ];
+    for (rk, rv) in writes {
+        view.put_raw(slot, rk, rv).map_err(abort)?;
+    }
+    pending.insert(ik);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{Apply, Command, Outcome, StateMachine};
+    use ordo_proto::v1::{txn_op_result, GetRequest, PutRequest, RequestHeader, TxnOp};
+
+    const SLOTS: u32 = 64;
+    const WINDOW_MS: u64 = 1_000;
+
+    struct Sm {
+        sm: StateMachine,
+        index: u64,
+        dir: tempfile::TempDir,
+    }
+
+    impl Sm {
+        fn new() -> Sm {
+            let dir = tempfile::tempdir().unwrap();
+            let db = sled::open(dir.path().join("db")).unwrap();
+            Sm {
+                sm: StateMachine::open(&db, 1, SLOTS).unwrap().sm,
+                index: 0,
+                dir,
+            }
+        }
+
+        /// Applies `cmds` in one batch, each stamped at `now_ms`; their results in order.
+        fn apply(&mut self, cmds: Vec<Command>, now_ms: u64) -> Vec<Result<Outcome>> {
+            let batch: Vec<Apply> = cmds
+                .into_iter()
+                .map(|cmd| {
+                    self.index += 1;
+                    Apply {
+                        index: self.index,
+                        cmd: Some(cmd),
+                        stamp: Some(Stamp {
+                            now_ms,
+                            window_ms: WINDOW_MS,
+                        }),
+                    }
+                })
+                .collect();
+            self.sm
+                .apply(&batch)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.1)
+                .collect()
+        }
+
+        /// The version a keyed put of `value` at `now_ms` answers.
+        fn put(&mut self, key: &str, value: &str, now_ms: u64) -> Result<u64> {
+            let r = self
+                .apply(vec![Command::Txn(put(key, value))], now_ms)
+                .pop()
+                .unwrap();
+            r.map(put_version)
+        }
+
+        fn version(&self) -> u64 {
+            self.sm.get(b"order", b"").unwrap().map_or(0, |(v, _)| v)
+        }
+
+        /// The dedup records of the slot of "order": (entries, index records, count).
+        fn records(&self) -> (usize, usize, u64) {
+            let slot = ordo_proto::slot_of(b"order", SLOTS);
+            let n = |kind: u8| {
+                let prefix = keys::reserved_key(slot, KIND, &[kind]);
+                self.sm.data.scan_prefix(prefix).count()
+            };
+            let count = match self.sm.data.get(count_key(slot)).unwrap() {
+                Some(raw) => keys::decode_value(b"count", &raw).unwrap().0,
+                None => 0,
+            };
+            (n(ENTRY), n(BY_EXPIRY), count)
+        }
+    }
+
+    /// A put of the root item of "order", keyed `key`.
+    fn put(key: &str, value: &str) -> TxnRequest {
+        TxnRequest {
+            header: Some(RequestHeader {
+                map_version: 0,
+                idempotency_key: key.as_bytes().to_vec().into(),
+            }),
+            success: vec![TxnOp {
+                op: Some(txn_op::Op::Put(PutRequest {
+                    shard_key: b"order".to_vec().into(),
+                    value: value.as_bytes().to_vec().into(),
+                    ..Default::default()
+                })),
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn put_version(o: Outcome) -> u64 {
+        match o {
+            Outcome::Txn(r) => match r.results[0].result {
+                Some(txn_op_result::Result::Put(p)) => p.version,
+                ref other => panic!("{other:?}"),
+            },
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn m9_the_same_key_twice_is_applied_once_and_answers_the_first_outcome() {
+        let mut s = Sm::new();
+        assert_eq!(s.put("k1", "v", 10).unwrap(), 1);
+        assert_eq!(
+            s.put("k1", "v", 20).unwrap(),
+            1,
+            "a repeat answers version 1 again"
+        );
+        assert_eq!(s.version(), 1, "and was not applied");
+        // A repeat in the same entry (one sled transaction) is caught too, and so is one of a
+        // batch: both answer the first outcome.
+        let batch = Command::TxnBatch(vec![put("k2", "w"), put("k2", "w")]);
+        let rs = s.apply(vec![batch, Command::Txn(put("k2", "w"))], 30);
+        let Ok(Outcome::TxnBatch(rs0)) = &rs[0] else {
+            panic!("{rs:?}")
+        };
+        let versions: Vec<u64> = rs0
+            .iter()
+            .map(|r| put_version(Outcome::Txn(r.as_ref().unwrap().clone())))
+            .collect();
+        assert_eq!(versions, [2, 2]);
+        assert_eq!(put_version(rs.into_iter().nth(1).unwrap().unwrap()), 2);
+        assert_eq!(s.version(), 2);
+        assert_eq!(s.records(), (2, 2, 2));
+        assert_eq!(s.sm.digest().unwrap().0, 1, "dedup records are not items");
+        // Without a key, or read-only, nothing is deduplicated or recorded.
+        let mut unkeyed = put("", "x");
+        unkeyed.header = None;
+        s.apply(
+            vec![Command::Txn(unkeyed.clone()), Command::Txn(unkeyed)],
+            40,
+        );
+        assert_eq!(s.version(), 4);
+        let mut read = put("k3", "");
+        read.success[0].op = Some(txn_op::Op::Get(GetRequest {
+            shard_key: b"order".to_vec().into(),
+            ..Default::default()
+        }));
+        s.apply(vec![Command::Txn(read)], 50)
+            .pop()
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.records(), (2, 2, 2));
+    }
+
+    #[test]
+    fn m9_the_same_key_with_another_request_is_failed_precondition() {
+        let mut s = Sm::new();
+        s.put("k", "v", 10).unwrap();
+        let err = s.put("k", "other", 20).unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("already used for a different request"),
+            "{err}"
+        );
+        assert_eq!(s.version(), 1, "nothing was applied");
+        assert_eq!(s.sm.get(b"order", b"").unwrap().unwrap().1.as_ref(), b"v");
+    }
+
+    #[test]
+    fn m9_a_key_expires_after_the_window_of_the_entries_stamp() {
+        let mut s = Sm::new();
+        s.put("k", "v", 1_000).unwrap();
+        assert_eq!(s.put("k", "v", 1_000 + WINDOW_MS - 1).unwrap(), 1);
+        assert_eq!(
+            s.put("k", "v", 1_000 + WINDOW_MS).unwrap(),
+            2,
+            "expired: applied again"
+        );
+        assert_eq!(s.records(), (1, 1, 1), "the expired entry was replaced");
+        // Expired entries of the slot go a few per keyed write, never in one big batch.
+        for i in 0..10 {
+            s.put(&format!("old{i}"), "v", 5_000).unwrap();
+        }
+        assert_eq!(
+            s.records(),
+            (10, 10, 10),
+            "the first old one expired the entry of k"
+        );
+        s.put("new", "v", 5_000 + WINDOW_MS).unwrap();
+        let left = 10 - DEDUP_EXPIRE_STEP;
+        assert_eq!(s.records(), (left + 1, left + 1, left as u64 + 1));
+        // An expired entry still there counts as absent.
+        assert_eq!(s.put("old9", "v", 5_000 + WINDOW_MS).unwrap(), 14);
+    }
+
+    /// Expiry reads the tree under the apply transaction: grouping the same entries into other
+    /// transactions (as replicas do, by what each Ready holds) must give the same state.
+    #[test]
+    fn m9_expiry_is_the_same_however_entries_are_grouped() {
+        let entries: Vec<(TxnRequest, u64)> = (0..40)
+            .map(|i| {
+                (
+                    put(&format!("k{}", i % 13), &format!("v{}", i % 13)),
+                    i * 150,
+                )
+            })
+            .collect();
+        let one = Sm::new();
+        let each = Sm::new();
+        let batch: Vec<Apply> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (t, at))| Apply {
+                index: i as u64 + 1,
+                cmd: Some(Command::Txn(t.clone())),
+                stamp: Some(Stamp {
+                    now_ms: *at,
+                    window_ms: WINDOW_MS,
+                }),
+            })
+            .collect();
+        let together = one.sm.apply(&batch).unwrap();
+        let mut apart = Vec::new();
+        for a in &batch {
+            apart.extend(each.sm.apply(std::slice::from_ref(a)).unwrap());
+        }
+        let answers = |rs: Vec<(u64, Result<Outcome>)>| -> Vec<u64> {
+            rs.into_iter()
+                .map(|(_, r)| put_version(r.unwrap()))
+                .collect()
+        };
+        assert_eq!(answers(together), answers(apart));
+        assert_eq!(one.sm.digest().unwrap(), each.sm.digest().unwrap());
+        assert_eq!(one.records(), each.records());
+    }
+
+    #[test]
+    fn m9_a_slot_keeps_at_most_its_bound_of_entries_and_evicts_the_oldest() {
+        let mut s = Sm::new();
+        let max = DEDUP_ENTRIES_PER_SLOT_MAX;
+        let key = |i: u64| format!("k{i:06}");
+        for (n, chunk) in (0..max).collect::<Vec<_>>().chunks(256).enumerate() {
+            let txns = chunk.iter().map(|i| put(&key(*i), "v")).collect();
+            s.apply(vec![Command::TxnBatch(txns)], 10 + n as u64);
+        }
+        let max_n = max as usize;
+        assert_eq!(s.records(), (max_n, max_n, max));
+        assert_eq!(s.put("one-more", "v", 500).unwrap(), max + 1);
+        assert_eq!(s.records(), (max_n, max_n, max), "the bound holds");
+        // The oldest key was forgotten (so it applies again), the others are still known.
+        assert_eq!(s.put(&key(2), "v", 500).unwrap(), 3);
+        assert_eq!(s.put(&key(0), "v", 500).unwrap(), max + 2);
+    }
+
+    #[test]
+    fn m9_entries_survive_a_restart_and_travel_in_snapshots() {
+        let mut s = Sm::new();
+        s.put("k", "v", 10).unwrap();
+        let index = s.index;
+        let (_, path, _) = s.sm.build_snapshot(&s.dir.path().join("snap"), 1).unwrap();
+        // Restart: the same data dir opened again.
+        let Sm { sm, dir, .. } = s;
+        drop(sm);
+        let db = sled::open(dir.path().join("db")).unwrap();
+        let mut s = Sm {
+            sm: StateMachine::open(&db, 1, SLOTS).unwrap().sm,
+            index,
+            dir,
+        };
+        assert_eq!(s.put("k", "v", 20).unwrap(), 1);
+        assert_eq!(s.version(), 1);
+        // A replica that installs the snapshot knows the key too.
+        let mut other = Sm::new();
+        other.sm.install_snapshot(&path, index).unwrap();
+        other.sm.finish_install().unwrap();
+        other.index = index;
+        assert_eq!(other.put("k", "v", 30).unwrap(), 1);
+        assert!(matches!(
+            other.put("k", "w", 30),
+            Err(Error::FailedPrecondition(_))
+        ));
+    }
+}
