@@ -57,6 +57,11 @@ pub const fn snapshot_transfer_timeout(bytes: u64) -> std::time::Duration {
 /// the max, while the replica keeps serving: sooner would spin on a disk that is still full.
 pub const SNAPSHOT_BUILD_RETRY_MIN_MS: u64 = 250;
 pub const SNAPSHOT_BUILD_RETRY_MAX_MS: u64 = 30_000;
+/// The raft watermark (`replica/watermark.rs`) records log and commit progress at most this often
+/// (a new term or vote is recorded at once): writing it after every raft sync would add a second
+/// fsync to every write, and what it guards against, sled losing synced writes, is still caught
+/// for everything older than this.
+pub const WATERMARK_INTERVAL_MS: u64 = 100;
 /// Proposals in flight on one leader; beyond it clients get `UNAVAILABLE` (overloaded) at once.
 pub const PENDING_PROPOSALS_MAX: usize = 65_536;
 /// Linearizable reads waiting for their read index; beyond it clients get `UNAVAILABLE`.

@@ -20,6 +20,7 @@ use crate::replica::inbox::{Msg, Shared};
 use crate::replica::outbox::Outbox;
 use crate::replica::storage::RaftStore;
 use crate::replica::transport::{PeerAddrs, Transport};
+use crate::replica::watermark::Watermark;
 use crate::replica::ReplicaHandle;
 use crate::server::{kv::KvService, participant::ParticipantService, peer::PeerService};
 use crate::state::StateMachine;
@@ -90,6 +91,8 @@ pub(crate) struct Recovered {
     pub(crate) snap_dir: PathBuf,
     pub(crate) sm: Arc<StateMachine>,
     pub(crate) store: RaftStore,
+    /// Checked against `store` (H5); kept up to date by the driver.
+    pub(crate) watermark: Watermark,
     /// Every replica's address: the stored map (kept current by membership changes) if the
     /// replica has run before, else the configured one.
     pub(crate) peers: BTreeMap<u64, String>,
@@ -137,8 +140,15 @@ pub(crate) fn recover(cfg: &NodeConfig) -> anyhow::Result<Recovered> {
     } else {
         cfg.peers.keys().copied().collect()
     };
+    let sled_was_empty = RaftStore::is_empty(&db)?;
     let mut store = RaftStore::open(&db, cfg.id, &voters)?;
+    // Protocol-aware recovery (H5): a sled that lost synced writes is not trusted.
+    let mut watermark =
+        crate::replica::watermark::check_and_open(&cfg.data_dir, store.mark(), sled_was_empty)?;
     if opened.interrupted_install {
+        // The install lowered the watermark before it began; this keeps it so should the
+        // reset itself be cut short.
+        watermark.write(store.mark().before_install())?;
         store.reset_to_empty()?;
     }
     // A founder's first start: its log begins after the bootstrap position.
@@ -166,6 +176,7 @@ pub(crate) fn recover(cfg: &NodeConfig) -> anyhow::Result<Recovered> {
         snap_dir,
         sm,
         store,
+        watermark,
         peers,
     })
 }
@@ -180,6 +191,9 @@ pub(crate) fn new_driver(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Driver> {
     let durable = crate::replica::durable::Durable::open(rec.db, &rec.db_dir)?;
+    // Opening synced everything recovery wrote: the watermark can say so.
+    let mut watermark = rec.watermark;
+    watermark.write(rec.store.mark())?;
     let driver_cfg = DriverConfig {
         node_id: cfg.id,
         group_id: cfg.group,
@@ -188,7 +202,7 @@ pub(crate) fn new_driver(
         compact_log_entries: cfg.compact_log_entries,
     };
     Ok(Driver::new(
-        driver_cfg, rec.store, durable, rec.sm, inbox, outbox, shared, stop,
+        driver_cfg, rec.store, durable, watermark, rec.sm, inbox, outbox, shared, stop,
     )?)
 }
 

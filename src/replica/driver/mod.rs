@@ -30,6 +30,7 @@ use crate::replica::durable::Durable;
 use crate::replica::inbox::{Msg, Shared};
 use crate::replica::outbox::Outbox;
 use crate::replica::storage::RaftStore;
+use crate::replica::watermark::Watermark;
 use crate::state::{Command, Outcome, StateMachine};
 
 mod apply;
@@ -118,6 +119,8 @@ pub struct Driver {
     cfg: DriverConfig,
     raw: RawNode<RaftStore>,
     durable: Durable,
+    /// Raft state last known durable, outside sled (H5): refreshed after every sync.
+    watermark: Watermark,
     sm: Arc<StateMachine>,
     inbox: mpsc::Receiver<Msg>,
     outbox: Box<dyn Outbox>,
@@ -171,6 +174,7 @@ impl Driver {
         cfg: DriverConfig,
         store: RaftStore,
         durable: Durable,
+        watermark: Watermark,
         sm: Arc<StateMachine>,
         inbox: mpsc::Receiver<Msg>,
         outbox: Box<dyn Outbox>,
@@ -188,6 +192,7 @@ impl Driver {
             cfg,
             raw,
             durable,
+            watermark,
             sm,
             inbox,
             outbox,
@@ -228,7 +233,11 @@ impl Driver {
             ))
         });
         // After a failed sync this fails again with the first error (durable.rs latches it).
-        if let Err(e) = self.durable.sync() {
+        let synced = self.durable.sync().and_then(|()| {
+            let mark = self.raw.store().mark();
+            self.watermark.write(mark)
+        });
+        if let Err(e) = synced {
             tracing::error!(error = %e, "final flush failed");
         }
         tracing::info!(
@@ -428,6 +437,7 @@ impl Driver {
         }
         self.maybe_build_snapshot();
         self.on_ready()?;
+        self.watermark.flush_due()?;
         self.publish();
         Ok(())
     }
@@ -503,6 +513,8 @@ impl Driver {
         // applied index, see `node.rs`), and skipping it saves one fsync per commit on a leader.
         if rd.must_sync() {
             self.durable.sync()?;
+            // Before the persisted messages: a vote is on record before it is sent.
+            self.watermark.record(self.raw.store().mark())?;
         }
         for rs in rd.take_read_states() {
             self.read_index_known(&rs.request_ctx, rs.index);

@@ -90,9 +90,14 @@ impl Driver {
                 ))
             })?;
         let started = Instant::now();
+        // An install cut short resets the replica (`node.rs`): lower the watermark to that first.
+        let mark = self.raw.store().mark();
+        self.watermark.write(mark.before_install())?;
         let items = self.sm.install_snapshot(&path, meta.index)?;
         self.raw.mut_store().apply_snapshot(meta)?;
         self.durable.sync()?;
+        let mark = self.raw.store().mark();
+        self.watermark.write(mark)?;
         self.sm.finish_install()?;
         self.snapshots_installed += 1;
         // The files staged beside it are older or the same snapshot again, and the one this
