@@ -94,6 +94,9 @@ pub const RAFT_INFLIGHT_MSGS_MAX: usize = 256;
 /// transaction goes alone): transactions that arrive together share one entry's raft costs.
 pub const PROPOSAL_BATCH_TXNS_MAX: usize = 256;
 pub const PROPOSAL_BATCH_BYTES_MAX: usize = 256 * 1024;
+/// Most bytes of committed entries applied in one step: raft-rs hands at most this much to one
+/// Ready, and entries left in the log during a snapshot build are read back in steps of it.
+pub const APPLY_BATCH_BYTES_MAX: u64 = 16 * RAFT_MSG_BYTES_MAX;
 /// Default number of applied entries kept in the log before it is compacted.
 pub const COMPACT_LOG_ENTRIES_DEFAULT: u64 = 10_000;
 /// Most log entries one compaction removes (it runs on the driver loop, so it must stay short).

@@ -11,6 +11,10 @@
 //! 5. apply committed entries (effects + applied index in one sled transaction) and answer the
 //!    proposals and reads waiting for them,
 //! 6. advance, and do the same for the light ready.
+//!
+//! A snapshot is built on a thread of its own (`snapshots.rs`); until it ends the loop goes on
+//! ticking, stepping, appending and syncing, but leaves committed entries in the log, so the state
+//! machine holds still at the snapshot's index; they are applied once it ends (`catch_up`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -144,7 +148,10 @@ pub struct Driver {
     staged: HashMap<(u64, u64), PathBuf>,
     snapshots_installed: u64,
     snapshots_sent: u64,
-    snapshot_build: snapshots::BuildRetry,
+    snapshot_build: snapshots::SnapshotBuild,
+    /// The last committed index raft handed over. While a snapshot is built the entries up to
+    /// it stay in the log unapplied, and `catch_up` applies them once the build ends.
+    committed_seen: u64,
     transfer: Option<Transfer>,
     conf_waiter: Option<ConfWaiter>,
     /// When each peer was last heard from (for the live-quorum check of membership changes).
@@ -163,7 +170,7 @@ pub fn raft_config(id: u64, applied: u64) -> raft::Config {
         pre_vote: true,
         check_quorum: true,
         read_only_option: raft::ReadOnlyOption::Safe,
-        max_committed_size_per_ready: 16 * RAFT_MSG_BYTES_MAX,
+        max_committed_size_per_ready: APPLY_BATCH_BYTES_MAX,
         ..Default::default()
     }
 }
@@ -209,6 +216,7 @@ impl Driver {
             snapshots_installed: 0,
             snapshots_sent: 0,
             snapshot_build: Default::default(),
+            committed_seen: config.applied,
             transfer: None,
             conf_waiter: None,
             last_heard: HashMap::new(),
@@ -258,6 +266,7 @@ impl Driver {
                     self.raw.tick();
                     self.expire();
                 }
+                built = snapshots::built(&mut self.snapshot_build.running) => self.on_build_done(built),
                 msg = self.inbox.recv() => {
                     // Every sender is gone: the node is shutting down.
                     let msg = msg?;
@@ -437,6 +446,7 @@ impl Driver {
         }
         self.maybe_build_snapshot();
         self.on_ready()?;
+        self.catch_up()?;
         self.watermark.flush_due()?;
         self.publish();
         Ok(())
@@ -520,18 +530,56 @@ impl Driver {
             self.read_index_known(&rs.request_ctx, rs.index);
         }
         self.send(rd.take_persisted_messages());
-        self.apply(rd.take_committed_entries())?;
+        self.apply_committed(rd.take_committed_entries())?;
 
-        let mut light = self.raw.advance(rd);
+        let mut light = self.raw.advance_append(rd);
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit)?;
         }
         self.send(light.take_messages());
-        self.apply(light.take_committed_entries())?;
-        self.raw.advance_apply();
-        self.release_reads();
-        self.maybe_compact()?;
+        self.apply_committed(light.take_committed_entries())?;
+        self.applied()
+    }
+
+    /// Applies committed entries now, unless a snapshot is being built or earlier entries still
+    /// wait: then they stay in the log (raft allows applying later) and `catch_up` applies them.
+    fn apply_committed(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        let caught_up = self.sm.applied_index() == self.committed_seen;
+        self.committed_seen = last;
+        if caught_up && self.snapshot_build.running.is_none() {
+            self.apply(entries)?;
+        }
         Ok(())
+    }
+
+    /// Once no snapshot is being built, applies the committed entries left in the log, a
+    /// bounded step at a time.
+    fn catch_up(&mut self) -> Result<()> {
+        let applied = self.sm.applied_index();
+        if applied >= self.committed_seen || self.snapshot_build.running.is_some() {
+            return Ok(());
+        }
+        let (low, high) = (applied + 1, self.committed_seen + 1);
+        let entries = raft::Storage::entries(
+            self.raw.store(),
+            low,
+            high,
+            APPLY_BATCH_BYTES_MAX,
+            raft::GetEntriesContext::empty(false),
+        )
+        .map_err(|e| Error::Storage(format!("reading committed entries {low}..{high}: {e}")))?;
+        self.apply(entries)?;
+        self.applied()
+    }
+
+    /// Tells raft how far the state machine got, and what that releases.
+    fn applied(&mut self) -> Result<()> {
+        self.raw.advance_apply_to(self.sm.applied_index());
+        self.release_reads();
+        self.maybe_compact()
     }
 
     fn read_index_known(&mut self, ctx: &[u8], index: u64) {
