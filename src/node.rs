@@ -208,7 +208,9 @@ pub(crate) fn new_driver(
 
 /// Runs the driver on a thread of its own (its IO is blocking; it must not stall the services).
 /// When it ends, `exited` turns true; a panic (debug builds: release builds abort) is recorded in
-/// `shared` as the replica's failure, like a storage error.
+/// `shared` as the replica's failure, like a storage error. The driver (and with it sled) is
+/// dropped only after that: closing sled flushes, which on a full disk may never return, and the
+/// failure must be reported whatever the storage does.
 fn spawn_driver(
     cfg: &NodeConfig,
     driver: Driver,
@@ -218,7 +220,8 @@ fn spawn_driver(
     std::thread::Builder::new()
         .name(format!("raft-g{}-n{}", cfg.group, cfg.id))
         .spawn(move || {
-            let run = std::panic::AssertUnwindSafe(move || {
+            let mut driver = driver;
+            let run = std::panic::AssertUnwindSafe(|| {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
                     .build()
@@ -237,6 +240,7 @@ fn spawn_driver(
                 shared.stop_with(format!("the raft driver panicked: {what}"));
             }
             let _ = exited.send(true);
+            drop(driver);
         })
 }
 

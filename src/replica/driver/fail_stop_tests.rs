@@ -218,7 +218,10 @@ async fn write_and_stop(dir: &std::path::Path, writes: usize, value_bytes: usize
         _stop: stop,
         ..
     } = p;
-    let running = tokio::spawn(driver.run());
+    let running = tokio::spawn(async move {
+        let mut driver = driver;
+        driver.run().await
+    });
     for i in 0..writes {
         let cmd = Command::Txn(
             put_as_txn(ordo_proto::v1::PutRequest {

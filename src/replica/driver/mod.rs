@@ -228,25 +228,29 @@ impl Driver {
     /// (a storage error, corruption). Pending requests are then failed, never left hanging. A
     /// failure is published in `Shared::stopped` (fail-stop, see ARCHITECTURE.md): handlers
     /// refuse everything from then on and the binary exits.
-    pub async fn run(mut self) {
+    pub async fn run(&mut self) {
         let failure = self.run_loop().await;
         if let Some(why) = &failure {
             self.shared.stop_with(why.clone());
         }
         self.shared.is_leader.store(0, Ordering::Relaxed);
+        let failed = failure.is_some();
         let why = failure.unwrap_or_else(|| "it is shutting down".into());
         self.fail_all(|| {
             Error::Unavailable(format!(
                 "the replica stopped before this request completed ({why}); its outcome is unknown"
             ))
         });
-        // After a failed sync this fails again with the first error (durable.rs latches it).
-        let synced = self.durable.sync().and_then(|()| {
-            let mark = self.raw.store().mark();
-            self.watermark.write(mark)
-        });
-        if let Err(e) = synced {
-            tracing::error!(error = %e, "final flush failed");
+        // A replica that failed writes nothing more: its storage is not trusted, and on a full
+        // disk sled's flush may never return, which would keep the process from exiting.
+        if !failed {
+            let synced = self.durable.sync().and_then(|()| {
+                let mark = self.raw.store().mark();
+                self.watermark.write(mark)
+            });
+            if let Err(e) = synced {
+                tracing::error!(error = %e, "final flush failed");
+            }
         }
         tracing::info!(
             node = self.cfg.node_id,

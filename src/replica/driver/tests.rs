@@ -161,7 +161,7 @@ impl Group {
             let mut driver =
                 new_driver(&cfg, rec, Box::new(outbox), rx, shared.clone(), stop_rx).unwrap();
             driver.snapshot_build.gate = gate.clone();
-            tokio::spawn(driver.run());
+            tokio::spawn(async move { driver.run().await });
             let member = Member {
                 inbox: tx,
                 shared,
@@ -426,9 +426,13 @@ async fn h3_a_long_snapshot_build_does_not_stop_the_leader() {
         if s.commit_index > s.applied_index {
             break s.applied_index;
         }
+        if let Ok(early) = answered.try_recv() {
+            panic!("the write was answered before any build held it back: {early:?}");
+        }
         assert!(
             started.elapsed() < WAIT,
-            "the leader never held a committed entry back for a build: {s:?}"
+            "the leader never held a committed entry back for a build: {s:?}, follower {:?}",
+            g.status_within(lagging).await
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
