@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 #[cfg(test)]
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use raft::prelude::*;
@@ -38,9 +38,36 @@ pub(super) struct SnapshotBuild {
     failures: u32,
     not_before: Option<Instant>,
     pub(super) running: Option<Build>,
-    /// Tests: a builder thread waits for this lock before it writes anything.
+    /// Tests: a builder thread waits while this gate is closed before it writes anything.
     #[cfg(test)]
-    pub(super) gate: Option<Arc<Mutex<()>>>,
+    pub(super) gate: Option<Arc<Gate>>,
+}
+
+/// Tests: holds builder threads back while closed.
+#[cfg(test)]
+#[derive(Default)]
+pub(super) struct Gate {
+    closed: Mutex<bool>,
+    opened: Condvar,
+}
+
+#[cfg(test)]
+impl Gate {
+    pub(super) fn close(&self) {
+        *self.closed.lock().unwrap() = true;
+    }
+
+    pub(super) fn open(&self) {
+        *self.closed.lock().unwrap() = false;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut closed = self.closed.lock().unwrap();
+        while *closed {
+            closed = self.opened.wait(closed).unwrap();
+        }
+    }
 }
 
 impl SnapshotBuild {
@@ -92,7 +119,9 @@ impl Driver {
             .name(format!("snap-g{}-n{}", self.cfg.group_id, self.cfg.node_id))
             .spawn(move || {
                 #[cfg(test)]
-                let _held = gate.as_ref().map(|g| g.lock().unwrap());
+                if let Some(gate) = gate {
+                    gate.pass();
+                }
                 let _ = tx.send(sm.build_snapshot(&dir, applied, term));
             })
             .map_err(|e| Error::Storage(format!("starting a snapshot builder thread: {e}")))?;

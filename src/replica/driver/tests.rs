@@ -12,6 +12,7 @@ use ordo_proto::v1::{PutRequest, StatusResponse};
 use raft::prelude::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::snapshots::Gate;
 use crate::error::Result;
 use crate::limits::{DRIVER_INBOX_MAX, ELECTION_TICKS, TICK_MS};
 use crate::node::{new_driver, recover, NodeConfig};
@@ -136,7 +137,7 @@ impl Group {
     }
 
     /// [`Group::start`], each replica's snapshot builder waiting for `gate` before it writes.
-    fn start_gated(compact_log_entries: u64, gate: Option<Arc<Mutex<()>>>) -> Group {
+    fn start_gated(compact_log_entries: u64, gate: Option<Arc<Gate>>) -> Group {
         let dir = tempfile::tempdir().unwrap();
         let net = Arc::new(MemNet::default());
         let peers: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("mem-{id}"))).collect();
@@ -393,7 +394,7 @@ async fn h3_failed_snapshot_build_keeps_the_leader_serving() {
 /// snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn h3_a_long_snapshot_build_does_not_stop_the_leader() {
-    let gate = Arc::new(Mutex::new(()));
+    let gate = Arc::new(Gate::default());
     let g = Group::start_gated(16, Some(gate.clone()));
     let leader = g.wait_leader().await;
     let lagging = *g.members.keys().find(|id| **id != leader).unwrap();
@@ -402,7 +403,7 @@ async fn h3_a_long_snapshot_build_does_not_stop_the_leader() {
         g.put(leader, &format!("k{i}"), "v").await.unwrap();
     }
     let term = g.status(leader).await.term;
-    let held = gate.lock().unwrap();
+    gate.close();
     g.net.cut.lock().unwrap().clear();
 
     // A write while the build waits at the gate: it commits, and stays unapplied.
@@ -459,7 +460,7 @@ async fn h3_a_long_snapshot_build_does_not_stop_the_leader() {
         "the write is answered only once applied"
     );
 
-    drop(held);
+    gate.open();
     let out = tokio::time::timeout(WAIT, answered)
         .await
         .expect("the write is answered once the build ends")
