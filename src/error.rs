@@ -27,6 +27,10 @@ pub enum Error {
     /// The request is valid but the state does not allow it; the message says what to change.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The request is valid but its result would break a bound (the message names it and its
+    /// value); nothing was applied. `RESOURCE_EXHAUSTED`.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Temporarily cannot serve (no leader, overloaded, leadership changed mid-request). The
     /// message says whether the request may have taken effect.
     #[error("{0}")]
@@ -46,6 +50,8 @@ pub enum Error {
         started_ms: u64,
         priority_ms: u64,
         read: bool,
+        /// How long the answering replica has seen the holder hold its locks (its own clock).
+        age_ms: u64,
     },
     /// Stored data failed its checksum or could not be decoded.
     #[error("corruption: {0}")]
@@ -113,6 +119,7 @@ impl From<Error> for Status {
                 started_ms,
                 priority_ms,
                 read,
+                age_ms,
                 ..
             } => {
                 let detail = ErrorDetail {
@@ -122,6 +129,7 @@ impl From<Error> for Status {
                         started_ms,
                         priority_ms,
                         read,
+                        age_ms,
                     })),
                 };
                 Status::with_details(Code::Aborted, msg, detail.encode_to_vec().into())
@@ -137,6 +145,7 @@ impl From<Error> for Status {
             }
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::Unavailable(_) => Status::unavailable(msg),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::Corruption(_) => Status::data_loss(msg),
             Error::Storage(_) => Status::internal(msg),
         }

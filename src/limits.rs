@@ -17,14 +17,29 @@ pub const TXN_BYTES_MAX: usize = 8 * 1024 * 1024;
 pub const CLIENT_MESSAGE_BYTES_MAX: usize = TXN_BYTES_MAX + 1024 * 1024;
 /// Largest gRPC message a node decodes from a peer (a raft batch or a snapshot chunk).
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// Streams per connection, the connection cap and the request-bytes budget of every server
+/// (`ordo_proto::serve`, shared with routers; `--connections-max`, `--request-bytes-budget`).
+pub use ordo_proto::serve::{
+    CONNECTIONS_MAX_DEFAULT, REQUEST_BYTES_BUDGET_DEFAULT, STREAMS_PER_CONNECTION_MAX,
+};
 /// Most items one `Scan` page returns.
 pub const SCAN_LIMIT_MAX: u32 = 1000;
 /// Most key and value bytes one `Scan` page returns (a page always holds at least one item, so
 /// a scan progresses): 1000 items of 1 MiB would be 1 GiB, far over any message bound.
 pub const SCAN_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
-/// Bounded mailbox of a group's raft driver (proposals, reads, peer messages).
+/// Bounded mailbox of a group's raft driver (proposals, reads, admin steps).
 pub const DRIVER_INBOX_MAX: usize = 8192;
+/// Most bytes of proposals waiting in a driver's inbox (`InboxBytes`): 8192 proposals of up to
+/// 8 MiB would be 64 GiB. While requests wait for their answer the request-bytes budget bounds
+/// them too; this bounds what requests that gave up waiting (a stalled driver) leave queued.
+/// Past it a write is refused as overloaded, not started.
+pub const DRIVER_INBOX_BYTES_MAX: usize = 256 * 1024 * 1024;
+/// A driver's queue of raft messages from peers, apart from the inbox (`RaftQueue`, audit M10):
+/// at most this many messages and bytes wait; beyond either a message is dropped (raft
+/// retransmits). Bytes bound it because one append may carry 1 MiB of entries or a large entry.
+pub const RAFT_QUEUE_MAX: usize = 4096;
+pub const RAFT_QUEUE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Most inbox messages the driver takes before it handles a Ready: proposals that arrive together
 /// share one log append and one fsync.
 pub const DRIVER_BATCH_MAX: usize = 512;
@@ -63,6 +78,8 @@ pub const SNAPSHOT_BUILD_RETRY_MAX_MS: u64 = 30_000;
 /// for everything older than this.
 pub const WATERMARK_INTERVAL_MS: u64 = 100;
 /// Proposals in flight on one leader; beyond it clients get `UNAVAILABLE` (overloaded) at once.
+/// Only their replies wait here (their entries are in the raft log), so this bounds count, not
+/// bytes.
 pub const PENDING_PROPOSALS_MAX: usize = 65_536;
 /// Linearizable reads waiting for their read index; beyond it clients get `UNAVAILABLE`.
 pub const PENDING_READS_MAX: usize = 65_536;
@@ -87,6 +104,14 @@ pub const CATCH_UP_TIMEOUT_MAX_MS: u64 = 600_000;
 /// A cross-group transaction whose locks are older than this may be aborted by anyone who meets
 /// them (defined next to the slot hash, since routers need it too).
 pub use ordo_proto::TXN_LOCK_TIMEOUT_MS;
+/// How often a group's leader looks for locks held longer than the lock timeout that no request
+/// met (orphans of dead coordinators on cold keys, which would block moving their slots: audit
+/// M4), and resolves them. A quarter of the timeout: an orphan outlives it by at most that.
+pub const ORPHAN_SCAN_EVERY_MS: u64 = TXN_LOCK_TIMEOUT_MS / 4;
+/// Most orphaned transactions one round resolves (bounded work per round; the rest wait for the
+/// next), and how long each resolution may take (it asks the primary's group for the decision).
+pub const ORPHANS_PER_ROUND_MAX: usize = 16;
+pub const ORPHAN_RESOLVE_MS: u64 = 2_000;
 /// Raft-rs flow control: bytes of entries per append message, and appends in flight per follower.
 pub const RAFT_MSG_BYTES_MAX: u64 = 1024 * 1024;
 pub const RAFT_INFLIGHT_MSGS_MAX: usize = 256;
@@ -108,15 +133,28 @@ pub const SLOT_COUNT_DEFAULT: u32 = 4096;
 
 const _: () = assert!(VALUE_BYTES_MAX + KEY_BYTES_MAX + SHARD_KEY_BYTES_MAX < TXN_BYTES_MAX);
 const _: () = assert!(TXN_BYTES_MAX < CLIENT_MESSAGE_BYTES_MAX);
+const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < DRIVER_INBOX_BYTES_MAX);
 // A full page plus the one item that may start it, with room for framing.
 const _: () = assert!(
     SCAN_PAGE_BYTES_MAX + VALUE_BYTES_MAX + KEY_BYTES_MAX + 64 * 1024 < CLIENT_MESSAGE_BYTES_MAX
 );
 const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < PEER_MESSAGE_BYTES_MAX);
+// The largest append raft sends (its byte bound plus one entry of the largest transaction) fits.
+const _: () =
+    assert!(RAFT_MSG_BYTES_MAX as usize + CLIENT_MESSAGE_BYTES_MAX < RAFT_QUEUE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_BUILD_RETRY_MIN_MS < SNAPSHOT_BUILD_RETRY_MAX_MS);
 const _: () = assert!(PROPOSAL_BATCH_BYTES_MAX as u64 <= RAFT_MSG_BYTES_MAX);
 const _: () = assert!(PROPOSAL_BATCH_TXNS_MAX <= PENDING_PROPOSALS_MAX);
+
+/// Most bytes a migration's change log keeps on its donor (the writes to its slots the recipient
+/// has not replayed and trimmed yet; every donor replica holds them): past it the move is
+/// aborted rather than filling the donor's disks during a long copy under write load (audit
+/// H6). A BEGIN may ask for less (`MigrateOutRequest.log_bytes_max`).
+pub const MIGRATION_LOG_BYTES_MAX: u64 = 1 << 30;
+/// Most change-log entries one TRIM or END entry deletes: a long log goes in several bounded
+/// raft entries, never one batch that stalls the driver.
+pub const MIGRATION_LOG_DELETE_MAX: usize = 1024;
 
 /// Most bytes of records one migration page carries (a pull answer, an ingest entry): one raft
 /// entry stays well under the raft message bound.

@@ -8,15 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ordo_proto::serve::ServeLimits;
 use ordo_proto::v1::cluster_server::ClusterServer;
 use ordo_proto::v1::kv_server::KvServer;
 use ordo_proto::v1::participant_server::ParticipantServer;
 use ordo_proto::v1::peer_server::PeerServer;
 use tokio::sync::{mpsc, watch};
+use tonic::service::RoutesBuilder;
 
 use crate::limits::*;
 use crate::replica::driver::{Driver, DriverConfig};
-use crate::replica::inbox::{Msg, Shared};
+use crate::replica::inbox::{Msg, PeerMsg, RaftQueue, Shared};
 use crate::replica::outbox::Outbox;
 use crate::replica::storage::RaftStore;
 use crate::replica::transport::{PeerAddrs, Transport};
@@ -45,9 +47,15 @@ pub struct NodeConfig {
     pub slot_count: u32,
     /// Serve `ordo.v1.Cluster` (a config server: this group is the config group) instead of `ordo.v1.Kv`.
     pub config_server: bool,
+    /// A config server's copy bandwidth for moves whose request names none, bytes/s (0:
+    /// `ordo_config::migration::COPY_BYTES_PER_SEC`).
+    pub copy_bytes_per_sec: u64,
     /// A filter on outgoing raft traffic (the transport's fault-injection seam), shared by a
     /// test's in-process replicas of one group. Always `None` outside tests.
     pub link_filter: Option<Arc<dyn crate::replica::transport::LinkFilter>>,
+    /// Connection cap and request-bytes budget of the node's gRPC server (a clone shares the
+    /// budget: the playground gives all its servers one).
+    pub serve: ServeLimits,
 }
 
 /// Parses `1=127.0.0.1:7001,2=127.0.0.1:7002`.
@@ -187,6 +195,7 @@ pub(crate) fn new_driver(
     rec: Recovered,
     outbox: Box<dyn Outbox>,
     inbox: mpsc::Receiver<Msg>,
+    raft_in: mpsc::Receiver<PeerMsg>,
     shared: Arc<Shared>,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Driver> {
@@ -202,7 +211,7 @@ pub(crate) fn new_driver(
         compact_log_entries: cfg.compact_log_entries,
     };
     Ok(Driver::new(
-        driver_cfg, rec.store, durable, watermark, rec.sm, inbox, outbox, shared, stop,
+        driver_cfg, rec.store, durable, watermark, rec.sm, inbox, raft_in, outbox, shared, stop,
     )?)
 }
 
@@ -246,50 +255,46 @@ fn spawn_driver(
 
 type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
 
-/// Serves the node's gRPC services on `listener` until `stop` turns true: `Peer` always, `Kv`
-/// and `Participant` on shard groups, `Cluster` on config servers.
+/// Serves the node's gRPC services on `listener` within `cfg.serve` until `stop` turns true:
+/// `Peer` always, `Kv` and `Participant` on shard groups, `Cluster` on config servers.
 fn serve(
-    config_server: bool,
+    cfg: &NodeConfig,
     replica: &Arc<ReplicaHandle>,
     listener: tokio::net::TcpListener,
     mut stop: watch::Receiver<bool>,
 ) -> ServerTask {
-    let kv = (!config_server).then(|| {
-        KvServer::new(KvService(replica.clone()))
-            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-    });
-    let participant = (!config_server).then(|| {
-        ParticipantServer::new(ParticipantService(replica.clone()))
-            .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
-    });
-    let cluster = config_server.then(|| {
-        ClusterServer::new(ordo_config::ConfigService::new(Arc::new(
-            crate::server::config_store::ReplicaMapStore {
-                replica: replica.clone(),
-            },
-        )))
-    });
+    let config_server = cfg.config_server;
     let peer = PeerServer::new(PeerService(replica.clone()))
         .max_decoding_message_size(PEER_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(PEER_MESSAGE_BYTES_MAX);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(peer)
-            .add_optional_service(kv)
-            .add_optional_service(participant)
-            .add_optional_service(cluster)
-            .serve_with_incoming_shutdown(
-                // A listener passed in is not covered by the builder's `tcp_nodelay`: without
-                // this, answers over ~256 bytes wait for the peer's delayed ACK (40 ms).
-                tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                async move {
-                    let _ = stop.changed().await;
-                },
-            ),
-    )
+    let mut routes = RoutesBuilder::default();
+    routes.add_service(peer);
+    if config_server {
+        routes.add_service(ClusterServer::new(ordo_config::ConfigService::new(
+            Arc::new(crate::server::config_store::ReplicaMapStore {
+                replica: replica.clone(),
+            }),
+            cfg.copy_bytes_per_sec,
+        )));
+    } else {
+        routes.add_service(
+            KvServer::new(KvService(replica.clone()))
+                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+        );
+        routes.add_service(
+            ParticipantServer::new(ParticipantService(replica.clone()))
+                .max_decoding_message_size(CLIENT_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(CLIENT_MESSAGE_BYTES_MAX),
+        );
+    }
+    let limits = cfg.serve.clone();
+    tokio::spawn(async move {
+        ordo_proto::serve::serve(routes.routes(), listener, &limits, async move {
+            let _ = stop.changed().await;
+        })
+        .await
+    })
 }
 
 impl Node {
@@ -301,6 +306,7 @@ impl Node {
         let addr = listener.local_addr()?;
 
         let (driver_tx, driver_rx) = mpsc::channel(DRIVER_INBOX_MAX);
+        let (raft, raft_rx) = RaftQueue::new();
         let (stop_tx, stop_rx) = watch::channel(false);
         let shared = Arc::new(Shared::default());
         let peers: PeerAddrs = Arc::new(std::sync::RwLock::new(rec.peers.clone()));
@@ -318,6 +324,7 @@ impl Node {
             rec,
             Box::new(transport),
             driver_rx,
+            raft_rx,
             shared.clone(),
             stop_rx.clone(),
         )?;
@@ -328,6 +335,8 @@ impl Node {
             node_id: cfg.id,
             group_id: cfg.group,
             driver: driver_tx,
+            inbox_bytes: Default::default(),
+            raft,
             sm,
             shared,
             peers: peers.clone(),
@@ -336,7 +345,10 @@ impl Node {
             membership: Default::default(),
             stop: stop_rx.clone(),
         });
-        let server = serve(cfg.config_server, &replica, listener, stop_rx);
+        if !cfg.config_server {
+            crate::server::orphans::spawn(replica.clone(), stop_rx.clone());
+        }
+        let server = serve(&cfg, &replica, listener, stop_rx);
         tracing::info!(node = cfg.id, group = cfg.group, %addr, peers = ?peers.read().unwrap(), join = cfg.join, "node serving");
         Ok(Node {
             addr,

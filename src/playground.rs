@@ -27,10 +27,16 @@ pub struct PlaygroundConfig {
     /// `None` picks free ports (tests).
     pub port: Option<u16>,
     pub compact_log_entries: u64,
+    /// The config servers' copy bandwidth for moves whose request names none, bytes/s (0: the
+    /// default, `ordo_config::migration::COPY_BYTES_PER_SEC`).
+    pub copy_bytes_per_sec: u64,
     /// Tests only: fault injection on the raft traffic of every shard-group replica (node ids
     /// repeat across groups, so a rule about node 1 hits node 1 of every group). `None` outside
     /// tests.
     pub link_filter: Option<std::sync::Arc<dyn crate::replica::transport::LinkFilter>>,
+    /// The bounds of every server of the playground; all of them share its one request-bytes
+    /// budget, which so bounds the process.
+    pub serve: ordo_proto::serve::ServeLimits,
 }
 
 impl PlaygroundConfig {
@@ -41,7 +47,9 @@ impl PlaygroundConfig {
             replicas: 3,
             port: Some(7000),
             compact_log_entries: COMPACT_LOG_ENTRIES_DEFAULT,
+            copy_bytes_per_sec: 0,
             link_filter: None,
+            serve: Default::default(),
         }
     }
 }
@@ -110,12 +118,14 @@ async fn start_group(
             compact_log_entries: cfg.compact_log_entries,
             slot_count: SLOT_COUNT_DEFAULT,
             config_server: group == 0,
+            copy_bytes_per_sec: cfg.copy_bytes_per_sec,
             link_filter: if group == 0 {
                 None
             } else {
                 cfg.link_filter.clone()
             },
             join: false,
+            serve: cfg.serve.clone(),
         })
         .await
         .with_context(|| format!("starting {name} replica {id} on {addr}"))?;
@@ -215,10 +225,16 @@ impl Playground {
         if map.groups.len() as u64 != cfg.groups {
             tracing::warn!(in_map = map.groups.len(), asked = cfg.groups, "this data dir holds a cluster with a different number of groups; the stored map wins");
         }
-        let router = ordo_router::Router::start(ordo_router::RouterConfig {
-            listen: addr_for(cfg.port, 0)?,
-            config_addrs: config_addrs.clone(),
-        })
+        let router = ordo_router::Router::start_with_options(
+            ordo_router::RouterConfig {
+                listen: addr_for(cfg.port, 0)?,
+                config_addrs: config_addrs.clone(),
+            },
+            ordo_router::RouterOptions {
+                serve: cfg.serve.clone(),
+                ..Default::default()
+            },
+        )
         .await
         .context("starting the router")?;
         // The router may have asked a config replica that had not applied the map yet: serve

@@ -212,19 +212,22 @@ impl GroupLeaders {
         Ok(cursor)
     }
 
-    /// Installs `slots` as group `group`'s ownership at `map_version`, through its leader.
+    /// Installs `slots` as group `group`'s ownership at `map_version`, through its leader, and
+    /// tells it where the config servers are (`config_addrs`).
     pub async fn set_ownership(
         &self,
         group: &Group,
         map_version: u64,
         slot_count: u32,
         slots: Vec<u32>,
+        config_addrs: Vec<String>,
     ) -> Result<SetOwnershipResponse, Status> {
         let req = SetOwnershipRequest {
             group_id: group.id,
             map_version,
             slot_count,
             slots,
+            config_addrs,
         };
         let addrs: Vec<String> = group.replicas.iter().map(|r| r.addr.clone()).collect();
         self.on_leader(

@@ -4,11 +4,14 @@
 //! implements, so the map logic here knows nothing of sled or raft.
 //!
 //! Every change is: compute the next map (pure, `map.rs`), make the groups agree (install
-//! ownership on their leaders), then compare-and-set the map; one change at a time.
+//! ownership on their leaders), then compare-and-set the map; one change at a time. The long
+//! ones (moves, rebalances, drains, membership changes) are tasks (`tasks.rs`): recorded first,
+//! run by the config leader whatever becomes of the caller, resumed by the next leader.
 
 pub mod groups;
 pub mod map;
 pub mod migration;
+pub mod tasks;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -65,6 +68,8 @@ pub struct ConfigService<S> {
     groups: Arc<GroupLeaders>,
     /// Online resharding: moves slots with their data.
     migrations: Arc<migration::Mover<S>>,
+    /// The admin tasks this replica runs (`tasks.rs`).
+    runners: Arc<tasks::Runners>,
 }
 
 impl<S> Clone for ConfigService<S> {
@@ -75,6 +80,7 @@ impl<S> Clone for ConfigService<S> {
             admin: self.admin.clone(),
             groups: self.groups.clone(),
             migrations: self.migrations.clone(),
+            runners: self.runners.clone(),
         }
     }
 }
@@ -89,22 +95,31 @@ impl From<MapError> for Status {
 }
 
 impl<S: MapStore> ConfigService<S> {
-    /// Inside a tokio runtime, also starts the task that resumes (or aborts) migrations left
-    /// by an earlier config leader; it ends when the store says its replica stopped.
-    pub fn new(store: Arc<S>) -> Self {
+    /// `copy_bytes_per_sec`: the copy bandwidth of moves whose request names none (0:
+    /// [`migration::COPY_BYTES_PER_SEC`]). Inside a tokio runtime, also starts the task that
+    /// resumes the tasks and migrations left by an earlier config leader (`tasks.rs`); it ends
+    /// when the store says its replica stopped.
+    pub fn new(store: Arc<S>, copy_bytes_per_sec: u64) -> Self {
         let admin: Arc<tokio::sync::Mutex<()>> = Default::default();
         let groups: Arc<GroupLeaders> = Default::default();
-        let migrations = migration::Mover::new(store.clone(), admin.clone(), groups.clone());
-        if tokio::runtime::Handle::try_current().is_ok() {
-            migrations.spawn_resumer();
-        }
-        ConfigService {
+        let migrations = migration::Mover::new(
+            store.clone(),
+            admin.clone(),
+            groups.clone(),
+            copy_bytes_per_sec,
+        );
+        let svc = ConfigService {
             store,
             watches: Arc::new(tokio::sync::Semaphore::new(MAP_WATCHES_MAX)),
             admin,
             groups,
             migrations,
+            runners: Default::default(),
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            svc.spawn_resumer();
         }
+        svc
     }
 
     async fn load(&self, linearizable: bool) -> Result<(ShardMap, u64), Status> {
@@ -158,7 +173,13 @@ impl<S: MapStore> ConfigService<S> {
         for g in &next.groups {
             if let Err(e) = self
                 .groups
-                .set_ownership(g, next.version, next.slot_count, owned[&g.id].clone())
+                .set_ownership(
+                    g,
+                    next.version,
+                    next.slot_count,
+                    owned[&g.id].clone(),
+                    next.config_addrs.clone(),
+                )
                 .await
             {
                 self.roll_back_init(&installed, &next).await;
@@ -181,7 +202,7 @@ impl<S: MapStore> ConfigService<S> {
         for g in installed {
             if let Err(e) = self
                 .groups
-                .set_ownership(g, next.version, next.slot_count, vec![])
+                .set_ownership(g, next.version, next.slot_count, vec![], vec![])
                 .await
             {
                 tracing::error!(group = g.id, error = %e, "could not roll back ownership after a failed init");
@@ -197,7 +218,13 @@ impl<S: MapStore> ConfigService<S> {
         let next = map::add_group(&current, group.clone());
         // From now on the group serves exactly what the map gives it: nothing, yet.
         self.groups
-            .set_ownership(&group, next.version, next.slot_count, vec![])
+            .set_ownership(
+                &group,
+                next.version,
+                next.slot_count,
+                vec![],
+                self.store.config_addrs(),
+            )
             .await?;
         self.cas_map(token, &next).await?;
         Ok(next)
@@ -224,58 +251,64 @@ impl<S: MapStore> ConfigService<S> {
     }
 
     /// Moves slots with their data: one migration per donor group, run in turn (see
-    /// `migration/`); at no point do two groups own a slot. Answers with the map after the
-    /// last one, or with the error of the first that aborted (the rest are aborted too).
+    /// `migration/`) by a task (`tasks.rs`); at no point do two groups own a slot. Answers with
+    /// the map after the last one, or with the error of the first that aborted (the rest are
+    /// aborted too). The caller going away changes nothing.
     async fn move_slots(&self, req: MoveSlotsRequest) -> Result<ShardMap, Status> {
-        let ids = self
-            .migrations
-            .start(&req.slots, req.to_group, req.copy_bytes_per_sec)
+        let t = self
+            .start_task(start_task_request::Task::MoveSlots(req))
             .await?;
-        self.run_migrations(&ids).await?;
+        self.wait_task(t.id).await?;
         Ok(self.load(true).await?.0)
     }
 
-    async fn run_migrations(&self, ids: &[u64]) -> Result<Vec<Migration>, Status> {
-        let mut done = Vec::new();
-        for (i, id) in ids.iter().enumerate() {
-            match self.migrations.drive(*id, false).await {
-                Ok(m) => done.push(m),
-                Err(e) => {
-                    for rest in &ids[i + 1..] {
-                        let _ = self.migrations.request_abort(*rest).await;
-                        let _ = self.migrations.drive(*rest, false).await;
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        Ok(done)
-    }
-
     async fn rebalance(&self, req: RebalanceRequest) -> Result<RebalanceResponse, Status> {
-        let (map, _) = self.load_initialized().await?;
-        let drain = (req.drain_group != 0).then_some(req.drain_group);
-        let plan = migration::plan_rebalance(&map, drain, req.slots_per_move)?;
-        tracing::info!(
-            moves = plan.len(),
-            "rebalance plan: {}",
-            migration::describe_plan(&plan)
-        );
-        let mut migrations = Vec::new();
-        if !req.dry_run {
-            for mv in &plan {
-                let ids = self
-                    .migrations
-                    .start(&mv.slots, mv.to_group, req.copy_bytes_per_sec)
-                    .await?;
-                migrations.extend(self.run_migrations(&ids).await?);
-            }
+        if req.dry_run {
+            let (map, _) = self.load_initialized().await?;
+            let drain = (req.drain_group != 0).then_some(req.drain_group);
+            let plan = migration::plan_rebalance(&map, drain, req.slots_per_move)?;
+            tracing::info!(
+                moves = plan.len(),
+                "rebalance plan: {}",
+                migration::describe_plan(&plan)
+            );
+            return Ok(RebalanceResponse {
+                plan,
+                map: Some(map),
+                ..Default::default()
+            });
         }
+        let t = self
+            .start_task(start_task_request::Task::Rebalance(req))
+            .await?;
+        let t = self.wait_task(t.id).await?;
+        let list = self.migrations.list().await?;
+        let migrations = t
+            .migrations
+            .iter()
+            .filter_map(|id| list.migrations.iter().find(|m| m.id == *id).cloned())
+            .collect();
         Ok(RebalanceResponse {
-            plan,
+            plan: t.plan,
             migrations,
             map: Some(self.load(true).await?.0),
+            task_id: t.id,
         })
+    }
+
+    /// The addresses of group `g`'s replicas (the config servers' for group 0).
+    async fn change_addrs(&self, g: u64) -> Result<Vec<String>, Status> {
+        if g == 0 {
+            return Ok(self.store.config_addrs());
+        }
+        let (map, _) = self.load_initialized().await?;
+        let group = map.groups.iter().find(|x| x.id == g).ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "group {g} is not in the shard map (groups: {:?})",
+                map.groups.iter().map(|x| x.id).collect::<Vec<_>>()
+            ))
+        })?;
+        Ok(group.replicas.iter().map(|r| r.addr.clone()).collect())
     }
 
     /// A membership change on a group's leader, then a map that lists the group's voters (for
@@ -288,18 +321,7 @@ impl<S: MapStore> ConfigService<S> {
         let change = req
             .change
             .ok_or_else(|| Status::invalid_argument("change is missing"))?;
-        let addrs: Vec<String> = if g == 0 {
-            self.store.config_addrs()
-        } else {
-            let (map, _) = self.load_initialized().await?;
-            let group = map.groups.iter().find(|x| x.id == g).ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "group {g} is not in the shard map (groups: {:?})",
-                    map.groups.iter().map(|x| x.id).collect::<Vec<_>>()
-                ))
-            })?;
-            group.replicas.iter().map(|r| r.addr.clone()).collect()
-        };
+        let addrs = self.change_addrs(g).await?;
         let catch_up = match change.catch_up_timeout_ms {
             0 => Duration::from_secs(60),
             ms => Duration::from_millis(ms as u64),
@@ -316,6 +338,7 @@ impl<S: MapStore> ConfigService<S> {
                 members: resp.members,
                 catch_up_ms: resp.catch_up_ms,
                 map: Some(current),
+                ..Default::default()
             });
         }
         let mut next = current.clone();
@@ -346,6 +369,7 @@ impl<S: MapStore> ConfigService<S> {
             members: resp.members,
             catch_up_ms: resp.catch_up_ms,
             map: Some(next),
+            ..Default::default()
         })
     }
 
@@ -518,8 +542,24 @@ impl<S: MapStore> Cluster for ConfigService<S> {
         &self,
         req: Request<ChangeGroupReplicasRequest>,
     ) -> Result<Response<ChangeGroupReplicasResponse>, Status> {
+        let what = start_task_request::Task::ChangeReplicas(req.into_inner());
+        let t = self.start_task(what).await?;
+        let t = self.wait_task(t.id).await?;
+        Ok(Response::new(t.change_result.unwrap_or_default()))
+    }
+
+    async fn start_task(&self, req: Request<StartTaskRequest>) -> Result<Response<Task>, Status> {
+        let what = req.into_inner().task.ok_or_else(|| {
+            Status::invalid_argument(
+                "StartTask needs a task: move_slots, rebalance or change_replicas",
+            )
+        })?;
+        Ok(Response::new(ConfigService::start_task(self, what).await?))
+    }
+
+    async fn abort_task(&self, req: Request<AbortTaskRequest>) -> Result<Response<Task>, Status> {
         Ok(Response::new(
-            ConfigService::change_replicas(self, req.into_inner()).await?,
+            ConfigService::abort_task(self, req.into_inner().id).await?,
         ))
     }
 

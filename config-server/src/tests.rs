@@ -66,7 +66,7 @@ async fn watch(svc: &ConfigService<MemStore>) -> Result<MapStream, Status> {
 #[tokio::test]
 async fn a_map_watch_ends_when_its_replica_stops() {
     let store = MemStore::new();
-    let svc = ConfigService::new(store.clone());
+    let svc = ConfigService::new(store.clone(), 0);
     let mut stream = watch(&svc).await.unwrap();
     let first = stream.next().await.unwrap().unwrap();
     assert_eq!(first.version, 1, "the current map comes first");
@@ -83,7 +83,7 @@ async fn a_map_watch_ends_when_its_replica_stops() {
 
 #[tokio::test]
 async fn map_watches_are_bounded_and_a_closed_one_frees_its_place() {
-    let svc = ConfigService::new(MemStore::new());
+    let svc = ConfigService::new(MemStore::new(), 0);
     let mut open = Vec::new();
     for _ in 0..MAP_WATCHES_MAX {
         open.push(watch(&svc).await.unwrap());

@@ -1,13 +1,15 @@
 //! Everything needed to speak Ordo correctly, and nothing of the server: the generated `ordo.v1`
 //! types and services, the slot hash every piece must agree on, error statuses and the one
 //! retry-safety rule (`status`), the one address spelling and channel set-up (`addr`), the one
-//! way to follow a leader (`retry`), and the clients applications use (`client`).
+//! way to follow a leader (`retry`), the clients applications use (`client`), and the one way
+//! every Ordo process serves gRPC within bounds (`serve`).
 //!
 //! An application that depends on this crate compiles no storage engine and no raft.
 
 pub mod addr;
 pub mod client;
 pub mod retry;
+pub mod serve;
 pub mod status;
 
 pub use status::{certainly_not_applied, connect_failed, error_detail_of};
@@ -17,9 +19,10 @@ pub mod v1 {
     tonic::include_proto!("ordo.v1");
 }
 
-/// A cross-group transaction whose locks are older than this (by its coordinator's clock) may be
-/// aborted by anyone who meets them: its coordinator is presumed gone. Nodes and routers agree
-/// on it through this constant.
+/// A cross-group transaction whose locks are older than this may be aborted by anyone who meets
+/// them: its coordinator is presumed gone. A lock's age is measured by the group holding it, on
+/// its own clock, from when it applied the lock (`Locked.age_ms`), so clock skew between
+/// machines cannot shorten or stretch it. Nodes and routers agree on it through this constant.
 pub const TXN_LOCK_TIMEOUT_MS: u64 = 2_000;
 
 /// The slot of a shard key: `crc32(shard_key) mod slot_count`. Routers and nodes both call this,

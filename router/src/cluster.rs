@@ -6,12 +6,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use ordo_proto::retry::Effect;
 use ordo_proto::v1::cluster_server::Cluster;
 use ordo_proto::v1::{
-    AbortMigrationRequest, AddGroupRequest, ChangeGroupReplicasRequest,
+    AbortMigrationRequest, AbortTaskRequest, AddGroupRequest, ChangeGroupReplicasRequest,
     ChangeGroupReplicasResponse, ClusterStatus, GetClusterStatusRequest, GetShardMapRequest,
     InitClusterRequest, ListMigrationsRequest, Migration, MigrationList, MoveSlotsRequest,
-    RebalanceRequest, RebalanceResponse, RemoveGroupRequest, ShardMap, WatchShardMapRequest,
+    RebalanceRequest, RebalanceResponse, RemoveGroupRequest, ShardMap, StartTaskRequest, Task,
+    WatchShardMapRequest,
 };
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -223,6 +225,43 @@ impl Cluster for ClusterService {
                 request.into_inner(),
                 deadline,
                 |mut c, r| async move { c.abort_migration(r).await },
+            )
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn start_task(
+        &self,
+        request: Request<StartTaskRequest>,
+    ) -> Result<Response<Task>, Status> {
+        let deadline = Instant::now() + deadline::budget(request.metadata());
+        let r = self
+            .0
+            .config
+            .call_as(
+                Effect::Write,
+                "StartTask",
+                request.into_inner(),
+                deadline,
+                |mut c, r| async move { c.start_task(r).await },
+            )
+            .await?;
+        Ok(Response::new(r))
+    }
+
+    async fn abort_task(
+        &self,
+        request: Request<AbortTaskRequest>,
+    ) -> Result<Response<Task>, Status> {
+        let deadline = Instant::now() + deadline::budget(request.metadata());
+        let r = self
+            .0
+            .config
+            .call(
+                "AbortTask",
+                request.into_inner(),
+                deadline,
+                |mut c, r| async move { c.abort_task(r).await },
             )
             .await?;
         Ok(Response::new(r))

@@ -161,7 +161,26 @@ impl ConfigClient {
         // Map changes retry like reads: each is a compare-and-set on the map version or
         // refuses to repeat itself (init of an initialized cluster, add of a known group),
         // so a retry cannot apply twice; it may report its own first attempt's effect.
-        let walk = Walk::new(Effect::IdempotentWrite, MAX_ATTEMPTS, deadline, BACKOFF);
+        self.call_as(Effect::IdempotentWrite, what, req, deadline, rpc)
+            .await
+    }
+
+    /// [`ConfigClient::call`] for a request with `effect`: a `StartTask` is a plain write (a
+    /// repeat would record a second task), retried only where it was certainly not applied.
+    pub(crate) async fn call_as<Req, Resp, F, Fut>(
+        &self,
+        effect: Effect,
+        what: &str,
+        req: Req,
+        deadline: Instant,
+        rpc: F,
+    ) -> Result<Resp, Status>
+    where
+        Req: Clone,
+        F: Fn(ClusterClient<Channel>, Request<Req>) -> Fut,
+        Fut: Future<Output = Result<Response<Resp>, Status>>,
+    {
+        let walk = Walk::new(effect, MAX_ATTEMPTS, deadline, BACKOFF);
         let (req, rpc) = (&req, &rpc);
         let attempt = |addr: String, bound: Duration| {
             let client = self.client(&addr);

@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use tonic::{Response, Status};
 
 use crate::forward::{forward, participant, FailOnLock, Route};
-use crate::locks::{self, now_ms, OnLock};
+use crate::locks::{self, OnLock};
 use crate::map::group_of;
 use crate::retry::Effect;
 use crate::Shared;
@@ -62,6 +62,8 @@ pub enum Failpoint {
     AfterPrepare,
     /// The decision is recorded; no participant has finished.
     AfterDecide,
+    /// The decision is recorded and the primary's part finished; no other part has.
+    AfterPrimaryFinish,
 }
 
 fn failpoint(shared: &Shared, fp: Failpoint) -> Result<(), Status> {
@@ -75,13 +77,20 @@ fn failpoint(shared: &Shared, fp: Failpoint) -> Result<(), Status> {
     Ok(())
 }
 
+/// Wall-clock milliseconds, only to seed hashes here (never an age or an order).
+fn seed_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// 16 bytes unique to this process and call: a random per-process half and a counter.
 fn new_txn_id() -> Bytes {
     static SEED: OnceLock<u64> = OnceLock::new();
     static NEXT: AtomicU64 = AtomicU64::new(1);
     let seed = *SEED.get_or_init(|| {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(now_ms());
+        h.write_u64(seed_ms());
         h.write_u32(std::process::id());
         h.finish()
     });
@@ -92,7 +101,7 @@ fn new_txn_id() -> Bytes {
 
 fn random_below(n: u64) -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(now_ms());
+    h.write_u64(seed_ms());
     h.finish() % n.max(1)
 }
 
@@ -180,7 +189,7 @@ pub(crate) async fn coordinate(
     let started = Instant::now();
     let deadline = started + budget;
     // Kept across attempts: a transaction that keeps losing ends up the oldest, and wins.
-    let priority_ms = now_ms();
+    let priority_ms = shared.now_ms();
     let mut last = String::new();
     for attempt in 0..ATTEMPTS_MAX {
         if attempt > 0 {
@@ -257,7 +266,7 @@ impl<'a> Attempt<'a> {
             txn_id: new_txn_id(),
             primary,
             priority_ms,
-            started_ms: now_ms(),
+            started_ms: shared.now_ms(),
             deadline,
             writes: writes(&req.success) || writes(&req.failure),
         }
@@ -419,6 +428,15 @@ impl<'a> Attempt<'a> {
         decision: Decision,
         branch_writes: bool,
     ) -> Result<TxnResponse, AttemptFailed> {
+        if branch_writes && self.shared.twopc_failpoint == Some(Failpoint::AfterPrimaryFinish) {
+            let primary = self
+                .parts
+                .iter()
+                .position(|p| p.keys.contains(&self.primary));
+            let parts = &self.parts[primary.map_or(0..0, |i| i..i + 1)];
+            let _ = finish_all(self.shared, parts, &self.txn_id, decision, self.deadline).await;
+            failpoint(self.shared, Failpoint::AfterPrimaryFinish).map_err(AttemptFailed::Fail)?;
+        }
         let finished = self.finish_parts(decision).await;
         let results = match finished {
             Ok(r) => r,

@@ -115,6 +115,11 @@ pub struct RouterOptions {
     pub follow_map_updates: bool,
     /// Tests only: where this router's cross-group transactions stop, as if it died there.
     pub twopc_failpoint: Option<Failpoint>,
+    /// Connection cap and request-bytes budget of the router's server.
+    pub serve: ordo_proto::serve::ServeLimits,
+    /// Tests only: added to this router's wall clock (ms), as if it were that far off. The
+    /// clock only orders transactions (`priority_ms`); lock ages are measured by the groups.
+    pub clock_offset_ms: i64,
 }
 
 /// Counters of routing events since the router started.
@@ -139,6 +144,8 @@ impl Default for RouterOptions {
             start_timeout: DEFAULT_START_TIMEOUT,
             follow_map_updates: true,
             twopc_failpoint: None,
+            serve: Default::default(),
+            clock_offset_ms: 0,
         }
     }
 }
@@ -155,9 +162,37 @@ pub(crate) struct Shared {
     pub(crate) stop: watch::Receiver<bool>,
     pub(crate) counters: Counters,
     pub(crate) twopc_failpoint: Option<Failpoint>,
+    pub(crate) clock_offset_ms: i64,
 }
 
 impl Shared {
+    fn new(
+        pool: Arc<Pool>,
+        config: ConfigClient,
+        stop: watch::Receiver<bool>,
+        opts: &RouterOptions,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            map: MapCell::new(),
+            leaders: Leaders::default(),
+            pool,
+            config,
+            refresh_lock: tokio::sync::Mutex::new(()),
+            stop,
+            counters: Counters::default(),
+            twopc_failpoint: opts.twopc_failpoint,
+            clock_offset_ms: opts.clock_offset_ms,
+        })
+    }
+
+    /// This router's clock (ms since the Unix epoch), which orders its transactions.
+    pub(crate) fn now_ms(&self) -> u64 {
+        let wall = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        wall.saturating_add_signed(self.clock_offset_ms)
+    }
+
     /// Installs `map` if it is newer than the cached one.
     pub(crate) fn install_map(&self, map: ShardMap, source: &str) {
         self.config.learn(&map);
@@ -198,16 +233,7 @@ impl Router {
 
         let initial = config.fetch_initial(opts.start_timeout).await?;
         let (stop_tx, stop_rx) = watch::channel(false);
-        let shared = Arc::new(Shared {
-            map: MapCell::new(),
-            leaders: Leaders::default(),
-            pool,
-            config,
-            refresh_lock: tokio::sync::Mutex::new(()),
-            stop: stop_rx.clone(),
-            counters: Counters::default(),
-            twopc_failpoint: opts.twopc_failpoint,
-        });
+        let shared = Shared::new(pool, config, stop_rx.clone(), &opts);
         shared.install_map(initial, "start");
         if shared.map.current().version == 0 {
             tracing::warn!(
@@ -225,20 +251,13 @@ impl Router {
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX);
         let mut stop = stop_rx;
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .tcp_nodelay(true)
-                .add_service(kv)
-                .add_service(cluster)
-                .serve_with_incoming_shutdown(
-                    // A listener passed in is not covered by the builder's `tcp_nodelay`: without
-                    // this, answers over ~256 bytes wait for the peer's delayed ACK (40 ms).
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    },
-                ),
-        );
+        let routes = tonic::service::Routes::new(kv).add_service(cluster);
+        let server = tokio::spawn(async move {
+            ordo_proto::serve::serve(routes, listener, &opts.serve, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await
+        });
         tracing::info!(
             %addr,
             config = ?shared.config.addrs(),
@@ -302,6 +321,44 @@ impl Router {
             }
         }
         tracing::info!(addr = %self.addr, "router stopped");
+    }
+}
+
+/// The router's lock resolution (`locks.rs`) for use outside a router: a shard group's leader
+/// resolves, in the background, expired locks that no request meets (audit M4: an orphan on a
+/// cold key would block moving its slot). Routes by a shard map fetched from the config servers
+/// and refreshed on `wrong shard`, like a router that does not follow map updates.
+pub struct LockResolver {
+    shared: Arc<Shared>,
+    /// Dropped with the resolver: nothing of it outlives it.
+    _stop: watch::Sender<bool>,
+}
+
+impl LockResolver {
+    /// Fetches the shard map from the config servers at `config_addrs`, trying for `timeout`.
+    pub async fn connect(config_addrs: &[String], timeout: Duration) -> anyhow::Result<Self> {
+        let pool = Arc::new(Pool::default());
+        let config = ConfigClient::new(config_addrs, pool.clone())?;
+        let initial = config.fetch_initial(timeout).await?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let shared = Shared::new(pool, config, stop_rx, &RouterOptions::default());
+        shared.install_map(initial, "start");
+        Ok(LockResolver {
+            shared,
+            _stop: stop_tx,
+        })
+    }
+
+    /// Resolves `lock`, met on an item of shard key `at`, if its holder has held it longer than
+    /// the lock timeout (`lock.age_ms`), within `budget`: as a router meeting it would.
+    pub async fn resolve(
+        &self,
+        lock: ordo_proto::v1::error_detail::Locked,
+        at: bytes::Bytes,
+        budget: Duration,
+    ) -> Result<(), tonic::Status> {
+        let deadline = tokio::time::Instant::now() + budget;
+        locks::resolve(&self.shared, lock, at, deadline, None).await
     }
 }
 

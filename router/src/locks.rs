@@ -13,7 +13,7 @@
 //! recursion, so no boxed future.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use ordo_proto::v1::{error_detail, DecideRequest, Decision, FinishRequest};
@@ -56,18 +56,12 @@ impl LockPolicy for OnLock {
     }
 }
 
-/// The clock locks are aged by, and transactions ordered by: milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Resolves a lock met on an item of the group that `at` (a shard key) routes to, when the
-/// `wounder` (the transaction that met it) is older than its holder, or the holder is older
-/// than the lock timeout: ask the primary for the decision (aborting the holder if there is
-/// none) and finish the locked group's part with it. Otherwise the lock is left alone (the
-/// caller waits or retries).
+/// `wounder` (the transaction that met it) is older than its holder, or the holder has held
+/// the lock longer than the lock timeout (`age_ms`, measured by the locked group's own clock:
+/// this router's clock is never compared with another machine's): ask the primary for the
+/// decision (aborting the holder if there is none) and finish the locked group's part with it.
+/// Otherwise the lock is left alone (the caller waits or retries).
 pub(crate) async fn resolve(
     shared: &Shared,
     lock: error_detail::Locked,
@@ -77,10 +71,7 @@ pub(crate) async fn resolve(
 ) -> Result<(), Status> {
     let wound = wounder
         .is_some_and(|(priority, id)| (priority, &id[..]) < (lock.priority_ms, &lock.txn_id[..]));
-    let expired = now_ms()
-        >= lock
-            .started_ms
-            .saturating_add(ordo_proto::TXN_LOCK_TIMEOUT_MS);
+    let expired = lock.age_ms >= ordo_proto::TXN_LOCK_TIMEOUT_MS;
     if !wound && !expired {
         return Ok(());
     }

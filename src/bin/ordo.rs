@@ -10,6 +10,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, SLOT_COUNT_DEFAULT};
 use ordo::node::{parse_peers, Node, NodeConfig};
 use ordo::playground::{Playground, PlaygroundConfig};
+use ordo_config::migration::COPY_BYTES_PER_SEC;
+use ordo_proto::serve::{ServeLimits, CONNECTIONS_MAX_DEFAULT, REQUEST_BYTES_BUDGET_DEFAULT};
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +22,20 @@ use ordo::playground::{Playground, PlaygroundConfig};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// The bounds of the process's gRPC servers (`ordo_proto::serve`), for every command.
+#[derive(Args)]
+struct ServeArgs {
+    /// Most connections a server keeps open; new ones past it are closed at once.
+    #[arg(long, global = true, env = "ORDO_CONNECTIONS_MAX", default_value_t = CONNECTIONS_MAX_DEFAULT)]
+    connections_max: usize,
+    /// Bytes that requests being received or handled may hold, over the whole process; a
+    /// request past it is refused with RESOURCE_EXHAUSTED before it is read.
+    #[arg(long, global = true, env = "ORDO_REQUEST_BYTES_BUDGET", default_value_t = REQUEST_BYTES_BUDGET_DEFAULT)]
+    request_bytes_budget: usize,
 }
 
 /// What every replica is told at start, a shard group's (`ordo node`) or a config server's
@@ -75,6 +91,10 @@ enum Cmd {
     Config {
         #[command(flatten)]
         replica: ReplicaArgs,
+        /// Copy bandwidth of a slot move whose request names none, in bytes per second (moves
+        /// copy their data in the background while clients keep writing).
+        #[arg(long, default_value_t = COPY_BYTES_PER_SEC, value_parser = clap::value_parser!(u64).range(1..), display_order = 7)]
+        copy_bytes_per_sec: u64,
     },
     /// Run a query router: stateless, serves ordo.v1.Kv and forwards to the owning groups.
     Router {
@@ -99,6 +119,9 @@ enum Cmd {
         /// group g on <port + 10g + r>.
         #[arg(long, default_value_t = 7000)]
         port: u16,
+        /// Copy bandwidth of a slot move whose request names none, in bytes per second.
+        #[arg(long, default_value_t = COPY_BYTES_PER_SEC, value_parser = clap::value_parser!(u64).range(1..))]
+        copy_bytes_per_sec: u64,
     },
 }
 
@@ -118,32 +141,34 @@ async fn wait_for_signal() {
 }
 
 fn node_config(
-    id: u64,
+    r: ReplicaArgs,
     group: u64,
-    listen: String,
-    peers: &str,
-    data_dir: PathBuf,
     compact: u64,
-    join: bool,
+    copy_bytes_per_sec: u64,
+    serve: ServeLimits,
 ) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig {
-        id,
+        id: r.id,
         group,
-        listen,
-        peers: parse_peers(peers)?,
-        data_dir,
+        listen: r.listen,
+        peers: parse_peers(&r.peers)?,
+        data_dir: r.data_dir,
         compact_log_entries: compact,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == 0,
+        copy_bytes_per_sec,
         link_filter: None,
-        join,
+        join: r.join,
+        serve,
     })
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     ordo::logging::init();
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let limits = ServeLimits::new(cli.serve.connections_max, cli.serve.request_bytes_budget)?;
+    match cli.cmd {
         Cmd::Node {
             replica,
             group,
@@ -153,31 +178,37 @@ async fn main() -> anyhow::Result<()> {
                 group != 0,
                 "group 0 is the config group: run `ordo config` for it"
             );
-            run_replica(replica, group, compact_log_entries).await
+            run_replica(replica, group, compact_log_entries, 0, limits).await
         }
-        Cmd::Config { replica } => run_replica(replica, 0, COMPACT_LOG_ENTRIES_DEFAULT).await,
-        Cmd::Router { listen, config } => run_router(listen, config).await,
+        Cmd::Config {
+            replica,
+            copy_bytes_per_sec,
+        } => {
+            let compact = COMPACT_LOG_ENTRIES_DEFAULT;
+            run_replica(replica, 0, compact, copy_bytes_per_sec, limits).await
+        }
+        Cmd::Router { listen, config } => run_router(listen, config, limits).await,
         Cmd::Playground {
             dir,
             groups,
             replicas,
             port,
-        } => run_playground(dir, groups, replicas, port).await,
+            copy_bytes_per_sec,
+        } => run_playground(dir, groups, replicas, port, copy_bytes_per_sec, limits).await,
     }
 }
 
 /// Runs one replica of `group` (0: a config server) until SIGINT or SIGTERM, or until it fails.
-async fn run_replica(r: ReplicaArgs, group: u64, compact_log_entries: u64) -> anyhow::Result<()> {
-    let node = Node::start(node_config(
-        r.id,
-        group,
-        r.listen,
-        &r.peers,
-        r.data_dir,
-        compact_log_entries,
-        r.join,
-    )?)
-    .await?;
+/// `copy_bytes_per_sec`: a config server's default copy bandwidth (0 on shard groups).
+async fn run_replica(
+    r: ReplicaArgs,
+    group: u64,
+    compact_log_entries: u64,
+    copy_bytes_per_sec: u64,
+    limits: ServeLimits,
+) -> anyhow::Result<()> {
+    let cfg = node_config(r, group, compact_log_entries, copy_bytes_per_sec, limits)?;
+    let node = Node::start(cfg).await?;
     tokio::select! {
         _ = wait_for_signal() => {}
         why = node.failed() => {
@@ -206,11 +237,17 @@ fn config_addrs(values: Vec<String>) -> Vec<String> {
     values.into_iter().filter(|s| !s.is_empty()).collect()
 }
 
-async fn run_router(listen: String, config: Vec<String>) -> anyhow::Result<()> {
-    let router = ordo_router::Router::start(ordo_router::RouterConfig {
-        listen,
-        config_addrs: config_addrs(config),
-    })
+async fn run_router(listen: String, config: Vec<String>, serve: ServeLimits) -> anyhow::Result<()> {
+    let router = ordo_router::Router::start_with_options(
+        ordo_router::RouterConfig {
+            listen,
+            config_addrs: config_addrs(config),
+        },
+        ordo_router::RouterOptions {
+            serve,
+            ..Default::default()
+        },
+    )
     .await?;
     println!("router serving on {}", router.addr);
     wait_for_signal().await;
@@ -219,11 +256,20 @@ async fn run_router(listen: String, config: Vec<String>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run_playground(dir: PathBuf, groups: u64, replicas: u64, port: u16) -> anyhow::Result<()> {
+async fn run_playground(
+    dir: PathBuf,
+    groups: u64,
+    replicas: u64,
+    port: u16,
+    copy_bytes_per_sec: u64,
+    serve: ServeLimits,
+) -> anyhow::Result<()> {
     let cfg = PlaygroundConfig {
         groups,
         replicas,
         port: Some(port),
+        copy_bytes_per_sec,
+        serve,
         ..PlaygroundConfig::new(&dir)
     };
     let pg = Playground::start(cfg).await?;
@@ -291,10 +337,18 @@ mod tests {
             ("1=a:1,2=l:1", "d".into())
         );
         assert!(replica.join);
-        let Cmd::Config { replica } = parse(&[&["config"], &flags[..]].concat()).unwrap() else {
+        let Cmd::Config {
+            replica,
+            copy_bytes_per_sec,
+        } = parse(&[&["config"], &flags[..]].concat()).unwrap()
+        else {
             panic!("not config")
         };
         assert_eq!((replica.id, replica.join), (2, false));
+        assert_eq!(copy_bytes_per_sec, COPY_BYTES_PER_SEC);
+        assert!(
+            parse(&[&["config"], &flags[..], &["--copy-bytes-per-sec", "0"]].concat()).is_err()
+        );
         assert!(parse(&["config", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"]).is_err());
         assert!(parse(&[&["config"], &flags[..], &["--group", "2"]].concat()).is_err());
     }

@@ -10,7 +10,7 @@ use ordo_proto::v1::{StatusResponse, TxnRequest, TxnResponse};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Result};
-use crate::replica::inbox::{Msg, Shared};
+use crate::replica::inbox::{InboxBytes, Msg, RaftQueue, Shared};
 use crate::state::{Command, Outcome, StateMachine};
 
 /// How long a request waits for its write to commit or its read index before giving up.
@@ -21,6 +21,10 @@ pub struct ReplicaHandle {
     pub node_id: u64,
     pub group_id: u64,
     pub driver: mpsc::Sender<Msg>,
+    /// The bytes of the proposals in `driver`'s queue.
+    pub inbox_bytes: InboxBytes,
+    /// Raft messages from peers, on their own queue (never behind proposals).
+    pub raft: RaftQueue,
     pub sm: Arc<StateMachine>,
     pub shared: Arc<Shared>,
     pub peers: crate::replica::transport::PeerAddrs,
@@ -83,7 +87,9 @@ impl ReplicaHandle {
         if self.shared.is_leader.load(Ordering::Relaxed) == 0 {
             return Err(self.not_leader());
         }
-        self.ask(|resp| Msg::Propose { cmd, resp }, "write").await
+        let queued = self.inbox_bytes.take(&cmd)?;
+        self.ask(|resp| Msg::Propose { cmd, resp, queued }, "write")
+            .await
     }
 
     /// Proposes a checked transaction. Slots this group does not own are refused here already

@@ -4,6 +4,7 @@
 pub(crate) mod config_store;
 pub(crate) mod kv;
 pub(crate) mod membership;
+pub(crate) mod orphans;
 pub(crate) mod participant;
 pub(crate) mod peer;
 pub(crate) mod validate;

@@ -12,7 +12,7 @@ use crate::replica::ReplicaHandle;
 use crate::server::validate;
 use crate::state::{Command, Outcome};
 
-/// `ordo.v1.Participant`: a shard group's side of cross-group transactions (see `twopc.rs`).
+/// `ordo.v1.Participant`: a shard group's side of cross-group transactions (see `state/participant.rs`).
 /// Every request is checked here, then applied as one raft command.
 #[derive(Clone)]
 pub struct ParticipantService(pub Arc<ReplicaHandle>);
@@ -50,12 +50,6 @@ fn check_decision(d: i32, allowed: &[Decision]) -> Result<()> {
             "decision {d} is not one of {allowed:?}"
         ))),
     }
-}
-
-pub(crate) fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 #[tonic::async_trait]
@@ -100,14 +94,14 @@ impl Participant for ParticipantService {
             check_decision(r.decision, &FINAL_DECISIONS)?;
         }
         self.0.sm.check_owned(&r.primary_shard_key)?;
-        match self
-            .0
-            .propose(Command::Decide {
-                req: r,
-                now_ms: now_ms(),
-            })
-            .await?
-        {
+        if r.resolve && !r.wound && self.0.sm.holds_young_locks(&r.txn_id) {
+            // This group applied locks of it less than the lock timeout ago (by its own clock):
+            // its coordinator may well be alive.
+            return Ok(Response::new(DecideResponse {
+                decision: Decision::Pending as i32,
+            }));
+        }
+        match self.0.propose(Command::Decide(r)).await? {
             Outcome::Decided(d) => Ok(Response::new(d)),
             other => unreachable!("a decision produced {other:?}"),
         }

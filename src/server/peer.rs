@@ -8,11 +8,10 @@ use ordo_proto::v1::peer_server::Peer;
 use ordo_proto::v1::*;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::limits::MIGRATION_PAGE_BYTES_MAX;
+use crate::limits::{MIGRATION_LOG_BYTES_MAX, MIGRATION_PAGE_BYTES_MAX};
 use crate::replica::inbox::Msg;
 use crate::replica::transport::recv;
 use crate::replica::ReplicaHandle;
-use crate::server::participant::now_ms;
 use crate::state::{Command, Outcome};
 
 /// Clears `receiving_snapshot` however the transfer ends, its handler dropped mid-stream included.
@@ -38,10 +37,18 @@ impl Peer for PeerService {
                 _ = stop.changed() => None,
             };
             let Some(batch) = batch else { break };
-            for m in recv::decode_batch(&self.0, &batch)? {
-                if self.0.driver.send(Msg::Raft(Box::new(m))).await.is_err() {
-                    return Err(Status::unavailable("replica is shutting down"));
-                }
+            let msgs = recv::decode_batch(&self.0, &batch)?;
+            // Never waits: a full raft queue drops, as a lost packet would (raft retransmits).
+            let mut dropped = 0;
+            for (m, bytes) in msgs.into_iter().zip(&batch.messages) {
+                dropped += usize::from(!self.0.raft.offer(m, bytes.len()));
+            }
+            if dropped > 0 {
+                tracing::debug!(
+                    from = batch.from,
+                    dropped,
+                    "raft queue full: messages dropped"
+                );
             }
         }
         Ok(Response::new(RaftDone {}))
@@ -132,17 +139,21 @@ impl Peer for PeerService {
             ));
         }
         if r.step == MigrateStep::Fence as i32 {
-            // A decision younger than this may belong to a transaction whose coordinator is
-            // still finishing its other parts (their resolvers would ask for it); an older one
-            // is a leftover, or a coordinator that died mid-finish and was not resolved since
-            // (see ARCHITECTURE.md, *Deviations*). No decision is taken in a moving slot.
-            let keep_ms = 2 * crate::limits::TXN_LOCK_TIMEOUT_MS;
-            if let Some(why) = self.0.sm.fence_blocker(r.migration_id, now_ms(), keep_ms)? {
+            // Locked items or kept parts would stay behind on this side of the move; decisions
+            // need no wait, they move with their slot.
+            if let Some(why) = self.0.sm.fence_blocker(r.migration_id) {
                 return Err(Status::failed_precondition(why));
             }
         }
-        let (index, _, _) = self.propose_migration(Command::MigrateOut(r)).await?;
-        Ok(Response::new(MigrateOutResponse { index }))
+        if r.log_bytes_max > MIGRATION_LOG_BYTES_MAX {
+            return Err(crate::state::migrate::log_cap_refusal(r.log_bytes_max).into());
+        }
+        let (index, deleted, done) = self.propose_migration(Command::MigrateOut(r)).await?;
+        Ok(Response::new(MigrateOutResponse {
+            index,
+            deleted,
+            done,
+        }))
     }
 
     async fn migrate_pull(

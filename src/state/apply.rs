@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 
 use ordo_proto::v1::TxnResponse;
 use ordo_proto::v1::{DecideRequest, DecideResponse, PrepareRequest, PrepareResponse, TxnRequest};
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::transaction::ConflictableTransactionError;
 use sled::Transactional;
 
 use super::migrate::{self, Moving};
@@ -58,7 +58,7 @@ impl StateMachine {
         let ownership = self.ownership.read().unwrap().clone();
         let moving = self.moving.read().unwrap();
         let _w = self.view.write().unwrap();
-        let (results, locks) = (&self.data, &self.sys)
+        let (results, locks, aged, logs) = (&self.data, &self.sys)
             .transaction(|(data, sys)| {
                 let mut applier = Applier {
                     view: TxView {
@@ -66,12 +66,13 @@ impl StateMachine {
                         slot_count: self.slot_count,
                         node_id: self.node_id,
                         log: migrate::LogWriter::new(sys, &moving),
+                        ages: &self.lock_ages,
+                        locks: self.locks.load(Ordering::Relaxed),
+                        aged: Vec::new(),
                     },
-                    sys,
                     slot_count: self.slot_count,
                     ownership: &ownership,
                     moving: &moving,
-                    locks: self.locks.load(Ordering::Relaxed),
                 };
                 let mut results = Vec::with_capacity(batch.len());
                 for a in batch {
@@ -83,13 +84,19 @@ impl StateMachine {
                     }
                 }
                 sys.insert(APPLIED_KEY, &last.index.to_be_bytes())?;
-                Ok((results, applier.locks))
+                let view = applier.view;
+                Ok((results, view.locks, view.aged, view.log.finish()?))
             })
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Abort(e) => e,
                 sled::transaction::TransactionError::Storage(e) => Error::from(e),
             })?;
+        if !logs.is_empty() {
+            drop(moving);
+            self.moving.write().unwrap().update_logs(logs);
+        }
         self.locks.store(locks, Ordering::Relaxed);
+        self.lock_ages.record(aged);
         self.applied.store(last.index, Ordering::Release);
         out.extend(results);
         Ok(())
@@ -99,12 +106,9 @@ impl StateMachine {
 /// What the commands of one apply transaction are checked against and write to.
 struct Applier<'a> {
     view: TxView<'a>,
-    sys: &'a TransactionalTree,
     slot_count: u32,
     ownership: &'a Ownership,
     moving: &'a Moving,
-    /// Items locked by cross-group transactions, as the commands so far left it.
-    locks: i64,
 }
 
 impl Applier<'_> {
@@ -120,13 +124,10 @@ impl Applier<'_> {
                 Ok(Outcome::TxnBatch(rs))
             }
             Command::Prepare(p) => self.prepare(p)?.map(Outcome::Prepared),
-            Command::Decide { req, now_ms } => self.decide(req, *now_ms)?.map(Outcome::Decided),
-            Command::Finish(f) => {
-                let (view, sys, slots) = (&mut self.view, self.sys, self.slot_count);
-                participant::finish(view, sys, slots, f, &mut self.locks)?.map(Outcome::Finished)
-            }
+            Command::Decide(req) => self.decide(req)?.map(Outcome::Decided),
+            Command::Finish(f) => participant::finish(&mut self.view, f)?.map(Outcome::Finished),
             Command::Forget(f) => {
-                participant::forget(self.sys, self.slot_count, f)?;
+                participant::forget(&mut self.view, f)?;
                 Ok(Outcome::Forgotten)
             }
             Command::SetOwnership(_)
@@ -160,8 +161,8 @@ impl Applier<'_> {
         if let Some(e) = self.unowned(shard_keys(t)) {
             return Ok(Err(e));
         }
-        if self.locks > 0 {
-            if let Err(e) = participant::check_unlocked(self.sys, self.slot_count, t, None)? {
+        if self.view.locks > 0 {
+            if let Err(e) = participant::check_unlocked(&self.view, t, None)? {
                 return Ok(Err(e));
             }
         }
@@ -177,10 +178,7 @@ impl Applier<'_> {
         let part = p.part.clone().unwrap_or_default();
         let moving_slot = shard_keys(&part).find_map(|sk| self.moving.moving_out(self.slot(sk)));
         let locked = match moving_slot {
-            Some(_) => {
-                participant::check_unlocked(self.sys, self.slot_count, &part, Some(&p.txn_id))?
-                    .err()
-            }
+            Some(_) => participant::check_unlocked(&self.view, &part, Some(&p.txn_id))?.err(),
             None => None,
         };
         let refused = locked
@@ -189,21 +187,20 @@ impl Applier<'_> {
         if let Some(e) = refused {
             return Ok(Err(e));
         }
-        let (view, sys, slots) = (&mut self.view, self.sys, self.slot_count);
-        participant::prepare(view, sys, slots, p, &mut self.locks)
+        participant::prepare(&mut self.view, p)
     }
 
-    /// A decision is a new one only outside a moving slot (a move waits for the decisions of
-    /// its slots).
-    fn decide(&mut self, req: &DecideRequest, now_ms: u64) -> Tx<Result<DecideResponse>> {
+    /// A decision in a moving slot is written to its change log like an item, so it moves with
+    /// the slot; once the slot is fenced none is taken (the log is complete at the fence).
+    fn decide(&mut self, req: &DecideRequest) -> Tx<Result<DecideResponse>> {
         let slot = self.slot(&req.primary_shard_key);
         let refused = self
             .moving
-            .moving_out(slot)
+            .fenced(slot)
             .or_else(|| self.unowned(std::iter::once(req.primary_shard_key.as_ref())));
         match refused {
             Some(e) => Ok(Err(e)),
-            None => participant::decide(self.sys, self.slot_count, req, now_ms),
+            None => participant::decide(&mut self.view, req),
         }
     }
 }

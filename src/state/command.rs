@@ -18,9 +18,8 @@ const CMD_TXN_BATCH: u8 = 3;
 const CMD_MIGRATE_OUT: u8 = 4;
 const CMD_MIGRATE_INGEST: u8 = 5;
 const CMD_MIGRATE_CLEAR: u8 = 6;
-/// Two-phase commit (`twopc.rs`).
+/// Two-phase commit (`participant.rs`).
 const CMD_PREPARE: u8 = 20;
-/// Followed by the leader's clock (ms, u64 BE), then the request.
 const CMD_DECIDE: u8 = 21;
 const CMD_FINISH: u8 = 22;
 const CMD_FORGET: u8 = 23;
@@ -40,20 +39,21 @@ pub enum Command {
     MigrateIngest(MigrateIngestRequest),
     /// Delete a bounded number of items of slots neither owned nor moving out.
     MigrateClear(MigrateClearRequest),
-    /// Two-phase commit of a cross-group transaction, one participant's steps (`twopc.rs`).
+    /// Two-phase commit of a cross-group transaction, one participant's steps (`participant.rs`).
     Prepare(PrepareRequest),
-    /// `now_ms` is the proposing leader's clock, so that every replica decides alike.
-    Decide {
-        req: DecideRequest,
-        now_ms: u64,
-    },
+    Decide(DecideRequest),
     Finish(FinishRequest),
     Forget(ForgetRequest),
 }
 
 impl Command {
-    pub fn encode(&self) -> Vec<u8> {
-        let (tag, len) = match self {
+    /// Bytes of the encoded command (`encode().len()`), computed without encoding it.
+    pub fn encoded_len(&self) -> usize {
+        1 + self.tag_and_len().1
+    }
+
+    fn tag_and_len(&self) -> (u8, usize) {
+        match self {
             Command::Txn(t) => (CMD_TXN, t.encoded_len()),
             Command::SetOwnership(o) => (CMD_SET_OWNERSHIP, o.encoded_len()),
             Command::TxnBatch(ts) => (
@@ -66,10 +66,14 @@ impl Command {
             Command::MigrateIngest(m) => (CMD_MIGRATE_INGEST, m.encoded_len()),
             Command::MigrateClear(m) => (CMD_MIGRATE_CLEAR, m.encoded_len()),
             Command::Prepare(p) => (CMD_PREPARE, p.encoded_len()),
-            Command::Decide { req, .. } => (CMD_DECIDE, 8 + req.encoded_len()),
+            Command::Decide(d) => (CMD_DECIDE, d.encoded_len()),
             Command::Finish(f) => (CMD_FINISH, f.encoded_len()),
             Command::Forget(f) => (CMD_FORGET, f.encoded_len()),
-        };
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let (tag, len) = self.tag_and_len();
         let mut data = Vec::with_capacity(1 + len);
         data.push(tag);
         match self {
@@ -82,10 +86,7 @@ impl Command {
             Command::MigrateIngest(m) => m.encode(&mut data),
             Command::MigrateClear(m) => m.encode(&mut data),
             Command::Prepare(p) => p.encode(&mut data),
-            Command::Decide { req, now_ms } => {
-                data.extend_from_slice(&now_ms.to_be_bytes());
-                req.encode(&mut data)
-            }
+            Command::Decide(d) => d.encode(&mut data),
             Command::Finish(f) => f.encode(&mut data),
             Command::Forget(f) => f.encode(&mut data),
         }
@@ -123,12 +124,9 @@ impl Command {
             Some((&CMD_PREPARE, rest)) => PrepareRequest::decode(rest)
                 .map(Command::Prepare)
                 .map_err(|e| e.to_string()),
-            Some((&CMD_DECIDE, rest)) if rest.len() >= 8 => {
-                let now_ms = u64::from_be_bytes(rest[..8].try_into().unwrap());
-                DecideRequest::decode(&rest[8..])
-                    .map(|req| Command::Decide { req, now_ms })
-                    .map_err(|e| e.to_string())
-            }
+            Some((&CMD_DECIDE, rest)) => DecideRequest::decode(rest)
+                .map(Command::Decide)
+                .map_err(|e| e.to_string()),
             Some((&CMD_FINISH, rest)) => FinishRequest::decode(rest)
                 .map(Command::Finish)
                 .map_err(|e| e.to_string()),

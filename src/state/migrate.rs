@@ -1,11 +1,16 @@
-//! Online resharding inside one group's state machine (a child module of `sm.rs`).
+//! Online resharding inside one group's state machine (a child module of `state`).
 //!
 //! Donor side: `BEGIN` records an outgoing migration (`migout/<id>` in the sys tree) and from
 //! then on every write to one of its slots is also appended, in the same sled transaction, to its
 //! change log (`miglog/<id>/<raft index>/<seq>` → `key | value`, an empty value for a delete).
 //! `FENCE` refuses every later request for the slots with `SlotMoving`, so the log is complete
-//! at the fence index. `END` drops the record, the log and the fence. All of it is replicated
-//! state (raft entries, part of snapshots), so a new donor leader serves the same log.
+//! at the fence index. The log has a byte cap, counted at apply (`Out::log_bytes`): a write
+//! past it is not logged and the migration is overflowed, which refuses every later step but
+//! `END` with RESOURCE_EXHAUSTED (the move must abort). `TRIM` deletes the prefix the recipient
+//! has replayed; `END` drops the record and the fence, and deletes the log; both delete at most
+//! `MIGRATION_LOG_DELETE_MAX` log entries per raft entry and are repeated until done. All of it
+//! is replicated state (raft entries, part of snapshots), so a new donor leader serves the same
+//! log.
 //!
 //! Recipient side: `INGEST` writes copied records as they are, versions included, in the order the
 //! driver sends them (the slots' items first, then the change log from its start, in log order):
@@ -24,7 +29,8 @@ use sled::Transactional;
 
 use super::{tx_err, Command, Outcome, StateMachine, APPLIED_KEY};
 use crate::error::{Error, Result};
-use crate::state::keys;
+use crate::limits::{MIGRATION_LOG_BYTES_MAX, MIGRATION_LOG_DELETE_MAX};
+use crate::state::{keys, participant};
 
 const OUT_PREFIX: &[u8] = b"migout/";
 const LOG_PREFIX: &[u8] = b"miglog/";
@@ -33,15 +39,27 @@ pub const CLEAR_ITEMS_MAX: u32 = 4096;
 
 /// An outgoing migration as the donor group knows it.
 #[derive(Clone, Debug, PartialEq)]
-struct Out {
+pub(super) struct Out {
     slots: Vec<u32>,
     /// Raft index of the fence; 0 = not fenced.
     fence_index: u64,
+    /// Bytes the change log holds now (keys and values of its entries, counted at apply, so
+    /// every replica counts alike), and its cap.
+    log_bytes: u64,
+    log_bytes_max: u64,
+    /// A write was not logged because of the cap: the log is incomplete, the move must abort.
+    overflowed: bool,
 }
+
+/// `fence_index | log_bytes | log_bytes_max | overflowed (1 byte) | slots`.
+const OUT_HEADER_BYTES: usize = 8 * 3 + 1;
 
 impl Out {
     fn encode(&self) -> Vec<u8> {
         let mut v = self.fence_index.to_be_bytes().to_vec();
+        v.extend_from_slice(&self.log_bytes.to_be_bytes());
+        v.extend_from_slice(&self.log_bytes_max.to_be_bytes());
+        v.push(self.overflowed as u8);
         for s in &self.slots {
             v.extend_from_slice(&s.to_be_bytes());
         }
@@ -49,18 +67,34 @@ impl Out {
     }
 
     fn decode(raw: &[u8]) -> Result<Out> {
-        if raw.len() < 8 || !(raw.len() - 8).is_multiple_of(4) {
+        if raw.len() < OUT_HEADER_BYTES || !(raw.len() - OUT_HEADER_BYTES).is_multiple_of(4) {
             return Err(Error::Corruption(format!(
                 "tree sys, migration record of {} bytes",
                 raw.len()
             )));
         }
+        let u64_at = |at: usize| u64::from_be_bytes(raw[at..at + 8].try_into().unwrap());
         Ok(Out {
-            fence_index: u64::from_be_bytes(raw[..8].try_into().unwrap()),
-            slots: raw[8..]
+            fence_index: u64_at(0),
+            log_bytes: u64_at(8),
+            log_bytes_max: u64_at(16),
+            overflowed: raw[24] != 0,
+            slots: raw[OUT_HEADER_BYTES..]
                 .chunks(4)
                 .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
                 .collect(),
+        })
+    }
+
+    /// The refusal of any step but END once the log overflowed its cap.
+    fn overflow(&self, id: u64) -> Option<Error> {
+        self.overflowed.then(|| {
+            Error::ResourceExhausted(format!(
+                "migration {id}: its change log reached its cap of {} bytes \
+                 (MIGRATION_LOG_BYTES_MAX is {MIGRATION_LOG_BYTES_MAX}) before the recipient \
+                 replayed it, so it no longer holds every write; abort the move",
+                self.log_bytes_max
+            ))
         })
     }
 }
@@ -126,6 +160,13 @@ impl Moving {
         self.out.insert(id, out);
     }
 
+    /// The new log sizes an apply transaction committed.
+    pub(super) fn update_logs(&mut self, changed: Vec<(u64, Out)>) {
+        for (id, out) in changed {
+            self.out.insert(id, out);
+        }
+    }
+
     fn remove(&mut self, id: u64) {
         if let Some(out) = self.out.remove(&id) {
             for s in out.slots {
@@ -167,12 +208,15 @@ impl Moving {
     }
 }
 
-/// Appends writes to moving slots to their migration's change log, inside the apply transaction.
+/// Appends writes to moving slots to their migration's change log, inside the apply transaction,
+/// up to the log's byte cap.
 pub struct LogWriter<'a> {
     sys: &'a TransactionalTree,
     moving: &'a Moving,
     index: u64,
     seq: u32,
+    /// The migrations whose log this transaction changed, as it leaves them.
+    changed: BTreeMap<u64, Out>,
 }
 
 impl<'a> LogWriter<'a> {
@@ -182,7 +226,19 @@ impl<'a> LogWriter<'a> {
             moving,
             index: 0,
             seq: 0,
+            changed: BTreeMap::new(),
         }
+    }
+
+    /// Stores the new sizes of the logs this transaction wrote to (in it); returns them, for
+    /// `Moving::update_logs` once it commits.
+    pub(super) fn finish(
+        self,
+    ) -> std::result::Result<Vec<(u64, Out)>, UnabortableTransactionError> {
+        for (id, out) in &self.changed {
+            self.sys.insert(out_key(*id), out.encode())?;
+        }
+        Ok(self.changed.into_iter().collect())
     }
 
     pub fn at_index(&mut self, index: u64) {
@@ -190,17 +246,34 @@ impl<'a> LogWriter<'a> {
         self.seq = 0;
     }
 
-    /// `value` empty = the item was deleted.
+    /// `value` empty = the item was deleted. A write that would take the log past its cap is
+    /// not logged and marks the migration overflowed (it must abort).
     pub fn record(&mut self, slot: u32, key: &[u8], value: &[u8]) -> Result<()> {
-        if let Some(id) = self.moving.by_slot.get(&slot) {
-            self.sys
-                .insert(
-                    log_key(*id, self.index, self.seq),
-                    encode_record(key, value),
-                )
-                .map_err(tx_err)?;
-            self.seq += 1;
+        let Some(&id) = self.moving.by_slot.get(&slot) else {
+            return Ok(());
+        };
+        let moving = self.moving;
+        let out = self
+            .changed
+            .entry(id)
+            .or_insert_with(|| moving.out[&id].clone());
+        if out.overflowed {
+            return Ok(());
         }
+        let (k, v) = (log_key(id, self.index, self.seq), encode_record(key, value));
+        let size = (k.len() + v.len()) as u64;
+        if out.log_bytes + size > out.log_bytes_max {
+            out.overflowed = true;
+            tracing::warn!(
+                migration = id,
+                cap = out.log_bytes_max,
+                "the change log reached its cap; the move will be aborted"
+            );
+            return Ok(());
+        }
+        self.sys.insert(k, v).map_err(tx_err)?;
+        out.log_bytes += size;
+        self.seq += 1;
         Ok(())
     }
 }
@@ -215,6 +288,22 @@ pub fn clear_sys(sys: &sled::Tree) -> Result<()> {
         sys.apply_batch(batch)?;
     }
     Ok(())
+}
+
+/// The refusal of a BEGIN asking for a log cap over the node's.
+pub fn log_cap_refusal(asked: u64) -> Error {
+    Error::InvalidArgument(format!(
+        "a change-log cap of {asked} bytes is over MIGRATION_LOG_BYTES_MAX \
+         ({MIGRATION_LOG_BYTES_MAX})"
+    ))
+}
+
+/// Why a slot cannot be fenced yet (the mover retries while the message says "locked").
+pub fn busy_slot(slot: u32) -> String {
+    format!(
+        "slot {slot} has items locked by an unfinished cross-group transaction; fence again once \
+         it finishes"
+    )
 }
 
 /// Checks a copied record before it is proposed or applied: a data key (an item or a slot's
@@ -280,6 +369,7 @@ impl StateMachine {
             Ok(MigrateStep::Begin) => self.out_begin(index, req, &mut moving),
             Ok(MigrateStep::Fence) => self.out_fence(index, req.migration_id, &mut moving),
             Ok(MigrateStep::End) => self.out_end(index, req.migration_id, &mut moving),
+            Ok(MigrateStep::Trim) => self.out_trim(index, req, &mut moving),
             _ => Ok(Err(Error::InvalidArgument(format!(
                 "unknown migration step {}",
                 req.step
@@ -312,12 +402,21 @@ impl StateMachine {
                 ))));
             }
         }
+        if req.log_bytes_max > MIGRATION_LOG_BYTES_MAX {
+            return Ok(Err(log_cap_refusal(req.log_bytes_max)));
+        }
         let mut slots = req.slots.clone();
         slots.sort_unstable();
         slots.dedup();
         let out = Out {
             slots,
             fence_index: 0,
+            log_bytes: 0,
+            log_bytes_max: match req.log_bytes_max {
+                0 => MIGRATION_LOG_BYTES_MAX,
+                cap => cap,
+            },
+            overflowed: false,
         };
         self.save_out(index, id, out, moving)?;
         tracing::info!(
@@ -350,17 +449,18 @@ impl StateMachine {
             self.mark_applied(index)?;
             return step_done(out.fence_index);
         }
+        if let Some(e) = out.overflow(id) {
+            return Ok(Err(e));
+        }
         // Writes are refused once fenced, so a transaction holding items here could not
-        // finish on this side of the move: fence only once no item is locked (no new
-        // lock is taken in a moving slot).
-        for slot in moving.slots_of(id) {
-            let [locks, _] = crate::state::participant::slot_prefixes(slot);
-            if self.sys.scan_prefix(&locks).next().is_some() {
-                return Ok(Err(Error::FailedPrecondition(format!(
-                    "slot {slot} has items locked by an unfinished cross-group \
-                     transaction; fence again once it finishes"
-                ))));
-            }
+        // finish on this side of the move: fence only once no item is locked and no part is
+        // kept (no new lock is taken in a moving slot; the leader's resolver ends orphans).
+        if let Some(slot) = moving
+            .slots_of(id)
+            .into_iter()
+            .find(|&s| participant::slot_busy(&self.data, s))
+        {
+            return Ok(Err(Error::FailedPrecondition(busy_slot(slot))));
         }
         let out = Out {
             fence_index: index,
@@ -371,23 +471,81 @@ impl StateMachine {
         step_done(index)
     }
 
-    /// END: the fence and the change log go.
+    /// END: the record and the fence go, and the change log is deleted, at most
+    /// `MIGRATION_LOG_DELETE_MAX` entries per END (the driver repeats it until `done`).
     fn out_end(&self, index: u64, id: u64, moving: &mut Moving) -> Applied {
         let mut batch = sled::Batch::default();
         batch.remove(out_key(id));
-        for k in self.sys.scan_prefix(log_prefix(id)).keys() {
-            batch.remove(k?);
-        }
+        let (deleted, more) = self.delete_log(&mut batch, id, None)?;
         batch.insert(APPLIED_KEY, &index.to_be_bytes());
         self.sys.apply_batch(batch)?;
         self.applied.store(index, Ordering::Release);
-        moving.remove(id);
-        tracing::info!(
-            node = self.node_id,
-            migration = id,
-            "migration ended on the donor"
-        );
-        step_done(index)
+        if moving.out.contains_key(&id) {
+            moving.remove(id);
+            tracing::info!(
+                node = self.node_id,
+                migration = id,
+                "migration ended on the donor"
+            );
+        }
+        Ok(Ok(Outcome::Migration {
+            index,
+            deleted: deleted.len() as u64,
+            done: !more,
+        }))
+    }
+
+    /// TRIM: the log up to the recipient's replay position goes, in bounded entries, and no
+    /// longer counts against the cap.
+    fn out_trim(&self, index: u64, req: &MigrateOutRequest, moving: &mut Moving) -> Applied {
+        let id = req.migration_id;
+        let Some(mut out) = moving.out.get(&id).cloned() else {
+            return Ok(Err(Error::FailedPrecondition(format!(
+                "no migration {id} on this group (never begun, or ended)"
+            ))));
+        };
+        if let Some(e) = out.overflow(id) {
+            return Ok(Err(e));
+        }
+        let mut batch = sled::Batch::default();
+        let (deleted, more) = self.delete_log(&mut batch, id, Some(&req.trim_after))?;
+        let freed: u64 = deleted.iter().sum();
+        out.log_bytes = out.log_bytes.saturating_sub(freed);
+        batch.insert(out_key(id), out.encode());
+        batch.insert(APPLIED_KEY, &index.to_be_bytes());
+        self.sys.apply_batch(batch)?;
+        self.applied.store(index, Ordering::Release);
+        moving.update_logs(vec![(id, out)]);
+        Ok(Ok(Outcome::Migration {
+            index,
+            deleted: deleted.len() as u64,
+            done: !more,
+        }))
+    }
+
+    /// Adds to `batch` the deletion of the first `MIGRATION_LOG_DELETE_MAX` entries of
+    /// migration `id`'s log (up to `upto` included, if given); the size of each, and whether
+    /// more remain.
+    fn delete_log(
+        &self,
+        batch: &mut sled::Batch,
+        id: u64,
+        upto: Option<&[u8]>,
+    ) -> Result<(Vec<u64>, bool)> {
+        let prefix = log_prefix(id);
+        let mut sizes = Vec::new();
+        for kv in self.sys.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            if upto.is_some_and(|upto| k.as_ref() > upto) {
+                return Ok((sizes, false));
+            }
+            if sizes.len() == MIGRATION_LOG_DELETE_MAX {
+                return Ok((sizes, true));
+            }
+            sizes.push((k.len() + v.len()) as u64);
+            batch.remove(k);
+        }
+        Ok((sizes, false))
     }
 
     fn apply_ingest(&self, index: u64, records: &[MigrationRecord]) -> Applied {
@@ -404,6 +562,7 @@ impl StateMachine {
                 ))));
             }
         }
+        let locks = self.lock_delta(records.iter().map(|r| (&r.key[..], !r.value.is_empty())))?;
         let _w = self.view.write().unwrap();
         self.transact_at(index, |data| {
             for r in records {
@@ -415,6 +574,7 @@ impl StateMachine {
             }
             Ok(())
         })?;
+        self.locks.fetch_add(locks, Ordering::Relaxed);
         Ok(Ok(Outcome::Migration {
             index,
             deleted: 0,
@@ -448,6 +608,7 @@ impl StateMachine {
                 doomed.push(k?);
             }
         }
+        let locks = self.lock_delta(doomed.iter().map(|k| (&k[..], false)))?;
         let _w = self.view.write().unwrap();
         self.transact_at(index, |data| {
             for k in &doomed {
@@ -455,11 +616,34 @@ impl StateMachine {
             }
             Ok(())
         })?;
+        self.locks.fetch_add(locks, Ordering::Relaxed);
         Ok(Ok(Outcome::Migration {
             index,
             deleted: doomed.len() as u64,
             done: !more,
         }))
+    }
+
+    /// How writing (`true`) or deleting (`false`) these keys in order changes the lock count: a
+    /// copy may carry a lock, and its release (a deletion) after it.
+    fn lock_delta<'k>(&self, writes: impl Iterator<Item = (&'k [u8], bool)>) -> Result<i64> {
+        let mut present: HashMap<&[u8], bool> = HashMap::new();
+        let mut delta = 0;
+        for (k, write) in writes {
+            if !matches!(
+                keys::decode_reserved(k),
+                Some((_, participant::LOCK_KIND, _))
+            ) {
+                continue;
+            }
+            let was = match present.get(k) {
+                Some(p) => *p,
+                None => self.data.get(k)?.is_some(),
+            };
+            delta += write as i64 - was as i64;
+            present.insert(k, write);
+        }
+        Ok(delta)
     }
 
     /// Changes the data tree with `f` and records `index` as applied, in one sled transaction.
@@ -503,6 +687,9 @@ impl StateMachine {
                     "no migration {id} on this group (never begun, or ended)"
                 ))
             })?;
+        if let Some(e) = out.overflow(id) {
+            return Err(e);
+        }
         let _r = self.read_guard();
         let mut resp = MigratePullResponse {
             applied_index: self.applied_index(),
@@ -571,8 +758,8 @@ mod tests {
     use super::super::{Apply, StateMachine};
     use super::*;
     use ordo_proto::v1::{
-        txn_op, DeleteRequest, MigrateClearRequest, MigrateIngestRequest, PutRequest,
-        SetOwnershipRequest, TxnOp, TxnRequest,
+        txn_op, DecideRequest, Decision, DeleteRequest, FinishRequest, MigrateClearRequest,
+        MigrateIngestRequest, PrepareRequest, PutRequest, SetOwnershipRequest, TxnOp, TxnRequest,
     };
 
     const SLOTS: u32 = 64;
@@ -601,6 +788,7 @@ mod tests {
             migration_id: id,
             step: step as i32,
             slots: slots.to_vec(),
+            ..Default::default()
         })
     }
 
@@ -624,6 +812,7 @@ mod tests {
                 map_version: 1,
                 slot_count: SLOTS,
                 slots: owned.to_vec(),
+                ..Default::default()
             }))
             .unwrap();
             s
@@ -744,6 +933,7 @@ mod tests {
             map_version: 2,
             slot_count: SLOTS,
             slots: others,
+            ..Default::default()
         }))
         .unwrap();
         r.run(Command::SetOwnership(SetOwnershipRequest {
@@ -751,6 +941,7 @@ mod tests {
             map_version: 2,
             slot_count: SLOTS,
             slots: vec![moving_slot],
+            ..Default::default()
         }))
         .unwrap();
         assert!(matches!(
@@ -841,5 +1032,280 @@ mod tests {
         assert!(other.sm.moving.read().unwrap().is_moving(2));
         let reloaded = Moving::load(&d.sm.sys).unwrap();
         assert_eq!(reloaded.out, d.sm.moving.read().unwrap().out);
+    }
+
+    fn log_bytes(d: &Sm, id: u64) -> u64 {
+        d.sm.moving.read().unwrap().out[&id].log_bytes
+    }
+
+    /// The change log's entries and bytes as stored.
+    fn stored_log(d: &Sm, id: u64) -> (usize, u64) {
+        d.sm.sys
+            .scan_prefix(log_prefix(id))
+            .map(|kv| kv.unwrap())
+            .fold((0, 0), |(n, b), (k, v)| {
+                (n + 1, b + (k.len() + v.len()) as u64)
+            })
+    }
+
+    fn keyed_writes(sk: &str, n: usize, value: &str) -> Command {
+        Command::Txn(TxnRequest {
+            success: (0..n)
+                .map(|i| TxnOp {
+                    op: Some(txn_op::Op::Put(PutRequest {
+                        shard_key: sk.as_bytes().to_vec().into(),
+                        key: format!("k{i}").into_bytes().into(),
+                        value: value.as_bytes().to_vec().into(),
+                        ..Default::default()
+                    })),
+                })
+                .collect(),
+            ..Default::default()
+        })
+    }
+
+    /// Audit H6: writes past the cap leave the log at or below it; the migration is marked
+    /// overflowed, so the next pull, trim and fence are refused with RESOURCE_EXHAUSTED naming
+    /// the cap (the mover aborts on it), the donor keeps serving, and END still ends it.
+    #[test]
+    fn h6_a_change_log_past_its_cap_stays_under_it_and_the_move_is_refused() {
+        let s = slot("order-1");
+        let mut d = Sm::new(&(0..SLOTS).collect::<Vec<_>>());
+        let cap = 4096;
+        d.run(Command::MigrateOut(MigrateOutRequest {
+            group_id: 1,
+            migration_id: 3,
+            step: MigrateStep::Begin as i32,
+            slots: vec![s],
+            log_bytes_max: cap,
+            ..Default::default()
+        }))
+        .unwrap();
+        for round in 0..40 {
+            d.run(write(
+                "order-1",
+                Some(&format!("value {round} {}", "x".repeat(100))),
+            ))
+            .unwrap();
+            assert!(log_bytes(&d, 3) <= cap);
+            assert_eq!(stored_log(&d, 3).1, log_bytes(&d, 3), "counted as stored");
+        }
+        assert!(d.sm.moving.read().unwrap().out[&3].overflowed);
+        let named = |e: Error| {
+            let m = e.to_string();
+            assert!(
+                m.contains("MIGRATION_LOG_BYTES_MAX") && m.contains(&cap.to_string()),
+                "{m}"
+            );
+            assert_eq!(
+                tonic::Status::from(e).code(),
+                tonic::Code::ResourceExhausted
+            );
+        };
+        named(d.sm.migration_pull(3, true, &[], 1 << 20).unwrap_err());
+        named(d.sm.migration_pull(3, false, &[], 1 << 20).unwrap_err());
+        named(d.run(step(3, MigrateStep::Fence, &[])).unwrap_err());
+        named(d.run(step(3, MigrateStep::Trim, &[])).unwrap_err());
+        // The donor still owns and serves the slot; END ends the migration and its log.
+        d.run(write("order-1", Some("after"))).unwrap();
+        assert!(matches!(
+            d.run(step(3, MigrateStep::End, &[])).unwrap(),
+            Outcome::Migration { done: true, .. }
+        ));
+        assert_eq!(stored_log(&d, 3), (0, 0));
+        assert!(d.sm.check_owned(b"order-1").is_ok());
+        // A cap over the node's own is refused.
+        let over = d.run(Command::MigrateOut(MigrateOutRequest {
+            group_id: 1,
+            migration_id: 4,
+            step: MigrateStep::Begin as i32,
+            slots: vec![s],
+            log_bytes_max: MIGRATION_LOG_BYTES_MAX + 1,
+            ..Default::default()
+        }));
+        assert!(
+            matches!(over, Err(Error::InvalidArgument(m)) if m.contains("MIGRATION_LOG_BYTES_MAX"))
+        );
+    }
+
+    /// Audit H6: the replayed prefix of the log is trimmed, and END deletes the rest, each in
+    /// entries of at most `MIGRATION_LOG_DELETE_MAX` log entries.
+    #[test]
+    fn h6_trim_and_end_delete_the_log_in_bounded_steps() {
+        let s = slot("order-1");
+        let mut d = Sm::new(&(0..SLOTS).collect::<Vec<_>>());
+        d.run(step(5, MigrateStep::Begin, &[s])).unwrap();
+        let n = 2 * MIGRATION_LOG_DELETE_MAX + 100;
+        d.run(keyed_writes("order-1", n, "one")).unwrap();
+        d.run(keyed_writes("order-1", n, "two")).unwrap();
+        assert_eq!(stored_log(&d, 5).0, 2 * n);
+        // The recipient replayed the first write of every key.
+        let first = d.sm.migration_pull(5, true, &[], 1 << 30).unwrap();
+        assert!(first.done);
+        let position = {
+            let mut after = Vec::new();
+            for _ in 0..n {
+                let p = d.sm.migration_pull(5, true, &after, 1).unwrap();
+                after = p.next_after.to_vec();
+            }
+            after
+        };
+        let trim = |d: &mut Sm| {
+            d.run(Command::MigrateOut(MigrateOutRequest {
+                group_id: 1,
+                migration_id: 5,
+                step: MigrateStep::Trim as i32,
+                trim_after: position.clone().into(),
+                ..Default::default()
+            }))
+            .unwrap()
+        };
+        let mut steps = 0;
+        loop {
+            steps += 1;
+            let before = stored_log(&d, 5).0;
+            let Outcome::Migration { deleted, done, .. } = trim(&mut d) else {
+                panic!()
+            };
+            assert!(deleted as usize <= MIGRATION_LOG_DELETE_MAX);
+            assert_eq!(stored_log(&d, 5).0, before - deleted as usize);
+            assert_eq!(
+                stored_log(&d, 5).1,
+                log_bytes(&d, 5),
+                "the count follows the trim"
+            );
+            if done {
+                break;
+            }
+        }
+        assert_eq!(steps, 3);
+        // What is left is exactly the unreplayed suffix.
+        let rest = d.sm.migration_pull(5, true, &[], 1 << 30).unwrap();
+        assert!(rest.done);
+        let rest = rest.records;
+        assert_eq!(rest.len(), n);
+        assert_eq!(
+            rest[0].key, first.records[0].key,
+            "the second write of the first key"
+        );
+        assert!(rest.iter().all(|r| r.value.ends_with(b"two")));
+        let mut steps = 0;
+        loop {
+            steps += 1;
+            let Outcome::Migration { deleted, done, .. } =
+                d.run(step(5, MigrateStep::End, &[])).unwrap()
+            else {
+                panic!()
+            };
+            assert!(deleted as usize <= MIGRATION_LOG_DELETE_MAX);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(steps, 3);
+        assert_eq!(stored_log(&d, 5), (0, 0), "the log is gone after END");
+        assert!(
+            d.sm.check_owned(b"order-1").is_ok(),
+            "and the slot unfenced"
+        );
+    }
+
+    fn prepare(txn: u8, sk: &str, primary: &str) -> Command {
+        Command::Prepare(PrepareRequest {
+            txn_id: vec![txn; participant::TXN_ID_BYTES].into(),
+            primary_shard_key: primary.as_bytes().to_vec().into(),
+            part: Some(TxnRequest {
+                success: vec![TxnOp {
+                    op: Some(txn_op::Op::Put(PutRequest {
+                        shard_key: sk.as_bytes().to_vec().into(),
+                        value: b"2pc".to_vec().into(),
+                        ..Default::default()
+                    })),
+                }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    }
+
+    fn decide(txn: u8, primary: &str, decision: Decision, resolve: bool) -> Command {
+        Command::Decide(DecideRequest {
+            txn_id: vec![txn; participant::TXN_ID_BYTES].into(),
+            primary_shard_key: primary.as_bytes().to_vec().into(),
+            decision: decision as i32,
+            resolve,
+            ..Default::default()
+        })
+    }
+
+    /// Audit H7: a decision recorded at the primary's slot while it moves, and a lock that was
+    /// copied and then released, reach the recipient through the copy and the change log: a
+    /// resolver asking the slot's new owner learns the decision, and no stale lock is left.
+    /// The fence waits for the lock and the kept part.
+    #[test]
+    fn h7_decisions_and_released_locks_move_with_their_slot() {
+        let s = slot("order-1");
+        let mut d = Sm::new(&(0..SLOTS).collect::<Vec<_>>());
+        let mut r = Sm::new(&[]);
+        // Txn 1 holds order-1 (its primary) before the move begins.
+        d.run(prepare(1, "order-1", "order-1")).unwrap();
+        d.run(step(9, MigrateStep::Begin, &[s])).unwrap();
+        assert!(matches!(
+            d.run(prepare(2, "order-1", "order-1")),
+            Err(Error::Locked { .. })
+        ));
+        let copied = d.pull_all(9, false);
+        assert!(
+            copied.len() >= 2,
+            "the lock and the part are in the slot's range"
+        );
+        ingest_result(&mut r, copied).unwrap();
+        assert!(d.run(step(9, MigrateStep::Fence, &[])).is_err(), "locked");
+        // The coordinator decides, finishes the primary's part, and dies before forgetting.
+        assert!(matches!(
+            d.run(decide(1, "order-1", Decision::RunSuccess, false)).unwrap(),
+            Outcome::Decided(x) if x.decision == Decision::RunSuccess as i32
+        ));
+        d.run(Command::Finish(FinishRequest {
+            txn_id: vec![1; participant::TXN_ID_BYTES].into(),
+            shard_key: b"order-1".to_vec().into(),
+            decision: Decision::RunSuccess as i32,
+            ..Default::default()
+        }))
+        .unwrap();
+        ingest_result(&mut r, d.pull_all(9, true)).unwrap();
+        assert!(matches!(
+            d.run(step(9, MigrateStep::Fence, &[])).unwrap(),
+            Outcome::Migration { .. }
+        ));
+        assert!(
+            matches!(
+                d.run(decide(3, "order-1", Decision::RunSuccess, false)),
+                Err(Error::SlotMoving { .. })
+            ),
+            "no decision in a fenced slot"
+        );
+        assert_eq!(d.digest_of(s), r.digest_of(s));
+        r.run(Command::SetOwnership(SetOwnershipRequest {
+            group_id: 2,
+            map_version: 2,
+            slot_count: SLOTS,
+            slots: vec![s],
+            ..Default::default()
+        }))
+        .unwrap();
+        assert_eq!(
+            r.sm.locks_held(),
+            0,
+            "the copied lock was released by the log"
+        );
+        assert_eq!(
+            r.sm.get(b"order-1", b"").unwrap().unwrap().1.as_ref(),
+            b"2pc"
+        );
+        assert!(matches!(
+            r.run(decide(1, "order-1", Decision::Abort, true)).unwrap(),
+            Outcome::Decided(x) if x.decision == Decision::RunSuccess as i32
+        ));
     }
 }

@@ -9,10 +9,10 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
 use ordo_proto::v1::{Item, TxnRequest};
-use sled::transaction::TransactionalTree;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use crate::error::{Error, Result};
-use crate::limits::SCAN_PAGE_BYTES_MAX;
+use crate::limits::{SCAN_PAGE_BYTES_MAX, TXN_LOCK_TIMEOUT_MS};
 use crate::replica::snapshot;
 use txn::ItemView;
 
@@ -34,6 +34,8 @@ const APPLIED_KEY: &[u8] = b"applied_index";
 const SLOT_COUNT_KEY: &[u8] = b"slot_count";
 /// `map_version u64 BE | bitset of owned slots`; absent = standalone (owns every slot).
 const OWNERSHIP_KEY: &[u8] = b"ownership";
+/// The config servers' addresses, newline-separated, from the last `SetOwnership` that named them.
+const CONFIG_ADDRS_KEY: &[u8] = b"config_addrs";
 /// Present while a snapshot is being installed: a restart that finds it knows the data tree is
 /// partial and starts over from an empty replica.
 const INSTALLING_KEY: &[u8] = b"installing_snapshot";
@@ -52,6 +54,10 @@ pub struct StateMachine {
     view: RwLock<()>,
     /// Items locked by cross-group transactions: while 0, nothing needs to look for locks.
     locks: AtomicI64,
+    /// How long the holders of those locks have held them, by this replica's clock.
+    lock_ages: participant::LockAges,
+    /// Where the config servers are (`CONFIG_ADDRS_KEY`).
+    config_addrs: RwLock<Vec<String>>,
 }
 
 struct TxView<'a> {
@@ -60,6 +66,36 @@ struct TxView<'a> {
     node_id: u64,
     /// Writes to slots moving out are also appended to their migration's change log here.
     log: migrate::LogWriter<'a>,
+    /// For the ages a lock refusal reports.
+    ages: &'a participant::LockAges,
+    /// Items locked by cross-group transactions, as the commands so far left it.
+    locks: i64,
+    /// What the commands so far did to `ages`, recorded once the transaction commits.
+    aged: Vec<participant::AgeEvent>,
+}
+
+impl TxView<'_> {
+    /// Writes a record of a slot's reserved range (item encoding, version 0), logged like an item.
+    fn put_raw(&mut self, key: Vec<u8>, body: &[u8]) -> participant::Tx<()> {
+        let value = keys::encode_value(0, body);
+        let slot = keys::slot_of(&key).map_err(ConflictableTransactionError::Abort)?;
+        self.log
+            .record(slot, &key, &value)
+            .map_err(ConflictableTransactionError::Abort)?;
+        self.data.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Removes a record of a slot's reserved range (if present), logged like an item.
+    fn remove_raw(&mut self, key: Vec<u8>) -> participant::Tx<()> {
+        if self.data.remove(key.as_slice())?.is_some() {
+            let slot = keys::slot_of(&key).map_err(ConflictableTransactionError::Abort)?;
+            self.log
+                .record(slot, &key, &[])
+                .map_err(ConflictableTransactionError::Abort)?;
+        }
+        Ok(())
+    }
 }
 
 /// Verifies a stored value; a corrupt one is reported with this node's id, the tree and the key.
@@ -123,6 +159,16 @@ fn read_u64(raw: Option<sled::IVec>, what: &str) -> Result<u64> {
     }
 }
 
+fn load_config_addrs(sys: &sled::Tree) -> Result<Vec<String>> {
+    Ok(match sys.get(CONFIG_ADDRS_KEY)? {
+        None => Vec::new(),
+        Some(raw) => String::from_utf8_lossy(&raw)
+            .split('\n')
+            .map(str::to_string)
+            .collect(),
+    })
+}
+
 /// What `open` found.
 pub struct Opened {
     pub sm: StateMachine,
@@ -157,7 +203,9 @@ impl StateMachine {
         let applied = read_u64(sys.get(APPLIED_KEY)?, "applied_index")?;
         let ownership = load_ownership(&sys, slot_count)?;
         let moving = Moving::load(&sys)?;
-        let locks = participant::count_locks(&sys)?;
+        let lock_ages = participant::LockAges::default();
+        let locks = lock_ages.reset(&data, slot_count)?;
+        let config_addrs = RwLock::new(load_config_addrs(&sys)?);
         Ok(Opened {
             sm: StateMachine {
                 node_id,
@@ -170,6 +218,8 @@ impl StateMachine {
                 moving: RwLock::new(moving),
                 view: RwLock::new(()),
                 locks: AtomicI64::new(locks),
+                lock_ages,
+                config_addrs,
             },
             interrupted_install,
         })
@@ -222,10 +272,7 @@ impl StateMachine {
     }
 
     fn decode_lock(&self, lock_key: &[u8], raw: &[u8]) -> Result<participant::Lock> {
-        participant::Lock::decode(lock_key, raw).map_err(|e| match e {
-            sled::transaction::ConflictableTransactionError::Abort(e) => e,
-            other => Error::Storage(format!("{other:?}")),
-        })
+        participant::Lock::decode(lock_key, raw).map_err(participant::untx)
     }
 
     /// Refuses at once (before proposing) a transaction that would meet a lock at apply time
@@ -237,12 +284,12 @@ impl StateMachine {
         for (sk, k) in participant::items(t) {
             let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, k);
             let lk = participant::lock_key(&raw_key);
-            if let Some(raw) = self.sys.get(&lk)? {
+            if let Some(raw) = self.data.get(&lk)? {
                 let lock = self.decode_lock(&lk, &raw)?;
                 let ours =
                     lock.write && own.is_some_and(|id| lock.holders.iter().any(|h| h.txn_id == id));
                 if !ours {
-                    return Err(lock.refusal(&raw_key));
+                    return Err(lock.refusal(&raw_key, &self.lock_ages));
                 }
             }
         }
@@ -250,33 +297,63 @@ impl StateMachine {
     }
 
     /// Why migration `id` must not fence its slots yet, if it must not: an item of them is
-    /// locked, or a transaction whose primary is in them decided less than `keep_ms` ago (its
-    /// record is not copied by the move, and its other parts may still need it). Checked on the
-    /// leader before the fence is proposed; the apply-time check covers the locks.
-    pub fn fence_blocker(&self, id: u64, now_ms: u64, keep_ms: u64) -> Result<Option<String>> {
+    /// locked, or a part of an unfinished cross-group transaction is kept there (it could not
+    /// finish on this side of the move once the slots are fenced). Decisions need no wait: they
+    /// move with their slot. Checked on the leader before the fence is proposed; the apply-time
+    /// check is the authoritative one.
+    pub fn fence_blocker(&self, id: u64) -> Option<String> {
         let slots = self.moving.read().unwrap().slots_of(id);
-        for slot in slots {
-            let [locks, records] = participant::slot_prefixes(slot);
-            if self.sys.scan_prefix(&locks).next().is_some() {
-                return Ok(Some(format!(
-                    "slot {slot} has items locked by an unfinished cross-group transaction; \
-                     fence again once it finishes"
-                )));
-            }
-            for kv in self.sys.scan_prefix(&records) {
-                let (k, v) = kv?;
-                let decided = participant::decision_age_base(&k, &v)?;
-                if now_ms < decided.saturating_add(keep_ms) {
-                    return Ok(Some(format!(
-                        "slot {slot} holds the decision of a cross-group transaction taken {} ms \
-                         ago that may still be finishing (locked elsewhere); fence again once it \
-                         is forgotten",
-                        now_ms.saturating_sub(decided)
-                    )));
+        slots
+            .into_iter()
+            .find(|&slot| participant::slot_busy(&self.data, slot))
+            .map(migrate::busy_slot)
+    }
+
+    /// Whether `txn_id` holds locks here that this replica applied less than the lock timeout
+    /// ago (its own clock): a resolver must not abort it yet.
+    pub fn holds_young_locks(&self, txn_id: &[u8]) -> bool {
+        self.lock_ages.holds(txn_id)
+            && self.lock_ages.age(txn_id) < std::time::Duration::from_millis(TXN_LOCK_TIMEOUT_MS)
+    }
+
+    /// The config servers' addresses, as the last ownership change named them.
+    pub fn config_addrs(&self) -> Vec<String> {
+        self.config_addrs.read().unwrap().clone()
+    }
+
+    /// Up to `max` transactions (one lock each, with the shard key of its item) that have held
+    /// locks in slots this group owns for at least the lock timeout, by this replica's clock:
+    /// their coordinators are presumed gone.
+    pub fn expired_locks(&self, max: usize) -> Result<Vec<(Error, bytes::Bytes)>> {
+        let ownership = self.ownership();
+        let _r = self.read_guard();
+        let mut found: Vec<(Error, bytes::Bytes)> = Vec::new();
+        for slot in (0..self.slot_count).filter(|s| ownership.owns(*s)) {
+            for kv in self
+                .data
+                .scan_prefix(keys::reserved_prefix(slot, participant::LOCK_KIND))
+            {
+                let (lk, raw) = kv?;
+                let item = participant::locked_item(&lk);
+                let locked = self.decode_lock(&lk, &raw)?.refusal(&item, &self.lock_ages);
+                let Error::Locked { txn_id, age_ms, .. } = &locked else {
+                    unreachable!("a refusal is Locked")
+                };
+                if *age_ms < TXN_LOCK_TIMEOUT_MS
+                    || found
+                        .iter()
+                        .any(|(e, _)| matches!(e, Error::Locked { txn_id: t, .. } if t == txn_id))
+                {
+                    continue;
+                }
+                let (_, sk, _) = keys::decode_key(&item)?;
+                found.push((locked, bytes::Bytes::copy_from_slice(sk)));
+                if found.len() == max {
+                    return Ok(found);
                 }
             }
         }
-        Ok(None)
+        Ok(found)
     }
 
     /// Items locked by unfinished cross-group transactions.
@@ -293,10 +370,10 @@ impl StateMachine {
         let _r = self.read_guard();
         if self.locks.load(Ordering::Relaxed) > 0 {
             let lk = participant::lock_key(&raw_key);
-            if let Some(raw) = self.sys.get(&lk)? {
+            if let Some(raw) = self.data.get(&lk)? {
                 let lock = self.decode_lock(&lk, &raw)?;
                 if lock.write {
-                    return Err(lock.refusal(&raw_key));
+                    return Err(lock.refusal(&raw_key, &self.lock_ages));
                 }
             }
         }
@@ -326,18 +403,17 @@ impl StateMachine {
         if self.locks.load(Ordering::Relaxed) > 0 {
             // A scan must not see half of a transaction: any lock in its range refuses it.
             let lock_prefix = participant::lock_prefix(&prefix);
-            for kv in self.sys.range(participant::lock_key(&from)..) {
+            for kv in self.data.range(participant::lock_key(&from)..) {
                 let (lk, raw) = kv?;
                 if !lk.starts_with(&lock_prefix) {
                     break;
                 }
-                let raw_key = &lk[participant::lock_key(&[]).len()..];
-                if !end.is_empty() && &raw_key[prefix.len()..] >= end {
+                if !end.is_empty() && &lk[lock_prefix.len()..] >= end {
                     break;
                 }
                 let lock = self.decode_lock(&lk, &raw)?;
                 if lock.write {
-                    return Err(lock.refusal(raw_key));
+                    return Err(lock.refusal(&participant::locked_item(&lk), &self.lock_ages));
                 }
             }
         }
@@ -426,9 +502,7 @@ impl StateMachine {
         self.sys.insert(INSTALLING_KEY, &index.to_be_bytes())?;
         self.data.clear()?;
         self.sys.remove(OWNERSHIP_KEY)?;
-        for k in self.sys.scan_prefix(participant::PREFIX).keys() {
-            self.sys.remove(k?)?;
-        }
+        self.sys.remove(CONFIG_ADDRS_KEY)?;
         migrate::clear_sys(&self.sys)?;
         let mut reader = snapshot::Reader::open(path)?;
         let mut batch = sled::Batch::default();
@@ -461,9 +535,12 @@ impl StateMachine {
         self.sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
         self.applied.store(index, Ordering::Release);
         *self.ownership.write().unwrap() = load_ownership(&self.sys, self.slot_count)?;
-        self.locks
-            .store(participant::count_locks(&self.sys)?, Ordering::Relaxed);
+        self.locks.store(
+            self.lock_ages.reset(&self.data, self.slot_count)?,
+            Ordering::Relaxed,
+        );
         *self.moving.write().unwrap() = Moving::load(&self.sys)?;
+        *self.config_addrs.write().unwrap() = load_config_addrs(&self.sys)?;
         self.applied_tx.send_replace(index);
         tracing::info!(node = self.node_id, index, items, "installed snapshot");
         Ok(items)

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 
 use ordo_proto::v1::{SetOwnershipRequest, SetOwnershipResponse};
 
-use super::{keys, Outcome, StateMachine, APPLIED_KEY, OWNERSHIP_KEY};
+use super::{keys, Outcome, StateMachine, APPLIED_KEY, CONFIG_ADDRS_KEY, OWNERSHIP_KEY};
 use crate::error::{Error, Result};
 
 /// The slots this replica's group owns, as of a map version.
@@ -130,9 +130,15 @@ impl StateMachine {
             let _w = self.view.write().unwrap();
             let mut batch = sled::Batch::default();
             batch.insert(OWNERSHIP_KEY, next.encode());
+            if !req.config_addrs.is_empty() {
+                batch.insert(CONFIG_ADDRS_KEY, req.config_addrs.join("\n").as_bytes());
+            }
             batch.insert(APPLIED_KEY, &index.to_be_bytes());
             self.sys.apply_batch(batch)?;
             *self.ownership.write().unwrap() = next;
+            if !req.config_addrs.is_empty() {
+                *self.config_addrs.write().unwrap() = req.config_addrs.clone();
+            }
         }
         self.applied.store(index, Ordering::Release);
         tracing::info!(

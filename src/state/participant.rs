@@ -1,68 +1,89 @@
-//! The participant side of cross-group transactions: locks, prepared parts and decisions,
-//! all replicated state kept in the `sys` tree (so they survive leader changes and travel in
-//! snapshots), changed only by applying raft commands inside the state machine's transaction.
+//! The participant side of cross-group transactions: locks, prepared parts and decisions, all
+//! replicated state kept in the *reserved range* of their slot in the `data` tree
+//! (`keys::reserved_key`), changed only by applying raft commands inside the state machine's
+//! transaction, through `TxView` (so a write to a moving slot is also in its change log). A slot
+//! move copies its whole range, so they move with their slot; snapshots carry them.
 //!
-//! - `2pc/lock/<data key>` → the transaction holding the item: `txn_id | started_ms | primary`;
-//! - `2pc/txn/<txn_id>` → this group's prepared part (`PrepareRequest`), until it finishes;
-//! - `2pc/rec/<primary's slot><txn_id>` → the decision (on the primary's group), until the
-//!   coordinator forgets it. Under the slot, so that a slot move can see it (it waits for it).
+//! - lock, kind `l`: `slot | 0xffff | l | len(shard_key) | shard_key | key` (the item's data key
+//!   with the reserved marker after the slot) → who holds the item;
+//! - prepared part, kind `p`: `slot | 0xffff | p | txn_id` → this group's part
+//!   (`PrepareRequest`), until it finishes. A part spanning several slots has one copy in each
+//!   of them, so that a finish naming any of its shard keys finds it, and a slot's fence sees it;
+//! - decision, kind `r`: `slot | 0xffff | r | txn_id`, under the slot of the primary shard key →
+//!   the decision, until the coordinator forgets it. It moves with the primary's slot, so a
+//!   resolver asking the slot's new owner finds it.
 //!
-//! Every value starts with a crc32 of the rest. The router coordinates (see
-//! `router/src/twopc.rs`); this module only decides what one group does with one command.
+//! Values use the item encoding (`crc32 | version 0 | body`). Ages of locks are never stored:
+//! each replica measures them on its own clock, from when it applied them (`LockAges`). The
+//! router coordinates (see `router/src/coordinator.rs`); this module only decides what one group
+//! does with one command.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use ordo_proto::v1::{
     txn_op, DecideRequest, DecideResponse, Decision, FinishRequest, FinishResponse, ForgetRequest,
     PrepareRequest, PrepareResponse, TxnRequest,
 };
 use prost::Message as _;
-use sled::transaction::{ConflictableTransactionError, TransactionalTree};
+use sled::transaction::ConflictableTransactionError;
 
 use crate::error::{hex, Error, Result};
-use crate::limits::TXN_LOCK_TIMEOUT_MS;
 use crate::state::keys;
 use crate::state::txn::{self, ItemView};
+use crate::state::TxView;
 
-pub const PREFIX: &[u8] = b"2pc/";
-const LOCK_PREFIX: &[u8] = b"2pc/lock/";
-const PART_PREFIX: &[u8] = b"2pc/txn/";
-const RECORD_PREFIX: &[u8] = b"2pc/rec/";
+/// Reserved-range kinds (`keys::reserved_key`) of the records kept here.
+pub const LOCK_KIND: u8 = b'l';
+pub const PART_KIND: u8 = b'p';
+const RECORD_KIND: u8 = b'r';
 pub const TXN_ID_BYTES: usize = 16;
+/// Bytes of a data key before its shard key's length (the slot).
+const SLOT_BYTES: usize = 4;
 
 /// Inside the state machine's sled transaction: an outer error aborts the whole apply (storage
 /// failure, corruption); the inner `Result` is this command's outcome.
 pub type Tx<T> = std::result::Result<T, ConflictableTransactionError<Error>>;
 
-fn seal(body: &[u8]) -> Vec<u8> {
-    let mut v = crc32fast::hash(body).to_be_bytes().to_vec();
-    v.extend_from_slice(body);
-    v
+fn corrupt(what: String) -> ConflictableTransactionError<Error> {
+    ConflictableTransactionError::Abort(Error::Corruption(what))
 }
 
-fn unseal<'a>(what: &str, key: &[u8], raw: &'a [u8]) -> Tx<&'a [u8]> {
-    if raw.len() < 4
-        || u32::from_be_bytes(raw[..4].try_into().unwrap()) != crc32fast::hash(&raw[4..])
-    {
-        return Err(ConflictableTransactionError::Abort(Error::Corruption(
-            format!("tree sys, {what} {}: crc32 mismatch", keys::printable(key)),
-        )));
-    }
-    Ok(&raw[4..])
+/// The body of a stored record, its checksum verified.
+fn body<'a>(what: &str, key: &[u8], raw: &'a [u8]) -> Tx<&'a [u8]> {
+    keys::decode_value(key, raw)
+        .map(|(_, body)| body)
+        .map_err(|e| corrupt(format!("{what}: {e}")))
 }
 
-fn key(prefix: &[u8], rest: &[u8]) -> Vec<u8> {
-    let mut k = prefix.to_vec();
-    k.extend_from_slice(rest);
-    k
+fn slot_bytes(data_key: &[u8]) -> u32 {
+    u32::from_be_bytes(data_key[..SLOT_BYTES].try_into().unwrap())
 }
 
-/// The lock key of a data key.
+/// The lock key of a data key (item).
 pub fn lock_key(data_key: &[u8]) -> Vec<u8> {
-    key(LOCK_PREFIX, data_key)
+    keys::reserved_key(slot_bytes(data_key), LOCK_KIND, &data_key[SLOT_BYTES..])
 }
 
-/// The lock keys of every item of one shard key (a range of the sys tree).
+/// The lock keys of every item of one shard key (`keys::shard_prefix`) start with this.
 pub fn lock_prefix(shard_prefix: &[u8]) -> Vec<u8> {
-    key(LOCK_PREFIX, shard_prefix)
+    lock_key(shard_prefix)
+}
+
+/// The data key (item) a lock key locks.
+pub fn locked_item(lock_key: &[u8]) -> Vec<u8> {
+    let rest = keys::decode_reserved(lock_key).map_or(&[][..], |(_, _, rest)| rest);
+    [&lock_key[..SLOT_BYTES], rest].concat()
+}
+
+fn part_key(slot: u32, txn_id: &[u8]) -> Vec<u8> {
+    keys::reserved_key(slot, PART_KIND, txn_id)
+}
+
+/// The decision key of a transaction whose primary shard key is in `slot`.
+fn decision_key(slot: u32, txn_id: &[u8]) -> Vec<u8> {
+    keys::reserved_key(slot, RECORD_KIND, txn_id)
 }
 
 /// One transaction holding a lock.
@@ -82,10 +103,6 @@ pub struct Lock {
     pub holders: Vec<Holder>,
 }
 
-fn corrupt(what: String) -> ConflictableTransactionError<Error> {
-    ConflictableTransactionError::Abort(Error::Corruption(what))
-}
-
 impl Lock {
     fn encode(&self) -> Vec<u8> {
         let mut body = vec![self.write as u8];
@@ -96,14 +113,14 @@ impl Lock {
             body.extend_from_slice(&(h.primary.len() as u16).to_be_bytes());
             body.extend_from_slice(&h.primary);
         }
-        seal(&body)
+        body
     }
 
     pub fn decode(lock_key: &[u8], raw: &[u8]) -> Tx<Lock> {
-        let body = unseal("lock", lock_key, raw)?;
+        let body = body("lock", lock_key, raw)?;
         let bad = || {
             corrupt(format!(
-                "tree sys, lock {}: malformed",
+                "tree data, lock {}: malformed",
                 keys::printable(lock_key)
             ))
         };
@@ -143,8 +160,8 @@ impl Lock {
     }
 
     /// The refusal of a request that met this lock on `data_key` (naming its oldest holder,
-    /// the one a resolver may abort first).
-    pub fn refusal(self, data_key: &[u8]) -> Error {
+    /// the one a resolver may abort first, and how long this replica has seen it held).
+    pub fn refusal(self, data_key: &[u8], ages: &LockAges) -> Error {
         let item = match keys::decode_key(data_key) {
             Ok((_, sk, k)) => format!("({}, {})", keys::printable(sk), keys::printable(k)),
             Err(_) => keys::printable(data_key),
@@ -156,12 +173,97 @@ impl Lock {
             .expect("a lock has a holder");
         Error::Locked {
             item,
+            age_ms: ages.age(&h.txn_id).as_millis() as u64,
             txn_id: h.txn_id,
             primary_shard_key: h.primary,
             started_ms: h.started_ms,
             priority_ms: h.priority_ms,
             read: !self.write,
         }
+    }
+}
+
+/// How long each transaction holding locks here has held them, by this replica's own monotonic
+/// clock: from when it applied the transaction's first lock here (or from when it opened or
+/// installed a snapshot, for locks it found then: a restart only makes locks look younger).
+/// Never replicated and never compared with another machine's clock, so clock skew cannot make
+/// a live transaction look expired or a dead one young. It only decides when to *propose* a
+/// resolution; every replica applies the same commands.
+#[derive(Default)]
+pub struct LockAges(Mutex<HashMap<Vec<u8>, Instant>>);
+
+/// A change to [`LockAges`] made by an applied command, kept until its sled transaction commits.
+pub enum AgeEvent {
+    Locked(Vec<u8>),
+    Released(Vec<u8>),
+}
+
+impl LockAges {
+    /// How long `txn_id` has held its locks here (zero if it holds none).
+    pub fn age(&self, txn_id: &[u8]) -> Duration {
+        self.0
+            .lock()
+            .unwrap()
+            .get(txn_id)
+            .map_or(Duration::ZERO, Instant::elapsed)
+    }
+
+    /// Whether `txn_id` holds locks here.
+    pub fn holds(&self, txn_id: &[u8]) -> bool {
+        self.0.lock().unwrap().contains_key(txn_id)
+    }
+
+    /// Tests: every holder as if it had been seen `by` earlier.
+    #[cfg(test)]
+    pub fn backdate(&self, by: Duration) {
+        for at in self.0.lock().unwrap().values_mut() {
+            *at = at.checked_sub(by).expect("the clock runs long enough");
+        }
+    }
+
+    pub fn record(&self, events: Vec<AgeEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let mut m = self.0.lock().unwrap();
+        for e in events {
+            match e {
+                AgeEvent::Locked(id) => {
+                    m.entry(id).or_insert_with(Instant::now);
+                }
+                AgeEvent::Released(id) => {
+                    m.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// Starts the ages of every holder of the locks found in `data` (at open, after a snapshot
+    /// install) from now; returns how many locks there are.
+    pub fn reset(&self, data: &sled::Tree, slot_count: u32) -> Result<i64> {
+        let mut m = self.0.lock().unwrap();
+        m.clear();
+        let now = Instant::now();
+        let mut n = 0;
+        for slot in 0..slot_count {
+            for kv in data.scan_prefix(keys::reserved_prefix(slot, LOCK_KIND)) {
+                let (k, v) = kv?;
+                let lock = Lock::decode(&k, &v).map_err(untx)?;
+                for h in lock.holders {
+                    m.entry(h.txn_id).or_insert(now);
+                }
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
+/// A transaction error outside a transaction.
+pub fn untx(e: ConflictableTransactionError<Error>) -> Error {
+    match e {
+        ConflictableTransactionError::Abort(e) => e,
+        other => Error::Storage(format!("{other:?}")),
     }
 }
 
@@ -188,21 +290,28 @@ pub fn items(t: &TxnRequest) -> Vec<(&[u8], &[u8])> {
     out
 }
 
+/// The slots of a part's items, each once, in item order (a part has a copy in each).
+fn part_slots(part: &TxnRequest, slot_count: u32) -> Vec<u32> {
+    let mut slots = Vec::new();
+    for (sk, _) in items(part) {
+        let s = ordo_proto::slot_of(sk, slot_count);
+        if !slots.contains(&s) {
+            slots.push(s);
+        }
+    }
+    slots
+}
+
 /// Refuses (inner `Err(Locked)`) if an item of `t` is locked, other than by `own`'s write lock.
-pub fn check_unlocked(
-    sys: &TransactionalTree,
-    slot_count: u32,
-    t: &TxnRequest,
-    own: Option<&[u8]>,
-) -> Tx<Result<()>> {
+pub(super) fn check_unlocked(v: &TxView, t: &TxnRequest, own: Option<&[u8]>) -> Tx<Result<()>> {
     for (sk, k) in items(t) {
-        let data_key = keys::encode_key(ordo_proto::slot_of(sk, slot_count), sk, k);
+        let data_key = keys::encode_key(ordo_proto::slot_of(sk, v.slot_count), sk, k);
         let lk = lock_key(&data_key);
-        if let Some(raw) = sys.get(&lk)? {
+        if let Some(raw) = v.data.get(&lk)? {
             let lock = Lock::decode(&lk, &raw)?;
             let ours = lock.write && own.is_some_and(|id| lock.held_by(id));
             if !ours {
-                return Ok(Err(lock.refusal(&data_key)));
+                return Ok(Err(lock.refusal(&data_key, v.ages)));
             }
         }
     }
@@ -213,106 +322,80 @@ fn decision_byte(d: Decision) -> u8 {
     d as i32 as u8
 }
 
-/// The decision key of a transaction whose primary shard key is in `slot`.
-fn decision_key(slot: u32, txn_id: &[u8]) -> Vec<u8> {
-    let mut k = key(RECORD_PREFIX, &keys::slot_start(slot));
-    k.extend_from_slice(txn_id);
-    k
-}
-
-/// The prefixes of the locks and decisions of `slot` (a move of the slot waits until both are
-/// empty).
-pub fn slot_prefixes(slot: u32) -> [Vec<u8>; 2] {
-    [
-        lock_key(&keys::slot_start(slot)),
-        key(RECORD_PREFIX, &keys::slot_start(slot)),
-    ]
-}
-
-/// When the decision under decision key `k` was recorded (ms, the deciding leader's clock).
-pub fn decision_age_base(k: &[u8], raw: &[u8]) -> Result<u64> {
-    match unseal("decision", k, raw) {
-        Ok(body) if body.len() >= 9 => Ok(u64::from_be_bytes(body[1..9].try_into().unwrap())),
-        Ok(_) => Err(Error::Corruption(format!(
-            "tree sys, decision {}: too short",
-            keys::printable(k)
-        ))),
-        Err(ConflictableTransactionError::Abort(e)) => Err(e),
-        Err(e) => Err(Error::Storage(format!("{e:?}"))),
-    }
-}
-
-fn decision_of(sys: &TransactionalTree, slot: u32, txn_id: &[u8]) -> Tx<Option<Decision>> {
+fn decision_of(v: &TxView, slot: u32, txn_id: &[u8]) -> Tx<Option<Decision>> {
     let rk = decision_key(slot, txn_id);
-    match sys.get(&rk)? {
+    match v.data.get(&rk)? {
         None => Ok(None),
         Some(raw) => {
-            let body = unseal("decision", &rk, &raw)?;
+            let body = body("decision", &rk, &raw)?;
             Decision::try_from(body.first().copied().unwrap_or(0) as i32)
                 .ok()
                 .filter(|d| *d != Decision::Unspecified && *d != Decision::Pending)
                 .map(Some)
                 .ok_or_else(|| {
-                    ConflictableTransactionError::Abort(Error::Corruption(format!(
-                        "tree sys, decision {}: bad decision",
-                        hex(txn_id)
-                    )))
+                    corrupt(format!("tree data, decision {}: bad decision", hex(txn_id)))
                 })
         }
     }
 }
 
-fn part_of(sys: &TransactionalTree, txn_id: &[u8]) -> Tx<Option<PrepareRequest>> {
-    let pk = key(PART_PREFIX, txn_id);
-    match sys.get(&pk)? {
+fn part_of(v: &TxView, slot: u32, txn_id: &[u8]) -> Tx<Option<PrepareRequest>> {
+    let pk = part_key(slot, txn_id);
+    match v.data.get(&pk)? {
         None => Ok(None),
         Some(raw) => {
-            let body = unseal("prepared transaction", &pk, &raw)?;
+            let body = body("prepared transaction", &pk, &raw)?;
             PrepareRequest::decode(body).map(Some).map_err(|e| {
-                ConflictableTransactionError::Abort(Error::Corruption(format!(
-                    "tree sys, prepared transaction {}: {e}",
+                corrupt(format!(
+                    "tree data, prepared transaction {}: {e}",
                     hex(txn_id)
-                )))
+                ))
             })
         }
     }
 }
 
+/// Keeps the part under every slot of its items.
+fn keep_part(v: &mut TxView, p: &PrepareRequest, slots: &[u32]) -> Tx<()> {
+    let encoded = p.encode_to_vec();
+    for &s in slots {
+        v.put_raw(part_key(s, &p.txn_id), &encoded)?;
+    }
+    Ok(())
+}
+
 /// Prepare: lock every item of this group's part, keep the part, evaluate its compares.
-/// `locks` counts the locks taken.
-pub fn prepare(
-    view: &mut impl ItemView,
-    sys: &TransactionalTree,
-    slot_count: u32,
-    p: &PrepareRequest,
-    locks: &mut i64,
-) -> Tx<Result<PrepareResponse>> {
+pub(super) fn prepare(v: &mut TxView, p: &PrepareRequest) -> Tx<Result<PrepareResponse>> {
     let part = p.part.clone().unwrap_or_default();
-    let primary_slot = ordo_proto::slot_of(&p.primary_shard_key, slot_count);
-    if decision_of(sys, primary_slot, &p.txn_id)? == Some(Decision::Abort) {
+    let primary_slot = ordo_proto::slot_of(&p.primary_shard_key, v.slot_count);
+    if decision_of(v, primary_slot, &p.txn_id)? == Some(Decision::Abort) {
         return Ok(Err(Error::FailedPrecondition(format!(
             "transaction {} was already aborted (a lock resolver timed it out); retry it",
             hex(&p.txn_id)
         ))));
     }
-    let again = part_of(sys, &p.txn_id)?.is_some();
+    let slots = part_slots(&part, v.slot_count);
+    let Some(&first) = slots.first() else {
+        return Ok(Err(Error::InvalidArgument("the part names no item".into())));
+    };
+    let again = part_of(v, first, &p.txn_id)?.is_some();
     if again && !p.read_only {
         // A retried prepare: the locks are ours already.
-        return compares_held(view, &part);
+        return compares_held(v, &part);
     }
     let data_keys: Vec<Vec<u8>> = items(&part)
         .into_iter()
-        .map(|(sk, k)| keys::encode_key(ordo_proto::slot_of(sk, slot_count), sk, k))
+        .map(|(sk, k)| keys::encode_key(ordo_proto::slot_of(sk, v.slot_count), sk, k))
         .collect();
     let locked = if p.read_only {
-        lock_for_reading(sys, p, &data_keys, locks)?
+        lock_for_reading(v, p, &data_keys, &slots)?
     } else {
-        lock_for_writing(sys, slot_count, p, &part, &data_keys, locks)?
+        lock_for_writing(v, p, &part, &data_keys, &slots)?
     };
     if let Err(e) = locked {
         return Ok(Err(e));
     }
-    compares_held(view, &part)
+    compares_held(v, &part)
 }
 
 /// The holder a prepare's locks name.
@@ -342,34 +425,36 @@ fn compares_held(view: &mut impl ItemView, part: &TxnRequest) -> Tx<Result<Prepa
 /// A reader: share read locks, take every item no writer holds, keep them, and report a
 /// writer's item if there is one (the next prepare goes on from here).
 fn lock_for_reading(
-    sys: &TransactionalTree,
+    v: &mut TxView,
     p: &PrepareRequest,
     data_keys: &[Vec<u8>],
-    locks: &mut i64,
+    slots: &[u32],
 ) -> Tx<Result<()>> {
-    sys.insert(key(PART_PREFIX, &p.txn_id), seal(&p.encode_to_vec()))?;
+    keep_part(v, p, slots)?;
     let me = holder(p);
     let mut blocked: Option<Error> = None;
     for data_key in data_keys {
         let lk = lock_key(data_key);
-        match sys.get(&lk)? {
+        match v.data.get(&lk)? {
             None => {
                 let lock = Lock {
                     write: false,
                     holders: vec![me.clone()],
                 };
-                sys.insert(lk, lock.encode())?;
-                *locks += 1;
+                v.put_raw(lk, &lock.encode())?;
+                v.locks += 1;
+                v.aged.push(AgeEvent::Locked(me.txn_id.clone()));
             }
             Some(raw) => {
                 let mut lock = Lock::decode(&lk, &raw)?;
                 if lock.write {
                     if blocked.is_none() {
-                        blocked = Some(lock.refusal(data_key));
+                        blocked = Some(lock.refusal(data_key, v.ages));
                     }
                 } else if !lock.held_by(&p.txn_id) {
                     lock.holders.push(me.clone());
-                    sys.insert(lk, lock.encode())?;
+                    v.put_raw(lk, &lock.encode())?;
+                    v.aged.push(AgeEvent::Locked(me.txn_id.clone()));
                 }
             }
         }
@@ -380,14 +465,13 @@ fn lock_for_reading(
 /// A writer: every item of the part free (or already ours), then a write lock on each, all or
 /// none, and the part kept.
 fn lock_for_writing(
-    sys: &TransactionalTree,
-    slot_count: u32,
+    v: &mut TxView,
     p: &PrepareRequest,
     part: &TxnRequest,
     data_keys: &[Vec<u8>],
-    locks: &mut i64,
+    slots: &[u32],
 ) -> Tx<Result<()>> {
-    if let Err(e) = check_unlocked(sys, slot_count, part, Some(&p.txn_id))? {
+    if let Err(e) = check_unlocked(v, part, Some(&p.txn_id))? {
         return Ok(Err(e));
     }
     let lock = Lock {
@@ -396,34 +480,25 @@ fn lock_for_writing(
     }
     .encode();
     for data_key in data_keys {
-        sys.insert(lock_key(data_key), lock.clone())?;
-        *locks += 1;
+        v.put_raw(lock_key(data_key), &lock)?;
+        v.locks += 1;
     }
-    sys.insert(key(PART_PREFIX, &p.txn_id), seal(&p.encode_to_vec()))?;
+    v.aged.push(AgeEvent::Locked(p.txn_id.to_vec()));
+    keep_part(v, p, slots)?;
     Ok(Ok(()))
 }
 
-/// Decide, on the primary's group: the first decision recorded wins.
-pub fn decide(
-    sys: &TransactionalTree,
-    slot_count: u32,
-    d: &DecideRequest,
-    now_ms: u64,
-) -> Tx<Result<DecideResponse>> {
-    let slot = ordo_proto::slot_of(&d.primary_shard_key, slot_count);
-    if let Some(existing) = decision_of(sys, slot, &d.txn_id)? {
+/// Decide, on the primary's group: the first decision recorded wins. A resolver's (`resolve`)
+/// or a wounder's request aborts the transaction unless it is decided: whether it is old enough
+/// was judged before it was proposed, by the clocks of the groups holding its locks.
+pub(super) fn decide(v: &mut TxView, d: &DecideRequest) -> Tx<Result<DecideResponse>> {
+    let slot = ordo_proto::slot_of(&d.primary_shard_key, v.slot_count);
+    if let Some(existing) = decision_of(v, slot, &d.txn_id)? {
         return Ok(Ok(DecideResponse {
             decision: existing as i32,
         }));
     }
-    let wanted = if d.wound {
-        Decision::Abort
-    } else if d.resolve {
-        if now_ms < d.started_ms.saturating_add(TXN_LOCK_TIMEOUT_MS) {
-            return Ok(Ok(DecideResponse {
-                decision: Decision::Pending as i32,
-            }));
-        }
+    let wanted = if d.wound || d.resolve {
         Decision::Abort
     } else {
         match Decision::try_from(d.decision) {
@@ -436,23 +511,17 @@ pub fn decide(
             }
         }
     };
-    let mut body = vec![decision_byte(wanted)];
-    body.extend_from_slice(&now_ms.to_be_bytes());
-    sys.insert(decision_key(slot, &d.txn_id), seal(&body))?;
+    v.put_raw(decision_key(slot, &d.txn_id), &[decision_byte(wanted)])?;
     Ok(Ok(DecideResponse {
         decision: wanted as i32,
     }))
 }
 
-/// Finish: run the decided branch of this group's part and release its locks.
-pub fn finish(
-    view: &mut impl ItemView,
-    sys: &TransactionalTree,
-    slot_count: u32,
-    f: &FinishRequest,
-    locks: &mut i64,
-) -> Tx<Result<FinishResponse>> {
-    let Some(p) = part_of(sys, &f.txn_id)? else {
+/// Finish: run the decided branch of this group's part and release its locks. The part is
+/// found under the slot of the request's shard key (any shard key of the part).
+pub(super) fn finish(v: &mut TxView, f: &FinishRequest) -> Tx<Result<FinishResponse>> {
+    let slot = ordo_proto::slot_of(&f.shard_key, v.slot_count);
+    let Some(p) = part_of(v, slot, &f.txn_id)? else {
         return Ok(Ok(FinishResponse {
             found: false,
             results: vec![],
@@ -471,7 +540,7 @@ pub fn finish(
         }
     };
     let results = txn::evaluate(
-        view,
+        v,
         &TxnRequest {
             success: ops,
             ..Default::default()
@@ -480,22 +549,25 @@ pub fn finish(
     .map_err(ConflictableTransactionError::Abort)?
     .results;
     for (sk, k) in items(&part) {
-        let data_key = keys::encode_key(ordo_proto::slot_of(sk, slot_count), sk, k);
+        let data_key = keys::encode_key(ordo_proto::slot_of(sk, v.slot_count), sk, k);
         let lk = lock_key(&data_key);
-        if let Some(raw) = sys.get(&lk)? {
+        if let Some(raw) = v.data.get(&lk)? {
             let mut lock = Lock::decode(&lk, &raw)?;
             if lock.held_by(&f.txn_id) {
                 lock.holders.retain(|h| h.txn_id != f.txn_id.as_ref());
                 if lock.holders.is_empty() {
-                    sys.remove(lk)?;
-                    *locks -= 1;
+                    v.remove_raw(lk)?;
+                    v.locks -= 1;
                 } else {
-                    sys.insert(lk, lock.encode())?;
+                    v.put_raw(lk, &lock.encode())?;
                 }
             }
         }
     }
-    sys.remove(key(PART_PREFIX, &f.txn_id))?;
+    for s in part_slots(&part, v.slot_count) {
+        v.remove_raw(part_key(s, &f.txn_id))?;
+    }
+    v.aged.push(AgeEvent::Released(f.txn_id.to_vec()));
     Ok(Ok(FinishResponse {
         found: true,
         results,
@@ -503,25 +575,24 @@ pub fn finish(
 }
 
 /// Forget, on the primary's group, once every participant finished.
-pub fn forget(sys: &TransactionalTree, slot_count: u32, f: &ForgetRequest) -> Tx<()> {
-    let slot = ordo_proto::slot_of(&f.primary_shard_key, slot_count);
-    sys.remove(decision_key(slot, &f.txn_id))?;
-    Ok(())
+pub(super) fn forget(v: &mut TxView, f: &ForgetRequest) -> Tx<()> {
+    let slot = ordo_proto::slot_of(&f.primary_shard_key, v.slot_count);
+    v.remove_raw(decision_key(slot, &f.txn_id))
 }
 
-/// How many locks `sys` holds (once, when a replica opens or installs a snapshot).
-pub fn count_locks(sys: &sled::Tree) -> Result<i64> {
-    let mut n = 0;
-    for kv in sys.scan_prefix(LOCK_PREFIX) {
-        kv?;
-        n += 1;
-    }
-    Ok(n)
+/// Whether `slot` holds a lock or a prepared part (a move of the slot waits until it does not).
+pub fn slot_busy(data: &sled::Tree, slot: u32) -> bool {
+    [LOCK_KIND, PART_KIND].iter().any(|&kind| {
+        data.scan_prefix(keys::reserved_prefix(slot, kind))
+            .next()
+            .is_some()
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::TXN_LOCK_TIMEOUT_MS;
     use crate::state::{Apply, Command, Outcome, StateMachine};
     use ordo_proto::v1::{compare, Compare, ForgetRequest, GetRequest, PutRequest, TxnOp};
 
@@ -607,10 +678,15 @@ mod tests {
         }
 
         fn finish(&mut self, txn: u8, d: Decision) -> FinishResponse {
+            self.finish_at(txn, "order-1", d)
+        }
+
+        /// Finishes `txn`'s part, naming `sk` (one of its shard keys).
+        fn finish_at(&mut self, txn: u8, sk: &str, d: Decision) -> FinishResponse {
             match self.apply(Command::Finish(FinishRequest {
                 header: None,
                 txn_id: id(txn).into(),
-                shard_key: b"order-1".to_vec().into(),
+                shard_key: sk.as_bytes().to_vec().into(),
                 decision: d as i32,
                 group_id: 0,
             })) {
@@ -619,26 +695,16 @@ mod tests {
             }
         }
 
-        fn decide(
-            &mut self,
-            txn: u8,
-            d: Decision,
-            resolve: bool,
-            started_ms: u64,
-            now_ms: u64,
-        ) -> Decision {
-            match self.apply(Command::Decide {
-                req: DecideRequest {
-                    header: None,
-                    txn_id: id(txn).into(),
-                    primary_shard_key: b"order-1".to_vec().into(),
-                    decision: d as i32,
-                    resolve,
-                    started_ms,
-                    wound: false,
-                },
-                now_ms,
-            }) {
+        fn decide(&mut self, txn: u8, d: Decision, resolve: bool) -> Decision {
+            match self.apply(Command::Decide(DecideRequest {
+                header: None,
+                txn_id: id(txn).into(),
+                primary_shard_key: b"order-1".to_vec().into(),
+                decision: d as i32,
+                resolve,
+                started_ms: 0,
+                wound: false,
+            })) {
                 Ok(Outcome::Decided(r)) => Decision::try_from(r.decision).unwrap(),
                 other => panic!("{other:?}"),
             }
@@ -697,33 +763,18 @@ mod tests {
     }
 
     #[test]
-    fn the_first_decision_wins_and_resolvers_abort_only_old_transactions() {
+    fn the_first_decision_wins_and_a_resolver_aborts_only_undecided_transactions() {
         let mut s = Sm::new();
-        let t = TXN_LOCK_TIMEOUT_MS;
-        // A young transaction: the resolver is told to wait, nothing is recorded.
         assert_eq!(
-            s.decide(1, Decision::Abort, true, 10_000, 10_000 + t - 1),
-            Decision::Pending
-        );
-        assert_eq!(
-            s.decide(1, Decision::RunSuccess, false, 0, 10_000),
+            s.decide(1, Decision::RunSuccess, false),
             Decision::RunSuccess
         );
-        // Once decided, a resolver learns the decision, whatever the age.
-        assert_eq!(
-            s.decide(1, Decision::Abort, true, 0, u64::MAX),
-            Decision::RunSuccess
-        );
-        // An old undecided transaction is aborted by the resolver; the coordinator then learns
-        // the abort, and a late prepare of it is refused.
-        assert_eq!(
-            s.decide(2, Decision::Abort, true, 10_000, 10_000 + t),
-            Decision::Abort
-        );
-        assert_eq!(
-            s.decide(2, Decision::RunSuccess, false, 0, 20_000),
-            Decision::Abort
-        );
+        // Once decided, a resolver learns the decision.
+        assert_eq!(s.decide(1, Decision::Abort, true), Decision::RunSuccess);
+        // An undecided transaction is aborted by the resolver; the coordinator then learns the
+        // abort, and a late prepare of it is refused.
+        assert_eq!(s.decide(2, Decision::Abort, true), Decision::Abort);
+        assert_eq!(s.decide(2, Decision::RunSuccess, false), Decision::Abort);
         let part = TxnRequest {
             success: vec![put("order-1", "x")],
             ..Default::default()
@@ -739,10 +790,41 @@ mod tests {
             primary_shard_key: b"order-1".to_vec().into(),
         }))
         .unwrap();
-        assert_eq!(
-            s.decide(1, Decision::Abort, true, 0, u64::MAX),
-            Decision::Abort
-        );
+        assert_eq!(s.decide(1, Decision::Abort, true), Decision::Abort);
+    }
+
+    /// Audit H7: a lock's age is this replica's own measure, from when it applied the lock,
+    /// whatever the coordinator's clock said (here: an hour ahead, then the epoch).
+    #[test]
+    fn h7_lock_ages_are_measured_by_the_replica_holding_them() {
+        let hour_ahead = 3_600_000
+            + std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64;
+        for started_ms in [hour_ahead, 0] {
+            let mut s = Sm::new();
+            let part = TxnRequest {
+                success: vec![put("order-1", "x")],
+                ..Default::default()
+            };
+            s.prepare(1, part, started_ms).unwrap();
+            assert!(s.sm.holds_young_locks(&id(1)), "just applied: young");
+            let age = |s: &Sm| match s.sm.get(b"order-1", b"") {
+                Err(Error::Locked { age_ms, .. }) => age_ms,
+                other => panic!("{other:?}"),
+            };
+            assert!(age(&s) < TXN_LOCK_TIMEOUT_MS, "started_ms {started_ms}");
+            s.sm.lock_ages
+                .backdate(Duration::from_millis(TXN_LOCK_TIMEOUT_MS));
+            assert!(!s.sm.holds_young_locks(&id(1)));
+            assert!(age(&s) >= TXN_LOCK_TIMEOUT_MS);
+            // A restart knows no better than "held since I started": young again.
+            s.sm.lock_ages.reset(&s.sm.data, SLOTS).unwrap();
+            assert!(s.sm.holds_young_locks(&id(1)));
+            s.finish(1, Decision::Abort);
+            assert!(!s.sm.lock_ages.holds(&id(1)), "released: no age kept");
+        }
     }
 
     #[test]
@@ -795,13 +877,17 @@ mod tests {
             group_id: 0,
         }));
         assert!(matches!(other_reader, Ok(Outcome::Prepared(_))));
-        s.finish(8, Decision::RunSuccess);
+        assert!(
+            !s.finish(8, Decision::RunSuccess).found,
+            "a shard key outside the part finds nothing"
+        );
+        s.finish_at(8, "order-3", Decision::RunSuccess);
         assert_eq!(
             s.sm.locks_held(),
             3,
             "order-3 stays read-locked by the first reader"
         );
-        s.finish(1, Decision::RunSuccess);
+        s.finish_at(1, "order-2", Decision::RunSuccess);
         assert!(matches!(read(&mut s), Ok(Outcome::Prepared(_))));
         assert_eq!(s.sm.locks_held(), 3);
         let f = s.finish(9, Decision::RunSuccess);

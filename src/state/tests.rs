@@ -96,6 +96,7 @@ fn own(version: u64, slots: &[u32]) -> Command {
         map_version: version,
         slot_count: 64,
         slots: slots.to_vec(),
+        ..Default::default()
     })
 }
 

@@ -347,12 +347,158 @@ async fn a_coordinator_that_stops_leaves_locks_that_readers_resolve_atomically()
         );
         match fp {
             Failpoint::AfterPrepare => assert_eq!(moved, 0, "an undecided transfer is aborted"),
-            Failpoint::AfterDecide => assert_eq!(moved, 7, "a decided transfer commits"),
+            Failpoint::AfterDecide | Failpoint::AfterPrimaryFinish => {
+                assert_eq!(moved, 7, "a decided transfer commits")
+            }
         }
         eprintln!(
             "{fp:?} (leader of account {kill_leader_of:?}'s group stopped): resolved in {took:?}"
         );
     }
+}
+
+/// The group owning `acct`'s slot.
+fn group_of(pg: &InProcCluster, acct: usize) -> u64 {
+    let map = pg.router.shard_map();
+    map.slot_owner[ordo_proto::slot_of(&account(acct), map.slot_count) as usize]
+}
+
+/// Audit H7 (a): the coordinator dies after finishing the primary's part, and the primary's
+/// slot is moved at once. The decision moves with the slot, so the other part, resolved later
+/// through the slot's new owner, commits too: never half a transfer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h7_a_decision_moves_with_the_primarys_slot() {
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    let (pg, c) = bank().await;
+    let (a, b) = two_groups_apart(&pg);
+    let (ga, gb) = (group_of(&pg, a), group_of(&pg, b));
+    let before = read_accounts(&c, &[a, b]).await.unwrap();
+    let (router, dying) = router_with(&pg, Failpoint::AfterPrimaryFinish).await;
+    assert_eq!(
+        transfer(&dying, a, b, 7).await,
+        None,
+        "the coordinator stopped"
+    );
+    router.shutdown().await;
+    // The primary (account a, the first compare) is finished; b's part is still locked.
+    let map = pg.router.shard_map();
+    let slot = ordo_proto::slot_of(&account(a), map.slot_count);
+    let third = map
+        .groups
+        .iter()
+        .map(|g| g.id)
+        .find(|g| *g != ga && *g != gb);
+    let cc = ordo_proto::client::ClusterClient::connect(pg.config_addrs.clone())
+        .unwrap()
+        .with_timeout(Duration::from_secs(30));
+    let started = Instant::now();
+    cc.move_slots(vec![slot], third.unwrap()).await.unwrap();
+    eprintln!("the primary's slot moved in {:?}", started.elapsed());
+    let after = wait_for(
+        "both accounts readable",
+        Duration::from_secs(20),
+        || async { read_accounts(&c, &[a, b]).await.ok() },
+    )
+    .await;
+    assert_eq!(
+        (before[0].1 - after[0].1, after[1].1 - before[1].1),
+        (7, 7),
+        "the decided transfer commits on both sides: {before:?} → {after:?}"
+    );
+    assert_no_locks_left(&pg).await;
+    pg.shutdown().await;
+}
+
+/// Audit H7 (b): a coordinator whose clock is 5 s ahead dies after preparing. Its locks age by
+/// the clocks of the groups holding them, from when they applied them, so a reader resolves
+/// them after the lock timeout, not after timeout + skew, and the outcome is whole (aborted
+/// on both sides). A router's clock only orders transactions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn h7_a_coordinator_clock_ahead_neither_extends_nor_breaks_its_locks() {
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    let (pg, c) = bank().await;
+    let (a, b) = two_groups_apart(&pg);
+    let before = read_accounts(&c, &[a, b]).await.unwrap();
+    let router = Router::start_with_options(
+        RouterConfig {
+            listen: "127.0.0.1:0".into(),
+            config_addrs: pg.config_addrs.clone(),
+        },
+        RouterOptions {
+            twopc_failpoint: Some(Failpoint::AfterPrepare),
+            clock_offset_ms: 5_000,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let skewed = Client::connect(vec![router.addr.to_string()])
+        .unwrap()
+        .with_timeout(Duration::from_secs(10));
+    assert_eq!(transfer(&skewed, a, b, 7).await, None);
+    router.shutdown().await;
+    // A plain Get (no transaction, so no wound-wait) waits for the lock to expire.
+    let started = Instant::now();
+    c.get(account(b), "", false).await.unwrap();
+    let took = started.elapsed();
+    let after = read_accounts(&c, &[a, b]).await.unwrap();
+    assert_eq!(
+        after, before,
+        "an undecided transfer is aborted on both sides"
+    );
+    assert!(
+        took < Duration::from_millis(ordo_proto::TXN_LOCK_TIMEOUT_MS + 2_500),
+        "resolving took {took:?}: the coordinator's clock stretched its locks"
+    );
+    eprintln!("locks of a coordinator 5 s ahead resolved in {took:?}");
+    pg.shutdown().await;
+}
+
+/// Audit M4: a coordinator dies after preparing a transfer between two cold accounts, and both
+/// slots are moved at once. Nobody touches the accounts: the groups' leaders resolve the
+/// orphaned locks themselves once they are older than the lock timeout, so the fences that wait
+/// for them go through and the moves succeed, and the transfer is aborted on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn m4_orphaned_locks_on_cold_keys_do_not_block_moving_their_slots() {
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    let (pg, c) = bank().await;
+    let (a, b) = two_groups_apart(&pg);
+    let (ga, gb) = (group_of(&pg, a), group_of(&pg, b));
+    let before = read_accounts(&c, &[a, b]).await.unwrap();
+    let (router, dying) = router_with(&pg, Failpoint::AfterPrepare).await;
+    assert_eq!(
+        transfer(&dying, a, b, 7).await,
+        None,
+        "the coordinator stopped"
+    );
+    router.shutdown().await;
+    let map = pg.router.shard_map();
+    let slots = [a, b].map(|i| ordo_proto::slot_of(&account(i), map.slot_count));
+    let third = map
+        .groups
+        .iter()
+        .map(|g| g.id)
+        .find(|g| *g != ga && *g != gb);
+    let cc = ordo_proto::client::ClusterClient::connect(pg.config_addrs.clone())
+        .unwrap()
+        .with_timeout(Duration::from_secs(60));
+    let started = Instant::now();
+    let moved = cc.move_slots(slots.to_vec(), third.unwrap()).await;
+    let took = started.elapsed();
+    moved.unwrap_or_else(|e| panic!("the move failed after {took:?}: {e}"));
+    assert!(
+        took < Duration::from_millis(ordo_proto::TXN_LOCK_TIMEOUT_MS + 8_000),
+        "the move took {took:?}"
+    );
+    eprintln!("both slots of an orphaned transfer moved in {took:?}");
+    let after = read_accounts(&c, &[a, b]).await.unwrap();
+    assert_eq!(
+        (after[0].1, after[1].1),
+        (before[0].1, before[1].1),
+        "an undecided transfer is aborted on both sides"
+    );
+    assert_no_locks_left(&pg).await;
+    pg.shutdown().await;
 }
 
 /// Acceptance 3 with real processes: while transfers and audits run through a router, the

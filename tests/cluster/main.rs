@@ -2,8 +2,10 @@
 //! One test binary with modules, so the `ordo` binary is built once. The harnesses, the fault
 //! net, the linearizability checker and the helpers are the test kit's (`tests/framework`).
 
+mod admin_tasks;
 mod bad_input;
 mod bank;
+mod concurrency;
 mod faults;
 mod group;
 mod membership;

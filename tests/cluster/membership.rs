@@ -312,6 +312,8 @@ async fn refusals_while_a_change_runs_and_config_server_replacement() {
     let s = node_status(&leader_addr, false).await.unwrap();
     assert!(s.learners.is_empty() && s.voters.len() == 3, "{s:?}");
 
+    h2_a_membership_change_outlives_its_caller(&router, &leader_addr).await;
+
     // The config group: replace a dead config server.
     let meta_leader = c.wait_leader(0, LIMIT).await;
     let dead = c
@@ -351,4 +353,52 @@ async fn refusals_while_a_change_runs_and_config_server_replacement() {
         .with_timeout(Duration::from_secs(10));
     let after = admin.get_shard_map(true).await.unwrap();
     assert_eq!(after.version, map.version);
+}
+
+/// H2, for membership: a `ChangeGroupReplicas` whose caller gives up after 1 s, while the change
+/// waits 3 s for a node that never catches up. The caller's deadline changes nothing: the task
+/// runs to its end (FAILED, the node left a learner) and the next change goes through.
+async fn h2_a_membership_change_outlives_its_caller(router: &str, leader_addr: &str) {
+    use ordo_proto::v1::{
+        ChangeGroupReplicasRequest, ChangeReplicasRequest, ReplicaChange, TaskState,
+    };
+    let admin = ordo_proto::client::ClusterClient::connect(vec![router.to_string()]).unwrap();
+    let add = ChangeGroupReplicasRequest {
+        group_id: 1,
+        change: Some(ChangeReplicasRequest {
+            change: ReplicaChange::Add as i32,
+            node_id: 6,
+            addr: ordo_testkit::ports::free_addr(),
+            old_node_id: 0,
+            catch_up_timeout_ms: 3000,
+        }),
+    };
+    let err = admin
+        .clone()
+        .with_timeout(Duration::from_secs(1))
+        .change_group_replicas(add)
+        .await
+        .expect_err("the caller gives up before the change ends");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+        ),
+        "{err:?}"
+    );
+    let task = wait_for("the membership task to end", LIMIT, || async {
+        let list = admin.list_migrations().await.ok()?;
+        let t = list.tasks.last()?.clone();
+        (t.state != TaskState::Running as i32).then_some(t)
+    })
+    .await;
+    assert_eq!(task.state, TaskState::Failed as i32, "{task:?}");
+    assert!(task.error.contains("did not catch up"), "{task:?}");
+    let s = node_status(leader_addr, false).await.unwrap();
+    assert_eq!(s.learners, vec![6], "the change ran to its end: {s:?}");
+    let (ok, out) = bins!().ordoctl(
+        &[router.to_string()],
+        &["replica", "remove", "--group", "1", "--id", "6"],
+    );
+    assert!(ok, "removing the learner: {out}");
 }

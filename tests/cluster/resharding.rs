@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
+use ordo_config::migration::in_flight;
+use ordo_config::tasks::task_running;
 use ordo_proto::client::{Client, ClusterClient};
 use ordo_proto::v1::{
     AddGroupRequest, MigrationState, MoveSlotsRequest, RebalanceRequest, ShardMap,
@@ -31,7 +33,7 @@ const PRELOAD: u64 = 1500;
 /// Bound on one client's operations, so a stuck stop flag cannot loop forever.
 const OPS_PER_CLIENT_MAX: u64 = 200_000;
 
-fn admin(pg: &InProcCluster) -> ClusterClient {
+pub(crate) fn admin(pg: &InProcCluster) -> ClusterClient {
     ClusterClient::connect(pg.config_addrs.clone())
         .unwrap()
         .with_timeout(Duration::from_secs(120))
@@ -256,7 +258,7 @@ impl Load {
 
 /// Every replica of every group holds exactly the found keys whose slots its group owns: moved
 /// data is on its recipient, and donors kept none of it.
-async fn assert_placement(
+pub(crate) async fn assert_placement(
     pg: &InProcCluster,
     extra: &BTreeMap<u64, Vec<String>>,
     map: &ShardMap,
@@ -293,7 +295,7 @@ async fn assert_placement(
     eprintln!("items per group: {want:?}");
 }
 
-fn slot_counts(map: &ShardMap) -> BTreeMap<u64, usize> {
+pub(crate) fn slot_counts(map: &ShardMap) -> BTreeMap<u64, usize> {
     let mut c: BTreeMap<u64, usize> = map.groups.iter().map(|g| (g.id, 0)).collect();
     for g in &map.slot_owner {
         *c.entry(*g).or_default() += 1;
@@ -301,7 +303,7 @@ fn slot_counts(map: &ShardMap) -> BTreeMap<u64, usize> {
     c
 }
 
-fn print_moves(migrations: &[ordo_proto::v1::Migration]) {
+pub(crate) fn print_moves(migrations: &[ordo_proto::v1::Migration]) {
     for m in migrations {
         eprintln!(
             "migration {}: {} slots {}→{}, {} items + {} log records copied, pause {} ms, {} cleaned, state {}",
@@ -590,16 +592,21 @@ async fn move_with_a_kill(kill: Kill) {
         .expect("the move answers")
         .unwrap();
     eprintln!("move answered: {:?}", answer.as_ref().map(|m| m.version));
-    let list = wait_for("every migration to end", Duration::from_secs(60), || {
-        let cc = cc.clone();
-        async move {
-            let list = cc.list_migrations().await.ok()?;
-            list.migrations
-                .iter()
-                .all(|m| !ordo_config::migration::in_flight(m))
-                .then_some(list)
-        }
-    })
+    // The task ends after its migrations: a move a config leader change aborted is started
+    // again by the new leader.
+    let list = wait_for(
+        "every task and migration to end",
+        Duration::from_secs(60),
+        || {
+            let cc = cc.clone();
+            async move {
+                let list = cc.list_migrations().await.ok()?;
+                let tasks_over = list.tasks.iter().all(|t| !task_running(t));
+                let moves_over = list.migrations.iter().all(|m| !in_flight(m));
+                (tasks_over && moves_over).then_some(list)
+            }
+        },
+    )
     .await;
     print_moves(&list.migrations);
     assert!(list.migrations.iter().all(|m| {

@@ -3,7 +3,8 @@
 //! A migration moves a set of slots from one donor group D to one recipient group R:
 //!
 //! 1. The migration is persisted in the config group's migration list
-//!    (`MapStore::save_migrations`, state COPYING).
+//!    (`MapStore::save_migrations`, state COPYING), for the task that moves the slots
+//!    (`tasks.rs`: the task, not the caller that asked for it, drives the migration).
 //! 2. R's leftovers in the slots are cleared; D begins the migration (a raft entry that starts a
 //!    change log for the slots); the slots' items are pulled from D's leader in bounded pages and
 //!    ingested into R (raft entries, versions kept) while writes continue on D.
@@ -20,7 +21,8 @@
 //! unfenced, R's copy is deleted, state ABORTED. The map decides: a mover that resumes after a
 //! config leader change reads it (linearizably) and finishes a migration the map cut over or
 //! aborts one it did not. A cut-over whose outcome is unknown is never rolled back by the mover
-//! that sent it; the resumer decides from the map.
+//! that sent it; the resumed drive decides from the map. Every node call keeps to the mover's
+//! own deadlines ([`CALL_DEADLINE`]), whoever asked for the move.
 //!
 //! `plan.rs` is the pure planner (which moves, an even spread); `steps.rs` the calls to the
 //! groups (copy, fence, cut-over, cleanup, abort). ("Commit" is raft's word; here the step is
@@ -43,8 +45,9 @@ mod steps;
 pub use plan::{counts_after, describe_plan, in_flight, plan_move, plan_rebalance, state_name};
 
 /// Fence attempts refused because items of the moving slots are locked, 50 ms apart (10 s,
-/// five lock timeouts: a lock left by a dead coordinator is resolved by the next request that
-/// meets it once the timeout has passed) before the move is given up.
+/// five lock timeouts: a lock left by a dead coordinator is resolved once the timeout has
+/// passed, by the next request that meets it or else by its group's leader in the background)
+/// before the move is given up.
 const FENCE_LOCKED_TRIES_MAX: u32 = 200;
 /// Most migrations in flight at once (each holds a change log on its donor).
 pub const CONCURRENT_MAX: usize = 4;
@@ -99,6 +102,56 @@ pub struct Mover<S> {
     /// Calls to group leaders, over cached channels, starting at the replica that led last.
     groups: Arc<GroupLeaders>,
     progress: Progress,
+    /// The copy bandwidth of a move whose request names none.
+    copy_bytes_per_sec: u64,
+}
+
+/// A migration this replica drives: its `progress` entry, removed however the drive ends (an
+/// error, a panic, a dropped future), so that the resumer never skips a migration nobody drives.
+struct Driving<'a> {
+    progress: &'a Progress,
+    id: u64,
+}
+
+impl Drop for Driving<'_> {
+    fn drop(&mut self) {
+        self.progress.lock().unwrap().remove(&self.id);
+    }
+}
+
+/// Loads the records linearizably, applies `f` to them and saves them (CAS, retried while they
+/// change concurrently); what `f` returned. An error from `f` saves nothing.
+pub(crate) async fn update_records<S: MapStore, T>(
+    store: &S,
+    mut f: impl FnMut(&mut MigrationList) -> Result<T, Status>,
+) -> Result<T, Status> {
+    for _ in 0..CAS_ATTEMPTS_MAX {
+        let (mut list, token) = store.load_migrations(true).await?;
+        let out = f(&mut list)?;
+        if store.save_migrations(token, &list).await? {
+            return Ok(out);
+        }
+    }
+    Err(Status::aborted(
+        "the migration records kept changing concurrently; retry",
+    ))
+}
+
+/// Forgets the oldest of `items` that `finished` says are over, beyond `kept` of them.
+pub(crate) fn forget_oldest<T>(items: &mut Vec<T>, kept: usize, finished: impl Fn(&T) -> bool) {
+    let mut drop = items
+        .iter()
+        .filter(|x| finished(x))
+        .count()
+        .saturating_sub(kept);
+    items.retain(|x| {
+        if drop > 0 && finished(x) {
+            drop -= 1;
+            false
+        } else {
+            true
+        }
+    });
 }
 
 /// Why a drive stopped without finishing.
@@ -117,46 +170,44 @@ impl From<Status> for Stop {
 }
 
 impl<S: MapStore> Mover<S> {
+    /// `copy_bytes_per_sec`: the copy bandwidth of moves whose request names none (0:
+    /// [`COPY_BYTES_PER_SEC`]).
     pub fn new(
         store: Arc<S>,
         admin: Arc<tokio::sync::Mutex<()>>,
         groups: Arc<GroupLeaders>,
+        copy_bytes_per_sec: u64,
     ) -> Arc<Self> {
         Arc::new(Mover {
             store,
             admin,
             groups,
             progress: Default::default(),
+            copy_bytes_per_sec: match copy_bytes_per_sec {
+                0 => COPY_BYTES_PER_SEC,
+                r => r,
+            },
         })
     }
 
-    /// Looks for migrations in flight that no task of this replica drives (a config leader change,
-    /// an abort asked of an orphan) and drives them to an end. Runs until the replica stops.
-    pub fn spawn_resumer(self: &Arc<Self>) {
-        let me = self.clone();
+    /// Whether a task of this replica drives migration `id` now.
+    pub fn driving(&self, id: u64) -> bool {
+        self.progress.lock().unwrap().contains_key(&id)
+    }
+
+    /// Drives `m`, a migration in flight that nothing drives (its task ended, or it has none),
+    /// to an end in a task of its own: aborted before its cut-over, finished after.
+    pub fn resume_orphan(self: &Arc<Self>, m: &Migration) {
+        tracing::warn!(
+            migration = m.id,
+            state = m.state,
+            "resuming a migration no task drives"
+        );
+        let d = self.clone();
+        let id = m.id;
         tokio::spawn(async move {
-            while !me.store.stopped() {
-                tokio::time::sleep(RESUME_EVERY).await;
-                let Ok((list, _)) = me.store.load_migrations(true).await else {
-                    continue; // not the config leader
-                };
-                for m in list.migrations.iter().filter(|m| in_flight(m)) {
-                    if me.progress.lock().unwrap().contains_key(&m.id) {
-                        continue;
-                    }
-                    tracing::warn!(
-                        migration = m.id,
-                        state = m.state,
-                        "resuming a migration no task drives"
-                    );
-                    let d = me.clone();
-                    let id = m.id;
-                    tokio::spawn(async move {
-                        if let Err(e) = d.drive(id, true).await {
-                            tracing::warn!(migration = id, error = %e, "resumed migration did not finish");
-                        }
-                    });
-                }
+            if let Err(e) = d.drive(id, true).await {
+                tracing::warn!(migration = id, error = %e, "resumed migration did not finish");
             }
         });
     }
@@ -167,22 +218,16 @@ impl<S: MapStore> Mover<S> {
         id: u64,
         mut f: impl FnMut(&mut Migration) -> Result<(), Status>,
     ) -> Result<Migration, Status> {
-        for _ in 0..CAS_ATTEMPTS_MAX {
-            let (mut list, token) = self.store.load_migrations(true).await?;
+        update_records(&*self.store, |list| {
             let m = list
                 .migrations
                 .iter_mut()
                 .find(|m| m.id == id)
                 .ok_or_else(|| Status::not_found(format!("no migration {id}")))?;
             f(m)?;
-            let m = m.clone();
-            if self.store.save_migrations(token, &list).await? {
-                return Ok(m);
-            }
-        }
-        Err(Status::aborted(
-            "the migration records kept changing concurrently; retry",
-        ))
+            Ok(m.clone())
+        })
+        .await
     }
 
     fn progress(&self, id: u64, f: impl FnOnce(&mut Migration)) {
@@ -206,12 +251,14 @@ impl<S: MapStore> Mover<S> {
         Ok(list)
     }
 
-    /// Records the migrations of a move (one per donor); their ids.
+    /// Records the migrations of a move (one per donor) for task `task` (it lists them); their
+    /// ids. A bandwidth of 0 is this config server's default.
     pub async fn start(
         &self,
         slots: &[u32],
         to: u64,
         copy_bytes_per_sec: u64,
+        task: u64,
     ) -> Result<Vec<u64>, Status> {
         let _admin = self.admin.lock().await;
         let (map, _) = self.store.load(true).await?;
@@ -220,51 +267,37 @@ impl<S: MapStore> Mover<S> {
                 "the cluster is not initialized: run `ordoctl init` first",
             ));
         }
-        let (mut list, token) = self.store.load_migrations(true).await?;
-        let moves = plan_move(&map, &list, slots, to)?;
-        let mut ids = Vec::new();
-        for mv in moves {
-            let id = list.next_id.max(1);
-            list.next_id = id + 1;
-            list.migrations.push(Migration {
-                id,
-                slots: mv.slots,
-                from_group: mv.from_group,
-                to_group: mv.to_group,
-                state: MigrationState::Copying as i32,
-                started_unix_ms: now_ms(),
-                copy_bytes_per_sec,
-                ..Default::default()
-            });
-            ids.push(id);
-        }
-        // Forget the oldest finished records beyond the bound.
-        let finished = list.migrations.iter().filter(|m| !in_flight(m)).count();
-        let mut drop = finished.saturating_sub(FINISHED_KEPT);
-        list.migrations.retain(|m| {
-            if drop > 0 && !in_flight(m) {
-                drop -= 1;
-                false
-            } else {
-                true
+        let rate = match copy_bytes_per_sec {
+            0 => self.copy_bytes_per_sec,
+            r => r,
+        };
+        let ids = update_records(&*self.store, |list| {
+            let moves = plan_move(&map, list, slots, to)?;
+            let mut ids = Vec::new();
+            for mv in moves {
+                let id = list.next_id.max(1);
+                list.next_id = id + 1;
+                list.migrations.push(Migration {
+                    id,
+                    slots: mv.slots,
+                    from_group: mv.from_group,
+                    to_group: mv.to_group,
+                    state: MigrationState::Copying as i32,
+                    started_unix_ms: now_ms(),
+                    copy_bytes_per_sec: rate,
+                    task_id: task,
+                    ..Default::default()
+                });
+                ids.push(id);
             }
-        });
-        if !self.store.save_migrations(token, &list).await? {
-            return Err(Status::aborted(
-                "the migration records changed concurrently; nothing was started, retry",
-            ));
-        }
-        let mut p = self.progress.lock().unwrap();
-        for m in list.migrations.iter().filter(|m| ids.contains(&m.id)) {
-            tracing::info!(
-                migration = m.id,
-                to,
-                slots = m.slots.len(),
-                from = m.from_group,
-                "migration recorded"
-            );
-            p.insert(m.id, m.clone());
-        }
+            if let Some(t) = list.tasks.iter_mut().find(|t| t.id == task) {
+                t.migrations.extend(&ids);
+            }
+            forget_oldest(&mut list.migrations, FINISHED_KEPT, |m| !in_flight(m));
+            Ok(ids)
+        })
+        .await?;
+        tracing::info!(?ids, to, slots = slots.len(), task, "migrations recorded");
         Ok(ids)
     }
 
@@ -294,20 +327,20 @@ impl<S: MapStore> Mover<S> {
             .find(|m| m.id == id)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no migration {id}")))?;
-        {
-            // `start` registered the migrations it recorded, so that the resumer leaves them to
-            // the request that runs them in turn.
+        let _driving = {
             let mut p = self.progress.lock().unwrap();
-            if resumed && p.contains_key(&id) {
+            if p.contains_key(&id) {
                 return Err(Status::failed_precondition(format!(
                     "migration {id} is already being driven"
                 )));
             }
             p.insert(id, m.clone());
-        }
-        let r = self.drive_inner(m, resumed).await;
-        self.progress.lock().unwrap().remove(&id);
-        r
+            Driving {
+                progress: &self.progress,
+                id,
+            }
+        };
+        self.drive_inner(m, resumed).await
     }
 
     async fn drive_inner(&self, m: Migration, resumed: bool) -> Result<Migration, Status> {

@@ -75,13 +75,50 @@ impl<S: MapStore> Mover<S> {
             migration_id: id,
             step: step as i32,
             slots: slots.to_vec(),
+            ..Default::default()
         };
-        let r = self
-            .on_leader(d, step.as_str_name(), req, |mut c, r| async move {
-                c.migrate_out(r).await
-            })
-            .await?;
-        Ok(r.index)
+        Ok(self.out_call(d, req).await?.index)
+    }
+
+    async fn out_call(
+        &self,
+        d: &Group,
+        req: MigrateOutRequest,
+    ) -> Result<MigrateOutResponse, Status> {
+        let what = MigrateStep::try_from(req.step).map_or("migrate out", |s| s.as_str_name());
+        self.on_leader(
+            d,
+            what,
+            req,
+            |mut c, r| async move { c.migrate_out(r).await },
+        )
+        .await
+    }
+
+    /// Repeats a TRIM or END step until the donor reports its part of the change log deleted
+    /// (each step deletes a bounded number of entries).
+    async fn delete_log(
+        &self,
+        d: &Group,
+        id: u64,
+        step: MigrateStep,
+        trim_after: &[u8],
+    ) -> Result<(), Status> {
+        let req = MigrateOutRequest {
+            group_id: d.id,
+            migration_id: id,
+            step: step as i32,
+            trim_after: trim_after.to_vec().into(),
+            ..Default::default()
+        };
+        for _ in 0..PAGES_MAX {
+            if self.out_call(d, req.clone()).await?.done {
+                return Ok(());
+            }
+        }
+        Err(Status::internal(
+            "the change log was not deleted within its page bound",
+        ))
     }
 
     async fn ingest(
@@ -232,6 +269,11 @@ impl<S: MapStore> Mover<S> {
         let mut log_after = Vec::new();
         for _ in 0..CATCH_UP_ROUNDS_MAX {
             let (n, _) = self.pass(m, &d, &r, true, &mut log_after).await?;
+            if n > 0 {
+                // R holds the log up to here: D drops it, so its cap bounds what R still lacks.
+                self.delete_log(&d, m.id, MigrateStep::Trim, &log_after)
+                    .await?;
+            }
             if n < FENCE_BELOW_RECORDS {
                 break;
             }
@@ -373,6 +415,7 @@ impl<S: MapStore> Mover<S> {
             map_version,
             slot_count,
             slots,
+            config_addrs: self.store.config_addrs(),
         };
         self.on_leader(g, "set ownership", req, |mut c, r| async move {
             c.set_ownership(r).await
@@ -409,7 +452,7 @@ impl<S: MapStore> Mover<S> {
                 }
             }
         }
-        self.out_step(&d, m.id, MigrateStep::End, &[]).await?;
+        self.delete_log(&d, m.id, MigrateStep::End, &[]).await?;
         let cleaned = self.clear(&d, &m.slots, m.id).await?;
         let map_version = {
             let (map, _) = self.store.load(true).await?;
@@ -467,12 +510,13 @@ impl<S: MapStore> Mover<S> {
                 map_version: map.version + 1,
                 slot_count: map.slot_count,
                 slots,
+                config_addrs: self.store.config_addrs(),
             };
             self.on_leader(&d, "set ownership", req, |mut c, r| async move {
                 c.set_ownership(r).await
             })
             .await?;
-            self.out_step(&d, m.id, MigrateStep::End, &[]).await?;
+            self.delete_log(&d, m.id, MigrateStep::End, &[]).await?;
         }
         self.clear(&r, &m.slots, m.id).await?;
         let why = why.to_string();

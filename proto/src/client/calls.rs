@@ -238,6 +238,33 @@ impl ClusterClient {
             .await
     }
 
+    /// Records an admin task (a move, a rebalance or drain, a membership change) and answers at
+    /// once with its record; the config leader runs it whatever happens to this client. Follow
+    /// it with [`ClusterClient::list_migrations`]. Retried only where it was certainly not
+    /// recorded, so one call starts at most one task.
+    pub async fn start_task(
+        &self,
+        task: crate::v1::start_task_request::Task,
+    ) -> Result<crate::v1::Task, Status> {
+        let req = crate::v1::StartTaskRequest { task: Some(task) };
+        self.core
+            .call(req, Effect::Write, |ch, r| async move {
+                cluster(ch).start_task(r).await
+            })
+            .await
+    }
+
+    /// Stops move or rebalance task `id`: no further move starts, its migration in flight aborts
+    /// if before its cut-over.
+    pub async fn abort_task(&self, id: u64) -> Result<crate::v1::Task, Status> {
+        let req = crate::v1::AbortTaskRequest { id };
+        self.core
+            .call(req, Effect::IdempotentWrite, |ch, r| async move {
+                cluster(ch).abort_task(r).await
+            })
+            .await
+    }
+
     /// Plans an even spread (or drains `req.drain_group`) and, unless a dry run, runs the moves.
     pub async fn rebalance(
         &self,

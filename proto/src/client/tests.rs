@@ -335,6 +335,23 @@ mod fake {
         ) -> Result<Response<crate::v1::RebalanceResponse>, Status> {
             Err(Status::unimplemented("fake"))
         }
+
+        async fn start_task(
+            &self,
+            _: Request<crate::v1::StartTaskRequest>,
+        ) -> Result<Response<crate::v1::Task>, Status> {
+            self.0.answer(crate::v1::Task {
+                id: 9,
+                ..Default::default()
+            })
+        }
+
+        async fn abort_task(
+            &self,
+            _: Request<crate::v1::AbortTaskRequest>,
+        ) -> Result<Response<crate::v1::Task>, Status> {
+            Err(Status::unimplemented("fake"))
+        }
     }
 
     /// Starts a node on a free port; returns its `host:port` and its state.
@@ -466,6 +483,8 @@ async fn cluster_calls_follow_the_meta_leader() {
     // The remembered leader serves the other calls directly.
     let map = c.move_slots(vec![0, 1, 2], 5).await.unwrap();
     assert_eq!(map.slot_owner, [5, 5, 5]);
+    let rebalance = crate::v1::start_task_request::Task::Rebalance(Default::default());
+    assert_eq!(c.start_task(rebalance).await.unwrap().id, 9);
     assert_eq!(c.remove_group(4).await.unwrap().version, 4);
     assert_eq!(
         c.add_group(AddGroupRequest::default())
@@ -477,7 +496,7 @@ async fn cluster_calls_follow_the_meta_leader() {
     assert_eq!(c.cluster_status().await.unwrap().map.unwrap().version, 7);
     assert_eq!(c.get_shard_map(true).await.unwrap().version, 1);
     assert_eq!(*node_b.linearizable.lock().unwrap(), Some(true));
-    assert_eq!((node_a.calls(), node_b.calls()), (1, 6));
+    assert_eq!((node_a.calls(), node_b.calls()), (1, 7));
 }
 
 #[tokio::test]

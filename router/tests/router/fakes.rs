@@ -339,6 +339,26 @@ impl Cluster for FakeConfig {
     ) -> Result<Response<RebalanceResponse>, Status> {
         Err(Status::unimplemented("Rebalance"))
     }
+
+    /// Records nothing: answers task 7, running, of the kind asked for.
+    async fn start_task(&self, r: Request<StartTaskRequest>) -> Result<Response<Task>, Status> {
+        let kind = match r.into_inner().task {
+            Some(start_task_request::Task::MoveSlots(_)) => TaskKind::MoveSlots,
+            Some(start_task_request::Task::Rebalance(_)) => TaskKind::Rebalance,
+            Some(start_task_request::Task::ChangeReplicas(_)) => TaskKind::ChangeReplicas,
+            None => TaskKind::Unspecified,
+        };
+        Ok(Response::new(Task {
+            id: 7,
+            kind: kind as i32,
+            state: TaskState::Running as i32,
+            ..Default::default()
+        }))
+    }
+
+    async fn abort_task(&self, _: Request<AbortTaskRequest>) -> Result<Response<Task>, Status> {
+        Err(Status::unimplemented("AbortTask"))
+    }
 }
 
 pub async fn spawn_config(map: ShardMap) -> Served<Arc<ConfigState>> {

@@ -99,6 +99,21 @@ async fn an_uninitialized_cluster_is_reported_and_init_goes_through_the_router()
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
+    // The task RPCs are proxied too: the answer is the config server's.
+    let rebalance = RebalanceRequest::default();
+    let task = admin
+        .start_task(StartTaskRequest {
+            task: Some(start_task_request::Task::Rebalance(rebalance)),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((task.id, task.kind), (7, TaskKind::Rebalance as i32));
+    let err = admin
+        .abort_task(AbortTaskRequest { id: 7 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented);
     router.shutdown().await;
 }
 

@@ -2,13 +2,13 @@
 //! `group add|remove` and `move-slots`. Arguments are checked locally before any address is
 //! needed.
 
+use ordo::proto::v1::start_task_request::Task as What;
 use ordo::proto::v1::{AddGroupRequest, MoveSlotsRequest};
 
 use crate::args::{GroupAddArgs, GroupRemoveArgs, InitArgs, MapArgs, MoveSlotsArgs};
-use crate::migrate::with_progress;
 use crate::parse::{group_spec, init_request};
 use crate::render::{render_map, render_map_change, render_status};
-use crate::{Endpoints, Failure};
+use crate::{tasks, Endpoints, Failure};
 
 pub(crate) async fn init(ep: &Endpoints, a: InitArgs, json: bool) -> Result<(), Failure> {
     let req = init_request(a.slots, a.groups).map_err(anyhow::Error::msg)?;
@@ -47,7 +47,7 @@ pub(crate) async fn group_remove(
     Ok(())
 }
 
-/// Shows the move's progress on stderr while it runs.
+/// Runs the move as a task and follows it, with its progress on stderr.
 pub(crate) async fn move_slots(
     ep: &Endpoints,
     a: MoveSlotsArgs,
@@ -59,7 +59,8 @@ pub(crate) async fn move_slots(
         to_group: a.to,
         copy_bytes_per_sec: a.copy_bytes_per_sec,
     };
-    let map = with_progress(&c, json, c.move_slots_with(req)).await?;
+    tasks::run(&c, What::MoveSlots(req), json).await?;
+    let map = c.get_shard_map(true).await?;
     println!("{}", render_map_change(&map, json));
     Ok(())
 }

@@ -21,9 +21,13 @@ Keys and values are UTF-8 strings; write the empty key (an order's root item) as
 arguments that start with '-' after `--`.
 
 Data commands (get, put, delete, scan, txn) take node or router addresses; admin commands \
-(init, status, map, group, move-slots, rebalance, migrations, replica) take config server or \
-router addresses (--config is an alias of --endpoint); leader transfer takes the addresses of \
+(init, status, map, group, move-slots, rebalance, migrations, tasks, replica) take config server \
+or router addresses (--config is an alias of --endpoint); leader transfer takes the addresses of \
 the group's own nodes.
+
+move-slots, rebalance, group drain and replica run as tasks on the config leader: the command \
+starts the task and follows it with a progress line on stderr, with no overall deadline \
+(--timeout bounds each call). Ctrl-C stops following, not the task; `tasks abort <id>` stops it.
 
 Exit codes: 0 success, 1 error, 2 a condition did not hold (--if-version, txn compares)."
 )]
@@ -42,6 +46,7 @@ pub(crate) struct Cli {
     pub(crate) endpoint: Vec<String>,
 
     /// Deadline of each call, retries included (e.g. 500ms, 10s, 1m; a bare number is seconds).
+    /// Commands that follow a task have no overall deadline: this bounds each of their polls.
     #[arg(long, default_value = "10s", value_parser = parse_duration, global = true)]
     pub(crate) timeout: Duration,
 
@@ -78,12 +83,15 @@ pub(crate) enum Command {
     #[command(subcommand)]
     Group(GroupCommand),
     /// Move slots to another group with their data, online (writes pause only for a short
-    /// critical section per move). Shows progress on stderr.
+    /// critical section per move). Runs as a task and follows it, with progress on stderr.
     MoveSlots(MoveSlotsArgs),
-    /// Spread the slots evenly over the groups: shows the plan, then moves one range at a time.
+    /// Spread the slots evenly over the groups: shows the plan, then moves one range at a time
+    /// (a task, followed with progress on stderr).
     Rebalance(RebalanceArgs),
     /// Slot migrations: in flight and recently finished, with progress and measured pauses.
     Migrations(MigrationsArgs),
+    /// Admin tasks (moves, rebalances, drains, replica changes): running and recently finished.
+    Tasks(TasksArgs),
     /// Leadership of one raft group (give --endpoint the group's node addresses).
     #[command(subcommand)]
     Leader(LeaderCommand),
@@ -241,6 +249,25 @@ pub(crate) enum MigrationsCommand {
 
 #[derive(Args, Debug)]
 pub(crate) struct MigrationAbortArgs {
+    #[arg(value_name = "ID")]
+    pub(crate) id: u64,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct TasksArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<TasksCommand>,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum TasksCommand {
+    /// Stop a move, rebalance or drain task: no further move starts, and its migration in flight
+    /// is aborted if it is before its commit point (moves already done stay done).
+    Abort(TaskAbortArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct TaskAbortArgs {
     #[arg(value_name = "ID")]
     pub(crate) id: u64,
 }
@@ -515,6 +542,13 @@ mod tests {
         assert!(matches!(
             cli.command,
             Command::Migrations(MigrationsArgs { command: None })
+        ));
+        let cli = Cli::try_parse_from(["ordoctl", "tasks", "abort", "4"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Tasks(TasksArgs {
+                command: Some(TasksCommand::Abort(TaskAbortArgs { id: 4 }))
+            })
         ));
 
         for bad in [

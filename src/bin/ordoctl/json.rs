@@ -8,10 +8,11 @@ use std::borrow::Cow;
 
 use ordo::proto::v1::{
     txn_op_result, ChangeGroupReplicasResponse, ClusterStatus, DeleteResponse, GetResponse,
-    GroupStatus, Item, Member, Migration, PlannedMove, PutResponse, ReplicaStatus, ShardMap,
+    GroupStatus, Item, Member, Migration, PlannedMove, PutResponse, ReplicaStatus, ShardMap, Task,
     TransferLeaderResponse, TxnOp, TxnResponse,
 };
 use ordo_config::migration::state_name;
+use ordo_config::tasks::{task_kind_name, task_state_name};
 use serde::Serialize;
 
 use crate::render::describe_op;
@@ -377,6 +378,41 @@ pub(crate) fn migrations(list: &[Migration]) -> String {
     to_json(&list.iter().map(MigrationView::from).collect::<Vec<_>>())
 }
 
+/// One task; `kind` and `state` are their names (`rebalance`, `running`, …).
+#[derive(Serialize)]
+struct TaskView<'a> {
+    id: u64,
+    kind: &'static str,
+    state: &'static str,
+    moves: usize,
+    moves_done: u32,
+    migrations: &'a [u64],
+    group: Option<u64>,
+    drain_group: u64,
+    abort_requested: bool,
+    error: &'a str,
+}
+
+/// What `tasks` and `tasks abort` print: a JSON array.
+pub(crate) fn tasks(list: &[Task]) -> String {
+    let views: Vec<TaskView> = list
+        .iter()
+        .map(|t| TaskView {
+            id: t.id,
+            kind: task_kind_name(t.kind),
+            state: task_state_name(t.state),
+            moves: t.plan.len(),
+            moves_done: t.moves_done,
+            migrations: &t.migrations,
+            group: t.change.as_ref().map(|c| c.group_id),
+            drain_group: t.drain_group,
+            abort_requested: t.abort_requested,
+            error: &t.error,
+        })
+        .collect();
+    to_json(&views)
+}
+
 #[derive(Serialize)]
 struct LeaderView {
     leader_id: u64,
@@ -551,6 +587,7 @@ mod tests {
             ],
             catch_up_ms: 250,
             map: Some(sample_map()),
+            task_id: 0,
         };
         assert_eq!(
             render_replicas(1, &resp, true),
@@ -636,5 +673,48 @@ mod tests {
              \"items_cleaned\":0,\"map_version\":0,\"abort_requested\":false,\"error\":\"\"}]"
         );
         assert_eq!(render_migrations(&[], true), "[]");
+    }
+
+    #[test]
+    fn tasks_render_as_json_and_as_a_table() {
+        use ordo::proto::v1::{ChangeGroupReplicasRequest, TaskKind, TaskState};
+        let rebalance = Task {
+            id: 3,
+            kind: TaskKind::Drain as i32,
+            state: TaskState::Running as i32,
+            plan: vec![PlannedMove::default(); 4],
+            moves_done: 1,
+            migrations: vec![5, 6],
+            drain_group: 2,
+            ..Default::default()
+        };
+        let change = Task {
+            id: 4,
+            kind: TaskKind::ChangeReplicas as i32,
+            state: TaskState::Failed as i32,
+            change: Some(ChangeGroupReplicasRequest {
+                group_id: 1,
+                change: None,
+            }),
+            error: "would lose quorum".into(),
+            ..Default::default()
+        };
+        let both = [rebalance, change];
+        assert_eq!(
+            render_tasks(&both, true),
+            "[{\"id\":3,\"kind\":\"drain\",\"state\":\"running\",\"moves\":4,\"moves_done\":1,\
+             \"migrations\":[5,6],\"group\":null,\"drain_group\":2,\"abort_requested\":false,\
+             \"error\":\"\"},\
+             {\"id\":4,\"kind\":\"replica change\",\"state\":\"failed\",\"moves\":0,\
+             \"moves_done\":0,\"migrations\":[],\"group\":1,\"drain_group\":0,\
+             \"abort_requested\":false,\"error\":\"would lose quorum\"}]"
+        );
+        assert_eq!(
+            render_tasks(&both, false),
+            "id  kind            state    moves  migrations  note\n\
+             3   drain           running  1/4    5,6         drains group 2\n\
+             4   replica change  failed   0/0                would lose quorum"
+        );
+        assert_eq!(render_tasks(&[], false), "no tasks");
     }
 }

@@ -3,14 +3,16 @@
 //! A thin layer over [`ordo_proto::client::Client`] (data commands: `get`, `put`, `delete`, `scan`,
 //! `txn`, and `leader transfer`, which talks to one group's nodes) and
 //! [`ordo_proto::client::ClusterClient`] (admin commands: `init`, `status`, `map`,
-//! `group add|remove|drain`, `move-slots`, `rebalance`, `migrations [abort]`,
-//! `replica add|remove|replace`): it parses arguments, makes one call (or a series of scan pages)
-//! and prints the answer. All networking, leader following and retrying live in the clients.
+//! `group add|remove|drain`, `move-slots`, `rebalance`, `migrations [abort]`, `tasks [abort]`,
+//! `replica add|remove|replace`): it parses arguments, makes one call (or a series of scan pages;
+//! or, for the commands that run as tasks on the config leader, one call to start the task and
+//! polls that follow it) and prints the answer. All networking, leader following and retrying
+//! live in the clients.
 //!
 //! Files by role: `args` (clap definitions), `parse` (values clap cannot parse alone), `render`
 //! (text tables), `json` (`--json` views); one file per command group: `kv` (data), `admin`
-//! (map and groups), `migrate` (resharding and its progress line), `replica` (membership and
-//! leadership).
+//! (map and groups), `migrate` (resharding), `tasks` (starting and following admin tasks, their
+//! progress line), `replica` (membership and leadership).
 //!
 //! Exit codes: 0 success, 1 error (bad arguments or a failed call), 2 a condition did not hold
 //! (`put`/`delete` with `--if-version`, or a `txn` whose compares failed).
@@ -25,6 +27,7 @@ mod migrate;
 mod parse;
 mod render;
 mod replica;
+mod tasks;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -107,6 +110,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::MoveSlots(a) => admin::move_slots(ep, a, json).await,
         Command::Rebalance(a) => migrate::rebalance_cmd(ep, a, json).await,
         Command::Migrations(a) => migrate::migrations(ep, a, json).await,
+        Command::Tasks(a) => tasks::tasks(ep, a, json).await,
         Command::Replica(c) => replica::replica(ep, c, json).await,
         Command::Leader(c) => replica::leader(ep, c, json).await,
     }

@@ -8,10 +8,11 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use ordo::proto::v1::{
     txn_op, txn_op_result, ChangeGroupReplicasResponse, ClusterStatus, DeleteResponse, GetResponse,
-    Item, Migration, PlannedMove, PutResponse, ReplicaStatus, ShardMap, TransferLeaderResponse,
-    TxnOp, TxnResponse,
+    Item, Migration, PlannedMove, PutResponse, ReplicaStatus, ShardMap, Task,
+    TransferLeaderResponse, TxnOp, TxnResponse,
 };
 use ordo_config::migration::state_name;
+use ordo_config::tasks::{task_kind_name, task_state_name};
 
 use crate::json;
 
@@ -189,6 +190,46 @@ pub(crate) fn render_migrations(list: &[Migration], json: bool) -> String {
             } else {
                 m.error.clone()
             },
+        ]);
+    }
+    align(&rows).join("\n")
+}
+
+/// What `tasks` and `tasks abort` print: one row per task.
+pub(crate) fn render_tasks(list: &[Task], json: bool) -> String {
+    if json {
+        return json::tasks(list);
+    }
+    if list.is_empty() {
+        return "no tasks".into();
+    }
+    let mut rows = vec![vec![
+        "id".to_string(),
+        "kind".into(),
+        "state".into(),
+        "moves".into(),
+        "migrations".into(),
+        "note".into(),
+    ]];
+    for t in list {
+        let note = match &t.change {
+            _ if !t.error.is_empty() => t.error.clone(),
+            _ if t.abort_requested => "abort requested".into(),
+            Some(c) => format!("group {}", c.group_id),
+            None if t.drain_group != 0 => format!("drains group {}", t.drain_group),
+            None => String::new(),
+        };
+        rows.push(vec![
+            t.id.to_string(),
+            task_kind_name(t.kind).to_string(),
+            task_state_name(t.state).to_string(),
+            format!("{}/{}", t.moves_done, t.plan.len()),
+            t.migrations
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+            note,
         ]);
     }
     align(&rows).join("\n")

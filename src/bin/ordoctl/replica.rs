@@ -3,25 +3,23 @@
 
 use std::time::Duration;
 
+use ordo::proto::v1::start_task_request::Task as What;
 use ordo::proto::v1::{ChangeGroupReplicasRequest, ChangeReplicasRequest, ReplicaChange};
 
 use crate::args::{LeaderCommand, ReplicaCommand};
 use crate::render::{render_leader, render_replicas};
-use crate::{Endpoints, Failure};
+use crate::{tasks, Endpoints, Failure};
 
-/// Changes the group's replicas and prints them after the change. The call lasts as long as the
-/// new replica takes to catch up, so its deadline is stretched to cover that.
+/// Changes the group's replicas, as a task this command follows (it lasts as long as the new
+/// replica takes to catch up), and prints them after the change.
 pub(crate) async fn replica(ep: &Endpoints, c: ReplicaCommand, json: bool) -> Result<(), Failure> {
     let (group, change) = replica_change(c).map_err(anyhow::Error::msg)?;
-    let wait = Duration::from_millis(change.catch_up_timeout_ms as u64 + 30_000);
-    let resp = ep
-        .admin()?
-        .with_timeout(ep.timeout.max(wait))
-        .change_group_replicas(ChangeGroupReplicasRequest {
-            group_id: group,
-            change: Some(change),
-        })
-        .await?;
+    let what = What::ChangeReplicas(ChangeGroupReplicasRequest {
+        group_id: group,
+        change: Some(change),
+    });
+    let (task, _) = tasks::run(&ep.admin()?, what, json).await?;
+    let resp = task.change_result.unwrap_or_default();
     println!("{}", render_replicas(group, &resp, json));
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! One driver, not running, its methods called directly: what happens to waiters whose index is
-//! reused (audit M6) and to a committed entry that does not decode (audit M7).
+//! reused (audit M6), to a committed entry that does not decode (audit M7), and in what order one
+//! loop iteration takes peer messages and proposals (audit M10).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -9,9 +10,9 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{Driver, Waiting};
 use crate::error::{Error, Result};
-use crate::limits::DRIVER_INBOX_MAX;
+use crate::limits::{DRIVER_BATCH_MAX, DRIVER_INBOX_MAX};
 use crate::node::{new_driver, recover, NodeConfig};
-use crate::replica::inbox::Shared;
+use crate::replica::inbox::{InboxBytes, Msg, RaftQueue, Shared};
 use crate::replica::outbox::Outbox;
 use crate::server::validate::put_as_txn;
 use crate::state::{Command, Outcome};
@@ -32,12 +33,13 @@ impl Outbox for NoOutbox {
     }
 }
 
-/// A driver, its shared state, and what keeps it running (its inbox's sender, its stop switch).
+/// A driver, its shared state, and what keeps it running (its queues' senders, its stop switch).
 struct Parts {
     driver: Driver,
     shared: Arc<Shared>,
     sm: Arc<crate::state::StateMachine>,
-    _inbox: mpsc::Sender<crate::replica::inbox::Msg>,
+    inbox: mpsc::Sender<Msg>,
+    raft: RaftQueue,
     _stop: watch::Sender<bool>,
 }
 
@@ -57,7 +59,9 @@ fn config(dir: &std::path::Path) -> NodeConfig {
         compact_log_entries: 1000,
         slot_count: crate::limits::SLOT_COUNT_DEFAULT,
         config_server: false,
+        copy_bytes_per_sec: 0,
         link_filter: None,
+        serve: Default::default(),
     }
 }
 
@@ -66,14 +70,25 @@ fn parts(dir: &std::path::Path) -> Parts {
     let rec = recover(&cfg).unwrap();
     let sm = rec.sm.clone();
     let (tx, rx) = mpsc::channel(DRIVER_INBOX_MAX);
+    let (raft, raft_rx) = RaftQueue::new();
     let (stop_tx, stop_rx) = watch::channel(false);
     let shared = Arc::new(Shared::default());
-    let driver = new_driver(&cfg, rec, Box::new(NoOutbox), rx, shared.clone(), stop_rx).unwrap();
+    let driver = new_driver(
+        &cfg,
+        rec,
+        Box::new(NoOutbox),
+        rx,
+        raft_rx,
+        shared.clone(),
+        stop_rx,
+    )
+    .unwrap();
     Parts {
         driver,
         shared,
         sm,
-        _inbox: tx,
+        inbox: tx,
+        raft,
         _stop: stop_tx,
     }
 }
@@ -183,7 +198,9 @@ async fn h4_a_failed_replica_refuses_everything_with_unavailable() {
     let handle = crate::replica::ReplicaHandle {
         node_id: 1,
         group_id: 1,
-        driver: p._inbox.clone(),
+        driver: p.inbox.clone(),
+        inbox_bytes: Default::default(),
+        raft: p.raft.clone(),
         sm: p.sm.clone(),
         shared: p.shared.clone(),
         peers: Default::default(),
@@ -214,7 +231,7 @@ async fn write_and_stop(dir: &std::path::Path, writes: usize, value_bytes: usize
     let Parts {
         driver,
         sm,
-        _inbox: inbox,
+        inbox,
         _stop: stop,
         ..
     } = p;
@@ -236,10 +253,12 @@ async fn write_and_stop(dir: &std::path::Path, writes: usize, value_bytes: usize
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
         loop {
             let (resp, rx) = oneshot::channel();
+            let queued = InboxBytes::new().take(&cmd).unwrap();
             inbox
-                .send(crate::replica::inbox::Msg::Propose {
+                .send(Msg::Propose {
                     cmd: cmd.clone(),
                     resp,
+                    queued,
                 })
                 .await
                 .unwrap();
@@ -303,4 +322,56 @@ async fn h5_a_corrupt_log_segment_makes_the_node_refuse_to_start() {
         err.contains("corruption") && err.contains("behind the watermark"),
         "the refusal says why: {err}"
     );
+}
+
+/// M10: heartbeats that arrive after two inbox batches of proposals are stepped before any of
+/// them: the proposals taken in the same loop iteration already see the leader the last one
+/// names, and the second batch is still queued. With one FIFO inbox the heartbeats would wait
+/// behind both batches (each followed by an fsync), long enough under load for a follower to
+/// time out and call an election.
+#[tokio::test]
+async fn m10_a_peer_message_is_handled_before_queued_proposals() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = parts(dir.path());
+    let mut answers = Vec::new();
+    let inbox_bytes = InboxBytes::new();
+    for i in 0..2 * DRIVER_BATCH_MAX {
+        let (resp, rx) = oneshot::channel();
+        let cmd = put(&format!("k{i}"));
+        let queued = inbox_bytes.take(&cmd).unwrap();
+        p.inbox
+            .try_send(Msg::Propose { cmd, resp, queued })
+            .ok()
+            .unwrap();
+        answers.push(rx);
+    }
+    // Two, so that both ways in are covered: the one the loop wakes for and the ones it drains.
+    let term = p.driver.raw.raft.term;
+    for (from, term) in [(2, term + 5), (3, term + 6)] {
+        let mut heartbeat = Message::default();
+        heartbeat.set_msg_type(raft::prelude::MessageType::MsgHeartbeat);
+        (heartbeat.from, heartbeat.to, heartbeat.term) = (from, 1, term);
+        assert!(p.raft.offer(heartbeat, 16), "an empty raft queue takes it");
+    }
+
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(3600));
+    p.driver.next_batch(&mut tick).await.expect("not stopping");
+
+    assert_eq!(
+        (p.driver.raw.raft.leader_id, p.driver.raw.raft.term),
+        (3, term + 6),
+        "both heartbeats were stepped"
+    );
+    for (i, rx) in answers.iter_mut().enumerate() {
+        match rx.try_recv() {
+            Ok(Err(Error::NotLeader { leader_id, .. })) if i < DRIVER_BATCH_MAX => {
+                assert_eq!(
+                    leader_id, 3,
+                    "proposal {i} was handled before the heartbeats"
+                )
+            }
+            Err(oneshot::error::TryRecvError::Empty) if i >= DRIVER_BATCH_MAX => {}
+            other => panic!("proposal {i}: {other:?}"),
+        }
+    }
 }

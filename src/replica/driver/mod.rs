@@ -1,6 +1,7 @@
 //! The raft driver of one replica: the only owner of its `RawNode`.
 //!
-//! One loop on a dedicated thread ticks, takes messages from a bounded inbox (up to
+//! One loop on a dedicated thread ticks, takes every raft message waiting in its raft queue (peer
+//! traffic never waits behind proposals, audit M10), then messages from a bounded inbox (up to
 //! `DRIVER_BATCH_MAX` at a time, so proposals that arrive together share one fsync) and handles
 //! each `Ready` in raft-rs's order:
 //! 1. send the leader's messages (they need not wait for its own disk),
@@ -31,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::{Error, Result};
 use crate::limits::*;
 use crate::replica::durable::Durable;
-use crate::replica::inbox::{Msg, Shared};
+use crate::replica::inbox::{Msg, PeerMsg, Shared};
 use crate::replica::outbox::Outbox;
 use crate::replica::storage::RaftStore;
 use crate::replica::watermark::Watermark;
@@ -127,6 +128,8 @@ pub struct Driver {
     watermark: Watermark,
     sm: Arc<StateMachine>,
     inbox: mpsc::Receiver<Msg>,
+    /// Raft messages from peers (`RaftQueue`), taken before the inbox.
+    raft_in: mpsc::Receiver<PeerMsg>,
     outbox: Box<dyn Outbox>,
     shared: Arc<Shared>,
     /// Proposals in flight by log index, with the term they were proposed in.
@@ -184,6 +187,7 @@ impl Driver {
         watermark: Watermark,
         sm: Arc<StateMachine>,
         inbox: mpsc::Receiver<Msg>,
+        raft_in: mpsc::Receiver<PeerMsg>,
         outbox: Box<dyn Outbox>,
         shared: Arc<Shared>,
         stop: tokio::sync::watch::Receiver<bool>,
@@ -202,6 +206,7 @@ impl Driver {
             watermark,
             sm,
             inbox,
+            raft_in,
             outbox,
             shared,
             proposals: BTreeMap::new(),
@@ -264,25 +269,8 @@ impl Driver {
         let mut tick = tokio::time::interval(Duration::from_millis(TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = self.stop.changed() => return None,
-                _ = tick.tick() => {
-                    self.raw.tick();
-                    self.expire();
-                }
-                built = snapshots::built(&mut self.snapshot_build.running) => self.on_build_done(built),
-                msg = self.inbox.recv() => {
-                    // Every sender is gone: the node is shutting down.
-                    let msg = msg?;
-                    self.handle(msg);
-                    for _ in 1..DRIVER_BATCH_MAX {
-                        match self.inbox.try_recv() {
-                            Ok(msg) => self.handle(msg),
-                            Err(_) => break,
-                        }
-                    }
-                }
-            }
+            // Asked to stop, or every sender is gone: the node is shutting down.
+            self.next_batch(&mut tick).await?;
             if let Err(e) = self.after_batch() {
                 tracing::error!(node = self.cfg.node_id, group = self.cfg.group_id, error = %e, "replica stops");
                 return Some(format!("replica failed: {e}"));
@@ -292,6 +280,55 @@ impl Driver {
                     "replica stops: it will not campaign or serve from a log it cannot read");
                 return Some(format!("replica found corruption: {c}"));
             }
+        }
+    }
+
+    /// Waits until there is something to do, then takes it: a tick if one is due, every raft
+    /// message waiting (up to its queue's bound), then up to `DRIVER_BATCH_MAX` inbox messages.
+    /// Raft messages go first so that acks, votes and heartbeats are never queued behind
+    /// proposals (audit M10); proposals still arrive in batches. `None` when stopping.
+    async fn next_batch(&mut self, tick: &mut tokio::time::Interval) -> Option<()> {
+        let first = tokio::select! {
+            biased;
+            _ = self.stop.changed() => return None,
+            _ = tick.tick() => {
+                self.raw.tick();
+                self.expire();
+                None
+            }
+            m = self.raft_in.recv() => {
+                self.step_peer(m?);
+                None
+            }
+            built = snapshots::built(&mut self.snapshot_build.running) => {
+                self.on_build_done(built);
+                None
+            }
+            msg = self.inbox.recv() => Some(msg?),
+        };
+        for _ in 0..RAFT_QUEUE_MAX {
+            match self.raft_in.try_recv() {
+                Ok(m) => self.step_peer(m),
+                Err(_) => break,
+            }
+        }
+        let taken = usize::from(first.is_some());
+        if let Some(msg) = first {
+            self.handle(msg);
+        }
+        for _ in taken..DRIVER_BATCH_MAX {
+            match self.inbox.try_recv() {
+                Ok(msg) => self.handle(msg),
+                Err(_) => break,
+            }
+        }
+        Some(())
+    }
+
+    fn step_peer(&mut self, m: PeerMsg) {
+        self.last_heard.insert(m.msg.from, Instant::now());
+        if let Err(e) = self.raw.step(*m.msg) {
+            tracing::debug!(error = %e, "raft message ignored");
         }
     }
 
@@ -338,7 +375,11 @@ impl Driver {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Propose { cmd, resp } => self.on_propose(cmd, resp),
+            // Taken off the inbox: its bytes are the raft log's (or the batch's) from here on.
+            Msg::Propose { cmd, resp, queued } => {
+                drop(queued);
+                self.on_propose(cmd, resp)
+            }
             Msg::Read { resp } => {
                 if self.raw.raft.state != StateRole::Leader {
                     let _ = resp.send(Err(self.not_leader()));
@@ -348,12 +389,6 @@ impl Driver {
                     )));
                 } else {
                     self.reads_new.push(resp);
-                }
-            }
-            Msg::Raft(m) => {
-                self.last_heard.insert(m.from, Instant::now());
-                if let Err(e) = self.raw.step(*m) {
-                    tracing::debug!(error = %e, "raft message ignored");
                 }
             }
             Msg::SnapshotReceived { msg, path } => self.stage_snapshot(*msg, path),

@@ -16,7 +16,7 @@ use super::snapshots::Gate;
 use crate::error::Result;
 use crate::limits::{DRIVER_INBOX_MAX, ELECTION_TICKS, TICK_MS};
 use crate::node::{new_driver, recover, NodeConfig};
-use crate::replica::inbox::{Msg, Shared};
+use crate::replica::inbox::{InboxBytes, Msg, RaftQueue, Shared};
 use crate::replica::outbox::Outbox;
 use crate::server::validate::put_as_txn;
 use crate::state::{Command, Outcome, StateMachine};
@@ -28,6 +28,7 @@ const WAIT: Duration = Duration::from_secs(15);
 #[derive(Default)]
 struct MemNet {
     inboxes: Mutex<BTreeMap<u64, mpsc::Sender<Msg>>>,
+    raft_queues: Mutex<BTreeMap<u64, RaftQueue>>,
     cut: Mutex<BTreeSet<u64>>,
     snap_dirs: Mutex<BTreeMap<u64, PathBuf>>,
 }
@@ -55,7 +56,11 @@ struct MemOutbox {
 impl Outbox for MemOutbox {
     fn send(&self, m: Message) {
         if self.net.link_up(self.id, m.to) {
-            self.net.deliver(m.to, Msg::Raft(Box::new(m)));
+            if let Some(q) = self.net.raft_queues.lock().unwrap().get(&m.to) {
+                // A full queue drops, as the real one does.
+                let size = protobuf::Message::compute_size(&m) as usize;
+                q.offer(m, size);
+            }
         }
     }
 
@@ -126,7 +131,9 @@ fn node_config(
         compact_log_entries,
         slot_count: crate::limits::SLOT_COUNT_DEFAULT,
         config_server: false,
+        copy_bytes_per_sec: 0,
         link_filter: None,
+        serve: Default::default(),
     }
 }
 
@@ -152,6 +159,8 @@ impl Group {
                 .insert(id, rec.snap_dir.clone());
             let (tx, rx) = mpsc::channel(DRIVER_INBOX_MAX);
             net.inboxes.lock().unwrap().insert(id, tx.clone());
+            let (raft, raft_rx) = RaftQueue::new();
+            net.raft_queues.lock().unwrap().insert(id, raft);
             let (stop_tx, stop_rx) = watch::channel(false);
             let shared = Arc::new(Shared::default());
             let outbox = MemOutbox {
@@ -159,8 +168,16 @@ impl Group {
                 net: net.clone(),
                 addrs: peers.clone(),
             };
-            let mut driver =
-                new_driver(&cfg, rec, Box::new(outbox), rx, shared.clone(), stop_rx).unwrap();
+            let mut driver = new_driver(
+                &cfg,
+                rec,
+                Box::new(outbox),
+                rx,
+                raft_rx,
+                shared.clone(),
+                stop_rx,
+            )
+            .unwrap();
             driver.snapshot_build.gate = gate.clone();
             tokio::spawn(async move { driver.run().await });
             let member = Member {
@@ -212,9 +229,10 @@ impl Group {
         .unwrap();
         let (resp, rx) = oneshot::channel();
         let cmd = Command::Txn(txn);
+        let queued = InboxBytes::new().take(&cmd).unwrap();
         self.members[&node]
             .inbox
-            .send(Msg::Propose { cmd, resp })
+            .send(Msg::Propose { cmd, resp, queued })
             .await
             .unwrap();
         rx.await.expect("the driver answers every proposal")
@@ -416,9 +434,10 @@ async fn h3_a_long_snapshot_build_does_not_stop_the_leader() {
     .unwrap();
     let (resp, mut answered) = oneshot::channel();
     let cmd = Command::Txn(txn);
+    let queued = InboxBytes::new().take(&cmd).unwrap();
     g.members[&leader]
         .inbox
-        .send(Msg::Propose { cmd, resp })
+        .send(Msg::Propose { cmd, resp, queued })
         .await
         .unwrap();
     let started = Instant::now();

@@ -39,9 +39,19 @@ impl Bins {
         timeout: Duration,
         args: &[&str],
     ) -> (bool, String) {
+        let timeout = format!("{}s", timeout.as_secs());
+        self.run_ordoctl(endpoints, &[&["--timeout", &timeout], args].concat())
+    }
+
+    /// `ordoctl --endpoint <endpoints> <args>`, every other flag at its default (the
+    /// `--timeout` a user gets without asking included).
+    pub fn ordoctl_defaults(&self, endpoints: &[String], args: &[&str]) -> (bool, String) {
+        self.run_ordoctl(endpoints, args)
+    }
+
+    fn run_ordoctl(&self, endpoints: &[String], args: &[&str]) -> (bool, String) {
         let out = std::process::Command::new(Path::new(self.ordoctl))
             .args(["--endpoint", &endpoints.join(",")])
-            .args(["--timeout", &format!("{}s", timeout.as_secs())])
             .args(args)
             .output()
             .unwrap();

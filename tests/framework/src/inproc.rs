@@ -63,8 +63,10 @@ fn node_config(
         compact_log_entries,
         slot_count: SLOT_COUNT_DEFAULT,
         config_server: group == CONFIG_GROUP,
+        copy_bytes_per_sec: 0,
         link_filter: filter,
         join: false,
+        serve: Default::default(),
     }
 }
 
@@ -355,12 +357,32 @@ impl InProcCluster {
         replicas: u64,
         filter: Option<Filter>,
     ) -> InProcCluster {
+        InProcCluster::start_with(groups, replicas, filter, 0).await
+    }
+
+    /// [`InProcCluster::start`] with the config servers copying a move whose request names no
+    /// bandwidth at `copy_bytes_per_sec`: moves that last long without much data.
+    pub async fn start_copying_at(
+        groups: u64,
+        replicas: u64,
+        copy_bytes_per_sec: u64,
+    ) -> InProcCluster {
+        InProcCluster::start_with(groups, replicas, None, copy_bytes_per_sec).await
+    }
+
+    async fn start_with(
+        groups: u64,
+        replicas: u64,
+        filter: Option<Filter>,
+        copy_bytes_per_sec: u64,
+    ) -> InProcCluster {
         let dir = tempfile::tempdir().unwrap();
         let cfg = PlaygroundConfig {
             groups,
             replicas,
             port: None,
             link_filter: filter,
+            copy_bytes_per_sec,
             ..PlaygroundConfig::new(dir.path())
         };
         let pg = Playground::start(cfg.clone())

@@ -220,6 +220,11 @@ impl ProcGroup {
         self.nodes.values().map(|n| n.addr.clone()).collect()
     }
 
+    /// The process id of node `id`, if it runs (for reading its `/proc` entries).
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.nodes[&id].child.as_ref().map(Child::id)
+    }
+
     /// `ordoctl` against this group's nodes.
     pub fn ordoctl(&self, args: &[&str]) -> (bool, String) {
         self.bins.ordoctl(&self.endpoints(), args)
