@@ -72,6 +72,11 @@ pub const fn snapshot_transfer_timeout(bytes: u64) -> std::time::Duration {
 /// the max, while the replica keeps serving: sooner would spin on a disk that is still full.
 pub const SNAPSHOT_BUILD_RETRY_MIN_MS: u64 = 250;
 pub const SNAPSHOT_BUILD_RETRY_MAX_MS: u64 = 30_000;
+/// The raft watermark (`replica/watermark.rs`) records log and commit progress at most this often
+/// (a new term or vote is recorded at once): writing it after every raft sync would add a second
+/// fsync to every write, and what it guards against, sled losing synced writes, is still caught
+/// for everything older than this.
+pub const WATERMARK_INTERVAL_MS: u64 = 100;
 /// Proposals in flight on one leader; beyond it clients get `UNAVAILABLE` (overloaded) at once.
 /// Only their replies wait here (their entries are in the raft log), so this bounds count, not
 /// bytes.
@@ -114,6 +119,9 @@ pub const RAFT_INFLIGHT_MSGS_MAX: usize = 256;
 /// transaction goes alone): transactions that arrive together share one entry's raft costs.
 pub const PROPOSAL_BATCH_TXNS_MAX: usize = 256;
 pub const PROPOSAL_BATCH_BYTES_MAX: usize = 256 * 1024;
+/// Most bytes of committed entries applied in one step: raft-rs hands at most this much to one
+/// Ready, and entries left in the log during a snapshot build are read back in steps of it.
+pub const APPLY_BATCH_BYTES_MAX: u64 = 16 * RAFT_MSG_BYTES_MAX;
 /// Default number of applied entries kept in the log before it is compacted.
 pub const COMPACT_LOG_ENTRIES_DEFAULT: u64 = 10_000;
 /// Most log entries one compaction removes (it runs on the driver loop, so it must stay short).

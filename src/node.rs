@@ -22,6 +22,7 @@ use crate::replica::inbox::{Msg, PeerMsg, RaftQueue, Shared};
 use crate::replica::outbox::Outbox;
 use crate::replica::storage::RaftStore;
 use crate::replica::transport::{PeerAddrs, Transport};
+use crate::replica::watermark::Watermark;
 use crate::replica::ReplicaHandle;
 use crate::server::{kv::KvService, participant::ParticipantService, peer::PeerService};
 use crate::state::StateMachine;
@@ -113,6 +114,8 @@ pub(crate) struct Recovered {
     pub(crate) snap_dir: PathBuf,
     pub(crate) sm: Arc<StateMachine>,
     pub(crate) store: RaftStore,
+    /// Checked against `store` (H5); kept up to date by the driver.
+    pub(crate) watermark: Watermark,
     /// Every replica's address: the stored map (kept current by membership changes) if the
     /// replica has run before, else the configured one.
     pub(crate) peers: BTreeMap<u64, String>,
@@ -160,8 +163,15 @@ pub(crate) fn recover(cfg: &NodeConfig) -> anyhow::Result<Recovered> {
     } else {
         cfg.peers.keys().copied().collect()
     };
+    let sled_was_empty = RaftStore::is_empty(&db)?;
     let mut store = RaftStore::open(&db, cfg.id, &voters)?;
+    // Protocol-aware recovery (H5): a sled that lost synced writes is not trusted.
+    let mut watermark =
+        crate::replica::watermark::check_and_open(&cfg.data_dir, store.mark(), sled_was_empty)?;
     if opened.interrupted_install {
+        // The install lowered the watermark before it began; this keeps it so should the
+        // reset itself be cut short.
+        watermark.write(store.mark().before_install())?;
         store.reset_to_empty()?;
     }
     // A founder's first start: its log begins after the bootstrap position.
@@ -189,6 +199,7 @@ pub(crate) fn recover(cfg: &NodeConfig) -> anyhow::Result<Recovered> {
         snap_dir,
         sm,
         store,
+        watermark,
         peers,
     })
 }
@@ -204,6 +215,9 @@ pub(crate) fn new_driver(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Driver> {
     let durable = crate::replica::durable::Durable::open(rec.db, &rec.db_dir)?;
+    // Opening synced everything recovery wrote: the watermark can say so.
+    let mut watermark = rec.watermark;
+    watermark.write(rec.store.mark())?;
     let driver_cfg = DriverConfig {
         node_id: cfg.id,
         group_id: cfg.group,
@@ -213,13 +227,15 @@ pub(crate) fn new_driver(
         dedup_window_ms: cfg.dedup_window_secs * 1000,
     };
     Ok(Driver::new(
-        driver_cfg, rec.store, durable, rec.sm, inbox, raft_in, outbox, shared, stop,
+        driver_cfg, rec.store, durable, watermark, rec.sm, inbox, raft_in, outbox, shared, stop,
     )?)
 }
 
 /// Runs the driver on a thread of its own (its IO is blocking; it must not stall the services).
 /// When it ends, `exited` turns true; a panic (debug builds: release builds abort) is recorded in
-/// `shared` as the replica's failure, like a storage error.
+/// `shared` as the replica's failure, like a storage error. The driver (and with it sled) is
+/// dropped only after that: closing sled flushes, which on a full disk may never return, and the
+/// failure must be reported whatever the storage does.
 fn spawn_driver(
     cfg: &NodeConfig,
     driver: Driver,
@@ -229,7 +245,8 @@ fn spawn_driver(
     std::thread::Builder::new()
         .name(format!("raft-g{}-n{}", cfg.group, cfg.id))
         .spawn(move || {
-            let run = std::panic::AssertUnwindSafe(move || {
+            let mut driver = driver;
+            let run = std::panic::AssertUnwindSafe(|| {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_time()
                     .build()
@@ -248,6 +265,7 @@ fn spawn_driver(
                 shared.stop_with(format!("the raft driver panicked: {what}"));
             }
             let _ = exited.send(true);
+            drop(driver);
         })
 }
 

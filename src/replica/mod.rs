@@ -10,5 +10,6 @@ pub(crate) mod outbox;
 pub(crate) mod snapshot;
 pub(crate) mod storage;
 pub(crate) mod transport;
+pub(crate) mod watermark;
 
 pub use handle::ReplicaHandle;

@@ -1,7 +1,8 @@
 //! Snapshot files and their transfer.
 //!
-//! A snapshot is the state machine at one applied index, written by the driver (which is the only
-//! writer of the state machine, so the copy is consistent) to `<data-dir>/snap/<index>-<term>.snap`.
+//! A snapshot is the state machine at one applied index, written by a builder thread while the
+//! driver (the only writer of the state machine) applies nothing, so the copy is consistent, to
+//! `<data-dir>/snap/<index>-<term>.snap`.
 //! Layout: `MAGIC | index u64 | term u64 | records… | END | crc32 (u32)`, a record being
 //! `tree u8 | len u32 | key | len u32 | value`, and the trailing crc32 covering everything before
 //! it. On the wire the file travels in `SNAPSHOT_CHUNK_BYTES` pieces, each with its own crc32;

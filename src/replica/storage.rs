@@ -15,6 +15,7 @@ use raft::prelude::*;
 use raft::{GetEntriesContext, RaftState, StorageError};
 
 use crate::error::{Error, Result};
+use crate::replica::watermark::Mark;
 
 const HARD_STATE_KEY: &[u8] = b"hard_state";
 const CONF_STATE_KEY: &[u8] = b"conf_state";
@@ -48,6 +49,8 @@ pub struct RaftStore {
     compacted_index: u64,
     compacted_term: u64,
     last_index: u64,
+    /// The term of the entry at `last_index` (the compacted term when the log is empty).
+    last_term: u64,
     latest_snapshot: Option<SnapshotFile>,
     /// Set by `snapshot()` when raft needs a snapshot that does not exist yet; the driver builds
     /// one at its applied index and clears the flag.
@@ -136,6 +139,11 @@ fn encode_proto<M: protobuf::Message>(m: &M) -> Vec<u8> {
 }
 
 impl RaftStore {
+    /// Whether `db` holds no raft state at all (a data dir never started).
+    pub fn is_empty(db: &sled::Db) -> Result<bool> {
+        Ok(db.open_tree("raft_state")?.is_empty() && db.open_tree("raft_log")?.is_empty())
+    }
+
     /// Opens the raft trees of `db`. A node that has never run gets `initial_voters` as its
     /// configuration (the static initial cluster), its log starting after `BOOTSTRAP_INDEX`; with
     /// no initial voters (a node joining a running group) it starts empty and waits for the
@@ -186,7 +194,7 @@ impl RaftStore {
                 })?),
                 None => compacted_index,
             };
-        Ok(RaftStore {
+        let mut store = RaftStore {
             node_id,
             log,
             state,
@@ -195,10 +203,25 @@ impl RaftStore {
             compacted_index,
             compacted_term,
             last_index,
+            last_term: compacted_term,
             latest_snapshot: None,
             snapshot_wanted: AtomicBool::new(false),
             corruption: Mutex::new(None),
-        })
+        };
+        store.last_term = store.term_of(last_index)?;
+        Ok(store)
+    }
+
+    /// Raft's durable state as the watermark records it (what the last sync made durable, when
+    /// called right after one).
+    pub fn mark(&self) -> Mark {
+        Mark {
+            term: self.hard_state.term,
+            vote: self.hard_state.vote,
+            commit: self.hard_state.commit,
+            last_index: self.last_index,
+            last_term: self.last_term,
+        }
     }
 
     pub fn hard_state(&self) -> &HardState {
@@ -236,7 +259,8 @@ impl RaftStore {
             batch.insert(&e.index.to_be_bytes(), encode_entry(e));
         }
         self.log.apply_batch(batch)?;
-        self.last_index = entries.last().unwrap().index;
+        let last = entries.last().unwrap();
+        (self.last_index, self.last_term) = (last.index, last.term);
         Ok(())
     }
 
@@ -335,7 +359,7 @@ impl RaftStore {
         }
         self.log.apply_batch(batch)?;
         self.set_compacted(meta.index, meta.term)?;
-        self.last_index = meta.index;
+        (self.last_index, self.last_term) = (meta.index, meta.term);
         let mut hs = self.hard_state.clone();
         hs.commit = hs.commit.max(meta.index);
         hs.term = hs.term.max(meta.term);
@@ -353,7 +377,7 @@ impl RaftStore {
         }
         self.log.apply_batch(batch)?;
         self.set_compacted(0, 0)?;
-        self.last_index = 0;
+        (self.last_index, self.last_term) = (0, 0);
         self.set_commit(0)
     }
 

@@ -595,7 +595,9 @@ mod tests {
         let mut s = Sm::new();
         s.put("k", "v", 10).unwrap();
         let index = s.index;
-        let (_, path, _) = s.sm.build_snapshot(&s.dir.path().join("snap"), 1).unwrap();
+        let (_, path, _) =
+            s.sm.build_snapshot(&s.dir.path().join("snap"), s.sm.applied_index(), 1)
+                .unwrap();
         // Restart: the same data dir opened again.
         let Sm { sm, dir, .. } = s;
         drop(sm);

@@ -1024,7 +1024,9 @@ mod tests {
             .unwrap();
         d.run(write(&sk, Some("x"))).unwrap();
         assert_eq!(d.pull_all(1, true).len(), 1);
-        let (_, path, _) = d.sm.build_snapshot(&d._dir.path().join("snap"), 1).unwrap();
+        let (_, path, _) =
+            d.sm.build_snapshot(&d._dir.path().join("snap"), d.sm.applied_index(), 1)
+                .unwrap();
         let other = Sm::new(&[]);
         other.sm.install_snapshot(&path, d.index).unwrap();
         assert_eq!(other.pull_all(1, true).len(), 1);

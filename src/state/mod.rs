@@ -452,10 +452,17 @@ impl StateMachine {
         Ok((items, None))
     }
 
-    /// Writes the whole state machine at the current applied index to a snapshot file. The caller
-    /// (the driver) is the only writer, so the copy is consistent.
-    pub fn build_snapshot(&self, dir: &Path, term: u64) -> Result<(u64, PathBuf, u64)> {
-        let index = self.applied_index();
+    /// Writes the whole state machine, applied up to `index` (of `term`), to a snapshot file.
+    /// Runs on a thread of its own while the driver goes on (H3): the view lock keeps writers out
+    /// for the copy, and the driver applies nothing until it ends, so the copy is of one index.
+    pub fn build_snapshot(&self, dir: &Path, index: u64, term: u64) -> Result<(u64, PathBuf, u64)> {
+        let _r = self.read_guard();
+        if self.applied_index() != index {
+            return Err(Error::Storage(format!(
+                "the state machine moved from index {index} to {} before its snapshot began",
+                self.applied_index()
+            )));
+        }
         std::fs::create_dir_all(dir)
             .map_err(|e| Error::Storage(format!("{}: {e}", dir.display())))?;
         let path = snapshot::file_name(dir, index, term);

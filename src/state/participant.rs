@@ -905,7 +905,9 @@ mod tests {
             ..Default::default()
         };
         s.prepare(7, part, 0).unwrap();
-        let (index, path, _) = s.sm.build_snapshot(&dir.path().join("snap"), 1).unwrap();
+        let (index, path, _) =
+            s.sm.build_snapshot(&dir.path().join("snap"), s.sm.applied_index(), 1)
+                .unwrap();
         let db = sled::open(dir.path().join("b")).unwrap();
         let other = StateMachine::open(&db, 2, SLOTS).unwrap().sm;
         other.install_snapshot(&path, index).unwrap();

@@ -44,7 +44,9 @@ fn apply_scan_snapshot_and_install_round_trip() {
     let (rest, next) = sm.scan(b"order-7", b"items/15", b"items/20", 10).unwrap();
     assert_eq!((rest.len(), next), (5, None));
 
-    let (index, path, records) = sm.build_snapshot(&dir.path().join("snap"), 2).unwrap();
+    let (index, path, records) = sm
+        .build_snapshot(&dir.path().join("snap"), sm.applied_index(), 2)
+        .unwrap();
     assert_eq!((index, records), (31, 30));
     let db2 = sled::open(dir.path().join("b")).unwrap();
     let sm2 = StateMachine::open(&db2, 2, 64).unwrap().sm;
@@ -248,7 +250,7 @@ fn a_corrupted_value_is_detected_and_reported_with_node_tree_and_key() {
     expect(sm.get(b"order-9", b"items/1").unwrap_err());
     expect(sm.scan(b"order-9", b"", b"", 10).unwrap_err());
     expect(
-        sm.build_snapshot(&dir.path().join("snap"), 1)
+        sm.build_snapshot(&dir.path().join("snap"), sm.applied_index(), 1)
             .map(|_| ())
             .unwrap_err(),
     );

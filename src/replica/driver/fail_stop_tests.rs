@@ -48,8 +48,8 @@ fn driver(dir: &std::path::Path) -> (Driver, watch::Sender<bool>) {
     (p.driver, p._stop)
 }
 
-fn parts(dir: &std::path::Path) -> Parts {
-    let cfg = NodeConfig {
+fn config(dir: &std::path::Path) -> NodeConfig {
+    NodeConfig {
         id: 1,
         group: 1,
         listen: String::new(),
@@ -63,7 +63,11 @@ fn parts(dir: &std::path::Path) -> Parts {
         copy_bytes_per_sec: 0,
         link_filter: None,
         serve: Default::default(),
-    };
+    }
+}
+
+fn parts(dir: &std::path::Path) -> Parts {
+    let cfg = config(dir);
     let rec = recover(&cfg).unwrap();
     let sm = rec.sm.clone();
     let (tx, rx) = mpsc::channel(DRIVER_INBOX_MAX);
@@ -219,6 +223,106 @@ async fn h4_a_failed_replica_refuses_everything_with_unavailable() {
         .expect_err("a STALE read of a stopped replica is refused");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
     assert!(status.message().contains("injected"), "{status:?}");
+}
+
+/// Runs a single-voter driver over `dir` until `writes` puts of `value_bytes` each are applied,
+/// then stops it and drops everything that keeps its sled open.
+async fn write_and_stop(dir: &std::path::Path, writes: usize, value_bytes: usize) {
+    let p = parts(dir);
+    let Parts {
+        driver,
+        sm,
+        inbox,
+        _stop: stop,
+        ..
+    } = p;
+    let running = tokio::spawn(async move {
+        let mut driver = driver;
+        driver.run().await
+    });
+    for i in 0..writes {
+        let cmd = Command::Txn(
+            put_as_txn(ordo_proto::v1::PutRequest {
+                shard_key: format!("order-{i}").into_bytes().into(),
+                key: Default::default(),
+                value: vec![b'x'; value_bytes].into(),
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        // The single voter may not have elected itself yet: retry until it takes the write.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let (resp, rx) = oneshot::channel();
+            let queued = InboxBytes::new().take(&cmd).unwrap();
+            inbox
+                .send(Msg::Propose {
+                    cmd: cmd.clone(),
+                    resp,
+                    queued,
+                })
+                .await
+                .unwrap();
+            match rx.await.unwrap() {
+                Ok(_) => break,
+                Err(Error::NotLeader { .. }) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await
+                }
+                Err(e) => panic!("put {i}: {e}"),
+            }
+        }
+    }
+    let _ = stop.send(true);
+    running.await.unwrap();
+    drop((sm, inbox));
+}
+
+/// The offsets of sled's log segments in `db/db`, newest first. Vendored sled 0.34: 512 KiB
+/// segments, each starting with `crc32 | lsn ^ 0x7fff_ffff_ffff_ffff (u64 LE) | ...`.
+fn segments_newest_first(log: &[u8]) -> Vec<usize> {
+    const SEGMENT: usize = 512 * 1024;
+    let mut segments: Vec<(u64, usize)> = log
+        .chunks_exact(SEGMENT)
+        .enumerate()
+        .map(|(i, s)| {
+            let lsn = u64::from_le_bytes(s[4..12].try_into().unwrap()) ^ 0x7fff_ffff_ffff_ffff;
+            (lsn, i * SEGMENT)
+        })
+        .collect();
+    segments.sort_unstable_by(|a, b| b.cmp(a));
+    segments.into_iter().map(|(_, offset)| offset).collect()
+}
+
+/// H5 (protocol-aware recovery): a byte flipped in the segment that holds sled's newest writes
+/// makes sled recover only the log before it (a "tear"): without the watermark the replica came
+/// back with a shorter log and an older commit than it had synced and acknowledged. With it the
+/// node refuses to start, naming what sled has and what it had synced. (A flip in an older
+/// segment often makes sled 0.34 panic in its own recovery, which fails the start too.)
+#[tokio::test]
+async fn h5_a_corrupt_log_segment_makes_the_node_refuse_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // 400 writes of 4 KiB fill a dozen of sled's 512 KiB segments.
+    write_and_stop(dir.path(), 400, 4096).await;
+    let path = dir.path().join("db").join("db");
+    let mut log = std::fs::read(&path).unwrap();
+    let segments = segments_newest_first(&log);
+    assert!(segments.len() > 4, "sled's log spans several segments");
+    // Inside the first message after the newest segment's 20-byte header.
+    log[segments[0] + 24] ^= 0x40;
+    std::fs::write(&path, &log).unwrap();
+
+    let err = match recover(&config(dir.path())) {
+        Ok(rec) => panic!(
+            "the node opened a torn log (last index {}, commit {})",
+            rec.store.last_index_now(),
+            rec.store.hard_state().commit
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("corruption") && err.contains("behind the watermark"),
+        "the refusal says why: {err}"
+    );
 }
 
 /// M10: heartbeats that arrive after two inbox batches of proposals are stepped before any of

@@ -12,6 +12,10 @@
 //! 5. apply committed entries (effects + applied index in one sled transaction) and answer the
 //!    proposals and reads waiting for them,
 //! 6. advance, and do the same for the light ready.
+//!
+//! A snapshot is built on a thread of its own (`snapshots.rs`); until it ends the loop goes on
+//! ticking, stepping, appending and syncing, but leaves committed entries in the log, so the state
+//! machine holds still at the snapshot's index; they are applied once it ends (`catch_up`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -31,6 +35,7 @@ use crate::replica::durable::Durable;
 use crate::replica::inbox::{Msg, PeerMsg, Shared};
 use crate::replica::outbox::Outbox;
 use crate::replica::storage::RaftStore;
+use crate::replica::watermark::Watermark;
 use crate::state::{Command, Outcome, Stamp, StateMachine};
 
 mod apply;
@@ -121,6 +126,8 @@ pub struct Driver {
     cfg: DriverConfig,
     raw: RawNode<RaftStore>,
     durable: Durable,
+    /// Raft state last known durable, outside sled (H5): refreshed after every sync.
+    watermark: Watermark,
     sm: Arc<StateMachine>,
     inbox: mpsc::Receiver<Msg>,
     /// Raft messages from peers (`RaftQueue`), taken before the inbox.
@@ -146,7 +153,10 @@ pub struct Driver {
     staged: HashMap<(u64, u64), PathBuf>,
     snapshots_installed: u64,
     snapshots_sent: u64,
-    snapshot_build: snapshots::BuildRetry,
+    snapshot_build: snapshots::SnapshotBuild,
+    /// The last committed index raft handed over. While a snapshot is built the entries up to
+    /// it stay in the log unapplied, and `catch_up` applies them once the build ends.
+    committed_seen: u64,
     transfer: Option<Transfer>,
     conf_waiter: Option<ConfWaiter>,
     /// When each peer was last heard from (for the live-quorum check of membership changes).
@@ -165,7 +175,7 @@ pub fn raft_config(id: u64, applied: u64) -> raft::Config {
         pre_vote: true,
         check_quorum: true,
         read_only_option: raft::ReadOnlyOption::Safe,
-        max_committed_size_per_ready: 16 * RAFT_MSG_BYTES_MAX,
+        max_committed_size_per_ready: APPLY_BATCH_BYTES_MAX,
         ..Default::default()
     }
 }
@@ -176,6 +186,7 @@ impl Driver {
         cfg: DriverConfig,
         store: RaftStore,
         durable: Durable,
+        watermark: Watermark,
         sm: Arc<StateMachine>,
         inbox: mpsc::Receiver<Msg>,
         raft_in: mpsc::Receiver<PeerMsg>,
@@ -194,6 +205,7 @@ impl Driver {
             cfg,
             raw,
             durable,
+            watermark,
             sm,
             inbox,
             raft_in,
@@ -211,6 +223,7 @@ impl Driver {
             snapshots_installed: 0,
             snapshots_sent: 0,
             snapshot_build: Default::default(),
+            committed_seen: config.applied,
             transfer: None,
             conf_waiter: None,
             last_heard: HashMap::new(),
@@ -222,21 +235,29 @@ impl Driver {
     /// (a storage error, corruption). Pending requests are then failed, never left hanging. A
     /// failure is published in `Shared::stopped` (fail-stop, see ARCHITECTURE.md): handlers
     /// refuse everything from then on and the binary exits.
-    pub async fn run(mut self) {
+    pub async fn run(&mut self) {
         let failure = self.run_loop().await;
         if let Some(why) = &failure {
             self.shared.stop_with(why.clone());
         }
         self.shared.is_leader.store(0, Ordering::Relaxed);
+        let failed = failure.is_some();
         let why = failure.unwrap_or_else(|| "it is shutting down".into());
         self.fail_all(|| {
             Error::Unavailable(format!(
                 "the replica stopped before this request completed ({why}); its outcome is unknown"
             ))
         });
-        // After a failed sync this fails again with the first error (durable.rs latches it).
-        if let Err(e) = self.durable.sync() {
-            tracing::error!(error = %e, "final flush failed");
+        // A replica that failed writes nothing more: its storage is not trusted, and on a full
+        // disk sled's flush may never return, which would keep the process from exiting.
+        if !failed {
+            let synced = self.durable.sync().and_then(|()| {
+                let mark = self.raw.store().mark();
+                self.watermark.write(mark)
+            });
+            if let Err(e) = synced {
+                tracing::error!(error = %e, "final flush failed");
+            }
         }
         tracing::info!(
             node = self.cfg.node_id,
@@ -279,6 +300,10 @@ impl Driver {
             }
             m = self.raft_in.recv() => {
                 self.step_peer(m?);
+                None
+            }
+            built = snapshots::built(&mut self.snapshot_build.running) => {
+                self.on_build_done(built);
                 None
             }
             msg = self.inbox.recv() => Some(msg?),
@@ -468,6 +493,8 @@ impl Driver {
         }
         self.maybe_build_snapshot();
         self.on_ready()?;
+        self.catch_up()?;
+        self.watermark.flush_due()?;
         self.publish();
         Ok(())
     }
@@ -543,23 +570,63 @@ impl Driver {
         // applied index, see `node.rs`), and skipping it saves one fsync per commit on a leader.
         if rd.must_sync() {
             self.durable.sync()?;
+            // Before the persisted messages: a vote is on record before it is sent.
+            self.watermark.record(self.raw.store().mark())?;
         }
         for rs in rd.take_read_states() {
             self.read_index_known(&rs.request_ctx, rs.index);
         }
         self.send(rd.take_persisted_messages());
-        self.apply(rd.take_committed_entries())?;
+        self.apply_committed(rd.take_committed_entries())?;
 
-        let mut light = self.raw.advance(rd);
+        let mut light = self.raw.advance_append(rd);
         if let Some(commit) = light.commit_index() {
             self.raw.mut_store().set_commit(commit)?;
         }
         self.send(light.take_messages());
-        self.apply(light.take_committed_entries())?;
-        self.raw.advance_apply();
-        self.release_reads();
-        self.maybe_compact()?;
+        self.apply_committed(light.take_committed_entries())?;
+        self.applied()
+    }
+
+    /// Applies committed entries now, unless a snapshot is being built or earlier entries still
+    /// wait: then they stay in the log (raft allows applying later) and `catch_up` applies them.
+    fn apply_committed(&mut self, entries: Vec<Entry>) -> Result<()> {
+        let Some(last) = entries.last().map(|e| e.index) else {
+            return Ok(());
+        };
+        let caught_up = self.sm.applied_index() == self.committed_seen;
+        self.committed_seen = last;
+        if caught_up && self.snapshot_build.running.is_none() {
+            self.apply(entries)?;
+        }
         Ok(())
+    }
+
+    /// Once no snapshot is being built, applies the committed entries left in the log, a
+    /// bounded step at a time.
+    fn catch_up(&mut self) -> Result<()> {
+        let applied = self.sm.applied_index();
+        if applied >= self.committed_seen || self.snapshot_build.running.is_some() {
+            return Ok(());
+        }
+        let (low, high) = (applied + 1, self.committed_seen + 1);
+        let entries = raft::Storage::entries(
+            self.raw.store(),
+            low,
+            high,
+            APPLY_BATCH_BYTES_MAX,
+            raft::GetEntriesContext::empty(false),
+        )
+        .map_err(|e| Error::Storage(format!("reading committed entries {low}..{high}: {e}")))?;
+        self.apply(entries)?;
+        self.applied()
+    }
+
+    /// Tells raft how far the state machine got, and what that releases.
+    fn applied(&mut self) -> Result<()> {
+        self.raw.advance_apply_to(self.sm.applied_index());
+        self.release_reads();
+        self.maybe_compact()
     }
 
     fn read_index_known(&mut self, ctx: &[u8], index: u64) {

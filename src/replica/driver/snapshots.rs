@@ -1,63 +1,197 @@
 //! Snapshots and log compaction on the driver: installing a received snapshot raft accepted,
-//! building one from the state machine when a follower needs it, and removing applied log
-//! entries in bounded steps.
+//! building one from the state machine when a follower needs it (on a thread of its own), and
+//! removing applied log entries in bounded steps.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+#[cfg(test)]
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use raft::prelude::*;
+use tokio::sync::oneshot;
 
 use super::Driver;
 use crate::error::{Error, Result};
 use crate::limits::*;
 use crate::replica::storage::SnapshotFile;
 
-/// A snapshot raft asked for and not built yet: a failed build (full disk, I/O error) is retried
-/// after a doubling backoff, and meanwhile raft is told the snapshot is temporarily unavailable,
-/// so the replica keeps serving and raft asks again.
+/// What a builder thread hands back: the snapshot's index, its file and how many records it holds.
+type Built = Result<(u64, PathBuf, u64)>;
+
+/// A snapshot being written by its own thread (H3): the driver keeps ticking, stepping and
+/// appending meanwhile, and leaves committed entries in the log until the build ends, so the
+/// state machine stays at the build's index (`Driver::apply_committed`).
+pub(super) struct Build {
+    done: oneshot::Receiver<Built>,
+    term: u64,
+    conf_state: ConfState,
+    started: Instant,
+}
+
+/// The snapshot raft asked for: being built, or not built yet. A failed build (full disk, I/O
+/// error) is retried after a doubling backoff, and meanwhile raft is told the snapshot is
+/// temporarily unavailable, so the replica keeps serving and raft asks again.
 #[derive(Default)]
-pub(super) struct BuildRetry {
+pub(super) struct SnapshotBuild {
     wanted: bool,
     failures: u32,
     not_before: Option<Instant>,
+    pub(super) running: Option<Build>,
+    /// Tests: a builder thread waits while this gate is closed before it writes anything.
+    #[cfg(test)]
+    pub(super) gate: Option<Arc<Gate>>,
 }
 
-impl BuildRetry {
+/// Tests: holds builder threads back while closed.
+#[cfg(test)]
+#[derive(Default)]
+pub(super) struct Gate {
+    closed: Mutex<bool>,
+    opened: Condvar,
+}
+
+#[cfg(test)]
+impl Gate {
+    pub(super) fn close(&self) {
+        *self.closed.lock().unwrap() = true;
+    }
+
+    pub(super) fn open(&self) {
+        *self.closed.lock().unwrap() = false;
+        self.opened.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut closed = self.closed.lock().unwrap();
+        while *closed {
+            closed = self.opened.wait(closed).unwrap();
+        }
+    }
+}
+
+impl SnapshotBuild {
     fn backoff(failures: u32) -> Duration {
         let ms = SNAPSHOT_BUILD_RETRY_MIN_MS.saturating_mul(1 << failures.min(16));
         Duration::from_millis(ms.min(SNAPSHOT_BUILD_RETRY_MAX_MS))
     }
 }
 
+/// Resolves with the running build's result; never while none runs.
+pub(super) async fn built(running: &mut Option<Build>) -> Built {
+    match running {
+        Some(b) => (&mut b.done).await.unwrap_or_else(|_| {
+            Err(Error::Storage(
+                "the snapshot builder thread ended without a result".into(),
+            ))
+        }),
+        None => std::future::pending().await,
+    }
+}
+
 impl Driver {
-    /// Builds the snapshot raft asked for, unless a failed build is still backing off.
+    /// Starts building the snapshot raft asked for, unless one is being built or a failed build
+    /// is still backing off.
     pub(super) fn maybe_build_snapshot(&mut self) {
-        let retry = &mut self.snapshot_build;
-        retry.wanted |= self.raw.store().take_snapshot_wanted();
-        if !retry.wanted || retry.not_before.is_some_and(|t| Instant::now() < t) {
+        // Raft's asks during a build are answered by its result.
+        let asked = self.raw.store().take_snapshot_wanted();
+        let b = &mut self.snapshot_build;
+        b.wanted |= asked && b.running.is_none();
+        if !b.wanted || b.running.is_some() || b.not_before.is_some_and(|t| Instant::now() < t) {
             return;
         }
-        match self.build_snapshot() {
-            Ok(()) => self.snapshot_build = BuildRetry::default(),
-            Err(e) => {
-                let retry = &mut self.snapshot_build;
-                let backoff = BuildRetry::backoff(retry.failures);
-                retry.failures += 1;
-                retry.not_before = Some(Instant::now() + backoff);
-                self.shared
-                    .snapshot_build_failures
-                    .fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    node = self.cfg.node_id,
-                    group = self.cfg.group_id,
-                    error = %e,
-                    failures = retry.failures,
-                    retry_ms = backoff.as_millis() as u64,
-                    "snapshot build failed; the replica keeps serving and retries (check the snapshot dir and free disk space)"
-                );
-            }
+        match self.start_build() {
+            Ok(build) => self.snapshot_build.running = Some(build),
+            Err(e) => self.build_failed(e),
         }
+    }
+
+    /// Writes the state machine at its applied index to a file, on a thread of its own.
+    fn start_build(&mut self) -> Result<Build> {
+        let applied = self.sm.applied_index();
+        let term = raft::Storage::term(self.raw.store(), applied)
+            .map_err(|e| Error::Storage(format!("term of applied index {applied}: {e}")))?;
+        let (tx, done) = oneshot::channel();
+        let (sm, dir) = (self.sm.clone(), self.cfg.snap_dir.clone());
+        #[cfg(test)]
+        let gate = self.snapshot_build.gate.clone();
+        std::thread::Builder::new()
+            .name(format!("snap-g{}-n{}", self.cfg.group_id, self.cfg.node_id))
+            .spawn(move || {
+                #[cfg(test)]
+                if let Some(gate) = gate {
+                    gate.pass();
+                }
+                let _ = tx.send(sm.build_snapshot(&dir, applied, term));
+            })
+            .map_err(|e| Error::Storage(format!("starting a snapshot builder thread: {e}")))?;
+        Ok(Build {
+            done,
+            term,
+            conf_state: self.raw.store().conf_state().clone(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Takes in the result of the running build: raft is offered the new snapshot, or the
+    /// build is retried after a backoff.
+    pub(super) fn on_build_done(&mut self, result: Built) {
+        let Some(build) = self.snapshot_build.running.take() else {
+            return;
+        };
+        let (index, path, records) = match result {
+            Ok(built) => built,
+            Err(e) => return self.build_failed(e),
+        };
+        self.snapshot_build.wanted = false;
+        self.snapshot_build.failures = 0;
+        self.snapshot_build.not_before = None;
+        let old = self.raw.store().latest_snapshot();
+        if old.is_some_and(|s| s.metadata.index >= index) {
+            // A snapshot installed during the build is newer.
+            let _ = std::fs::remove_file(path);
+            return;
+        }
+        let old = old.map(|s| s.path.clone());
+        let mut metadata = SnapshotMetadata {
+            index,
+            term: build.term,
+            ..Default::default()
+        };
+        metadata.set_conf_state(build.conf_state);
+        self.raw.mut_store().set_latest_snapshot(SnapshotFile {
+            metadata,
+            path: path.clone(),
+        });
+        if let Some(old) = old.filter(|o| *o != path) {
+            // A transfer still reading it keeps its open handle.
+            let _ = std::fs::remove_file(old);
+        }
+        tracing::info!(
+            node = self.cfg.node_id,
+            index,
+            records,
+            ms = build.started.elapsed().as_millis() as u64,
+            "built snapshot"
+        );
+    }
+
+    fn build_failed(&mut self, e: Error) {
+        let b = &mut self.snapshot_build;
+        let backoff = SnapshotBuild::backoff(b.failures);
+        b.failures += 1;
+        b.not_before = Some(Instant::now() + backoff);
+        self.shared
+            .snapshot_build_failures
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            node = self.cfg.node_id,
+            group = self.cfg.group_id,
+            error = %e,
+            failures = b.failures,
+            retry_ms = backoff.as_millis() as u64,
+            "snapshot build failed; the replica keeps serving and retries (check the snapshot dir and free disk space)"
+        );
     }
 
     /// Hands a received snapshot to raft and keeps its file until raft installs it. Files raft can
@@ -90,9 +224,16 @@ impl Driver {
                 ))
             })?;
         let started = Instant::now();
+        // An install cut short resets the replica (`node.rs`): lower the watermark to that first.
+        let mark = self.raw.store().mark();
+        self.watermark.write(mark.before_install())?;
         let items = self.sm.install_snapshot(&path, meta.index)?;
         self.raw.mut_store().apply_snapshot(meta)?;
+        // Everything committed before it is in it, whatever was left unapplied.
+        self.committed_seen = meta.index;
         self.durable.sync()?;
+        let mark = self.raw.store().mark();
+        self.watermark.write(mark)?;
         self.sm.finish_install()?;
         self.snapshots_installed += 1;
         // The files staged beside it are older or the same snapshot again, and the one this
@@ -113,37 +254,6 @@ impl Driver {
             items,
             ms = started.elapsed().as_millis() as u64,
             "caught up from a snapshot"
-        );
-        Ok(())
-    }
-
-    pub(super) fn build_snapshot(&mut self) -> Result<()> {
-        let applied = self.sm.applied_index();
-        let term = raft::Storage::term(self.raw.store(), applied)
-            .map_err(|e| Error::Storage(format!("term of applied index {applied}: {e}")))?;
-        let started = Instant::now();
-        let (index, path, records) = self.sm.build_snapshot(&self.cfg.snap_dir, term)?;
-        let mut metadata = SnapshotMetadata {
-            index,
-            term,
-            ..Default::default()
-        };
-        metadata.set_conf_state(self.raw.store().conf_state().clone());
-        let old = self.raw.store().latest_snapshot().map(|s| s.path.clone());
-        self.raw.mut_store().set_latest_snapshot(SnapshotFile {
-            metadata,
-            path: path.clone(),
-        });
-        if let Some(old) = old.filter(|o| *o != path) {
-            // A transfer still reading it keeps its open handle.
-            let _ = std::fs::remove_file(old);
-        }
-        tracing::info!(
-            node = self.cfg.node_id,
-            index,
-            records,
-            ms = started.elapsed().as_millis() as u64,
-            "built snapshot"
         );
         Ok(())
     }

@@ -12,8 +12,9 @@ use ordo_proto::v1::{PutRequest, StatusResponse};
 use raft::prelude::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::snapshots::Gate;
 use crate::error::Result;
-use crate::limits::DRIVER_INBOX_MAX;
+use crate::limits::{DRIVER_INBOX_MAX, ELECTION_TICKS, TICK_MS};
 use crate::node::{new_driver, recover, NodeConfig};
 use crate::replica::inbox::{InboxBytes, Msg, RaftQueue, Shared};
 use crate::replica::outbox::Outbox;
@@ -140,6 +141,11 @@ fn node_config(
 impl Group {
     /// Three founding replicas; each driver runs as a task of the test's runtime.
     fn start(compact_log_entries: u64) -> Group {
+        Self::start_gated(compact_log_entries, None)
+    }
+
+    /// [`Group::start`], each replica's snapshot builder waiting for `gate` before it writes.
+    fn start_gated(compact_log_entries: u64, gate: Option<Arc<Gate>>) -> Group {
         let dir = tempfile::tempdir().unwrap();
         let net = Arc::new(MemNet::default());
         let peers: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("mem-{id}"))).collect();
@@ -163,7 +169,7 @@ impl Group {
                 net: net.clone(),
                 addrs: peers.clone(),
             };
-            let driver = new_driver(
+            let mut driver = new_driver(
                 &cfg,
                 rec,
                 Box::new(outbox),
@@ -173,7 +179,8 @@ impl Group {
                 stop_rx,
             )
             .unwrap();
-            tokio::spawn(driver.run());
+            driver.snapshot_build.gate = gate.clone();
+            tokio::spawn(async move { driver.run().await });
             let member = Member {
                 inbox: tx,
                 shared,
@@ -240,6 +247,13 @@ impl Group {
         };
         self.members[&node].inbox.send(msg).await.unwrap();
         rx.await.unwrap().unwrap()
+    }
+
+    /// [`Group::status`], failing the test if the driver does not answer within `WAIT`.
+    async fn status_within(&self, node: u64) -> StatusResponse {
+        tokio::time::timeout(WAIT, self.status(node))
+            .await
+            .unwrap_or_else(|_| panic!("node {node}'s driver did not answer within {WAIT:?}"))
     }
 
     /// Waits until every replica has applied the same items (same digest).
@@ -389,6 +403,95 @@ async fn h3_failed_snapshot_build_keeps_the_leader_serving() {
     assert!(
         g.status(lagging).await.snapshots_installed >= 1,
         "the lagging follower caught up from a snapshot"
+    );
+}
+
+/// H3: a snapshot is built on a thread of its own. While a build takes long (held here by a
+/// gate), the leader keeps its leadership (it goes on sending heartbeats: no election over several
+/// election timeouts) and keeps replicating: a write proposed meanwhile commits on a quorum, and
+/// is applied and answered once the build ends; the lagging follower then catches up from the
+/// snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h3_a_long_snapshot_build_does_not_stop_the_leader() {
+    let gate = Arc::new(Gate::default());
+    let g = Group::start_gated(16, Some(gate.clone()));
+    let leader = g.wait_leader().await;
+    let lagging = *g.members.keys().find(|id| **id != leader).unwrap();
+    g.net.cut.lock().unwrap().insert(lagging);
+    for i in 0..200 {
+        g.put(leader, &format!("k{i}"), "v").await.unwrap();
+    }
+    let term = g.status(leader).await.term;
+    gate.close();
+    g.net.cut.lock().unwrap().clear();
+
+    // A write while the build waits at the gate: it commits, and stays unapplied.
+    let txn = put_as_txn(PutRequest {
+        shard_key: bytes::Bytes::from_static(b"order-1"),
+        key: bytes::Bytes::from_static(b"during-build"),
+        value: bytes::Bytes::from_static(b"v"),
+        ..Default::default()
+    })
+    .unwrap();
+    let (resp, mut answered) = oneshot::channel();
+    let cmd = Command::Txn(txn);
+    let queued = InboxBytes::new().take(&cmd).unwrap();
+    g.members[&leader]
+        .inbox
+        .send(Msg::Propose { cmd, resp, queued })
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let held_at = loop {
+        let s = g.status_within(leader).await;
+        if s.commit_index > s.applied_index {
+            break s.applied_index;
+        }
+        if let Ok(early) = answered.try_recv() {
+            panic!("the write was answered before any build held it back: {early:?}");
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the leader never held a committed entry back for a build: {s:?}, follower {:?}",
+            g.status_within(lagging).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Three election timeouts at the longest: an idle driver would have lost its leadership.
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_millis(3 * 2 * ELECTION_TICKS as u64 * TICK_MS) {
+        for id in g.members.keys() {
+            let s = g.status_within(*id).await;
+            assert_eq!(
+                (s.term, s.leader_id),
+                (term, leader),
+                "node {id} saw an election during the build"
+            );
+        }
+        let s = g.status_within(leader).await;
+        assert_eq!(
+            s.applied_index, held_at,
+            "nothing is applied during the build"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        answered.try_recv().is_err(),
+        "the write is answered only once applied"
+    );
+
+    gate.open();
+    let out = tokio::time::timeout(WAIT, answered)
+        .await
+        .expect("the write is answered once the build ends")
+        .unwrap()
+        .expect("and it succeeded");
+    assert_eq!(version_of(out), 1);
+    let st = g.wait_converged().await;
+    assert_eq!(st.items, 201);
+    assert!(
+        g.status(lagging).await.snapshots_installed >= 1,
+        "the lagging follower caught up from the snapshot"
     );
 }
 

@@ -108,6 +108,20 @@ impl ProcGroup {
         compact_log_entries: u64,
         env: BTreeMap<u64, Vec<(String, String)>>,
     ) -> ProcGroup {
+        let mut g = Self::prepare(bins, replicas, compact_log_entries, env);
+        g.start_all();
+        g
+    }
+
+    /// [`ProcGroup::start_with_env`] without starting anything: the data dirs
+    /// (`nodes[id].data_dir`) are chosen but not created, so a test can set them up (e.g. mount
+    /// a small file system there) before [`ProcGroup::start_all`].
+    pub fn prepare(
+        bins: Bins,
+        replicas: u64,
+        compact_log_entries: u64,
+        env: BTreeMap<u64, Vec<(String, String)>>,
+    ) -> ProcGroup {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = BTreeMap::new();
         for id in 1..=replicas {
@@ -123,19 +137,22 @@ impl ProcGroup {
             );
         }
         let peers_arg = peers_arg(nodes.values().map(|n| (n.id, &n.addr)));
-        let mut g = ProcGroup {
+        ProcGroup {
             _dir: dir,
             bins,
             nodes,
             peers_arg,
             compact_log_entries,
             env,
-        };
-        let ids: Vec<u64> = g.nodes.keys().copied().collect();
-        for id in ids {
-            g.start_node(id);
         }
-        g
+    }
+
+    /// Starts every node of a prepared group.
+    pub fn start_all(&mut self) {
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.start_node(id);
+        }
     }
 
     /// Member `id` of the group.
