@@ -275,15 +275,16 @@ fn two_groups_apart(pg: &InProcCluster) -> (usize, usize) {
 }
 
 async fn router_with(pg: &InProcCluster, fp: Failpoint) -> (Router, Client) {
+    router_with_options(pg, stopping_at(fp)).await
+}
+
+async fn router_with_options(pg: &InProcCluster, options: RouterOptions) -> (Router, Client) {
     let router = Router::start_with_options(
         RouterConfig {
             listen: "127.0.0.1:0".into(),
             config_addrs: pg.config_addrs.clone(),
         },
-        RouterOptions {
-            twopc_failpoint: Some(fp),
-            ..Default::default()
-        },
+        options,
     )
     .await
     .unwrap();
@@ -291,6 +292,32 @@ async fn router_with(pg: &InProcCluster, fp: Failpoint) -> (Router, Client) {
         .unwrap()
         .with_timeout(Duration::from_secs(10));
     (router, c)
+}
+
+/// Two accounts on different groups, their balances, and a transfer of 7 between them through a
+/// router (with `options`) that stops at its failpoint and so cannot say how it ended.
+async fn stopped_transfer(
+    pg: &InProcCluster,
+    c: &Client,
+    options: RouterOptions,
+) -> (usize, usize, Vec<(u64, u64)>) {
+    let (a, b) = two_groups_apart(pg);
+    let before = read_accounts(c, &[a, b]).await.unwrap();
+    let (router, dying) = router_with_options(pg, options).await;
+    assert_eq!(
+        transfer(&dying, a, b, 7).await,
+        None,
+        "the coordinator stopped"
+    );
+    router.shutdown().await;
+    (a, b, before)
+}
+
+fn stopping_at(fp: Failpoint) -> RouterOptions {
+    RouterOptions {
+        twopc_failpoint: Some(fp),
+        ..Default::default()
+    }
 }
 
 /// Acceptance 2 and 3: a router stops after every part is prepared (no decision) or after the
@@ -370,16 +397,9 @@ fn group_of(pg: &InProcCluster, acct: usize) -> u64 {
 async fn h7_a_decision_moves_with_the_primarys_slot() {
     let _heavy = ordo_testkit::HEAVY.lock().await;
     let (pg, c) = bank().await;
-    let (a, b) = two_groups_apart(&pg);
+    let (a, b, before) =
+        stopped_transfer(&pg, &c, stopping_at(Failpoint::AfterPrimaryFinish)).await;
     let (ga, gb) = (group_of(&pg, a), group_of(&pg, b));
-    let before = read_accounts(&c, &[a, b]).await.unwrap();
-    let (router, dying) = router_with(&pg, Failpoint::AfterPrimaryFinish).await;
-    assert_eq!(
-        transfer(&dying, a, b, 7).await,
-        None,
-        "the coordinator stopped"
-    );
-    router.shutdown().await;
     // The primary (account a, the first compare) is finished; b's part is still locked.
     let map = pg.router.shard_map();
     let slot = ordo_proto::slot_of(&account(a), map.slot_count);
@@ -417,26 +437,11 @@ async fn h7_a_decision_moves_with_the_primarys_slot() {
 async fn h7_a_coordinator_clock_ahead_neither_extends_nor_breaks_its_locks() {
     let _heavy = ordo_testkit::HEAVY.lock().await;
     let (pg, c) = bank().await;
-    let (a, b) = two_groups_apart(&pg);
-    let before = read_accounts(&c, &[a, b]).await.unwrap();
-    let router = Router::start_with_options(
-        RouterConfig {
-            listen: "127.0.0.1:0".into(),
-            config_addrs: pg.config_addrs.clone(),
-        },
-        RouterOptions {
-            twopc_failpoint: Some(Failpoint::AfterPrepare),
-            clock_offset_ms: 5_000,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
-    let skewed = Client::connect(vec![router.addr.to_string()])
-        .unwrap()
-        .with_timeout(Duration::from_secs(10));
-    assert_eq!(transfer(&skewed, a, b, 7).await, None);
-    router.shutdown().await;
+    let skewed = RouterOptions {
+        clock_offset_ms: 5_000,
+        ..stopping_at(Failpoint::AfterPrepare)
+    };
+    let (a, b, before) = stopped_transfer(&pg, &c, skewed).await;
     // A plain Get (no transaction, so no wound-wait) waits for the lock to expire.
     let started = Instant::now();
     c.get(account(b), "", false).await.unwrap();
@@ -462,16 +467,8 @@ async fn h7_a_coordinator_clock_ahead_neither_extends_nor_breaks_its_locks() {
 async fn m4_orphaned_locks_on_cold_keys_do_not_block_moving_their_slots() {
     let _heavy = ordo_testkit::HEAVY.lock().await;
     let (pg, c) = bank().await;
-    let (a, b) = two_groups_apart(&pg);
+    let (a, b, before) = stopped_transfer(&pg, &c, stopping_at(Failpoint::AfterPrepare)).await;
     let (ga, gb) = (group_of(&pg, a), group_of(&pg, b));
-    let before = read_accounts(&c, &[a, b]).await.unwrap();
-    let (router, dying) = router_with(&pg, Failpoint::AfterPrepare).await;
-    assert_eq!(
-        transfer(&dying, a, b, 7).await,
-        None,
-        "the coordinator stopped"
-    );
-    router.shutdown().await;
     let map = pg.router.shard_map();
     let slots = [a, b].map(|i| ordo_proto::slot_of(&account(i), map.slot_count));
     let third = map
