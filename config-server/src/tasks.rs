@@ -135,6 +135,13 @@ fn refusal(s: &Status) -> bool {
     )
 }
 
+fn find_task_mut(list: &mut MigrationList, id: u64) -> Result<&mut Task, Status> {
+    list.tasks
+        .iter_mut()
+        .find(|t| t.id == id)
+        .ok_or_else(|| Status::not_found(format!("no task {id}")))
+}
+
 fn find_task(list: &MigrationList, id: u64) -> Result<&Task, Status> {
     list.tasks
         .iter()
@@ -245,11 +252,7 @@ impl<S: MapStore> ConfigService<S> {
     /// it is before its cut-over.
     pub(crate) async fn abort_task(&self, id: u64) -> Result<Task, Status> {
         update_records(&*self.store, |list| {
-            let t = list
-                .tasks
-                .iter_mut()
-                .find(|t| t.id == id)
-                .ok_or_else(|| Status::not_found(format!("no task {id}")))?;
+            let t = find_task_mut(list, id)?;
             if !task_running(t) {
                 return Err(Status::failed_precondition(format!(
                     "task {id} is {} and can no longer be aborted",
@@ -448,11 +451,7 @@ impl<S: MapStore> ConfigService<S> {
     /// first such error and ends FAILED with it once its other moves ran).
     async fn next_move(&self, id: u64, failed: Option<Status>) -> Result<(), Status> {
         update_records(&*self.store, |list| {
-            let t = list
-                .tasks
-                .iter_mut()
-                .find(|t| t.id == id)
-                .ok_or_else(|| Status::not_found(format!("no task {id}")))?;
+            let t = find_task_mut(list, id)?;
             if let Some(e) = failed.as_ref().filter(|_| t.error.is_empty()) {
                 t.error = format!(
                     "move {} of {} failed: {}",
@@ -474,11 +473,7 @@ impl<S: MapStore> ConfigService<S> {
 
     async fn end_task(&self, id: u64, ended: Ended) -> Result<(), Status> {
         let t = update_records(&*self.store, |list| {
-            let t = list
-                .tasks
-                .iter_mut()
-                .find(|t| t.id == id)
-                .ok_or_else(|| Status::not_found(format!("no task {id}")))?;
+            let t = find_task_mut(list, id)?;
             ended.clone().apply(t);
             Ok(t.clone())
         })
