@@ -27,6 +27,10 @@ pub enum Error {
     /// The request is valid but the state does not allow it; the message says what to change.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The request is valid but its result would break a bound (the message names it and its
+    /// value); nothing was applied. `RESOURCE_EXHAUSTED`.
+    #[error("{0}")]
+    ResourceExhausted(String),
     /// Temporarily cannot serve (no leader, overloaded, leadership changed mid-request). The
     /// message says whether the request may have taken effect.
     #[error("{0}")]
@@ -137,6 +141,7 @@ impl From<Error> for Status {
             }
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::Unavailable(_) => Status::unavailable(msg),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::Corruption(_) => Status::data_loss(msg),
             Error::Storage(_) => Status::internal(msg),
         }

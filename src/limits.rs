@@ -13,8 +13,10 @@ pub const TXN_OPS_MAX: usize = 128;
 /// Largest total payload (keys + values) of one `Txn`: one raft entry, so it is bounded well below
 /// the peer message limit.
 pub const TXN_BYTES_MAX: usize = 8 * 1024 * 1024;
-/// Largest gRPC message a node decodes from a client.
-pub const CLIENT_MESSAGE_BYTES_MAX: usize = TXN_BYTES_MAX + 1024 * 1024;
+/// Largest gRPC message a node decodes from or encodes to a client: the one bound routers use
+/// too (`ordo-proto`), so a client gets the same refusal from either and a node's answer always
+/// fits what a router accepts.
+pub const CLIENT_MESSAGE_BYTES_MAX: usize = ordo_proto::addr::KV_MESSAGE_BYTES_MAX;
 /// Largest gRPC message a node decodes from a peer (a raft batch or a snapshot chunk).
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Most items one `Scan` page returns.
@@ -22,6 +24,21 @@ pub const SCAN_LIMIT_MAX: u32 = 1000;
 /// Most key and value bytes one `Scan` page returns (a page always holds at least one item, so
 /// a scan progresses): 1000 items of 1 MiB would be 1 GiB, far over any message bound.
 pub const SCAN_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
+
+/// Most value bytes the Gets of one `Txn` return (a 2PC part too). Counted at apply, before any
+/// value is copied, and the same on every replica: a `Txn` of 127 Gets of 1 MiB items is about
+/// 3 KB on the wire, but its answer would be over every message bound and its evaluation would
+/// hold 127 MiB on every replica. Over it the `Txn` is refused (`RESOURCE_EXHAUSTED`) and none of
+/// its writes are applied. As large as a scan page: bigger reads page with `Scan`.
+pub const TXN_RESULT_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Most value bytes all the transactions of one raft entry (a `TxnBatch` of up to 256) return:
+/// a hostile entry of 256 over-budget reads cannot make a replica hold more than this (plus the
+/// one transaction being refused). An apply run is also cut into sled transactions once its
+/// results reach it, so one `Ready` of thousands of such entries holds at most twice this.
+pub const ENTRY_RESULT_BYTES_MAX: usize = 4 * TXN_RESULT_BYTES_MAX;
+/// Bytes an answer adds per op result to the values it carries (tags, lengths, version, found),
+/// rounded up: the op results of a `TxnResponse` are this and the values.
+pub const OP_RESULT_FRAMING_BYTES_MAX: usize = 64;
 
 /// Bounded mailbox of a group's raft driver (proposals, reads, peer messages).
 pub const DRIVER_INBOX_MAX: usize = 8192;
@@ -104,6 +121,12 @@ const _: () = assert!(TXN_BYTES_MAX < CLIENT_MESSAGE_BYTES_MAX);
 const _: () = assert!(
     SCAN_PAGE_BYTES_MAX + VALUE_BYTES_MAX + KEY_BYTES_MAX + 64 * 1024 < CLIENT_MESSAGE_BYTES_MAX
 );
+// The largest answer a Txn can have, with room for framing.
+const _: () = assert!(
+    TXN_RESULT_BYTES_MAX + TXN_OPS_MAX * OP_RESULT_FRAMING_BYTES_MAX + 64 * 1024
+        < CLIENT_MESSAGE_BYTES_MAX / 2
+);
+const _: () = assert!(TXN_RESULT_BYTES_MAX <= ENTRY_RESULT_BYTES_MAX);
 const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES < PEER_MESSAGE_BYTES_MAX);
 const _: () = assert!(SNAPSHOT_BUILD_RETRY_MIN_MS < SNAPSHOT_BUILD_RETRY_MAX_MS);

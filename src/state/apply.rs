@@ -1,6 +1,7 @@
 //! Applying committed commands: transactions, 2PC steps and the applied index in one sled
 //! transaction over `data` + `sys` per run of entries, ownership and migration commands alone.
-//! Every check here is deterministic, so every replica refuses the same commands.
+//! Every check here is deterministic, so every replica refuses the same commands. Results are
+//! bounded: each transaction by `TXN_RESULT_BYTES_MAX`, each entry by `ENTRY_RESULT_BYTES_MAX`.
 
 use std::sync::atomic::Ordering;
 
@@ -11,22 +12,28 @@ use sled::Transactional;
 
 use super::migrate::{self, Moving};
 use super::participant::{self, Tx};
+use super::txn::Budget;
 use super::APPLIED_KEY;
 use super::{shard_keys, txn, Apply, Command, Outcome, Ownership, StateMachine, TxView};
 use crate::error::{Error, Result};
+use crate::limits::ENTRY_RESULT_BYTES_MAX;
+
+/// Where an apply hands each outcome as soon as its sled transaction is on disk: the driver
+/// answers the waiting request, so results do not pile up over a long `Ready`.
+pub type Answer<'a> = dyn FnMut(u64, Result<Outcome>) + 'a;
 
 impl StateMachine {
     /// Applies committed entries in order. Runs of transactions go into one sled transaction
-    /// with the applied index; an ownership change is applied on its own (it must look at the
-    /// data already written). Returns the outcome of every entry that carried a command; a
-    /// refused command (e.g. a slot this group does not own) is an `Err` outcome with no effects.
-    pub fn apply(&self, batch: &[Apply]) -> Result<Vec<(u64, Result<Outcome>)>> {
-        let mut out = Vec::with_capacity(batch.len());
+    /// with the applied index (cut where their results reach `ENTRY_RESULT_BYTES_MAX`); an
+    /// ownership change is applied on its own (it must look at the data already written). Hands
+    /// `answer` the outcome of every entry that carried a command; a refused command (e.g. a slot
+    /// this group does not own) is an `Err` outcome with no effects.
+    pub fn apply(&self, batch: &[Apply], answer: &mut Answer<'_>) -> Result<()> {
         let mut run_start = 0;
         for (i, a) in batch.iter().enumerate() {
             let r = match &a.cmd {
                 Some(Command::SetOwnership(req)) => {
-                    self.apply_txns(&batch[run_start..i], &mut out)?;
+                    self.apply_txns(&batch[run_start..i], answer)?;
                     self.apply_ownership(a.index, req)?
                 }
                 Some(
@@ -34,31 +41,50 @@ impl StateMachine {
                     | Command::MigrateIngest(_)
                     | Command::MigrateClear(_)),
                 ) => {
-                    self.apply_txns(&batch[run_start..i], &mut out)?;
+                    self.apply_txns(&batch[run_start..i], answer)?;
                     self.apply_migration(a.index, cmd)?
                 }
                 _ => continue,
             };
-            out.push((a.index, r));
+            answer(a.index, r);
             run_start = i + 1;
         }
-        self.apply_txns(&batch[run_start..], &mut out)?;
+        self.apply_txns(&batch[run_start..], answer)?;
         if let Some(last) = batch.last() {
             self.applied_tx.send_replace(last.index);
         }
+        Ok(())
+    }
+
+    /// Every outcome of `apply`, in order (tests read them all at once).
+    #[cfg(test)]
+    pub fn apply_all(&self, batch: &[Apply]) -> Result<Vec<(u64, Result<Outcome>)>> {
+        let mut out = Vec::new();
+        self.apply(batch, &mut |index, r| out.push((index, r)))?;
         Ok(out)
     }
 
-    /// Applies a run of transactions and 2PC steps, and the run's last index, in one sled
-    /// transaction, under the view lock (readers never see half a run).
-    fn apply_txns(&self, batch: &[Apply], out: &mut Vec<(u64, Result<Outcome>)>) -> Result<()> {
-        let Some(last) = batch.last() else {
-            return Ok(());
-        };
+    /// Applies a run of transactions and 2PC steps in sled transactions, each with its last
+    /// index, under the view lock (readers never see half of one); a new one starts where the
+    /// results so far reach `ENTRY_RESULT_BYTES_MAX`, after they are handed to `answer`.
+    fn apply_txns(&self, mut batch: &[Apply], answer: &mut Answer<'_>) -> Result<()> {
+        while !batch.is_empty() {
+            let (applied, results) = self.apply_txns_once(batch)?;
+            for (index, r) in results {
+                answer(index, r);
+            }
+            batch = &batch[applied..];
+        }
+        Ok(())
+    }
+
+    /// One sled transaction over the start of `batch`: how many entries it applied, and their
+    /// outcomes.
+    fn apply_txns_once(&self, batch: &[Apply]) -> Result<(usize, Vec<(u64, Result<Outcome>)>)> {
         let ownership = self.ownership.read().unwrap().clone();
         let moving = self.moving.read().unwrap();
         let _w = self.view.write().unwrap();
-        let (results, locks) = (&self.data, &self.sys)
+        let (applied, results, locks) = (&self.data, &self.sys)
             .transaction(|(data, sys)| {
                 let mut applier = Applier {
                     view: TxView {
@@ -72,27 +98,36 @@ impl StateMachine {
                     ownership: &ownership,
                     moving: &moving,
                     locks: self.locks.load(Ordering::Relaxed),
+                    entry_left: 0,
                 };
                 let mut results = Vec::with_capacity(batch.len());
+                let mut result_bytes = 0;
+                let mut applied = 0;
                 for a in batch {
+                    applied += 1;
                     applier.view.log.at_index(a.index);
+                    applier.entry_left = ENTRY_RESULT_BYTES_MAX;
                     if let Some(cmd) = &a.cmd {
                         if let Some(r) = applier.command(cmd)? {
                             results.push((a.index, r));
                         }
                     }
+                    result_bytes += ENTRY_RESULT_BYTES_MAX - applier.entry_left;
+                    if result_bytes >= ENTRY_RESULT_BYTES_MAX {
+                        break;
+                    }
                 }
-                sys.insert(APPLIED_KEY, &last.index.to_be_bytes())?;
-                Ok((results, applier.locks))
+                sys.insert(APPLIED_KEY, &batch[applied - 1].index.to_be_bytes())?;
+                Ok((applied, results, applier.locks))
             })
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Abort(e) => e,
                 sled::transaction::TransactionError::Storage(e) => Error::from(e),
             })?;
         self.locks.store(locks, Ordering::Relaxed);
-        self.applied.store(last.index, Ordering::Release);
-        out.extend(results);
-        Ok(())
+        self.applied
+            .store(batch[applied - 1].index, Ordering::Release);
+        Ok((applied, results))
     }
 }
 
@@ -105,6 +140,8 @@ struct Applier<'a> {
     moving: &'a Moving,
     /// Items locked by cross-group transactions, as the commands so far left it.
     locks: i64,
+    /// Result bytes the current entry may still return (of `ENTRY_RESULT_BYTES_MAX`).
+    entry_left: usize,
 }
 
 impl Applier<'_> {
@@ -123,7 +160,10 @@ impl Applier<'_> {
             Command::Decide { req, now_ms } => self.decide(req, *now_ms)?.map(Outcome::Decided),
             Command::Finish(f) => {
                 let (view, sys, slots) = (&mut self.view, self.sys, self.slot_count);
-                participant::finish(view, sys, slots, f, &mut self.locks)?.map(Outcome::Finished)
+                let mut budget = Budget::within_entry(self.entry_left);
+                let r = participant::finish(view, sys, slots, f, &mut self.locks, &mut budget)?;
+                self.entry_left -= budget.used();
+                r.map(Outcome::Finished)
             }
             Command::Forget(f) => {
                 participant::forget(self.sys, self.slot_count, f)?;
@@ -165,9 +205,13 @@ impl Applier<'_> {
                 return Ok(Err(e));
             }
         }
-        Ok(Ok(
-            txn::evaluate(&mut self.view, t).map_err(ConflictableTransactionError::Abort)?
-        ))
+        let mut budget = Budget::within_entry(self.entry_left);
+        let r = txn::evaluate(&mut self.view, t, &mut budget)
+            .map_err(ConflictableTransactionError::Abort)?;
+        if r.is_ok() {
+            self.entry_left -= budget.used();
+        }
+        Ok(r)
     }
 
     /// No new lock in a slot that is moving out: the move must not split a transaction (its

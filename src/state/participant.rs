@@ -20,7 +20,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use crate::error::{hex, Error, Result};
 use crate::limits::TXN_LOCK_TIMEOUT_MS;
 use crate::state::keys;
-use crate::state::txn::{self, ItemView};
+use crate::state::txn::{self, Budget, ItemView};
 
 pub const PREFIX: &[u8] = b"2pc/";
 const LOCK_PREFIX: &[u8] = b"2pc/lock/";
@@ -295,6 +295,16 @@ pub fn prepare(
             hex(&p.txn_id)
         ))));
     }
+    // The items' values hold still from here to the finish (locked), which runs the decided
+    // branch whatever its results weigh: so a part that might return too much is refused now.
+    for ops in [&part.success, &part.failure] {
+        let fits = txn::fits(&*view, ops, &mut Budget::txn());
+        if let Err(over) = fits.map_err(ConflictableTransactionError::Abort)? {
+            return Ok(Err(Error::ResourceExhausted(format!(
+                "{over}; the part was not prepared"
+            ))));
+        }
+    }
     let again = part_of(sys, &p.txn_id)?.is_some();
     if again && !p.read_only {
         // A retried prepare: the locks are ours already.
@@ -331,12 +341,13 @@ fn compares_held(view: &mut impl ItemView, part: &TxnRequest) -> Tx<Result<Prepa
         compares: part.compares.clone(),
         ..Default::default()
     };
-    let held = txn::evaluate(view, &compares_only)
+    // No ops: nothing to write, no results to bound.
+    let evaluated = txn::evaluate_reads(&*view, &compares_only, &mut Budget::txn());
+    Ok(evaluated
         .map_err(ConflictableTransactionError::Abort)?
-        .succeeded;
-    Ok(Ok(PrepareResponse {
-        compares_held: held,
-    }))
+        .map(|r| PrepareResponse {
+            compares_held: r.succeeded,
+        }))
 }
 
 /// A reader: share read locks, take every item no writer holds, keep them, and report a
@@ -444,13 +455,15 @@ pub fn decide(
     }))
 }
 
-/// Finish: run the decided branch of this group's part and release its locks.
+/// Finish: run the decided branch of this group's part (its results within `budget`) and
+/// release its locks.
 pub fn finish(
     view: &mut impl ItemView,
     sys: &TransactionalTree,
     slot_count: u32,
     f: &FinishRequest,
     locks: &mut i64,
+    budget: &mut Budget,
 ) -> Tx<Result<FinishResponse>> {
     let Some(p) = part_of(sys, &f.txn_id)? else {
         return Ok(Ok(FinishResponse {
@@ -470,15 +483,22 @@ pub fn finish(
             ))))
         }
     };
-    let results = txn::evaluate(
-        view,
-        &TxnRequest {
-            success: ops,
-            ..Default::default()
-        },
-    )
-    .map_err(ConflictableTransactionError::Abort)?
-    .results;
+    let txn = TxnRequest {
+        success: ops,
+        ..Default::default()
+    };
+    let abort = ConflictableTransactionError::Abort;
+    // The decision is taken: the writes are applied even over the budget (which the prepare
+    // checked, so only a part prepared by an older version can be over it).
+    let results = match txn::evaluate(view, &txn, budget).map_err(abort)? {
+        Ok(r) => Ok(r.results),
+        Err(over) => {
+            txn::apply_writes(view, &txn.success).map_err(abort)?;
+            Err(Error::ResourceExhausted(format!(
+                "{over}; the decided branch was applied in full, but its results are not returned"
+            )))
+        }
+    };
     for (sk, k) in items(&part) {
         let data_key = keys::encode_key(ordo_proto::slot_of(sk, slot_count), sk, k);
         let lk = lock_key(&data_key);
@@ -496,7 +516,7 @@ pub fn finish(
         }
     }
     sys.remove(key(PART_PREFIX, &f.txn_id))?;
-    Ok(Ok(FinishResponse {
+    Ok(results.map(|results| FinishResponse {
         found: true,
         results,
     }))
@@ -582,7 +602,7 @@ mod tests {
             self.index += 1;
             let mut out = self
                 .sm
-                .apply(&[Apply {
+                .apply_all(&[Apply {
                     index: self.index,
                     cmd: Some(cmd),
                 }])
