@@ -4,6 +4,7 @@
 
 mod bad_input;
 mod bank;
+mod bounds;
 mod faults;
 mod group;
 mod membership;
