@@ -104,7 +104,8 @@ fn op_key(op: &TxnOp) -> Option<&Bytes> {
     })
 }
 
-fn writes(ops: &[TxnOp]) -> bool {
+/// Whether `ops` write (a Put or a Delete): a Txn whose branches do not is only a read.
+pub(crate) fn writes(ops: &[TxnOp]) -> bool {
     ops.iter()
         .any(|op| matches!(op.op, Some(txn_op::Op::Put(_) | txn_op::Op::Delete(_))))
 }

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use ordo_proto::v1::*;
 use prost::Message;
 use tonic::{Code, Status};
@@ -130,16 +131,7 @@ async fn a_write_with_an_unknown_outcome_is_not_retried() {
                 })
                 .await
                 .unwrap_err(),
-            _ => c
-                .txn(TxnRequest {
-                    compares: vec![Compare {
-                        shard_key: k.clone(),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                })
-                .await
-                .unwrap_err(),
+            _ => c.txn(writing_txn(&k)).await.unwrap_err(),
         };
         assert_eq!(err.code(), Code::Unavailable, "{op}");
         assert!(
@@ -180,14 +172,40 @@ async fn a_write_with_an_unknown_outcome_is_not_retried() {
     let router3 = start_router(vec![config.addr.clone()]).await;
     let got = kv(&router3)
         .await
-        .get(get_req(k))
+        .get(get_req(k.clone()))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(got.value, "live");
+    // So do read-only Txns (a node serves them after a read barrier, without the log), and a
+    // writing one does not.
+    let router4 = start_router(vec![config.addr.clone()]).await;
+    let mut c4 = kv(&router4).await;
+    let err = c4.txn(writing_txn(&k)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    let mut read_only = writing_txn(&k);
+    read_only.success.clear();
+    c4.txn(read_only).await.unwrap();
+    let txns_at = |n| seen(n).iter().filter(|s| s.op == "Txn").count();
+    assert_eq!((txns_at(&flaky_reads), txns_at(&live)), (2, 1));
     router.shutdown().await;
     router2.shutdown().await;
     router3.shutdown().await;
+    router4.shutdown().await;
+}
+
+/// A Txn on `k` that compares and writes.
+fn writing_txn(k: &Bytes) -> TxnRequest {
+    TxnRequest {
+        compares: vec![Compare {
+            shard_key: k.clone(),
+            ..Default::default()
+        }],
+        success: vec![TxnOp {
+            op: Some(txn_op::Op::Put(put_req(k.clone()))),
+        }],
+        ..Default::default()
+    }
 }
 
 /// A fake node that accepts HTTP/2 connections, waits until a request's body has arrived, and
