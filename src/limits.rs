@@ -25,12 +25,9 @@ pub const SCAN_LIMIT_MAX: u32 = 1000;
 /// a scan progresses): 1000 items of 1 MiB would be 1 GiB, far over any message bound.
 pub const SCAN_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
-/// Most value bytes the Gets of one `Txn` return (a 2PC part too). Counted at apply, before any
-/// value is copied, and the same on every replica: a `Txn` of 127 Gets of 1 MiB items is about
-/// 3 KB on the wire, but its answer would be over every message bound and its evaluation would
-/// hold 127 MiB on every replica. Over it the `Txn` is refused (`RESOURCE_EXHAUSTED`) and none of
-/// its writes are applied. As large as a scan page: bigger reads page with `Scan`.
-pub const TXN_RESULT_BYTES_MAX: usize = 4 * 1024 * 1024;
+/// Most value bytes the Gets of one `Txn` (or 2PC part) return; shared with routers, which
+/// bound a cross-group `Txn`'s parts together by it.
+pub use ordo_proto::TXN_RESULT_BYTES_MAX;
 /// Most value bytes all the transactions of one raft entry (a `TxnBatch` of up to 256) return:
 /// a hostile entry of 256 over-budget reads cannot make a replica hold more than this (plus the
 /// one transaction being refused). An apply run is also cut into sled transactions once its

@@ -297,18 +297,24 @@ pub fn prepare(
     }
     // The items' values hold still from here to the finish (locked), which runs the decided
     // branch whatever its results weigh: so a part that might return too much is refused now.
-    for ops in [&part.success, &part.failure] {
-        let fits = txn::fits(&*view, ops, &mut Budget::txn());
+    let mut result_bytes = [0; 2];
+    for (ops, bytes) in [&part.success, &part.failure]
+        .into_iter()
+        .zip(&mut result_bytes)
+    {
+        let mut budget = Budget::txn();
+        let fits = txn::fits(&*view, ops, &mut budget);
         if let Err(over) = fits.map_err(ConflictableTransactionError::Abort)? {
             return Ok(Err(Error::ResourceExhausted(format!(
                 "{over}; the part was not prepared"
             ))));
         }
+        *bytes = budget.used() as u64;
     }
     let again = part_of(sys, &p.txn_id)?.is_some();
     if again && !p.read_only {
         // A retried prepare: the locks are ours already.
-        return compares_held(view, &part);
+        return compares_held(view, &part, result_bytes);
     }
     let data_keys: Vec<Vec<u8>> = items(&part)
         .into_iter()
@@ -322,7 +328,7 @@ pub fn prepare(
     if let Err(e) = locked {
         return Ok(Err(e));
     }
-    compares_held(view, &part)
+    compares_held(view, &part, result_bytes)
 }
 
 /// The holder a prepare's locks name.
@@ -335,8 +341,13 @@ fn holder(p: &PrepareRequest) -> Holder {
     }
 }
 
-/// Whether the part's compares hold now (the answer of a prepare).
-fn compares_held(view: &mut impl ItemView, part: &TxnRequest) -> Tx<Result<PrepareResponse>> {
+/// Whether the part's compares hold now, and what its branches return (the answer of a
+/// prepare).
+fn compares_held(
+    view: &mut impl ItemView,
+    part: &TxnRequest,
+    [success_result_bytes, failure_result_bytes]: [u64; 2],
+) -> Tx<Result<PrepareResponse>> {
     let compares_only = TxnRequest {
         compares: part.compares.clone(),
         ..Default::default()
@@ -347,6 +358,8 @@ fn compares_held(view: &mut impl ItemView, part: &TxnRequest) -> Tx<Result<Prepa
         .map_err(ConflictableTransactionError::Abort)?
         .map(|r| PrepareResponse {
             compares_held: r.succeeded,
+            success_result_bytes,
+            failure_result_bytes,
         }))
 }
 
