@@ -36,7 +36,36 @@ pub trait ItemView: ItemRead {
 pub struct Budget {
     left: usize,
     used: usize,
-    limit: (&'static str, usize),
+    limit: Limit,
+}
+
+/// Which bound a [`Budget`] stands for.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Txn,
+    Entry,
+}
+
+impl Limit {
+    /// The refusal of a transaction whose Gets asked for `asked` bytes.
+    fn refusal(self, asked: usize) -> Error {
+        let (name, value, scope) = match self {
+            Limit::Txn => (
+                "TXN_RESULT_BYTES_MAX",
+                TXN_RESULT_BYTES_MAX,
+                "one Txn (read fewer or smaller items per Txn)",
+            ),
+            Limit::Entry => (
+                "ENTRY_RESULT_BYTES_MAX",
+                ENTRY_RESULT_BYTES_MAX,
+                "the raft entry it was batched in (retry it: it may fit another entry)",
+            ),
+        };
+        Error::ResourceExhausted(format!(
+            "txn results are over {name} ({value} bytes) for {scope}: its Gets asked for at \
+             least {asked} bytes"
+        ))
+    }
 }
 
 impl Budget {
@@ -45,7 +74,7 @@ impl Budget {
         Budget {
             left: TXN_RESULT_BYTES_MAX,
             used: 0,
-            limit: ("TXN_RESULT_BYTES_MAX", TXN_RESULT_BYTES_MAX),
+            limit: Limit::Txn,
         }
     }
 
@@ -58,7 +87,7 @@ impl Budget {
         Budget {
             left: entry_left,
             used: 0,
-            limit: ("ENTRY_RESULT_BYTES_MAX", ENTRY_RESULT_BYTES_MAX),
+            limit: Limit::Entry,
         }
     }
 
@@ -70,16 +99,7 @@ impl Budget {
     /// Takes `n` bytes, or says which limit they would break.
     fn take(&mut self, n: usize) -> Result<()> {
         if n > self.left {
-            let (name, value) = self.limit;
-            let scope = if name == "ENTRY_RESULT_BYTES_MAX" {
-                "the raft entry it was batched in (retry it: it may fit another entry)"
-            } else {
-                "one Txn (read fewer or smaller items per Txn)"
-            };
-            return Err(Error::ResourceExhausted(format!(
-                "txn results are over {name} ({value} bytes) for {scope}: its Gets asked for at                  least {} bytes; nothing was applied",
-                self.used + n
-            )));
+            return Err(self.limit.refusal(self.used + n));
         }
         self.left -= n;
         self.used += n;
@@ -135,20 +155,20 @@ pub fn fits(view: &impl ItemRead, ops: &[TxnOp], budget: &mut Budget) -> Result<
     Ok(Staged::new(view).run(ops, budget, false)?.map(drop))
 }
 
-/// Runs `ops` whatever their results weigh: the decided branch of a 2PC part, whose writes
-/// must be applied. Gets copy nothing (their results are dropped).
+/// Applies the writes of `ops` whatever their Gets would return: the decided branch of a 2PC
+/// part, whose writes must be applied. The Gets are left out (no op reads what a Get returns).
 pub fn apply_writes(view: &mut impl ItemView, ops: &[TxnOp]) -> Result<()> {
-    let mut unbounded = Budget {
-        left: usize::MAX,
-        used: 0,
-        limit: ("", usize::MAX),
-    };
+    let writes: Vec<TxnOp> = ops
+        .iter()
+        .filter(|op| !matches!(op.op, Some(txn_op::Op::Get(_))))
+        .cloned()
+        .collect();
     let mut staged = Staged::new(&*view);
-    staged
-        .run(ops, &mut unbounded, false)?
-        .expect("an unbounded budget");
-    let writes = staged.writes;
-    flush(view, writes)
+    if let Err(e) = staged.run(&writes, &mut Budget::txn(), false)? {
+        unreachable!("ops without Gets return no values, yet: {e}");
+    }
+    let staged = staged.writes;
+    flush(view, staged)
 }
 
 /// A write staged by [`Staged`]: a put `(version, value)` or a delete (`None`).
