@@ -22,6 +22,9 @@ use crate::limits::ENTRY_RESULT_BYTES_MAX;
 /// answers the waiting request, so results do not pile up over a long `Ready`.
 pub type Answer<'a> = dyn FnMut(u64, Result<Outcome>) + 'a;
 
+/// Outcomes by entry index, in order.
+type Outcomes = Vec<(u64, Result<Outcome>)>;
+
 impl StateMachine {
     /// Applies committed entries in order. Runs of transactions go into one sled transaction
     /// with the applied index (cut where their results reach `ENTRY_RESULT_BYTES_MAX`); an
@@ -58,7 +61,7 @@ impl StateMachine {
 
     /// Every outcome of `apply`, in order (tests read them all at once).
     #[cfg(test)]
-    pub fn apply_all(&self, batch: &[Apply]) -> Result<Vec<(u64, Result<Outcome>)>> {
+    pub fn apply_all(&self, batch: &[Apply]) -> Result<Outcomes> {
         let mut out = Vec::new();
         self.apply(batch, &mut |index, r| out.push((index, r)))?;
         Ok(out)
@@ -80,7 +83,7 @@ impl StateMachine {
 
     /// One sled transaction over the start of `batch`: how many entries it applied, and their
     /// outcomes.
-    fn apply_txns_once(&self, batch: &[Apply]) -> Result<(usize, Vec<(u64, Result<Outcome>)>)> {
+    fn apply_txns_once(&self, batch: &[Apply]) -> Result<(usize, Outcomes)> {
         let ownership = self.ownership.read().unwrap().clone();
         let moving = self.moving.read().unwrap();
         let _w = self.view.write().unwrap();
