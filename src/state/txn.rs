@@ -32,7 +32,7 @@ pub trait ItemView: ItemRead {
 /// The result bytes (values returned by Gets) an evaluation may still copy, and the limit that
 /// refuses it when they run out. Deterministic: it depends only on the request and the stored
 /// values, so every replica refuses the same transactions.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Budget {
     left: usize,
     used: usize,
