@@ -298,3 +298,57 @@ fn c2_a_2pc_part_that_could_return_too_much_is_not_prepared() {
     }
     assert_eq!(sm.locks_held(), 0);
 }
+
+/// A keyed write refused for its results wrote nothing, and its key keeps no outcome: sent again
+/// once it fits, it is evaluated (and applied), not answered with the refusal.
+#[test]
+fn c2_a_keyed_txn_over_the_result_budget_keeps_no_outcome() {
+    let (_dir, sm) = store(5);
+    let mut t = txn((0..5).map(get).collect());
+    t.success.push(put("written/keyed", b"x".to_vec()));
+    t.header = Some(ordo_proto::v1::RequestHeader {
+        map_version: 0,
+        idempotency_key: bytes::Bytes::from_static(b"key-1"),
+    });
+    let stamp = Some(Stamp {
+        now_ms: 1_000,
+        window_ms: 60_000,
+    });
+    let keyed = |index| {
+        let out = sm
+            .apply_all(&[Apply {
+                index,
+                cmd: Some(Command::Txn(t.clone())),
+                stamp,
+            }])
+            .unwrap();
+        match out.into_iter().next() {
+            Some((_, Ok(Outcome::Txn(r)))) => Ok(r),
+            Some((_, Err(e))) => Err(e),
+            other => panic!("a txn gave {other:?}"),
+        }
+    };
+    let written = || sm.get(SK.as_bytes(), b"written/keyed").unwrap();
+    let first = keyed(6);
+    assert!(refused_naming(&first, "TXN_RESULT_BYTES_MAX"), "{first:?}");
+    assert!(written().is_none(), "nothing applied");
+
+    // Two items fewer: 3 MiB fits.
+    let delete = |i: usize| TxnOp {
+        op: Some(txn_op::Op::Delete(ordo_proto::v1::DeleteRequest {
+            shard_key: SK.into(),
+            key: format!("item/{i:03}").into(),
+            ..Default::default()
+        })),
+    };
+    let out = sm.apply_all(&[Apply {
+        index: 7,
+        cmd: Some(Command::Txn(txn(vec![delete(0), delete(1)]))),
+        stamp: None,
+    }]);
+    assert!(matches!(&out.unwrap()[0].1, Ok(Outcome::Txn(_))));
+    let again = keyed(8).expect("the repeat is evaluated and fits");
+    assert!(again.succeeded);
+    assert_eq!(again.results.len(), 6);
+    assert!(written().is_some(), "applied this time");
+}
