@@ -424,6 +424,12 @@ async fn h3_a_long_snapshot_build_does_not_stop_the_leader() {
     let term = g.status(leader).await.term;
     gate.close();
     g.net.cut.lock().unwrap().clear();
+    // The lagging follower needs a snapshot: the leader starts building one, which waits at the
+    // gate. Until then a write could commit and apply before any build holds it back.
+    wait_until("a snapshot build waits at the gate", || {
+        gate.holds_a_build()
+    })
+    .await;
 
     // A write while the build waits at the gate: it commits, and stays unapplied.
     let txn = put_as_txn(PutRequest {
