@@ -13,8 +13,10 @@ pub const TXN_OPS_MAX: usize = 128;
 /// Largest total payload (keys + values) of one `Txn`: one raft entry, so it is bounded well below
 /// the peer message limit.
 pub const TXN_BYTES_MAX: usize = 8 * 1024 * 1024;
-/// Largest gRPC message a node decodes from a client.
-pub const CLIENT_MESSAGE_BYTES_MAX: usize = TXN_BYTES_MAX + 1024 * 1024;
+/// Largest gRPC message a node decodes from or encodes to a client: the one bound routers use
+/// too (`ordo-proto`), so a client gets the same refusal from either and a node's answer always
+/// fits what a router accepts.
+pub const CLIENT_MESSAGE_BYTES_MAX: usize = ordo_proto::addr::KV_MESSAGE_BYTES_MAX;
 /// Largest gRPC message a node decodes from a peer (a raft batch or a snapshot chunk).
 pub const PEER_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Streams per connection, the connection cap and the request-bytes budget of every server
@@ -28,7 +30,19 @@ pub const SCAN_LIMIT_MAX: u32 = 1000;
 /// a scan progresses): 1000 items of 1 MiB would be 1 GiB, far over any message bound.
 pub const SCAN_PAGE_BYTES_MAX: usize = 4 * 1024 * 1024;
 
-/// Bounded mailbox of a group's raft driver (proposals, reads, admin steps).
+/// Most value bytes the Gets of one `Txn` (or 2PC part) return; shared with routers, which
+/// bound a cross-group `Txn`'s parts together by it.
+pub use ordo_proto::TXN_RESULT_BYTES_MAX;
+/// Most value bytes all the transactions of one raft entry (a `TxnBatch` of up to 256) return:
+/// a hostile entry of 256 over-budget reads cannot make a replica hold more than this (plus the
+/// one transaction being refused). An apply run is also cut into sled transactions once its
+/// results reach it, so one `Ready` of thousands of such entries holds at most twice this.
+pub const ENTRY_RESULT_BYTES_MAX: usize = 4 * TXN_RESULT_BYTES_MAX;
+/// Bytes an answer adds per op result to the values it carries (tags, lengths, version, found),
+/// rounded up: the op results of a `TxnResponse` are this and the values.
+pub const OP_RESULT_FRAMING_BYTES_MAX: usize = 64;
+
+/// Bounded mailbox of a group's raft driver (proposals, reads, peer messages).
 pub const DRIVER_INBOX_MAX: usize = 8192;
 /// Most bytes of proposals waiting in a driver's inbox (`InboxBytes`): 8192 proposals of up to
 /// 8 MiB would be 64 GiB. While requests wait for their answer the request-bytes budget bounds
@@ -138,6 +152,12 @@ const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < DRIVER_INBOX_BYTES_MAX);
 const _: () = assert!(
     SCAN_PAGE_BYTES_MAX + VALUE_BYTES_MAX + KEY_BYTES_MAX + 64 * 1024 < CLIENT_MESSAGE_BYTES_MAX
 );
+// The largest answer a Txn can have, with room for framing.
+const _: () = assert!(
+    TXN_RESULT_BYTES_MAX + TXN_OPS_MAX * OP_RESULT_FRAMING_BYTES_MAX + 64 * 1024
+        < CLIENT_MESSAGE_BYTES_MAX / 2
+);
+const _: () = assert!(TXN_RESULT_BYTES_MAX <= ENTRY_RESULT_BYTES_MAX);
 const _: () = assert!(CLIENT_MESSAGE_BYTES_MAX < PEER_MESSAGE_BYTES_MAX);
 // The largest append raft sends (its byte bound plus one entry of the largest transaction) fits.
 const _: () =

@@ -20,14 +20,17 @@ use tonic::transport::{Channel, Endpoint};
 /// scan page of large values; this stays well above what a node or router sends while still
 /// bounding memory.
 pub const CLIENT_RESPONSE_BYTES_MAX: usize = 64 * 1024 * 1024;
-/// Largest message the router decodes or encodes, on either side (above the node's client-facing
-/// bound, a transaction plus slack, so the router never refuses what a node accepts).
-pub const ROUTER_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Largest `Kv` or `Participant` message anyone decodes or encodes: a node from and to its
+/// clients, a router on both sides. One bound, so a request over it gets the same refusal from a
+/// router as from a node, and every answer a node sends fits what a router accepts. It holds the
+/// largest transaction (8 MiB of keys and values) with 1 MiB to spare; answers are smaller (a
+/// scan page or a Txn's results are at most 4 MiB of values).
+pub const KV_MESSAGE_BYTES_MAX: usize = 9 * 1024 * 1024;
 /// Largest message a config server exchanges with a node's `Peer` admin calls (migration pages
 /// are far smaller; the bound equals the node's peer bound).
 pub const ADMIN_MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
-const _: () = assert!(ROUTER_MESSAGE_BYTES_MAX <= CLIENT_RESPONSE_BYTES_MAX);
+const _: () = assert!(KV_MESSAGE_BYTES_MAX <= CLIENT_RESPONSE_BYTES_MAX);
 
 /// Most channels a [`ChannelCache`] keeps. Addresses come from the user, the shard map and leader
 /// hints, so this is never reached in practice; if it is, the cache starts over (channels are

@@ -53,6 +53,15 @@ pub fn unique_id() -> bytes::Bytes {
     id.into()
 }
 
+/// Most value bytes the Gets of one `Txn` return, on one group (checked at apply, the same on
+/// every replica, before any value is copied) and across the groups of a cross-group `Txn`
+/// (checked by its coordinator after the prepares, before anything is decided): a `Txn` of 127
+/// Gets of 1 MiB items is about 3 KB on the wire, but its answer would be over every message
+/// bound, and its evaluation would hold 127 MiB on every replica. Over it the `Txn` is refused
+/// with `RESOURCE_EXHAUSTED` and none of its writes are applied. As large as a scan page: larger
+/// reads page with `Scan`.
+pub const TXN_RESULT_BYTES_MAX: usize = 4 * 1024 * 1024;
+
 /// The slot of a shard key: `crc32(shard_key) mod slot_count`. Routers and nodes both call this,
 /// so a key can never be routed by one rule and owned by another.
 pub fn slot_of(shard_key: &[u8], slot_count: u32) -> u32 {

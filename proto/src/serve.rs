@@ -61,9 +61,9 @@ pub const CONNECTIONS_MAX_LIMIT: usize = 65_536;
 /// thousands of ordinary ones at once; requests in flight then hold a few times this at most
 /// (the received bytes, their decoded copy, the raft entry made of them).
 pub const REQUEST_BYTES_BUDGET_DEFAULT: usize = 256 * 1024 * 1024;
-/// Smallest budget accepted: the largest client message any Ordo server decodes (the router's),
-/// so that every valid request fits when nothing else is in flight.
-pub const REQUEST_BYTES_BUDGET_MIN: usize = crate::addr::ROUTER_MESSAGE_BYTES_MAX;
+/// Smallest budget accepted: the largest client message any Ordo server decodes (routers and
+/// nodes alike), so that every valid request fits when nothing else is in flight.
+pub const REQUEST_BYTES_BUDGET_MIN: usize = crate::addr::KV_MESSAGE_BYTES_MAX;
 /// Largest budget accepted (`--request-bytes-budget`); beyond it the budget bounds nothing real.
 pub const REQUEST_BYTES_BUDGET_MAX: usize = 64 * 1024 * 1024 * 1024;
 /// The server pings each connection this often and closes it if the ping is not answered within

@@ -36,6 +36,7 @@ use ordo_proto::v1::{
     error_detail, txn_op, DecideRequest, Decision, FinishRequest, ForgetRequest, PrepareRequest,
     PrepareResponse, TxnOp, TxnOpResult, TxnRequest, TxnResponse,
 };
+use ordo_proto::TXN_RESULT_BYTES_MAX;
 use tokio::time::Instant;
 use tonic::{Response, Status};
 
@@ -90,7 +91,8 @@ fn op_key(op: &TxnOp) -> Option<&Bytes> {
     })
 }
 
-fn writes(ops: &[TxnOp]) -> bool {
+/// Whether `ops` write (a Put or a Delete): a Txn whose branches do not is only a read.
+pub(crate) fn writes(ops: &[TxnOp]) -> bool {
     ops.iter()
         .any(|op| matches!(op.op, Some(txn_op::Op::Put(_) | txn_op::Op::Delete(_))))
 }
@@ -252,7 +254,9 @@ impl<'a> Attempt<'a> {
     /// Prepare, decide, finish.
     async fn run(self) -> Result<TxnResponse, AttemptFailed> {
         let prepared = self.prepare_all().await;
-        let held = match compares_held(&self.parts, &prepared) {
+        let held = match compares_held(&self.parts, &prepared)
+            .and_then(|held| results_fit(&prepared, held).map(|()| held))
+        {
             Ok(held) => held,
             Err(refusal) => return Err(self.abort_attempt(&prepared, refusal).await),
         };
@@ -489,6 +493,31 @@ fn compares_held(parts: &[Part], prepared: &Prepared) -> Result<bool, Status> {
     }
 }
 
+/// Refuses a Txn whose branch (the success branch if `held`) returns more than
+/// `TXN_RESULT_BYTES_MAX` across its parts (each part was checked alone by its group): its answer
+/// would be over the message bound after it had been applied.
+fn results_fit(prepared: &Prepared, held: bool) -> Result<(), Status> {
+    let bytes: u64 = prepared
+        .iter()
+        .flatten()
+        .map(|r| {
+            if held {
+                r.success_result_bytes
+            } else {
+                r.failure_result_bytes
+            }
+        })
+        .sum();
+    if bytes > TXN_RESULT_BYTES_MAX as u64 {
+        return Err(Status::resource_exhausted(format!(
+            "txn results are over TXN_RESULT_BYTES_MAX ({TXN_RESULT_BYTES_MAX} bytes) for one Txn: \
+             its Gets across {} groups would return {bytes} bytes; nothing was applied",
+            prepared.len()
+        )));
+    }
+    Ok(())
+}
+
 /// The whole Txn's answer from each part's op results (in part order) under `decision`.
 fn merge(
     req: &TxnRequest,
@@ -664,5 +693,31 @@ mod tests {
         assert_eq!(pb.txn.compares.len(), 1);
         assert!(pa.txn.compares.is_empty());
         assert!(writes(&req.success) && !writes(&req.failure));
+    }
+
+    #[test]
+    fn c2_a_cross_group_txn_whose_parts_return_too_much_together_is_refused() {
+        let part = |success, failure| {
+            Ok(PrepareResponse {
+                compares_held: true,
+                success_result_bytes: success,
+                failure_result_bytes: failure,
+            })
+        };
+        // Each part fits alone (its group checked); three of 2 MiB do not fit together.
+        let mib = 1024 * 1024;
+        let prepared: Prepared = vec![part(2 * mib, 0), part(2 * mib, mib), part(2 * mib, 0)];
+        let refused = results_fit(&prepared, true).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused
+                .message()
+                .contains("TXN_RESULT_BYTES_MAX (4194304 bytes)")
+                && refused.message().contains("6291456 bytes"),
+            "{}",
+            refused.message()
+        );
+        // The failure branch would return 1 MiB: it fits.
+        assert!(results_fit(&prepared, false).is_ok());
     }
 }

@@ -143,10 +143,17 @@ impl Kv for KvService {
                 .await
                 .map(Response::new);
         }
+        // A read-only Txn changes nothing (a node serves it after a read barrier): like a Get,
+        // it may go to the next replica after any failure.
+        let effect = if coordinator::writes(&req.success) || coordinator::writes(&req.failure) {
+            Effect::Write
+        } else {
+            Effect::Read
+        };
         forward(
             &self.0,
             "Txn",
-            Effect::KeyedWrite,
+            effect,
             &OnLock::Wait,
             Route::Txn(keys),
             req,

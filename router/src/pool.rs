@@ -5,8 +5,8 @@
 use ordo_proto::addr::{self, ChannelCache, Profile};
 use tonic::transport::Channel;
 
-/// Largest message the router decodes or encodes, on either side.
-pub(crate) const MESSAGE_BYTES_MAX: usize = addr::ROUTER_MESSAGE_BYTES_MAX;
+/// Largest message the router decodes or encodes, on either side: the nodes' bound.
+pub(crate) const MESSAGE_BYTES_MAX: usize = addr::KV_MESSAGE_BYTES_MAX;
 
 pub(crate) struct Pool {
     channels: ChannelCache,

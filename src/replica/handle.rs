@@ -106,6 +106,16 @@ impl ReplicaHandle {
         }
     }
 
+    /// A read-only transaction, after a read barrier: no raft entry, the same result bound as at
+    /// apply. Ownership is checked after the barrier, as for a `Get`.
+    pub async fn read_txn(&self, txn: &TxnRequest) -> Result<TxnResponse> {
+        self.read_barrier().await?;
+        for sk in crate::state::shard_keys(txn) {
+            self.sm.check_owned(sk)?;
+        }
+        self.sm.read_txn(txn)
+    }
+
     /// Waits until a read started now would see every write acknowledged before it.
     pub async fn read_barrier(&self) -> Result<()> {
         self.shared.check_running()?;

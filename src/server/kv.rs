@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 
 use crate::replica::ReplicaHandle;
 use crate::server::validate;
+use crate::state::txn;
 
 #[derive(Clone)]
 pub struct KvService(pub Arc<ReplicaHandle>);
@@ -65,9 +66,14 @@ impl Kv for KvService {
         Ok(Response::new(ScanResponse { items, next_key }))
     }
 
+    /// A read-only `Txn` is served like a linearizable `Get`, after a read barrier and without a
+    /// raft entry; any other goes through the log.
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let txn = req.into_inner();
         validate::check_txn(&txn)?;
+        if txn::read_only(&txn) {
+            return Ok(Response::new(self.0.read_txn(&txn).await?));
+        }
         Ok(Response::new(self.0.propose_txn(txn).await?))
     }
 }

@@ -1,6 +1,7 @@
 //! Applying committed commands: transactions, 2PC steps and the applied index in one sled
 //! transaction over `data` + `sys` per run of entries, ownership and migration commands alone.
-//! Every check here is deterministic, so every replica refuses the same commands.
+//! Every check here is deterministic, so every replica refuses the same commands. Results are
+//! bounded: each transaction by `TXN_RESULT_BYTES_MAX`, each entry by `ENTRY_RESULT_BYTES_MAX`.
 
 use std::sync::atomic::Ordering;
 
@@ -12,22 +13,31 @@ use sled::Transactional;
 use super::dedup::{self, Seen, Stamp};
 use super::migrate::{self, Moving};
 use super::participant::{self, Tx};
+use super::txn::Budget;
 use super::APPLIED_KEY;
 use super::{shard_keys, txn, Apply, Command, Outcome, Ownership, StateMachine, TxView};
 use crate::error::{Error, Result};
+use crate::limits::ENTRY_RESULT_BYTES_MAX;
+
+/// Where an apply hands each outcome as soon as its sled transaction is on disk: the driver
+/// answers the waiting request, so results do not pile up over a long `Ready`.
+pub type Answer<'a> = dyn FnMut(u64, Result<Outcome>) + 'a;
+
+/// Outcomes by entry index, in order.
+type Outcomes = Vec<(u64, Result<Outcome>)>;
 
 impl StateMachine {
     /// Applies committed entries in order. Runs of transactions go into one sled transaction
-    /// with the applied index; an ownership change is applied on its own (it must look at the
-    /// data already written). Returns the outcome of every entry that carried a command; a
-    /// refused command (e.g. a slot this group does not own) is an `Err` outcome with no effects.
-    pub fn apply(&self, batch: &[Apply]) -> Result<Vec<(u64, Result<Outcome>)>> {
-        let mut out = Vec::with_capacity(batch.len());
+    /// with the applied index (cut where their results reach `ENTRY_RESULT_BYTES_MAX`); an
+    /// ownership change is applied on its own (it must look at the data already written). Hands
+    /// `answer` the outcome of every entry that carried a command; a refused command (e.g. a slot
+    /// this group does not own) is an `Err` outcome with no effects.
+    pub fn apply(&self, batch: &[Apply], answer: &mut Answer<'_>) -> Result<()> {
         let mut run_start = 0;
         for (i, a) in batch.iter().enumerate() {
             let r = match &a.cmd {
                 Some(Command::SetOwnership(req)) => {
-                    self.apply_txns(&batch[run_start..i], &mut out)?;
+                    self.apply_txns(&batch[run_start..i], answer)?;
                     self.apply_ownership(a.index, req)?
                 }
                 Some(
@@ -35,32 +45,51 @@ impl StateMachine {
                     | Command::MigrateIngest(_)
                     | Command::MigrateClear(_)),
                 ) => {
-                    self.apply_txns(&batch[run_start..i], &mut out)?;
+                    self.apply_txns(&batch[run_start..i], answer)?;
                     self.apply_migration(a.index, cmd)?
                 }
                 _ => continue,
             };
-            out.push((a.index, r));
+            answer(a.index, r);
             run_start = i + 1;
         }
-        self.apply_txns(&batch[run_start..], &mut out)?;
+        self.apply_txns(&batch[run_start..], answer)?;
         if let Some(last) = batch.last() {
             self.applied_tx.send_replace(last.index);
         }
+        Ok(())
+    }
+
+    /// Every outcome of `apply`, in order (tests read them all at once).
+    #[cfg(test)]
+    pub fn apply_all(&self, batch: &[Apply]) -> Result<Outcomes> {
+        let mut out = Vec::new();
+        self.apply(batch, &mut |index, r| out.push((index, r)))?;
         Ok(out)
     }
 
-    /// Applies a run of transactions and 2PC steps, and the run's last index, in one sled
-    /// transaction, under the view lock (readers never see half a run).
-    fn apply_txns(&self, batch: &[Apply], out: &mut Vec<(u64, Result<Outcome>)>) -> Result<()> {
-        let Some(last) = batch.last() else {
-            return Ok(());
-        };
+    /// Applies a run of transactions and 2PC steps in sled transactions, each with its last
+    /// index, under the view lock (readers never see half of one); a new one starts where the
+    /// results so far reach `ENTRY_RESULT_BYTES_MAX`, after they are handed to `answer`.
+    fn apply_txns(&self, mut batch: &[Apply], answer: &mut Answer<'_>) -> Result<()> {
+        while !batch.is_empty() {
+            let (applied, results) = self.apply_txns_once(batch)?;
+            for (index, r) in results {
+                answer(index, r);
+            }
+            batch = &batch[applied..];
+        }
+        Ok(())
+    }
+
+    /// One sled transaction over the start of `batch`: how many entries it applied, and their
+    /// outcomes.
+    fn apply_txns_once(&self, batch: &[Apply]) -> Result<(usize, Outcomes)> {
         let ownership = self.ownership.read().unwrap().clone();
         let moving = self.moving.read().unwrap();
         let pending = dedup::Pending::load(&self.data, batch, self.slot_count)?;
         let _w = self.view.write().unwrap();
-        let (results, locks, aged, logs) = (&self.data, &self.sys)
+        let (applied, results, locks, aged, logs) = (&self.data, &self.sys)
             .transaction(|(data, sys)| {
                 let mut applier = Applier {
                     view: TxView {
@@ -76,19 +105,28 @@ impl StateMachine {
                     slot_count: self.slot_count,
                     ownership: &ownership,
                     moving: &moving,
+                    entry_left: 0,
                 };
                 let mut results = Vec::with_capacity(batch.len());
+                let mut result_bytes = 0;
+                let mut applied = 0;
                 for a in batch {
+                    applied += 1;
                     applier.view.log.at_index(a.index);
+                    applier.entry_left = ENTRY_RESULT_BYTES_MAX;
                     if let Some(cmd) = &a.cmd {
                         if let Some(r) = applier.command(cmd, a.stamp)? {
                             results.push((a.index, r));
                         }
                     }
+                    result_bytes += ENTRY_RESULT_BYTES_MAX - applier.entry_left;
+                    if result_bytes >= ENTRY_RESULT_BYTES_MAX {
+                        break;
+                    }
                 }
-                sys.insert(APPLIED_KEY, &last.index.to_be_bytes())?;
+                sys.insert(APPLIED_KEY, &batch[applied - 1].index.to_be_bytes())?;
                 let view = applier.view;
-                Ok((results, view.locks, view.aged, view.log.finish()?))
+                Ok((applied, results, view.locks, view.aged, view.log.finish()?))
             })
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Abort(e) => e,
@@ -100,9 +138,9 @@ impl StateMachine {
         }
         self.locks.store(locks, Ordering::Relaxed);
         self.lock_ages.record(aged);
-        self.applied.store(last.index, Ordering::Release);
-        out.extend(results);
-        Ok(())
+        self.applied
+            .store(batch[applied - 1].index, Ordering::Release);
+        Ok((applied, results))
     }
 }
 
@@ -114,6 +152,8 @@ struct Applier<'a> {
     slot_count: u32,
     ownership: &'a Ownership,
     moving: &'a Moving,
+    /// Result bytes the current entry may still return (of `ENTRY_RESULT_BYTES_MAX`).
+    entry_left: usize,
 }
 
 impl Applier<'_> {
@@ -130,7 +170,12 @@ impl Applier<'_> {
             }
             Command::Prepare(p) => self.prepare(p)?.map(Outcome::Prepared),
             Command::Decide(req) => self.decide(req)?.map(Outcome::Decided),
-            Command::Finish(f) => participant::finish(&mut self.view, f)?.map(Outcome::Finished),
+            Command::Finish(f) => {
+                let mut budget = Budget::within_entry(self.entry_left);
+                let r = participant::finish(&mut self.view, f, &mut budget)?;
+                self.entry_left -= budget.used();
+                r.map(Outcome::Finished)
+            }
             Command::Forget(f) => {
                 participant::forget(&mut self.view, f)?;
                 Ok(Outcome::Forgotten)
@@ -181,11 +226,18 @@ impl Applier<'_> {
                 return Ok(Err(e));
             }
         }
-        let resp = txn::evaluate(&mut self.view, t).map_err(ConflictableTransactionError::Abort)?;
-        if let Some(k) = &keyed {
-            dedup::remember(&mut self.view, &mut self.dedup, k, expired, &resp)?;
+        let mut budget = Budget::within_entry(self.entry_left);
+        let r = txn::evaluate(&mut self.view, t, &mut budget)
+            .map_err(ConflictableTransactionError::Abort)?;
+        if r.is_ok() {
+            self.entry_left -= budget.used();
         }
-        Ok(Ok(resp))
+        // An over-budget refusal wrote nothing and is not kept: like any refusal, a repeat is
+        // evaluated again.
+        if let (Some(k), Ok(resp)) = (&keyed, &r) {
+            dedup::remember(&mut self.view, &mut self.dedup, k, expired, resp)?;
+        }
+        Ok(r)
     }
 
     /// No new lock in a slot that is moving out: the move must not split a transaction (its

@@ -380,7 +380,7 @@ mod tests {
                 })
                 .collect();
             self.sm
-                .apply(&batch)
+                .apply_all(&batch)
                 .unwrap()
                 .into_iter()
                 .map(|r| r.1)
@@ -557,10 +557,10 @@ mod tests {
                 }),
             })
             .collect();
-        let together = one.sm.apply(&batch).unwrap();
+        let together = one.sm.apply_all(&batch).unwrap();
         let mut apart = Vec::new();
         for a in &batch {
-            apart.extend(each.sm.apply(std::slice::from_ref(a)).unwrap());
+            apart.extend(each.sm.apply_all(std::slice::from_ref(a)).unwrap());
         }
         let answers = |rs: Vec<(u64, Result<Outcome>)>| -> Vec<u64> {
             rs.into_iter()

@@ -822,7 +822,7 @@ mod tests {
             self.index += 1;
             let mut r = self
                 .sm
-                .apply(&[Apply {
+                .apply_all(&[Apply {
                     index: self.index,
                     cmd: Some(cmd),
                     stamp: None,

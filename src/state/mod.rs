@@ -8,13 +8,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
-use ordo_proto::v1::{Item, TxnRequest};
+use ordo_proto::v1::{Item, TxnRequest, TxnResponse};
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use crate::error::{Error, Result};
 use crate::limits::{SCAN_PAGE_BYTES_MAX, TXN_LOCK_TIMEOUT_MS};
 use crate::replica::snapshot;
-use txn::ItemView;
+use txn::{ItemRead, ItemView};
 
 mod apply;
 mod command;
@@ -95,21 +95,29 @@ fn checked_value<'a>(node_id: u64, raw_key: &[u8], raw: &'a [u8]) -> Result<(u64
     })
 }
 
+/// A stored item as `(version, value)`, the value a view into sled's buffer (nothing copied).
+fn stored_item(node_id: u64, raw_key: &[u8], raw: sled::IVec) -> Result<(u64, sled::IVec)> {
+    let (version, value) = checked_value(node_id, raw_key, &raw)?;
+    let at = raw.len() - value.len();
+    Ok((version, raw.subslice(at, value.len())))
+}
+
 fn tx_err(e: sled::transaction::UnabortableTransactionError) -> Error {
     Error::Storage(e.to_string())
 }
 
-impl ItemView for TxView<'_> {
-    fn get(&mut self, sk: &[u8], key: &[u8]) -> Result<Option<(u64, Vec<u8>)>> {
+impl ItemRead for TxView<'_> {
+    type Value = sled::IVec;
+    fn get(&self, sk: &[u8], key: &[u8]) -> Result<Option<(u64, sled::IVec)>> {
         let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, key);
         match self.data.get(&raw_key).map_err(tx_err)? {
-            Some(raw) => {
-                let (version, value) = checked_value(self.node_id, &raw_key, &raw)?;
-                Ok(Some((version, value.to_vec())))
-            }
+            Some(raw) => Ok(Some(stored_item(self.node_id, &raw_key, raw)?)),
             None => Ok(None),
         }
     }
+}
+
+impl ItemView for TxView<'_> {
     fn put(&mut self, sk: &[u8], key: &[u8], version: u64, value: &[u8]) -> Result<()> {
         let slot = ordo_proto::slot_of(sk, self.slot_count);
         let raw_value = keys::encode_value(version, value);
@@ -151,6 +159,20 @@ impl TxView<'_> {
                 .map_err(ConflictableTransactionError::Abort)?;
         }
         Ok(())
+    }
+}
+
+/// The applied state as a transaction reads it (the caller holds the view lock).
+struct Applied<'a>(&'a StateMachine);
+
+impl ItemRead for Applied<'_> {
+    type Value = sled::IVec;
+    fn get(&self, sk: &[u8], key: &[u8]) -> Result<Option<(u64, sled::IVec)>> {
+        let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.0.slot_count), sk, key);
+        match self.0.data.get(&raw_key)? {
+            Some(raw) => Ok(Some(stored_item(self.0.node_id, &raw_key, raw)?)),
+            None => Ok(None),
+        }
     }
 }
 
@@ -284,6 +306,17 @@ impl StateMachine {
     /// Refuses at once (before proposing) a transaction that would meet a lock at apply time
     /// (any lock but its own write lock); the apply-time check stays the authoritative one.
     pub fn check_unlocked(&self, t: &TxnRequest, own: Option<&[u8]>) -> Result<()> {
+        self.refuse_locked(t, |lock| {
+            !(lock.write && own.is_some_and(|id| lock.holders.iter().any(|h| h.txn_id == id)))
+        })
+    }
+
+    /// The refusal of the first item of `t` whose lock `refuses`, if any.
+    fn refuse_locked(
+        &self,
+        t: &TxnRequest,
+        refuses: impl Fn(&participant::Lock) -> bool,
+    ) -> Result<()> {
         if self.locks.load(Ordering::Relaxed) == 0 {
             return Ok(());
         }
@@ -292,9 +325,7 @@ impl StateMachine {
             let lk = participant::lock_key(&raw_key);
             if let Some(raw) = self.data.get(&lk)? {
                 let lock = self.decode_lock(&lk, &raw)?;
-                let ours =
-                    lock.write && own.is_some_and(|id| lock.holders.iter().any(|h| h.txn_id == id));
-                if !ours {
+                if refuses(&lock) {
                     return Err(lock.refusal(&raw_key, &self.lock_ages));
                 }
             }
@@ -390,6 +421,15 @@ impl StateMachine {
             }
             None => Ok(None),
         }
+    }
+
+    /// A read-only transaction (`txn::read_only`) on the applied state, within
+    /// `TXN_RESULT_BYTES_MAX`: served after a read barrier, like `get`, without a raft entry. An
+    /// item a cross-group transaction holds a write lock on refuses it (read locks do not).
+    pub fn read_txn(&self, t: &TxnRequest) -> Result<TxnResponse> {
+        let _r = self.read_guard();
+        self.refuse_locked(t, |lock| lock.write)?;
+        txn::evaluate_reads(&Applied(self), t, &mut txn::Budget::txn())?
     }
 
     /// Items of one shard key with `start <= key < end` (empty end = no bound), at most `limit`
@@ -575,5 +615,7 @@ impl StateMachine {
     }
 }
 
+#[cfg(test)]
+mod budget_tests;
 #[cfg(test)]
 mod tests;

@@ -31,7 +31,7 @@ use sled::transaction::ConflictableTransactionError;
 
 use crate::error::{hex, Error, Result};
 use crate::state::keys;
-use crate::state::txn::{self, ItemView};
+use crate::state::txn::{self, Budget, ItemView};
 use crate::state::TxView;
 
 /// Reserved-range kinds (`keys::reserved_key`) of the records kept here.
@@ -378,10 +378,26 @@ pub(super) fn prepare(v: &mut TxView, p: &PrepareRequest) -> Tx<Result<PrepareRe
     let Some(&first) = slots.first() else {
         return Ok(Err(Error::InvalidArgument("the part names no item".into())));
     };
+    // The items' values hold still from here to the finish (locked), which runs the decided
+    // branch whatever its results weigh: so a part that might return too much is refused now.
+    let mut result_bytes = [0; 2];
+    for (ops, bytes) in [&part.success, &part.failure]
+        .into_iter()
+        .zip(&mut result_bytes)
+    {
+        let mut budget = Budget::txn();
+        let fits = txn::fits(&*v, ops, &mut budget);
+        if let Err(over) = fits.map_err(ConflictableTransactionError::Abort)? {
+            return Ok(Err(Error::ResourceExhausted(format!(
+                "{over}; the part was not prepared"
+            ))));
+        }
+        *bytes = budget.used() as u64;
+    }
     let again = part_of(v, first, &p.txn_id)?.is_some();
     if again && !p.read_only {
         // A retried prepare: the locks are ours already.
-        return compares_held(v, &part);
+        return compares_held(v, &part, result_bytes);
     }
     let data_keys: Vec<Vec<u8>> = items(&part)
         .into_iter()
@@ -395,7 +411,7 @@ pub(super) fn prepare(v: &mut TxView, p: &PrepareRequest) -> Tx<Result<PrepareRe
     if let Err(e) = locked {
         return Ok(Err(e));
     }
-    compares_held(v, &part)
+    compares_held(v, &part, result_bytes)
 }
 
 /// The holder a prepare's locks name.
@@ -408,18 +424,26 @@ fn holder(p: &PrepareRequest) -> Holder {
     }
 }
 
-/// Whether the part's compares hold now (the answer of a prepare).
-fn compares_held(view: &mut impl ItemView, part: &TxnRequest) -> Tx<Result<PrepareResponse>> {
+/// Whether the part's compares hold now, and what its branches return (the answer of a
+/// prepare).
+fn compares_held(
+    view: &mut impl ItemView,
+    part: &TxnRequest,
+    [success_result_bytes, failure_result_bytes]: [u64; 2],
+) -> Tx<Result<PrepareResponse>> {
     let compares_only = TxnRequest {
         compares: part.compares.clone(),
         ..Default::default()
     };
-    let held = txn::evaluate(view, &compares_only)
+    // No ops: nothing to write, no results to bound.
+    let evaluated = txn::evaluate_reads(&*view, &compares_only, &mut Budget::txn());
+    Ok(evaluated
         .map_err(ConflictableTransactionError::Abort)?
-        .succeeded;
-    Ok(Ok(PrepareResponse {
-        compares_held: held,
-    }))
+        .map(|r| PrepareResponse {
+            compares_held: r.succeeded,
+            success_result_bytes,
+            failure_result_bytes,
+        }))
 }
 
 /// A reader: share read locks, take every item no writer holds, keep them, and report a
@@ -517,9 +541,14 @@ pub(super) fn decide(v: &mut TxView, d: &DecideRequest) -> Tx<Result<DecideRespo
     }))
 }
 
-/// Finish: run the decided branch of this group's part and release its locks. The part is
-/// found under the slot of the request's shard key (any shard key of the part).
-pub(super) fn finish(v: &mut TxView, f: &FinishRequest) -> Tx<Result<FinishResponse>> {
+/// Finish: run the decided branch of this group's part (its results within `budget`) and
+/// release its locks. The part is found under the slot of the request's shard key (any shard key
+/// of the part).
+pub(super) fn finish(
+    v: &mut TxView,
+    f: &FinishRequest,
+    budget: &mut Budget,
+) -> Tx<Result<FinishResponse>> {
     let slot = ordo_proto::slot_of(&f.shard_key, v.slot_count);
     let Some(p) = part_of(v, slot, &f.txn_id)? else {
         return Ok(Ok(FinishResponse {
@@ -539,15 +568,22 @@ pub(super) fn finish(v: &mut TxView, f: &FinishRequest) -> Tx<Result<FinishRespo
             ))))
         }
     };
-    let results = txn::evaluate(
-        v,
-        &TxnRequest {
-            success: ops,
-            ..Default::default()
-        },
-    )
-    .map_err(ConflictableTransactionError::Abort)?
-    .results;
+    let txn = TxnRequest {
+        success: ops,
+        ..Default::default()
+    };
+    let abort = ConflictableTransactionError::Abort;
+    // The decision is taken: the writes are applied even over the budget (which the prepare
+    // checked, so only a part prepared by an older version can be over it).
+    let results = match txn::evaluate(v, &txn, budget).map_err(abort)? {
+        Ok(r) => Ok(r.results),
+        Err(over) => {
+            txn::apply_writes(v, &txn.success).map_err(abort)?;
+            Err(Error::ResourceExhausted(format!(
+                "{over}; the decided branch was applied in full, but its results are not returned"
+            )))
+        }
+    };
     for (sk, k) in items(&part) {
         let data_key = keys::encode_key(ordo_proto::slot_of(sk, v.slot_count), sk, k);
         let lk = lock_key(&data_key);
@@ -568,7 +604,7 @@ pub(super) fn finish(v: &mut TxView, f: &FinishRequest) -> Tx<Result<FinishRespo
         v.remove_record(part_key(s, &f.txn_id))?;
     }
     v.aged.push(AgeEvent::Released(f.txn_id.to_vec()));
-    Ok(Ok(FinishResponse {
+    Ok(results.map(|results| FinishResponse {
         found: true,
         results,
     }))
@@ -653,7 +689,7 @@ mod tests {
             self.index += 1;
             let mut out = self
                 .sm
-                .apply(&[Apply {
+                .apply_all(&[Apply {
                     index: self.index,
                     cmd: Some(cmd),
                     stamp: None,

@@ -34,7 +34,7 @@ fn apply_scan_snapshot_and_install_round_trip() {
             stamp: None,
         }))
         .collect();
-    assert_eq!(sm.apply(&batch).unwrap().len(), 30);
+    assert_eq!(sm.apply_all(&batch).unwrap().len(), 30);
     assert_eq!(sm.applied_index(), 31);
 
     let (page, next) = sm.scan(b"order-7", b"items/05", b"items/20", 10).unwrap();
@@ -50,7 +50,7 @@ fn apply_scan_snapshot_and_install_round_trip() {
     assert_eq!((index, records), (31, 30));
     let db2 = sled::open(dir.path().join("b")).unwrap();
     let sm2 = StateMachine::open(&db2, 2, 64).unwrap().sm;
-    sm2.apply(&[Apply {
+    sm2.apply_all(&[Apply {
         index: 1,
         cmd: Some(put("stale", "", "gone after install")),
         stamp: None,
@@ -69,7 +69,7 @@ fn an_interrupted_install_resets_the_replica() {
     {
         let db = sled::open(dir.path()).unwrap();
         let sm = StateMachine::open(&db, 1, 64).unwrap().sm;
-        sm.apply(&[Apply {
+        sm.apply_all(&[Apply {
             index: 5,
             cmd: Some(put("o", "", "v")),
             stamp: None,
@@ -114,7 +114,7 @@ fn ownership_gates_writes_and_slots_leave_only_empty() {
     // Standalone: owns every slot.
     assert!(sm.check_owned(b"order-1").is_ok());
     let r = sm
-        .apply(&[
+        .apply_all(&[
             Apply {
                 index: 1,
                 cmd: Some(own(1, &other)),
@@ -150,7 +150,7 @@ fn ownership_gates_writes_and_slots_leave_only_empty() {
     );
 
     let all: Vec<u32> = (0..64).collect();
-    sm.apply(&[
+    sm.apply_all(&[
         Apply {
             index: 3,
             cmd: Some(own(2, &all)),
@@ -166,7 +166,7 @@ fn ownership_gates_writes_and_slots_leave_only_empty() {
     assert!(sm.get(b"order-1", b"").unwrap().is_some());
     // The slot holds data now: it cannot leave, and older map versions are refused.
     let r = sm
-        .apply(&[
+        .apply_all(&[
             Apply {
                 index: 5,
                 cmd: Some(own(3, &other)),
@@ -228,7 +228,7 @@ fn a_corrupted_value_is_detected_and_reported_with_node_tree_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let db = sled::open(dir.path()).unwrap();
     let sm = StateMachine::open(&db, 7, 64).unwrap().sm;
-    sm.apply(&[Apply {
+    sm.apply_all(&[Apply {
         index: 1,
         cmd: Some(put("order-9", "items/1", "sku-42")),
         stamp: None,
@@ -254,7 +254,7 @@ fn a_corrupted_value_is_detected_and_reported_with_node_tree_and_key() {
             .map(|_| ())
             .unwrap_err(),
     );
-    let r = sm.apply(&[Apply {
+    let r = sm.apply_all(&[Apply {
         index: 2,
         cmd: Some(put("order-9", "items/1", "again")),
         stamp: None,
@@ -276,7 +276,7 @@ fn a_batch_applies_its_transactions_in_order_with_their_own_outcomes() {
     };
     let refused = ordo_proto::slot_of(b"order-2", 64);
     let others: Vec<u32> = (0..64).filter(|s| *s != refused).collect();
-    sm.apply(&[Apply {
+    sm.apply_all(&[Apply {
         index: 1,
         cmd: Some(own(1, &others)),
         stamp: None,
@@ -288,7 +288,7 @@ fn a_batch_applies_its_transactions_in_order_with_their_own_outcomes() {
         txn(put("order-1", "", "b")),
     ]);
     let r = sm
-        .apply(&[Apply {
+        .apply_all(&[Apply {
             index: 2,
             cmd: Some(batch),
             stamp: None,
@@ -327,7 +327,7 @@ fn m2_scan_pages_are_bounded_in_bytes_and_continue_with_next_key() {
             stamp: None,
         })
         .collect();
-    sm.apply(&batch).unwrap();
+    sm.apply_all(&batch).unwrap();
     let (mut seen, mut start, mut pages) = (Vec::new(), bytes::Bytes::new(), 0);
     loop {
         let (page, next) = sm.scan(b"order-big", &start, b"", 1000).unwrap();

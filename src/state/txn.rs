@@ -1,105 +1,357 @@
 //! Transaction evaluation: the one place that decides what a `Txn` (and so a `Put` or `Delete`,
 //! which are `Txn`s with at most one compare) does to the items it touches. It works on any
 //! `ItemView`, so it is tested without sled and applied on a sled transaction in production.
+//!
+//! The values a transaction's Gets return are counted against a [`Budget`] before they are
+//! copied, and its writes are staged until every op has run: a transaction over its budget is
+//! refused with `RESOURCE_EXHAUSTED` having copied at most its budget and written nothing.
 
 use ordo_proto::v1::{
-    compare, txn_op, txn_op_result, Compare, DeleteResponse, GetResponse, PutResponse, TxnOpResult,
-    TxnRequest, TxnResponse,
+    compare, txn_op, txn_op_result, Compare, DeleteResponse, GetResponse, PutResponse, TxnOp,
+    TxnOpResult, TxnRequest, TxnResponse,
 };
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::limits::{ENTRY_RESULT_BYTES_MAX, TXN_RESULT_BYTES_MAX};
 
-/// What a transaction can see and change: items addressed by `(shard_key, key)`.
-pub trait ItemView {
+/// What a transaction can read: items addressed by `(shard_key, key)`.
+pub trait ItemRead {
+    /// A stored value, as cheap to hold as the store allows (sled hands out shared buffers):
+    /// nothing is copied until the budget allows it.
+    type Value: AsRef<[u8]>;
     /// `(version, value)` of an item, or `None` when it does not exist.
-    fn get(&mut self, shard_key: &[u8], key: &[u8]) -> Result<Option<(u64, Vec<u8>)>>;
+    fn get(&self, shard_key: &[u8], key: &[u8]) -> Result<Option<(u64, Self::Value)>>;
+}
+
+/// What a transaction can read and change.
+pub trait ItemView: ItemRead {
     fn put(&mut self, shard_key: &[u8], key: &[u8], version: u64, value: &[u8]) -> Result<()>;
     fn delete(&mut self, shard_key: &[u8], key: &[u8]) -> Result<()>;
 }
 
-/// Evaluates the compares, then runs the success or the failure ops in order (a later op sees an
-/// earlier op's write). The request has been validated (see `validate.rs`).
-pub fn evaluate(view: &mut impl ItemView, txn: &TxnRequest) -> Result<TxnResponse> {
-    let mut succeeded = true;
-    for c in &txn.compares {
-        if !compare_holds(view, c)? {
-            succeeded = false;
-            break;
-        }
-    }
-    let ops = if succeeded {
-        &txn.success
-    } else {
-        &txn.failure
-    };
-    let mut results = Vec::with_capacity(ops.len());
-    for op in ops {
-        let result = match op.op.as_ref() {
-            Some(txn_op::Op::Put(p)) => {
-                let version = view.get(&p.shard_key, &p.key)?.map_or(0, |(v, _)| v) + 1;
-                view.put(&p.shard_key, &p.key, version, &p.value)?;
-                txn_op_result::Result::Put(PutResponse {
-                    succeeded: true,
-                    version,
-                })
-            }
-            Some(txn_op::Op::Delete(d)) => {
-                let prev = view.get(&d.shard_key, &d.key)?;
-                if prev.is_some() {
-                    view.delete(&d.shard_key, &d.key)?;
-                }
-                txn_op_result::Result::Delete(DeleteResponse {
-                    succeeded: true,
-                    deleted: prev.is_some(),
-                    prev_version: prev.map_or(0, |(v, _)| v),
-                })
-            }
-            Some(txn_op::Op::Get(g)) => {
-                txn_op_result::Result::Get(match view.get(&g.shard_key, &g.key)? {
-                    Some((version, value)) => GetResponse {
-                        found: true,
-                        value: value.into(),
-                        version,
-                    },
-                    None => GetResponse::default(),
-                })
-            }
-            // Validation refuses ops without a body before they reach the log.
-            None => unreachable!("empty TxnOp passed validation"),
-        };
-        results.push(TxnOpResult {
-            result: Some(result),
-        });
-    }
-    Ok(TxnResponse { succeeded, results })
+/// The result bytes (values returned by Gets) an evaluation may still copy, and the limit that
+/// refuses it when they run out. Deterministic: it depends only on the request and the stored
+/// values, so every replica refuses the same transactions.
+#[derive(Debug)]
+pub struct Budget {
+    left: usize,
+    used: usize,
+    limit: Limit,
 }
 
-fn compare_holds(view: &mut impl ItemView, c: &Compare) -> Result<bool> {
-    use std::cmp::Ordering;
-    let item = view.get(&c.shard_key, &c.key)?;
-    let op = compare::Op::try_from(c.op).expect("validated compare op");
-    let ordering = match compare::Target::try_from(c.target).expect("validated compare target") {
-        compare::Target::Version => item.as_ref().map_or(0, |(v, _)| *v).cmp(&c.version),
-        compare::Target::Value => match &item {
-            Some((_, value)) => value.as_slice().cmp(c.value.as_ref()),
-            // An absent item has no value: only "not equal" holds.
-            None => return Ok(op == compare::Op::NotEqual),
-        },
-        compare::Target::Exists => {
-            let eq = item.is_some() == c.exists;
-            return Ok(match op {
-                compare::Op::Equal => eq,
-                compare::Op::NotEqual => !eq,
-                _ => unreachable!("validation allows only = and != on exists"),
-            });
+/// Which bound a [`Budget`] stands for.
+#[derive(Debug, Clone, Copy)]
+enum Limit {
+    Txn,
+    Entry,
+}
+
+impl Limit {
+    /// The refusal of a transaction whose Gets asked for `asked` bytes.
+    fn refusal(self, asked: usize) -> Error {
+        let (name, value, scope) = match self {
+            Limit::Txn => (
+                "TXN_RESULT_BYTES_MAX",
+                TXN_RESULT_BYTES_MAX,
+                "one Txn (read fewer or smaller items per Txn)",
+            ),
+            Limit::Entry => (
+                "ENTRY_RESULT_BYTES_MAX",
+                ENTRY_RESULT_BYTES_MAX,
+                "the raft entry it was batched in (retry it: it may fit another entry)",
+            ),
+        };
+        Error::ResourceExhausted(format!(
+            "txn results are over {name} ({value} bytes) for {scope}: its Gets asked for at \
+             least {asked} bytes"
+        ))
+    }
+}
+
+impl Budget {
+    /// A transaction on its own: `TXN_RESULT_BYTES_MAX`.
+    pub fn txn() -> Budget {
+        Budget {
+            left: TXN_RESULT_BYTES_MAX,
+            used: 0,
+            limit: Limit::Txn,
+        }
+    }
+
+    /// A transaction of a raft entry whose earlier transactions left `entry_left` bytes of
+    /// `ENTRY_RESULT_BYTES_MAX`: the smaller of that and its own bound.
+    pub fn within_entry(entry_left: usize) -> Budget {
+        if entry_left >= TXN_RESULT_BYTES_MAX {
+            return Budget::txn();
+        }
+        Budget {
+            left: entry_left,
+            used: 0,
+            limit: Limit::Entry,
+        }
+    }
+
+    /// Bytes taken so far.
+    pub fn used(&self) -> usize {
+        self.used
+    }
+
+    /// Takes `n` bytes, or says which limit they would break.
+    fn take(&mut self, n: usize) -> Result<()> {
+        if n > self.left {
+            return Err(self.limit.refusal(self.used + n));
+        }
+        self.left -= n;
+        self.used += n;
+        Ok(())
+    }
+}
+
+/// Whether a transaction only reads (compares and Gets on both branches): it needs no raft
+/// entry, a read barrier is enough.
+pub fn read_only(t: &TxnRequest) -> bool {
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .all(|op| matches!(op.op, Some(txn_op::Op::Get(_))))
+}
+
+/// Evaluates the compares, then runs the success or the failure ops in order (a later op sees an
+/// earlier op's write), within `budget`. The writes reach `view` only if every op ran: the inner
+/// `Err` (over budget) wrote nothing. The request has been validated (see `validate.rs`).
+pub fn evaluate(
+    view: &mut impl ItemView,
+    txn: &TxnRequest,
+    budget: &mut Budget,
+) -> Result<Result<TxnResponse>> {
+    let mut staged = Staged::new(&*view);
+    let resp = match staged.evaluate(txn, budget)? {
+        Ok(resp) => resp,
+        Err(over) => {
+            return Ok(Err(Error::ResourceExhausted(format!(
+                "{over}; nothing was applied"
+            ))))
         }
     };
-    Ok(match op {
-        compare::Op::Equal => ordering == Ordering::Equal,
-        compare::Op::NotEqual => ordering != Ordering::Equal,
-        compare::Op::Less => ordering == Ordering::Less,
-        compare::Op::Greater => ordering == Ordering::Greater,
-    })
+    let writes = staged.writes;
+    flush(view, writes)?;
+    Ok(Ok(resp))
+}
+
+/// Evaluates a transaction that only reads (see [`read_only`]) within `budget`.
+pub fn evaluate_reads(
+    view: &impl ItemRead,
+    txn: &TxnRequest,
+    budget: &mut Budget,
+) -> Result<Result<TxnResponse>> {
+    debug_assert!(read_only(txn));
+    Staged::new(view).evaluate(txn, budget)
+}
+
+/// Whether `ops` would stay within `budget` if run now (a dry run: nothing is copied or
+/// written). A 2PC prepare checks both branches of its part with it, so that its finish, which
+/// must run whatever it finds, never goes over.
+pub fn fits(view: &impl ItemRead, ops: &[TxnOp], budget: &mut Budget) -> Result<Result<()>> {
+    Ok(Staged::new(view).run(ops, budget, false)?.map(drop))
+}
+
+/// Applies the writes of `ops` whatever their Gets would return: the decided branch of a 2PC
+/// part, whose writes must be applied. The Gets are left out (no op reads what a Get returns).
+pub fn apply_writes(view: &mut impl ItemView, ops: &[TxnOp]) -> Result<()> {
+    let writes: Vec<TxnOp> = ops
+        .iter()
+        .filter(|op| !matches!(op.op, Some(txn_op::Op::Get(_))))
+        .cloned()
+        .collect();
+    let mut staged = Staged::new(&*view);
+    if let Err(e) = staged.run(&writes, &mut Budget::txn(), false)? {
+        unreachable!("ops without Gets return no values, yet: {e}");
+    }
+    let staged = staged.writes;
+    flush(view, staged)
+}
+
+/// A write staged by [`Staged`]: a put `(version, value)` or a delete (`None`).
+struct Write<'t> {
+    shard_key: &'t [u8],
+    key: &'t [u8],
+    put: Option<(u64, &'t [u8])>,
+}
+
+fn flush(view: &mut impl ItemView, writes: Vec<Write<'_>>) -> Result<()> {
+    for w in writes {
+        match w.put {
+            Some((version, value)) => view.put(w.shard_key, w.key, version, value)?,
+            None => view.delete(w.shard_key, w.key)?,
+        }
+    }
+    Ok(())
+}
+
+/// A value as a transaction sees it: stored, or written by one of its earlier ops.
+enum Seen<'t, V> {
+    Stored(V),
+    Staged(&'t [u8]),
+}
+
+impl<V: AsRef<[u8]>> AsRef<[u8]> for Seen<'_, V> {
+    fn as_ref(&self) -> &[u8] {
+        match self {
+            Seen::Stored(v) => v.as_ref(),
+            Seen::Staged(v) => v,
+        }
+    }
+}
+
+/// A view with the transaction's own writes on top, in op order (at most `TXN_OPS_MAX`, so a
+/// lookup is a short scan).
+struct Staged<'v, 't, V> {
+    base: &'v V,
+    writes: Vec<Write<'t>>,
+}
+
+impl<'v, 't, V: ItemRead> Staged<'v, 't, V> {
+    fn new(base: &'v V) -> Self {
+        Staged {
+            base,
+            writes: Vec::new(),
+        }
+    }
+
+    fn get(&self, sk: &[u8], key: &[u8]) -> Result<Option<(u64, Seen<'t, V::Value>)>> {
+        match self
+            .writes
+            .iter()
+            .rev()
+            .find(|w| w.shard_key == sk && w.key == key)
+        {
+            Some(w) => Ok(w.put.map(|(version, v)| (version, Seen::Staged(v)))),
+            None => Ok(self
+                .base
+                .get(sk, key)?
+                .map(|(version, v)| (version, Seen::Stored(v)))),
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        txn: &'t TxnRequest,
+        budget: &mut Budget,
+    ) -> Result<Result<TxnResponse>> {
+        let mut succeeded = true;
+        for c in &txn.compares {
+            if !self.compare_holds(c)? {
+                succeeded = false;
+                break;
+            }
+        }
+        let ops = if succeeded {
+            &txn.success
+        } else {
+            &txn.failure
+        };
+        Ok(self
+            .run(ops, budget, true)?
+            .map(|results| TxnResponse { succeeded, results }))
+    }
+
+    /// Runs `ops`, staging their writes; `copy` says whether Gets return their values (a dry
+    /// run only counts them).
+    fn run(
+        &mut self,
+        ops: &'t [TxnOp],
+        budget: &mut Budget,
+        copy: bool,
+    ) -> Result<Result<Vec<TxnOpResult>>> {
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            let result = match op.op.as_ref() {
+                Some(txn_op::Op::Put(p)) => {
+                    let version = self.get(&p.shard_key, &p.key)?.map_or(0, |(v, _)| v) + 1;
+                    self.writes.push(Write {
+                        shard_key: &p.shard_key,
+                        key: &p.key,
+                        put: Some((version, &p.value)),
+                    });
+                    txn_op_result::Result::Put(PutResponse {
+                        succeeded: true,
+                        version,
+                    })
+                }
+                Some(txn_op::Op::Delete(d)) => {
+                    let prev = self.get(&d.shard_key, &d.key)?.map(|(v, _)| v);
+                    if prev.is_some() {
+                        self.writes.push(Write {
+                            shard_key: &d.shard_key,
+                            key: &d.key,
+                            put: None,
+                        });
+                    }
+                    txn_op_result::Result::Delete(DeleteResponse {
+                        succeeded: true,
+                        deleted: prev.is_some(),
+                        prev_version: prev.unwrap_or(0),
+                    })
+                }
+                Some(txn_op::Op::Get(g)) => {
+                    txn_op_result::Result::Get(match self.get(&g.shard_key, &g.key)? {
+                        Some((version, value)) => {
+                            // Counted before the copy: a refused transaction never holds more
+                            // than its budget.
+                            if let Err(over) = budget.take(value.as_ref().len()) {
+                                return Ok(Err(over));
+                            }
+                            GetResponse {
+                                found: true,
+                                value: if copy {
+                                    bytes::Bytes::copy_from_slice(value.as_ref())
+                                } else {
+                                    bytes::Bytes::new()
+                                },
+                                version,
+                            }
+                        }
+                        None => GetResponse::default(),
+                    })
+                }
+                // Validation refuses ops without a body before they reach the log.
+                None => unreachable!("empty TxnOp passed validation"),
+            };
+            results.push(TxnOpResult {
+                result: Some(result),
+            });
+        }
+        Ok(Ok(results))
+    }
+
+    fn compare_holds(&self, c: &Compare) -> Result<bool> {
+        use std::cmp::Ordering;
+        let item = self.get(&c.shard_key, &c.key)?;
+        let op = compare::Op::try_from(c.op).expect("validated compare op");
+        let ordering = match compare::Target::try_from(c.target).expect("validated compare target")
+        {
+            compare::Target::Version => item.as_ref().map_or(0, |(v, _)| *v).cmp(&c.version),
+            compare::Target::Value => match &item {
+                Some((_, value)) => value.as_ref().cmp(c.value.as_ref()),
+                // An absent item has no value: only "not equal" holds.
+                None => return Ok(op == compare::Op::NotEqual),
+            },
+            compare::Target::Exists => {
+                let eq = item.is_some() == c.exists;
+                return Ok(match op {
+                    compare::Op::Equal => eq,
+                    compare::Op::NotEqual => !eq,
+                    _ => unreachable!("validation allows only = and != on exists"),
+                });
+            }
+        };
+        Ok(match op {
+            compare::Op::Equal => ordering == Ordering::Equal,
+            compare::Op::NotEqual => ordering != Ordering::Equal,
+            compare::Op::Less => ordering == Ordering::Less,
+            compare::Op::Greater => ordering == Ordering::Greater,
+        })
+    }
 }
 
 /// An item's place in a `MemView`: (shard key, key).
@@ -112,10 +364,15 @@ type ItemName = (Vec<u8>, Vec<u8>);
 pub struct MemView(pub std::collections::BTreeMap<ItemName, (u64, Vec<u8>)>);
 
 #[cfg(test)]
-impl ItemView for MemView {
-    fn get(&mut self, sk: &[u8], key: &[u8]) -> Result<Option<(u64, Vec<u8>)>> {
+impl ItemRead for MemView {
+    type Value = Vec<u8>;
+    fn get(&self, sk: &[u8], key: &[u8]) -> Result<Option<(u64, Vec<u8>)>> {
         Ok(self.0.get(&(sk.to_vec(), key.to_vec())).cloned())
     }
+}
+
+#[cfg(test)]
+impl ItemView for MemView {
     fn put(&mut self, sk: &[u8], key: &[u8], version: u64, value: &[u8]) -> Result<()> {
         self.0
             .insert((sk.to_vec(), key.to_vec()), (version, value.to_vec()));
@@ -170,6 +427,9 @@ mod tests {
             ..Default::default()
         }
     }
+    fn ev(v: &mut MemView, t: &TxnRequest) -> TxnResponse {
+        evaluate(v, t, &mut Budget::txn()).unwrap().unwrap()
+    }
     fn version_of(r: &TxnOpResult) -> u64 {
         match r.result.as_ref().unwrap() {
             txn_op_result::Result::Put(p) => p.version,
@@ -185,7 +445,7 @@ mod tests {
             success: vec![put("o1", "", "new"), put("o1", "", "paid"), get("o1", "")],
             ..Default::default()
         };
-        let r = evaluate(&mut v, &txn).unwrap();
+        let r = ev(&mut v, &txn);
         assert!(r.succeeded);
         assert_eq!(
             r.results.iter().map(version_of).collect::<Vec<_>>(),
@@ -200,14 +460,13 @@ mod tests {
     #[test]
     fn a_failed_compare_runs_the_failure_branch_only() {
         let mut v = MemView::default();
-        evaluate(
+        ev(
             &mut v,
             &TxnRequest {
                 success: vec![put("o1", "status", "new")],
                 ..Default::default()
             },
-        )
-        .unwrap();
+        );
         let mut c = cmp("o1", "status", compare::Target::Version, compare::Op::Equal);
         c.version = 5;
         let txn = TxnRequest {
@@ -217,7 +476,7 @@ mod tests {
             ..Default::default()
         };
         let before = v.clone();
-        let r = evaluate(&mut v, &txn).unwrap();
+        let r = ev(&mut v, &txn);
         assert!(!r.succeeded);
         assert_eq!(v, before, "the failure branch only read");
         assert_eq!(version_of(&r.results[0]), 1);
@@ -225,7 +484,7 @@ mod tests {
 
     #[test]
     fn compares_on_absent_items() {
-        let mut v = MemView::default();
+        let v = MemView::default();
         let mut version0 = cmp("o", "k", compare::Target::Version, compare::Op::Equal);
         version0.version = 0;
         let value_ne = {
@@ -241,29 +500,27 @@ mod tests {
             (value_eq, false),
             (not_exists, true),
         ] {
-            assert_eq!(compare_holds(&mut v, &c).unwrap(), expect, "{c:?}");
+            assert_eq!(Staged::new(&v).compare_holds(&c).unwrap(), expect, "{c:?}");
         }
     }
 
     #[test]
     fn delete_reports_what_it_removed() {
         let mut v = MemView::default();
-        evaluate(
+        ev(
             &mut v,
             &TxnRequest {
                 success: vec![put("o", "a", "1"), put("o", "a", "2")],
                 ..Default::default()
             },
-        )
-        .unwrap();
-        let r = evaluate(
+        );
+        let r = ev(
             &mut v,
             &TxnRequest {
                 success: vec![del("o", "a"), del("o", "a")],
                 ..Default::default()
             },
-        )
-        .unwrap();
+        );
         let dels: Vec<_> = r
             .results
             .iter()
@@ -275,14 +532,13 @@ mod tests {
         assert_eq!(dels, vec![(true, 2), (false, 0)]);
         assert!(v.0.is_empty());
         // Recreated items start again at version 1.
-        let r = evaluate(
+        let r = ev(
             &mut v,
             &TxnRequest {
                 success: vec![put("o", "a", "3")],
                 ..Default::default()
             },
-        )
-        .unwrap();
+        );
         assert_eq!(version_of(&r.results[0]), 1);
     }
 
@@ -303,7 +559,7 @@ mod tests {
                     failure: vec![get("o", &k)],
                     ..Default::default()
                 };
-                let r = evaluate(&mut v, &txn).unwrap();
+                let r = ev(&mut v, &txn);
                 let current = model.get(&key).map_or(0, |(ver, _)| *ver);
                 prop_assert_eq!(r.succeeded, current == expect_version);
                 if r.succeeded {

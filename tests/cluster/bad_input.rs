@@ -157,6 +157,19 @@ async fn bad_requests_are_refused_and_change_nothing() {
         "1048576 bytes",
     );
 
+    // Over the one message bound of nodes and routers: refused as a router refuses it
+    // (`router/tests/router/routing.rs`), naming the bound.
+    let s = kv
+        .put(put(1, 1, ordo_proto::addr::KV_MESSAGE_BYTES_MAX))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
+    assert!(
+        s.message()
+            .contains(&format!("{} bytes", ordo_proto::addr::KV_MESSAGE_BYTES_MAX)),
+        "{s:?}"
+    );
+
     // Peer API: a malformed raft message, a bad checksum, a misaddressed frame, a bad snapshot chunk.
     let mut peer = PeerClient::new(ch);
     let garbage = RaftBatch {

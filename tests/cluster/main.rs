@@ -5,6 +5,7 @@
 mod admin_tasks;
 mod bad_input;
 mod bank;
+mod bounds;
 mod concurrency;
 mod dedup;
 mod faults;

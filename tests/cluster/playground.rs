@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A base port whose playground range (router, 3 config replicas, 3 groups × 3 replicas) is free.
-fn free_base_port() -> u16 {
+pub(crate) fn free_base_port() -> u16 {
     let offsets: Vec<u16> = [0u16, 1, 2, 3]
         .into_iter()
         .chain((1..=3).flat_map(|g| (1..=3).map(move |r| 10 * g + r)))
@@ -18,9 +18,11 @@ fn ordoctl(router: &str, args: &[&str]) -> (bool, String) {
     ordo_testkit::bins!().ordoctl_within(&[router.to_string()], Duration::from_secs(20), args)
 }
 
-fn start(dir: &Path, port: u16) -> Child {
+/// `ordo playground` on `port` with data in `dir` and `extra` arguments (e.g. `--groups 1`).
+pub(crate) fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_ordo"))
         .args(["playground", "--port", &port.to_string()])
+        .args(extra)
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::piped())
@@ -29,8 +31,12 @@ fn start(dir: &Path, port: u16) -> Child {
         .unwrap()
 }
 
+fn start(dir: &Path, port: u16) -> Child {
+    start_with(dir, port, &[])
+}
+
 /// Reads the playground's stdout until it prints the router line: then it serves.
-fn wait_ready(child: &mut Child) -> String {
+pub(crate) fn wait_ready(child: &mut Child) -> String {
     use std::io::{BufRead, BufReader};
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
@@ -50,7 +56,7 @@ fn wait_ready(child: &mut Child) -> String {
         .expect("the playground printed its router address within 60 s")
 }
 
-fn interrupt_and_wait(mut child: Child) {
+pub(crate) fn interrupt_and_wait(mut child: Child) {
     let status = Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

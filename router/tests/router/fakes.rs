@@ -138,7 +138,12 @@ pub async fn spawn_node(
     };
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
-            .add_service(KvServer::new(node))
+            // The message bound of a real node.
+            .add_service(
+                KvServer::new(node)
+                    .max_decoding_message_size(ordo_proto::addr::KV_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(ordo_proto::addr::KV_MESSAGE_BYTES_MAX),
+            )
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await;
     });

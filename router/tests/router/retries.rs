@@ -141,11 +141,7 @@ async fn m9_a_write_with_an_unknown_outcome_is_retried_with_its_idempotency_key(
                         map_version: 0,
                         idempotency_key: client_key.clone(),
                     }),
-                    compares: vec![Compare {
-                        shard_key: k.clone(),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
+                    ..writing_txn(&k)
                 })
                 .await
                 .unwrap(),
@@ -192,14 +188,37 @@ async fn m9_a_write_with_an_unknown_outcome_is_retried_with_its_idempotency_key(
     let router3 = start_router(vec![config.addr.clone()]).await;
     let got = kv(&router3)
         .await
-        .get(get_req(k))
+        .get(get_req(k.clone()))
         .await
         .unwrap()
         .into_inner();
     assert_eq!(got.value, "live");
+    // So do read-only Txns (a node serves them after a read barrier, without the log, and
+    // the router forwards them as reads).
+    let router4 = start_router(vec![config.addr.clone()]).await;
+    let mut read_only = writing_txn(&k);
+    read_only.success.clear();
+    kv(&router4).await.txn(read_only).await.unwrap();
+    let txns_at = |n| seen(n).iter().filter(|s| s.op == "Txn").count();
+    assert_eq!((txns_at(&flaky_reads), txns_at(&live)), (1, 2));
     router.shutdown().await;
     router2.shutdown().await;
     router3.shutdown().await;
+    router4.shutdown().await;
+}
+
+/// A Txn on `k` that compares and writes.
+fn writing_txn(k: &Bytes) -> TxnRequest {
+    TxnRequest {
+        compares: vec![Compare {
+            shard_key: k.clone(),
+            ..Default::default()
+        }],
+        success: vec![TxnOp {
+            op: Some(txn_op::Op::Put(put_req(k.clone()))),
+        }],
+        ..Default::default()
+    }
 }
 
 /// Only the deadline ends a write that may have been applied, not the attempt bound: its client

@@ -231,3 +231,38 @@ async fn other_errors_pass_through_unchanged() {
     );
     router.shutdown().await;
 }
+
+/// Router and node message bounds are one (`KV_MESSAGE_BYTES_MAX`): a request over it is
+/// refused by the router itself, as a node refuses it, before any node is contacted (group 1's
+/// only replica is not even there); one under it is forwarded and accepted.
+#[tokio::test]
+async fn a_request_over_the_nodes_message_bound_is_refused_at_the_router_as_a_node_would() {
+    use ordo_proto::addr::KV_MESSAGE_BYTES_MAX;
+    let (gone, gone_addr) = listen().await;
+    drop(gone);
+    let n2 = healthy_node("g2").await;
+    let config = spawn_config(map_v(1, &[&gone_addr], &[&n2.addr])).await;
+    let router = start_router(vec![config.addr.clone()]).await;
+    let mut c = kv(&router).await;
+    let put = |shard_key: Bytes, bytes: usize| PutRequest {
+        shard_key,
+        value: vec![7; bytes].into(),
+        ..Default::default()
+    };
+    let s = c
+        .put(put(key_of_group(1, 0), KV_MESSAGE_BYTES_MAX))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::OutOfRange, "{s:?}");
+    assert!(
+        s.message()
+            .contains(&format!("{KV_MESSAGE_BYTES_MAX} bytes")),
+        "names the bound: {}",
+        s.message()
+    );
+    c.put(put(key_of_group(2, 0), KV_MESSAGE_BYTES_MAX - 1024))
+        .await
+        .unwrap();
+    assert_eq!(seen(&n2).len(), 1);
+    router.shutdown().await;
+}

@@ -2,14 +2,14 @@
 //! machine in batches (one sled transaction each); a conf change ends the batch before it and is
 //! applied on its own; each waiting proposal is answered, or told it was replaced in the log.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use raft::prelude::*;
 
 use super::conf_change::conf_not_applied;
-use super::Driver;
+use super::{Driver, Waiting};
 use crate::error::{Error, Result};
-use crate::state::{Apply, Command, Stamp};
+use crate::state::{Apply, Command, Outcome, Stamp};
 
 impl Driver {
     pub(super) fn apply(&mut self, entries: Vec<Entry>) -> Result<()> {
@@ -89,26 +89,42 @@ impl Driver {
         if batch.is_empty() {
             return Ok(());
         }
-        let results = self.sm.apply(&batch)?;
-        let mut results = results.into_iter().peekable();
+        let (proposals, waiting_txns) = (&mut self.proposals, &mut self.waiting_txns);
+        self.sm.apply(&batch, &mut |index, result| {
+            settle(proposals, waiting_txns, terms, index, Some(result));
+        })?;
+        // Raft's own entries have no outcome; a proposal waiting at one was replaced.
         for a in &batch {
-            let result = match results.peek() {
-                Some((i, _)) if *i == a.index => results.next().map(|r| r.1),
-                _ => None,
-            };
-            if let Some((term, waiting)) = self.proposals.remove(&a.index) {
-                self.waiting_txns -= waiting.len();
-                if terms.get(&a.index) == Some(&term) {
-                    waiting.answer(result.unwrap_or_else(|| {
-                        Err(Error::Storage("entry applied without a result".into()))
-                    }));
-                } else {
-                    waiting.fail(|| Error::NotApplied(
-                        "leadership changed and this write was replaced in the log: it was NOT applied; retry".into(),
-                    ));
-                }
-            }
+            settle(proposals, waiting_txns, terms, a.index, None);
         }
         Ok(())
+    }
+}
+
+/// Answers the proposal waiting at `index`, if any, with the entry's outcome, or tells it that
+/// another leader's entry took its place.
+fn settle(
+    proposals: &mut BTreeMap<u64, (u64, Waiting)>,
+    waiting_txns: &mut usize,
+    terms: &HashMap<u64, u64>,
+    index: u64,
+    result: Option<Result<Outcome>>,
+) {
+    let Some((term, waiting)) = proposals.remove(&index) else {
+        return;
+    };
+    *waiting_txns -= waiting.len();
+    if terms.get(&index) == Some(&term) {
+        waiting.answer(
+            result.unwrap_or_else(|| Err(Error::Storage("entry applied without a result".into()))),
+        );
+    } else {
+        waiting.fail(|| {
+            Error::NotApplied(
+                "leadership changed and this write was replaced in the log: it was NOT applied; \
+                 retry"
+                    .into(),
+            )
+        });
     }
 }

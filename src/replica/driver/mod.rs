@@ -437,7 +437,21 @@ impl Driver {
 
     /// Proposes `cmd`, stamped with this leader's clock and dedup window (`state::Stamp`): every
     /// replica expires idempotency keys by the stamp, never by its own clock.
+    ///
+    /// Only a leader proposes. A transaction accepted while leading waits in `pending` until
+    /// the inbox batch ends, and a raft message of a newer term may make this replica a follower
+    /// before then: raft-rs would forward the proposal to the new leader and return `Ok`, and the
+    /// waiter would be tracked at this replica's last index, which holds another leader's entry
+    /// of the current term (its empty entry, or someone else's write). It would be answered with
+    /// that entry's outcome (or none), while its own entry, if the new leader appends it, has no
+    /// waiter. So a replica that no longer leads refuses: nothing was proposed.
     fn propose(&mut self, cmd: Command, waiting: Waiting) {
+        if self.raw.raft.state != StateRole::Leader {
+            self.waiting_txns -= waiting.len();
+            let err = self.not_leader();
+            waiting.fail(|| err.clone_not_leader());
+            return;
+        }
         let stamp = Stamp {
             now_ms: ordo_proto::unix_ms(),
             window_ms: self.cfg.dedup_window_ms,

@@ -49,6 +49,8 @@ pub(super) struct SnapshotBuild {
 pub(super) struct Gate {
     closed: Mutex<bool>,
     opened: Condvar,
+    /// Builders waiting at the gate now.
+    held: std::sync::atomic::AtomicUsize,
 }
 
 #[cfg(test)]
@@ -62,11 +64,19 @@ impl Gate {
         self.opened.notify_all();
     }
 
+    /// Whether a builder waits at the gate.
+    pub(super) fn holds_a_build(&self) -> bool {
+        self.held.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
     fn pass(&self) {
+        use std::sync::atomic::Ordering::SeqCst;
         let mut closed = self.closed.lock().unwrap();
+        self.held.fetch_add(1, SeqCst);
         while *closed {
             closed = self.opened.wait(closed).unwrap();
         }
+        self.held.fetch_sub(1, SeqCst);
     }
 }
 

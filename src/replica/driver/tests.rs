@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ordo_proto::v1::{PutRequest, StatusResponse};
-use raft::prelude::Message;
+use raft::prelude::{Message, MessageType};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::snapshots::Gate;
@@ -424,6 +424,12 @@ async fn h3_a_long_snapshot_build_does_not_stop_the_leader() {
     let term = g.status(leader).await.term;
     gate.close();
     g.net.cut.lock().unwrap().clear();
+    // The lagging follower needs a snapshot: the leader starts building one, which waits at the
+    // gate. Until then a write could commit and apply before any build holds it back.
+    wait_until("a snapshot build waits at the gate", || {
+        gate.holds_a_build()
+    })
+    .await;
 
     // A write while the build waits at the gate: it commits, and stays unapplied.
     let txn = put_as_txn(PutRequest {
@@ -553,4 +559,71 @@ async fn m5_a_received_snapshot_raft_will_not_install_is_removed() {
         6,
         "the follower is unharmed"
     );
+}
+
+/// A transaction accepted while leading waits for the end of the inbox batch; if a newer term's
+/// message makes the replica a follower meanwhile, it must be refused as not applied. raft-rs
+/// would forward it to the new leader and return `Ok`, and it would be tracked at this
+/// replica's last index, which holds the new leader's entry: answered with that entry's outcome,
+/// or "entry applied without a result" for the leader's empty entry (the race a loaded
+/// playground showed).
+#[tokio::test]
+async fn a_transaction_pending_when_leadership_is_lost_is_refused_not_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let peers: BTreeMap<u64, String> = (1..=3).map(|id| (id, format!("mem-{id}"))).collect();
+    let cfg = node_config(1, &peers, dir.path(), 0);
+    let rec = recover(&cfg).unwrap();
+    let (_inbox, rx) = mpsc::channel(DRIVER_INBOX_MAX);
+    let (_raft, raft_rx) = RaftQueue::new();
+    let (_stop, stop_rx) = watch::channel(false);
+    let outbox = MemOutbox {
+        id: 1,
+        net: Arc::new(MemNet::default()),
+        addrs: peers.clone(),
+    };
+    let shared = Arc::new(Shared::default());
+    let mut d = new_driver(&cfg, rec, Box::new(outbox), rx, raft_rx, shared, stop_rx).unwrap();
+    d.raw.raft.become_candidate();
+    d.raw.raft.become_leader();
+    let term = d.raw.raft.term;
+
+    let txn = put_as_txn(PutRequest {
+        shard_key: bytes::Bytes::from_static(b"order-1"),
+        key: bytes::Bytes::from_static(b"k"),
+        value: bytes::Bytes::from_static(b"v"),
+        ..Default::default()
+    })
+    .unwrap();
+    let (resp, mut answer) = oneshot::channel();
+    let cmd = Command::Txn(txn);
+    let queued = InboxBytes::new().take(&cmd).unwrap();
+    d.handle(Msg::Propose { cmd, resp, queued });
+    assert!(answer.try_recv().is_err(), "pending until the batch ends");
+
+    // Node 2 leads a newer term; its heartbeat arrives in the same inbox batch.
+    let mut hb = Message::default();
+    hb.set_msg_type(MessageType::MsgHeartbeat);
+    (hb.from, hb.to, hb.term) = (2, 1, term + 1);
+    d.raw.step(hb).unwrap();
+    assert_eq!(d.raw.raft.leader_id, 2);
+    let last_index = d.raw.raft.raft_log.last_index();
+
+    d.propose_pending();
+    match answer.try_recv() {
+        Ok(Err(crate::error::Error::NotLeader { leader_id: 2, .. })) => {}
+        other => panic!("refused as not leader at once, not tracked: {other:?}"),
+    }
+    assert!(
+        d.proposals.is_empty(),
+        "no waiter at another leader's index"
+    );
+    assert_eq!(d.waiting_txns, 0);
+    assert_eq!(d.raw.raft.raft_log.last_index(), last_index);
+    let forwarded = d
+        .raw
+        .raft
+        .msgs
+        .iter()
+        .any(|m| m.get_msg_type() == MessageType::MsgPropose);
+    assert!(!forwarded, "not forwarded: {:?}", d.raw.raft.msgs);
 }
