@@ -349,6 +349,9 @@ mod tests {
     struct Sm {
         sm: StateMachine,
         index: u64,
+        /// Kept open for a restart: sled releases its file lock only once its flusher thread
+        /// has gone, some time after the last handle drops, so reopening the path can fail.
+        db: sled::Db,
         dir: tempfile::TempDir,
     }
 
@@ -359,6 +362,7 @@ mod tests {
             Sm {
                 sm: StateMachine::open(&db, 1, SLOTS).unwrap().sm,
                 index: 0,
+                db,
                 dir,
             }
         }
@@ -598,13 +602,13 @@ mod tests {
         let (_, path, _) =
             s.sm.build_snapshot(&s.dir.path().join("snap"), s.sm.applied_index(), 1)
                 .unwrap();
-        // Restart: the same data dir opened again.
-        let Sm { sm, dir, .. } = s;
+        // Restart: the state machine is dropped and loaded again from the same storage.
+        let Sm { sm, db, dir, .. } = s;
         drop(sm);
-        let db = sled::open(dir.path().join("db")).unwrap();
         let mut s = Sm {
             sm: StateMachine::open(&db, 1, SLOTS).unwrap().sm,
             index,
+            db,
             dir,
         };
         assert_eq!(s.put("k", "v", 20).unwrap(), 1);

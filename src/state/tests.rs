@@ -66,8 +66,10 @@ fn apply_scan_snapshot_and_install_round_trip() {
 #[test]
 fn an_interrupted_install_resets_the_replica() {
     let dir = tempfile::tempdir().unwrap();
+    // One handle throughout: sled frees a path's lock only after its flusher thread is gone, some
+    // time after the last handle drops, so opening the path again at once can fail.
+    let db = sled::open(dir.path()).unwrap();
     {
-        let db = sled::open(dir.path()).unwrap();
         let sm = StateMachine::open(&db, 1, 64).unwrap().sm;
         sm.apply_all(&[Apply {
             index: 5,
@@ -78,7 +80,6 @@ fn an_interrupted_install_resets_the_replica() {
         sm.sys.insert(INSTALLING_KEY, &9u64.to_be_bytes()).unwrap();
         db.flush().unwrap();
     }
-    let db = sled::open(dir.path()).unwrap();
     let opened = StateMachine::open(&db, 1, 64).unwrap();
     assert!(opened.interrupted_install);
     assert_eq!(opened.sm.applied_index(), 0);
