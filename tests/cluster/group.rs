@@ -38,6 +38,27 @@ async fn write_items(
     acked.into_iter().collect()
 }
 
+/// Checks that `node` exited with the replica-failed code (3: not a signal, not 0) and that its
+/// log says `why`; returns the log.
+fn failed_node_log(
+    g: &ProcGroup,
+    node: u64,
+    status: std::process::ExitStatus,
+    why: &str,
+) -> String {
+    assert_eq!(
+        status.code(),
+        Some(3),
+        "the node exits with the replica-failed code, not killed by a signal nor 0: {status:?}"
+    );
+    let log = std::fs::read_to_string(&g.nodes[&node].log).unwrap();
+    assert!(
+        log.contains(why),
+        "node {node} says why it exited ({why:?})"
+    );
+    log
+}
+
 async fn assert_all_present(g: &ProcGroup, acked: &BTreeMap<String, u64>) {
     assert_all_read_back(g, acked, |sk| format!("value of {sk}").into_bytes()).await
 }
@@ -364,16 +385,7 @@ async fn h4_fsync_failure_makes_the_node_exit_non_zero() {
             "node {FAILING} still runs 30 s into the writes, past its failing fsync"
         );
     };
-    assert_eq!(
-        status.code(),
-        Some(3),
-        "the node exits with the replica-failed code, not killed by a signal nor 0: {status:?}"
-    );
-    let log = std::fs::read_to_string(&g.nodes[&FAILING].log).unwrap();
-    assert!(
-        log.contains("injected by ORDO_FAILPOINT_FSYNC"),
-        "the node says why it exited"
-    );
+    let log = failed_node_log(&g, FAILING, status, "injected by ORDO_FAILPOINT_FSYNC");
     // Promptly: from the driver stopping on the failed sync to the binary exiting on it.
     let stopped = logged_at(&log, "replica stops");
     let exiting = logged_at(&log, "the replica failed; exiting");
@@ -479,16 +491,7 @@ async fn full_disk_makes_the_node_exit_non_zero_and_the_group_keeps_serving() {
             acked_big.len()
         );
     };
-    assert_eq!(
-        status.code(),
-        Some(3),
-        "the node exits with the replica-failed code, not killed by a signal nor 0: {status:?}"
-    );
-    let log = std::fs::read_to_string(&g.nodes[&FULL].log).unwrap();
-    assert!(
-        log.contains("No space left on device"),
-        "the node says why it exited"
-    );
+    let log = failed_node_log(&g, FULL, status, "No space left on device");
     assert!(log.contains("the replica failed; exiting"), "{log}");
 
     // The two others still form a quorum and serve writes, and nothing acknowledged is lost.
