@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ordo/v1/peer.proto",
         "ordo/v1/cluster.proto",
         "ordo/v1/txn.proto",
+        "ordo/v1/feed.proto",
     ];
     for f in files {
         println!("cargo:rerun-if-changed={f}");

@@ -11,6 +11,7 @@ pub mod client;
 pub mod retry;
 pub mod serve;
 pub mod status;
+mod txn;
 
 pub use status::{certainly_not_applied, connect_failed, error_detail_of};
 

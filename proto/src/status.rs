@@ -38,6 +38,7 @@ pub fn certainly_not_applied(status: &Status) -> bool {
         }
         Some(Kind::WrongShard(_)) => status.code() == Code::FailedPrecondition,
         Some(Kind::Locked(_)) => status.code() == Code::Aborted,
+        Some(Kind::CursorExpired(_)) => false,
         None => connect_failed(status),
     }
 }
@@ -104,6 +105,12 @@ pub fn describe(status: &Status) -> String {
         Some(Kind::SlotMoving(_)) => {
             format!("slot moving (critical section): {}", status.message())
         }
+        Some(Kind::CursorExpired(ce)) => format!(
+            "cursor expired (slot {} holds seq {} and later): {}",
+            ce.slot,
+            ce.oldest_seq,
+            status.message()
+        ),
         None => format!("{:?}: {}", status.code(), status.message()),
     };
     // Transport errors keep the useful part ("Connection refused") in their source chain.

@@ -33,7 +33,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::join_all;
 use ordo_proto::v1::{
-    error_detail, txn_op, DecideRequest, Decision, FinishRequest, ForgetRequest, PrepareRequest,
+    error_detail, DecideRequest, Decision, FinishRequest, ForgetRequest, PrepareRequest,
     PrepareResponse, TxnOp, TxnOpResult, TxnRequest, TxnResponse,
 };
 use ordo_proto::TXN_RESULT_BYTES_MAX;
@@ -83,18 +83,9 @@ fn random_below(n: u64) -> u64 {
     h.finish() % n.max(1)
 }
 
-fn op_key(op: &TxnOp) -> Option<&Bytes> {
-    Some(match op.op.as_ref()? {
-        txn_op::Op::Put(p) => &p.shard_key,
-        txn_op::Op::Delete(d) => &d.shard_key,
-        txn_op::Op::Get(g) => &g.shard_key,
-    })
-}
-
-/// Whether `ops` write (a Put or a Delete): a Txn whose branches do not is only a read.
-pub(crate) fn writes(ops: &[TxnOp]) -> bool {
-    ops.iter()
-        .any(|op| matches!(op.op, Some(txn_op::Op::Put(_) | txn_op::Op::Delete(_))))
+/// Whether `ops` write (see `TxnOp::writes`).
+fn writes(ops: &[TxnOp]) -> bool {
+    ops.iter().any(TxnOp::writes)
 }
 
 /// One group's share of a Txn, and where each of its op results goes in the whole Txn's answer.
@@ -130,7 +121,7 @@ fn split(map: &ordo_proto::v1::ShardMap, req: &TxnRequest) -> Vec<Part> {
     }
     for (branch, ops) in [(0u8, &req.success), (1u8, &req.failure)] {
         for (i, op) in ops.iter().enumerate() {
-            if let Some(sk) = op_key(op) {
+            if let Some(sk) = op.shard_key() {
                 placed.push((part(sk), i, branch));
             }
         }
@@ -227,16 +218,9 @@ impl<'a> Attempt<'a> {
     ) -> Attempt<'a> {
         let map = shared.map.current();
         let primary = req
-            .compares
-            .first()
-            .map(|c| c.shard_key.clone())
-            .or_else(|| {
-                req.success
-                    .iter()
-                    .chain(&req.failure)
-                    .find_map(op_key)
-                    .cloned()
-            })
+            .shard_keys()
+            .next()
+            .cloned()
             .expect("a routed Txn names a key");
         Attempt {
             shared,
@@ -247,7 +231,7 @@ impl<'a> Attempt<'a> {
             priority_ms,
             started_ms: shared.now_ms(),
             deadline,
-            writes: writes(&req.success) || writes(&req.failure),
+            writes: req.writes(),
         }
     }
 
@@ -628,7 +612,7 @@ mod tests {
 
     fn get(sk: &str) -> TxnOp {
         TxnOp {
-            op: Some(txn_op::Op::Get(GetRequest {
+            op: Some(ordo_proto::v1::txn_op::Op::Get(GetRequest {
                 shard_key: Bytes::copy_from_slice(sk.as_bytes()),
                 ..Default::default()
             })),

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ordo_proto::v1::kv_server::Kv;
 use ordo_proto::v1::{
-    txn_op, DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse,
-    ScanRequest, ScanResponse, TxnRequest, TxnResponse,
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse, ScanRequest,
+    ScanResponse, TxnRequest, TxnResponse,
 };
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -37,12 +37,9 @@ fn txn_shard_keys(req: &TxnRequest) -> Result<Vec<Bytes>, Status> {
     }
     for (branch, ops) in [("success", &req.success), ("failure", &req.failure)] {
         for (i, op) in ops.iter().enumerate() {
-            let key = match &op.op {
-                Some(txn_op::Op::Put(p)) => &p.shard_key,
-                Some(txn_op::Op::Delete(d)) => &d.shard_key,
-                Some(txn_op::Op::Get(g)) => &g.shard_key,
-                // The node refuses an empty op with its own message; it names no key to route by.
-                None => continue,
+            // The node refuses an empty op with its own message; it names no key to route by.
+            let Some(key) = op.shard_key() else {
+                continue;
             };
             keys.push((format!("{branch} op {i}"), key));
         }
@@ -145,7 +142,7 @@ impl Kv for KvService {
         }
         // A read-only Txn changes nothing (a node serves it after a read barrier): like a Get,
         // it may go to the next replica after any failure.
-        let effect = if coordinator::writes(&req.success) || coordinator::writes(&req.failure) {
+        let effect = if req.writes() {
             Effect::Write
         } else {
             Effect::Read
@@ -171,7 +168,7 @@ pub(crate) mod tests {
 
     pub(crate) fn put(sk: &str) -> TxnOp {
         TxnOp {
-            op: Some(txn_op::Op::Put(PutRequest {
+            op: Some(ordo_proto::v1::txn_op::Op::Put(PutRequest {
                 shard_key: Bytes::copy_from_slice(sk.as_bytes()),
                 ..Default::default()
             })),

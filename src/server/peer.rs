@@ -28,6 +28,17 @@ pub struct PeerService(pub Arc<ReplicaHandle>);
 
 #[tonic::async_trait]
 impl Peer for PeerService {
+    type ReadChangesStream = std::pin::Pin<
+        Box<dyn tokio_stream::Stream<Item = Result<ReadChangesResponse, Status>> + Send>,
+    >;
+
+    async fn read_changes(
+        &self,
+        _req: Request<ReadChangesRequest>,
+    ) -> Result<Response<Self::ReadChangesStream>, Status> {
+        Err(Status::unimplemented("this node has no change feed yet"))
+    }
+
     async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<RaftDone>, Status> {
         let mut stream = req.into_inner();
         let mut stop = self.0.stop.clone();

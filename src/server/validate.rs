@@ -149,6 +149,11 @@ fn check_op(op: &TxnOp) -> Result<()> {
             check_key(&g.key)?;
             check_consistency(g.consistency)?;
         }
+        Some(txn_op::Op::Emit(_)) => {
+            return Err(invalid(
+                "Emit needs the change feed, which this node does not have yet".into(),
+            ))
+        }
         None => return Err(invalid("a TxnOp has no put, delete or get".into())),
     }
     Ok(())
@@ -159,6 +164,7 @@ fn op_bytes(op: &TxnOp) -> usize {
         Some(txn_op::Op::Put(p)) => p.shard_key.len() + p.key.len() + p.value.len(),
         Some(txn_op::Op::Delete(d)) => d.shard_key.len() + d.key.len(),
         Some(txn_op::Op::Get(g)) => g.shard_key.len() + g.key.len(),
+        Some(txn_op::Op::Emit(e)) => e.shard_key.len() + e.key.len() + e.value.len(),
         None => 0,
     }
 }

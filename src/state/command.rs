@@ -2,7 +2,7 @@
 //! applying one produces (`Outcome`), and the shard keys a transaction touches.
 
 use ordo_proto::v1::{
-    txn_op, DecideRequest, DecideResponse, FinishRequest, FinishResponse, ForgetRequest,
+    DecideRequest, DecideResponse, FinishRequest, FinishResponse, ForgetRequest,
     MigrateClearRequest, MigrateIngestRequest, MigrateOutRequest, PrepareRequest, PrepareResponse,
     SetOwnershipRequest, SetOwnershipResponse, TxnRequest, TxnResponse,
 };
@@ -169,13 +169,5 @@ pub struct Apply {
 
 /// Every shard key a transaction touches.
 pub fn shard_keys(t: &TxnRequest) -> impl Iterator<Item = &[u8]> {
-    t.compares.iter().map(|c| c.shard_key.as_ref()).chain(
-        t.success.iter().chain(&t.failure).filter_map(|op| {
-            Some(match op.op.as_ref()? {
-                txn_op::Op::Put(p) => p.shard_key.as_ref(),
-                txn_op::Op::Delete(d) => d.shard_key.as_ref(),
-                txn_op::Op::Get(g) => g.shard_key.as_ref(),
-            })
-        }),
-    )
+    t.shard_keys().map(|k| k.as_ref())
 }

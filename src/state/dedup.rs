@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use ordo_proto::v1::{txn_op, TxnRequest, TxnResponse};
+use ordo_proto::v1::{TxnRequest, TxnResponse};
 use prost::Message as _;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
@@ -72,12 +72,7 @@ pub(super) struct Keyed {
 /// branch writes (reads are not deduplicated).
 fn entry_slot(t: &TxnRequest, slot_count: u32) -> Option<u32> {
     let key = t.header.as_ref().map(|h| &h.idempotency_key)?;
-    let writes = t
-        .success
-        .iter()
-        .chain(&t.failure)
-        .any(|op| matches!(op.op, Some(txn_op::Op::Put(_) | txn_op::Op::Delete(_))));
-    if key.is_empty() || !writes {
+    if key.is_empty() || !t.writes() {
         return None;
     }
     Some(ordo_proto::slot_of(
@@ -427,7 +422,7 @@ mod tests {
                 idempotency_key: key.as_bytes().to_vec().into(),
             }),
             success: vec![TxnOp {
-                op: Some(txn_op::Op::Put(PutRequest {
+                op: Some(ordo_proto::v1::txn_op::Op::Put(PutRequest {
                     shard_key: b"order".to_vec().into(),
                     value: value.as_bytes().to_vec().into(),
                     ..Default::default()
@@ -482,7 +477,7 @@ mod tests {
         );
         assert_eq!(s.version(), 4);
         let mut read = put("k3", "");
-        read.success[0].op = Some(txn_op::Op::Get(GetRequest {
+        read.success[0].op = Some(ordo_proto::v1::txn_op::Op::Get(GetRequest {
             shard_key: b"order".to_vec().into(),
             ..Default::default()
         }));

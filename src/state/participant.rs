@@ -275,6 +275,8 @@ pub fn items(t: &TxnRequest) -> Vec<(&[u8], &[u8])> {
             txn_op::Op::Put(p) => (p.shard_key.as_ref(), p.key.as_ref()),
             txn_op::Op::Delete(d) => (d.shard_key.as_ref(), d.key.as_ref()),
             txn_op::Op::Get(g) => (g.shard_key.as_ref(), g.key.as_ref()),
+            // An event, not an item: nothing to lock.
+            txn_op::Op::Emit(_) => return None,
         })
     });
     for item in t

@@ -314,8 +314,9 @@ impl<'v, 't, V: ItemRead> Staged<'v, 't, V> {
                         None => GetResponse::default(),
                     })
                 }
-                // Validation refuses ops without a body before they reach the log.
-                None => unreachable!("empty TxnOp passed validation"),
+                // Validation refuses ops without a body, and Emits (no change feed yet), before
+                // they reach the log.
+                Some(txn_op::Op::Emit(_)) | None => unreachable!("TxnOp passed validation"),
             };
             results.push(TxnOpResult {
                 result: Some(result),
@@ -435,6 +436,7 @@ mod tests {
             txn_op_result::Result::Put(p) => p.version,
             txn_op_result::Result::Get(g) => g.version,
             txn_op_result::Result::Delete(d) => d.prev_version,
+            txn_op_result::Result::Emit(_) => 0,
         }
     }
 

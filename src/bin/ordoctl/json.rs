@@ -127,6 +127,7 @@ enum OpResultView<'a> {
     Put(PutView),
     Delete(DeleteView),
     Get(GetView<'a>),
+    Emit {},
 }
 
 /// `result` is `null` for a result the server left empty.
@@ -154,6 +155,7 @@ pub(crate) fn txn(ops: &[TxnOp], resp: &TxnResponse) -> String {
                 txn_op_result::Result::Put(r) => OpResultView::Put(r.into()),
                 txn_op_result::Result::Delete(r) => OpResultView::Delete(r.into()),
                 txn_op_result::Result::Get(r) => OpResultView::Get(r.into()),
+                txn_op_result::Result::Emit(_) => OpResultView::Emit {},
             }),
         })
         .collect();

@@ -81,6 +81,7 @@ pub(crate) fn render_txn(ops: &[TxnOp], resp: &TxnResponse, json: bool) -> Strin
                 ),
                 false => "not found".into(),
             },
+            Some(txn_op_result::Result::Emit(_)) => "emitted".into(),
             None => "(empty result)".into(),
         };
         let _ = write!(out, "\n[{i}] {op}: {body}");
@@ -267,6 +268,12 @@ pub(crate) fn describe_op(op: &TxnOp) -> String {
         ),
         Some(txn_op::Op::Delete(d)) => format!("delete {} {}", word(&d.shard_key), word(&d.key)),
         Some(txn_op::Op::Get(g)) => format!("get {} {}", word(&g.shard_key), word(&g.key)),
+        Some(txn_op::Op::Emit(e)) => format!(
+            "emit {} {} {}",
+            word(&e.shard_key),
+            word(&e.key),
+            word(&e.value)
+        ),
         None => "(empty op)".into(),
     }
 }

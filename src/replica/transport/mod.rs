@@ -406,6 +406,14 @@ mod tests {
 
     #[tonic::async_trait]
     impl Peer for Sink {
+        type ReadChangesStream = tokio_stream::Empty<Result<ReadChangesResponse, Status>>;
+
+        async fn read_changes(
+            &self,
+            _: Request<ReadChangesRequest>,
+        ) -> Result<Response<Self::ReadChangesStream>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
         async fn raft(
             &self,
             req: Request<Streaming<RaftBatch>>,
