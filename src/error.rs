@@ -53,6 +53,15 @@ pub enum Error {
         /// How long the answering replica has seen the holder hold its locks (its own clock).
         age_ms: u64,
     },
+    /// A change-feed read asked for events of `slot` that retention dropped: `OUT_OF_RANGE` +
+    /// `CursorExpired`, never retried.
+    #[error("slot {slot}: the change feed no longer holds seq {requested_seq} (it holds seq {oldest_seq} and later, from {oldest_ts_ms} ms); start again from the oldest event, a snapshot or now")]
+    CursorExpired {
+        slot: u32,
+        oldest_seq: u64,
+        oldest_ts_ms: u64,
+        requested_seq: u64,
+    },
     /// Stored data failed its checksum or could not be decoded.
     #[error("corruption: {0}")]
     Corruption(String),
@@ -143,6 +152,21 @@ impl From<Error> for Status {
                 };
                 Status::with_details(Code::Unavailable, msg, detail.encode_to_vec().into())
             }
+            Error::CursorExpired {
+                slot,
+                oldest_seq,
+                oldest_ts_ms,
+                requested_seq,
+            } => ordo_proto::status::with_detail(
+                Code::OutOfRange,
+                msg,
+                error_detail::Kind::CursorExpired(error_detail::CursorExpired {
+                    slot,
+                    oldest_seq,
+                    oldest_ts_ms,
+                    requested_seq,
+                }),
+            ),
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
             Error::Unavailable(_) => Status::unavailable(msg),
             Error::ResourceExhausted(_) => Status::resource_exhausted(msg),

@@ -204,3 +204,43 @@ pub const DEDUP_EXPIRE_STEP: usize = 4;
 /// megabytes; such an outcome is not kept, and a retry with its key is told the first attempt
 /// was applied (FAILED_PRECONDITION naming this limit) instead of getting its results again.
 pub const DEDUP_OUTCOME_BYTES_MAX: usize = 64 * 1024;
+
+// -- The change feed (`state/feed/`, `server/feed.rs`) --
+
+/// Largest event the change log holds: one item's key, its new value and (under old-and-new
+/// capture) its old value, each already bounded, plus the event's own fields. Events are built
+/// from bounded ops only, so none is ever over it; a page always has room for one.
+pub const FEED_EVENT_BYTES_MAX: usize =
+    SHARD_KEY_BYTES_MAX + KEY_BYTES_MAX + 2 * VALUE_BYTES_MAX + 256;
+/// Most events one `ReadChanges` page carries (a reader may ask for fewer): one page is read
+/// under the state machine's read lock, so it must stay short next to an apply.
+pub const FEED_PAGE_EVENTS_MAX: u32 = 1024;
+/// Most bytes of events one page carries (at least one event): under the message bound with
+/// room to spare, and the same read-lock reasoning as `SCAN_PAGE_BYTES_MAX`.
+pub const FEED_PAGE_BYTES_MAX: u64 = 4 * 1024 * 1024;
+const _: () = assert!(
+    FEED_PAGE_BYTES_MAX as usize + FEED_EVENT_BYTES_MAX < ordo_proto::addr::KV_MESSAGE_BYTES_MAX
+);
+/// Most events one page looks at, filtered out or not: a filter that matches nothing must not
+/// make one page scan a whole slot's log under the read lock.
+pub const FEED_PAGE_SCAN_MAX: usize = 8 * FEED_PAGE_EVENTS_MAX as usize;
+/// An idle leader proposes a checkpoint after this long without a proposal, and a reader with
+/// nothing new sends its resolved time this often: resolved times advance within about a second
+/// with no writes (issue 13), at one small raft entry per 250 ms per idle group.
+pub const FEED_CHECKPOINT_INTERVAL_MS: u64 = 250;
+/// `Peer.ReadChanges` streams one node serves at once (RESOURCE_EXHAUSTED past it): each holds
+/// at most one page, so this bounds the memory readers take, whatever they watch.
+pub const FEED_READERS_MAX: usize = 256;
+/// Most shard keys one `ReadChanges` filters on (each is compared with every event read).
+pub const FEED_SHARD_KEYS_MAX: usize = 1024;
+/// How often a leader plans trims of the retained log (a checkpoint with per-slot "drop below
+/// seq" decisions): it reads every owned slot's meta record, so not every checkpoint does it.
+pub const FEED_TRIM_INTERVAL_MS: u64 = 1_000;
+/// Most events one checkpoint entry drops: bounded work per apply, whatever is due.
+pub const FEED_TRIM_EVENTS_MAX: u64 = 1024;
+/// Default retention by time (`--feed-retention-secs`): a day, as DynamoDB Streams and TiCDC.
+pub const FEED_RETENTION_SECS_DEFAULT: u64 = 24 * 3600;
+/// Default retention by bytes per group (`--feed-retention-bytes`): 1 GiB, the same as a
+/// migration's change-log cap, so the events a move must copy with its slots stay of the order
+/// the mover already handles, while a day of a moderately busy group (1 KiB events at 10/s) fits.
+pub const FEED_RETENTION_BYTES_DEFAULT: u64 = 1 << 30;

@@ -25,6 +25,7 @@ use crate::replica::transport::{PeerAddrs, Transport};
 use crate::replica::watermark::Watermark;
 use crate::replica::ReplicaHandle;
 use crate::server::{kv::KvService, participant::ParticipantService, peer::PeerService};
+pub use crate::state::Capture;
 use crate::state::StateMachine;
 
 /// How long a graceful stop waits for in-flight requests before closing connections.
@@ -59,6 +60,30 @@ pub struct NodeConfig {
     /// Connection cap and request-bytes budget of the node's gRPC server (a clone shares the
     /// budget: the playground gives all its servers one).
     pub serve: ServeLimits,
+    /// The change feed's capture and retention when this replica leads.
+    pub feed: FeedConfig,
+}
+
+/// The change feed's settings (`--feed-capture`, `--feed-retention-secs`,
+/// `--feed-retention-bytes`). A leader stamps its capture on every entry and decides trims from
+/// its retention, so replicas need not agree on the flags.
+#[derive(Clone, Copy, Debug)]
+pub struct FeedConfig {
+    pub capture: Capture,
+    /// Events older than this are trimmed.
+    pub retention_secs: u64,
+    /// A group's events beyond this many bytes are trimmed, oldest first.
+    pub retention_bytes: u64,
+}
+
+impl Default for FeedConfig {
+    fn default() -> FeedConfig {
+        FeedConfig {
+            capture: Capture::default(),
+            retention_secs: FEED_RETENTION_SECS_DEFAULT,
+            retention_bytes: FEED_RETENTION_BYTES_DEFAULT,
+        }
+    }
 }
 
 /// Refuses a dedup window outside `1..=DEDUP_WINDOW_SECS_MAX` seconds, naming the limit.
@@ -225,6 +250,11 @@ pub(crate) fn new_driver(
         snap_dir: rec.snap_dir,
         compact_log_entries: cfg.compact_log_entries,
         dedup_window_ms: cfg.dedup_window_secs * 1000,
+        // The config group keeps no change feed.
+        feed_capture: match cfg.config_server {
+            true => Capture::Off,
+            false => cfg.feed.capture,
+        },
     };
     Ok(Driver::new(
         driver_cfg, rec.store, durable, watermark, rec.sm, inbox, raft_in, outbox, shared, stop,
@@ -359,10 +389,12 @@ impl Node {
             snap_dir,
             receiving_snapshot: AtomicBool::new(false),
             membership: Default::default(),
+            feed_readers: Default::default(),
             stop: stop_rx.clone(),
         });
         if !cfg.config_server {
             crate::server::orphans::spawn(replica.clone(), stop_rx.clone());
+            crate::server::feed::spawn_trimmer(replica.clone(), cfg.feed, stop_rx.clone());
         }
         let server = serve(&cfg, &replica, listener, stop_rx);
         tracing::info!(node = cfg.id, group = cfg.group, %addr, peers = ?peers.read().unwrap(), join = cfg.join, "node serving");

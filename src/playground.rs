@@ -37,6 +37,8 @@ pub struct PlaygroundConfig {
     /// The bounds of every server of the playground; all of them share its one request-bytes
     /// budget, which so bounds the process.
     pub serve: ordo_proto::serve::ServeLimits,
+    /// Every shard-group replica's change feed settings.
+    pub feed: crate::node::FeedConfig,
 }
 
 impl PlaygroundConfig {
@@ -50,6 +52,7 @@ impl PlaygroundConfig {
             copy_bytes_per_sec: 0,
             link_filter: None,
             serve: Default::default(),
+            feed: Default::default(),
         }
     }
 }
@@ -127,6 +130,7 @@ async fn start_group(
             },
             join: false,
             serve: cfg.serve.clone(),
+            feed: cfg.feed,
         })
         .await
         .with_context(|| format!("starting {name} replica {id} on {addr}"))?;

@@ -7,8 +7,12 @@ use clap::{Args, Parser, Subcommand};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use ordo::limits::{COMPACT_LOG_ENTRIES_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, SLOT_COUNT_DEFAULT};
-use ordo::node::{check_dedup_window, parse_peers, Node, NodeConfig};
+use ordo::limits::{
+    COMPACT_LOG_ENTRIES_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, FEED_RETENTION_BYTES_DEFAULT,
+    FEED_RETENTION_SECS_DEFAULT, SLOT_COUNT_DEFAULT,
+};
+use ordo::node::{check_dedup_window, parse_peers, Capture, FeedConfig, Node, NodeConfig};
+
 use ordo::playground::{Playground, PlaygroundConfig};
 use ordo_config::migration::COPY_BYTES_PER_SEC;
 use ordo_proto::serve::{ServeLimits, CONNECTIONS_MAX_DEFAULT, REQUEST_BYTES_BUDGET_DEFAULT};
@@ -72,6 +76,32 @@ struct ReplicaArgs {
     dedup_window_secs: u64,
 }
 
+/// The change feed of a shard group's replica (`ordo node`, `ordo playground`). A leader's
+/// flags are the ones that count: it stamps its capture on every entry and decides the trims.
+#[derive(Args)]
+struct FeedArgs {
+    /// What the change feed captures: off, new (new values) or old-and-new (also the value each
+    /// change replaced, about twice the bytes).
+    #[arg(long, default_value = "new")]
+    feed_capture: Capture,
+    /// How long events are kept, in seconds.
+    #[arg(long, default_value_t = FEED_RETENTION_SECS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
+    feed_retention_secs: u64,
+    /// Bytes of events a group keeps; past it the oldest go first.
+    #[arg(long, default_value_t = FEED_RETENTION_BYTES_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
+    feed_retention_bytes: u64,
+}
+
+impl FeedArgs {
+    fn config(&self) -> FeedConfig {
+        FeedConfig {
+            capture: self.feed_capture,
+            retention_secs: self.feed_retention_secs,
+            retention_bytes: self.feed_retention_bytes,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run one replica of a shard group (starts a new group or rejoins the one in --data-dir).
@@ -84,6 +114,8 @@ enum Cmd {
         /// Applied entries kept in the raft log before it is compacted.
         #[arg(long, default_value_t = COMPACT_LOG_ENTRIES_DEFAULT, display_order = 5)]
         compact_log_entries: u64,
+        #[command(flatten)]
+        feed: FeedArgs,
     },
     /// Run one config server: a replica of the config group that keeps the shard map.
     #[command(
@@ -129,6 +161,8 @@ enum Cmd {
         /// Copy bandwidth of a slot move whose request names none, in bytes per second.
         #[arg(long, default_value_t = COPY_BYTES_PER_SEC, value_parser = clap::value_parser!(u64).range(1..))]
         copy_bytes_per_sec: u64,
+        #[command(flatten)]
+        feed: FeedArgs,
     },
 }
 
@@ -152,6 +186,7 @@ fn node_config(
     group: u64,
     compact: u64,
     copy_bytes_per_sec: u64,
+    feed: FeedConfig,
     serve: ServeLimits,
 ) -> anyhow::Result<NodeConfig> {
     Ok(NodeConfig {
@@ -168,6 +203,7 @@ fn node_config(
         link_filter: None,
         join: r.join,
         serve,
+        feed,
     })
 }
 
@@ -181,19 +217,22 @@ async fn main() -> anyhow::Result<()> {
             replica,
             group,
             compact_log_entries,
+            feed,
         } => {
             anyhow::ensure!(
                 group != 0,
                 "group 0 is the config group: run `ordo config` for it"
             );
-            run_replica(replica, group, compact_log_entries, 0, limits).await
+            let feed = feed.config();
+            run_replica(replica, group, compact_log_entries, 0, feed, limits).await
         }
         Cmd::Config {
             replica,
             copy_bytes_per_sec,
         } => {
             let compact = COMPACT_LOG_ENTRIES_DEFAULT;
-            run_replica(replica, 0, compact, copy_bytes_per_sec, limits).await
+            let feed = FeedConfig::default();
+            run_replica(replica, 0, compact, copy_bytes_per_sec, feed, limits).await
         }
         Cmd::Router { listen, config } => run_router(listen, config, limits).await,
         Cmd::Playground {
@@ -202,7 +241,20 @@ async fn main() -> anyhow::Result<()> {
             replicas,
             port,
             copy_bytes_per_sec,
-        } => run_playground(dir, groups, replicas, port, copy_bytes_per_sec, limits).await,
+            feed,
+        } => {
+            let feed = feed.config();
+            run_playground(
+                dir,
+                groups,
+                replicas,
+                port,
+                copy_bytes_per_sec,
+                feed,
+                limits,
+            )
+            .await
+        }
     }
 }
 
@@ -213,9 +265,17 @@ async fn run_replica(
     group: u64,
     compact_log_entries: u64,
     copy_bytes_per_sec: u64,
+    feed: FeedConfig,
     limits: ServeLimits,
 ) -> anyhow::Result<()> {
-    let cfg = node_config(r, group, compact_log_entries, copy_bytes_per_sec, limits)?;
+    let cfg = node_config(
+        r,
+        group,
+        compact_log_entries,
+        copy_bytes_per_sec,
+        feed,
+        limits,
+    )?;
     let node = Node::start(cfg).await?;
     tokio::select! {
         _ = wait_for_signal() => {}
@@ -270,6 +330,7 @@ async fn run_playground(
     replicas: u64,
     port: u16,
     copy_bytes_per_sec: u64,
+    feed: FeedConfig,
     serve: ServeLimits,
 ) -> anyhow::Result<()> {
     let cfg = PlaygroundConfig {
@@ -278,6 +339,7 @@ async fn run_playground(
         port: Some(port),
         copy_bytes_per_sec,
         serve,
+        feed,
         ..PlaygroundConfig::new(&dir)
     };
     let pg = Playground::start(cfg).await?;
@@ -331,6 +393,7 @@ mod tests {
             replica,
             group,
             compact_log_entries,
+            ..
         } = parse(&[&["node"], &flags[..], &["--join"]].concat()).unwrap()
         else {
             panic!("not node")

@@ -32,6 +32,8 @@ pub struct ReplicaHandle {
     pub receiving_snapshot: AtomicBool,
     /// Held while this leader runs a `ChangeReplicas` (one at a time).
     pub membership: tokio::sync::Mutex<()>,
+    /// `Peer.ReadChanges` streams served now (at most `FEED_READERS_MAX`).
+    pub feed_readers: std::sync::atomic::AtomicUsize,
     pub stop: watch::Receiver<bool>,
 }
 

@@ -28,15 +28,13 @@ pub struct PeerService(pub Arc<ReplicaHandle>);
 
 #[tonic::async_trait]
 impl Peer for PeerService {
-    type ReadChangesStream = std::pin::Pin<
-        Box<dyn tokio_stream::Stream<Item = Result<ReadChangesResponse, Status>> + Send>,
-    >;
+    type ReadChangesStream = crate::server::feed::ChangeStream;
 
     async fn read_changes(
         &self,
-        _req: Request<ReadChangesRequest>,
+        req: Request<ReadChangesRequest>,
     ) -> Result<Response<Self::ReadChangesStream>, Status> {
-        Err(Status::unimplemented("this node has no change feed yet"))
+        crate::server::feed::read_changes(&self.0, req.into_inner()).map(Response::new)
     }
 
     async fn raft(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<RaftDone>, Status> {

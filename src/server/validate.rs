@@ -149,12 +149,13 @@ fn check_op(op: &TxnOp) -> Result<()> {
             check_key(&g.key)?;
             check_consistency(g.consistency)?;
         }
-        Some(txn_op::Op::Emit(_)) => {
-            return Err(invalid(
-                "Emit needs the change feed, which this node does not have yet".into(),
-            ))
+        // An event with no stored item: bounded as a put is.
+        Some(txn_op::Op::Emit(e)) => {
+            check_shard_key(&e.shard_key)?;
+            check_key(&e.key)?;
+            check_value(&e.value)?;
         }
-        None => return Err(invalid("a TxnOp has no put, delete or get".into())),
+        None => return Err(invalid("a TxnOp has no put, delete, get or emit".into())),
     }
     Ok(())
 }

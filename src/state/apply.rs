@@ -14,10 +14,10 @@ use super::dedup::{self, Seen, Stamp};
 use super::migrate::{self, Moving};
 use super::participant::{self, Tx};
 use super::txn::Budget;
-use super::APPLIED_KEY;
-use super::{shard_keys, txn, Apply, Command, Outcome, Ownership, StateMachine, TxView};
+use super::{feed, shard_keys, txn, Apply, Checkpoint, Command, Outcome, Ownership};
+use super::{StateMachine, TxView, APPLIED_KEY, FEED_TS_KEY};
 use crate::error::{Error, Result};
-use crate::limits::ENTRY_RESULT_BYTES_MAX;
+use crate::limits::{ENTRY_RESULT_BYTES_MAX, FEED_TRIM_EVENTS_MAX};
 
 /// Where an apply hands each outcome as soon as its sled transaction is on disk: the driver
 /// answers the waiting request, so results do not pile up over a long `Ready`.
@@ -46,7 +46,7 @@ impl StateMachine {
                     | Command::MigrateClear(_)),
                 ) => {
                     self.apply_txns(&batch[run_start..i], answer)?;
-                    self.apply_migration(a.index, cmd)?
+                    self.apply_migration(a.index, cmd, a.stamp)?
                 }
                 _ => continue,
             };
@@ -89,8 +89,10 @@ impl StateMachine {
         let moving = self.moving.read().unwrap();
         let pending = dedup::Pending::load(&self.data, batch, self.slot_count)?;
         let _w = self.view.write().unwrap();
-        let (applied, results, locks, aged, logs) = (&self.data, &self.sys)
+        let (applied, results, locks, aged, logs, last_ts) = (&self.data, &self.sys)
             .transaction(|(data, sys)| {
+                let mut last_ts = super::read_u64(sys.get(FEED_TS_KEY)?, "feed_ts")
+                    .map_err(ConflictableTransactionError::Abort)?;
                 let mut applier = Applier {
                     view: TxView {
                         data,
@@ -100,6 +102,7 @@ impl StateMachine {
                         ages: &self.lock_ages,
                         locks: self.locks.load(Ordering::Relaxed),
                         aged: Vec::new(),
+                        feed: feed::Writer::default(),
                     },
                     dedup: pending.clone(),
                     slot_count: self.slot_count,
@@ -115,6 +118,9 @@ impl StateMachine {
                     applier.view.log.at_index(a.index);
                     applier.entry_left = ENTRY_RESULT_BYTES_MAX;
                     if let Some(cmd) = &a.cmd {
+                        last_ts = feed::next_ts(last_ts, a.stamp);
+                        let capture = a.stamp.map(|s| s.capture).unwrap_or_default();
+                        applier.view.feed.at_entry(last_ts, capture);
                         if let Some(r) = applier.command(cmd, a.stamp)? {
                             results.push((a.index, r));
                         }
@@ -125,8 +131,12 @@ impl StateMachine {
                     }
                 }
                 sys.insert(APPLIED_KEY, &batch[applied - 1].index.to_be_bytes())?;
-                let view = applier.view;
-                Ok((applied, results, view.locks, view.aged, view.log.finish()?))
+                sys.insert(FEED_TS_KEY, &last_ts.to_be_bytes())?;
+                let mut view = applier.view;
+                view.finish_feed()
+                    .map_err(ConflictableTransactionError::Abort)?;
+                let logs = view.log.finish()?;
+                Ok((applied, results, view.locks, view.aged, logs, last_ts))
             })
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Abort(e) => e,
@@ -137,6 +147,7 @@ impl StateMachine {
             self.moving.write().unwrap().update_logs(logs);
         }
         self.locks.store(locks, Ordering::Relaxed);
+        self.feed_ts.store(last_ts, Ordering::Release);
         self.lock_ages.record(aged);
         self.applied
             .store(batch[applied - 1].index, Ordering::Release);
@@ -180,11 +191,28 @@ impl Applier<'_> {
                 participant::forget(&mut self.view, f)?;
                 Ok(Outcome::Forgotten)
             }
+            Command::Checkpoint(c) => {
+                self.checkpoint(c)
+                    .map_err(ConflictableTransactionError::Abort)?;
+                Ok(Outcome::Checkpointed)
+            }
             Command::SetOwnership(_)
             | Command::MigrateOut(_)
             | Command::MigrateIngest(_)
             | Command::MigrateClear(_) => return Ok(None),
         }))
+    }
+
+    /// A checkpoint's trims, in order, at most `FEED_TRIM_EVENTS_MAX` events in all; a slot
+    /// not owned here (moved since the leader decided) is left alone.
+    fn checkpoint(&mut self, c: &Checkpoint) -> Result<()> {
+        let mut budget = FEED_TRIM_EVENTS_MAX;
+        for &(slot, below) in &c.trims {
+            if slot < self.slot_count && self.ownership.owns(slot) {
+                self.view.trim_feed(slot, below, &mut budget)?;
+            }
+        }
+        Ok(())
     }
 
     fn slot(&self, shard_key: &[u8]) -> u32 {

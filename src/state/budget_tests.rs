@@ -313,6 +313,7 @@ fn c2_a_keyed_txn_over_the_result_budget_keeps_no_outcome() {
     let stamp = Some(Stamp {
         now_ms: 1_000,
         window_ms: 60_000,
+        capture: Default::default(),
     });
     let keyed = |index| {
         let out = sm

@@ -18,6 +18,8 @@ const CMD_TXN_BATCH: u8 = 3;
 const CMD_MIGRATE_OUT: u8 = 4;
 const CMD_MIGRATE_INGEST: u8 = 5;
 const CMD_MIGRATE_CLEAR: u8 = 6;
+/// A change-feed checkpoint: `(slot u32 BE, below u64 BE)` trims, none when idle.
+const CMD_CHECKPOINT: u8 = 7;
 /// Two-phase commit (`participant.rs`).
 const CMD_PREPARE: u8 = 20;
 const CMD_DECIDE: u8 = 21;
@@ -39,6 +41,10 @@ pub enum Command {
     MigrateIngest(MigrateIngestRequest),
     /// Delete a bounded number of items of slots neither owned nor moving out.
     MigrateClear(MigrateClearRequest),
+    /// The change feed's checkpoint: proposed by an idle leader so resolved times advance with
+    /// no writes (`FEED_CHECKPOINT_INTERVAL_MS`), and by the leader's retention planner with its
+    /// trims, so every replica drops exactly the same events.
+    Checkpoint(Checkpoint),
     /// Two-phase commit of a cross-group transaction, one participant's steps (`participant.rs`).
     Prepare(PrepareRequest),
     Decide(DecideRequest),
@@ -65,6 +71,7 @@ impl Command {
             Command::MigrateOut(m) => (CMD_MIGRATE_OUT, m.encoded_len()),
             Command::MigrateIngest(m) => (CMD_MIGRATE_INGEST, m.encoded_len()),
             Command::MigrateClear(m) => (CMD_MIGRATE_CLEAR, m.encoded_len()),
+            Command::Checkpoint(c) => (CMD_CHECKPOINT, c.trims.len() * TRIM_BYTES),
             Command::Prepare(p) => (CMD_PREPARE, p.encoded_len()),
             Command::Decide(d) => (CMD_DECIDE, d.encoded_len()),
             Command::Finish(f) => (CMD_FINISH, f.encoded_len()),
@@ -85,6 +92,13 @@ impl Command {
             Command::MigrateOut(m) => m.encode(&mut data),
             Command::MigrateIngest(m) => m.encode(&mut data),
             Command::MigrateClear(m) => m.encode(&mut data),
+            Command::Checkpoint(c) => {
+                for (slot, below) in &c.trims {
+                    data.extend_from_slice(&slot.to_be_bytes());
+                    data.extend_from_slice(&below.to_be_bytes());
+                }
+                Ok(())
+            }
             Command::Prepare(p) => p.encode(&mut data),
             Command::Decide(d) => d.encode(&mut data),
             Command::Finish(f) => f.encode(&mut data),
@@ -121,6 +135,20 @@ impl Command {
             Some((&CMD_MIGRATE_CLEAR, rest)) => MigrateClearRequest::decode(rest)
                 .map(Command::MigrateClear)
                 .map_err(|e| e.to_string()),
+            Some((&CMD_CHECKPOINT, rest)) if rest.len() % TRIM_BYTES == 0 => {
+                Ok(Command::Checkpoint(Checkpoint {
+                    trims: rest
+                        .chunks(TRIM_BYTES)
+                        .map(|c| {
+                            (
+                                u32::from_be_bytes(c[..4].try_into().unwrap()),
+                                u64::from_be_bytes(c[4..].try_into().unwrap()),
+                            )
+                        })
+                        .collect(),
+                }))
+            }
+            Some((&CMD_CHECKPOINT, rest)) => Err(format!("checkpoint of {} bytes", rest.len())),
             Some((&CMD_PREPARE, rest)) => PrepareRequest::decode(rest)
                 .map(Command::Prepare)
                 .map_err(|e| e.to_string()),
@@ -137,6 +165,17 @@ impl Command {
             None => Err("empty command".into()),
         }
     }
+}
+
+/// Bytes of one trim of a `Checkpoint`.
+const TRIM_BYTES: usize = 4 + 8;
+
+/// A change-feed checkpoint entry: its time closes the group's resolved time up to it; each trim
+/// `(slot, below)` drops the slot's events with a seq below `below` (the leader's decision from
+/// its own state; at most `FEED_TRIM_EVENTS_MAX` events per entry go, the rest next time).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Checkpoint {
+    pub trims: Vec<(u32, u64)>,
 }
 
 /// What applying a command produced.
@@ -157,6 +196,7 @@ pub enum Outcome {
     Decided(DecideResponse),
     Finished(FinishResponse),
     Forgotten,
+    Checkpointed,
 }
 
 /// One committed entry to apply: its index, its command (`None` for raft's own entries) and the

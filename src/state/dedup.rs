@@ -24,6 +24,7 @@ use ordo_proto::v1::{TxnRequest, TxnResponse};
 use prost::Message as _;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
+use super::feed::Capture;
 use super::{keys, Apply, Command, TxView};
 use crate::error::{Error, Result};
 use crate::limits::{DEDUP_ENTRIES_PER_SLOT_MAX, DEDUP_EXPIRE_STEP, DEDUP_OUTCOME_BYTES_MAX};
@@ -36,26 +37,38 @@ const COUNT: u8 = 2;
 const DIGEST_BYTES: usize = 12;
 const ENTRY_HEADER_BYTES: usize = 8 + DIGEST_BYTES + 1;
 
-/// What the leader stamps on every entry it proposes (the raft entry's context): its clock and
-/// its dedup window. Replicas apply by these, so they agree whatever their own clocks and flags.
+/// What the leader stamps on every entry it proposes (the raft entry's context): its clock, its
+/// dedup window and its change-feed capture. Replicas apply by these, so they agree whatever
+/// their own clocks and flags.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Stamp {
     pub now_ms: u64,
     pub window_ms: u64,
+    pub capture: Capture,
 }
 
 impl Stamp {
     pub fn encode(self) -> Vec<u8> {
-        [self.now_ms.to_be_bytes(), self.window_ms.to_be_bytes()].concat()
+        let mut out = Vec::with_capacity(17);
+        out.extend_from_slice(&self.now_ms.to_be_bytes());
+        out.extend_from_slice(&self.window_ms.to_be_bytes());
+        out.push(self.capture.byte());
+        out
     }
 
     /// `None` for an entry without a stamp (raft's own, or written before stamps existed): its
-    /// writes are not deduplicated.
+    /// writes are not deduplicated. A 16-byte stamp (written before the change feed) captures
+    /// new values, the default.
     pub fn decode(ctx: &[u8]) -> Option<Stamp> {
-        let ctx: &[u8; 16] = ctx.try_into().ok()?;
+        let (times, capture) = match ctx.len() {
+            16 => (ctx, Capture::default()),
+            17 => (&ctx[..16], Capture::from_byte(ctx[16])?),
+            _ => return None,
+        };
         Some(Stamp {
-            now_ms: u64::from_be_bytes(ctx[..8].try_into().unwrap()),
-            window_ms: u64::from_be_bytes(ctx[8..].try_into().unwrap()),
+            now_ms: u64::from_be_bytes(times[..8].try_into().unwrap()),
+            window_ms: u64::from_be_bytes(times[8..].try_into().unwrap()),
+            capture,
         })
     }
 }
@@ -374,6 +387,7 @@ mod tests {
                         stamp: Some(Stamp {
                             now_ms,
                             window_ms: WINDOW_MS,
+                            capture: Default::default(),
                         }),
                     }
                 })
@@ -553,6 +567,7 @@ mod tests {
                 stamp: Some(Stamp {
                     now_ms: *at,
                     window_ms: WINDOW_MS,
+                    capture: Default::default(),
                 }),
             })
             .collect();

@@ -107,10 +107,20 @@ pub fn decode_key(raw: &[u8]) -> Result<(u32, &[u8], &[u8])> {
 }
 
 pub fn encode_value(version: u64, value: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(VALUE_HEADER_BYTES + value.len());
+    encode_value_with(version, value.len(), |out| out.extend_from_slice(value))
+}
+
+/// A value in the item encoding whose body (`body_len` bytes) `write` appends in place: no
+/// intermediate copy of it.
+pub fn encode_value_with(
+    version: u64,
+    body_len: usize,
+    write: impl FnOnce(&mut Vec<u8>),
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(VALUE_HEADER_BYTES + body_len);
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&version.to_be_bytes());
-    out.extend_from_slice(value);
+    write(&mut out);
     let crc = crc32fast::hash(&out[4..]);
     out[..4].copy_from_slice(&crc.to_be_bytes());
     out

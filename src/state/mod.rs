@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
 
+use ordo_proto::v1::change_event::Op as ChangeOp;
 use ordo_proto::v1::{Item, TxnRequest, TxnResponse};
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
@@ -20,6 +21,8 @@ mod apply;
 mod command;
 /// Idempotency keys: keyed writes applied at most once, their outcomes kept per slot.
 mod dedup;
+/// The change feed's per-slot log: written at apply, read by `Peer.ReadChanges`.
+pub(crate) mod feed;
 pub(crate) mod keys;
 /// Online resharding's replicated state: outgoing migrations, their change logs and fences.
 pub(crate) mod migrate;
@@ -27,8 +30,9 @@ mod ownership;
 pub(crate) mod participant;
 pub(crate) mod txn;
 
-pub use command::{shard_keys, Apply, Command, Outcome};
+pub use command::{shard_keys, Apply, Checkpoint, Command, Outcome};
 pub use dedup::Stamp;
+pub use feed::Capture;
 use migrate::Moving;
 use ownership::load_ownership;
 pub use ownership::Ownership;
@@ -39,6 +43,9 @@ const SLOT_COUNT_KEY: &[u8] = b"slot_count";
 const OWNERSHIP_KEY: &[u8] = b"ownership";
 /// The config servers' addresses, newline-separated, from the last `SetOwnership` that named them.
 const CONFIG_ADDRS_KEY: &[u8] = b"config_addrs";
+/// The effective time of the last entry applied (`feed::next_ts`), u64 BE: the change feed's
+/// commit times and this replica's resolved time.
+const FEED_TS_KEY: &[u8] = b"feed_ts";
 /// Present while a snapshot is being installed: a restart that finds it knows the data tree is
 /// partial and starts over from an empty replica.
 const INSTALLING_KEY: &[u8] = b"installing_snapshot";
@@ -49,6 +56,8 @@ pub struct StateMachine {
     sys: sled::Tree,
     slot_count: u32,
     applied: AtomicU64,
+    /// `FEED_TS_KEY` as the last apply left it.
+    feed_ts: AtomicU64,
     /// Notified with the applied index after every apply (watchers of the shard map use it).
     applied_tx: tokio::sync::watch::Sender<u64>,
     ownership: RwLock<Ownership>,
@@ -75,6 +84,8 @@ struct TxView<'a> {
     locks: i64,
     /// What the commands so far did to `ages`, recorded once the transaction commits.
     aged: Vec<participant::AgeEvent>,
+    /// The change feed's writes (`feed/`): every item change here is also an event.
+    feed: feed::Writer,
 }
 
 /// Verifies a stored value; a corrupt one is reported with this node's id, the tree and the key.
@@ -118,14 +129,50 @@ impl ItemRead for TxView<'_> {
 }
 
 impl ItemView for TxView<'_> {
-    fn put(&mut self, sk: &[u8], key: &[u8], version: u64, value: &[u8]) -> Result<()> {
+    fn put(
+        &mut self,
+        sk: &[u8],
+        key: &[u8],
+        version: u64,
+        value: &[u8],
+        old: Option<&[u8]>,
+    ) -> Result<()> {
         let slot = ordo_proto::slot_of(sk, self.slot_count);
         let raw_value = keys::encode_value(version, value);
-        self.put_raw(slot, keys::encode_key(slot, sk, key), raw_value)
+        self.put_raw(slot, keys::encode_key(slot, sk, key), raw_value)?;
+        self.record_change(feed::Change {
+            slot,
+            shard_key: sk,
+            key,
+            op: ChangeOp::Put,
+            version,
+            value,
+            old,
+        })
     }
-    fn delete(&mut self, sk: &[u8], key: &[u8]) -> Result<()> {
+    fn delete(&mut self, sk: &[u8], key: &[u8], old: &[u8]) -> Result<()> {
         let slot = ordo_proto::slot_of(sk, self.slot_count);
-        self.delete_raw(slot, keys::encode_key(slot, sk, key))
+        self.delete_raw(slot, keys::encode_key(slot, sk, key))?;
+        self.record_change(feed::Change {
+            slot,
+            shard_key: sk,
+            key,
+            op: ChangeOp::Delete,
+            version: 0,
+            value: &[],
+            old: Some(old),
+        })
+    }
+    fn emit(&mut self, sk: &[u8], key: &[u8], value: &[u8]) -> Result<()> {
+        self.record_change(feed::Change {
+            slot: ordo_proto::slot_of(sk, self.slot_count),
+            shard_key: sk,
+            key,
+            op: ChangeOp::Emit,
+            version: 0,
+            value,
+            old: None,
+        })
     }
 }
 
@@ -145,8 +192,13 @@ impl TxView<'_> {
 
     /// Writes a record of a slot's reserved range (item encoding, version 0), logged like an item.
     fn put_record(&mut self, key: Vec<u8>, body: &[u8]) -> participant::Tx<()> {
+        self.put_record_at(key, 0, body)
+    }
+
+    /// `put_record` with `version` in the version field (a prepared part keeps its time there).
+    fn put_record_at(&mut self, key: Vec<u8>, version: u64, body: &[u8]) -> participant::Tx<()> {
         let slot = keys::slot_of(&key).map_err(ConflictableTransactionError::Abort)?;
-        self.put_raw(slot, key, keys::encode_value(0, body))
+        self.put_raw(slot, key, keys::encode_value(version, body))
             .map_err(ConflictableTransactionError::Abort)
     }
 
@@ -229,6 +281,7 @@ impl StateMachine {
             sys.remove(INSTALLING_KEY)?;
         }
         let applied = read_u64(sys.get(APPLIED_KEY)?, "applied_index")?;
+        let feed_ts = read_u64(sys.get(FEED_TS_KEY)?, "feed_ts")?;
         let ownership = load_ownership(&sys, slot_count)?;
         let moving = Moving::load(&sys)?;
         let lock_ages = participant::LockAges::default();
@@ -241,6 +294,7 @@ impl StateMachine {
                 sys,
                 slot_count,
                 applied: AtomicU64::new(applied),
+                feed_ts: AtomicU64::new(feed_ts),
                 applied_tx: tokio::sync::watch::channel(applied).0,
                 ownership: RwLock::new(ownership),
                 moving: RwLock::new(moving),
@@ -549,6 +603,7 @@ impl StateMachine {
         self.data.clear()?;
         self.sys.remove(OWNERSHIP_KEY)?;
         self.sys.remove(CONFIG_ADDRS_KEY)?;
+        self.sys.remove(FEED_TS_KEY)?;
         migrate::clear_sys(&self.sys)?;
         let mut reader = snapshot::Reader::open(path)?;
         let mut batch = sled::Batch::default();
@@ -580,6 +635,10 @@ impl StateMachine {
         self.data.apply_batch(batch)?;
         self.sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
         self.applied.store(index, Ordering::Release);
+        self.feed_ts.store(
+            read_u64(self.sys.get(FEED_TS_KEY)?, "feed_ts")?,
+            Ordering::Release,
+        );
         *self.ownership.write().unwrap() = load_ownership(&self.sys, self.slot_count)?;
         self.locks.store(
             self.lock_ages.reset(&self.data, self.slot_count)?,

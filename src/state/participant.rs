@@ -357,13 +357,26 @@ fn part_of(v: &TxView, slot: u32, txn_id: &[u8]) -> Tx<Option<PrepareRequest>> {
     }
 }
 
-/// Keeps the part under every slot of its items.
+/// Keeps the part under every slot of its items, with the prepare's commit time in the version
+/// field: it holds the slots' resolved time of the change feed below it until the part finishes.
 fn keep_part(v: &mut TxView, p: &PrepareRequest, slots: &[u32]) -> Tx<()> {
     let encoded = p.encode_to_vec();
+    let ts = v.feed.ts();
     for &s in slots {
-        v.put_record(part_key(s, &p.txn_id), &encoded)?;
+        v.put_record_at(part_key(s, &p.txn_id), ts, &encoded)?;
     }
     Ok(())
+}
+
+/// The oldest prepare time of the parts kept in `slot` (those not finished), if any.
+pub fn oldest_part_ts(data: &sled::Tree, slot: u32) -> Result<Option<u64>> {
+    let mut oldest = None;
+    for kv in data.scan_prefix(keys::reserved_prefix(slot, PART_KIND)) {
+        let (k, raw) = kv?;
+        let (ts, _) = keys::decode_value(&k, &raw)?;
+        oldest = Some(oldest.map_or(ts, |o: u64| o.min(ts)));
+    }
+    Ok(oldest)
 }
 
 /// Prepare: lock every item of this group's part, keep the part, evaluate its compares.
@@ -576,7 +589,10 @@ pub(super) fn finish(
     };
     let abort = ConflictableTransactionError::Abort;
     // The decision is taken: the writes are applied even over the budget (which the prepare
-    // checked, so only a part prepared by an older version can be over it).
+    // checked, so only a part prepared by an older version can be over it). Their events carry
+    // the transaction's id.
+    // (An error aborts the whole apply transaction, the feed's writer with it.)
+    v.feed.in_txn(Some(&f.txn_id));
     let results = match txn::evaluate(v, &txn, budget).map_err(abort)? {
         Ok(r) => Ok(r.results),
         Err(over) => {
@@ -586,6 +602,7 @@ pub(super) fn finish(
             )))
         }
     };
+    v.feed.in_txn(None);
     for (sk, k) in items(&part) {
         let data_key = keys::encode_key(ordo_proto::slot_of(sk, v.slot_count), sk, k);
         let lk = lock_key(&data_key);

@@ -47,7 +47,8 @@ fn apply_scan_snapshot_and_install_round_trip() {
     let (index, path, records) = sm
         .build_snapshot(&dir.path().join("snap"), sm.applied_index(), 2)
         .unwrap();
-    assert_eq!((index, records), (31, 30));
+    // 30 items, their 30 change-feed events and the slot's feed meta; the applied time (sys).
+    assert_eq!((index, records), (31, 62));
     let db2 = sled::open(dir.path().join("b")).unwrap();
     let sm2 = StateMachine::open(&db2, 2, 64).unwrap().sm;
     sm2.apply_all(&[Apply {
@@ -56,7 +57,8 @@ fn apply_scan_snapshot_and_install_round_trip() {
         stamp: None,
     }])
     .unwrap();
-    assert_eq!(sm2.install_snapshot(&path, 31).unwrap(), 30);
+    // Every record of the data tree: items, events and the feed meta.
+    assert_eq!(sm2.install_snapshot(&path, 31).unwrap(), 61);
     sm2.finish_install().unwrap();
     assert_eq!(sm2.digest().unwrap(), sm.digest().unwrap());
     assert_eq!(sm2.applied_index(), 31);

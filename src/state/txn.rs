@@ -7,8 +7,8 @@
 //! refused with `RESOURCE_EXHAUSTED` having copied at most its budget and written nothing.
 
 use ordo_proto::v1::{
-    compare, txn_op, txn_op_result, Compare, DeleteResponse, GetResponse, PutResponse, TxnOp,
-    TxnOpResult, TxnRequest, TxnResponse,
+    compare, txn_op, txn_op_result, Compare, DeleteResponse, EmitResponse, GetResponse,
+    PutResponse, TxnOp, TxnOpResult, TxnRequest, TxnResponse,
 };
 
 use crate::error::{Error, Result};
@@ -23,10 +23,21 @@ pub trait ItemRead {
     fn get(&self, shard_key: &[u8], key: &[u8]) -> Result<Option<(u64, Self::Value)>>;
 }
 
-/// What a transaction can read and change.
+/// What a transaction can read and change. Each call is one change of the change feed: `old`
+/// is the item's value before it (`None` for a new item), read by the evaluation anyway, so a
+/// feed that captures old values costs no extra read.
 pub trait ItemView: ItemRead {
-    fn put(&mut self, shard_key: &[u8], key: &[u8], version: u64, value: &[u8]) -> Result<()>;
-    fn delete(&mut self, shard_key: &[u8], key: &[u8]) -> Result<()>;
+    fn put(
+        &mut self,
+        shard_key: &[u8],
+        key: &[u8],
+        version: u64,
+        value: &[u8],
+        old: Option<&[u8]>,
+    ) -> Result<()>;
+    fn delete(&mut self, shard_key: &[u8], key: &[u8], old: &[u8]) -> Result<()>;
+    /// An `Emit`: an event of the change feed with no stored item.
+    fn emit(&mut self, shard_key: &[u8], key: &[u8], value: &[u8]) -> Result<()>;
 }
 
 /// The result bytes (values returned by Gets) an evaluation may still copy, and the limit that
@@ -108,7 +119,7 @@ impl Budget {
 }
 
 /// Whether a transaction only reads (compares and Gets on both branches): it needs no raft
-/// entry, a read barrier is enough.
+/// entry, a read barrier is enough (an Emit writes an event).
 pub fn read_only(t: &TxnRequest) -> bool {
     t.success
         .iter()
@@ -158,11 +169,7 @@ pub fn fits(view: &impl ItemRead, ops: &[TxnOp], budget: &mut Budget) -> Result<
 /// Applies the writes of `ops` whatever their Gets would return: the decided branch of a 2PC
 /// part, whose writes must be applied. The Gets are left out (no op reads what a Get returns).
 pub fn apply_writes(view: &mut impl ItemView, ops: &[TxnOp]) -> Result<()> {
-    let writes: Vec<TxnOp> = ops
-        .iter()
-        .filter(|op| !matches!(op.op, Some(txn_op::Op::Get(_))))
-        .cloned()
-        .collect();
+    let writes: Vec<TxnOp> = ops.iter().filter(|op| op.writes()).cloned().collect();
     let mut staged = Staged::new(&*view);
     if let Err(e) = staged.run(&writes, &mut Budget::txn(), false)? {
         unreachable!("ops without Gets return no values, yet: {e}");
@@ -171,24 +178,36 @@ pub fn apply_writes(view: &mut impl ItemView, ops: &[TxnOp]) -> Result<()> {
     flush(view, staged)
 }
 
-/// A write staged by [`Staged`]: a put `(version, value)` or a delete (`None`).
-struct Write<'t> {
-    shard_key: &'t [u8],
-    key: &'t [u8],
-    put: Option<(u64, &'t [u8])>,
+/// What a staged write does.
+enum Change<'t> {
+    Put(u64, &'t [u8]),
+    Delete,
+    /// An event only: not an item, never seen by a later op's read.
+    Emit(&'t [u8]),
 }
 
-fn flush(view: &mut impl ItemView, writes: Vec<Write<'_>>) -> Result<()> {
+/// A write staged by [`Staged`], with the value it replaces (for the change feed).
+struct Write<'t, V> {
+    shard_key: &'t [u8],
+    key: &'t [u8],
+    change: Change<'t>,
+    old: Option<Seen<'t, V>>,
+}
+
+fn flush<V: ItemView>(view: &mut V, writes: Vec<Write<'_, V::Value>>) -> Result<()> {
     for w in writes {
-        match w.put {
-            Some((version, value)) => view.put(w.shard_key, w.key, version, value)?,
-            None => view.delete(w.shard_key, w.key)?,
+        let old = w.old.as_ref().map(AsRef::as_ref);
+        match w.change {
+            Change::Put(version, value) => view.put(w.shard_key, w.key, version, value, old)?,
+            Change::Delete => view.delete(w.shard_key, w.key, old.unwrap_or_default())?,
+            Change::Emit(value) => view.emit(w.shard_key, w.key, value)?,
         }
     }
     Ok(())
 }
 
 /// A value as a transaction sees it: stored, or written by one of its earlier ops.
+#[derive(Clone)]
 enum Seen<'t, V> {
     Stored(V),
     Staged(&'t [u8]),
@@ -205,9 +224,9 @@ impl<V: AsRef<[u8]>> AsRef<[u8]> for Seen<'_, V> {
 
 /// A view with the transaction's own writes on top, in op order (at most `TXN_OPS_MAX`, so a
 /// lookup is a short scan).
-struct Staged<'v, 't, V> {
+struct Staged<'v, 't, V: ItemRead> {
     base: &'v V,
-    writes: Vec<Write<'t>>,
+    writes: Vec<Write<'t, V::Value>>,
 }
 
 impl<'v, 't, V: ItemRead> Staged<'v, 't, V> {
@@ -223,9 +242,12 @@ impl<'v, 't, V: ItemRead> Staged<'v, 't, V> {
             .writes
             .iter()
             .rev()
-            .find(|w| w.shard_key == sk && w.key == key)
+            .find(|w| w.shard_key == sk && w.key == key && !matches!(w.change, Change::Emit(_)))
         {
-            Some(w) => Ok(w.put.map(|(version, v)| (version, Seen::Staged(v)))),
+            Some(w) => Ok(match w.change {
+                Change::Put(version, v) => Some((version, Seen::Staged(v))),
+                _ => None,
+            }),
             None => Ok(self
                 .base
                 .get(sk, key)?
@@ -267,11 +289,13 @@ impl<'v, 't, V: ItemRead> Staged<'v, 't, V> {
         for op in ops {
             let result = match op.op.as_ref() {
                 Some(txn_op::Op::Put(p)) => {
-                    let version = self.get(&p.shard_key, &p.key)?.map_or(0, |(v, _)| v) + 1;
+                    let prev = self.get(&p.shard_key, &p.key)?;
+                    let version = prev.as_ref().map_or(0, |(v, _)| *v) + 1;
                     self.writes.push(Write {
                         shard_key: &p.shard_key,
                         key: &p.key,
-                        put: Some((version, &p.value)),
+                        change: Change::Put(version, &p.value),
+                        old: prev.map(|(_, v)| v),
                     });
                     txn_op_result::Result::Put(PutResponse {
                         succeeded: true,
@@ -279,18 +303,20 @@ impl<'v, 't, V: ItemRead> Staged<'v, 't, V> {
                     })
                 }
                 Some(txn_op::Op::Delete(d)) => {
-                    let prev = self.get(&d.shard_key, &d.key)?.map(|(v, _)| v);
-                    if prev.is_some() {
+                    let prev = self.get(&d.shard_key, &d.key)?;
+                    let prev_version = prev.as_ref().map(|(v, _)| *v);
+                    if let Some((_, old)) = prev {
                         self.writes.push(Write {
                             shard_key: &d.shard_key,
                             key: &d.key,
-                            put: None,
+                            change: Change::Delete,
+                            old: Some(old),
                         });
                     }
                     txn_op_result::Result::Delete(DeleteResponse {
                         succeeded: true,
-                        deleted: prev.is_some(),
-                        prev_version: prev.unwrap_or(0),
+                        deleted: prev_version.is_some(),
+                        prev_version: prev_version.unwrap_or(0),
                     })
                 }
                 Some(txn_op::Op::Get(g)) => {
@@ -314,9 +340,17 @@ impl<'v, 't, V: ItemRead> Staged<'v, 't, V> {
                         None => GetResponse::default(),
                     })
                 }
-                // Validation refuses ops without a body, and Emits (no change feed yet), before
-                // they reach the log.
-                Some(txn_op::Op::Emit(_)) | None => unreachable!("TxnOp passed validation"),
+                Some(txn_op::Op::Emit(e)) => {
+                    self.writes.push(Write {
+                        shard_key: &e.shard_key,
+                        key: &e.key,
+                        change: Change::Emit(&e.value),
+                        old: None,
+                    });
+                    txn_op_result::Result::Emit(EmitResponse {})
+                }
+                // Validation refuses ops without a body before they reach the log.
+                None => unreachable!("empty TxnOp passed validation"),
             };
             results.push(TxnOpResult {
                 result: Some(result),
@@ -374,13 +408,23 @@ impl ItemRead for MemView {
 
 #[cfg(test)]
 impl ItemView for MemView {
-    fn put(&mut self, sk: &[u8], key: &[u8], version: u64, value: &[u8]) -> Result<()> {
+    fn put(
+        &mut self,
+        sk: &[u8],
+        key: &[u8],
+        version: u64,
+        value: &[u8],
+        _: Option<&[u8]>,
+    ) -> Result<()> {
         self.0
             .insert((sk.to_vec(), key.to_vec()), (version, value.to_vec()));
         Ok(())
     }
-    fn delete(&mut self, sk: &[u8], key: &[u8]) -> Result<()> {
+    fn delete(&mut self, sk: &[u8], key: &[u8], _: &[u8]) -> Result<()> {
         self.0.remove(&(sk.to_vec(), key.to_vec()));
+        Ok(())
+    }
+    fn emit(&mut self, _: &[u8], _: &[u8], _: &[u8]) -> Result<()> {
         Ok(())
     }
 }

@@ -63,6 +63,7 @@ fn config(dir: &std::path::Path) -> NodeConfig {
         copy_bytes_per_sec: 0,
         link_filter: None,
         serve: Default::default(),
+        feed: Default::default(),
     }
 }
 
@@ -208,6 +209,7 @@ async fn h4_a_failed_replica_refuses_everything_with_unavailable() {
         snap_dir: dir.path().join("snap"),
         receiving_snapshot: Default::default(),
         membership: Default::default(),
+        feed_readers: Default::default(),
         stop: p._stop.subscribe(),
     };
     let kv = crate::server::kv::KvService(Arc::new(handle));

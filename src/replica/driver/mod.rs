@@ -56,14 +56,19 @@ pub struct DriverConfig {
     pub compact_log_entries: u64,
     /// How long keyed writes are deduplicated: stamped on every entry this leader proposes.
     pub dedup_window_ms: u64,
+    /// What the change feed captures: stamped the same way. `Off` (a config server) also means
+    /// no checkpoints.
+    pub feed_capture: crate::state::Capture,
 }
 
 type Reply = oneshot::Sender<Result<Outcome>>;
 
-/// Who waits for a proposed entry: one request, or the transactions of a `TxnBatch` in order.
+/// Who waits for a proposed entry: one request, the transactions of a `TxnBatch` in order, or
+/// nobody (the driver's own checkpoints).
 enum Waiting {
     One(Reply),
     Batch(Vec<Reply>),
+    Nobody,
 }
 
 impl Waiting {
@@ -72,6 +77,7 @@ impl Waiting {
         match self {
             Waiting::One(_) => 1,
             Waiting::Batch(txs) => txs.len(),
+            Waiting::Nobody => 0,
         }
     }
 
@@ -80,6 +86,7 @@ impl Waiting {
         match self {
             Waiting::One(tx) => tx.is_closed(),
             Waiting::Batch(txs) => txs.iter().all(|tx| tx.is_closed()),
+            Waiting::Nobody => true,
         }
     }
 
@@ -93,12 +100,14 @@ impl Waiting {
                     let _ = tx.send(Err(err()));
                 }
             }
+            Waiting::Nobody => {}
         }
     }
 
     /// Hands each waiting request its result: a batch's outcome is split per transaction.
     fn answer(self, result: Result<Outcome>) {
         match (self, result) {
+            (Waiting::Nobody, _) => {}
             (Waiting::One(tx), r) => {
                 let _ = tx.send(r);
             }
@@ -161,6 +170,8 @@ pub struct Driver {
     conf_waiter: Option<ConfWaiter>,
     /// When each peer was last heard from (for the live-quorum check of membership changes).
     last_heard: HashMap<u64, Instant>,
+    /// When this replica last proposed an entry (an idle leader proposes a checkpoint).
+    last_proposed: Instant,
     stop: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -227,6 +238,7 @@ impl Driver {
             transfer: None,
             conf_waiter: None,
             last_heard: HashMap::new(),
+            last_proposed: Instant::now(),
             stop,
         })
     }
@@ -296,6 +308,7 @@ impl Driver {
             _ = tick.tick() => {
                 self.raw.tick();
                 self.expire();
+                self.checkpoint_if_idle();
                 None
             }
             m = self.raft_in.recv() => {
@@ -455,17 +468,34 @@ impl Driver {
         let stamp = Stamp {
             now_ms: ordo_proto::unix_ms(),
             window_ms: self.cfg.dedup_window_ms,
+            capture: self.cfg.feed_capture,
         };
         match self.raw.propose(stamp.encode(), cmd.encode()) {
             Ok(()) => {
                 let index = self.raw.raft.raft_log.last_index();
                 self.track(index, self.raw.raft.term, waiting);
+                self.last_proposed = Instant::now();
             }
             Err(e) => {
                 self.waiting_txns -= waiting.len();
                 let why = format!("proposal refused by raft ({e}); nothing was written, retry");
                 waiting.fail(|| Error::NotApplied(why.clone()));
             }
+        }
+    }
+
+    /// A leader that proposed nothing for `FEED_CHECKPOINT_INTERVAL_MS` proposes a checkpoint,
+    /// so that the change feed's resolved times advance with no writes (also right after a
+    /// leader change: a new leader has proposed nothing yet).
+    fn checkpoint_if_idle(&mut self) {
+        let idle =
+            self.last_proposed.elapsed() >= Duration::from_millis(FEED_CHECKPOINT_INTERVAL_MS);
+        if idle
+            && self.cfg.feed_capture != crate::state::Capture::Off
+            && self.raw.raft.state == StateRole::Leader
+        {
+            let checkpoint = Command::Checkpoint(crate::state::Checkpoint::default());
+            self.propose(checkpoint, Waiting::Nobody);
         }
     }
 

@@ -135,6 +135,7 @@ fn node_config(
         copy_bytes_per_sec: 0,
         link_filter: None,
         serve: Default::default(),
+        feed: Default::default(),
     }
 }
 

@@ -349,9 +349,14 @@ impl StateMachine {
 
     /// Applies a migration command on its own (like an ownership change). A refused command
     /// changes nothing but the applied index.
-    pub(super) fn apply_migration(&self, index: u64, cmd: &Command) -> Applied {
+    pub(super) fn apply_migration(
+        &self,
+        index: u64,
+        cmd: &Command,
+        stamp: Option<super::Stamp>,
+    ) -> Applied {
         let r = match cmd {
-            Command::MigrateOut(req) => self.apply_out(index, req)?,
+            Command::MigrateOut(req) => self.apply_out(index, req, stamp)?,
             Command::MigrateIngest(req) => self.apply_ingest(index, &req.records)?,
             Command::MigrateClear(req) => self.apply_clear(index, &req.slots, req.items_max)?,
             other => unreachable!("not a migration command: {other:?}"),
@@ -362,12 +367,17 @@ impl StateMachine {
         Ok(r)
     }
 
-    fn apply_out(&self, index: u64, req: &MigrateOutRequest) -> Applied {
+    fn apply_out(
+        &self,
+        index: u64,
+        req: &MigrateOutRequest,
+        stamp: Option<super::Stamp>,
+    ) -> Applied {
         let mut moving = self.moving.write().unwrap();
         let _w = self.view.write().unwrap();
         match MigrateStep::try_from(req.step) {
             Ok(MigrateStep::Begin) => self.out_begin(index, req, &mut moving),
-            Ok(MigrateStep::Fence) => self.out_fence(index, req.migration_id, &mut moving),
+            Ok(MigrateStep::Fence) => self.out_fence(index, req.migration_id, &mut moving, stamp),
             Ok(MigrateStep::End) => self.out_end(index, req.migration_id, &mut moving),
             Ok(MigrateStep::Trim) => self.out_trim(index, req, &mut moving),
             _ => Ok(Err(Error::InvalidArgument(format!(
@@ -439,7 +449,13 @@ impl StateMachine {
     }
 
     /// FENCE: the slots refuse every request from this entry on (`SlotMoving`).
-    fn out_fence(&self, index: u64, id: u64, moving: &mut Moving) -> Applied {
+    fn out_fence(
+        &self,
+        index: u64,
+        id: u64,
+        moving: &mut Moving,
+        stamp: Option<super::Stamp>,
+    ) -> Applied {
         let Some(out) = moving.out.get(&id).cloned() else {
             return Ok(Err(Error::FailedPrecondition(format!(
                 "no migration {id} on this group (never begun, or ended)"
@@ -462,13 +478,63 @@ impl StateMachine {
         {
             return Ok(Err(Error::FailedPrecondition(busy_slot(slot))));
         }
-        let out = Out {
-            fence_index: index,
-            ..out
-        };
-        self.save_out(index, id, out, moving)?;
+        let out = self.fence_feed(index, id, &out, moving, stamp)?;
+        moving.insert(id, out);
         tracing::info!(node = self.node_id, migration = id, index, "slots fenced");
         step_done(index)
+    }
+
+    /// The fence's sled transaction: the record, fenced, with the applied index and the fence's
+    /// effective time, and the change feed's floor of every slot raised to that time (through
+    /// the change log, so the recipient gets it): the slots' resolved time here freezes below
+    /// it, and the recipient's events of them come after it whatever its clock says.
+    fn fence_feed(
+        &self,
+        index: u64,
+        id: u64,
+        out: &Out,
+        moving: &Moving,
+        stamp: Option<super::Stamp>,
+    ) -> Result<Out> {
+        let (out, ts) = (&self.data, &self.sys)
+            .transaction(|(data, sys)| {
+                let abort = ConflictableTransactionError::Abort;
+                let last =
+                    super::read_u64(sys.get(super::FEED_TS_KEY)?, "feed_ts").map_err(abort)?;
+                let ts = super::feed::next_ts(last, stamp);
+                let mut view = super::TxView {
+                    data,
+                    slot_count: self.slot_count,
+                    node_id: self.node_id,
+                    log: LogWriter::new(sys, moving),
+                    ages: &self.lock_ages,
+                    locks: 0,
+                    aged: Vec::new(),
+                    feed: Default::default(),
+                };
+                view.log.at_index(index);
+                for &slot in &out.slots {
+                    let meta = view.feed_meta(slot).map_err(abort)?;
+                    meta.floor_ts = meta.floor_ts.max(ts);
+                }
+                view.finish_feed().map_err(abort)?;
+                let logged = view.log.finish()?.into_iter().find(|(m, _)| *m == id);
+                let fenced = Out {
+                    fence_index: index,
+                    ..logged.map_or_else(|| out.clone(), |(_, o)| o)
+                };
+                sys.insert(out_key(id), fenced.encode())?;
+                sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
+                sys.insert(super::FEED_TS_KEY, &ts.to_be_bytes())?;
+                Ok((fenced, ts))
+            })
+            .map_err(|e| match e {
+                sled::transaction::TransactionError::Abort(e) => e,
+                sled::transaction::TransactionError::Storage(e) => Error::from(e),
+            })?;
+        self.applied.store(index, Ordering::Release);
+        self.feed_ts.store(ts, Ordering::Release);
+        Ok(out)
     }
 
     /// END: the record and the fence go, and the change log is deleted, at most

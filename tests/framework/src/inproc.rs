@@ -68,6 +68,7 @@ fn node_config(
         link_filter: filter,
         join: false,
         serve: Default::default(),
+        feed: Default::default(),
     }
 }
 
