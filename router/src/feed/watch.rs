@@ -179,6 +179,10 @@ impl Watch {
             }
             self.assign().await?;
             self.open_streams().await?;
+            if self.readers.values().any(|r| r.stream.is_none()) {
+                // A refused open moved slots or waits to be asked again.
+                continue;
+            }
             let (group, item) = self.poll_page().await;
             match item {
                 Some(Ok(page)) => self.take(group, page)?,
@@ -282,7 +286,11 @@ impl Watch {
         let shard_keys = self
             .shard_keys
             .iter()
-            .filter(|k| reader.slots.contains(&ordo_proto::slot_of(k, self.slot_count)))
+            .filter(|k| {
+                reader
+                    .slots
+                    .contains(&ordo_proto::slot_of(k, self.slot_count))
+            })
             .cloned()
             .collect();
         ReadChangesRequest {
@@ -297,9 +305,7 @@ impl Watch {
 
     /// The next page of any reader that may read (taking turns), with its group. Before every
     /// slot has a position only readers whose first page has not come are read.
-    async fn poll_page(
-        &mut self,
-    ) -> (u64, Option<Result<ReadChangesResponse, Status>>) {
+    async fn poll_page(&mut self) -> (u64, Option<Result<ReadChangesResponse, Status>>) {
         self.turn = self.turn.wrapping_add(1);
         let (turn, started) = (self.turn, self.started);
         let readers = &mut self.readers;
@@ -353,6 +359,7 @@ impl Watch {
             };
             self.slots.get_mut(&s).expect("watched").pos = Some(pos);
         }
+        reader.resolved = Some(page.resolved_ts_ms);
         reader.held = Some(page);
         if self.slots.values().all(|s| s.pos.is_some()) {
             self.started = true;
@@ -458,7 +465,9 @@ impl Watch {
     async fn failed(&mut self, group: u64, status: Status) -> Result<(), Status> {
         match classify(&status, crate::retry::Effect::Read) {
             Action::Refresh { .. } => self.wrong_shard(group, status).await,
-            Action::Rotate | Action::Redirect(_) | Action::Hold => self.note_failure(group, &status),
+            Action::Rotate | Action::Redirect(_) | Action::Hold => {
+                self.note_failure(group, &status)
+            }
             Action::Fail | Action::OutcomeUnknown | Action::Locked(_) => Err(pass_through(status)),
         }
     }
@@ -546,7 +555,11 @@ async fn open(
         .filter(|a| **a != leader && *a != avoid)
         .cloned()
         .collect();
-    order.extend(list.iter().filter(|a| **a == leader && *a != avoid).cloned());
+    order.extend(
+        list.iter()
+            .filter(|a| **a == leader && *a != avoid)
+            .cloned(),
+    );
     order.extend(list.iter().filter(|a| *a == avoid).cloned());
     let cursor = Mutex::new(LeaderCursor::new(order));
     let mut walk = Walk::new(
