@@ -27,30 +27,39 @@ const CRC_BYTES: usize = 4;
 /// Per slot, the last seq delivered; slots at 0 are left out.
 pub(crate) type Positions = BTreeMap<u32, u64>;
 
-/// Encodes `positions` (slots below `slot_count`) as a cursor.
-pub(crate) fn encode(slot_count: u32, positions: &Positions) -> Vec<u8> {
-    let mut runs: Vec<(u32, Vec<u64>)> = Vec::new();
-    let mut next_slot = 0u32;
-    for (&slot, &seq) in positions.iter().filter(|(_, &seq)| seq > 0) {
-        match runs.last_mut() {
-            Some((_, seqs)) if slot == next_slot => seqs.push(seq),
-            _ => runs.push((slot, vec![seq])),
-        }
-        next_slot = slot + 1;
-    }
-    let mut out = Vec::with_capacity(16 + positions.len() * 2);
+/// Encodes `positions` (slots below `slot_count`, in slot order) as a cursor. Walks them twice
+/// (runs, then seqs) so that nothing but the output is allocated.
+pub(crate) fn encode<I>(slot_count: u32, positions: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = (u32, u64)>,
+    I::IntoIter: Clone,
+{
+    let positions = positions.into_iter().filter(|&(_, seq)| seq > 0);
+    let runs = || {
+        let mut slots = positions.clone().map(|(s, _)| s).peekable();
+        std::iter::from_fn(move || {
+            let first = slots.next()?;
+            let mut len = 1u32;
+            while slots.next_if_eq(&(first + len)).is_some() {
+                len += 1;
+            }
+            Some((first, len))
+        })
+    };
+    let mut out = Vec::with_capacity(16 + positions.clone().count() * 2);
     out.push(VERSION);
     put_varint(&mut out, u64::from(slot_count));
-    put_varint(&mut out, runs.len() as u64);
+    put_varint(&mut out, runs().count() as u64);
+    let mut seqs = positions.clone().map(|(_, seq)| seq);
     let (mut end, mut prev) = (0u32, 0u64);
-    for (first, seqs) in &runs {
+    for (first, len) in runs() {
         put_varint(&mut out, u64::from(first - end));
-        put_varint(&mut out, seqs.len() as u64);
-        for &seq in seqs {
+        put_varint(&mut out, u64::from(len));
+        for seq in seqs.by_ref().take(len as usize) {
             put_varint(&mut out, zigzag(seq.wrapping_sub(prev) as i64));
             prev = seq;
         }
-        end = first + seqs.len() as u32;
+        end = first + len;
     }
     let crc = crc32fast::hash(&out);
     out.extend_from_slice(&crc.to_le_bytes());
@@ -160,6 +169,10 @@ fn unzigzag(v: u64) -> i64 {
 mod tests {
     use super::*;
 
+    fn enc(slot_count: u32, p: &Positions) -> Vec<u8> {
+        encode(slot_count, p.iter().map(|(&s, &seq)| (s, seq)))
+    }
+
     fn positions(pairs: &[(u32, u64)]) -> Positions {
         pairs.iter().copied().collect()
     }
@@ -174,16 +187,16 @@ mod tests {
             (0..4096).map(|s| (s, u64::from(s) * 1000 + 1)).collect(),
         ];
         for p in cases {
-            let bytes = encode(4096, &p);
+            let bytes = enc(4096, &p);
             assert_eq!(decode(&bytes, 4096).unwrap(), p);
         }
         // Slots at 0 are left out: they decode as absent, which means 0.
         let with_zero = positions(&[(1, 0), (2, 8)]);
         assert_eq!(
-            decode(&encode(16, &with_zero), 16).unwrap(),
+            decode(&enc(16, &with_zero), 16).unwrap(),
             positions(&[(2, 8)])
         );
-        assert_eq!(encode(16, &with_zero), encode(16, &positions(&[(2, 8)])));
+        assert_eq!(enc(16, &with_zero), enc(16, &positions(&[(2, 8)])));
     }
 
     /// A whole 4096-slot map after about four million events, spread as crc32 spreads shard
@@ -200,7 +213,7 @@ mod tests {
                 (s, 1000 + rng % 120)
             })
             .collect();
-        let bytes = encode(4096, &p);
+        let bytes = enc(4096, &p);
         // 5,029 bytes when written: about 1.2 bytes a slot.
         assert!(bytes.len() <= 6 * 1024, "{} bytes", bytes.len());
         assert_eq!(decode(&bytes, 4096).unwrap(), p);
@@ -208,12 +221,12 @@ mod tests {
         let wild: Positions = (0..4096u32)
             .map(|s| (s, if s % 2 == 0 { u64::MAX } else { 1 }))
             .collect();
-        assert!(encode(4096, &wild).len() <= 4096 * 11 + 16);
+        assert!(enc(4096, &wild).len() <= 4096 * 11 + 16);
     }
 
     #[test]
     fn corrupt_cursors_are_refused_naming_why() {
-        let good = encode(16, &positions(&[(3, 10), (4, 11), (9, 2)]));
+        let good = enc(16, &positions(&[(3, 10), (4, 11), (9, 2)]));
         for i in 0..good.len() {
             let mut bad = good.clone();
             bad[i] ^= 0x10;

@@ -181,7 +181,7 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
         // A cursor positions every watched slot; those it leaves out are at 0.
-        let c = cursor::encode(8, &[(2, 40), (5, 9)].into_iter().collect());
+        let c = cursor::encode(8, [(2, 40), (5, 9)]);
         let k = Bytes::from_static(b"order-1");
         let slot = slot_of(&k, 8);
         let p = plan(&req(Some(StartOneOf::Cursor(c.into())), vec![k]), 8).unwrap();

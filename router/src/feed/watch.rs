@@ -442,12 +442,11 @@ impl Watch {
     /// Queues a response of `events` with the cursor of the current positions and the resolved
     /// time; one that would tell the client nothing new is left out.
     fn push_response(&mut self, events: Vec<ChangeEvent>) {
-        let positions: cursor::Positions = self
+        let positions = self
             .slots
             .iter()
-            .filter_map(|(&s, slot)| slot.pos.map(|p| (s, p)))
-            .collect();
-        let cursor = Bytes::from(cursor::encode(self.slot_count, &positions));
+            .filter_map(|(&s, slot)| slot.pos.map(|p| (s, p)));
+        let cursor = Bytes::from(cursor::encode(self.slot_count, positions));
         let unchanged = (&cursor, self.resolved_sent) == (&self.last.0, self.last.1);
         if events.is_empty() && unchanged {
             return;

@@ -450,3 +450,44 @@ async fn a_slow_client_makes_the_router_stop_reading_not_buffer() {
     let seqs = &seen.seqs()[&1];
     assert!(seqs.iter().enumerate().all(|(i, &s)| s == i as u64 + 1));
 }
+
+#[tokio::test]
+async fn watches_past_feed_watches_max_are_refused_until_one_closes() {
+    let (g1, g2) = two_groups().await;
+    let config = spawn_config(map_v(1, &[&g1.addr], &[&g2.addr])).await;
+    let router = start_router(vec![config.addr.clone()]).await;
+    // A connection carries at most STREAMS_PER_CONNECTION_MAX streams: spread them.
+    let per_conn = ordo_proto::serve::STREAMS_PER_CONNECTION_MAX as usize / 2;
+    let mut clients = Vec::new();
+    let mut open = Vec::new();
+    for i in 0..ordo_router::FEED_WATCHES_MAX {
+        if i % per_conn == 0 {
+            clients.push(feed(&router).await);
+        }
+        let client = clients.last_mut().unwrap();
+        open.push(client.watch(oldest()).await.unwrap().into_inner());
+    }
+    let mut extra = feed(&router).await;
+    let err = extra.watch(oldest()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("FEED_WATCHES_MAX"), "{err:?}");
+    assert!(
+        err.message()
+            .contains(&ordo_router::FEED_WATCHES_MAX.to_string()),
+        "{err:?}"
+    );
+    // A watch that closes gives its permit back.
+    drop(open.pop());
+    let deadline = Instant::now() + WAIT;
+    let mut again = loop {
+        match extra.watch(oldest()).await {
+            Ok(s) => break s.into_inner(),
+            Err(e) if e.code() == Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    let first = tokio::time::timeout(WAIT, again.message()).await.unwrap();
+    assert!(!first.unwrap().unwrap().events.is_empty());
+}
