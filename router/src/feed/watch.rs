@@ -1,12 +1,13 @@
 //! One `Watch`: the merge of a `Peer.ReadChanges` stream per group holding watched slots.
 //!
 //! Every watched slot has a position, the last seq the client was sent (filtered-out events
-//! included), and an owner group in the router's map. Each group has a [`Reader`]: its slots,
-//! the stream open on one of its replicas (a follower first), and the resolved time its last
-//! page reported. [`Watch::next`] reads one page from any reader that has one, drops what the
-//! client already has (seq at or below the slot's position), and turns the page into responses
-//! carrying the cursor of the positions after them and the resolved time (the minimum over the
-//! readers, never lower than one already sent). Nothing is read until the previous page's
+//! included), its resolved time (the highest its replicas reported), and an owner group in the
+//! router's map. Each group has a [`Reader`]: its slots and the stream open on one of its
+//! replicas (a follower first). [`Watch::next`] reads one page from any reader that has one,
+//! drops what the client already has (seq at or below the slot's position), and turns the page
+//! into responses carrying the cursor of the positions after them and the resolved time (the
+//! minimum over the slots, never lower than one already sent: a moved slot's stays frozen below
+//! its fence until the new owner reports it). Nothing is read until the previous page's
 //! responses are taken, so a page is the most the router holds per group.
 //!
 //! It follows the cluster: a stream that breaks or ends is reopened on another replica from the
@@ -58,9 +59,12 @@ struct Slot {
     group: u64,
     /// The group that reported it moved: the slot waits for a map naming another owner.
     left: Option<u64>,
-    /// A snapshot start whose snapshot may not have been read whole: read again with a
-    /// snapshot if its stream must be reopened (a consumer keeps the higher version).
+    /// A snapshot start whose snapshot has not been read whole (`SlotPosition.snapshotting`):
+    /// read again with a snapshot if its stream must be reopened (a consumer keeps the higher
+    /// version).
     snapshot: bool,
+    /// The highest resolved time its readers reported for it (`SlotPosition.resolved_ts_ms`).
+    resolved: u64,
 }
 
 struct Reader {
@@ -68,8 +72,6 @@ struct Reader {
     stream: Option<Streaming<ReadChangesResponse>>,
     /// The replica the stream is open on, or the last one that failed.
     addr: String,
-    /// The resolved time of the last page (`None` until the current stream's first page).
-    resolved: Option<u64>,
     /// Failed opens and breaks since the last page (their backoff), and since when.
     failures: u32,
     failing_since: Option<Instant>,
@@ -83,7 +85,6 @@ impl Reader {
             slots: BTreeSet::new(),
             stream: None,
             addr: String::new(),
-            resolved: None,
             failures: 0,
             failing_since: None,
             held: None,
@@ -93,7 +94,6 @@ impl Reader {
     /// Drops the stream, so that the next read opens one for the current slots.
     fn restart(&mut self) {
         self.stream = None;
-        self.resolved = None;
     }
 }
 
@@ -132,6 +132,7 @@ impl Watch {
                     group: 0,
                     left: None,
                     snapshot,
+                    resolved: 0,
                 };
                 (s, slot)
             })
@@ -357,9 +358,14 @@ impl Watch {
                     "group {group}'s first change page gave no position for slot {s}"
                 )));
             };
-            self.slots.get_mut(&s).expect("watched").pos = Some(pos);
+            let slot = self.slots.get_mut(&s).expect("watched");
+            slot.pos = Some(pos);
+            slot.resolved = page
+                .positions
+                .iter()
+                .find(|p| p.slot == s)
+                .map_or(0, |p| p.resolved_ts_ms);
         }
-        reader.resolved = Some(page.resolved_ts_ms);
         reader.held = Some(page);
         if self.slots.values().all(|s| s.pos.is_some()) {
             self.started = true;
@@ -419,23 +425,21 @@ impl Watch {
                 continue;
             }
             slot.pos = Some(slot.pos.unwrap_or(0).max(p.seq));
+            slot.resolved = slot.resolved.max(p.resolved_ts_ms);
+            slot.snapshot &= p.snapshotting;
             if p.moved {
                 slot.group = 0;
                 slot.left = Some(group);
                 reader.slots.remove(&p.slot);
             }
         }
-        reader.resolved = Some(reader.resolved.unwrap_or(0).max(page.resolved_ts_ms));
         if reader.slots.is_empty() {
             self.readers.remove(&group);
         }
-        // A slot waiting for its new owner has no reader: hold the resolved time until it has.
-        let waiting = self.slots.values().any(|s| s.group == 0);
-        if let Some(Some(min)) = self.readers.values().map(|r| r.resolved).min() {
-            if !waiting {
-                self.resolved_sent = self.resolved_sent.max(min);
-            }
-        }
+        // A moved slot's time stays frozen below its fence until its new owner reports it, so
+        // the minimum holds back while it waits.
+        let min = self.slots.values().map(|s| s.resolved).min().unwrap_or(0);
+        self.resolved_sent = self.resolved_sent.max(min);
         self.push_response(events);
     }
 

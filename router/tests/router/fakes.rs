@@ -518,6 +518,7 @@ impl FeedState {
         }
         let log = self.log.lock().unwrap();
         let moved = self.moved.lock().unwrap();
+        let resolved = self.resolved_ts_ms.load(Ordering::SeqCst);
         let slots: Vec<SlotPosition> = positions
             .iter()
             .map(|&(slot, seq)| SlotPosition {
@@ -525,9 +526,10 @@ impl FeedState {
                 seq,
                 oldest_seq: 1,
                 moved: moved.contains(&slot) && seq >= log.get(&slot).map_or(0, |e| e.len() as u64),
+                resolved_ts_ms: resolved,
+                snapshotting: false,
             })
             .collect();
-        let resolved = self.resolved_ts_ms.load(Ordering::SeqCst);
         let now = Some((slots.clone(), resolved));
         if events.is_empty() && *last == now {
             return None;
