@@ -2,7 +2,8 @@
 //! request's shard key to its slot and group, and forwards the request to that group's leader.
 //!
 //! # What it serves
-//! One tonic server with `ordo.v1.Kv` (Get/Put/Delete/Scan/Txn) and `ordo.v1.Cluster`.
+//! One tonic server with `ordo.v1.Kv` (Get/Put/Delete/Scan/Txn), `ordo.v1.Cluster` and
+//! `ordo.v1.Feed` (the change feed, merged over the groups' `Peer.ReadChanges`: `feed/`).
 //!
 //! # Shard map
 //! [`Router::start`] fetches the map from the config servers (any replica), then a background
@@ -63,6 +64,7 @@ mod cluster;
 mod config;
 mod coordinator;
 mod deadline;
+mod feed;
 mod forward;
 mod kv;
 mod locks;
@@ -71,6 +73,10 @@ mod pool;
 mod retry;
 
 pub use coordinator::Failpoint;
+pub use feed::{
+    FEED_CURSOR_BYTES_MAX, FEED_MOVE_WAIT_MAX, FEED_REOPEN_WITHIN, FEED_RESPONSE_BYTES_MAX,
+    FEED_RESPONSE_EVENTS_MAX, FEED_SHARD_KEYS_MAX, FEED_WATCHES_MAX,
+};
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -79,6 +85,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ordo_proto::v1::cluster_server::ClusterServer;
+use ordo_proto::v1::feed_server::FeedServer;
 use ordo_proto::v1::kv_server::KvServer;
 use ordo_proto::v1::ShardMap;
 use tokio::sync::watch;
@@ -86,6 +93,7 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::ClusterService;
 use crate::config::ConfigClient;
+use crate::feed::FeedService;
 use crate::kv::KvService;
 use crate::map::{Leaders, MapCell};
 use crate::pool::{Pool, MESSAGE_BYTES_MAX};
@@ -163,6 +171,8 @@ pub(crate) struct Shared {
     pub(crate) counters: Counters,
     pub(crate) twopc_failpoint: Option<Failpoint>,
     pub(crate) clock_offset_ms: i64,
+    /// One permit per open `Feed.Watch` (`FEED_WATCHES_MAX`).
+    pub(crate) feed_watches: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -182,6 +192,7 @@ impl Shared {
             counters: Counters::default(),
             twopc_failpoint: opts.twopc_failpoint,
             clock_offset_ms: opts.clock_offset_ms,
+            feed_watches: feed::watch_permits(),
         })
     }
 
@@ -247,8 +258,13 @@ impl Router {
         let cluster = ClusterServer::new(ClusterService(shared.clone()))
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX);
+        let feed = FeedServer::new(FeedService(shared.clone()))
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX);
         let mut stop = stop_rx;
-        let routes = tonic::service::Routes::new(kv).add_service(cluster);
+        let routes = tonic::service::Routes::new(kv)
+            .add_service(cluster)
+            .add_service(feed);
         let server = tokio::spawn(async move {
             ordo_proto::serve::serve(routes, listener, &opts.serve, async move {
                 let _ = stop.wait_for(|s| *s).await;

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use tonic::Status;
 
 use super::{
-    cluster, consistency, deadline_exceeded, kv, peer, read_effect, Client, ClusterClient,
+    cluster, consistency, deadline_exceeded, feed, kv, peer, read_effect, Client, ClusterClient,
 };
 use crate::retry::{classify, Action, Effect};
 use crate::v1::{
@@ -13,7 +13,7 @@ use crate::v1::{
     DeleteRequest, DeleteResponse, GetClusterStatusRequest, GetRequest, GetResponse,
     GetShardMapRequest, InitClusterRequest, MoveSlotsRequest, PutRequest, PutResponse,
     RemoveGroupRequest, RequestHeader, ScanRequest, ScanResponse, ShardMap, TxnRequest,
-    TxnResponse, WatchShardMapRequest,
+    TxnResponse, WatchRequest, WatchResponse, WatchShardMapRequest,
 };
 
 /// The header of a write this client keys itself: every attempt carries the same key.
@@ -128,6 +128,23 @@ impl Client {
             .call(req, read_effect(stale), |ch, r| async move {
                 kv(ch).scan(r).await
             })
+            .await
+    }
+
+    /// Opens a change feed watch (`Feed.Watch`, served by routers): opening is retried like a
+    /// read, at the next address; the stream is then the caller's for as long as it reads it
+    /// (the deadline bounds the open only). A stream that fails is resumed with a new watch from
+    /// the last response's cursor; `OUT_OF_RANGE` (`CursorExpired`) is never worth retrying.
+    pub async fn watch(
+        &self,
+        req: WatchRequest,
+    ) -> Result<tonic::Streaming<WatchResponse>, Status> {
+        self.core
+            .call(
+                req,
+                Effect::Read,
+                |ch, r| async move { feed(ch).watch(r).await },
+            )
             .await
     }
 

@@ -2,7 +2,7 @@
 //!
 //! [`Client`] speaks the `ordo.v1.Kv` service (to the nodes of a shard group, or to a router);
 //! [`ClusterClient`] speaks the `ordo.v1.Cluster` service (to config servers, or to a router,
-//! which proxies it).
+//! which proxies it). [`Client::watch`] opens the change feed (`ordo.v1.Feed`, on routers).
 //!
 //! A server answers a request it cannot serve because it is not the leader with `Unavailable`
 //! and an [`crate::v1::ErrorDetail`] naming the leader when it knows it. Both clients follow that
@@ -27,6 +27,7 @@ use tonic::Status;
 use crate::addr::{self, ChannelCache, Profile, CLIENT_RESPONSE_BYTES_MAX};
 use crate::retry::{follow_leader, Action, Backoff, Effect, GaveUp, LeaderCursor, Walk, Why};
 use crate::v1::cluster_client::ClusterClient as ClusterStub;
+use crate::v1::feed_client::FeedClient;
 use crate::v1::kv_client::KvClient;
 use crate::v1::peer_client::PeerClient;
 use crate::v1::{error_detail, Consistency};
@@ -170,6 +171,11 @@ fn kv(channel: Channel) -> KvClient<Channel> {
 /// A Cluster stub on `channel`.
 fn cluster(channel: Channel) -> ClusterStub<Channel> {
     ClusterStub::new(channel).max_decoding_message_size(CLIENT_RESPONSE_BYTES_MAX)
+}
+
+/// A Feed stub on `channel` (a router's change feed).
+fn feed(channel: Channel) -> FeedClient<Channel> {
+    FeedClient::new(channel).max_decoding_message_size(CLIENT_RESPONSE_BYTES_MAX)
 }
 
 /// A Peer stub on `channel` (node admin calls).

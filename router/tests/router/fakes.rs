@@ -1,8 +1,10 @@
 //! In-process fakes the router talks to: a node serving `ordo.v1.Kv` with a scripted behaviour,
-//! and a config server serving `ordo.v1.Cluster` whose map a test sets.
+//! a replica serving `Peer.ReadChanges` from a scripted change log, and a config server serving
+//! `ordo.v1.Cluster` whose map a test sets.
 
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -379,6 +381,352 @@ pub async fn spawn_config(map: ShardMap) -> Served<Arc<ConfigState>> {
     let task = tokio::spawn(async move {
         let _ = tonic::transport::Server::builder()
             .add_service(ClusterServer::new(svc))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await;
+    });
+    Served { addr, state, task }
+}
+
+// Fake change feed (`Peer.ReadChanges`)
+
+/// What a fake replica's change feed holds and does; a test scripts it.
+pub struct FeedState {
+    /// Per slot, its events (seq 1, 2, …).
+    pub log: Mutex<BTreeMap<u32, Vec<ChangeEvent>>>,
+    /// Past the end of the log, slot `.0` goes on without end with events carrying value `.1`.
+    pub endless: Mutex<Option<(u32, Bytes)>>,
+    pub resolved_ts_ms: AtomicU64,
+    /// Slots this replica gave up: reported `moved` once all their events are sent.
+    pub moved: Mutex<BTreeSet<u32>>,
+    /// The next stream breaks (UNAVAILABLE, no detail) after sending this many events.
+    pub break_after: Mutex<Option<usize>>,
+    /// Streams opened before the last [`FeedState::cut`] break (UNAVAILABLE, no detail).
+    cuts: AtomicU64,
+    /// The next opens are refused with these, in turn.
+    pub refuse: Mutex<VecDeque<Status>>,
+    pub requests: Mutex<Vec<ReadChangesRequest>>,
+    /// Events this replica has sent (those tonic has taken from its stream).
+    pub events_sent: AtomicUsize,
+    changed: watch::Sender<u64>,
+}
+
+impl FeedState {
+    /// Appends `n` events to `slot`'s log and wakes the streams.
+    pub fn append(&self, slot: u32, n: u64) {
+        {
+            let mut log = self.log.lock().unwrap();
+            let events = log.entry(slot).or_default();
+            for _ in 0..n {
+                let seq = events.len() as u64 + 1;
+                events.push(feed_event(slot, seq, Bytes::from(format!("v{slot}-{seq}"))));
+            }
+        }
+        self.poke();
+    }
+
+    /// Copies `other`'s log (another replica of the group, or the group a slot moved from).
+    pub fn copy_log(&self, other: &FeedState, slot: u32) {
+        let events = other
+            .log
+            .lock()
+            .unwrap()
+            .get(&slot)
+            .cloned()
+            .unwrap_or_default();
+        self.log.lock().unwrap().insert(slot, events);
+        self.poke();
+    }
+
+    pub fn set_resolved(&self, ts: u64) {
+        self.resolved_ts_ms.store(ts, Ordering::SeqCst);
+        self.poke();
+    }
+
+    pub fn set_moved(&self, slot: u32) {
+        self.moved.lock().unwrap().insert(slot);
+        self.poke();
+    }
+
+    /// Breaks every open stream, as a replica that stops does.
+    pub fn cut(&self) {
+        self.cuts.fetch_add(1, Ordering::SeqCst);
+        self.poke();
+    }
+
+    pub fn poke(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    pub fn requests(&self) -> Vec<ReadChangesRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    fn start_of(&self, from: &SlotFrom) -> u64 {
+        let len = self
+            .log
+            .lock()
+            .unwrap()
+            .get(&from.slot)
+            .map_or(0, |e| e.len() as u64);
+        match from.from {
+            Some(slot_from::From::AfterSeq(s)) => s,
+            Some(slot_from::From::Oldest(_)) => 0,
+            // Commit times are seq × 10.
+            Some(slot_from::From::AfterTsMs(ts)) => (ts / 10).min(len),
+            Some(slot_from::From::Now(_)) | Some(slot_from::From::Snapshot(_)) | None => len,
+        }
+    }
+
+    /// The events of `slot` after `pos`, at most `max` and (but for the first) `bytes`.
+    fn events_after(&self, slot: u32, pos: u64, max: usize, bytes: &mut u64) -> Vec<ChangeEvent> {
+        let log = self.log.lock().unwrap();
+        let stored = log.get(&slot).map_or(&[][..], |e| &e[..]);
+        let endless = self.endless.lock().unwrap().clone();
+        let mut out: Vec<ChangeEvent> = Vec::new();
+        for seq in pos + 1.. {
+            let event = match stored.get(seq as usize - 1) {
+                Some(e) => e.clone(),
+                None => match &endless {
+                    Some((s, value)) if *s == slot => feed_event(slot, seq, value.clone()),
+                    _ => break,
+                },
+            };
+            let size = event.encoded_len() as u64;
+            if out.len() >= max || (size > *bytes && !out.is_empty()) {
+                break;
+            }
+            *bytes = bytes.saturating_sub(size);
+            out.push(event);
+        }
+        out
+    }
+
+    /// The next page after `positions`, or `None` if it would say nothing new since `last`.
+    fn page(
+        &self,
+        positions: &mut [(u32, u64)],
+        (max, mut bytes): (usize, u64),
+        last: &mut Option<(Vec<SlotPosition>, u64)>,
+    ) -> Option<ReadChangesResponse> {
+        let mut events = Vec::new();
+        for (slot, pos) in positions.iter_mut() {
+            let more = self.events_after(*slot, *pos, max - events.len(), &mut bytes);
+            if let Some(e) = more.last() {
+                *pos = e.seq;
+            }
+            events.extend(more);
+        }
+        let log = self.log.lock().unwrap();
+        let moved = self.moved.lock().unwrap();
+        let resolved = self.resolved_ts_ms.load(Ordering::SeqCst);
+        let slots: Vec<SlotPosition> = positions
+            .iter()
+            .map(|&(slot, seq)| SlotPosition {
+                slot,
+                seq,
+                oldest_seq: 1,
+                moved: moved.contains(&slot) && seq >= log.get(&slot).map_or(0, |e| e.len() as u64),
+                resolved_ts_ms: resolved,
+                snapshotting: false,
+            })
+            .collect();
+        let now = Some((slots.clone(), resolved));
+        if events.is_empty() && *last == now {
+            return None;
+        }
+        *last = now;
+        Some(ReadChangesResponse {
+            events,
+            positions: slots,
+            resolved_ts_ms: resolved,
+        })
+    }
+}
+
+/// Event `seq` of `slot`: committed at seq × 10 ms.
+pub fn feed_event(slot: u32, seq: u64, value: Bytes) -> ChangeEvent {
+    ChangeEvent {
+        slot,
+        seq,
+        shard_key: Bytes::from(format!("sk{slot}")),
+        key: Bytes::from(format!("k{seq}")),
+        op: change_event::Op::Put as i32,
+        version: seq,
+        value,
+        old_value: Bytes::new(),
+        commit_ts_ms: seq * 10,
+        txn_id: Bytes::new(),
+    }
+}
+
+struct FakePeer(Arc<FeedState>);
+
+type PageStream = Pin<Box<dyn Stream<Item = Result<ReadChangesResponse, Status>> + Send>>;
+
+/// One ReadChanges stream of a fake replica.
+struct Reading {
+    state: Arc<FeedState>,
+    positions: Vec<(u32, u64)>,
+    max: usize,
+    max_bytes: u64,
+    last: Option<(Vec<SlotPosition>, u64)>,
+    sent: usize,
+    break_after: Option<usize>,
+    /// [`FeedState::cuts`] when it opened.
+    cuts: u64,
+    changed: watch::Receiver<u64>,
+}
+
+impl Reading {
+    async fn next(&mut self) -> Option<Result<ReadChangesResponse, Status>> {
+        loop {
+            self.changed.borrow_and_update();
+            if self.state.cuts.load(Ordering::SeqCst) > self.cuts {
+                self.break_after = Some(self.sent);
+            }
+            let max = match self.break_after {
+                Some(n) if self.sent >= n => {
+                    self.break_after = None;
+                    self.positions.clear();
+                    return Some(Err(Status::unavailable("the replica stopped")));
+                }
+                Some(n) => self.max.min(n - self.sent),
+                None => self.max,
+            };
+            if self.positions.is_empty() {
+                return None;
+            }
+            let bounds = (max, self.max_bytes);
+            if let Some(page) = self.state.page(&mut self.positions, bounds, &mut self.last) {
+                self.sent += page.events.len();
+                self.state
+                    .events_sent
+                    .fetch_add(page.events.len(), Ordering::SeqCst);
+                return Some(Ok(page));
+            }
+            self.changed.changed().await.ok()?;
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl ordo_proto::v1::peer_server::Peer for FakePeer {
+    async fn raft(
+        &self,
+        _: Request<tonic::Streaming<RaftBatch>>,
+    ) -> Result<Response<RaftDone>, Status> {
+        Err(Status::unimplemented("Raft"))
+    }
+    async fn install_snapshot(
+        &self,
+        _: Request<tonic::Streaming<SnapshotChunk>>,
+    ) -> Result<Response<SnapshotDone>, Status> {
+        Err(Status::unimplemented("InstallSnapshot"))
+    }
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Err(Status::unimplemented("Status"))
+    }
+    async fn set_ownership(
+        &self,
+        _: Request<SetOwnershipRequest>,
+    ) -> Result<Response<SetOwnershipResponse>, Status> {
+        Err(Status::unimplemented("SetOwnership"))
+    }
+    async fn transfer_leader(
+        &self,
+        _: Request<TransferLeaderRequest>,
+    ) -> Result<Response<TransferLeaderResponse>, Status> {
+        Err(Status::unimplemented("TransferLeader"))
+    }
+    async fn change_replicas(
+        &self,
+        _: Request<ChangeReplicasRequest>,
+    ) -> Result<Response<ChangeReplicasResponse>, Status> {
+        Err(Status::unimplemented("ChangeReplicas"))
+    }
+
+    type ReadChangesStream = PageStream;
+
+    async fn read_changes(
+        &self,
+        r: Request<ReadChangesRequest>,
+    ) -> Result<Response<PageStream>, Status> {
+        let req = r.into_inner();
+        self.0.requests.lock().unwrap().push(req.clone());
+        if let Some(status) = self.0.refuse.lock().unwrap().pop_front() {
+            return Err(status);
+        }
+        let reading = Reading {
+            state: self.0.clone(),
+            positions: req
+                .slots
+                .iter()
+                .map(|f| (f.slot, self.0.start_of(f)))
+                .collect(),
+            max: req.max_events.max(1) as usize,
+            max_bytes: req.max_bytes,
+            last: None,
+            sent: 0,
+            break_after: self.0.break_after.lock().unwrap().take(),
+            cuts: self.0.cuts.load(Ordering::SeqCst),
+            changed: self.0.changed.subscribe(),
+        };
+        let stream = futures::stream::unfold(reading, |mut r| async move {
+            let item = r.next().await?;
+            Some((item, r))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn migrate_out(
+        &self,
+        _: Request<MigrateOutRequest>,
+    ) -> Result<Response<MigrateOutResponse>, Status> {
+        Err(Status::unimplemented("MigrateOut"))
+    }
+    async fn migrate_pull(
+        &self,
+        _: Request<MigratePullRequest>,
+    ) -> Result<Response<MigratePullResponse>, Status> {
+        Err(Status::unimplemented("MigratePull"))
+    }
+    async fn migrate_ingest(
+        &self,
+        _: Request<MigrateIngestRequest>,
+    ) -> Result<Response<MigrateIngestResponse>, Status> {
+        Err(Status::unimplemented("MigrateIngest"))
+    }
+    async fn migrate_clear(
+        &self,
+        _: Request<MigrateClearRequest>,
+    ) -> Result<Response<MigrateClearResponse>, Status> {
+        Err(Status::unimplemented("MigrateClear"))
+    }
+}
+
+/// A fake replica serving `Peer.ReadChanges` from a scripted log.
+pub async fn spawn_feed_node() -> Served<Arc<FeedState>> {
+    let (listener, addr) = listen().await;
+    let state = Arc::new(FeedState {
+        log: Mutex::default(),
+        endless: Mutex::default(),
+        resolved_ts_ms: AtomicU64::new(0),
+        moved: Mutex::default(),
+        break_after: Mutex::default(),
+        cuts: AtomicU64::new(0),
+        refuse: Mutex::default(),
+        requests: Mutex::default(),
+        events_sent: AtomicUsize::new(0),
+        changed: watch::channel(0).0,
+    });
+    let svc = FakePeer(state.clone());
+    let task = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(
+                ordo_proto::v1::peer_server::PeerServer::new(svc)
+                    .max_decoding_message_size(ordo_proto::addr::KV_MESSAGE_BYTES_MAX)
+                    .max_encoding_message_size(ordo_proto::addr::KV_MESSAGE_BYTES_MAX),
+            )
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await;
     });

@@ -5,6 +5,7 @@
 //! other modules are the tests, by topic.
 
 mod fakes;
+mod feed;
 mod retries;
 mod routing;
 mod shard_map;

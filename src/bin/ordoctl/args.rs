@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use ordo::proto::v1::{Compare, GroupSpec, TxnOp};
 
 use crate::parse::{
-    parse_compare, parse_duration, parse_group_spec, parse_op, parse_slot_list, SlotList,
+    parse_compare, parse_duration, parse_group_spec, parse_op, parse_slot_list, parse_watch_from,
+    SlotList, WatchFrom,
 };
 
 #[derive(Parser, Debug)]
@@ -98,6 +99,9 @@ pub(crate) enum Command {
     /// Change the replicas of a shard group, or of the config servers (--group 0).
     #[command(subcommand)]
     Replica(ReplicaCommand),
+    /// Follow the change feed (give --endpoint router addresses): one line per event, and the
+    /// cursor to resume from on exit (Ctrl-C, --count, --for).
+    Watch(WatchArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -334,6 +338,26 @@ pub(crate) struct DeleteArgs {
 }
 
 #[derive(Args, Debug)]
+pub(crate) struct WatchArgs {
+    /// Only events whose key starts with this (e.g. outbox/).
+    #[arg(long, value_name = "P", default_value = "")]
+    pub(crate) prefix: String,
+    /// Only the events of this shard key (repeat for several); default: every shard key.
+    #[arg(long = "shard-key", value_name = "K")]
+    pub(crate) shard_keys: Vec<String>,
+    /// Where to start: now, oldest (the oldest event retained), snapshot (every matching item,
+    /// then its changes), or a cursor an earlier watch printed (resumes right after it).
+    #[arg(long, value_name = "FROM", default_value = "now", value_parser = parse_watch_from)]
+    pub(crate) from: WatchFrom,
+    /// Stop after this many events.
+    #[arg(long, value_name = "N")]
+    pub(crate) count: Option<u64>,
+    /// Stop after this long (e.g. 30s); default: until Ctrl-C.
+    #[arg(long = "for", value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) duration: Option<Duration>,
+}
+
+#[derive(Args, Debug)]
 pub(crate) struct ScanArgs {
     pub(crate) shard_key: String,
     /// First key (inclusive); default: the first key of the shard key.
@@ -456,6 +480,48 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown operator"), "{err}");
+    }
+
+    #[test]
+    fn watch_parses() {
+        let cli = Cli::try_parse_from([
+            "ordoctl",
+            "watch",
+            "--prefix",
+            "outbox/",
+            "--shard-key",
+            "o1",
+            "--shard-key",
+            "o2",
+            "--from",
+            "oldest",
+            "--count",
+            "5",
+            "--for",
+            "2s",
+        ])
+        .unwrap();
+        let Command::Watch(w) = cli.command else {
+            panic!("not watch")
+        };
+        assert_eq!(w.prefix, "outbox/");
+        assert_eq!(w.shard_keys, ["o1", "o2"]);
+        assert_eq!(
+            w.from,
+            WatchFrom::Start(ordo::proto::v1::watch_request::Start::FromOldest)
+        );
+        assert_eq!(
+            (w.count, w.duration),
+            (Some(5), Some(Duration::from_secs(2)))
+        );
+        let Command::Watch(w) = Cli::try_parse_from(["ordoctl", "watch"]).unwrap().command else {
+            panic!("not watch")
+        };
+        assert_eq!(
+            w.from,
+            WatchFrom::Start(ordo::proto::v1::watch_request::Start::FromNow)
+        );
+        assert!(Cli::try_parse_from(["ordoctl", "watch", "--from", "yesterday"]).is_err());
     }
 
     #[test]

@@ -7,15 +7,15 @@
 use std::borrow::Cow;
 
 use ordo::proto::v1::{
-    txn_op_result, ChangeGroupReplicasResponse, ClusterStatus, DeleteResponse, GetResponse,
-    GroupStatus, Item, Member, Migration, PlannedMove, PutResponse, ReplicaStatus, ShardMap, Task,
-    TransferLeaderResponse, TxnOp, TxnResponse,
+    txn_op_result, ChangeEvent, ChangeGroupReplicasResponse, ClusterStatus, DeleteResponse,
+    GetResponse, GroupStatus, Item, Member, Migration, PlannedMove, PutResponse, ReplicaStatus,
+    ShardMap, Task, TransferLeaderResponse, TxnOp, TxnResponse,
 };
 use ordo_config::migration::state_name;
 use ordo_config::tasks::{task_kind_name, task_state_name};
 use serde::Serialize;
 
-use crate::render::describe_op;
+use crate::render::{describe_op, event_op_name};
 
 /// `v` as compact JSON.
 fn to_json(v: &impl Serialize) -> String {
@@ -25,6 +25,48 @@ fn to_json(v: &impl Serialize) -> String {
 
 fn utf8(b: &[u8]) -> Cow<'_, str> {
     String::from_utf8_lossy(b)
+}
+
+/// One `watch` event: `{"slot":…,"seq":…,"op":"PUT",…}`; `old_value` and `txn_id` (hex) only
+/// when the event has them.
+#[derive(Serialize)]
+struct EventView<'a> {
+    slot: u32,
+    seq: u64,
+    op: &'static str,
+    shard_key: Cow<'a, str>,
+    key: Cow<'a, str>,
+    version: u64,
+    value: Cow<'a, str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    old_value: Option<Cow<'a, str>>,
+    commit_ts_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    txn_id: Option<String>,
+}
+
+pub(crate) fn event(e: &ChangeEvent) -> String {
+    to_json(&EventView {
+        slot: e.slot,
+        seq: e.seq,
+        op: event_op_name(e.op),
+        shard_key: utf8(&e.shard_key),
+        key: utf8(&e.key),
+        version: e.version,
+        value: utf8(&e.value),
+        old_value: (!e.old_value.is_empty()).then(|| utf8(&e.old_value)),
+        commit_ts_ms: e.commit_ts_ms,
+        txn_id: (!e.txn_id.is_empty()).then(|| ordo::error::hex(&e.txn_id)),
+    })
+}
+
+/// `{"cursor":"<hex>"}`: the last line of `watch --json`.
+pub(crate) fn cursor(hex: &str) -> String {
+    #[derive(Serialize)]
+    struct CursorView<'a> {
+        cursor: &'a str,
+    }
+    to_json(&CursorView { cursor: hex })
 }
 
 /// `{"found":true,"value":…,"version":…}`, or `{"found":false}` alone.

@@ -1,11 +1,12 @@
-//! Parsers of the values clap cannot parse alone: durations, txn compares and ops, group specs
-//! and slot lists, plus the local checks of `init` and `group add`. Pure functions over strings,
+//! Parsers of the values clap cannot parse alone: durations, txn compares and ops, group specs,
+//! slot lists and where a watch starts, plus the local checks of `init` and `group add`. Pure functions over strings,
 //! so every refusal (with what was wrong and the expected syntax) is unit-tested.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use bytes::Bytes;
+use ordo::proto::v1::watch_request::Start;
 use ordo::proto::v1::{
     compare, txn_op, Compare, DeleteRequest, GetRequest, GroupSpec, InitClusterRequest, PutRequest,
     TxnOp,
@@ -35,6 +36,39 @@ pub(crate) struct SlotList(pub(crate) Vec<u32>);
 
 pub(crate) fn parse_slot_list(s: &str) -> Result<SlotList, String> {
     parse_slot_ranges(s).map(SlotList)
+}
+
+/// Where `watch --from` starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum WatchFrom {
+    Start(Start),
+    /// A cursor printed by an earlier watch (hex).
+    Cursor(Bytes),
+}
+
+/// `now`, `oldest`, `snapshot`, or a cursor in hex.
+pub(crate) fn parse_watch_from(s: &str) -> Result<WatchFrom, String> {
+    match s.trim() {
+        "now" => Ok(WatchFrom::Start(Start::FromNow)),
+        "oldest" => Ok(WatchFrom::Start(Start::FromOldest)),
+        "snapshot" => Ok(WatchFrom::Start(Start::FromSnapshot)),
+        hex => parse_hex(hex)
+            .map(|b| WatchFrom::Cursor(b.into()))
+            .map_err(|why| {
+                format!("expected now, oldest, snapshot or a cursor printed by `watch`; {why}")
+            }),
+    }
+}
+
+/// Bytes from lowercase or uppercase hex digits, two per byte.
+fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
+    if s.is_empty() || !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("{s:?} is not an even number of hex digits"));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|e| e.to_string()))
+        .collect()
 }
 
 /// Parses a positive duration in humantime's grammar (`500ms`, `10s`, `2m`, `1h 30m`, `1.5s`:
@@ -295,6 +329,33 @@ pub(crate) fn parse_slot_ranges(s: &str) -> Result<Vec<u32>, String> {
 mod tests {
     use super::*;
     use crate::fixtures::strings;
+
+    #[test]
+    fn watch_starts_parse() {
+        assert_eq!(
+            parse_watch_from("oldest").unwrap(),
+            WatchFrom::Start(Start::FromOldest)
+        );
+        assert_eq!(
+            parse_watch_from(" now").unwrap(),
+            WatchFrom::Start(Start::FromNow)
+        );
+        assert_eq!(
+            parse_watch_from("snapshot").unwrap(),
+            WatchFrom::Start(Start::FromSnapshot)
+        );
+        assert_eq!(
+            parse_watch_from("01fEa0").unwrap(),
+            WatchFrom::Cursor(Bytes::from_static(&[1, 0xfe, 0xa0]))
+        );
+        for bad in ["", "later", "0", "0g"] {
+            let err = parse_watch_from(bad).unwrap_err();
+            assert!(
+                err.starts_with("expected now, oldest, snapshot"),
+                "{bad}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn compares_parse() {

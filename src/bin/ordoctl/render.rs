@@ -7,9 +7,9 @@ use std::fmt::Write as _;
 
 use bytes::Bytes;
 use ordo::proto::v1::{
-    txn_op, txn_op_result, ChangeGroupReplicasResponse, ClusterStatus, DeleteResponse, GetResponse,
-    Item, Migration, PlannedMove, PutResponse, ReplicaStatus, ShardMap, Task,
-    TransferLeaderResponse, TxnOp, TxnResponse,
+    change_event, txn_op, txn_op_result, ChangeEvent, ChangeGroupReplicasResponse, ClusterStatus,
+    DeleteResponse, GetResponse, Item, Migration, PlannedMove, PutResponse, ReplicaStatus,
+    ShardMap, Task, TransferLeaderResponse, TxnOp, TxnResponse,
 };
 use ordo_config::migration::state_name;
 use ordo_config::tasks::{task_kind_name, task_state_name};
@@ -55,6 +55,50 @@ pub(crate) fn render_item(item: &Item) -> String {
         item.version,
         String::from_utf8_lossy(&item.value)
     )
+}
+
+/// One `watch` line: `slot/seq  OP  shard_key  key  vVERSION  value` (and the 2PC transaction's
+/// id when it has one).
+pub(crate) fn render_event(e: &ChangeEvent, json: bool) -> String {
+    if json {
+        return json::event(e);
+    }
+    let word = |b: &[u8]| shell_word(&String::from_utf8_lossy(b));
+    let mut line = format!(
+        "{}/{}  {}  {}  {}  v{}  {}",
+        e.slot,
+        e.seq,
+        event_op_name(e.op),
+        word(&e.shard_key),
+        word(&e.key),
+        e.version,
+        word(&e.value)
+    );
+    if !e.txn_id.is_empty() {
+        let _ = write!(line, "  txn {}", ordo::error::hex(&e.txn_id));
+    }
+    line
+}
+
+/// The last line of `watch`: the cursor to resume from (`--from <cursor>`).
+pub(crate) fn render_cursor(cursor: &[u8], json: bool) -> String {
+    let hex = ordo::error::hex(cursor);
+    if json {
+        json::cursor(&hex)
+    } else {
+        format!("cursor {hex}")
+    }
+}
+
+/// A change event's op as `watch` shows it.
+pub(crate) fn event_op_name(op: i32) -> &'static str {
+    match change_event::Op::try_from(op) {
+        Ok(change_event::Op::Put) => "PUT",
+        Ok(change_event::Op::Delete) => "DELETE",
+        Ok(change_event::Op::Emit) => "EMIT",
+        Ok(change_event::Op::Snapshot) => "SNAPSHOT",
+        Err(_) => "UNKNOWN",
+    }
 }
 
 /// What `txn` prints: the outcome, then each result next to the op (of `ops`, those that ran)
@@ -804,5 +848,33 @@ mod tests {
             align(&rows),
             ["a    bb  c", "aaa  b   a very long last cell", "x"]
         );
+    }
+
+    #[test]
+    fn watch_events_and_the_cursor_render_as_lines() {
+        let e = ChangeEvent {
+            slot: 3,
+            seq: 17,
+            shard_key: Bytes::from_static(b"order-1"),
+            key: Bytes::from_static(b"outbox/paid"),
+            op: change_event::Op::Emit as i32,
+            version: 0,
+            value: Bytes::from_static(b"{\"total\": 5}"),
+            commit_ts_ms: 1234,
+            txn_id: Bytes::from_static(b"\x01\xab"),
+            ..Default::default()
+        };
+        assert_eq!(
+            render_event(&e, false),
+            "3/17  EMIT  order-1  outbox/paid  v0  '{\"total\": 5}'  txn 01ab"
+        );
+        assert_eq!(
+            render_event(&e, true),
+            "{\"slot\":3,\"seq\":17,\"op\":\"EMIT\",\"shard_key\":\"order-1\",\
+             \"key\":\"outbox/paid\",\"version\":0,\"value\":\"{\\\"total\\\": 5}\",\
+             \"commit_ts_ms\":1234,\"txn_id\":\"01ab\"}"
+        );
+        assert_eq!(render_cursor(&[1, 0xfe], false), "cursor 01fe");
+        assert_eq!(render_cursor(&[1, 0xfe], true), "{\"cursor\":\"01fe\"}");
     }
 }
