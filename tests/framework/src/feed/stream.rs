@@ -301,21 +301,17 @@ impl<'a> State<'a> {
             .get(&key)
             .copied()
             .or((self.watch.start == Start::Empty).then_some(0));
-        let expected = match (op, cur) {
-            (EventOp::Emit, _) | (EventOp::Delete, None) => (e.version != 0).then_some("v0"),
-            (EventOp::Delete, Some(0)) => Some("no delete: the item is absent"),
-            (EventOp::Delete, Some(_)) => (e.version != 0).then_some("v0"),
-            (EventOp::Put, Some(c)) => (e.version != c + 1).then_some(""),
-            (EventOp::Put, None) => (e.version == 0).then_some("v1 or more"),
-            (EventOp::Snapshot, _) => None,
+        let wanted = match (op, cur) {
+            (EventOp::Emit, _) | (EventOp::Delete, None) => Want::Zero,
+            (EventOp::Delete, Some(0)) => Want::NoDelete,
+            (EventOp::Delete, Some(_)) => Want::Zero,
+            (EventOp::Put, Some(c)) => Want::Version(c + 1),
+            (EventOp::Put, None) => Want::Created,
+            (EventOp::Snapshot, _) => return,
         };
-        if let Some(expected) = expected {
+        if !wanted.admits(e.version) {
             let delivered = &self.delivered.events;
             report.violation(Kind::ItemOrder, &self.watch.name, || {
-                let expected = match (expected, cur) {
-                    ("", Some(c)) => format!("v{}", c + 1),
-                    (text, _) => text.to_string(),
-                };
                 let before: Vec<String> = delivered
                     .iter()
                     .filter(|d| d.shard_key == e.shard_key && d.key == e.key)
@@ -324,7 +320,7 @@ impl<'a> State<'a> {
                     .map(|d| EventText(d).to_string())
                     .collect();
                 format!(
-                    "item ({}, {}): {} (response {i}), expected {expected}; its last events \
+                    "item ({}, {}): {} (response {i}), expected {wanted}; its last events \
                      before, newest first: [{}]",
                     Bytes(&e.shard_key),
                     Bytes(&e.key),
@@ -341,6 +337,41 @@ impl<'a> State<'a> {
                 self.items.insert(key, 0);
             }
             EventOp::Emit | EventOp::Snapshot => {}
+        }
+    }
+}
+
+/// What check 1 wants of an item's next event.
+#[derive(Clone, Copy)]
+enum Want {
+    /// A put of the item at this version.
+    Version(u64),
+    /// A put of an item whose version the watch does not know (a midway watch's first).
+    Created,
+    /// A delete of an item that exists, or an emit: version 0.
+    Zero,
+    /// Nothing: a delete of an absent item changes nothing, so it has no event.
+    NoDelete,
+}
+
+impl Want {
+    fn admits(self, version: u64) -> bool {
+        match self {
+            Want::Version(v) => version == v,
+            Want::Created => version > 0,
+            Want::Zero => version == 0,
+            Want::NoDelete => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Want {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Want::Version(v) => write!(f, "v{v}"),
+            Want::Created => f.write_str("v1 or more"),
+            Want::Zero => f.write_str("v0"),
+            Want::NoDelete => f.write_str("no delete: the item is absent"),
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ordo_proto::addr::CLIENT_RESPONSE_BYTES_MAX;
@@ -73,6 +73,8 @@ struct Progress {
     resolved_ms: AtomicU64,
     events: AtomicU64,
     reconnects: AtomicU64,
+    /// Why the watcher gave up, once it did.
+    gave_up: Mutex<Option<String>>,
 }
 
 /// A running watch (a task of the current tokio runtime).
@@ -146,11 +148,14 @@ impl Watcher {
             (self.resolved_ms() >= ms || self.has_ended()).then_some(())
         })
         .await;
-        assert!(
-            self.resolved_ms() >= ms,
-            "the watcher ended before {what} (at {})",
-            self.resolved_ms()
-        );
+        if self.resolved_ms() < ms {
+            let why = self.progress.gave_up.lock().unwrap().clone();
+            panic!(
+                "the watcher ended before {what} (at {}): {}",
+                self.resolved_ms(),
+                why.as_deref().unwrap_or("stopped")
+            );
+        }
     }
 
     /// Stops the watch and hands back everything it received, or why it gave up first.
@@ -230,6 +235,7 @@ impl Run {
                 None
             };
             if let Some(why) = why {
+                *self.progress.gave_up.lock().unwrap() = Some(why.clone());
                 return Err(WatcherFailed {
                     watch: self.watch,
                     why,

@@ -233,4 +233,14 @@ async fn a_watcher_refused_for_good_gives_up_at_once() {
     let failed = watcher.stop().await.expect_err("the watcher went on");
     assert!(failed.why.contains("Unimplemented"), "{failed}");
     assert_eq!(server.requests.lock().unwrap().len(), 1);
+
+    // A test waiting on such a watcher fails at once, saying why.
+    let watcher = Watcher::start_with("w", &server.addr, from_oldest(), Start::Empty, quick());
+    let waited = tokio::spawn(async move { watcher.wait_resolved(1, BOUND).await }).await;
+    let panic = waited.expect_err("the wait passed").into_panic();
+    let message = panic.downcast_ref::<String>().expect("a panic message");
+    assert!(
+        message.contains("the watcher ended before") && message.contains("no feed here"),
+        "{message}"
+    );
 }

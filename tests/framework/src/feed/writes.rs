@@ -313,18 +313,15 @@ fn txns(expected: &Expected, m: &Matched<'_>, name: &str, complete: bool, report
     }
     let mut owner: HashMap<&[u8], u64> = HashMap::new();
     for (&label, ws) in &labels {
-        let txn = |w: usize| (w, &expected.writes[w], m.event[w]);
         let shown: Vec<_> = ws
             .iter()
-            .map(|&w| txn(w))
-            .filter(|t| t.2.is_some())
+            .filter_map(|&w| Some((w, &expected.writes[w], m.event[w]?)))
             .collect();
-        let Some(&(_, _, Some(one))) = shown.first() else {
+        let Some(&(_, _, one)) = shown.first() else {
             continue;
         };
         let cross_group = expected.writes[ws[0]].txn.is_some_and(|t| t.cross_group);
         for &(w, write, e) in &shown {
-            let e = e.expect("shown");
             if e.txn_id != one.txn_id || (cross_group && e.txn_id.is_empty()) {
                 report.violation(Kind::Txn, name, || {
                     format!(
@@ -357,12 +354,12 @@ fn txns(expected: &Expected, m: &Matched<'_>, name: &str, complete: bool, report
             }
         }
         if complete && shown.len() < ws.len() {
-            let (w, write, _) = ws.iter().map(|&w| txn(w)).find(|t| t.2.is_none()).unwrap();
+            let w = *ws.iter().find(|&&w| m.event[w].is_none()).unwrap();
             report.violation(Kind::Txn, name, || {
                 format!(
                     "transaction {label} is in the feed in part: {} but not write {}",
                     EventText(one),
-                    WriteText(w, write)
+                    WriteText(w, &expected.writes[w])
                 )
             });
         }
