@@ -38,6 +38,8 @@
 //!
 //! Cost: one pass over the events with hash maps; 100k events check in well under a second.
 
+#[cfg(test)]
+mod model_tests;
 mod report;
 mod stream;
 #[cfg(test)]
@@ -70,6 +72,16 @@ pub enum WriteOp {
     Emit {
         value: Vec<u8>,
     },
+}
+
+impl WriteOp {
+    /// The value a put or emit wrote (a delete has none).
+    pub fn value(&self) -> Option<&[u8]> {
+        match self {
+            WriteOp::Put { value } | WriteOp::Emit { value } => Some(value),
+            WriteOp::Delete => None,
+        }
+    }
 }
 
 /// How a write ended.

@@ -23,7 +23,7 @@ impl<'a> Index<'a> {
     pub(super) fn new(expected: &'a Expected, report: &mut FeedReport) -> Index<'a> {
         let mut by_value = HashMap::new();
         for (w, write) in expected.writes.iter().enumerate() {
-            let Some(value) = value_of(write) else {
+            let Some(value) = write.op.value() else {
                 continue;
             };
             let key = (&write.item.shard_key[..], &write.item.key[..], value);
@@ -41,13 +41,6 @@ impl<'a> Index<'a> {
     }
 }
 
-fn value_of(write: &Write) -> Option<&[u8]> {
-    match &write.op {
-        WriteOp::Put { value } | WriteOp::Emit { value } => Some(value),
-        WriteOp::Delete => None,
-    }
-}
-
 /// `#12 PUT ("order-3", "") "c1-9"`, for reports.
 struct WriteText<'a>(usize, &'a Write);
 
@@ -60,7 +53,7 @@ impl std::fmt::Display for WriteText<'_> {
             WriteOp::Emit { .. } => "EMIT",
         };
         write!(f, "#{w} {op} {}", write.item)?;
-        if let Some(v) = value_of(write) {
+        if let Some(v) = write.op.value() {
             write!(f, " {}", Bytes(v))?;
         }
         match write.outcome {
