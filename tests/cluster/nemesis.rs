@@ -464,8 +464,8 @@ fn check_last_acknowledged(records: &[Record], finals: &BTreeMap<ItemKey, Output
 
 /// A cluster under the nemesis: what the checks read once the load ended.
 struct Run {
-    /// Held so that its processes live until the checks are done.
-    _cluster: ProcCluster,
+    /// Its processes live until the checks are done.
+    cluster: ProcCluster,
     router: String,
     seed: u64,
     history: History,
@@ -528,7 +528,7 @@ async fn load(mut cluster: ProcCluster, items: Arc<Vec<Item>>, router: String) -
     }
     let finals = final_reads(&mut cluster, &router, &items, &history).await;
     Run {
-        _cluster: cluster,
+        cluster,
         router,
         seed,
         history,
@@ -585,8 +585,9 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
 /// Issue 13, acceptance 1 and 3 under the process nemesis: a watcher from the oldest event,
 /// through the router, for the whole run. Every acknowledged write (the history's and the
 /// counters') is in the feed exactly once, per item in version order and per slot with no gap;
-/// an unknown one at most once and as the final data says; the watermark holds; and a second
-/// watch from a cursor halfway through gives exactly the rest.
+/// an unknown one at most once and as the final data says; the watermark holds; the watch
+/// resumes across a router killed -9 and restarted; and a second watch from a cursor halfway
+/// through gives exactly the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 #[ignore = "needs the change feed on the nodes and the router"]
 async fn feed_nemesis_every_acknowledged_write_reaches_the_feed_once() {
@@ -601,11 +602,19 @@ async fn feed_nemesis_every_acknowledged_write_reaches_the_feed_once() {
     watcher
         .wait_resolved(ordo_proto::unix_ms(), FEED_CATCH_UP)
         .await;
-    let run = load(cluster, items, router).await;
+    let mut run = load(cluster, items, router).await;
     run.check_acceptance().await;
 
+    // Every write ended before now. The watcher's stream then breaks with its router: it
+    // resumes from its last cursor on the new router process and goes on past this time.
     let settled = ordo_proto::unix_ms();
-    watcher.wait_resolved(settled, FEED_CATCH_UP).await;
+    run.cluster.restart_router();
+    let restarted = ordo_proto::unix_ms();
+    wait_for("the watcher to reconnect", FEED_CATCH_UP, || async {
+        (watcher.reconnects() > 0).then_some(())
+    })
+    .await;
+    watcher.wait_resolved(restarted, FEED_CATCH_UP).await;
     let watch = watcher.stop().await.unwrap_or_else(|e| panic!("{e}"));
     assert!(!watch.responses.is_empty(), "the watcher received nothing");
     let middle = watch.responses.len() / 2;
