@@ -5,6 +5,8 @@
 //!   [`proc`] (real processes, SIGKILL) and [`inproc`] (in-process nodes, a whole playground);
 //! - [`faults`]: `FaultNet`, partitions and seeded lossy links as the transport's link filter;
 //! - [`linearizability`]: the checker every history of the cluster tests goes through;
+//! - [`feed`]: the change feed's checker beside it, and the [`feed::Watcher`] that records a
+//!   `Feed.Watch` through a router for it;
 //! - [`wait`], [`rng`], [`ports`], [`env`], [`net`], [`bins`]: one copy of each helper:
 //!   `wait_for`, the seeded `SplitMix64`, the free-port picker, `env_u64`, the test endpoint and
 //!   `Status` call, the `ordoctl` runner;
@@ -14,6 +16,7 @@ pub mod bins;
 pub mod cluster;
 pub mod env;
 pub mod faults;
+pub mod feed;
 pub mod inproc;
 pub mod linearizability;
 pub mod net;

@@ -520,8 +520,24 @@ impl ProcCluster {
     }
 
     pub fn router_addr(&self) -> &str {
-        let r = self.procs.iter().find(|p| p.role == Role::Router);
-        &r.expect("the router is started by init").addr
+        &self.procs[self.router_index()].addr
+    }
+
+    fn router_index(&self) -> usize {
+        let r = self.procs.iter().position(|p| p.role == Role::Router);
+        r.expect("the router is started by init")
+    }
+
+    /// Kills the router with SIGKILL and starts it again on the same address: it keeps no
+    /// state, so its streams break and its clients come back to the same cluster.
+    pub fn restart_router(&mut self) {
+        let i = self.router_index();
+        let child = self.procs[i]
+            .child
+            .take()
+            .expect("the router is not running");
+        kill_child(child);
+        self.start_proc(i);
     }
 
     /// `ordoctl` against the router.

@@ -239,6 +239,9 @@ pub struct History {
 
 struct Shared {
     start: Instant,
+    /// The wall clock (ms since the Unix epoch) at `start`, to set recorded times beside the
+    /// cluster's commit and resolved times (the feed checker).
+    start_unix_ms: u64,
     records: Mutex<Vec<Record>>,
 }
 
@@ -260,6 +263,7 @@ impl History {
         History {
             shared: Arc::new(Shared {
                 start: Instant::now(),
+                start_unix_ms: ordo_proto::unix_ms(),
                 records: Mutex::new(Vec::new()),
             }),
         }
@@ -277,6 +281,12 @@ impl History {
     /// Time since the history started (monotonic).
     pub fn now(&self) -> Duration {
         self.shared.start.elapsed()
+    }
+
+    /// A time of this history's clock as wall-clock ms since the Unix epoch (the clock Ordo
+    /// stamps `commit_ts_ms` and `resolved_ts_ms` with; the tests' processes share a machine).
+    pub fn unix_ms(&self, at: Duration) -> u64 {
+        self.shared.start_unix_ms + at.as_millis() as u64
     }
 
     /// Records that `client` is about to send `op` on `key`; returns the id to complete.

@@ -45,6 +45,8 @@ mod search;
 mod tests;
 
 pub use history::{ClientId, Completion, History, ItemKey, Op, OpId, Output, Record};
+/// How every checker of this crate shows bytes in a report.
+pub(crate) use report::Bytes;
 pub use report::{CheckResult, KeyReport, Overall, Verdict, Violation};
 
 /// Bounds and assumptions of a check.

@@ -250,7 +250,7 @@ pub(super) fn explain(
 // ---- formatting ---------------------------------------------------------------------------
 
 /// Bytes as a quoted string when printable, as hex otherwise; long values are cut.
-pub(super) struct Bytes<'a>(pub(super) &'a [u8]);
+pub(crate) struct Bytes<'a>(pub(crate) &'a [u8]);
 
 impl fmt::Display for Bytes<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
