@@ -589,7 +589,6 @@ async fn nemesis_kills_and_restarts_processes_under_load() {
 /// resumes across a router killed -9 and restarted; and a second watch from a cursor halfway
 /// through gives exactly the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs the change feed on the nodes and the router"]
 async fn feed_nemesis_every_acknowledged_write_reaches_the_feed_once() {
     let _heavy = ordo_testkit::HEAVY.lock().await;
     let (cluster, items, router) = start_cluster().await;
