@@ -3,9 +3,9 @@
 //! past this module, so a bad request can never reach the raft log.
 
 use ordo_proto::v1::{
-    compare, txn_op, txn_op_result, Compare, Consistency, DeleteRequest, DeleteResponse,
-    GetRequest, GetResponse, PutRequest, PutResponse, RequestHeader, ScanRequest, TxnOp,
-    TxnRequest, TxnResponse,
+    compare, txn_op, txn_op_result, Compare, Consistency, DecideRequest, DeleteRequest,
+    DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse, RequestHeader, ScanRequest,
+    TxnOp, TxnRequest, TxnResponse,
 };
 
 use crate::error::{Error, Result};
@@ -161,6 +161,32 @@ fn op_bytes(op: &TxnOp) -> usize {
         Some(txn_op::Op::Get(g)) => g.shard_key.len() + g.key.len(),
         None => 0,
     }
+}
+
+/// A decision's dedup fields: a digest of `REQUEST_DIGEST_BYTES` with a key (none without), an
+/// outcome within `DEDUP_OUTCOME_BYTES_MAX`.
+pub fn check_decide(d: &DecideRequest) -> Result<()> {
+    check_header(d.header.as_ref())?;
+    let keyed = d
+        .header
+        .as_ref()
+        .is_some_and(|h| !h.idempotency_key.is_empty());
+    let digest = d.request_digest.len();
+    if keyed && digest != ordo_proto::REQUEST_DIGEST_BYTES || !keyed && digest != 0 {
+        return Err(invalid(format!(
+            "request_digest has {digest} bytes; a decision with an idempotency key carries \
+             {} (ordo_proto::request_digest), one without carries none",
+            ordo_proto::REQUEST_DIGEST_BYTES
+        )));
+    }
+    let outcome = d.outcome.as_ref().map_or(0, prost::Message::encoded_len);
+    if outcome > DEDUP_OUTCOME_BYTES_MAX {
+        return Err(invalid(format!(
+            "outcome is {outcome} bytes; the limit is DEDUP_OUTCOME_BYTES_MAX \
+             ({DEDUP_OUTCOME_BYTES_MAX} bytes): send none, it is then not kept"
+        )));
+    }
+    Ok(())
 }
 
 pub fn check_txn(t: &TxnRequest) -> Result<()> {
