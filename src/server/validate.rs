@@ -448,4 +448,47 @@ mod tests {
             .to_string()
             .contains("consistency 5"));
     }
+
+    #[test]
+    fn m9_a_decision_carries_a_digest_exactly_when_it_carries_a_key() {
+        let keyed = |digest: usize| DecideRequest {
+            header: Some(RequestHeader {
+                map_version: 0,
+                idempotency_key: b(8),
+            }),
+            request_digest: b(digest),
+            ..Default::default()
+        };
+        assert!(check_decide(&keyed(ordo_proto::REQUEST_DIGEST_BYTES)).is_ok());
+        assert!(check_decide(&DecideRequest::default()).is_ok());
+        for bad in [
+            keyed(0),
+            keyed(11),
+            DecideRequest {
+                request_digest: b(12),
+                ..Default::default()
+            },
+        ] {
+            let e = check_decide(&bad).unwrap_err().to_string();
+            assert!(e.contains("request_digest"), "{e}");
+        }
+        let big = DecideRequest {
+            outcome: Some(TxnResponse {
+                succeeded: true,
+                results: vec![
+                    ordo_proto::v1::TxnOpResult {
+                        result: Some(txn_op_result::Result::Get(GetResponse {
+                            found: true,
+                            value: b(DEDUP_OUTCOME_BYTES_MAX),
+                            version: 1,
+                        })),
+                    };
+                    1
+                ],
+            }),
+            ..keyed(12)
+        };
+        let e = check_decide(&big).unwrap_err().to_string();
+        assert!(e.contains("DEDUP_OUTCOME_BYTES_MAX"), "{e}");
+    }
 }

@@ -440,7 +440,11 @@ async fn m9_writes_are_keyed_and_retried_with_their_key_after_an_unknown_outcome
     c.txn(TxnRequest::default()).await.unwrap();
     assert_eq!((node_a.calls(), node_l.calls()), (1, 3));
     let keys = |n: &fake::Node| n.keys.lock().unwrap().last().cloned().unwrap();
-    assert_eq!(keys(&node_a), keys(&node_l), "the Txn's retry carries its key");
+    assert_eq!(
+        keys(&node_a),
+        keys(&node_l),
+        "the Txn's retry carries its key"
+    );
 
     // Not leader (no hint), NotApplied and a refused connection were certainly not applied.
     let (a, node_a) = fake::start(fake::Reply::NotApplied).await;
