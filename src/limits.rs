@@ -200,10 +200,7 @@ pub const DEDUP_ENTRIES_PER_SLOT_MAX: u64 = 16_384;
 /// sled transaction): expiry keeps pace with the writes that create entries without ever
 /// deleting a big batch on the driver.
 pub const DEDUP_EXPIRE_STEP: usize = 4;
-/// Largest outcome a dedup entry keeps. A writing Txn that also reads big values can answer
-/// megabytes; such an outcome is not kept, and a retry with its key is told the first attempt
-/// was applied (FAILED_PRECONDITION naming this limit) instead of getting its results again.
-pub const DEDUP_OUTCOME_BYTES_MAX: usize = 64 * 1024;
+pub use ordo_proto::DEDUP_OUTCOME_BYTES_MAX;
 
 // -- The change feed (`state/feed/`, `server/feed.rs`) --
 

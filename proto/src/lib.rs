@@ -8,10 +8,13 @@
 
 pub mod addr;
 pub mod client;
+mod dedup;
 pub mod retry;
 pub mod serve;
 pub mod status;
 mod txn;
+
+pub use dedup::{request_digest, DEDUP_OUTCOME_BYTES_MAX, REQUEST_DIGEST_BYTES};
 
 pub use status::{certainly_not_applied, connect_failed, error_detail_of};
 

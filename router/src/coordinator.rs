@@ -33,10 +33,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::future::join_all;
 use ordo_proto::v1::{
-    error_detail, DecideRequest, Decision, FinishRequest, ForgetRequest, PrepareRequest,
-    PrepareResponse, TxnOp, TxnOpResult, TxnRequest, TxnResponse,
+    error_detail, DecideRequest, DecideResponse, Decision, FinishRequest, ForgetRequest,
+    PrepareRequest, PrepareResponse, TxnOp, TxnOpResult, TxnRequest, TxnResponse,
 };
-use ordo_proto::TXN_RESULT_BYTES_MAX;
+use ordo_proto::{request_digest, DEDUP_OUTCOME_BYTES_MAX, TXN_RESULT_BYTES_MAX};
+use prost::Message as _;
 use tokio::time::Instant;
 use tonic::{Response, Status};
 
@@ -142,6 +143,14 @@ fn split(map: &ordo_proto::v1::ShardMap, req: &TxnRequest) -> Vec<Part> {
     parts.into_values().collect()
 }
 
+/// What a decision step leaves to do.
+enum Decided {
+    /// Finish the parts with this decision (whether the branch writes).
+    Run(Decision, bool),
+    /// Another coordination of this Txn (the same idempotency key) was applied: its outcome.
+    Repeat(TxnResponse),
+}
+
 /// Why one attempt did not commit.
 enum AttemptFailed {
     /// Worth another attempt with a new id (a lock, a lost race with a resolver).
@@ -183,8 +192,9 @@ pub(crate) async fn coordinate(
         }
     }
     Err(Status::aborted(format!(
-        "cross-group transaction aborted after {:.1?} of attempts ({last}); nothing was \
-         applied: retry it",
+        "cross-group transaction aborted after {:.1?} of attempts ({last}); this coordination \
+         applied nothing: retry it with the same idempotency key (if an earlier send of it was \
+         applied, the retry answers that outcome)",
         started.elapsed()
     )))
 }
@@ -204,6 +214,9 @@ struct Attempt<'a> {
     /// Whether either branch writes: a writer takes write locks and never waits for a lock,
     /// and its abort is recorded; a read-only Txn takes shared read locks and records nothing.
     writes: bool,
+    /// A writer's idempotency key (the router gives every Txn one): its commit decision keeps
+    /// the key's dedup entry, so the Txn is applied once however often it is coordinated.
+    keyed: bool,
 }
 
 /// Every part's answer to its prepare, in part order.
@@ -222,6 +235,8 @@ impl<'a> Attempt<'a> {
             .next()
             .cloned()
             .expect("a routed Txn names a key");
+        let writes = req.writes();
+        let has_key = req.header.as_ref().map(|h| !h.idempotency_key.is_empty());
         Attempt {
             shared,
             req,
@@ -231,7 +246,8 @@ impl<'a> Attempt<'a> {
             priority_ms,
             started_ms: shared.now_ms(),
             deadline,
-            writes: req.writes(),
+            writes,
+            keyed: writes && has_key == Some(true),
         }
     }
 
@@ -247,8 +263,36 @@ impl<'a> Attempt<'a> {
         if self.writes {
             failpoint(self.shared, Failpoint::AfterPrepare).map_err(AttemptFailed::Fail)?;
         }
-        let (decision, branch_writes) = self.decide_branch(held).await?;
-        self.finish_and_merge(decision, branch_writes).await
+        let outcome = self.outcome(&prepared, held);
+        match self.decide_branch(held, outcome.clone()).await? {
+            Decided::Run(decision, branch_writes) => {
+                self.finish_and_merge(decision, branch_writes, outcome)
+                    .await
+            }
+            Decided::Repeat(first) => Ok(first),
+        }
+    }
+
+    /// The whole Txn's answer under the branch `held` picks, from what the prepares reported
+    /// (a keyed writer's): `None` unless every part reported it and it fits a dedup entry.
+    fn outcome(&self, prepared: &Prepared, held: bool) -> Option<TxnResponse> {
+        let mut results = Vec::with_capacity(prepared.len());
+        for r in prepared {
+            let r = r.as_ref().ok()?;
+            let branch = if held {
+                &r.success_results
+            } else {
+                &r.failure_results
+            };
+            results.push(branch.as_ref()?.results.clone());
+        }
+        let decision = if held {
+            Decision::RunSuccess
+        } else {
+            Decision::RunFailure
+        };
+        let outcome = merge(self.req, &self.parts, decision, results);
+        (outcome.encoded_len() <= DEDUP_OUTCOME_BYTES_MAX).then_some(outcome)
     }
 
     /// Phase 1, prepare: every part at once. A writer never waits: meeting a lock ends this
@@ -271,6 +315,7 @@ impl<'a> Attempt<'a> {
                 read_only: !self.writes,
                 priority_ms: self.priority_ms,
                 group_id: p.group,
+                report_results: self.keyed,
             };
             forward(
                 self.shared,
@@ -307,7 +352,7 @@ impl<'a> Attempt<'a> {
     /// it, after resolving the lock that refused this one if this transaction may.
     async fn abort_attempt(&self, prepared: &Prepared, refusal: Status) -> AttemptFailed {
         let recorded = if self.writes {
-            self.decide(Decision::Abort).await.map(drop)
+            self.decide(Decision::Abort, None).await.map(drop)
         } else {
             Ok(())
         };
@@ -362,36 +407,60 @@ impl<'a> Attempt<'a> {
 
     /// Phase 2, decide: every compare held → the success branch, else the failure branch;
     /// recorded at the primary when the branch writes (a branch that writes nothing changes
-    /// nothing either way). The decision, and whether its branch writes.
-    async fn decide_branch(&self, held: bool) -> Result<(Decision, bool), AttemptFailed> {
+    /// nothing either way) or the Txn has a key: then with the key and `outcome`, so that a
+    /// resend finds them. A key applied before by another coordination of the same Txn aborts
+    /// this one, which answers the first outcome (a resent conditional Txn must not report a
+    /// failed compare its own first coordination caused).
+    async fn decide_branch(
+        &self,
+        held: bool,
+        outcome: Option<TxnResponse>,
+    ) -> Result<Decided, AttemptFailed> {
         let (wanted, branch) = if held {
             (Decision::RunSuccess, &self.req.success)
         } else {
             (Decision::RunFailure, &self.req.failure)
         };
-        if !writes(branch) {
-            return Ok((wanted, false));
+        let branch_writes = writes(branch);
+        if !branch_writes && !self.keyed {
+            return Ok(Decided::Run(wanted, false));
         }
-        let decision = self.decide(wanted).await.map_err(AttemptFailed::Fail)?;
+        let resp = self
+            .decide(wanted, outcome)
+            .await
+            .map_err(AttemptFailed::Fail)?;
         failpoint(self.shared, Failpoint::AfterDecide).map_err(AttemptFailed::Fail)?;
-        if decision == Decision::Abort {
-            if self.finish_parts(Decision::Abort).await.is_ok() {
-                forget_later(self.shared, &self.txn_id, &self.primary);
-            }
-            return Err(AttemptFailed::Retry(
-                "an older transaction or a lock resolver aborted this one before its decision \
-                 was recorded"
-                    .into(),
-            ));
+        let decision = Decision::try_from(resp.decision).unwrap_or(Decision::Unspecified);
+        if decision != Decision::Abort {
+            return Ok(Decided::Run(decision, branch_writes));
         }
-        Ok((decision, true))
+        if self.finish_parts(Decision::Abort).await.is_ok() {
+            forget_later(self.shared, &self.txn_id, &self.primary);
+        }
+        if let Some(first) = resp.repeat {
+            return Ok(Decided::Repeat(first));
+        }
+        if !resp.refused.is_empty() {
+            return Err(AttemptFailed::Fail(Status::failed_precondition(
+                resp.refused,
+            )));
+        }
+        Err(AttemptFailed::Retry(
+            "an older transaction or a lock resolver aborted this one before its decision was \
+             recorded"
+                .into(),
+        ))
     }
 
     /// Phase 3, finish: everywhere, then merge the op results in the Txn's order.
+    /// A decided writer whose finish a group did not confirm answers `outcome` when the
+    /// prepares reported it: the decision is its commit point, and the part's items stay locked
+    /// (reads wait) until a finish or a resolver applies it.
     async fn finish_and_merge(
         &self,
         decision: Decision,
         branch_writes: bool,
+        outcome: Option<TxnResponse>,
     ) -> Result<TxnResponse, AttemptFailed> {
         if branch_writes && self.shared.twopc_failpoint == Some(Failpoint::AfterPrimaryFinish) {
             let primary = self
@@ -415,6 +484,10 @@ impl<'a> Attempt<'a> {
                     e.message()
                 )));
             }
+            Err(e) if outcome.is_some() => {
+                tracing::debug!(error = %e.message(), "a finish was not confirmed: the outcome the prepares reported stands");
+                return Ok(outcome.expect("checked"));
+            }
             Err(e) => {
                 return Err(AttemptFailed::Fail(Status::unavailable(format!(
                     "the transaction is decided ({decision:?}) and will be applied in full, but \
@@ -430,16 +503,28 @@ impl<'a> Attempt<'a> {
         Ok(merge(self.req, &self.parts, decision, results))
     }
 
-    /// Records `wanted` at the primary's group (or learns the decision already recorded).
-    async fn decide(&self, wanted: Decision) -> Result<Decision, Status> {
+    /// Records `wanted` at the primary's group (or learns the decision already recorded); a
+    /// keyed commit carries the Txn's key, digest and `outcome`.
+    async fn decide(
+        &self,
+        wanted: Decision,
+        outcome: Option<TxnResponse>,
+    ) -> Result<DecideResponse, Status> {
+        let commit = wanted != Decision::Abort && self.keyed;
         let r = DecideRequest {
-            header: None,
+            header: self.req.header.clone().filter(|_| commit),
             txn_id: self.txn_id.clone(),
             primary_shard_key: self.primary.clone(),
             decision: wanted as i32,
             resolve: false,
             started_ms: 0,
             wound: false,
+            request_digest: if commit {
+                Bytes::copy_from_slice(&request_digest(self.req))
+            } else {
+                Bytes::new()
+            },
+            outcome: outcome.filter(|_| commit),
         };
         let resp = forward(
             self.shared,
@@ -452,7 +537,7 @@ impl<'a> Attempt<'a> {
             |ch, r| async move { participant(ch).decide(r).await },
         )
         .await?;
-        Ok(Decision::try_from(resp.into_inner().decision).unwrap_or(Decision::Unspecified))
+        Ok(resp.into_inner())
     }
 }
 
@@ -686,6 +771,7 @@ mod tests {
                 compares_held: true,
                 success_result_bytes: success,
                 failure_result_bytes: failure,
+                ..Default::default()
             })
         };
         // Each part fits alone (its group checked); three of 2 MiB do not fit together.

@@ -143,7 +143,7 @@ impl Kv for KvService {
         // A read-only Txn changes nothing (a node serves it after a read barrier): like a Get,
         // it may go to the next replica after any failure.
         let effect = if req.writes() {
-            Effect::Write
+            Effect::KeyedWrite
         } else {
             Effect::Read
         };

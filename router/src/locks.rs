@@ -110,6 +110,7 @@ async fn decide(
         resolve: true,
         started_ms: lock.started_ms,
         wound,
+        ..Default::default()
     };
     let resp = forward(
         shared,

@@ -90,6 +90,7 @@ impl Participant for ParticipantService {
         let r = req.into_inner();
         check_txn_id(&r.txn_id)?;
         validate::check_shard_key(&r.primary_shard_key)?;
+        validate::check_decide(&r)?;
         if !r.resolve {
             check_decision(r.decision, &FINAL_DECISIONS)?;
         }
@@ -99,6 +100,7 @@ impl Participant for ParticipantService {
             // its coordinator may well be alive.
             return Ok(Response::new(DecideResponse {
                 decision: Decision::Pending as i32,
+                ..Default::default()
             }));
         }
         match self.0.propose(Command::Decide(r)).await? {

@@ -3,9 +3,9 @@
 //! past this module, so a bad request can never reach the raft log.
 
 use ordo_proto::v1::{
-    compare, txn_op, txn_op_result, Compare, Consistency, DeleteRequest, DeleteResponse,
-    GetRequest, GetResponse, PutRequest, PutResponse, RequestHeader, ScanRequest, TxnOp,
-    TxnRequest, TxnResponse,
+    compare, txn_op, txn_op_result, Compare, Consistency, DecideRequest, DeleteRequest,
+    DeleteResponse, GetRequest, GetResponse, PutRequest, PutResponse, RequestHeader, ScanRequest,
+    TxnOp, TxnRequest, TxnResponse,
 };
 
 use crate::error::{Error, Result};
@@ -168,6 +168,32 @@ fn op_bytes(op: &TxnOp) -> usize {
         Some(txn_op::Op::Emit(e)) => e.shard_key.len() + e.key.len() + e.value.len(),
         None => 0,
     }
+}
+
+/// A decision's dedup fields: a digest of `REQUEST_DIGEST_BYTES` with a key (none without), an
+/// outcome within `DEDUP_OUTCOME_BYTES_MAX`.
+pub fn check_decide(d: &DecideRequest) -> Result<()> {
+    check_header(d.header.as_ref())?;
+    let keyed = d
+        .header
+        .as_ref()
+        .is_some_and(|h| !h.idempotency_key.is_empty());
+    let digest = d.request_digest.len();
+    if keyed && digest != ordo_proto::REQUEST_DIGEST_BYTES || !keyed && digest != 0 {
+        return Err(invalid(format!(
+            "request_digest has {digest} bytes; a decision with an idempotency key carries \
+             {} (ordo_proto::request_digest), one without carries none",
+            ordo_proto::REQUEST_DIGEST_BYTES
+        )));
+    }
+    let outcome = d.outcome.as_ref().map_or(0, prost::Message::encoded_len);
+    if outcome > DEDUP_OUTCOME_BYTES_MAX {
+        return Err(invalid(format!(
+            "outcome is {outcome} bytes; the limit is DEDUP_OUTCOME_BYTES_MAX \
+             ({DEDUP_OUTCOME_BYTES_MAX} bytes): send none, it is then not kept"
+        )));
+    }
+    Ok(())
 }
 
 pub fn check_txn(t: &TxnRequest) -> Result<()> {
@@ -428,5 +454,48 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("consistency 5"));
+    }
+
+    #[test]
+    fn m9_a_decision_carries_a_digest_exactly_when_it_carries_a_key() {
+        let keyed = |digest: usize| DecideRequest {
+            header: Some(RequestHeader {
+                map_version: 0,
+                idempotency_key: b(8),
+            }),
+            request_digest: b(digest),
+            ..Default::default()
+        };
+        assert!(check_decide(&keyed(ordo_proto::REQUEST_DIGEST_BYTES)).is_ok());
+        assert!(check_decide(&DecideRequest::default()).is_ok());
+        for bad in [
+            keyed(0),
+            keyed(11),
+            DecideRequest {
+                request_digest: b(12),
+                ..Default::default()
+            },
+        ] {
+            let e = check_decide(&bad).unwrap_err().to_string();
+            assert!(e.contains("request_digest"), "{e}");
+        }
+        let big = DecideRequest {
+            outcome: Some(TxnResponse {
+                succeeded: true,
+                results: vec![
+                    ordo_proto::v1::TxnOpResult {
+                        result: Some(txn_op_result::Result::Get(GetResponse {
+                            found: true,
+                            value: b(DEDUP_OUTCOME_BYTES_MAX),
+                            version: 1,
+                        })),
+                    };
+                    1
+                ],
+            }),
+            ..keyed(12)
+        };
+        let e = check_decide(&big).unwrap_err().to_string();
+        assert!(e.contains("DEDUP_OUTCOME_BYTES_MAX"), "{e}");
     }
 }

@@ -6,7 +6,9 @@
 use std::sync::atomic::Ordering;
 
 use ordo_proto::v1::TxnResponse;
-use ordo_proto::v1::{DecideRequest, DecideResponse, PrepareRequest, PrepareResponse, TxnRequest};
+use ordo_proto::v1::{
+    DecideRequest, DecideResponse, Decision, PrepareRequest, PrepareResponse, TxnRequest,
+};
 use sled::transaction::ConflictableTransactionError;
 use sled::Transactional;
 
@@ -180,7 +182,7 @@ impl Applier<'_> {
                 Ok(Outcome::TxnBatch(rs))
             }
             Command::Prepare(p) => self.prepare(p)?.map(Outcome::Prepared),
-            Command::Decide(req) => self.decide(req)?.map(Outcome::Decided),
+            Command::Decide(req) => self.decide(req, stamp)?.map(Outcome::Decided),
             Command::Finish(f) => {
                 let mut budget = Budget::within_entry(self.entry_left);
                 let r = participant::finish(&mut self.view, f, &mut budget)?;
@@ -263,7 +265,7 @@ impl Applier<'_> {
         // An over-budget refusal wrote nothing and is not kept: like any refusal, a repeat is
         // evaluated again.
         if let (Some(k), Ok(resp)) = (&keyed, &r) {
-            dedup::remember(&mut self.view, &mut self.dedup, k, expired, resp)?;
+            dedup::remember(&mut self.view, &mut self.dedup, k, expired, Some(resp))?;
         }
         Ok(r)
     }
@@ -288,16 +290,46 @@ impl Applier<'_> {
     }
 
     /// A decision in a moving slot is written to its change log like an item, so it moves with
-    /// the slot; once the slot is fenced none is taken (the log is complete at the fence).
-    fn decide(&mut self, req: &DecideRequest) -> Tx<Result<DecideResponse>> {
+    /// the slot; once the slot is fenced none is taken (the log is complete at the fence). The
+    /// first decision recorded wins. A keyed commit (a cross-group Txn with an idempotency key)
+    /// is recorded with its dedup entry, as the same Txn in one group would be; if the key was
+    /// applied before, this transaction is aborted and told the first outcome (or why there is
+    /// none), so a resent Txn is applied once however many times it is coordinated.
+    fn decide(&mut self, req: &DecideRequest, stamp: Option<Stamp>) -> Tx<Result<DecideResponse>> {
         let slot = self.slot(&req.primary_shard_key);
         let refused = self
             .moving
             .fenced(slot)
             .or_else(|| self.unowned(std::iter::once(req.primary_shard_key.as_ref())));
-        match refused {
-            Some(e) => Ok(Err(e)),
-            None => participant::decide(&mut self.view, req),
+        if let Some(e) = refused {
+            return Ok(Err(e));
         }
+        if let Some(existing) = participant::decided(&self.view, req)? {
+            return Ok(Ok(DecideResponse {
+                decision: existing as i32,
+                ..Default::default()
+            }));
+        }
+        let mut resp = DecideResponse::default();
+        let mut decision = match participant::wanted(req) {
+            Ok(w) => w,
+            Err(e) => return Ok(Err(e)),
+        };
+        if let Some(k) = dedup::keyed_decision(req, stamp, self.slot_count) {
+            match dedup::seen(self.view.data, &k)? {
+                Ok(Seen::New { expired }) => {
+                    let outcome = req.outcome.as_ref();
+                    dedup::remember(&mut self.view, &mut self.dedup, &k, expired, outcome)?;
+                }
+                Ok(Seen::Repeat(first)) => (decision, resp.repeat) = (Decision::Abort, Some(first)),
+                Err(Error::FailedPrecondition(why)) => {
+                    (decision, resp.refused) = (Decision::Abort, why)
+                }
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        participant::record(&mut self.view, req, decision)?;
+        resp.decision = decision as i32;
+        Ok(Ok(resp))
     }
 }

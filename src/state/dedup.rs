@@ -20,8 +20,9 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use ordo_proto::v1::{TxnRequest, TxnResponse};
-use prost::Message as _;
+use ordo_proto::v1::{DecideRequest, Decision, TxnRequest, TxnResponse};
+use ordo_proto::{request_digest, REQUEST_DIGEST_BYTES as DIGEST_BYTES};
+use prost::Message;
 use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 
 use super::feed::Capture;
@@ -34,7 +35,6 @@ pub(super) const KIND: u8 = b'i';
 const ENTRY: u8 = 0;
 const BY_EXPIRY: u8 = 1;
 const COUNT: u8 = 2;
-const DIGEST_BYTES: usize = 12;
 const ENTRY_HEADER_BYTES: usize = 8 + DIGEST_BYTES + 1;
 
 /// What the leader stamps on every entry it proposes (the raft entry's context): its clock, its
@@ -100,32 +100,40 @@ pub(super) fn keyed(t: &TxnRequest, stamp: Option<Stamp>, slot_count: u32) -> Op
     Some(Keyed {
         slot,
         key: t.header.as_ref()?.idempotency_key.to_vec(),
-        digest: digest(t),
+        digest: request_digest(t),
         stamp: stamp?,
     })
 }
 
-/// A digest of everything in the request but its header (routing and key): FNV-1a 64 and crc32
-/// of its encoding. It tells a retry from another request under the same key; it is not a
-/// defence against a client forging collisions with its own keys.
-fn digest(t: &TxnRequest) -> [u8; DIGEST_BYTES] {
-    let mut buf = Vec::new();
-    for c in &t.compares {
-        prost::encoding::message::encode(2, c, &mut buf);
+/// The slot of the entry a decision would record: a commit decision of a keyed writing Txn that
+/// spans groups (its coordinator sends the key, the Txn's digest and its outcome, see
+/// `DecideRequest`), the primary's slot, as for the same Txn in one group.
+fn decision_slot(d: &DecideRequest, slot_count: u32) -> Option<u32> {
+    let key = &d.header.as_ref()?.idempotency_key;
+    let commit = matches!(
+        Decision::try_from(d.decision),
+        Ok(Decision::RunSuccess | Decision::RunFailure)
+    );
+    if key.is_empty() || !commit || d.resolve || d.wound {
+        return None;
     }
-    for op in &t.success {
-        prost::encoding::message::encode(3, op, &mut buf);
-    }
-    for op in &t.failure {
-        prost::encoding::message::encode(4, op, &mut buf);
-    }
-    let fnv = buf.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    let mut out = [0; DIGEST_BYTES];
-    out[..8].copy_from_slice(&fnv.to_be_bytes());
-    out[8..].copy_from_slice(&crc32fast::hash(&buf).to_be_bytes());
-    out
+    Some(ordo_proto::slot_of(&d.primary_shard_key, slot_count))
+}
+
+/// The keyed write a commit decision is, if it is one (see [`decision_slot`]) and its entry is
+/// stamped.
+pub(super) fn keyed_decision(
+    d: &DecideRequest,
+    stamp: Option<Stamp>,
+    slot_count: u32,
+) -> Option<Keyed> {
+    let slot = decision_slot(d, slot_count)?;
+    Some(Keyed {
+        slot,
+        key: d.header.as_ref()?.idempotency_key.to_vec(),
+        digest: d.request_digest.as_ref().try_into().ok()?,
+        stamp: stamp?,
+    })
 }
 
 fn entry_key(slot: u32, key: &[u8]) -> Vec<u8> {
@@ -215,12 +223,16 @@ impl Pending {
     pub(super) fn load(tree: &sled::Tree, batch: &[Apply], slot_count: u32) -> Result<Pending> {
         let mut writes: HashMap<u32, usize> = HashMap::new();
         for a in batch.iter().filter(|a| a.stamp.is_some()) {
-            let txns = match &a.cmd {
-                Some(Command::Txn(t)) => std::slice::from_ref(t),
-                Some(Command::TxnBatch(ts)) => ts.as_slice(),
+            let slots: Vec<u32> = match &a.cmd {
+                Some(Command::Txn(t)) => entry_slot(t, slot_count).into_iter().collect(),
+                Some(Command::TxnBatch(ts)) => ts
+                    .iter()
+                    .filter_map(|t| entry_slot(t, slot_count))
+                    .collect(),
+                Some(Command::Decide(d)) => decision_slot(d, slot_count).into_iter().collect(),
                 _ => continue,
             };
-            for slot in txns.iter().filter_map(|t| entry_slot(t, slot_count)) {
+            for slot in slots {
                 *writes.entry(slot).or_default() += 1;
             }
         }
@@ -283,15 +295,15 @@ fn drop_entry(view: &mut TxView, pending: &mut Pending, slot: u32, ik: Vec<u8>) 
     Ok(())
 }
 
-/// Records a keyed write's outcome (after it was applied): removes up to
-/// [`DEDUP_EXPIRE_STEP`] expired entries of its slot, evicts the oldest one if the slot is full,
-/// then stores its own entry.
+/// Records a keyed write's outcome (after it was applied; `None`: not known here, kept as "over
+/// the bound"): removes up to [`DEDUP_EXPIRE_STEP`] expired entries of its slot, evicts the
+/// oldest one if the slot is full, then stores its own entry.
 pub(super) fn remember(
     view: &mut TxView,
     pending: &mut Pending,
     k: &Keyed,
     expired: Option<u64>,
-    resp: &TxnResponse,
+    resp: Option<&TxnResponse>,
 ) -> super::participant::Tx<()> {
     let abort = ConflictableTransactionError::Abort;
     let slot = k.slot;
@@ -323,8 +335,8 @@ pub(super) fn remember(
         }
     }
     let expires_ms = k.stamp.now_ms.saturating_add(k.stamp.window_ms);
-    let outcome = resp.encode_to_vec();
-    let kept = outcome.len() <= DEDUP_OUTCOME_BYTES_MAX;
+    let outcome = resp.map(Message::encode_to_vec).unwrap_or_default();
+    let kept = resp.is_some() && outcome.len() <= DEDUP_OUTCOME_BYTES_MAX;
     let mut v = Vec::with_capacity(ENTRY_HEADER_BYTES + outcome.len());
     v.extend_from_slice(&expires_ms.to_be_bytes());
     v.extend_from_slice(&k.digest);
@@ -349,7 +361,9 @@ pub(super) fn remember(
 mod tests {
     use super::*;
     use crate::state::{Apply, Command, Outcome, StateMachine};
-    use ordo_proto::v1::{txn_op_result, GetRequest, PutRequest, RequestHeader, TxnOp};
+    use ordo_proto::v1::{
+        txn_op_result, GetRequest, PrepareRequest, PutRequest, RequestHeader, TxnOp,
+    };
 
     const SLOTS: u32 = 64;
     const WINDOW_MS: u64 = 1_000;
@@ -633,5 +647,147 @@ mod tests {
             other.put("k", "w", 30),
             Err(Error::FailedPrecondition(_))
         ));
+    }
+
+    /// What a cross-group coordination sends for the one part of `whole` (keyed `whole`'s key)
+    /// at this group: its prepare, decision and finish.
+    struct Coordination {
+        txn_id: u8,
+        whole: TxnRequest,
+    }
+
+    impl Coordination {
+        fn prepare(&self) -> Command {
+            Command::Prepare(PrepareRequest {
+                txn_id: vec![self.txn_id; 16].into(),
+                primary_shard_key: b"order".to_vec().into(),
+                part: Some(TxnRequest {
+                    header: None,
+                    ..self.whole.clone()
+                }),
+                report_results: true,
+                ..Default::default()
+            })
+        }
+
+        fn decide(&self, outcome: Option<TxnResponse>) -> Command {
+            Command::Decide(DecideRequest {
+                header: self.whole.header.clone(),
+                txn_id: vec![self.txn_id; 16].into(),
+                primary_shard_key: b"order".to_vec().into(),
+                decision: Decision::RunSuccess as i32,
+                request_digest: request_digest(&self.whole).to_vec().into(),
+                outcome,
+                ..Default::default()
+            })
+        }
+
+        fn finish(&self, d: Decision) -> Command {
+            Command::Finish(ordo_proto::v1::FinishRequest {
+                txn_id: vec![self.txn_id; 16].into(),
+                shard_key: b"order".to_vec().into(),
+                decision: d as i32,
+                ..Default::default()
+            })
+        }
+    }
+
+    fn decided(o: Result<Outcome>) -> ordo_proto::v1::DecideResponse {
+        match o {
+            Ok(Outcome::Decided(d)) => d,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn m9_a_cross_group_commit_keeps_its_key_so_another_coordination_answers_its_outcome() {
+        let mut s = Sm::new();
+        let first = Coordination {
+            txn_id: 1,
+            whole: put("k1", "v"),
+        };
+        let reported = match s.apply(vec![first.prepare()], 10).pop().unwrap() {
+            Ok(Outcome::Prepared(p)) => p.success_results.expect("a keyed prepare reports"),
+            other => panic!("{other:?}"),
+        };
+        let outcome = TxnResponse {
+            succeeded: true,
+            results: reported.results.clone(),
+        };
+        let d = decided(
+            s.apply(vec![first.decide(Some(outcome.clone()))], 11)
+                .remove(0),
+        );
+        assert_eq!((d.decision, d.repeat), (Decision::RunSuccess as i32, None));
+        match s
+            .apply(vec![first.finish(Decision::RunSuccess)], 12)
+            .remove(0)
+        {
+            Ok(Outcome::Finished(f)) => assert_eq!(
+                f.results, reported.results,
+                "the prepare reported what the finish returns"
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.version(), 1);
+
+        // The client resent it after an unknown outcome: a new coordination (a new txn id)
+        // prepares and decides again, and is aborted with the first outcome.
+        let again = Coordination {
+            txn_id: 2,
+            whole: put("k1", "v"),
+        };
+        s.apply(vec![again.prepare()], 20).remove(0).unwrap();
+        let d = decided(s.apply(vec![again.decide(None)], 21).remove(0));
+        assert_eq!(d.decision, Decision::Abort as i32);
+        assert_eq!(d.repeat, Some(outcome.clone()));
+        s.apply(vec![again.finish(Decision::Abort)], 22)
+            .remove(0)
+            .unwrap();
+        assert_eq!(s.version(), 1, "applied once");
+
+        // The same request in one group (a reshard brought its items together): the same entry.
+        match s.apply(vec![Command::Txn(put("k1", "v"))], 30).remove(0) {
+            Ok(Outcome::Txn(r)) => assert_eq!(r, outcome),
+            other => panic!("{other:?}"),
+        }
+        // Another request under the key is refused, and its coordination aborted.
+        let other = Coordination {
+            txn_id: 3,
+            whole: put("k1", "w"),
+        };
+        let d = decided(s.apply(vec![other.decide(None)], 40).remove(0));
+        assert_eq!(d.decision, Decision::Abort as i32);
+        assert!(d.refused.contains("different request"), "{}", d.refused);
+        assert_eq!(s.version(), 1);
+    }
+
+    #[test]
+    fn m9_a_cross_group_commit_without_its_outcome_refuses_a_resend_with_advice() {
+        let mut s = Sm::new();
+        let big = Coordination {
+            txn_id: 1,
+            whole: put("k2", "v"),
+        };
+        let d = decided(s.apply(vec![big.decide(None)], 10).remove(0));
+        assert_eq!(d.decision, Decision::RunSuccess as i32);
+        let resend = Coordination {
+            txn_id: 2,
+            whole: put("k2", "v"),
+        };
+        let d = decided(s.apply(vec![resend.decide(None)], 11).remove(0));
+        assert_eq!(d.decision, Decision::Abort as i32);
+        assert!(
+            d.refused.contains("DEDUP_OUTCOME_BYTES_MAX") && d.refused.contains("read the items"),
+            "{}",
+            d.refused
+        );
+        // A decision asked again for the same transaction answers the recorded one, before any
+        // key is looked at (a coordinator's retried Decide).
+        let d = decided(s.apply(vec![big.decide(None)], 12).remove(0));
+        assert_eq!(
+            (d.decision, d.refused.as_str()),
+            (Decision::RunSuccess as i32, "")
+        );
     }
 }

@@ -23,13 +23,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ordo_proto::v1::{
-    txn_op, DecideRequest, DecideResponse, Decision, FinishRequest, FinishResponse, ForgetRequest,
+    txn_op, DecideRequest, Decision, FinishRequest, FinishResponse, ForgetRequest, PartResults,
     PrepareRequest, PrepareResponse, TxnRequest,
 };
 use prost::Message as _;
 use sled::transaction::ConflictableTransactionError;
 
 use crate::error::{hex, Error, Result};
+use crate::limits::DEDUP_OUTCOME_BYTES_MAX;
 use crate::state::keys;
 use crate::state::txn::{self, Budget, ItemView};
 use crate::state::TxView;
@@ -396,9 +397,11 @@ pub(super) fn prepare(v: &mut TxView, p: &PrepareRequest) -> Tx<Result<PrepareRe
     // The items' values hold still from here to the finish (locked), which runs the decided
     // branch whatever its results weigh: so a part that might return too much is refused now.
     let mut result_bytes = [0; 2];
-    for (ops, bytes) in [&part.success, &part.failure]
+    let mut reported = [None, None];
+    for ((ops, bytes), results) in [&part.success, &part.failure]
         .into_iter()
         .zip(&mut result_bytes)
+        .zip(&mut reported)
     {
         let mut budget = Budget::txn();
         let fits = txn::fits(&*v, ops, &mut budget);
@@ -408,11 +411,26 @@ pub(super) fn prepare(v: &mut TxView, p: &PrepareRequest) -> Tx<Result<PrepareRe
             ))));
         }
         *bytes = budget.used() as u64;
+        if p.report_results && !p.read_only && budget.used() <= DEDUP_OUTCOME_BYTES_MAX {
+            let run = txn::results_of(&*v, ops, &mut Budget::txn());
+            let ran = run.map_err(ConflictableTransactionError::Abort)?;
+            *results = Some(PartResults {
+                results: ran.expect("the same ops fit a moment ago"),
+            });
+        }
     }
+    let [success_results, failure_results] = reported;
+    let report = |r: Result<PrepareResponse>| {
+        r.map(|r| PrepareResponse {
+            success_results,
+            failure_results,
+            ..r
+        })
+    };
     let again = part_of(v, first, &p.txn_id)?.is_some();
     if again && !p.read_only {
         // A retried prepare: the locks are ours already.
-        return compares_held(v, &part, result_bytes);
+        return compares_held(v, &part, result_bytes).map(report);
     }
     let data_keys: Vec<Vec<u8>> = items(&part)
         .into_iter()
@@ -426,7 +444,7 @@ pub(super) fn prepare(v: &mut TxView, p: &PrepareRequest) -> Tx<Result<PrepareRe
     if let Err(e) = locked {
         return Ok(Err(e));
     }
-    compares_held(v, &part, result_bytes)
+    compares_held(v, &part, result_bytes).map(report)
 }
 
 /// The holder a prepare's locks name.
@@ -458,6 +476,7 @@ fn compares_held(
             compares_held: r.succeeded,
             success_result_bytes,
             failure_result_bytes,
+            ..Default::default()
         }))
 }
 
@@ -527,33 +546,32 @@ fn lock_for_writing(
     Ok(Ok(()))
 }
 
-/// Decide, on the primary's group: the first decision recorded wins. A resolver's (`resolve`)
-/// or a wounder's request aborts the transaction unless it is decided: whether it is old enough
-/// was judged before it was proposed, by the clocks of the groups holding its locks.
-pub(super) fn decide(v: &mut TxView, d: &DecideRequest) -> Tx<Result<DecideResponse>> {
+/// Decide, on the primary's group, step 1: the decision already recorded (the first one wins).
+pub(super) fn decided(v: &TxView, d: &DecideRequest) -> Tx<Option<Decision>> {
     let slot = ordo_proto::slot_of(&d.primary_shard_key, v.slot_count);
-    if let Some(existing) = decision_of(v, slot, &d.txn_id)? {
-        return Ok(Ok(DecideResponse {
-            decision: existing as i32,
-        }));
+    decision_of(v, slot, &d.txn_id)
+}
+
+/// Step 2: the decision to record when none is. A resolver's (`resolve`) or a wounder's request
+/// aborts the transaction unless it is decided: whether it is old enough was judged before it
+/// was proposed, by the clocks of the groups holding its locks.
+pub(super) fn wanted(d: &DecideRequest) -> Result<Decision> {
+    if d.wound || d.resolve {
+        return Ok(Decision::Abort);
     }
-    let wanted = if d.wound || d.resolve {
-        Decision::Abort
-    } else {
-        match Decision::try_from(d.decision) {
-            Ok(x @ (Decision::RunSuccess | Decision::RunFailure | Decision::Abort)) => x,
-            _ => {
-                return Ok(Err(Error::InvalidArgument(format!(
-                    "decision {} is not commit-success, commit-failure or abort",
-                    d.decision
-                ))))
-            }
-        }
-    };
-    v.put_record(decision_key(slot, &d.txn_id), &[decision_byte(wanted)])?;
-    Ok(Ok(DecideResponse {
-        decision: wanted as i32,
-    }))
+    match Decision::try_from(d.decision) {
+        Ok(x @ (Decision::RunSuccess | Decision::RunFailure | Decision::Abort)) => Ok(x),
+        _ => Err(Error::InvalidArgument(format!(
+            "decision {} is not commit-success, commit-failure or abort",
+            d.decision
+        ))),
+    }
+}
+
+/// Step 3: records `decision` (a keyed commit first checks its key, in `apply.rs`).
+pub(super) fn record(v: &mut TxView, d: &DecideRequest, decision: Decision) -> Tx<()> {
+    let slot = ordo_proto::slot_of(&d.primary_shard_key, v.slot_count);
+    v.put_record(decision_key(slot, &d.txn_id), &[decision_byte(decision)])
 }
 
 /// Finish: run the decided branch of this group's part (its results within `budget`) and
@@ -727,6 +745,7 @@ mod tests {
                 read_only: false,
                 priority_ms: started_ms,
                 group_id: 0,
+                report_results: false,
             }))? {
                 Outcome::Prepared(p) => Ok(p.compares_held),
                 other => panic!("{other:?}"),
@@ -760,6 +779,7 @@ mod tests {
                 resolve,
                 started_ms: 0,
                 wound: false,
+                ..Default::default()
             })) {
                 Ok(Outcome::Decided(r)) => Decision::try_from(r.decision).unwrap(),
                 other => panic!("{other:?}"),
@@ -905,6 +925,7 @@ mod tests {
                 read_only: true,
                 priority_ms: 0,
                 group_id: 0,
+                report_results: false,
             }))
         };
         assert!(is_locked(read(&mut s), 1));
@@ -931,6 +952,7 @@ mod tests {
             read_only: true,
             priority_ms: 0,
             group_id: 0,
+            report_results: false,
         }));
         assert!(matches!(other_reader, Ok(Outcome::Prepared(_))));
         assert!(

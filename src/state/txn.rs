@@ -166,6 +166,16 @@ pub fn fits(view: &impl ItemRead, ops: &[TxnOp], budget: &mut Budget) -> Result<
     Ok(Staged::new(view).run(ops, budget, false)?.map(drop))
 }
 
+/// What `ops` would return if run now, writing nothing. A 2PC prepare of a keyed Txn reports it:
+/// the part's items stay locked until its finish runs the same ops on the same values.
+pub fn results_of(
+    view: &impl ItemRead,
+    ops: &[TxnOp],
+    budget: &mut Budget,
+) -> Result<Result<Vec<TxnOpResult>>> {
+    Staged::new(view).run(ops, budget, true)
+}
+
 /// Applies the writes of `ops` whatever their Gets would return: the decided branch of a 2PC
 /// part, whose writes must be applied. The Gets are left out (no op reads what a Get returns).
 pub fn apply_writes(view: &mut impl ItemView, ops: &[TxnOp]) -> Result<()> {

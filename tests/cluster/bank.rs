@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use ordo_proto::client::Client;
 use ordo_proto::v1::{
-    compare, txn_op, txn_op_result, Compare, GetRequest, PutRequest, TxnOp, TxnRequest,
+    compare, txn_op, txn_op_result, Compare, GetRequest, PutRequest, RequestHeader, TxnOp,
+    TxnRequest, TxnResponse,
 };
 use ordo_router::{Failpoint, Router, RouterConfig, RouterOptions};
 use tonic::Code;
@@ -278,6 +279,9 @@ async fn router_with(pg: &InProcCluster, fp: Failpoint) -> (Router, Client) {
     router_with_options(pg, stopping_at(fp)).await
 }
 
+/// A router with `options` and a client of it that makes one attempt per call: a test of a
+/// coordinator stopping half-way sees the answer of the stopped coordination itself (the client
+/// would resend a keyed Txn, and the resend can find the first one's outcome).
 async fn router_with_options(pg: &InProcCluster, options: RouterOptions) -> (Router, Client) {
     let router = Router::start_with_options(
         RouterConfig {
@@ -290,7 +294,8 @@ async fn router_with_options(pg: &InProcCluster, options: RouterOptions) -> (Rou
     .unwrap();
     let c = Client::connect(vec![router.addr.to_string()])
         .unwrap()
-        .with_timeout(Duration::from_secs(10));
+        .with_timeout(Duration::from_secs(10))
+        .with_max_attempts(1);
     (router, c)
 }
 
@@ -683,6 +688,59 @@ async fn bank_keeps_the_total_under_network_faults() {
     assert!(
         net.stats().blocked + net.stats().dropped > 0,
         "no fault was injected"
+    );
+    pg.shutdown().await;
+}
+
+/// Retryable writes across groups (issue 12, audit M9): a keyed transfer whose coordinator
+/// stopped after recording its decision, so that its client heard "outcome unknown", is sent
+/// again with the same key through another router. It answers the first outcome (succeeded,
+/// each account at its next version) instead of a failed compare its own first coordination
+/// caused, and the money moved once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn m9_a_cross_group_txn_resent_after_its_coordinator_stopped_is_applied_once() {
+    let _heavy = ordo_testkit::HEAVY.lock().await;
+    let (pg, c) = bank().await;
+    let (a, b) = two_groups_apart(&pg);
+    let before = read_accounts(&c, &[a, b]).await.unwrap();
+    let [(va, ba), (vb, bb)] = before[..] else {
+        unreachable!()
+    };
+    let req = TxnRequest {
+        header: Some(RequestHeader {
+            map_version: 0,
+            idempotency_key: Bytes::from_static(b"m9-cross-group-transfer"),
+        }),
+        compares: vec![version_is(account(a), va), version_is(account(b), vb)],
+        success: vec![put(account(a), ba - 7), put(account(b), bb + 7)],
+        ..Default::default()
+    };
+    let (router, dying) = router_with(&pg, Failpoint::AfterDecide).await;
+    let unknown = dying.txn(req.clone()).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::Unavailable, "{unknown:?}");
+    assert!(!ordo_proto::certainly_not_applied(&unknown));
+    router.shutdown().await;
+
+    let versions = |r: &TxnResponse| -> Vec<u64> {
+        r.results
+            .iter()
+            .map(|r| match &r.result {
+                Some(txn_op_result::Result::Put(p)) => p.version,
+                other => panic!("{other:?}"),
+            })
+            .collect()
+    };
+    let resent = c.txn(req.clone()).await.unwrap();
+    assert!(
+        resent.succeeded,
+        "the first coordination's outcome: {resent:?}"
+    );
+    assert_eq!(versions(&resent), [va + 1, vb + 1]);
+    assert_eq!(c.txn(req).await.unwrap(), resent, "and again");
+    assert_eq!(
+        read_accounts(&c, &[a, b]).await.unwrap(),
+        [(va + 1, ba - 7), (vb + 1, bb + 7)],
+        "moved once"
     );
     pg.shutdown().await;
 }

@@ -150,21 +150,19 @@ impl Client {
 
     /// Runs a transaction: checks `compares`, then runs the success or the failure ops atomically.
     /// See the type's documentation about the outcome of a write that returned an error.
-    /// A request without an idempotency key gets one (a read-only Txn ignores it). Unlike a
-    /// `put` or `delete`, a `txn` is not sent again after an unknown outcome: a Txn over several
-    /// groups runs as a two-phase commit in the router, whose keys are not deduplicated across
-    /// coordinations (a single-group one is, and the router retries it with its key itself).
+    /// A request without an idempotency key gets one (a read-only Txn ignores it), and like a
+    /// `put` or `delete` it is sent again with it after an unknown outcome: a writing Txn is
+    /// applied at most once per key, in one group or across several (whose two-phase commit
+    /// records the key with its decision).
     pub async fn txn(&self, mut req: TxnRequest) -> Result<TxnResponse, Status> {
         let header = req.header.get_or_insert_default();
         if header.idempotency_key.is_empty() {
             header.idempotency_key = crate::unique_id();
         }
         self.core
-            .call(
-                req,
-                Effect::Write,
-                |ch, r| async move { kv(ch).txn(r).await },
-            )
+            .call(req, Effect::IdempotentWrite, |ch, r| async move {
+                kv(ch).txn(r).await
+            })
             .await
     }
 }

@@ -57,12 +57,10 @@ const BACKOFF: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_
 ///
 /// A write (`put`, `delete`, `txn`) carries an idempotency key (`RequestHeader.idempotency_key`,
 /// made here unless a `txn` brings its own), the same on every attempt: the server applies it at
-/// most once within its dedup window and answers a repeat with the first outcome. So a `put` or
-/// `delete` is retried like a read, after a plain `Unavailable` or a broken connection too, and
-/// never applies twice; a conditional one never reports a failure caused by its own first
-/// attempt. A `txn` may span groups, whose two-phase commit does not deduplicate keys across
-/// coordinations, so it is retried only when the failed attempt certainly was not applied
-/// ([`crate::certainly_not_applied`]).
+/// most once within its dedup window and answers a repeat with the first outcome (a `txn` over
+/// several groups too: its two-phase commit records the key with its decision). So a write is
+/// retried like a read, after a plain `Unavailable` or a broken connection too, and never
+/// applies twice; a conditional one never reports a failure caused by its own first attempt.
 ///
 /// Every other status, including `DeadlineExceeded`, is returned at once. `WrongShard` and
 /// `Locked` details are returned too: they are for a router to act on. The classification is

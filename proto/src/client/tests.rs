@@ -233,8 +233,13 @@ mod fake {
         async fn scan(&self, _: Request<ScanRequest>) -> Result<Response<ScanResponse>, Status> {
             Err(Status::unimplemented("fake"))
         }
-        async fn txn(&self, _: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-            Err(Status::unimplemented("fake"))
+        async fn txn(&self, r: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+            let key = r.into_inner().header.unwrap_or_default().idempotency_key;
+            self.0.keys.lock().unwrap().push(key);
+            self.0.answer(TxnResponse {
+                succeeded: true,
+                results: vec![],
+            })
         }
     }
 
@@ -429,13 +434,24 @@ async fn m9_writes_are_keyed_and_retried_with_their_key_after_an_unknown_outcome
         first,
         "a new write has a key of its own"
     );
+    // A Txn too, spanning groups or not (a cross-group one keeps its key with its decision).
+    let (a, node_a) = fake::start(fake::Reply::Unavailable).await;
+    let c = Client::connect(vec![a, l.clone()]).unwrap();
+    c.txn(TxnRequest::default()).await.unwrap();
+    assert_eq!((node_a.calls(), node_l.calls()), (1, 3));
+    let keys = |n: &fake::Node| n.keys.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(
+        keys(&node_a),
+        keys(&node_l),
+        "the Txn's retry carries its key"
+    );
 
     // Not leader (no hint), NotApplied and a refused connection were certainly not applied.
     let (a, node_a) = fake::start(fake::Reply::NotApplied).await;
     let (b, node_b) = fake::start(fake::Reply::NotLeader(String::new())).await;
     let c = Client::connect(vec!["127.0.0.1:1".into(), a, b, l.clone()]).unwrap();
     c.put("o", "k", "v", Some(1)).await.unwrap();
-    assert_eq!((node_a.calls(), node_b.calls(), node_l.calls()), (1, 1, 3));
+    assert_eq!((node_a.calls(), node_b.calls(), node_l.calls()), (1, 1, 4));
     assert_eq!(c.leader(), Some(format!("http://{l}")));
 }
 
