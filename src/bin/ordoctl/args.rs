@@ -24,7 +24,7 @@ arguments that start with '-' after `--`.
 Data commands (get, put, delete, scan, txn) take node or router addresses; admin commands \
 (init, status, map, group, move-slots, rebalance, migrations, tasks, replica) take config server \
 or router addresses (--config is an alias of --endpoint); leader transfer takes the addresses of \
-the group's own nodes.
+the group's own nodes; watch (the change feed) takes router addresses.
 
 move-slots, rebalance, group drain and replica run as tasks on the config leader: the command \
 starts the task and follows it with a progress line on stderr, with no overall deadline \
@@ -387,10 +387,11 @@ Compare: \"<shard_key> <key> version|value|exists =|!=|<|> <operand>\"
   value:   the operand is a string
   exists:  the operand is true or false, and only = and != apply
 Op: \"put <shard_key> <key> <value>\" | \"delete <shard_key> <key>\" | \"get <shard_key> <key>\"
+  | \"emit <shard_key> <key> <value>\" (an event on the change feed, no item stored)
 
 Example:
   ordoctl txn --compare 'o1 status version = 3' \\
-      --success 'put o1 status paid' --success 'delete o1 cart' \\
+      --success 'put o1 status paid' --success 'emit o1 outbox/paid {}' \\
       --failure 'get o1 status'")]
 pub(crate) struct TxnArgs {
     /// A condition; all must hold for the success ops to run. Repeatable.

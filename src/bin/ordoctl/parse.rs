@@ -8,8 +8,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use ordo::proto::v1::watch_request::Start;
 use ordo::proto::v1::{
-    compare, txn_op, Compare, DeleteRequest, GetRequest, GroupSpec, InitClusterRequest, PutRequest,
-    TxnOp,
+    compare, txn_op, Compare, DeleteRequest, EmitRequest, GetRequest, GroupSpec,
+    InitClusterRequest, PutRequest, TxnOp,
 };
 use ordo_proto::client::normalize_addr;
 
@@ -27,8 +27,8 @@ const SLOTS_MAX: usize = 1 << 20;
 
 /// Syntax of one `--success`/`--failure` op.
 pub(crate) const OP_SYNTAX: &str =
-    "\"put <shard_key> <key> <value>\", \"delete <shard_key> <key>\" or \
-                         \"get <shard_key> <key>\"";
+    "\"put <shard_key> <key> <value>\", \"delete <shard_key> <key>\", \
+                         \"get <shard_key> <key>\" or \"emit <shard_key> <key> <value>\"";
 
 /// The parsed `--slots` of `move-slots` (a newtype so that clap takes the whole list as one value).
 #[derive(Clone, Debug)]
@@ -159,7 +159,8 @@ pub(crate) fn parse_compare(s: &str) -> Result<Compare, String> {
     Ok(c)
 }
 
-/// Parses one `--success`/`--failure` op: `put <sk> <k> <v>`, `delete <sk> <k>` or `get <sk> <k>`.
+/// Parses one `--success`/`--failure` op: `put <sk> <k> <v>`, `delete <sk> <k>`, `get <sk> <k>`
+/// or `emit <sk> <k> <v>` (an event on the change feed, no item stored).
 pub(crate) fn parse_op(s: &str) -> Result<TxnOp, String> {
     let fail = |what: String| format!("{what} in {s:?}; expected {OP_SYNTAX}");
     let parts: Vec<&str> = s.split_whitespace().collect();
@@ -180,9 +181,15 @@ pub(crate) fn parse_op(s: &str) -> Result<TxnOp, String> {
             key: token(key),
             ..GetRequest::default()
         }),
-        ["put", ..] => {
+        ["emit", shard_key, key, value] => txn_op::Op::Emit(EmitRequest {
+            shard_key: token(shard_key),
+            key: token(key),
+            value: token(value),
+        }),
+        [verb @ ("put" | "emit"), ..] => {
             return Err(fail(format!(
-                "put takes 3 fields (shard_key key value), got {} (values cannot contain spaces)",
+                "{verb} takes 3 fields (shard_key key value), got {} (values cannot contain \
+                 spaces)",
                 parts.len() - 1
             )))
         }
@@ -431,6 +438,14 @@ mod tests {
         };
         assert_eq!(g.key, "status");
         assert_eq!(g.consistency, 0, "txn gets are linearizable");
+
+        let Some(txn_op::Op::Emit(e)) = parse_op("emit o1 outbox/paid {}").unwrap().op else {
+            panic!("not emit")
+        };
+        assert_eq!(
+            (&e.shard_key[..], &e.key[..], &e.value[..]),
+            (&b"o1"[..], &b"outbox/paid"[..], &b"{}"[..])
+        );
     }
 
     #[test]
@@ -438,6 +453,7 @@ mod tests {
         for (input, what) in [
             ("put o1 k", "put takes 3 fields"),
             ("put o1 k two words", "put takes 3 fields"),
+            ("emit o1 k", "emit takes 3 fields"),
             ("delete o1", "delete takes 2 fields"),
             ("get o1 k extra", "get takes 2 fields"),
             ("patch o1 k", "unknown op"),
