@@ -155,7 +155,9 @@ impl Watch {
         }
     }
 
-    /// The responses, until the router stops or the watch fails (its last item is the error).
+    /// The responses, until the watch fails or the router stops (its last item is the error:
+    /// a stopping router's is `UNAVAILABLE`, so that a client resumes elsewhere rather than
+    /// take the end of the stream for the end of the feed).
     pub(crate) fn into_stream(self) -> impl Stream<Item = Result<WatchResponse, Status>> + Send {
         futures::stream::unfold(Some(self), |watch| async move {
             let mut watch = watch?;
@@ -165,7 +167,9 @@ impl Watch {
                     Ok(resp) => Some((Ok(resp), Some(watch))),
                     Err(status) => Some((Err(status), None)),
                 },
-                _ = stop.wait_for(|s| *s) => None,
+                _ = stop.wait_for(|s| *s) => Some((Err(Status::unavailable(
+                    "this router is stopping; resume from the last cursor at another router"
+                )), None)),
             }
         })
     }
