@@ -90,6 +90,9 @@ pub struct ProcGroup {
     compact_log_entries: u64,
     /// Extra environment of some nodes (failpoints), by node id.
     env: BTreeMap<u64, Vec<(String, String)>>,
+    /// Extra `ordo node` flags of every node (e.g. a short change-feed retention), on every
+    /// start; set on a prepared group before [`ProcGroup::start_all`].
+    pub args: Vec<String>,
 }
 
 /// The group of a [`ProcGroup`].
@@ -144,6 +147,7 @@ impl ProcGroup {
             peers_arg,
             compact_log_entries,
             env,
+            args: Vec::new(),
         }
     }
 
@@ -183,6 +187,7 @@ impl ProcGroup {
             "--compact-log-entries".into(),
             self.compact_log_entries.to_string().into(),
         ])
+        .chain(self.args.iter().map(Into::into))
         .collect();
         let env = self.env.get(&id).map(Vec::as_slice).unwrap_or_default();
         n.child = Some(spawn_logged_env(self.bins.ordo, &args, &n.log, None, env));
