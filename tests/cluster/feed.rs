@@ -306,3 +306,68 @@ async fn a_short_retention_by_flag_expires_old_positions_and_never_leaves_a_sile
         }
     }
 }
+
+/// Readers per node are bounded (`FEED_READERS_MAX`, RESOURCE_EXHAUSTED naming it, and a place
+/// frees when a reader leaves); another group's request is WRONG_SHARD and a bad slot
+/// INVALID_ARGUMENT, both at the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_are_bounded_and_bad_reads_are_refused_at_the_start() {
+    use ordo::limits::FEED_READERS_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let node = ordo_testkit::inproc::lone_node(dir.path().join("n"), 1).await;
+    let addr = node.addr.to_string();
+    let mut channels = Vec::new();
+    for _ in 0..3 {
+        let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap();
+        channels.push(ep.connect().await.unwrap());
+    }
+    let req = |group: u64, slot: u32| ReadChangesRequest {
+        group_id: group,
+        slots: vec![SlotFrom {
+            slot,
+            from: Some(slot_from::From::Now(true)),
+        }],
+        ..Default::default()
+    };
+    let open = |i: usize, r: ReadChangesRequest| {
+        let mut peer = PeerClient::new(channels[i % channels.len()].clone());
+        async move { peer.read_changes(r).await.map(|s| s.into_inner()) }
+    };
+    let mut streams = Vec::new();
+    for i in 0..FEED_READERS_MAX {
+        streams.push(open(i, req(1, 0)).await.unwrap());
+    }
+    let refused = open(0, req(1, 0)).await.expect_err("one reader too many");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("FEED_READERS_MAX (256)"),
+        "{refused:?}"
+    );
+    streams.pop();
+    let freed = wait_for("a reader's place to free", SETTLE, || async {
+        open(1, req(1, 0)).await.ok()
+    })
+    .await;
+    streams.push(freed);
+    drop(streams);
+    let wrong = wait_for("the readers to leave", SETTLE, || async {
+        match open(2, req(2, 0)).await {
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => None,
+            other => Some(other),
+        }
+    })
+    .await
+    .expect_err("another group's slots");
+    assert!(
+        matches!(
+            ordo_proto::error_detail_of(&wrong),
+            Some(error_detail::Kind::WrongShard(_))
+        ),
+        "{wrong:?}"
+    );
+    let bad = open(2, req(1, SLOT_COUNT))
+        .await
+        .expect_err("a slot out of range");
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+    node.shutdown().await;
+}

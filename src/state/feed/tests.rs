@@ -523,6 +523,17 @@ fn reads_page_filter_start_and_check_continuity() {
         }
         other => panic!("expected CursorExpired, got {other:?}"),
     }
+    assert!(
+        matches!(
+            s.sm.feed_start(o, Start::AfterSeq(2)),
+            Err(Error::CursorExpired {
+                oldest_seq: 4,
+                requested_seq: 3,
+                ..
+            })
+        ),
+        "and a new read from there is refused at its start"
+    );
     assert_eq!(s.read(o, Start::Oldest, 100), all[3..].to_vec());
     assert_eq!(
         s.read(o, Start::AfterSeq(3), 100),
