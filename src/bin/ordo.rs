@@ -425,6 +425,50 @@ mod tests {
     }
 
     #[test]
+    fn feed_flags_default_to_new_values_a_day_and_a_gib_and_bad_ones_are_refused() {
+        let node = |extra: &[&str]| {
+            let base = ["node", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"];
+            parse(&[&base[..], &["--data-dir", "d"], extra].concat())
+        };
+        let Ok(Cmd::Node { feed, .. }) = node(&[]) else {
+            panic!("not node")
+        };
+        let c = feed.config();
+        assert_eq!(
+            (c.capture, c.retention_secs, c.retention_bytes),
+            (Capture::New, 86_400, 1 << 30)
+        );
+        let flags = [
+            "--feed-capture",
+            "old-and-new",
+            "--feed-retention-secs",
+            "2",
+            "--feed-retention-bytes",
+            "4096",
+        ];
+        let Ok(Cmd::Node { feed, .. }) = node(&flags) else {
+            panic!("not node")
+        };
+        let c = feed.config();
+        assert_eq!(
+            (c.capture, c.retention_secs, c.retention_bytes),
+            (Capture::OldAndNew, 2, 4096)
+        );
+        for bad in [
+            &["--feed-capture", "all"][..],
+            &["--feed-retention-secs", "0"],
+            &["--feed-retention-bytes", "0"],
+        ] {
+            assert!(node(bad).is_err(), "{bad:?}");
+        }
+        let Ok(Cmd::Playground { feed, .. }) = parse(&["playground", "--feed-capture", "off"])
+        else {
+            panic!("not playground")
+        };
+        assert_eq!(feed.config().capture, Capture::Off);
+    }
+
+    #[test]
     fn m9_the_dedup_window_defaults_to_ten_minutes_and_bad_ones_name_the_limit() {
         let node = |extra: &[&str]| {
             let base = ["node", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"];

@@ -2,7 +2,8 @@
 //!
 //! A stream reads its slots' logs from this replica's applied state (`StateMachine::feed_page`,
 //! never the apply path), pull-based: the next page is read only once the previous one left the
-//! channel, so a stalled reader holds a position, not a buffer. It sends a page whenever the
+//! channel, so a stalled reader holds a position, not a buffer (beyond that page, what HTTP/2's
+//! flow-control window lets the transport send ahead). It sends a page whenever the
 //! applied state has events for it (woken by the applied index's watch, no polling of sled),
 //! else every `FEED_CHECKPOINT_INTERVAL_MS` a page with no events and the resolved time. Readers
 //! per node are bounded (`FEED_READERS_MAX`).

@@ -412,6 +412,37 @@ mod tests {
         .is_ok());
     }
 
+    /// An Emit is bounded as a put is, and its value counts in the Txn's bytes like a put's.
+    #[test]
+    fn emits_are_bounded_like_puts() {
+        let emit = |sk: usize, key: usize, value: usize| TxnRequest {
+            success: vec![TxnOp {
+                op: Some(txn_op::Op::Emit(ordo_proto::v1::EmitRequest {
+                    shard_key: b(sk),
+                    key: b(key),
+                    value: b(value),
+                })),
+            }],
+            ..Default::default()
+        };
+        for (t, needle) in [
+            (emit(0, 1, 1), "shard_key is empty"),
+            (emit(1, 4097, 1), "limit is 4096 bytes"),
+            (emit(1, 1, VALUE_BYTES_MAX + 1), "limit is 1048576 bytes"),
+        ] {
+            let msg = check_txn(&t).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+        }
+        check_txn(&emit(256, 4096, VALUE_BYTES_MAX)).unwrap();
+        let mut many = emit(1, 1, VALUE_BYTES_MAX);
+        many.success = vec![many.success[0].clone(); TXN_BYTES_MAX / VALUE_BYTES_MAX + 1];
+        let msg = check_txn(&many).unwrap_err().to_string();
+        assert!(
+            msg.contains("TXN_BYTES_MAX") || msg.contains(&TXN_BYTES_MAX.to_string()),
+            "{msg}"
+        );
+    }
+
     #[test]
     fn txn_op_count_and_enums_are_checked() {
         let op = get_op(&b(1), &b(1));

@@ -9,6 +9,7 @@ mod bounds;
 mod concurrency;
 mod dedup;
 mod faults;
+mod feed;
 mod feed_watch;
 mod group;
 mod membership;

@@ -114,8 +114,8 @@ impl StateMachine {
         })
     }
 
-    /// Where a read of `slot` from `start` begins. A time older than what was trimmed is
-    /// `CursorExpired` (with `requested_seq` 0: a start by time names no seq).
+    /// Where a read of `slot` from `start` begins. A seq or a time older than what was trimmed
+    /// is `CursorExpired` (with `requested_seq` 0 for a start by time: it names no seq).
     pub fn feed_start(&self, slot: u32, start: Start) -> Result<Cursor> {
         let _r = self.read_guard();
         let meta = self.feed_meta_of(slot)?;
@@ -126,6 +126,9 @@ impl StateMachine {
             resolved: 0,
         };
         cursor.seq = match start {
+            Start::AfterSeq(seq) if seq + 1 < meta.first_seq => {
+                return Err(self.expired(slot, &meta, seq + 1)?)
+            }
             Start::AfterSeq(seq) => seq,
             Start::Oldest => meta.first_seq - 1,
             Start::Now => meta.last_seq,

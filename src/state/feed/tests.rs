@@ -250,7 +250,8 @@ impl Model {
             ModelEntry::Batch(ts) => ts.iter().flatten().for_each(|op| self.op(op)),
             ModelEntry::Trim(s, below) => {
                 if let Some((first, events)) = self.logs.get_mut(s) {
-                    let last = *first + events.len() as u64 - 1;
+                    // Events keeps every event written, trimmed or not: seq n is events[n - 1].
+                    let last = events.len() as u64;
                     *first = (*below).min(last + 1).max(*first);
                 }
             }
@@ -522,6 +523,17 @@ fn reads_page_filter_start_and_check_continuity() {
         }
         other => panic!("expected CursorExpired, got {other:?}"),
     }
+    assert!(
+        matches!(
+            s.sm.feed_start(o, Start::AfterSeq(2)),
+            Err(Error::CursorExpired {
+                oldest_seq: 4,
+                requested_seq: 3,
+                ..
+            })
+        ),
+        "and a new read from there is refused at its start"
+    );
     assert_eq!(s.read(o, Start::Oldest, 100), all[3..].to_vec());
     assert_eq!(
         s.read(o, Start::AfterSeq(3), 100),
@@ -691,4 +703,46 @@ fn a_slot_moves_with_its_log_and_its_times_stay_ordered_across_the_move() {
         resolved >= frozen,
         "the recipient's resolved time does not go back: {resolved}"
     );
+}
+
+/// The leader's retention plan: events older than the retention go, then the oldest across
+/// slots while the group holds more bytes than its cap, at most `FEED_TRIM_EVENTS_MAX`; applied
+/// as a checkpoint, it leaves exactly the planned events.
+#[test]
+fn retention_plans_trims_by_time_then_by_bytes_oldest_first() {
+    let mut s = Sm::new();
+    let (o, q) = (slot("o"), slot("q"));
+    for (sk, at) in [("o", 1_000), ("q", 2_000)] {
+        for i in 0..10 {
+            let t = txn(vec![put(sk, "k", &i.to_string())]);
+            s.run_at(Command::Txn(t), at + i).unwrap();
+        }
+    }
+    assert!(
+        s.sm.plan_trims(3_000, 10_000, u64::MAX).unwrap().is_empty(),
+        "nothing is due"
+    );
+    // By time: all of "o" (at 1000..1009) and q's first three (2000..2002) are older than 2002.
+    assert_eq!(
+        s.sm.plan_trims(12_002, 10_000, u64::MAX).unwrap(),
+        vec![(o, 11), (q, 4)]
+    );
+    // By bytes: keep about five events of the group's twenty: the oldest fifteen go, all of "o"
+    // first (it is older).
+    let size = s.read(o, Start::Oldest, 100).len() as u64;
+    assert_eq!(size, 10);
+    let held = s.sm.feed_meta_of(o).unwrap().bytes + s.sm.feed_meta_of(q).unwrap().bytes;
+    let per_event = held / 20;
+    let plan = s.sm.plan_trims(3_000, 10_000, 5 * per_event).unwrap();
+    assert_eq!(plan, vec![(o, 11), (q, 6)]);
+    s.run(Command::Checkpoint(Checkpoint { trims: plan }))
+        .unwrap();
+    assert!(s.read(o, Start::Oldest, 100).is_empty());
+    let left: Vec<_> = s
+        .read(q, Start::Oldest, 100)
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert_eq!(left, vec![6, 7, 8, 9, 10]);
+    assert_eq!(s.sm.feed_meta_of(q).unwrap().bytes, 5 * per_event);
 }

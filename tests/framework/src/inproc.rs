@@ -249,7 +249,9 @@ impl InProcGroup {
     }
 
     /// Waits until every replica has applied everything committed and holds identical data.
-    /// Returns the applied index, the items and the snapshots installed during the run.
+    /// Returns the lowest applied index, the items and the snapshots installed during the run.
+    /// Applied indexes are not compared: an idle leader keeps proposing change-feed
+    /// checkpoints, which change no data but move the index while the digests are computed.
     pub async fn converged(&self, bound: Duration) -> anyhow::Result<(u64, u64, u64)> {
         let every = Duration::from_millis(50);
         let converged = poll_until("the replicas to converge", bound, every, || async {
@@ -265,11 +267,10 @@ impl InProcGroup {
             match first {
                 Some(f)
                     if last.len() == self.nodes.len()
-                        && last
-                            .iter()
-                            .all(|s| s.2 >= s.1 && (s.2, s.3, s.4) == (f.2, f.3, f.4)) =>
+                        && last.iter().all(|s| s.2 >= s.1 && (s.3, s.4) == (f.3, f.4)) =>
                 {
-                    Ok((f.2, f.3, snapshots))
+                    let applied = last.iter().map(|s| s.2).min().unwrap_or(f.2);
+                    Ok((applied, f.3, snapshots))
                 }
                 _ => Err(last),
             }
