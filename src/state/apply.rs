@@ -5,7 +5,7 @@
 
 use std::sync::atomic::Ordering;
 
-use ordo_proto::v1::TxnResponse;
+use ordo_proto::v1::{txn_op, TxnResponse};
 use ordo_proto::v1::{
     DecideRequest, DecideResponse, Decision, PrepareRequest, PrepareResponse, TxnRequest,
 };
@@ -16,7 +16,7 @@ use super::dedup::{self, Seen, Stamp};
 use super::migrate::{self, Moving};
 use super::participant::{self, Tx};
 use super::txn::Budget;
-use super::{feed, shard_keys, txn, Apply, Checkpoint, Command, Outcome, Ownership};
+use super::{feed, shard_keys, txn, Apply, Capture, Checkpoint, Command, Outcome, Ownership};
 use super::{StateMachine, TxView, APPLIED_KEY, FEED_TS_KEY};
 use crate::error::{Error, Result};
 use crate::limits::{ENTRY_RESULT_BYTES_MAX, FEED_TRIM_EVENTS_MAX};
@@ -232,6 +232,23 @@ impl Applier<'_> {
             })
     }
 
+    /// An `Emit` where the change feed captures nothing (`--feed-capture off`, as stamped):
+    /// refused rather than accepted and dropped, since the event is all it is for.
+    fn emits_unkept(&self, t: &TxnRequest) -> Option<Error> {
+        let emits = t
+            .success
+            .iter()
+            .chain(&t.failure)
+            .any(|op| matches!(op.op, Some(txn_op::Op::Emit(_))));
+        (emits && self.view.feed.capture() == Capture::Off).then(|| {
+            Error::FailedPrecondition(
+                "the Txn has an Emit, but this cluster's change feed captures nothing \
+                 (--feed-capture off), so its event would be lost; nothing was applied"
+                    .into(),
+            )
+        })
+    }
+
     /// One transaction: refused if it touches a fenced slot or a slot not owned here; a keyed
     /// write seen before answers its first outcome (`dedup.rs`); refused if it touches an item a
     /// cross-group transaction holds; else evaluated (and a keyed write's outcome kept).
@@ -239,7 +256,7 @@ impl Applier<'_> {
         if let Some(e) = shard_keys(t).find_map(|sk| self.moving.fenced(self.slot(sk))) {
             return Ok(Err(e));
         }
-        if let Some(e) = self.unowned(shard_keys(t)) {
+        if let Some(e) = self.unowned(shard_keys(t)).or_else(|| self.emits_unkept(t)) {
             return Ok(Err(e));
         }
         let keyed = dedup::keyed(t, stamp, self.slot_count);
@@ -282,7 +299,8 @@ impl Applier<'_> {
         };
         let refused = locked
             .or(moving_slot)
-            .or_else(|| self.unowned(shard_keys(&part)));
+            .or_else(|| self.unowned(shard_keys(&part)))
+            .or_else(|| self.emits_unkept(&part));
         if let Some(e) = refused {
             return Ok(Err(e));
         }

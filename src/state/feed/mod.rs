@@ -65,7 +65,7 @@ fn seq_of(raw_key: &[u8]) -> Result<u64> {
 /// What the change feed captures (`--feed-capture`, carried in the leader's stamp).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Capture {
-    /// No events (Emits are no-ops).
+    /// No events (a Txn with an Emit is refused: its event would be lost).
     Off,
     /// New values.
     #[default]
@@ -197,6 +197,11 @@ impl Writer {
     /// The current entry's effective time.
     pub(super) fn ts(&self) -> u64 {
         self.ts
+    }
+
+    /// What the current entry captures.
+    pub(super) fn capture(&self) -> Capture {
+        self.capture
     }
 
     /// The events written until the next call carry this 2PC transaction id.

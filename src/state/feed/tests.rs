@@ -338,6 +338,21 @@ fn capture_policies_come_with_the_stamp_and_emits_store_no_item() {
         vec![put("o", "k", "v2"), emit("o", "outbox/paid", "e")],
     );
     write(&mut s, Capture::Off, vec![put("o", "k", "v3")]);
+    // With capture off an Emit would be lost: its Txn is refused whole.
+    let a = s.entry(
+        Command::Txn(txn(vec![put("o", "k", "v4"), emit("o", "outbox/x", "e")])),
+        stamp(6, Capture::Off),
+    );
+    let refused = s.sm.apply_all(&[a]).unwrap().pop().unwrap().1;
+    assert!(
+        matches!(&refused, Err(Error::FailedPrecondition(m)) if m.contains("--feed-capture off")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        s.sm.get(b"o", b"k").unwrap().unwrap().1,
+        b("v3"),
+        "nothing applied"
+    );
     write(&mut s, Capture::OldAndNew, vec![del("o", "k")]);
     let evs = s.read(slot("o"), Start::Oldest, 100);
     let seen: Vec<_> = evs
