@@ -9,6 +9,8 @@ mod bounds;
 mod concurrency;
 mod dedup;
 mod faults;
+mod feed_faults;
+mod feed_moves;
 mod group;
 mod membership;
 mod nemesis;
