@@ -439,9 +439,10 @@ async fn feed_through_a_move_whose_recipient_leader_is_killed_during_the_catch_u
 /// Issue 13, acceptance 2: resharding scenario 2c (the config leader stopped in the critical
 /// section) with a watcher throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "with a watcher the move resumed by the new config leader does not end within the \
-            scenario's 60 s bound on this loaded 2-core machine (not yet told apart from the \
-            load; no deadlock since the apply_out lock-order fix), see the feedmoves report"]
+#[ignore = "the move resumed by the new config leader does not end within the scenario's 60 s \
+            bound on this branch, watched or not: the unwatched original \
+            a_meta_leader_killed_in_the_critical_section_loses_nothing fails the same way here \
+            (no deadlock since the apply_out lock-order fix), see the feedmoves report"]
 async fn feed_through_a_move_whose_config_leader_is_killed_in_the_critical_section() {
     move_with_a_kill(Kill::MetaLeaderInCriticalSection, true).await;
 }
