@@ -19,10 +19,10 @@ use tonic::Code;
 use ordo_testkit::inproc::{Filter, InProcCluster};
 use ordo_testkit::{node_status, wait_for, Cluster, SplitMix64};
 
-const ACCOUNTS: usize = 100;
-const INITIAL: u64 = 100;
+pub(crate) const ACCOUNTS: usize = 100;
+pub(crate) const INITIAL: u64 = 100;
 
-fn account(i: usize) -> Bytes {
+pub(crate) fn account(i: usize) -> Bytes {
     Bytes::from(format!("acct-{i}"))
 }
 
@@ -35,7 +35,7 @@ fn get(sk: Bytes) -> TxnOp {
     }
 }
 
-fn put(sk: Bytes, balance: u64) -> TxnOp {
+pub(crate) fn put(sk: Bytes, balance: u64) -> TxnOp {
     TxnOp {
         op: Some(txn_op::Op::Put(PutRequest {
             shard_key: sk,
@@ -56,7 +56,10 @@ fn version_is(sk: Bytes, version: u64) -> Compare {
 }
 
 /// `(version, balance)` of each account, read in one read-only Txn (one consistent snapshot).
-async fn read_accounts(c: &Client, which: &[usize]) -> Result<Vec<(u64, u64)>, tonic::Status> {
+pub(crate) async fn read_accounts(
+    c: &Client,
+    which: &[usize],
+) -> Result<Vec<(u64, u64)>, tonic::Status> {
     let req = TxnRequest {
         success: which.iter().map(|&i| get(account(i))).collect(),
         ..Default::default()
@@ -193,12 +196,17 @@ async fn bank() -> (InProcCluster, Client) {
 async fn bank_with(filter: Option<Filter>) -> (InProcCluster, Client) {
     let pg = InProcCluster::start_filtered(3, 3, filter).await;
     let c = pg.client();
+    open_accounts(&c).await;
+    (pg, c)
+}
+
+/// Creates every account with the initial balance (each at version 1).
+pub(crate) async fn open_accounts(c: &Client) {
     for i in 0..ACCOUNTS {
         c.put(account(i), "", INITIAL.to_string(), None)
             .await
             .unwrap();
     }
-    (pg, c)
 }
 
 fn total(balances: &[(u64, u64)]) -> u64 {
@@ -267,7 +275,7 @@ async fn bank_transfers_across_groups_keep_the_total() {
 }
 
 /// Two accounts on different groups.
-fn two_groups_apart(pg: &InProcCluster) -> (usize, usize) {
+pub(crate) fn two_groups_apart(pg: &InProcCluster) -> (usize, usize) {
     let map = pg.router.shard_map();
     let owner =
         |i: usize| map.slot_owner[ordo_proto::slot_of(&account(i), map.slot_count) as usize];
@@ -275,7 +283,7 @@ fn two_groups_apart(pg: &InProcCluster) -> (usize, usize) {
     (0, b)
 }
 
-async fn router_with(pg: &InProcCluster, fp: Failpoint) -> (Router, Client) {
+pub(crate) async fn router_with(pg: &InProcCluster, fp: Failpoint) -> (Router, Client) {
     router_with_options(pg, stopping_at(fp)).await
 }
 

@@ -24,7 +24,6 @@
 //! flush is covered by the process-level tests in `group.rs` and `nemesis.rs`.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -33,14 +32,19 @@ use std::time::{Duration, Instant};
 use futures::stream::{self, StreamExt};
 use ordo_proto::v1::kv_client::KvClient;
 use ordo_proto::v1::{error_detail, DeleteRequest, GetRequest, PutRequest};
-use ordo_testkit::faults::{FaultNet, FaultStats, LinkFaults};
+use ordo_testkit::faults::{FaultNet, FaultStats};
 use ordo_testkit::inproc::{Filter, InProcGroup, Running};
 use ordo_testkit::linearizability::{check, Completion, History, ItemKey, Op, Output};
 use ordo_testkit::{env_u64, SplitMix64};
 use tonic::transport::Channel;
 use tonic::Code;
 
-const REPLICAS: u64 = 3;
+mod schedule;
+
+pub(crate) use schedule::Schedule;
+use schedule::{Episode, Fault, Target};
+
+pub(crate) const REPLICAS: u64 = 3;
 const KEYS: u64 = 4;
 /// Clients doing reads and writes, then clients doing only reads.
 const CLIENTS: u64 = 3;
@@ -48,7 +52,7 @@ const READERS: u64 = 1;
 const DEFAULT_SEEDS: u64 = 24;
 const PARALLEL: usize = 4;
 /// Milliseconds of faults per schedule (default runs) and per soak schedule (seconds).
-const FAULT_MS: u64 = 4_000;
+pub(crate) const FAULT_MS: u64 = 4_000;
 const SOAK_SECS_DEFAULT: u64 = 20;
 /// One request attempt; one operation (attempts that provably did nothing are retried).
 const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(1_000);
@@ -66,205 +70,30 @@ const COMPACT_LOG_ENTRIES: u64 = 64;
 const MIN_ACKED_WRITES: usize = 5;
 const MIN_ACKED_WRITES_MEAN: usize = 40;
 
-// ---- schedules ------------------------------------------------------------------------------
-
-/// A node named by its role at the moment the fault starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Target {
-    Leader,
-    /// A node that is not the leader, picked when the fault starts.
-    Follower,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-enum Fault {
-    /// Every link to and from the node cut.
-    Isolate(Target),
-    /// Only the node's outgoing (`out`) or incoming links cut: an asymmetric partition.
-    OneWay { node: Target, out: bool },
-    /// The two nodes other than `bridge` cannot talk to each other; both still reach `bridge`.
-    Bridge { bridge: Target },
-    /// Every link cut: no quorum anywhere.
-    SplitAll,
-    /// Random drops, delays (hence reordering) and duplicates on every link.
-    Lossy(LinkFaults),
-    /// The node stops (clean process crash) and restarts on its data dir when the episode ends.
-    Crash(Target),
-}
-
-/// Faults applied together at `start_ms` (after the warm-up) and undone `len_ms` later: the net
-/// healed, crashed nodes restarted.
-#[derive(Clone, Debug, PartialEq)]
-struct Episode {
-    start_ms: u64,
-    len_ms: u64,
-    faults: Vec<Fault>,
-}
-
-#[derive(Clone, Debug, PartialEq)]
-struct Schedule {
-    seed: u64,
-    fault_ms: u64,
-    episodes: Vec<Episode>,
-}
-
-fn lossy(rng: &mut SplitMix64) -> LinkFaults {
-    LinkFaults {
-        drop: rng.range(2, 30) as f64 / 100.0,
-        duplicate: rng.range(0, 20) as f64 / 100.0,
-        delay: rng.range(0, 60) as f64 / 100.0,
-        delay_max: Duration::from_millis(rng.range(5, 120)),
-    }
-}
-
-impl Schedule {
-    /// The same seed and length always give the same schedule.
-    fn generate(seed: u64, fault_ms: u64) -> Schedule {
-        let mut rng = SplitMix64(seed);
-        let target = |rng: &mut SplitMix64| {
-            if rng.chance(0.6) {
-                Target::Leader
-            } else {
-                Target::Follower
-            }
-        };
-        let mut episodes = Vec::new();
-        let mut t = 0;
-        while t < fault_ms {
-            let start_ms = t + rng.range(50, 300);
-            let mut faults = Vec::new();
-            // Partitions mostly outlast an election (0.5–1 s timeouts, plus a pre-vote round),
-            // so that a new leader is elected while the old one may still believe it leads.
-            let len_ms = match rng.range(0, 99) {
-                0..=19 => {
-                    faults.push(Fault::Isolate(target(&mut rng)));
-                    rng.range(600, 2_000)
-                }
-                20..=29 => {
-                    faults.push(Fault::OneWay {
-                        node: target(&mut rng),
-                        out: rng.chance(0.5),
-                    });
-                    rng.range(600, 2_000)
-                }
-                30..=44 => {
-                    faults.push(Fault::Bridge {
-                        bridge: target(&mut rng),
-                    });
-                    rng.range(600, 2_000)
-                }
-                45..=49 => {
-                    faults.push(Fault::SplitAll);
-                    rng.range(300, 1_500)
-                }
-                50..=64 => {
-                    faults.push(Fault::Lossy(lossy(&mut rng)));
-                    rng.range(300, 1_500)
-                }
-                65..=84 => {
-                    faults.push(Fault::Crash(target(&mut rng)));
-                    rng.range(200, 1_500)
-                }
-                _ => {
-                    // A crash and a partition at once: the group may have no quorum at all.
-                    faults.push(Fault::Crash(Target::Follower));
-                    faults.push(Fault::Isolate(Target::Leader));
-                    rng.range(300, 1_500)
-                }
-            };
-            if !matches!(faults[0], Fault::Lossy(_)) && rng.chance(0.3) {
-                faults.push(Fault::Lossy(lossy(&mut rng)));
-            }
-            episodes.push(Episode {
-                start_ms,
-                len_ms,
-                faults,
-            });
-            t = start_ms + len_ms;
-        }
-        Schedule {
-            seed,
-            fault_ms,
-            episodes,
-        }
-    }
-}
-
-impl fmt::Display for Target {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Target::Leader => "the leader",
-            Target::Follower => "a follower",
-        })
-    }
-}
-
-impl fmt::Display for Fault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Fault::Isolate(t) => write!(f, "isolate {t}"),
-            Fault::OneWay { node, out: true } => write!(f, "cut the outgoing links of {node}"),
-            Fault::OneWay { node, out: false } => write!(f, "cut the incoming links of {node}"),
-            Fault::Bridge { bridge } => write!(f, "bridge partition through {bridge}"),
-            Fault::SplitAll => write!(f, "cut every link"),
-            Fault::Lossy(l) => write!(
-                f,
-                "lossy links (drop {:.0}%, duplicate {:.0}%, delay {:.0}% up to {:?})",
-                l.drop * 100.0,
-                l.duplicate * 100.0,
-                l.delay * 100.0,
-                l.delay_max
-            ),
-            Fault::Crash(t) => write!(f, "crash {t}"),
-        }
-    }
-}
-
-impl fmt::Display for Schedule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "schedule of seed {} ({} ms of faults after {:?} of warm-up):",
-            self.seed, self.fault_ms, WARMUP
-        )?;
-        for e in &self.episodes {
-            let faults: Vec<String> = e.faults.iter().map(|x| x.to_string()).collect();
-            writeln!(
-                f,
-                "  +{:>5} ms for {:>4} ms: {}",
-                e.start_ms,
-                e.len_ms,
-                faults.join(" + ")
-            )?;
-        }
-        Ok(())
-    }
-}
-
 // ---- the group under test -------------------------------------------------------------------
 
 /// What happened when, with the nodes each role resolved to: printed with a failing seed. Times
 /// are on the history's clock, so they line up with the checker's report.
 #[derive(Clone)]
-struct Trace {
+pub(crate) struct Trace {
     clock: History,
     lines: Arc<Mutex<Vec<String>>>,
 }
 
 impl Trace {
-    fn new(clock: &History) -> Trace {
+    pub(crate) fn new(clock: &History) -> Trace {
         Trace {
             clock: clock.clone(),
             lines: Default::default(),
         }
     }
 
-    fn log(&self, what: impl Into<String>) {
+    pub(crate) fn log(&self, what: impl Into<String>) {
         let line = format!("  {:>7.3}s {}", self.clock.now().as_secs_f64(), what.into());
         self.lines.lock().unwrap().push(line);
     }
 
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
 }
@@ -622,8 +451,51 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// What a schedule runs against: three in-process replicas of one group whose raft traffic
+/// goes through the schedule's `FaultNet` (this module's bare group, or a whole cluster's one
+/// shard group behind a router, for the feed: `feed_faults.rs`).
+pub(crate) trait Faulted {
+    fn net(&self) -> &FaultNet;
+    /// The replicas' node ids.
+    fn ids(&self) -> Vec<u64>;
+    /// The running replica that believes it leads in the highest term.
+    fn leader(&self) -> Option<u64>;
+    /// Each replica's view, for the trace.
+    fn roles(&self) -> String;
+    /// Stops replica `id` (a clean process crash).
+    async fn crash(&mut self, id: u64);
+    /// Starts replica `id` again on its data dir.
+    async fn restart(&mut self, id: u64) -> anyhow::Result<()>;
+}
+
+impl Faulted for Group {
+    fn net(&self) -> &FaultNet {
+        &self.net
+    }
+
+    fn ids(&self) -> Vec<u64> {
+        self.nodes.ids()
+    }
+
+    fn leader(&self) -> Option<u64> {
+        self.nodes.leader()
+    }
+
+    fn roles(&self) -> String {
+        self.nodes.roles()
+    }
+
+    async fn crash(&mut self, id: u64) {
+        self.nodes.stop_node(id).await
+    }
+
+    async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        self.nodes.start_node(id).await
+    }
+}
+
 /// The node a role names now, and how it was chosen (for the trace).
-fn resolve(g: &Group, t: Target, rng: &mut SplitMix64) -> (u64, String) {
+fn resolve(g: &impl Faulted, t: Target, rng: &mut SplitMix64) -> (u64, String) {
     let leader = g.leader();
     match (t, leader) {
         (Target::Leader, Some(l)) => (l, t.to_string()),
@@ -639,7 +511,7 @@ fn resolve(g: &Group, t: Target, rng: &mut SplitMix64) -> (u64, String) {
 }
 
 async fn apply_episode(
-    g: &mut Group,
+    g: &mut impl Faulted,
     e: &Episode,
     rng: &mut SplitMix64,
     trace: &Trace,
@@ -651,16 +523,16 @@ async fn apply_episode(
         let what = match f {
             Fault::Isolate(t) => {
                 let (n, who) = resolve(g, *t, rng);
-                g.net.isolate(n, &all);
+                g.net().isolate(n, &all);
                 format!("isolate node {n} ({who})")
             }
             Fault::OneWay { node, out } => {
                 let (n, who) = resolve(g, *node, rng);
                 for &o in all.iter().filter(|&&o| o != n) {
                     if *out {
-                        g.net.block(n, o)
+                        g.net().block(n, o)
                     } else {
-                        g.net.block(o, n)
+                        g.net().block(o, n)
                     }
                 }
                 let dir = if *out { "outgoing" } else { "incoming" };
@@ -669,7 +541,7 @@ async fn apply_episode(
             Fault::Bridge { bridge } => {
                 let (b, who) = resolve(g, *bridge, rng);
                 let ends: Vec<u64> = all.iter().copied().filter(|&i| i != b).collect();
-                g.net.bridge(ends[0], b, ends[1]);
+                g.net().bridge(ends[0], b, ends[1]);
                 format!(
                     "bridge: {}–{b}–{} connected, {}–{} cut ({who} bridges)",
                     ends[0], ends[1], ends[0], ends[1]
@@ -677,17 +549,17 @@ async fn apply_episode(
             }
             Fault::SplitAll => {
                 for &n in &all {
-                    g.net.isolate(n, &all);
+                    g.net().isolate(n, &all);
                 }
                 "cut every link".to_string()
             }
             Fault::Lossy(l) => {
-                g.net.set_link_faults(*l);
+                g.net().set_link_faults(*l);
                 Fault::Lossy(*l).to_string()
             }
             Fault::Crash(t) => {
                 let (n, who) = resolve(g, *t, rng);
-                g.stop_node(n).await;
+                g.crash(n).await;
                 crashed.push(n);
                 format!("crashed node {n} ({who})")
             }
@@ -695,6 +567,33 @@ async fn apply_episode(
         trace.log(what);
     }
     Ok(crashed)
+}
+
+/// Runs `s`'s episodes against `g` on their times (after the warm-up), each healed and its
+/// crashed replicas restarted when it ends; the crashes.
+pub(crate) async fn run_episodes(
+    s: &Schedule,
+    g: &mut impl Faulted,
+    trace: &Trace,
+) -> anyhow::Result<usize> {
+    let mut rng = SplitMix64(s.seed ^ 0x5EED_F0F0_FA17);
+    let mut crashes = 0;
+    let faults_at = Instant::now() + WARMUP;
+    for e in &s.episodes {
+        tokio::time::sleep_until((faults_at + Duration::from_millis(e.start_ms)).into()).await;
+        let crashed = apply_episode(g, e, &mut rng, trace).await?;
+        crashes += crashed.len();
+        tokio::time::sleep_until((faults_at + Duration::from_millis(e.start_ms + e.len_ms)).into())
+            .await;
+        trace.log(format!("[{}]", g.roles()));
+        g.net().heal();
+        for n in crashed {
+            g.restart(n).await?;
+            trace.log(format!("restarted node {n}"));
+        }
+        trace.log("healed");
+    }
+    Ok(crashes)
 }
 
 async fn run_schedule(
@@ -721,23 +620,7 @@ async fn run_schedule(
             ))
         })
         .collect();
-    let mut rng = SplitMix64(s.seed ^ 0x5EED_F0F0_FA17);
-    let mut crashes = 0;
-    let faults_at = Instant::now() + WARMUP;
-    for e in &s.episodes {
-        tokio::time::sleep_until((faults_at + Duration::from_millis(e.start_ms)).into()).await;
-        let crashed = apply_episode(g, e, &mut rng, trace).await?;
-        crashes += crashed.len();
-        tokio::time::sleep_until((faults_at + Duration::from_millis(e.start_ms + e.len_ms)).into())
-            .await;
-        trace.log(format!("[{}]", g.roles()));
-        g.net.heal();
-        for n in crashed {
-            g.start_node(n).await?;
-            trace.log(format!("restarted node {n}"));
-        }
-        trace.log("healed");
-    }
+    let crashes = run_episodes(s, g, trace).await?;
     tokio::time::sleep(COOLDOWN).await;
     stop.store(true, Ordering::Relaxed);
     let mut total = ClientStats::default();

@@ -10,6 +10,8 @@ mod concurrency;
 mod dedup;
 mod faults;
 mod feed;
+mod feed_faults;
+mod feed_moves;
 mod feed_watch;
 mod group;
 mod membership;

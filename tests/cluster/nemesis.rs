@@ -56,7 +56,7 @@ const COUNTER_TRIES_MAX: u32 = 100;
 /// Bound on every wait for the cluster to become healthy.
 const HEALTHY: Duration = Duration::from_secs(30);
 /// Bound on a watcher's catching up with the end of the run once the cluster is healthy.
-const FEED_CATCH_UP: Duration = Duration::from_secs(30);
+pub(crate) const FEED_CATCH_UP: Duration = Duration::from_secs(30);
 
 /// One item of the workload and the group that owns it.
 #[derive(Clone)]

@@ -14,8 +14,11 @@ use ordo_proto::client::{Client, ClusterClient};
 use ordo_proto::v1::{
     AddGroupRequest, MigrationState, MoveSlotsRequest, RebalanceRequest, ShardMap,
 };
+use ordo_testkit::feed;
 use ordo_testkit::linearizability::{check, Completion, History, ItemKey, Op, Output};
 use tonic::Code;
+
+use crate::feed_moves::{self, FeedRun};
 
 use ordo_testkit::inproc::InProcCluster;
 use ordo_testkit::{node_status, wait_for, wait_for_every, Cluster, CONFIG_GROUP};
@@ -43,6 +46,28 @@ async fn preload(router: &str) {
     preload_n(router, PRELOAD).await
 }
 
+/// The value preloaded item `i` holds (at version 1).
+fn preload_value(i: u64) -> String {
+    format!("pre {i}")
+}
+
+/// The preload's `n` puts as the feed must show them, each answered by `acked_ms`.
+pub(crate) fn preloaded_writes(n: u64, acked_ms: u64) -> Vec<feed::Write> {
+    (0..n)
+        .map(|i| feed::Write {
+            item: ItemKey::new(format!("pre-{i}"), ""),
+            op: feed::WriteOp::Put {
+                value: preload_value(i).into_bytes(),
+            },
+            outcome: feed::Outcome::Applied {
+                version: 1,
+                acked_ms,
+            },
+            txn: None,
+        })
+        .collect()
+}
+
 async fn preload_n(router: &str, n: u64) {
     let c = Client::connect(vec![router.to_string()])
         .unwrap()
@@ -52,7 +77,7 @@ async fn preload_n(router: &str, n: u64) {
             let c = c.clone();
             async move {
                 let r = c
-                    .put(format!("pre-{i}"), "", format!("pre {i}"), Some(0))
+                    .put(format!("pre-{i}"), "", preload_value(i), Some(0))
                     .await
                     .unwrap_or_else(|e| panic!("preload {i}: {e}"));
                 assert_eq!(r.version, 1);
@@ -63,19 +88,29 @@ async fn preload_n(router: &str, n: u64) {
         .await;
 }
 
+/// How a load ended: the keys found, every key's final read, and the history (final reads
+/// included) whose writes the feed must show.
+pub(crate) struct Finished {
+    pub(crate) found: BTreeSet<String>,
+    pub(crate) finals: BTreeMap<ItemKey, Output>,
+    pub(crate) history: History,
+    /// Wall clock (ms since the Unix epoch) by which every write had ended and been read back.
+    pub(crate) settled_ms: u64,
+}
+
 /// 16 clients through the router, each recording into one history.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     ops: Arc<AtomicU64>,
     errors: Arc<Mutex<Vec<String>>>,
-    history: History,
+    pub(crate) history: History,
     /// Private key → last acknowledged version; keys with an unknown outcome are left out.
     acked: Arc<Mutex<BTreeMap<String, u64>>>,
     uncertain: Arc<Mutex<BTreeSet<String>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn start_load(router: &str, clients: u64) -> Load {
+pub(crate) fn start_load(router: &str, clients: u64) -> Load {
     let load = Load {
         stop: Default::default(),
         ops: Default::default(),
@@ -164,7 +199,7 @@ fn start_load(router: &str, clients: u64) -> Load {
 }
 
 impl Load {
-    async fn wait_ops(&self, more: u64, what: &str) {
+    pub(crate) async fn wait_ops(&self, more: u64, what: &str) {
         let target = self.ops.load(Ordering::Relaxed) + more;
         let ops = self.ops.clone();
         wait_for(what, Duration::from_secs(60), || {
@@ -175,19 +210,19 @@ impl Load {
     }
 
     /// Stops the clients, reads every key back through the router (recorded in the history),
-    /// checks the history and the private keys' versions; the keys found.
-    async fn finish(self, router: &str) -> BTreeSet<String> {
+    /// checks the history and the private keys' versions.
+    async fn finish(self, router: &str) -> Finished {
         self.finish_with(router, PRELOAD, false).await
     }
 
     /// `finish` for `preloaded` items; with `errors_allowed`, client errors (a killed leader
     /// leaves writes with unknown outcomes) are counted but not failed on.
-    async fn finish_with(
+    pub(crate) async fn finish_with(
         self,
         router: &str,
         preloaded: u64,
         errors_allowed: bool,
-    ) -> BTreeSet<String> {
+    ) -> Finished {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
             tokio::time::timeout(Duration::from_secs(30), t)
@@ -220,6 +255,7 @@ impl Load {
             .chain((0..SHARED_KEYS).map(|k| format!("shared-{k}")))
             .collect();
         let mut found = BTreeSet::new();
+        let mut finals = BTreeMap::new();
         for sk in &keys {
             let r = self
                 .history
@@ -234,6 +270,7 @@ impl Load {
             if r.found {
                 found.insert(sk.clone());
             }
+            finals.insert(ItemKey::new(sk.clone(), ""), Output::from(&r));
             if let Some(v) = self.acked.lock().unwrap().get(sk) {
                 if !self.uncertain.lock().unwrap().contains(sk) {
                     assert_eq!(r.version, *v, "{sk}: last acknowledged version");
@@ -244,15 +281,21 @@ impl Load {
             let sk = format!("pre-{i}");
             let r = kv.get(sk.clone(), "", false).await.unwrap();
             assert!(
-                r.found && r.version == 1 && r.value.as_ref() == format!("pre {i}").as_bytes(),
+                r.found && r.version == 1 && r.value.as_ref() == preload_value(i).as_bytes(),
                 "{sk} reads back as written: {r:?}"
             );
-            let _ = Output::from(&r);
+            finals.insert(ItemKey::new(sk.clone(), ""), Output::from(&r));
             found.insert(sk);
         }
+        let settled_ms = ordo_proto::unix_ms();
         let verdict = check(&self.history);
         verdict.assert_linearizable();
-        found
+        Finished {
+            found,
+            finals,
+            history: self.history,
+            settled_ms,
+        }
     }
 }
 
@@ -323,11 +366,23 @@ pub(crate) fn print_moves(migrations: &[ordo_proto::v1::Migration]) {
 /// Acceptance 1: under 16 clients, add a 4th group and rebalance onto it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn adding_a_group_and_rebalancing_under_load_loses_nothing() {
+    rebalance_onto_a_fourth_group(false).await;
+}
+
+/// Acceptance 1's scenario. With `watched`, a watcher from the oldest event runs throughout
+/// (issue 13, acceptance 2, `feed_moves.rs`): every acknowledged write once, per slot the seqs
+/// contiguous across the moves.
+pub(crate) async fn rebalance_onto_a_fourth_group(watched: bool) {
     let _serial = ordo_testkit::HEAVY.lock().await;
     let started = Instant::now();
     let pg = InProcCluster::start(3, 3).await;
     let router = pg.router_addr();
+    let feed = match watched {
+        true => Some(FeedRun::start("through a rebalance onto group 4", &router).await),
+        false => None,
+    };
     preload(&router).await;
+    let preloaded = preloaded_writes(PRELOAD, ordo_proto::unix_ms());
     let load = start_load(&router, CLIENTS);
     load.wait_ops(300, "the load to get going").await;
 
@@ -361,7 +416,10 @@ async fn adding_a_group_and_rebalancing_under_load_loses_nothing() {
         .all(|m| m.state == MigrationState::Done as i32));
     load.wait_ops(300, "the load to go on after the moves")
         .await;
-    let found = load.finish(&router).await;
+    let finished = load.finish(&router).await;
+    if let Some(feed) = feed {
+        feed.check(&finished, preloaded).await;
+    }
 
     let map = cc.get_shard_map(true).await.unwrap();
     assert_eq!(
@@ -369,7 +427,7 @@ async fn adding_a_group_and_rebalancing_under_load_loses_nothing() {
         vec![1024; 4],
         "slots spread evenly"
     );
-    assert_placement(&pg, &BTreeMap::from([(4, addrs4)]), &map, &found).await;
+    assert_placement(&pg, &BTreeMap::from([(4, addrs4)]), &map, &finished.found).await;
     for n in nodes4 {
         n.shutdown().await;
     }
@@ -377,13 +435,18 @@ async fn adding_a_group_and_rebalancing_under_load_loses_nothing() {
     eprintln!("took {:.1?}", started.elapsed());
 }
 
-/// Acceptance 3: under 16 clients, drain a group, then remove it.
+/// Acceptance 3: under 16 clients, drain a group, then remove it. The feed loses no retained
+/// event (issue 13, acceptance 2): a watcher that ran throughout, and a second one from the
+/// oldest event after the removal, each deliver every write ever made exactly once, the same
+/// events at the same slot and seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn draining_and_removing_a_group_under_load_loses_nothing() {
     let _serial = ordo_testkit::HEAVY.lock().await;
     let pg = InProcCluster::start(3, 3).await;
     let router = pg.router_addr();
+    let feed = FeedRun::start("through the drain", &router).await;
     preload(&router).await;
+    let preloaded = preloaded_writes(PRELOAD, ordo_proto::unix_ms());
     let load = start_load(&router, CLIENTS_LIGHT);
     load.wait_ops(300, "the load to get going").await;
     let cc = admin(&pg);
@@ -401,7 +464,15 @@ async fn draining_and_removing_a_group_under_load_loses_nothing() {
     assert!(map.groups.iter().all(|g| g.id != 2));
     load.wait_ops(300, "the load to go on after the drain")
         .await;
-    let found = load.finish(&router).await;
+    let finished = load.finish(&router).await;
+    let found = &finished.found;
+    let (during, expected) = feed.check(&finished, preloaded).await;
+    let after = FeedRun::start("from the oldest after the removal", &router)
+        .await
+        .stop_at(finished.settled_ms)
+        .await;
+    feed_moves::assert_complete(&expected, &after);
+    feed_moves::assert_same_events(&during, &after);
     let map = cc.get_shard_map(true).await.unwrap();
     assert_eq!(
         slot_counts(&map).values().copied().collect::<Vec<_>>(),
@@ -413,12 +484,15 @@ async fn draining_and_removing_a_group_under_load_loses_nothing() {
         2,
         pg.groups[&2].iter().map(|n| n.addr.to_string()).collect(),
     );
-    assert_placement(&pg, &extra, &map, &found).await;
+    assert_placement(&pg, &extra, &map, found).await;
     pg.shutdown().await;
 }
 
 /// Acceptance 4: bad requests are refused with clear errors and change nothing; an abort before
 /// the commit leaves the donor the owner with all its data and the recipient without the copy.
+/// It leaves the feed unchanged too (issue 13, acceptance 2): a watcher that ran through the
+/// move and one from the oldest event after the abort deliver the same events at the same slot
+/// and seq, the preload's and nothing else (the copy and its cleanup emit nothing).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 // A list of refusals around one in-flight move, which the abort then ends: one story.
 #[allow(clippy::too_many_lines)]
@@ -426,7 +500,9 @@ async fn bad_moves_are_refused_and_an_abort_changes_nothing() {
     let _serial = ordo_testkit::HEAVY.lock().await;
     let pg = InProcCluster::start(2, 3).await;
     let router = pg.router_addr();
+    let feed = FeedRun::start("through the aborted move", &router).await;
     preload(&router).await;
+    let preloaded = preloaded_writes(PRELOAD, ordo_proto::unix_ms());
     let cc = admin(&pg);
     let before = cc.get_shard_map(true).await.unwrap();
     let owned_by = |g: u64| -> Vec<u32> {
@@ -521,8 +597,26 @@ async fn bad_moves_are_refused_and_an_abort_changes_nothing() {
     for sk in &found {
         let r = kv.get(sk.clone(), "", false).await.unwrap();
         assert!(r.found && r.version == 1, "{sk}");
-        // The donor serves the slots again: writes go through.
     }
+    let aborted = feed::Expected {
+        writes: preloaded,
+        final_data: (0..PRELOAD)
+            .map(|i| {
+                let item = ItemKey::new(format!("pre-{i}"), "");
+                (item, Some((preload_value(i).into_bytes(), 1)))
+            })
+            .collect(),
+        settled_ms: ordo_proto::unix_ms(),
+    };
+    let through = feed.stop_at(aborted.settled_ms).await;
+    let after_abort = FeedRun::start("from the oldest after the abort", &router)
+        .await
+        .stop_at(aborted.settled_ms)
+        .await;
+    feed_moves::assert_complete(&aborted, &through);
+    feed_moves::assert_complete(&aborted, &after_abort);
+    feed_moves::assert_same_events(&through, &after_abort);
+    // The donor serves the slots again: writes go through.
     kv.put("pre-0", "", "after the abort", Some(1))
         .await
         .unwrap();
@@ -532,7 +626,7 @@ async fn bad_moves_are_refused_and_an_abort_changes_nothing() {
 
 /// Which replica a kill test stops, and when.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Kill {
+pub(crate) enum Kill {
     DonorLeaderDuringCopy,
     RecipientLeaderDuringCatchUp,
     MetaLeaderInCriticalSection,
@@ -564,12 +658,19 @@ fn local_migrations(node: &ordo::node::Node) -> ordo_proto::v1::MigrationList {
 /// Moves all of group 1's slots to group 2 under load and stops one leader at the chosen
 /// moment. The move completes or aborts; nothing acknowledged is lost; the groups' ownership
 /// matches the final map (one owner per slot) and every live replica holds exactly its group's
-/// data.
-async fn move_with_a_kill(kill: Kill) {
+/// data. With `watched`, a watcher from the oldest event runs throughout (issue 13, acceptance
+/// 2, `feed_moves.rs`): per slot the seqs contiguous, every acknowledged write once, an unknown
+/// one at most once.
+pub(crate) async fn move_with_a_kill(kill: Kill, watched: bool) {
     let _serial = ordo_testkit::HEAVY.lock().await;
     let mut pg = InProcCluster::start(2, 3).await;
     let router = pg.router_addr();
+    let feed = match watched {
+        true => Some(FeedRun::start(&format!("through a move, {kill:?} stopped"), &router).await),
+        false => None,
+    };
     preload_n(&router, KILL_PRELOAD).await;
+    let preloaded = preloaded_writes(KILL_PRELOAD, ordo_proto::unix_ms());
     let load = start_load(&router, CLIENTS_LIGHT);
     load.wait_ops(200, "the load to get going").await;
     let cc = admin(&pg);
@@ -615,7 +716,10 @@ async fn move_with_a_kill(kill: Kill) {
         m.state == MigrationState::Done as i32 || m.state == MigrationState::Aborted as i32
     }));
     load.wait_ops(200, "the load to go on after the move").await;
-    let found = load.finish_with(&router, KILL_PRELOAD, true).await;
+    let finished = load.finish_with(&router, KILL_PRELOAD, true).await;
+    if let Some(feed) = feed {
+        feed.check(&finished, preloaded).await;
+    }
     let map = cc.get_shard_map(true).await.unwrap();
     // One owner per slot: each group's replicated ownership is exactly its share of the map.
     let counts = slot_counts(&map);
@@ -637,7 +741,7 @@ async fn move_with_a_kill(kill: Kill) {
             .await;
         }
     }
-    assert_placement(&pg, &BTreeMap::new(), &map, &found).await;
+    assert_placement(&pg, &BTreeMap::new(), &map, &finished.found).await;
     pg.shutdown().await;
 }
 
@@ -704,17 +808,17 @@ async fn stop_a_leader(kill: Kill, pg: &mut InProcCluster, cc: &ClusterClient) {
 /// Acceptance 2a.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_donor_leader_killed_during_the_copy_loses_nothing() {
-    move_with_a_kill(Kill::DonorLeaderDuringCopy).await;
+    move_with_a_kill(Kill::DonorLeaderDuringCopy, false).await;
 }
 
 /// Acceptance 2b.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_recipient_leader_killed_during_the_catch_up_loses_nothing() {
-    move_with_a_kill(Kill::RecipientLeaderDuringCatchUp).await;
+    move_with_a_kill(Kill::RecipientLeaderDuringCatchUp, false).await;
 }
 
 /// Acceptance 2c.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_meta_leader_killed_in_the_critical_section_loses_nothing() {
-    move_with_a_kill(Kill::MetaLeaderInCriticalSection).await;
+    move_with_a_kill(Kill::MetaLeaderInCriticalSection, false).await;
 }

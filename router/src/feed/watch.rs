@@ -362,13 +362,9 @@ impl Watch {
                     "group {group}'s first change page gave no position for slot {s}"
                 )));
             };
-            let slot = self.slots.get_mut(&s).expect("watched");
-            slot.pos = Some(pos);
-            slot.resolved = page
-                .positions
-                .iter()
-                .find(|p| p.slot == s)
-                .map_or(0, |p| p.resolved_ts_ms);
+            // Its resolved time is taken when the page is merged, with its events: a held
+            // page's time must not reach a response before the events under it.
+            self.slots.get_mut(&s).expect("watched").pos = Some(pos);
         }
         reader.held = Some(page);
         if self.slots.values().all(|s| s.pos.is_some()) {

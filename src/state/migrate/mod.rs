@@ -373,8 +373,10 @@ impl StateMachine {
         req: &MigrateOutRequest,
         stamp: Option<super::Stamp>,
     ) -> Applied {
-        let mut moving = self.moving.write().unwrap();
+        // The view first, as every apply path that writes `moving` takes them: a reader (a
+        // change-feed page) holds the view while it reads `moving`.
         let _w = self.view.write().unwrap();
+        let mut moving = self.moving.write().unwrap();
         match MigrateStep::try_from(req.step) {
             Ok(MigrateStep::Begin) => self.out_begin(index, req, &mut moving),
             Ok(MigrateStep::Fence) => self.out_fence(index, req.migration_id, &mut moving, stamp),

@@ -46,6 +46,20 @@ fn leader_among<'a>(nodes: impl IntoIterator<Item = &'a Node>) -> Option<&'a Nod
         .max_by_key(|n| raft_role(n).1)
 }
 
+/// Each node's view: `n2 L/t3` = node 2 leads in term 3, `F` follows, `-` is down.
+fn roles_text<'a>(ids: Vec<u64>, running: impl Fn(u64) -> Option<&'a Node>) -> String {
+    ids.into_iter()
+        .map(|id| match running(id) {
+            Some(n) => {
+                let (leads, term) = raft_role(n);
+                format!("n{id} {}/t{term}", if leads { "L" } else { "F" })
+            }
+            None => format!("n{id} -"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn node_config(
     id: u64,
     group: u64,
@@ -225,17 +239,7 @@ impl InProcGroup {
 
     /// Each node's view: `n2 L/t3` = node 2 leads in term 3, `F` follows, `-` is down.
     pub fn roles(&self) -> String {
-        self.ids()
-            .into_iter()
-            .map(|id| match self.nodes.get(&id) {
-                Some(n) => {
-                    let (leads, term) = raft_role(n);
-                    format!("n{id} {}/t{term}", if leads { "L" } else { "F" })
-                }
-                None => format!("n{id} -"),
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+        roles_text(self.ids(), |id| self.nodes.get(&id))
     }
 
     /// Waits for a leader; an error (not a panic) past `bound`, for tests that report it.
@@ -428,6 +432,18 @@ impl InProcCluster {
         self.nodes(m.group)
             .iter()
             .find(|n| n.replica.node_id == m.id)
+    }
+
+    /// The running node of `group` that believes it leads in the highest term (a local look,
+    /// no call: fault schedules resolve roles with it at the instant a fault starts).
+    pub fn leader_of(&self, group: u64) -> Option<u64> {
+        leader_among(self.nodes(group)).map(|n| n.replica.node_id)
+    }
+
+    /// Each node of `group`'s view, as [`InProcGroup::roles`] gives it.
+    pub fn roles_of(&self, group: u64) -> String {
+        let ids = self.members(group).into_iter().map(|m| m.id).collect();
+        roles_text(ids, |id| self.node(Member::new(group, id)))
     }
 
     /// Starts the replicas of a new group `group` beside the cluster (for `AddGroup` to
