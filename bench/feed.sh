@@ -6,7 +6,8 @@
 #
 #   bench/feed.sh [OUT]      # all parts; PARTS="capture latency catchup stall" narrows it
 #
-# Knobs: DURATION (10s), WARMUP (2s), CLIENTS (16), REPS (2), BACKLOG (1000000 events).
+# Knobs: DURATION (10s), WARMUP (2s), CLIENTS (16), REPS (2), BACKLOG (1000000 events), RATE (the
+# open-loop latency runs' ops/s: 100, below what the shared 2-core machine sustains).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,7 @@ WARMUP=${WARMUP:-2s}
 CLIENTS=${CLIENTS:-16}
 REPS=${REPS:-2}
 BACKLOG=${BACKLOG:-1000000}
+RATE=${RATE:-100}
 PARTS=${PARTS:-"capture latency catchup stall"}
 PORT=${PORT:-19000}
 mkdir -p "$OUT"
@@ -51,11 +53,15 @@ start_playground() {
     exit 1
 }
 
-# bench <name> <args...>: one run against the playground, its report in $OUT/<name>.{json,txt}.
+# bench <name> <clients> <args...>: one run against the playground, its report in
+# $OUT/<name>.{json,txt}.
 bench() {
-    local name=$1
-    shift
-    local cmd="$BENCH -e 127.0.0.1:$PORT --server-pids $PG --clients $CLIENTS --duration $DURATION --warmup $WARMUP --quiet --out $OUT/plots --json $OUT/$name.json $*"
+    local name=$1 clients=$2
+    shift 2
+    local timing=""
+    [[ " $* " == *" --duration "* ]] || timing="--duration $DURATION"
+    [[ " $* " == *" --warmup "* ]] || timing="$timing --warmup $WARMUP"
+    local cmd="$BENCH -e 127.0.0.1:$PORT --server-pids $PG --clients $clients $timing --quiet --out $OUT/plots --json $OUT/$name.json $*"
     echo "+ $cmd" | tee -a "$OUT/commands.txt" >&2
     $cmd >"$OUT/$name.txt" 2>&1 || { cat "$OUT/$name.txt" >&2; exit 1; }
     grep -E '^(all|order_|update|read) |^cpu:|^memory:|^feed' "$OUT/$name.txt" >&2 || true
@@ -69,7 +75,7 @@ for part in $PARTS; do
                 for rep in $(seq 1 "$REPS"); do
                     for c in off new old-and-new; do
                         start_playground "$c"
-                        bench "capture-$w-$c-$rep" --workload "$w"
+                        bench "capture-$w-$c-$rep" "$CLIENTS" --workload "$w"
                     done
                 done
             done
@@ -78,31 +84,33 @@ for part in $PARTS; do
             # Write acknowledged -> event received through the router's Feed.Watch.
             for rep in $(seq 1 "$REPS"); do
                 start_playground new
-                bench "latency-orders-closed-$rep" --workload orders --feed-latency
+                bench "latency-orders-closed-$rep" "$CLIENTS" --workload orders --feed-latency
                 start_playground new
-                bench "latency-orders-rate500-$rep" --workload orders --feed-latency --rate 500
+                bench "latency-orders-rate$RATE-$rep" "$CLIENTS" --workload orders --feed-latency \
+                    --rate "$RATE"
             done
             ;;
         catchup)
             # One watcher reading a log of $BACKLOG events from the oldest.
             for rep in $(seq 1 "$REPS"); do
                 start_playground new
-                bench "catchup-$rep" --workload orders --feed-backlog "$BACKLOG" --feed-catch-up \
-                    --clients 64 --duration 2s --warmup 0s
+                bench "catchup-$rep" 64 --workload orders --feed-backlog "$BACKLOG" --feed-catch-up \
+                    --duration 2s --warmup 0s
             done
             ;;
         stall)
             # Orders with and without a watcher stalled $BACKLOG events behind, one playground.
             start_playground new
-            bench "stall-backlog" --workload orders --feed-backlog "$BACKLOG" --clients 64 \
+            bench "stall-backlog" 64 --workload orders --feed-backlog "$BACKLOG" \
                 --duration 2s --warmup 0s
             for rep in $(seq 1 "$REPS"); do
-                bench "stall-without-$rep" --workload orders
-                bench "stall-with-$rep" --workload orders --feed-stall
+                bench "stall-without-$rep" "$CLIENTS" --workload orders
+                bench "stall-with-$rep" "$CLIENTS" --workload orders --feed-stall
             done
             ;;
         *) echo "unknown part $part" >&2; exit 1 ;;
     esac
 done
 stop_playground
+python3 bench/feed-table.py "$OUT" $PARTS | tee "$OUT/tables.md"
 echo "reports in $OUT" >&2

@@ -92,7 +92,7 @@ pub struct Args {
 
     /// With --playground: what the cluster's change feed captures (off, new, old-and-new), as
     /// `ordo playground --feed-capture` [default: new].
-    #[arg(long, requires = "playground")]
+    #[arg(long)]
     pub feed_capture: Option<Capture>,
 
     /// Before the run (after the load phase): write this many change-feed events' worth of puts
@@ -262,11 +262,18 @@ impl Args {
                 "--rate must be a positive number"
             );
         }
+        let target = self.target()?;
         let feed =
             self.feed_backlog > 0 || self.feed_catch_up || self.feed_stall || self.feed_latency;
         ensure!(
-            !feed || !matches!(self.target()?, Target::Etcd(_)),
+            !feed || !matches!(target, Target::Etcd(_)),
             "the --feed-* options need an Ordo target (a router or --playground)"
+        );
+        // (`requires` cannot say it: a flag that is not given still has its default, false.)
+        ensure!(
+            self.feed_capture.is_none() || self.playground,
+            "--feed-capture sets the --playground's capture; start another cluster with \
+             `ordo playground --feed-capture` (or `ordo node`)"
         );
         self.mix()?;
         Ok(())
@@ -391,6 +398,30 @@ mod tests {
         assert!(bad_mix.check().is_err());
         let bad_target = Args::try_parse_from(["ordo-bench", "--target", "redis://x:1"]).unwrap();
         assert!(bad_target.check().is_err());
+        let etcd_feed = [
+            "ordo-bench",
+            "--target",
+            "etcd://127.0.0.1:2379",
+            "--feed-latency",
+        ];
+        assert!(Args::try_parse_from(etcd_feed).unwrap().check().is_err());
+        let pg_feed = Args::try_parse_from([
+            "ordo-bench",
+            "--playground",
+            "--feed-capture",
+            "old-and-new",
+            "--feed-backlog",
+            "1000",
+            "--feed-stall",
+        ])
+        .unwrap();
+        pg_feed.check().unwrap();
+        assert_eq!(pg_feed.feed_capture, Some(Capture::OldAndNew));
+        let capture_elsewhere = ["ordo-bench", "-e", "a:1", "--feed-capture", "new"];
+        assert!(Args::try_parse_from(capture_elsewhere)
+            .unwrap()
+            .check()
+            .is_err());
         let none = Args::try_parse_from(["ordo-bench"]).unwrap();
         if std::env::var_os("ORDO_ENDPOINT").is_none() {
             assert!(none.check().is_err());
