@@ -41,7 +41,7 @@ def fmt(v, spec=".0f"):
     return "-" if v is None else format(v, spec)
 
 
-parts = sys.argv[2:] or ["capture", "latency", "catchup", "stall"]
+parts = sys.argv[2:] or ["capture", "latency", "follower", "catchup", "stall"]
 if "capture" in parts:
     print("| run | workload | capture | ops/s | writes/s | p50 ms | p99 ms | server cpu-s / 1k writes | cpu-s / 1k ops |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -62,6 +62,16 @@ if "latency" in parts:
               f"{l['matched']} | {fmt(l['p50_ms'], '.1f')} | {fmt(l['p90_ms'], '.1f')} | "
               f"{fmt(l['p99_ms'], '.1f')} | {fmt(l['p99_9_ms'], '.1f')} | {fmt(l['max_ms'], '.1f')} | "
               f"{l['before_ack']} | {l['missing']} |")
+    print()
+if "follower" in parts:
+    print("| run | latency watcher | ops/s | p50 ms | p99 ms | server cpu-s / 1k ops | event p50 / p99 ms |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, d in runs("follower-"):
+        s = summary(d)
+        l = (s["feed"] or {}).get("latency") if s["feed"] else None
+        ev = f"{fmt(l['p50_ms'], '.1f')} / {fmt(l['p99_ms'], '.1f')}" if l else "-"
+        print(f"| {name} | {'yes' if l else 'no'} | {fmt(s['ops_s'])} | {s['p50']:.2f} | "
+              f"{s['p99']:.2f} | {fmt(s['cpu_per_1k_ops'], '.3f')} | {ev} |")
     print()
 if "catchup" in parts:
     print("| run | backlog events (written in s) | events read | MB | seconds | events/s | MB/s | first event ms |")

@@ -4,7 +4,7 @@
 # background load hits both sides alike. Each run gets its own `ordo playground` process (3 groups
 # x 3 replicas + 3 config + router), whose CPU and RSS the bench reads (--server-pids).
 #
-#   bench/feed.sh [OUT]      # all parts; PARTS="capture latency catchup stall" narrows it
+#   bench/feed.sh [OUT]      # all parts; PARTS="capture latency follower catchup stall" narrows it
 #
 # Knobs: DURATION (10s), WARMUP (2s), CLIENTS (16), REPS (2), BACKLOG (1000000 events), RATE (the
 # open-loop latency runs' ops/s: 100, below what the shared 2-core machine sustains).
@@ -18,7 +18,7 @@ CLIENTS=${CLIENTS:-16}
 REPS=${REPS:-2}
 BACKLOG=${BACKLOG:-1000000}
 RATE=${RATE:-100}
-PARTS=${PARTS:-"capture latency catchup stall"}
+PARTS=${PARTS:-"capture latency follower catchup stall"}
 PORT=${PORT:-19000}
 mkdir -p "$OUT"
 
@@ -88,6 +88,16 @@ for part in $PARTS; do
                 start_playground new
                 bench "latency-orders-rate$RATE-$rep" "$CLIENTS" --workload orders --feed-latency \
                     --rate "$RATE"
+            done
+            ;;
+        follower)
+            # Orders with and without the latency watcher (one Watch of every slot, from now,
+            # read as fast as it comes): what an active reader costs the writers.
+            for rep in $(seq 1 "$REPS"); do
+                start_playground new
+                bench "follower-without-$rep" "$CLIENTS" --workload orders
+                start_playground new
+                bench "follower-with-$rep" "$CLIENTS" --workload orders --feed-latency
             done
             ;;
         catchup)
