@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use clap::Parser;
+use ordo::node::Capture;
 
 use crate::workload::{self, Distribution, Mix, Workload};
 
@@ -88,6 +89,32 @@ pub struct Args {
     /// and the rebalance window are printed with the report.
     #[arg(long, requires = "playground", value_parser = parse_duration)]
     pub rebalance_at: Option<Duration>,
+
+    /// With --playground: what the cluster's change feed captures (off, new, old-and-new), as
+    /// `ordo playground --feed-capture` [default: new].
+    #[arg(long)]
+    pub feed_capture: Option<Capture>,
+
+    /// Before the run (after the load phase): write this many change-feed events' worth of puts
+    /// (new items, Txns of 64 puts of --value-size bytes under one shard key), so that the feed
+    /// holds a log to catch up on or to stall behind.
+    #[arg(long, default_value_t = 0)]
+    pub feed_backlog: u64,
+
+    /// Before the run: one watcher reads the feed from its oldest event until it has every
+    /// event committed before it opened; reports events/s and MB/s.
+    #[arg(long)]
+    pub feed_catch_up: bool,
+
+    /// During the run: hold a watcher opened from the oldest event that reads its first
+    /// response and then nothing (a stalled reader, as far behind as the log is long).
+    #[arg(long)]
+    pub feed_stall: bool,
+
+    /// During the run: a watcher from now matches every acknowledged write to its event by
+    /// (shard key, key, version); reports the latency from acknowledgement to event received.
+    #[arg(long)]
+    pub feed_latency: bool,
 
     /// How long to send load before measuring; these requests are not reported.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
@@ -235,7 +262,19 @@ impl Args {
                 "--rate must be a positive number"
             );
         }
-        self.target()?;
+        let target = self.target()?;
+        let feed =
+            self.feed_backlog > 0 || self.feed_catch_up || self.feed_stall || self.feed_latency;
+        ensure!(
+            !feed || !matches!(target, Target::Etcd(_)),
+            "the --feed-* options need an Ordo target (a router or --playground)"
+        );
+        // (`requires` cannot say it: a flag that is not given still has its default, false.)
+        ensure!(
+            self.feed_capture.is_none() || self.playground,
+            "--feed-capture sets the --playground's capture; start another cluster with \
+             `ordo playground --feed-capture` (or `ordo node`)"
+        );
         self.mix()?;
         Ok(())
     }
@@ -359,6 +398,30 @@ mod tests {
         assert!(bad_mix.check().is_err());
         let bad_target = Args::try_parse_from(["ordo-bench", "--target", "redis://x:1"]).unwrap();
         assert!(bad_target.check().is_err());
+        let etcd_feed = [
+            "ordo-bench",
+            "--target",
+            "etcd://127.0.0.1:2379",
+            "--feed-latency",
+        ];
+        assert!(Args::try_parse_from(etcd_feed).unwrap().check().is_err());
+        let pg_feed = Args::try_parse_from([
+            "ordo-bench",
+            "--playground",
+            "--feed-capture",
+            "old-and-new",
+            "--feed-backlog",
+            "1000",
+            "--feed-stall",
+        ])
+        .unwrap();
+        pg_feed.check().unwrap();
+        assert_eq!(pg_feed.feed_capture, Some(Capture::OldAndNew));
+        let capture_elsewhere = ["ordo-bench", "-e", "a:1", "--feed-capture", "new"];
+        assert!(Args::try_parse_from(capture_elsewhere)
+            .unwrap()
+            .check()
+            .is_err());
         let none = Args::try_parse_from(["ordo-bench"]).unwrap();
         if std::env::var_os("ORDO_ENDPOINT").is_none() {
             assert!(none.check().is_err());

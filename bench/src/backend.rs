@@ -7,6 +7,7 @@
 //!   is etcd's per-key `version` (1 at creation, +1 per write: the same meaning as Ordo's), so a
 //!   compare on it is a `Compare { target: VERSION }` (0 = absent).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
@@ -15,6 +16,8 @@ use ordo_proto::client::Client;
 use ordo_proto::v1 as pb;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
+
+use crate::feed::Probe;
 
 /// The etcd v3 client code generated from `proto/etcd/` (a subset of etcd's own protos).
 #[allow(clippy::all, dead_code)]
@@ -59,10 +62,15 @@ pub struct Found {
     pub version: u64,
 }
 
-/// What the bench talks to.
+/// What the bench talks to. With `--feed-latency`, `probe` hears of every Ordo write
+/// acknowledged (each item at its new version), to match it with its change-feed event.
 #[derive(Clone)]
 pub enum Backend {
-    Ordo { client: Client, stale: bool },
+    Ordo {
+        client: Client,
+        stale: bool,
+        probe: Option<Arc<Probe>>,
+    },
     Etcd(Etcd),
 }
 
@@ -76,7 +84,7 @@ impl Backend {
 
     pub async fn get(&self, shard_key: &str, key: &str) -> Result<Option<Found>, Status> {
         match self {
-            Backend::Ordo { client, stale } => {
+            Backend::Ordo { client, stale, .. } => {
                 let r = client
                     .get(
                         Bytes::copy_from_slice(shard_key.as_bytes()),
@@ -95,15 +103,19 @@ impl Backend {
 
     pub async fn put(&self, shard_key: &str, key: &str, value: Bytes) -> Result<(), Status> {
         match self {
-            Backend::Ordo { client, .. } => client
-                .put(
+            Backend::Ordo { client, probe, .. } => {
+                let (shard_key, key) = (
                     Bytes::copy_from_slice(shard_key.as_bytes()),
                     Bytes::copy_from_slice(key.as_bytes()),
-                    value,
-                    None,
-                )
-                .await
-                .map(drop),
+                );
+                let r = client
+                    .put(shard_key.clone(), key.clone(), value, None)
+                    .await?;
+                if let Some(probe) = probe {
+                    probe.acked(shard_key, key, r.version);
+                }
+                Ok(())
+            }
             Backend::Etcd(e) => e.put(shard_key, key, value).await,
         }
     }
@@ -118,7 +130,7 @@ impl Backend {
         limit: u32,
     ) -> Result<usize, Status> {
         match self {
-            Backend::Ordo { client, stale } => {
+            Backend::Ordo { client, stale, .. } => {
                 let r = client
                     .scan(
                         Bytes::copy_from_slice(shard_key.as_bytes()),
@@ -137,7 +149,26 @@ impl Backend {
     /// Runs `txn`; `Ok(false)` when a compare failed (nothing written).
     pub async fn txn(&self, txn: Txn) -> Result<bool, Status> {
         match self {
-            Backend::Ordo { client, .. } => client.txn(ordo_txn(txn)).await.map(|r| r.succeeded),
+            Backend::Ordo { client, probe, .. } => {
+                let items: Vec<(Bytes, Bytes)> = match probe {
+                    Some(_) => txn
+                        .writes
+                        .iter()
+                        .map(|w| (w.shard_key.clone(), w.key.clone()))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let r = client.txn(ordo_txn(txn)).await?;
+                if let (Some(probe), true) = (probe, r.succeeded) {
+                    // The results are the success ops', in order: one put per write.
+                    for ((shard_key, key), result) in items.into_iter().zip(r.results) {
+                        if let Some(pb::txn_op_result::Result::Put(p)) = result.result {
+                            probe.acked(shard_key, key, p.version);
+                        }
+                    }
+                }
+                Ok(r.succeeded)
+            }
             Backend::Etcd(e) => e.txn(txn).await,
         }
     }

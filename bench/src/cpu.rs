@@ -1,4 +1,5 @@
-//! CPU time used: this process's own (getrusage), and other processes' from `/proc/<pid>/stat`.
+//! CPU time used: this process's own (getrusage), and other processes' from `/proc/<pid>/stat`;
+//! and resident memory, from `/proc/<pid>/status`.
 
 use std::time::Duration;
 
@@ -52,6 +53,27 @@ pub fn stat_cpu_ticks(stat: &str) -> anyhow::Result<u64> {
     Ok(field(14)? + field(15)?)
 }
 
+/// Resident set size (`VmRSS`) of process `pid`, in bytes.
+pub fn pid_rss(pid: u32) -> anyhow::Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status_rss(&status).with_context(|| format!("parsing {path}"))
+}
+
+/// The `VmRSS:` line of a `/proc/<pid>/status` (in kB), in bytes.
+pub fn status_rss(status: &str) -> anyhow::Result<u64> {
+    let Some(line) = status.lines().find(|l| l.starts_with("VmRSS:")) else {
+        bail!("no VmRSS line");
+    };
+    let kb: u64 = line["VmRSS:".len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .with_context(|| format!("{line:?}"))?;
+    Ok(kb * 1024)
+}
+
 /// CPU per 1,000 operations, in seconds.
 pub fn per_thousand_ops(cpu: Duration, ops: u64) -> Option<f64> {
     (ops > 0).then(|| cpu.as_secs_f64() * 1000.0 / ops as f64)
@@ -70,6 +92,14 @@ mod tests {
         assert_eq!(stat_cpu_ticks(tricky).unwrap(), 15);
         assert!(stat_cpu_ticks("garbage").is_err());
         assert!(stat_cpu_ticks("1 (x) S 1").is_err());
+    }
+
+    #[test]
+    fn rss_lines_parse() {
+        let status = "Name:\tordo\nVmPeak:\t  900 kB\nVmRSS:\t  51200 kB\nThreads:\t9\n";
+        assert_eq!(status_rss(status).unwrap(), 51200 * 1024);
+        assert!(status_rss("Name:\tx\n").is_err());
+        assert!(pid_rss(std::process::id()).unwrap() > 0);
     }
 
     #[test]

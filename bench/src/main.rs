@@ -18,6 +18,7 @@
 mod args;
 mod backend;
 mod cpu;
+mod feed;
 mod load;
 mod ops;
 mod output;

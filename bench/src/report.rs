@@ -12,6 +12,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::feed::FeedReport;
 use crate::workload::Op;
 
 /// Significant decimal digits the latency histograms keep (0.1% relative error).
@@ -290,7 +291,7 @@ pub struct Percentile {
     pub ms: f64,
 }
 
-fn round3(v: f64) -> f64 {
+pub fn round3(v: f64) -> f64 {
     (v * 1000.0).round() / 1000.0
 }
 
@@ -356,6 +357,23 @@ pub struct Report {
     pub unsent: u64,
     /// Per op, per second of the measured period.
     pub timeline: BTreeMap<String, Vec<Point>>,
+    /// Resident memory of the server over the measured period, when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory: Option<Memory>,
+    /// What the `--feed-*` options measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub feed: Option<FeedReport>,
+}
+
+/// Resident set size (VmRSS) of the server, sampled every `RSS_SAMPLE_INTERVAL` of the
+/// measured period.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Memory {
+    /// The bench process with `--playground`, else the `--server-pids` (summed).
+    pub source: String,
+    pub start_mib: f64,
+    pub max_mib: f64,
+    pub end_mib: f64,
 }
 
 impl Report {
@@ -389,6 +407,8 @@ impl Report {
                 .into_iter()
                 .map(|(op, points)| (op.name().to_string(), points))
                 .collect(),
+            memory: None,
+            feed: None,
         }
     }
 
@@ -474,6 +494,16 @@ impl Report {
                     per_k(c.bench_cpu_s_per_1k_ops)
                 );
             }
+        }
+        if let Some(m) = &self.memory {
+            let _ = writeln!(
+                out,
+                "memory: server RSS {:.1} MiB at the start, {:.1} MiB max, {:.1} MiB at the end ({})",
+                m.start_mib, m.max_mib, m.end_mib, m.source
+            );
+        }
+        if let Some(f) = &self.feed {
+            out.push_str(&f.lines());
         }
         if i.rate_ops_s.is_some() {
             let _ = writeln!(

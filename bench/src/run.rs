@@ -7,19 +7,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
+use ordo::node::FeedConfig;
 use ordo::playground::{Playground, PlaygroundConfig};
 use ordo_proto::client::Client;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tonic::Streaming;
 
 use crate::args::{Args, Target};
 use crate::backend::{Backend, Etcd};
 use crate::cpu;
+use crate::feed::{self, FeedReport, Probe};
 use crate::load::load;
 use crate::ops::{self, World};
 use crate::progress::show_progress;
 use crate::rebalance::{rebalance_during_run, Rebalance};
-use crate::report::{CpuInfo, Recorder, Report, RunInfo, Timeline};
+use crate::report::{CpuInfo, Memory, Recorder, Report, RunInfo, Timeline};
 use crate::schedule::Pacing;
 use crate::worker::worker;
 use crate::workload::{self, Distribution, Layout, Mix};
@@ -89,6 +92,21 @@ struct Measured {
     cpu_before: (Duration, Duration),
     cpu_after: (Duration, Duration),
     rebalancer: Option<JoinHandle<anyhow::Result<Rebalance>>>,
+    memory: Option<Memory>,
+}
+
+/// How often the server's resident memory is sampled during the measurement.
+const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The change-feed watchers that run beside the workers (`--feed-stall`, `--feed-latency`).
+#[derive(Default)]
+struct Watchers {
+    /// The stalled watcher's stream, never read during the run.
+    stalled: Option<Streaming<ordo_proto::v1::WatchResponse>>,
+    /// The latency watcher's probe and the task reading its stream into it.
+    follower: Option<(Arc<Probe>, JoinHandle<anyhow::Result<()>>)>,
+    /// The watchers' own clients, kept while their streams are read (or held).
+    clients: Vec<Client>,
 }
 
 /// Runs the benchmark `args` describe and reports it.
@@ -102,6 +120,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         let orders = setup.mix.is_orders();
         load(args, &setup.backend, &setup.world, setup.records, orders).await?;
     }
+    let (mut feed_report, mut watchers) = feed_before_run(args, &setup).await?;
     let Setup {
         backend,
         cluster,
@@ -112,7 +131,14 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
         records,
     } = setup;
     let plan = Arc::new(plan(args, backend, world, mix, distribution));
-    let mut measured = measure(args, &plan, cluster.as_ref()).await?;
+    let mut measured = measure(
+        args,
+        &plan,
+        cluster.as_ref(),
+        &mut watchers,
+        &mut feed_report,
+    )
+    .await?;
     let rebalance = tear_down(cluster, measured.rebalancer.take()).await?;
     if let Some(r) = &rebalance {
         println!("{}", r.summary);
@@ -120,7 +146,128 @@ pub async fn run(args: &Args) -> anyhow::Result<Report> {
     if measured.merged.ops.is_empty() {
         bail!("no request was measured (is --duration too short?)");
     }
-    Ok(report(args, &plan, target_name, records, &measured))
+    let mut report = report(args, &plan, target_name, records, &measured);
+    report.feed = feed_report;
+    Ok(report)
+}
+
+/// The `--feed-*` steps before the run: the backlog, the catch-up, and opening the watchers that
+/// run beside the workers (all with the load phase done and nothing else writing).
+async fn feed_before_run(
+    args: &Args,
+    setup: &Setup,
+) -> anyhow::Result<(Option<FeedReport>, Watchers)> {
+    let mut watchers = Watchers::default();
+    let Backend::Ordo { client, probe, .. } = &setup.backend else {
+        return Ok((None, watchers));
+    };
+    if args.feed_backlog == 0 && !args.feed_catch_up && !args.feed_stall && probe.is_none() {
+        return Ok((None, watchers));
+    }
+    // Each watcher has its own connection, as a separate consumer would: an unread stream holds
+    // its connection's HTTP/2 window, which the workers' requests must not share.
+    let own_client = || -> anyhow::Result<Client> {
+        Ok(Client::connect(client.endpoints().to_vec())?.with_timeout(args.timeout))
+    };
+    let mut report = FeedReport::default();
+    if args.feed_backlog > 0 {
+        let took = feed::backlog(
+            &setup.backend,
+            &setup.world.order_prefix,
+            &setup.world.value,
+            args.feed_backlog,
+            args.clients,
+            args.quiet,
+        )
+        .await?;
+        report.backlog_events = args.feed_backlog;
+        report.backlog_s = took.as_secs_f64();
+    }
+    if args.feed_catch_up {
+        report.catch_up = Some(feed::catch_up(&own_client()?).await?);
+    }
+    if args.feed_stall {
+        let own = own_client()?;
+        let (stream, first) = feed::stall(&own).await?;
+        watchers.clients.push(own);
+        watchers.stalled = Some(stream);
+        report.stalled = Some(feed::Stalled {
+            first_response_events: first,
+            open_at_end: false,
+        });
+    }
+    if let Some(probe) = probe {
+        let own = own_client()?;
+        let stream = feed::open_follower(&own).await?;
+        watchers.clients.push(own);
+        let task = tokio::spawn(feed::follow(stream, probe.clone()));
+        watchers.follower = Some((probe.clone(), task));
+    }
+    if !args.quiet {
+        eprint!("{}", report.lines());
+    }
+    Ok((Some(report), watchers))
+}
+
+/// After the workers: the latency watcher's figures (once it has the events of every
+/// acknowledged write, or `feed::DRAIN_TIMEOUT` passed) and whether the stalled watcher's stream
+/// is still open.
+async fn feed_after_run(watchers: &mut Watchers, report: &mut Option<FeedReport>) {
+    let Some(report) = report else {
+        return;
+    };
+    if let Some((probe, task)) = watchers.follower.take() {
+        report.latency = Some(probe.drain().await);
+        task.abort();
+    }
+    if let (Some(stream), Some(s)) = (watchers.stalled.as_mut(), report.stalled.as_mut()) {
+        s.open_at_end = feed::still_open(stream).await;
+    }
+    watchers.stalled = None;
+    watchers.clients.clear();
+}
+
+/// Samples the server's resident memory every `RSS_SAMPLE_INTERVAL` from `from` until `until`:
+/// the bench process with `--playground`, else the `--server-pids`; `None` without either.
+async fn sample_memory(
+    pids: Vec<u32>,
+    playground: bool,
+    from: Instant,
+    until: Instant,
+) -> Option<Memory> {
+    let (pids, source) = if playground {
+        (
+            vec![std::process::id()],
+            "bench process, which runs the playground".to_string(),
+        )
+    } else if !pids.is_empty() {
+        let list: Vec<String> = pids.iter().map(u32::to_string).collect();
+        (pids, format!("pids {}", list.join(",")))
+    } else {
+        return None;
+    };
+    let rss = || {
+        pids.iter()
+            .filter_map(|&p| cpu::pid_rss(p).ok())
+            .sum::<u64>() as f64
+            / (1 << 20) as f64
+    };
+    tokio::time::sleep_until(from).await;
+    let start = rss();
+    let mut max = start;
+    let mut now = start;
+    while Instant::now() < until {
+        tokio::time::sleep(RSS_SAMPLE_INTERVAL).await;
+        now = rss();
+        max = max.max(now);
+    }
+    let round = |v: f64| (v * 10.0).round() / 10.0;
+    Some(Memory {
+        source,
+        start_mib: round(start),
+        max_mib: round(max),
+        end_mib: round(now),
+    })
 }
 
 /// Connects to the target (starting the playground) and builds the world the workload draws
@@ -208,7 +355,18 @@ async fn measure(
     args: &Args,
     plan: &Arc<Plan>,
     cluster: Option<&LocalCluster>,
+    watchers: &mut Watchers,
+    feed_report: &mut Option<FeedReport>,
 ) -> anyhow::Result<Measured> {
+    if let Some((probe, _)) = &watchers.follower {
+        probe.arm(plan.measure_from);
+    }
+    let memory = tokio::spawn(sample_memory(
+        args.server_pids.clone(),
+        cluster.is_some(),
+        plan.measure_from,
+        plan.stop_at,
+    ));
     let ctrl_c = {
         let plan = plan.clone();
         tokio::spawn(async move {
@@ -255,7 +413,10 @@ async fn measure(
     progress.abort();
     let _ = progress.await;
     ctrl_c.abort();
+    feed_after_run(watchers, feed_report).await;
+    let memory = memory.await.context("the memory sampler panicked")?;
     Ok(Measured {
+        memory,
         merged,
         unsent,
         elapsed,
@@ -330,6 +491,7 @@ fn report(
         measured.unsent,
     );
     report.cpu = cpu_info(args, target_name, measured, report.total_ops());
+    report.memory = measured.memory.clone();
     report
 }
 
@@ -369,6 +531,7 @@ async fn connect(args: &Args) -> anyhow::Result<(Backend, Option<LocalCluster>)>
                 Backend::Ordo {
                     client,
                     stale: args.stale_reads,
+                    probe: probe(args),
                 },
                 None,
             )
@@ -391,6 +554,10 @@ async fn connect(args: &Args) -> anyhow::Result<(Backend, Option<LocalCluster>)>
                 port: None,
                 groups: args.groups,
                 replicas: args.replicas,
+                feed: FeedConfig {
+                    capture: args.feed_capture.unwrap_or_default(),
+                    ..FeedConfig::default()
+                },
                 ..PlaygroundConfig::new(dir.path())
             };
             let pg = Playground::start(cfg.clone())
@@ -401,6 +568,7 @@ async fn connect(args: &Args) -> anyhow::Result<(Backend, Option<LocalCluster>)>
                 Backend::Ordo {
                     client,
                     stale: args.stale_reads,
+                    probe: probe(args),
                 },
                 Some(LocalCluster {
                     playground: pg,
@@ -414,6 +582,11 @@ async fn connect(args: &Args) -> anyhow::Result<(Backend, Option<LocalCluster>)>
             None,
         ),
     })
+}
+
+/// With `--feed-latency`, the probe the backend tells of every acknowledged write.
+fn probe(args: &Args) -> Option<Arc<Probe>> {
+    args.feed_latency.then(|| Arc::new(Probe::default()))
 }
 
 fn endpoints_of(backend: &Backend) -> Vec<String> {
