@@ -225,6 +225,11 @@ pub const FEED_PAGE_SCAN_MAX: usize = 8 * FEED_PAGE_EVENTS_MAX as usize;
 /// nothing new sends its resolved time this often: resolved times advance within about a second
 /// with no writes (issue 13), at one small raft entry per 250 ms per idle group.
 pub const FEED_CHECKPOINT_INTERVAL_MS: u64 = 250;
+/// A `Peer.ReadChanges` stream reads its next page at most this soon after the last one (unless
+/// that one was full): every apply wakes it, and a page looks at every watched slot, so without
+/// a pace one reader of a whole group would cost a page per apply. Adds at most this much to a
+/// change's latency.
+pub const FEED_PAGE_PACE_MS: u64 = 5;
 /// `Peer.ReadChanges` streams one node serves at once (RESOURCE_EXHAUSTED past it): each holds
 /// at most one page, so this bounds the memory readers take, whatever they watch.
 pub const FEED_READERS_MAX: usize = 256;

@@ -157,7 +157,9 @@ impl Pump {
         let mut applied = replica.sm.subscribe();
         let mut stop = replica.stop.clone();
         let interval = Duration::from_millis(FEED_CHECKPOINT_INTERVAL_MS);
+        let pace = Duration::from_millis(FEED_PAGE_PACE_MS);
         let mut last_sent: Option<Instant> = None;
+        let mut full = false;
         while !self.cursors.is_empty() {
             // Pull: nothing is read until the previous page has left.
             let permit = tokio::select! {
@@ -167,6 +169,21 @@ impl Pump {
             let Some(permit) = permit else {
                 return self.stopped(&tx, &stop).await;
             };
+            // Paced: applies that come within FEED_PAGE_PACE_MS of the last page share the
+            // next one, so a reader costs a bounded number of pages a second however fast the
+            // group applies (unless a page was full: then the rest is read at once).
+            let since = last_sent.map_or(pace, |t| t.elapsed());
+            if !full && since < pace {
+                let stopping = tokio::select! {
+                    _ = tokio::time::sleep(pace - since) => false,
+                    _ = tx.closed() => return,
+                    _ = stop.wait_for(|s| *s) => true,
+                };
+                if stopping {
+                    drop(permit);
+                    return self.stopped(&tx, &stop).await;
+                }
+            }
             let resp = loop {
                 // Seen before reading: an apply after this line wakes the wait below.
                 drop(applied.borrow_and_update());
@@ -180,7 +197,10 @@ impl Pump {
                         permit.send(Err(e.into()));
                         return;
                     }
-                    Ok((Some(resp), _)) => break resp,
+                    Ok((Some(resp), more)) => {
+                        full = more;
+                        break resp;
+                    }
                     Ok((None, true)) => continue,
                     Ok((None, false)) => {}
                 }

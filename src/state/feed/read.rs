@@ -168,8 +168,6 @@ impl StateMachine {
         events_max: usize,
         bytes_max: u64,
     ) -> Result<Page> {
-        let _r = self.read_guard();
-        let ownership = self.ownership();
         let mut room = Room {
             events: events_max,
             bytes: bytes_max,
@@ -180,7 +178,10 @@ impl StateMachine {
             ..Page::default()
         };
         for c in cursors.iter_mut() {
-            let owned = ownership.owns(c.slot);
+            // One slot at a time under the view lock (its events, position and resolved time
+            // agree), never a whole page: an apply waits for one slot's read at most.
+            let _r = self.read_guard();
+            let owned = self.ownership.read().unwrap().owns(c.slot);
             let (pos, more) = self.read_slot(c, owned, filter, &mut room, &mut page.events)?;
             page.resolved_ts_ms = page.resolved_ts_ms.min(pos.resolved_ts_ms);
             page.more |= pos.snapshotting || more;
@@ -317,7 +318,14 @@ impl StateMachine {
             floor
         } else {
             let mut r = self.feed_ts.load(std::sync::atomic::Ordering::Acquire);
-            if let Some(prepared) = participant::oldest_part_ts(&self.data, c.slot)? {
+            // Every prepared part holds locks: with none held (the counter agrees with the data
+            // under the view lock) there is no part to scan for.
+            let parts = self.locks_held() > 0;
+            if let Some(prepared) = parts
+                .then(|| participant::oldest_part_ts(&self.data, c.slot))
+                .transpose()?
+                .flatten()
+            {
                 r = r.min(prepared.saturating_sub(1));
             }
             r.max(floor)
