@@ -233,8 +233,7 @@ pub const FEED_PAGE_PACE_MS: u64 = 5;
 /// `Peer.ReadChanges` streams one node serves at once (RESOURCE_EXHAUSTED past it): each holds
 /// at most one page, so this bounds the memory readers take, whatever they watch.
 pub const FEED_READERS_MAX: usize = 256;
-/// Most shard keys one `ReadChanges` filters on (each is compared with every event read).
-pub const FEED_SHARD_KEYS_MAX: usize = 1024;
+pub use ordo_proto::FEED_SHARD_KEYS_MAX;
 /// How often a leader plans trims of the retained log (a checkpoint with per-slot "drop below
 /// seq" decisions): it reads every owned slot's meta record, so not every checkpoint does it.
 pub const FEED_TRIM_INTERVAL_MS: u64 = 1_000;

@@ -16,6 +16,11 @@ mod txn;
 
 pub use dedup::{request_digest, DEDUP_OUTCOME_BYTES_MAX, REQUEST_DIGEST_BYTES};
 
+/// Most shard keys one change-feed watch filters on, at the router (`Feed.Watch`) and at the
+/// node (`Peer.ReadChanges`, which the router forwards them to): each is compared with every
+/// event read.
+pub const FEED_SHARD_KEYS_MAX: usize = 1024;
+
 pub use status::{certainly_not_applied, connect_failed, error_detail_of};
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -37,8 +37,7 @@ pub const FEED_RESPONSE_EVENTS_MAX: usize = 1024;
 pub const FEED_RESPONSE_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Longest cursor accepted: a 65,536-slot map at the worst case of 11 bytes a slot, with room.
 pub const FEED_CURSOR_BYTES_MAX: usize = 1024 * 1024;
-/// Most shard keys one Watch filters on.
-pub const FEED_SHARD_KEYS_MAX: usize = 1024;
+pub use ordo_proto::FEED_SHARD_KEYS_MAX;
 /// Longest a watch keeps trying to reopen a group's stream (over its replicas, with backoff)
 /// before it ends with `UNAVAILABLE`; the client resumes from its last cursor.
 pub const FEED_REOPEN_WITHIN: Duration = Duration::from_secs(30);
