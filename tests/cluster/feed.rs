@@ -17,7 +17,7 @@ use tonic::Streaming;
 
 use ordo_testkit::inproc::{InProcGroup, INPROC_GROUP};
 use ordo_testkit::proc::{ProcGroup, PROC_GROUP};
-use ordo_testkit::{bins, wait_for, Cluster};
+use ordo_testkit::{bins, wait_for, Cluster, Member};
 
 const SETTLE: Duration = Duration::from_secs(60);
 const SLOT_COUNT: u32 = ordo::limits::SLOT_COUNT_DEFAULT;
@@ -97,12 +97,9 @@ async fn write(g: &impl Cluster, from: u32, n: u32) -> (Vec<(String, u64)>, Vec<
     (puts, emits)
 }
 
-/// A follower streams its slots from the start while the leader is killed and writes go on at
-/// the next leader: every acknowledged put and emit arrives exactly once, each slot's seqs are
-/// dense from 1, and each item's versions arrive in order with none twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_follower_streams_every_acknowledged_write_once_in_seq_order_across_a_leader_kill() {
-    let mut g = InProcGroup::start(3, COMPACT_LOG_ENTRIES_DEFAULT, None)
+/// A group of three, its leader and one of its followers (the reader of the tests below).
+async fn group_with_a_follower() -> (InProcGroup, Member, Member) {
+    let g = InProcGroup::start(3, COMPACT_LOG_ENTRIES_DEFAULT, None)
         .await
         .unwrap();
     let leader = g.wait_leader(INPROC_GROUP, SETTLE).await;
@@ -111,6 +108,15 @@ async fn a_follower_streams_every_acknowledged_write_once_in_seq_order_across_a_
         .into_iter()
         .find(|m| *m != leader)
         .unwrap();
+    (g, leader, reader)
+}
+
+/// A follower streams its slots from the start while the leader is killed and writes go on at
+/// the next leader: every acknowledged put and emit arrives exactly once, each slot's seqs are
+/// dense from 1, and each item's versions arrive in order with none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_follower_streams_every_acknowledged_write_once_in_seq_order_across_a_leader_kill() {
+    let (mut g, leader, reader) = group_with_a_follower().await;
     let mut stream = read(&g.addr(reader), INPROC_GROUP, &slots(), 0, 7)
         .await
         .unwrap();
@@ -192,15 +198,7 @@ async fn advances_within_a_second(from: u64, stream: &mut Streaming<ReadChangesR
 /// second of a new leader being elected after the old one was killed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn resolved_times_advance_within_a_second_with_no_writes_also_after_a_leader_kill() {
-    let mut g = InProcGroup::start(3, COMPACT_LOG_ENTRIES_DEFAULT, None)
-        .await
-        .unwrap();
-    let leader = g.wait_leader(INPROC_GROUP, SETTLE).await;
-    let reader = g
-        .members(INPROC_GROUP)
-        .into_iter()
-        .find(|m| *m != leader)
-        .unwrap();
+    let (mut g, leader, reader) = group_with_a_follower().await;
     let mut stream = read(&g.addr(reader), INPROC_GROUP, &slots(), 0, 0)
         .await
         .unwrap();
