@@ -5,8 +5,10 @@
 //! channel, so a stalled reader holds a position, not a buffer (beyond that page, what HTTP/2's
 //! flow-control window lets the transport send ahead). It sends a page whenever the
 //! applied state has events for it (woken by the applied index's watch, no polling of sled),
-//! else every `FEED_CHECKPOINT_INTERVAL_MS` a page with no events and the resolved time. Readers
-//! per node are bounded (`FEED_READERS_MAX`).
+//! else every `FEED_CHECKPOINT_INTERVAL_MS` a page with no events and the resolved time. A page
+//! reads only the slots whose log moved since their last read (`feed::Tips`), and every slot
+//! once per `FEED_CHECKPOINT_INTERVAL_MS`, so a reader costs per event, not per watched slot
+//! per apply. Readers per node are bounded (`FEED_READERS_MAX`).
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -159,6 +161,7 @@ impl Pump {
         let interval = Duration::from_millis(FEED_CHECKPOINT_INTERVAL_MS);
         let pace = Duration::from_millis(FEED_PAGE_PACE_MS);
         let mut last_sent: Option<Instant> = None;
+        let mut last_whole: Option<Instant> = None;
         let mut full = false;
         while !self.cursors.is_empty() {
             // Pull: nothing is read until the previous page has left.
@@ -192,7 +195,11 @@ impl Pump {
                     return;
                 }
                 let due = last_sent.is_none_or(|t| t.elapsed() >= interval);
-                match self.page(due) {
+                let whole = last_whole.is_none_or(|t| t.elapsed() >= interval);
+                if whole {
+                    last_whole = Some(Instant::now());
+                }
+                match self.page(due, whole) {
                     Err(e) => {
                         permit.send(Err(e.into()));
                         return;
@@ -223,22 +230,38 @@ impl Pump {
     }
 
     /// The next page: `Some` when it is worth sending (events, a moved slot, or `due` for a
-    /// checkpoint), and whether more can be read at once. Moved slots leave the stream once
-    /// reported; the slots take turns going first.
-    fn page(&mut self, due: bool) -> crate::error::Result<(Option<ReadChangesResponse>, bool)> {
+    /// checkpoint), and whether more can be read at once. A `whole` page reads every slot (its
+    /// positions name them all); any other reads only the slots with something new. Moved
+    /// slots leave the stream once reported; the slots take turns going first.
+    fn page(
+        &mut self,
+        due: bool,
+        whole: bool,
+    ) -> crate::error::Result<(Option<ReadChangesResponse>, bool)> {
         let sm = &self.reader.0.sm;
         let filter = Filter {
             shard_keys: &self.shard_keys,
             key_prefix: &self.key_prefix,
         };
-        let page = sm.feed_page(&mut self.cursors, &filter, self.events_max, self.bytes_max)?;
-        let moved = page.positions.iter().any(|p| p.moved);
-        self.cursors
-            .retain(|c| !page.positions.iter().any(|p| p.moved && p.slot == c.slot));
+        let (events_max, bytes_max) = (self.events_max, self.bytes_max);
+        let page = if whole {
+            sm.feed_page(&mut self.cursors, &filter, events_max, bytes_max)?
+        } else {
+            sm.feed_page_changed(&mut self.cursors, &filter, events_max, bytes_max)?
+        };
+        let moved: Vec<u32> = page
+            .positions
+            .iter()
+            .filter(|p| p.moved)
+            .map(|p| p.slot)
+            .collect();
+        if !moved.is_empty() {
+            self.cursors.retain(|c| !moved.contains(&c.slot));
+        }
         if !self.cursors.is_empty() {
             self.cursors.rotate_left(1);
         }
-        let send = due || moved || !page.events.is_empty();
+        let send = due || !moved.is_empty() || !page.events.is_empty();
         let resp = send.then(|| ReadChangesResponse {
             events: page.events,
             positions: page.positions,

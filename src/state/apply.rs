@@ -91,7 +91,7 @@ impl StateMachine {
         let moving = self.moving.read().unwrap();
         let pending = dedup::Pending::load(&self.data, batch, self.slot_count)?;
         let _w = self.view.write().unwrap();
-        let (applied, results, locks, aged, logs, last_ts) = (&self.data, &self.sys)
+        let (applied, results, locks, aged, logs, last_ts, tips) = (&self.data, &self.sys)
             .transaction(|(data, sys)| {
                 let mut last_ts = super::read_u64(sys.get(FEED_TS_KEY)?, "feed_ts")
                     .map_err(ConflictableTransactionError::Abort)?;
@@ -135,10 +135,11 @@ impl StateMachine {
                 sys.insert(APPLIED_KEY, &batch[applied - 1].index.to_be_bytes())?;
                 sys.insert(FEED_TS_KEY, &last_ts.to_be_bytes())?;
                 let mut view = applier.view;
-                view.finish_feed()
+                let tips = view
+                    .finish_feed()
                     .map_err(ConflictableTransactionError::Abort)?;
                 let logs = view.log.finish()?;
-                Ok((applied, results, view.locks, view.aged, logs, last_ts))
+                Ok((applied, results, view.locks, view.aged, logs, last_ts, tips))
             })
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Abort(e) => e,
@@ -150,6 +151,9 @@ impl StateMachine {
         }
         self.locks.store(locks, Ordering::Relaxed);
         self.feed_ts.store(last_ts, Ordering::Release);
+        for (slot, last_seq) in tips {
+            self.feed_tips.set(slot, last_seq);
+        }
         self.lock_ages.record(aged);
         self.applied
             .store(batch[applied - 1].index, Ordering::Release);

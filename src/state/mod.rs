@@ -58,6 +58,8 @@ pub struct StateMachine {
     applied: AtomicU64,
     /// `FEED_TS_KEY` as the last apply left it.
     feed_ts: AtomicU64,
+    /// Every slot's last seq and the epoch of ownership and fences, for change-feed readers.
+    feed_tips: feed::Tips,
     /// Notified with the applied index after every apply (watchers of the shard map use it).
     applied_tx: tokio::sync::watch::Sender<u64>,
     ownership: RwLock<Ownership>,
@@ -286,6 +288,7 @@ impl StateMachine {
         let moving = Moving::load(&sys)?;
         let lock_ages = participant::LockAges::default();
         let locks = lock_ages.reset(&data, slot_count)?;
+        let feed_tips = feed::Tips::load(&data, slot_count)?;
         let config_addrs = RwLock::new(load_config_addrs(&sys)?);
         Ok(Opened {
             sm: StateMachine {
@@ -295,6 +298,7 @@ impl StateMachine {
                 slot_count,
                 applied: AtomicU64::new(applied),
                 feed_ts: AtomicU64::new(feed_ts),
+                feed_tips,
                 applied_tx: tokio::sync::watch::channel(applied).0,
                 ownership: RwLock::new(ownership),
                 moving: RwLock::new(moving),
@@ -646,6 +650,7 @@ impl StateMachine {
         );
         *self.moving.write().unwrap() = Moving::load(&self.sys)?;
         *self.config_addrs.write().unwrap() = load_config_addrs(&self.sys)?;
+        self.feed_tips.reload(&self.data, 0..self.slot_count)?;
         self.applied_tx.send_replace(index);
         tracing::info!(node = self.node_id, index, items, "installed snapshot");
         Ok(items)

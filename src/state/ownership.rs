@@ -135,6 +135,11 @@ impl StateMachine {
             }
             batch.insert(APPLIED_KEY, &index.to_be_bytes());
             self.sys.apply_batch(batch)?;
+            // Slots that came in with a move got their logs from its copy, not from an apply.
+            let gained: Vec<u32> = (0..self.slot_count)
+                .filter(|&s| next.owns(s) && !current.owns(s))
+                .collect();
+            self.feed_tips.reload(&self.data, gained)?;
             *self.ownership.write().unwrap() = next;
             if !req.config_addrs.is_empty() {
                 *self.config_addrs.write().unwrap() = req.config_addrs.clone();

@@ -417,6 +417,13 @@ impl Watch {
             events.push(ev);
         }
         let reader = self.readers.get_mut(&group).expect("polled");
+        // The page's time covers every slot of the stream; a page lists only the slots it
+        // read (every one at least once per checkpoint interval).
+        for s in &reader.slots {
+            if let Some(slot) = self.slots.get_mut(s).filter(|slot| slot.group == group) {
+                slot.resolved = slot.resolved.max(page.resolved_ts_ms);
+            }
+        }
         for p in &page.positions {
             let Some(slot) = self.slots.get_mut(&p.slot) else {
                 continue;

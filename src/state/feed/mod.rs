@@ -30,9 +30,11 @@ use crate::error::{Error, Result};
 mod read;
 #[cfg(test)]
 mod tests;
+mod tips;
 mod trim;
 
 pub use read::{Cursor, Filter, Start};
+pub(super) use tips::Tips;
 
 /// The reserved-range kind of change-feed records.
 pub(super) const KIND: u8 = b'e';
@@ -285,12 +287,15 @@ impl TxView<'_> {
         Ok(())
     }
 
-    /// Writes the meta records this transaction changed (once each, at its end).
-    pub(super) fn finish_feed(&mut self) -> Result<()> {
+    /// Writes the meta records this transaction changed (once each, at its end); returns each
+    /// one's slot and last seq, for [`Tips`] once the transaction commits.
+    pub(super) fn finish_feed(&mut self) -> Result<Vec<(u32, u64)>> {
+        let mut tips = Vec::with_capacity(self.feed.metas.len());
         for (slot, meta) in std::mem::take(&mut self.feed.metas) {
             self.put_raw(slot, meta_key(slot), meta.encode())?;
+            tips.push((slot, meta.last_seq));
         }
-        Ok(())
+        Ok(tips)
     }
 }
 

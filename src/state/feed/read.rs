@@ -45,6 +45,16 @@ pub struct Cursor {
     snapshot: Option<Vec<u8>>,
     /// The highest resolved time sent for the slot (it never goes back).
     resolved: u64,
+    /// What the last read of the slot saw (`None`: not read yet).
+    seen: Option<Seen>,
+}
+
+/// A slot as a read left it: the tips' epoch then, and whether it was owned, unfenced and read
+/// to its end (its resolved time is then the group's, with no part prepared).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Seen {
+    epoch: u64,
+    live: bool,
 }
 
 /// One page of a read over several slots.
@@ -124,6 +134,7 @@ impl StateMachine {
             seq: 0,
             snapshot: None,
             resolved: 0,
+            seen: None,
         };
         cursor.seq = match start {
             Start::AfterSeq(seq) if seq + 1 < meta.first_seq => {
@@ -160,13 +171,39 @@ impl StateMachine {
 
     /// The next page over `cursors`, in their order, at most `events_max` events and about
     /// `bytes_max` bytes (at least one event when any is due), each cursor moved past what it
-    /// read.
+    /// read. Every slot is read and has a position.
     pub fn feed_page(
         &self,
         cursors: &mut [Cursor],
         filter: &Filter<'_>,
         events_max: usize,
         bytes_max: u64,
+    ) -> Result<Page> {
+        self.page(cursors, filter, events_max, bytes_max, true)
+    }
+
+    /// As [`feed_page`](Self::feed_page), reading only the slots with something new since
+    /// their last read (events, a trim of unread events, a change of owner or fence, a
+    /// snapshot still streaming); the others keep their position and get no `SlotPosition`,
+    /// but their resolved time still follows the group's while nothing is prepared. The
+    /// page's `resolved_ts_ms` covers every cursor. A cursor never read is read.
+    pub fn feed_page_changed(
+        &self,
+        cursors: &mut [Cursor],
+        filter: &Filter<'_>,
+        events_max: usize,
+        bytes_max: u64,
+    ) -> Result<Page> {
+        self.page(cursors, filter, events_max, bytes_max, false)
+    }
+
+    fn page(
+        &self,
+        cursors: &mut [Cursor],
+        filter: &Filter<'_>,
+        events_max: usize,
+        bytes_max: u64,
+        every: bool,
     ) -> Result<Page> {
         let mut room = Room {
             events: events_max,
@@ -181,16 +218,47 @@ impl StateMachine {
             // One slot at a time under the view lock (its events, position and resolved time
             // agree), never a whole page: an apply waits for one slot's read at most.
             let _r = self.read_guard();
+            if !every && self.unchanged(c) {
+                page.resolved_ts_ms = page.resolved_ts_ms.min(c.resolved);
+                continue;
+            }
             let owned = self.ownership.read().unwrap().owns(c.slot);
             let (pos, more) = self.read_slot(c, owned, filter, &mut room, &mut page.events)?;
+            c.seen = Some(Seen {
+                epoch: self.feed_tips.epoch(),
+                live: owned && !more && !pos.snapshotting && !self.fenced(c.slot),
+            });
             page.resolved_ts_ms = page.resolved_ts_ms.min(pos.resolved_ts_ms);
             page.more |= pos.snapshotting || more;
             page.positions.push(pos);
         }
-        if page.positions.is_empty() {
+        if cursors.is_empty() {
             page.resolved_ts_ms = 0;
         }
         Ok(page)
+    }
+
+    /// Whether `c`'s slot has nothing new since its last read (under the view lock): no event
+    /// after its position and the same epoch. Its resolved time then moves up to the group's
+    /// applied time when that is what a read would give it (owned, unfenced, at its end, and
+    /// no part prepared anywhere in the group).
+    fn unchanged(&self, c: &mut Cursor) -> bool {
+        let Some(seen) = c.seen else {
+            return false;
+        };
+        let tips = &self.feed_tips;
+        if c.snapshot.is_some() || seen.epoch != tips.epoch() || tips.last(c.slot) != c.seq {
+            return false;
+        }
+        if seen.live && self.locks_held() == 0 {
+            let group = self.feed_ts.load(std::sync::atomic::Ordering::Acquire);
+            c.resolved = c.resolved.max(group);
+        }
+        true
+    }
+
+    fn fenced(&self, slot: u32) -> bool {
+        self.moving.read().unwrap().fenced(slot).is_some()
     }
 
     /// One slot's share of a page: its position, and whether events are left to read.
@@ -313,7 +381,7 @@ impl StateMachine {
     /// sent. Never lower than what was sent before.
     fn slot_resolved(&self, c: &mut Cursor, meta: &Meta, owned: bool, at_end: bool) -> Result<u64> {
         let floor = meta.floor_ts.saturating_sub(1);
-        let frozen = !owned || self.moving.read().unwrap().fenced(c.slot).is_some();
+        let frozen = !owned || self.fenced(c.slot);
         let mut r = if frozen {
             floor
         } else {

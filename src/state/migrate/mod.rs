@@ -377,6 +377,8 @@ impl StateMachine {
         // change-feed page) holds the view while it reads `moving`.
         let _w = self.view.write().unwrap();
         let mut moving = self.moving.write().unwrap();
+        // A fence freezes the resolved time of its slots: change-feed readers look again.
+        self.feed_tips.bump();
         match MigrateStep::try_from(req.step) {
             Ok(MigrateStep::Begin) => self.out_begin(index, req, &mut moving),
             Ok(MigrateStep::Fence) => self.out_fence(index, req.migration_id, &mut moving, stamp),
