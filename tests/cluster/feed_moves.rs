@@ -8,8 +8,7 @@
 //!
 //! The scenarios themselves stay in `resharding.rs`. The abort and the drain run the watcher
 //! always (the feed is part of what a move must not break), so their feed checks cost no
-//! cluster of their own; the rebalance and the three kill scenarios run it in the tests below,
-//! beside their unwatched originals (three of the four are ignored for now, with the reason). This module
+//! cluster of their own, and so do the rebalance and the three kill scenarios. This module
 //! holds what they share: [`FeedRun`], and the comparison of two watches event by event for the
 //! moves that must leave the feed as it was (an abort) or lose nothing of it (a removed group).
 //!
@@ -35,7 +34,7 @@ use crate::bank::{
     account, open_accounts, put, read_accounts, router_with, two_groups_apart, ACCOUNTS, INITIAL,
 };
 use crate::nemesis::FEED_CATCH_UP;
-use crate::resharding::{move_with_a_kill, rebalance_onto_a_fourth_group, Finished, Kill};
+use crate::resharding::Finished;
 
 /// A watch from the oldest event.
 fn from_oldest() -> WatchRequest {
@@ -405,44 +404,4 @@ async fn feed_cross_group_transactions_carry_one_txn_id_and_aborted_ones_emit_no
     let watch = feed.stop_at(expected.settled_ms).await;
     assert_complete(&expected, &watch);
     pg.shutdown().await;
-}
-
-// ---- the resharding scenarios, watched ---------------------------------------------------------
-
-/// Issue 13, acceptance 2: resharding acceptance 1 (a 4th group added and rebalanced onto under
-/// 16 clients) with a watcher throughout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "watched, the rebalance outlasts its admin client's 120 s timeout on this loaded \
-            2-core machine: each feed page scans every slot's prepared parts (slot_resolved → \
-            oldest_part_ts) over 3 groups' 4096 slots, see the feedmoves report"]
-async fn feed_through_a_rebalance_onto_a_fourth_group_under_load() {
-    rebalance_onto_a_fourth_group(true).await;
-}
-
-/// Issue 13, acceptance 2: resharding scenario 2a (the donor leader stopped during the copy)
-/// with a watcher throughout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "the watched move's critical section outlasts the clients' 10 s deadline (\"a client \
-            saw a moving slot\") on this loaded 2-core machine: each feed page scans every \
-            slot's prepared parts (slot_resolved → oldest_part_ts), see the feedmoves report"]
-async fn feed_through_a_move_whose_donor_leader_is_killed_during_the_copy() {
-    move_with_a_kill(Kill::DonorLeaderDuringCopy, true).await;
-}
-
-/// Issue 13, acceptance 2: resharding scenario 2b (the recipient leader stopped during the
-/// catch-up) with a watcher throughout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn feed_through_a_move_whose_recipient_leader_is_killed_during_the_catch_up() {
-    move_with_a_kill(Kill::RecipientLeaderDuringCatchUp, true).await;
-}
-
-/// Issue 13, acceptance 2: resharding scenario 2c (the config leader stopped in the critical
-/// section) with a watcher throughout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "the move resumed by the new config leader does not end within the scenario's 60 s \
-            bound on this branch, watched or not: the unwatched original \
-            a_meta_leader_killed_in_the_critical_section_loses_nothing fails the same way here \
-            (no deadlock since the apply_out lock-order fix), see the feedmoves report"]
-async fn feed_through_a_move_whose_config_leader_is_killed_in_the_critical_section() {
-    move_with_a_kill(Kill::MetaLeaderInCriticalSection, true).await;
 }

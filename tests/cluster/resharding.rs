@@ -363,24 +363,16 @@ pub(crate) fn print_moves(migrations: &[ordo_proto::v1::Migration]) {
     }
 }
 
-/// Acceptance 1: under 16 clients, add a 4th group and rebalance onto it.
+/// Acceptance 1: under 16 clients, add a 4th group and rebalance onto it. A watcher from the
+/// oldest event runs throughout (issue 13, acceptance 2, `feed_moves::FeedRun`): every
+/// acknowledged write once, per slot the seqs contiguous across the moves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn adding_a_group_and_rebalancing_under_load_loses_nothing() {
-    rebalance_onto_a_fourth_group(false).await;
-}
-
-/// Acceptance 1's scenario. With `watched`, a watcher from the oldest event runs throughout
-/// (issue 13, acceptance 2, `feed_moves.rs`): every acknowledged write once, per slot the seqs
-/// contiguous across the moves.
-pub(crate) async fn rebalance_onto_a_fourth_group(watched: bool) {
     let _serial = ordo_testkit::HEAVY.lock().await;
     let started = Instant::now();
     let pg = InProcCluster::start(3, 3).await;
     let router = pg.router_addr();
-    let feed = match watched {
-        true => Some(FeedRun::start("through a rebalance onto group 4", &router).await),
-        false => None,
-    };
+    let feed = FeedRun::start("through a rebalance onto group 4", &router).await;
     preload(&router).await;
     let preloaded = preloaded_writes(PRELOAD, ordo_proto::unix_ms());
     let load = start_load(&router, CLIENTS);
@@ -417,9 +409,7 @@ pub(crate) async fn rebalance_onto_a_fourth_group(watched: bool) {
     load.wait_ops(300, "the load to go on after the moves")
         .await;
     let finished = load.finish(&router).await;
-    if let Some(feed) = feed {
-        feed.check(&finished, preloaded).await;
-    }
+    feed.check(&finished, preloaded).await;
 
     let map = cc.get_shard_map(true).await.unwrap();
     assert_eq!(
@@ -626,7 +616,7 @@ async fn bad_moves_are_refused_and_an_abort_changes_nothing() {
 
 /// Which replica a kill test stops, and when.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub(crate) enum Kill {
+enum Kill {
     DonorLeaderDuringCopy,
     RecipientLeaderDuringCatchUp,
     MetaLeaderInCriticalSection,
@@ -658,17 +648,14 @@ fn local_migrations(node: &ordo::node::Node) -> ordo_proto::v1::MigrationList {
 /// Moves all of group 1's slots to group 2 under load and stops one leader at the chosen
 /// moment. The move completes or aborts; nothing acknowledged is lost; the groups' ownership
 /// matches the final map (one owner per slot) and every live replica holds exactly its group's
-/// data. With `watched`, a watcher from the oldest event runs throughout (issue 13, acceptance
-/// 2, `feed_moves.rs`): per slot the seqs contiguous, every acknowledged write once, an unknown
-/// one at most once.
-pub(crate) async fn move_with_a_kill(kill: Kill, watched: bool) {
+/// data. A watcher from the oldest event runs throughout (issue 13, acceptance 2,
+/// `feed_moves::FeedRun`): per slot the seqs contiguous, every acknowledged write once, an
+/// unknown one at most once.
+async fn move_with_a_kill(kill: Kill) {
     let _serial = ordo_testkit::HEAVY.lock().await;
     let mut pg = InProcCluster::start(2, 3).await;
     let router = pg.router_addr();
-    let feed = match watched {
-        true => Some(FeedRun::start(&format!("through a move, {kill:?} stopped"), &router).await),
-        false => None,
-    };
+    let feed = FeedRun::start(&format!("through a move, {kill:?} stopped"), &router).await;
     preload_n(&router, KILL_PRELOAD).await;
     let preloaded = preloaded_writes(KILL_PRELOAD, ordo_proto::unix_ms());
     let load = start_load(&router, CLIENTS_LIGHT);
@@ -717,9 +704,7 @@ pub(crate) async fn move_with_a_kill(kill: Kill, watched: bool) {
     }));
     load.wait_ops(200, "the load to go on after the move").await;
     let finished = load.finish_with(&router, KILL_PRELOAD, true).await;
-    if let Some(feed) = feed {
-        feed.check(&finished, preloaded).await;
-    }
+    feed.check(&finished, preloaded).await;
     let map = cc.get_shard_map(true).await.unwrap();
     // One owner per slot: each group's replicated ownership is exactly its share of the map.
     let counts = slot_counts(&map);
@@ -808,17 +793,17 @@ async fn stop_a_leader(kill: Kill, pg: &mut InProcCluster, cc: &ClusterClient) {
 /// Acceptance 2a.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_donor_leader_killed_during_the_copy_loses_nothing() {
-    move_with_a_kill(Kill::DonorLeaderDuringCopy, false).await;
+    move_with_a_kill(Kill::DonorLeaderDuringCopy).await;
 }
 
 /// Acceptance 2b.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_recipient_leader_killed_during_the_catch_up_loses_nothing() {
-    move_with_a_kill(Kill::RecipientLeaderDuringCatchUp, false).await;
+    move_with_a_kill(Kill::RecipientLeaderDuringCatchUp).await;
 }
 
 /// Acceptance 2c.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_meta_leader_killed_in_the_critical_section_loses_nothing() {
-    move_with_a_kill(Kill::MetaLeaderInCriticalSection, false).await;
+    move_with_a_kill(Kill::MetaLeaderInCriticalSection).await;
 }
