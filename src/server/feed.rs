@@ -24,7 +24,7 @@ use crate::error::Error;
 use crate::limits::*;
 use crate::node::FeedConfig;
 use crate::replica::ReplicaHandle;
-use crate::state::feed::{Cursor, Filter, Start};
+use crate::state::feed::{Cursor, Filter, Slots, Start};
 use crate::state::{Checkpoint, Command};
 
 pub(crate) type ChangeStream =
@@ -244,11 +244,8 @@ impl Pump {
             key_prefix: &self.key_prefix,
         };
         let (events_max, bytes_max) = (self.events_max, self.bytes_max);
-        let page = if whole {
-            sm.feed_page(&mut self.cursors, &filter, events_max, bytes_max)?
-        } else {
-            sm.feed_page_changed(&mut self.cursors, &filter, events_max, bytes_max)?
-        };
+        let slots = if whole { Slots::Every } else { Slots::Changed };
+        let page = sm.feed_page(slots, &mut self.cursors, &filter, events_max, bytes_max)?;
         let moved: Vec<u32> = page
             .positions
             .iter()

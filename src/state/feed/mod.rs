@@ -33,7 +33,7 @@ mod tests;
 mod tips;
 mod trim;
 
-pub use read::{Cursor, Filter, Start};
+pub use read::{Cursor, Filter, Slots, Start};
 pub(super) use tips::Tips;
 
 /// The reserved-range kind of change-feed records.

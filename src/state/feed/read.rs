@@ -35,6 +35,13 @@ pub enum Start {
     Snapshot,
 }
 
+/// Which slots a page reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slots {
+    Every,
+    Changed,
+}
+
 /// One reader's position in one slot, kept by the reader between pages.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Cursor {
@@ -171,39 +178,19 @@ impl StateMachine {
 
     /// The next page over `cursors`, in their order, at most `events_max` events and about
     /// `bytes_max` bytes (at least one event when any is due), each cursor moved past what it
-    /// read. Every slot is read and has a position.
+    /// read. `Slots::Every` reads every slot and gives each a position; `Slots::Changed` reads
+    /// only the slots with something new since their last read (events, a trim of unread
+    /// events, a change of owner or fence, a snapshot still streaming, or never read): the
+    /// others keep their position and get no `SlotPosition`, but their resolved time still
+    /// follows the group's while nothing is prepared. The page's `resolved_ts_ms` covers every
+    /// cursor.
     pub fn feed_page(
         &self,
+        slots: Slots,
         cursors: &mut [Cursor],
         filter: &Filter<'_>,
         events_max: usize,
         bytes_max: u64,
-    ) -> Result<Page> {
-        self.page(cursors, filter, events_max, bytes_max, true)
-    }
-
-    /// As [`feed_page`](Self::feed_page), reading only the slots with something new since
-    /// their last read (events, a trim of unread events, a change of owner or fence, a
-    /// snapshot still streaming); the others keep their position and get no `SlotPosition`,
-    /// but their resolved time still follows the group's while nothing is prepared. The
-    /// page's `resolved_ts_ms` covers every cursor. A cursor never read is read.
-    pub fn feed_page_changed(
-        &self,
-        cursors: &mut [Cursor],
-        filter: &Filter<'_>,
-        events_max: usize,
-        bytes_max: u64,
-    ) -> Result<Page> {
-        self.page(cursors, filter, events_max, bytes_max, false)
-    }
-
-    fn page(
-        &self,
-        cursors: &mut [Cursor],
-        filter: &Filter<'_>,
-        events_max: usize,
-        bytes_max: u64,
-        every: bool,
     ) -> Result<Page> {
         let mut room = Room {
             events: events_max,
@@ -218,7 +205,7 @@ impl StateMachine {
             // One slot at a time under the view lock (its events, position and resolved time
             // agree), never a whole page: an apply waits for one slot's read at most.
             let _r = self.read_guard();
-            if !every && self.unchanged(c) {
+            if slots == Slots::Changed && self.unchanged(c) {
                 page.resolved_ts_ms = page.resolved_ts_ms.min(c.resolved);
                 continue;
             }

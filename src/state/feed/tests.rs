@@ -13,7 +13,7 @@ use ordo_proto::v1::{
 };
 use proptest::prelude::*;
 
-use super::{Capture, Cursor, Filter, Start};
+use super::{Capture, Cursor, Filter, Slots, Start};
 use crate::error::Error;
 use crate::state::{keys, Apply, Checkpoint, Command, Outcome, Stamp, StateMachine};
 
@@ -118,7 +118,10 @@ impl Sm {
         };
         let mut out = Vec::new();
         loop {
-            let page = self.sm.feed_page(&mut c, &all, per_page, 1 << 30).unwrap();
+            let page = self
+                .sm
+                .feed_page(Slots::Every, &mut c, &all, per_page, 1 << 30)
+                .unwrap();
             assert!(page.events.len() <= per_page);
             out.extend(page.events);
             if !page.more {
@@ -422,14 +425,18 @@ fn a_finished_part_emits_with_its_id_an_abort_emits_nothing_and_a_prepare_holds_
         shard_keys: &[],
         key_prefix: b"",
     };
-    let page = s.sm.feed_page(&mut c, &all, 10, 1 << 20).unwrap();
+    let page =
+        s.sm.feed_page(Slots::Every, &mut c, &all, 10, 1 << 20)
+            .unwrap();
     assert_eq!(page.resolved_ts_ms, 1_999, "held below the prepared part");
     s.run_at(finish(1, "o", Decision::RunSuccess), 4_000)
         .unwrap();
     s.run_at(prepare(2, vec![put("o", "a", "2")]), 5_000)
         .unwrap();
     s.run_at(finish(2, "o", Decision::Abort), 6_000).unwrap();
-    let page = s.sm.feed_page(&mut c, &all, 10, 1 << 20).unwrap();
+    let page =
+        s.sm.feed_page(Slots::Every, &mut c, &all, 10, 1 << 20)
+            .unwrap();
     let ids: Vec<_> = page
         .events
         .iter()
@@ -497,7 +504,9 @@ fn reads_page_filter_start_and_check_continuity() {
         s.sm.feed_start(o, Start::Oldest).unwrap(),
         s.sm.feed_start(q, Start::Oldest).unwrap(),
     ];
-    let page = s.sm.feed_page(&mut c, &f, 1000, 1 << 20).unwrap();
+    let page =
+        s.sm.feed_page(Slots::Every, &mut c, &f, 1000, 1 << 20)
+            .unwrap();
     assert!(page
         .events
         .iter()
@@ -524,7 +533,10 @@ fn reads_page_filter_start_and_check_continuity() {
         shard_keys: &[],
         key_prefix: b"",
     };
-    match s.sm.feed_page(&mut behind, &open, 10, 1 << 20) {
+    match s
+        .sm
+        .feed_page(Slots::Every, &mut behind, &open, 10, 1 << 20)
+    {
         Err(Error::CursorExpired {
             slot,
             oldest_seq,
@@ -576,7 +588,9 @@ fn a_snapshot_start_sends_the_items_then_the_changes_after_it() {
         shard_keys: &[],
         key_prefix: b"",
     };
-    let first = s.sm.feed_page(&mut c, &all, 2, 1 << 20).unwrap();
+    let first =
+        s.sm.feed_page(Slots::Every, &mut c, &all, 2, 1 << 20)
+            .unwrap();
     assert_eq!(first.events.len(), 2);
     assert!(first.positions[0].snapshotting && first.more);
     s.run(Command::Txn(txn(vec![
@@ -586,7 +600,9 @@ fn a_snapshot_start_sends_the_items_then_the_changes_after_it() {
     .unwrap();
     let mut evs = first.events;
     loop {
-        let p = s.sm.feed_page(&mut c, &all, 2, 1 << 20).unwrap();
+        let p =
+            s.sm.feed_page(Slots::Every, &mut c, &all, 2, 1 << 20)
+                .unwrap();
         evs.extend(p.events);
         if !p.more {
             break;
@@ -665,7 +681,7 @@ fn a_slot_moves_with_its_log_and_its_times_stay_ordered_across_the_move() {
     };
     let mut donor_reader = reader(&d.sm);
     let early =
-        d.sm.feed_page_changed(&mut donor_reader, &all, 10, 1 << 20)
+        d.sm.feed_page(Slots::Changed, &mut donor_reader, &all, 10, 1 << 20)
             .unwrap();
     assert_eq!(early.events.len(), 2);
     d.run_at(migrate(3, MigrateStep::Fence, &[]), 50_010)
@@ -691,7 +707,7 @@ fn a_slot_moves_with_its_log_and_its_times_stay_ordered_across_the_move() {
     r.run_at(ownership(2, 2, vec![sl]), 1_002).unwrap();
     // No new event, but the owner changed: a page reading only changed slots reads it.
     let page =
-        d.sm.feed_page_changed(&mut donor_reader, &all, 10, 1 << 20)
+        d.sm.feed_page(Slots::Changed, &mut donor_reader, &all, 10, 1 << 20)
             .unwrap();
     assert!(page.events.is_empty());
     assert!(
@@ -716,7 +732,7 @@ fn a_slot_moves_with_its_log_and_its_times_stay_ordered_across_the_move() {
     );
     let mut rc = vec![r.sm.feed_start(sl, Start::Now).unwrap()];
     let resolved =
-        r.sm.feed_page(&mut rc, &all, 10, 1 << 20)
+        r.sm.feed_page(Slots::Every, &mut rc, &all, 10, 1 << 20)
             .unwrap()
             .resolved_ts_ms;
     assert!(
@@ -795,12 +811,10 @@ impl Follower {
         };
         let mut listed = Vec::new();
         loop {
-            let page = if whole {
-                sm.feed_page(&mut self.cursors, &all, 2, 1 << 20)
-            } else {
-                sm.feed_page_changed(&mut self.cursors, &all, 2, 1 << 20)
-            }
-            .unwrap();
+            let slots = if whole { Slots::Every } else { Slots::Changed };
+            let page = sm
+                .feed_page(slots, &mut self.cursors, &all, 2, 1 << 20)
+                .unwrap();
             assert!(page.resolved_ts_ms >= self.resolved, "resolved went back");
             self.resolved = page.resolved_ts_ms;
             listed.extend(page.positions.iter().map(|p| p.slot));

@@ -1,8 +1,8 @@
 //! What a change-feed reader checks before it reads a slot: the last seq of every slot's log as
 //! the last apply left it, and an epoch that moves whenever ownership, a migration's fence or the
 //! whole state (a snapshot) changes. A page then reads only the slots with something new
-//! (`StateMachine::feed_page_changed`), instead of every watched slot's meta record on every
-//! apply: a reader costs the writers per event, not per watched slot.
+//! (`StateMachine::feed_page` with `Slots::Changed`), instead of every watched slot's meta record
+//! on every apply: a reader costs the writers per event, not per watched slot.
 //!
 //! Both are written under the view's write lock (after the apply's transaction commits) and read
 //! under its read lock, so a reader sees them agree with the data.
