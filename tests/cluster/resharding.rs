@@ -629,6 +629,11 @@ const KILL_PRELOAD: u64 = 600;
 /// write also leaves a dedup entry of about 100 bytes in its slot, which the move copies too:
 /// several times the bytes of these small items.)
 const KILL_COPY_BYTES_PER_SEC: u64 = 32 * 1024;
+/// The config-leader scenario's: it catches the critical section by polling, not by a slow copy,
+/// and the move its new leader starts again copies everything again, change log included (each
+/// put is also an event there), so at the kill tests' bandwidth that alone could outlast the
+/// scenario's bound on a loaded machine.
+const KILL_META_COPY_BYTES_PER_SEC: u64 = 8 * KILL_COPY_BYTES_PER_SEC;
 
 /// The migration records as one config replica has applied them (a local read: tests poll it
 /// every millisecond without loading the config leader).
@@ -670,7 +675,10 @@ async fn move_with_a_kill(kill: Kill) {
         let req = MoveSlotsRequest {
             slots,
             to_group: 2,
-            copy_bytes_per_sec: KILL_COPY_BYTES_PER_SEC,
+            copy_bytes_per_sec: match kill {
+                Kill::MetaLeaderInCriticalSection => KILL_META_COPY_BYTES_PER_SEC,
+                _ => KILL_COPY_BYTES_PER_SEC,
+            },
         };
         tokio::spawn(async move { cc.move_slots_with(req).await })
     };
