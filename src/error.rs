@@ -27,6 +27,14 @@ pub enum Error {
     /// The request is valid but the state does not allow it; the message says what to change.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// What the request names does not exist (a consumer group, a parked order); nothing was
+    /// changed. `NOT_FOUND`.
+    #[error("{0}")]
+    NotFound(String),
+    /// What the request would create exists with another definition; nothing was changed.
+    /// `ALREADY_EXISTS`.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The request is valid but its result would break a bound (the message names it and its
     /// value); nothing was applied. `RESOURCE_EXHAUSTED`.
     #[error("{0}")]
@@ -61,6 +69,16 @@ pub enum Error {
         oldest_seq: u64,
         oldest_ts_ms: u64,
         requested_seq: u64,
+    },
+    /// A consumer group's ack named an attempt that is not the event's current one (it was
+    /// redelivered): `FAILED_PRECONDITION` + `StaleDelivery`, nothing applied.
+    #[error("group {group:?}, slot {slot}, seq {seq}: attempt {attempt} is stale (the event is at attempt {current_attempt}: it was delivered again); nothing was applied")]
+    StaleDelivery {
+        group: String,
+        slot: u32,
+        seq: u64,
+        attempt: u32,
+        current_attempt: u32,
     },
     /// Stored data failed its checksum or could not be decoded.
     #[error("corruption: {0}")]
@@ -167,7 +185,26 @@ impl From<Error> for Status {
                     requested_seq,
                 }),
             ),
+            Error::StaleDelivery {
+                group,
+                slot,
+                seq,
+                attempt,
+                current_attempt,
+            } => ordo_proto::status::with_detail(
+                Code::FailedPrecondition,
+                msg,
+                error_detail::Kind::StaleDelivery(error_detail::StaleDelivery {
+                    group,
+                    slot,
+                    seq,
+                    attempt,
+                    current_attempt,
+                }),
+            ),
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+            Error::NotFound(_) => Status::not_found(msg),
+            Error::AlreadyExists(_) => Status::already_exists(msg),
             Error::Unavailable(_) => Status::unavailable(msg),
             Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::Corruption(_) => Status::data_loss(msg),

@@ -155,7 +155,26 @@ fn check_op(op: &TxnOp) -> Result<()> {
             check_key(&e.key)?;
             check_value(&e.value)?;
         }
-        None => return Err(invalid("a TxnOp has no put, delete, get or emit".into())),
+        Some(txn_op::Op::FeedAck(a)) => {
+            ordo_proto::check_group_name(&a.group).map_err(invalid)?;
+            check_shard_key(&a.shard_key)?;
+            if a.seq == 0 || a.attempt == 0 {
+                return Err(invalid(format!(
+                    "feed_ack names seq {} attempt {}; deliveries start at seq 1, attempt 1",
+                    a.seq, a.attempt
+                )));
+            }
+            return Err(Error::FailedPrecondition(
+                "feed_ack is not applied by this node yet (issue 14: the op is defined, its \
+                 apply is not built); nothing was applied"
+                    .into(),
+            ));
+        }
+        None => {
+            return Err(invalid(
+                "a TxnOp has no put, delete, get, emit or feed_ack".into(),
+            ))
+        }
     }
     Ok(())
 }
@@ -166,6 +185,7 @@ fn op_bytes(op: &TxnOp) -> usize {
         Some(txn_op::Op::Delete(d)) => d.shard_key.len() + d.key.len(),
         Some(txn_op::Op::Get(g)) => g.shard_key.len() + g.key.len(),
         Some(txn_op::Op::Emit(e)) => e.shard_key.len() + e.key.len() + e.value.len(),
+        Some(txn_op::Op::FeedAck(a)) => a.group.len() + a.shard_key.len(),
         None => 0,
     }
 }

@@ -359,8 +359,11 @@ impl<'v, 't, V: ItemRead> Staged<'v, 't, V> {
                     });
                     txn_op_result::Result::Emit(EmitResponse {})
                 }
-                // Validation refuses ops without a body before they reach the log.
-                None => unreachable!("empty TxnOp passed validation"),
+                // Validation refuses ops without a body before they reach the log, and (until
+                // their apply is built) feed acks.
+                None | Some(txn_op::Op::FeedAck(_)) => {
+                    unreachable!("empty TxnOp or feed_ack passed validation")
+                }
             };
             results.push(TxnOpResult {
                 result: Some(result),
@@ -490,7 +493,7 @@ mod tests {
             txn_op_result::Result::Put(p) => p.version,
             txn_op_result::Result::Get(g) => g.version,
             txn_op_result::Result::Delete(d) => d.prev_version,
-            txn_op_result::Result::Emit(_) => 0,
+            txn_op_result::Result::Emit(_) | txn_op_result::Result::FeedAck(_) => 0,
         }
     }
 
