@@ -164,11 +164,6 @@ fn check_op(op: &TxnOp) -> Result<()> {
                     a.seq, a.attempt
                 )));
             }
-            return Err(Error::FailedPrecondition(
-                "feed_ack is not applied by this node yet (issue 14: the op is defined, its \
-                 apply is not built); nothing was applied"
-                    .into(),
-            ));
         }
         None => {
             return Err(invalid(
@@ -212,6 +207,25 @@ pub fn check_decide(d: &DecideRequest) -> Result<()> {
             "outcome is {outcome} bytes; the limit is DEDUP_OUTCOME_BYTES_MAX \
              ({DEDUP_OUTCOME_BYTES_MAX} bytes): send none, it is then not kept"
         )));
+    }
+    Ok(())
+}
+
+/// A 2PC part: a checked Txn without a `feed_ack` (a transactional ack is applied in one
+/// group's raft entry; across groups it is not built yet).
+pub fn check_part(part: &TxnRequest) -> Result<()> {
+    check_txn(part)?;
+    let acks = part
+        .success
+        .iter()
+        .chain(&part.failure)
+        .any(|op| matches!(op.op, Some(txn_op::Op::FeedAck(_))));
+    if acks {
+        return Err(Error::FailedPrecondition(
+            "a feed_ack in a Txn over several groups is not supported yet: keep the ack's Txn \
+             within the group of the event's shard key; nothing was applied"
+                .into(),
+        ));
     }
     Ok(())
 }
@@ -461,6 +475,45 @@ mod tests {
             msg.contains("TXN_BYTES_MAX") || msg.contains(&TXN_BYTES_MAX.to_string()),
             "{msg}"
         );
+    }
+
+    /// A feed ack names a valid group, a shard key, and a delivery (seq and attempt from 1); a
+    /// 2PC part carrying one is refused (transactional acks are single-group for now).
+    #[test]
+    fn feed_acks_are_checked_and_kept_out_of_2pc_parts() {
+        let ack = |group: &str, seq: u64, attempt: u32| TxnRequest {
+            success: vec![
+                get_op(&b(1), &b(1)),
+                TxnOp {
+                    op: Some(txn_op::Op::FeedAck(ordo_proto::v1::FeedAckRequest {
+                        group: group.into(),
+                        slot: 0,
+                        seq,
+                        attempt,
+                        shard_key: b(1),
+                    })),
+                },
+            ],
+            ..Default::default()
+        };
+        check_txn(&ack("billing", 1, 1)).unwrap();
+        for (t, needle) in [
+            (ack("", 1, 1), "FEED_GROUP_NAME_BYTES_MAX"),
+            (ack(&"g".repeat(65), 1, 1), "FEED_GROUP_NAME_BYTES_MAX"),
+            (ack("a/b", 1, 1), "'/'"),
+            (ack("billing", 0, 1), "seq 0"),
+            (ack("billing", 1, 0), "attempt 0"),
+        ] {
+            let msg = check_txn(&t).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+        }
+        let e = check_part(&ack("billing", 1, 1)).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        check_part(&TxnRequest {
+            success: vec![get_op(&b(1), &b(1))],
+            ..Default::default()
+        })
+        .unwrap();
     }
 
     #[test]

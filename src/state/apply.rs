@@ -16,7 +16,8 @@ use super::dedup::{self, Seen, Stamp};
 use super::migrate::{self, Moving};
 use super::participant::{self, Tx};
 use super::txn::Budget;
-use super::{feed, shard_keys, txn, Apply, Capture, Checkpoint, Command, Outcome, Ownership};
+use super::Ownership;
+use super::{feed, groups, shard_keys, txn, Apply, Capture, Checkpoint, Command, Outcome};
 use super::{StateMachine, TxView, APPLIED_KEY, FEED_TS_KEY};
 use crate::error::{Error, Result};
 use crate::limits::{ENTRY_RESULT_BYTES_MAX, FEED_TRIM_EVENTS_MAX};
@@ -201,6 +202,16 @@ impl Applier<'_> {
                 self.checkpoint(c)
                     .map_err(ConflictableTransactionError::Abort)?;
                 Ok(Outcome::Checkpointed)
+            }
+            Command::Group(g) => {
+                let ctx = groups::Ctx {
+                    slot_count: self.slot_count,
+                    ownership: self.ownership,
+                    moving: self.moving,
+                };
+                groups::apply(&mut self.view, &ctx, g)
+                    .map_err(ConflictableTransactionError::Abort)?
+                    .map(Outcome::Group)
             }
             Command::SetOwnership(_)
             | Command::MigrateOut(_)

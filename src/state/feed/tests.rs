@@ -17,13 +17,13 @@ use super::{Capture, Cursor, Filter, Slots, Start};
 use crate::error::Error;
 use crate::state::{keys, Apply, Checkpoint, Command, Outcome, Stamp, StateMachine};
 
-const SLOTS: u32 = 8;
+pub(in crate::state) const SLOTS: u32 = 8;
 
-fn b(s: &str) -> bytes::Bytes {
+pub(in crate::state) fn b(s: &str) -> bytes::Bytes {
     s.as_bytes().to_vec().into()
 }
 
-fn put(sk: &str, k: &str, v: &str) -> TxnOp {
+pub(in crate::state) fn put(sk: &str, k: &str, v: &str) -> TxnOp {
     TxnOp {
         op: Some(txn_op::Op::Put(PutRequest {
             shard_key: b(sk),
@@ -54,18 +54,18 @@ fn emit(sk: &str, k: &str, v: &str) -> TxnOp {
     }
 }
 
-fn txn(ops: Vec<TxnOp>) -> TxnRequest {
+pub(in crate::state) fn txn(ops: Vec<TxnOp>) -> TxnRequest {
     TxnRequest {
         success: ops,
         ..Default::default()
     }
 }
 
-fn slot(sk: &str) -> u32 {
+pub(in crate::state) fn slot(sk: &str) -> u32 {
     ordo_proto::slot_of(sk.as_bytes(), SLOTS)
 }
 
-fn stamp(now_ms: u64, capture: Capture) -> Option<Stamp> {
+pub(in crate::state) fn stamp(now_ms: u64, capture: Capture) -> Option<Stamp> {
     Some(Stamp {
         now_ms,
         window_ms: 60_000,
@@ -73,14 +73,14 @@ fn stamp(now_ms: u64, capture: Capture) -> Option<Stamp> {
     })
 }
 
-struct Sm {
-    sm: StateMachine,
+pub(in crate::state) struct Sm {
+    pub(in crate::state) sm: StateMachine,
     index: u64,
     _dir: tempfile::TempDir,
 }
 
 impl Sm {
-    fn new() -> Sm {
+    pub(in crate::state) fn new() -> Sm {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         Sm {
@@ -90,7 +90,7 @@ impl Sm {
         }
     }
 
-    fn entry(&mut self, cmd: Command, stamp: Option<Stamp>) -> Apply {
+    pub(in crate::state) fn entry(&mut self, cmd: Command, stamp: Option<Stamp>) -> Apply {
         self.index += 1;
         Apply {
             index: self.index,
@@ -99,18 +99,27 @@ impl Sm {
         }
     }
 
-    fn run_at(&mut self, cmd: Command, now_ms: u64) -> crate::error::Result<Outcome> {
+    pub(in crate::state) fn run_at(
+        &mut self,
+        cmd: Command,
+        now_ms: u64,
+    ) -> crate::error::Result<Outcome> {
         let a = self.entry(cmd, stamp(now_ms, Capture::New));
         self.sm.apply_all(&[a]).unwrap().pop().unwrap().1
     }
 
-    fn run(&mut self, cmd: Command) -> crate::error::Result<Outcome> {
+    pub(in crate::state) fn run(&mut self, cmd: Command) -> crate::error::Result<Outcome> {
         let now = 1_000 + self.index;
         self.run_at(cmd, now)
     }
 
     /// Every event of `slot` from `start`, read in pages of at most `per_page` events.
-    fn read(&self, slot: u32, start: Start, per_page: usize) -> Vec<ChangeEvent> {
+    pub(in crate::state) fn read(
+        &self,
+        slot: u32,
+        start: Start,
+        per_page: usize,
+    ) -> Vec<ChangeEvent> {
         let mut c = vec![self.sm.feed_start(slot, start).unwrap()];
         let all = Filter {
             shard_keys: &[],
@@ -637,7 +646,7 @@ fn a_snapshot_start_sends_the_items_then_the_changes_after_it() {
     );
 }
 
-fn migrate(id: u64, step: MigrateStep, slots: &[u32]) -> Command {
+pub(in crate::state) fn migrate(id: u64, step: MigrateStep, slots: &[u32]) -> Command {
     Command::MigrateOut(MigrateOutRequest {
         group_id: 1,
         migration_id: id,
@@ -647,7 +656,7 @@ fn migrate(id: u64, step: MigrateStep, slots: &[u32]) -> Command {
     })
 }
 
-fn ownership(group: u64, version: u64, slots: Vec<u32>) -> Command {
+pub(in crate::state) fn ownership(group: u64, version: u64, slots: Vec<u32>) -> Command {
     Command::SetOwnership(SetOwnershipRequest {
         group_id: group,
         map_version: version,
