@@ -281,3 +281,12 @@ pub const FEED_GROUP_ACK_WAIT_MS_MAX: u32 = 3_600_000;
 /// applies: enough to ride out a consumer's transient failures, few enough that a poison order
 /// is parked within minutes at the default ack wait.
 pub const FEED_GROUP_MAX_DELIVER_DEFAULT: u32 = 5;
+/// How long a durable group holds events past retention by default (`--feed-protect-secs`):
+/// retention plus a day (research 9.3), room for a weekend's stopped consumer to be noticed.
+pub const FEED_PROTECT_SECS_DEFAULT: u64 = FEED_RETENTION_SECS_DEFAULT + 24 * 3600;
+/// Most bytes of events a shard group keeps for durable groups by default
+/// (`--feed-protect-bytes`): four times the retention cap, so a stopped group never fills a disk
+/// (past it the oldest go and the groups that had not acked them are expired).
+pub const FEED_PROTECT_BYTES_DEFAULT: u64 = 4 * FEED_RETENTION_BYTES_DEFAULT;
+const _: () = assert!(FEED_PROTECT_SECS_DEFAULT >= FEED_RETENTION_SECS_DEFAULT);
+const _: () = assert!(FEED_PROTECT_BYTES_DEFAULT >= FEED_RETENTION_BYTES_DEFAULT);

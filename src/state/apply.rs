@@ -221,12 +221,16 @@ impl Applier<'_> {
     }
 
     /// A checkpoint's trims, in order, at most `FEED_TRIM_EVENTS_MAX` events in all; a slot
-    /// not owned here (moved since the leader decided) is left alone.
+    /// not owned here (moved since the leader decided) is left alone. A consumer group that had
+    /// not done the events dropped is expired (the leader's plan trims those only past the
+    /// protection limit).
     fn checkpoint(&mut self, c: &Checkpoint) -> Result<()> {
         let mut budget = FEED_TRIM_EVENTS_MAX;
         for &(slot, below) in &c.trims {
             if slot < self.slot_count && self.ownership.owns(slot) {
                 self.view.trim_feed(slot, below, &mut budget)?;
+                let first_seq = self.view.feed_meta_peek(slot)?.first_seq;
+                self.view.expire_groups(slot, first_seq)?;
             }
         }
         Ok(())

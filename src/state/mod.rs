@@ -34,7 +34,7 @@ pub(crate) mod txn;
 
 pub use command::{shard_keys, Apply, Checkpoint, Command, Outcome};
 pub use dedup::Stamp;
-pub use feed::Capture;
+pub use feed::{Capture, Retention};
 pub use groups::GroupApplied;
 use migrate::Moving;
 use ownership::load_ownership;

@@ -36,6 +36,7 @@ mod trim;
 pub(super) use read::last_seq_at_or_before;
 pub use read::{Cursor, Filter, Slots, Start};
 pub(super) use tips::Tips;
+pub use trim::Retention;
 
 /// The reserved-range kind of change-feed records.
 pub(super) const KIND: u8 = b'e';

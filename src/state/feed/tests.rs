@@ -13,7 +13,7 @@ use ordo_proto::v1::{
 };
 use proptest::prelude::*;
 
-use super::{Capture, Cursor, Filter, Slots, Start};
+use super::{Capture, Cursor, Filter, Retention, Slots, Start};
 use crate::error::Error;
 use crate::state::{keys, Apply, Checkpoint, Command, Outcome, Stamp, StateMachine};
 
@@ -750,6 +750,16 @@ fn a_slot_moves_with_its_log_and_its_times_stay_ordered_across_the_move() {
     );
 }
 
+/// A retention of `ms` and `bytes`, protecting nothing longer.
+pub(in crate::state) fn retention(ms: u64, bytes: u64) -> Retention {
+    Retention {
+        ms,
+        bytes,
+        protect_ms: ms,
+        protect_bytes: bytes,
+    }
+}
+
 /// The leader's retention plan: events older than the retention go, then the oldest across
 /// slots while the group holds more bytes than its cap, at most `FEED_TRIM_EVENTS_MAX`; applied
 /// as a checkpoint, it leaves exactly the planned events.
@@ -764,12 +774,15 @@ fn retention_plans_trims_by_time_then_by_bytes_oldest_first() {
         }
     }
     assert!(
-        s.sm.plan_trims(3_000, 10_000, u64::MAX).unwrap().is_empty(),
+        s.sm.plan_trims(3_000, retention(10_000, u64::MAX))
+            .unwrap()
+            .is_empty(),
         "nothing is due"
     );
     // By time: all of "o" (at 1000..1009) and q's first three (2000..2002) are older than 2002.
     assert_eq!(
-        s.sm.plan_trims(12_002, 10_000, u64::MAX).unwrap(),
+        s.sm.plan_trims(12_002, retention(10_000, u64::MAX))
+            .unwrap(),
         vec![(o, 11), (q, 4)]
     );
     // By bytes: keep about five events of the group's twenty: the oldest fifteen go, all of "o"
@@ -778,7 +791,9 @@ fn retention_plans_trims_by_time_then_by_bytes_oldest_first() {
     assert_eq!(size, 10);
     let held = s.sm.feed_meta_of(o).unwrap().bytes + s.sm.feed_meta_of(q).unwrap().bytes;
     let per_event = held / 20;
-    let plan = s.sm.plan_trims(3_000, 10_000, 5 * per_event).unwrap();
+    let plan =
+        s.sm.plan_trims(3_000, retention(10_000, 5 * per_event))
+            .unwrap();
     assert_eq!(plan, vec![(o, 11), (q, 6)]);
     s.run(Command::Checkpoint(Checkpoint { trims: plan }))
         .unwrap();

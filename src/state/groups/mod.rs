@@ -147,6 +147,26 @@ fn mark_done(s: &mut GroupSlotState, first: u64, last: u64) -> bool {
     true
 }
 
+/// Moves the committed seq to at least `seq` (events there are gone: trimmed, or sought past),
+/// dropping what it passes.
+fn advance_to(s: &mut GroupSlotState, seq: u64) {
+    if seq <= s.committed_seq {
+        return;
+    }
+    s.committed_seq = seq;
+    s.done.retain(|r| r.last > seq);
+    if let Some(r) = s.done.first_mut() {
+        r.first = r.first.max(seq + 1);
+        if r.first == seq + 1 {
+            s.committed_seq = r.last;
+            s.done.remove(0);
+        }
+    }
+    let committed = s.committed_seq;
+    s.deliveries.retain(|d| d.seq > committed);
+    s.parked.retain(|p| p.seq > committed);
+}
+
 /// Records `attempt` as event `seq`'s current one (never lowering it). False (nothing changed):
 /// the state keeps `max` delivery counts already.
 fn record_attempt(s: &mut GroupSlotState, seq: u64, attempt: u32, max: usize) -> bool {
@@ -211,6 +231,24 @@ impl TxView<'_> {
             }
         })
     }
+
+    /// After a trim of `slot` left its oldest event at `first_seq`: every group of the slot
+    /// that had not done the events dropped is expired, and its position moves past them.
+    pub(super) fn expire_groups(&mut self, slot: u32, first_seq: u64) -> Result<()> {
+        for name in self.group_names(slot)? {
+            let Some(mut rec) = self.group_record(slot, &name)? else {
+                continue;
+            };
+            let state = rec.state.get_or_insert_with(Default::default);
+            if state.committed_seq + 1 >= first_seq {
+                continue;
+            }
+            state.expired = true;
+            advance_to(state, first_seq - 1);
+            self.put_group_record(slot, &rec)?;
+        }
+        Ok(())
+    }
 }
 
 impl StateMachine {
@@ -235,6 +273,23 @@ impl StateMachine {
             Some(raw) => decode_index(&key, &raw),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// The seq below which `slot`'s live groups (not expired) need no event (the lowest
+    /// `committed_seq + 1` among them); `None` without a live group.
+    pub(super) fn groups_protect(&self, slot: u32) -> Result<Option<u64>> {
+        let mut lowest = None;
+        for name in self.group_names(slot)? {
+            let Some(rec) = self.group_record_unlocked(slot, &name)? else {
+                continue;
+            };
+            let state = rec.state.unwrap_or_default();
+            if !state.expired {
+                let need = state.committed_seq + 1;
+                lowest = Some(lowest.map_or(need, |l: u64| l.min(need)));
+            }
+        }
+        Ok(lowest)
     }
 
     /// `group` as this replica's owned slots hold it (`None`: in none of them), with each

@@ -1,7 +1,7 @@
 //! Consumer groups' replicated state on real state machines: create (idempotent, start resolved
 //! at apply), acks in any order and grouping (a model test), stale attempts, transactional acks
 //! with the Txn's writes, park / unpark / dead letters, seek, delete, the state moving with its
-//! slot and through a snapshot.
+//! slot and through a snapshot, and retention protecting what a live group has not done.
 
 use std::collections::BTreeSet;
 
@@ -18,7 +18,8 @@ use proptest::prelude::*;
 use super::GroupApplied;
 use crate::error::Error;
 use crate::limits::{FEED_GROUPS_MAX, FEED_GROUP_BATCH_MAX, FEED_GROUP_SLOTS_PER_ENTRY};
-use crate::state::feed::tests::{b, migrate, ownership, put, slot, txn, Sm, SLOTS};
+use crate::state::feed::tests::{b, migrate, ownership, put, retention, slot, txn, Sm, SLOTS};
+use crate::state::feed::Retention;
 use crate::state::{Command, Outcome, StateMachine};
 
 const G: &str = "billing";
@@ -623,4 +624,66 @@ fn the_state_moves_with_its_slot_and_survives_a_snapshot() {
     other.sm.finish_install().unwrap();
     assert_eq!(record(&other.sm, o), record(&r.sm, o));
     assert_eq!(other.sm.digest().unwrap(), r.sm.digest().unwrap());
+}
+
+/// Retention never trims what a live group has not done until the protection limit; past it the
+/// events go and the group is expired in that slot (its position moves past them), which
+/// `describe` reports; a group's done events are trimmed as usual.
+#[test]
+fn retention_protects_what_a_live_group_has_not_done_until_the_limit() {
+    let mut s = Sm::new();
+    let o = slot("o");
+    events(&mut s, "o", 6);
+    applied(&mut s, create(def(G), StartAt::Oldest(true)));
+    applied(&mut s, acks(vec![ack(o, 1, 1), ack(o, 2, 1)]));
+    let r = Retention {
+        protect_ms: 100_000,
+        protect_bytes: u64::MAX,
+        ..retention(1_000, u64::MAX)
+    };
+    // Every event is past the retention (committed at about 1000): the done ones go.
+    let plan = s.sm.plan_trims(50_000, r).unwrap();
+    assert_eq!(
+        plan,
+        vec![(o, 3)],
+        "events 1 and 2 are done, 3.. are protected"
+    );
+    s.run(Command::Checkpoint(crate::state::Checkpoint {
+        trims: plan,
+    }))
+    .unwrap();
+    assert!(!state(&s.sm, o).expired);
+    let unprotected = s.sm.plan_trims(50_000, retention(1_000, u64::MAX)).unwrap();
+    assert_eq!(
+        unprotected,
+        vec![(o, 7)],
+        "without protection all of it would go"
+    );
+    let over_bytes = Retention {
+        protect_bytes: 0,
+        ..r
+    };
+    assert_eq!(
+        s.sm.plan_trims(50_000, over_bytes).unwrap(),
+        vec![(o, 7)],
+        "past the protection's byte cap they go too"
+    );
+    // Past the protection limit: trimmed, and the group expires.
+    let plan = s.sm.plan_trims(200_000, r).unwrap();
+    assert_eq!(plan, vec![(o, 7)]);
+    s.run(Command::Checkpoint(crate::state::Checkpoint {
+        trims: plan,
+    }))
+    .unwrap();
+    let st = state(&s.sm, o);
+    assert!(st.expired);
+    assert_eq!(
+        st.committed_seq, 6,
+        "the group's position moved past what was dropped"
+    );
+    let cg = s.sm.describe_group(G, 200_000).unwrap().unwrap();
+    assert!(cg.expired && cg.slots.iter().any(|g| g.slot == o && g.expired));
+    // An expired group protects nothing more.
+    events(&mut s, "o", 1);
+    assert_eq!(s.sm.plan_trims(200_000, r).unwrap(), vec![(o, 8)]);
 }
