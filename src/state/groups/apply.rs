@@ -2,6 +2,9 @@
 //! inside the apply transaction. Every check depends only on the command and the replicated
 //! state, so every replica refuses the same ones; a refused command (or ack) writes nothing.
 
+use std::collections::btree_map::Entry;
+use std::collections::BTreeMap;
+
 use ordo_proto::v1::group_ack::Done;
 use ordo_proto::v1::group_command::Op;
 use ordo_proto::v1::{
@@ -70,17 +73,18 @@ pub(in crate::state) fn apply(
             if let Some(e) = over_batch(a.acks.len() + a.skips.len()) {
                 return Ok(Err(e));
             }
-            let mut refused = Vec::new();
+            let (mut records, mut refused) = (Records::default(), Vec::new());
             for (i, ack) in a.acks.iter().enumerate() {
-                if let Err(e) = ack_one(view, ctx, ack)? {
+                if let Err(e) = ack_one(view, ctx, &mut records, ack)? {
                     refused.push((i, e));
                 }
             }
             for (i, skip) in a.skips.iter().enumerate() {
-                if let Err(e) = skip_one(view, ctx, skip)? {
+                if let Err(e) = skip_one(view, ctx, &mut records, skip)? {
                     refused.push((a.acks.len() + i, e));
                 }
             }
+            records.write(view)?;
             Ok(Ok(GroupApplied {
                 refused,
                 ..Default::default()
@@ -90,12 +94,13 @@ pub(in crate::state) fn apply(
             if let Some(e) = over_batch(d.deliveries.len()) {
                 return Ok(Err(e));
             }
-            let mut refused = Vec::new();
+            let (mut records, mut refused) = (Records::default(), Vec::new());
             for (i, delivery) in d.deliveries.iter().enumerate() {
-                if let Err(e) = deliver_one(view, ctx, delivery)? {
+                if let Err(e) = deliver_one(view, ctx, &mut records, delivery)? {
                     refused.push((i, e));
                 }
             }
+            records.write(view)?;
             Ok(Ok(GroupApplied {
                 refused,
                 ..Default::default()
@@ -256,28 +261,51 @@ fn create(view: &mut TxView<'_>, ctx: &Ctx<'_>, c: &GroupCreate) -> Result<Resul
     }))
 }
 
-/// The record of `group` in `slot` for a change to its event `seq`: refused if the slot cannot
-/// change here, the group is not there, or the slot has no such event yet.
-fn record_for(
-    view: &mut TxView<'_>,
-    ctx: &Ctx<'_>,
-    group: &str,
-    slot: u32,
-    seq: u64,
-) -> Result<Result<GroupRecord>> {
-    if let Some(e) = unwritable(ctx, slot) {
-        return Ok(Err(e));
+/// The records one command changes, each read once and written once, at its end: a flush may
+/// ack many events of one slot, and the record is decoded and encoded once for all of them.
+#[derive(Default)]
+struct Records<'c>(BTreeMap<(u32, &'c str), (GroupRecord, bool)>);
+
+impl<'c> Records<'c> {
+    /// The state of `group` in `slot` for a change to its event `seq` (mark it changed with
+    /// the flag): refused if the slot cannot change here, the slot has no such event yet, or
+    /// the group is not there.
+    fn get(
+        &mut self,
+        view: &TxView<'_>,
+        ctx: &Ctx<'_>,
+        group: &'c str,
+        slot: u32,
+        seq: u64,
+    ) -> Result<Result<(&mut GroupSlotState, &mut bool)>> {
+        if let Some(e) = unwritable(ctx, slot) {
+            return Ok(Err(e));
+        }
+        let last = view.feed_meta_peek(slot)?.last_seq;
+        if seq == 0 || seq > last {
+            return Ok(Err(Error::InvalidArgument(format!(
+                "slot {slot} has no event {seq} (its last is {last})"
+            ))));
+        }
+        let (rec, changed) = match self.0.entry((slot, group)) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => match view.group_record(slot, group)? {
+                Some(rec) => v.insert((rec, false)),
+                None => return Ok(Err(unknown(group, slot))),
+            },
+        };
+        Ok(Ok((state_of(rec), changed)))
     }
-    let Some(rec) = view.group_record(slot, group)? else {
-        return Ok(Err(unknown(group, slot)));
-    };
-    let last = view.feed_meta_peek(slot)?.last_seq;
-    if seq == 0 || seq > last {
-        return Ok(Err(Error::InvalidArgument(format!(
-            "slot {slot} has no event {seq} (its last is {last})"
-        ))));
+
+    /// Writes the records that changed.
+    fn write(self, view: &mut TxView<'_>) -> Result<()> {
+        for ((slot, _), (rec, changed)) in self.0 {
+            if changed {
+                view.put_group_record(slot, &rec)?;
+            }
+        }
+        Ok(())
     }
-    Ok(Ok(rec))
 }
 
 fn unknown(group: &str, slot: u32) -> Error {
@@ -317,19 +345,24 @@ fn too_many_ranges(slot: u32) -> Error {
 
 /// One ack of a flush (or a transactional ack): checked, then the event marked done (a dead
 /// letter also written under its order).
-fn ack_one(view: &mut TxView<'_>, ctx: &Ctx<'_>, a: &GroupAck) -> Result<Result<()>> {
-    let mut rec = match record_for(view, ctx, &a.group, a.slot, a.seq)? {
-        Ok(rec) => rec,
+fn ack_one<'c>(
+    view: &mut TxView<'_>,
+    ctx: &Ctx<'_>,
+    records: &mut Records<'c>,
+    a: &'c GroupAck,
+) -> Result<Result<()>> {
+    let (s, changed) = match records.get(view, ctx, &a.group, a.slot, a.seq)? {
+        Ok(found) => found,
         Err(e) => return Ok(Err(e)),
     };
-    let s = state_of(&mut rec);
     if let Err(e) = check_attempt(s, &a.group, a.slot, a.seq, a.attempt) {
         return Ok(Err(e));
     }
     if is_done(s, a.seq) {
         return Ok(Ok(()));
     }
-    if !mark_done(s, a.seq, a.seq) {
+    // Within the bound before anything is written (a dead letter writes an item).
+    if !mark_done(&mut s.clone(), a.seq, a.seq) {
         return Ok(Err(too_many_ranges(a.slot)));
     }
     if a.done == Done::DeadLettered as i32 {
@@ -337,7 +370,8 @@ fn ack_one(view: &mut TxView<'_>, ctx: &Ctx<'_>, a: &GroupAck) -> Result<Result<
             return Ok(Err(e));
         }
     }
-    view.put_group_record(a.slot, &rec)?;
+    mark_done(s, a.seq, a.seq);
+    *changed = true;
     Ok(Ok(()))
 }
 
@@ -360,32 +394,41 @@ fn dead_letter(view: &mut TxView<'_>, group: &str, slot: u32, seq: u64) -> Resul
     Ok(Ok(()))
 }
 
-fn skip_one(view: &mut TxView<'_>, ctx: &Ctx<'_>, k: &GroupSkip) -> Result<Result<()>> {
+fn skip_one<'c>(
+    view: &TxView<'_>,
+    ctx: &Ctx<'_>,
+    records: &mut Records<'c>,
+    k: &'c GroupSkip,
+) -> Result<Result<()>> {
     if k.first_seq > k.last_seq {
         return Ok(Err(Error::InvalidArgument(format!(
             "a skip of seqs {}..={} is empty",
             k.first_seq, k.last_seq
         ))));
     }
-    let mut rec = match record_for(view, ctx, &k.group, k.slot, k.last_seq)? {
-        Ok(rec) => rec,
+    let (s, changed) = match records.get(view, ctx, &k.group, k.slot, k.last_seq)? {
+        Ok(found) => found,
         Err(e) => return Ok(Err(e)),
     };
-    if !mark_done(state_of(&mut rec), k.first_seq, k.last_seq) {
+    if !mark_done(s, k.first_seq, k.last_seq) {
         return Ok(Err(too_many_ranges(k.slot)));
     }
-    view.put_group_record(k.slot, &rec)?;
+    *changed = true;
     Ok(Ok(()))
 }
 
 /// Records a redelivery's attempt (higher than the current one; the same again, or an event
 /// already done, changes nothing).
-fn deliver_one(view: &mut TxView<'_>, ctx: &Ctx<'_>, d: &GroupDelivery) -> Result<Result<()>> {
-    let mut rec = match record_for(view, ctx, &d.group, d.slot, d.seq)? {
-        Ok(rec) => rec,
+fn deliver_one<'c>(
+    view: &TxView<'_>,
+    ctx: &Ctx<'_>,
+    records: &mut Records<'c>,
+    d: &'c GroupDelivery,
+) -> Result<Result<()>> {
+    let (s, changed) = match records.get(view, ctx, &d.group, d.slot, d.seq)? {
+        Ok(found) => found,
         Err(e) => return Ok(Err(e)),
     };
-    let s = state_of(&mut rec);
     let current = attempt_of(s, d.seq);
     if is_done(s, d.seq) || d.attempt == current {
         return Ok(Ok(()));
@@ -406,7 +449,7 @@ fn deliver_one(view: &mut TxView<'_>, ctx: &Ctx<'_>, d: &GroupDelivery) -> Resul
             d.slot
         ))));
     }
-    view.put_group_record(d.slot, &rec)?;
+    *changed = true;
     Ok(Ok(()))
 }
 
@@ -418,11 +461,11 @@ fn park(view: &mut TxView<'_>, ctx: &Ctx<'_>, p: &GroupPark) -> Result<Result<()
             p.slot
         ))));
     }
-    let mut rec = match record_for(view, ctx, &p.group, p.slot, p.seq)? {
-        Ok(rec) => rec,
+    let mut records = Records::default();
+    let (s, changed) = match records.get(view, ctx, &p.group, p.slot, p.seq)? {
+        Ok(found) => found,
         Err(e) => return Ok(Err(e)),
     };
-    let s = state_of(&mut rec);
     if is_done(s, p.seq) || s.parked.iter().any(|o| o.shard_key == p.shard_key) {
         return Ok(Ok(()));
     }
@@ -440,7 +483,8 @@ fn park(view: &mut TxView<'_>, ctx: &Ctx<'_>, p: &GroupPark) -> Result<Result<()
     };
     let at = s.parked.partition_point(|o| o.seq < p.seq);
     s.parked.insert(at, order);
-    view.put_group_record(p.slot, &rec)?;
+    *changed = true;
+    records.write(view)?;
     Ok(Ok(()))
 }
 
