@@ -71,8 +71,9 @@ pub enum Error {
         requested_seq: u64,
     },
     /// A consumer group's ack named an attempt that is not the event's current one (it was
-    /// redelivered): `FAILED_PRECONDITION` + `StaleDelivery`, nothing applied.
-    #[error("group {group:?}, slot {slot}, seq {seq}: attempt {attempt} is stale (the event is at attempt {current_attempt}: it was delivered again); nothing was applied")]
+    /// redelivered), or, in a Txn, an event already done (`current_attempt` 0):
+    /// `FAILED_PRECONDITION` + `StaleDelivery`, nothing applied.
+    #[error("group {group:?}, slot {slot}, seq {seq}: attempt {attempt} is stale ({}); nothing was applied", stale_why(*.current_attempt))]
     StaleDelivery {
         group: String,
         slot: u32,
@@ -86,6 +87,13 @@ pub enum Error {
     /// The storage engine failed.
     #[error("storage: {0}")]
     Storage(String),
+}
+
+fn stale_why(current_attempt: u32) -> String {
+    match current_attempt {
+        0 => "the event is done already".into(),
+        n => format!("the event is at attempt {n}: it was delivered again"),
+    }
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -518,7 +518,9 @@ fn unpark(view: &mut TxView<'_>, ctx: &Ctx<'_>, u: &GroupUnpark) -> Result<Resul
 
 impl TxView<'_> {
     /// Whether a transactional ack may be applied now: its shard key is in its slot, the group
-    /// is there, the event exists and its attempt is the current one (or the event is done).
+    /// is there, the event exists, is not done yet (its Txn's writes were made for a delivery
+    /// that another ack already settled: applying them would process the event twice) and its
+    /// attempt is the current one.
     pub(in crate::state) fn check_txn_ack(&self, a: &FeedAckRequest) -> Result<Result<()>> {
         if ordo_proto::slot_of(&a.shard_key, self.slot_count) != a.slot {
             return Ok(Err(Error::InvalidArgument(format!(
@@ -538,10 +540,19 @@ impl TxView<'_> {
             ))));
         }
         let s = rec.state.unwrap_or_default();
+        if is_done(&s, a.seq) {
+            return Ok(Err(Error::StaleDelivery {
+                group: a.group.clone(),
+                slot: a.slot,
+                seq: a.seq,
+                attempt: a.attempt,
+                current_attempt: 0,
+            }));
+        }
         if let Err(e) = check_attempt(&s, &a.group, a.slot, a.seq, a.attempt) {
             return Ok(Err(e));
         }
-        if !is_done(&s, a.seq) && !mark_done(&mut s.clone(), a.seq, a.seq) {
+        if !mark_done(&mut s.clone(), a.seq, a.seq) {
             return Ok(Err(too_many_ranges(a.slot)));
         }
         Ok(Ok(()))

@@ -429,7 +429,8 @@ fn feed_ack(sk: &str, seq: u64, attempt: u32) -> TxnOp {
 }
 
 /// A Txn with a put and a feed ack applies both or neither: with a stale attempt it is refused
-/// (`StaleDelivery`) and neither the item nor the group changes; with the current one both do.
+/// (`StaleDelivery`) and neither the item nor the group changes; with the current one both do;
+/// once the event is done, another Txn acking it is refused whole (the event is processed once).
 #[test]
 fn a_txn_of_a_put_and_a_feed_ack_applies_both_or_neither() {
     let mut s = Sm::new();
@@ -462,6 +463,17 @@ fn a_txn_of_a_put_and_a_feed_ack_applies_both_or_neither() {
     }
     assert_eq!(s.sm.get(b"o", b"read-model").unwrap().unwrap().0, 1);
     assert_eq!(state(&s.sm, o).committed_seq, 1);
+    // The same delivery's Txn again (say, retried without its key after an unknown outcome):
+    // the event is done, so its writes are not applied twice.
+    let digest = s.sm.digest().unwrap();
+    match s.run(model(2)) {
+        Err(Error::StaleDelivery {
+            current_attempt: 0, ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.sm.digest().unwrap(), digest);
+    assert_eq!(s.sm.get(b"o", b"read-model").unwrap().unwrap().0, 1);
     // A shard key outside the ack's slot is refused, whole.
     let mut wrong = feed_ack("o", 2, 1);
     if let Some(txn_op::Op::FeedAck(a)) = &mut wrong.op {
