@@ -509,6 +509,13 @@ fn park_unpark_and_dead_letter() {
     let cg = s.sm.describe_group(G, 10_000).unwrap().unwrap();
     assert_eq!(cg.parked, 1);
     assert_eq!(cg.lag_events, 3);
+    let first_ts = s.sm.feed_event(o, 1).unwrap().unwrap().commit_ts_ms;
+    let gs = cg.slots.iter().find(|g| g.slot == o).unwrap();
+    assert_eq!(
+        (gs.lag_ms, gs.redeliveries),
+        (10_000 - first_ts, 1),
+        "lag: the oldest event not done"
+    );
     let unpark = group(Op::Unpark(GroupUnpark {
         group: G.into(),
         shard_key: b("o"),
