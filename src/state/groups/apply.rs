@@ -211,6 +211,10 @@ fn create(view: &mut TxView<'_>, ctx: &Ctx<'_>, c: &GroupCreate) -> Result<Resul
             "a group create needs a definition and a start".into(),
         )));
     };
+    // The slot's index is names one per line: only a checked name may enter it.
+    if let Err(why) = ordo_proto::check_group_name(&def.group) {
+        return Ok(Err(Error::InvalidArgument(why)));
+    }
     let (slots, next_slot) = covered(ctx, &def.shard_keys, c.from_slot);
     if let Some(e) = slots.iter().find_map(|s| ctx.moving.fenced(*s)) {
         return Ok(Err(e));

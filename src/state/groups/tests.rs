@@ -147,6 +147,8 @@ fn create_resolves_its_start_at_apply_is_idempotent_and_refuses_another_definiti
     };
     let e = refusal(&mut s, create(other, StartAt::Now(true)));
     assert!(matches!(e, Error::AlreadyExists(_)), "{e}");
+    let e = refusal(&mut s, create(def("two\nlines"), StartAt::Now(true)));
+    assert!(matches!(e, Error::InvalidArgument(_)), "{e}");
     assert_eq!(
         s.sm.digest().unwrap(),
         digest,
