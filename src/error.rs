@@ -27,6 +27,14 @@ pub enum Error {
     /// The request is valid but the state does not allow it; the message says what to change.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// What the request names does not exist (a consumer group, a parked order); nothing was
+    /// changed. `NOT_FOUND`.
+    #[error("{0}")]
+    NotFound(String),
+    /// What the request would create exists with another definition; nothing was changed.
+    /// `ALREADY_EXISTS`.
+    #[error("{0}")]
+    AlreadyExists(String),
     /// The request is valid but its result would break a bound (the message names it and its
     /// value); nothing was applied. `RESOURCE_EXHAUSTED`.
     #[error("{0}")]
@@ -62,12 +70,30 @@ pub enum Error {
         oldest_ts_ms: u64,
         requested_seq: u64,
     },
+    /// A consumer group's ack named an attempt that is not the event's current one (it was
+    /// redelivered), or, in a Txn, an event already done (`current_attempt` 0):
+    /// `FAILED_PRECONDITION` + `StaleDelivery`, nothing applied.
+    #[error("group {group:?}, slot {slot}, seq {seq}: attempt {attempt} is stale ({}); nothing was applied", stale_why(*.current_attempt))]
+    StaleDelivery {
+        group: String,
+        slot: u32,
+        seq: u64,
+        attempt: u32,
+        current_attempt: u32,
+    },
     /// Stored data failed its checksum or could not be decoded.
     #[error("corruption: {0}")]
     Corruption(String),
     /// The storage engine failed.
     #[error("storage: {0}")]
     Storage(String),
+}
+
+fn stale_why(current_attempt: u32) -> String {
+    match current_attempt {
+        0 => "the event is done already".into(),
+        n => format!("the event is at attempt {n}: it was delivered again"),
+    }
 }
 
 pub fn hex(bytes: &[u8]) -> String {
@@ -167,7 +193,26 @@ impl From<Error> for Status {
                     requested_seq,
                 }),
             ),
+            Error::StaleDelivery {
+                group,
+                slot,
+                seq,
+                attempt,
+                current_attempt,
+            } => ordo_proto::status::with_detail(
+                Code::FailedPrecondition,
+                msg,
+                error_detail::Kind::StaleDelivery(error_detail::StaleDelivery {
+                    group,
+                    slot,
+                    seq,
+                    attempt,
+                    current_attempt,
+                }),
+            ),
             Error::FailedPrecondition(_) => Status::failed_precondition(msg),
+            Error::NotFound(_) => Status::not_found(msg),
+            Error::AlreadyExists(_) => Status::already_exists(msg),
             Error::Unavailable(_) => Status::unavailable(msg),
             Error::ResourceExhausted(_) => Status::resource_exhausted(msg),
             Error::Corruption(_) => Status::data_loss(msg),

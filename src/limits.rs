@@ -245,3 +245,48 @@ pub const FEED_RETENTION_SECS_DEFAULT: u64 = 24 * 3600;
 /// migration's change-log cap, so the events a move must copy with its slots stay of the order
 /// the mover already handles, while a day of a moderately busy group (1 KiB events at 10/s) fits.
 pub const FEED_RETENTION_BYTES_DEFAULT: u64 = 1 << 30;
+
+// -- Consumer groups (`state/groups/`) --
+
+pub use ordo_proto::FEED_GROUP_NAME_BYTES_MAX;
+/// Most consumer groups a cluster holds (every group has a record in every slot it covers, and
+/// each slot keeps an index of its groups that a trim reads): a trim and a describe read every
+/// group of a slot, so the count stays small.
+pub const FEED_GROUPS_MAX: usize = 64;
+/// Most ranges of done events a group keeps above its committed seq in one slot: they are read
+/// and written with every ack of the slot, and a dispatcher that holds a bounded number of
+/// events in flight per slot never needs more (each in-flight event splits one range at most).
+/// An ack past it is refused (`RESOURCE_EXHAUSTED`) and the event is delivered again later.
+pub const FEED_GROUP_DONE_RANGES_MAX: usize = 1024;
+/// Most delivery counts (events above the committed seq delivered more than once) a group keeps
+/// in one slot: like the done ranges, part of the record every ack rewrites. A redelivery past it
+/// is refused until acks advance the committed seq.
+pub const FEED_GROUP_DELIVERIES_MAX: usize = 1024;
+/// Most parked orders a group keeps in one slot: past it, parking is refused (the dispatcher
+/// keeps redelivering), and an operator has far too many poison orders to look at anyway.
+pub const FEED_GROUP_PARKED_MAX: usize = 256;
+/// Most slots one create, delete or seek of a group covers in one raft entry: its outcome names
+/// the slot to go on from, so a group over 65,536 slots is a few bounded entries, not one.
+pub const FEED_GROUP_SLOTS_PER_ENTRY: usize = 1024;
+/// Most acks, skips or delivery counts one replicated flush carries: one raft entry stays small
+/// (about 100 bytes each) however many members ack at once.
+pub const FEED_GROUP_BATCH_MAX: usize = 4096;
+/// A group's `ack_wait` when its creation names none: NATS JetStream's default, long enough for
+/// a consumer's own writes and retries.
+pub const FEED_GROUP_ACK_WAIT_MS_DEFAULT: u32 = 30_000;
+/// Longest `ack_wait` a group may have: an hour (a member that needs longer sends `InProgress`);
+/// a crashed member's events are redelivered within it.
+pub const FEED_GROUP_ACK_WAIT_MS_MAX: u32 = 3_600_000;
+/// Attempts an event gets when the group's creation names none, before its poison policy
+/// applies: enough to ride out a consumer's transient failures, few enough that a poison order
+/// is parked within minutes at the default ack wait.
+pub const FEED_GROUP_MAX_DELIVER_DEFAULT: u32 = 5;
+/// How long a durable group holds events past retention by default (`--feed-protect-secs`):
+/// retention plus a day (research 9.3), room for a weekend's stopped consumer to be noticed.
+pub const FEED_PROTECT_SECS_DEFAULT: u64 = FEED_RETENTION_SECS_DEFAULT + 24 * 3600;
+/// Most bytes of events a shard group keeps for durable groups by default
+/// (`--feed-protect-bytes`): four times the retention cap, so a stopped group never fills a disk
+/// (past it the oldest go and the groups that had not acked them are expired).
+pub const FEED_PROTECT_BYTES_DEFAULT: u64 = 4 * FEED_RETENTION_BYTES_DEFAULT;
+const _: () = assert!(FEED_PROTECT_SECS_DEFAULT >= FEED_RETENTION_SECS_DEFAULT);
+const _: () = assert!(FEED_PROTECT_BYTES_DEFAULT >= FEED_RETENTION_BYTES_DEFAULT);

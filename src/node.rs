@@ -74,6 +74,27 @@ pub struct FeedConfig {
     pub retention_secs: u64,
     /// A group's events beyond this many bytes are trimmed, oldest first.
     pub retention_bytes: u64,
+    /// Events a live consumer group has not acked are kept this long (at least the retention)
+    /// ...
+    pub protect_secs: u64,
+    /// ... and while the group holds at most this many bytes (at least the retention's).
+    pub protect_bytes: u64,
+}
+
+impl FeedConfig {
+    /// What the leader's retention planner keeps; a protection below the retention is the
+    /// retention (protecting an event can only keep it longer).
+    pub fn retention(&self) -> crate::state::Retention {
+        crate::state::Retention {
+            ms: self.retention_secs.saturating_mul(1000),
+            bytes: self.retention_bytes,
+            protect_ms: self
+                .protect_secs
+                .max(self.retention_secs)
+                .saturating_mul(1000),
+            protect_bytes: self.protect_bytes.max(self.retention_bytes),
+        }
+    }
 }
 
 impl Default for FeedConfig {
@@ -82,6 +103,8 @@ impl Default for FeedConfig {
             capture: Capture::default(),
             retention_secs: FEED_RETENTION_SECS_DEFAULT,
             retention_bytes: FEED_RETENTION_BYTES_DEFAULT,
+            protect_secs: FEED_PROTECT_SECS_DEFAULT,
+            protect_bytes: FEED_PROTECT_BYTES_DEFAULT,
         }
     }
 }

@@ -21,6 +21,34 @@ pub use dedup::{request_digest, DEDUP_OUTCOME_BYTES_MAX, REQUEST_DIGEST_BYTES};
 /// event read.
 pub const FEED_SHARD_KEYS_MAX: usize = 1024;
 
+/// Longest consumer-group name (`CreateGroupRequest.group`, `FeedAckRequest.group`, ...): it is
+/// part of the key of the group's record in every slot and is carried by every ack, so it stays
+/// short; routers and nodes check it alike.
+pub const FEED_GROUP_NAME_BYTES_MAX: usize = 64;
+
+/// Why `name` is not a consumer-group name, if it is not: 1 to [`FEED_GROUP_NAME_BYTES_MAX`]
+/// bytes of ASCII letters, digits, `-`, `_` and `.` (printable in logs and in `ordoctl`, and
+/// never a separator of the records that hold it).
+pub fn check_group_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > FEED_GROUP_NAME_BYTES_MAX {
+        return Err(format!(
+            "group name is {} bytes; it must have 1 to FEED_GROUP_NAME_BYTES_MAX \
+             ({FEED_GROUP_NAME_BYTES_MAX}) bytes",
+            name.len()
+        ));
+    }
+    match name
+        .bytes()
+        .find(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
+    {
+        Some(b) => Err(format!(
+            "group name {name:?} holds {:?}; use ASCII letters, digits, '-', '_' and '.'",
+            b as char
+        )),
+        None => Ok(()),
+    }
+}
+
 pub use status::{certainly_not_applied, connect_failed, error_detail_of};
 
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -38,7 +38,7 @@ pub fn certainly_not_applied(status: &Status) -> bool {
         }
         Some(Kind::WrongShard(_)) => status.code() == Code::FailedPrecondition,
         Some(Kind::Locked(_)) => status.code() == Code::Aborted,
-        Some(Kind::CursorExpired(_)) => false,
+        Some(Kind::CursorExpired(_)) | Some(Kind::StaleDelivery(_)) => false,
         None => connect_failed(status),
     }
 }
@@ -109,6 +109,13 @@ pub fn describe(status: &Status) -> String {
             "cursor expired (slot {} holds seq {} and later): {}",
             ce.slot,
             ce.oldest_seq,
+            status.message()
+        ),
+        Some(Kind::StaleDelivery(sd)) => format!(
+            "stale delivery (slot {} seq {} is at attempt {}): {}",
+            sd.slot,
+            sd.seq,
+            sd.current_attempt,
             status.message()
         ),
         None => format!("{:?}: {}", status.code(), status.message()),

@@ -12,10 +12,12 @@ impl TxnOp {
             txn_op::Op::Delete(d) => &d.shard_key,
             txn_op::Op::Get(g) => &g.shard_key,
             txn_op::Op::Emit(e) => &e.shard_key,
+            txn_op::Op::FeedAck(a) => &a.shard_key,
         })
     }
 
-    /// Whether the op changes anything: a Put, a Delete or an Emit (which appends an event).
+    /// Whether the op changes anything: a Put, a Delete, an Emit (which appends an event) or a
+    /// FeedAck (which moves a consumer group's state).
     pub fn writes(&self) -> bool {
         !matches!(self.op, Some(txn_op::Op::Get(_)) | None)
     }

@@ -8,8 +8,9 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ordo::limits::{
-    COMPACT_LOG_ENTRIES_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, FEED_RETENTION_BYTES_DEFAULT,
-    FEED_RETENTION_SECS_DEFAULT, SLOT_COUNT_DEFAULT,
+    COMPACT_LOG_ENTRIES_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, FEED_PROTECT_BYTES_DEFAULT,
+    FEED_PROTECT_SECS_DEFAULT, FEED_RETENTION_BYTES_DEFAULT, FEED_RETENTION_SECS_DEFAULT,
+    SLOT_COUNT_DEFAULT,
 };
 use ordo::node::{check_dedup_window, parse_peers, Capture, FeedConfig, Node, NodeConfig};
 
@@ -90,6 +91,14 @@ struct FeedArgs {
     /// Bytes of events a group keeps; past it the oldest go first.
     #[arg(long, default_value_t = FEED_RETENTION_BYTES_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
     feed_retention_bytes: u64,
+    /// How long events a durable consumer group has not acked are kept, in seconds (at least
+    /// the retention); past it they are trimmed and the group is expired, loudly.
+    #[arg(long, default_value_t = FEED_PROTECT_SECS_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
+    feed_protect_secs: u64,
+    /// Bytes of events a group keeps for durable consumer groups (at least the retention's);
+    /// past it the oldest go and the groups that had not acked them are expired.
+    #[arg(long, default_value_t = FEED_PROTECT_BYTES_DEFAULT, value_parser = clap::value_parser!(u64).range(1..))]
+    feed_protect_bytes: u64,
 }
 
 impl FeedArgs {
@@ -98,6 +107,8 @@ impl FeedArgs {
             capture: self.feed_capture,
             retention_secs: self.feed_retention_secs,
             retention_bytes: self.feed_retention_bytes,
+            protect_secs: self.feed_protect_secs,
+            protect_bytes: self.feed_protect_bytes,
         }
     }
 }
@@ -438,6 +449,7 @@ mod tests {
             (c.capture, c.retention_secs, c.retention_bytes),
             (Capture::New, 86_400, 1 << 30)
         );
+        assert_eq!((c.protect_secs, c.protect_bytes), (2 * 86_400, 4 << 30));
         let flags = [
             "--feed-capture",
             "old-and-new",
@@ -445,6 +457,8 @@ mod tests {
             "2",
             "--feed-retention-bytes",
             "4096",
+            "--feed-protect-secs",
+            "1",
         ];
         let Ok(Cmd::Node { feed, .. }) = node(&flags) else {
             panic!("not node")
@@ -454,10 +468,17 @@ mod tests {
             (c.capture, c.retention_secs, c.retention_bytes),
             (Capture::OldAndNew, 2, 4096)
         );
+        assert_eq!(
+            c.retention().protect_ms,
+            2_000,
+            "a protection below the retention is the retention"
+        );
         for bad in [
             &["--feed-capture", "all"][..],
             &["--feed-retention-secs", "0"],
             &["--feed-retention-bytes", "0"],
+            &["--feed-protect-secs", "0"],
+            &["--feed-protect-bytes", "0"],
         ] {
             assert!(node(bad).is_err(), "{bad:?}");
         }

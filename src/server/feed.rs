@@ -298,11 +298,9 @@ pub(crate) fn spawn_trimmer(
             if replica.shared.is_leader.load(Ordering::Relaxed) == 0 {
                 continue;
             }
-            let retention_ms = feed.retention_secs.saturating_mul(1000);
-            let planned =
-                replica
-                    .sm
-                    .plan_trims(ordo_proto::unix_ms(), retention_ms, feed.retention_bytes);
+            let planned = replica
+                .sm
+                .plan_trims(ordo_proto::unix_ms(), feed.retention());
             let trims = match planned {
                 Ok(t) if t.is_empty() => continue,
                 Ok(t) => t,

@@ -66,7 +66,7 @@ impl Participant for ParticipantService {
             .part
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("prepare without a part".into()))?;
-        validate::check_txn(part)?;
+        validate::check_part(part)?;
         if crate::state::participant::items(part).is_empty() {
             return Err(Error::InvalidArgument("the part names no item".into()).into());
         }

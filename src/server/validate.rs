@@ -155,7 +155,21 @@ fn check_op(op: &TxnOp) -> Result<()> {
             check_key(&e.key)?;
             check_value(&e.value)?;
         }
-        None => return Err(invalid("a TxnOp has no put, delete, get or emit".into())),
+        Some(txn_op::Op::FeedAck(a)) => {
+            ordo_proto::check_group_name(&a.group).map_err(invalid)?;
+            check_shard_key(&a.shard_key)?;
+            if a.seq == 0 || a.attempt == 0 {
+                return Err(invalid(format!(
+                    "feed_ack names seq {} attempt {}; deliveries start at seq 1, attempt 1",
+                    a.seq, a.attempt
+                )));
+            }
+        }
+        None => {
+            return Err(invalid(
+                "a TxnOp has no put, delete, get, emit or feed_ack".into(),
+            ))
+        }
     }
     Ok(())
 }
@@ -166,6 +180,7 @@ fn op_bytes(op: &TxnOp) -> usize {
         Some(txn_op::Op::Delete(d)) => d.shard_key.len() + d.key.len(),
         Some(txn_op::Op::Get(g)) => g.shard_key.len() + g.key.len(),
         Some(txn_op::Op::Emit(e)) => e.shard_key.len() + e.key.len() + e.value.len(),
+        Some(txn_op::Op::FeedAck(a)) => a.group.len() + a.shard_key.len(),
         None => 0,
     }
 }
@@ -192,6 +207,25 @@ pub fn check_decide(d: &DecideRequest) -> Result<()> {
             "outcome is {outcome} bytes; the limit is DEDUP_OUTCOME_BYTES_MAX \
              ({DEDUP_OUTCOME_BYTES_MAX} bytes): send none, it is then not kept"
         )));
+    }
+    Ok(())
+}
+
+/// A 2PC part: a checked Txn without a `feed_ack` (a transactional ack is applied in one
+/// group's raft entry; across groups it is not built yet).
+pub fn check_part(part: &TxnRequest) -> Result<()> {
+    check_txn(part)?;
+    let acks = part
+        .success
+        .iter()
+        .chain(&part.failure)
+        .any(|op| matches!(op.op, Some(txn_op::Op::FeedAck(_))));
+    if acks {
+        return Err(Error::FailedPrecondition(
+            "a feed_ack in a Txn over several groups is not supported yet: keep the ack's Txn \
+             within the group of the event's shard key; nothing was applied"
+                .into(),
+        ));
     }
     Ok(())
 }
@@ -441,6 +475,45 @@ mod tests {
             msg.contains("TXN_BYTES_MAX") || msg.contains(&TXN_BYTES_MAX.to_string()),
             "{msg}"
         );
+    }
+
+    /// A feed ack names a valid group, a shard key, and a delivery (seq and attempt from 1); a
+    /// 2PC part carrying one is refused (transactional acks are single-group for now).
+    #[test]
+    fn feed_acks_are_checked_and_kept_out_of_2pc_parts() {
+        let ack = |group: &str, seq: u64, attempt: u32| TxnRequest {
+            success: vec![
+                get_op(&b(1), &b(1)),
+                TxnOp {
+                    op: Some(txn_op::Op::FeedAck(ordo_proto::v1::FeedAckRequest {
+                        group: group.into(),
+                        slot: 0,
+                        seq,
+                        attempt,
+                        shard_key: b(1),
+                    })),
+                },
+            ],
+            ..Default::default()
+        };
+        check_txn(&ack("billing", 1, 1)).unwrap();
+        for (t, needle) in [
+            (ack("", 1, 1), "FEED_GROUP_NAME_BYTES_MAX"),
+            (ack(&"g".repeat(65), 1, 1), "FEED_GROUP_NAME_BYTES_MAX"),
+            (ack("a/b", 1, 1), "'/'"),
+            (ack("billing", 0, 1), "seq 0"),
+            (ack("billing", 1, 0), "attempt 0"),
+        ] {
+            let msg = check_txn(&t).unwrap_err().to_string();
+            assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
+        }
+        let e = check_part(&ack("billing", 1, 1)).unwrap_err();
+        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        check_part(&TxnRequest {
+            success: vec![get_op(&b(1), &b(1))],
+            ..Default::default()
+        })
+        .unwrap();
     }
 
     #[test]

@@ -16,7 +16,8 @@ use super::dedup::{self, Seen, Stamp};
 use super::migrate::{self, Moving};
 use super::participant::{self, Tx};
 use super::txn::Budget;
-use super::{feed, shard_keys, txn, Apply, Capture, Checkpoint, Command, Outcome, Ownership};
+use super::Ownership;
+use super::{feed, groups, shard_keys, txn, Apply, Capture, Checkpoint, Command, Outcome};
 use super::{StateMachine, TxView, APPLIED_KEY, FEED_TS_KEY};
 use crate::error::{Error, Result};
 use crate::limits::{ENTRY_RESULT_BYTES_MAX, FEED_TRIM_EVENTS_MAX};
@@ -202,6 +203,16 @@ impl Applier<'_> {
                     .map_err(ConflictableTransactionError::Abort)?;
                 Ok(Outcome::Checkpointed)
             }
+            Command::Group(g) => {
+                let ctx = groups::Ctx {
+                    slot_count: self.slot_count,
+                    ownership: self.ownership,
+                    moving: self.moving,
+                };
+                groups::apply(&mut self.view, &ctx, g)
+                    .map_err(ConflictableTransactionError::Abort)?
+                    .map(Outcome::Group)
+            }
             Command::SetOwnership(_)
             | Command::MigrateOut(_)
             | Command::MigrateIngest(_)
@@ -210,12 +221,16 @@ impl Applier<'_> {
     }
 
     /// A checkpoint's trims, in order, at most `FEED_TRIM_EVENTS_MAX` events in all; a slot
-    /// not owned here (moved since the leader decided) is left alone.
+    /// not owned here (moved since the leader decided) is left alone. A consumer group that had
+    /// not done the events dropped is expired (the leader's plan trims those only past the
+    /// protection limit).
     fn checkpoint(&mut self, c: &Checkpoint) -> Result<()> {
         let mut budget = FEED_TRIM_EVENTS_MAX;
         for &(slot, below) in &c.trims {
             if slot < self.slot_count && self.ownership.owns(slot) {
                 self.view.trim_feed(slot, below, &mut budget)?;
+                let first_seq = self.view.feed_meta_peek(slot)?.first_seq;
+                self.view.expire_groups(slot, first_seq)?;
             }
         }
         Ok(())

@@ -2,7 +2,7 @@
 //! applying one produces (`Outcome`), and the shard keys a transaction touches.
 
 use ordo_proto::v1::{
-    DecideRequest, DecideResponse, FinishRequest, FinishResponse, ForgetRequest,
+    DecideRequest, DecideResponse, FinishRequest, FinishResponse, ForgetRequest, GroupCommand,
     MigrateClearRequest, MigrateIngestRequest, MigrateOutRequest, PrepareRequest, PrepareResponse,
     SetOwnershipRequest, SetOwnershipResponse, TxnRequest, TxnResponse,
 };
@@ -20,6 +20,8 @@ const CMD_MIGRATE_INGEST: u8 = 5;
 const CMD_MIGRATE_CLEAR: u8 = 6;
 /// A change-feed checkpoint: `(slot u32 BE, below u64 BE)` trims, none when idle.
 const CMD_CHECKPOINT: u8 = 7;
+/// A consumer group's replicated change (`groups/`).
+const CMD_GROUP: u8 = 8;
 /// Two-phase commit (`participant.rs`).
 const CMD_PREPARE: u8 = 20;
 const CMD_DECIDE: u8 = 21;
@@ -45,6 +47,9 @@ pub enum Command {
     /// no writes (`FEED_CHECKPOINT_INTERVAL_MS`), and by the leader's retention planner with its
     /// trims, so every replica drops exactly the same events.
     Checkpoint(Checkpoint),
+    /// Consumer groups: create, delete, seek, a flush of acks, redeliveries' attempts, park and
+    /// unpark (`groups/`).
+    Group(GroupCommand),
     /// Two-phase commit of a cross-group transaction, one participant's steps (`participant.rs`).
     Prepare(PrepareRequest),
     Decide(DecideRequest),
@@ -72,6 +77,7 @@ impl Command {
             Command::MigrateIngest(m) => (CMD_MIGRATE_INGEST, m.encoded_len()),
             Command::MigrateClear(m) => (CMD_MIGRATE_CLEAR, m.encoded_len()),
             Command::Checkpoint(c) => (CMD_CHECKPOINT, c.trims.len() * TRIM_BYTES),
+            Command::Group(g) => (CMD_GROUP, g.encoded_len()),
             Command::Prepare(p) => (CMD_PREPARE, p.encoded_len()),
             Command::Decide(d) => (CMD_DECIDE, d.encoded_len()),
             Command::Finish(f) => (CMD_FINISH, f.encoded_len()),
@@ -99,6 +105,7 @@ impl Command {
                 }
                 Ok(())
             }
+            Command::Group(g) => g.encode(&mut data),
             Command::Prepare(p) => p.encode(&mut data),
             Command::Decide(d) => d.encode(&mut data),
             Command::Finish(f) => f.encode(&mut data),
@@ -149,6 +156,9 @@ impl Command {
                 }))
             }
             Some((&CMD_CHECKPOINT, rest)) => Err(format!("checkpoint of {} bytes", rest.len())),
+            Some((&CMD_GROUP, rest)) => GroupCommand::decode(rest)
+                .map(Command::Group)
+                .map_err(|e| e.to_string()),
             Some((&CMD_PREPARE, rest)) => PrepareRequest::decode(rest)
                 .map(Command::Prepare)
                 .map_err(|e| e.to_string()),
@@ -197,6 +207,7 @@ pub enum Outcome {
     Finished(FinishResponse),
     Forgotten,
     Checkpointed,
+    Group(super::GroupApplied),
 }
 
 /// One committed entry to apply: its index, its command (`None` for raft's own entries) and the

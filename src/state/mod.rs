@@ -23,6 +23,8 @@ mod command;
 mod dedup;
 /// The change feed's per-slot log: written at apply, read by `Peer.ReadChanges`.
 pub(crate) mod feed;
+/// Consumer groups' replicated state: per slot and group, its definition and position.
+mod groups;
 pub(crate) mod keys;
 /// Online resharding's replicated state: outgoing migrations, their change logs and fences.
 pub(crate) mod migrate;
@@ -32,7 +34,8 @@ pub(crate) mod txn;
 
 pub use command::{shard_keys, Apply, Checkpoint, Command, Outcome};
 pub use dedup::Stamp;
-pub use feed::Capture;
+pub use feed::{Capture, Retention};
+pub use groups::GroupApplied;
 use migrate::Moving;
 use ownership::load_ownership;
 pub use ownership::Ownership;
@@ -175,6 +178,12 @@ impl ItemView for TxView<'_> {
             value,
             old: None,
         })
+    }
+    fn check_feed_ack(&self, ack: &ordo_proto::v1::FeedAckRequest) -> Result<Result<()>> {
+        self.check_txn_ack(ack)
+    }
+    fn feed_ack(&mut self, ack: &ordo_proto::v1::FeedAckRequest) -> Result<()> {
+        self.apply_txn_ack(ack)
     }
 }
 

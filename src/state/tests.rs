@@ -207,6 +207,16 @@ fn commands_round_trip_and_unknown_tags_are_refused() {
     assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
     let cmd = put("o", "k", "v");
     assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
+    let cmd = Command::Group(ordo_proto::v1::GroupCommand {
+        op: Some(ordo_proto::v1::group_command::Op::Unpark(
+            ordo_proto::v1::GroupUnpark {
+                group: "billing".into(),
+                shard_key: "o".as_bytes().to_vec().into(),
+            },
+        )),
+    });
+    assert_eq!(cmd.encoded_len(), cmd.encode().len());
+    assert_eq!(Command::decode(&cmd.encode()).unwrap(), cmd);
     assert!(Command::decode(&[9, 1, 2])
         .unwrap_err()
         .contains("unknown command tag 9"));

@@ -7,8 +7,8 @@
 //! refused with `RESOURCE_EXHAUSTED` having copied at most its budget and written nothing.
 
 use ordo_proto::v1::{
-    compare, txn_op, txn_op_result, Compare, DeleteResponse, EmitResponse, GetResponse,
-    PutResponse, TxnOp, TxnOpResult, TxnRequest, TxnResponse,
+    compare, txn_op, txn_op_result, Compare, DeleteResponse, EmitResponse, FeedAckRequest,
+    FeedAckResponse, GetResponse, PutResponse, TxnOp, TxnOpResult, TxnRequest, TxnResponse,
 };
 
 use crate::error::{Error, Result};
@@ -38,6 +38,11 @@ pub trait ItemView: ItemRead {
     fn delete(&mut self, shard_key: &[u8], key: &[u8], old: &[u8]) -> Result<()>;
     /// An `Emit`: an event of the change feed with no stored item.
     fn emit(&mut self, shard_key: &[u8], key: &[u8], value: &[u8]) -> Result<()>;
+    /// Whether a consumer group's ack may be applied now (the inner `Err`: refused, e.g. a
+    /// stale attempt). Checked before any write of its transaction reaches the view.
+    fn check_feed_ack(&self, ack: &FeedAckRequest) -> Result<Result<()>>;
+    /// Applies an ack `check_feed_ack` accepted.
+    fn feed_ack(&mut self, ack: &FeedAckRequest) -> Result<()>;
 }
 
 /// The result bytes (values returned by Gets) an evaluation may still copy, and the limit that
@@ -128,8 +133,9 @@ pub fn read_only(t: &TxnRequest) -> bool {
 }
 
 /// Evaluates the compares, then runs the success or the failure ops in order (a later op sees an
-/// earlier op's write), within `budget`. The writes reach `view` only if every op ran: the inner
-/// `Err` (over budget) wrote nothing. The request has been validated (see `validate.rs`).
+/// earlier op's write), within `budget`. The writes reach `view` only if every op ran and every
+/// feed ack of the branch run is accepted: the inner `Err` (over budget, a refused ack) wrote
+/// nothing. The request has been validated (see `validate.rs`).
 pub fn evaluate(
     view: &mut impl ItemView,
     txn: &TxnRequest,
@@ -144,6 +150,13 @@ pub fn evaluate(
             ))))
         }
     };
+    for w in &staged.writes {
+        if let Change::FeedAck(ack) = w.change {
+            if let Err(refused) = view.check_feed_ack(ack)? {
+                return Ok(Err(refused));
+            }
+        }
+    }
     let writes = staged.writes;
     flush(view, writes)?;
     Ok(Ok(resp))
@@ -194,6 +207,8 @@ enum Change<'t> {
     Delete,
     /// An event only: not an item, never seen by a later op's read.
     Emit(&'t [u8]),
+    /// A consumer group's ack: not an item either.
+    FeedAck(&'t FeedAckRequest),
 }
 
 /// A write staged by [`Staged`], with the value it replaces (for the change feed).
@@ -211,6 +226,7 @@ fn flush<V: ItemView>(view: &mut V, writes: Vec<Write<'_, V::Value>>) -> Result<
             Change::Put(version, value) => view.put(w.shard_key, w.key, version, value, old)?,
             Change::Delete => view.delete(w.shard_key, w.key, old.unwrap_or_default())?,
             Change::Emit(value) => view.emit(w.shard_key, w.key, value)?,
+            Change::FeedAck(ack) => view.feed_ack(ack)?,
         }
     }
     Ok(())
@@ -248,12 +264,11 @@ impl<'v, 't, V: ItemRead> Staged<'v, 't, V> {
     }
 
     fn get(&self, sk: &[u8], key: &[u8]) -> Result<Option<(u64, Seen<'t, V::Value>)>> {
-        match self
-            .writes
-            .iter()
-            .rev()
-            .find(|w| w.shard_key == sk && w.key == key && !matches!(w.change, Change::Emit(_)))
-        {
+        match self.writes.iter().rev().find(|w| {
+            w.shard_key == sk
+                && w.key == key
+                && matches!(w.change, Change::Put(..) | Change::Delete)
+        }) {
             Some(w) => Ok(match w.change {
                 Change::Put(version, v) => Some((version, Seen::Staged(v))),
                 _ => None,
@@ -359,6 +374,15 @@ impl<'v, 't, V: ItemRead> Staged<'v, 't, V> {
                     });
                     txn_op_result::Result::Emit(EmitResponse {})
                 }
+                Some(txn_op::Op::FeedAck(a)) => {
+                    self.writes.push(Write {
+                        shard_key: &a.shard_key,
+                        key: &[],
+                        change: Change::FeedAck(a),
+                        old: None,
+                    });
+                    txn_op_result::Result::FeedAck(FeedAckResponse {})
+                }
                 // Validation refuses ops without a body before they reach the log.
                 None => unreachable!("empty TxnOp passed validation"),
             };
@@ -437,6 +461,13 @@ impl ItemView for MemView {
     fn emit(&mut self, _: &[u8], _: &[u8], _: &[u8]) -> Result<()> {
         Ok(())
     }
+    /// Items only: every ack is accepted and changes nothing.
+    fn check_feed_ack(&self, _: &FeedAckRequest) -> Result<Result<()>> {
+        Ok(Ok(()))
+    }
+    fn feed_ack(&mut self, _: &FeedAckRequest) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -490,7 +521,7 @@ mod tests {
             txn_op_result::Result::Put(p) => p.version,
             txn_op_result::Result::Get(g) => g.version,
             txn_op_result::Result::Delete(d) => d.prev_version,
-            txn_op_result::Result::Emit(_) => 0,
+            txn_op_result::Result::Emit(_) | txn_op_result::Result::FeedAck(_) => 0,
         }
     }
 

@@ -19,9 +19,13 @@ use futures::Stream;
 use ordo_proto::slot_of;
 use ordo_proto::v1::feed_server::Feed;
 use ordo_proto::v1::watch_request::{Start, StartOneOf};
-use ordo_proto::v1::{slot_from, WatchRequest, WatchResponse};
+use ordo_proto::v1::{
+    slot_from, ConsumeRequest, ConsumeResponse, ConsumerGroup, CreateGroupRequest,
+    DeleteGroupRequest, DeleteGroupResponse, DescribeGroupRequest, ListGroupsRequest,
+    ListGroupsResponse, SeekGroupRequest, UnparkRequest, WatchRequest, WatchResponse,
+};
 use tokio::sync::Semaphore;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use crate::forward::not_initialized;
 use crate::Shared;
@@ -52,6 +56,16 @@ pub(crate) fn watch_permits() -> Arc<Semaphore> {
 pub(crate) struct FeedService(pub(crate) Arc<Shared>);
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
+type ConsumeStream = Pin<Box<dyn Stream<Item = Result<ConsumeResponse, Status>> + Send>>;
+
+/// The answer of a consumer-group RPC (issue 14) until its handler is wired: the contract is
+/// defined, the nodes' state is being built, the router does not serve it yet.
+fn not_served_yet(rpc: &str) -> Status {
+    Status::unimplemented(format!(
+        "Feed.{rpc}: consumer groups are not served by this router yet (issue 14: the contract \
+         is defined, the handler is not wired)"
+    ))
+}
 
 #[tonic::async_trait]
 impl Feed for FeedService {
@@ -77,6 +91,54 @@ impl Feed for FeedService {
             })?;
         let watch = watch::Watch::new(self.0.clone(), plan, permit);
         Ok(Response::new(Box::pin(watch.into_stream())))
+    }
+
+    type ConsumeStream = ConsumeStream;
+
+    async fn create_group(
+        &self,
+        _: Request<CreateGroupRequest>,
+    ) -> Result<Response<ConsumerGroup>, Status> {
+        Err(not_served_yet("CreateGroup"))
+    }
+
+    async fn describe_group(
+        &self,
+        _: Request<DescribeGroupRequest>,
+    ) -> Result<Response<ConsumerGroup>, Status> {
+        Err(not_served_yet("DescribeGroup"))
+    }
+
+    async fn delete_group(
+        &self,
+        _: Request<DeleteGroupRequest>,
+    ) -> Result<Response<DeleteGroupResponse>, Status> {
+        Err(not_served_yet("DeleteGroup"))
+    }
+
+    async fn consume(
+        &self,
+        _: Request<Streaming<ConsumeRequest>>,
+    ) -> Result<Response<ConsumeStream>, Status> {
+        Err(not_served_yet("Consume"))
+    }
+
+    async fn list_groups(
+        &self,
+        _: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
+        Err(not_served_yet("ListGroups"))
+    }
+
+    async fn seek_group(
+        &self,
+        _: Request<SeekGroupRequest>,
+    ) -> Result<Response<ConsumerGroup>, Status> {
+        Err(not_served_yet("SeekGroup"))
+    }
+
+    async fn unpark(&self, _: Request<UnparkRequest>) -> Result<Response<ConsumerGroup>, Status> {
+        Err(not_served_yet("Unpark"))
     }
 }
 

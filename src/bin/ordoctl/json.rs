@@ -170,6 +170,7 @@ enum OpResultView<'a> {
     Delete(DeleteView),
     Get(GetView<'a>),
     Emit {},
+    FeedAck {},
 }
 
 /// `result` is `null` for a result the server left empty.
@@ -198,6 +199,7 @@ pub(crate) fn txn(ops: &[TxnOp], resp: &TxnResponse) -> String {
                 txn_op_result::Result::Delete(r) => OpResultView::Delete(r.into()),
                 txn_op_result::Result::Get(r) => OpResultView::Get(r.into()),
                 txn_op_result::Result::Emit(_) => OpResultView::Emit {},
+                txn_op_result::Result::FeedAck(_) => OpResultView::FeedAck {},
             }),
         })
         .collect();

@@ -126,6 +126,7 @@ pub(crate) fn render_txn(ops: &[TxnOp], resp: &TxnResponse, json: bool) -> Strin
                 false => "not found".into(),
             },
             Some(txn_op_result::Result::Emit(_)) => "emitted".into(),
+            Some(txn_op_result::Result::FeedAck(_)) => "acked".into(),
             None => "(empty result)".into(),
         };
         let _ = write!(out, "\n[{i}] {op}: {body}");
@@ -317,6 +318,14 @@ pub(crate) fn describe_op(op: &TxnOp) -> String {
             word(&e.shard_key),
             word(&e.key),
             word(&e.value)
+        ),
+        Some(txn_op::Op::FeedAck(a)) => format!(
+            "feed-ack {} {} {} {} {}",
+            a.group,
+            word(&a.shard_key),
+            a.slot,
+            a.seq,
+            a.attempt
         ),
         None => "(empty op)".into(),
     }

@@ -29,12 +29,14 @@ use crate::error::{Error, Result};
 
 mod read;
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;
 mod tips;
 mod trim;
 
+pub(super) use read::last_seq_at_or_before;
 pub use read::{Cursor, Filter, Slots, Start};
 pub(super) use tips::Tips;
+pub use trim::Retention;
 
 /// The reserved-range kind of change-feed records.
 pub(super) const KIND: u8 = b'e';
@@ -227,14 +229,23 @@ impl TxView<'_> {
     /// The meta record of `slot` as this transaction left it.
     pub(super) fn feed_meta(&mut self, slot: u32) -> Result<&mut Meta> {
         if !self.feed.metas.contains_key(&slot) {
-            let key = meta_key(slot);
-            let meta = match self.data.get(&key).map_err(tx_err)? {
-                Some(raw) => Meta::decode(&key, &raw)?,
-                None => Meta::default(),
-            };
+            let meta = self.feed_meta_peek(slot)?;
             self.feed.metas.insert(slot, meta);
         }
         Ok(self.feed.metas.get_mut(&slot).expect("inserted above"))
+    }
+
+    /// The meta record of `slot` as this transaction left it, without keeping it to be written
+    /// at the end (for readers of the log inside an apply).
+    pub(super) fn feed_meta_peek(&self, slot: u32) -> Result<Meta> {
+        if let Some(meta) = self.feed.metas.get(&slot) {
+            return Ok(*meta);
+        }
+        let key = meta_key(slot);
+        match self.data.get(&key).map_err(tx_err)? {
+            Some(raw) => Meta::decode(&key, &raw),
+            None => Ok(Meta::default()),
+        }
     }
 
     /// Appends `c` to its slot's log (unless capture is off).

@@ -101,8 +101,28 @@ impl Room {
     }
 }
 
+/// The last seq held with a commit time at or before `ts` (`first_seq - 1` if none), `ts_of`
+/// giving an event's commit time: commit times are non-decreasing per slot, so a binary search
+/// over seqs.
+pub(in crate::state) fn last_seq_at_or_before(
+    meta: &Meta,
+    ts: u64,
+    mut ts_of: impl FnMut(u64) -> Result<u64>,
+) -> Result<u64> {
+    let (mut lo, mut hi) = (meta.first_seq, meta.last_seq + 1);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if ts_of(mid)? <= ts {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    Ok(lo - 1)
+}
+
 impl StateMachine {
-    pub(super) fn feed_meta_of(&self, slot: u32) -> Result<Meta> {
+    pub(in crate::state) fn feed_meta_of(&self, slot: u32) -> Result<Meta> {
         let key = meta_key(slot);
         match self.data.get(&key)? {
             Some(raw) => Meta::decode(&key, &raw),
@@ -111,7 +131,7 @@ impl StateMachine {
     }
 
     /// Event `seq` of `slot`, if held.
-    pub(super) fn feed_event(&self, slot: u32, seq: u64) -> Result<Option<ChangeEvent>> {
+    pub(in crate::state) fn feed_event(&self, slot: u32, seq: u64) -> Result<Option<ChangeEvent>> {
         let key = event_key(slot, seq);
         self.data
             .get(&key)?
@@ -160,20 +180,10 @@ impl StateMachine {
         Ok(cursor)
     }
 
-    /// The last seq held with a commit time at or before `ts` (`first_seq - 1` if none):
-    /// commit times are non-decreasing per slot, so a binary search over seqs.
     fn last_seq_at_or_before(&self, slot: u32, meta: &Meta, ts: u64) -> Result<u64> {
-        let (mut lo, mut hi) = (meta.first_seq, meta.last_seq + 1);
-        while lo < hi {
-            let mid = lo + (hi - lo) / 2;
-            let at = self.feed_event(slot, mid)?.map_or(0, |e| e.commit_ts_ms);
-            if at <= ts {
-                lo = mid + 1;
-            } else {
-                hi = mid;
-            }
-        }
-        Ok(lo - 1)
+        last_seq_at_or_before(meta, ts, |seq| {
+            Ok(self.feed_event(slot, seq)?.map_or(0, |e| e.commit_ts_ms))
+        })
     }
 
     /// The next page over `cursors`, in their order, at most `events_max` events and about

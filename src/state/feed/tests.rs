@@ -13,17 +13,17 @@ use ordo_proto::v1::{
 };
 use proptest::prelude::*;
 
-use super::{Capture, Cursor, Filter, Slots, Start};
+use super::{Capture, Cursor, Filter, Retention, Slots, Start};
 use crate::error::Error;
 use crate::state::{keys, Apply, Checkpoint, Command, Outcome, Stamp, StateMachine};
 
-const SLOTS: u32 = 8;
+pub(in crate::state) const SLOTS: u32 = 8;
 
-fn b(s: &str) -> bytes::Bytes {
+pub(in crate::state) fn b(s: &str) -> bytes::Bytes {
     s.as_bytes().to_vec().into()
 }
 
-fn put(sk: &str, k: &str, v: &str) -> TxnOp {
+pub(in crate::state) fn put(sk: &str, k: &str, v: &str) -> TxnOp {
     TxnOp {
         op: Some(txn_op::Op::Put(PutRequest {
             shard_key: b(sk),
@@ -54,18 +54,18 @@ fn emit(sk: &str, k: &str, v: &str) -> TxnOp {
     }
 }
 
-fn txn(ops: Vec<TxnOp>) -> TxnRequest {
+pub(in crate::state) fn txn(ops: Vec<TxnOp>) -> TxnRequest {
     TxnRequest {
         success: ops,
         ..Default::default()
     }
 }
 
-fn slot(sk: &str) -> u32 {
+pub(in crate::state) fn slot(sk: &str) -> u32 {
     ordo_proto::slot_of(sk.as_bytes(), SLOTS)
 }
 
-fn stamp(now_ms: u64, capture: Capture) -> Option<Stamp> {
+pub(in crate::state) fn stamp(now_ms: u64, capture: Capture) -> Option<Stamp> {
     Some(Stamp {
         now_ms,
         window_ms: 60_000,
@@ -73,14 +73,14 @@ fn stamp(now_ms: u64, capture: Capture) -> Option<Stamp> {
     })
 }
 
-struct Sm {
-    sm: StateMachine,
+pub(in crate::state) struct Sm {
+    pub(in crate::state) sm: StateMachine,
     index: u64,
     _dir: tempfile::TempDir,
 }
 
 impl Sm {
-    fn new() -> Sm {
+    pub(in crate::state) fn new() -> Sm {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::open(dir.path()).unwrap();
         Sm {
@@ -90,7 +90,7 @@ impl Sm {
         }
     }
 
-    fn entry(&mut self, cmd: Command, stamp: Option<Stamp>) -> Apply {
+    pub(in crate::state) fn entry(&mut self, cmd: Command, stamp: Option<Stamp>) -> Apply {
         self.index += 1;
         Apply {
             index: self.index,
@@ -99,18 +99,27 @@ impl Sm {
         }
     }
 
-    fn run_at(&mut self, cmd: Command, now_ms: u64) -> crate::error::Result<Outcome> {
+    pub(in crate::state) fn run_at(
+        &mut self,
+        cmd: Command,
+        now_ms: u64,
+    ) -> crate::error::Result<Outcome> {
         let a = self.entry(cmd, stamp(now_ms, Capture::New));
         self.sm.apply_all(&[a]).unwrap().pop().unwrap().1
     }
 
-    fn run(&mut self, cmd: Command) -> crate::error::Result<Outcome> {
+    pub(in crate::state) fn run(&mut self, cmd: Command) -> crate::error::Result<Outcome> {
         let now = 1_000 + self.index;
         self.run_at(cmd, now)
     }
 
     /// Every event of `slot` from `start`, read in pages of at most `per_page` events.
-    fn read(&self, slot: u32, start: Start, per_page: usize) -> Vec<ChangeEvent> {
+    pub(in crate::state) fn read(
+        &self,
+        slot: u32,
+        start: Start,
+        per_page: usize,
+    ) -> Vec<ChangeEvent> {
         let mut c = vec![self.sm.feed_start(slot, start).unwrap()];
         let all = Filter {
             shard_keys: &[],
@@ -637,7 +646,7 @@ fn a_snapshot_start_sends_the_items_then_the_changes_after_it() {
     );
 }
 
-fn migrate(id: u64, step: MigrateStep, slots: &[u32]) -> Command {
+pub(in crate::state) fn migrate(id: u64, step: MigrateStep, slots: &[u32]) -> Command {
     Command::MigrateOut(MigrateOutRequest {
         group_id: 1,
         migration_id: id,
@@ -647,7 +656,7 @@ fn migrate(id: u64, step: MigrateStep, slots: &[u32]) -> Command {
     })
 }
 
-fn ownership(group: u64, version: u64, slots: Vec<u32>) -> Command {
+pub(in crate::state) fn ownership(group: u64, version: u64, slots: Vec<u32>) -> Command {
     Command::SetOwnership(SetOwnershipRequest {
         group_id: group,
         map_version: version,
@@ -741,6 +750,16 @@ fn a_slot_moves_with_its_log_and_its_times_stay_ordered_across_the_move() {
     );
 }
 
+/// A retention of `ms` and `bytes`, protecting nothing longer.
+pub(in crate::state) fn retention(ms: u64, bytes: u64) -> Retention {
+    Retention {
+        ms,
+        bytes,
+        protect_ms: ms,
+        protect_bytes: bytes,
+    }
+}
+
 /// The leader's retention plan: events older than the retention go, then the oldest across
 /// slots while the group holds more bytes than its cap, at most `FEED_TRIM_EVENTS_MAX`; applied
 /// as a checkpoint, it leaves exactly the planned events.
@@ -755,12 +774,15 @@ fn retention_plans_trims_by_time_then_by_bytes_oldest_first() {
         }
     }
     assert!(
-        s.sm.plan_trims(3_000, 10_000, u64::MAX).unwrap().is_empty(),
+        s.sm.plan_trims(3_000, retention(10_000, u64::MAX))
+            .unwrap()
+            .is_empty(),
         "nothing is due"
     );
     // By time: all of "o" (at 1000..1009) and q's first three (2000..2002) are older than 2002.
     assert_eq!(
-        s.sm.plan_trims(12_002, 10_000, u64::MAX).unwrap(),
+        s.sm.plan_trims(12_002, retention(10_000, u64::MAX))
+            .unwrap(),
         vec![(o, 11), (q, 4)]
     );
     // By bytes: keep about five events of the group's twenty: the oldest fifteen go, all of "o"
@@ -769,7 +791,9 @@ fn retention_plans_trims_by_time_then_by_bytes_oldest_first() {
     assert_eq!(size, 10);
     let held = s.sm.feed_meta_of(o).unwrap().bytes + s.sm.feed_meta_of(q).unwrap().bytes;
     let per_event = held / 20;
-    let plan = s.sm.plan_trims(3_000, 10_000, 5 * per_event).unwrap();
+    let plan =
+        s.sm.plan_trims(3_000, retention(10_000, 5 * per_event))
+            .unwrap();
     assert_eq!(plan, vec![(o, 11), (q, 6)]);
     s.run(Command::Checkpoint(Checkpoint { trims: plan }))
         .unwrap();

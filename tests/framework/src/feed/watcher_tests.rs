@@ -8,11 +8,15 @@ use bytes::Bytes;
 use ordo_proto::retry::Backoff;
 use ordo_proto::v1::feed_server::{Feed, FeedServer};
 use ordo_proto::v1::watch_request::{Start as From, StartOneOf};
-use ordo_proto::v1::{ChangeEvent, WatchRequest, WatchResponse};
+use ordo_proto::v1::{
+    ChangeEvent, ConsumeRequest, ConsumeResponse, ConsumerGroup, CreateGroupRequest,
+    DeleteGroupRequest, DeleteGroupResponse, DescribeGroupRequest, ListGroupsRequest,
+    ListGroupsResponse, SeekGroupRequest, UnparkRequest, WatchRequest, WatchResponse,
+};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::*;
 
@@ -101,6 +105,55 @@ impl Feed for FakeFeed {
             tx.closed().await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    // The watcher uses Watch only.
+    type ConsumeStream = ReceiverStream<Result<ConsumeResponse, Status>>;
+
+    async fn create_group(
+        &self,
+        _: Request<CreateGroupRequest>,
+    ) -> Result<Response<ConsumerGroup>, Status> {
+        Err(Status::unimplemented("the fake serves Watch only"))
+    }
+
+    async fn describe_group(
+        &self,
+        _: Request<DescribeGroupRequest>,
+    ) -> Result<Response<ConsumerGroup>, Status> {
+        Err(Status::unimplemented("the fake serves Watch only"))
+    }
+
+    async fn delete_group(
+        &self,
+        _: Request<DeleteGroupRequest>,
+    ) -> Result<Response<DeleteGroupResponse>, Status> {
+        Err(Status::unimplemented("the fake serves Watch only"))
+    }
+
+    async fn consume(
+        &self,
+        _: Request<Streaming<ConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        Err(Status::unimplemented("the fake serves Watch only"))
+    }
+
+    async fn list_groups(
+        &self,
+        _: Request<ListGroupsRequest>,
+    ) -> Result<Response<ListGroupsResponse>, Status> {
+        Err(Status::unimplemented("the fake serves Watch only"))
+    }
+
+    async fn seek_group(
+        &self,
+        _: Request<SeekGroupRequest>,
+    ) -> Result<Response<ConsumerGroup>, Status> {
+        Err(Status::unimplemented("the fake serves Watch only"))
+    }
+
+    async fn unpark(&self, _: Request<UnparkRequest>) -> Result<Response<ConsumerGroup>, Status> {
+        Err(Status::unimplemented("the fake serves Watch only"))
     }
 }
 
