@@ -11,8 +11,8 @@ use super::dispatch::{
 };
 use crate::limits::{
     FEED_GROUP_ACK_WAIT_BACKOFF_MAX_MS, FEED_GROUP_CREDITS_MAX, FEED_GROUP_HELD_BYTES_PER_SLOT_MAX,
-    FEED_GROUP_HELD_EVENTS_PER_SLOT_MAX, FEED_GROUP_HORIZON_AHEAD, FEED_GROUP_MEMBERS_MAX,
-    FEED_GROUP_NACK_DELAY_MS_MAX,
+    FEED_GROUP_HELD_EVENTS_PER_SLOT_MAX, FEED_GROUP_HORIZON_AHEAD,
+    FEED_GROUP_INFLIGHT_PER_SLOT_MAX, FEED_GROUP_MEMBERS_MAX, FEED_GROUP_NACK_DELAY_MS_MAX,
 };
 
 const WAIT: u64 = 1000;
@@ -316,6 +316,54 @@ fn max_deliver_parks_the_key_while_others_flow_and_unpark_resumes_it_in_sequence
             shard_key: Bytes::from("a")
         })
     );
+}
+
+#[test]
+fn a_parked_keys_later_events_wait_in_both_modes() {
+    // SLOT_EXCLUSIVE has several of a key's events out at once: one parks the key.
+    let mut d = holding(cfg(Mode::SlotExclusive, 1, Poison::Park), &["a", "a", "b"]);
+    d.join("m", 20).unwrap();
+    assert_eq!(seqs(&d.poll(0)), vec![1, 2, 3]);
+    d.nack(0, 2, 1, 0, 0).unwrap();
+    persist(&mut d);
+    feed(&mut d, 0, 4, &["a", "b"]);
+    assert_eq!(seqs(&d.poll(0)), vec![5], "a parked key's event went out");
+    d.unpark(0, b"a").unwrap();
+    persist(&mut d);
+    assert_eq!(seqs(&d.poll(0)), vec![2, 4]);
+    // KEY_ORDERED after a failover: the parked event was acked in a Txn, the key stays parked.
+    let state = SlotState {
+        committed: 1,
+        parked: vec![(Bytes::from("a"), 1)],
+        horizon: 10,
+        ..SlotState::default()
+    };
+    let mut d = Dispatcher::new(ordered(), [(0, state)]);
+    d.join("m", 20).unwrap();
+    d.feed(0, vec![ev(0, 2, "a"), ev(0, 3, "b")], 3);
+    persist(&mut d);
+    assert_eq!(seqs(&d.poll(0)), vec![3]);
+    d.unpark(0, b"a").unwrap();
+    assert_eq!(seqs(&d.poll(0)), vec![2]);
+}
+
+#[test]
+fn a_slot_has_at_most_its_in_flight_bound_out_and_the_others_keep_flowing() {
+    let slots = [(0, SlotState::default()), (1, SlotState::default())];
+    let mut d = Dispatcher::new(ordered(), slots);
+    let keys: Vec<String> = (0..FEED_GROUP_INFLIGHT_PER_SLOT_MAX + 10)
+        .map(|i| format!("k{i}"))
+        .collect();
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    feed(&mut d, 0, 1, &keys);
+    feed(&mut d, 1, 1, &["x"]);
+    d.join("m", FEED_GROUP_CREDITS_MAX).unwrap();
+    let out = d.poll(0);
+    let of = |slot| out.iter().filter(|x| x.event.slot == slot).count();
+    assert_eq!((of(0), of(1)), (FEED_GROUP_INFLIGHT_PER_SLOT_MAX, 1));
+    d.ack(0, 1, 1).unwrap();
+    let next = FEED_GROUP_INFLIGHT_PER_SLOT_MAX as u64 + 1;
+    assert_eq!(seqs(&d.poll(0)), vec![next]);
 }
 
 #[test]

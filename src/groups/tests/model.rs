@@ -185,6 +185,8 @@ pub(super) struct Run {
     unconfirmed: Vec<Persist>,
     /// Dead letters persisted but not yet confirmed to the dispatcher.
     dead_unconfirmed: BTreeSet<(u32, u64)>,
+    /// Keys parked (persisted, and no unpark since).
+    parked: BTreeSet<(u32, Bytes)>,
 }
 
 impl Run {
@@ -208,6 +210,7 @@ impl Run {
             max_attempt: BTreeMap::new(),
             unconfirmed: Vec::new(),
             dead_unconfirmed: BTreeSet::new(),
+            parked: BTreeSet::new(),
         }
     }
 
@@ -282,6 +285,8 @@ impl Run {
                 let before = self.d.clone();
                 if self.d.unpark(slot, &key(slot, k)).is_err() {
                     assert_eq!(self.d, before, "a refused unpark changed the dispatcher");
+                } else {
+                    self.parked.remove(&(slot, key(slot, k)));
                 }
             }
             Op::Failover => self.failover(),
@@ -443,8 +448,10 @@ impl Run {
             } => {
                 let st = self.store.get_mut(slot).unwrap();
                 st.parked.entry(shard_key.clone()).or_default().push(*seq);
+                self.parked.insert((*slot, shard_key.clone()));
             }
             Persist::Unpark { slot, shard_key } => {
+                self.parked.remove(&(*slot, shard_key.clone()));
                 let st = self.store.get_mut(slot).unwrap();
                 for seq in st.parked.remove(shard_key).unwrap_or_default() {
                     let a = st.attempt(seq);
@@ -488,6 +495,9 @@ impl Run {
         self.next_instance += 1;
         self.settled.retain(|&(s, _)| s != slot);
         self.dead_unconfirmed.retain(|&(s, _)| s != slot);
+        self.parked.retain(|(s, _)| *s != slot);
+        let keys = self.store[&slot].parked.keys().cloned();
+        self.parked.extend(keys.map(|k| (slot, k)));
     }
 
     fn move_slot(&mut self, slot: u32) {
@@ -561,8 +571,12 @@ impl Run {
             .expect("delivered to a member that is not joined");
         assert!(j.credits > 0, "member over its credits");
         j.credits -= 1;
-        // What is in flight.
         let key = d.event.shard_key.clone();
+        assert!(
+            !self.parked.contains(&(slot, key.clone())),
+            "{slot}/{seq}: {key:?} is parked"
+        );
+        // What is in flight.
         let open: Vec<&Sent> = self.sent.iter().filter(|s| self.open(s)).collect();
         assert!(
             !open.iter().any(|s| (s.slot, s.seq) == (slot, seq)),
