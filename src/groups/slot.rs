@@ -80,7 +80,7 @@ struct Count {
 pub(super) struct Slot {
     id: u32,
     /// Every event at or below it is done.
-    pub committed: u64,
+    committed: u64,
     /// The log was read through it (events the group's filter leaves out included).
     read_to: u64,
     /// Persisted: events at or below it may be delivered a first time.
@@ -262,15 +262,30 @@ impl Slot {
                 .is_some_and(|(_, &last)| last >= seq)
     }
 
-    /// Seqs the group's filter left out: done without a delivery.
+    /// Seqs the group's filter left out: done without a delivery. Only those not done already
+    /// go to the flush (after a resume, persisted done ranges cover some of them).
     fn skip(&mut self, first: u64, last: u64) {
-        if first > last {
+        let mut from = first.max(self.committed + 1);
+        if from > last {
             return;
         }
-        self.insert_done(first, last);
-        match self.flush_skips.last_mut() {
-            Some((_, l)) if *l + 1 == first => *l = last,
-            _ => self.flush_skips.push((first, last)),
+        let mut gaps = Vec::new();
+        let before = self.done.range(..from).next_back();
+        for (&f, &l) in before.into_iter().chain(self.done.range(from..=last)) {
+            if f > from {
+                gaps.push((from, f - 1));
+            }
+            from = from.max(l + 1);
+        }
+        if from <= last {
+            gaps.push((from, last));
+        }
+        for (first, last) in gaps {
+            self.insert_done(first, last);
+            match self.flush_skips.last_mut() {
+                Some((_, l)) if *l + 1 == first => *l = last,
+                _ => self.flush_skips.push((first, last)),
+            }
         }
     }
 
