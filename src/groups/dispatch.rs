@@ -1,8 +1,9 @@
 //! The dispatcher of one consumer group on its shard group's leader (research 9.4, issue 14),
 //! over the slots the leader owns: pure and deterministic, with no I/O and no clock of its own.
 //! The caller feeds it pages of the feed (`wants`, then `feed`), members' actions and the time,
-//! and gets back what to send (`poll`) and what to persist (`take_persist`, one flush per
-//! `FEED_ACK_FLUSH_MS`; `persisted` once applied). In-flight deliveries live only here: a new
+//! and gets back what to send (`poll`) and what to persist (`take_persist`, once per ack flush
+//! interval, 50 ms in the design; `persisted` once applied). The time is the caller's clock in
+//! ms (one leader's, so a monotonic one does). In-flight deliveries live only here: a new
 //! leader builds its dispatcher from the persisted state and delivers again, with new attempts,
 //! everything not done above the committed seq.
 //!
