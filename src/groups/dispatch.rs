@@ -504,23 +504,27 @@ impl Dispatcher {
     /// one of its events.
     pub fn poll(&mut self, now: u64) -> Vec<Delivery> {
         self.fire(now);
+        let mut ids: Vec<u32> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| s.has_ready())
+            .map(|(&id, _)| id)
+            .collect();
+        let start = ids.partition_point(|&id| Some(id) <= self.last_slot);
+        ids.rotate_left(start);
         let mut out = Vec::new();
-        loop {
-            let before = out.len();
-            let ids: Vec<u32> = self
-                .slots
-                .iter()
-                .filter(|(_, s)| s.has_ready())
-                .map(|(&id, _)| id)
-                .collect();
-            let start = ids.partition_point(|&id| Some(id) <= self.last_slot);
-            for &id in ids[start..].iter().chain(&ids[..start]) {
-                out.extend(self.deliver_one(id, now));
-            }
-            if out.len() == before {
-                return out;
-            }
+        // A slot that sends nothing in a round sends nothing later in this poll (a delivery of
+        // another slot only uses up credits), so each round goes over the slots that sent.
+        while !ids.is_empty() {
+            ids.retain(|&id| match self.deliver_one(id, now) {
+                Some(d) => {
+                    out.push(d);
+                    true
+                }
+                None => false,
+            });
         }
+        out
     }
 
     /// What to persist now: redeliveries' attempts, horizons, parks and unparks in the order
