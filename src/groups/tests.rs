@@ -82,6 +82,9 @@ fn key_ordered_sends_a_keys_next_event_only_once_the_previous_is_acked() {
     assert_eq!(seqs(&out), vec![1, 3, 5]);
     assert!(out.iter().any(|x| x.member == m1) && out.iter().any(|x| x.member == m2));
     assert!(d.poll(0).is_empty());
+    // Events read under a persisted horizon wait their key's turn too.
+    feed(&mut d, 0, 6, &["a", "d"]);
+    assert_eq!(seqs(&d.poll(0)), vec![7]);
     d.ack(0, 1, 1).unwrap();
     assert_eq!(seqs(&d.poll(0)), vec![2]);
     d.ack(0, 3, 1).unwrap();
