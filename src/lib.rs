@@ -5,6 +5,7 @@
 pub use ordo_proto as proto;
 
 pub mod error;
+pub mod groups;
 pub mod limits;
 pub mod logging;
 pub mod node;

@@ -257,11 +257,11 @@ pub const FEED_GROUPS_MAX: usize = 64;
 /// and written with every ack of the slot, and a dispatcher that holds a bounded number of
 /// events in flight per slot never needs more (each in-flight event splits one range at most).
 /// An ack past it is refused (`RESOURCE_EXHAUSTED`) and the event is delivered again later.
-pub const FEED_GROUP_DONE_RANGES_MAX: usize = 1024;
+pub const FEED_GROUP_DONE_RANGES_MAX: usize = FEED_GROUP_HELD_EVENTS_PER_SLOT_MAX + 1;
 /// Most delivery counts (events above the committed seq delivered more than once) a group keeps
 /// in one slot: like the done ranges, part of the record every ack rewrites. A redelivery past it
 /// is refused until acks advance the committed seq.
-pub const FEED_GROUP_DELIVERIES_MAX: usize = 1024;
+pub const FEED_GROUP_DELIVERIES_MAX: usize = FEED_GROUP_HELD_EVENTS_PER_SLOT_MAX;
 /// Most parked orders a group keeps in one slot: past it, parking is refused (the dispatcher
 /// keeps redelivering), and an operator has far too many poison orders to look at anyway.
 pub const FEED_GROUP_PARKED_MAX: usize = 256;
@@ -290,3 +290,41 @@ pub const FEED_PROTECT_SECS_DEFAULT: u64 = FEED_RETENTION_SECS_DEFAULT + 24 * 36
 pub const FEED_PROTECT_BYTES_DEFAULT: u64 = 4 * FEED_RETENTION_BYTES_DEFAULT;
 const _: () = assert!(FEED_PROTECT_SECS_DEFAULT >= FEED_RETENTION_SECS_DEFAULT);
 const _: () = assert!(FEED_PROTECT_BYTES_DEFAULT >= FEED_RETENTION_BYTES_DEFAULT);
+
+// -- Consumer groups: the dispatcher on a group's leader (`groups/dispatch.rs`) --
+
+/// Members one consumer group has on one shard group's leader (`Join` past it is refused):
+/// each costs a little memory and a turn in every round of deliveries.
+pub const FEED_GROUP_MEMBERS_MAX: usize = 1024;
+/// Credits a member may hold (granted and not yet used; a `Join` or `Credit` taking it past is
+/// refused): as many deliveries in flight to one member as NATS's `MaxAckPending` default.
+pub const FEED_GROUP_CREDITS_MAX: u32 = 1024;
+/// Deliveries of one slot in flight at once, across members (research 9.4's
+/// `--feed-inflight-max`): one slot's events cannot take every member's credits, so the other
+/// slots keep flowing, and redeliveries after a failover stay few per slot.
+pub const FEED_GROUP_INFLIGHT_PER_SLOT_MAX: usize = 256;
+/// Events a dispatcher holds per slot (read and not done: waiting their key's turn, in flight,
+/// to be delivered again, parked); it reads more only below it. Bounds its memory per slot, and
+/// the done ranges its acks leave above the committed seq (they are separated by held events,
+/// so a slot's state keeps at most this many plus one). A parked key with this many later
+/// events in one slot holds the slot until it is unparked.
+pub const FEED_GROUP_HELD_EVENTS_PER_SLOT_MAX: usize = 1024;
+/// Bytes of those events (a read takes at most the room left, and always one event).
+pub const FEED_GROUP_HELD_BYTES_PER_SLOT_MAX: usize = 1024 * 1024;
+const _: () = assert!(FEED_GROUP_INFLIGHT_PER_SLOT_MAX <= FEED_GROUP_HELD_EVENTS_PER_SLOT_MAX);
+// The dispatcher's held events separate the done ranges and delivery counts its acks and
+// redeliveries leave in a slot's state: the state must keep as many, or an apply refusal would
+// stall the dispatcher waiting for a confirmation.
+const _: () = assert!(FEED_GROUP_DONE_RANGES_MAX > FEED_GROUP_HELD_EVENTS_PER_SLOT_MAX);
+const _: () = assert!(FEED_GROUP_DELIVERIES_MAX >= FEED_GROUP_HELD_EVENTS_PER_SLOT_MAX);
+/// How far past the events it read a dispatcher asks its slot's horizon to be persisted: one
+/// write per this many seqs of a slot lets first deliveries go without a write each, and after
+/// a failover at most about this many more events than were read are fenced (one persisted
+/// attempt each) because an earlier leader may have sent them.
+pub const FEED_GROUP_HORIZON_AHEAD: u64 = 1024;
+/// Longest delay a `Nack` may ask for: the event stays held (and, under `KEY_ORDERED`, its key
+/// busy) that long, so it is bounded like everything held.
+pub const FEED_GROUP_NACK_DELAY_MS_MAX: u64 = 3_600_000;
+/// The longest a lease grows to by backoff (doubling `ack_wait` per failed attempt, unless
+/// `ack_wait` is longer): an event whose member vanished is delivered again within this.
+pub const FEED_GROUP_ACK_WAIT_BACKOFF_MAX_MS: u64 = 600_000;

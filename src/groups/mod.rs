@@ -1,0 +1,9 @@
+//! Consumer groups (issue 14, research 9.4): several instances of a service share one feed.
+//! `dispatch` is what a shard group's leader runs for one group over its owned slots, pure and
+//! deterministic (`slot` holds one slot's part); the replicated state it resumes from and the
+//! commands its `Persist` actions become live in `state/`.
+
+pub mod dispatch;
+mod slot;
+#[cfg(test)]
+mod tests;
