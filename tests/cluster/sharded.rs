@@ -61,6 +61,9 @@ fn key_owned_by(map: &ShardMap, group: u64, prefix: &str) -> (String, u32) {
 /// within ±10% of the mean.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn ten_thousand_orders_spread_evenly_over_three_groups() {
+    // 10,000 writes through 9 replicas for over a minute: beside a resharding scenario, its
+    // load starved that cluster into a leader election the scenario counts as an error.
+    let _heavy = ordo_testkit::HEAVY.lock().await;
     let pg = InProcCluster::start(3, 3).await;
     let c = client(&pg.router_addr());
     let n = 10_000;
