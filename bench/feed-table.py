@@ -37,14 +37,19 @@ def summary(d):
     }
 
 
+def table(header):
+    """A markdown table's header row and its separator."""
+    print(header)
+    print("|" + " --- |" * header.count("|", 1))
+
+
 def fmt(v, spec=".0f"):
     return "-" if v is None else format(v, spec)
 
 
 parts = sys.argv[2:] or ["capture", "latency", "follower", "catchup", "stall"]
 if "capture" in parts:
-    print("| run | workload | capture | ops/s | writes/s | p50 ms | p99 ms | server cpu-s / 1k writes | cpu-s / 1k ops |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    table("| run | workload | capture | ops/s | writes/s | p50 ms | p99 ms | server cpu-s / 1k writes | cpu-s / 1k ops |")
     for name, d in runs("capture-"):
         _, w, *cap, rep = name.split("-")
         s = summary(d)
@@ -53,8 +58,7 @@ if "capture" in parts:
               f"{fmt(s['cpu_per_1k_ops'], '.3f')} |")
     print()
 if "latency" in parts:
-    print("| run | pacing | ops/s | events matched | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | before ack | missing |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    table("| run | pacing | ops/s | events matched | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | before ack | missing |")
     for name, d in runs("latency-"):
         s = summary(d)
         l = s["feed"]["latency"]
@@ -64,8 +68,7 @@ if "latency" in parts:
               f"{l['before_ack']} | {l['missing']} |")
     print()
 if "follower" in parts:
-    print("| run | latency watcher | ops/s | p50 ms | p99 ms | server cpu-s / 1k ops | event p50 / p99 ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    table("| run | latency watcher | ops/s | p50 ms | p99 ms | server cpu-s / 1k ops | event p50 / p99 ms |")
     for name, d in runs("follower-"):
         s = summary(d)
         l = (s["feed"] or {}).get("latency") if s["feed"] else None
@@ -74,8 +77,7 @@ if "follower" in parts:
               f"{s['p99']:.2f} | {fmt(s['cpu_per_1k_ops'], '.3f')} | {ev} |")
     print()
 if "catchup" in parts:
-    print("| run | backlog events (written in s) | events read | MB | seconds | events/s | MB/s | first event ms |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    table("| run | backlog events (written in s) | events read | MB | seconds | events/s | MB/s | first event ms |")
     for name, d in runs("catchup-"):
         f = d["feed"]
         c = f["catch_up"]
@@ -84,8 +86,7 @@ if "catchup" in parts:
               f"{c['mb_per_s']:.2f} | {c['first_event_ms']:.0f} |")
     print()
 if "stall" in parts:
-    print("| run | stalled watcher | ops/s | p50 ms | p99 ms | RSS start / max / end MiB | stalled stream open at end |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    table("| run | stalled watcher | ops/s | p50 ms | p99 ms | RSS start / max / end MiB | stalled stream open at end |")
     for name, d in runs("stall-"):
         s = summary(d)
         m = s["rss"] or {}

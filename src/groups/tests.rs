@@ -72,6 +72,14 @@ fn seqs(out: &[Delivery]) -> Vec<u64> {
     out.iter().map(|d| d.event.seq).collect()
 }
 
+/// The ack flush of one done event of `slot`, with no skips.
+fn one_done(slot: u32, seq: u64, attempt: u32, how: How) -> Persist {
+    Persist::AckBatch {
+        slot,
+        done: vec![Done { seq, attempt, how }],
+        skips: vec![],
+    }
+}
 #[test]
 fn key_ordered_sends_a_keys_next_event_only_once_the_previous_is_acked() {
     let mut d = holding(ordered(), &["a", "a", "b", "a", "c"]);
@@ -173,16 +181,7 @@ fn an_ack_of_a_superseded_attempt_is_refused_and_changes_nothing() {
     assert_eq!(d, before);
     d.ack(0, 1, 2).unwrap();
     d.ack(0, 1, 2).unwrap();
-    let done = vec![Done {
-        seq: 1,
-        attempt: 2,
-        how: How::Acked,
-    }];
-    let batch = Persist::AckBatch {
-        slot: 0,
-        done,
-        skips: vec![],
-    };
+    let batch = one_done(0, 1, 2, How::Acked);
     assert_eq!(d.take_persist(), vec![batch]);
     // An ack of an event done is idempotent, whatever its attempt.
     assert_eq!(d.ack(0, 1, 1), Ok(()));
@@ -393,16 +392,7 @@ fn dead_letter_goes_on_with_the_keys_next_event_once_the_dead_letter_is_persiste
     assert_eq!(seqs(&d.poll(0)), vec![1]);
     d.nack(0, 1, 1, 0, 0).unwrap();
     let ps = d.take_persist();
-    let done = vec![Done {
-        seq: 1,
-        attempt: 1,
-        how: How::DeadLettered,
-    }];
-    let batch = Persist::AckBatch {
-        slot: 0,
-        done,
-        skips: vec![],
-    };
+    let batch = one_done(0, 1, 1, How::DeadLettered);
     assert_eq!(ps, vec![batch.clone()]);
     assert!(
         d.poll(0).is_empty(),
@@ -430,20 +420,7 @@ fn the_committed_seq_moves_over_filtered_out_seqs_and_stops_at_the_first_not_don
     );
     assert_eq!(seqs(&d.poll(0)), vec![2, 5]);
     d.ack(0, 5, 1).unwrap();
-    let done = vec![Done {
-        seq: 5,
-        attempt: 1,
-        how: How::Acked,
-    }];
-    let skips = vec![];
-    assert_eq!(
-        d.take_persist(),
-        vec![Persist::AckBatch {
-            slot: 0,
-            done,
-            skips
-        }]
-    );
+    assert_eq!(d.take_persist(), vec![one_done(0, 5, 1, How::Acked)]);
     // A new leader from that state (committed 1, 3..=7 done) delivers seq 2 only, fenced.
     let state = SlotState {
         committed: 1,
