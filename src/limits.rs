@@ -296,9 +296,7 @@ const _: () = assert!(FEED_PROTECT_BYTES_DEFAULT >= FEED_RETENTION_BYTES_DEFAULT
 /// Members one consumer group has on one shard group's leader (`Join` past it is refused):
 /// each costs a little memory and a turn in every round of deliveries.
 pub const FEED_GROUP_MEMBERS_MAX: usize = 1024;
-/// Credits a member may hold (granted and not yet used; a `Join` or `Credit` taking it past is
-/// refused): as many deliveries in flight to one member as NATS's `MaxAckPending` default.
-pub const FEED_GROUP_CREDITS_MAX: u32 = 1024;
+pub use ordo_proto::FEED_GROUP_CREDITS_MAX;
 /// Deliveries of one slot in flight at once, across members (research 9.4's
 /// `--feed-inflight-max`): one slot's events cannot take every member's credits, so the other
 /// slots keep flowing, and redeliveries after a failover stay few per slot.

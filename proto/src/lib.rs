@@ -30,10 +30,32 @@ pub const FEED_GROUP_NAME_BYTES_MAX: usize = 64;
 /// bytes of ASCII letters, digits, `-`, `_` and `.` (printable in logs and in `ordoctl`, and
 /// never a separator of the records that hold it).
 pub fn check_group_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > FEED_GROUP_NAME_BYTES_MAX {
+    check_name(
+        "group",
+        name,
+        FEED_GROUP_NAME_BYTES_MAX,
+        "FEED_GROUP_NAME_BYTES_MAX",
+    )
+}
+
+/// Longest member name (`Join.member`): in logs and in `ordoctl feed describe`.
+pub const FEED_MEMBER_NAME_BYTES_MAX: usize = 128;
+
+/// Why `name` is not a member name, if it is not: as a group name, up to
+/// [`FEED_MEMBER_NAME_BYTES_MAX`] bytes (room for a host name and a process id).
+pub fn check_member_name(name: &str) -> Result<(), String> {
+    check_name(
+        "member",
+        name,
+        FEED_MEMBER_NAME_BYTES_MAX,
+        "FEED_MEMBER_NAME_BYTES_MAX",
+    )
+}
+
+fn check_name(what: &str, name: &str, max: usize, max_name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > max {
         return Err(format!(
-            "group name is {} bytes; it must have 1 to FEED_GROUP_NAME_BYTES_MAX \
-             ({FEED_GROUP_NAME_BYTES_MAX}) bytes",
+            "{what} name is {} bytes; it must have 1 to {max_name} ({max}) bytes",
             name.len()
         ));
     }
@@ -42,12 +64,17 @@ pub fn check_group_name(name: &str) -> Result<(), String> {
         .find(|b| !(b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')))
     {
         Some(b) => Err(format!(
-            "group name {name:?} holds {:?}; use ASCII letters, digits, '-', '_' and '.'",
+            "{what} name {name:?} holds {:?}; use ASCII letters, digits, '-', '_' and '.'",
             b as char
         )),
         None => Ok(()),
     }
 }
+
+/// Credits a member may hold (granted and not yet used; a `Join` or `Credit` taking it past is
+/// refused): as many deliveries in flight to one member as NATS's `MaxAckPending` default.
+/// Routers check it for a member's stream, nodes for each shard group's part of it.
+pub const FEED_GROUP_CREDITS_MAX: u32 = 1024;
 
 pub use status::{certainly_not_applied, connect_failed, error_detail_of};
 

@@ -29,6 +29,21 @@ pub struct PeerService(pub Arc<ReplicaHandle>);
 #[tonic::async_trait]
 impl Peer for PeerService {
     type ReadChangesStream = crate::server::feed::ChangeStream;
+    type ConsumeStream = crate::server::feed::ChangeStream2;
+
+    async fn group_admin(
+        &self,
+        _req: Request<ordo_proto::v1::GroupAdminRequest>,
+    ) -> Result<Response<ordo_proto::v1::GroupAdminResponse>, Status> {
+        Err(Status::unimplemented("consumer groups are not served yet"))
+    }
+
+    async fn consume(
+        &self,
+        _req: Request<Streaming<ordo_proto::v1::PeerConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        Err(Status::unimplemented("consumer groups are not served yet"))
+    }
 
     async fn read_changes(
         &self,

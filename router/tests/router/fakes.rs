@@ -646,6 +646,23 @@ impl ordo_proto::v1::peer_server::Peer for FakePeer {
     }
 
     type ReadChangesStream = PageStream;
+    type ConsumeStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = Result<ordo_proto::v1::PeerConsumeResponse, Status>> + Send>,
+    >;
+
+    async fn group_admin(
+        &self,
+        _r: Request<ordo_proto::v1::GroupAdminRequest>,
+    ) -> Result<Response<ordo_proto::v1::GroupAdminResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn consume(
+        &self,
+        _r: Request<tonic::Streaming<ordo_proto::v1::PeerConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
 
     async fn read_changes(
         &self,

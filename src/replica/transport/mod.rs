@@ -407,6 +407,21 @@ mod tests {
     #[tonic::async_trait]
     impl Peer for Sink {
         type ReadChangesStream = tokio_stream::Empty<Result<ReadChangesResponse, Status>>;
+        type ConsumeStream =
+            tokio_stream::Empty<Result<ordo_proto::v1::PeerConsumeResponse, Status>>;
+
+        async fn group_admin(
+            &self,
+            _: Request<ordo_proto::v1::GroupAdminRequest>,
+        ) -> Result<Response<ordo_proto::v1::GroupAdminResponse>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
+        async fn consume(
+            &self,
+            _: Request<Streaming<ordo_proto::v1::PeerConsumeRequest>>,
+        ) -> Result<Response<Self::ConsumeStream>, Status> {
+            Err(Status::unimplemented("sink"))
+        }
 
         async fn read_changes(
             &self,

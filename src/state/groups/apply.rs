@@ -8,8 +8,8 @@ use std::collections::BTreeMap;
 use ordo_proto::v1::group_ack::Done;
 use ordo_proto::v1::group_command::Op;
 use ordo_proto::v1::{
-    FeedAckRequest, GroupAck, GroupCommand, GroupCreate, GroupDef, GroupDelivery, GroupPark,
-    GroupRecord, GroupSkip, GroupSlotState, GroupUnpark, ParkedOrder,
+    FeedAckRequest, GroupAck, GroupCommand, GroupCreate, GroupDef, GroupDelivery, GroupHorizon,
+    GroupPark, GroupRecord, GroupSkip, GroupSlotState, GroupUnpark, ParkedOrder,
 };
 
 use super::{attempt_of, delivery, is_done, mark_done, record_attempt, At};
@@ -62,8 +62,11 @@ pub(in crate::state) fn apply(
                 Err(e) => return Ok(Err(e)),
             };
             each_slot(view, ctx, &s.group, s.from_slot, |v, slot, mut rec| {
+                // The horizon stays: deliveries made before the seek are still fenced.
+                let horizon = rec.state.as_ref().map_or(0, |s| s.horizon);
                 rec.state = Some(GroupSlotState {
                     committed_seq: v.group_start(slot, at)?,
+                    horizon,
                     ..Default::default()
                 });
                 v.put_group_record(slot, &rec)
@@ -97,6 +100,22 @@ pub(in crate::state) fn apply(
             let (mut records, mut refused) = (Records::default(), Vec::new());
             for (i, delivery) in d.deliveries.iter().enumerate() {
                 if let Err(e) = deliver_one(view, ctx, &mut records, delivery)? {
+                    refused.push((i, e));
+                }
+            }
+            records.write(view)?;
+            Ok(Ok(GroupApplied {
+                refused,
+                ..Default::default()
+            }))
+        }
+        Some(Op::Horizons(h)) => {
+            if let Some(e) = over_batch(h.horizons.len()) {
+                return Ok(Err(e));
+            }
+            let (mut records, mut refused) = (Records::default(), Vec::new());
+            for (i, horizon) in h.horizons.iter().enumerate() {
+                if let Err(e) = horizon_one(view, ctx, &mut records, horizon)? {
                     refused.push((i, e));
                 }
             }
@@ -291,6 +310,16 @@ impl<'c> Records<'c> {
                 "slot {slot} has no event {seq} (its last is {last})"
             ))));
         }
+        self.record(view, group, slot)
+    }
+
+    /// The state of `group` in `slot`, whatever its events (the caller checked the slot).
+    fn record(
+        &mut self,
+        view: &TxView<'_>,
+        group: &'c str,
+        slot: u32,
+    ) -> Result<Result<(&mut GroupSlotState, &mut bool)>> {
         let (rec, changed) = match self.0.entry((slot, group)) {
             Entry::Occupied(o) => o.into_mut(),
             Entry::Vacant(v) => match view.group_record(slot, group)? {
@@ -454,6 +483,28 @@ fn deliver_one<'c>(
         ))));
     }
     *changed = true;
+    Ok(Ok(()))
+}
+
+/// Raises a slot's horizon (a lower or equal one changes nothing). It may run ahead of the
+/// slot's log: the leader asks for room before it reads.
+fn horizon_one<'c>(
+    view: &TxView<'_>,
+    ctx: &Ctx<'_>,
+    records: &mut Records<'c>,
+    h: &'c GroupHorizon,
+) -> Result<Result<()>> {
+    if let Some(e) = unwritable(ctx, h.slot) {
+        return Ok(Err(e));
+    }
+    let (s, changed) = match records.record(view, &h.group, h.slot)? {
+        Ok(found) => found,
+        Err(e) => return Ok(Err(e)),
+    };
+    if h.seq > s.horizon {
+        s.horizon = h.seq;
+        *changed = true;
+    }
     Ok(Ok(()))
 }
 
