@@ -25,7 +25,7 @@ use ordo_proto::v1::peer_consume_request::Msg as PeerReq;
 use ordo_proto::v1::peer_consume_response::Msg as PeerResp;
 use ordo_proto::v1::{ConsumeRequest, ConsumeResponse, Credit, PeerConsumeRequest, Reclaim};
 use ordo_proto::{check_group_name, check_member_name, FEED_GROUP_CREDITS_MAX};
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tonic::{Status, Streaming};
@@ -99,8 +99,19 @@ struct Link {
     link: u64,
     task: JoinHandle<()>,
     closing: watch::Sender<bool>,
-    /// The stream's requests, while it is up.
+    /// The stream's requests, and what breaks it, while it is up.
     tx: Option<mpsc::Sender<PeerConsumeRequest>>,
+    breaker: Option<oneshot::Sender<()>>,
+}
+
+impl Link {
+    /// Breaks the stream (the node sees it reset, not closed) and stops the task.
+    fn abort(mut self) {
+        if let Some(breaker) = self.breaker.take() {
+            let _ = breaker.send(());
+        }
+        self.task.abort();
+    }
 }
 
 struct Session {
@@ -219,6 +230,7 @@ impl Session {
             task,
             closing,
             tx: None,
+            breaker: None,
         };
         self.links.insert(group, link);
     }
@@ -283,7 +295,7 @@ impl Session {
 
     fn restart_link(&mut self, group: u64) {
         if let Some(link) = self.links.remove(&group) {
-            link.task.abort();
+            link.abort();
         }
         self.credits.down(group);
         self.spawn_link(group);
@@ -313,13 +325,22 @@ impl Session {
             links.get(&group).is_some_and(|l| l.link == link)
         };
         match event {
-            Event::Up { group, link, tx } if current(&self.links, group, link) => {
-                self.links.get_mut(&group).expect("current").tx = Some(tx);
+            Event::Up {
+                group,
+                link,
+                tx,
+                breaker,
+            } if current(&self.links, group, link) => {
+                let l = self.links.get_mut(&group).expect("current");
+                l.tx = Some(tx);
+                l.breaker = Some(breaker);
                 self.credits.up(group);
                 Ok(())
             }
             Event::Down { group, link } if current(&self.links, group, link) => {
-                self.links.get_mut(&group).expect("current").tx = None;
+                let l = self.links.get_mut(&group).expect("current");
+                l.tx = None;
+                l.breaker = None;
                 self.credits.down(group);
                 self.lend()
             }
@@ -378,7 +399,7 @@ impl Session {
     /// Drops every node stream (the nodes see them break).
     fn abort(&mut self) {
         for (_, link) in std::mem::take(&mut self.links) {
-            link.task.abort();
+            link.abort();
         }
         for task in self.retired.drain(..) {
             task.abort();

@@ -6,22 +6,26 @@
 //!
 //! The task never holds the request sender itself, so when the session drops it the node sees
 //! the end of the request stream (a clean close: it hands the member's in-flight events on at
-//! once); the task then reads the response stream to its end, within [`CLOSE_WAIT`]. Aborting
-//! the task drops the stream instead (the node sees it break).
+//! once); the task then reads the response stream to its end, within [`CLOSE_WAIT`]. To break
+//! it instead (the member vanished: the node lets the leases run out) the session sends on the
+//! stream's breaker before it drops the sender (see [`ConsumeCodec`]).
 
 use std::sync::Mutex;
 use std::time::Duration;
 
 use futures::Stream;
 use ordo_proto::retry::{follow_leader, Backoff, GaveUp, LeaderCursor, Walk, Why};
-use ordo_proto::v1::peer_client::PeerClient;
 use ordo_proto::v1::peer_consume_request::Msg as PeerReq;
 use ordo_proto::v1::peer_consume_response::Msg as PeerResp;
 use ordo_proto::v1::{PeerConsumeRequest, PeerConsumeResponse, PeerJoin};
+use prost::Message;
 use std::sync::Arc;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tonic::{Code, Status, Streaming};
+use tonic::client::Grpc;
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::{Code, Request, Status, Streaming};
 
 use crate::config::refresh_map;
 use crate::map::replicas;
@@ -45,11 +49,13 @@ const REOPEN_BACKOFF: Backoff = Backoff::new(Duration::from_millis(20), Duration
 /// session, a new one if the group comes back), `gen` the stream within it.
 #[derive(Debug)]
 pub(crate) enum Event {
-    /// The stream joined: requests go to `tx`.
+    /// The stream joined: requests go to `tx`; dropping it closes the stream cleanly, a
+    /// send on `breaker` breaks it.
     Up {
         group: u64,
         link: u64,
         tx: mpsc::Sender<PeerConsumeRequest>,
+        breaker: oneshot::Sender<()>,
     },
     /// A response of the stream that is up.
     Msg {
@@ -90,7 +96,7 @@ pub(crate) async fn run(
             opened = open(&shared, &spec, hint.take()) => opened,
             _ = closed(&mut closing) => return,
         };
-        let (addr, tx, mut stream) = match opened {
+        let (addr, tx, breaker, mut stream) = match opened {
             Ok(up) => up,
             Err(status) if status.code() == Code::NotFound => {
                 let _ = events.send(Event::Gone { status }).await;
@@ -110,7 +116,13 @@ pub(crate) async fn run(
             }
         };
         shared.leaders.set(group, &addr);
-        if events.send(Event::Up { group, link, tx }).await.is_err() {
+        let up = Event::Up {
+            group,
+            link,
+            tx,
+            breaker,
+        };
+        if events.send(up).await.is_err() {
             return;
         }
         let end = forward(&mut stream, &events, group, link, &mut closing).await;
@@ -199,6 +211,7 @@ async fn forward(
 type Opened = (
     String,
     mpsc::Sender<PeerConsumeRequest>,
+    oneshot::Sender<()>,
     Streaming<PeerConsumeResponse>,
 );
 
@@ -229,19 +242,26 @@ async fn open(shared: &Shared, spec: &LinkSpec, hint: Option<String>) -> Result<
         let channel = shared.pool.channel(&addr);
         async move {
             let channel = channel.map_err(Status::unavailable)?;
-            let mut client = PeerClient::new(channel)
+            let mut grpc = Grpc::new(channel)
                 .max_decoding_message_size(MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(MESSAGE_BYTES_MAX);
+            grpc.ready()
+                .await
+                .map_err(|e| Status::unavailable(format!("{addr} is not ready: {e}")))?;
             let (tx, rx) = mpsc::channel(LINK_REQUESTS_MAX);
+            let (breaker, broken) = oneshot::channel();
             tx.try_send(PeerConsumeRequest {
                 msg: Some(PeerReq::Join(join.clone())),
             })
             .expect("a new channel has room");
-            let mut stream = client.consume(requests(rx)).await?.into_inner();
+            let request = Request::new(requests(rx, broken));
+            let path = PathAndQuery::from_static(CONSUME_PATH);
+            let response = grpc.streaming(request, path, ConsumeCodec).await?;
+            let mut stream = response.into_inner();
             match stream.message().await? {
                 Some(PeerConsumeResponse {
                     msg: Some(PeerResp::Joined(_)),
-                }) => Ok((addr, tx, stream)),
+                }) => Ok((addr, tx, breaker, stream)),
                 Some(other) => Err(Status::internal(format!(
                     "{addr} answered a join with {other:?} before `joined`"
                 ))),
@@ -256,11 +276,79 @@ async fn open(shared: &Shared, spec: &LinkSpec, hint: Option<String>) -> Result<
         .map_err(gave_up_status)
 }
 
-/// The request stream of a node stream: what the session sends, until it drops the sender.
+/// The request stream of a node stream: what the session sends, until it drops the sender
+/// (the end of the requests: a clean close) or breaks it.
 fn requests(
     rx: mpsc::Receiver<PeerConsumeRequest>,
-) -> impl Stream<Item = PeerConsumeRequest> + Send + 'static {
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) })
+    broken: oneshot::Receiver<()>,
+) -> impl Stream<Item = Out> + Send + 'static {
+    futures::stream::unfold(Some((rx, broken)), |state| async move {
+        let (mut rx, mut broken) = state?;
+        tokio::select! {
+            biased;
+            Ok(()) = &mut broken => Some((Out::Break, None)),
+            next = rx.recv() => next.map(|m| (Out::Req(m), Some((rx, broken)))),
+        }
+    })
+}
+
+/// `Peer.Consume`, called through [`ConsumeCodec`] rather than the generated client.
+const CONSUME_PATH: &str = "/ordo.v1.Peer/Consume";
+
+/// What the router writes on a node stream: a request, or the order to break the stream.
+enum Out {
+    Req(PeerConsumeRequest),
+    Break,
+}
+
+/// The prost encoding of `Peer.Consume`, plus [`Out::Break`]: an encoding error, which makes
+/// the stream end with RST_STREAM(INTERNAL_ERROR), so the node sees it break. (A tonic server
+/// reads RST_STREAM(CANCEL), what tonic's own cancellation sends, as a clean end of the
+/// requests, which would hand the member's in-flight events on at once.)
+struct ConsumeCodec;
+
+struct OutEncoder;
+
+struct ResponseDecoder;
+
+impl Codec for ConsumeCodec {
+    type Encode = Out;
+    type Decode = PeerConsumeResponse;
+    type Encoder = OutEncoder;
+    type Decoder = ResponseDecoder;
+
+    fn encoder(&mut self) -> OutEncoder {
+        OutEncoder
+    }
+
+    fn decoder(&mut self) -> ResponseDecoder {
+        ResponseDecoder
+    }
+}
+
+impl Encoder for OutEncoder {
+    type Item = Out;
+    type Error = Status;
+
+    fn encode(&mut self, item: Out, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        match item {
+            Out::Req(req) => req
+                .encode(dst)
+                .map_err(|e| Status::internal(format!("encoding a consume request: {e}"))),
+            Out::Break => Err(Status::aborted("the member's stream broke")),
+        }
+    }
+}
+
+impl Decoder for ResponseDecoder {
+    type Item = PeerConsumeResponse;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<PeerConsumeResponse>, Status> {
+        PeerConsumeResponse::decode(src)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("decoding a consume response: {e}")))
+    }
 }
 
 fn gave_up_status(gave_up: GaveUp) -> Status {
