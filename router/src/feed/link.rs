@@ -45,8 +45,10 @@ pub(crate) const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// streams go on meanwhile).
 const REOPEN_BACKOFF: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
 
-/// What a link tells the member's session. `link` names the task (one per shard group and
-/// session, a new one if the group comes back), `gen` the stream within it.
+/// What a link tells the member's session, in order (an `Up`, its stream's messages, its
+/// `Down`, the next `Up`, ...). `link` names the task (one per shard group and session, a new
+/// one if the group comes back or the stream is dropped), so a replaced task's reports are
+/// told apart.
 #[derive(Debug)]
 pub(crate) enum Event {
     /// The stream joined: requests go to `tx`; dropping it closes the stream cleanly, a
@@ -104,8 +106,13 @@ pub(crate) async fn run(
             }
             Err(status) => {
                 failures += 1;
-                tracing::debug!(group, failures, error = %describe(&status),
-                    "consume: cannot open the node stream; trying again");
+                if status.code() == Code::Unavailable {
+                    tracing::debug!(group, failures, error = %describe(&status),
+                        "consume: cannot open the node stream; trying again");
+                } else {
+                    tracing::warn!(group, failures, error = %describe(&status),
+                        "consume: a node refused the member's stream; trying again");
+                }
                 if matches!(classify(&status, Effect::Read), Action::Refresh { .. }) {
                     // The replica is not that shard group at the router's map: a newer map.
                     let used = shared.map.current().version;
