@@ -15,6 +15,7 @@ mod feed_moves;
 mod feed_watch;
 mod group;
 mod group_peer;
+mod group_router;
 mod membership;
 mod nemesis;
 mod playground;
