@@ -16,6 +16,7 @@ mod feed_watch;
 mod group;
 mod group_2pc;
 mod group_peer;
+mod group_router;
 mod membership;
 mod nemesis;
 mod playground;
