@@ -45,6 +45,8 @@ pub enum Action {
     Die,
     /// The handler acked it inside a `Txn` itself, with this outcome.
     Txn(TxnOutcome),
+    /// The same, and the member dies right after it learnt the outcome.
+    TxnAndDie(TxnOutcome),
 }
 
 /// How a `Txn` with a `feed_ack` ended.
@@ -456,6 +458,13 @@ async fn work(
                 shared.stop(at);
                 shared.connector.kill();
                 mark_died(&rec, &shared, Some(i), &mut queue);
+                return;
+            }
+            Action::TxnAndDie(outcome) => {
+                rec.update(i, |r| r.outcome = Outcome::Txn { at, outcome });
+                shared.stop(at);
+                shared.connector.kill();
+                mark_died(&rec, &shared, None, &mut queue);
                 return;
             }
         };
