@@ -372,7 +372,11 @@ async fn read(
                 } else if let Some(e) = r.event {
                     let mut d = Delivery::of(&shared.name, &e, r.attempt, at);
                     d.incarnation = shared.incarnation;
-                    let _ = work.send(rec.push(d));
+                    let i = rec.push(d);
+                    if work.send(i).is_err() {
+                        // The worker is gone (the member stopped): nobody holds it.
+                        rec.update(i, |d| d.outcome = Outcome::Died { at });
+                    }
                 }
             }
             Ok(None) => break None,

@@ -20,6 +20,8 @@
 mod check;
 mod member;
 #[cfg(test)]
+mod member_tests;
+#[cfg(test)]
 mod tests;
 
 use std::sync::{Arc, Mutex};
