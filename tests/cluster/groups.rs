@@ -157,21 +157,39 @@ pub(crate) fn summary(g: &ConsumerGroup) -> String {
 /// Every event with key prefix `prefix` committed by `settled_ms`, read with a Watch from the
 /// oldest event, in (slot, seq) order.
 pub(crate) async fn read_log(router: &str, prefix: &str, settled_ms: u64) -> Vec<ChangeEvent> {
+    try_read_log(router, prefix, settled_ms)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`read_log`], or why the watch gave up (e.g. OUT_OF_RANGE: retention trimmed the oldest
+/// event between the router's reading where it was and reading from there).
+pub(crate) async fn try_read_log(
+    router: &str,
+    prefix: &str,
+    settled_ms: u64,
+) -> Result<Vec<ChangeEvent>, String> {
     let req = WatchRequest {
         key_prefix: Bytes::from(prefix.to_string()),
         start: Some(StartOneOf::From(From::FromOldest as i32)),
         ..WatchRequest::default()
     };
     let w = Watcher::start("the group's log", router, req, feed::Start::Midway);
-    w.wait_resolved(settled_ms, CATCH_UP).await;
-    let watch = w.stop().await.unwrap_or_else(|e| panic!("{e}"));
+    wait_for("the log's watch to resolve", CATCH_UP, || async {
+        (w.resolved_ms() >= settled_ms || w.has_ended()).then_some(())
+    })
+    .await;
+    let watch = w.stop().await.map_err(|e| e.to_string())?;
+    if watch.resolved_ms() < settled_ms {
+        return Err(format!("the log's watch stopped before {settled_ms}"));
+    }
     let events: BTreeMap<(u32, u64), ChangeEvent> = watch
         .responses
         .into_iter()
         .flat_map(|r| r.response.events)
         .map(|e| ((e.slot, e.seq), e))
         .collect();
-    events.into_values().collect()
+    Ok(events.into_values().collect())
 }
 
 /// Joins `opts` through `router`, asking again while the router cannot yet (a group leader
