@@ -29,7 +29,7 @@ use ordo_proto::v1::{
 };
 use ordo_testkit::feed::{self, Watcher};
 use ordo_testkit::groups::{
-    self, policy, Action, CheckInput, Handler, Member, MemberOptions, Recorder,
+    self, policy, Action, CheckInput, Handler, Member, MemberOptions, Outcome, Recorder,
 };
 use ordo_testkit::inproc::InProcCluster;
 use ordo_testkit::proc::ProcCluster;
@@ -310,14 +310,14 @@ pub(crate) fn assert_log_is_the_writes(log: &[ChangeEvent], orders: u32, events:
     }
 }
 
-/// Acks every delivery after holding it 0-`hold_ms` ms; with probability `die` the member dies
-/// holding it instead.
-fn acker(seed: u64, hold_ms: u64, die: f64) -> impl Fn() -> Box<dyn Handler> {
+/// Acks every delivery after holding it `hold_ms` (a range) ms; with probability `die` the
+/// member dies holding it instead.
+fn acker(seed: u64, hold_ms: (u64, u64), die: f64) -> impl Fn() -> Box<dyn Handler> {
     let seeds = std::sync::atomic::AtomicU64::new(seed);
     move || {
         let mut rng = SplitMix64(seeds.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         policy(move |_| {
-            let hold = rng.millis(0, hold_ms);
+            let hold = rng.millis(hold_ms.0, hold_ms.1);
             let action = if rng.chance(die) {
                 Action::Die
             } else {
@@ -329,8 +329,8 @@ fn acker(seed: u64, hold_ms: u64, die: f64) -> impl Fn() -> Box<dyn Handler> {
 }
 
 const MEMBERS: usize = 4;
-const ORDERS: u32 = 24;
-const EVENTS: u32 = 6;
+const ORDERS: u32 = 32;
+const EVENTS: u32 = 8;
 
 /// Acceptance 1.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -346,7 +346,9 @@ async fn members_share_an_ordered_group_through_member_and_leader_kills() {
     let router = cluster.router_addr().to_string();
     create_group(&router, outbox_group("billing", 1_500, 1_000)).await;
     let rec = Recorder::new();
-    let handlers = acker(seed, 30, 0.01);
+    // Members take their time (4 × 4 credits at ~110 ms each keep up with the writes only just),
+    // so kills find deliveries in flight.
+    let handlers = acker(seed, (20, 200), 0.02);
     let opts: Vec<MemberOptions> = (0..MEMBERS)
         .map(|i| MemberOptions::new("billing", &format!("billing-{i}"), 4))
         .collect();
@@ -417,6 +419,16 @@ async fn members_share_an_ordered_group_through_member_and_leader_kills() {
         member_kills + leader_kills >= 3,
         "too few kills to prove anything"
     );
+    let died = input
+        .deliveries
+        .iter()
+        .filter(|d| matches!(d.outcome, Outcome::Died { .. }))
+        .count();
+    assert!(
+        died > 0 && report.redeliveries > 0,
+        "no kill found a delivery in flight ({died} died, {} redeliveries): it proved little",
+        report.redeliveries
+    );
     eprintln!("took {:.1?}", started.elapsed());
 }
 
@@ -432,7 +444,7 @@ async fn a_group_moves_with_its_slots_onto_a_new_group_losing_nothing() {
     let router = pg.router_addr();
     create_group(&router, outbox_group("delivery", 2_000, 1_000)).await;
     let rec = Recorder::new();
-    let handlers = acker(7, 20, 0.0);
+    let handlers = acker(7, (0, 20), 0.0);
     let mut members = Vec::new();
     for i in 0..3 {
         let o = MemberOptions::new("delivery", &format!("delivery-{i}"), 4);
