@@ -358,9 +358,10 @@ async fn members_share_an_ordered_group_through_member_and_leader_kills() {
     }
     let pause = run_for / EVENTS;
     let writes = start_writes(&router, ORDERS, EVENTS, pause);
+    let nemesis = Instant::now();
     let mut windows = Vec::new();
     let (mut member_kills, mut leader_kills) = (0, 0);
-    while started.elapsed() < run_for || !writes.is_finished() {
+    while nemesis.elapsed() < run_for || !writes.is_finished() {
         tokio::time::sleep(rng.millis(500, 1_500)).await;
         // Members that died holding a delivery rejoin.
         for (i, m) in members.iter_mut().enumerate() {
@@ -368,7 +369,7 @@ async fn members_share_an_ordered_group_through_member_and_leader_kills() {
                 *m = Some(join(&router, &opts[i], &rec, &handlers).await);
             }
         }
-        if started.elapsed() >= run_for {
+        if nemesis.elapsed() >= run_for {
             continue;
         }
         if rng.chance(0.6) {
