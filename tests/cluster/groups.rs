@@ -415,7 +415,7 @@ async fn members_share_an_ordered_group_through_member_and_leader_kills() {
         "{member_kills} member kills, {leader_kills} leader kills, {} stream ends; {report}",
         rec.ends().len()
     );
-    report.assert_ok();
+    report.assert_ok_with(&input);
     assert!(
         member_kills + leader_kills >= 3,
         "too few kills to prove anything"
@@ -499,7 +499,7 @@ async fn a_group_moves_with_its_slots_onto_a_new_group_losing_nothing() {
     input.loss_windows = vec![window];
     let report = groups::check(&input);
     eprintln!("{report}");
-    report.assert_ok();
+    report.assert_ok_with(&input);
     for n in nodes3 {
         n.shutdown().await;
     }

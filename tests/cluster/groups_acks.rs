@@ -50,7 +50,7 @@ async fn check_all(router: &str, prefix: &str, rec: &Recorder, done: BTreeSet<(u
     input.done_otherwise = done;
     let report = groups::check(&input);
     eprintln!("{prefix}: {report}");
-    report.assert_ok();
+    report.assert_ok_with(&input);
 }
 
 /// Acceptance 2, in three parts on one cluster, each its own group over its own prefix.

@@ -54,6 +54,8 @@ pub enum Rule {
 pub struct GroupViolation {
     pub rule: Rule,
     pub what: String,
+    /// The shard key it is about, if one.
+    pub key: Option<Bytes>,
 }
 
 /// What the checker is given.
@@ -112,11 +114,35 @@ impl GroupReport {
     }
 
     fn add(&mut self, rule: Rule, what: String) {
+        self.add_for(rule, None, what);
+    }
+
+    fn add_for(&mut self, rule: Rule, key: Option<&Bytes>, what: String) {
         let n = self.counts.entry(rule).or_default();
         *n += 1;
         if *n <= KEPT_PER_RULE {
-            self.violations.push(GroupViolation { rule, what });
+            let key = key.cloned();
+            self.violations.push(GroupViolation { rule, what, key });
         }
+    }
+
+    /// [`GroupReport::assert_ok`], first printing every delivery of each shard key a kept
+    /// violation names, in the order they came, with how it ended.
+    pub fn assert_ok_with(&self, input: &CheckInput) {
+        let keys: BTreeSet<&Bytes> = self.violations.iter().flat_map(|v| &v.key).collect();
+        for key in keys {
+            let mut ds: Vec<&Delivery> = input
+                .deliveries
+                .iter()
+                .filter(|d| d.shard_key == key)
+                .collect();
+            ds.sort_by_key(|d| d.delivered_at);
+            eprintln!("---- deliveries of {:?} ----", String::from_utf8_lossy(key));
+            for d in ds {
+                eprintln!("  {}", name(d));
+            }
+        }
+        self.assert_ok();
     }
 
     /// The violations of `rule` (kept ones).
@@ -308,8 +334,9 @@ fn check_in_flight(view: &View, report: &mut GroupReport) {
             if let Some(o) = open {
                 let o_end = view.ends[o];
                 if o_end.is_none_or(|end| ds[i].delivered_at < end) {
-                    report.add(
+                    report.add_for(
                         Rule::InFlight,
+                        Some(&ds[i].shard_key),
                         format!(
                             "{} was delivered while {} was in flight (until {o_end:?})",
                             name(&ds[i]),
@@ -342,8 +369,9 @@ fn check_order(view: &View, report: &mut GroupReport) {
         let mut highest: Option<usize> = None;
         for &i in list.iter() {
             match highest {
-                Some(h) if ds[i].event() < ds[h].event() => report.add(
+                Some(h) if ds[i].event() < ds[h].event() => report.add_for(
                     Rule::Order,
+                    Some(&ds[i].shard_key),
                     format!("{} was delivered after {}", name(&ds[i]), name(&ds[h])),
                 ),
                 _ => highest = Some(i),
@@ -362,8 +390,9 @@ fn check_order(view: &View, report: &mut GroupReport) {
         let acks: Vec<&(Duration, usize)> = first.values().collect();
         for w in acks.windows(2) {
             if w[1].0 <= w[0].0 {
-                report.add(
+                report.add_for(
                     Rule::Order,
+                    Some(&ds[w[1].1].shard_key),
                     format!(
                         "{} was acked at {:?}, not after {} at {:?}",
                         name(&ds[w[1].1]),
@@ -389,8 +418,9 @@ fn check_acked(input: &CheckInput, view: &View, report: &mut GroupReport) {
             continue;
         }
         let tried: Vec<String> = list.iter().map(|&i| name(&view.ds[i])).collect();
-        report.add(
+        report.add_for(
             Rule::Unacked,
+            Some(&e.shard_key),
             format!(
                 "slot {} seq {} (key {:?}/{:?}) was never acked; its deliveries: {tried:?}",
                 e.slot,
@@ -421,8 +451,9 @@ fn check_redeliveries(input: &CheckInput, view: &View, report: &mut GroupReport)
         for w in list.windows(2) {
             let (p, r) = (&ds[w[0]], &ds[w[1]]);
             if r.attempt <= p.attempt {
-                report.add(
+                report.add_for(
                     Rule::Attempts,
+                    Some(&r.shard_key),
                     format!("{} came after {}", name(r), name(p)),
                 );
             }
@@ -432,8 +463,9 @@ fn check_redeliveries(input: &CheckInput, view: &View, report: &mut GroupReport)
                 (None, _) => None,
             };
             if let Some((at, false)) = settled {
-                report.add(
+                report.add_for(
                     Rule::Redelivery,
+                    Some(&r.shard_key),
                     format!(
                         "{} redelivered an event whose previous delivery {} was done at {at:?}",
                         name(r),
