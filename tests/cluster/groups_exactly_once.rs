@@ -106,7 +106,7 @@ impl ReadModel {
             // Sent, and the member dies before the answer: it may apply or not.
             let kv = self.kv.clone();
             tokio::spawn(async move { kv.txn(txn).await });
-            return Action::Die;
+            return Action::TxnAndDie(TxnOutcome::Unknown);
         }
         let outcome = match self.kv.txn(txn).await {
             Ok(r) => {

@@ -10,7 +10,8 @@
 //!   each event, by seq, at increasing instants);
 //! - [`Rule::Unacked`] (c): every event of the log was acked at least once (an ack not refused
 //!   and sent before any later attempt, a transactional ack applied, a term not refused), or is
-//!   one the test says was done otherwise (dead-lettered);
+//!   one the test says was done otherwise (dead-lettered), or had a transactional ack whose
+//!   outcome is unknown (the test proves those by the data the Txn wrote);
 //! - [`Rule::Redelivery`] (d): an event is delivered again only if its previous attempt was in
 //!   flight: not acked, or its ack was refused, or sent in a window where it may have been lost
 //!   (one the test names, around a kill, or shortly before its member's stream ended). A
@@ -415,6 +416,20 @@ fn check_acked(input: &CheckInput, view: &View, report: &mut GroupReport) {
         }
         let list = view.by_event.get(&key).map(Vec::as_slice).unwrap_or(&[]);
         if list.iter().any(|&i| view.acked[i].is_some()) {
+            continue;
+        }
+        // A transactional ack whose outcome the member never learnt may have applied: the
+        // test proves it otherwise (its read model has the event).
+        let unknown = |i: &usize| {
+            matches!(
+                view.ds[*i].outcome,
+                Outcome::Txn {
+                    outcome: TxnOutcome::Unknown,
+                    ..
+                }
+            )
+        };
+        if list.iter().any(unknown) {
             continue;
         }
         let tried: Vec<String> = list.iter().map(|&i| name(&view.ds[i])).collect();

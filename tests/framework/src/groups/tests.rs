@@ -188,6 +188,13 @@ fn an_event_nobody_acked_is_reported_unless_done_otherwise() {
     assert_eq!(broken(&i), vec![Rule::Unacked]);
     i.done_otherwise.insert((0, 1));
     assert_eq!(broken(&i), vec![]);
+    // A transactional ack whose answer never came may have applied: not reported.
+    let unknown = Outcome::Txn {
+        at: ms(110),
+        outcome: TxnOutcome::Unknown,
+    };
+    let i = input(vec![e.clone()], vec![d("a", &e, 1, 100, unknown)]);
+    assert_eq!(broken(&i), vec![]);
     // An ack sent after a later attempt was out is superseded: it does not count.
     let late = vec![
         d("a", &e, 1, 100, acked(300)),
