@@ -255,8 +255,15 @@ impl Dispatcher {
 
     /// The reads the dispatcher wants now: one per slot with room for more events.
     pub fn wants(&self) -> Vec<Want> {
+        self.wants_if(|_, _| true)
+    }
+
+    /// The reads it wants of the slots where `worth(slot, after_seq)` (say, the slot's log goes
+    /// past `after_seq`).
+    pub fn wants_if(&self, worth: impl Fn(u32, u64) -> bool) -> Vec<Want> {
         self.slots
             .iter()
+            .filter(|(&slot, s)| worth(slot, s.read_to()))
             .filter_map(|(&slot, s)| {
                 let (after_seq, events_max, bytes_max) = s.room()?;
                 Some(Want {

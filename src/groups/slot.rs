@@ -145,6 +145,11 @@ impl Slot {
         slot
     }
 
+    /// The log was read through it.
+    pub(super) fn read_to(&self) -> u64 {
+        self.read_to
+    }
+
     /// How many more events (and bytes) the slot takes, and after which seq: `None` when it
     /// holds its bound already.
     pub(super) fn room(&self) -> Option<(u64, usize, usize)> {

@@ -211,23 +211,9 @@ pub fn check_decide(d: &DecideRequest) -> Result<()> {
     Ok(())
 }
 
-/// A 2PC part: a checked Txn without a `feed_ack` (a transactional ack is applied in one
-/// group's raft entry; across groups it is not built yet).
+/// A 2PC part: a checked Txn (its `feed_ack`s are checked and locked by the prepare).
 pub fn check_part(part: &TxnRequest) -> Result<()> {
-    check_txn(part)?;
-    let acks = part
-        .success
-        .iter()
-        .chain(&part.failure)
-        .any(|op| matches!(op.op, Some(txn_op::Op::FeedAck(_))));
-    if acks {
-        return Err(Error::FailedPrecondition(
-            "a feed_ack in a Txn over several groups is not supported yet: keep the ack's Txn \
-             within the group of the event's shard key; nothing was applied"
-                .into(),
-        ));
-    }
-    Ok(())
+    check_txn(part)
 }
 
 pub fn check_txn(t: &TxnRequest) -> Result<()> {
@@ -553,10 +539,10 @@ mod tests {
         );
     }
 
-    /// A feed ack names a valid group, a shard key, and a delivery (seq and attempt from 1); a
-    /// 2PC part carrying one is refused (transactional acks are single-group for now).
+    /// A feed ack names a valid group, a shard key, and a delivery (seq and attempt from 1),
+    /// in a Txn as in a 2PC part.
     #[test]
-    fn feed_acks_are_checked_and_kept_out_of_2pc_parts() {
+    fn feed_acks_are_checked_in_txns_and_parts() {
         let ack = |group: &str, seq: u64, attempt: u32| TxnRequest {
             success: vec![
                 get_op(&b(1), &b(1)),
@@ -583,8 +569,7 @@ mod tests {
             let msg = check_txn(&t).unwrap_err().to_string();
             assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
         }
-        let e = check_part(&ack("billing", 1, 1)).unwrap_err();
-        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        check_part(&ack("billing", 1, 1)).unwrap();
         check_part(&TxnRequest {
             success: vec![get_op(&b(1), &b(1))],
             ..Default::default()

@@ -393,8 +393,7 @@ impl StateMachine {
         if self.locks.load(Ordering::Relaxed) == 0 {
             return Ok(());
         }
-        for (sk, k) in participant::items(t) {
-            let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, k);
+        for raw_key in participant::lock_data_keys(t, self.slot_count) {
             let lk = participant::lock_key(&raw_key);
             if let Some(raw) = self.data.get(&lk)? {
                 let lock = self.decode_lock(&lk, &raw)?;

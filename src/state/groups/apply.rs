@@ -397,6 +397,10 @@ fn ack_one<'c>(
     if is_done(s, a.seq) {
         return Ok(Ok(()));
     }
+    // A prepared cross-group Txn acks it (or not) at its finish.
+    if let Some(e) = crate::state::participant::ack_lock(view, &a.group, a.slot, a.seq)? {
+        return Ok(Err(e));
+    }
     // Within the bound before anything is written (a dead letter writes an item).
     if !mark_done(&mut s.clone(), a.seq, a.seq) {
         return Ok(Err(too_many_ranges(a.slot)));
@@ -618,8 +622,9 @@ impl TxView<'_> {
 
     /// Applies a transactional ack that `check_txn_ack` accepted in this transaction.
     pub(in crate::state) fn apply_txn_ack(&mut self, a: &FeedAckRequest) -> Result<()> {
+        // A 2PC part's ack was checked at its prepare: the group may be gone since.
         let Some(mut rec) = self.group_record(a.slot, &a.group)? else {
-            unreachable!("check_txn_ack found the group")
+            return Ok(());
         };
         if mark_done(state_of(&mut rec), a.seq, a.seq) {
             self.put_group_record(a.slot, &rec)?;
