@@ -16,7 +16,7 @@ use ordo_testkit::groups::{
     self, policy, Action, CheckInput, Delivery, MemberOptions, Outcome, Recorder,
 };
 use ordo_testkit::proc::{ProcCluster, Role};
-use ordo_testkit::{bins, wait_for};
+use ordo_testkit::{bins, wait_for, Cluster};
 use prost::Message as _;
 use tokio::time::Instant;
 
@@ -377,5 +377,79 @@ async fn a_stopped_group_holds_its_events_until_the_protection_limit_then_expire
         .into_inner();
     assert!(!g.expired, "a seek makes it live again: {}", summary(&g));
     m.close().await;
+    eprintln!("took {:.1?}", started.elapsed());
+}
+
+/// `max_deliver` counts deliveries, not failovers: an event nobody was ever sent, held by
+/// leaders that were killed -9, still reaches a member `max_deliver` times before its order is
+/// parked, and describe counts no redelivery of it before the first.
+///
+/// Fails on main at e615665: each new leader records a higher attempt for every held event at
+/// or below the horizon its predecessor persisted on reading them (`groups/slot.rs`, `hold`),
+/// delivered or not, so after two failovers the first delivery is attempt 3 and, with
+/// `max_deliver` 2, the order parks after one delivery; describe counts it redelivered before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "product bug: failovers use up max_deliver of events never delivered (see the doc)"]
+async fn failovers_alone_use_up_no_attempt_of_an_event_never_delivered() {
+    let _serial = ordo_testkit::HEAVY.lock().await;
+    let started = Instant::now();
+    let (mut cluster, router) = one_group(&[]).await;
+    let prefix = "fenced/";
+    create_group(&router, group_over("fenced", prefix, 1_000, 2)).await;
+    write_event(&kv(&router), prefix, 0, 1).await;
+    // Two failovers while the event waits with no member (each new leader finds it below the
+    // horizon the previous one persisted on reading it).
+    for round in 0..2 {
+        // The leader reads a new event and persists its horizon within an ack flush (50 ms)
+        // or two; nothing shows the horizon, so wait until the event is 500 ms old.
+        wait_for("the event to wait 500 ms", HEALTHY, || async {
+            let g = describe(&router, "fenced").await.ok()?;
+            (g.slots.iter().map(|s| s.lag_ms).max() >= Some(500)).then_some(())
+        })
+        .await;
+        let leader = cluster.wait_leader(1, HEALTHY).await;
+        eprintln!("{:?}: kill -9 {leader}", started.elapsed());
+        cluster.kill(leader).await;
+        cluster.wait_leader(1, HEALTHY).await;
+        cluster.restart(leader).await;
+        let g = wait_for("the group to be described again", HEALTHY, || async {
+            describe(&router, "fenced").await.ok()
+        })
+        .await;
+        eprintln!("after failover {}: {}", round + 1, summary(&g));
+    }
+    let g = describe(&router, "fenced").await.unwrap();
+    let rec = Recorder::new();
+    let opts = MemberOptions::new("fenced", "fenced-0", 8);
+    let m = join(&router, &opts, &rec, || {
+        policy(|_| (Duration::ZERO, Action::Nack { delay_ms: 0 }))
+    })
+    .await;
+    let parked = wait_for("the order to be parked", CATCH_UP, || async {
+        describe(&router, "fenced")
+            .await
+            .ok()
+            .filter(|g| g.parked == 1)
+    })
+    .await;
+    let tries: Vec<u32> = of_order(&rec, 0).iter().map(|d| d.attempt).collect();
+    eprintln!(
+        "deliveries' attempts {tries:?}; parked: {}",
+        summary(&parked)
+    );
+    m.close().await;
+    assert_eq!(
+        g.redeliveries,
+        0,
+        "describe before any delivery counts a redelivery: {}",
+        summary(&g)
+    );
+    assert_eq!(
+        tries.len(),
+        2,
+        "max_deliver 2: the member got the event {} times (attempts {tries:?}) before its order \
+         was parked",
+        tries.len()
+    );
     eprintln!("took {:.1?}", started.elapsed());
 }
