@@ -102,11 +102,13 @@ impl ReadModel {
             ],
             ..TxnRequest::default()
         };
+        let sent = Instant::now();
         if self.rng.chance(DIE) {
             // Sent, and the member dies before the answer: it may apply or not.
             let kv = self.kv.clone();
             tokio::spawn(async move { kv.txn(txn).await });
-            return Action::TxnAndDie(TxnOutcome::Unknown);
+            let outcome = TxnOutcome::Unknown;
+            return Action::TxnAndDie { outcome, sent };
         }
         let outcome = match self.kv.txn(txn).await {
             Ok(r) => {
@@ -123,9 +125,9 @@ impl ReadModel {
             },
         };
         if self.rng.chance(DIE) {
-            return Action::TxnAndDie(outcome);
+            return Action::TxnAndDie { outcome, sent };
         }
-        Action::Txn(outcome)
+        Action::Txn { outcome, sent }
     }
 }
 

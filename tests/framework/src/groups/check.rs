@@ -3,7 +3,7 @@
 //!
 //! - [`Rule::InFlight`] (a): never two deliveries of one shard key in flight at once, across
 //!   members: the intervals `[delivered, ended]` of one key never overlap, where a delivery ends
-//!   when its member answered it (ack, nack, term sent; a transactional ack answered), its
+//!   when its member answered it (ack, nack, term or a transactional ack's Txn sent), its
 //!   member's stream ended, or a later attempt of the same event was delivered;
 //! - [`Rule::Order`] (b): per order, events are delivered in seq order (no delivery of an
 //!   earlier event after one of a later event) and done in seq order (the first effective ack of

@@ -24,6 +24,7 @@ use ordo_proto::v1::feed_client::FeedClient;
 use ordo_proto::v1::{Ack, ConsumeRequest, ConsumeResponse, Credit, Join, Nack, Term};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::codec::Streaming;
 use tonic::transport::Uri;
@@ -43,10 +44,19 @@ pub enum Action {
     Ignore,
     /// The member dies holding it: its connection is shut down.
     Die,
-    /// The handler acked it inside a `Txn` itself, with this outcome.
-    Txn(TxnOutcome),
-    /// The same, and the member dies right after it learnt the outcome.
-    TxnAndDie(TxnOutcome),
+    /// The handler acked it inside a `Txn` it sent at `sent`, with this outcome. (The sending
+    /// instant ends the delivery: once the Txn applies, the order's next event may reach the
+    /// member before the Txn's answer does.)
+    Txn {
+        outcome: TxnOutcome,
+        sent: Instant,
+    },
+    /// The same, and the member dies right after it learnt the outcome (or, `Unknown`, with
+    /// the Txn still on its way).
+    TxnAndDie {
+        outcome: TxnOutcome,
+        sent: Instant,
+    },
 }
 
 /// How a `Txn` with a `feed_ack` ended.
@@ -457,15 +467,19 @@ async fn work(
                 Outcome::Termed { at },
             ),
             Action::Ignore => (None, Outcome::Ignored),
-            Action::Txn(outcome) => (None, Outcome::Txn { at, outcome }),
+            Action::Txn { outcome, sent } => {
+                let at = rec.at(sent);
+                (None, Outcome::Txn { at, outcome })
+            }
             Action::Die => {
                 shared.stop(at);
                 shared.connector.kill();
                 mark_died(&rec, &shared, Some(i), &mut queue);
                 return;
             }
-            Action::TxnAndDie(outcome) => {
-                rec.update(i, |r| r.outcome = Outcome::Txn { at, outcome });
+            Action::TxnAndDie { outcome, sent } => {
+                let sent = rec.at(sent);
+                rec.update(i, |r| r.outcome = Outcome::Txn { at: sent, outcome });
                 shared.stop(at);
                 shared.connector.kill();
                 mark_died(&rec, &shared, None, &mut queue);

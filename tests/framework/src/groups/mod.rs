@@ -4,8 +4,8 @@
 //!
 //! Every instant is a [`Duration`] since the recorder's start on the test's monotonic clock, so
 //! the records of all members compare. A delivery counts as in flight from the moment its
-//! member read it off the stream until its member sent the ack (or nack, or term), its
-//! transactional ack was answered, its member died (or its stream ended), or a later attempt of
+//! member read it off the stream until its member sent the ack (or nack, or term) or the `Txn`
+//! of its transactional ack, its member died (or its stream ended), or a later attempt of
 //! the same event was delivered, whichever comes first. Those are the member's own instants: a
 //! server that hands the next event of an order out before the previous one's ack was even sent
 //! is caught, one that waits for its ack flush is not mistaken for two in flight.
@@ -49,7 +49,7 @@ pub enum Outcome {
     Ignored,
     /// The member died (or its stream ended) at `at` with the delivery unanswered.
     Died { at: Duration },
-    /// A `Txn` with a `feed_ack` of it was answered at `at` with `outcome`.
+    /// A `Txn` with a `feed_ack` of it, sent at `at`, was answered with `outcome`.
     Txn { at: Duration, outcome: TxnOutcome },
     /// The ack could not be sent (the member's stream was gone) at `at`.
     Unsent { at: Duration },
@@ -158,6 +158,11 @@ impl Recorder {
     /// Now on the recorder's clock.
     pub fn now(&self) -> Duration {
         self.epoch.elapsed()
+    }
+
+    /// `instant` on the recorder's clock.
+    pub fn at(&self, instant: Instant) -> Duration {
+        instant.saturating_duration_since(self.epoch)
     }
 
     /// Adds a delivery; its index names it for [`Recorder::update`].
