@@ -11,6 +11,11 @@
 //! idempotency key and sent again until answered, so the log holds exactly one outbox event per
 //! write. The group's prefix is `outbox/`: the status puts are in the log but filtered out.
 //!
+//! Acks in flight when a group's leader changes may be lost (its unflushed batch, those the
+//! router drops while the group has no leader), so the redelivery rule allows a redelivery of
+//! an acked event around each leader change: every kill, and every term rise a poll of the
+//! replicas' status sees (elections happen on a loaded machine without kills too).
+//!
 //! `ORDO_GROUPS_SEED` replays the kill schedule of the crash test (timings and victims' kinds;
 //! which process leads then depends on the run), `ORDO_GROUPS_SECS` makes it longer (default 15).
 //! The helpers here serve `groups_acks.rs` and `groups_exactly_once.rs` too.
@@ -310,6 +315,56 @@ pub(crate) fn assert_log_is_the_writes(log: &[ChangeEvent], orders: u32, events:
     }
 }
 
+/// Windows around every leader change of the watched groups (any term rise, a kill's or an
+/// election's under load), in which acks may have been lost: from 3 s before it was seen (the
+/// old leader may have been cut off that long) to 2 s after.
+pub(crate) struct TermWatch {
+    windows: Arc<std::sync::Mutex<Vec<(Duration, Duration)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TermWatch {
+    /// Polls the status of every replica `(group, addr)` every 100 ms.
+    pub(crate) fn start(replicas: Vec<(u64, String)>, rec: &Recorder) -> TermWatch {
+        let windows = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (out, rec) = (windows.clone(), rec.clone());
+        let task = tokio::spawn(async move {
+            let mut terms: BTreeMap<u64, u64> = BTreeMap::new();
+            loop {
+                for (group, addr) in &replicas {
+                    let Some(s) = ordo_testkit::node_status(addr, false).await else {
+                        continue;
+                    };
+                    let seen = terms.entry(*group).or_insert(s.term);
+                    if s.term > *seen {
+                        *seen = s.term;
+                        let at = rec.now();
+                        let from = at.saturating_sub(Duration::from_secs(3));
+                        out.lock()
+                            .unwrap()
+                            .push((from, at + Duration::from_secs(2)));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        TermWatch { windows, task }
+    }
+
+    pub(crate) fn stop(self) -> Vec<(Duration, Duration)> {
+        self.task.abort();
+        self.windows.lock().unwrap().clone()
+    }
+}
+
+/// Every shard-group replica of `c` as `(group, addr)`.
+pub(crate) fn replicas(c: &impl Cluster, groups: u64) -> Vec<(u64, String)> {
+    (1..=groups)
+        .flat_map(|g| c.members(g).into_iter().map(move |m| (g, m)))
+        .map(|(g, m)| (g, c.addr(m)))
+        .collect()
+}
+
 /// Acks every delivery after holding it `hold_ms` (a range) ms; with probability `die` the
 /// member dies holding it instead.
 fn acker(seed: u64, hold_ms: (u64, u64), die: f64) -> impl Fn() -> Box<dyn Handler> {
@@ -356,6 +411,7 @@ async fn members_share_an_ordered_group_through_member_and_leader_kills() {
     for o in &opts {
         members.push(Some(join(&router, o, &rec, &handlers).await));
     }
+    let terms = TermWatch::start(replicas(&cluster, 2), &rec);
     let pause = run_for / EVENTS;
     let writes = start_writes(&router, ORDERS, EVENTS, pause);
     let nemesis = Instant::now();
@@ -409,7 +465,9 @@ async fn members_share_an_ordered_group_through_member_and_leader_kills() {
         m.close().await;
     }
     let mut input = CheckInput::from_recorder(&rec, log);
-    input.loss_windows = windows;
+    let changes = terms.stop();
+    eprintln!("leader changes seen: {changes:?}");
+    input.loss_windows = windows.into_iter().chain(changes).collect();
     let report = groups::check(&input);
     eprintln!(
         "{member_kills} member kills, {leader_kills} leader kills, {} stream ends; {report}",
@@ -451,6 +509,7 @@ async fn a_group_moves_with_its_slots_onto_a_new_group_losing_nothing() {
         let o = MemberOptions::new("delivery", &format!("delivery-{i}"), 4);
         members.push(join(&router, &o, &rec, &handlers).await);
     }
+    let terms = TermWatch::start(replicas(&pg, 2), &rec);
     let writes = start_writes(&router, ORDERS, EVENTS, Duration::from_millis(700));
     wait_for("some events to be handled", HEALTHY, || async {
         (rec.len() >= ORDERS as usize).then_some(())
@@ -496,7 +555,8 @@ async fn a_group_moves_with_its_slots_onto_a_new_group_losing_nothing() {
         m.close().await;
     }
     let mut input = CheckInput::from_recorder(&rec, log);
-    input.loss_windows = vec![window];
+    input.loss_windows = terms.stop();
+    input.loss_windows.push(window);
     let report = groups::check(&input);
     eprintln!("{report}");
     report.assert_ok_with(&input);

@@ -27,8 +27,8 @@ use tokio::time::Instant;
 use tonic::Code;
 
 use crate::groups::{
-    create_group, join, kv, order, outbox_group, read_log, start_writes, summary, wait_caught_up,
-    CATCH_UP, HEALTHY, PREFIX,
+    create_group, join, kv, order, outbox_group, read_log, replicas, start_writes, summary,
+    wait_caught_up, TermWatch, CATCH_UP, HEALTHY, PREFIX,
 };
 
 const MODEL: &str = "rm/applied";
@@ -162,6 +162,7 @@ async fn a_read_model_kept_with_transactional_acks_applies_each_event_once() {
     for o in &opts {
         members.push(Some(join(&router, o, &rec, &handlers).await));
     }
+    let terms = TermWatch::start(replicas(&cluster, 1), &rec);
     let writes = start_writes(&router, ORDERS, EVENTS, Duration::from_millis(800));
     let mut windows = Vec::new();
     let mut killed_leader = false;
@@ -212,7 +213,7 @@ async fn a_read_model_kept_with_transactional_acks_applies_each_event_once() {
     }
     assert!(fold.contains_key(&order(0)));
     let mut input = CheckInput::from_recorder(&rec, log);
-    input.loss_windows = windows;
+    input.loss_windows = windows.into_iter().chain(terms.stop()).collect();
     let report = groups::check(&input);
     let deaths = rec.ends().len();
     eprintln!("{deaths} member streams ended; {report}");
