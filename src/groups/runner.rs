@@ -624,10 +624,12 @@ impl Runner {
         run.d.add_slot(slot, slot_state(rec));
     }
 
-    /// Reads `slot` of `group` again from the applied state.
+    /// Reads `slot` of `group` again from the applied state (what was in flight there goes
+    /// again; an unpark waiting on the slot is told to retry).
     fn reload(&mut self, group: &str, slot: u32) -> Result<()> {
         let sm = &self.replica.sm;
-        let rec = match sm.ownership().owns(slot) {
+        let owned = sm.ownership().owns(slot);
+        let rec = match owned {
             true => sm.group_record(slot, group)?,
             false => None,
         };
@@ -635,9 +637,19 @@ impl Runner {
             run.d.remove_slot(slot);
             run.keys.remove(&slot);
         }
+        let (gone, kept) = std::mem::take(&mut self.unparks)
+            .into_iter()
+            .partition(|(g, s, ..)| g == group && *s == slot);
+        self.unparks = kept;
+        for (.., reply) in gone {
+            let why = format!("slot {slot} was read again before the release was applied; retry");
+            let _ = reply.send(Err(Error::Unavailable(why)));
+        }
         match rec {
             Some(rec) => self.add_slot(group, slot, &rec),
-            None => self.maybe_deleted(group),
+            // Owned without the record: the group was deleted here.
+            None if owned => self.maybe_deleted(group),
+            None => {}
         }
         Ok(())
     }

@@ -191,16 +191,19 @@ impl Slot {
         let seq = event.seq;
         let key = event.shard_key.clone();
         let count = self.counts.remove(&seq);
-        let base = count.map_or(0, |c| c.base);
+        let mut base = count.map_or(0, |c| c.base);
         let state = if seq <= self.resumed_horizon {
             let attempt = count.map_or(1, |c| c.attempt);
             if self.parked_at.remove(&seq) {
                 State::Parked { attempt }
             } else {
+                // A fence, not a delivery: it uses up no attempt of `max_deliver`.
+                base += 1;
                 out.push(Persist::DeliveryCount {
                     slot: self.id,
                     seq,
                     attempt: attempt + 1,
+                    base,
                 });
                 State::Persisting {
                     attempt: attempt + 1,
