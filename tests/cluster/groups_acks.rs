@@ -383,13 +383,7 @@ async fn a_stopped_group_holds_its_events_until_the_protection_limit_then_expire
 /// `max_deliver` counts deliveries, not failovers: an event nobody was ever sent, held by
 /// leaders that were killed -9, still reaches a member `max_deliver` times before its order is
 /// parked, and describe counts no redelivery of it before the first.
-///
-/// Fails on main at e615665: each new leader records a higher attempt for every held event at
-/// or below the horizon its predecessor persisted on reading them (`groups/slot.rs`, `hold`),
-/// delivered or not, so after two failovers the first delivery is attempt 3 and, with
-/// `max_deliver` 2, the order parks after one delivery; describe counts it redelivered before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "product bug: failovers use up max_deliver of events never delivered (see the doc)"]
 async fn failovers_alone_use_up_no_attempt_of_an_event_never_delivered() {
     let _serial = ordo_testkit::HEAVY.lock().await;
     let started = Instant::now();
@@ -458,7 +452,7 @@ async fn failovers_alone_use_up_no_attempt_of_an_event_never_delivered() {
 /// killed -9 right after an order's second event was delivered (its first acked a few ms
 /// before) must not hand the first event out again after the second.
 ///
-/// Fails on main at e615665: the dispatcher settles an ack in memory and makes the key's next
+/// Fails on main at 837c3a0: the dispatcher settles an ack in memory and makes the key's next
 /// event ready at once (`groups/slot.rs`, `settle`), while the ack waits for the next flush
 /// (every 50 ms); a failover before that flush commits loses the ack, and the next leader
 /// delivers the first event again after the second was delivered (and perhaps handled).
