@@ -450,15 +450,9 @@ async fn failovers_alone_use_up_no_attempt_of_an_event_never_delivered() {
 
 /// An order's next event goes out only once the previous one's ack is durable: the leader
 /// killed -9 right after an order's second event was delivered (its first acked a few ms
-/// before) must not hand the first event out again after the second.
-///
-/// Fails on main at 837c3a0: the dispatcher settles an ack in memory and makes the key's next
-/// event ready at once (`groups/slot.rs`, `settle`), while the ack waits for the next flush
-/// (every 50 ms); a failover before that flush commits loses the ack, and the next leader
-/// delivers the first event again after the second was delivered (and perhaps handled).
-/// The crash test (`groups.rs`) catches the same in about one run in three.
+/// before) must not hand the first event out again after the second. (It did while the
+/// dispatcher made a key's next event ready as soon as an ack was settled in memory.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "product bug: a failover can redeliver an order's event after its next (see the doc)"]
 async fn a_failover_right_after_an_ack_redelivers_nothing_out_of_order() {
     let _serial = ordo_testkit::HEAVY.lock().await;
     let started = Instant::now();
