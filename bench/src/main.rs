@@ -14,11 +14,15 @@
 //! still running when the duration ends is waited for and counted; the measured time runs until
 //! the last one finished. [`run`] holds these steps; [`load`], [`worker`] and [`rebalance`] the
 //! phases' tasks; [`args`] the command line.
+//!
+//! `ordo-bench groups ...` is another command with its own arguments: consumer groups'
+//! throughput and latency, see [`groups`].
 
 mod args;
 mod backend;
 mod cpu;
 mod feed;
+mod groups;
 mod load;
 mod ops;
 mod output;
@@ -39,6 +43,11 @@ use output::{default_out_dir, write_outputs};
 use run::run;
 
 fn main() -> anyhow::Result<()> {
+    // `ordo-bench groups ...` is the consumer-group bench, with its own arguments.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("groups") {
+        return groups::main(argv[1..].to_vec());
+    }
     let args = Args::parse();
     args.check()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
