@@ -16,13 +16,16 @@
 //! phases' tasks; [`args`] the command line.
 //!
 //! `ordo-bench groups ...` is another command with its own arguments: consumer groups'
-//! throughput and latency, see [`groups`].
+//! throughput and latency, see [`groups`]; `ordo-bench jetstream ...` (feature `nats`) its
+//! backlog test on NATS JetStream.
 
 mod args;
 mod backend;
 mod cpu;
 mod feed;
 mod groups;
+#[cfg(feature = "nats")]
+mod jetstream;
 mod load;
 mod ops;
 mod output;
@@ -47,6 +50,13 @@ fn main() -> anyhow::Result<()> {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("groups") {
         return groups::main(argv[1..].to_vec());
+    }
+    // `ordo-bench jetstream ...`: the same backlog test on NATS JetStream (feature `nats`).
+    if argv.get(1).map(String::as_str) == Some("jetstream") {
+        #[cfg(feature = "nats")]
+        return jetstream::main(argv[1..].to_vec());
+        #[cfg(not(feature = "nats"))]
+        anyhow::bail!("built without JetStream: cargo build -p ordo-bench --features nats");
     }
     let args = Args::parse();
     args.check()?;

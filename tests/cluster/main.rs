@@ -16,6 +16,7 @@ mod feed_watch;
 mod group;
 mod membership;
 mod nemesis;
+mod ordoctl_feed;
 mod playground;
 mod resharding;
 mod sharded;

@@ -535,7 +535,7 @@ async fn stop_members(mut set: JoinSet<anyhow::Result<()>>) -> anyhow::Result<()
 }
 
 /// The servers' CPU time so far, if --server-pids names them.
-fn server_cpu(pids: &[u32]) -> anyhow::Result<Option<Duration>> {
+pub(crate) fn server_cpu(pids: &[u32]) -> anyhow::Result<Option<Duration>> {
     if pids.is_empty() {
         return Ok(None);
     }
