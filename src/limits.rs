@@ -281,6 +281,13 @@ pub const FEED_GROUP_ACK_WAIT_MS_MAX: u32 = 3_600_000;
 /// applies: enough to ride out a consumer's transient failures, few enough that a poison order
 /// is parked within minutes at the default ack wait.
 pub const FEED_GROUP_MAX_DELIVER_DEFAULT: u32 = 5;
+/// Most attempts a group may give an event (`max_deliver`): past a thousand, a poison order
+/// would be retried for days at the default ack wait.
+pub const FEED_GROUP_MAX_DELIVER_MAX: u32 = 1000;
+/// How often a leader persists its groups' acks (research 9.4's `--ack-flush-interval`): one
+/// raft entry per interval for all of them, however many acks arrived. Attempts, horizons and
+/// parks, which hold deliveries back, go at once.
+pub const FEED_GROUP_ACK_FLUSH_MS: u64 = 50;
 /// How long a durable group holds events past retention by default (`--feed-protect-secs`):
 /// retention plus a day (research 9.3), room for a weekend's stopped consumer to be noticed.
 pub const FEED_PROTECT_SECS_DEFAULT: u64 = FEED_RETENTION_SECS_DEFAULT + 24 * 3600;

@@ -400,6 +400,7 @@ impl Node {
         let (exited_tx, exited) = watch::channel(false);
         let driver = spawn_driver(&cfg, driver, shared.clone(), exited_tx)?;
 
+        let (groups, group_calls) = crate::groups::runner::Groups::new();
         let replica = Arc::new(ReplicaHandle {
             node_id: cfg.id,
             group_id: cfg.group,
@@ -413,9 +414,11 @@ impl Node {
             receiving_snapshot: AtomicBool::new(false),
             membership: Default::default(),
             feed_readers: Default::default(),
+            groups,
             stop: stop_rx.clone(),
         });
         if !cfg.config_server {
+            tokio::spawn(crate::groups::runner::run(replica.clone(), group_calls));
             crate::server::orphans::spawn(replica.clone(), stop_rx.clone());
             crate::server::feed::spawn_trimmer(replica.clone(), cfg.feed, stop_rx.clone());
         }

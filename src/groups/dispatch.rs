@@ -540,6 +540,67 @@ impl Dispatcher {
         self.timers.first().map(|t| t.0)
     }
 
+    /// Whether something waits to be persisted that holds deliveries back (attempts, horizons,
+    /// parks, unparks): the caller persists at once instead of at its next ack flush.
+    pub fn urgent(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    pub fn config(&self) -> Config {
+        self.config
+    }
+
+    /// The slots dispatched here.
+    pub fn slot_ids(&self) -> Vec<u32> {
+        self.slots.keys().copied().collect()
+    }
+
+    pub fn has_slot(&self, slot: u32) -> bool {
+        self.slots.contains_key(&slot)
+    }
+
+    /// Deliveries of `slot` in flight.
+    pub fn pending(&self, slot: u32) -> u64 {
+        self.slots
+            .get(&slot)
+            .map_or(0, |s| s.holders.values().map(|&n| u64::from(n)).sum())
+    }
+
+    /// The credits `member` has left.
+    pub fn credits(&self, member: MemberId) -> u32 {
+        self.members.get(&member).map_or(0, |m| m.credits)
+    }
+
+    /// Takes back the credits `member` has not used (it has none after).
+    pub fn reclaim(&mut self, member: MemberId) -> Result<u32, Refusal> {
+        let m = self
+            .members
+            .get_mut(&member)
+            .ok_or(Refusal::UnknownMember(member))?;
+        Ok(std::mem::take(&mut m.credits))
+    }
+
+    /// How many events `member` would get now if it had credits (0 while it has some: then
+    /// nothing waits for it), as `poll` left them: under `KEY_ORDERED` the events any member
+    /// may take, under `SLOT_EXCLUSIVE` those of its slots. Bounded by what the slots may have
+    /// in flight.
+    pub fn waiting(&self, member: MemberId) -> u32 {
+        let Some(m) = self.members.get(&member) else {
+            return 0;
+        };
+        if m.credits > 0 {
+            return 0;
+        }
+        let mode = self.config.mode;
+        let n: usize = self
+            .slots
+            .values()
+            .filter(|s| mode == Mode::KeyOrdered || s.owner == Some(member))
+            .map(Slot::deliverable)
+            .sum();
+        n.min(u32::MAX as usize) as u32
+    }
+
     fn finish(&mut self, slot: u32, seq: u64, attempt: u32, how: How) -> Result<(), Refusal> {
         if self.current(slot, seq, attempt)?.is_some() {
             self.settle(slot, seq, Some(how));

@@ -406,6 +406,13 @@ impl Slot {
         self.ready.first().copied()
     }
 
+    /// How many events could go now with credits: ready, within the slot's in-flight bound.
+    pub(super) fn deliverable(&self) -> usize {
+        let inflight: u32 = self.holders.values().sum();
+        let room = FEED_GROUP_INFLIGHT_PER_SLOT_MAX.saturating_sub(inflight as usize);
+        self.ready.len().min(room)
+    }
+
     pub(super) fn has_ready(&self) -> bool {
         !self.ready.is_empty()
     }

@@ -34,6 +34,8 @@ pub struct ReplicaHandle {
     pub membership: tokio::sync::Mutex<()>,
     /// `Peer.ReadChanges` streams served now (at most `FEED_READERS_MAX`).
     pub feed_readers: std::sync::atomic::AtomicUsize,
+    /// The consumer-group runner of this replica (`groups::runner`).
+    pub groups: crate::groups::runner::Groups,
     pub stop: watch::Receiver<bool>,
 }
 
@@ -49,6 +51,14 @@ impl ReplicaHandle {
     }
 
     fn not_leader(&self) -> Error {
+        self.not_leader_error("")
+    }
+
+    /// `NotLeader` with this replica's leader hint; `why` (if any) is logged, not sent.
+    pub(crate) fn not_leader_error(&self, why: &str) -> Error {
+        if !why.is_empty() {
+            tracing::debug!(group = self.group_id, "not leader: {why}");
+        }
         let leader_id = self.shared.leader_id.load(Ordering::Relaxed);
         Error::NotLeader {
             group: self.group_id,

@@ -29,11 +29,6 @@ use crate::state::{Checkpoint, Command};
 
 pub(crate) type ChangeStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<ReadChangesResponse, Status>> + Send>>;
-pub(crate) type ChangeStream2 = Pin<
-    Box<
-        dyn tokio_stream::Stream<Item = Result<ordo_proto::v1::PeerConsumeResponse, Status>> + Send,
-    >,
->;
 
 /// One reader counted in `ReplicaHandle::feed_readers` while its stream lives.
 struct Reader(Arc<ReplicaHandle>);

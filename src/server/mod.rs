@@ -4,6 +4,7 @@
 
 pub(crate) mod config_store;
 pub(crate) mod feed;
+pub(crate) mod groups;
 pub(crate) mod kv;
 pub(crate) mod membership;
 pub(crate) mod orphans;

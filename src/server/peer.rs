@@ -29,20 +29,25 @@ pub struct PeerService(pub Arc<ReplicaHandle>);
 #[tonic::async_trait]
 impl Peer for PeerService {
     type ReadChangesStream = crate::server::feed::ChangeStream;
-    type ConsumeStream = crate::server::feed::ChangeStream2;
+    type ConsumeStream = crate::server::groups::ConsumeStream;
 
     async fn group_admin(
         &self,
-        _req: Request<ordo_proto::v1::GroupAdminRequest>,
+        req: Request<ordo_proto::v1::GroupAdminRequest>,
     ) -> Result<Response<ordo_proto::v1::GroupAdminResponse>, Status> {
-        Err(Status::unimplemented("consumer groups are not served yet"))
+        crate::server::groups::group_admin(&self.0, req.into_inner())
+            .await
+            .map(Response::new)
+            .map_err(Status::from)
     }
 
     async fn consume(
         &self,
-        _req: Request<Streaming<ordo_proto::v1::PeerConsumeRequest>>,
+        req: Request<Streaming<ordo_proto::v1::PeerConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
-        Err(Status::unimplemented("consumer groups are not served yet"))
+        crate::server::groups::consume(self.0.clone(), req.into_inner())
+            .await
+            .map(Response::new)
     }
 
     async fn read_changes(

@@ -211,23 +211,9 @@ pub fn check_decide(d: &DecideRequest) -> Result<()> {
     Ok(())
 }
 
-/// A 2PC part: a checked Txn without a `feed_ack` (a transactional ack is applied in one
-/// group's raft entry; across groups it is not built yet).
+/// A 2PC part: a checked Txn (its `feed_ack`s are checked and locked by the prepare).
 pub fn check_part(part: &TxnRequest) -> Result<()> {
-    check_txn(part)?;
-    let acks = part
-        .success
-        .iter()
-        .chain(&part.failure)
-        .any(|op| matches!(op.op, Some(txn_op::Op::FeedAck(_))));
-    if acks {
-        return Err(Error::FailedPrecondition(
-            "a feed_ack in a Txn over several groups is not supported yet: keep the ack's Txn \
-             within the group of the event's shard key; nothing was applied"
-                .into(),
-        ));
-    }
-    Ok(())
+    check_txn(part)
 }
 
 pub fn check_txn(t: &TxnRequest) -> Result<()> {
@@ -362,6 +348,82 @@ pub fn delete_response(resp: TxnResponse) -> DeleteResponse {
     }
 }
 
+/// A checked `CreateGroupRequest` as the definition every slot's record keeps (defaults filled
+/// in, shard keys sorted without repeats) and where the group starts.
+pub fn check_group_create(
+    r: &ordo_proto::v1::CreateGroupRequest,
+) -> Result<(ordo_proto::v1::GroupDef, ordo_proto::v1::GroupStart)> {
+    use ordo_proto::v1::{GroupDef, Mode, PoisonPolicy};
+    ordo_proto::check_group_name(&r.group).map_err(invalid)?;
+    check_key(&r.key_prefix)?;
+    if r.shard_keys.len() > FEED_SHARD_KEYS_MAX {
+        return Err(invalid(format!(
+            "a group over {} shard keys is over FEED_SHARD_KEYS_MAX ({FEED_SHARD_KEYS_MAX})",
+            r.shard_keys.len()
+        )));
+    }
+    for sk in &r.shard_keys {
+        check_shard_key(sk)?;
+    }
+    if Mode::try_from(r.mode).is_err() || PoisonPolicy::try_from(r.poison).is_err() {
+        return Err(invalid(format!(
+            "unknown mode {} or poison policy {}",
+            r.mode, r.poison
+        )));
+    }
+    if r.ack_wait_ms > FEED_GROUP_ACK_WAIT_MS_MAX {
+        return Err(invalid(format!(
+            "ack_wait_ms {} is over FEED_GROUP_ACK_WAIT_MS_MAX ({FEED_GROUP_ACK_WAIT_MS_MAX}); \
+             a member that needs longer sends InProgress",
+            r.ack_wait_ms
+        )));
+    }
+    if r.max_deliver > FEED_GROUP_MAX_DELIVER_MAX {
+        return Err(invalid(format!(
+            "max_deliver {} is over FEED_GROUP_MAX_DELIVER_MAX ({FEED_GROUP_MAX_DELIVER_MAX})",
+            r.max_deliver
+        )));
+    }
+    let mut shard_keys = r.shard_keys.clone();
+    shard_keys.sort();
+    shard_keys.dedup();
+    let def = GroupDef {
+        group: r.group.clone(),
+        key_prefix: r.key_prefix.clone(),
+        mode: r.mode,
+        ack_wait_ms: match r.ack_wait_ms {
+            0 => FEED_GROUP_ACK_WAIT_MS_DEFAULT,
+            n => n,
+        },
+        max_deliver: match r.max_deliver {
+            0 => FEED_GROUP_MAX_DELIVER_DEFAULT,
+            n => n,
+        },
+        poison: r.poison,
+        shard_keys,
+    };
+    Ok((def, check_group_start(r.from, r.after_ts_ms)?))
+}
+
+/// Where a group starts (or is sought to): a time, else now or oldest (a snapshot is refused).
+pub fn check_group_start(from: i32, after_ts_ms: u64) -> Result<ordo_proto::v1::GroupStart> {
+    use ordo_proto::v1::group_start::At;
+    use ordo_proto::v1::watch_request::Start;
+    let at =
+        match (after_ts_ms, Start::try_from(from)) {
+            (ts, _) if ts > 0 => At::AfterTsMs(ts),
+            (_, Ok(Start::FromNow)) => At::Now(true),
+            (_, Ok(Start::FromOldest)) => At::Oldest(true),
+            (_, Ok(Start::FromSnapshot)) => return Err(invalid(
+                "FROM_SNAPSHOT: a consumer group delivers events, not items; start FROM_OLDEST \
+                 or FROM_NOW (or watch FROM_SNAPSHOT)"
+                    .into(),
+            )),
+            (_, Err(_)) => return Err(invalid(format!("unknown start {from}"))),
+        };
+    Ok(ordo_proto::v1::GroupStart { at: Some(at) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,10 +539,10 @@ mod tests {
         );
     }
 
-    /// A feed ack names a valid group, a shard key, and a delivery (seq and attempt from 1); a
-    /// 2PC part carrying one is refused (transactional acks are single-group for now).
+    /// A feed ack names a valid group, a shard key, and a delivery (seq and attempt from 1),
+    /// in a Txn as in a 2PC part.
     #[test]
-    fn feed_acks_are_checked_and_kept_out_of_2pc_parts() {
+    fn feed_acks_are_checked_in_txns_and_parts() {
         let ack = |group: &str, seq: u64, attempt: u32| TxnRequest {
             success: vec![
                 get_op(&b(1), &b(1)),
@@ -507,8 +569,7 @@ mod tests {
             let msg = check_txn(&t).unwrap_err().to_string();
             assert!(msg.contains(needle), "{msg:?} should mention {needle:?}");
         }
-        let e = check_part(&ack("billing", 1, 1)).unwrap_err();
-        assert!(matches!(e, Error::FailedPrecondition(_)), "{e}");
+        check_part(&ack("billing", 1, 1)).unwrap();
         check_part(&TxnRequest {
             success: vec![get_op(&b(1), &b(1))],
             ..Default::default()

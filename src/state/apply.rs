@@ -92,7 +92,7 @@ impl StateMachine {
         let moving = self.moving.read().unwrap();
         let pending = dedup::Pending::load(&self.data, batch, self.slot_count)?;
         let _w = self.view.write().unwrap();
-        let (applied, results, locks, aged, logs, last_ts, tips) = (&self.data, &self.sys)
+        let (applied, results, locks, aged, logs, last_ts, tips, notices) = (&self.data, &self.sys)
             .transaction(|(data, sys)| {
                 let mut last_ts = super::read_u64(sys.get(FEED_TS_KEY)?, "feed_ts")
                     .map_err(ConflictableTransactionError::Abort)?;
@@ -106,6 +106,7 @@ impl StateMachine {
                         locks: self.locks.load(Ordering::Relaxed),
                         aged: Vec::new(),
                         feed: feed::Writer::default(),
+                        notices: Vec::new(),
                     },
                     dedup: pending.clone(),
                     slot_count: self.slot_count,
@@ -140,7 +141,10 @@ impl StateMachine {
                     .finish_feed()
                     .map_err(ConflictableTransactionError::Abort)?;
                 let logs = view.log.finish()?;
-                Ok((applied, results, view.locks, view.aged, logs, last_ts, tips))
+                let notices = std::mem::take(&mut view.notices);
+                Ok((
+                    applied, results, view.locks, view.aged, logs, last_ts, tips, notices,
+                ))
             })
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Abort(e) => e,
@@ -155,6 +159,7 @@ impl StateMachine {
         for (slot, last_seq) in tips {
             self.feed_tips.set(slot, last_seq);
         }
+        self.group_notices.push(notices);
         self.lock_ages.record(aged);
         self.applied
             .store(batch[applied - 1].index, Ordering::Release);

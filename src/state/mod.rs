@@ -35,7 +35,7 @@ pub(crate) mod txn;
 pub use command::{shard_keys, Apply, Checkpoint, Command, Outcome};
 pub use dedup::Stamp;
 pub use feed::{Capture, Retention};
-pub use groups::GroupApplied;
+pub use groups::{GroupApplied, Notice as GroupNotice};
 use migrate::Moving;
 use ownership::load_ownership;
 pub use ownership::Ownership;
@@ -75,6 +75,8 @@ pub struct StateMachine {
     lock_ages: participant::LockAges,
     /// Where the config servers are (`CONFIG_ADDRS_KEY`).
     config_addrs: RwLock<Vec<String>>,
+    /// Consumer-group changes for the leader's dispatchers (`groups::Notices`).
+    group_notices: groups::Notices,
 }
 
 struct TxView<'a> {
@@ -91,6 +93,9 @@ struct TxView<'a> {
     aged: Vec<participant::AgeEvent>,
     /// The change feed's writes (`feed/`): every item change here is also an event.
     feed: feed::Writer,
+    /// What the commands so far did to consumer groups that their dispatchers did not ask for,
+    /// handed to them once the transaction commits (`groups::Notices`).
+    notices: Vec<groups::Notice>,
 }
 
 /// Verifies a stored value; a corrupt one is reported with this node's id, the tree and the key.
@@ -315,6 +320,7 @@ impl StateMachine {
                 locks: AtomicI64::new(locks),
                 lock_ages,
                 config_addrs,
+                group_notices: Default::default(),
             },
             interrupted_install,
         })
@@ -387,8 +393,7 @@ impl StateMachine {
         if self.locks.load(Ordering::Relaxed) == 0 {
             return Ok(());
         }
-        for (sk, k) in participant::items(t) {
-            let raw_key = keys::encode_key(ordo_proto::slot_of(sk, self.slot_count), sk, k);
+        for raw_key in participant::lock_data_keys(t, self.slot_count) {
             let lk = participant::lock_key(&raw_key);
             if let Some(raw) = self.data.get(&lk)? {
                 let lock = self.decode_lock(&lk, &raw)?;

@@ -23,8 +23,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ordo_proto::v1::{
-    txn_op, DecideRequest, Decision, FinishRequest, FinishResponse, ForgetRequest, PartResults,
-    PrepareRequest, PrepareResponse, TxnRequest,
+    txn_op, DecideRequest, Decision, FeedAckRequest, FinishRequest, FinishResponse, ForgetRequest,
+    PartResults, PrepareRequest, PrepareResponse, TxnOp, TxnRequest,
 };
 use prost::Message as _;
 use sled::transaction::ConflictableTransactionError;
@@ -278,8 +278,8 @@ pub fn items(t: &TxnRequest) -> Vec<(&[u8], &[u8])> {
             txn_op::Op::Get(g) => (g.shard_key.as_ref(), g.key.as_ref()),
             // An event, not an item: nothing to lock.
             txn_op::Op::Emit(_) => return None,
-            // A consumer group's state, not an item: no 2PC part carries one yet (validation
-            // refuses it in a prepare).
+            // A consumer group's state, not an item: its lock is on a pseudo item
+            // (`ack_data_key`, see `lock_data_keys`).
             txn_op::Op::FeedAck(_) => return None,
         })
     });
@@ -296,11 +296,59 @@ pub fn items(t: &TxnRequest) -> Vec<(&[u8], &[u8])> {
     out
 }
 
-/// The slots of a part's items, each once, in item order (a part has a copy in each).
+/// The transactional acks of both branches of `t`.
+pub fn feed_acks(t: &TxnRequest) -> impl Iterator<Item = &FeedAckRequest> {
+    t.success
+        .iter()
+        .chain(&t.failure)
+        .filter_map(|op| match &op.op {
+            Some(txn_op::Op::FeedAck(a)) => Some(a),
+            _ => None,
+        })
+}
+
+/// The shard key of the pseudo items that transactional acks lock (not a valid client shard
+/// key's prefix clash: a client item under it only shares the lock).
+const ACK_SHARD_KEY: &[u8] = b"\xfffeed-ack";
+
+/// The pseudo item a transactional ack of a prepared part locks: the event's delivery in its
+/// group, so no other ack of it (another Txn's, the dispatcher's flush) applies between the
+/// prepare and the finish.
+pub fn ack_data_key(group: &str, slot: u32, seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(group.len() + 9);
+    key.extend_from_slice(group.as_bytes());
+    key.push(b'/');
+    key.extend_from_slice(&seq.to_be_bytes());
+    keys::encode_key(slot, ACK_SHARD_KEY, &key)
+}
+
+/// The refusal of an ack of `(group, slot, seq)` while a prepared part holds its lock.
+pub(super) fn ack_lock(v: &TxView, group: &str, slot: u32, seq: u64) -> Result<Option<Error>> {
+    let data_key = ack_data_key(group, slot, seq);
+    let lk = lock_key(&data_key);
+    match v.data.get(&lk).map_err(super::tx_err)? {
+        Some(raw) => {
+            let lock = Lock::decode(&lk, &raw).map_err(untx)?;
+            Ok(Some(lock.refusal(&data_key, v.ages)))
+        }
+        None => Ok(None),
+    }
+}
+
+/// The data keys a transaction's locks are on: its items', then its transactional acks'.
+pub fn lock_data_keys(t: &TxnRequest, slot_count: u32) -> Vec<Vec<u8>> {
+    let items = items(t)
+        .into_iter()
+        .map(|(sk, k)| keys::encode_key(ordo_proto::slot_of(sk, slot_count), sk, k));
+    let acks = feed_acks(t).map(|a| ack_data_key(&a.group, a.slot, a.seq));
+    items.chain(acks).collect()
+}
+
+/// The slots of a part's items and acks, each once, in that order (a part has a copy in each).
 fn part_slots(part: &TxnRequest, slot_count: u32) -> Vec<u32> {
     let mut slots = Vec::new();
-    for (sk, _) in items(part) {
-        let s = ordo_proto::slot_of(sk, slot_count);
+    for data_key in lock_data_keys(part, slot_count) {
+        let s = slot_bytes(&data_key);
         if !slots.contains(&s) {
             slots.push(s);
         }
@@ -310,8 +358,7 @@ fn part_slots(part: &TxnRequest, slot_count: u32) -> Vec<u32> {
 
 /// Refuses (inner `Err(Locked)`) if an item of `t` is locked, other than by `own`'s write lock.
 pub(super) fn check_unlocked(v: &TxView, t: &TxnRequest, own: Option<&[u8]>) -> Tx<Result<()>> {
-    for (sk, k) in items(t) {
-        let data_key = keys::encode_key(ordo_proto::slot_of(sk, v.slot_count), sk, k);
+    for data_key in lock_data_keys(t, v.slot_count) {
         let lk = lock_key(&data_key);
         if let Some(raw) = v.data.get(&lk)? {
             let lock = Lock::decode(&lk, &raw)?;
@@ -435,10 +482,16 @@ pub(super) fn prepare(v: &mut TxView, p: &PrepareRequest) -> Tx<Result<PrepareRe
         // A retried prepare: the locks are ours already.
         return compares_held(v, &part, result_bytes).map(report);
     }
-    let data_keys: Vec<Vec<u8>> = items(&part)
-        .into_iter()
-        .map(|(sk, k)| keys::encode_key(ordo_proto::slot_of(sk, v.slot_count), sk, k))
-        .collect();
+    // An ack must be one that may apply now; its lock then keeps it so until the finish.
+    for ack in feed_acks(&part) {
+        if let Err(e) = v
+            .check_txn_ack(ack)
+            .map_err(ConflictableTransactionError::Abort)?
+        {
+            return Ok(Err(e));
+        }
+    }
+    let data_keys = lock_data_keys(&part, v.slot_count);
     let locked = if p.read_only {
         lock_for_reading(v, p, &data_keys, &slots)?
     } else {
@@ -604,6 +657,12 @@ pub(super) fn finish(
             ))))
         }
     };
+    // The decided branch's acks were checked at the prepare and locked since: they apply as
+    // they are (a redelivery meanwhile may have raised the attempt; the lock kept every other
+    // ack of the event out).
+    let (acks, ops): (Vec<TxnOp>, Vec<TxnOp>) = ops
+        .into_iter()
+        .partition(|op| matches!(op.op, Some(txn_op::Op::FeedAck(_))));
     let txn = TxnRequest {
         success: ops,
         ..Default::default()
@@ -624,8 +683,12 @@ pub(super) fn finish(
         }
     };
     v.feed.in_txn(None);
-    for (sk, k) in items(&part) {
-        let data_key = keys::encode_key(ordo_proto::slot_of(sk, v.slot_count), sk, k);
+    for op in &acks {
+        if let Some(txn_op::Op::FeedAck(a)) = &op.op {
+            v.apply_txn_ack(a).map_err(abort)?;
+        }
+    }
+    for data_key in lock_data_keys(&part, v.slot_count) {
         let lk = lock_key(&data_key);
         if let Some(raw) = v.data.get(&lk)? {
             let mut lock = Lock::decode(&lk, &raw)?;

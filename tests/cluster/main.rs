@@ -14,6 +14,7 @@ mod feed_faults;
 mod feed_moves;
 mod feed_watch;
 mod group;
+mod group_peer;
 mod membership;
 mod nemesis;
 mod ordoctl_feed;

@@ -210,6 +210,7 @@ async fn h4_a_failed_replica_refuses_everything_with_unavailable() {
         receiving_snapshot: Default::default(),
         membership: Default::default(),
         feed_readers: Default::default(),
+        groups: Default::default(),
         stop: p._stop.subscribe(),
     };
     let kv = crate::server::kv::KvService(Arc::new(handle));

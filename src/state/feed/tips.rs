@@ -59,13 +59,13 @@ impl Tips {
         self.epoch.fetch_add(1, Ordering::AcqRel);
     }
 
-    pub(super) fn last(&self, slot: u32) -> u64 {
+    pub(in crate::state) fn last(&self, slot: u32) -> u64 {
         self.last
             .get(slot as usize)
             .map_or(0, |t| t.load(Ordering::Acquire))
     }
 
-    pub(super) fn epoch(&self) -> u64 {
+    pub(in crate::state) fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
     }
 }

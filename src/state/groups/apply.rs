@@ -12,7 +12,7 @@ use ordo_proto::v1::{
     GroupPark, GroupRecord, GroupSkip, GroupSlotState, GroupUnpark, ParkedOrder,
 };
 
-use super::{attempt_of, delivery, is_done, mark_done, record_attempt, At};
+use super::{attempt_of, delivery, is_done, mark_done, record_attempt, At, Notice};
 use crate::error::{Error, Result};
 use crate::limits::{
     FEED_GROUPS_MAX, FEED_GROUP_BATCH_MAX, FEED_GROUP_DELIVERIES_MAX, FEED_GROUP_DONE_RANGES_MAX,
@@ -54,6 +54,7 @@ pub(in crate::state) fn apply(
             let mut names = v.group_names(slot)?;
             names.retain(|n| *n != d.group);
             v.put_group_names(slot, &names)?;
+            v.changed(&d.group, slot);
             v.delete_raw(slot, super::record_key(slot, &d.group))
         }),
         Some(Op::Seek(s)) => {
@@ -69,6 +70,7 @@ pub(in crate::state) fn apply(
                     horizon,
                     ..Default::default()
                 });
+                v.changed(&s.group, slot);
                 v.put_group_record(slot, &rec)
             })
         }
@@ -273,6 +275,7 @@ fn create(view: &mut TxView<'_>, ctx: &Ctx<'_>, c: &GroupCreate) -> Result<Resul
             }),
         };
         view.put_group_record(slot, &rec)?;
+        view.changed(&def.group, slot);
         let at = names.partition_point(|n| *n < def.group);
         names.insert(at, def.group.clone());
         view.put_group_names(slot, &names)?;
@@ -393,6 +396,10 @@ fn ack_one<'c>(
     }
     if is_done(s, a.seq) {
         return Ok(Ok(()));
+    }
+    // A prepared cross-group Txn acks it (or not) at its finish.
+    if let Some(e) = crate::state::participant::ack_lock(view, &a.group, a.slot, a.seq)? {
+        return Ok(Err(e));
     }
     // Within the bound before anything is written (a dead letter writes an item).
     if !mark_done(&mut s.clone(), a.seq, a.seq) {
@@ -615,12 +622,25 @@ impl TxView<'_> {
 
     /// Applies a transactional ack that `check_txn_ack` accepted in this transaction.
     pub(in crate::state) fn apply_txn_ack(&mut self, a: &FeedAckRequest) -> Result<()> {
+        // A 2PC part's ack was checked at its prepare: the group may be gone since.
         let Some(mut rec) = self.group_record(a.slot, &a.group)? else {
-            unreachable!("check_txn_ack found the group")
+            return Ok(());
         };
         if mark_done(state_of(&mut rec), a.seq, a.seq) {
             self.put_group_record(a.slot, &rec)?;
         }
+        self.notices.push(Notice::Acked {
+            group: a.group.clone(),
+            slot: a.slot,
+            seq: a.seq,
+        });
         Ok(())
+    }
+
+    fn changed(&mut self, group: &str, slot: u32) {
+        self.notices.push(Notice::Changed {
+            group: group.to_string(),
+            slot,
+        });
     }
 }

@@ -33,6 +33,46 @@ mod tests;
 pub use apply::GroupApplied;
 pub(super) use apply::{apply, Ctx};
 
+/// What an apply did to a consumer group that the leader's dispatcher did not ask for itself
+/// (its own acks, attempts, horizons, parks and unparks it learns from their outcomes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// The group's record in the slot was created, deleted, sought or expired: the dispatcher
+    /// reads the slot again.
+    Changed { group: String, slot: u32 },
+    /// A transactional ack (`TxnOp.feed_ack`) made event `seq` done.
+    Acked { group: String, slot: u32, seq: u64 },
+}
+
+/// Notices not yet taken, bounded: past `NOTICES_MAX` they are dropped and the taker is told
+/// to read everything again. Every replica applies, so followers' notices are taken (and
+/// dropped) too, by the node's group runner.
+#[derive(Default)]
+pub(crate) struct Notices(std::sync::Mutex<(Vec<Notice>, bool)>);
+
+/// Notices kept for the runner; a runner that fell this far behind reloads every group.
+const NOTICES_MAX: usize = 65_536;
+
+impl Notices {
+    pub(super) fn push(&self, mut notices: Vec<Notice>) {
+        if notices.is_empty() {
+            return;
+        }
+        let mut inner = self.0.lock().unwrap();
+        if inner.0.len() + notices.len() > NOTICES_MAX {
+            inner.0.clear();
+            inner.1 = true;
+        } else {
+            inner.0.append(&mut notices);
+        }
+    }
+
+    /// The notices since the last take, and whether some were dropped (then reload all).
+    fn take(&self) -> (Vec<Notice>, bool) {
+        std::mem::take(&mut *self.0.lock().unwrap())
+    }
+}
+
 /// The reserved-range kind of consumer-group records.
 const KIND: u8 = b'g';
 
@@ -246,12 +286,29 @@ impl TxView<'_> {
             state.expired = true;
             advance_to(state, first_seq - 1);
             self.put_group_record(slot, &rec)?;
+            self.notices.push(Notice::Changed { group: name, slot });
         }
         Ok(())
     }
 }
 
 impl StateMachine {
+    /// What applies did to consumer groups since the last call (`Notice`), and whether some
+    /// were dropped for the bound (the caller then reads every group again).
+    pub fn take_group_notices(&self) -> (Vec<Notice>, bool) {
+        self.group_notices.take()
+    }
+
+    /// `slot`'s last seq as the last apply left it (in memory, no read).
+    pub fn feed_last_seq(&self, slot: u32) -> u64 {
+        self.feed_tips.last(slot)
+    }
+
+    /// Moves whenever ownership, a fence or the whole state changed (`feed::Tips`).
+    pub fn feed_epoch(&self) -> u64 {
+        self.feed_tips.epoch()
+    }
+
     /// `group`'s record in `slot`, as applied.
     pub fn group_record(&self, slot: u32, group: &str) -> Result<Option<GroupRecord>> {
         let _r = self.read_guard();

@@ -13,6 +13,7 @@ use ordo_proto::v1::{
     GroupDeliveries, GroupDelivery, GroupPark, GroupRecord, GroupSeek, GroupSkip, GroupSlotState,
     GroupStart, GroupUnpark, MigrateIngestRequest, MigrateStep, SeqRange, TxnOp,
 };
+use ordo_proto::v1::{Decision, FinishRequest, PrepareRequest};
 use proptest::prelude::*;
 
 use super::GroupApplied;
@@ -487,6 +488,74 @@ fn a_txn_of_a_put_and_a_feed_ack_applies_both_or_neither() {
         .unwrap_err();
     assert!(e.to_string().contains("not in slot"), "{e}");
     assert_eq!(s.sm.digest().unwrap(), digest);
+}
+
+fn prepare(id: u8, ops: Vec<TxnOp>) -> Command {
+    Command::Prepare(PrepareRequest {
+        txn_id: vec![id; 16].into(),
+        primary_shard_key: b("o"),
+        part: Some(txn(ops)),
+        ..Default::default()
+    })
+}
+
+fn finish(id: u8, d: Decision) -> Command {
+    Command::Finish(FinishRequest {
+        txn_id: vec![id; 16].into(),
+        shard_key: b("o"),
+        decision: d as i32,
+        ..Default::default()
+    })
+}
+
+/// A cross-group Txn's part with a feed ack (the ack in the event's group, the read model
+/// elsewhere) checks the ack at its prepare and holds it locked until its finish: meanwhile a
+/// single-group Txn acking the event and the dispatcher's flush are refused, so the event is
+/// processed once; the finish of a commit makes it done, an abort leaves it to be delivered again.
+#[test]
+fn a_prepared_part_holds_its_feed_ack_until_the_finish() {
+    let mut s = Sm::new();
+    let o = slot("o");
+    events(&mut s, "o", 2);
+    applied(&mut s, create(def(G), StartAt::Oldest(true)));
+    match s.run(prepare(1, vec![feed_ack("o", 1, 1)])) {
+        Ok(Outcome::Prepared(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    let digest = s.sm.digest().unwrap();
+    let other = Command::Txn(txn(vec![put("o", "read-model", "1"), feed_ack("o", 1, 1)]));
+    let e = s.run(other).unwrap_err();
+    assert!(e.to_string().contains("lock"), "{e}");
+    let flushed = applied(&mut s, acks(vec![ack(o, 1, 1)]));
+    assert_eq!(
+        flushed.refused.len(),
+        1,
+        "the flush's ack waits for the finish"
+    );
+    assert_eq!(s.sm.digest().unwrap(), digest, "neither changed anything");
+    // A redelivery meanwhile raises the attempt; the prepared ack still applies at the finish.
+    applied(&mut s, deliver(o, 1, 2));
+    match s.run(finish(1, Decision::RunSuccess)) {
+        Ok(Outcome::Finished(f)) => assert!(f.found),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(state(&s.sm, o).committed_seq, 1);
+    match s.run(prepare(2, vec![feed_ack("o", 1, 2)])) {
+        Err(Error::StaleDelivery {
+            current_attempt: 0, ..
+        }) => {}
+        other => panic!("a prepare of a done event's ack is refused: {other:?}"),
+    }
+    // An aborted part leaves its event as it was, and unlocked.
+    match s.run(prepare(3, vec![feed_ack("o", 2, 1)])) {
+        Ok(Outcome::Prepared(_)) => {}
+        other => panic!("{other:?}"),
+    }
+    s.run(finish(3, Decision::Abort)).unwrap();
+    assert_eq!(state(&s.sm, o).committed_seq, 1);
+    let flushed = applied(&mut s, acks(vec![ack(o, 2, 1)]));
+    assert!(flushed.refused.is_empty(), "{:?}", flushed.refused);
+    assert_eq!(state(&s.sm, o).committed_seq, 2);
 }
 
 /// Parking records the order at its event and attempts; unpark releases it and records the

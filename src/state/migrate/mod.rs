@@ -515,6 +515,7 @@ impl StateMachine {
                     locks: 0,
                     aged: Vec::new(),
                     feed: Default::default(),
+                    notices: Vec::new(),
                 };
                 view.log.at_index(index);
                 for &slot in &out.slots {
