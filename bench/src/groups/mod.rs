@@ -449,6 +449,9 @@ impl Run<'_> {
         }
         let (written, write_errors) = self.write_live(start, &tally).await;
         let delivered = tally.delivered.drain().await;
+        if delivered.missing > 0 {
+            self.explain_missing(delivered.missing).await;
+        }
         let ack_applied = match self.args.ack {
             AckMode::Txn => Some(tally.applied.drain().await),
             AckMode::Plain => None,
@@ -464,6 +467,26 @@ impl Run<'_> {
             ack_applied,
             counts: tally.counts(),
         })
+    }
+
+    /// Says on stderr where the group stands when writes' events never arrived: the slots with
+    /// lag or deliveries in flight (a bench finding, not a bench failure).
+    async fn explain_missing(&self, missing: u64) {
+        let g = match self.client.describe_group(self.group).await {
+            Ok(g) => g,
+            Err(s) => return eprintln!("{missing} events never delivered; describe failed: {s}"),
+        };
+        eprintln!(
+            "{missing} events never delivered within the drain; group {} lags {} events, {} \
+             pending, {} parked",
+            self.group, g.lag_events, g.pending, g.parked
+        );
+        for s in g.slots.iter().filter(|s| s.lag_events > 0 || s.pending > 0) {
+            eprintln!(
+                "  slot {}: committed {} lag {} ({} ms) pending {} redeliveries {}",
+                s.slot, s.committed_seq, s.lag_events, s.lag_ms, s.pending, s.redeliveries
+            );
+        }
     }
 
     /// Open loop: put `i` is due `i / rate` after `start`, for warm-up + duration; each

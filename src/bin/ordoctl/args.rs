@@ -120,9 +120,10 @@ Example:
 pub(crate) enum FeedCommand {
     /// Every consumer group with its totals.
     Groups,
-    /// One group: its definition, then per slot the committed seq, lag (events and time),
-    /// pending deliveries, redeliveries, parked orders and whether retention expired it.
-    Describe(FeedGroupArgs),
+    /// One group: its definition and totals, then per slot the committed seq, lag (events and
+    /// time), pending deliveries, redeliveries, parked orders and whether retention expired it
+    /// (slots with nothing waiting are counted, not listed, unless --all-slots).
+    Describe(FeedDescribeArgs),
     /// Create a durable consumer group (the same definition again changes nothing).
     Create(FeedCreateArgs),
     /// Delete a group's state from every slot (its members' streams end).
@@ -139,6 +140,16 @@ pub(crate) struct FeedGroupArgs {
     /// The group's name.
     #[arg(value_name = "GROUP")]
     pub(crate) group: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct FeedDescribeArgs {
+    /// The group's name.
+    #[arg(value_name = "GROUP")]
+    pub(crate) group: String,
+    /// List every slot, also those with nothing waiting (--json always lists every slot).
+    #[arg(long)]
+    pub(crate) all_slots: bool,
 }
 
 /// How a group hands events to its members (`--mode`).

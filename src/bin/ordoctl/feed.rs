@@ -9,7 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use ordo::proto::v1::watch_request::Start;
 use ordo::proto::v1::{
-    ConsumerGroup, CreateGroupRequest, Mode, PoisonPolicy, SeekGroupRequest, UnparkRequest,
+    ConsumerGroup, CreateGroupRequest, GroupSlot, Mode, PoisonPolicy, SeekGroupRequest,
+    UnparkRequest,
 };
 use ordo_proto::{check_group_name, FEED_SHARD_KEYS_MAX};
 
@@ -31,7 +32,7 @@ pub(crate) async fn feed(ep: &Endpoints, c: FeedCommand, json: bool) -> Result<(
         }
         FeedCommand::Describe(a) => {
             let g = client(&a.group)?.describe_group(&a.group).await?;
-            render_group(&g, json)
+            render_group_slots(&g, a.all_slots, json)
         }
         FeedCommand::Create(a) => {
             let req = create_request(a).map_err(anyhow::Error::msg)?;
@@ -126,9 +127,26 @@ fn ms_text(ms: u64) -> String {
     humantime::format_duration(Duration::from_millis(ms)).to_string()
 }
 
-/// What `feed describe|create|seek|unpark` print: a header line with the definition, a line of
-/// totals, one row per slot, then the parked orders.
+/// What `feed create|seek|unpark` print: [`render_group_slots`] without the quiet slots.
 pub(crate) fn render_group(g: &ConsumerGroup, json: bool) -> String {
+    render_group_slots(g, false, json)
+}
+
+/// Whether a slot has anything to show beyond its committed seq: events after it, deliveries in
+/// flight, parked orders, expiry.
+fn slot_is_quiet(s: &GroupSlot) -> bool {
+    s.lag_events == 0
+        && s.acked_above == 0
+        && s.pending == 0
+        && s.redeliveries == 0
+        && s.parked.is_empty()
+        && !s.expired
+}
+
+/// What `feed describe` prints: a header line with the definition, a line of totals, one row
+/// per slot (per slot with something waiting unless `all_slots`: a cluster has thousands), then
+/// the parked orders. `--json` lists every slot.
+pub(crate) fn render_group_slots(g: &ConsumerGroup, all_slots: bool, json: bool) -> String {
     if json {
         return json::consumer_group(g);
     }
@@ -170,7 +188,12 @@ pub(crate) fn render_group(g: &ConsumerGroup, json: bool) -> String {
     ]
     .map(String::from)
     .to_vec()];
-    for s in &g.slots {
+    let shown: Vec<&GroupSlot> = g
+        .slots
+        .iter()
+        .filter(|s| all_slots || !slot_is_quiet(s))
+        .collect();
+    for s in &shown {
         rows.push(vec![
             s.slot.to_string(),
             s.committed_seq.to_string(),
@@ -183,7 +206,18 @@ pub(crate) fn render_group(g: &ConsumerGroup, json: bool) -> String {
             if s.expired { "yes" } else { "" }.to_string(),
         ]);
     }
-    out += &align(&rows).join("\n");
+    if shown.is_empty() {
+        out += "every slot is caught up";
+    } else {
+        out += &align(&rows).join("\n");
+    }
+    let quiet = g.slots.len() - shown.len();
+    if quiet > 0 {
+        out += &format!(
+            "\n{quiet} more slot{} with nothing waiting (--all-slots lists them)",
+            if quiet == 1 { "" } else { "s" }
+        );
+    }
     let parked: Vec<Vec<String>> = g
         .slots
         .iter()
@@ -263,7 +297,7 @@ pub(crate) fn render_deleted(deleted: bool, json: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ordo::proto::v1::{GroupSlot, ParkedOrder};
+    use ordo::proto::v1::ParkedOrder;
 
     fn sample_group() -> ConsumerGroup {
         ConsumerGroup {
@@ -324,6 +358,35 @@ mod tests {
              parked orders (`feed unpark <group> <shard-key>` releases one):\n\
              slot  shard-key   seq  attempts\n\
              3     'order 17'  45   5"
+        );
+    }
+
+    #[test]
+    fn quiet_slots_are_counted_unless_all_are_asked_for() {
+        let mut g = sample_group();
+        g.slots.push(GroupSlot {
+            slot: 7,
+            committed_seq: 9,
+            ..GroupSlot::default()
+        });
+        let text = render_group(&g, false);
+        assert!(!text.contains("\n7 "), "{text}");
+        assert!(
+            text.contains("\n3     44 ") && text.contains("\n1 more slot with nothing waiting"),
+            "{text}"
+        );
+        let all = render_group_slots(&g, true, false);
+        assert!(
+            all.contains("\n7     9          0            0    0s"),
+            "{all}"
+        );
+        assert!(!all.contains("more slot"), "{all}");
+        g.slots = vec![g.slots[2].clone(), g.slots[2].clone()];
+        g.slots[1].slot = 8;
+        let caught_up = render_group(&g, false);
+        assert!(
+            caught_up.contains("every slot is caught up\n2 more slots with nothing waiting"),
+            "{caught_up}"
         );
     }
 
