@@ -6,7 +6,10 @@
 # background load hits both alike). Each run gets its own `ordo playground` process (3 groups x 3
 # replicas + 3 config + router), whose CPU the bench reads (--server-pids).
 #
-#   bench/groups.sh [OUT]     # PARTS="backlog live" narrows it
+#   bench/groups.sh [OUT]     # PARTS="backlog live jetstream" narrows it
+#
+# jetstream: the backlog test on NATS JetStream (bench/nats.sh, `ordo-bench --features nats`),
+# pull consumers sharing one durable consumer; the default PARTS leave it out.
 #
 # Knobs: REPS (2), MEMBERS (1,4,16), EVENTS (20000), SHARD_KEYS (1000), CREDITS (64), RATE (the
 # live phase's writes/s: 200), DURATION (10s), WARMUP (2s), ACKS ("plain txn").
@@ -28,7 +31,11 @@ PORT=${PORT:-19100}
 mkdir -p "$OUT"
 
 cargo build --release --quiet -p ordo --bin ordo
-cargo build --release --quiet -p ordo-bench
+if [[ " $PARTS " == *" jetstream "* ]]; then
+    cargo build --release --quiet -p ordo-bench --features nats
+else
+    cargo build --release --quiet -p ordo-bench
+fi
 BENCH=${CARGO_TARGET_DIR:-target}/release/ordo-bench
 ORDO=${CARGO_TARGET_DIR:-target}/release/ordo
 
@@ -70,20 +77,37 @@ bench() {
     grep -E '^groups ' "$OUT/$name.txt" >&2 || true
 }
 
-for part in $PARTS; do
-    for rep in $(seq 1 "$REPS"); do
-        for ack in $ACKS; do
-            case $part in
-                backlog)
-                    bench "backlog-$ack-$rep" --phase backlog --ack "$ack" --events "$EVENTS" ;;
-                live)
+# jetstream <name>: the backlog test on a fresh 3-node NATS JetStream cluster (bench/nats.sh).
+jetstream() {
+    local name=$1
+    stop_playground
+    NATS_BENCH_DIR="$OUT/nats" bench/nats.sh start >/dev/null
+    local cmd="$BENCH jetstream -s $(bench/nats.sh urls) --server-pids $(bench/nats.sh pids) \
+--members $MEMBERS --events $EVENTS --subjects $SHARD_KEYS --credits $CREDITS --json $OUT/$name.json"
+    echo "+ $cmd" | tee -a "$OUT/commands.txt" >&2
+    $cmd >"$OUT/$name.txt" 2>&1 || { cat "$OUT/$name.txt" >&2; bench/nats.sh stop; exit 1; }
+    bench/nats.sh stop 2>/dev/null
+    grep -E '^jetstream ' "$OUT/$name.txt" >&2 || true
+}
+
+# Repetitions outermost, so that every part and ack mode of one repetition runs close in time.
+for rep in $(seq 1 "$REPS"); do
+    for part in $PARTS; do
+        case $part in
+            backlog)
+                for ack in $ACKS; do
+                    bench "backlog-$ack-$rep" --phase backlog --ack "$ack" --events "$EVENTS"
+                done ;;
+            live)
+                for ack in $ACKS; do
                     bench "live-$ack-$rep" --phase live --ack "$ack" --rate "$RATE" \
-                        --duration "$DURATION" --warmup "$WARMUP" ;;
-                *) echo "unknown part $part" >&2; exit 1 ;;
-            esac
-        done
+                        --duration "$DURATION" --warmup "$WARMUP"
+                done ;;
+            jetstream) jetstream "jetstream-$rep" ;;
+            *) echo "unknown part $part" >&2; exit 1 ;;
+        esac
     done
 done
 stop_playground
-grep -h '^groups ' "$OUT"/*.txt | tee "$OUT/summary.txt"
+grep -h '^groups \|^jetstream ' "$OUT"/*.txt | tee "$OUT/summary.txt"
 echo "reports in $OUT" >&2
