@@ -396,6 +396,9 @@ impl<'a> Attempt<'a> {
                 }
                 AttemptFailed::Retry(format!("an item is locked: {}", refusal.message()))
             }
+            // A transactional ack of a delivery that is done or superseded: no attempt can
+            // apply it, the consumer must learn so (its writes were for that delivery).
+            Some(error_detail::Kind::StaleDelivery(_)) => AttemptFailed::Fail(refusal),
             _ if ordo_proto::certainly_not_applied(&refusal)
                 || refusal.code() == tonic::Code::FailedPrecondition =>
             {

@@ -74,8 +74,10 @@ mod retry;
 
 pub use coordinator::Failpoint;
 pub use feed::{
-    FEED_CURSOR_BYTES_MAX, FEED_MOVE_WAIT_MAX, FEED_REOPEN_WITHIN, FEED_RESPONSE_BYTES_MAX,
-    FEED_RESPONSE_EVENTS_MAX, FEED_SHARD_KEYS_MAX, FEED_WATCHES_MAX,
+    FEED_CURSOR_BYTES_MAX, FEED_GROUP_KEY_PREFIX_BYTES_MAX, FEED_GROUP_ROUNDS_MAX,
+    FEED_GROUP_SHARD_KEY_BYTES_MAX, FEED_JOIN_WAIT, FEED_MEMBERS_MAX, FEED_MOVE_WAIT_MAX,
+    FEED_RECLAIM_EVERY, FEED_REOPEN_WITHIN, FEED_RESPONSE_BYTES_MAX, FEED_RESPONSE_EVENTS_MAX,
+    FEED_SHARD_KEYS_MAX, FEED_WATCHES_MAX,
 };
 
 use std::net::SocketAddr;
@@ -173,6 +175,8 @@ pub(crate) struct Shared {
     pub(crate) clock_offset_ms: i64,
     /// One permit per open `Feed.Watch` (`FEED_WATCHES_MAX`).
     pub(crate) feed_watches: Arc<tokio::sync::Semaphore>,
+    /// One permit per open `Feed.Consume` (`FEED_MEMBERS_MAX`).
+    pub(crate) feed_members: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -193,6 +197,7 @@ impl Shared {
             twopc_failpoint: opts.twopc_failpoint,
             clock_offset_ms: opts.clock_offset_ms,
             feed_watches: feed::watch_permits(),
+            feed_members: feed::member_permits(),
         })
     }
 

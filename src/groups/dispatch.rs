@@ -121,8 +121,15 @@ pub enum Persist {
         done: Vec<Done>,
         skips: Vec<(u64, u64)>,
     },
-    /// A redelivery's attempt, before it is sent.
-    DeliveryCount { slot: u32, seq: u64, attempt: u32 },
+    /// A redelivery's attempt, before it is sent. Attempts up to `base` do not count toward
+    /// `max_deliver` (those before an unpark, and one per leader that fenced the event: a fence
+    /// is not a delivery).
+    DeliveryCount {
+        slot: u32,
+        seq: u64,
+        attempt: u32,
+        base: u32,
+    },
     /// Events up to `seq` may be delivered a first time.
     Horizon { slot: u32, seq: u64 },
     /// `shard_key` is parked at its event `seq` (under `SLOT_EXCLUSIVE` several of a key's
@@ -255,8 +262,15 @@ impl Dispatcher {
 
     /// The reads the dispatcher wants now: one per slot with room for more events.
     pub fn wants(&self) -> Vec<Want> {
+        self.wants_if(|_, _| true)
+    }
+
+    /// The reads it wants of the slots where `worth(slot, after_seq)` (say, the slot's log goes
+    /// past `after_seq`).
+    pub fn wants_if(&self, worth: impl Fn(u32, u64) -> bool) -> Vec<Want> {
         self.slots
             .iter()
+            .filter(|(&slot, s)| worth(slot, s.read_to()))
             .filter_map(|(&slot, s)| {
                 let (after_seq, events_max, bytes_max) = s.room()?;
                 Some(Want {
@@ -445,6 +459,7 @@ impl Dispatcher {
                     slot,
                     seq,
                     attempt: attempt + 1,
+                    base: attempt,
                 });
             }
         }
@@ -455,7 +470,9 @@ impl Dispatcher {
     /// `p` (from `take_persist`) was applied.
     pub fn persisted(&mut self, p: &Persist) {
         match p {
-            Persist::DeliveryCount { slot, seq, attempt } => {
+            Persist::DeliveryCount {
+                slot, seq, attempt, ..
+            } => {
                 let Some(e) = self
                     .slots
                     .get_mut(slot)
@@ -678,6 +695,7 @@ impl Dispatcher {
                 slot,
                 seq,
                 attempt: attempt + 1,
+                base: e.base,
             };
             self.outbox.push(p);
             return;

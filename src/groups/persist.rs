@@ -69,11 +69,17 @@ fn command(run: &[(String, Persist)]) -> GroupCommand {
                     last_seq,
                 }));
             }
-            &Persist::DeliveryCount { slot, seq, attempt } => deliveries.push(GroupDelivery {
+            &Persist::DeliveryCount {
+                slot,
+                seq,
+                attempt,
+                base,
+            } => deliveries.push(GroupDelivery {
                 group,
                 slot,
                 seq,
                 attempt,
+                base,
             }),
             &Persist::Horizon { slot, seq } => horizons.push(GroupHorizon { group, slot, seq }),
             Persist::Park {

@@ -258,7 +258,13 @@ struct Runner {
     flushed_tx: mpsc::Sender<Flushed>,
     /// Unparks waiting for their release to be applied.
     unparks: Vec<(String, u32, Bytes, oneshot::Sender<Result<()>>)>,
+    /// Slots to read again from the applied state once due (`(at, group, slot)`): a flush that
+    /// failed (a fence, a lost leadership) is not retried at raft speed.
+    reloads: Vec<(u64, String, u32)>,
 }
+
+/// How long a slot whose flush failed waits before it is read again.
+const RELOAD_AFTER_FAILURE_MS: u64 = 100;
 
 /// Runs the groups of `replica` until it stops.
 pub async fn run(replica: Arc<ReplicaHandle>, mut calls: mpsc::Receiver<Call>) {
@@ -277,6 +283,7 @@ pub async fn run(replica: Arc<ReplicaHandle>, mut calls: mpsc::Receiver<Call>) {
         last_flush: 0,
         flushed_tx,
         unparks: Vec::new(),
+        reloads: Vec::new(),
     };
     loop {
         let wake = r.next_wake();
@@ -305,7 +312,9 @@ impl Runner {
 
     fn next_wake(&self) -> Duration {
         let now = self.now();
-        let timer = self.runs.values().filter_map(|r| r.d.next_timer()).min();
+        let reload = self.reloads.iter().map(|r| r.0).min();
+        let timer = self.runs.values().filter_map(|r| r.d.next_timer());
+        let timer = timer.chain(reload).min();
         let at = timer.map_or(now + FEED_GROUP_ACK_FLUSH_MS, |t| {
             t.min(now + FEED_GROUP_ACK_FLUSH_MS)
         });
@@ -349,9 +358,25 @@ impl Runner {
             );
         }
         let now = self.now();
+        self.reload_due(now);
         self.read();
         self.deliver(now);
         self.flush(now);
+    }
+
+    fn reload_due(&mut self, now: u64) {
+        let (due, later) = std::mem::take(&mut self.reloads)
+            .into_iter()
+            .partition(|(at, ..)| *at <= now);
+        self.reloads = later;
+        let mut due: Vec<(String, u32)> = due.into_iter().map(|(_, g, s)| (g, s)).collect();
+        due.sort();
+        due.dedup();
+        for (group, slot) in due {
+            if let Err(e) = self.reload(&group, slot) {
+                tracing::warn!(group = %group, slot, "consumer groups: reloading failed: {e}");
+            }
+        }
     }
 
     /// Ends every member's stream (`NotLeader`) and forgets every group: a later term loads
@@ -365,6 +390,7 @@ impl Runner {
             let _ = c.out.try_send(Err(status.clone()));
         }
         self.runs.clear();
+        self.reloads.clear();
         for (_, _, _, reply) in self.unparks.drain(..) {
             let _ = reply.send(Err(self.replica.not_leader_error(why)));
         }
@@ -598,10 +624,12 @@ impl Runner {
         run.d.add_slot(slot, slot_state(rec));
     }
 
-    /// Reads `slot` of `group` again from the applied state.
+    /// Reads `slot` of `group` again from the applied state (what was in flight there goes
+    /// again; an unpark waiting on the slot is told to retry).
     fn reload(&mut self, group: &str, slot: u32) -> Result<()> {
         let sm = &self.replica.sm;
-        let rec = match sm.ownership().owns(slot) {
+        let owned = sm.ownership().owns(slot);
+        let rec = match owned {
             true => sm.group_record(slot, group)?,
             false => None,
         };
@@ -609,9 +637,19 @@ impl Runner {
             run.d.remove_slot(slot);
             run.keys.remove(&slot);
         }
+        let (gone, kept) = std::mem::take(&mut self.unparks)
+            .into_iter()
+            .partition(|(g, s, ..)| g == group && *s == slot);
+        self.unparks = kept;
+        for (.., reply) in gone {
+            let why = format!("slot {slot} was read again before the release was applied; retry");
+            let _ = reply.send(Err(Error::Unavailable(why)));
+        }
         match rec {
             Some(rec) => self.add_slot(group, slot, &rec),
-            None => self.maybe_deleted(group),
+            // Owned without the record: the group was deleted here.
+            None if owned => self.maybe_deleted(group),
+            None => {}
         }
         Ok(())
     }
@@ -663,10 +701,10 @@ impl Runner {
                 .def
                 .as_ref()
                 .map_or(Bytes::new(), |d| d.key_prefix.clone());
-            for want in run.d.wants() {
-                if sm.feed_last_seq(want.slot) <= want.after_seq {
-                    continue;
-                }
+            for want in run
+                .d
+                .wants_if(|slot, read_to| sm.feed_last_seq(slot) > read_to)
+            {
                 let keys = run.keys.get(&want.slot).map_or(&[][..], |k| &k[..]);
                 let filter = Filter {
                     shard_keys: keys,
@@ -769,7 +807,7 @@ impl Runner {
         if self.active != Some(f.term) {
             return;
         }
-        let mut reload = Vec::new();
+        let at = self.now() + RELOAD_AFTER_FAILURE_MS;
         for (group, p, ok) in f.done {
             if let Persist::Unpark { slot, shard_key } = &p {
                 let at = self
@@ -788,15 +826,8 @@ impl Runner {
             }
             match (ok, self.runs.get_mut(&group)) {
                 (true, Some(run)) => run.d.persisted(&p),
-                (false, _) => reload.push((group, p.slot())),
+                (false, _) => self.reloads.push((at, group, p.slot())),
                 (true, None) => {}
-            }
-        }
-        reload.sort();
-        reload.dedup();
-        for (group, slot) in reload {
-            if let Err(e) = self.reload(&group, slot) {
-                tracing::warn!(group = %group, slot, "consumer groups: reloading failed: {e}");
             }
         }
     }

@@ -145,6 +145,11 @@ impl Slot {
         slot
     }
 
+    /// The log was read through it.
+    pub(super) fn read_to(&self) -> u64 {
+        self.read_to
+    }
+
     /// How many more events (and bytes) the slot takes, and after which seq: `None` when it
     /// holds its bound already.
     pub(super) fn room(&self) -> Option<(u64, usize, usize)> {
@@ -186,16 +191,19 @@ impl Slot {
         let seq = event.seq;
         let key = event.shard_key.clone();
         let count = self.counts.remove(&seq);
-        let base = count.map_or(0, |c| c.base);
+        let mut base = count.map_or(0, |c| c.base);
         let state = if seq <= self.resumed_horizon {
             let attempt = count.map_or(1, |c| c.attempt);
             if self.parked_at.remove(&seq) {
                 State::Parked { attempt }
             } else {
+                // A fence, not a delivery: it uses up no attempt of `max_deliver`.
+                base += 1;
                 out.push(Persist::DeliveryCount {
                     slot: self.id,
                     seq,
                     attempt: attempt + 1,
+                    base,
                 });
                 State::Persisting {
                     attempt: attempt + 1,

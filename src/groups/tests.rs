@@ -158,6 +158,7 @@ fn an_ack_of_a_superseded_attempt_is_refused_and_changes_nothing() {
         slot: 0,
         seq: 1,
         attempt: 2,
+        base: 0,
     };
     assert_eq!(d.take_persist(), vec![count.clone()]);
     assert!(d.poll(WAIT).is_empty());
@@ -304,7 +305,8 @@ fn max_deliver_parks_the_key_while_others_flow_and_unpark_resumes_it_in_sequence
         Persist::DeliveryCount {
             slot: 0,
             seq: 1,
-            attempt: 3
+            attempt: 3,
+            base: 2
         }
     );
     let out = d.poll(0);
@@ -437,6 +439,7 @@ fn the_committed_seq_moves_over_filtered_out_seqs_and_stops_at_the_first_not_don
         slot: 0,
         seq: 2,
         attempt: 2,
+        base: 1,
     };
     assert_eq!(persist(&mut d), vec![fence], "done seqs skipped again");
     let out = d.poll(0);
@@ -463,6 +466,7 @@ fn a_new_leader_fences_every_event_the_old_one_may_have_sent() {
             slot: 0,
             seq,
             attempt: 2,
+            base: 1,
         })
         .into();
     assert_eq!(d.take_persist(), fences);

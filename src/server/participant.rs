@@ -67,7 +67,7 @@ impl Participant for ParticipantService {
             .as_ref()
             .ok_or_else(|| Error::InvalidArgument("prepare without a part".into()))?;
         validate::check_part(part)?;
-        if crate::state::participant::items(part).is_empty() {
+        if crate::state::participant::lock_data_keys(part, self.0.sm.slot_count()).is_empty() {
             return Err(Error::InvalidArgument("the part names no item".into()).into());
         }
         for sk in crate::state::shard_keys(part) {

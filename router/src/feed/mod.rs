@@ -7,7 +7,11 @@
 //! stream has taken every response of the previous one, so a slow client holds the nodes back
 //! (they keep a position, not a buffer) and the router holds at most one page per group.
 
+mod consume;
+mod credits;
 mod cursor;
+mod groups;
+mod link;
 mod watch;
 
 use std::pin::Pin;
@@ -25,6 +29,7 @@ use ordo_proto::v1::{
     ListGroupsResponse, SeekGroupRequest, UnparkRequest, WatchRequest, WatchResponse,
 };
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::forward::not_initialized;
@@ -48,9 +53,24 @@ pub const FEED_REOPEN_WITHIN: Duration = Duration::from_secs(30);
 /// Longest a watch waits for a map naming the new owner of a slot its old owner reported moved.
 pub const FEED_MOVE_WAIT_MAX: Duration = Duration::from_secs(30);
 
+/// Most `Consume` streams (consumer-group members) one router serves at once: each holds a
+/// stream per shard group and a few bounded queues. Past it a new member is
+/// `RESOURCE_EXHAUSTED`.
+pub const FEED_MEMBERS_MAX: usize = 1024;
+pub use consume::FEED_JOIN_WAIT;
+pub use credits::RECLAIM_EVERY as FEED_RECLAIM_EVERY;
+pub use groups::{
+    FEED_GROUP_KEY_PREFIX_BYTES_MAX, FEED_GROUP_ROUNDS_MAX, FEED_GROUP_SHARD_KEY_BYTES_MAX,
+};
+
 /// The router's watch permits.
 pub(crate) fn watch_permits() -> Arc<Semaphore> {
     Arc::new(Semaphore::new(FEED_WATCHES_MAX))
+}
+
+/// The router's member permits.
+pub(crate) fn member_permits() -> Arc<Semaphore> {
+    Arc::new(Semaphore::new(FEED_MEMBERS_MAX))
 }
 
 pub(crate) struct FeedService(pub(crate) Arc<Shared>);
@@ -58,13 +78,9 @@ pub(crate) struct FeedService(pub(crate) Arc<Shared>);
 type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchResponse, Status>> + Send>>;
 type ConsumeStream = Pin<Box<dyn Stream<Item = Result<ConsumeResponse, Status>> + Send>>;
 
-/// The answer of a consumer-group RPC (issue 14) until its handler is wired: the contract is
-/// defined, the nodes' state is being built, the router does not serve it yet.
-fn not_served_yet(rpc: &str) -> Status {
-    Status::unimplemented(format!(
-        "Feed.{rpc}: consumer groups are not served by this router yet (issue 14: the contract \
-         is defined, the handler is not wired)"
-    ))
+/// When a group RPC must have answered: the client's deadline, bounded as every request's.
+fn deadline_of<T>(r: &Request<T>) -> Instant {
+    Instant::now() + crate::deadline::budget(r.metadata())
 }
 
 #[tonic::async_trait]
@@ -97,48 +113,73 @@ impl Feed for FeedService {
 
     async fn create_group(
         &self,
-        _: Request<CreateGroupRequest>,
+        r: Request<CreateGroupRequest>,
     ) -> Result<Response<ConsumerGroup>, Status> {
-        Err(not_served_yet("CreateGroup"))
+        let deadline = deadline_of(&r);
+        let group = groups::create(&self.0, r.into_inner(), deadline).await?;
+        Ok(Response::new(group))
     }
 
     async fn describe_group(
         &self,
-        _: Request<DescribeGroupRequest>,
+        r: Request<DescribeGroupRequest>,
     ) -> Result<Response<ConsumerGroup>, Status> {
-        Err(not_served_yet("DescribeGroup"))
+        let deadline = deadline_of(&r);
+        let group = groups::describe_group(&self.0, &r.into_inner().group, deadline).await?;
+        Ok(Response::new(group))
     }
 
     async fn delete_group(
         &self,
-        _: Request<DeleteGroupRequest>,
+        r: Request<DeleteGroupRequest>,
     ) -> Result<Response<DeleteGroupResponse>, Status> {
-        Err(not_served_yet("DeleteGroup"))
+        let deadline = deadline_of(&r);
+        let deleted = groups::delete(&self.0, &r.into_inner().group, deadline).await?;
+        Ok(Response::new(DeleteGroupResponse { deleted }))
     }
 
     async fn consume(
         &self,
-        _: Request<Streaming<ConsumeRequest>>,
+        r: Request<Streaming<ConsumeRequest>>,
     ) -> Result<Response<ConsumeStream>, Status> {
-        Err(not_served_yet("Consume"))
+        let permit = self
+            .0
+            .feed_members
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "this router already serves {FEED_MEMBERS_MAX} consumer-group members \
+                     (FEED_MEMBERS_MAX); join through another router"
+                ))
+            })?;
+        let deadline = deadline_of(&r);
+        let stream = consume::start(self.0.clone(), r.into_inner(), deadline, permit).await?;
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_groups(
         &self,
-        _: Request<ListGroupsRequest>,
+        r: Request<ListGroupsRequest>,
     ) -> Result<Response<ListGroupsResponse>, Status> {
-        Err(not_served_yet("ListGroups"))
+        let deadline = deadline_of(&r);
+        let groups = groups::list(&self.0, deadline).await?;
+        Ok(Response::new(ListGroupsResponse { groups }))
     }
 
     async fn seek_group(
         &self,
-        _: Request<SeekGroupRequest>,
+        r: Request<SeekGroupRequest>,
     ) -> Result<Response<ConsumerGroup>, Status> {
-        Err(not_served_yet("SeekGroup"))
+        let deadline = deadline_of(&r);
+        let group = groups::seek(&self.0, r.into_inner(), deadline).await?;
+        Ok(Response::new(group))
     }
 
-    async fn unpark(&self, _: Request<UnparkRequest>) -> Result<Response<ConsumerGroup>, Status> {
-        Err(not_served_yet("Unpark"))
+    async fn unpark(&self, r: Request<UnparkRequest>) -> Result<Response<ConsumerGroup>, Status> {
+        let deadline = deadline_of(&r);
+        let group = groups::unpark(&self.0, r.into_inner(), deadline).await?;
+        Ok(Response::new(group))
     }
 }
 

@@ -408,6 +408,8 @@ pub struct FeedState {
     /// Events this replica has sent (those tonic has taken from its stream).
     pub events_sent: AtomicUsize,
     changed: watch::Sender<u64>,
+    /// Its consumer groups (`Peer.GroupAdmin`, `Peer.Consume`: `group_fakes.rs`).
+    pub groups: Arc<crate::group_fakes::GroupNode>,
 }
 
 impl FeedState {
@@ -646,22 +648,20 @@ impl ordo_proto::v1::peer_server::Peer for FakePeer {
     }
 
     type ReadChangesStream = PageStream;
-    type ConsumeStream = std::pin::Pin<
-        Box<dyn futures::Stream<Item = Result<ordo_proto::v1::PeerConsumeResponse, Status>> + Send>,
-    >;
+    type ConsumeStream = crate::group_fakes::ConsumeStream;
 
     async fn group_admin(
         &self,
-        _r: Request<ordo_proto::v1::GroupAdminRequest>,
-    ) -> Result<Response<ordo_proto::v1::GroupAdminResponse>, Status> {
-        Err(Status::unimplemented("fake"))
+        r: Request<GroupAdminRequest>,
+    ) -> Result<Response<GroupAdminResponse>, Status> {
+        self.0.groups.admin(r.into_inner()).map(Response::new)
     }
 
     async fn consume(
         &self,
-        _r: Request<tonic::Streaming<ordo_proto::v1::PeerConsumeRequest>>,
+        r: Request<tonic::Streaming<PeerConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
-        Err(Status::unimplemented("fake"))
+        self.0.groups.clone().consume(r).await
     }
 
     async fn read_changes(
@@ -735,6 +735,7 @@ pub async fn spawn_feed_node() -> Served<Arc<FeedState>> {
         requests: Mutex::default(),
         events_sent: AtomicUsize::new(0),
         changed: watch::channel(0).0,
+        groups: crate::group_fakes::GroupNode::new(),
     });
     let svc = FakePeer(state.clone());
     let task = tokio::spawn(async move {

@@ -6,6 +6,8 @@
 
 mod fakes;
 mod feed;
+mod group_fakes;
+mod groups;
 mod retries;
 mod routing;
 mod shard_map;

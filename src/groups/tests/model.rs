@@ -428,14 +428,19 @@ impl Run {
                 }
                 self.check_committed(*slot);
             }
-            Persist::DeliveryCount { slot, seq, attempt } => {
+            Persist::DeliveryCount {
+                slot,
+                seq,
+                attempt,
+                base,
+            } => {
                 let st = self.store.get_mut(slot).unwrap();
                 assert!(
                     *attempt > st.attempt(*seq),
                     "attempt {attempt} of {seq} not higher"
                 );
-                let base = st.attempts.get(seq).map_or(0, |a| a.1);
-                st.attempts.insert(*seq, (*attempt, base));
+                let was = st.attempts.get(seq).map_or(0, |a| a.1);
+                st.attempts.insert(*seq, (*attempt, was.max(*base)));
             }
             Persist::Horizon { slot, seq } => {
                 let st = self.store.get_mut(slot).unwrap();

@@ -489,6 +489,10 @@ fn deliver_one<'c>(
             d.slot
         ))));
     }
+    if let Ok(i) = delivery(s, d.seq) {
+        let count = &mut s.deliveries[i];
+        count.unparked_at = count.unparked_at.max(d.base.min(d.attempt));
+    }
     *changed = true;
     Ok(Ok(()))
 }

@@ -393,7 +393,13 @@ impl StateMachine {
             lag_events,
             lag_ms,
             pending: 0,
-            redeliveries: s.deliveries.len() as u64,
+            // Delivered more than once: more than one counted attempt (a failover's fence
+            // alone is not a redelivery).
+            redeliveries: s
+                .deliveries
+                .iter()
+                .filter(|d| d.attempt > d.unparked_at.saturating_add(1))
+                .count() as u64,
             parked: s.parked.clone(),
             expired: s.expired,
         })

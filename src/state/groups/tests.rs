@@ -75,6 +75,7 @@ fn deliver(sl: u32, seq: u64, attempt: u32) -> Command {
             slot: sl,
             seq,
             attempt,
+            base: 0,
         }],
     }))
 }
