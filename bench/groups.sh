@@ -109,5 +109,6 @@ for rep in $(seq 1 "$REPS"); do
     done
 done
 stop_playground
-grep -h '^groups \|^jetstream ' "$OUT"/*.txt | tee "$OUT/summary.txt"
+grep -h '^groups \|^jetstream ' "$OUT"/*.txt >"$OUT/summary.txt"
+python3 bench/groups-table.py "$OUT" | tee "$OUT/tables.md"
 echo "reports in $OUT" >&2
