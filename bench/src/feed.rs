@@ -201,7 +201,7 @@ impl Probe {
     }
 
     /// An event received at `at`.
-    fn seen(&self, item: Item, at: Instant) {
+    pub fn seen(&self, item: Item, at: Instant) {
         let mut p = self.inner.lock().expect("probe lock");
         let Some(from) = p.measure_from else {
             return;

@@ -14,11 +14,18 @@
 //! still running when the duration ends is waited for and counted; the measured time runs until
 //! the last one finished. [`run`] holds these steps; [`load`], [`worker`] and [`rebalance`] the
 //! phases' tasks; [`args`] the command line.
+//!
+//! `ordo-bench groups ...` is another command with its own arguments: consumer groups'
+//! throughput and latency, see [`groups`]; `ordo-bench jetstream ...` (feature `nats`) its
+//! backlog test on NATS JetStream.
 
 mod args;
 mod backend;
 mod cpu;
 mod feed;
+mod groups;
+#[cfg(feature = "nats")]
+mod jetstream;
 mod load;
 mod ops;
 mod output;
@@ -39,6 +46,18 @@ use output::{default_out_dir, write_outputs};
 use run::run;
 
 fn main() -> anyhow::Result<()> {
+    // `ordo-bench groups ...` is the consumer-group bench, with its own arguments.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("groups") {
+        return groups::main(argv[1..].to_vec());
+    }
+    // `ordo-bench jetstream ...`: the same backlog test on NATS JetStream (feature `nats`).
+    if argv.get(1).map(String::as_str) == Some("jetstream") {
+        #[cfg(feature = "nats")]
+        return jetstream::main(argv[1..].to_vec());
+        #[cfg(not(feature = "nats"))]
+        anyhow::bail!("built without JetStream: cargo build -p ordo-bench --features nats");
+    }
     let args = Args::parse();
     args.check()?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();

@@ -22,6 +22,7 @@ mod groups_acks;
 mod groups_exactly_once;
 mod membership;
 mod nemesis;
+mod ordoctl_feed;
 mod playground;
 mod resharding;
 mod sharded;

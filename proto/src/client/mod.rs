@@ -33,6 +33,7 @@ use crate::v1::peer_client::PeerClient;
 use crate::v1::{error_detail, Consistency};
 
 mod calls;
+mod groups;
 #[cfg(test)]
 mod tests;
 

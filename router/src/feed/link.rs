@@ -289,12 +289,25 @@ fn requests(
     rx: mpsc::Receiver<PeerConsumeRequest>,
     broken: oneshot::Receiver<()>,
 ) -> impl Stream<Item = Out> + Send + 'static {
-    futures::stream::unfold(Some((rx, broken)), |state| async move {
+    futures::stream::unfold(Some((rx, Some(broken))), |state| async move {
         let (mut rx, mut broken) = state?;
-        tokio::select! {
-            biased;
-            Ok(()) = &mut broken => Some((Out::Break, None)),
-            next = rx.recv() => next.map(|m| (Out::Req(m), Some((rx, broken)))),
+        loop {
+            let Some(b) = broken.as_mut() else {
+                return rx.recv().await.map(|m| (Out::Req(m), Some((rx, None))));
+            };
+            tokio::select! {
+                biased;
+                r = b => {
+                    if r.is_ok() {
+                        return Some((Out::Break, None));
+                    }
+                }
+                next = rx.recv() => return next.map(|m| (Out::Req(m), Some((rx, broken)))),
+            }
+            // The breaker was dropped unsent: nothing can break the stream any more. It is not
+            // polled again (a finished oneshot receiver panics when polled: that aborted the
+            // router when a session dropped a link's breaker before its sender).
+            broken = None;
         }
     })
 }
@@ -379,5 +392,40 @@ fn gave_up_status(gave_up: GaveUp) -> Status {
                  {elapsed:.1?}); last error from {addr}: {last}"
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn requests_go_on_after_the_breaker_is_dropped_unsent() {
+        let (tx, rx) = mpsc::channel(4);
+        let (breaker, broken) = oneshot::channel::<()>();
+        let mut out = Box::pin(requests(rx, broken));
+        drop(breaker);
+        for _ in 0..3 {
+            tx.send(PeerConsumeRequest::default()).await.unwrap();
+            assert!(matches!(out.next().await, Some(Out::Req(_))));
+        }
+        drop(tx);
+        assert!(
+            out.next().await.is_none(),
+            "the end of the requests ends the stream"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sent_breaker_breaks_the_stream() {
+        let (tx, rx) = mpsc::channel(4);
+        let (breaker, broken) = oneshot::channel::<()>();
+        let mut out = Box::pin(requests(rx, broken));
+        tx.send(PeerConsumeRequest::default()).await.unwrap();
+        assert!(matches!(out.next().await, Some(Out::Req(_))));
+        breaker.send(()).unwrap();
+        assert!(matches!(out.next().await, Some(Out::Break)));
+        assert!(out.next().await.is_none());
     }
 }

@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand};
 use ordo::proto::v1::{Compare, GroupSpec, TxnOp};
 
 use crate::parse::{
-    parse_compare, parse_duration, parse_group_spec, parse_op, parse_slot_list, parse_watch_from,
-    SlotList, WatchFrom,
+    parse_compare, parse_duration, parse_group_from, parse_group_spec, parse_op, parse_slot_list,
+    parse_watch_from, GroupFrom, SlotList, WatchFrom,
 };
 
 #[derive(Parser, Debug)]
@@ -24,7 +24,7 @@ arguments that start with '-' after `--`.
 Data commands (get, put, delete, scan, txn) take node or router addresses; admin commands \
 (init, status, map, group, move-slots, rebalance, migrations, tasks, replica) take config server \
 or router addresses (--config is an alias of --endpoint); leader transfer takes the addresses of \
-the group's own nodes; watch (the change feed) takes router addresses.
+the group's own nodes; watch (the change feed) and feed (consumer groups) take router addresses.
 
 move-slots, rebalance, group drain and replica run as tasks on the config leader: the command \
 starts the task and follows it with a progress line on stderr, with no overall deadline \
@@ -102,6 +102,121 @@ pub(crate) enum Command {
     /// Follow the change feed (give --endpoint router addresses): one line per event, and the
     /// cursor to resume from on exit (Ctrl-C, --count, --for).
     Watch(WatchArgs),
+    /// Consumer groups of the change feed (give --endpoint router addresses): list, describe
+    /// (lag, pending, redeliveries, parked orders per slot), create, delete, seek, unpark.
+    #[command(subcommand)]
+    Feed(FeedCommand),
+}
+
+#[derive(Subcommand, Debug)]
+#[command(after_help = "\
+A time (--from, --to) is milliseconds since the Unix epoch or an RFC 3339 time in UTC \
+(2026-12-01T21:00:00Z): the group starts with the events committed after it.
+
+Example:
+  ordoctl -e router:7000 feed create billing --prefix outbox/ --from oldest --ack-wait 10s
+  ordoctl -e router:7000 feed describe billing
+  ordoctl -e router:7000 feed unpark billing order-17")]
+pub(crate) enum FeedCommand {
+    /// Every consumer group with its totals.
+    Groups,
+    /// One group: its definition and totals, then per slot the committed seq, lag (events and
+    /// time), pending deliveries, redeliveries, parked orders and whether retention expired it
+    /// (slots with nothing waiting are counted, not listed, unless --all-slots).
+    Describe(FeedDescribeArgs),
+    /// Create a durable consumer group (the same definition again changes nothing).
+    Create(FeedCreateArgs),
+    /// Delete a group's state from every slot (its members' streams end).
+    Delete(FeedGroupArgs),
+    /// Move a group's committed position in every slot (acks above it, delivery counts and
+    /// parked orders are dropped; an expired group is live again).
+    Seek(FeedSeekArgs),
+    /// Release a parked order: its parked event is delivered again, then its later events.
+    Unpark(FeedUnparkArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct FeedGroupArgs {
+    /// The group's name.
+    #[arg(value_name = "GROUP")]
+    pub(crate) group: String,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct FeedDescribeArgs {
+    /// The group's name.
+    #[arg(value_name = "GROUP")]
+    pub(crate) group: String,
+    /// List every slot, also those with nothing waiting (--json always lists every slot).
+    #[arg(long)]
+    pub(crate) all_slots: bool,
+}
+
+/// How a group hands events to its members (`--mode`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FeedMode {
+    /// At most one event of a shard key in flight across all members.
+    KeyOrdered,
+    /// Each member leases whole slots.
+    SlotExclusive,
+}
+
+/// What happens to an event `--max-deliver` attempts did not get acked (`--poison`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FeedPoison {
+    /// Park its order until `feed unpark` (its later events wait, others flow).
+    Park,
+    /// Write it as the item dlq/<group>/<seq> under its shard key and go on.
+    DeadLetter,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct FeedCreateArgs {
+    /// The group's name: letters, digits, '-', '_' and '.'.
+    #[arg(value_name = "GROUP")]
+    pub(crate) group: String,
+    /// Only events whose key starts with this (e.g. outbox/); default: every event.
+    #[arg(long, value_name = "P", default_value = "")]
+    pub(crate) prefix: String,
+    /// Only the events of this shard key (repeat for several); default: every shard key.
+    #[arg(long = "shard-key", value_name = "K")]
+    pub(crate) shard_keys: Vec<String>,
+    /// Where the group starts: now, oldest (the oldest event retained) or a time.
+    #[arg(long, value_name = "FROM", default_value = "now", value_parser = parse_group_from)]
+    pub(crate) from: GroupFrom,
+    /// How events are handed to the members.
+    #[arg(long, value_enum, default_value_t = FeedMode::KeyOrdered)]
+    pub(crate) mode: FeedMode,
+    /// How long a delivery may go unacked before it is delivered again [default: the server's,
+    /// 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) ack_wait: Option<Duration>,
+    /// Attempts an event gets before --poison applies [default: the server's].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_deliver: Option<u32>,
+    /// What happens to an event --max-deliver attempts did not get acked.
+    #[arg(long, value_enum, default_value_t = FeedPoison::Park)]
+    pub(crate) poison: FeedPoison,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct FeedSeekArgs {
+    /// The group's name.
+    #[arg(value_name = "GROUP")]
+    pub(crate) group: String,
+    /// The new start: now, oldest or a time.
+    #[arg(long, value_name = "TO", value_parser = parse_group_from)]
+    pub(crate) to: GroupFrom,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct FeedUnparkArgs {
+    /// The group's name.
+    #[arg(value_name = "GROUP")]
+    pub(crate) group: String,
+    /// The parked order's shard key.
+    #[arg(value_name = "SHARD_KEY")]
+    pub(crate) shard_key: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -523,6 +638,54 @@ mod tests {
             WatchFrom::Start(ordo::proto::v1::watch_request::Start::FromNow)
         );
         assert!(Cli::try_parse_from(["ordoctl", "watch", "--from", "yesterday"]).is_err());
+    }
+
+    #[test]
+    fn feed_commands_parse() {
+        let parse = |argv: &[&str]| Cli::try_parse_from(argv).map(|c| c.command);
+        assert!(matches!(
+            parse(&["ordoctl", "feed", "groups", "--json"]),
+            Ok(Command::Feed(FeedCommand::Groups))
+        ));
+        let Ok(Command::Feed(FeedCommand::Describe(a))) =
+            parse(&["ordoctl", "feed", "describe", "g"])
+        else {
+            panic!("not feed describe")
+        };
+        assert_eq!(a.group, "g");
+        let Ok(Command::Feed(FeedCommand::Seek(a))) =
+            parse(&["ordoctl", "feed", "seek", "g", "--to", "oldest"])
+        else {
+            panic!("not feed seek")
+        };
+        assert_eq!(
+            (a.group.as_str(), a.to),
+            (
+                "g",
+                GroupFrom::Start(ordo::proto::v1::watch_request::Start::FromOldest)
+            )
+        );
+        let Ok(Command::Feed(FeedCommand::Unpark(a))) =
+            parse(&["ordoctl", "feed", "unpark", "g", "o17"])
+        else {
+            panic!("not feed unpark")
+        };
+        assert_eq!((a.group.as_str(), a.shard_key.as_str()), ("g", "o17"));
+        let Ok(Command::Feed(FeedCommand::Create(a))) = parse(&["ordoctl", "feed", "create", "g"])
+        else {
+            panic!("not feed create")
+        };
+        assert_eq!((a.mode, a.poison), (FeedMode::KeyOrdered, FeedPoison::Park));
+        assert_eq!((a.ack_wait, a.max_deliver), (None, None));
+        for bad in [
+            &["ordoctl", "feed", "seek", "g"][..],
+            &["ordoctl", "feed", "seek", "g", "--to", "snapshot"],
+            &["ordoctl", "feed", "unpark", "g"],
+            &["ordoctl", "feed", "describe"],
+            &["ordoctl", "feed", "create", "g", "--poison", "drop"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -7,15 +7,15 @@
 use std::borrow::Cow;
 
 use ordo::proto::v1::{
-    txn_op_result, ChangeEvent, ChangeGroupReplicasResponse, ClusterStatus, DeleteResponse,
-    GetResponse, GroupStatus, Item, Member, Migration, PlannedMove, PutResponse, ReplicaStatus,
-    ShardMap, Task, TransferLeaderResponse, TxnOp, TxnResponse,
+    txn_op_result, ChangeEvent, ChangeGroupReplicasResponse, ClusterStatus, ConsumerGroup,
+    DeleteResponse, GetResponse, GroupStatus, Item, Member, Migration, PlannedMove, PutResponse,
+    ReplicaStatus, ShardMap, Task, TransferLeaderResponse, TxnOp, TxnResponse,
 };
 use ordo_config::migration::state_name;
 use ordo_config::tasks::{task_kind_name, task_state_name};
 use serde::Serialize;
 
-use crate::render::{describe_op, event_op_name};
+use crate::render::{describe_op, event_op_name, mode_name, poison_name};
 
 /// `v` as compact JSON.
 fn to_json(v: &impl Serialize) -> String {
@@ -471,6 +471,114 @@ pub(crate) fn leader(r: &TransferLeaderResponse) -> String {
         leader_id: r.leader_id,
         term: r.term,
     })
+}
+
+/// A consumer group as `feed describe|create|seek|unpark --json` print it (and each element
+/// of `feed groups --json`): the definition, the totals, then `slots` in slot order. `mode` and
+/// `poison` are spelled as `feed create` takes them.
+#[derive(Serialize)]
+struct ConsumerGroupView<'a> {
+    group: &'a str,
+    key_prefix: Cow<'a, str>,
+    mode: &'static str,
+    ack_wait_ms: u32,
+    max_deliver: u32,
+    poison: &'static str,
+    shard_keys: Vec<Cow<'a, str>>,
+    lag_events: u64,
+    pending: u64,
+    redeliveries: u64,
+    parked: u64,
+    expired: bool,
+    slots: Vec<GroupSlotView<'a>>,
+}
+
+#[derive(Serialize)]
+struct GroupSlotView<'a> {
+    slot: u32,
+    committed_seq: u64,
+    acked_above: u64,
+    lag_events: u64,
+    lag_ms: u64,
+    pending: u64,
+    redeliveries: u64,
+    parked: Vec<ParkedView<'a>>,
+    expired: bool,
+}
+
+#[derive(Serialize)]
+struct ParkedView<'a> {
+    shard_key: Cow<'a, str>,
+    seq: u64,
+    attempts: u32,
+}
+
+impl<'a> From<&'a ConsumerGroup> for ConsumerGroupView<'a> {
+    fn from(g: &'a ConsumerGroup) -> Self {
+        let slots = g
+            .slots
+            .iter()
+            .map(|s| GroupSlotView {
+                slot: s.slot,
+                committed_seq: s.committed_seq,
+                acked_above: s.acked_above,
+                lag_events: s.lag_events,
+                lag_ms: s.lag_ms,
+                pending: s.pending,
+                redeliveries: s.redeliveries,
+                parked: s
+                    .parked
+                    .iter()
+                    .map(|p| ParkedView {
+                        shard_key: utf8(&p.shard_key),
+                        seq: p.seq,
+                        attempts: p.attempts,
+                    })
+                    .collect(),
+                expired: s.expired,
+            })
+            .collect();
+        ConsumerGroupView {
+            group: &g.group,
+            key_prefix: utf8(&g.key_prefix),
+            mode: mode_name(g.mode),
+            ack_wait_ms: g.ack_wait_ms,
+            max_deliver: g.max_deliver,
+            poison: poison_name(g.poison),
+            shard_keys: g.shard_keys.iter().map(|k| utf8(k)).collect(),
+            lag_events: g.lag_events,
+            pending: g.pending,
+            redeliveries: g.redeliveries,
+            parked: g.parked,
+            expired: g.expired,
+            slots,
+        }
+    }
+}
+
+/// What `feed describe|create|seek|unpark --json` print.
+pub(crate) fn consumer_group(g: &ConsumerGroup) -> String {
+    to_json(&ConsumerGroupView::from(g))
+}
+
+/// What `feed groups --json` prints: `{"groups":[…]}`, in name order.
+pub(crate) fn consumer_groups(groups: &[ConsumerGroup]) -> String {
+    #[derive(Serialize)]
+    struct GroupsView<'a> {
+        groups: Vec<ConsumerGroupView<'a>>,
+    }
+    to_json(&GroupsView {
+        groups: groups.iter().map(ConsumerGroupView::from).collect(),
+    })
+}
+
+/// What `feed delete --json` prints: `{"deleted":true}` (false: no slot had the group).
+pub(crate) fn group_deleted(deleted: bool) -> String {
+    #[derive(Serialize)]
+    struct DeletedView {
+        deleted: bool,
+    }
+    to_json(&DeletedView { deleted })
 }
 
 #[cfg(test)]

@@ -4,7 +4,8 @@
 //! `txn`, and `leader transfer`, which talks to one group's nodes) and
 //! [`ordo_proto::client::ClusterClient`] (admin commands: `init`, `status`, `map`,
 //! `group add|remove|drain`, `move-slots`, `rebalance`, `migrations [abort]`, `tasks [abort]`,
-//! `replica add|remove|replace`), and `watch` (the change feed, through a router): it parses
+//! `replica add|remove|replace`), `watch` (the change feed, through a router) and `feed ...`
+//! (its consumer groups, through a router): it parses
 //! arguments, makes one call (or a series of scan pages; or, for the commands that run as tasks
 //! on the config leader, one call to start the task and polls that follow it; or, for `watch`,
 //! one stream) and prints the answer. All networking, leader following and retrying
@@ -13,13 +14,15 @@
 //! Files by role: `args` (clap definitions), `parse` (values clap cannot parse alone), `render`
 //! (text tables), `json` (`--json` views); one file per command group: `kv` (data), `admin`
 //! (map and groups), `migrate` (resharding), `tasks` (starting and following admin tasks, their
-//! progress line), `replica` (membership and leadership), `watch` (the change feed).
+//! progress line), `replica` (membership and leadership), `watch` (the change feed), `feed`
+//! (consumer groups).
 //!
 //! Exit codes: 0 success, 1 error (bad arguments or a failed call), 2 a condition did not hold
 //! (`put`/`delete` with `--if-version`, or a `txn` whose compares failed).
 
 mod admin;
 mod args;
+mod feed;
 #[cfg(test)]
 mod fixtures;
 mod json;
@@ -116,6 +119,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Replica(c) => replica::replica(ep, c, json).await,
         Command::Leader(c) => replica::leader(ep, c, json).await,
         Command::Watch(a) => watch::watch(ep, a, json).await,
+        Command::Feed(c) => feed::feed(ep, c, json).await,
     }
 }
 

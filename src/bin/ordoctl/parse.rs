@@ -60,6 +60,47 @@ pub(crate) fn parse_watch_from(s: &str) -> Result<WatchFrom, String> {
     }
 }
 
+/// Where a consumer group starts (`feed create --from`) or is sought to (`feed seek --to`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum GroupFrom {
+    /// `Start::FromNow` or `Start::FromOldest` (a group delivers events, so no snapshot).
+    Start(Start),
+    /// The events committed after this time (ms since the Unix epoch, not 0).
+    AfterTsMs(u64),
+}
+
+/// `now`, `oldest`, milliseconds since the Unix epoch, or an RFC 3339 time in UTC
+/// (`2026-12-01T21:00:00Z`, fractional seconds allowed).
+pub(crate) fn parse_group_from(s: &str) -> Result<GroupFrom, String> {
+    let s = s.trim();
+    let expected = "expected now, oldest, milliseconds since the Unix epoch or an RFC 3339 time \
+                    such as 2026-12-01T21:00:00Z";
+    match s {
+        "now" => return Ok(GroupFrom::Start(Start::FromNow)),
+        "oldest" => return Ok(GroupFrom::Start(Start::FromOldest)),
+        "snapshot" => {
+            return Err(format!(
+                "a consumer group delivers events, not items: snapshot is not a start; {expected}"
+            ))
+        }
+        _ => {}
+    }
+    let ms = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+        s.parse::<u64>()
+            .map_err(|_| format!("time {s:?} is too large; {expected}"))?
+    } else {
+        let t = humantime::parse_rfc3339(s).map_err(|e| format!("time {s:?}: {e}; {expected}"))?;
+        let since = t
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|_| format!("time {s:?} is before the Unix epoch"))?;
+        u64::try_from(since.as_millis()).map_err(|_| format!("time {s:?} is too late"))?
+    };
+    if ms == 0 {
+        return Err(format!("time 0 is not a start; {expected}"));
+    }
+    Ok(GroupFrom::AfterTsMs(ms))
+}
+
 /// Bytes from lowercase or uppercase hex digits, two per byte.
 fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
     if s.is_empty() || !s.len().is_multiple_of(2) || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -336,6 +377,43 @@ pub(crate) fn parse_slot_ranges(s: &str) -> Result<Vec<u32>, String> {
 mod tests {
     use super::*;
     use crate::fixtures::strings;
+
+    #[test]
+    fn group_starts_parse() {
+        use GroupFrom::*;
+        assert_eq!(
+            parse_group_from("now").unwrap(),
+            Start(super::Start::FromNow)
+        );
+        assert_eq!(
+            parse_group_from(" oldest ").unwrap(),
+            Start(super::Start::FromOldest)
+        );
+        assert_eq!(
+            parse_group_from("1764622800000").unwrap(),
+            AfterTsMs(1_764_622_800_000)
+        );
+        assert_eq!(
+            parse_group_from("2025-12-01T21:00:00Z").unwrap(),
+            AfterTsMs(1_764_622_800_000)
+        );
+        assert_eq!(
+            parse_group_from("2025-12-01T21:00:00.250Z").unwrap(),
+            AfterTsMs(1_764_622_800_250)
+        );
+        let err = parse_group_from("snapshot").unwrap_err();
+        assert!(err.contains("events, not items"), "{err}");
+        for bad in [
+            "",
+            "0",
+            "yesterday",
+            "2025-13-01T00:00:00Z",
+            "99999999999999999999",
+        ] {
+            let err = parse_group_from(bad).unwrap_err();
+            assert!(err.contains("expected now, oldest"), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn watch_starts_parse() {

@@ -8,8 +8,8 @@ use std::fmt::Write as _;
 use bytes::Bytes;
 use ordo::proto::v1::{
     change_event, txn_op, txn_op_result, ChangeEvent, ChangeGroupReplicasResponse, ClusterStatus,
-    DeleteResponse, GetResponse, Item, Migration, PlannedMove, PutResponse, ReplicaStatus,
-    ShardMap, Task, TransferLeaderResponse, TxnOp, TxnResponse,
+    DeleteResponse, GetResponse, Item, Migration, Mode, PlannedMove, PoisonPolicy, PutResponse,
+    ReplicaStatus, ShardMap, Task, TransferLeaderResponse, TxnOp, TxnResponse,
 };
 use ordo_config::migration::state_name;
 use ordo_config::tasks::{task_kind_name, task_state_name};
@@ -98,6 +98,24 @@ pub(crate) fn event_op_name(op: i32) -> &'static str {
         Ok(change_event::Op::Emit) => "EMIT",
         Ok(change_event::Op::Snapshot) => "SNAPSHOT",
         Err(_) => "UNKNOWN",
+    }
+}
+
+/// A consumer group's mode as `feed create --mode` takes it.
+pub(crate) fn mode_name(mode: i32) -> &'static str {
+    match Mode::try_from(mode) {
+        Ok(Mode::KeyOrdered) => "key-ordered",
+        Ok(Mode::SlotExclusive) => "slot-exclusive",
+        Err(_) => "unknown",
+    }
+}
+
+/// A consumer group's poison policy as `feed create --poison` takes it.
+pub(crate) fn poison_name(poison: i32) -> &'static str {
+    match PoisonPolicy::try_from(poison) {
+        Ok(PoisonPolicy::Park) => "park",
+        Ok(PoisonPolicy::DeadLetter) => "dead-letter",
+        Err(_) => "unknown",
     }
 }
 
