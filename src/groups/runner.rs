@@ -748,11 +748,17 @@ impl Runner {
                     event: Some(d.event),
                     attempt: d.attempt,
                 });
+                let conn = run.members[&d.member];
                 if c.out
                     .try_send(Ok(PeerConsumeResponse { msg: Some(msg) }))
                     .is_err()
                 {
-                    broken.push(run.members[&d.member]);
+                    broken.push(conn);
+                }
+                // The router counts each delivery off the last count it heard: what waits
+                // now is told again, even if it is the same number.
+                if let Some(c) = self.conns.get_mut(&conn) {
+                    c.waiting = 0;
                 }
             }
             for (&member, conn) in &run.members {

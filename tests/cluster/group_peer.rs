@@ -96,6 +96,19 @@ impl Stream {
     }
 }
 
+impl Stream {
+    /// The next count of events waiting for credits within `bound` (deliveries in between
+    /// fail the test).
+    async fn waiting(&mut self, bound: Duration) -> u32 {
+        match tokio::time::timeout(bound, self.rx.message()).await {
+            Ok(Ok(Some(PeerConsumeResponse {
+                msg: Some(Out::Waiting(n)),
+            }))) => n,
+            other => panic!("expected a count of waiting events within {bound:?}, got {other:?}"),
+        }
+    }
+}
+
 async fn write(g: &InProcGroup, n: u32) -> BTreeMap<String, u64> {
     let client = g.client().with_timeout(Duration::from_secs(10));
     let mut last = BTreeMap::new();
@@ -236,5 +249,36 @@ async fn a_new_leader_redelivers_what_was_in_flight_with_higher_attempts() {
             other => panic!("a stale ack is refused on the stream, got {other:?}"),
         }
     }
+    g.shutdown().await;
+}
+
+/// A member without credits is told what waits for them, and told again after each delivery
+/// even when the count is the same (the router counts deliveries off the last count it heard:
+/// a count not repeated left the last events of a group undelivered until another write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn what_waits_for_credits_is_told_again_after_each_delivery() {
+    let (g, leader) = group().await;
+    let mut m = join(&g.addr(leader), "m1", 0).await;
+    let client = g.client().with_timeout(Duration::from_secs(10));
+    client.put("order-a", "outbox/e", "1", None).await.unwrap();
+    assert_eq!(m.waiting(SETTLE).await, 1, "one event waits");
+    m.send(In::Credit(Credit { credits: 1 })).await;
+    let (first, _) = m
+        .delivery(SETTLE)
+        .await
+        .expect("the credit brings the event");
+    assert_eq!(first.shard_key, "order-a".as_bytes());
+    client.put("order-b", "outbox/e", "1", None).await.unwrap();
+    assert_eq!(
+        m.waiting(SETTLE).await,
+        1,
+        "the next one is told, though the count is the same"
+    );
+    m.send(In::Credit(Credit { credits: 1 })).await;
+    let (second, _) = m
+        .delivery(SETTLE)
+        .await
+        .expect("and comes with the next credit");
+    assert_eq!(second.shard_key, "order-b".as_bytes());
     g.shutdown().await;
 }

@@ -78,60 +78,71 @@ pub(in crate::state) fn apply(
             if let Some(e) = over_batch(a.acks.len() + a.skips.len()) {
                 return Ok(Err(e));
             }
-            let (mut records, mut refused) = (Records::default(), Vec::new());
-            for (i, ack) in a.acks.iter().enumerate() {
-                if let Err(e) = ack_one(view, ctx, &mut records, ack)? {
-                    refused.push((i, e));
-                }
-            }
-            for (i, skip) in a.skips.iter().enumerate() {
-                if let Err(e) = skip_one(view, ctx, &mut records, skip)? {
-                    refused.push((a.acks.len() + i, e));
-                }
-            }
-            records.write(view)?;
-            Ok(Ok(GroupApplied {
-                refused,
-                ..Default::default()
-            }))
+            let mut flush = Flush::default();
+            flush.each(view, ctx, &a.acks, ack_one)?;
+            flush.each(view, ctx, &a.skips, |v, c, r, k| skip_one(v, c, r, k))?;
+            flush.done(view)
         }
         Some(Op::Deliveries(d)) => {
             if let Some(e) = over_batch(d.deliveries.len()) {
                 return Ok(Err(e));
             }
-            let (mut records, mut refused) = (Records::default(), Vec::new());
-            for (i, delivery) in d.deliveries.iter().enumerate() {
-                if let Err(e) = deliver_one(view, ctx, &mut records, delivery)? {
-                    refused.push((i, e));
-                }
-            }
-            records.write(view)?;
-            Ok(Ok(GroupApplied {
-                refused,
-                ..Default::default()
-            }))
+            let mut flush = Flush::default();
+            flush.each(view, ctx, &d.deliveries, |v, c, r, x| {
+                deliver_one(v, c, r, x)
+            })?;
+            flush.done(view)
         }
         Some(Op::Horizons(h)) => {
             if let Some(e) = over_batch(h.horizons.len()) {
                 return Ok(Err(e));
             }
-            let (mut records, mut refused) = (Records::default(), Vec::new());
-            for (i, horizon) in h.horizons.iter().enumerate() {
-                if let Err(e) = horizon_one(view, ctx, &mut records, horizon)? {
-                    refused.push((i, e));
-                }
-            }
-            records.write(view)?;
-            Ok(Ok(GroupApplied {
-                refused,
-                ..Default::default()
-            }))
+            let mut flush = Flush::default();
+            flush.each(view, ctx, &h.horizons, |v, c, r, x| horizon_one(v, c, r, x))?;
+            flush.done(view)
         }
         Some(Op::Park(p)) => Ok(park(view, ctx, p)?.map(|()| GroupApplied::default())),
         Some(Op::Unpark(u)) => Ok(unpark(view, ctx, u)?.map(|()| GroupApplied::default())),
         None => Ok(Err(Error::InvalidArgument(
             "a group command with no op".into(),
         ))),
+    }
+}
+
+/// A flush of entries (acks, skips, attempts, horizons), each applied or refused on its own,
+/// the records they change written once at the end; refusals by place in the command.
+#[derive(Default)]
+struct Flush<'c> {
+    records: Records<'c>,
+    refused: Vec<(usize, Error)>,
+    seen: usize,
+}
+
+type One<'c, T> = fn(&mut TxView<'_>, &Ctx<'_>, &mut Records<'c>, &'c T) -> Result<Result<()>>;
+
+impl<'c> Flush<'c> {
+    fn each<T>(
+        &mut self,
+        view: &mut TxView<'_>,
+        ctx: &Ctx<'_>,
+        entries: &'c [T],
+        one: One<'c, T>,
+    ) -> Result<()> {
+        for entry in entries {
+            if let Err(e) = one(view, ctx, &mut self.records, entry)? {
+                self.refused.push((self.seen, e));
+            }
+            self.seen += 1;
+        }
+        Ok(())
+    }
+
+    fn done(self, view: &mut TxView<'_>) -> Result<Result<GroupApplied>> {
+        self.records.write(view)?;
+        Ok(Ok(GroupApplied {
+            refused: self.refused,
+            ..Default::default()
+        }))
     }
 }
 
