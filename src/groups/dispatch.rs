@@ -500,6 +500,9 @@ impl Dispatcher {
                 }
             }
             Persist::AckBatch { slot, done, .. } => {
+                if let Some(s) = self.slots.get_mut(slot) {
+                    s.flushed(done, self.config.mode);
+                }
                 for d in done.iter().filter(|d| d.how == How::DeadLettered) {
                     let state = self
                         .slots
@@ -558,9 +561,10 @@ impl Dispatcher {
     }
 
     /// Whether something waits to be persisted that holds deliveries back (attempts, horizons,
-    /// parks, unparks): the caller persists at once instead of at its next ack flush.
+    /// parks, unparks, and under `KEY_ORDERED` an ack whose key's next event waits for it to be
+    /// durable): the caller persists at once instead of at its next ack flush.
     pub fn urgent(&self) -> bool {
-        !self.outbox.is_empty()
+        !self.outbox.is_empty() || self.slots.values().any(Slot::holds_back)
     }
 
     pub fn config(&self) -> Config {

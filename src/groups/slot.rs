@@ -111,6 +111,11 @@ pub(super) struct Slot {
     pub holders: BTreeMap<MemberId, u32>,
     /// `SLOT_EXCLUSIVE`: the member leasing the slot.
     pub owner: Option<MemberId>,
+    /// `KEY_ORDERED`: events done here whose ack flush is not persisted yet, by seq, with
+    /// their keys; a key with one holds its next event back (a failover before the flush would
+    /// deliver the earlier event again after the later one).
+    unflushed: BTreeMap<u64, Bytes>,
+    unflushed_keys: BTreeMap<Bytes, u32>,
 }
 
 impl Slot {
@@ -138,6 +143,8 @@ impl Slot {
             held_bytes: 0,
             holders: BTreeMap::new(),
             owner: None,
+            unflushed: BTreeMap::new(),
+            unflushed_keys: BTreeMap::new(),
         };
         for (first, last) in state.done {
             slot.insert_done(first, last);
@@ -333,6 +340,10 @@ impl Slot {
             self.held_bytes -= e.bytes;
             self.ready.remove(&seq);
             let key = &e.event.shard_key;
+            if how.is_some() && mode == Mode::KeyOrdered {
+                self.unflushed.insert(seq, key.clone());
+                *self.unflushed_keys.entry(key.clone()).or_default() += 1;
+            }
             if let Some(seqs) = self.keys.get_mut(key) {
                 seqs.retain(|s| *s != seq);
                 if seqs.is_empty() {
@@ -389,8 +400,13 @@ impl Slot {
     }
 
     fn may_go(&self, seq: u64, head: bool, parked: bool, mode: Mode) -> bool {
+        let unflushed = || {
+            let key = &self.entries[&seq].event.shard_key;
+            self.unflushed_keys.contains_key(key)
+        };
         !parked
             && (head || mode == Mode::SlotExclusive)
+            && !(mode == Mode::KeyOrdered && unflushed())
             && match self.entries[&seq].state {
                 State::Queued { attempt } => attempt > 1 || seq <= self.horizon,
                 _ => false,
@@ -437,6 +453,31 @@ impl Slot {
             attempt,
             how: How::DeadLettered,
         });
+    }
+
+    /// An ack flush of these done events was persisted: their keys' next events may go.
+    pub(super) fn flushed(&mut self, done: &[Done], mode: Mode) {
+        for d in done {
+            let Some(key) = self.unflushed.remove(&d.seq) else {
+                continue;
+            };
+            let Some(n) = self.unflushed_keys.get_mut(&key) else {
+                continue;
+            };
+            *n -= 1;
+            if *n == 0 {
+                self.unflushed_keys.remove(&key);
+                self.refresh(&key, mode);
+            }
+        }
+    }
+
+    /// Whether a done event's flush holds its key's next event back (flush now, not at the
+    /// next interval).
+    pub(super) fn holds_back(&self) -> bool {
+        self.unflushed_keys
+            .keys()
+            .any(|k| self.keys.contains_key(k))
     }
 
     /// The slot's part of an ack flush, if it has anything new.

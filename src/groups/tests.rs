@@ -94,10 +94,20 @@ fn key_ordered_sends_a_keys_next_event_only_once_the_previous_is_acked() {
     feed(&mut d, 0, 6, &["a", "d"]);
     assert_eq!(seqs(&d.poll(0)), vec![7]);
     d.ack(0, 1, 1).unwrap();
+    // a's next waits until the ack is durable: a failover before the flush would deliver the
+    // first again after it.
+    assert!(
+        d.poll(0).is_empty(),
+        "a's next went before its ack was persisted"
+    );
+    assert!(d.urgent(), "a held-back successor asks for a flush now");
+    persist(&mut d);
     assert_eq!(seqs(&d.poll(0)), vec![2]);
     d.ack(0, 3, 1).unwrap();
+    persist(&mut d);
     assert!(d.poll(0).is_empty(), "b's ack released nothing of a");
     d.ack(0, 2, 1).unwrap();
+    persist(&mut d);
     assert_eq!(seqs(&d.poll(0)), vec![4]);
 }
 
@@ -312,6 +322,7 @@ fn max_deliver_parks_the_key_while_others_flow_and_unpark_resumes_it_in_sequence
     let out = d.poll(0);
     assert_eq!((seqs(&out), out[0].attempt), (vec![1], 3));
     d.ack(0, 1, 3).unwrap();
+    persist(&mut d);
     assert_eq!(seqs(&d.poll(0)), vec![2]);
     assert_eq!(
         d.unpark(0, b"a"),

@@ -7,6 +7,8 @@
 //! - [`linearizability`]: the checker every history of the cluster tests goes through;
 //! - [`feed`]: the change feed's checker beside it, and the [`feed::Watcher`] that records a
 //!   `Feed.Watch` through a router for it;
+//! - [`groups`]: consumer groups' [`groups::Member`] (one `Feed.Consume` stream through a router,
+//!   with a handler policy and a kill) and the checker of their deliveries;
 //! - [`wait`], [`rng`], [`ports`], [`env`], [`net`], [`bins`]: one copy of each helper:
 //!   `wait_for`, the seeded `SplitMix64`, the free-port picker, `env_u64`, the test endpoint and
 //!   `Status` call, the `ordoctl` runner;
@@ -17,6 +19,7 @@ pub mod cluster;
 pub mod env;
 pub mod faults;
 pub mod feed;
+pub mod groups;
 pub mod inproc;
 pub mod linearizability;
 pub mod net;

@@ -371,11 +371,23 @@ pub struct ProcCluster {
     /// Config servers first, then the nodes of group 1, 2, ..., then the router (once started).
     pub procs: Vec<ClusterProc>,
     pub groups: u64,
+    /// Extra `ordo node` flags of every shard-group node (e.g. a short feed retention).
+    node_args: Vec<String>,
 }
 
 impl ProcCluster {
     /// Starts the config servers and the shard-group nodes (not initialized, no router yet).
     pub fn start(bins: Bins, groups: u64, replicas: u64) -> ProcCluster {
+        Self::start_with_node_args(bins, groups, replicas, &[])
+    }
+
+    /// [`ProcCluster::start`], every shard-group node with the extra flags `node_args`.
+    pub fn start_with_node_args(
+        bins: Bins,
+        groups: u64,
+        replicas: u64,
+        node_args: &[&str],
+    ) -> ProcCluster {
         let dir = tempfile::tempdir().unwrap();
         let bin = dir.path().join("ordo");
         std::fs::copy(bins.ordo, &bin).expect("copy the ordo binary");
@@ -385,6 +397,7 @@ impl ProcCluster {
             bin,
             procs: Vec::new(),
             groups,
+            node_args: node_args.iter().map(|a| a.to_string()).collect(),
         };
         let config: BTreeMap<u64, String> = (1..=3).map(|id| (id, free_addr())).collect();
         for (&id, addr) in &config {
@@ -423,6 +436,9 @@ impl ProcCluster {
             "--peers".into(),
             peers.into(),
         ]);
+        if m.group != CONFIG_GROUP {
+            args.extend(self.node_args.iter().cloned());
+        }
         let data = self.dir.path().join(m.to_string());
         args.into_iter()
             .map(Into::into)
