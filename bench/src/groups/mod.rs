@@ -43,6 +43,9 @@ use member::{run_member, AckMode, Counts, MemberConfig, Tally};
 
 /// How long the members may take to handle a backlog before the run fails.
 const CONSUME_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long a backlog run may handle nothing before it fails as stalled: longer than the
+/// group's `ack_wait` (30 s), so that a redelivery is not taken for a stall.
+const STALL_TIMEOUT: Duration = Duration::from_secs(45);
 /// How long plain acks may take to be applied (the group's lag to reach 0) after the last one
 /// was sent.
 const APPLIED_TIMEOUT: Duration = Duration::from_secs(30);
@@ -328,29 +331,7 @@ impl Run<'_> {
         let tally = Tally::new();
         let started = Instant::now();
         let (stop, mut set) = self.start_members(&tally);
-        let deadline = started + CONSUME_TIMEOUT;
-        loop {
-            let notified = tally.progress.notified();
-            if tally.counts().done >= events {
-                break;
-            }
-            // A member that ends before it is told to stop leaves events nobody handles.
-            if let Some(ended) = set.try_join_next() {
-                match ended {
-                    Ok(Ok(())) => bail!("a member's stream ended before the backlog was handled"),
-                    Ok(Err(e)) => bail!("a member failed: {e:#}"),
-                    Err(e) => bail!("a member panicked: {e}"),
-                }
-            }
-            // Woken by progress, or after a while to look at the members again.
-            let _ = tokio::time::timeout(MEMBERS_CHECK, notified).await;
-            if Instant::now() >= deadline {
-                bail!(
-                    "after {CONSUME_TIMEOUT:?} the members had handled {} of {events} events",
-                    tally.counts().done
-                );
-            }
-        }
+        self.wait_handled(&tally, &mut set, started).await?;
         let counts = tally.counts();
         let consume_s = counts
             .last_done
@@ -382,6 +363,49 @@ impl Run<'_> {
             counts,
             cpu_s_per_1000: cpu.and_then(|c| per_thousand_ops(c, events)),
         })
+    }
+
+    /// Waits until the members have handled every backlog event. Fails when a member ends, after
+    /// `CONSUME_TIMEOUT`, or when nothing was handled for `STALL_TIMEOUT` (then it says on
+    /// stderr which slots hold the events left).
+    async fn wait_handled(
+        &self,
+        tally: &Tally,
+        set: &mut JoinSet<anyhow::Result<()>>,
+        started: Instant,
+    ) -> anyhow::Result<()> {
+        let events = self.args.events;
+        let deadline = started + CONSUME_TIMEOUT;
+        loop {
+            let notified = tally.progress.notified();
+            let counts = tally.counts();
+            if counts.done >= events {
+                return Ok(());
+            }
+            // A member that ends before it is told to stop leaves events nobody handles.
+            if let Some(ended) = set.try_join_next() {
+                match ended {
+                    Ok(Ok(())) => bail!("a member's stream ended before the backlog was handled"),
+                    Ok(Err(e)) => bail!("a member failed: {e:#}"),
+                    Err(e) => bail!("a member panicked: {e}"),
+                }
+            }
+            let idle = counts.last_done.unwrap_or(started).elapsed();
+            if idle >= STALL_TIMEOUT {
+                self.explain_missing(events - counts.done).await;
+                bail!(
+                    "stalled: nothing handled for {idle:.0?} with {} of {events} events left",
+                    events - counts.done
+                );
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "after {CONSUME_TIMEOUT:?} the members had handled {} of {events} events",
+                counts.done
+            );
+            // Woken by progress, or after a while to look at the members again.
+            let _ = tokio::time::timeout(MEMBERS_CHECK, notified).await;
+        }
     }
 
     /// Writes `--events` puts, `--batch` per Txn under one shard key, `--writers` at a time.
@@ -474,11 +498,11 @@ impl Run<'_> {
     async fn explain_missing(&self, missing: u64) {
         let g = match self.client.describe_group(self.group).await {
             Ok(g) => g,
-            Err(s) => return eprintln!("{missing} events never delivered; describe failed: {s}"),
+            Err(s) => return eprintln!("{missing} events not handled; describe failed: {s}"),
         };
         eprintln!(
-            "{missing} events never delivered within the drain; group {} lags {} events, {} \
-             pending, {} parked",
+            "{missing} events not handled in time; group {} lags {} events, {} pending, {} \
+             parked",
             self.group, g.lag_events, g.pending, g.parked
         );
         for s in g.slots.iter().filter(|s| s.lag_events > 0 || s.pending > 0) {
