@@ -98,6 +98,21 @@ fn fold(view: &str, version: u64, count: u64, order: &str, at: (u32, u64, u32)) 
     }
 }
 
+/// The counter's version and value (0, 0 before its first write).
+async fn read(c: &ordo_proto::client::Client, view: &str) -> (u64, u64) {
+    let r = c
+        .get(view.to_string(), "count", false)
+        .await
+        .expect("reading the counter");
+    match r.found {
+        true => (
+            r.version,
+            std::str::from_utf8(&r.value).unwrap().parse().unwrap(),
+        ),
+        false => (0, 0),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_read_model_in_another_group_folds_each_event_once_across_2pc_failpoints() {
     let _heavy = ordo_testkit::HEAVY.lock().await;
@@ -127,26 +142,13 @@ async fn a_read_model_in_another_group_folds_each_event_once_across_2pc_failpoin
     // The order's slot holds only its events: seqs 1..=EVENTS.
     for seq in 1..=EVENTS {
         let fp = failpoints[(seq as usize - 1) % failpoints.len()];
-        let read = |c: ordo_proto::client::Client, view: String| async move {
-            let r = c
-                .get(view, "count", false)
-                .await
-                .expect("reading the counter");
-            match r.found {
-                true => (
-                    r.version,
-                    std::str::from_utf8(&r.value).unwrap().parse().unwrap(),
-                ),
-                false => (0, 0u64),
-            }
-        };
         // The delivery the consumer acks: attempt 1, unless a new leader of the order's group
         // fenced the event with a higher one (it then delivers it again: the consumer takes the
         // attempt the refusal names, as it would from the redelivery).
         let mut attempt = 1;
         if let Some(fp) = fp {
             let (router, dying) = router_with(&pg, fp).await;
-            let (version, count) = read(c.clone(), view.clone()).await;
+            let (version, count) = read(&c, &view).await;
             let r = dying
                 .txn(fold(
                     &view,
@@ -164,7 +166,7 @@ async fn a_read_model_in_another_group_folds_each_event_once_across_2pc_failpoin
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             assert!(Instant::now() < deadline, "event {seq} never settled");
-            let (version, count) = read(c.clone(), view.clone()).await;
+            let (version, count) = read(&c, &view).await;
             match c
                 .txn(fold(
                     &view,
