@@ -622,6 +622,23 @@ impl Dispatcher {
         n.min(u32::MAX as usize) as u32
     }
 
+    /// `waiting` of every member, the slots gone over once under `KEY_ORDERED` (where the
+    /// count is the same for every member without credits), not once per member.
+    pub fn waiting_each(&self) -> Vec<(MemberId, u32)> {
+        let mut shared = None;
+        self.members
+            .iter()
+            .map(|(&id, m)| {
+                let n = match (m.credits, self.config.mode) {
+                    (0, Mode::KeyOrdered) => *shared.get_or_insert_with(|| self.waiting(id)),
+                    (0, Mode::SlotExclusive) => self.waiting(id),
+                    _ => 0,
+                };
+                (id, n)
+            })
+            .collect()
+    }
+
     fn finish(&mut self, slot: u32, seq: u64, attempt: u32, how: How) -> Result<(), Refusal> {
         if self.current(slot, seq, attempt)?.is_some() {
             self.settle(slot, seq, Some(how));

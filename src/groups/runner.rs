@@ -761,11 +761,13 @@ impl Runner {
                     c.waiting = 0;
                 }
             }
-            for (&member, conn) in &run.members {
+            for (member, waiting) in run.d.waiting_each() {
+                let Some(conn) = run.members.get(&member) else {
+                    continue;
+                };
                 let Some(c) = self.conns.get_mut(conn) else {
                     continue;
                 };
-                let waiting = run.d.waiting(member);
                 if waiting != c.waiting {
                     c.waiting = waiting;
                     let msg = Some(Out::Waiting(waiting));

@@ -49,7 +49,19 @@ struct Stream {
     rx: Streaming<PeerConsumeResponse>,
 }
 
-async fn join(addr: &str, member: &str, credits: u32) -> Stream {
+/// `member`'s stream at the group's leader (found again if leadership moves meanwhile).
+async fn join(g: &InProcGroup, member: &str, credits: u32) -> Stream {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let addr = g.addr(g.wait_leader(INPROC_GROUP, SETTLE).await);
+        match try_join(&addr, member, credits).await {
+            Ok(s) => return s,
+            Err(e) => assert!(Instant::now() < deadline, "no join within {SETTLE:?}: {e}"),
+        }
+    }
+}
+
+async fn try_join(addr: &str, member: &str, credits: u32) -> Result<Stream, tonic::Status> {
     let mut peer = PeerClient::connect(format!("http://{addr}")).await.unwrap();
     let (tx, rx) = mpsc::channel(64);
     let join = PeerConsumeRequest {
@@ -62,14 +74,15 @@ async fn join(addr: &str, member: &str, credits: u32) -> Stream {
     };
     tx.send(join).await.unwrap();
     let rx = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let mut rx = peer.consume(rx).await.unwrap().into_inner();
+    let mut rx = peer.consume(rx).await?.into_inner();
     match rx.message().await {
         Ok(Some(PeerConsumeResponse {
             msg: Some(Out::Joined(_)),
         })) => {}
+        Err(e) => return Err(e),
         other => panic!("a join is answered `joined` first, got {other:?}"),
     }
-    Stream { tx, rx }
+    Ok(Stream { tx, rx })
 }
 
 impl Stream {
@@ -150,7 +163,7 @@ async fn two_members_share_the_events_one_order_at_a_time_and_acks_commit() {
     let (g, leader) = group().await;
     let last = write(&g, 60).await;
     let addr = g.addr(leader);
-    let mut members = [join(&addr, "m1", 1).await, join(&addr, "m2", 1).await];
+    let mut members = [join(&g, "m1", 1).await, join(&g, "m2", 1).await];
     let mut in_flight: BTreeSet<String> = BTreeSet::new();
     let mut seen: BTreeMap<String, u64> = BTreeMap::new();
     let deadline = Instant::now() + SETTLE;
@@ -204,7 +217,7 @@ async fn two_members_share_the_events_one_order_at_a_time_and_acks_commit() {
 async fn a_new_leader_redelivers_what_was_in_flight_with_higher_attempts() {
     let (mut g, leader) = group().await;
     write(&g, 10).await;
-    let mut m = join(&g.addr(leader), "m1", 2).await;
+    let mut m = join(&g, "m1", 2).await;
     let mut first = Vec::new();
     while first.len() < 2 {
         let (ev, attempt) = m.delivery(SETTLE).await.expect("deliveries");
@@ -213,8 +226,8 @@ async fn a_new_leader_redelivers_what_was_in_flight_with_higher_attempts() {
     }
     // The horizon that let them go out is persisted before they went: wait for nothing more.
     g.kill(leader).await;
-    let next = g.wait_leader(INPROC_GROUP, SETTLE).await;
-    let mut m = join(&g.addr(next), "m1", 10).await;
+    g.wait_leader(INPROC_GROUP, SETTLE).await;
+    let mut m = join(&g, "m1", 10).await;
     let mut again = BTreeMap::new();
     let deadline = Instant::now() + SETTLE;
     while again.len() < 2 {
@@ -257,8 +270,8 @@ async fn a_new_leader_redelivers_what_was_in_flight_with_higher_attempts() {
 /// a count not repeated left the last events of a group undelivered until another write).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn what_waits_for_credits_is_told_again_after_each_delivery() {
-    let (g, leader) = group().await;
-    let mut m = join(&g.addr(leader), "m1", 0).await;
+    let (g, _) = group().await;
+    let mut m = join(&g, "m1", 0).await;
     let client = g.client().with_timeout(Duration::from_secs(10));
     client.put("order-a", "outbox/e", "1", None).await.unwrap();
     assert_eq!(m.waiting(SETTLE).await, 1, "one event waits");
