@@ -91,6 +91,13 @@ pub const SNAPSHOT_BUILD_RETRY_MAX_MS: u64 = 30_000;
 /// fsync to every write, and what it guards against, sled losing synced writes, is still caught
 /// for everything older than this.
 pub const WATERMARK_INTERVAL_MS: u64 = 100;
+/// sled (the state machine) is flushed and synced in the background at least this often
+/// (`durable::Flusher`); the raft log is compacted only below what the last flush covered.
+pub const FLUSH_INTERVAL_MS: u64 = 1_000;
+/// Bytes of applied entries the raft log keeps in memory (`storage.rs` holds the live log in
+/// memory; the files are for recovery): past this, the driver compacts down to half of it, as far
+/// as sled's durable applied index allows.
+pub const LOG_MEMORY_BYTES_MAX: u64 = 64 << 20;
 /// Proposals in flight on one leader; beyond it clients get `UNAVAILABLE` (overloaded) at once.
 /// Only their replies wait here (their entries are in the raft log), so this bounds count, not
 /// bytes.
@@ -138,8 +145,6 @@ pub const PROPOSAL_BATCH_BYTES_MAX: usize = 256 * 1024;
 pub const APPLY_BATCH_BYTES_MAX: u64 = 16 * RAFT_MSG_BYTES_MAX;
 /// Default number of applied entries kept in the log before it is compacted.
 pub const COMPACT_LOG_ENTRIES_DEFAULT: u64 = 10_000;
-/// Most log entries one compaction removes (it runs on the driver loop, so it must stay short).
-pub const COMPACT_STEP_ENTRIES_MAX: u64 = 1_024;
 
 /// Slots of the hash ring. `ordoctl init --slots` must match it: a group refuses ownership for
 /// any other count (`SetOwnership` checks it at apply).

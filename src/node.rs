@@ -211,16 +211,40 @@ pub(crate) fn recover(cfg: &NodeConfig) -> anyhow::Result<Recovered> {
     } else {
         cfg.peers.keys().copied().collect()
     };
-    let sled_was_empty = RaftStore::is_empty(&db)?;
-    let mut store = RaftStore::open(&db, cfg.id, &voters)?;
-    // Protocol-aware recovery (H5): a sled that lost synced writes is not trusted.
+    if db.tree_names().iter().any(|t| t.as_ref() == b"raft_log") {
+        bail!(
+            "{} holds a raft log inside sled: it was made by an Ordo version before the raft log \
+             had files of its own (issue 15); start this replica with an empty data dir and let \
+             it catch up from its group",
+            db_dir.display()
+        );
+    }
+    let log_was_empty = RaftStore::is_empty(&cfg.data_dir)?;
+    let mut store = RaftStore::open(&cfg.data_dir, cfg.id, &voters)?;
+    // Protocol-aware recovery (H5): a raft log that lost synced writes is not trusted.
     let mut watermark =
-        crate::replica::watermark::check_and_open(&cfg.data_dir, store.mark(), sled_was_empty)?;
+        crate::replica::watermark::check_and_open(&cfg.data_dir, store.mark(), log_was_empty)?;
     if opened.interrupted_install {
         // The install lowered the watermark before it began; this keeps it so should the
         // reset itself be cut short.
         watermark.write(store.mark().before_install())?;
         store.reset_to_empty()?;
+    }
+    // sled is synced in the background and a crash may lose its newest applies; the log still
+    // holds them, because it is compacted only below what sled made durable. sled behind the
+    // log's start lost more than that: a damaged disk.
+    let log_start = store.first_index_now() - 1;
+    let never_applied =
+        sm.applied_index() == 0 && log_start == crate::replica::storage::BOOTSTRAP_INDEX;
+    if !log_was_empty && sm.applied_index() < log_start && !never_applied {
+        bail!(
+            "the state machine in {} is at applied index {} but the raft log starts after {}: \
+             sled lost writes it had synced; replace this replica (a new node with an empty data \
+             dir) and inspect the disk",
+            db_dir.display(),
+            sm.applied_index(),
+            log_start
+        );
     }
     // A founder's first start: its log begins after the bootstrap position.
     sm.start_at(store.first_index_now() - 1)?;
@@ -238,9 +262,11 @@ pub(crate) fn recover(cfg: &NodeConfig) -> anyhow::Result<Recovered> {
         store.set_commit(sm.applied_index())?;
     }
     db.flush()?;
+    let to_replay = store.hard_state().commit.saturating_sub(sm.applied_index());
     tracing::info!(node = cfg.id, group = cfg.group, applied = sm.applied_index(),
-        last_index = store.last_index_now(), term = store.hard_state().term,
-        data_dir = %cfg.data_dir.display(), "opened storage");
+        commit = store.hard_state().commit, last_index = store.last_index_now(),
+        term = store.hard_state().term, to_replay, data_dir = %cfg.data_dir.display(),
+        "opened storage");
     Ok(Recovered {
         db,
         db_dir,
@@ -263,9 +289,18 @@ pub(crate) fn new_driver(
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<Driver> {
     let durable = crate::replica::durable::Durable::open(rec.db, &rec.db_dir)?;
-    // Opening synced everything recovery wrote: the watermark can say so.
+    let sm = rec.sm.clone();
+    let flusher = crate::replica::durable::Flusher::spawn(
+        durable,
+        rec.sm.applied_index(),
+        move || sm.applied_index(),
+        format!("flush-g{}-n{}", cfg.group, cfg.id),
+    )?;
+    // Sync what recovery recorded; then the watermark can say so.
+    let mut store = rec.store;
+    store.sync()?;
     let mut watermark = rec.watermark;
-    watermark.write(rec.store.mark())?;
+    watermark.write(store.mark())?;
     let driver_cfg = DriverConfig {
         node_id: cfg.id,
         group_id: cfg.group,
@@ -280,7 +315,7 @@ pub(crate) fn new_driver(
         },
     };
     Ok(Driver::new(
-        driver_cfg, rec.store, durable, watermark, rec.sm, inbox, raft_in, outbox, shared, stop,
+        driver_cfg, store, flusher, watermark, rec.sm, inbox, raft_in, outbox, shared, stop,
     )?)
 }
 

@@ -25,8 +25,12 @@ use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::limits::FLUSH_INTERVAL_MS;
 
 pub struct Durable {
     db: sled::Db,
@@ -37,9 +41,39 @@ pub struct Durable {
     blobs_synced: HashSet<OsString>,
     /// The first sync error: every later `sync` returns it (see the module doc).
     failed: Option<String>,
-    /// Syncs since `open`, and after how many the failpoint makes them fail.
+    failpoint: FailPoint,
+}
+
+/// The fsync failpoint (see the module doc): counts syncs and, when set, fails every one after
+/// the first `n`. Shared by sled's syncs here and the raft log's (`wal`).
+#[derive(Debug, Default)]
+pub struct FailPoint {
     syncs: u64,
     fail_after: Option<u64>,
+}
+
+impl FailPoint {
+    /// The failpoint as `ORDO_FAILPOINT_FSYNC` sets it (off when unset).
+    pub fn from_env() -> Result<FailPoint> {
+        Ok(FailPoint {
+            syncs: 0,
+            fail_after: parse_failpoint(std::env::var(FAILPOINT_FSYNC_ENV).ok().as_deref())?,
+        })
+    }
+
+    #[cfg(test)]
+    pub fn after(n: u64) -> FailPoint {
+        FailPoint {
+            syncs: 0,
+            fail_after: Some(n),
+        }
+    }
+
+    /// Counts one sync; true if it is to fail.
+    pub fn fails_now(&mut self) -> bool {
+        self.syncs += 1;
+        self.fail_after.is_some_and(|n| self.syncs > n)
+    }
 }
 
 /// The failpoint's environment variable (see the module doc).
@@ -72,13 +106,11 @@ impl Durable {
             blob_dir: dir.join("blobs"),
             blobs_synced: HashSet::new(),
             failed: None,
-            syncs: 0,
-            fail_after: None,
+            failpoint: FailPoint::default(),
         };
         // Whatever an earlier run left unsynced is synced now, before raft relies on it.
         durable.sync()?;
-        durable.syncs = 0;
-        durable.fail_after = parse_failpoint(std::env::var(FAILPOINT_FSYNC_ENV).ok().as_deref())?;
+        durable.failpoint = FailPoint::from_env()?;
         Ok(durable)
     }
 
@@ -100,14 +132,12 @@ impl Durable {
     /// Tests: the failpoint without the environment variable (shared by the whole process).
     #[cfg(test)]
     pub(crate) fn fail_syncs_after(&mut self, n: u64) {
-        self.syncs = 0;
-        self.fail_after = Some(n);
+        self.failpoint = FailPoint::after(n);
     }
 
     fn try_sync(&mut self) -> Result<()> {
-        self.syncs += 1;
         self.db.flush()?;
-        if self.fail_after.is_some_and(|n| self.syncs > n) {
+        if self.failpoint.fails_now() {
             return Err(io(
                 std::io::Error::other(format!("injected by {FAILPOINT_FSYNC_ENV}")),
                 "syncing",
@@ -154,6 +184,153 @@ impl Durable {
     }
 }
 
+/// sled made durable in the background (issue 15). The state machine is applied without a
+/// sync of its own (the raft log is synced, and a restart replays what sled lost), so this thread
+/// flushes and syncs sled every `FLUSH_INTERVAL_MS`, or sooner when asked, and publishes the
+/// applied index each flush covers: the raft log is compacted up to that index and never above
+/// it (`driver/snapshots.rs`), so whatever sled loses in a crash is still in the log.
+///
+/// An applied index is read *before* the flush starts: its sled transaction had committed by
+/// then (the state machine publishes it after), so the flush covers it. A failed sync is final
+/// here too: `failure` reports it and the driver stops the replica.
+pub struct Flusher {
+    shared: Arc<FlushShared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct FlushShared {
+    durable: Mutex<Durable>,
+    wake: Mutex<FlushWake>,
+    cv: Condvar,
+    durable_applied: AtomicU64,
+    failed: AtomicBool,
+    /// Tests only (`Flusher::hold`).
+    held: AtomicBool,
+}
+
+#[derive(Default)]
+struct FlushWake {
+    wanted: bool,
+    stop: bool,
+    failure: Option<String>,
+}
+
+impl Flusher {
+    /// Starts the thread. `applied` reads the state machine's applied index; the one given now
+    /// is durable already (`Durable::open` synced).
+    pub fn spawn(
+        durable: Durable,
+        applied_now: u64,
+        applied: impl Fn() -> u64 + Send + 'static,
+        name: String,
+    ) -> Result<Flusher> {
+        let shared = Arc::new(FlushShared {
+            durable: Mutex::new(durable),
+            wake: Mutex::new(FlushWake::default()),
+            cv: Condvar::new(),
+            durable_applied: AtomicU64::new(applied_now),
+            failed: AtomicBool::new(false),
+            held: AtomicBool::new(false),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(name)
+            .spawn(move || s.run(applied))
+            .map_err(|e| Error::Storage(format!("starting the sled flusher: {e}")))?;
+        Ok(Flusher {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// The highest applied index whose effects are known to be on stable storage.
+    pub fn durable_applied(&self) -> u64 {
+        self.shared.durable_applied.load(Ordering::Acquire)
+    }
+
+    /// Asks for a flush soon (the log wants compacting).
+    pub fn request(&self) {
+        let mut w = self.shared.wake.lock().unwrap();
+        if !w.wanted {
+            w.wanted = true;
+            self.shared.cv.notify_one();
+        }
+    }
+
+    /// The first failed flush, if any.
+    pub fn failure(&self) -> Option<String> {
+        if !self.shared.failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        self.shared.wake.lock().unwrap().failure.clone()
+    }
+
+    /// Flushes on the caller's thread and waits until it is durable: `applied` is covered after
+    /// it returns (a snapshot install, a clean stop).
+    pub fn sync_now(&self, applied: u64) -> Result<()> {
+        self.shared.durable.lock().unwrap().sync()?;
+        self.shared
+            .durable_applied
+            .fetch_max(applied, Ordering::AcqRel);
+        Ok(())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn fail_syncs_after(&self, n: u64) {
+        self.shared.durable.lock().unwrap().fail_syncs_after(n);
+    }
+
+    /// Tests: while held, the thread flushes nothing (what a crash between flushes leaves).
+    #[cfg(test)]
+    pub(crate) fn hold(&self, held: bool) {
+        self.shared.held.store(held, Ordering::Relaxed);
+    }
+}
+
+impl FlushShared {
+    fn run(&self, applied: impl Fn() -> u64) {
+        let interval = Duration::from_millis(FLUSH_INTERVAL_MS);
+        loop {
+            {
+                let mut w = self.wake.lock().unwrap();
+                if !w.wanted && !w.stop {
+                    w = self.cv.wait_timeout(w, interval).unwrap().0;
+                }
+                if w.stop {
+                    return;
+                }
+                w.wanted = false;
+            }
+            if self.held.load(Ordering::Relaxed) {
+                continue;
+            }
+            let index = applied();
+            let synced = self.durable.lock().unwrap().sync();
+            match synced {
+                Ok(()) => {
+                    self.durable_applied.fetch_max(index, Ordering::AcqRel);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "flushing sled failed; the replica stops");
+                    self.wake.lock().unwrap().failure = Some(e.to_string());
+                    self.failed.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Flusher {
+    fn drop(&mut self) {
+        self.shared.wake.lock().unwrap().stop = true;
+        self.shared.cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,14 +364,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = sled::Config::new().path(dir.path()).open().unwrap();
         let mut d = Durable::open(db.clone(), dir.path()).unwrap();
-        d.fail_after = Some(1);
+        d.failpoint = FailPoint::after(1);
         db.insert(b"a", b"1".to_vec()).unwrap();
         d.sync().expect("the first sync is allowed to succeed");
         db.insert(b"b", b"2".to_vec()).unwrap();
         let first = d.sync().expect_err("the failpoint fails the second sync");
         assert!(first.to_string().contains("injected"), "{first}");
         // The failure goes away; a naive retry would now succeed and hide the lost writes.
-        d.fail_after = None;
+        d.failpoint.fail_after = None;
         for _ in 0..3 {
             let again = d
                 .sync()
@@ -205,7 +382,10 @@ mod tests {
                 "{msg}"
             );
         }
-        assert_eq!(d.syncs, 2, "no sync was attempted after the failure");
+        assert_eq!(
+            d.failpoint.syncs, 2,
+            "no sync was attempted after the failure"
+        );
     }
 
     #[test]

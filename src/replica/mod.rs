@@ -10,6 +10,7 @@ pub(crate) mod outbox;
 pub(crate) mod snapshot;
 pub(crate) mod storage;
 pub(crate) mod transport;
+pub(crate) mod wal;
 pub(crate) mod watermark;
 
 pub use handle::ReplicaHandle;

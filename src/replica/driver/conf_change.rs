@@ -255,6 +255,11 @@ impl Driver {
     /// Applies a membership change: raft's configuration, the transport's peers (an added
     /// node's address travels in the change's context) and both persisted.
     pub(super) fn apply_conf_change(&mut self, e: &Entry) -> Result<ConfState> {
+        // A restart replays the entries sled had not made durable; a conf change among them
+        // that the raft log's conf state already holds must not be applied twice.
+        if e.index <= self.raw.store().conf_index() {
+            return Ok(self.raw.store().conf_state().clone());
+        }
         let corrupt = |err| Error::Corruption(format!("conf change at {}: {err}", e.index));
         let (cs, changes) = if e.get_entry_type() == EntryType::EntryConfChangeV2 {
             let mut cc = ConfChangeV2::default();
@@ -294,7 +299,7 @@ impl Driver {
             voters = ?cs.voters, learners = ?cs.learners, "membership changed");
         let addrs = self.outbox.addrs();
         self.raw.mut_store().set_peer_addrs(&addrs)?;
-        self.raw.mut_store().set_conf_state(&cs)?;
+        self.raw.mut_store().set_conf_state(&cs, e.index)?;
         Ok(cs)
     }
 }

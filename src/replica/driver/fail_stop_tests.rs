@@ -177,7 +177,7 @@ async fn h4_a_failed_replica_refuses_everything_with_unavailable() {
     let dir = tempfile::tempdir().unwrap();
     let mut p = parts(dir.path());
     // The single voter elects itself, and the sync of its new term fails.
-    p.driver.durable.fail_syncs_after(0);
+    p.driver.raw.mut_store().fail_syncs_after(0);
     tokio::time::timeout(std::time::Duration::from_secs(15), p.driver.run())
         .await
         .expect("the driver stops on its own after the failed sync");
@@ -228,21 +228,8 @@ async fn h4_a_failed_replica_refuses_everything_with_unavailable() {
     assert!(status.message().contains("injected"), "{status:?}");
 }
 
-/// Runs a single-voter driver over `dir` until `writes` puts of `value_bytes` each are applied,
-/// then stops it and drops everything that keeps its sled open.
-async fn write_and_stop(dir: &std::path::Path, writes: usize, value_bytes: usize) {
-    let p = parts(dir);
-    let Parts {
-        driver,
-        sm,
-        inbox,
-        _stop: stop,
-        ..
-    } = p;
-    let running = tokio::spawn(async move {
-        let mut driver = driver;
-        driver.run().await
-    });
+/// Proposes `writes` puts of `value_bytes` each and waits for every one to be applied.
+async fn propose_puts(inbox: &mpsc::Sender<Msg>, writes: usize, value_bytes: usize) {
     for i in 0..writes {
         let cmd = Command::Txn(
             put_as_txn(ordo_proto::v1::PutRequest {
@@ -275,78 +262,159 @@ async fn write_and_stop(dir: &std::path::Path, writes: usize, value_bytes: usize
             }
         }
     }
+}
+
+/// Runs a single-voter driver over `dir` until `writes` puts of `value_bytes` each are applied,
+/// then stops it and drops everything that keeps its sled open.
+async fn write_and_stop(dir: &std::path::Path, writes: usize, value_bytes: usize) {
+    let p = parts(dir);
+    let Parts {
+        driver,
+        sm,
+        inbox,
+        _stop: stop,
+        ..
+    } = p;
+    let running = tokio::spawn(async move {
+        let mut driver = driver;
+        driver.run().await
+    });
+    propose_puts(&inbox, writes, value_bytes).await;
     let _ = stop.send(true);
     running.await.unwrap();
     drop((sm, inbox));
 }
 
-/// The offsets of sled's log segments in `db/db`, newest first. Vendored sled 0.34: 512 KiB
-/// segments, each starting with `crc32 | lsn ^ 0x7fff_ffff_ffff_ffff (u64 LE) | ...`.
-fn segments_newest_first(log: &[u8]) -> Vec<usize> {
-    const SEGMENT: usize = 512 * 1024;
-    let mut segments: Vec<(u64, usize)> = log
-        .chunks_exact(SEGMENT)
-        .enumerate()
-        .map(|(i, s)| {
-            let lsn = u64::from_le_bytes(s[4..12].try_into().unwrap()) ^ 0x7fff_ffff_ffff_ffff;
-            (lsn, i * SEGMENT)
-        })
-        .collect();
-    segments.sort_unstable_by(|a, b| b.cmp(a));
-    segments.into_iter().map(|(_, offset)| offset).collect()
+/// H4 for the state machine: sled is synced in the background, and a failed sync there stops
+/// the replica just as a failed raft log sync does.
+#[tokio::test]
+async fn h4_a_failed_background_flush_of_sled_stops_the_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut p = parts(dir.path());
+    p.driver.flusher.fail_syncs_after(0);
+    p.driver.flusher.request();
+    tokio::time::timeout(std::time::Duration::from_secs(15), p.driver.run())
+        .await
+        .expect("the driver stops on its own after the failed flush");
+    let why = p.shared.stopped().expect("the failure is published");
+    assert!(why.contains("injected"), "{why}");
 }
 
-/// H5 (protocol-aware recovery): a byte flipped in the segment that holds sled's newest writes
-/// makes sled recover only the log before it (a "tear"): without the watermark the replica came
-/// back with a shorter log and an older commit than it had synced and acknowledged. With it the
-/// node refuses to start, naming what sled has and what it had synced. (A flip in an older
-/// segment often makes sled 0.34 panic in its own recovery, which fails the start too.)
-///
-/// Sometimes the newest segment holds only what came after the last raft entry (its apply,
-/// sled's own metadata): the tear then loses nothing raft synced, and the node rightly opens with
-/// its whole log. Such a trial must open at the synced state, and another one is run: the
-/// refusal has to be seen within a few.
+/// H5 (protocol-aware recovery): a byte flipped in the middle of the raft log's newest segment
+/// makes everything after it unreadable, and the open takes it for a torn tail: without the
+/// watermark the replica would come back with a shorter log and an older commit than it had
+/// synced and acknowledged. With it the node refuses to start, naming what the log has and what
+/// it had synced.
 #[tokio::test]
 async fn h5_a_corrupt_log_segment_makes_the_node_refuse_to_start() {
-    const TRIALS: usize = 4;
-    for trial in 1..=TRIALS {
-        let dir = tempfile::tempdir().unwrap();
-        // 400 writes of 4 KiB fill a dozen of sled's 512 KiB segments.
-        write_and_stop(dir.path(), 400, 4096).await;
-        let path = dir.path().join("db").join("db");
-        let mut log = std::fs::read(&path).unwrap();
-        let segments = segments_newest_first(&log);
-        assert!(segments.len() > 4, "sled's log spans several segments");
-        // Inside the first message after the newest segment's 20-byte header.
-        log[segments[0] + 24] ^= 0x40;
-        std::fs::write(&path, &log).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    write_and_stop(dir.path(), 400, 4096).await;
+    let wal = dir.path().join(crate::replica::wal::DIR_NAME);
+    let newest = std::fs::read_dir(&wal)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .max()
+        .unwrap();
+    let mut log = std::fs::read(&newest).unwrap();
+    assert!(
+        log.len() > 400 * 4096,
+        "the 400 writes are in the newest segment"
+    );
+    let middle = log.len() / 2;
+    log[middle] ^= 0x40;
+    std::fs::write(&newest, &log).unwrap();
 
-        match recover(&config(dir.path())) {
-            Ok(rec) => {
-                let (now, synced) = (rec.store.mark(), rec.watermark.written());
-                assert!(
-                    now.last_index >= synced.last_index && now.commit >= synced.commit,
-                    "trial {trial}: the node opened a torn log (last index {}, commit {}) \
-                     behind what it had synced ({synced:?})",
-                    now.last_index,
-                    now.commit,
-                );
-                assert!(
-                    now.last_index >= 400,
-                    "all 400 acknowledged writes: {now:?}"
-                );
-            }
-            Err(e) => {
-                let err = format!("{e:#}");
-                assert!(
-                    err.contains("corruption") && err.contains("behind the watermark"),
-                    "the refusal says why: {err}"
-                );
-                return;
-            }
+    let err = match recover(&config(dir.path())) {
+        Ok(rec) => panic!(
+            "the node opened a torn log (last index {}, commit {})",
+            rec.store.last_index_now(),
+            rec.store.hard_state().commit
+        ),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(
+        err.contains("corruption") && err.contains("behind the watermark"),
+        "the refusal says why: {err}"
+    );
+}
+
+/// Issue 15: sled is not synced per write, so a crash loses its newest applies; the restart
+/// replays them from the raft log and the state machine comes back exactly (same digest). The
+/// crash is a copy of the data dir taken while the replica runs with its background flush held,
+/// which is what a kill -9 leaves on disk.
+#[tokio::test]
+async fn after_a_crash_the_state_machine_is_rebuilt_from_the_raft_log_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let crash = tempfile::tempdir().unwrap();
+    let p = parts(dir.path());
+    p.driver.flusher.hold(true);
+    let Parts {
+        driver,
+        sm,
+        inbox,
+        _stop: stop,
+        ..
+    } = p;
+    let running = tokio::spawn(async move {
+        let mut driver = driver;
+        driver.run().await
+    });
+    propose_puts(&inbox, 200, 100).await;
+    let applied = sm.applied_index();
+    copy_dir(dir.path(), crash.path());
+    let _ = stop.send(true);
+    running.await.unwrap();
+    let expected = sm.digest().unwrap();
+    drop((sm, inbox));
+
+    let p = parts(crash.path());
+    let at_open = p.sm.applied_index();
+    assert!(
+        at_open < applied,
+        "the crash image's sled lacks applies ({at_open} of {applied}): nothing to replay"
+    );
+    let Parts {
+        driver,
+        sm,
+        _stop: stop,
+        inbox,
+        ..
+    } = p;
+    let running = tokio::spawn(async move {
+        let mut driver = driver;
+        driver.run().await
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while sm.applied_index() < applied {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replay got to {} of {applied} in 15 s",
+            sm.applied_index()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        sm.digest().unwrap(),
+        expected,
+        "replayed from {at_open} to {applied}"
+    );
+    let _ = stop.send(true);
+    running.await.unwrap();
+    drop(inbox);
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
         }
     }
-    panic!("in {TRIALS} trials no flip tore the raft log: the test no longer hits what it tests");
 }
 
 /// M10: heartbeats that arrive after two inbox batches of proposals are stepped before any of

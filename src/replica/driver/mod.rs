@@ -6,11 +6,12 @@
 //! each `Ready` in raft-rs's order:
 //! 1. send the leader's messages (they need not wait for its own disk),
 //! 2. install a snapshot if raft accepted one,
-//! 3. append entries and the hard state, then **one** sync (sled flush + fdatasync, see
-//!    `durable.rs`) for the whole Ready,
+//! 3. append entries and the hard state to the raft log, then **one** write and `fdatasync` of
+//!    its segment file (`wal/`) for the whole Ready,
 //! 4. send the messages that had to wait for that flush (votes, append responses),
-//! 5. apply committed entries (effects + applied index in one sled transaction) and answer the
-//!    proposals and reads waiting for them,
+//! 5. apply committed entries (effects + applied index in one sled transaction, not synced: the
+//!    flusher thread syncs sled in the background, `durable.rs`) and answer the proposals and
+//!    reads waiting for them,
 //! 6. advance, and do the same for the light ready.
 //!
 //! A snapshot is built on a thread of its own (`snapshots.rs`); until it ends the loop goes on
@@ -31,7 +32,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Result};
 use crate::limits::*;
-use crate::replica::durable::Durable;
+use crate::replica::durable::Flusher;
 use crate::replica::inbox::{Msg, PeerMsg, Shared};
 use crate::replica::outbox::Outbox;
 use crate::replica::storage::RaftStore;
@@ -134,8 +135,9 @@ struct PendingRead {
 pub struct Driver {
     cfg: DriverConfig,
     raw: RawNode<RaftStore>,
-    durable: Durable,
-    /// Raft state last known durable, outside sled (H5): refreshed after every sync.
+    /// Syncs sled in the background; how far the log may be compacted.
+    flusher: Flusher,
+    /// Raft state last known durable, outside the log (H5): refreshed after every sync.
     watermark: Watermark,
     sm: Arc<StateMachine>,
     inbox: mpsc::Receiver<Msg>,
@@ -196,7 +198,7 @@ impl Driver {
     pub fn new(
         cfg: DriverConfig,
         store: RaftStore,
-        durable: Durable,
+        flusher: Flusher,
         watermark: Watermark,
         sm: Arc<StateMachine>,
         inbox: mpsc::Receiver<Msg>,
@@ -215,7 +217,7 @@ impl Driver {
         Ok(Driver {
             cfg,
             raw,
-            durable,
+            flusher,
             watermark,
             sm,
             inbox,
@@ -263,7 +265,9 @@ impl Driver {
         // A replica that failed writes nothing more: its storage is not trusted, and on a full
         // disk sled's flush may never return, which would keep the process from exiting.
         if !failed {
-            let synced = self.durable.sync().and_then(|()| {
+            let applied = self.sm.applied_index();
+            let synced = self.raw.mut_store().sync().and_then(|()| {
+                self.flusher.sync_now(applied)?;
                 let mark = self.raw.store().mark();
                 self.watermark.write(mark)
             });
@@ -288,6 +292,10 @@ impl Driver {
             if let Err(e) = self.after_batch() {
                 tracing::error!(node = self.cfg.node_id, group = self.cfg.group_id, error = %e, "replica stops");
                 return Some(format!("replica failed: {e}"));
+            }
+            if let Some(why) = self.flusher.failure() {
+                tracing::error!(node = self.cfg.node_id, group = self.cfg.group_id, error = %why, "replica stops");
+                return Some(format!("replica failed: {why}"));
             }
             if let Some(c) = self.raw.store().corruption() {
                 tracing::error!(node = self.cfg.node_id, group = self.cfg.group_id, corruption = %c,
@@ -613,7 +621,7 @@ impl Driver {
         // needs no fsync of its own (restart recovery copes with a stored commit behind the
         // applied index, see `node.rs`), and skipping it saves one fsync per commit on a leader.
         if rd.must_sync() {
-            self.durable.sync()?;
+            self.raw.mut_store().sync()?;
             // Before the persisted messages: a vote is on record before it is sent.
             self.watermark.record(self.raw.store().mark())?;
         }

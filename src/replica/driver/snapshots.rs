@@ -238,10 +238,11 @@ impl Driver {
         let mark = self.raw.store().mark();
         self.watermark.write(mark.before_install())?;
         let items = self.sm.install_snapshot(&path, meta.index)?;
+        // The data is durable before the log says it replaces the entries.
+        self.flusher.sync_now(meta.index)?;
         self.raw.mut_store().apply_snapshot(meta)?;
         // Everything committed before it is in it, whatever was left unapplied.
         self.committed_seen = meta.index;
-        self.durable.sync()?;
         let mark = self.raw.store().mark();
         self.watermark.write(mark)?;
         self.sm.finish_install()?;
@@ -270,17 +271,30 @@ impl Driver {
 
     pub(super) fn maybe_compact(&mut self) -> Result<()> {
         let applied = self.sm.applied_index();
-        let first = self.raw.store().first_index_now();
-        if applied + 1 - first.min(applied + 1) <= self.cfg.compact_log_entries {
+        let store = self.raw.store();
+        let first = store.first_index_now();
+        let over_count = applied + 1 - first.min(applied + 1) > self.cfg.compact_log_entries;
+        let over_bytes = store.log_bytes() > LOG_MEMORY_BYTES_MAX;
+        if !over_count && !over_bytes {
             return Ok(());
         }
-        // Keep at least the newest half so a follower slightly behind still catches up from the
-        // log, and remove at most a step at a time: deleting thousands of entries in one batch
-        // stalls every request of the group for tens of milliseconds, small steps spread it out.
-        let first_kept_max = applied - self.cfg.compact_log_entries / 2;
-        let to = first_kept_max.min(first.saturating_sub(1) + COMPACT_STEP_ENTRIES_MAX);
+        // Keep the newest half so a follower slightly behind still catches up from the log,
+        // unless the log's memory is over its bound: then everything applied may go.
+        let mut to = match over_bytes {
+            true => applied,
+            false => applied - self.cfg.compact_log_entries / 2,
+        };
+        // Never past what sled has made durable: a crash may lose the rest of sled's applies,
+        // and the restart replays them from here.
+        let durable = self.flusher.durable_applied();
+        if durable < to {
+            self.flusher.request();
+            to = durable;
+        }
         let removed = self.raw.mut_store().compact(to)?;
-        tracing::debug!(node = self.cfg.node_id, to, removed, "compacted raft log");
+        if removed > 0 {
+            tracing::debug!(node = self.cfg.node_id, to, removed, "compacted raft log");
+        }
         Ok(())
     }
 }
