@@ -1,37 +1,67 @@
 #!/usr/bin/env bash
 # The comparison behind bench/RESULTS.md: Ordo (one group of 3 behind a router), the Ordo
-# playground (3 groups x 3 behind a router) and etcd (3 members), all on loopback on this machine,
-# each an ordinary process, measured in one session with the same ordo-bench client.
+# playground (3 groups x 3 behind a router), etcd (3 members) and NATS JetStream KV (3 servers, a
+# bucket of 3 replicas, `sync_interval: always`), all on loopback on this machine, each an
+# ordinary process, measured in one session with the same ordo-bench client.
 #
 #   bench/compare.sh [OUT_DIR]
+#   WRITE_BENCH=1 bench/compare.sh [OUT_DIR]   issue 15's write path (below)
 #
-# Runs are interleaved (for each workload and client count: Ordo, playground, etcd back to back)
-# so that a change in the machine's background load hits all three alike. Every row's command is
-# printed with it. Tunables: DURATION (8s), WARMUP (2s), WORKLOADS ("update a c f orders"),
-# CLIENTS ("1 16 64"), TARGETS ("ordo playground etcd").
+# Runs are interleaved (for each workload and client count: every target back to back) so that
+# a change in the machine's background load hits all alike. Every row's command is printed with
+# it. Tunables: DURATION (8s), WARMUP (2s), WORKLOADS ("update a c f orders"), CLIENTS
+# ("1 16 64"), TARGETS ("ordo playground etcd"; `nats` is the fourth), DISTRIBUTION (each
+# workload's own), VALUE_SIZE (the bench's 128). The nats target runs the update workload only
+# (a KV bucket has no scan or transaction, and its gets are direct gets any replica answers);
+# with it, ordo-bench is built with --features nats. Binaries go to $CARGO_TARGET_DIR (target).
+#
+# WRITE_BENCH=1: issue 15's table, 100% puts of 256-byte values on uniform keys with 1/64/256
+# clients against Ordo (one group), etcd and NATS; besides table.md it writes write-path.md
+# with Ordo's throughput over each peer's and server CPU seconds per 1,000 writes. The same
+# tunables still override the preset (e.g. TARGETS=nats CLIENTS="1 8" for a smoke run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [[ ${WRITE_BENCH:-} == 1 ]]; then
+    WORKLOADS=${WORKLOADS:-update}
+    CLIENTS=${CLIENTS:-"1 64 256"}
+    TARGETS=${TARGETS:-"ordo etcd nats"}
+    DISTRIBUTION=${DISTRIBUTION:-uniform}
+    VALUE_SIZE=${VALUE_SIZE:-256}
+fi
 OUT=${1:-bench/out/compare-$(date -u +%Y%m%d-%H%M%S)}
 DURATION=${DURATION:-8s}
 WARMUP=${WARMUP:-2s}
 WORKLOADS=${WORKLOADS:-"update a c f orders"}
 CLIENTS=${CLIENTS:-"1 16 64"}
 TARGETS=${TARGETS:-"ordo playground etcd"}
+DISTRIBUTION=${DISTRIBUTION:-}
+VALUE_SIZE=${VALUE_SIZE:-}
 ORDO_PORT=${ORDO_PORT:-17000}
 PG_PORT=${PG_PORT:-18000}
 mkdir -p "$OUT"
 
-cargo build --release --quiet -p ordo --bin ordo
-cargo build --release --quiet -p ordo-bench
-BENCH=target/release/ordo-bench
-ORDO=target/release/ordo
+has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
+BIN=${CARGO_TARGET_DIR:-target}/release
+if has_target ordo || has_target playground; then
+    cargo build --release --quiet -p ordo --bin ordo
+fi
+if has_target nats; then
+    cargo build --release --quiet -p ordo-bench --features nats
+else
+    cargo build --release --quiet -p ordo-bench
+fi
+BENCH=$BIN/ordo-bench
+ORDO=$BIN/ordo
 
 PIDS=()
+NATS_STARTED=
 cleanup() {
     for p in "${PIDS[@]}"; do kill -INT "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    if [[ " $TARGETS " == *" etcd "* ]]; then bench/etcd.sh stop >/dev/null 2>&1 || true; fi
+    if has_target etcd; then bench/etcd.sh stop >/dev/null 2>&1 || true; fi
+    # Only a cluster this run started: `nats.sh start` refuses to start over a running one.
+    if [[ -n $NATS_STARTED ]]; then bench/nats.sh stop >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
 
@@ -64,6 +94,13 @@ for t in $TARGETS; do
             ENDPOINT[$t]="--target etcd://$(bench/etcd.sh endpoints)"
             SERVER_PIDS[$t]=$(bench/etcd.sh pids)
             ;;
+        nats)
+            bench/nats.sh start >/dev/null
+            NATS_STARTED=1
+            urls=$(bench/nats.sh urls)
+            ENDPOINT[$t]="--target nats://${urls//nats:\/\//}"
+            SERVER_PIDS[$t]=$(bench/nats.sh pids)
+            ;;
         *) echo "unknown target $t" >&2; exit 1 ;;
     esac
 done
@@ -76,8 +113,15 @@ for w in $WORKLOADS; do
         update) args="--workload a --mix update=100" ;;
         *) args="--workload $w" ;;
     esac
+    [[ -z $DISTRIBUTION ]] || args+=" --distribution $DISTRIBUTION"
+    [[ -z $VALUE_SIZE ]] || args+=" --value-size $VALUE_SIZE"
+    if [[ $w != update ]] && has_target nats; then
+        echo "skipping nats for workload $w: the NATS KV backend compares puts only (no scan or" \
+            "txn, and its gets are direct gets that any replica may answer)" >&2
+    fi
     for c in $CLIENTS; do
         for t in $TARGETS; do
+            [[ $t != nats || $w == update ]] || continue
             json=$OUT/$w-$c-$t.json
             cmd="$BENCH ${ENDPOINT[$t]} $args --clients $c --duration $DURATION --warmup $WARMUP --server-pids ${SERVER_PIDS[$t]} --quiet --out $OUT --json $json"
             echo "+ $cmd" >&2
@@ -114,3 +158,33 @@ EOF
 done
 echo "table: $TABLE" >&2
 cat "$TABLE"
+[[ ${WRITE_BENCH:-} == 1 ]] || exit 0
+
+# Issue 15's table: per client count, each target's writes/s, Ordo's over it, latency and CPU.
+WRITE_TABLE=$OUT/write-path.md
+python3 - "$OUT" "$CLIENTS" "$TARGETS" "$VALUE_SIZE" "$DISTRIBUTION" >"$WRITE_TABLE" <<'EOF'
+import json, os, sys
+out, clients, targets, value_size, distribution = sys.argv[1:]
+names = {"ordo": "Ordo (1 group x 3)", "playground": "Ordo (3 groups x 3)",
+         "etcd": "etcd (3 members)", "nats": "NATS KV (3 replicas)"}
+print(f"100% puts, {value_size or 128}-byte values, {distribution or 'zipfian'} keys, closed loop.\n")
+print("| clients | target | writes/s | Ordo / target | p50 ms | p99 ms | server cpu-s / 1k writes | errors |")
+print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+for c in clients.split():
+    rows = {}
+    for t in targets.split():
+        path = f"{out}/update-{c}-{t}.json"
+        if os.path.exists(path):
+            d = json.load(open(path))
+            r = d["results"][0]
+            cpu = (d.get("cpu") or {}).get("server_cpu_s_per_1k_ops")
+            rows[t] = (r["ops"] / d["elapsed_s"], r, cpu, sum(r["errors"].values()))
+    ordo = rows["ordo"][0] if "ordo" in rows else None
+    for t, (rate, r, cpu, errs) in rows.items():
+        ratio = f"{ordo / rate:.2f}" if ordo and rate else "-"
+        cpu = f"{cpu:.3f}" if isinstance(cpu, (int, float)) else "?"
+        print(f"| {c} | {names.get(t, t)} | {rate:.0f} | {ratio} | {r['p50_ms']:.2f} "
+              f"| {r['p99_ms']:.2f} | {cpu} | {errs} |")
+EOF
+echo "write-path table: $WRITE_TABLE" >&2
+cat "$WRITE_TABLE"

@@ -8,19 +8,21 @@ use anyhow::{bail, ensure, Context};
 use clap::Parser;
 use ordo::node::Capture;
 
-use crate::workload::{self, Distribution, Mix, Workload};
+use crate::workload::{self, Distribution, Mix, Op, Workload};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "ordo-bench",
     version,
     about = "Load generator for the Ordo key-value store: YCSB A-F and an order-system workload, \
-             closed or open loop, against Ordo, an in-process playground or etcd",
+             closed or open loop, against Ordo, an in-process playground, etcd or NATS \
+             JetStream KV",
     after_help = "\
 Examples:
   ordo-bench --playground --workload orders --clients 16 --duration 20s
   ordo-bench -e 127.0.0.1:7000 --workload a --rate 2000 --clients 64
   ordo-bench --target etcd://127.0.0.1:2379,127.0.0.1:22379 --workload a --server-pids 11,12,13
+  ordo-bench --target nats://127.0.0.1:24221,127.0.0.1:24223 --mix update=100 (--features nats)
 
 Durations take a unit (us, ms, s, m, h, or another humantime spelling such as 1m30s); a bare \
 number is seconds. Error kinds in the table are gRPC codes, or Conflict (a version compare \
@@ -39,8 +41,9 @@ pub struct Args {
     )]
     pub endpoints: Vec<String>,
 
-    /// Another target instead of --endpoints: `etcd://host:port[,host:port...]` (etcd v3 gRPC)
-    /// or `ordo://host:port[,...]`.
+    /// Another target instead of --endpoints: `etcd://host:port[,host:port...]` (etcd v3 gRPC),
+    /// `nats://host:port[,...]` (a NATS JetStream KV bucket; gets, updates and inserts only;
+    /// needs a build with `--features nats`) or `ordo://host:port[,...]`.
     #[arg(long, conflicts_with_all = ["endpoints", "playground"])]
     pub target: Option<String>,
 
@@ -52,9 +55,15 @@ pub struct Args {
     #[arg(long, default_value_t = 3)]
     pub groups: u64,
 
-    /// Replicas per group of the --playground cluster.
+    /// Replicas per group of the --playground cluster; with a nats:// target, the replicas of
+    /// the KV bucket the bench creates.
     #[arg(long, default_value_t = 3)]
     pub replicas: u64,
+
+    /// With a nats:// target: the KV bucket (created if missing: history 1, --replicas copies,
+    /// file storage).
+    #[arg(long, default_value = "ordo_bench")]
+    pub nats_bucket: String,
 
     /// The workload: YCSB core a-f, orders, or txn (2-record Txns in one group and across two).
     #[arg(long, short = 'w', value_enum, default_value_t = Workload::A)]
@@ -190,6 +199,7 @@ pub enum Target {
     Ordo(Vec<String>),
     Playground,
     Etcd(Vec<String>),
+    Nats(Vec<String>),
 }
 
 impl Args {
@@ -198,9 +208,9 @@ impl Args {
             return Ok(Target::Playground);
         }
         if let Some(t) = &self.target {
-            let (scheme, rest) = t
-                .split_once("://")
-                .with_context(|| format!("--target {t:?}: expected etcd://… or ordo://…"))?;
+            let (scheme, rest) = t.split_once("://").with_context(|| {
+                format!("--target {t:?}: expected etcd://…, nats://… or ordo://…")
+            })?;
             let addrs: Vec<String> = rest
                 .split(',')
                 .map(str::trim)
@@ -211,7 +221,8 @@ impl Args {
             return match scheme {
                 "etcd" => Ok(Target::Etcd(addrs)),
                 "ordo" => Ok(Target::Ordo(addrs)),
-                other => bail!("--target scheme {other:?} is not supported (etcd or ordo)"),
+                "nats" => Ok(Target::Nats(addrs)),
+                other => bail!("--target scheme {other:?} is not supported (etcd, nats or ordo)"),
             };
         }
         ensure!(
@@ -266,9 +277,12 @@ impl Args {
         let feed =
             self.feed_backlog > 0 || self.feed_catch_up || self.feed_stall || self.feed_latency;
         ensure!(
-            !feed || !matches!(target, Target::Etcd(_)),
+            !feed || matches!(target, Target::Ordo(_) | Target::Playground),
             "the --feed-* options need an Ordo target (a router or --playground)"
         );
+        if let Target::Nats(_) = target {
+            check_nats(&self.mix()?)?;
+        }
         // (`requires` cannot say it: a flag that is not given still has its default, false.)
         ensure!(
             self.feed_capture.is_none() || self.playground,
@@ -278,6 +292,28 @@ impl Args {
         self.mix()?;
         Ok(())
     }
+}
+
+/// A nats:// target: the bench is built with it, and the mix only gets and puts (a KV bucket has
+/// no scan and no transaction).
+fn check_nats(mix: &Mix) -> anyhow::Result<()> {
+    ensure!(
+        cfg!(feature = "nats"),
+        "--target nats:// needs the NATS client: build ordo-bench with --features nats \
+         (cargo build --release -p ordo-bench --features nats)"
+    );
+    let unsupported: Vec<&str> = mix
+        .ops()
+        .filter(|op| !matches!(op, Op::Read | Op::Update | Op::Insert))
+        .map(Op::name)
+        .collect();
+    ensure!(
+        unsupported.is_empty(),
+        "--mix {mix}: {} not supported by the NATS KV backend (it runs read, update and insert: \
+         workloads a-d, or a --mix of those)",
+        unsupported.join(", ")
+    );
+    Ok(())
 }
 
 /// Parses a duration as `humantime` does (`10s`, `500ms`, `250us`, `1.5s`, `2m`, `1h`,
@@ -426,5 +462,39 @@ mod tests {
         if std::env::var_os("ORDO_ENDPOINT").is_none() {
             assert!(none.check().is_err());
         }
+    }
+
+    #[test]
+    fn nats_targets_parse_and_take_gets_and_puts_only() {
+        let nats = |extra: &[&str]| {
+            let mut argv = vec![
+                "ordo-bench",
+                "--target",
+                "nats://127.0.0.1:24221,127.0.0.1:24223",
+            ];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).unwrap()
+        };
+        assert_eq!(
+            nats(&[]).target().unwrap(),
+            Target::Nats(vec!["127.0.0.1:24221".into(), "127.0.0.1:24223".into()])
+        );
+        assert_eq!(nats(&[]).nats_bucket, "ordo_bench");
+        let writes = nats(&["--mix", "update=100", "--distribution", "uniform"]);
+        let checked = writes.check();
+        if cfg!(feature = "nats") {
+            checked.unwrap();
+        } else {
+            let e = checked.unwrap_err().to_string();
+            assert!(e.contains("--features nats"), "{e}");
+        }
+        for unsupported in [
+            &["--workload", "e"][..],
+            &["--workload", "f"],
+            &["--workload", "orders"],
+        ] {
+            assert!(nats(unsupported).check().is_err(), "{unsupported:?}");
+        }
+        assert!(nats(&["--feed-latency"]).check().is_err());
     }
 }

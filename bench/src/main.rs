@@ -1,11 +1,12 @@
-//! `ordo-bench`: a load generator for Ordo (and, for comparison, etcd).
+//! `ordo-bench`: a load generator for Ordo (and, for comparison, etcd and NATS JetStream KV).
 //!
 //! * Workloads: YCSB core A–F and `orders` (an order system's aggregate creates, status CAS and
 //!   reads), see [`workload`] and [`ops`].
 //! * Pacing: closed loop (`--clients` workers, one request in flight each) or open loop at
 //!   `--rate` ops/s with latency measured from each request's intended start, see [`schedule`].
-//! * Targets: an Ordo router or group (`--endpoints`), an in-process cluster (`--playground`), or
-//!   etcd (`--target etcd://host:port,...`), see [`backend`].
+//! * Targets: an Ordo router or group (`--endpoints`), an in-process cluster (`--playground`),
+//!   etcd (`--target etcd://host:port,...`) or a NATS JetStream KV bucket (`--target
+//!   nats://host:port,...`, feature `nats`), see [`backend`].
 //! * Output: a live progress bar, a table per op, a JSON report and an SVG plot, see
 //!   [`progress`], [`report`], [`output`] and [`plot`]; CPU seconds per 1,000 ops, see [`cpu`].
 //!

@@ -581,6 +581,16 @@ async fn connect(args: &Args) -> anyhow::Result<(Backend, Option<LocalCluster>)>
             Backend::Etcd(Etcd::connect(addrs, args.timeout, args.stale_reads)?),
             None,
         ),
+        #[cfg(feature = "nats")]
+        Target::Nats(addrs) => {
+            let replicas = usize::try_from(args.replicas).context("--replicas")?;
+            let nats =
+                crate::backend::Nats::connect(addrs, &args.nats_bucket, replicas, args.timeout)
+                    .await?;
+            (Backend::Nats(nats), None)
+        }
+        #[cfg(not(feature = "nats"))]
+        Target::Nats(_) => bail!("--target nats:// needs a build with --features nats"),
     })
 }
 
@@ -593,6 +603,8 @@ fn endpoints_of(backend: &Backend) -> Vec<String> {
     match backend {
         Backend::Ordo { client, .. } => client.endpoints().to_vec(),
         Backend::Etcd(e) => e.endpoints().to_vec(),
+        #[cfg(feature = "nats")]
+        Backend::Nats(n) => n.endpoints().to_vec(),
     }
 }
 

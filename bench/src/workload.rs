@@ -195,6 +195,11 @@ impl Mix {
         self.weights[0].0.is_order()
     }
 
+    /// The ops the mix draws (weight above zero).
+    pub fn ops(&self) -> impl Iterator<Item = Op> + '_ {
+        self.weights.iter().map(|&(op, _)| op)
+    }
+
     /// The fraction of draws that should be `op`.
     #[cfg(test)]
     pub fn share(&self, op: Op) -> f64 {
