@@ -10,7 +10,8 @@
 # Runs are interleaved (for each workload and client count: every target back to back) so that
 # a change in the machine's background load hits all alike. Every row's command is printed with
 # it. Tunables: DURATION (8s), WARMUP (2s), WORKLOADS ("update a c f orders"), CLIENTS
-# ("1 16 64"), TARGETS ("ordo playground etcd"; `nats` is the fourth), DISTRIBUTION (each
+# ("1 16 64"), TARGETS ("ordo playground etcd"; `nats` is the fourth; `before` is an earlier
+# build's ordo binary, ORDO_BEFORE=<path>, as one group), DISTRIBUTION (each
 # workload's own), VALUE_SIZE (the bench's 128). The nats target runs the update workload only
 # (a KV bucket has no scan or transaction, and its gets are direct gets any replica answers);
 # with it, ordo-bench is built with --features nats. Binaries go to $CARGO_TARGET_DIR (target).
@@ -39,6 +40,7 @@ DISTRIBUTION=${DISTRIBUTION:-}
 VALUE_SIZE=${VALUE_SIZE:-}
 ORDO_PORT=${ORDO_PORT:-17000}
 PG_PORT=${PG_PORT:-18000}
+BEFORE_PORT=${BEFORE_PORT:-19000}
 mkdir -p "$OUT"
 
 has_target() { [[ " $TARGETS " == *" $1 "* ]]; }
@@ -68,15 +70,15 @@ trap cleanup EXIT
 # Starts `ordo playground` with the given groups on the given port; sets REPLY to its pid once its
 # router serves (it prints the "Router:" line then).
 start_playground() {
-    local groups=$1 port=$2 dir=$OUT/data-$1g
+    local groups=$1 port=$2 bin=${3:-$ORDO} dir=$OUT/data-$1g-$2
     rm -rf "$dir"
-    "$ORDO" playground --groups "$groups" --port "$port" --dir "$dir" \
-        >"$OUT/playground-$groups.out" 2>"$OUT/playground-$groups.log" &
+    "$bin" playground --groups "$groups" --port "$port" --dir "$dir" \
+        >"$OUT/playground-$port.out" 2>"$OUT/playground-$port.log" &
     local pid=$!
     PIDS+=("$pid")
     for _ in $(seq 1 600); do
-        grep -q '^Router:' "$OUT/playground-$groups.out" 2>/dev/null && { REPLY=$pid; return; }
-        kill -0 "$pid" 2>/dev/null || { cat "$OUT/playground-$groups.log" >&2; exit 1; }
+        grep -q '^Router:' "$OUT/playground-$port.out" 2>/dev/null && { REPLY=$pid; return; }
+        kill -0 "$pid" 2>/dev/null || { cat "$OUT/playground-$port.log" >&2; exit 1; }
         sleep 0.1
     done
     echo "playground with $groups groups did not start" >&2
@@ -88,6 +90,11 @@ for t in $TARGETS; do
     case $t in
         ordo) start_playground 1 "$ORDO_PORT"; ENDPOINT[$t]="-e 127.0.0.1:$ORDO_PORT"; SERVER_PIDS[$t]=$REPLY ;;
         playground) start_playground 3 "$PG_PORT"; ENDPOINT[$t]="-e 127.0.0.1:$PG_PORT"; SERVER_PIDS[$t]=$REPLY ;;
+        # An earlier build's `ordo` (ORDO_BEFORE=path) as one group, for before/after figures.
+        before)
+            [[ -x ${ORDO_BEFORE:-} ]] || { echo "target before needs ORDO_BEFORE=<an ordo binary>" >&2; exit 1; }
+            start_playground 1 "$BEFORE_PORT" "$ORDO_BEFORE"
+            ENDPOINT[$t]="-e 127.0.0.1:$BEFORE_PORT"; SERVER_PIDS[$t]=$REPLY ;;
         etcd)
             bench/etcd.sh stop >/dev/null 2>&1 || true
             bench/etcd.sh start >&2
@@ -166,6 +173,7 @@ python3 - "$OUT" "$CLIENTS" "$TARGETS" "$VALUE_SIZE" "$DISTRIBUTION" >"$WRITE_TA
 import json, os, sys
 out, clients, targets, value_size, distribution = sys.argv[1:]
 names = {"ordo": "Ordo (1 group x 3)", "playground": "Ordo (3 groups x 3)",
+         "before": "Ordo before (1 group x 3, $ORDO_BEFORE)",
          "etcd": "etcd (3 members)", "nats": "NATS KV (3 replicas)"}
 print(f"100% puts, {value_size or 128}-byte values, {distribution or 'zipfian'} keys, closed loop.\n")
 print("| clients | target | writes/s | Ordo / target | p50 ms | p99 ms | server cpu-s / 1k writes | errors |")
