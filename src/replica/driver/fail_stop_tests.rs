@@ -267,22 +267,38 @@ async fn propose_puts(inbox: &mpsc::Sender<Msg>, writes: usize, value_bytes: usi
 /// Runs a single-voter driver over `dir` until `writes` puts of `value_bytes` each are applied,
 /// then stops it and drops everything that keeps its sled open.
 async fn write_and_stop(dir: &std::path::Path, writes: usize, value_bytes: usize) {
-    let p = parts(dir);
-    let Parts {
-        driver,
-        sm,
-        inbox,
-        _stop: stop,
-        ..
-    } = p;
-    let running = tokio::spawn(async move {
-        let mut driver = driver;
-        driver.run().await
-    });
-    propose_puts(&inbox, writes, value_bytes).await;
-    let _ = stop.send(true);
-    running.await.unwrap();
-    drop((sm, inbox));
+    let r = Running::start(parts(dir));
+    propose_puts(&r.inbox, writes, value_bytes).await;
+    r.stop().await;
+}
+
+/// A driver running on a task of its own, and what keeps it running.
+struct Running {
+    task: tokio::task::JoinHandle<()>,
+    sm: Arc<crate::state::StateMachine>,
+    inbox: mpsc::Sender<Msg>,
+    stop: watch::Sender<bool>,
+}
+
+impl Running {
+    fn start(p: Parts) -> Running {
+        let mut driver = p.driver;
+        Running {
+            task: tokio::spawn(async move { driver.run().await }),
+            sm: p.sm,
+            inbox: p.inbox,
+            stop: p._stop,
+        }
+    }
+
+    /// Stops the driver and drops everything that keeps its sled open; returns its state
+    /// machine (still readable).
+    async fn stop(self) -> Arc<crate::state::StateMachine> {
+        let _ = self.stop.send(true);
+        self.task.await.unwrap();
+        drop(self.inbox);
+        self.sm
+    }
 }
 
 /// H4 for the state machine: sled is synced in the background, and a failed sync there stops
@@ -349,24 +365,11 @@ async fn after_a_crash_the_state_machine_is_rebuilt_from_the_raft_log_exactly() 
     let crash = tempfile::tempdir().unwrap();
     let p = parts(dir.path());
     p.driver.flusher.hold(true);
-    let Parts {
-        driver,
-        sm,
-        inbox,
-        _stop: stop,
-        ..
-    } = p;
-    let running = tokio::spawn(async move {
-        let mut driver = driver;
-        driver.run().await
-    });
-    propose_puts(&inbox, 200, 100).await;
-    let applied = sm.applied_index();
+    let r = Running::start(p);
+    propose_puts(&r.inbox, 200, 100).await;
+    let applied = r.sm.applied_index();
     copy_dir(dir.path(), crash.path());
-    let _ = stop.send(true);
-    running.await.unwrap();
-    let expected = sm.digest().unwrap();
-    drop((sm, inbox));
+    let expected = r.stop().await.digest().unwrap();
 
     let p = parts(crash.path());
     let at_open = p.sm.applied_index();
@@ -374,34 +377,22 @@ async fn after_a_crash_the_state_machine_is_rebuilt_from_the_raft_log_exactly() 
         at_open < applied,
         "the crash image's sled lacks applies ({at_open} of {applied}): nothing to replay"
     );
-    let Parts {
-        driver,
-        sm,
-        _stop: stop,
-        inbox,
-        ..
-    } = p;
-    let running = tokio::spawn(async move {
-        let mut driver = driver;
-        driver.run().await
-    });
+    let r = Running::start(p);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while sm.applied_index() < applied {
+    while r.sm.applied_index() < applied {
         assert!(
             std::time::Instant::now() < deadline,
             "the replay got to {} of {applied} in 15 s",
-            sm.applied_index()
+            r.sm.applied_index()
         );
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(
-        sm.digest().unwrap(),
+        r.sm.digest().unwrap(),
         expected,
         "replayed from {at_open} to {applied}"
     );
-    let _ = stop.send(true);
-    running.await.unwrap();
-    drop(inbox);
+    r.stop().await;
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

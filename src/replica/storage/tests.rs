@@ -143,15 +143,21 @@ fn append_truncates_conflicts_and_survives_reopen() {
     assert_eq!(s.initial_state().unwrap().conf_state.voters, vec![1, 2, 3]);
 }
 
+/// A store with entries `1..=n` (terms from `term`), each synced alone, in segments of 200 bytes.
+fn synced_in_small_segments(dir: &Path, n: u64, term: impl Fn(u64) -> u64) -> RaftStore {
+    let mut s = open(dir);
+    s.wal.set_segment_bytes(200);
+    for i in 1..=n {
+        s.append(&[entry(i, term(i), &[b'x'; 64])]).unwrap();
+        s.sync().unwrap();
+    }
+    s
+}
+
 #[test]
 fn compaction_moves_the_first_index_keeps_the_term_and_deletes_whole_segments() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = open(dir.path());
-    s.wal.set_segment_bytes(200);
-    for i in 1..=10 {
-        s.append(&[entry(i, 1 + i / 5, &[b'x'; 64])]).unwrap();
-        s.sync().unwrap();
-    }
+    let mut s = synced_in_small_segments(dir.path(), 10, |i| 1 + i / 5);
     let before = segment_files(dir.path()).len();
     assert!(before >= 4, "small segments roll: {before}");
     assert_eq!(s.compact(6).unwrap(), 6);
@@ -182,12 +188,7 @@ fn compaction_moves_the_first_index_keeps_the_term_and_deletes_whole_segments() 
 #[test]
 fn a_snapshot_resets_the_log_and_leaves_one_segment() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = open(dir.path());
-    s.wal.set_segment_bytes(200);
-    for i in 1..=6 {
-        s.append(&[entry(i, 1, &[b'x'; 64])]).unwrap();
-        s.sync().unwrap();
-    }
+    let mut s = synced_in_small_segments(dir.path(), 6, |_| 1);
     let mut meta = SnapshotMetadata::default();
     (meta.index, meta.term) = (40, 3);
     meta.mut_conf_state().voters = vec![1, 2, 5];
