@@ -278,6 +278,8 @@ struct Running {
     sm: Arc<crate::state::StateMachine>,
     inbox: mpsc::Sender<Msg>,
     stop: watch::Sender<bool>,
+    /// Its raft queue's sender: the driver stops when every sender is gone.
+    _raft: RaftQueue,
 }
 
 impl Running {
@@ -288,6 +290,7 @@ impl Running {
             sm: p.sm,
             inbox: p.inbox,
             stop: p._stop,
+            _raft: p.raft,
         }
     }
 
