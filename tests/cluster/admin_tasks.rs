@@ -13,8 +13,7 @@ use ordo_config::tasks::task_running;
 use ordo_proto::client::{Client, ClusterClient};
 use ordo_proto::v1::start_task_request::Task as What;
 use ordo_proto::v1::{
-    AddGroupRequest, MigrationList, MigrationState, MoveSlotsRequest, RebalanceRequest, ShardMap,
-    Task, TaskState,
+    MigrationList, MigrationState, MoveSlotsRequest, RebalanceRequest, ShardMap, Task, TaskState,
 };
 use ordo_testkit::inproc::InProcCluster;
 use ordo_testkit::{bins, wait_for, Cluster, CONFIG_GROUP};
@@ -240,18 +239,8 @@ async fn add_group_2(
     pg: &InProcCluster,
     cc: &ClusterClient,
 ) -> (Vec<ordo::node::Node>, Vec<String>) {
-    let (nodes, spec) = pg.start_extra_group(2, 3).await;
-    let addrs = spec.addrs.clone();
-    wait_for("group 2 to be registered", Duration::from_secs(20), || {
-        let (cc, spec) = (cc.clone(), spec.clone());
-        async move {
-            cc.add_group(AddGroupRequest { group: Some(spec) })
-                .await
-                .ok()
-        }
-    })
-    .await;
-    (nodes, addrs)
+    let (nodes, spec, _) = crate::resharding::start_and_add_group(pg, cc, 2).await;
+    (nodes, spec.addrs)
 }
 
 /// H2: the config leader is killed while a rebalance task copies. The new leader resumes the

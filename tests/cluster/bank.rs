@@ -563,8 +563,7 @@ async fn bank_keeps_the_total_while_participant_leaders_are_killed() {
 /// only once their locks are gone, so no transaction is split by a move).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bank_keeps_the_total_during_a_rebalance() {
-    use ordo_proto::client::ClusterClient;
-    use ordo_proto::v1::{AddGroupRequest, MigrationState, RebalanceRequest};
+    use ordo_proto::v1::{MigrationState, RebalanceRequest};
     let _heavy = ordo_testkit::HEAVY.lock().await;
     let (pg, c) = bank().await;
     let all: Vec<usize> = (0..ACCOUNTS).collect();
@@ -573,19 +572,8 @@ async fn bank_keeps_the_total_during_a_rebalance() {
         (load.committed() >= 30).then_some(())
     })
     .await;
-    let (nodes4, spec) = pg.start_extra_group(4, 3).await;
-    let cc = ClusterClient::connect(pg.config_addrs.clone())
-        .unwrap()
-        .with_timeout(Duration::from_secs(120));
-    wait_for("group 4 to be registered", Duration::from_secs(20), || {
-        let (cc, spec) = (cc.clone(), spec.clone());
-        async move {
-            cc.add_group(AddGroupRequest { group: Some(spec) })
-                .await
-                .ok()
-        }
-    })
-    .await;
+    let cc = crate::resharding::admin(&pg);
+    let (nodes4, _, _) = crate::resharding::start_and_add_group(&pg, &cc, 4).await;
     let before_moves = load.committed();
     // A move may also give up (a lock its fence waited for outlived the wait): that is an
     // allowed outcome, as long as the total holds and moves do complete.

@@ -29,8 +29,8 @@ use ordo_proto::client::Client;
 use ordo_proto::v1::feed_client::FeedClient;
 use ordo_proto::v1::watch_request::{Start as From, StartOneOf};
 use ordo_proto::v1::{
-    txn_op, AddGroupRequest, ChangeEvent, ConsumerGroup, CreateGroupRequest, DescribeGroupRequest,
-    Mode, PutRequest, RebalanceRequest, RequestHeader, TxnOp, TxnRequest, WatchRequest,
+    txn_op, ChangeEvent, ConsumerGroup, CreateGroupRequest, DescribeGroupRequest, Mode, PutRequest,
+    RebalanceRequest, RequestHeader, TxnOp, TxnRequest, WatchRequest,
 };
 use ordo_testkit::feed::{self, Watcher};
 use ordo_testkit::groups::{
@@ -515,17 +515,8 @@ async fn a_group_moves_with_its_slots_onto_a_new_group_losing_nothing() {
         (rec.len() >= ORDERS as usize).then_some(())
     })
     .await;
-    let (nodes3, spec) = pg.start_extra_group(3, 3).await;
     let cc = crate::resharding::admin(&pg);
-    wait_for("group 3 to be registered", HEALTHY, || {
-        let (cc, spec) = (cc.clone(), spec.clone());
-        async move {
-            cc.add_group(AddGroupRequest { group: Some(spec) })
-                .await
-                .ok()
-        }
-    })
-    .await;
+    let (nodes3, _, _) = crate::resharding::start_and_add_group(&pg, &cc, 3).await;
     let from = rec.now().saturating_sub(Duration::from_secs(1));
     let r = cc.rebalance(RebalanceRequest::default()).await.unwrap();
     let window = (from, rec.now() + Duration::from_secs(2));

@@ -42,6 +42,27 @@ pub(crate) fn admin(pg: &InProcCluster) -> ClusterClient {
         .with_timeout(Duration::from_secs(120))
 }
 
+/// Starts group `group` (3 replicas) and registers it, asking again while the config servers
+/// refuse (a leader not elected yet); its nodes, its spec and the map that lists it.
+pub(crate) async fn start_and_add_group(
+    pg: &InProcCluster,
+    cc: &ClusterClient,
+    group: u64,
+) -> (Vec<ordo::node::Node>, ordo_proto::v1::GroupSpec, ShardMap) {
+    let (nodes, spec) = pg.start_extra_group(group, 3).await;
+    let what = format!("group {group} to be registered");
+    let map = wait_for(&what, Duration::from_secs(20), || {
+        let (cc, spec) = (cc.clone(), spec.clone());
+        async move {
+            cc.add_group(AddGroupRequest { group: Some(spec) })
+                .await
+                .ok()
+        }
+    })
+    .await;
+    (nodes, spec, map)
+}
+
 async fn preload(router: &str) {
     preload_n(router, PRELOAD).await
 }
@@ -378,18 +399,9 @@ async fn adding_a_group_and_rebalancing_under_load_loses_nothing() {
     let load = start_load(&router, CLIENTS);
     load.wait_ops(300, "the load to get going").await;
 
-    let (nodes4, spec) = pg.start_extra_group(4, 3).await;
-    let addrs4 = spec.addrs.clone();
     let cc = admin(&pg);
-    let map = wait_for("group 4 to be registered", Duration::from_secs(20), || {
-        let (cc, spec) = (cc.clone(), spec.clone());
-        async move {
-            cc.add_group(AddGroupRequest { group: Some(spec) })
-                .await
-                .ok()
-        }
-    })
-    .await;
+    let (nodes4, spec, map) = start_and_add_group(&pg, &cc, 4).await;
+    let addrs4 = spec.addrs;
     let plan = cc
         .rebalance(RebalanceRequest {
             dry_run: true,
