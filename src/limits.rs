@@ -98,6 +98,15 @@ pub const FLUSH_INTERVAL_MS: u64 = 1_000;
 /// memory; the files are for recovery): past this, the driver compacts down to half of it, as far
 /// as sled's durable applied index allows.
 pub const LOG_MEMORY_BYTES_MAX: u64 = 64 << 20;
+/// sled's page cache of one replica (`--cache-mb` of `ordo node` and `ordo config`): what a
+/// replica's memory grows with as its data does (its other memory is bounded by the limits here,
+/// the live raft log by `LOG_MEMORY_BYTES_MAX`).
+pub const CACHE_BYTES_DEFAULT: u64 = 512 << 20;
+/// The page cache of each replica of `ordo playground` (`--cache-mb`): it runs 12 or more in one
+/// process.
+pub const PLAYGROUND_CACHE_BYTES_DEFAULT: u64 = 64 << 20;
+/// The smallest page cache a replica accepts: below it sled thrashes on its own index nodes.
+pub const CACHE_BYTES_MIN: u64 = 8 << 20;
 /// Proposals in flight on one leader; beyond it clients get `UNAVAILABLE` (overloaded) at once.
 /// Only their replies wait here (their entries are in the raft log), so this bounds count, not
 /// bytes.

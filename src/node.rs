@@ -62,6 +62,8 @@ pub struct NodeConfig {
     pub serve: ServeLimits,
     /// The change feed's capture and retention when this replica leads.
     pub feed: FeedConfig,
+    /// sled's page cache, bytes (`--cache-mb`; `limits::CACHE_BYTES_DEFAULT`).
+    pub cache_bytes: u64,
 }
 
 /// The change feed's settings (`--feed-capture`, `--feed-retention-secs`,
@@ -199,6 +201,7 @@ pub(crate) fn recover(cfg: &NodeConfig) -> anyhow::Result<Recovered> {
         .path(&db_dir)
         .flush_every_ms(None)
         .mode(sled::Mode::HighThroughput)
+        .cache_capacity(cfg.cache_bytes.max(crate::limits::CACHE_BYTES_MIN))
         .open()
         .with_context(|| {
             format!(

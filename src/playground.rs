@@ -39,6 +39,8 @@ pub struct PlaygroundConfig {
     pub serve: ordo_proto::serve::ServeLimits,
     /// Every shard-group replica's change feed settings.
     pub feed: crate::node::FeedConfig,
+    /// Each replica's sled page cache, bytes (`--cache-mb`).
+    pub cache_bytes: u64,
 }
 
 impl PlaygroundConfig {
@@ -53,6 +55,7 @@ impl PlaygroundConfig {
             link_filter: None,
             serve: Default::default(),
             feed: Default::default(),
+            cache_bytes: crate::limits::PLAYGROUND_CACHE_BYTES_DEFAULT,
         }
     }
 }
@@ -131,6 +134,7 @@ async fn start_group(
             join: false,
             serve: cfg.serve.clone(),
             feed: cfg.feed,
+            cache_bytes: cfg.cache_bytes,
         })
         .await
         .with_context(|| format!("starting {name} replica {id} on {addr}"))?;

@@ -8,9 +8,9 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use ordo::limits::{
-    COMPACT_LOG_ENTRIES_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT, FEED_PROTECT_BYTES_DEFAULT,
-    FEED_PROTECT_SECS_DEFAULT, FEED_RETENTION_BYTES_DEFAULT, FEED_RETENTION_SECS_DEFAULT,
-    SLOT_COUNT_DEFAULT,
+    CACHE_BYTES_DEFAULT, CACHE_BYTES_MIN, COMPACT_LOG_ENTRIES_DEFAULT, DEDUP_WINDOW_SECS_DEFAULT,
+    FEED_PROTECT_BYTES_DEFAULT, FEED_PROTECT_SECS_DEFAULT, FEED_RETENTION_BYTES_DEFAULT,
+    FEED_RETENTION_SECS_DEFAULT, PLAYGROUND_CACHE_BYTES_DEFAULT, SLOT_COUNT_DEFAULT,
 };
 use ordo::node::{check_dedup_window, parse_peers, Capture, FeedConfig, Node, NodeConfig};
 
@@ -75,6 +75,21 @@ struct ReplicaArgs {
     #[arg(long, default_value_t = DEDUP_WINDOW_SECS_DEFAULT, display_order = 7,
           value_parser = |s: &str| -> anyhow::Result<u64> { check_dedup_window(s.parse()?) })]
     dedup_window_secs: u64,
+    /// sled's page cache, in MiB: a replica's memory grows with its data up to about this (the
+    /// rest of its memory is bounded by fixed limits).
+    #[arg(long, default_value_t = CACHE_BYTES_DEFAULT >> 20, display_order = 8, value_parser = cache_mb)]
+    cache_mb: u64,
+}
+
+/// Parses `--cache-mb`, refusing a cache below `CACHE_BYTES_MIN`.
+fn cache_mb(s: &str) -> anyhow::Result<u64> {
+    let mb: u64 = s.parse()?;
+    let min = CACHE_BYTES_MIN >> 20;
+    anyhow::ensure!(
+        (min..=1 << 20).contains(&mb),
+        "--cache-mb {mb} is out of range: {min} to 1048576 MiB"
+    );
+    Ok(mb)
 }
 
 /// The change feed of a shard group's replica (`ordo node`, `ordo playground`). A leader's
@@ -174,6 +189,9 @@ enum Cmd {
         copy_bytes_per_sec: u64,
         #[command(flatten)]
         feed: FeedArgs,
+        /// Each replica's page cache, in MiB (its data beyond it is read from disk).
+        #[arg(long, default_value_t = PLAYGROUND_CACHE_BYTES_DEFAULT >> 20, value_parser = cache_mb)]
+        cache_mb: u64,
     },
 }
 
@@ -215,6 +233,7 @@ fn node_config(
         join: r.join,
         serve,
         feed,
+        cache_bytes: r.cache_mb << 20,
     })
 }
 
@@ -253,18 +272,19 @@ async fn main() -> anyhow::Result<()> {
             port,
             copy_bytes_per_sec,
             feed,
+            cache_mb,
         } => {
-            let feed = feed.config();
-            run_playground(
-                dir,
+            let cfg = PlaygroundConfig {
                 groups,
                 replicas,
-                port,
+                port: Some(port),
                 copy_bytes_per_sec,
-                feed,
-                limits,
-            )
-            .await
+                serve: limits,
+                feed: feed.config(),
+                cache_bytes: cache_mb << 20,
+                ..PlaygroundConfig::new(&dir)
+            };
+            run_playground(cfg).await
         }
     }
 }
@@ -335,24 +355,8 @@ async fn run_router(listen: String, config: Vec<String>, serve: ServeLimits) -> 
     Ok(())
 }
 
-async fn run_playground(
-    dir: PathBuf,
-    groups: u64,
-    replicas: u64,
-    port: u16,
-    copy_bytes_per_sec: u64,
-    feed: FeedConfig,
-    serve: ServeLimits,
-) -> anyhow::Result<()> {
-    let cfg = PlaygroundConfig {
-        groups,
-        replicas,
-        port: Some(port),
-        copy_bytes_per_sec,
-        serve,
-        feed,
-        ..PlaygroundConfig::new(&dir)
-    };
+async fn run_playground(cfg: PlaygroundConfig) -> anyhow::Result<()> {
+    let (dir, groups, replicas) = (cfg.dir.clone(), cfg.groups, cfg.replicas);
     let pg = Playground::start(cfg).await?;
     let r = pg.router_addr();
     println!("Ordo playground: {groups} shard groups x {replicas} replicas, 3 config replicas; data in {}", dir.display());
@@ -510,6 +514,28 @@ mod tests {
                 .to_string();
             assert!(err.contains("DEDUP_WINDOW_SECS_MAX (86400)"), "{err}");
         }
+    }
+
+    #[test]
+    fn the_page_cache_defaults_per_command_and_refuses_a_tiny_one() {
+        let node = |extra: &[&str]| {
+            let base = ["node", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"];
+            parse(&[&base[..], &["--data-dir", "d"], extra].concat())
+        };
+        let Ok(Cmd::Node { replica, .. }) = node(&[]) else {
+            panic!("not node")
+        };
+        assert_eq!(replica.cache_mb << 20, CACHE_BYTES_DEFAULT);
+        let Ok(Cmd::Node { replica, .. }) = node(&["--cache-mb", "100"]) else {
+            panic!("not node")
+        };
+        assert_eq!(replica.cache_mb, 100);
+        let err = node(&["--cache-mb", "1"]).err().unwrap().to_string();
+        assert!(err.contains("out of range: 8 to"), "{err}");
+        let Cmd::Playground { cache_mb, .. } = parse(&["playground"]).unwrap() else {
+            panic!("not playground")
+        };
+        assert_eq!(cache_mb << 20, PLAYGROUND_CACHE_BYTES_DEFAULT);
     }
 
     #[test]

@@ -64,6 +64,7 @@ fn config(dir: &std::path::Path) -> NodeConfig {
         link_filter: None,
         serve: Default::default(),
         feed: Default::default(),
+        cache_bytes: crate::limits::CACHE_BYTES_MIN,
     }
 }
 

@@ -136,6 +136,7 @@ fn node_config(
         link_filter: None,
         serve: Default::default(),
         feed: Default::default(),
+        cache_bytes: crate::limits::CACHE_BYTES_MIN,
     }
 }
 

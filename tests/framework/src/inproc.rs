@@ -83,6 +83,7 @@ fn node_config(
         join: false,
         serve: Default::default(),
         feed: Default::default(),
+        cache_bytes: ordo::limits::CACHE_BYTES_MIN,
     }
 }
 
