@@ -220,8 +220,18 @@ impl Pending {
     /// Reads the head of the expiry index of every slot `batch` writes keyed: each keyed write
     /// takes at most `DEDUP_EXPIRE_STEP + 1` records from it (expiry, eviction) and removes
     /// one more (its own expired entry), so that many per write are enough.
+    ///
+    /// Only the records a write can consume are read (issue 15: reading a dozen per write was a
+    /// twentieth of a replica's CPU): expiry takes records that expired by the write's stamp, so
+    /// those up to the run's latest stamp; eviction takes the oldest whatever its time, but only
+    /// in a slot at its bound, so there the head is read whole as before.
     pub(super) fn load(tree: &sled::Tree, batch: &[Apply], slot_count: u32) -> Result<Pending> {
         let mut writes: HashMap<u32, usize> = HashMap::new();
+        let latest = batch
+            .iter()
+            .filter_map(|a| a.stamp.map(|s| s.now_ms))
+            .max()
+            .unwrap_or(0);
         for a in batch.iter().filter(|a| a.stamp.is_some()) {
             let slots: Vec<u32> = match &a.cmd {
                 Some(Command::Txn(t)) => entry_slot(t, slot_count).into_iter().collect(),
@@ -239,7 +249,19 @@ impl Pending {
         let mut heads = HashMap::new();
         for (slot, n) in writes {
             let want = (n + 1) * (DEDUP_EXPIRE_STEP + 2);
-            let keys = tree.scan_prefix(expiry_prefix(slot)).keys().take(want);
+            let prefix = expiry_prefix(slot);
+            let ck = count_key(slot);
+            let count = match tree.get(&ck)? {
+                None => 0,
+                Some(raw) => keys::decode_value(&ck, &raw)?.0,
+            };
+            let keys = match count + n as u64 >= DEDUP_ENTRIES_PER_SLOT_MAX {
+                true => tree.scan_prefix(&prefix).keys().take(want),
+                false => {
+                    let end = [&prefix[..], &latest.saturating_add(1).to_be_bytes()[..]].concat();
+                    tree.range(prefix.clone()..end).keys().take(want)
+                }
+            };
             let head = keys
                 .map(|k| k.map(|k| k.to_vec()))
                 .collect::<sled::Result<_>>()?;
