@@ -9,7 +9,7 @@ use ordo_proto::v1::{txn_op, TxnResponse};
 use ordo_proto::v1::{
     DecideRequest, DecideResponse, Decision, PrepareRequest, PrepareResponse, TxnRequest,
 };
-use sled::transaction::ConflictableTransactionError;
+use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use sled::Transactional;
 
 use super::dedup::{self, Seen, Stamp};
@@ -41,6 +41,7 @@ impl StateMachine {
             let r = match &a.cmd {
                 Some(Command::SetOwnership(req)) => {
                     self.apply_txns(&batch[run_start..i], answer)?;
+                    self.forget_hints();
                     self.apply_ownership(a.index, req)?
                 }
                 Some(
@@ -49,6 +50,7 @@ impl StateMachine {
                     | Command::MigrateClear(_)),
                 ) => {
                     self.apply_txns(&batch[run_start..i], answer)?;
+                    self.forget_hints();
                     self.apply_migration(a.index, cmd, a.stamp)?
                 }
                 _ => continue,
@@ -61,6 +63,13 @@ impl StateMachine {
             self.applied_tx.send_replace(last.index);
         }
         Ok(())
+    }
+
+    /// Ownership changes, migrations and snapshot installs write slots' records outside apply
+    /// runs: what the runs remember of those records (`dedup::Hints`, `feed::Metas`) is forgotten.
+    pub(super) fn forget_hints(&self) {
+        self.dedup_hints.clear();
+        self.feed_metas.clear();
     }
 
     /// Every outcome of `apply`, in order (tests read them all at once).
@@ -90,13 +99,11 @@ impl StateMachine {
     fn apply_txns_once(&self, batch: &[Apply]) -> Result<(usize, Outcomes)> {
         let ownership = self.ownership.read().unwrap().clone();
         let moving = self.moving.read().unwrap();
-        let pending = dedup::Pending::load(&self.data, batch, self.slot_count)?;
+        let pending = dedup::Pending::load(&self.data, batch, self.slot_count, &self.dedup_hints)?;
         let _w = self.view.write().unwrap();
-        let (applied, results, locks, aged, logs, last_ts, tips, notices) = (&self.data, &self.sys)
+        let run = (&self.data, &self.sys)
             .transaction(|(data, sys)| {
-                let mut last_ts = super::read_u64(sys.get(FEED_TS_KEY)?, "feed_ts")
-                    .map_err(ConflictableTransactionError::Abort)?;
-                let mut applier = Applier {
+                let applier = Applier {
                     view: TxView {
                         data,
                         slot_count: self.slot_count,
@@ -105,7 +112,7 @@ impl StateMachine {
                         ages: &self.lock_ages,
                         locks: self.locks.load(Ordering::Relaxed),
                         aged: Vec::new(),
-                        feed: feed::Writer::default(),
+                        feed: feed::Writer::with_committed(self.feed_metas.clone()),
                         notices: Vec::new(),
                     },
                     dedup: pending.clone(),
@@ -114,57 +121,46 @@ impl StateMachine {
                     moving: &moving,
                     entry_left: 0,
                 };
-                let mut results = Vec::with_capacity(batch.len());
-                let mut result_bytes = 0;
-                let mut applied = 0;
-                for a in batch {
-                    applied += 1;
-                    applier.view.log.at_index(a.index);
-                    applier.entry_left = ENTRY_RESULT_BYTES_MAX;
-                    if let Some(cmd) = &a.cmd {
-                        last_ts = feed::next_ts(last_ts, a.stamp);
-                        let capture = a.stamp.map(|s| s.capture).unwrap_or_default();
-                        applier.view.feed.at_entry(last_ts, capture);
-                        if let Some(r) = applier.command(cmd, a.stamp)? {
-                            results.push((a.index, r));
-                        }
-                    }
-                    result_bytes += ENTRY_RESULT_BYTES_MAX - applier.entry_left;
-                    if result_bytes >= ENTRY_RESULT_BYTES_MAX {
-                        break;
-                    }
-                }
-                sys.insert(APPLIED_KEY, &batch[applied - 1].index.to_be_bytes())?;
-                sys.insert(FEED_TS_KEY, &last_ts.to_be_bytes())?;
-                let mut view = applier.view;
-                let tips = view
-                    .finish_feed()
-                    .map_err(ConflictableTransactionError::Abort)?;
-                let logs = view.log.finish()?;
-                let notices = std::mem::take(&mut view.notices);
-                Ok((
-                    applied, results, view.locks, view.aged, logs, last_ts, tips, notices,
-                ))
+                applier.run(batch, sys)
             })
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Abort(e) => e,
                 sled::transaction::TransactionError::Storage(e) => Error::from(e),
             })?;
-        if !logs.is_empty() {
+        if !run.logs.is_empty() {
             drop(moving);
-            self.moving.write().unwrap().update_logs(logs);
+            self.moving.write().unwrap().update_logs(run.logs);
         }
-        self.locks.store(locks, Ordering::Relaxed);
-        self.feed_ts.store(last_ts, Ordering::Release);
-        for (slot, last_seq) in tips {
-            self.feed_tips.set(slot, last_seq);
+        self.dedup_hints.update(&run.dedup);
+        self.feed_metas.update(&run.metas);
+        self.locks.store(run.locks, Ordering::Relaxed);
+        self.feed_ts.store(run.last_ts, Ordering::Release);
+        for (slot, meta) in &run.metas {
+            self.feed_tips.set(*slot, meta.last_seq);
         }
-        self.group_notices.push(notices);
-        self.lock_ages.record(aged);
+        self.group_notices.push(run.notices);
+        self.lock_ages.record(run.aged);
         self.applied
-            .store(batch[applied - 1].index, Ordering::Release);
-        Ok((applied, results))
+            .store(batch[run.applied - 1].index, Ordering::Release);
+        Ok((run.applied, run.results))
     }
+}
+
+/// What one apply transaction did, handed to the state machine once it committed.
+struct Run {
+    /// Entries of the batch it applied (a prefix).
+    applied: usize,
+    results: Outcomes,
+    /// `StateMachine::locks` and `lock_ages` as it left them.
+    locks: i64,
+    aged: Vec<participant::AgeEvent>,
+    /// The migrations' change logs it appended to.
+    logs: Vec<(u64, migrate::Out)>,
+    last_ts: u64,
+    /// The feed metas it wrote.
+    metas: Vec<(u32, feed::Meta)>,
+    notices: Vec<groups::Notice>,
+    dedup: dedup::Pending,
 }
 
 /// What the commands of one apply transaction are checked against and write to.
@@ -180,6 +176,50 @@ struct Applier<'a> {
 }
 
 impl Applier<'_> {
+    /// Applies the start of `batch` in this transaction (up to `ENTRY_RESULT_BYTES_MAX` of
+    /// results), with its last index and effective time in `sys`.
+    fn run(mut self, batch: &[Apply], sys: &TransactionalTree) -> Tx<Run> {
+        let mut last_ts = super::read_u64(sys.get(FEED_TS_KEY)?, "feed_ts")
+            .map_err(ConflictableTransactionError::Abort)?;
+        let mut results = Vec::with_capacity(batch.len());
+        let mut result_bytes = 0;
+        let mut applied = 0;
+        for a in batch {
+            applied += 1;
+            self.view.log.at_index(a.index);
+            self.entry_left = ENTRY_RESULT_BYTES_MAX;
+            if let Some(cmd) = &a.cmd {
+                last_ts = feed::next_ts(last_ts, a.stamp);
+                let capture = a.stamp.map(|s| s.capture).unwrap_or_default();
+                self.view.feed.at_entry(last_ts, capture);
+                if let Some(r) = self.command(cmd, a.stamp)? {
+                    results.push((a.index, r));
+                }
+            }
+            result_bytes += ENTRY_RESULT_BYTES_MAX - self.entry_left;
+            if result_bytes >= ENTRY_RESULT_BYTES_MAX {
+                break;
+            }
+        }
+        sys.insert(APPLIED_KEY, &batch[applied - 1].index.to_be_bytes())?;
+        sys.insert(FEED_TS_KEY, &last_ts.to_be_bytes())?;
+        let mut view = self.view;
+        let metas = view
+            .finish_feed()
+            .map_err(ConflictableTransactionError::Abort)?;
+        Ok(Run {
+            applied,
+            results,
+            logs: view.log.finish()?,
+            locks: view.locks,
+            aged: view.aged,
+            last_ts,
+            metas,
+            notices: view.notices,
+            dedup: self.dedup,
+        })
+    }
+
     /// One command's outcome; `None` for commands applied elsewhere (ownership, migrations).
     fn command(&mut self, cmd: &Command, stamp: Option<Stamp>) -> Tx<Option<Result<Outcome>>> {
         Ok(Some(match cmd {

@@ -77,6 +77,10 @@ pub struct StateMachine {
     config_addrs: RwLock<Vec<String>>,
     /// Consumer-group changes for the leader's dispatchers (`groups::Notices`).
     group_notices: groups::Notices,
+    /// What apply runs learnt of each slot's dedup records (`dedup::Hints`).
+    dedup_hints: dedup::Hints,
+    /// Slots' feed metas as apply runs committed them (`feed::Metas`).
+    feed_metas: std::sync::Arc<feed::Metas>,
 }
 
 struct TxView<'a> {
@@ -321,6 +325,8 @@ impl StateMachine {
                 lock_ages,
                 config_addrs,
                 group_notices: Default::default(),
+                dedup_hints: Default::default(),
+                feed_metas: Default::default(),
             },
             interrupted_install,
         })
@@ -617,6 +623,7 @@ impl StateMachine {
             )));
         }
         let _w = self.view.write().unwrap();
+        self.forget_hints();
         self.sys.insert(INSTALLING_KEY, &index.to_be_bytes())?;
         self.data.clear()?;
         self.sys.remove(OWNERSHIP_KEY)?;

@@ -19,7 +19,7 @@
 //! same bytes. Trimming (retention) is a replicated decision: a checkpoint entry names per slot
 //! the seq below which events go, at most `FEED_TRIM_EVENTS_MAX` per entry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use ordo_proto::v1::change_event::Op;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
@@ -182,6 +182,27 @@ pub(super) fn next_ts(last_ts: u64, stamp: Option<super::Stamp>) -> u64 {
     stamp.map_or(0, |s| s.now_ms).max(last_ts + 1)
 }
 
+/// Slots' meta records as the last apply runs committed them, so that a run need not read them
+/// again (issue 15). Only apply runs fill it, after their transaction committed; everything else
+/// that writes a slot's records (migrations, ownership changes, snapshot installs) clears it.
+#[derive(Default)]
+pub(super) struct Metas(std::sync::Mutex<HashMap<u32, Meta>>);
+
+impl Metas {
+    pub(super) fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+
+    /// Records the metas a committed run wrote.
+    pub(super) fn update(&self, written: &[(u32, Meta)]) {
+        self.0.lock().unwrap().extend(written.iter().copied());
+    }
+
+    fn get(&self, slot: u32) -> Option<Meta> {
+        self.0.lock().unwrap().get(&slot).copied()
+    }
+}
+
 /// The feed's side of one apply transaction: the current entry's time and capture, the 2PC
 /// transaction whose finish is running, and the meta records touched (written once, at the end).
 #[derive(Default)]
@@ -190,9 +211,19 @@ pub(super) struct Writer {
     ts: u64,
     txn_id: Option<Vec<u8>>,
     metas: BTreeMap<u32, Meta>,
+    /// Where metas of earlier runs are found before the tree is read (apply runs only).
+    committed: Option<std::sync::Arc<Metas>>,
 }
 
 impl Writer {
+    /// A writer that looks in `committed` before reading a meta record.
+    pub(super) fn with_committed(committed: std::sync::Arc<Metas>) -> Writer {
+        Writer {
+            committed: Some(committed),
+            ..Default::default()
+        }
+    }
+
     pub(super) fn at_entry(&mut self, ts: u64, capture: Capture) {
         self.ts = ts;
         self.capture = capture;
@@ -240,6 +271,9 @@ impl TxView<'_> {
     pub(super) fn feed_meta_peek(&self, slot: u32) -> Result<Meta> {
         if let Some(meta) = self.feed.metas.get(&slot) {
             return Ok(*meta);
+        }
+        if let Some(meta) = self.feed.committed.as_ref().and_then(|c| c.get(slot)) {
+            return Ok(meta);
         }
         let key = meta_key(slot);
         match self.data.get(&key).map_err(tx_err)? {
@@ -298,15 +332,15 @@ impl TxView<'_> {
         Ok(())
     }
 
-    /// Writes the meta records this transaction changed (once each, at its end); returns each
-    /// one's slot and last seq, for [`Tips`] once the transaction commits.
-    pub(super) fn finish_feed(&mut self) -> Result<Vec<(u32, u64)>> {
-        let mut tips = Vec::with_capacity(self.feed.metas.len());
+    /// Writes the meta records this transaction changed (once each, at its end); returns them,
+    /// for [`Tips`] and [`Metas`] once the transaction commits.
+    pub(super) fn finish_feed(&mut self) -> Result<Vec<(u32, Meta)>> {
+        let mut written = Vec::with_capacity(self.feed.metas.len());
         for (slot, meta) in std::mem::take(&mut self.feed.metas) {
             self.put_raw(slot, meta_key(slot), meta.encode())?;
-            tips.push((slot, meta.last_seq));
+            written.push((slot, meta));
         }
-        Ok(tips)
+        Ok(written)
     }
 }
 
