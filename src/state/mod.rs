@@ -201,12 +201,13 @@ impl TxView<'_> {
     /// is moving.
     fn put_raw(&mut self, slot: u32, raw_key: Vec<u8>, raw_value: Vec<u8>) -> Result<()> {
         self.log.record(slot, &raw_key, &raw_value)?;
-        self.data.insert(raw_key, raw_value).map_err(tx_err)?;
+        // `set`, not `insert`: the value replaced is not needed, and reading it is a descent.
+        self.data.set(raw_key, raw_value);
         Ok(())
     }
     fn delete_raw(&mut self, slot: u32, raw_key: Vec<u8>) -> Result<()> {
         self.log.record(slot, &raw_key, &[])?;
-        self.data.remove(raw_key).map_err(tx_err)?;
+        self.data.unset(raw_key);
         Ok(())
     }
 

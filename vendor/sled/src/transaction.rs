@@ -273,6 +273,22 @@ impl TransactionalTree {
         Ok(old)
     }
 
+    /// Ordo: set a key without reading the value it replaces (`insert` reads it to return it,
+    /// a tree descent per write that a writer ignoring the old value does not need).
+    pub fn set<K, V>(&self, key: K, value: V)
+    where
+        K: Into<IVec>,
+        V: Into<IVec>,
+    {
+        let _last_write =
+            self.writes.borrow_mut().insert(key.into(), Some(value.into()));
+    }
+
+    /// Ordo: remove a key without reading the value it had (see `set`).
+    pub fn unset<K: Into<IVec>>(&self, key: K) {
+        let _last_write = self.writes.borrow_mut().insert(key.into(), None);
+    }
+
     /// Remove a key
     pub fn remove<K>(
         &self,
