@@ -282,6 +282,11 @@ impl<S: MapStore> ConfigService<S> {
             .start_task(start_task_request::Task::Rebalance(req))
             .await?;
         let t = self.wait_task(t.id).await?;
+        // The answer comes from this replica's copy, like the wait: it holds every map the
+        // task's moves stored (they were applied before the task's end). A linearizable read
+        // here fails with not-leader when the config leader changed while the task ran (the new
+        // leader resumes it), and the client, told "not the leader", asks the new leader again:
+        // a second rebalance, which finds nothing to move and answers with no migrations.
         let list = self.migrations.list().await?;
         let migrations = t
             .migrations
@@ -291,7 +296,7 @@ impl<S: MapStore> ConfigService<S> {
         Ok(RebalanceResponse {
             plan: t.plan,
             migrations,
-            map: Some(self.load(true).await?.0),
+            map: Some(self.load(false).await?.0),
             task_id: t.id,
         })
     }

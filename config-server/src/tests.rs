@@ -1,4 +1,4 @@
-//! The service against an in-memory `MapStore`: map watches end when their replica stops, and
+//! The service against in-memory `MapStore`s: map watches end when their replica stops, and
 //! their number is bounded.
 
 use std::time::Duration;
@@ -104,4 +104,84 @@ async fn map_watches_are_bounded_and_a_closed_one_frees_its_place() {
             Err(e) => panic!("the closed watch's place was not freed within {NOTICE:?}: {e:?}"),
         }
     }
+}
+
+/// The map and migration records of one config replica that leads until a task ends: from then
+/// on its linearizable loads answer not-leader (the config leader changed), while its own copy
+/// stays readable.
+struct LosesLeadership {
+    map: ShardMap,
+    records: std::sync::Mutex<(MigrationList, u64)>,
+    changes: watch::Sender<u64>,
+}
+
+impl LosesLeadership {
+    fn leads(&self) -> Result<(), Status> {
+        let records = self.records.lock().unwrap();
+        match records.0.tasks.iter().any(|t| !tasks::task_running(t)) {
+            true => Err(Status::unavailable("not the leader of group 0")),
+            false => Ok(()),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl MapStore for LosesLeadership {
+    async fn load(&self, linearizable: bool) -> Result<(ShardMap, u64), Status> {
+        if linearizable {
+            self.leads()?;
+        }
+        Ok((self.map.clone(), 1))
+    }
+    async fn save(&self, _token: u64, _map: &ShardMap) -> Result<bool, Status> {
+        Err(Status::unimplemented("the map does not change here"))
+    }
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+    fn config_addrs(&self) -> Vec<String> {
+        Vec::new()
+    }
+    async fn load_migrations(&self, linearizable: bool) -> Result<(MigrationList, u64), Status> {
+        if linearizable {
+            self.leads()?;
+        }
+        Ok(self.records.lock().unwrap().clone())
+    }
+    async fn save_migrations(&self, token: u64, list: &MigrationList) -> Result<bool, Status> {
+        let mut records = self.records.lock().unwrap();
+        if records.1 != token {
+            return Ok(false);
+        }
+        *records = (list.clone(), token + 1);
+        self.changes.send_modify(|n| *n += 1);
+        Ok(true)
+    }
+}
+
+/// A config leader change after a rebalance's task ended (the new leader had resumed it) must
+/// not turn the answer into not-leader: the client would ask the new leader again, and that
+/// second rebalance, with nothing left to move, would answer with no migrations.
+#[tokio::test]
+async fn a_rebalance_answers_from_its_replica_once_its_task_ended() {
+    let groups = [1, 2].map(|id| Group {
+        id,
+        replicas: vec![],
+    });
+    let store = Arc::new(LosesLeadership {
+        map: map::initial_map(8, groups.to_vec(), vec![]).unwrap(),
+        records: Default::default(),
+        changes: watch::channel(0).0,
+    });
+    let svc = ConfigService::new(store.clone(), 0);
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        ConfigService::rebalance(&svc, RebalanceRequest::default()),
+    )
+    .await
+    .expect("the rebalance ended")
+    .expect("it answers with the task that ran");
+    assert_eq!((r.task_id, r.plan.len()), (1, 0), "{r:?}");
+    assert_eq!(r.map.unwrap().version, 1);
+    assert!(store.leads().is_err(), "the replica no longer leads");
 }
