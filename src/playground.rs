@@ -113,31 +113,58 @@ async fn start_group(
     peers: &BTreeMap<u64, String>,
     name: &str,
 ) -> anyhow::Result<Vec<Node>> {
-    let mut nodes = Vec::new();
-    for (&id, addr) in peers {
-        let node = Node::start(NodeConfig {
-            id,
-            group,
-            listen: addr.clone(),
-            peers: peers.clone(),
-            data_dir: cfg.dir.join(format!("{name}/node-{id}")),
-            compact_log_entries: cfg.compact_log_entries,
-            dedup_window_secs: crate::limits::DEDUP_WINDOW_SECS_DEFAULT,
-            slot_count: SLOT_COUNT_DEFAULT,
-            config_server: group == 0,
-            copy_bytes_per_sec: cfg.copy_bytes_per_sec,
-            link_filter: if group == 0 {
-                None
-            } else {
-                cfg.link_filter.clone()
-            },
-            join: false,
-            serve: cfg.serve.clone(),
-            feed: cfg.feed,
-            cache_bytes: cfg.cache_bytes,
+    started(name, spawn_group(cfg, group, peers, name)).await
+}
+
+/// A replica being started: its id, address and start task.
+type Starting = (u64, String, tokio::task::JoinHandle<anyhow::Result<Node>>);
+
+/// Starts the replicas of `group` as tasks, so that they open their data at once (each opening is
+/// mostly sled reading its files): a restart takes about as long as the slowest replica, not the
+/// sum of them. [`started`] waits for them.
+fn spawn_group(
+    cfg: &PlaygroundConfig,
+    group: u64,
+    peers: &BTreeMap<u64, String>,
+    name: &str,
+) -> Vec<Starting> {
+    peers
+        .iter()
+        .map(|(&id, addr)| {
+            let node_cfg = NodeConfig {
+                id,
+                group,
+                listen: addr.clone(),
+                peers: peers.clone(),
+                data_dir: cfg.dir.join(format!("{name}/node-{id}")),
+                compact_log_entries: cfg.compact_log_entries,
+                dedup_window_secs: crate::limits::DEDUP_WINDOW_SECS_DEFAULT,
+                slot_count: SLOT_COUNT_DEFAULT,
+                config_server: group == 0,
+                copy_bytes_per_sec: cfg.copy_bytes_per_sec,
+                link_filter: if group == 0 {
+                    None
+                } else {
+                    cfg.link_filter.clone()
+                },
+                join: false,
+                serve: cfg.serve.clone(),
+                feed: cfg.feed,
+                cache_bytes: cfg.cache_bytes,
+            };
+            (id, addr.clone(), tokio::spawn(Node::start(node_cfg)))
         })
-        .await
-        .with_context(|| format!("starting {name} replica {id} on {addr}"))?;
+        .collect()
+}
+
+/// Waits for the replicas `spawn_group` started; a failed one is logged as it fails.
+async fn started(name: &str, starting: Vec<Starting>) -> anyhow::Result<Vec<Node>> {
+    let mut nodes = Vec::new();
+    for (id, addr, started) in starting {
+        let node = started
+            .await
+            .context("a replica's start panicked")?
+            .with_context(|| format!("starting {name} replica {id} on {addr}"))?;
         // Many replicas share this process, so one failure does not end it (unlike `ordo node`):
         // the failed replica refuses every request with UNAVAILABLE naming why, and says so here.
         let failed = node.failed();
@@ -214,8 +241,8 @@ impl Playground {
             .collect::<anyhow::Result<_>>()?;
         // The config group's data dir keeps its first name, `meta`.
         let config = start_group(&cfg, 0, &config_peers, "meta").await?;
-        let mut groups = BTreeMap::new();
         let mut specs = Vec::new();
+        let mut starting = Vec::new();
         for g in 1..=cfg.groups {
             let peers: BTreeMap<u64, String> = (1..=cfg.replicas)
                 .map(|r| Ok((r, addr_for(cfg.port, 10 * g + r)?)))
@@ -224,10 +251,13 @@ impl Playground {
                 id: g,
                 addrs: peers.values().cloned().collect(),
             });
-            groups.insert(
-                g,
-                start_group(&cfg, g, &peers, &format!("group-{g}")).await?,
-            );
+            let name = format!("group-{g}");
+            starting.push((g, spawn_group(&cfg, g, &peers, &name), name));
+        }
+        // Every group's replicas start at once (`spawn_group`).
+        let mut groups = BTreeMap::new();
+        for (g, replicas, name) in starting {
+            groups.insert(g, started(&name, replicas).await?);
         }
         let config_addrs: Vec<String> = config_peers.values().cloned().collect();
         let map = ensure_initialized(&config_addrs, specs).await?;
