@@ -387,6 +387,12 @@ mod tests {
         Cli::try_parse_from([&["ordo"], args].concat()).map(|c| c.cmd)
     }
 
+    /// `ordo node` with its required flags and `extra`.
+    fn node(extra: &[&str]) -> Result<Cmd, clap::Error> {
+        let base = ["node", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"];
+        parse(&[&base[..], &["--data-dir", "d"], extra].concat())
+    }
+
     #[test]
     fn cli_definition_is_valid() {
         Cli::command().debug_assert();
@@ -441,10 +447,6 @@ mod tests {
 
     #[test]
     fn feed_flags_default_to_new_values_a_day_and_a_gib_and_bad_ones_are_refused() {
-        let node = |extra: &[&str]| {
-            let base = ["node", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"];
-            parse(&[&base[..], &["--data-dir", "d"], extra].concat())
-        };
         let Ok(Cmd::Node { feed, .. }) = node(&[]) else {
             panic!("not node")
         };
@@ -495,10 +497,6 @@ mod tests {
 
     #[test]
     fn m9_the_dedup_window_defaults_to_ten_minutes_and_bad_ones_name_the_limit() {
-        let node = |extra: &[&str]| {
-            let base = ["node", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"];
-            parse(&[&base[..], &["--data-dir", "d"], extra].concat())
-        };
         let Ok(Cmd::Node { replica, .. }) = node(&[]) else {
             panic!("not node")
         };
@@ -518,10 +516,6 @@ mod tests {
 
     #[test]
     fn the_page_cache_defaults_per_command_and_refuses_a_tiny_one() {
-        let node = |extra: &[&str]| {
-            let base = ["node", "--id", "1", "--listen", "l:1", "--peers", "1=l:1"];
-            parse(&[&base[..], &["--data-dir", "d"], extra].concat())
-        };
         let Ok(Cmd::Node { replica, .. }) = node(&[]) else {
             panic!("not node")
         };
