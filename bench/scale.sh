@@ -50,8 +50,10 @@ start_playground() {
 bench() {
   local label=$1 dur=$2
   shift 2
+  # Not --quiet: the load phase's "loaded N records in T s" line is wanted (no progress bars off a
+  # terminal).
   "$BIN/ordo-bench" -e "127.0.0.1:$PORT" --workload a --mix update=100 --distribution uniform \
-    --value-size 256 --records "$RECORDS" --duration "$dur" --warmup 2s --quiet \
+    --value-size 256 --records "$RECORDS" --duration "$dur" --warmup 2s \
     --server-pids "$(IFS=,; echo "${PIDS[*]}")" --json "$OUT/$label.json" "$@" >"$OUT/$label.txt" 2>&1
   python3 - "$OUT/$label.json" <<'PY'
 import json, sys
@@ -68,7 +70,6 @@ md ""
 md "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; $(date -u +%FT%TZ); commit $(git -C "$(dirname "$0")" rev-parse --short HEAD)"
 md ""
 start_playground 1
-t0=$(now)
 md "- load + 20 s of updates: $(bench run1 20s --clients "$CLIENTS")"
 grep -E '^loaded' "$OUT/run1.txt" | sed 's/^/  - /' | tee -a "$OUT/scale.md" || true
 md "- disk $(disk_mb "$OUT/data") MB for $raw_mb MB of replicated values ($((RECORDS * 256 / 1000000)) MB x 3); RSS $(rss_mib "$PG") MiB"
@@ -89,10 +90,15 @@ for r in 1 2 3; do
 done
 CFG="127.0.0.1:$((PORT + 1)),127.0.0.1:$((PORT + 2)),127.0.0.1:$((PORT + 3))"
 G4="127.0.0.1:$((PORT + 41)),127.0.0.1:$((PORT + 42)),127.0.0.1:$((PORT + 43))"
-for _ in $(seq 1 100); do
-  "$BIN/ordoctl" -e "$CFG" group add --id 4 --replicas "$G4" >"$OUT/group-add.txt" 2>&1 && break
+added=
+for _ in $(seq 1 100); do # the new group may not have elected its leader yet
+  if "$BIN/ordoctl" -e "$CFG" group add --id 4 --replicas "$G4" >"$OUT/group-add.txt" 2>&1; then
+    added=1
+    break
+  fi
   sleep 0.2
 done
+[[ -n $added ]] || { echo "group 4 was not registered in 20 s: see $OUT/group-add.txt" >&2; exit 1; }
 bench during 60s --clients 16 --no-load >"$OUT/during.summary" &
 BENCH_PID=$!
 sleep 5

@@ -131,8 +131,9 @@ impl StateMachine {
             drop(moving);
             self.moving.write().unwrap().update_logs(run.logs);
         }
-        self.dedup_hints.update(&run.dedup);
-        self.feed_metas.update(&run.metas);
+        self.dedup_hints.extend(run.dedup.hints());
+        self.feed_metas
+            .extend(run.metas.iter().map(|(s, m)| (s, m)));
         self.locks.store(run.locks, Ordering::Relaxed);
         self.feed_ts.store(run.last_ts, Ordering::Release);
         for (slot, meta) in &run.metas {

@@ -19,7 +19,6 @@
 //! still present counts as absent.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::Mutex;
 
 use ordo_proto::v1::{DecideRequest, Decision, TxnRequest, TxnResponse};
 use ordo_proto::{request_digest, REQUEST_DIGEST_BYTES as DIGEST_BYTES};
@@ -204,39 +203,17 @@ pub(super) fn seen(data: &TransactionalTree, k: &Keyed) -> super::participant::T
     Ok(Ok(Seen::Repeat(resp)))
 }
 
-/// What earlier apply runs learnt of a slot's dedup records, kept between them so that a keyed
-/// write reads neither its slot's count nor, while nothing there can have expired, its expiry
-/// index (issue 15: those reads were a tenth of a replica's CPU). Only an apply run updates a
-/// hint, once its transaction committed; everything else that writes a slot's records
-/// (migrations, ownership changes, snapshot installs) clears them all ([`Hints::clear`]). A hint
-/// only spares reads: the outcome of every write is the same with or without it.
-#[derive(Default)]
-pub(super) struct Hints(Mutex<HashMap<u32, Hint>>);
+/// What earlier apply runs learnt of each slot's dedup records (`memo.rs`): a keyed write then
+/// reads neither its slot's count nor, while nothing there can have expired, its expiry index
+/// (those reads were a tenth of a replica's CPU).
+pub(super) type Hints = super::memo::SlotMemo<Hint>;
 
 #[derive(Clone, Copy, Debug)]
-struct Hint {
+pub(super) struct Hint {
     /// The slot's `COUNT` record.
     count: u64,
     /// No expiry-index record of the slot expires before this.
     expiry_floor: u64,
-}
-
-impl Hints {
-    pub(super) fn clear(&self) {
-        self.0.lock().unwrap().clear();
-    }
-
-    /// Records what a committed run left.
-    pub(super) fn update(&self, pending: &Pending) {
-        let mut hints = self.0.lock().unwrap();
-        for (slot, hint) in &pending.hints {
-            hints.insert(*slot, *hint);
-        }
-    }
-
-    fn get(&self, slot: u32) -> Option<Hint> {
-        self.0.lock().unwrap().get(&slot).copied()
-    }
 }
 
 /// The oldest expiry-index records of the slots a run of entries writes keyed, and the ones the
@@ -291,17 +268,12 @@ impl Pending {
             }
         }
         let mut pending = Pending::default();
+        let known = hints.lock();
         for (slot, n) in writes {
-            let hint = hints.get(slot);
+            let hint = known.get(&slot).copied();
             let count = match hint {
                 Some(h) => h.count,
-                None => {
-                    let ck = count_key(slot);
-                    match tree.get(&ck)? {
-                        None => 0,
-                        Some(raw) => keys::decode_value(&ck, &raw)?.0,
-                    }
-                }
+                None => decode_count(slot, tree.get(count_key(slot))?)?,
             };
             let full = count + n as u64 >= DEDUP_ENTRIES_PER_SLOT_MAX;
             let expiry_floor = match hint {
@@ -322,6 +294,11 @@ impl Pending {
             pending.hints.insert(slot, hint);
         }
         Ok(pending)
+    }
+
+    /// Each slot's hint as the run left it, for [`Hints`] once its transaction committed.
+    pub(super) fn hints(&self) -> &HashMap<u32, Hint> {
+        &self.hints
     }
 
     /// Up to `n` of the slot's oldest expiry-index records, in order.
@@ -377,14 +354,16 @@ fn expires_of(slot: u32, ik: &[u8]) -> u64 {
     u64::from_be_bytes(ik[at..at + 8].try_into().unwrap())
 }
 
-fn read_count(data: &TransactionalTree, slot: u32) -> super::participant::Tx<u64> {
-    let ck = count_key(slot);
-    match data.get(&ck)? {
+/// A slot's entry count from its `COUNT` record (0 when there is none).
+fn decode_count(slot: u32, raw: Option<sled::IVec>) -> Result<u64> {
+    match raw {
         None => Ok(0),
-        Some(raw) => Ok(keys::decode_value(&ck, &raw)
-            .map_err(ConflictableTransactionError::Abort)?
-            .0),
+        Some(raw) => Ok(keys::decode_value(&count_key(slot), &raw)?.0),
     }
+}
+
+fn read_count(data: &TransactionalTree, slot: u32) -> super::participant::Tx<u64> {
+    decode_count(slot, data.get(count_key(slot))?).map_err(ConflictableTransactionError::Abort)
 }
 
 /// Removes the entry an expiry-index record stands for, and the record.

@@ -26,6 +26,8 @@ pub(crate) mod feed;
 /// Consumer groups' replicated state: per slot and group, its definition and position.
 mod groups;
 pub(crate) mod keys;
+/// What apply runs remember of each slot between them (`SlotMemo`).
+mod memo;
 /// Online resharding's replicated state: outgoing migrations, their change logs and fences.
 pub(crate) mod migrate;
 mod ownership;

@@ -19,7 +19,7 @@
 //! same bytes. Trimming (retention) is a replicated decision: a checkpoint entry names per slot
 //! the seq below which events go, at most `FEED_TRIM_EVENTS_MAX` per entry.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use ordo_proto::v1::change_event::Op;
 use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
@@ -182,26 +182,9 @@ pub(super) fn next_ts(last_ts: u64, stamp: Option<super::Stamp>) -> u64 {
     stamp.map_or(0, |s| s.now_ms).max(last_ts + 1)
 }
 
-/// Slots' meta records as the last apply runs committed them, so that a run need not read them
-/// again (issue 15). Only apply runs fill it, after their transaction committed; everything else
-/// that writes a slot's records (migrations, ownership changes, snapshot installs) clears it.
-#[derive(Default)]
-pub(super) struct Metas(std::sync::Mutex<HashMap<u32, Meta>>);
-
-impl Metas {
-    pub(super) fn clear(&self) {
-        self.0.lock().unwrap().clear();
-    }
-
-    /// Records the metas a committed run wrote.
-    pub(super) fn update(&self, written: &[(u32, Meta)]) {
-        self.0.lock().unwrap().extend(written.iter().copied());
-    }
-
-    fn get(&self, slot: u32) -> Option<Meta> {
-        self.0.lock().unwrap().get(&slot).copied()
-    }
-}
+/// Slots' meta records as apply runs committed them (`memo.rs`), so that a run need not read
+/// them again.
+pub(super) type Metas = super::memo::SlotMemo<Meta>;
 
 /// The feed's side of one apply transaction: the current entry's time and capture, the 2PC
 /// transaction whose finish is running, and the meta records touched (written once, at the end).
