@@ -50,7 +50,7 @@ impl StateMachine {
                     | Command::MigrateClear(_)),
                 ) => {
                     self.apply_txns(&batch[run_start..i], answer)?;
-                    self.forget_hints();
+                    self.forget_written_by(cmd);
                     self.apply_migration(a.index, cmd, a.stamp)?
                 }
                 _ => continue,
@@ -68,8 +68,24 @@ impl StateMachine {
     /// Ownership changes, migrations and snapshot installs write slots' records outside apply
     /// runs: what the runs remember of those records (`dedup::Hints`, `feed::Metas`) is forgotten.
     pub(super) fn forget_hints(&self) {
-        self.dedup_hints.clear();
+        self.dedup_index.clear();
         self.feed_metas.clear();
+    }
+
+    /// What runs remember of the slots a migration command writes. A slot's dedup index costs
+    /// a scan of its entries to build again, so only the slots an ingest or a cleanup writes
+    /// lose theirs (the donor's steps write no dedup record); feed metas cost a read, all go.
+    fn forget_written_by(&self, cmd: &Command) {
+        self.feed_metas.clear();
+        match cmd {
+            Command::MigrateIngest(req) => self.dedup_index.forget(
+                req.records
+                    .iter()
+                    .filter_map(|r| super::keys::slot_of(&r.key).ok()),
+            ),
+            Command::MigrateClear(req) => self.dedup_index.forget(req.slots.iter().copied()),
+            _ => {}
+        }
     }
 
     /// Every outcome of `apply`, in order (tests read them all at once).
@@ -99,7 +115,14 @@ impl StateMachine {
     fn apply_txns_once(&self, batch: &[Apply]) -> Result<(usize, Outcomes)> {
         let ownership = self.ownership.read().unwrap().clone();
         let moving = self.moving.read().unwrap();
-        let pending = dedup::Pending::load(&self.data, batch, self.slot_count, &self.dedup_hints)?;
+        let taken = self.dedup_index.take(&self.data, batch, self.slot_count)?;
+        let pending = match dedup::Pending::load(&self.data, batch, self.slot_count, &taken) {
+            Ok(pending) => pending,
+            Err(e) => {
+                self.dedup_index.give_back(taken, None);
+                return Err(e);
+            }
+        };
         let _w = self.view.write().unwrap();
         let run = (&self.data, &self.sys)
             .transaction(|(data, sys)| {
@@ -126,12 +149,22 @@ impl StateMachine {
             .map_err(|e| match e {
                 sled::transaction::TransactionError::Abort(e) => e,
                 sled::transaction::TransactionError::Storage(e) => Error::from(e),
-            })?;
+            });
+        let run = match run {
+            Ok(run) => run,
+            Err(e) => {
+                drop(pending);
+                self.dedup_index.give_back(taken, None);
+                return Err(e);
+            }
+        };
+        let changes = run.dedup.clone();
+        drop(pending);
+        self.dedup_index.give_back(taken, Some(&changes));
         if !run.logs.is_empty() {
             drop(moving);
             self.moving.write().unwrap().update_logs(run.logs);
         }
-        self.dedup_hints.extend(run.dedup.hints());
         self.feed_metas
             .extend(run.metas.iter().map(|(s, m)| (s, m)));
         self.locks.store(run.locks, Ordering::Relaxed);
@@ -161,14 +194,15 @@ struct Run {
     /// The feed metas it wrote.
     metas: Vec<(u32, feed::Meta)>,
     notices: Vec<groups::Notice>,
-    dedup: dedup::Pending,
+    /// What it changed in the dedup indexes.
+    dedup: dedup::Changes,
 }
 
 /// What the commands of one apply transaction are checked against and write to.
 struct Applier<'a> {
     view: TxView<'a>,
     /// Keyed writes' view of the dedup records (`dedup.rs`).
-    dedup: dedup::Pending,
+    dedup: dedup::Pending<'a>,
     slot_count: u32,
     ownership: &'a Ownership,
     moving: &'a Moving,
@@ -217,7 +251,7 @@ impl Applier<'_> {
             last_ts,
             metas,
             notices: view.notices,
-            dedup: self.dedup,
+            dedup: self.dedup.changes().clone(),
         })
     }
 
@@ -327,7 +361,7 @@ impl Applier<'_> {
         let keyed = dedup::keyed(t, stamp, self.slot_count);
         let expired = match &keyed {
             None => None,
-            Some(k) => match dedup::seen(self.view.data, k)? {
+            Some(k) => match dedup::seen(self.view.data, &self.dedup, k)? {
                 Ok(Seen::Repeat(resp)) => return Ok(Ok(resp)),
                 Ok(Seen::New { expired }) => expired,
                 Err(e) => return Ok(Err(e)),
@@ -399,7 +433,7 @@ impl Applier<'_> {
             Err(e) => return Ok(Err(e)),
         };
         if let Some(k) = dedup::keyed_decision(req, stamp, self.slot_count) {
-            match dedup::seen(self.view.data, &k)? {
+            match dedup::seen(self.view.data, &self.dedup, &k)? {
                 Ok(Seen::New { expired }) => {
                     let outcome = req.outcome.as_ref();
                     dedup::remember(&mut self.view, &mut self.dedup, &k, expired, outcome)?;

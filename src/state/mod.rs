@@ -79,8 +79,8 @@ pub struct StateMachine {
     config_addrs: RwLock<Vec<String>>,
     /// Consumer-group changes for the leader's dispatchers (`groups::Notices`).
     group_notices: groups::Notices,
-    /// What apply runs learnt of each slot's dedup records (`dedup::Hints`).
-    dedup_hints: dedup::Hints,
+    /// Each loaded slot's dedup entries, exact (`dedup::Indexes`).
+    dedup_index: dedup::Indexes,
     /// Slots' feed metas as apply runs committed them (`feed::Metas`).
     feed_metas: std::sync::Arc<feed::Metas>,
 }
@@ -303,6 +303,14 @@ impl StateMachine {
             sys.insert(APPLIED_KEY, &0u64.to_be_bytes())?;
             sys.remove(INSTALLING_KEY)?;
         }
+        let upgraded = dedup::upgrade(&data, slot_count)?;
+        if upgraded > 0 {
+            tracing::info!(
+                node = node_id,
+                entries = upgraded,
+                "rewrote dedup entries kept in the layout before issue 15 as one record each"
+            );
+        }
         let applied = read_u64(sys.get(APPLIED_KEY)?, "applied_index")?;
         let feed_ts = read_u64(sys.get(FEED_TS_KEY)?, "feed_ts")?;
         let ownership = load_ownership(&sys, slot_count)?;
@@ -328,7 +336,7 @@ impl StateMachine {
                 lock_ages,
                 config_addrs,
                 group_notices: Default::default(),
-                dedup_hints: Default::default(),
+                dedup_index: Default::default(),
                 feed_metas: Default::default(),
             },
             interrupted_install,
@@ -661,6 +669,8 @@ impl StateMachine {
             }
         }
         self.data.apply_batch(batch)?;
+        // A snapshot of a replica that still ran the layout before issue 15.
+        dedup::upgrade(&self.data, self.slot_count)?;
         self.sys.insert(APPLIED_KEY, &index.to_be_bytes())?;
         self.applied.store(index, Ordering::Release);
         self.feed_ts.store(
