@@ -66,7 +66,7 @@ impl StateMachine {
     }
 
     /// Ownership changes, migrations and snapshot installs write slots' records outside apply
-    /// runs: what the runs remember of those records (`dedup::Hints`, `feed::Metas`) is forgotten.
+    /// runs: what the runs remember of those records (`dedup::Indexes`, `feed::Metas`) is forgotten.
     pub(super) fn forget_hints(&self) {
         self.dedup_index.clear();
         self.feed_metas.clear();

@@ -879,7 +879,7 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
-        /// What apply runs remember (`Hints`, `feed::Metas`) only spares reads: a replica that
+        /// What apply runs remember (`Indexes`, `feed::Metas`) is a function of the records: a replica that
         /// keeps it and one that forgets it before every run answer the same and hold the same
         /// records (dedup entries, change events, feed metas), whatever the grouping of entries
         /// into runs, the repeats and the expiries.
