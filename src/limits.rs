@@ -214,6 +214,11 @@ pub const DEDUP_ENTRIES_PER_SLOT_MAX: u64 = 16_384;
 /// sled transaction): expiry keeps pace with the writes that create entries without ever
 /// deleting a big batch on the driver.
 pub const DEDUP_EXPIRE_STEP: usize = 4;
+/// Most dedup entries a replica indexes in memory (about 30 bytes each: 120 MB at the bound;
+/// 4,000 writes/s kept 600 s are 2.4M). Past it, whole slots' indexes are dropped, and each is
+/// built again from its records (a scan of the slot's entries) when a write next needs it: a
+/// busier group pays in reads, never in memory.
+pub const DEDUP_INDEX_ENTRIES_MAX: u64 = 4_000_000;
 pub use ordo_proto::DEDUP_OUTCOME_BYTES_MAX;
 
 // -- The change feed (`state/feed/`, `server/feed.rs`) --

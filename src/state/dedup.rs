@@ -37,7 +37,9 @@ use sled::transaction::{ConflictableTransactionError, TransactionalTree};
 use super::feed::Capture;
 use super::{keys, Apply, Command, TxView};
 use crate::error::{Error, Result};
-use crate::limits::{DEDUP_ENTRIES_PER_SLOT_MAX, DEDUP_EXPIRE_STEP, DEDUP_OUTCOME_BYTES_MAX};
+use crate::limits::{
+    DEDUP_ENTRIES_PER_SLOT_MAX, DEDUP_EXPIRE_STEP, DEDUP_INDEX_ENTRIES_MAX, DEDUP_OUTCOME_BYTES_MAX,
+};
 
 /// The reserved-range kind of dedup records (`keys::reserved_key`).
 pub(super) const KIND: u8 = b'i';
@@ -285,6 +287,8 @@ impl Index {
 pub(super) struct Indexes {
     slots: std::sync::Mutex<HashMap<u32, Index>>,
     hasher: RandomState,
+    /// Most entries indexed at once ([`DEDUP_INDEX_ENTRIES_MAX`]; tests set less).
+    entries_max: u64,
 }
 
 impl Default for Indexes {
@@ -292,6 +296,7 @@ impl Default for Indexes {
         Indexes {
             slots: Default::default(),
             hasher: RandomState::new(),
+            entries_max: DEDUP_INDEX_ENTRIES_MAX,
         }
     }
 }
@@ -350,8 +355,28 @@ impl Indexes {
                 index.count = *count;
                 index.expiry_floor = *floor;
             }
+            self.bound(&mut taken.slots, changes);
         }
         *self.slots.lock().unwrap() = taken.slots;
+    }
+
+    /// Drops whole indexes, the run's own slots last, until at most `entries_max` entries are
+    /// indexed.
+    fn bound(&self, slots: &mut HashMap<u32, Index>, changes: &Changes) {
+        let mut total: u64 = slots.values().map(|i| i.count).sum();
+        if total <= self.entries_max {
+            return;
+        }
+        let (mut others, mine): (Vec<u32>, Vec<u32>) = slots
+            .keys()
+            .partition(|slot| !changes.counts.contains_key(*slot));
+        others.extend(mine);
+        for slot in others {
+            if total <= self.entries_max {
+                break;
+            }
+            total -= slots.remove(&slot).map_or(0, |i| i.count);
+        }
     }
 }
 
@@ -935,6 +960,43 @@ mod tests {
         index.drop(7, 200);
         assert_eq!(index.candidates(7).count(), 0);
         assert_eq!(index.candidates(8).collect::<Vec<_>>(), [300]);
+    }
+
+    /// Past its bound the index drops whole slots, which are built again from their records
+    /// when a write needs them: repeats are still answered, the memory stays bounded.
+    #[test]
+    fn m9_the_index_drops_slots_past_its_bound_and_rebuilds_them() {
+        let mut s = Sm::new();
+        s.sm.dedup_index.entries_max = 3;
+        let put = |sk: &str, key: &str| {
+            let mut t = put(key, "v");
+            if let Some(ordo_proto::v1::txn_op::Op::Put(p)) = t.success[0].op.as_mut() {
+                p.shard_key = sk.as_bytes().to_vec().into();
+            }
+            Command::Txn(t)
+        };
+        let sks = ["a", "b", "c", "d", "e"];
+        let first: Vec<_> = sks.iter().map(|sk| put(sk, &format!("k-{sk}"))).collect();
+        let answers = s.apply(first.clone(), 10);
+        let indexed = |s: &Sm| {
+            s.sm.dedup_index
+                .slots
+                .lock()
+                .unwrap()
+                .values()
+                .map(|i| i.count)
+                .sum::<u64>()
+        };
+        // One run of five slots keeps its own five; the next run of one slot drops the others.
+        s.apply(vec![put("a", "k-a2")], 20);
+        assert!(indexed(&s) <= 3, "{} entries indexed", indexed(&s));
+        let again = s.apply(first, 30);
+        let fmt = |rs: Vec<Result<Outcome>>| format!("{rs:?}");
+        assert_eq!(
+            fmt(again),
+            fmt(answers),
+            "the first outcomes, from rebuilt indexes"
+        );
     }
 
     /// A data dir written with the layout before issue 15 (entry by key, expiry index, count):
