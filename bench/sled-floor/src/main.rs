@@ -5,6 +5,9 @@
 //! a second tree, as Ordo's apply does. Prints writes/s and CPU microseconds per write.
 //!
 //!   sled-floor [PER_TXN (12)] [RECORDS 1..4 (4)]
+//!
+//! With `OVERWRITE=1` the feed events overwrite 10,000 keys instead of appending, to tell the
+//! cost of a second record from the cost of the tree's growth.
 use sled::Transactional;
 use std::time::Instant;
 fn main() {
@@ -52,7 +55,7 @@ fn main() {
                     seq.set(seq.get() + 1);
                     let sq = seq.get();
                     if recs > 1 {
-                        d.insert(format!("feed/{:04}/{:012}", slot, sq).as_bytes(), &val[..])?;
+                        d.insert(feed_key(slot, sq).as_bytes(), &val[..])?;
                     }
                     if recs > 2 {
                         d.insert(format!("meta/{:04}", slot).as_bytes(), &[1u8; 24][..])?;
@@ -85,4 +88,13 @@ fn cpu() -> f64 {
     let s = std::fs::read_to_string("/proc/self/stat").unwrap();
     let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
     (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// The feed event's key: appended per slot, or one of 10,000 keys under `OVERWRITE=1`.
+fn feed_key(slot: u64, seq: u64) -> String {
+    let seq = match std::env::var_os("OVERWRITE") {
+        Some(_) => seq % 10_000,
+        None => seq,
+    };
+    format!("feed/{:04}/{:012}", slot, seq)
 }
