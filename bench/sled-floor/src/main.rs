@@ -28,6 +28,9 @@ fn main() {
         .nth(2)
         .map(|s| s.parse().unwrap())
         .unwrap_or(4);
+    assert!((1..=4).contains(&recs), "RECORDS is 1 to 4, not {recs}");
+    // Read once, not per write: an environment lookup takes a lock and scans the environment.
+    let overwrite = std::env::var_os("OVERWRITE").is_some();
     let val = vec![7u8; 300];
     let x = std::cell::Cell::new(88172645463325252u64);
     let seq = std::cell::Cell::new(0u64);
@@ -50,12 +53,13 @@ fn main() {
                     x.set(y);
                     let k = y % 10_000;
                     let slot = k % 1024;
-                    let _ = d.get(format!("item/{:08}", k).as_bytes())?;
-                    d.insert(format!("item/{:08}", k).as_bytes(), &val[..])?;
+                    let item = format!("item/{:08}", k);
+                    let _ = d.get(item.as_bytes())?;
+                    d.insert(item.as_bytes(), &val[..])?;
                     seq.set(seq.get() + 1);
                     let sq = seq.get();
                     if recs > 1 {
-                        d.insert(feed_key(slot, sq).as_bytes(), &val[..])?;
+                        d.insert(feed_key(slot, sq, overwrite).as_bytes(), &val[..])?;
                     }
                     if recs > 2 {
                         d.insert(format!("meta/{:04}", slot).as_bytes(), &[1u8; 24][..])?;
@@ -84,6 +88,7 @@ fn main() {
     drop(db);
     let _ = std::fs::remove_dir_all(dir);
 }
+/// This process's user + system CPU seconds, from `/proc/self/stat` (in clock ticks of 1/100 s).
 fn cpu() -> f64 {
     let s = std::fs::read_to_string("/proc/self/stat").unwrap();
     let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
@@ -91,10 +96,7 @@ fn cpu() -> f64 {
 }
 
 /// The feed event's key: appended per slot, or one of 10,000 keys under `OVERWRITE=1`.
-fn feed_key(slot: u64, seq: u64) -> String {
-    let seq = match std::env::var_os("OVERWRITE") {
-        Some(_) => seq % 10_000,
-        None => seq,
-    };
+fn feed_key(slot: u64, seq: u64, overwrite: bool) -> String {
+    let seq = if overwrite { seq % 10_000 } else { seq };
     format!("feed/{:04}/{:012}", slot, seq)
 }
